@@ -1,0 +1,164 @@
+"""The ``segflow`` command line."""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+import time
+from collections.abc import Callable, Sequence
+from pathlib import Path
+
+from segflow import __version__
+from segflow.runtime.errors import SegflowError
+
+
+def _broker(args: argparse.Namespace):  # type: ignore[no-untyped-def]
+    from segflow.runtime.broker import LocalBroker
+
+    home = Path(args.state_dir) / "broker"
+    return LocalBroker(home, port=args.port)
+
+
+def _settings_for(args: argparse.Namespace):  # type: ignore[no-untyped-def]
+    from segflow.runtime.settings import Settings
+
+    if external_bootstrap():
+        return Settings()
+    return Settings(bootstrap_servers=f"127.0.0.1:{args.port}")
+
+
+def external_bootstrap() -> str | None:
+    """The broker address the user configured explicitly, if any."""
+    return os.environ.get("SEGFLOW_BOOTSTRAP_SERVERS") or os.environ.get("KAFKA_BOOTSTRAP_SERVERS")
+
+
+def cmd_broker(args: argparse.Namespace) -> int:
+    from segflow.runtime.broker import install
+
+    broker = _broker(args)
+    if args.action == "install":
+        print(f"Kafka jars in {install()}")
+    elif args.action == "start":
+        t0 = time.monotonic()
+        broker.start()
+        print(
+            f"Kafka broker running at {broker.bootstrap} (pid {broker.pid()}, "
+            f"ready in {time.monotonic() - t0:.1f}s); data in {broker.data_dir}, "
+            f"log in {broker.log_file}"
+        )
+        if not args.no_topics:
+            _create_topics(_settings_for(args))
+    elif args.action == "stop":
+        print("broker stopped" if broker.stop() else "broker was not running")
+    elif args.action == "status":
+        st = broker.status()
+        state = f"running (pid {st.pid})" if st.running else "stopped"
+        print(f"broker {state} at {st.bootstrap}; data {st.data_dir}; log {st.log_file}")
+        return 0 if st.running else 3
+    return 0
+
+
+def _create_topics(settings) -> None:  # type: ignore[no-untyped-def]
+    from segflow.runtime.kafka import ensure_topics
+    from segflow.runtime.topics import TOPICS
+
+    created = ensure_topics(settings)
+    for topic in TOPICS:
+        mark = "created" if topic.name(settings) in created else "exists "
+        print(
+            f"  {mark} {topic.name(settings):32} partitions={topic.partitions} "
+            f"cleanup={topic.cleanup}"
+        )
+
+
+def cmd_topics(args: argparse.Namespace) -> int:
+    settings = _settings_for(args)
+    from segflow.runtime.kafka import wait_for_broker
+
+    wait_for_broker(settings)
+    _create_topics(settings)
+    return 0
+
+
+def cmd_schemas(args: argparse.Namespace) -> int:
+    from segflow.runtime.contract import check_all
+
+    problems = check_all()
+    for line in problems:
+        print(line)
+    if not problems:
+        print("schemas OK: every schema parses and every example validates")
+    return 1 if problems else 0
+
+
+def cmd_demo(args: argparse.Namespace) -> int:
+    from segflow.demo import run_demo
+
+    return run_demo(args)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="segflow",
+        description="Kafka-native dynamic micro-segmentation for CRM retention.",
+    )
+    parser.add_argument("--version", action="version", version=f"segflow {__version__}")
+    parser.add_argument(
+        "--state-dir",
+        default=os.environ.get("SEGFLOW_STATE_DIR", ".segflow"),
+        help="where the local broker and services keep their files (default .segflow)",
+    )
+    parser.add_argument(
+        "--port",
+        type=int,
+        default=int(os.environ.get("SEGFLOW_BROKER_PORT", "9092")),
+        help="local broker port (default 9092; the controller uses port+1)",
+    )
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND")
+
+    p = sub.add_parser("broker", help="install, start, stop or inspect the local Kafka broker")
+    p.add_argument("action", choices=["install", "start", "stop", "status"])
+    p.add_argument("--no-topics", action="store_true", help="do not create segflow's topics")
+    p.set_defaults(func=cmd_broker)
+
+    p = sub.add_parser("topics", help="create segflow's topics from the registry")
+    p.set_defaults(func=cmd_topics)
+
+    p = sub.add_parser("schemas", help="check the Avro contract in schemas/")
+    p.set_defaults(func=cmd_schemas)
+
+    p = sub.add_parser("demo", help="run segflow on simulated customers on the local broker")
+    p.add_argument("--customers", type=int, default=2000)
+    p.add_argument("--days", type=int, default=120)
+    p.add_argument("--seed", type=int, default=7)
+    p.add_argument("--keep-broker", action="store_true", help="leave the broker running")
+    p.set_defaults(func=cmd_demo)
+
+    try:
+        from segflow.sim.cli import add_parser as add_sim_parser
+    except ImportError:  # simulator not installed in this build
+        pass
+    else:
+        add_sim_parser(sub)
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    func: Callable[[argparse.Namespace], int] | None = getattr(args, "func", None)
+    if func is None:
+        parser.print_help()
+        return 0
+    try:
+        return func(args)
+    except SegflowError as exc:
+        print(f"segflow: error: {exc}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

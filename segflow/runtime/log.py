@@ -1,0 +1,57 @@
+"""Structured logs: one JSON object per line on stderr (or plain text for humans).
+
+>>> import io, logging, json
+>>> stream = io.StringIO()
+>>> log = configure("demo", level="INFO", fmt="json", stream=stream)
+>>> log.info("started", extra={"fields": {"partitions": 4}})
+>>> rec = json.loads(stream.getvalue())
+>>> rec["msg"], rec["service"], rec["partitions"]
+('started', 'demo', 4)
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import sys
+import time
+from typing import IO, Any
+
+
+class JsonFormatter(logging.Formatter):
+    def __init__(self, service: str) -> None:
+        super().__init__()
+        self.service = service
+
+    def format(self, record: logging.LogRecord) -> str:
+        out: dict[str, Any] = {
+            "ts": time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(record.created))
+            + f".{int(record.msecs):03d}Z",
+            "level": record.levelname.lower(),
+            "service": self.service,
+            "logger": record.name,
+            "msg": record.getMessage(),
+        }
+        fields = getattr(record, "fields", None)
+        if isinstance(fields, dict):
+            out.update(fields)
+        if record.exc_info:
+            out["exc"] = self.formatException(record.exc_info)
+        return json.dumps(out, default=str)
+
+
+def configure(
+    service: str, level: str = "INFO", fmt: str = "json", stream: IO[str] | None = None
+) -> logging.Logger:
+    """Set up the root logger for a process and return the service's logger."""
+    handler = logging.StreamHandler(stream or sys.stderr)
+    if fmt == "json":
+        handler.setFormatter(JsonFormatter(service))
+    else:
+        handler.setFormatter(logging.Formatter(f"%(asctime)s {service} %(levelname)s %(message)s"))
+    root = logging.getLogger()
+    for old in list(root.handlers):
+        root.removeHandler(old)
+    root.addHandler(handler)
+    root.setLevel(level.upper())
+    return logging.getLogger(f"segflow.{service}")

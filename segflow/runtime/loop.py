@@ -1,0 +1,359 @@
+"""The consume → handle → produce loop every Kafka-facing service runs.
+
+A service gives the loop its source topics and a handler: a function from one decoded
+input record to the records it produces. The loop does the rest:
+
+* decodes values with the topic's Avro schema; anything that does not decode, or that the
+  handler rejects with :class:`~segflow.runtime.errors.PoisonMessage`, goes to the DLQ with
+  its original bytes, headers, reason and source offset, and the loop carries on;
+* in ``exactly_once`` mode, produces a batch's outputs, its dead letters and its consumed
+  offsets in one Kafka transaction (KIP-447: the consumer group's metadata travels with the
+  offsets, so a restarted or fenced instance never commits twice); an aborted transaction
+  rewinds the consumer to the last committed offsets and tells the handler to drop
+  uncommitted state;
+* otherwise (at-least-once), flushes the batch's outputs and only then commits offsets;
+* stops cleanly on SIGTERM/SIGINT: finishes and commits the batch in hand, leaves the group.
+"""
+
+from __future__ import annotations
+
+import logging
+import signal
+import time
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass, field
+from typing import Any, Protocol
+
+from confluent_kafka import OFFSET_BEGINNING, KafkaError, KafkaException, Message, TopicPartition
+
+from segflow.runtime import metrics
+from segflow.runtime.dlq import dead_letter
+from segflow.runtime.errors import PoisonMessage
+from segflow.runtime.kafka import make_consumer, make_producer
+from segflow.runtime.serde import Serde, decode_key, encode_key
+from segflow.runtime.settings import Settings
+from segflow.runtime.topics import TOPICS, Topic
+
+log = logging.getLogger("segflow.loop")
+
+
+@dataclass(frozen=True)
+class Incoming:
+    """One decoded input record."""
+
+    topic: Topic
+    topic_name: str
+    partition: int
+    offset: int
+    key: str | bytes | None
+    value: dict[str, Any]
+    timestamp_ms: int | None
+    headers: list[tuple[str, bytes | None]] = field(default_factory=list)
+
+
+@dataclass(frozen=True)
+class Output:
+    """One record to produce: ``value`` None is a tombstone (compacted topics)."""
+
+    topic: Topic
+    key: str | bytes | None
+    value: dict[str, Any] | None
+    topic_name: str | None = None  # overrides the registry name (tests, custom prefixes)
+    headers: list[tuple[str, bytes]] | None = None
+
+
+class Handler(Protocol):
+    """Turns one input record into the records to produce."""
+
+    def __call__(self, record: Incoming) -> Iterable[Output]: ...
+
+
+class Hooks(Protocol):
+    """Optional callbacks for stateful handlers."""
+
+    def on_abort(self) -> None:
+        """The open transaction was aborted: drop state changed since the last commit."""
+
+    def on_commit(self) -> None:
+        """The batch's outputs and offsets were committed."""
+
+
+@dataclass
+class LoopConfig:
+    service: str
+    group_id: str
+    sources: dict[str, Topic]  # topic name → registry entry
+    exactly_once: bool = True
+    transactional_id: str | None = None
+    batch_size: int = 2000
+    poll_timeout: float = 0.2
+    max_idle_commit: float = 1.0
+    commit_timeout: float = 30.0
+    consumer_overrides: dict[str, Any] = field(default_factory=dict)
+    producer_overrides: dict[str, Any] = field(default_factory=dict)
+
+
+class ProcessingLoop:
+    """Run ``handler`` over ``config.sources`` until stopped."""
+
+    def __init__(
+        self,
+        settings: Settings,
+        config: LoopConfig,
+        handler: Handler,
+        serde: Serde | None = None,
+        hooks: Hooks | None = None,
+        clock: Callable[[], float] = time.time,
+    ) -> None:
+        self.settings = settings
+        self.config = config
+        self.handler = handler
+        self.serde = serde or Serde.from_settings(settings)
+        self.hooks = hooks
+        self.clock = clock
+        self.dlq_topic = TOPICS.dlq.name(settings)
+        self._running = False
+        self._stop_requested = False
+        self.processed = 0
+        producer_conf: dict[str, Any] = dict(config.producer_overrides)
+        if config.exactly_once:
+            producer_conf["transactional.id"] = (
+                config.transactional_id or f"{config.group_id}-{config.service}"
+            )
+            producer_conf.setdefault("transaction.timeout.ms", 60000)
+        self.producer = make_producer(settings, **producer_conf)
+        self.consumer = make_consumer(settings, config.group_id, **config.consumer_overrides)
+        self._delivery_error: KafkaError | None = None
+        svc = config.service
+        self._m_in = {n: metrics.RECORDS_IN.labels(svc, n) for n in config.sources}
+        self._m_batch = metrics.BATCH_SECONDS.labels(svc)
+        self._m_age = metrics.RECORD_AGE_SECONDS.labels(svc)
+        self._m_out: dict[str, Any] = {}
+
+    # -- lifecycle -----------------------------------------------------------------------
+    def stop(self, *_: Any) -> None:
+        """Ask the loop to finish the batch in hand and return (signal-handler safe)."""
+        self._stop_requested = True
+
+    def install_signal_handlers(self) -> None:
+        signal.signal(signal.SIGTERM, self.stop)
+        signal.signal(signal.SIGINT, self.stop)
+
+    def run(self, max_records: int | None = None, idle_timeout: float | None = None) -> int:
+        """Process until stopped (or ``max_records`` / ``idle_timeout`` seconds idle).
+
+        Returns the number of input records processed (including dead-lettered ones).
+        """
+        cfg = self.config
+        if cfg.exactly_once:
+            self.producer.init_transactions(cfg.commit_timeout)
+        self.consumer.subscribe(list(cfg.sources), on_revoke=self._on_revoke)
+        metrics.UP.labels(cfg.service).set(1)
+        self._running = True
+        last_data = self.clock()
+        log.info(
+            "loop started",
+            extra={"fields": {"sources": list(cfg.sources), "exactly_once": cfg.exactly_once}},
+        )
+        try:
+            while not self._stop_requested:
+                if max_records is not None and self.processed >= max_records:
+                    break
+                msgs = self.consumer.consume(cfg.batch_size, cfg.poll_timeout)
+                if not msgs:
+                    if idle_timeout is not None and self.clock() - last_data > idle_timeout:
+                        break
+                    continue
+                last_data = self.clock()
+                self._process_batch(msgs)
+        finally:
+            metrics.UP.labels(cfg.service).set(0)
+            self._running = False
+            self.close()
+        return self.processed
+
+    def close(self) -> None:
+        try:
+            self.consumer.close()
+        except (KafkaException, RuntimeError):
+            pass
+        self.producer.flush(10)
+
+    # -- one batch -----------------------------------------------------------------------
+    def _process_batch(self, msgs: list[Message]) -> None:
+        cfg = self.config
+        started = time.perf_counter()
+        offsets: dict[tuple[str, int], int] = {}
+        timestamps: list[int] = []
+        if cfg.exactly_once:
+            self.producer.begin_transaction()
+        for msg in msgs:
+            err = msg.error()
+            if err is not None:
+                if err.code() != KafkaError._PARTITION_EOF:
+                    log.warning("consume error", extra={"fields": {"error": str(err)}})
+                continue
+            topic_name = msg.topic()
+            partition = msg.partition()
+            offset = msg.offset()
+            offsets[(topic_name, partition)] = offset + 1
+            self._handle(msg, topic_name, partition, offset)
+            ts_type, ts = msg.timestamp()
+            if ts_type:
+                timestamps.append(ts)
+        self.processed += len(msgs)
+        if not offsets:
+            if cfg.exactly_once:
+                self.producer.abort_transaction(cfg.commit_timeout)
+            return
+        committed = self._commit(
+            [TopicPartition(t, p, o) for (t, p), o in offsets.items()]
+        )
+        if committed:
+            if self.hooks is not None:
+                self.hooks.on_commit()
+            now_ms = self.clock() * 1000
+            for ts in timestamps[:: max(1, len(timestamps) // 50)]:
+                self._m_age.observe(max(0.0, (now_ms - ts) / 1000))
+        self._m_batch.observe(time.perf_counter() - started)
+
+    def _handle(self, msg: Message, topic_name: str, partition: int, offset: int) -> None:
+        source = self.config.sources[topic_name]
+        self._m_in[topic_name].inc()
+        try:
+            record = Incoming(
+                topic=source,
+                topic_name=topic_name,
+                partition=partition,
+                offset=offset,
+                key=decode_key(source, msg.key()),
+                value=self.serde.decode(source, msg.value()),
+                timestamp_ms=msg.timestamp()[1],
+                headers=list(msg.headers() or []),
+            )
+            outputs = [(out, self._encode(out)) for out in self.handler(record)]
+        except PoisonMessage as exc:
+            self._dead_letter(msg, exc)
+            return
+        except Exception as exc:  # a handler bug must not stop the service: DLQ and log
+            log.exception(
+                "handler failed", extra={"fields": {"topic": topic_name, "offset": offset}}
+            )
+            self._dead_letter(msg, exc)
+            return
+        for out, (name, key, value) in outputs:
+            self._produce(name, key, value, out.headers)
+
+    def _encode(self, out: Output) -> tuple[str, bytes | None, bytes | None]:
+        name = out.topic_name or out.topic.name(self.settings)
+        value = None if out.value is None else self.serde.encode(out.topic, out.value)
+        return name, encode_key(out.topic, out.key), value
+
+    def _dead_letter(self, msg: Message, exc: BaseException) -> None:
+        letter = dead_letter(
+            service=self.config.service,
+            error=exc,
+            topic=msg.topic(),
+            partition=msg.partition(),
+            offset=msg.offset(),
+            timestamp_ms=msg.timestamp()[1] if msg.timestamp()[0] else None,
+            key=msg.key(),
+            value=msg.value(),
+            headers=list(msg.headers() or []),
+            now_ms=int(self.clock() * 1000),
+        )
+        reason = letter["reason"]
+        metrics.DLQ_RECORDS.labels(self.config.service, reason).inc()
+        log.warning(
+            "record dead-lettered",
+            extra={
+                "fields": {
+                    "reason": reason,
+                    "topic": msg.topic(),
+                    "partition": msg.partition(),
+                    "offset": msg.offset(),
+                }
+            },
+        )
+        self._produce(self.dlq_topic, msg.key(), self.serde.encode(TOPICS.dlq, letter), None)
+
+    def _produce(
+        self,
+        topic: str,
+        key: bytes | None,
+        value: bytes | None,
+        headers: list[tuple[str, bytes]] | None,
+    ) -> None:
+        counter = self._m_out.get(topic)
+        if counter is None:
+            counter = self._m_out[topic] = metrics.RECORDS_OUT.labels(self.config.service, topic)
+        while True:
+            try:
+                if headers:
+                    self.producer.produce(
+                        topic, value, key, headers=headers, on_delivery=self._on_delivery
+                    )
+                else:
+                    self.producer.produce(topic, value, key, on_delivery=self._on_delivery)
+                break
+            except BufferError:
+                self.producer.poll(0.05)
+        counter.inc()
+
+    def _on_delivery(self, err: KafkaError | None, _msg: Message) -> None:
+        if err is not None:
+            self._delivery_error = err
+
+    # -- commits -------------------------------------------------------------------------
+    def _commit(self, offsets: list[TopicPartition]) -> bool:
+        """Commit the batch; False when it was aborted and the consumer rewound."""
+        cfg = self.config
+        svc = cfg.service
+        if not cfg.exactly_once:
+            remaining = self.producer.flush(cfg.commit_timeout)
+            while remaining > 0 or self._delivery_error is not None:
+                if self._delivery_error is not None:
+                    err, self._delivery_error = self._delivery_error, None
+                    log.error("delivery failed; rewinding", extra={"fields": {"error": str(err)}})
+                    self._rewind(offsets)
+                    return False
+                remaining = self.producer.flush(cfg.commit_timeout)
+            self.consumer.commit(offsets=offsets, asynchronous=False)
+            return True
+        while True:
+            try:
+                self.producer.send_offsets_to_transaction(
+                    offsets, self.consumer.consumer_group_metadata(), cfg.commit_timeout
+                )
+                self.producer.commit_transaction(cfg.commit_timeout)
+                metrics.TRANSACTIONS.labels(svc, "committed").inc()
+                return True
+            except KafkaException as exc:
+                err: KafkaError = exc.args[0]
+                if err.txn_requires_abort():
+                    log.warning("transaction aborted", extra={"fields": {"error": str(err)}})
+                    self.producer.abort_transaction(cfg.commit_timeout)
+                    metrics.TRANSACTIONS.labels(svc, "aborted").inc()
+                    self._rewind(offsets)
+                    return False
+                if err.retriable():
+                    log.warning("commit retry", extra={"fields": {"error": str(err)}})
+                    metrics.TRANSACTIONS.labels(svc, "retried").inc()
+                    continue
+                raise
+
+    def _rewind(self, offsets: list[TopicPartition]) -> None:
+        """Seek back to the committed offsets so the aborted batch is processed again."""
+        if self.hooks is not None:
+            self.hooks.on_abort()
+        parts = [TopicPartition(tp.topic, tp.partition) for tp in offsets]
+        for tp in self.consumer.committed(parts, timeout=self.config.commit_timeout):
+            if tp.offset < 0:  # nothing committed yet: start of the partition
+                tp.offset = OFFSET_BEGINNING
+            try:
+                self.consumer.seek(tp)
+            except KafkaException as exc:
+                log.warning("seek failed", extra={"fields": {"error": str(exc)}})
+
+    def _on_revoke(self, consumer: Any, partitions: list[TopicPartition]) -> None:
+        log.info("partitions revoked", extra={"fields": {"count": len(partitions)}})

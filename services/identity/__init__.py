@@ -1,0 +1,1 @@
+"""segflow identity service."""

@@ -1,0 +1,1 @@
+"""segflow scorer service."""
