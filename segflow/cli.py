@@ -10,7 +10,7 @@ from collections.abc import Callable, Sequence
 from pathlib import Path
 
 from segflow import __version__
-from segflow.runtime.errors import SegflowError
+from segflow.errors import SegflowError
 
 
 def _broker(args: argparse.Namespace):  # type: ignore[no-untyped-def]

@@ -28,7 +28,7 @@ import uuid
 from dataclasses import dataclass
 from pathlib import Path
 
-from segflow.runtime.errors import BrokerError
+from segflow.errors import BrokerError
 
 log = logging.getLogger("segflow.broker")
 
@@ -284,6 +284,12 @@ class LocalBroker:
             return None
         return pid
 
+    def _alive(self) -> bool:
+        proc = getattr(self, "_proc", None)
+        if proc is not None:  # our child: /proc cmdline may not show java until exec
+            return proc.poll() is None
+        return self.pid() is not None
+
     def status(self) -> BrokerStatus:
         pid = self.pid()
         return BrokerStatus(pid is not None, pid, self.bootstrap, self.data_dir, self.log_file)
@@ -322,7 +328,7 @@ class LocalBroker:
 
         deadline = time.monotonic() + timeout
         while time.monotonic() < deadline:
-            if self.pid() is None:
+            if not self._alive():
                 raise BrokerError(f"the broker exited during start-up; see {self.log_file}:\n"
                                   + self._log_tail())
             with socket.socket() as sock:

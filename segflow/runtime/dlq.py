@@ -5,7 +5,7 @@ from __future__ import annotations
 import time
 from typing import Any
 
-from segflow.runtime.errors import PoisonMessage
+from segflow.errors import PoisonMessage
 
 MAX_DETAIL = 1000
 
@@ -25,7 +25,7 @@ def dead_letter(
 ) -> dict[str, Any]:
     """The DeadLetter record for ``error`` on one source record (original bytes kept).
 
-    >>> from segflow.runtime.errors import DecodeError
+    >>> from segflow.errors import DecodeError
     >>> dl = dead_letter(service="t", error=DecodeError("bad magic"), topic="in",
     ...                  partition=0, offset=7, timestamp_ms=None, key=b"k",
     ...                  value=b"\\x01", headers=[("h", b"v")], now_ms=1)

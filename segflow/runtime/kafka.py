@@ -8,7 +8,7 @@ from typing import Any
 from confluent_kafka import Consumer, KafkaException, Producer
 from confluent_kafka.admin import AdminClient, NewTopic
 
-from segflow.runtime.errors import BrokerError
+from segflow.errors import BrokerError
 from segflow.runtime.settings import Settings
 from segflow.runtime.topics import TOPICS, Topic
 

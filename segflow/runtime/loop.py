@@ -4,7 +4,7 @@ A service gives the loop its source topics and a handler: a function from one de
 input record to the records it produces. The loop does the rest:
 
 * decodes values with the topic's Avro schema; anything that does not decode, or that the
-  handler rejects with :class:`~segflow.runtime.errors.PoisonMessage`, goes to the DLQ with
+  handler rejects with :class:`~segflow.errors.PoisonMessage`, goes to the DLQ with
   its original bytes, headers, reason and source offset, and the loop carries on;
 * in ``exactly_once`` mode, produces a batch's outputs, its dead letters and its consumed
   offsets in one Kafka transaction (KIP-447: the consumer group's metadata travels with the
@@ -18,7 +18,9 @@ input record to the records it produces. The loop does the rest:
 from __future__ import annotations
 
 import logging
+import os
 import signal
+import threading
 import time
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
@@ -28,7 +30,7 @@ from confluent_kafka import OFFSET_BEGINNING, KafkaError, KafkaException, Messag
 
 from segflow.runtime import metrics
 from segflow.runtime.dlq import dead_letter
-from segflow.runtime.errors import PoisonMessage
+from segflow.errors import PoisonMessage
 from segflow.runtime.kafka import make_consumer, make_producer
 from segflow.runtime.serde import Serde, decode_key, encode_key
 from segflow.runtime.settings import Settings
@@ -84,11 +86,19 @@ class LoopConfig:
     group_id: str
     sources: dict[str, Topic]  # topic name → registry entry
     exactly_once: bool = True
+    # Stable per instance across restarts: the transactional.id (fences a zombie) and the
+    # consumer's group.instance.id (static membership: a restarted instance takes its
+    # partitions back at once instead of waiting out the dead member's session).
     transactional_id: str | None = None
     batch_size: int = 2000
     poll_timeout: float = 0.2
     max_idle_commit: float = 1.0
     commit_timeout: float = 30.0
+    pre_commit_delay: float = 0.0  # fault injection for tests: widen the open-transaction window
+    # A commit blocked longer than this exits the process (status 75) so the supervisor
+    # restarts it: librdkafka's send_offsets_to_transaction can ignore its timeout when the
+    # coordinator dies (confluentinc/librdkafka#5456, #5511). Fencing keeps this safe.
+    stuck_timeout: float = 120.0
     consumer_overrides: dict[str, Any] = field(default_factory=dict)
     producer_overrides: dict[str, Any] = field(default_factory=dict)
 
@@ -122,7 +132,10 @@ class ProcessingLoop:
             )
             producer_conf.setdefault("transaction.timeout.ms", 60000)
         self.producer = make_producer(settings, **producer_conf)
-        self.consumer = make_consumer(settings, config.group_id, **config.consumer_overrides)
+        consumer_conf: dict[str, Any] = dict(config.consumer_overrides)
+        if config.transactional_id:
+            consumer_conf.setdefault("group.instance.id", config.transactional_id)
+        self.consumer = make_consumer(settings, config.group_id, **consumer_conf)
         self._delivery_error: KafkaError | None = None
         svc = config.service
         self._m_in = {n: metrics.RECORDS_IN.labels(svc, n) for n in config.sources}
@@ -206,9 +219,12 @@ class ProcessingLoop:
             if cfg.exactly_once:
                 self.producer.abort_transaction(cfg.commit_timeout)
             return
-        committed = self._commit(
-            [TopicPartition(t, p, o) for (t, p), o in offsets.items()]
-        )
+        if cfg.pre_commit_delay:
+            time.sleep(cfg.pre_commit_delay)
+        with self._watchdog():
+            committed = self._commit(
+                [TopicPartition(t, p, o) for (t, p), o in offsets.items()]
+            )
         if committed:
             if self.hooks is not None:
                 self.hooks.on_commit()
@@ -342,6 +358,9 @@ class ProcessingLoop:
                     continue
                 raise
 
+    def _watchdog(self) -> _Watchdog:
+        return _Watchdog(self.config.stuck_timeout, self.config.service)
+
     def _rewind(self, offsets: list[TopicPartition]) -> None:
         """Seek back to the committed offsets so the aborted batch is processed again."""
         if self.hooks is not None:
@@ -357,3 +376,31 @@ class ProcessingLoop:
 
     def _on_revoke(self, consumer: Any, partitions: list[TopicPartition]) -> None:
         log.info("partitions revoked", extra={"fields": {"count": len(partitions)}})
+
+
+EXIT_STUCK = 75
+
+
+class _Watchdog:
+    """Exit the process if the guarded block runs longer than ``timeout`` seconds."""
+
+    def __init__(self, timeout: float, service: str) -> None:
+        self.timeout = timeout
+        self.service = service
+        self._done = threading.Event()
+
+    def __enter__(self) -> _Watchdog:
+        threading.Thread(target=self._watch, daemon=True, name="commit-watchdog").start()
+        return self
+
+    def __exit__(self, *_: object) -> None:
+        self._done.set()
+
+    def _watch(self) -> None:
+        if not self._done.wait(self.timeout):
+            log.critical(
+                "commit stuck; exiting so the supervisor restarts this instance",
+                extra={"fields": {"stuck_seconds": self.timeout, "exit_status": EXIT_STUCK}},
+            )
+            logging.shutdown()
+            os._exit(EXIT_STUCK)

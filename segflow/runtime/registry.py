@@ -11,7 +11,7 @@ from typing import TYPE_CHECKING, Any
 
 import httpx
 
-from segflow.runtime.errors import ConfigError, RetryableError
+from segflow.errors import ConfigError, RetryableError
 
 if TYPE_CHECKING:
     from segflow.runtime.settings import Settings

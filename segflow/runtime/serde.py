@@ -41,7 +41,7 @@ from fastavro.schema import (
 )
 from fastavro.validation import validate
 
-from segflow.runtime.errors import ConfigError, DecodeError, InvalidRecord
+from segflow.errors import ConfigError, DecodeError, InvalidRecord
 
 if TYPE_CHECKING:
     from segflow.runtime.registry import RegistryClient
@@ -66,7 +66,7 @@ def local_schema_id(schema: dict[str, Any]) -> int:
     """Deterministic schema id: 31 bits of the CRC-64-AVRO fingerprint of the canonical form.
 
     >>> local_schema_id({"type": "record", "name": "X", "fields": []})
-    1193744493
+    1474642113
     """
     fp = fingerprint(to_parsing_canonical_form(schema), "CRC-64-AVRO")
     return int(fp, 16) & 0x7FFFFFFF

@@ -54,7 +54,7 @@ class Settings(BaseSettings):
         for item in filter(None, (p.strip() for p in self.kafka_extra.split(","))):
             key, sep, value = item.partition("=")
             if not sep:
-                from segflow.runtime.errors import ConfigError
+                from segflow.errors import ConfigError
 
                 raise ConfigError(f"SEGFLOW_KAFKA_EXTRA: expected key=value, got {key!r}")
             conf[key.strip()] = value.strip()

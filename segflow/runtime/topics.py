@@ -19,7 +19,7 @@ from typing import TYPE_CHECKING, Any
 
 import yaml
 
-from segflow.runtime.errors import ConfigError
+from segflow.errors import ConfigError
 
 if TYPE_CHECKING:
     from segflow.runtime.settings import Settings

@@ -1,0 +1,141 @@
+"""Helpers for tests and benchmarks against a real broker: fresh names, produce, read back."""
+
+from __future__ import annotations
+
+import time
+import uuid
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass
+from typing import Any
+
+from confluent_kafka import OFFSET_BEGINNING, Consumer, TopicPartition
+
+from segflow.runtime.kafka import ensure_topics, make_admin, make_producer
+from segflow.runtime.serde import Serde
+from segflow.runtime.settings import Settings
+from segflow.runtime.topics import TOPICS, Topic
+
+
+def unique_prefix(label: str = "t") -> str:
+    """A fresh topic prefix, so each test gets its own topics and groups."""
+    return f"{label}-{uuid.uuid4().hex[:10]}."
+
+
+def isolated_settings(bootstrap: str, label: str = "t", **extra: Any) -> Settings:
+    """Settings with a fresh topic prefix and every registry topic created under it."""
+    settings = Settings(bootstrap_servers=bootstrap, topic_prefix=unique_prefix(label), **extra)
+    ensure_topics(settings)
+    return settings
+
+
+def create_topic(settings: Settings, name: str, like: Topic, partitions: int | None = None) -> str:
+    """Create an extra topic ``name`` with ``like``'s settings (and optional partitions)."""
+    entry = like if partitions is None else Topic(
+        like.key_name, like.suffix, like.key, like.value, partitions, like.cleanup
+    )
+    ensure_topics(settings, topics=[], names={name: entry})
+    return name
+
+
+@dataclass(frozen=True)
+class Record:
+    topic: str
+    partition: int
+    offset: int
+    key: bytes | None
+    value: bytes | None
+    headers: list[tuple[str, bytes | None]]
+
+
+def produce(
+    settings: Settings,
+    topic: str,
+    records: Iterable[tuple[bytes | None, bytes | None]],
+    **overrides: Any,
+) -> int:
+    """Produce raw (key, value) pairs and wait for every delivery; returns the count."""
+    producer = make_producer(settings, **overrides)
+    errors: list[str] = []
+
+    def on_delivery(err: Any, _msg: Any) -> None:
+        if err is not None:
+            errors.append(str(err))
+
+    n = 0
+    for key, value in records:
+        while True:
+            try:
+                producer.produce(topic, value, key, on_delivery=on_delivery)
+                break
+            except BufferError:
+                producer.poll(0.05)
+        n += 1
+        if n % 1000 == 0:
+            producer.poll(0)
+    remaining = producer.flush(60)
+    if remaining or errors:
+        raise AssertionError(f"{remaining} undelivered, errors: {errors[:3]}")
+    return n
+
+
+def produce_events(
+    settings: Settings, topic: str, events: Iterable[dict[str, Any]], key_field: str = "user_id"
+) -> int:
+    serde = Serde.from_settings(settings)
+    return produce(
+        settings,
+        topic,
+        ((str(ev[key_field]).encode(), serde.encode(TOPICS.events, ev)) for ev in events),
+    )
+
+
+def read_all(
+    settings: Settings,
+    topic: str,
+    expected: int | None = None,
+    timeout: float = 60.0,
+    idle: float = 3.0,
+    isolation: str = "read_committed",
+    on_idle: Callable[[], None] | None = None,
+) -> list[Record]:
+    """Read ``topic`` from the beginning until ``expected`` records arrived (or ``idle``
+    seconds pass with nothing new after reaching the end); no consumer group involved."""
+    consumer = Consumer(
+        {
+            **settings.kafka_config(),
+            "group.id": f"reader-{uuid.uuid4().hex[:8]}",
+            "enable.auto.commit": False,
+            "isolation.level": isolation,
+        }
+    )
+    md = make_admin(settings).list_topics(topic, timeout=10)
+    parts = md.topics[topic].partitions
+    consumer.assign([TopicPartition(topic, p, OFFSET_BEGINNING) for p in parts])
+    out: list[Record] = []
+    deadline = time.monotonic() + timeout
+    last_new = time.monotonic()
+    try:
+        while time.monotonic() < deadline:
+            if expected is not None and len(out) >= expected:
+                # keep reading briefly to catch duplicates beyond the expected count
+                if time.monotonic() - last_new > min(idle, 1.0):
+                    break
+            elif expected is None and out and time.monotonic() - last_new > idle:
+                break
+            msgs = consumer.consume(1000, 0.2)
+            for m in msgs:
+                if m.error():
+                    continue
+                out.append(
+                    Record(m.topic(), m.partition(), m.offset(), m.key(), m.value(),
+                           list(m.headers() or []))
+                )
+            if msgs:
+                last_new = time.monotonic()
+            elif on_idle is not None:
+                on_idle()
+            elif expected is None and not out and time.monotonic() - last_new > idle * 3:
+                break
+    finally:
+        consumer.close()
+    return out

@@ -1,0 +1,239 @@
+"""The shared consume → handle → produce loop on a real broker (issue 2, must-show a–d)."""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import time
+from collections import Counter, defaultdict
+from typing import Any
+
+import pytest
+
+from segflow.runtime.broker import LocalBroker
+from segflow.runtime.loop import LoopConfig, ProcessingLoop
+from segflow.runtime.passthrough import copier
+from segflow.runtime.serde import Serde
+from segflow.runtime.settings import Settings
+from segflow.runtime.testing import (
+    create_topic,
+    isolated_settings,
+    produce,
+    produce_events,
+    read_all,
+)
+from segflow.runtime.topics import TOPICS
+
+pytestmark = pytest.mark.broker
+
+BASE_MS = 1_763_000_000_000
+
+
+def make_events(n: int, keys: int = 50, start: int = 0) -> list[dict[str, Any]]:
+    """n valid events over ``keys`` users, with a per-user sequence number in properties."""
+    seq: Counter[str] = Counter()
+    out = []
+    for i in range(start, start + n):
+        user = f"u{i % keys}"
+        seq[user] += 1
+        out.append(
+            {
+                "event_id": f"e{i}",
+                "event_type": ("login", "page_view", "purchase", "feature_use")[i % 4],
+                "occurred_at": BASE_MS + i * 1000,
+                "user_id": user,
+                "amount": float(i % 97) if i % 4 == 2 else None,
+                "properties": {"seq": str(seq[user]), "zip": str(10000 + i % 13)},
+            }
+        )
+    return out
+
+
+def run_loop(settings: Settings, source: str, sink: str, group: str, n: int) -> ProcessingLoop:
+    config = LoopConfig(service="test", group_id=group, sources={source: TOPICS.events})
+    loop = ProcessingLoop(settings, config, copier(sink))  # type: ignore[arg-type]
+    loop.run(max_records=n, idle_timeout=30)
+    return loop
+
+
+def decoded(settings: Settings, records: list[Any]) -> list[dict[str, Any]]:
+    serde = Serde.from_settings(settings)
+    return [serde.decode(TOPICS.events, r.value) for r in records]
+
+
+def passthrough_cmd(settings: Settings, source: str, sink: str, group: str, *extra: str) -> list[str]:
+    return [
+        sys.executable, "-m", "segflow.runtime.passthrough",
+        "--bootstrap", settings.bootstrap_servers, "--prefix", settings.topic_prefix,
+        "--source", source, "--sink", sink, "--group", group,
+        "--transactional-id", f"{group}-tx", *extra,
+    ]
+
+
+def test_10k_events_pass_through_identical_and_in_order_per_key(kafka_settings: Settings) -> None:
+    s = kafka_settings
+    source, sink = TOPICS.events.name(s), create_topic(s, s.topic_prefix + "copy", TOPICS.events)
+    events = make_events(10_000)
+    produce_events(s, source, events)
+
+    loop = run_loop(s, source, sink, s.topic_prefix + "g", 10_000)
+
+    assert loop.processed == 10_000
+    out = read_all(s, sink, expected=10_000)
+    assert len(out) == 10_000
+    by_key: dict[bytes | None, list[dict[str, Any]]] = defaultdict(list)
+    for rec, value in zip(out, decoded(s, out), strict=True):
+        by_key[rec.key].append(value)
+    expected_by_key: dict[bytes, list[dict[str, Any]]] = defaultdict(list)
+    for ev in events:
+        expected_by_key[ev["user_id"].encode()].append(ev)
+    assert set(by_key) == set(expected_by_key)
+    for key, got in by_key.items():
+        want = expected_by_key[key]  # type: ignore[index]
+        assert [g["event_id"] for g in got] == [w["event_id"] for w in want], key
+        for g, w in zip(got, want, strict=True):
+            assert {k: v for k, v in g.items() if v is not None and v != {}} == {
+                k: v for k, v in w.items() if v is not None and v != {}
+            }
+    assert read_all(s, TOPICS.dlq.name(s), idle=1.0) == []
+
+
+def test_malformed_records_go_to_dlq_with_reason_and_good_events_still_arrive(
+    kafka_settings: Settings,
+) -> None:
+    s = kafka_settings
+    serde = Serde.from_settings(s)
+    source, sink = TOPICS.events.name(s), create_topic(s, s.topic_prefix + "copy", TOPICS.events)
+    good = make_events(300)
+    valid_body = serde.encode(TOPICS.events, good[0])
+    wrong_id = b"\x00\x00\x00\x00\x63" + valid_body[5:]
+    truncated = valid_body[:9]  # header + the first bytes of event_id only
+    no_identifier = serde.encode(
+        TOPICS.events,
+        {"event_id": "bad-ident", "event_type": "login", "occurred_at": BASE_MS},
+    )
+    future = serde.encode(
+        TOPICS.events,
+        {"event_id": "bad-future", "event_type": "login", "user_id": "u1",
+         "occurred_at": int(time.time() * 1000) + 30 * 86400 * 1000},
+    )
+    bad = {
+        100: (b"garbage", b"{not avro at all}", "undecodable"),
+        150: (b"wrong-id", wrong_id, "unknown_schema_id"),
+        200: (b"truncated", truncated, "undecodable"),
+        250: (b"no-ident", no_identifier, "no_identifier"),
+        275: (b"future", future, "future_event"),
+    }
+    stream: list[tuple[bytes | None, bytes | None]] = []
+    for i, ev in enumerate(good):
+        if i in bad:
+            stream.append(bad[i][:2])
+        stream.append((ev["user_id"].encode(), serde.encode(TOPICS.events, ev)))
+    # All on one partition so source offsets are predictable.
+    one = create_topic(s, s.topic_prefix + "events1", TOPICS.events, partitions=1)
+    produce(s, one, stream)
+
+    run_loop(s, one, sink, s.topic_prefix + "g", len(stream))
+
+    out = decoded(s, read_all(s, sink, expected=len(good)))
+    assert sorted(e["event_id"] for e in out) == sorted(e["event_id"] for e in good)
+    letters = [serde.decode(TOPICS.dlq, r.value) for r in read_all(s, TOPICS.dlq.name(s), 5)]
+    assert len(letters) == 5
+    offsets = {i + n for n, i in enumerate(sorted(bad))}  # each bad record shifts later ones
+    got = {(dl["original_key"], dl["reason"], dl["source_offset"]) for dl in letters}
+    want = {(bad[i][0], bad[i][2], off) for i, off in zip(sorted(bad), sorted(offsets), strict=True)}
+    assert got == want
+    for dl in letters:
+        assert dl["source_topic"] == one and dl["source_partition"] == 0
+        assert dl["service"] == "test" and dl["detail"]
+        assert dl["original_value"] == dict(zip([b[0] for b in bad.values()],
+                                                [b[1] for b in bad.values()]))[dl["original_key"]]
+
+
+def test_broker_killed_mid_run_and_restarted_loses_nothing(own_broker: LocalBroker) -> None:
+    """The broker dies under a running loop; a supervisor (here, the test) restarts whatever
+    exits; when the broker is back every event arrives exactly once."""
+    s = isolated_settings(own_broker.bootstrap, "brokerkill")
+    source, sink = TOPICS.events.name(s), create_topic(s, s.topic_prefix + "copy", TOPICS.events)
+    group = s.topic_prefix + "g"
+    first, second = make_events(3000), make_events(3000, start=3000)
+    produce_events(s, source, first)
+    cmd = passthrough_cmd(s, source, sink, group, "--batch-size", "100", "--pre-commit-delay",
+                          "0.3", "--stuck-timeout", "20")
+    supervisor = Supervisor(cmd)
+    try:
+        # Wait until the loop is demonstrably mid-stream, then kill the broker under it.
+        wait_until(lambda: 0 < len(read_all(s, sink, idle=0.3, timeout=5)) < 3000, 60)
+        own_broker.kill()
+        time.sleep(2)  # the outage itself
+        own_broker.start()
+        produce_events(s, source, second)
+        out = read_all(s, sink, expected=6000, timeout=180, on_idle=supervisor.check)
+    finally:
+        supervisor.stop()
+    ids = Counter(e["event_id"] for e in decoded(s, out))
+    assert len(ids) == 6000, f"missing {6000 - len(ids)}; restarts: {supervisor.exits}"
+    assert max(ids.values()) == 1, "an event appeared twice on a read_committed consumer"
+
+
+class Supervisor:
+    """Keeps one loop process running, restarting it when it exits (as `segflow up` will)."""
+
+    def __init__(self, cmd: list[str]) -> None:
+        self.cmd = cmd
+        self.exits: list[int] = []
+        self.proc = subprocess.Popen(cmd, stderr=subprocess.DEVNULL)
+
+    def check(self) -> None:
+        code = self.proc.poll()
+        if code is not None:
+            self.exits.append(code)
+            self.proc = subprocess.Popen(self.cmd, stderr=subprocess.DEVNULL)
+
+    def stop(self) -> None:
+        self.proc.send_signal(signal.SIGTERM)
+        try:
+            self.proc.wait(30)
+        except subprocess.TimeoutExpired:
+            self.proc.kill()
+            self.proc.wait(10)
+
+
+def test_kill_9_mid_transaction_then_restart_gives_each_input_exactly_once(
+    kafka_settings: Settings,
+) -> None:
+    s = kafka_settings
+    source, sink = TOPICS.events.name(s), create_topic(s, s.topic_prefix + "copy", TOPICS.events)
+    group = s.topic_prefix + "g"
+    events = make_events(5000)
+    produce_events(s, source, events)
+    cmd = passthrough_cmd(s, source, sink, group, "--batch-size", "500")
+    proc = subprocess.Popen([*cmd, "--pre-commit-delay", "5"], stderr=subprocess.DEVNULL)
+    # Uncommitted output visible to read_uncommitted = a transaction is open: kill -9 now.
+    wait_until(lambda: len(read_all(s, sink, idle=0.3, timeout=5,
+                                    isolation="read_uncommitted")) > 0, 60)
+    os.kill(proc.pid, signal.SIGKILL)
+    proc.wait(10)
+    assert read_all(s, sink, idle=0.5, timeout=5) == [], "nothing was committed before the kill"
+
+    restarted = subprocess.run([*cmd, "--idle-timeout", "8"], capture_output=True, text=True,
+                               timeout=180)
+    assert restarted.returncode == 0, restarted.stderr[-2000:]
+
+    committed = read_all(s, sink, expected=5000)
+    ids = Counter(e["event_id"] for e in decoded(s, committed))
+    assert set(ids) == {e["event_id"] for e in events}
+    assert max(ids.values()) == 1
+    raw = read_all(s, sink, expected=5000, isolation="read_uncommitted")
+    assert len(raw) > 5000, "the killed transaction's records should be in the log, aborted"
+
+
+def wait_until(condition: Any, timeout: float, interval: float = 0.2) -> None:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if condition():
+            return
+        time.sleep(interval)
+    raise AssertionError(f"condition not met within {timeout}s")
