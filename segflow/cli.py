@@ -135,19 +135,18 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--keep-broker", action="store_true", help="leave the broker running")
     p.set_defaults(func=cmd_demo)
 
-    try:
-        from segflow.sim.cli import add_parser as add_sim_parser
-    except ImportError:  # simulator not installed in this build
-        pass
-    else:
-        add_sim_parser(sub)
+    from segflow.sim.cli import add_parser as add_sim_parser
+
+    add_sim_parser(sub)
     return parser
 
 
 def main(argv: Sequence[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
-    func: Callable[[argparse.Namespace], int] | None = getattr(args, "func", None)
+    func: Callable[[argparse.Namespace], int] | None = getattr(args, "func", None) or getattr(
+        args, "handler", None
+    )
     if func is None:
         parser.print_help()
         return 0

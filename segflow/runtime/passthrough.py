@@ -16,6 +16,7 @@ import time
 from collections.abc import Iterator
 
 from segflow.events import validate_event
+from segflow.runtime import metrics
 from segflow.runtime.log import configure
 from segflow.runtime.loop import Incoming, LoopConfig, Output, ProcessingLoop
 from segflow.runtime.settings import Settings
@@ -63,6 +64,8 @@ def main(argv: list[str] | None = None) -> int:
         overrides["topic_prefix"] = args.prefix
     settings = Settings(**overrides)
     configure("passthrough", settings.log_level, settings.log_format)
+    if settings.metrics_port:
+        metrics.serve(settings.metrics_port)
     config = LoopConfig(
         service="passthrough",
         group_id=args.group,

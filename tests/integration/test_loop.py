@@ -10,9 +10,12 @@ import time
 from collections import Counter, defaultdict
 from typing import Any
 
+import httpx
 import pytest
+from prometheus_client import REGISTRY
 
-from segflow.runtime.broker import LocalBroker
+from segflow.runtime import metrics
+from segflow.runtime.broker import LocalBroker, free_port
 from segflow.runtime.loop import LoopConfig, ProcessingLoop
 from segflow.runtime.passthrough import copier
 from segflow.runtime.serde import Serde
@@ -135,7 +138,14 @@ def test_malformed_records_go_to_dlq_with_reason_and_good_events_still_arrive(
     one = create_topic(s, s.topic_prefix + "events1", TOPICS.events, partitions=1)
     produce(s, one, stream)
 
+    before = dlq_count("test", "unknown_schema_id")
     run_loop(s, one, sink, s.topic_prefix + "g", len(stream))
+    assert dlq_count("test", "unknown_schema_id") == before + 1
+    # ... and SREs see it on /metrics.
+    port = free_port()
+    metrics.serve(port)
+    text = httpx.get(f"http://127.0.0.1:{port}/metrics").text
+    assert 'segflow_dlq_records_total{reason="unknown_schema_id",service="test"}' in text
 
     out = decoded(s, read_all(s, sink, expected=len(good)))
     assert sorted(e["event_id"] for e in out) == sorted(e["event_id"] for e in good)
@@ -228,6 +238,13 @@ def test_kill_9_mid_transaction_then_restart_gives_each_input_exactly_once(
     assert max(ids.values()) == 1
     raw = read_all(s, sink, expected=5000, isolation="read_uncommitted")
     assert len(raw) > 5000, "the killed transaction's records should be in the log, aborted"
+
+
+def dlq_count(service: str, reason: str) -> float:
+    value = REGISTRY.get_sample_value(
+        "segflow_dlq_records_total", {"service": service, "reason": reason}
+    )
+    return value or 0.0
 
 
 def wait_until(condition: Any, timeout: float, interval: float = 0.2) -> None:
