@@ -1,0 +1,35 @@
+"""ChangelogStore's undo log, without a broker."""
+
+from __future__ import annotations
+
+from segflow.runtime.serde import SchemaStore, Serde
+from segflow.runtime.settings import Settings
+from segflow.runtime.state import ChangelogStore
+from segflow.runtime.topics import TOPICS
+
+
+def make() -> ChangelogStore:
+    return ChangelogStore(Settings(bootstrap_servers="unused:1"), TOPICS.scores,
+                          Serde(SchemaStore.from_dir()))
+
+
+def test_abort_rolls_back_to_the_last_commit() -> None:
+    store = make()
+    store.put("a", {"v": 1})
+    store.on_commit()
+    store.put("a", {"v": 2})
+    store.put("b", {"v": 3})
+    store.delete("a")
+    store.on_abort()
+    assert dict(store.items()) == {"a": {"v": 1}}
+
+
+def test_commit_keeps_changes_and_put_returns_the_changelog_record() -> None:
+    store = make()
+    out = store.put("k", {"v": 1})
+    assert (out.topic, out.key, out.value) == (TOPICS.scores, "k", {"v": 1})
+    store.on_commit()
+    store.on_abort()
+    assert store.get("k") == {"v": 1}
+    tomb = store.delete("k")
+    assert tomb.value is None and "k" not in store
