@@ -22,7 +22,7 @@ import os
 import signal
 import threading
 import time
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field
 from typing import Any, Protocol
 
@@ -99,6 +99,9 @@ class LoopConfig:
     # restarts it: librdkafka's send_offsets_to_transaction can ignore its timeout when the
     # coordinator dies (confluentinc/librdkafka#5456, #5511). Fencing keeps this safe.
     stuck_timeout: float = 120.0
+    # Periodic work without input (timers, time-driven refreshes): ``tick()`` is called at
+    # most every ``tick_interval`` seconds and its outputs commit in their own transaction.
+    tick_interval: float = 1.0
     consumer_overrides: dict[str, Any] = field(default_factory=dict)
     producer_overrides: dict[str, Any] = field(default_factory=dict)
 
@@ -112,14 +115,19 @@ class ProcessingLoop:
         config: LoopConfig,
         handler: Handler,
         serde: Serde | None = None,
-        hooks: Hooks | None = None,
+        hooks: Hooks | Sequence[Hooks] | None = None,
         clock: Callable[[], float] = time.time,
+        tick: Callable[[], Iterable[Output]] | None = None,
     ) -> None:
         self.settings = settings
         self.config = config
         self.handler = handler
         self.serde = serde or Serde.from_settings(settings)
-        self.hooks = hooks
+        self.hooks: list[Hooks] = (
+            [] if hooks is None else list(hooks) if isinstance(hooks, Sequence) else [hooks]
+        )
+        self.tick = tick
+        self._last_tick = 0.0
         self.clock = clock
         self.dlq_topic = TOPICS.dlq.name(settings)
         self._running = False
@@ -173,6 +181,8 @@ class ProcessingLoop:
                 if max_records is not None and self.processed >= max_records:
                     break
                 msgs = self.consumer.consume(cfg.batch_size, cfg.poll_timeout)
+                if self.tick is not None and self.clock() - self._last_tick >= cfg.tick_interval:
+                    self._run_tick()
                 if not msgs:
                     if idle_timeout is not None and self.clock() - last_data > idle_timeout:
                         break
@@ -226,12 +236,45 @@ class ProcessingLoop:
                 [TopicPartition(t, p, o) for (t, p), o in offsets.items()]
             )
         if committed:
-            if self.hooks is not None:
-                self.hooks.on_commit()
+            for hook in self.hooks:
+                hook.on_commit()
             now_ms = self.clock() * 1000
             for ts in timestamps[:: max(1, len(timestamps) // 50)]:
                 self._m_age.observe(max(0.0, (now_ms - ts) / 1000))
         self._m_batch.observe(time.perf_counter() - started)
+
+    def _run_tick(self) -> None:
+        """Produce the tick's outputs in a transaction of their own (no offsets)."""
+        assert self.tick is not None
+        self._last_tick = self.clock()
+        cfg = self.config
+        if cfg.exactly_once:
+            self.producer.begin_transaction()
+        try:
+            for out in self.tick():
+                self._produce(*self._encode(out), out.headers)
+        except Exception:
+            log.exception("tick failed")
+            if cfg.exactly_once:
+                self.producer.abort_transaction(cfg.commit_timeout)
+            for hook in self.hooks:
+                hook.on_abort()
+            return
+        with self._watchdog():
+            if cfg.exactly_once:
+                try:
+                    self.producer.commit_transaction(cfg.commit_timeout)
+                except KafkaException as exc:
+                    if not exc.args[0].txn_requires_abort():
+                        raise
+                    self.producer.abort_transaction(cfg.commit_timeout)
+                    for hook in self.hooks:
+                        hook.on_abort()
+                    return
+            else:
+                self.producer.flush(cfg.commit_timeout)
+        for hook in self.hooks:
+            hook.on_commit()
 
     def _handle(self, msg: Message, topic_name: str, partition: int, offset: int) -> None:
         source = self.config.sources[topic_name]
@@ -363,8 +406,8 @@ class ProcessingLoop:
 
     def _rewind(self, offsets: list[TopicPartition]) -> None:
         """Seek back to the committed offsets so the aborted batch is processed again."""
-        if self.hooks is not None:
-            self.hooks.on_abort()
+        for hook in self.hooks:
+            hook.on_abort()
         parts = [TopicPartition(tp.topic, tp.partition) for tp in offsets]
         for tp in self.consumer.committed(parts, timeout=self.config.commit_timeout):
             if tp.offset < 0:  # nothing committed yet: start of the partition
