@@ -92,6 +92,54 @@ def cmd_schemas(args: argparse.Namespace) -> int:
     return 1 if problems else 0
 
 
+def available_services() -> list[str]:
+    """The services of this build that can run (those with a ``__main__``)."""
+    from importlib.util import find_spec
+
+    from segflow.supervisor import SERVICES
+
+    return [name for name in SERVICES if find_spec(f"services.{name}.__main__") is not None]
+
+
+def cmd_up(args: argparse.Namespace) -> int:
+    from segflow.supervisor import Supervisor
+
+    if external_bootstrap():
+        settings = _settings_for(args)
+        from segflow.runtime.kafka import wait_for_broker
+
+        wait_for_broker(settings)
+    else:
+        broker = _broker(args)
+        broker.start()
+        print(f"broker at {broker.bootstrap} (log {broker.log_file})")
+        settings = _settings_for(args)
+    _create_topics(settings)
+    names = available_services()
+    if not names:
+        print("no services are built yet; the broker and topics are up")
+        return 0
+    sup = Supervisor(Path(args.state_dir) / "logs",
+                     env={"SEGFLOW_BOOTSTRAP_SERVERS": settings.bootstrap_servers})
+    for i, name in enumerate(names):
+        sup.add_service(name, env={"SEGFLOW_METRICS_PORT": str(args.metrics_port + i)})
+    sup.start_all()
+    for i, name in enumerate(names):
+        print(f"  {name:10} pid {sup.pids()[name]}  metrics http://127.0.0.1:"
+              f"{args.metrics_port + i}/metrics  log {sup.children[name].log_path}")
+    print("running; Ctrl-C stops everything")
+    try:
+        while True:
+            for name in sup.check():
+                print(f"  {name} exited and was restarted (see its log)")
+            time.sleep(0.5)
+    except KeyboardInterrupt:
+        print("stopping services ...")
+    finally:
+        sup.stop()
+    return 0
+
+
 def cmd_demo(args: argparse.Namespace) -> int:
     from segflow.demo import run_demo
 
@@ -121,6 +169,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("action", choices=["install", "start", "stop", "status"])
     p.add_argument("--no-topics", action="store_true", help="do not create segflow's topics")
     p.set_defaults(func=cmd_broker)
+
+    p = sub.add_parser("up", help="start the broker and every built service, supervised")
+    p.add_argument("--metrics-port", type=int, default=9400,
+                   help="first /metrics port; services get consecutive ports (default 9400)")
+    p.set_defaults(func=cmd_up)
 
     p = sub.add_parser("topics", help="create segflow's topics from the registry")
     p.set_defaults(func=cmd_topics)

@@ -127,3 +127,4 @@ def test_kafka_bootstrap_env_is_honoured(monkeypatch: pytest.MonkeyPatch) -> Non
     monkeypatch.setenv("SEGFLOW_KAFKA_EXTRA", "security.protocol=SASL_SSL, sasl.mechanism=PLAIN")
     conf = Settings().kafka_config()
     assert conf["security.protocol"] == "SASL_SSL" and conf["sasl.mechanism"] == "PLAIN"
+

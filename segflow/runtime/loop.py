@@ -142,6 +142,10 @@ class ProcessingLoop:
         consumer_conf: dict[str, Any] = dict(config.consumer_overrides)
         if config.transactional_id:
             consumer_conf.setdefault("group.instance.id", config.transactional_id)
+        consumer_conf.setdefault("statistics.interval.ms", 5000)
+        consumer_conf.setdefault(
+            "stats_cb", lambda doc: metrics.record_consumer_lag(config.service, doc)
+        )
         self.consumer = make_consumer(settings, config.group_id, **consumer_conf)
         self._delivery_error: KafkaError | None = None
         svc = config.service

@@ -38,9 +38,26 @@ RECORD_AGE_SECONDS = Histogram(
 TRANSACTIONS = Counter(
     "segflow_transactions_total", "Kafka transactions by outcome", ["service", "outcome"]
 )
+CONSUMER_LAG = Gauge(
+    "segflow_consumer_lag",
+    "Records between the consumer's position and the partition end (librdkafka statistics)",
+    ["service", "topic", "partition"],
+)
 UP = Gauge("segflow_up", "1 while the service's processing loop runs", ["service"])
 
 
 def serve(port: int, registry: CollectorRegistry = REGISTRY) -> None:
     """Serve ``/metrics`` on ``port`` (0.0.0.0) from a background thread."""
     start_http_server(port, registry=registry)
+
+
+def record_consumer_lag(service: str, stats_json: str) -> None:
+    """Set CONSUMER_LAG from a librdkafka statistics JSON document (``stats_cb``)."""
+    import json
+
+    stats = json.loads(stats_json)
+    for topic, tstats in stats.get("topics", {}).items():
+        for partition, pstats in tstats.get("partitions", {}).items():
+            lag = pstats.get("consumer_lag", -1)
+            if partition != "-1" and lag is not None and lag >= 0:
+                CONSUMER_LAG.labels(service, topic, partition).set(lag)
