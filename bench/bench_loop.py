@@ -37,8 +37,11 @@ def main() -> int:
     broker = None
     bootstrap = args.bootstrap
     if bootstrap is None:
-        broker = LocalBroker(Path(tempfile.mkdtemp(prefix="segflow-bench-")) / "broker",
-                             port=free_port(), controller_port=free_port())
+        broker = LocalBroker(
+            Path(tempfile.mkdtemp(prefix="segflow-bench-")) / "broker",
+            port=free_port(),
+            controller_port=free_port(),
+        )
         broker.start()
         bootstrap = broker.bootstrap
     try:
@@ -48,17 +51,37 @@ def main() -> int:
         sink = create_topic(s, s.topic_prefix + "copy", TOPICS.events)
         base = int(time.time() * 1000) - 86_400_000
         t0 = time.perf_counter()
-        produce(s, source, (
-            (f"u{i % 5000}".encode(), serde.encode(TOPICS.events, {
-                "event_id": f"e{i}", "event_type": "page_view", "occurred_at": base + i,
-                "user_id": f"u{i % 5000}", "anonymous_id": f"a{i % 7000}",
-                "session_seconds": 12.5, "properties": {"path": "/pricing"},
-            })) for i in range(args.events)))
+        produce(
+            s,
+            source,
+            (
+                (
+                    f"u{i % 5000}".encode(),
+                    serde.encode(
+                        TOPICS.events,
+                        {
+                            "event_id": f"e{i}",
+                            "event_type": "page_view",
+                            "occurred_at": base + i,
+                            "user_id": f"u{i % 5000}",
+                            "anonymous_id": f"a{i % 7000}",
+                            "session_seconds": 12.5,
+                            "properties": {"path": "/pricing"},
+                        },
+                    ),
+                )
+                for i in range(args.events)
+            ),
+        )
         print(f"loaded {args.events} events in {time.perf_counter() - t0:.1f}s", file=sys.stderr)
-        config = LoopConfig(service="bench", group_id=s.topic_prefix + "g",
-                            sources={source: TOPICS.events},
-                            exactly_once=not args.at_least_once,
-                            transactional_id=s.topic_prefix + "tx", batch_size=args.batch_size)
+        config = LoopConfig(
+            service="bench",
+            group_id=s.topic_prefix + "g",
+            sources={source: TOPICS.events},
+            exactly_once=not args.at_least_once,
+            transactional_id=s.topic_prefix + "tx",
+            batch_size=args.batch_size,
+        )
         loop = ProcessingLoop(s, config, copier(sink))  # type: ignore[arg-type]
         cpu0 = resource.getrusage(resource.RUSAGE_SELF)
         t0 = time.perf_counter()
@@ -67,9 +90,11 @@ def main() -> int:
         cpu1 = resource.getrusage(resource.RUSAGE_SELF)
         cpu = (cpu1.ru_utime - cpu0.ru_utime) + (cpu1.ru_stime - cpu0.ru_stime)
         mode = "at-least-once" if args.at_least_once else "exactly-once (transactions)"
-        print(f"pass-through {mode}: {n} events in {elapsed:.2f}s = {n / elapsed:,.0f} events/s "
-              f"(process CPU {cpu:.1f}s = {n / cpu:,.0f} events per CPU-second; "
-              f"{os.cpu_count()} cores, broker on the same machine)")
+        print(
+            f"pass-through {mode}: {n} events in {elapsed:.2f}s = {n / elapsed:,.0f} events/s "
+            f"(process CPU {cpu:.1f}s = {n / cpu:,.0f} events per CPU-second; "
+            f"{os.cpu_count()} cores, broker on the same machine)"
+        )
     finally:
         if broker is not None:
             broker.stop()

@@ -119,14 +119,17 @@ def cmd_up(args: argparse.Namespace) -> int:
     if not names:
         print("no services are built yet; the broker and topics are up")
         return 0
-    sup = Supervisor(Path(args.state_dir) / "logs",
-                     env={"SEGFLOW_BOOTSTRAP_SERVERS": settings.bootstrap_servers})
+    sup = Supervisor(
+        Path(args.state_dir) / "logs", env={"SEGFLOW_BOOTSTRAP_SERVERS": settings.bootstrap_servers}
+    )
     for i, name in enumerate(names):
         sup.add_service(name, env={"SEGFLOW_METRICS_PORT": str(args.metrics_port + i)})
     sup.start_all()
     for i, name in enumerate(names):
-        print(f"  {name:10} pid {sup.pids()[name]}  metrics http://127.0.0.1:"
-              f"{args.metrics_port + i}/metrics  log {sup.children[name].log_path}")
+        print(
+            f"  {name:10} pid {sup.pids()[name]}  metrics http://127.0.0.1:"
+            f"{args.metrics_port + i}/metrics  log {sup.children[name].log_path}"
+        )
     print("running; Ctrl-C stops everything")
     try:
         while True:
@@ -171,8 +174,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=cmd_broker)
 
     p = sub.add_parser("up", help="start the broker and every built service, supervised")
-    p.add_argument("--metrics-port", type=int, default=9400,
-                   help="first /metrics port; services get consecutive ports (default 9400)")
+    p.add_argument(
+        "--metrics-port",
+        type=int,
+        default=9400,
+        help="first /metrics port; services get consecutive ports (default 9400)",
+    )
     p.set_defaults(func=cmd_up)
 
     p = sub.add_parser("topics", help="create segflow's topics from the registry")

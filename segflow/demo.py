@@ -89,11 +89,14 @@ def _end_offsets(settings: Settings) -> dict[int, int]:
 
 
 def _simulate(settings: Settings, args: argparse.Namespace) -> tuple[Simulation, dict[str, Any]]:
-    noise = NoiseConfig(duplicates=0.01, late=0.01, out_of_order=0.02, malformed=0.001,
-                        blocked=0.01)
+    noise = NoiseConfig(
+        duplicates=0.01, late=0.01, out_of_order=0.02, malformed=0.001, blocked=0.01
+    )
     config = SimConfig(customers=args.customers, days=args.days, seed=args.seed, noise=noise)
-    say(f"[3/4] simulating {config.customers:,} customers over {config.days} days "
-        f"(seed {config.seed}) into {TOPICS.events.name(settings)} ...")
+    say(
+        f"[3/4] simulating {config.customers:,} customers over {config.days} days "
+        f"(seed {config.seed}) into {TOPICS.events.name(settings)} ..."
+    )
     sim = Simulation(config)
     sink = KafkaSink.from_settings(settings)
     types: Counter[str] = Counter()
@@ -114,15 +117,21 @@ def _simulate(settings: Settings, args: argparse.Namespace) -> tuple[Simulation,
             if time.monotonic() - last > 2:
                 last = time.monotonic()
                 n = sum(types.values())
-                say(f"      day {sim.day}/{config.days}: {n:,} events "
-                    f"({n / (last - t0):,.0f}/s)")
+                say(f"      day {sim.day}/{config.days}: {n:,} events ({n / (last - t0):,.0f}/s)")
         result = sink.close()
     elapsed = time.monotonic() - t0
-    say(f"      produced {result.records:,} records in {elapsed:.1f}s "
-        f"({result.records / max(elapsed, 1e-9):,.0f}/s)")
-    return sim, {"records": result.records, "events": result.events,
-                 "malformed": result.malformed, "types": types, "noise": noise_seen,
-                 "seconds": elapsed}
+    say(
+        f"      produced {result.records:,} records in {elapsed:.1f}s "
+        f"({result.records / max(elapsed, 1e-9):,.0f}/s)"
+    )
+    return sim, {
+        "records": result.records,
+        "events": result.events,
+        "malformed": result.malformed,
+        "types": types,
+        "noise": noise_seen,
+        "seconds": elapsed,
+    }
 
 
 class _Validator:
@@ -144,13 +153,18 @@ def _validate(settings: Settings, start: dict[int, int], expected: int) -> dict[
     name = TOPICS.events.name(settings)
     group = f"segflow-demo-validate-{uuid.uuid4().hex[:8]}"
     seeder = make_consumer(settings, group)  # start the new group at this run's first offsets
-    seeder.commit(offsets=[TopicPartition(name, p, o) for p, o in start.items()],
-                  asynchronous=False)
+    seeder.commit(
+        offsets=[TopicPartition(name, p, o) for p, o in start.items()], asynchronous=False
+    )
     seeder.close()
     say(f"[4/4] validating {expected:,} records with the shared loop (exactly-once, DLQ on) ...")
     validator = _Validator()
-    config = LoopConfig(service="demo-validate", group_id=group, sources={name: TOPICS.events},
-                        transactional_id=group)
+    config = LoopConfig(
+        service="demo-validate",
+        group_id=group,
+        sources={name: TOPICS.events},
+        transactional_id=group,
+    )
     loop = ProcessingLoop(settings, config, validator)  # type: ignore[arg-type]
     t0 = time.monotonic()
     n = loop.run(max_records=expected, idle_timeout=30)
@@ -179,16 +193,24 @@ def _report(sim: Simulation, stats: dict[str, Any], checked: dict[str, Any], tot
     say(f"events produced: {stats['events']:,} plus {stats['malformed']:,} malformed records")
     say("  " + ", ".join(f"{t} {n:,}" for t, n in stats["types"].most_common()))
     say("  noise: " + (", ".join(f"{k} {v:,}" for k, v in stats["noise"].items()) or "none"))
-    say(f"validated by the shared loop: {checked['processed']:,} records in "
-        f"{checked['seconds']:.1f}s; {checked['valid']:,} valid")
+    say(
+        f"validated by the shared loop: {checked['processed']:,} records in "
+        f"{checked['seconds']:.1f}s; {checked['valid']:,} valid"
+    )
     dlq = checked["dlq"]
-    say("  dead-lettered: " + (", ".join(f"{r} {n}" for r, n in sorted(dlq.items())) or "none")
-        + f" (expected {stats['malformed']} malformed)")
+    say(
+        "  dead-lettered: "
+        + (", ".join(f"{r} {n}" for r, n in sorted(dlq.items())) or "none")
+        + f" (expected {stats['malformed']} malformed)"
+    )
     say("true segment membership (simulator ground truth), customers ever in each:")
     for name, n in in_segment.most_common():
         say(f"  {name:24} {n:6,}")
-    say("not running yet: " + ", ".join(f"{s} ({i})" for s, i in NOT_YET)
-        + " - segments, scores and actions appear here when they land")
+    say(
+        "not running yet: "
+        + ", ".join(f"{s} ({i})" for s, i in NOT_YET)
+        + " - segments, scores and actions appear here when they land"
+    )
     say(f"total {total:.1f}s")
     if sum(dlq.values()) != stats["malformed"]:
         print("demo: the DLQ count does not match the malformed records sent", file=sys.stderr)

@@ -69,5 +69,6 @@ def validate_event(event: Mapping[str, Any], now_ms: int, max_future_ms: int) ->
         )
     sentiment = event.get("sentiment")
     if sentiment is not None and not -1.0 <= sentiment <= 1.0:
-        raise InvalidRecord(f"event {event_id}: sentiment {sentiment} outside [-1, 1]",
-                            reason="invalid_field")
+        raise InvalidRecord(
+            f"event {event_id}: sentiment {sentiment} outside [-1, 1]", reason="invalid_field"
+        )

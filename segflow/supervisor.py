@@ -90,8 +90,10 @@ class Supervisor:
         return restarted
 
     def pids(self) -> dict[str, int | None]:
-        return {n: (c.proc.pid if c.proc and c.proc.poll() is None else None)
-                for n, c in self.children.items()}
+        return {
+            n: (c.proc.pid if c.proc and c.proc.poll() is None else None)
+            for n, c in self.children.items()
+        }
 
     def stop(self, timeout: float = 20.0) -> None:
         """SIGTERM every child, wait up to ``timeout``, then SIGKILL."""

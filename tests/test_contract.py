@@ -16,13 +16,17 @@ from segflow.runtime.contract import (
     example_record,
     named_types,
 )
-from segflow.runtime.serde import SCHEMAS_DIR, Serde, SchemaStore
+from segflow.runtime.serde import SCHEMAS_DIR, SchemaStore, Serde
 from segflow.runtime.topics import TOPICS, load
 
 SCHEMA_FILES = sorted(SCHEMAS_DIR.glob("*.avsc"))
 SPEC_RECORDS = {
-    "io.segflow.BehaviorEvent", "io.segflow.IdentifiedEvent", "io.segflow.IdentityMerge",
-    "io.segflow.CustomerScore", "io.segflow.SegmentChange", "io.segflow.DispatchResult",
+    "io.segflow.BehaviorEvent",
+    "io.segflow.IdentifiedEvent",
+    "io.segflow.IdentityMerge",
+    "io.segflow.CustomerScore",
+    "io.segflow.SegmentChange",
+    "io.segflow.DispatchResult",
     "io.segflow.DeadLetter",
 }
 
@@ -34,11 +38,29 @@ def test_every_spec_record_has_a_schema_and_every_topic_a_known_value() -> None:
 
 
 def test_behavior_event_has_the_fields_spec_names() -> None:
-    fields = {f["name"]: f for f in json.loads(
-        (SCHEMAS_DIR / "io.segflow.BehaviorEvent.avsc").read_text())["fields"]}
-    for name in ["event_id", "event_type", "occurred_at", "user_id", "anonymous_id", "device_id",
-                 "email", "amount", "currency", "product_id", "feature", "session_seconds",
-                 "sentiment", "escalated", "campaign_id", "variant", "properties"]:
+    fields = {
+        f["name"]: f
+        for f in json.loads((SCHEMAS_DIR / "io.segflow.BehaviorEvent.avsc").read_text())["fields"]
+    }
+    for name in [
+        "event_id",
+        "event_type",
+        "occurred_at",
+        "user_id",
+        "anonymous_id",
+        "device_id",
+        "email",
+        "amount",
+        "currency",
+        "product_id",
+        "feature",
+        "session_seconds",
+        "sentiment",
+        "escalated",
+        "campaign_id",
+        "variant",
+        "properties",
+    ]:
         assert name in fields, name
     assert fields["occurred_at"]["type"]["logicalType"] == "timestamp-millis"
     assert fields["email"].get("pii") is True
@@ -72,18 +94,30 @@ def test_check_all_reports_a_broken_example(tmp_path: Path) -> None:
     ("old_fields", "new_fields", "problem"),
     [
         ([{"name": "a", "type": "int"}], [{"name": "a", "type": "long"}], None),
-        ([{"name": "a", "type": "long"}], [{"name": "a", "type": "int"}], "long cannot be read as int"),
+        (
+            [{"name": "a", "type": "long"}],
+            [{"name": "a", "type": "int"}],
+            "long cannot be read as int",
+        ),
         ([{"name": "a", "type": "string"}], [{"name": "a", "type": ["null", "string"]}], None),
-        ([{"name": "a", "type": ["null", "string"]}], [{"name": "a", "type": "string"}],
-         "null cannot be read as string"),
+        (
+            [{"name": "a", "type": ["null", "string"]}],
+            [{"name": "a", "type": "string"}],
+            "null cannot be read as string",
+        ),
         ([], [{"name": "b", "type": "string", "default": "x"}], None),
         ([], [{"name": "b", "type": "string"}], "added without a default"),
         ([{"name": "a", "type": "int"}], [], None),  # removing a field is fine for readers
-        ([{"name": "old", "type": "int"}], [{"name": "new", "type": "int", "aliases": ["old"]}],
-         None),
-        ([{"name": "m", "type": {"type": "map", "values": "int"}}],
-         [{"name": "m", "type": {"type": "map", "values": "string"}}],
-         "int cannot be read as string"),
+        (
+            [{"name": "old", "type": "int"}],
+            [{"name": "new", "type": "int", "aliases": ["old"]}],
+            None,
+        ),
+        (
+            [{"name": "m", "type": {"type": "map", "values": "int"}}],
+            [{"name": "m", "type": {"type": "map", "values": "string"}}],
+            "int cannot be read as string",
+        ),
     ],
 )
 def test_backward_compatibility_rules(old_fields, new_fields, problem) -> None:  # type: ignore[no-untyped-def]
@@ -97,8 +131,9 @@ def test_backward_compatibility_rules(old_fields, new_fields, problem) -> None: 
 
 
 def _in_git_checkout() -> bool:
-    probe = subprocess.run(["git", "-C", str(SCHEMAS_DIR), "rev-parse", "--git-dir"],
-                           capture_output=True, check=False)
+    probe = subprocess.run(
+        ["git", "-C", str(SCHEMAS_DIR), "rev-parse", "--git-dir"], capture_output=True, check=False
+    )
     return probe.returncode == 0
 
 
@@ -115,8 +150,9 @@ def test_topic_registry_rejects_a_bad_cleanup_policy(tmp_path: Path) -> None:
     from segflow.errors import ConfigError
 
     bad = tmp_path / "topics.yaml"
-    bad.write_text("topics:\n  x: {name: x, key: string, value: V, partitions: 1, "
-                   "cleanup: forever}\n")
+    bad.write_text(
+        "topics:\n  x: {name: x, key: string, value: V, partitions: 1, cleanup: forever}\n"
+    )
     with pytest.raises(ConfigError, match="unknown cleanup 'forever'"):
         load(bad)
 

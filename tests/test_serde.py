@@ -15,12 +15,17 @@ from fastavro import schemaless_writer
 
 from segflow.errors import DecodeError, InvalidRecord
 from segflow.runtime.registry import RegistryClient
-from segflow.runtime.serde import SCHEMAS_DIR, Serde, SchemaStore
+from segflow.runtime.serde import SCHEMAS_DIR, SchemaStore, Serde
 from segflow.runtime.settings import Settings
 from segflow.runtime.topics import TOPICS
 
-EVENT = {"event_id": "e1", "event_type": "login", "occurred_at": 1_700_000_000_000,
-         "user_id": "u1", "properties": {"zip": "10115"}}
+EVENT = {
+    "event_id": "e1",
+    "event_type": "login",
+    "occurred_at": 1_700_000_000_000,
+    "user_id": "u1",
+    "properties": {"zip": "10115"},
+}
 
 
 def test_local_ids_are_deterministic_across_instances() -> None:
@@ -104,7 +109,9 @@ def test_registry_ids_are_used_when_a_registry_is_configured() -> None:
             return httpx.Response(200, json={"id": 42})
         return httpx.Response(404, json={"error_code": 40403})
 
-    registry = RegistryClient("http://registry.test", httpx.Client(transport=httpx.MockTransport(handler)))
+    registry = RegistryClient(
+        "http://registry.test", httpx.Client(transport=httpx.MockTransport(handler))
+    )
     serde = Serde(SchemaStore.from_dir(), registry, topic_prefix="acme.")
     data = serde.encode(TOPICS.events, EVENT)
     serde.encode(TOPICS.events, EVENT)
@@ -114,8 +121,12 @@ def test_registry_ids_are_used_when_a_registry_is_configured() -> None:
 
 
 def test_settings_never_show_secrets() -> None:
-    s = Settings(bootstrap_servers="h:1", hash_secret="topsecret", kafka_password="pw",
-                 schema_registry_password="regpw")
+    s = Settings(
+        bootstrap_servers="h:1",
+        hash_secret="topsecret",
+        kafka_password="pw",
+        schema_registry_password="regpw",
+    )
     text = repr(s) + str(s) + str(s.model_dump())
     assert "topsecret" not in text and "regpw" not in text
     assert s.kafka_config()["sasl.password"] == "pw"
@@ -127,4 +138,3 @@ def test_kafka_bootstrap_env_is_honoured(monkeypatch: pytest.MonkeyPatch) -> Non
     monkeypatch.setenv("SEGFLOW_KAFKA_EXTRA", "security.protocol=SASL_SSL, sasl.mechanism=PLAIN")
     conf = Settings().kafka_config()
     assert conf["security.protocol"] == "SASL_SSL" and conf["sasl.mechanism"] == "PLAIN"
-

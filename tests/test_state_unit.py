@@ -9,8 +9,9 @@ from segflow.runtime.topics import TOPICS
 
 
 def make() -> ChangelogStore:
-    return ChangelogStore(Settings(bootstrap_servers="unused:1"), TOPICS.scores,
-                          Serde(SchemaStore.from_dir()))
+    return ChangelogStore(
+        Settings(bootstrap_servers="unused:1"), TOPICS.scores, Serde(SchemaStore.from_dir())
+    )
 
 
 def test_abort_rolls_back_to_the_last_commit() -> None:

@@ -20,7 +20,9 @@ def wait_for(condition, timeout: float = 15.0) -> None:  # type: ignore[no-untyp
 
 def test_a_crashing_child_is_restarted_and_its_output_kept(tmp_path: Path) -> None:
     sup = Supervisor(tmp_path / "logs")
-    crasher = sup.add("crasher", [sys.executable, "-c", "print('up', flush=True); raise SystemExit(3)"])
+    crasher = sup.add(
+        "crasher", [sys.executable, "-c", "print('up', flush=True); raise SystemExit(3)"]
+    )
     sleeper = sup.add("sleeper", [sys.executable, "-c", "import time; time.sleep(60)"])
     sup.start_all()
     try:

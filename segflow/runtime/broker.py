@@ -138,7 +138,9 @@ def install(version: str = KAFKA_VERSION, quiet: bool = False) -> Path:
     marker = target / ".complete"
     if marker.exists():
         return libs
-    java = _require("java", "Install Java 17 or newer (e.g. apt-get install openjdk-17-jre-headless).")
+    java = _require(
+        "java", "Install Java 17 or newer (e.g. apt-get install openjdk-17-jre-headless)."
+    )
     if java_major_version(java) < 17:
         raise BrokerError("Kafka 4 needs Java 17 or newer; `java -version` reports an older one")
     mvn = _require("mvn", "Install Apache Maven (e.g. apt-get install maven) to fetch the jars.")
@@ -329,8 +331,9 @@ class LocalBroker:
         deadline = time.monotonic() + timeout
         while time.monotonic() < deadline:
             if not self._alive():
-                raise BrokerError(f"the broker exited during start-up; see {self.log_file}:\n"
-                                  + self._log_tail())
+                raise BrokerError(
+                    f"the broker exited during start-up; see {self.log_file}:\n" + self._log_tail()
+                )
             with socket.socket() as sock:
                 sock.settimeout(1.0)
                 listening = sock.connect_ex(("127.0.0.1", self.port)) == 0
@@ -343,8 +346,10 @@ class LocalBroker:
                 except Exception:  # not ready yet (KafkaException / timeouts)
                     pass
             time.sleep(0.2)
-        raise BrokerError(f"the broker did not become ready in {timeout:.0f}s; see "
-                          f"{self.log_file}:\n" + self._log_tail())
+        raise BrokerError(
+            f"the broker did not become ready in {timeout:.0f}s; see "
+            f"{self.log_file}:\n" + self._log_tail()
+        )
 
     def _log_tail(self, lines: int = 20) -> str:
         try:
@@ -353,7 +358,7 @@ class LocalBroker:
             return "(no log)"
 
     def stop(self, timeout: float = 30.0) -> bool:
-        """SIGTERM and wait for a clean shutdown (SIGKILL after ``timeout``). False if not running."""
+        """SIGTERM, wait for a clean exit (SIGKILL after ``timeout``); False if not running."""
         pid = self.pid()
         if pid is None:
             return False

@@ -40,8 +40,10 @@ def _kind(t: Any) -> str:
     if isinstance(t, list):
         return "union"
     if isinstance(t, dict):
-        return str(t["type"]) if t["type"] in ("record", "enum", "array", "map", "fixed") else _kind(
-            t["type"]
+        return (
+            str(t["type"])
+            if t["type"] in ("record", "enum", "array", "map", "fixed")
+            else _kind(t["type"])
         )
     return str(t)
 
@@ -105,7 +107,8 @@ def backward_problems(
     problems: list[str] = []
     old_x = parse_schema(old, named_schemas=dict(named or {}), expand=True, _write_hint=False)
     new_x = parse_schema(new, named_schemas=dict(named or {}), expand=True, _write_hint=False)
-    _resolves(old_x, new_x, str(new_x.get("name", "")).split(".")[-1], problems)
+    name = str(new_x.get("name", "")) if isinstance(new_x, dict) else "schema"
+    _resolves(old_x, new_x, name.split(".")[-1], problems)
     return problems
 
 

@@ -6,11 +6,16 @@ from collections.abc import Iterable
 from typing import Any
 
 from confluent_kafka import Consumer, KafkaException, Producer
-from confluent_kafka.admin import AdminClient, NewTopic
+from confluent_kafka.admin import AdminClient, NewTopic  # type: ignore[attr-defined]
 
 from segflow.errors import BrokerError
 from segflow.runtime.settings import Settings
 from segflow.runtime.topics import TOPICS, Topic
+
+
+def _librdkafka_keys(overrides: dict[str, Any]) -> dict[str, Any]:
+    """``linger_ms=5`` → ``linger.ms``; callbacks (``stats_cb``, ``error_cb``) keep their names."""
+    return {k if k.endswith("_cb") else k.replace("_", "."): v for k, v in overrides.items()}
 
 
 def make_producer(settings: Settings, **overrides: Any) -> Producer:
@@ -24,7 +29,7 @@ def make_producer(settings: Settings, **overrides: Any) -> Producer:
         "queue.buffering.max.messages": 500000,
         "compression.type": "lz4",
     }
-    conf.update({k.replace("_", "."): v for k, v in overrides.items()})
+    conf.update(_librdkafka_keys(overrides))
     return Producer(conf)
 
 
@@ -40,7 +45,7 @@ def make_consumer(settings: Settings, group_id: str, **overrides: Any) -> Consum
         "fetch.min.bytes": 1,
         "queued.max.messages.kbytes": 65536,
     }
-    conf.update({k.replace("_", "."): v for k, v in overrides.items()})
+    conf.update(_librdkafka_keys(overrides))
     return Consumer(conf)
 
 

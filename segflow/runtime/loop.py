@@ -17,21 +17,22 @@ input record to the records it produces. The loop does the rest:
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
 import signal
 import threading
-from collections import Counter
 import time
+from collections import Counter
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field
-from typing import Any, NamedTuple, Protocol
+from typing import Any, NamedTuple, Protocol, cast
 
 from confluent_kafka import OFFSET_BEGINNING, KafkaError, KafkaException, Message, TopicPartition
 
+from segflow.errors import PoisonMessage
 from segflow.runtime import metrics
 from segflow.runtime.dlq import dead_letter
-from segflow.errors import PoisonMessage
 from segflow.runtime.kafka import make_consumer, make_producer
 from segflow.runtime.serde import Serde, decode_key, encode_key
 from segflow.runtime.settings import Settings
@@ -201,10 +202,8 @@ class ProcessingLoop:
         return self.processed
 
     def close(self) -> None:
-        try:
+        with contextlib.suppress(KafkaException, RuntimeError):  # already closed
             self.consumer.close()
-        except (KafkaException, RuntimeError):
-            pass
         self.producer.flush(10)
 
     # -- one batch -----------------------------------------------------------------------
@@ -221,9 +220,9 @@ class ProcessingLoop:
                 if err.code() != KafkaError._PARTITION_EOF:
                     log.warning("consume error", extra={"fields": {"error": str(err)}})
                 continue
-            topic_name = msg.topic()
-            partition = msg.partition()
-            offset = msg.offset()
+            topic_name = cast(str, msg.topic())
+            partition = cast(int, msg.partition())
+            offset = cast(int, msg.offset())
             offsets[(topic_name, partition)] = offset + 1
             ts_type, ts = msg.timestamp()
             self._handle(msg, topic_name, partition, offset, ts if ts_type else None)
@@ -238,9 +237,7 @@ class ProcessingLoop:
         if cfg.pre_commit_delay:
             time.sleep(cfg.pre_commit_delay)
         with self._watchdog():
-            committed = self._commit(
-                [TopicPartition(t, p, o) for (t, p), o in offsets.items()]
-            )
+            committed = self._commit([TopicPartition(t, p, o) for (t, p), o in offsets.items()])
         if committed:
             for hook in self.hooks:
                 hook.on_commit()
@@ -308,7 +305,7 @@ class ProcessingLoop:
                 key=decode_key(source, msg.key()),
                 value=self.serde.decode(source, msg.value()),
                 timestamp_ms=ts,
-                headers=msg.headers() or [],
+                headers=_headers(msg),
             )
             outputs = [(out, self._encode(out)) for out in self.handler(record)]
         except PoisonMessage as exc:
@@ -332,13 +329,13 @@ class ProcessingLoop:
         letter = dead_letter(
             service=self.config.service,
             error=exc,
-            topic=msg.topic(),
-            partition=msg.partition(),
-            offset=msg.offset(),
+            topic=cast(str, msg.topic()),
+            partition=cast(int, msg.partition()),
+            offset=cast(int, msg.offset()),
             timestamp_ms=msg.timestamp()[1] if msg.timestamp()[0] else None,
             key=msg.key(),
             value=msg.value(),
-            headers=list(msg.headers() or []),
+            headers=_headers(msg),
             now_ms=int(self.clock() * 1000),
         )
         reason = letter["reason"]
@@ -367,7 +364,7 @@ class ProcessingLoop:
             try:
                 if headers:
                     self.producer.produce(
-                        topic, value, key, headers=headers, on_delivery=self._on_delivery
+                        topic, value, key, headers=cast(Any, headers), on_delivery=self._on_delivery
                     )
                 else:
                     self.producer.produce(topic, value, key, on_delivery=self._on_delivery)
@@ -389,8 +386,10 @@ class ProcessingLoop:
             remaining = self.producer.flush(cfg.commit_timeout)
             while remaining > 0 or self._delivery_error is not None:
                 if self._delivery_error is not None:
-                    err, self._delivery_error = self._delivery_error, None
-                    log.error("delivery failed; rewinding", extra={"fields": {"error": str(err)}})
+                    failed, self._delivery_error = self._delivery_error, None
+                    log.error(
+                        "delivery failed; rewinding", extra={"fields": {"error": str(failed)}}
+                    )
                     self._rewind(offsets)
                     return False
                 remaining = self.producer.flush(cfg.commit_timeout)
@@ -439,6 +438,10 @@ class ProcessingLoop:
 
 
 EXIT_STUCK = 75
+
+
+def _headers(msg: Message) -> list[tuple[str, bytes | None]]:
+    return cast(list[tuple[str, bytes | None]], msg.headers() or [])
 
 
 class _Watchdog:

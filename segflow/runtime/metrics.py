@@ -14,12 +14,8 @@ from prometheus_client import (
     start_http_server,
 )
 
-RECORDS_IN = Counter(
-    "segflow_records_in_total", "Records consumed", ["service", "topic"]
-)
-RECORDS_OUT = Counter(
-    "segflow_records_out_total", "Records produced", ["service", "topic"]
-)
+RECORDS_IN = Counter("segflow_records_in_total", "Records consumed", ["service", "topic"])
+RECORDS_OUT = Counter("segflow_records_out_total", "Records produced", ["service", "topic"])
 DLQ_RECORDS = Counter(
     "segflow_dlq_records_total", "Records sent to the dead-letter topic", ["service", "reason"]
 )

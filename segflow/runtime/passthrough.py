@@ -53,8 +53,12 @@ def main(argv: list[str] | None = None) -> int:
         default=0.0,
         help="fault injection: seconds to wait before each commit (tests kill mid-transaction)",
     )
-    parser.add_argument("--stuck-timeout", type=float, default=120.0,
-                        help="exit (status 75) when a commit blocks this long")
+    parser.add_argument(
+        "--stuck-timeout",
+        type=float,
+        default=120.0,
+        help="exit (status 75) when a commit blocks this long",
+    )
     args = parser.parse_args(argv)
     faulthandler.register(signal.SIGUSR1)  # `kill -USR1 PID` dumps every thread's stack
     overrides = {}

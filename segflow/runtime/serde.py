@@ -30,7 +30,7 @@ import struct
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, cast
 
 from fastavro import parse_schema, schemaless_reader, schemaless_writer
 from fastavro.schema import (
@@ -84,8 +84,8 @@ class SchemaVersion:
 
     @classmethod
     def from_json(cls, schema: dict[str, Any], path: Path | None = None) -> SchemaVersion:
-        expanded = expand_schema(schema)
-        name = expanded.get("name", "")
+        expanded = cast(dict[str, Any], expand_schema(schema))
+        name = str(expanded.get("name", ""))
         ns = expanded.get("namespace")
         full_name = name if "." in name or not ns else f"{ns}.{name}"
         parsed = parse_schema(_strip_logical_types(copy.deepcopy(expanded)))
@@ -120,7 +120,7 @@ class SchemaStore:
             schema = load_schema(str(path), _write_hint=False)
         except Exception as exc:  # fastavro raises several types for bad schemas
             raise ConfigError(f"{path}: invalid Avro schema: {exc}") from exc
-        return SchemaVersion.from_json(schema, path)
+        return SchemaVersion.from_json(cast(dict[str, Any], schema), path)
 
     def get(self, full_name: str) -> SchemaVersion:
         try:

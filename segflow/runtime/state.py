@@ -19,7 +19,7 @@ import logging
 import time
 import uuid
 from collections.abc import Iterator
-from typing import Any
+from typing import Any, cast
 
 from confluent_kafka import OFFSET_BEGINNING, Consumer, TopicPartition
 
@@ -110,9 +110,7 @@ class ChangelogStore:
                 )
                 if high > low:
                     ends[p] = high
-            consumer.assign(
-                [TopicPartition(self.topic_name, p, OFFSET_BEGINNING) for p in ends]
-            )
+            consumer.assign([TopicPartition(self.topic_name, p, OFFSET_BEGINNING) for p in ends])
             n = 0
             deadline = time.monotonic() + timeout
             while ends:
@@ -129,8 +127,9 @@ class ChangelogStore:
                         self.table.pop(key, None)
                     else:
                         self.table[key] = self.serde.decode(self.topic, value)
-                    if msg.offset() + 1 >= ends.get(msg.partition(), 0):
-                        ends.pop(msg.partition(), None)
+                    partition, offset = cast(int, msg.partition()), cast(int, msg.offset())
+                    if offset + 1 >= ends.get(partition, 0):
+                        ends.pop(partition, None)
                 # Transaction markers occupy offsets too: compare positions, not messages.
                 if ends:
                     for tp in consumer.position(

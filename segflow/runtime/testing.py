@@ -6,7 +6,7 @@ import time
 import uuid
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, cast
 
 from confluent_kafka import OFFSET_BEGINNING, Consumer, TopicPartition
 
@@ -30,8 +30,10 @@ def isolated_settings(bootstrap: str, label: str = "t", **extra: Any) -> Setting
 
 def create_topic(settings: Settings, name: str, like: Topic, partitions: int | None = None) -> str:
     """Create an extra topic ``name`` with ``like``'s settings (and optional partitions)."""
-    entry = like if partitions is None else Topic(
-        like.key_name, like.suffix, like.key, like.value, partitions, like.cleanup
+    entry = (
+        like
+        if partitions is None
+        else Topic(like.key_name, like.suffix, like.key, like.value, partitions, like.cleanup)
     )
     ensure_topics(settings, topics=[], names={name: entry})
     return name
@@ -127,8 +129,14 @@ def read_all(
                 if m.error():
                     continue
                 out.append(
-                    Record(m.topic(), m.partition(), m.offset(), m.key(), m.value(),
-                           list(m.headers() or []))
+                    Record(
+                        cast(str, m.topic()),
+                        cast(int, m.partition()),
+                        cast(int, m.offset()),
+                        m.key(),
+                        m.value(),
+                        cast(list[tuple[str, bytes | None]], m.headers() or []),
+                    )
                 )
             if msgs:
                 last_new = time.monotonic()

@@ -72,6 +72,10 @@ class Topics:
     segment_changes: Topic
     dispatch_results: Topic
     dlq: Topic
+    identity_state: Topic
+    scorer_state: Topic
+    scorer_model: Topic
+    dispatcher_state: Topic
 
     def __iter__(self):  # type: ignore[no-untyped-def]
         return iter(self._topics.values())

@@ -66,12 +66,26 @@ def decoded(settings: Settings, records: list[Any]) -> list[dict[str, Any]]:
     return [serde.decode(TOPICS.events, r.value) for r in records]
 
 
-def passthrough_cmd(settings: Settings, source: str, sink: str, group: str, *extra: str) -> list[str]:
+def passthrough_cmd(
+    settings: Settings, source: str, sink: str, group: str, *extra: str
+) -> list[str]:
     return [
-        sys.executable, "-m", "segflow.runtime.passthrough",
-        "--bootstrap", settings.bootstrap_servers, "--prefix", settings.topic_prefix,
-        "--source", source, "--sink", sink, "--group", group,
-        "--transactional-id", f"{group}-tx", *extra,
+        sys.executable,
+        "-m",
+        "segflow.runtime.passthrough",
+        "--bootstrap",
+        settings.bootstrap_servers,
+        "--prefix",
+        settings.topic_prefix,
+        "--source",
+        source,
+        "--sink",
+        sink,
+        "--group",
+        group,
+        "--transactional-id",
+        f"{group}-tx",
+        *extra,
     ]
 
 
@@ -108,7 +122,7 @@ def test_malformed_records_go_to_dlq_with_reason_and_good_events_still_arrive(
 ) -> None:
     s = kafka_settings
     serde = Serde.from_settings(s)
-    source, sink = TOPICS.events.name(s), create_topic(s, s.topic_prefix + "copy", TOPICS.events)
+    sink = create_topic(s, s.topic_prefix + "copy", TOPICS.events)
     good = make_events(300)
     valid_body = serde.encode(TOPICS.events, good[0])
     wrong_id = b"\x00\x00\x00\x00\x63" + valid_body[5:]
@@ -119,8 +133,12 @@ def test_malformed_records_go_to_dlq_with_reason_and_good_events_still_arrive(
     )
     future = serde.encode(
         TOPICS.events,
-        {"event_id": "bad-future", "event_type": "login", "user_id": "u1",
-         "occurred_at": int(time.time() * 1000) + 30 * 86400 * 1000},
+        {
+            "event_id": "bad-future",
+            "event_type": "login",
+            "user_id": "u1",
+            "occurred_at": int(time.time() * 1000) + 30 * 86400 * 1000,
+        },
     )
     bad = {
         100: (b"garbage", b"{not avro at all}", "undecodable"),
@@ -153,13 +171,15 @@ def test_malformed_records_go_to_dlq_with_reason_and_good_events_still_arrive(
     assert len(letters) == 5
     offsets = {i + n for n, i in enumerate(sorted(bad))}  # each bad record shifts later ones
     got = {(dl["original_key"], dl["reason"], dl["source_offset"]) for dl in letters}
-    want = {(bad[i][0], bad[i][2], off) for i, off in zip(sorted(bad), sorted(offsets), strict=True)}
+    want = {
+        (bad[i][0], bad[i][2], off) for i, off in zip(sorted(bad), sorted(offsets), strict=True)
+    }
     assert got == want
     for dl in letters:
         assert dl["source_topic"] == one and dl["source_partition"] == 0
         assert dl["service"] == "test" and dl["detail"]
-        assert dl["original_value"] == dict(zip([b[0] for b in bad.values()],
-                                                [b[1] for b in bad.values()]))[dl["original_key"]]
+        sent = {key: value for key, value, _ in bad.values()}
+        assert dl["original_value"] == sent[dl["original_key"]]
 
 
 def test_broker_killed_mid_run_and_restarted_loses_nothing(own_broker: LocalBroker) -> None:
@@ -170,8 +190,18 @@ def test_broker_killed_mid_run_and_restarted_loses_nothing(own_broker: LocalBrok
     group = s.topic_prefix + "g"
     first, second = make_events(3000), make_events(3000, start=3000)
     produce_events(s, source, first)
-    cmd = passthrough_cmd(s, source, sink, group, "--batch-size", "100", "--pre-commit-delay",
-                          "0.3", "--stuck-timeout", "20")
+    cmd = passthrough_cmd(
+        s,
+        source,
+        sink,
+        group,
+        "--batch-size",
+        "100",
+        "--pre-commit-delay",
+        "0.3",
+        "--stuck-timeout",
+        "20",
+    )
     supervisor = Supervisor(cmd)
     try:
         # Wait until the loop is demonstrably mid-stream, then kill the broker under it.
@@ -222,14 +252,16 @@ def test_kill_9_mid_transaction_then_restart_gives_each_input_exactly_once(
     cmd = passthrough_cmd(s, source, sink, group, "--batch-size", "500")
     proc = subprocess.Popen([*cmd, "--pre-commit-delay", "5"], stderr=subprocess.DEVNULL)
     # Uncommitted output visible to read_uncommitted = a transaction is open: kill -9 now.
-    wait_until(lambda: len(read_all(s, sink, idle=0.3, timeout=5,
-                                    isolation="read_uncommitted")) > 0, 60)
+    wait_until(
+        lambda: len(read_all(s, sink, idle=0.3, timeout=5, isolation="read_uncommitted")) > 0, 60
+    )
     os.kill(proc.pid, signal.SIGKILL)
     proc.wait(10)
     assert read_all(s, sink, idle=0.5, timeout=5) == [], "nothing was committed before the kill"
 
-    restarted = subprocess.run([*cmd, "--idle-timeout", "8"], capture_output=True, text=True,
-                               timeout=180)
+    restarted = subprocess.run(
+        [*cmd, "--idle-timeout", "8"], capture_output=True, text=True, timeout=180
+    )
     assert restarted.returncode == 0, restarted.stderr[-2000:]
 
     committed = read_all(s, sink, expected=5000)
@@ -268,9 +300,13 @@ def test_tick_outputs_commit_without_input(kafka_settings: Settings) -> None:
         ev = make_events(1, start=i)[0]
         return [Output(TOPICS.events, ev["user_id"], ev, topic_name=sink)]
 
-    config = LoopConfig(service="ticker", group_id=s.topic_prefix + "g",
-                        sources={source: TOPICS.events}, tick_interval=0.2,
-                        transactional_id=s.topic_prefix + "tx")
+    config = LoopConfig(
+        service="ticker",
+        group_id=s.topic_prefix + "g",
+        sources={source: TOPICS.events},
+        tick_interval=0.2,
+        transactional_id=s.topic_prefix + "tx",
+    )
     loop = ProcessingLoop(s, config, copier(sink), tick=tick)  # type: ignore[arg-type]
     loop.run(idle_timeout=2.0)
     out = read_all(s, sink, idle=1.0)
