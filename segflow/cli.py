@@ -143,6 +143,16 @@ def cmd_up(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_produce(args: argparse.Namespace) -> int:
+    from segflow.produce import produce_file
+
+    settings = _settings_for(args)
+    if args.file == "-":
+        return produce_file(settings, sys.stdin)
+    with open(args.file, encoding="utf-8") as lines:
+        return produce_file(settings, lines)
+
+
 def cmd_demo(args: argparse.Namespace) -> int:
     from segflow.demo import run_demo
 
@@ -184,6 +194,10 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("topics", help="create segflow's topics from the registry")
     p.set_defaults(func=cmd_topics)
+
+    p = sub.add_parser("produce", help="send a JSON-lines file of events to segflow.events")
+    p.add_argument("file", help="JSON lines, one BehaviorEvent per line ('-' = stdin)")
+    p.set_defaults(func=cmd_produce)
 
     p = sub.add_parser("schemas", help="check the Avro contract in schemas/")
     p.set_defaults(func=cmd_schemas)
