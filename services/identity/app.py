@@ -1,0 +1,293 @@
+"""Wiring of the identity service: settings, hashing, the changelog store, the shared loop.
+
+The graph logic is :mod:`services.identity.core`; this module turns raw events into the core's
+inputs (validated, normalised, keyed-hashed identifiers), applies the core's state writes
+through a :class:`ChangelogStore` (same Kafka transaction as the outputs and offsets), and
+produces ``IdentifiedEvent`` and ``IdentityMerge`` records. One instance owns the whole graph:
+run a single replica (its consumer group takes every partition of ``segflow.events``).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import hmac
+import logging
+import time
+from collections import OrderedDict
+from collections.abc import Callable, Iterator
+from typing import Any
+
+from prometheus_client import Counter, Gauge, Histogram
+from pydantic import Field
+from pydantic_settings import BaseSettings, SettingsConfigDict
+
+from segflow.errors import InvalidRecord
+from segflow.events import validate_event
+from segflow.runtime.loop import Incoming, LoopConfig, Output, ProcessingLoop
+from segflow.runtime.serde import Serde
+from segflow.runtime.settings import Settings
+from segflow.runtime.state import ChangelogStore
+from segflow.runtime.topics import TOPICS
+from services.identity import core
+
+SERVICE = "identity"
+log = logging.getLogger("segflow.identity")
+
+EVENTS = Counter("segflow_identity_events_total", "Events by outcome", ["outcome"])
+MERGES = Counter("segflow_identity_merges_total", "Profiles absorbed by merges", ["cause"])
+CONFLICTS = Counter(
+    "segflow_identity_conflicts_total", "Merges refused by a strong-identifier rule", ["type"]
+)
+LIMIT_HITS = Counter(
+    "segflow_identity_limit_hits_total",
+    "Identifiers not linked because of a limit",
+    ["type", "limit"],
+)
+RELINKS = Counter(
+    "segflow_identity_relinks_total",
+    "Weak identifiers moved to a strong identifier's profile",
+    ["type"],
+)
+NEW_PROFILES = Counter("segflow_identity_profiles_created_total", "New profiles")
+EXPIRED = Counter("segflow_identity_dedup_expired_total", "Event ids that left the window")
+LATENCY = Histogram(
+    "segflow_identity_process_seconds",
+    "Time to identify one event (validate, hash, link, build outputs; 1 in 16 sampled)",
+    buckets=(1e-5, 2.5e-5, 5e-5, 1e-4, 2.5e-4, 5e-4, 1e-3, 5e-3, 0.01, 0.05),
+)
+_IDENTIFIED = EVENTS.labels("identified")
+_DUPLICATE = EVENTS.labels("duplicate")
+STATE_KEYS = Gauge("segflow_identity_state_keys", "Entries in the identity state", ["kind"])
+
+
+class IdentitySettings(BaseSettings):
+    """Rules and loop settings, from ``SEGFLOW_IDENTITY_*`` (lists as JSON)."""
+
+    model_config = SettingsConfigDict(env_prefix="SEGFLOW_IDENTITY_", extra="ignore", frozen=True)
+
+    max_future_skew_s: float = 3600.0
+    dedup_window_days: float = 7.0
+    limit_user_id: int = Field(default=1, ge=1)
+    limit_email: int = Field(default=3, ge=1)
+    limit_anonymous_id: int = Field(default=100, ge=1)
+    limit_device_id: int = Field(default=20, ge=1)
+    link_limit_anonymous_id: int = Field(default=1, ge=1)
+    link_limit_device_id: int = Field(default=1, ge=1)
+    exclusive: list[str] = ["user_id"]
+    blocked_values: list[str] = sorted(core.DEFAULT_BLOCKED_VALUES)
+    blocked_patterns: list[str] = list(core.DEFAULT_BLOCKED_PATTERNS)
+    group_id: str | None = None  # default: <prefix>identity
+    transactional_id: str | None = None  # default: <prefix>identity-0
+    batch_size: int = 2000
+    hash_cache_size: int = 500_000
+
+    def rules(self) -> core.Rules:
+        return core.Rules(
+            limits={
+                "user_id": self.limit_user_id,
+                "email": self.limit_email,
+                "anonymous_id": self.limit_anonymous_id,
+                "device_id": self.limit_device_id,
+            },
+            exclusive=frozenset(self.exclusive),
+            link_limits={
+                "anonymous_id": self.link_limit_anonymous_id,
+                "device_id": self.link_limit_device_id,
+            },
+            blocked_values=frozenset(v.strip().lower() for v in self.blocked_values),
+            blocked_patterns=tuple(self.blocked_patterns),
+            dedup_window_ms=int(self.dedup_window_days * core.DAY_MS),
+        )
+
+
+def node_hasher(secret: str) -> core.Hasher:
+    """Keyed BLAKE2b (96 bits, hex) of ``type + value``: what the state stores per identifier.
+
+    >>> h = node_hasher("s")
+    >>> h("email", "a@b.io") == h("email", "a@b.io") != node_hasher("t")("email", "a@b.io")
+    True
+    >>> len(h("user_id", "u1"))
+    24
+    """
+    key = hashlib.sha256(secret.encode()).digest()
+
+    def digest(id_type: str, value: str) -> str:
+        data = f"{id_type}\x00{value}".encode()
+        return hashlib.blake2b(data, key=key, digest_size=12).hexdigest()
+
+    return digest
+
+
+def email_hash(secret: str, email: str) -> str:
+    """HMAC-SHA256 (hex) of the trimmed, lower-cased email: ``IdentifiedEvent.email_hash``.
+
+    >>> email_hash("s", " A@B.io ") == email_hash("s", "a@b.io")
+    True
+    """
+    value = core.normalize("email", email).encode()
+    return hmac.new(secret.encode(), value, hashlib.sha256).hexdigest()
+
+
+class IdentityService:
+    """The handler, tick and hooks of the identity loop around one :class:`ChangelogStore`."""
+
+    def __init__(
+        self,
+        settings: Settings,
+        config: IdentitySettings | None = None,
+        store: ChangelogStore | None = None,
+        clock: Callable[[], float] = time.time,
+    ) -> None:
+        self.settings = settings
+        self.config = config or IdentitySettings()
+        self.rules = self.config.rules()
+        self.store = store or ChangelogStore(settings, TOPICS.identity_state)
+        self.clock = clock
+        self._secret = settings.hash_secret.get_secret_value()
+        self._hasher = node_hasher(self._secret)
+        self._cache: dict[tuple[str, str], str] = {}
+        self._max_future_ms = int(self.config.max_future_skew_s * 1000)
+        self.dedup = core.DedupWindow(self.rules.dedup_window_ms)
+        self._n = 0
+        self._logged_conflicts: OrderedDict[tuple[str, str | None], None] = OrderedDict()
+
+    # -- lifecycle -------------------------------------------------------------------------
+    def restore(self) -> int:
+        """Load the graph and the de-duplication window from the changelog."""
+        n = self.store.restore()
+        self.dedup.rebuild(self.store.items())
+        self._refresh_gauges()
+        return n
+
+    def on_commit(self) -> None:
+        self.dedup.on_commit()
+
+    def on_abort(self) -> None:
+        self.dedup.on_abort()
+
+    def loop(self, **overrides: Any) -> ProcessingLoop:
+        """The processing loop over ``segflow.events`` (overrides go to :class:`LoopConfig`)."""
+        prefix = self.settings.topic_prefix
+        options: dict[str, Any] = {
+            "service": SERVICE,
+            "group_id": self.config.group_id or prefix + "identity",
+            "sources": {TOPICS.events.name(self.settings): TOPICS.events},
+            "transactional_id": self.config.transactional_id or prefix + "identity-0",
+            "batch_size": self.config.batch_size,
+        }
+        options.update(overrides)
+        return ProcessingLoop(
+            self.settings,
+            LoopConfig(**options),
+            self.handle,
+            serde=Serde.from_settings(self.settings),
+            hooks=[self.store, self],
+            clock=self.clock,
+            tick=self.tick,
+        )
+
+    # -- per event -------------------------------------------------------------------------
+    def handle(self, record: Incoming) -> Iterator[Output]:
+        started = time.perf_counter()
+        event = record.value
+        now_ms = int(self.clock() * 1000)
+        validate_event(event, now_ms, self._max_future_ms)
+        if len(self._cache) > self.config.hash_cache_size:
+            self._cache.clear()
+        ids = core.identifiers(event, self.rules, self._hasher, self._cache)
+        if not ids:
+            raise InvalidRecord(
+                f"event {event['event_id']} has no usable identifier (all blocked)",
+                reason="no_identifier",
+            )
+        item = core.IdentityInput(event["event_id"], event["occurred_at"], ids)
+        step = core.link(self.store.table, item, self.rules)
+        if step.customer_id is None:
+            _DUPLICATE.inc()
+            return
+        for outcome in step.outcomes:
+            yield from self._outcome(outcome, now_ms)
+        email = event.get("email")
+        yield Output(
+            TOPICS.identified,
+            step.customer_id,
+            {
+                "customer_id": step.customer_id,
+                "event": {**event, "email": None},
+                "email_hash": email_hash(self._secret, email) if email else None,
+                "identified_at": now_ms,
+            },
+        )
+        # State last: if an output above failed to encode, the record is dead-lettered and
+        # the in-memory table was not touched.
+        store = self.store
+        for key, value in step.writes:
+            yield store.put(key, value) if value is not None else store.delete(key)
+        self.dedup.seen(item.event_id, item.occurred_at)
+        _IDENTIFIED.inc()
+        self._n += 1
+        if not self._n & 15:  # a sample is enough for the histogram
+            LATENCY.observe(time.perf_counter() - started)
+
+    def _outcome(self, outcome: core.Outcome, now_ms: int) -> Iterator[Output]:
+        if isinstance(outcome, core.Merged):
+            for absorbed, cause in zip(outcome.absorbed, outcome.causes, strict=True):
+                cause_type = core.TYPE_OF_CODE[cause[0]]
+                MERGES.labels(cause_type).inc()
+                merge_id = (
+                    "m-"
+                    + hashlib.sha256(f"{outcome.event_id}\x00{absorbed}".encode()).hexdigest()[:16]
+                )
+                yield Output(
+                    TOPICS.merges,
+                    absorbed,
+                    {
+                        "merge_id": merge_id,
+                        "survivor_id": outcome.survivor,
+                        "absorbed_ids": [absorbed],
+                        "cause_identifier_type": cause_type,
+                        "cause_identifier_hash": cause[2:],
+                        "event_id": outcome.event_id,
+                        "occurred_at": outcome.occurred_at,
+                        "merged_at": now_ms,
+                    },
+                )
+        elif isinstance(outcome, core.Conflict):
+            CONFLICTS.labels(outcome.identifier_type).inc()
+            pair = (outcome.kept, outcome.other)
+            if pair not in self._logged_conflicts:  # once per pair of profiles, not per event
+                self._logged_conflicts[pair] = None
+                if len(self._logged_conflicts) > 10_000:
+                    self._logged_conflicts.popitem(last=False)
+                log.info(
+                    "strong identifier conflict: profiles kept apart",
+                    extra={
+                        "fields": {
+                            "type": outcome.identifier_type,
+                            "kept": outcome.kept,
+                            "other": outcome.other,
+                            "via": outcome.via[0],
+                        }
+                    },
+                )
+        elif isinstance(outcome, core.LimitHit):
+            LIMIT_HITS.labels(outcome.identifier_type, outcome.limit).inc()
+        elif isinstance(outcome, core.Relinked):
+            RELINKS.labels(outcome.identifier_type).inc()
+        elif isinstance(outcome, core.NewProfile):
+            NEW_PROFILES.inc()
+
+    # -- timers ----------------------------------------------------------------------------
+    def tick(self) -> Iterator[Output]:
+        """Expire event ids that left the de-duplication window (event time)."""
+        keys = self.dedup.expired(self.store.table)
+        for key in keys:
+            yield self.store.delete(key)
+        if keys:
+            EXPIRED.inc(len(keys))
+            self._refresh_gauges()
+
+    def _refresh_gauges(self) -> None:
+        seen = len(self.dedup)
+        STATE_KEYS.labels("seen").set(seen)
+        STATE_KEYS.labels("graph").set(max(0, len(self.store) - seen))

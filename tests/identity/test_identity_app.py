@@ -1,0 +1,105 @@
+"""The identity handler without a broker: outputs, hashing, dead letters, metrics."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import pytest
+from prometheus_client import REGISTRY
+
+from segflow.errors import InvalidRecord
+from segflow.runtime.loop import Incoming, Output
+from segflow.runtime.serde import Serde
+from segflow.runtime.settings import Settings
+from segflow.runtime.topics import TOPICS
+from services.identity.app import IdentityService, IdentitySettings, email_hash
+
+NOW_MS = 1_800_000_000_000
+
+
+def service(**config: Any) -> IdentityService:
+    settings = Settings(bootstrap_servers="127.0.0.1:1", hash_secret="test-secret")
+    return IdentityService(settings, IdentitySettings(**config), clock=lambda: NOW_MS / 1000)
+
+
+def handle(svc: IdentityService, **event: Any) -> list[Output]:
+    value = {"event_type": "login", "occurred_at": NOW_MS - 1000, **event}
+    record = Incoming(TOPICS.events, "events", 0, 0, "k", value, None, [])
+    outputs = list(svc.handle(record))
+    serde = Serde.from_settings(svc.settings)
+    for out in outputs:  # everything the handler yields encodes with its topic's schema
+        if out.value is not None:
+            serde.encode(out.topic, out.value)
+    return outputs
+
+
+def by_topic(outputs: list[Output], key: str) -> list[Output]:
+    return [o for o in outputs if o.topic.key_name == key]
+
+
+def metric(name: str, **labels: str) -> float:
+    return REGISTRY.get_sample_value(name, labels) or 0.0
+
+
+def test_identified_event_is_keyed_by_customer_and_carries_only_the_email_hash() -> None:
+    svc = service()
+    outputs = handle(svc, event_id="e1", user_id="u1", email="  Ana@Example.ORG ")
+    (out,) = by_topic(outputs, "identified")
+    assert out.key == out.value["customer_id"] and out.key.startswith("c-")
+    assert out.value["event"]["email"] is None and out.value["event"]["user_id"] == "u1"
+    assert out.value["email_hash"] == email_hash("test-secret", "ana@example.org")
+    state = by_topic(outputs, "identity_state")
+    assert state and not any("ana" in repr(o.key) + repr(o.value).lower() for o in state)
+
+
+def test_merge_records_are_keyed_by_the_absorbed_id_and_name_survivor_and_cause() -> None:
+    svc = service()
+    older = by_topic(handle(svc, event_id="e1", anonymous_id="a1"), "identified")[0].key
+    younger = by_topic(handle(svc, event_id="e2", user_id="u1"), "identified")[0].key
+    before = metric("segflow_identity_merges_total", cause="anonymous_id")
+    (merge,) = by_topic(handle(svc, event_id="e3", user_id="u1", anonymous_id="a1"), "merges")
+    assert merge.key == younger
+    assert merge.value["survivor_id"] == older and merge.value["absorbed_ids"] == [younger]
+    assert merge.value["cause_identifier_type"] == "anonymous_id"
+    assert merge.value["event_id"] == "e3" and merge.value["cause_identifier_hash"] != "a1"
+    assert metric("segflow_identity_merges_total", cause="anonymous_id") == before + 1
+
+
+def test_a_duplicate_produces_nothing_and_is_counted() -> None:
+    svc = service()
+    handle(svc, event_id="e1", user_id="u1")
+    before = metric("segflow_identity_events_total", outcome="duplicate")
+    assert handle(svc, event_id="e1", user_id="u1") == []
+    assert metric("segflow_identity_events_total", outcome="duplicate") == before + 1
+
+
+@pytest.mark.parametrize(
+    ("event", "reason"),
+    [
+        ({"user_id": "unknown", "device_id": "0", "email": "test@test.com"}, "no_identifier"),
+        ({"user_id": "u1", "occurred_at": NOW_MS + 2 * 3_600_000}, "future_event"),
+        ({}, "no_identifier"),
+    ],
+)
+def test_bad_events_are_rejected_with_a_dlq_reason(event: dict[str, Any], reason: str) -> None:
+    svc = service()
+    with pytest.raises(InvalidRecord) as err:
+        handle(svc, event_id="bad", **event)
+    assert err.value.reason == reason
+    assert len(svc.store) == 0  # nothing was written for a rejected event
+
+
+def test_future_skew_is_configurable() -> None:
+    svc = service(max_future_skew_s=3 * 3600)
+    assert by_topic(
+        handle(svc, event_id="e", user_id="u", occurred_at=NOW_MS + 7_200_000), "identified"
+    )
+
+
+def test_tick_expires_event_ids_behind_the_window() -> None:
+    svc = service(dedup_window_days=1)
+    for i, age_days in enumerate((3, 2, 0)):
+        handle(svc, event_id=f"e{i}", user_id="u1", occurred_at=NOW_MS - age_days * 86_400_000)
+    expired = [o.key for o in svc.tick()]
+    assert sorted(expired) == ["e:e0", "e:e1"]
+    assert "e:e2" in svc.store and "e:e0" not in svc.store
