@@ -79,6 +79,10 @@ class Hooks(Protocol):
     def on_commit(self) -> None:
         """The batch's outputs and offsets were committed."""
 
+    # Optional: ``before_commit() -> Iterable[Output]``, called once per batch just before the
+    # commit; its outputs join the batch's transaction (e.g. one state record per batch
+    # instead of one per input).
+
 
 @dataclass
 class LoopConfig:
@@ -234,6 +238,11 @@ class ProcessingLoop:
             if cfg.exactly_once:
                 self.producer.abort_transaction(cfg.commit_timeout)
             return
+        for hook in self.hooks:
+            before = getattr(hook, "before_commit", None)
+            if before is not None:
+                for out in before():
+                    self._produce(*self._encode(out), out.headers)
         if cfg.pre_commit_delay:
             time.sleep(cfg.pre_commit_delay)
         with self._watchdog():

@@ -313,3 +313,54 @@ def test_tick_outputs_commit_without_input(kafka_settings: Settings) -> None:
     assert len(out) >= 5  # about one per 0.2 s over ~2 s of idling, each committed
     ids = sorted((e["event_id"] for e in decoded(s, out)), key=lambda x: int(x[1:]))
     assert ids == [f"e{i}" for i in range(len(out))]  # every tick's output, once
+
+
+def test_before_commit_outputs_join_each_batch_transaction(kafka_settings: Settings) -> None:
+    s = kafka_settings
+    source = TOPICS.events.name(s)
+    sink = create_topic(s, s.topic_prefix + "copy", TOPICS.events)
+    summary = create_topic(s, s.topic_prefix + "summary", TOPICS.events, partitions=1)
+    produce_events(s, source, make_events(1000))
+
+    class BatchSummary:
+        """One summary record per batch: how many events the batch carried."""
+
+        def __init__(self) -> None:
+            self.seen = 0
+            self.batches = 0
+
+        def count(self, record: Any) -> list[Any]:
+            self.seen += 1
+            return list(copier(sink)(record))  # type: ignore[operator]
+
+        def before_commit(self) -> list[Any]:
+            from segflow.runtime.loop import Output
+
+            self.batches += 1
+            ev = {
+                **make_events(1, start=100_000 + self.batches)[0],
+                "properties": {"batch_events": str(self.seen)},
+            }
+            self.seen = 0
+            return [Output(TOPICS.events, "summary", ev, topic_name=summary)]
+
+        def on_commit(self) -> None:
+            pass
+
+        def on_abort(self) -> None:
+            pass
+
+    hook = BatchSummary()
+    config = LoopConfig(
+        service="summary",
+        group_id=s.topic_prefix + "g",
+        sources={source: TOPICS.events},
+        batch_size=100,
+        transactional_id=s.topic_prefix + "tx",
+    )
+    loop = ProcessingLoop(s, config, hook.count, hooks=[hook])  # type: ignore[arg-type]
+    loop.run(max_records=1000, idle_timeout=30)
+
+    summaries = decoded(s, read_all(s, summary, expected=hook.batches))
+    assert len(summaries) == hook.batches >= 10  # one per batch of at most 100
+    assert sum(int(e["properties"]["batch_events"]) for e in summaries) == 1000
