@@ -21,7 +21,7 @@ import uuid
 from collections.abc import Iterator
 from typing import Any, cast
 
-from confluent_kafka import OFFSET_BEGINNING, Consumer, TopicPartition
+from confluent_kafka import OFFSET_BEGINNING, Consumer, KafkaException, TopicPartition
 
 from segflow.runtime.loop import Output
 from segflow.runtime.serde import Serde
@@ -88,6 +88,23 @@ class ChangelogStore:
         log.warning("state rolled back", extra={"fields": {"keys": len(self._undo)}})
         self._undo.clear()
 
+    def _watermarks(self, consumer: Consumer, partition: int, deadline: float) -> tuple[int, int]:
+        """Low and high offsets, retried while the partition has no leader yet (new topics)."""
+        delay = 0.1
+        while True:
+            try:
+                low, high = consumer.get_watermark_offsets(
+                    TopicPartition(self.topic_name, partition), timeout=10
+                )
+                return int(low), int(high)
+            except KafkaException as exc:
+                if not exc.args[0].retriable() and "LEADER" not in str(exc):
+                    raise
+                if time.monotonic() > deadline:
+                    raise
+                time.sleep(delay)
+                delay = min(delay * 2, 2.0)
+
     # -- restore -------------------------------------------------------------------------
     def restore(self, timeout: float = 120.0) -> int:
         """Load the table from the changelog (read_committed, to its end); returns records read."""
@@ -105,9 +122,7 @@ class ChangelogStore:
             parts = list(md.topics[self.topic_name].partitions)
             ends: dict[int, int] = {}
             for p in parts:
-                low, high = consumer.get_watermark_offsets(
-                    TopicPartition(self.topic_name, p), timeout=10
-                )
+                low, high = self._watermarks(consumer, p, started + timeout)
                 if high > low:
                     ends[p] = high
             consumer.assign([TopicPartition(self.topic_name, p, OFFSET_BEGINNING) for p in ends])

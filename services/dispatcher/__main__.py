@@ -1,0 +1,75 @@
+"""``python -m services.dispatcher``: run the dispatcher until SIGTERM.
+
+Settings come from the environment (``SEGFLOW_*`` and ``SEGFLOW_DISPATCHER_*``);
+``--check`` validates the playbooks and exits.
+"""
+
+from __future__ import annotations
+
+import argparse
+import faulthandler
+import signal
+import sys
+from pathlib import Path
+
+from segflow.errors import ConfigError
+from services.dispatcher.playbooks import load_book
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(
+        prog="python -m services.dispatcher", description=__doc__.splitlines()[0]
+    )
+    parser.add_argument("--check", action="store_true", help="validate playbooks and exit")
+    parser.add_argument("--idle-timeout", type=float, default=None)
+    parser.add_argument("--max-records", type=int, default=None)
+    args = parser.parse_args(argv)
+    faulthandler.register(signal.SIGUSR1)
+    if args.check:  # no Kafka or HTTP imports needed to validate files
+        import os
+
+        from services.dispatcher.playbooks import DEFAULT_DIR
+
+        paths = os.environ.get("SEGFLOW_DISPATCHER_PLAYBOOKS", str(DEFAULT_DIR))
+        try:
+            book = load_book(Path(p) for p in paths.split(",") if p)
+        except ConfigError as exc:
+            print(exc, file=sys.stderr)
+            return 2
+        print(f"{len(book.playbooks)} playbooks OK: " + ", ".join(p.name for p in book.playbooks))
+        return 0
+    from segflow.runtime import metrics
+    from segflow.runtime.log import configure
+    from segflow.runtime.settings import Settings
+    from services.dispatcher.app import Dispatcher, DispatcherSettings
+
+    cfg = DispatcherSettings()
+    settings = Settings()
+    log = configure("dispatcher", settings.log_level, settings.log_format)
+    if settings.metrics_port:
+        metrics.serve(settings.metrics_port)
+    dispatcher = Dispatcher(settings, cfg)
+    if cfg.api_port:
+        dispatcher.serve_api(cfg.api_port)
+    restored = dispatcher.restore()
+    log.info(
+        "dispatcher starting",
+        extra={
+            "fields": {
+                "playbooks": len(dispatcher.book.playbooks),
+                "restored": restored,
+                "clock": cfg.clock,
+            }
+        },
+    )
+    loop = dispatcher.loop()
+    loop.install_signal_handlers()
+    try:
+        loop.run(max_records=args.max_records, idle_timeout=args.idle_timeout)
+    finally:
+        dispatcher.close()
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

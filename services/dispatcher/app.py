@@ -1,0 +1,674 @@
+"""The dispatcher's shell: settings, the changelog-backed ledger, the loop, HTTP delivery.
+
+Decisions come from :mod:`services.dispatcher.core`; this module only moves records and
+makes calls. The once-and-only-once protocol:
+
+1. the handler decides (``core.decide``/``core.promote``) and commits the ledger entry as
+   ``in_flight`` together with the consumed offsets;
+2. a later ``tick`` calls the API for committed ``in_flight`` entries, concurrently, with
+   the entry's idempotency key, and commits ``sent`` / retry time / ``failed`` plus the
+   results in its own transaction;
+3. after a crash between 2's call and its commit, the entry is still ``in_flight``: it is
+   retried with the same key (the receiver de-duplicates), never decided again.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import heapq
+import json
+import logging
+import random
+import threading
+import time
+from collections.abc import Callable, Coroutine, Iterable, Iterator
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from pathlib import Path
+from typing import Any, Literal, TypeVar
+
+import httpx
+from confluent_kafka import KafkaException
+from prometheus_client import Counter, Gauge, Histogram
+from pydantic import SecretStr
+from pydantic_settings import BaseSettings, SettingsConfigDict
+
+from segflow.errors import PoisonMessage
+from segflow.runtime.dlq import dead_letter
+from segflow.runtime.loop import Incoming, LoopConfig, Output, ProcessingLoop
+from segflow.runtime.serde import Serde
+from segflow.runtime.settings import Settings
+from segflow.runtime.state import ChangelogStore
+from segflow.runtime.topics import TOPICS
+from services.dispatcher import core
+from services.dispatcher.adapters import (
+    AiohttpTransport,
+    CallFailed,
+    Contacts,
+    HubSpotCRM,
+    PatternContacts,
+    Rejected,
+    Router,
+    SalesforceCRM,
+    SendGridEmail,
+    SignedWebhook,
+    SMTPEmail,
+)
+from services.dispatcher.backoff import Breaker, next_delay
+from services.dispatcher.experiments import summarise
+from services.dispatcher.playbooks import DEFAULT_DIR, Book, load_book
+
+log = logging.getLogger("segflow.dispatcher")
+T = TypeVar("T")
+CLOCK_KEY = "clock"
+KPI_PREFIX = "kpi|"
+
+RESULTS = Counter(
+    "segflow_dispatch_results_total", "Dispatch decisions", ["channel", "status", "reason"]
+)
+ATTEMPTS = Counter(
+    "segflow_dispatch_attempts_total", "API calls by endpoint and outcome", ["endpoint", "outcome"]
+)
+CALL_SECONDS = Histogram(
+    "segflow_dispatch_call_seconds",
+    "API call latency",
+    ["endpoint"],
+    buckets=(0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10),
+)
+BREAKER_OPEN = Gauge(
+    "segflow_dispatch_breaker_open", "1 while an endpoint's breaker is open", ["endpoint"]
+)
+PENDING = Gauge("segflow_dispatch_pending", "Actions waiting", ["state"])
+KPI = Gauge(
+    "segflow_dispatch_kpi", "Campaign KPI counters", ["segment", "playbook", "variant", "kpi"]
+)
+RATE = Gauge(
+    "segflow_dispatch_kpi_rate", "Campaign KPI rates", ["segment", "playbook", "variant", "rate"]
+)
+UPLIFT = Gauge(
+    "segflow_dispatch_uplift",
+    "Conversion uplift vs holdout (estimate and 95% CI)",
+    ["segment", "playbook", "variant", "bound"],
+)
+
+
+class DispatcherSettings(BaseSettings):
+    """``SEGFLOW_DISPATCHER_*`` settings; every endpoint defaults to 127.0.0.1."""
+
+    model_config = SettingsConfigDict(env_prefix="SEGFLOW_DISPATCHER_", extra="ignore", frozen=True)
+
+    playbooks: str = str(DEFAULT_DIR)  # files or folders, comma-separated
+    clock: Literal["wall", "event"] = "wall"
+    group_id: str = "segflow-dispatcher"
+    transactional_id: str | None = None
+    crm_kind: Literal["hubspot", "salesforce"] = "hubspot"
+    crm_base_url: str = "http://127.0.0.1:8725"
+    crm_token: SecretStr | None = None
+    email_base_url: str = "http://127.0.0.1:8725"
+    email_api_key: SecretStr | None = None
+    email_from: str = "retention@example.invalid"
+    smtp_host: str = "127.0.0.1"
+    smtp_port: int = 8025
+    smtp_user: str | None = None
+    smtp_password: SecretStr | None = None
+    smtp_starttls: bool = False
+    webhook_url: str = "http://127.0.0.1:8725/webhook"
+    webhook_secret: SecretStr = SecretStr("segflow-local-webhook-secret")
+    contact_pattern: str | None = None  # e.g. "{customer_id}@example.invalid" (demo only)
+    http_timeout: float = 5.0
+    http_transport: Literal["aiohttp", "httpx"] = "aiohttp"  # bytes under the httpx clients
+    concurrency: int = 256
+    max_batch: int = 2000
+    promote_batch: int = 5000
+    backoff_base: float = 0.5
+    backoff_cap: float = 300.0
+    max_attempts: int = 200
+    breaker_threshold: int = 5
+    breaker_cooldown: float = 30.0
+    tick_interval: float = 0.2
+    batch_size: int = 2000
+    api_port: int | None = None
+
+
+class AsyncRunner:
+    """One asyncio loop in a background thread; the synchronous loop submits batches to it."""
+
+    def __init__(self) -> None:
+        self.loop = asyncio.new_event_loop()
+        self.thread = threading.Thread(
+            target=self.loop.run_forever, daemon=True, name="dispatcher-io"
+        )
+        self.thread.start()
+
+    def run(self, coro: Coroutine[Any, Any, T]) -> T:
+        return asyncio.run_coroutine_threadsafe(coro, self.loop).result()
+
+    def close(self) -> None:
+        self.loop.call_soon_threadsafe(self.loop.stop)
+        self.thread.join(5)
+
+
+def build_router(
+    cfg: DispatcherSettings, runner: AsyncRunner, contacts: Contacts | None = None
+) -> tuple[Router, httpx.AsyncClient]:
+    """httpx-backed adapters for every channel (one shared connection pool)."""
+
+    async def make() -> httpx.AsyncClient:
+        if cfg.http_transport == "aiohttp":
+            transport = AiohttpTransport(cfg.concurrency, cfg.http_timeout)
+            return httpx.AsyncClient(transport=transport, timeout=cfg.http_timeout)
+        limits = httpx.Limits(
+            max_connections=cfg.concurrency, max_keepalive_connections=cfg.concurrency
+        )
+        return httpx.AsyncClient(timeout=cfg.http_timeout, limits=limits)
+
+    client = runner.run(make())
+    book = contacts or PatternContacts(cfg.contact_pattern)
+
+    def secret(value: SecretStr | None) -> str | None:
+        return value.get_secret_value() if value is not None else None
+
+    crm_cls = HubSpotCRM if cfg.crm_kind == "hubspot" else SalesforceCRM
+    router = Router(
+        crm=crm_cls(client, cfg.crm_base_url, secret(cfg.crm_token)),
+        email=SendGridEmail(
+            client, cfg.email_base_url, secret(cfg.email_api_key), cfg.email_from, book
+        ),
+        smtp=SMTPEmail(
+            cfg.smtp_host,
+            cfg.smtp_port,
+            cfg.email_from,
+            book,
+            cfg.smtp_user,
+            secret(cfg.smtp_password),
+            cfg.http_timeout,
+            cfg.smtp_starttls,
+        ),
+        webhook=SignedWebhook(
+            client, cfg.webhook_url, cfg.webhook_secret.get_secret_value().encode()
+        ),
+    )
+    return router, client
+
+
+class Dispatcher:
+    """Handler + tick + hooks for the shared loop."""
+
+    def __init__(
+        self,
+        settings: Settings,
+        cfg: DispatcherSettings | None = None,
+        book: Book | None = None,
+        contacts: Contacts | None = None,
+        router: Router | None = None,
+        clock: Callable[[], float] = time.time,
+    ) -> None:
+        self.settings = settings
+        self.cfg = cfg or DispatcherSettings()
+        self.book = book or load_book(Path(p) for p in self.cfg.playbooks.split(",") if p)
+        self.clock = clock
+        self.serde = Serde.from_settings(settings)
+        self.store = ChangelogStore(settings, TOPICS.dispatcher_state, self.serde)
+        self.changes_topic = TOPICS.segment_changes.name(settings)
+        self.events_topic = TOPICS.identified.name(settings)
+        self.results_topic = TOPICS.dispatch_results.name(settings)
+        self.runner = AsyncRunner()
+        self._client: httpx.AsyncClient | None = None
+        if router is None:
+            router, self._client = build_router(self.cfg, self.runner, contacts)
+        self.router = router
+        self._due: list[tuple[int, str]] = []  # (due_at pipeline ms, customer)
+        self._retry: list[tuple[int, str, str]] = []  # (retry_at wall ms, customer, key)
+        self._dirty = True
+        self._event_clock = 0
+        self._saved_clock = 0
+        self._breakers: dict[str, Breaker] = {}
+        self._paused: dict[str, float] = {}
+        self._rng = random.Random()
+        self._kpi_snapshot: list[dict[str, Any]] = []
+        self._kpi_dirty = True
+        self._kpi_keys: set[str] = set()
+        self._gauges_at = 0.0
+
+    # -- lifecycle -----------------------------------------------------------------------
+    def restore(self, attempts: int = 20) -> int:
+        """Load the ledger from the changelog and rebuild the timer indexes."""
+        for attempt in range(attempts):
+            try:
+                n = self.store.restore()
+                break
+            except KafkaException as exc:  # e.g. NOT_LEADER right after topic creation
+                if attempt == attempts - 1:
+                    raise
+                log.warning("restore retry", extra={"fields": {"error": str(exc)}})
+                self.store.table.clear()
+                time.sleep(0.5)
+        clock = self.store.get(CLOCK_KEY)
+        if clock and clock.get("clock_ms"):
+            self._event_clock = self._saved_clock = int(clock["clock_ms"])
+        self._rebuild()
+        return n
+
+    def loop(self, **overrides: Any) -> ProcessingLoop:
+        s, cfg = self.settings, self.cfg
+        config = LoopConfig(
+            service="dispatcher",
+            group_id=cfg.group_id,
+            sources={
+                self.changes_topic: TOPICS.segment_changes,
+                self.events_topic: TOPICS.identified,
+            },
+            transactional_id=cfg.transactional_id or f"{cfg.group_id}-0",
+            batch_size=cfg.batch_size,
+            tick_interval=cfg.tick_interval,
+            **overrides,
+        )
+        return ProcessingLoop(
+            s,
+            config,
+            self.handle,
+            serde=self.serde,
+            hooks=[self.store, self],
+            tick=self.tick,
+            clock=self.clock,
+        )
+
+    def close(self) -> None:
+        if self._client is not None:
+            self.runner.run(self._client.aclose())
+        self.runner.close()
+
+    def on_commit(self) -> None:
+        pass
+
+    def on_abort(self) -> None:
+        self._dirty = True  # the store rolled back: rebuild the timer indexes from it
+
+    # -- clock -----------------------------------------------------------------------------
+    def now_ms(self) -> int:
+        if self.cfg.clock == "event":
+            return self._event_clock
+        return int(self.clock() * 1000)
+
+    def _advance(self, occurred_at: int) -> None:
+        if occurred_at > self._event_clock:
+            self._event_clock = occurred_at
+
+    # -- state access ----------------------------------------------------------------------
+    def customer(self, customer_id: str) -> core.Customer | None:
+        rec = self.store.get(customer_id)
+        return core.customer_from_record(rec) if rec is not None else None
+
+    def customers(self) -> Iterator[core.Customer]:
+        for _key, rec in list(self.store.items()):
+            if rec.get("kind") == "customer":
+                yield core.customer_from_record(rec)
+
+    def kpis(self) -> dict[tuple[str, str, str], dict[str, int]]:
+        out = {}
+        for key in list(self._kpi_keys):
+            r = self.store.get(key)
+            if r is not None:
+                out[(r["segment"], r["playbook"], r["variant"])] = dict(r["counts"])
+        return out
+
+    def _rebuild(self) -> None:
+        self._due, self._retry = [], []
+        self._kpi_keys = {k for k, r in list(self.store.items()) if r.get("kind") == "kpi"}
+        for c in self.customers():
+            self._index(c)
+        self._dirty = False
+        self._kpi_dirty = True
+
+    def _index(self, c: core.Customer) -> None:
+        due = core.next_due(c)
+        if due is not None:
+            heapq.heappush(self._due, (due, c.customer_id))
+        for a in core.in_flight(c):
+            heapq.heappush(self._retry, (a.retry_at, c.customer_id, a.key))
+
+    # -- handler ---------------------------------------------------------------------------
+    def handle(self, record: Incoming) -> Iterator[Output]:
+        if record.topic_name == self.changes_topic:
+            try:
+                change = core.Change.from_record(record.value)
+            except (KeyError, TypeError, ValueError) as exc:
+                raise PoisonMessage(f"segment change: {exc}", reason="invalid_record") from None
+            if self.cfg.clock == "event":
+                self._advance(change.occurred_at)
+            now = self.now_ms()
+            old = self.customer(change.customer_id)
+            new, effects = core.decide(old, change, now, self.book)
+        else:
+            obs = core.Observation.from_record(record.value)
+            if self.cfg.clock == "event":
+                self._advance(obs.occurred_at)
+            now = self.now_ms()
+            old = self.customer(obs.customer_id)
+            maybe, effects = core.observe(old, obs, now, self.book)
+            if maybe is None:
+                return
+            new = maybe
+        yield from self._emit(old, new, effects, now)
+
+    def _emit(
+        self,
+        old: core.Customer | None,
+        new: core.Customer,
+        effects: Iterable[core.Effect],
+        now: int,
+    ) -> Iterator[Output]:
+        if new is not old and new != old:
+            yield self.store.put(new.customer_id, core.customer_record(new))
+            self._index(new)
+        yield from self._effects(effects, now)
+
+    def _effects(self, effects: Iterable[core.Effect], now: int) -> Iterator[Output]:
+        deltas: list[core.KpiDelta] = []
+        for e in effects:
+            if isinstance(e, core.Result):
+                rec = core.result_record(e)
+                RESULTS.labels(rec["channel"], rec["status"], _reason_label(rec["reason"])).inc()
+                yield Output(TOPICS.dispatch_results, rec["customer_id"], rec)
+            elif isinstance(e, core.KpiDelta):
+                deltas.append(e)
+            elif isinstance(e, core.DeadLetterAction):
+                yield self._dead_letter(e, now)
+        if deltas:
+            current = self.kpis_for({(d.segment, d.playbook, d.variant) for d in deltas})
+            for (seg, pb, var), counts in core.apply_kpis(current, deltas).items():
+                key = f"{KPI_PREFIX}{seg}|{pb}|{var}"
+                self._kpi_keys.add(key)
+                yield self.store.put(key, core.kpi_record(seg, pb, var, counts))
+            self._kpi_dirty = True
+
+    def kpis_for(
+        self, rows: set[tuple[str, str, str]]
+    ) -> dict[tuple[str, str, str], dict[str, int]]:
+        out = {}
+        for seg, pb, var in rows:
+            rec = self.store.get(f"{KPI_PREFIX}{seg}|{pb}|{var}")
+            if rec is not None:
+                out[(seg, pb, var)] = dict(rec["counts"])
+        return out
+
+    def _dead_letter(self, e: core.DeadLetterAction, now: int) -> Output:
+        result = core.result_record(core.Result(e.action, "failed", e.reason, now))
+        letter = dead_letter(
+            service="dispatcher",
+            error=PoisonMessage(
+                f"{e.action.channel} {e.action.step}: {e.reason}", reason="dispatch_failed"
+            ),
+            topic=self.results_topic,
+            partition=-1,
+            offset=-1,
+            timestamp_ms=now,
+            key=e.action.customer_id.encode(),
+            value=self.serde.encode(TOPICS.dispatch_results, result),
+            headers=[("idempotency_key", e.action.key.encode())],
+            now_ms=int(self.clock() * 1000),
+        )
+        return Output(TOPICS.dlq, e.action.customer_id.encode(), letter)
+
+    # -- tick: deliver, then promote -------------------------------------------------------
+    def tick(self) -> list[Output]:
+        if self._dirty:
+            self._rebuild()
+        outs: list[Output] = []
+        outs += self._deliver()
+        outs += self._promote()
+        if self.cfg.clock == "event" and self._event_clock != self._saved_clock:
+            outs.append(self.store.put(CLOCK_KEY, {"kind": "clock", "clock_ms": self._event_clock}))
+            self._saved_clock = self._event_clock
+        self._refresh_gauges()
+        return outs
+
+    def _promote(self) -> list[Output]:
+        now = self.now_ms()
+        outs: list[Output] = []
+        seen: set[str] = set()
+        while self._due and self._due[0][0] <= now and len(seen) < self.cfg.promote_batch:
+            _, cid = heapq.heappop(self._due)
+            if cid in seen:
+                continue
+            seen.add(cid)
+            old = self.customer(cid)
+            if old is None:
+                continue
+            new, effects = core.promote(old, now, self.book)
+            if new is not old:
+                new = core.prune(new, now, self.book)
+            outs += self._emit(old, new, effects, now)
+        return outs
+
+    def _select(self, wall_ms: int) -> list[tuple[core.Customer, core.Action]]:
+        """Committed in-flight actions whose retry time has come, endpoints permitting."""
+        picked: list[tuple[core.Customer, core.Action]] = []
+        later: list[tuple[int, str, str]] = []
+        probes: set[str] = set()
+        keys: set[str] = set()
+        cache: dict[str, core.Customer | None] = {}
+        wall = wall_ms / 1000
+        while self._retry and self._retry[0][0] <= wall_ms and len(picked) < self.cfg.max_batch:
+            entry = heapq.heappop(self._retry)
+            _, cid, key = entry
+            if cid not in cache:
+                cache[cid] = self.customer(cid)
+            cust = cache[cid]
+            action = cust.action(key) if cust is not None else None
+            if (
+                action is None
+                or action.status != "in_flight"
+                or action.retry_at > entry[0]
+                or key in keys
+            ):
+                continue  # stale or duplicate index entry
+            keys.add(key)
+            adapter = self.router.for_channel(action.channel)
+            endpoint = adapter.endpoint if adapter is not None else action.channel
+            paused = self._paused.get(endpoint, 0.0)
+            breaker = self._breakers.get(endpoint, Breaker())
+            if paused > wall:
+                later.append((int(paused * 1000), cid, key))
+                continue
+            if breaker.state == "open":
+                if not breaker.allows(wall) or endpoint in probes:
+                    resume = wall + max(breaker.reopen_in(wall), 0.05)
+                    later.append((int(resume * 1000), cid, key))
+                    continue
+                probes.add(endpoint)  # half-open: one probe per tick
+            picked.append((cust, action))  # type: ignore[arg-type]
+        for at, cid, key in later:
+            # Held back in memory only (the durable retry_at is unchanged and earlier).
+            heapq.heappush(self._retry, (at, cid, key))
+        return picked
+
+    def _deliver(self) -> list[Output]:
+        wall_ms = int(self.clock() * 1000)
+        picked = self._select(wall_ms)
+        if not picked:
+            return []
+        requests = [(c, a, core.request_for(c, a, self.book)) for c, a in picked]
+        outcomes = self.runner.run(self._call_all([r for _, _, r in requests]))
+        now = self.now_ms()
+        outs: list[Output] = []
+        by_customer: dict[str, core.Customer] = {}
+        olds: dict[str, core.Customer] = {}
+        effects: list[core.Effect] = []
+        for (cust, action, _), outcome in zip(requests, outcomes, strict=True):
+            cid = cust.customer_id
+            olds.setdefault(cid, cust)
+            current = by_customer.get(cid, cust)
+            outcome = self._finish(action, outcome)
+            new, more = core.settle(current, action.key, outcome, now, self.book)
+            by_customer[cid] = new
+            effects += more
+        outs += self._effects(effects, now)  # KPI rows written once per tick, not per action
+        for cid, new in by_customer.items():
+            if new != olds[cid]:
+                outs.append(self.store.put(cid, core.customer_record(new)))
+                self._index(new)
+        return outs
+
+    def _finish(self, action: core.Action, outcome: core.Outcome) -> core.Outcome:
+        """Turn a raw retry into a scheduled retry time, or a failure once attempts run out."""
+        if outcome.kind != "retry":
+            return outcome
+        attempt = action.attempt + 1
+        if attempt >= self.cfg.max_attempts:
+            return core.Outcome(
+                "failed",
+                outcome.http_status,
+                outcome.endpoint,
+                f"retries_exhausted: {outcome.detail}",
+                dispatched_at=outcome.dispatched_at,
+            )
+        delay = next_delay(
+            action.attempt,
+            self._rng.random(),
+            self.cfg.backoff_base,
+            self.cfg.backoff_cap,
+            outcome.retry_at / 1000 if outcome.retry_at else None,
+        )
+        return core.Outcome(
+            "retry",
+            outcome.http_status,
+            outcome.endpoint,
+            outcome.detail,
+            retry_at=int(self.clock() * 1000 + delay * 1000),
+        )
+
+    async def _call_all(self, requests: list[core.Request | None]) -> list[core.Outcome]:
+        sem = asyncio.Semaphore(self.cfg.concurrency)
+
+        async def one(req: core.Request | None) -> core.Outcome:
+            async with sem:
+                return await self._call(req)
+
+        return list(await asyncio.gather(*(one(r) for r in requests)))
+
+    async def _call(self, req: core.Request | None) -> core.Outcome:
+        """One attempt. ``Outcome.retry_at`` carries the server's Retry-After (ms) here."""
+        if req is None:
+            return core.Outcome("failed", detail="playbook_removed")
+        adapter = self.router.for_channel(req.channel)
+        if adapter is None:
+            return core.Outcome("failed", detail=f"no_adapter: {req.channel}")
+        endpoint = adapter.endpoint
+        started = time.perf_counter()
+        now = self.clock()
+        try:
+            sent = await adapter.send(req)
+        except CallFailed as exc:
+            ATTEMPTS.labels(endpoint, "retry").inc()
+            self._on_failure(endpoint, exc.pause)
+            return core.Outcome(
+                "retry", exc.status, endpoint, str(exc), retry_at=int((exc.retry_after or 0) * 1000)
+            )
+        except Rejected as exc:
+            ATTEMPTS.labels(endpoint, "failed").inc()
+            return core.Outcome(
+                "failed", exc.status, endpoint, str(exc), dispatched_at=int(now * 1000)
+            )
+        except Exception as exc:  # an adapter bug: retry later, never lose the action
+            log.exception("adapter error", extra={"fields": {"endpoint": endpoint}})
+            ATTEMPTS.labels(endpoint, "retry").inc()
+            self._on_failure(endpoint, None)
+            return core.Outcome("retry", None, endpoint, f"error: {type(exc).__name__}")
+        finally:
+            CALL_SECONDS.labels(endpoint).observe(time.perf_counter() - started)
+        ATTEMPTS.labels(endpoint, "sent").inc()
+        self._breakers[endpoint] = self._breakers.get(endpoint, self._new_breaker()).success()
+        if sent.pause:
+            self._paused[endpoint] = max(self._paused.get(endpoint, 0.0), now + sent.pause)
+        return core.Outcome("sent", sent.status, endpoint, dispatched_at=int(now * 1000))
+
+    def _new_breaker(self) -> Breaker:
+        return Breaker(self.cfg.breaker_threshold, self.cfg.breaker_cooldown)
+
+    def _on_failure(self, endpoint: str, pause: float | None) -> None:
+        now = self.clock()
+        breaker = self._breakers.get(endpoint, self._new_breaker())
+        was_open = breaker.state == "open"
+        breaker = (
+            breaker.failure(now)
+            if not was_open
+            else Breaker(breaker.threshold, breaker.cooldown, breaker.failures + 1, now)
+        )
+        self._breakers[endpoint] = breaker
+        if breaker.state == "open" and not was_open:
+            log.warning("circuit opened", extra={"fields": {"endpoint": endpoint}})
+        if pause:
+            self._paused[endpoint] = max(self._paused.get(endpoint, 0.0), now + pause)
+
+    # -- gauges and the KPI API ------------------------------------------------------------
+    def _refresh_gauges(self) -> None:
+        for endpoint, b in self._breakers.items():
+            BREAKER_OPEN.labels(endpoint).set(1 if b.state == "open" else 0)
+        PENDING.labels("scheduled").set(len(self._due))
+        PENDING.labels("in_flight").set(len(self._retry))
+        if not self._kpi_dirty or time.monotonic() - self._gauges_at < 2.0:
+            return
+        self._kpi_dirty = False
+        self._gauges_at = time.monotonic()
+        rows = [(s, p, v, c) for (s, p, v), c in self.kpis().items()]
+        snapshot = []
+        for k in summarise(rows):
+            labels = (k.segment, k.playbook, k.variant)
+            for name, value in k.counts.items():
+                KPI.labels(*labels, name).set(value)
+            rates = {
+                "open": k.open_rate,
+                "click": k.click_rate,
+                "conversion": k.conversion_rate,
+                "unsubscribe": k.unsubscribe_rate,
+                "churn": k.churn_rate,
+            }
+            for name, rate in rates.items():
+                if rate is not None:
+                    RATE.labels(*labels, name).set(rate)
+            if k.uplift is not None:
+                UPLIFT.labels(*labels, "estimate").set(k.uplift)
+                UPLIFT.labels(*labels, "low").set(k.uplift_low or 0.0)
+                UPLIFT.labels(*labels, "high").set(k.uplift_high or 0.0)
+            snapshot.append(
+                {
+                    "segment": k.segment,
+                    "playbook": k.playbook,
+                    "variant": k.variant,
+                    **k.counts,
+                    **{f"{n}_rate": r for n, r in rates.items()},
+                    "uplift": k.uplift,
+                    "uplift_ci": [k.uplift_low, k.uplift_high],
+                }
+            )
+        self._kpi_snapshot = snapshot
+
+    def serve_api(self, port: int) -> ThreadingHTTPServer:
+        """``GET /kpis`` (JSON) on 127.0.0.1:``port`` from a background thread."""
+        owner = self
+
+        class Handler(BaseHTTPRequestHandler):
+            def do_GET(self) -> None:  # noqa: N802
+                if self.path.rstrip("/") != "/kpis":
+                    self.send_error(404)
+                    return
+                body = json.dumps(owner._kpi_snapshot).encode()
+                self.send_response(200)
+                self.send_header("Content-Type", "application/json")
+                self.send_header("Content-Length", str(len(body)))
+                self.end_headers()
+                self.wfile.write(body)
+
+            def log_message(self, *_: Any) -> None:
+                pass
+
+        server = ThreadingHTTPServer(("127.0.0.1", port), Handler)
+        threading.Thread(target=server.serve_forever, daemon=True, name="kpi-api").start()
+        return server
+
+
+def _reason_label(reason: str | None) -> str:
+    """A closed label set: the reason's code before any detail."""
+    if not reason:
+        return ""
+    return reason.split(":")[0].split(" ")[0][:40]

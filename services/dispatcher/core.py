@@ -1,0 +1,818 @@
+"""The dispatcher's decisions, pure: what to send, when, to whom, and whether it may go.
+
+Per customer, a state (:class:`Customer`) holds the send ledger (one :class:`Action` per
+customer × playbook × step × segment entry), the send history that caps and cooldowns
+count, suppressions, the time zone, and the experiment assignments that KPIs attribute
+outcomes to. Four steps move it, each ``(state, input, now) -> (state, effects)``:
+
+* :func:`decide` — a segment change starts a playbook (variant or holdout frozen here),
+  cancels one, or is a duplicate (the ledger already holds its steps);
+* :func:`observe` — an outcome event: suppression, engagement, attribution to KPIs;
+* :func:`promote` — due steps pass the policy (suppression, conditions, priority, caps,
+  quiet hours) and become ``in_flight`` (the shell calls the API only for those);
+* :func:`settle` — the API's answer: ``sent``, retry later (same idempotency key) or
+  ``failed`` (results topic and DLQ).
+
+Effects are frozen dataclasses the shell turns into records. ``now`` is the pipeline clock
+in epoch ms (wall clock live, event time when replaying); retry times are wall-clock ms
+computed by the shell.
+
+>>> from services.dispatcher.playbooks import Book, Playbook, Step
+>>> steps = (Step("mail", "email", 0, template="t"),
+...          Step("task", "crm_task", 48 * HOUR, no_engagement_since="mail"))
+>>> book = Book((Playbook("P", "S", steps),))
+>>> change = Change("c1", "S", "entered", "c1:S:1", 0)
+>>> cust, effects = decide(None, change, 0, book)
+>>> [(a.step, a.status) for a in cust.actions]
+[('mail', 'in_flight'), ('task', 'scheduled')]
+>>> cust, effects = settle(cust, cust.actions[0].key, Outcome("sent", 202, "email"), 1, book)
+>>> cust.actions[0].status, [e.status for e in effects if isinstance(e, Result)]
+('sent', ['sent'])
+>>> cust, effects = decide(cust, change, 5, book)   # the same change again: nothing new
+>>> effects
+[]
+>>> cust, _ = observe(cust, Observation("c1", "email_open", HOUR, campaign_id="P"), HOUR, book)
+>>> cust, effects = promote(cust, 48 * HOUR, book)  # engaged since the email: task skipped
+>>> [(e.action.step, e.status, e.reason) for e in effects if isinstance(e, Result)]
+[('task', 'suppressed', 'engaged')]
+"""
+
+from __future__ import annotations
+
+import hashlib
+from collections.abc import Iterable, Mapping
+from dataclasses import dataclass, field, replace
+from typing import Any
+
+from services.dispatcher.experiments import assign
+from services.dispatcher.playbooks import (
+    CUSTOMER_FACING,
+    EMAIL_CHANNELS,
+    HOLDOUT,
+    SYNC_CHANNELS,
+    Book,
+    Playbook,
+    Step,
+    render,
+)
+from services.dispatcher.policy import blocked, quiet_until
+
+HOUR = 3_600_000
+DAY = 24 * HOUR
+TERMINAL = frozenset({"sent", "suppressed", "failed", "holdout"})
+TRUE = frozenset({"true", "1", "yes", "y"})
+FORGET_EVENTS = frozenset({"forget", "gdpr_forget", "customer_forgotten"})
+
+
+# -- inputs ------------------------------------------------------------------------------------
+@dataclass(frozen=True)
+class Change:
+    """The part of a SegmentChange the dispatcher uses."""
+
+    customer_id: str
+    segment: str
+    transition: str
+    entry_id: str
+    occurred_at: int
+    reason: str | None = None
+    features: tuple[tuple[str, str], ...] = ()  # observed values from the explanation
+
+    @staticmethod
+    def from_record(r: Mapping[str, Any]) -> Change:
+        """From a decoded ``io.segflow.SegmentChange``."""
+        feats = tuple(
+            (str(e["feature"]), _fmt(e.get("observed")))
+            for e in r.get("explanation") or ()
+            if e.get("observed") is not None
+        )
+        return Change(
+            r["customer_id"],
+            r["segment"],
+            r["transition"],
+            r["entry_id"],
+            int(r["occurred_at"]),
+            r.get("reason"),
+            feats,
+        )
+
+
+@dataclass(frozen=True)
+class Observation:
+    """The part of an IdentifiedEvent the dispatcher uses (outcomes, suppression, profile)."""
+
+    customer_id: str
+    event_type: str
+    occurred_at: int
+    campaign_id: str | None = None
+    variant: str | None = None
+    product_id: str | None = None
+    properties: tuple[tuple[str, str], ...] = ()
+
+    @staticmethod
+    def from_record(r: Mapping[str, Any]) -> Observation:
+        """From a decoded ``io.segflow.IdentifiedEvent``."""
+        ev = r["event"]
+        return Observation(
+            r["customer_id"],
+            ev["event_type"],
+            int(ev["occurred_at"]),
+            ev.get("campaign_id"),
+            ev.get("variant"),
+            ev.get("product_id"),
+            tuple(sorted((ev.get("properties") or {}).items())),
+        )
+
+
+@dataclass(frozen=True)
+class Outcome:
+    """One delivery attempt's result: ``sent``, ``retry`` (at wall ms ``retry_at``), ``failed``."""
+
+    kind: str
+    http_status: int | None = None
+    endpoint: str | None = None
+    detail: str | None = None
+    retry_at: int = 0
+    dispatched_at: int | None = None
+
+
+# -- state -------------------------------------------------------------------------------------
+@dataclass(frozen=True)
+class Action:
+    """One ledger entry: a step of a playbook for one segment entry of one customer."""
+
+    key: str
+    customer_id: str
+    playbook: str
+    step: str
+    segment: str
+    entry_id: str
+    channel: str
+    variant: str
+    priority: int
+    campaign_id: str
+    decided_at: int
+    due_at: int
+    status: str = "scheduled"  # scheduled, in_flight, sent, suppressed, failed, holdout
+    reason: str | None = None
+    attempt: int = 0
+    retry_at: int = 0
+    settled_at: int | None = None
+    dispatched_at: int | None = None
+    http_status: int | None = None
+    endpoint: str | None = None
+    features: tuple[tuple[str, str], ...] = ()
+
+
+@dataclass(frozen=True)
+class Assignment:
+    """A frozen experiment assignment, and which KPIs it has already counted."""
+
+    playbook: str
+    segment: str
+    entry_id: str
+    variant: str
+    campaign_id: str
+    decided_at: int
+    counted: frozenset[str] = frozenset()
+
+
+@dataclass(frozen=True)
+class Customer:
+    customer_id: str
+    suppressions: frozenset[str] = frozenset()
+    timezone: str | None = None
+    attrs: tuple[tuple[str, str], ...] = ()
+    last_engagement_at: int | None = None
+    sends: tuple[tuple[str, int, str], ...] = ()  # (channel, at, idempotency key)
+    actions: tuple[Action, ...] = ()
+    assignments: tuple[Assignment, ...] = ()
+
+    def action(self, key: str) -> Action | None:
+        for a in self.actions:
+            if a.key == key:
+                return a
+        return None
+
+
+# -- effects -----------------------------------------------------------------------------------
+@dataclass(frozen=True)
+class Result:
+    """A decision to publish on the results topic."""
+
+    action: Action
+    status: str
+    reason: str | None
+    at: int
+
+
+@dataclass(frozen=True)
+class KpiDelta:
+    segment: str
+    playbook: str
+    variant: str
+    kpi: str
+
+
+@dataclass(frozen=True)
+class DeadLetterAction:
+    """A permanently failed action, for the DLQ."""
+
+    action: Action
+    reason: str
+
+
+Effect = Result | KpiDelta | DeadLetterAction
+
+
+@dataclass(frozen=True)
+class Request:
+    """Everything an adapter needs to perform one action (rendered, variant applied)."""
+
+    key: str
+    customer_id: str
+    channel: str
+    playbook: str
+    step: str
+    segment: str
+    variant: str
+    campaign_id: str
+    template: str | None
+    subject: str | None
+    body: str | None
+    variables: Mapping[str, str] = field(default_factory=dict)
+    list_id: str | None = None
+    properties: Mapping[str, str] = field(default_factory=dict)
+    task_priority: str = "HIGH"
+
+
+# -- helpers -----------------------------------------------------------------------------------
+def idempotency_key(customer_id: str, playbook: str, step: str, entry_id: str) -> str:
+    """The key of one action, stable across restarts and replays.
+
+    >>> idempotency_key("c1", "P", "mail", "c1:S:1")
+    'sf-acc2755652f85db0cc2d0bdf44e4e368'
+    """
+    raw = "\x1f".join((customer_id, playbook, step, entry_id))
+    return "sf-" + hashlib.sha256(raw.encode()).hexdigest()[:32]
+
+
+def _fmt(value: Any) -> str:
+    if isinstance(value, float):
+        return f"{value:.4g}"
+    return str(value)
+
+
+def _suppression(suppressions: frozenset[str], channel: str) -> str | None:
+    if "forgotten" in suppressions:
+        return "forgotten"
+    if channel in EMAIL_CHANNELS:
+        for s in ("unsubscribed", "bounced"):
+            if s in suppressions:
+                return s
+    if "do_not_contact" in suppressions and channel in CUSTOMER_FACING | {
+        "crm_task",
+        "support_escalation",
+    }:
+        return "do_not_contact"
+    return None
+
+
+def _replace_action(c: Customer, new: Action) -> Customer:
+    return replace(c, actions=tuple(new if a.key == new.key else a for a in c.actions))
+
+
+def _flag(c: Customer, idx: int, kpi: str, out: list[Effect]) -> Customer:
+    a = c.assignments[idx]
+    if kpi in a.counted:
+        return c
+    new = replace(a, counted=a.counted | {kpi})
+    out.append(KpiDelta(a.segment, a.playbook, a.variant, kpi))
+    return replace(c, assignments=c.assignments[:idx] + (new,) + c.assignments[idx + 1 :])
+
+
+def prune(c: Customer, now: int, book: Book) -> Customer:
+    """Drop what no decision can need any more: old terminal ledger entries (kept for
+    ``ledger_retention``), assignments past the attribution window, old sends."""
+    p = book.policy
+    actions = tuple(
+        a
+        for a in c.actions
+        if a.status not in TERMINAL or (a.settled_at or a.decided_at) > now - p.ledger_retention_ms
+    )
+    assignments = tuple(a for a in c.assignments if a.decided_at > now - p.attribution_ms)
+    sends = tuple(s for s in c.sends if s[1] > now - p.history_ms)
+    if (len(actions), len(assignments), len(sends)) == (
+        len(c.actions),
+        len(c.assignments),
+        len(c.sends),
+    ):
+        return c
+    return replace(c, actions=actions, assignments=assignments, sends=sends)
+
+
+# -- decide ------------------------------------------------------------------------------------
+def decide(
+    customer: Customer | None, change: Change, now: int, book: Book
+) -> tuple[Customer, list[Effect]]:
+    """Apply a segment change: start, cancel or ignore (duplicate) playbooks, then promote.
+
+    A holdout customer gets ledger entries with status ``holdout`` and never a call.
+    """
+    c = customer or Customer(change.customer_id)
+    out: list[Effect] = []
+    if change.reason == "forgotten":
+        c, out = forget(c, now)
+        return c, out
+    for pb in book.for_segment(change.segment):
+        if change.transition in pb.cancel_on:
+            c = _cancel(c, pb, change, now, f"segment_{change.transition}", out)
+        if change.transition in pb.triggers:
+            c = _start(c, pb, change, now, book, out)
+    c, more = promote(c, now, book)
+    return prune(c, now, book), out + more
+
+
+def _cancel(
+    c: Customer, pb: Playbook, ch: Change, now: int, reason: str, out: list[Effect]
+) -> Customer:
+    for a in c.actions:
+        if a.playbook == pb.name and a.entry_id == ch.entry_id and a.status == "scheduled":
+            done = replace(a, status="suppressed", reason=reason, settled_at=now)
+            c = _replace_action(c, done)
+            out.append(Result(done, "suppressed", reason, now))
+    return c
+
+
+def _start(
+    c: Customer, pb: Playbook, ch: Change, now: int, book: Book, out: list[Effect]
+) -> Customer:
+    if any(a.playbook == pb.name and a.entry_id == ch.entry_id for a in c.actions):
+        return c  # already decided: the ledger makes a redelivered change a no-op
+    variant = assign(c.customer_id, pb.name, pb.experiment)
+    campaign = pb.campaign_id or pb.name
+    actions = [
+        Action(
+            key=idempotency_key(c.customer_id, pb.name, s.id, ch.entry_id),
+            customer_id=c.customer_id,
+            playbook=pb.name,
+            step=s.id,
+            segment=ch.segment,
+            entry_id=ch.entry_id,
+            channel=s.channel,
+            variant=variant,
+            priority=pb.priority,
+            campaign_id=campaign,
+            decided_at=now,
+            due_at=ch.occurred_at + s.after_ms,
+            features=ch.features,
+        )
+        for s in pb.steps
+    ]
+    # Priority between playbooks (contacts only; CRM data syncs never compete): a running
+    # higher-priority sequence wins, a lower-priority one yields.
+    running = [
+        a
+        for a in c.actions
+        if a.status == "scheduled" and a.playbook != pb.name and a.channel not in SYNC_CHANNELS
+    ]
+    blocker = max((a.priority for a in running), default=None)
+    reason: str | None = None
+    if "forgotten" in c.suppressions:
+        reason = "forgotten"
+    elif variant == HOLDOUT:
+        reason = HOLDOUT
+    lower = blocker is not None and blocker > pb.priority
+    if reason is None and any(a.channel not in SYNC_CHANNELS for a in actions):
+        for a in running:
+            if a.priority < pb.priority:
+                done = replace(a, status="suppressed", reason="preempted", settled_at=now)
+                c = _replace_action(c, done)
+                out.append(Result(done, "suppressed", "preempted", now))
+    final: list[Action] = []
+    for a in actions:
+        why = reason
+        if why is None and lower and a.channel not in SYNC_CHANNELS:
+            why = "lower_priority"
+        if why is not None:
+            status = HOLDOUT if why == HOLDOUT else "suppressed"
+            a = replace(a, status=status, reason=why, settled_at=now)
+            out.append(Result(a, status, why, now))
+        elif a.due_at > now:
+            out.append(Result(a, "scheduled", None, now))
+        final.append(a)
+    if reason == "forgotten":
+        return c  # nothing about a forgotten customer is kept
+    c = replace(c, actions=c.actions + tuple(final))
+    if reason == HOLDOUT or (reason is None and any(a.status == "scheduled" for a in final)):
+        c = replace(
+            c,
+            assignments=c.assignments
+            + (Assignment(pb.name, ch.segment, ch.entry_id, variant, campaign, now),),
+        )
+        c = _flag(c, len(c.assignments) - 1, "assigned", out)
+    return c
+
+
+def forget(c: Customer, now: int) -> tuple[Customer, list[Effect]]:
+    """Erase what the dispatcher holds about a customer, cancel pending steps, suppress for good."""
+    out: list[Effect] = []
+    kept: list[Action] = []
+    for a in c.actions:
+        if a.status in ("scheduled", "in_flight"):
+            a = replace(a, status="suppressed", reason="forgotten", settled_at=now, features=())
+            out.append(Result(a, "suppressed", "forgotten", now))
+        kept.append(replace(a, features=()))
+    return Customer(c.customer_id, suppressions=frozenset({"forgotten"}), actions=tuple(kept)), out
+
+
+# -- promote -----------------------------------------------------------------------------------
+def promote(c: Customer, now: int, book: Book) -> tuple[Customer, list[Effect]]:
+    """Pass every due step through the policy: suppress it, delay it (quiet hours) or make it
+    ``in_flight`` (reserving its place under the caps). Higher priority goes first."""
+    due = [a for a in c.actions if a.status == "scheduled" and a.due_at <= now]
+    if not due:
+        return c, []
+    out: list[Effect] = []
+    policy = book.policy
+    order = {a.key: i for i, a in enumerate(c.actions)}
+    for a in sorted(due, key=lambda a: (-a.priority, a.due_at, order[a.key])):
+        pb = book.get(a.playbook)
+        step: Step | None = None
+        if pb is not None:
+            try:
+                step = pb.step(a.step)
+            except KeyError:
+                step = None
+        reason = "playbook_removed" if step is None else _suppression(c.suppressions, a.channel)
+        if reason is None and step is not None and step.no_engagement_since:
+            ref = c.action(
+                idempotency_key(c.customer_id, a.playbook, step.no_engagement_since, a.entry_id)
+            )
+            since = ref.settled_at if ref is not None and ref.status == "sent" else a.decided_at
+            if (
+                c.last_engagement_at is not None
+                and since is not None
+                and c.last_engagement_at >= since
+            ):
+                reason = "engaged"
+        if reason is None:
+            reason = blocked(policy, [(ch, at) for ch, at, _ in c.sends], a.channel, now)
+        if reason is not None:
+            done = replace(a, status="suppressed", reason=reason, settled_at=now)
+            c = _replace_action(c, done)
+            out.append(Result(done, "suppressed", reason, now))
+            continue
+        wake = quiet_until(policy, a.channel, c.timezone, now)
+        if wake is not None:
+            later = replace(a, due_at=wake, reason="quiet_hours")
+            c = _replace_action(c, later)
+            out.append(Result(later, "scheduled", "quiet_hours", now))
+            continue
+        c = _replace_action(c, replace(a, status="in_flight", reason=None))
+        c = replace(c, sends=c.sends + ((a.channel, now, a.key),))
+    return c, out
+
+
+def next_due(c: Customer) -> int | None:
+    """When :func:`promote` has work next for this customer (pipeline ms), if ever."""
+    return min((a.due_at for a in c.actions if a.status == "scheduled"), default=None)
+
+
+def in_flight(c: Customer) -> list[Action]:
+    """The actions the shell must (re)try, oldest decision first."""
+    return [a for a in c.actions if a.status == "in_flight"]
+
+
+# -- settle ------------------------------------------------------------------------------------
+def settle(
+    c: Customer, key: str, outcome: Outcome, now: int, book: Book
+) -> tuple[Customer, list[Effect]]:
+    """Record a delivery attempt's outcome for the in-flight action ``key``."""
+    a = c.action(key)
+    if a is None or a.status != "in_flight":
+        return c, []  # settled already (or cancelled): nothing to do
+    out: list[Effect] = []
+    attempt = a.attempt + 1
+    if outcome.kind == "sent":
+        done = replace(
+            a,
+            status="sent",
+            reason=None,
+            attempt=attempt,
+            settled_at=now,
+            dispatched_at=outcome.dispatched_at,
+            http_status=outcome.http_status,
+            endpoint=outcome.endpoint,
+        )
+        c = _replace_action(c, done)
+        out.append(Result(done, "sent", None, now))
+        for i, asg in enumerate(c.assignments):
+            if asg.playbook == a.playbook and asg.entry_id == a.entry_id:
+                c = _flag(c, i, "sent", out)
+        return c, out
+    if outcome.kind == "retry":
+        c = _replace_action(
+            c,
+            replace(
+                a,
+                attempt=attempt,
+                retry_at=outcome.retry_at,
+                http_status=outcome.http_status,
+                endpoint=outcome.endpoint,
+                reason=outcome.detail,
+            ),
+        )
+        return c, out
+    reason = outcome.detail or "failed"
+    done = replace(
+        a,
+        status="failed",
+        reason=reason,
+        attempt=attempt,
+        settled_at=now,
+        dispatched_at=outcome.dispatched_at,
+        http_status=outcome.http_status,
+        endpoint=outcome.endpoint,
+    )
+    c = _replace_action(c, done)
+    c = replace(c, sends=tuple(s for s in c.sends if s[2] != key))  # nothing reached them
+    out += [Result(done, "failed", reason, now), DeadLetterAction(done, reason)]
+    return c, out
+
+
+# -- observe -----------------------------------------------------------------------------------
+_PROFILE = (("timezone", "timezone"), ("first_name", "first_name"))
+
+
+def observe(
+    customer: Customer | None, ev: Observation, now: int, book: Book
+) -> tuple[Customer | None, list[Effect]]:
+    """Apply an outcome or profile event. Returns the same object when nothing changed (the
+    shell then writes nothing); None stays None for events that concern no known customer."""
+    props = dict(ev.properties)
+    out: list[Effect] = []
+    et = ev.event_type
+    relevant = (
+        et in ("email_unsubscribe", "email_bounce")
+        or et in FORGET_EVENTS
+        or "do_not_contact" in props
+        or "timezone" in props
+        or "first_name" in props
+    )
+    if customer is None and not relevant:
+        return None, []
+    c = customer or Customer(ev.customer_id)
+    if et in FORGET_EVENTS:
+        return forget(c, now)
+    if "forgotten" in c.suppressions:
+        return c, []
+    sup = set(c.suppressions)
+    if et == "email_unsubscribe":
+        sup.add("unsubscribed")
+    elif et == "email_bounce":
+        sup.add("bounced")
+    if "do_not_contact" in props:
+        if props["do_not_contact"].lower() in TRUE:
+            sup.add("do_not_contact")
+        else:
+            sup.discard("do_not_contact")
+    if sup != c.suppressions:
+        c = replace(c, suppressions=frozenset(sup))
+    attrs = dict(c.attrs)
+    if props.get("first_name"):
+        attrs["first_name"] = props["first_name"]
+    if (
+        ev.product_id
+        and et in ("purchase", "cart_view", "cart_abandon", "page_view")
+        and customer is not None
+    ):
+        attrs["product_recommended"] = ev.product_id
+    tz = props.get("timezone") or c.timezone
+    if attrs != dict(c.attrs) or tz != c.timezone:
+        c = replace(c, attrs=tuple(sorted(attrs.items())), timezone=tz)
+    if (
+        et in book.policy.engagement_events
+        and any(a.status not in TERMINAL for a in c.actions)
+        and (c.last_engagement_at is None or ev.occurred_at > c.last_engagement_at)
+    ):
+        c = replace(c, last_engagement_at=ev.occurred_at)
+    c = _attribute(c, ev, book, out)
+    if c == customer:
+        return customer, []
+    return c, out
+
+
+def _attribute(c: Customer, ev: Observation, book: Book, out: list[Effect]) -> Customer:
+    """Credit outcomes to assignments inside the attribution window (last touch)."""
+    window = book.policy.attribution_ms
+    kpi = {
+        "email_open": "opened",
+        "email_click": "clicked",
+        "purchase": "converted",
+        "email_unsubscribe": "unsubscribed",
+        "subscription_cancel": "churned",
+    }.get(ev.event_type)
+    if kpi is None:
+        return c
+    candidates = [
+        i
+        for i, a in enumerate(c.assignments)
+        if a.decided_at <= ev.occurred_at <= a.decided_at + window
+        and (
+            ev.campaign_id is None
+            or ev.campaign_id == a.campaign_id
+            or kpi in ("converted", "churned")
+        )
+        and (ev.variant is None or kpi in ("converted", "churned") or ev.variant == a.variant)
+    ]
+    if not candidates:
+        return c
+    latest = max(candidates, key=lambda i: c.assignments[i].decided_at)
+    if kpi == "clicked":  # a click implies the email was opened
+        c = _flag(c, latest, "opened", out)
+    return _flag(c, latest, kpi, out)
+
+
+# -- requests ----------------------------------------------------------------------------------
+def request_for(c: Customer, a: Action, book: Book) -> Request | None:
+    """The rendered request for an in-flight action (None if its playbook is gone)."""
+    pb = book.get(a.playbook)
+    if pb is None:
+        return None
+    try:
+        step = pb.step(a.step)
+    except KeyError:
+        return None
+    variant = pb.variant(a.variant)
+    if variant is not None:
+        step = variant.apply(step)
+    variables: dict[str, str] = dict(pb.defaults)
+    variables.update(a.features)
+    variables.update(c.attrs)
+    variables.update(segment=a.segment, playbook=a.playbook, variant=a.variant)
+    rendered = {k: render(v, variables) for k, v in step.variables}
+    variables.update(rendered)
+    return Request(
+        key=a.key,
+        customer_id=a.customer_id,
+        channel=a.channel,
+        playbook=a.playbook,
+        step=a.step,
+        segment=a.segment,
+        variant=a.variant,
+        campaign_id=a.campaign_id,
+        template=step.template,
+        subject=None if step.subject is None else render(step.subject, variables),
+        body=None if step.body is None else render(step.body, variables),
+        variables=variables,
+        list_id=step.list_id,
+        properties={k: render(v, variables) for k, v in step.properties},
+        task_priority=step.task_priority,
+    )
+
+
+# -- records (the changelog and results schemas) -----------------------------------------------
+def result_record(r: Result, decided_at: int | None = None) -> dict[str, Any]:
+    """The ``io.segflow.DispatchResult`` for one decision (deterministic ``result_id``)."""
+    a = r.action
+    suffix = f":{r.reason}:{a.due_at}" if r.status == "scheduled" else ""
+    return {
+        "result_id": f"{a.key}:{r.status}{suffix}",
+        "customer_id": a.customer_id,
+        "playbook": a.playbook,
+        "step": a.step,
+        "segment": a.segment,
+        "entry_id": a.entry_id,
+        "channel": a.channel,
+        "status": r.status,
+        "reason": r.reason,
+        "variant": a.variant,
+        "holdout": a.variant == HOLDOUT,
+        "idempotency_key": a.key,
+        "attempt": a.attempt,
+        "campaign_id": a.campaign_id,
+        "endpoint": a.endpoint,
+        "http_status": a.http_status,
+        "decided_at": r.at if decided_at is None else decided_at,
+        "dispatched_at": a.dispatched_at if r.status in ("sent", "failed") else None,
+        "due_at": a.due_at,
+    }
+
+
+_ACTION_FIELDS = (
+    "key",
+    "customer_id",
+    "playbook",
+    "step",
+    "segment",
+    "entry_id",
+    "channel",
+    "variant",
+    "priority",
+    "campaign_id",
+    "decided_at",
+    "due_at",
+    "status",
+    "reason",
+    "attempt",
+    "retry_at",
+    "settled_at",
+    "dispatched_at",
+    "http_status",
+    "endpoint",
+)
+
+
+def customer_record(c: Customer) -> dict[str, Any]:
+    """``io.segflow.DispatcherStateEntry`` (kind ``customer``) for the changelog."""
+    return {
+        "kind": "customer",
+        "customer_id": c.customer_id,
+        "suppressions": sorted(c.suppressions),
+        "timezone": c.timezone,
+        "attrs": dict(c.attrs),
+        "last_engagement_at": c.last_engagement_at,
+        "sends": [{"channel": ch, "at": at, "key": k} for ch, at, k in c.sends],
+        "actions": [
+            {**{f: getattr(a, f) for f in _ACTION_FIELDS}, "features": dict(a.features)}
+            for a in c.actions
+        ],
+        "assignments": [
+            {
+                "playbook": s.playbook,
+                "segment": s.segment,
+                "entry_id": s.entry_id,
+                "variant": s.variant,
+                "campaign_id": s.campaign_id,
+                "decided_at": s.decided_at,
+                "counted": sorted(s.counted),
+            }
+            for s in c.assignments
+        ],
+    }
+
+
+def customer_from_record(r: Mapping[str, Any]) -> Customer:
+    """Inverse of :func:`customer_record`.
+
+    >>> c = Customer("c1", frozenset({"bounced"}), "UTC", (("first_name", "Ada"),), 5,
+    ...              (("email", 1, "k"),), (), (Assignment("P", "S", "e", "A", "P", 1),))
+    >>> customer_from_record(customer_record(c)) == c
+    True
+    """
+    return Customer(
+        customer_id=r["customer_id"],
+        suppressions=frozenset(r.get("suppressions") or ()),
+        timezone=r.get("timezone"),
+        attrs=tuple(sorted((r.get("attrs") or {}).items())),
+        last_engagement_at=r.get("last_engagement_at"),
+        sends=tuple((s["channel"], int(s["at"]), s["key"]) for s in r.get("sends") or ()),
+        actions=tuple(
+            Action(
+                **{f: a.get(f) for f in _ACTION_FIELDS},
+                features=tuple(sorted((a.get("features") or {}).items())),
+            )
+            for a in r.get("actions") or ()
+        ),
+        assignments=tuple(
+            Assignment(
+                s["playbook"],
+                s["segment"],
+                s["entry_id"],
+                s["variant"],
+                s["campaign_id"],
+                int(s["decided_at"]),
+                frozenset(s.get("counted") or ()),
+            )
+            for s in r.get("assignments") or ()
+        ),
+    )
+
+
+def kpi_record(
+    segment: str, playbook: str, variant: str, counts: Mapping[str, int]
+) -> dict[str, Any]:
+    """``io.segflow.DispatcherStateEntry`` (kind ``kpi``)."""
+    return {
+        "kind": "kpi",
+        "segment": segment,
+        "playbook": playbook,
+        "variant": variant,
+        "counts": dict(counts),
+    }
+
+
+def apply_kpis(
+    current: Mapping[tuple[str, str, str], Mapping[str, int]], deltas: Iterable[KpiDelta]
+) -> dict[tuple[str, str, str], dict[str, int]]:
+    """The KPI counters after ``deltas`` (only the rows that changed).
+
+    >>> apply_kpis({}, [KpiDelta("S", "P", "A", "sent"), KpiDelta("S", "P", "A", "sent")])
+    {('S', 'P', 'A'): {'sent': 2}}
+    """
+    changed: dict[tuple[str, str, str], dict[str, int]] = {}
+    for d in deltas:
+        row = (d.segment, d.playbook, d.variant)
+        counts = changed.setdefault(row, dict(current.get(row, {})))
+        counts[d.kpi] = counts.get(d.kpi, 0) + 1
+    return changed

@@ -1,0 +1,536 @@
+"""Playbooks and the dispatch policy, from YAML, validated with file, line and field.
+
+A playbook maps a segment's transitions to a sequence of steps::
+
+    playbook: AtRisk-60d
+    segment: AtRisk-60d
+    priority: 100
+    campaign_id: atrisk-60d
+    experiment: {holdout: 0.1, variants: [{name: A}, {name: B, steps: {email: {subject: Hi}}}]}
+    steps:
+      - {id: email, channel: email, after: 0h, template: t-1, subject: "We miss you"}
+      - {id: task, channel: crm_task, after: 48h, if: {no_engagement_since: email}}
+
+A file may also hold a ``policy:`` document (caps, cooldowns, quiet hours); see
+:class:`Policy`. Every error names the file, the line and the field:
+
+>>> parse_documents("playbook: X\\nsegment: S\\nsteps: []\\n", "x.yaml")
+Traceback (most recent call last):
+...
+services.dispatcher.playbooks.PlaybookError: x.yaml:3: steps: at least one step is required
+"""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Iterable, Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from segflow.errors import ConfigError
+
+CHANNELS = (
+    "email",
+    "smtp",
+    "crm_property",
+    "crm_task",
+    "crm_list",
+    "support_escalation",
+    "webhook",
+)
+#: Channels that reach the customer directly (quiet hours, unsubscribe, do-not-contact).
+CUSTOMER_FACING = frozenset({"email", "smtp", "webhook"})
+EMAIL_CHANNELS = frozenset({"email", "smtp"})
+#: Data syncs to the CRM: they never compete under playbook priority.
+SYNC_CHANNELS = frozenset({"crm_property", "crm_list"})
+TRANSITIONS = ("entered", "exited", "re_engaged", "deprecated", "reactivated", "primary_changed")
+HOLDOUT = "holdout"
+
+_DURATION = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*(ms|s|m|h|d|w)\s*$")
+_UNIT_MS = {"ms": 1, "s": 1000, "m": 60_000, "h": 3_600_000, "d": 86_400_000, "w": 604_800_000}
+_HHMM = re.compile(r"^([01]?\d|2[0-3]):([0-5]\d)$")
+_VAR = re.compile(r"\{\{\s*([A-Za-z_][A-Za-z0-9_.]*)\s*\}\}")
+
+
+class PlaybookError(ConfigError):
+    """A playbook or policy file is invalid; the message is ``file:line: field: problem``."""
+
+
+def parse_duration(text: str | int | float) -> int:
+    """Milliseconds in a duration such as ``48h``, ``30m``, ``7d`` or a number of seconds.
+
+    >>> parse_duration("48h"), parse_duration("1.5d"), parse_duration(90)
+    (172800000, 129600000, 90000)
+    """
+    if isinstance(text, bool):
+        raise ValueError("a duration such as 48h, 30m or 7d")
+    if isinstance(text, int | float):
+        return int(text * 1000)
+    m = _DURATION.match(str(text))
+    if not m:
+        raise ValueError(f"{text!r} is not a duration such as 48h, 30m or 7d")
+    return int(float(m.group(1)) * _UNIT_MS[m.group(2)])
+
+
+def render(template: str, variables: Mapping[str, str]) -> str:
+    """Replace ``{{name}}`` with its value; unknown names become empty strings.
+
+    >>> render("Hi {{first_name}}, try {{ product_recommended }}", {"first_name": "Ada"})
+    'Hi Ada, try '
+    """
+    return _VAR.sub(lambda m: variables.get(m.group(1), ""), template)
+
+
+@dataclass(frozen=True)
+class Step:
+    id: str
+    channel: str
+    after_ms: int = 0
+    template: str | None = None
+    subject: str | None = None
+    body: str | None = None
+    list_id: str | None = None
+    properties: tuple[tuple[str, str], ...] = ()
+    variables: tuple[tuple[str, str], ...] = ()
+    no_engagement_since: str | None = None  # step id: skip if the customer engaged since it
+    task_priority: str = "HIGH"
+
+
+@dataclass(frozen=True)
+class Variant:
+    name: str
+    weight: float = 1.0
+    overrides: tuple[tuple[str, tuple[tuple[str, str], ...]], ...] = ()  # step id → fields
+
+    def apply(self, step: Step) -> Step:
+        """The step with this variant's overrides (template, subject, body) applied."""
+        for step_id, fields in self.overrides:
+            if step_id == step.id:
+                changes: dict[str, Any] = {}
+                for k, v in fields:
+                    if k == "variables":
+                        continue
+                    changes[k] = v
+                return _replace(step, changes)
+        return step
+
+
+def _replace(step: Step, changes: dict[str, Any]) -> Step:
+    from dataclasses import replace
+
+    return replace(step, **changes)
+
+
+@dataclass(frozen=True)
+class Experiment:
+    holdout: float = 0.0
+    variants: tuple[Variant, ...] = (Variant("control"),)
+
+
+@dataclass(frozen=True)
+class Playbook:
+    name: str
+    segment: str
+    steps: tuple[Step, ...]
+    version: str = "1"
+    priority: int = 0
+    triggers: tuple[str, ...] = ("entered",)
+    cancel_on: tuple[str, ...] = ("exited", "re_engaged")
+    campaign_id: str | None = None
+    experiment: Experiment = Experiment()
+    defaults: tuple[tuple[str, str], ...] = ()
+    source: str = ""
+
+    def step(self, step_id: str) -> Step:
+        for s in self.steps:
+            if s.id == step_id:
+                return s
+        raise KeyError(step_id)
+
+    def variant(self, name: str) -> Variant | None:
+        for v in self.experiment.variants:
+            if v.name == name:
+                return v
+        return None
+
+
+@dataclass(frozen=True)
+class Cap:
+    max: int
+    per_ms: int
+
+
+@dataclass(frozen=True)
+class Policy:
+    """Caps and cooldowns per customer and channel (across playbooks), quiet hours, windows."""
+
+    caps: tuple[tuple[str, tuple[Cap, ...]], ...] = ()
+    cooldowns: tuple[tuple[str, int], ...] = ()
+    quiet_start_min: int | None = None  # minutes after local midnight
+    quiet_end_min: int | None = None
+    quiet_channels: frozenset[str] = CUSTOMER_FACING
+    default_timezone: str = "UTC"
+    attribution_ms: int = 7 * 86_400_000
+    engagement_events: frozenset[str] = frozenset(
+        {"email_open", "email_click", "login", "session_start", "feature_use", "purchase"}
+    )
+    ledger_retention_ms: int = 30 * 86_400_000
+
+    def caps_for(self, channel: str) -> tuple[Cap, ...]:
+        return dict(self.caps).get(channel, ())
+
+    def cooldown_for(self, channel: str) -> int:
+        return dict(self.cooldowns).get(channel, 0)
+
+    @property
+    def history_ms(self) -> int:
+        """How far back the send history must reach to check every cap and cooldown."""
+        spans = [c.per_ms for _, caps in self.caps for c in caps] + [v for _, v in self.cooldowns]
+        return max(spans, default=0)
+
+
+@dataclass(frozen=True)
+class Book:
+    """Every playbook and the policy, as loaded."""
+
+    playbooks: tuple[Playbook, ...]
+    policy: Policy = field(default_factory=Policy)
+
+    def for_segment(self, segment: str) -> list[Playbook]:
+        return [p for p in self.playbooks if p.segment == segment]
+
+    def get(self, name: str) -> Playbook | None:
+        for p in self.playbooks:
+            if p.name == name:
+                return p
+        return None
+
+
+# -- parsing with line numbers ---------------------------------------------------------------
+class _Doc:
+    """A YAML document as plain data plus the line of every path in it."""
+
+    def __init__(self, node: yaml.Node, source: str) -> None:
+        self.source = source
+        self.lines: dict[str, int] = {}
+        self.data = self._build(node, "")
+
+    def _build(self, node: yaml.Node, path: str) -> Any:
+        self.lines[path] = node.start_mark.line + 1
+        if isinstance(node, yaml.MappingNode):
+            out: dict[str, Any] = {}
+            for k, v in node.value:
+                key = str(k.value)
+                sub = f"{path}.{key}" if path else key
+                self.lines[sub] = k.start_mark.line + 1
+                out[key] = self._build(v, sub)
+                self.lines[sub] = k.start_mark.line + 1
+            return out
+        if isinstance(node, yaml.SequenceNode):
+            return [self._build(v, f"{path}[{i}]") for i, v in enumerate(node.value)]
+        return yaml.safe_load(yaml.serialize(node))
+
+    def error(self, path: str, message: str) -> PlaybookError:
+        probe = path
+        while probe not in self.lines and probe:
+            probe = probe.rsplit(".", 1)[0] if "." in probe else ""
+        return PlaybookError(f"{self.source}:{self.lines.get(probe, 1)}: {path}: {message}")
+
+
+_STEP_KEYS = {
+    "id",
+    "channel",
+    "after",
+    "template",
+    "subject",
+    "body",
+    "list_id",
+    "properties",
+    "variables",
+    "if",
+    "task_priority",
+}
+_PLAYBOOK_KEYS = {
+    "playbook",
+    "segment",
+    "description",
+    "version",
+    "priority",
+    "triggers",
+    "cancel_on",
+    "campaign_id",
+    "experiment",
+    "defaults",
+    "steps",
+}
+_POLICY_KEYS = {
+    "caps",
+    "cooldowns",
+    "quiet_hours",
+    "default_timezone",
+    "attribution_window",
+    "engagement_events",
+    "ledger_retention",
+}
+
+
+def _str_map(doc: _Doc, value: Any, path: str) -> tuple[tuple[str, str], ...]:
+    if value is None:
+        return ()
+    if not isinstance(value, dict):
+        raise doc.error(path, "expected a mapping of names to strings")
+    return tuple((str(k), str(v)) for k, v in value.items())
+
+
+def _duration(doc: _Doc, value: Any, path: str) -> int:
+    try:
+        ms = parse_duration(value)
+    except ValueError as exc:
+        raise doc.error(path, str(exc)) from None
+    if ms < 0:
+        raise doc.error(path, "must not be negative")
+    return ms
+
+
+def _unknown(doc: _Doc, data: dict[str, Any], allowed: set[str], path: str) -> None:
+    for key in data:
+        if key not in allowed:
+            sub = f"{path}.{key}" if path else key
+            raise doc.error(sub, f"unknown field (expected one of {', '.join(sorted(allowed))})")
+
+
+def _parse_step(doc: _Doc, raw: Any, path: str, earlier: list[str]) -> Step:
+    if not isinstance(raw, dict):
+        raise doc.error(path, "a step is a mapping with id and channel")
+    _unknown(doc, raw, _STEP_KEYS, path)
+    sid = raw.get("id")
+    if not isinstance(sid, str) or not re.fullmatch(r"[A-Za-z0-9_.-]+", sid):
+        raise doc.error(f"{path}.id", "required: letters, digits, _ . -")
+    if sid in earlier:
+        raise doc.error(f"{path}.id", f"duplicate step id {sid!r}")
+    channel = raw.get("channel")
+    if channel not in CHANNELS:
+        raise doc.error(f"{path}.channel", f"must be one of {', '.join(CHANNELS)}")
+    cond = raw.get("if") or {}
+    if not isinstance(cond, dict):
+        raise doc.error(f"{path}.if", "expected a mapping such as {no_engagement_since: step_id}")
+    _unknown(doc, cond, {"no_engagement_since"}, f"{path}.if")
+    since = cond.get("no_engagement_since")
+    if since is not None and since not in earlier:
+        raise doc.error(f"{path}.if.no_engagement_since", f"{since!r} is not an earlier step")
+    if channel == "crm_list" and not raw.get("list_id"):
+        raise doc.error(f"{path}.list_id", "required for channel crm_list")
+    if channel == "crm_property" and not raw.get("properties"):
+        raise doc.error(f"{path}.properties", "required for channel crm_property")
+    if channel in ("email", "smtp") and not (raw.get("template") or raw.get("subject")):
+        raise doc.error(f"{path}.template", "an email step needs a template or a subject")
+    return Step(
+        id=sid,
+        channel=channel,
+        after_ms=_duration(doc, raw.get("after", 0), f"{path}.after"),
+        template=None if raw.get("template") is None else str(raw["template"]),
+        subject=None if raw.get("subject") is None else str(raw["subject"]),
+        body=None if raw.get("body") is None else str(raw["body"]),
+        list_id=None if raw.get("list_id") is None else str(raw["list_id"]),
+        properties=_str_map(doc, raw.get("properties"), f"{path}.properties"),
+        variables=_str_map(doc, raw.get("variables"), f"{path}.variables"),
+        no_engagement_since=since,
+        task_priority=str(raw.get("task_priority", "HIGH")),
+    )
+
+
+def _parse_experiment(doc: _Doc, raw: Any, steps: tuple[Step, ...]) -> Experiment:
+    if raw is None:
+        return Experiment()
+    if not isinstance(raw, dict):
+        raise doc.error("experiment", "expected a mapping with holdout and variants")
+    _unknown(doc, raw, {"holdout", "variants"}, "experiment")
+    holdout = raw.get("holdout", 0.0)
+    if isinstance(holdout, bool) or not isinstance(holdout, int | float) or not 0 <= holdout < 1:
+        raise doc.error("experiment.holdout", "a fraction in [0, 1)")
+    variants_raw = raw.get("variants") or [{"name": "control"}]
+    if not isinstance(variants_raw, list):
+        raise doc.error("experiment.variants", "expected a list")
+    variants: list[Variant] = []
+    step_ids = {s.id for s in steps}
+    for i, v in enumerate(variants_raw):
+        path = f"experiment.variants[{i}]"
+        if not isinstance(v, dict) or not isinstance(v.get("name"), str):
+            raise doc.error(path, "a variant needs a name")
+        _unknown(doc, v, {"name", "weight", "steps"}, path)
+        if v["name"] == HOLDOUT or any(v["name"] == o.name for o in variants):
+            raise doc.error(f"{path}.name", f"{v['name']!r} is reserved or duplicated")
+        weight = v.get("weight", 1.0)
+        if isinstance(weight, bool) or not isinstance(weight, int | float) or weight <= 0:
+            raise doc.error(f"{path}.weight", "a positive number")
+        overrides = []
+        for sid, fields in (v.get("steps") or {}).items():
+            if sid not in step_ids:
+                raise doc.error(f"{path}.steps.{sid}", "not a step of this playbook")
+            if not isinstance(fields, dict):
+                raise doc.error(f"{path}.steps.{sid}", "expected a mapping")
+            _unknown(doc, fields, {"template", "subject", "body"}, f"{path}.steps.{sid}")
+            overrides.append((sid, tuple((str(k), str(x)) for k, x in fields.items())))
+        variants.append(Variant(v["name"], float(weight), tuple(overrides)))
+    return Experiment(float(holdout), tuple(variants))
+
+
+def _transitions(doc: _Doc, raw: Any, path: str, default: tuple[str, ...]) -> tuple[str, ...]:
+    if raw is None:
+        return default
+    if not isinstance(raw, list) or any(t not in TRANSITIONS for t in raw):
+        raise doc.error(path, f"a list of {', '.join(TRANSITIONS)}")
+    return tuple(raw)
+
+
+def _parse_playbook(doc: _Doc, raw: dict[str, Any]) -> Playbook:
+    _unknown(doc, raw, _PLAYBOOK_KEYS, "")
+    name = raw.get("playbook")
+    if not isinstance(name, str) or not name:
+        raise doc.error("playbook", "the playbook's name is required")
+    segment = raw.get("segment")
+    if not isinstance(segment, str) or not segment:
+        raise doc.error("segment", "the segment this playbook reacts to is required")
+    steps_raw = raw.get("steps")
+    if not isinstance(steps_raw, list) or not steps_raw:
+        raise doc.error("steps", "at least one step is required")
+    steps: list[Step] = []
+    for i, s in enumerate(steps_raw):
+        steps.append(_parse_step(doc, s, f"steps[{i}]", [x.id for x in steps]))
+    priority = raw.get("priority", 0)
+    if isinstance(priority, bool) or not isinstance(priority, int):
+        raise doc.error("priority", "an integer (higher wins)")
+    return Playbook(
+        name=name,
+        segment=segment,
+        steps=tuple(steps),
+        version=str(raw.get("version", "1")),
+        priority=priority,
+        triggers=_transitions(doc, raw.get("triggers"), "triggers", ("entered",)),
+        cancel_on=_transitions(doc, raw.get("cancel_on"), "cancel_on", ("exited", "re_engaged")),
+        campaign_id=str(raw.get("campaign_id") or name),
+        experiment=_parse_experiment(doc, raw.get("experiment"), tuple(steps)),
+        defaults=_str_map(doc, raw.get("defaults"), "defaults"),
+        source=doc.source,
+    )
+
+
+def _parse_policy(doc: _Doc, raw: Any) -> Policy:
+    if not isinstance(raw, dict):
+        raise doc.error("policy", "expected a mapping")
+    _unknown(doc, raw, _POLICY_KEYS, "policy")
+    caps: list[tuple[str, tuple[Cap, ...]]] = []
+    for channel, rules in (raw.get("caps") or {}).items():
+        path = f"policy.caps.{channel}"
+        if channel not in CHANNELS:
+            raise doc.error(path, f"unknown channel (one of {', '.join(CHANNELS)})")
+        if not isinstance(rules, list):
+            raise doc.error(path, "a list of {max: N, per: 24h}")
+        out = []
+        for i, r in enumerate(rules):
+            if not isinstance(r, dict) or not isinstance(r.get("max"), int) or r["max"] < 1:
+                raise doc.error(f"{path}[{i}].max", "a positive integer")
+            out.append(Cap(r["max"], _duration(doc, r.get("per"), f"{path}[{i}].per")))
+        caps.append((channel, tuple(out)))
+    cooldowns: list[tuple[str, int]] = []
+    for channel, d in (raw.get("cooldowns") or {}).items():
+        if channel not in CHANNELS:
+            raise doc.error(f"policy.cooldowns.{channel}", "unknown channel")
+        cooldowns.append((channel, _duration(doc, d, f"policy.cooldowns.{channel}")))
+    quiet_start = quiet_end = None
+    quiet_channels = CUSTOMER_FACING
+    qh = raw.get("quiet_hours")
+    if qh is not None:
+        if not isinstance(qh, dict):
+            raise doc.error("policy.quiet_hours", "expected {start: '21:00', end: '08:00'}")
+        _unknown(doc, qh, {"start", "end", "channels"}, "policy.quiet_hours")
+        parsed = []
+        for k in ("start", "end"):
+            m = _HHMM.match(str(qh.get(k, "")))
+            if not m:
+                raise doc.error(f"policy.quiet_hours.{k}", "a local time HH:MM")
+            parsed.append(int(m.group(1)) * 60 + int(m.group(2)))
+        quiet_start, quiet_end = parsed
+        chans = qh.get("channels")
+        if chans is not None:
+            if not isinstance(chans, list) or any(c not in CHANNELS for c in chans):
+                raise doc.error("policy.quiet_hours.channels", "a list of channels")
+            quiet_channels = frozenset(chans)
+    tz = str(raw.get("default_timezone", "UTC"))
+    try:
+        from zoneinfo import ZoneInfo
+
+        ZoneInfo(tz)
+    except Exception:
+        raise doc.error("policy.default_timezone", f"unknown time zone {tz!r}") from None
+    engagement = raw.get("engagement_events")
+    if engagement is not None and not isinstance(engagement, list):
+        raise doc.error("policy.engagement_events", "a list of event types")
+    base = Policy()
+    return Policy(
+        caps=tuple(caps),
+        cooldowns=tuple(cooldowns),
+        quiet_start_min=quiet_start,
+        quiet_end_min=quiet_end,
+        quiet_channels=quiet_channels,
+        default_timezone=tz,
+        attribution_ms=_duration(
+            doc, raw.get("attribution_window", "7d"), "policy.attribution_window"
+        ),
+        engagement_events=frozenset(engagement) if engagement else base.engagement_events,
+        ledger_retention_ms=_duration(
+            doc, raw.get("ledger_retention", "30d"), "policy.ledger_retention"
+        ),
+    )
+
+
+def parse_documents(text: str, source: str = "<string>") -> tuple[list[Playbook], Policy | None]:
+    """Every playbook and the policy (if any) in one YAML text (``---`` separates documents)."""
+    playbooks: list[Playbook] = []
+    policy: Policy | None = None
+    try:
+        nodes = list(yaml.compose_all(text))
+    except yaml.YAMLError as exc:
+        mark = getattr(exc, "problem_mark", None)
+        line = mark.line + 1 if mark is not None else 1
+        raise PlaybookError(f"{source}:{line}: (syntax): {exc}") from None
+    for node in nodes:
+        if node is None:
+            continue
+        doc = _Doc(node, source)
+        if not isinstance(doc.data, dict):
+            raise doc.error("", "a document is a mapping with 'playbook:' or 'policy:'")
+        if "policy" in doc.data:
+            if policy is not None:
+                raise doc.error("policy", "only one policy")
+            _unknown(doc, doc.data, {"policy"}, "")
+            policy = _parse_policy(doc, doc.data["policy"])
+        else:
+            playbooks.append(_parse_playbook(doc, doc.data))
+    return playbooks, policy
+
+
+def load_book(paths: Iterable[Path]) -> Book:
+    """Load every ``*.yaml`` in ``paths`` (files or folders) into one :class:`Book`."""
+    files: list[Path] = []
+    for p in paths:
+        files.extend(sorted(p.glob("*.yaml")) if p.is_dir() else [p])
+    playbooks: list[Playbook] = []
+    policy: Policy | None = None
+    for f in files:
+        found, pol = parse_documents(f.read_text(), str(f))
+        for pb in found:
+            if any(pb.name == o.name for o in playbooks):
+                raise PlaybookError(f"{f}:1: playbook: duplicate playbook name {pb.name!r}")
+            playbooks.append(pb)
+        if pol is not None:
+            if policy is not None:
+                raise PlaybookError(f"{f}:1: policy: a second policy document")
+            policy = pol
+    return Book(tuple(playbooks), policy or Policy())
+
+
+DEFAULT_DIR = Path(__file__).resolve().parent / "playbooks"

@@ -1,0 +1,298 @@
+"""Local stand-ins for the dispatcher's APIs: a real HTTP server and a real SMTP server.
+
+:class:`Receiver` is an aiohttp server on 127.0.0.1 (its own thread and event loop) that
+answers the SendGrid-, HubSpot- and Salesforce-shaped paths and the signed webhook. It
+records every request, de-duplicates by ``Idempotency-Key`` the way a real idempotent API
+does (a repeated key gets 200 and no second effect), and answers on cue: 429 with
+``Retry-After``, 500, 503 outages for a while, or a stall longer than the client's timeout.
+
+:class:`SMTPReceiver` is an aiosmtpd server that records messages and de-duplicates by
+``Message-ID``.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import collections
+import threading
+import time
+from dataclasses import dataclass, field
+from email import message_from_bytes
+from typing import Any
+
+from aiohttp import web
+from aiosmtpd.controller import Controller
+
+from services.dispatcher.signing import verify
+
+
+@dataclass(frozen=True)
+class Cue:
+    """One scripted answer: an HTTP status (with headers), sent ``delay`` seconds late.
+
+    The request takes effect (or not) on arrival; the delay only holds the answer back, so a
+    client that times out has really delivered: the lost-answer case idempotency covers."""
+
+    status: int = 200
+    headers: tuple[tuple[str, str], ...] = ()
+    delay: float = 0.0
+
+
+@dataclass
+class Seen:
+    at: float
+    method: str
+    path: str
+    key: str | None
+    status: int
+    headers: dict[str, str]
+    body: Any
+    effect: bool  # True when this request was the one that took effect
+
+
+@dataclass
+class Receiver:
+    latency: float = 0.0
+    webhook_secret: bytes = b"segflow-local-webhook-secret"
+    requests: list[Seen] = field(default_factory=list)
+
+    def __post_init__(self) -> None:
+        self._lock = threading.Lock()
+        self._cues: collections.deque[Cue] = collections.deque()
+        self._outage: dict[str, float] = {}  # path prefix → until (monotonic)
+        self._effects: dict[str, Seen] = {}
+        self.busy = 0  # requests being handled right now
+        self._loop = asyncio.new_event_loop()
+        self._thread = threading.Thread(target=self._loop.run_forever, daemon=True, name="receiver")
+        self.port = 0
+
+    # -- control -------------------------------------------------------------------------
+    def start(self) -> Receiver:
+        self._thread.start()
+        asyncio.run_coroutine_threadsafe(self._start(), self._loop).result(10)
+        return self
+
+    async def _start(self) -> None:
+        app = web.Application()
+        app.router.add_route("*", "/{tail:.*}", self._handle)
+        self._runner = web.AppRunner(app, access_log=None)
+        await self._runner.setup()
+        site = web.TCPSite(self._runner, "127.0.0.1", 0, backlog=1024)
+        await site.start()
+        self.port = site._server.sockets[0].getsockname()[1]  # type: ignore[union-attr]
+
+    def stop(self) -> None:
+        asyncio.run_coroutine_threadsafe(self._runner.cleanup(), self._loop).result(10)
+        self._loop.call_soon_threadsafe(self._loop.stop)
+        self._thread.join(5)
+
+    @property
+    def url(self) -> str:
+        return f"http://127.0.0.1:{self.port}"
+
+    def cue(self, *cues: Cue) -> None:
+        """Answer the next requests with these, in order (then normally again)."""
+        with self._lock:
+            self._cues.extend(cues)
+
+    def outage(self, seconds: float = float("inf"), prefix: str = "/", status: int = 503) -> None:
+        """Answer ``status`` to every request under ``prefix`` for ``seconds`` (or until
+        :meth:`end_outage`)."""
+        with self._lock:
+            self._outage[prefix] = time.monotonic() + seconds
+            self._outage_status = status
+
+    def end_outage(self) -> None:
+        with self._lock:
+            self._outage.clear()
+
+    # -- inspection ----------------------------------------------------------------------
+    def effects(self) -> dict[str, Seen]:
+        """Idempotency key → the request that took effect (once per key, by construction)."""
+        with self._lock:
+            return dict(self._effects)
+
+    def attempts(self) -> collections.Counter[str]:
+        """Raw requests per idempotency key (every try, whatever the answer)."""
+        with self._lock:
+            return collections.Counter(r.key for r in self.requests if r.key)
+
+    def replays(self) -> int:
+        """Requests for a key that had already taken effect (the receiver absorbed them)."""
+        with self._lock:
+            return sum(
+                1
+                for r in self.requests
+                if r.key
+                and not r.effect
+                and r.status == 200
+                and r.key in self._effects
+                and self._effects[r.key].at < r.at
+            )
+
+    def wait_for(self, keys: set[str], timeout: float = 30.0) -> bool:
+        """Wait until every key in ``keys`` has taken effect."""
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            if keys <= self.effects().keys():
+                return True
+            time.sleep(0.05)
+        return keys <= self.effects().keys()
+
+    # -- the server ----------------------------------------------------------------------
+    async def _handle(self, request: web.Request) -> web.Response:
+        with self._lock:
+            self.busy += 1
+        try:
+            return await self._answer(request)
+        finally:
+            with self._lock:
+                self.busy -= 1
+
+    def idle(self) -> bool:
+        with self._lock:
+            return self.busy == 0
+
+    async def _answer(self, request: web.Request) -> web.Response:
+        raw = await request.read()
+        key = request.headers.get("Idempotency-Key")
+        path = request.path
+        now = time.monotonic()
+        with self._lock:
+            cue = self._cues.popleft() if self._cues else None
+            down = any(path.startswith(p) and now < until for p, until in self._outage.items())
+        if cue is None and down:
+            cue = Cue(self._outage_status)
+        if self.latency:
+            await asyncio.sleep(self.latency)
+        status = cue.status if cue is not None else self._success(path)
+        headers = dict(cue.headers) if cue is not None else {}
+        # signature and timestamp (an old capture is refused); a replay inside the tolerance
+        # carries an idempotency key already taken, so it has no effect
+        if (
+            path == "/webhook"
+            and status < 300
+            and not verify(self.webhook_secret, raw, dict(request.headers), time.time())
+        ):
+            status = 401
+        body: Any
+        try:
+            body = await request.json() if raw else None
+        except ValueError:
+            body = raw.decode(errors="replace")
+        effect = False
+        with self._lock:
+            if 200 <= status < 300 and key:
+                if key in self._effects:
+                    status, headers = 200, {"Idempotent-Replayed": "true"}
+                else:
+                    effect = True
+            seen = Seen(
+                time.time(), request.method, path, key, status, dict(request.headers), body, effect
+            )
+            self.requests.append(seen)
+            if effect and key:
+                self._effects[key] = seen
+        if cue is not None and cue.delay:
+            await asyncio.sleep(cue.delay)
+        return web.json_response({"id": key, "status": status}, status=status, headers=headers)
+
+    @staticmethod
+    def _success(path: str) -> int:
+        if path.startswith("/v3/mail/send"):
+            return 202
+        if path.endswith("/memberships/add") or "/Contact/" in path or "/contacts/" in path:
+            return 200
+        return 201
+
+
+class _SMTPHandler:
+    def __init__(self, owner: SMTPReceiver) -> None:
+        self.owner = owner
+
+    async def handle_DATA(self, server: Any, session: Any, envelope: Any) -> str:  # noqa: N802
+        return self.owner._receive(envelope)
+
+
+@dataclass
+class SMTPReceiver:
+    """aiosmtpd on 127.0.0.1; ``fail_next`` answers 451 (retry later) that many times."""
+
+    messages: list[dict[str, str]] = field(default_factory=list)
+    fail_next: int = 0
+
+    def __post_init__(self) -> None:
+        self._lock = threading.Lock()
+        self._ids: collections.Counter[str] = collections.Counter()
+
+    def start(self) -> SMTPReceiver:
+        from segflow.runtime.broker import free_port
+
+        self.controller = Controller(_SMTPHandler(self), hostname="127.0.0.1", port=free_port())
+        self.controller.start()
+        self.port = self.controller.port
+        return self
+
+    def stop(self) -> None:
+        self.controller.stop()
+
+    def _receive(self, envelope: Any) -> str:
+        with self._lock:
+            if self.fail_next > 0:
+                self.fail_next -= 1
+                return "451 4.3.0 try again later"
+            msg = message_from_bytes(envelope.content)
+            mid = str(msg["Message-ID"])
+            self._ids[mid] += 1
+            self.messages.append(
+                {
+                    "message_id": mid,
+                    "to": str(msg["To"]),
+                    "subject": str(msg["Subject"]),
+                    "key": str(msg["Idempotency-Key"]),
+                }
+            )
+        return "250 OK"
+
+    def unique(self) -> set[str]:
+        with self._lock:
+            return set(self._ids)
+
+
+def main() -> None:
+    """Run the HTTP receiver as a process (for bench/): ``GET /__stats`` returns counts."""
+    import argparse
+    import json
+
+    parser = argparse.ArgumentParser(description="segflow's local API receiver")
+    parser.add_argument("--port", type=int, required=True)
+    parser.add_argument("--latency", type=float, default=0.05)
+    args = parser.parse_args()
+    r = Receiver(latency=args.latency)
+
+    async def stats(_: web.Request) -> web.Response:
+        with r._lock:
+            body = {
+                "requests": len(r.requests),
+                "effects": len(r._effects),
+                "first": min((s.at for s in r._effects.values()), default=None),
+                "last": max((s.at for s in r._effects.values()), default=None),
+            }
+        body["replays"] = r.replays()
+        return web.Response(text=json.dumps(body), content_type="application/json")
+
+    async def serve() -> None:
+        app = web.Application()
+        app.router.add_get("/__stats", stats)
+        app.router.add_route("*", "/{tail:.*}", r._handle)
+        runner = web.AppRunner(app, access_log=None)
+        await runner.setup()
+        await web.TCPSite(runner, "127.0.0.1", args.port, backlog=4096).start()
+        print(f"receiver on 127.0.0.1:{args.port} latency {args.latency}s", flush=True)
+        await asyncio.Event().wait()
+
+    asyncio.run(serve())
+
+
+if __name__ == "__main__":
+    main()

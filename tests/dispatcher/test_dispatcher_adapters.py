@@ -1,0 +1,217 @@
+"""Adapters: request shapes, idempotency keys, error mapping (httpx MockTransport), real SMTP
+and the real local receiver."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+from collections.abc import Callable
+from typing import Any
+
+import httpx
+import pytest
+from receiver import Cue, Receiver, SMTPReceiver
+
+from services.dispatcher.adapters import (
+    CallFailed,
+    HubSpotCRM,
+    MapContacts,
+    Rejected,
+    SalesforceCRM,
+    SendGridEmail,
+    SignedWebhook,
+    SMTPEmail,
+)
+from services.dispatcher.core import Request
+from services.dispatcher.signing import verify
+
+
+def req(channel: str, **kw: Any) -> Request:
+    base: dict[str, Any] = dict(
+        key="sf-k1",
+        customer_id="c1",
+        channel=channel,
+        playbook="AtRisk-60d",
+        step="s",
+        segment="AtRisk-60d",
+        variant="A",
+        campaign_id="camp",
+        template="d-1",
+        subject="Hi Ada",
+        body="body",
+        variables={"first_name": "Ada"},
+        list_id="L1",
+        properties={"segflow_status": "x"},
+    )
+    base.update(kw)
+    return Request(**base)
+
+
+def mock(handler: Callable[[httpx.Request], httpx.Response]) -> httpx.AsyncClient:
+    return httpx.AsyncClient(transport=httpx.MockTransport(handler), timeout=1.0)
+
+
+def run(coro: Any) -> Any:
+    return asyncio.run(coro)
+
+
+def capture(
+    status: int = 200, headers: dict[str, str] | None = None
+) -> tuple[list[httpx.Request], httpx.AsyncClient]:
+    seen: list[httpx.Request] = []
+
+    def handler(r: httpx.Request) -> httpx.Response:
+        seen.append(r)
+        return httpx.Response(status, headers=headers or {}, json={})
+
+    return seen, mock(handler)
+
+
+def test_sendgrid_shape_carries_template_data_and_the_idempotency_key() -> None:
+    seen, client = capture(202)
+    email = SendGridEmail(
+        client,
+        "http://127.0.0.1:1",
+        "SG.key",
+        "from@x.invalid",
+        MapContacts({"c1": "ada@example.invalid"}),
+    )
+    sent = run(email.send(req("email")))
+    r = seen[0]
+    body = json.loads(r.content)
+    assert (r.method, r.url.path, sent.status) == ("POST", "/v3/mail/send", 202)
+    assert r.headers["Idempotency-Key"] == "sf-k1"
+    assert r.headers["Authorization"] == "Bearer SG.key"
+    assert body["template_id"] == "d-1"
+    assert body["personalizations"][0]["dynamic_template_data"] == {"first_name": "Ada"}
+    assert body["personalizations"][0]["to"] == [{"email": "ada@example.invalid"}]
+    assert body["custom_args"]["idempotency_key"] == "sf-k1"
+    assert body["headers"]["Idempotency-Key"] == "sf-k1"
+    with pytest.raises(Rejected, match="no_contact"):
+        run(email.send(req("email", customer_id="unknown")))
+
+
+@pytest.mark.parametrize(
+    ("cls", "channel", "method", "path"),
+    [
+        (HubSpotCRM, "crm_property", "PATCH", "/crm/v3/objects/contacts/c1"),
+        (HubSpotCRM, "crm_task", "POST", "/crm/v3/objects/tasks"),
+        (HubSpotCRM, "crm_list", "PUT", "/crm/v3/lists/L1/memberships/add"),
+        (HubSpotCRM, "support_escalation", "POST", "/crm/v3/objects/tickets"),
+        (
+            SalesforceCRM,
+            "crm_property",
+            "PATCH",
+            "/services/data/v59.0/sobjects/Contact/Segflow_Customer_Id__c/c1",
+        ),
+        (SalesforceCRM, "crm_task", "POST", "/services/data/v59.0/sobjects/Task"),
+        (SalesforceCRM, "crm_list", "POST", "/services/data/v59.0/sobjects/CampaignMember"),
+        (SalesforceCRM, "support_escalation", "POST", "/services/data/v59.0/sobjects/Case"),
+    ],
+)
+def test_crm_shapes(cls: Any, channel: str, method: str, path: str) -> None:
+    seen, client = capture(201)
+    crm = cls(client, "http://127.0.0.1:1", "tok")
+    run(crm.send(req(channel)))
+    r = seen[0]
+    assert (r.method, r.url.path) == (method, path)
+    assert r.headers["Idempotency-Key"] == "sf-k1" and r.headers["Authorization"] == "Bearer tok"
+    if channel == "crm_task":
+        body = json.loads(r.content)
+        props = body.get("properties", body)
+        assert "sf-k1" in props.values() and "Hi Ada" in props.values()
+
+
+@pytest.mark.parametrize(
+    ("status", "headers", "error", "retry_after"),
+    [
+        (429, {"Retry-After": "7"}, CallFailed, 7.0),
+        (500, {}, CallFailed, None),
+        (503, {"Retry-After": "2"}, CallFailed, 2.0),
+        (400, {}, Rejected, None),
+        (404, {}, Rejected, None),
+    ],
+)
+def test_http_errors_map_to_retryable_or_permanent(
+    status: int, headers: dict[str, str], error: type[Exception], retry_after: float | None
+) -> None:
+    _, client = capture(status, headers)
+    with pytest.raises(error) as exc:
+        run(HubSpotCRM(client, "http://127.0.0.1:1", None).send(req("crm_task")))
+    if isinstance(exc.value, CallFailed):
+        assert exc.value.retry_after == retry_after and exc.value.status == status
+
+
+def test_409_means_the_receiver_already_has_the_key() -> None:
+    _, client = capture(409)
+    assert run(HubSpotCRM(client, "http://x", None).send(req("crm_task"))).status == 409
+
+
+def test_timeouts_and_connection_errors_are_retryable() -> None:
+    def slow(r: httpx.Request) -> httpx.Response:
+        raise httpx.ReadTimeout("slow", request=r)
+
+    with pytest.raises(CallFailed, match="timeout"):
+        run(HubSpotCRM(mock(slow), "http://x", None).send(req("crm_task")))
+    client = httpx.AsyncClient(timeout=0.5)
+    with pytest.raises(CallFailed, match="transport"):
+        run(HubSpotCRM(client, "http://127.0.0.1:9", None).send(req("crm_task")))
+
+
+def test_rate_limit_headers_come_back_as_a_pause() -> None:
+    _, client = capture(202, {"X-RateLimit-Remaining": "0", "X-RateLimit-Reset": "3"})
+    email = SendGridEmail(client, "http://x", None, "f@x.invalid", MapContacts({"c1": "a@b.c"}))
+    assert run(email.send(req("email"))).pause == 3.0
+
+
+def test_webhook_is_signed_verifiably() -> None:
+    seen, client = capture(200)
+    run(SignedWebhook(client, "http://127.0.0.1:1/webhook", b"s3cret").send(req("webhook")))
+    r = seen[0]
+    assert verify(
+        b"s3cret", r.content, dict(r.headers), now=float(r.headers["X-Segflow-Timestamp"])
+    )
+    assert not verify(
+        b"other", r.content, dict(r.headers), now=float(r.headers["X-Segflow-Timestamp"])
+    )
+    assert json.loads(r.content)["idempotency_key"] == "sf-k1"
+
+
+def test_smtp_sends_with_the_key_as_message_id_and_retries_on_4xx(
+    smtp_server: SMTPReceiver,
+) -> None:
+    smtp = SMTPEmail(
+        "127.0.0.1",
+        smtp_server.port,
+        "from@x.invalid",
+        MapContacts({"c1": "ada@example.invalid"}),
+        timeout=5,
+    )
+    smtp_server.fail_next = 1
+    with pytest.raises(CallFailed, match="smtp 451"):
+        run(smtp.send(req("smtp")))
+    assert run(smtp.send(req("smtp"))).status == 250
+    run(smtp.send(req("smtp")))  # a retry after a lost answer: same Message-ID
+    assert smtp_server.unique() == {"<sf-k1@segflow>"}
+    assert [m["to"] for m in smtp_server.messages] == ["ada@example.invalid"] * 2
+
+
+def test_the_local_receiver_deduplicates_and_answers_on_cue(receiver: Receiver) -> None:
+    async def go() -> list[int | str]:
+        async with httpx.AsyncClient(timeout=0.3) as client:
+            crm = HubSpotCRM(client, receiver.url, None)
+            out: list[int | str] = []
+            for _ in range(4):
+                try:
+                    out.append((await crm.send(req("crm_task"))).status or 0)
+                except CallFailed as exc:
+                    out.append(str(exc))
+            return out
+
+    receiver.cue(Cue(429, (("Retry-After", "1"),)), Cue(200, delay=1.0))
+    out = run(go())
+    assert out[0] == "http 429" and out[1].startswith("timeout")
+    # the stalled request took effect although its answer was lost: retries are replays
+    assert out[2:] == [200, 200]
+    assert list(receiver.effects()) == ["sf-k1"]
+    assert receiver.attempts()["sf-k1"] == 4
