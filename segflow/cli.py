@@ -210,8 +210,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=cmd_demo)
 
     from segflow.sim.cli import add_parser as add_sim_parser
+    from services.segmenter.cli import add_parser as add_segmenter_parser
 
     add_sim_parser(sub)
+    add_segmenter_parser(sub)  # `segflow segments check FILE`, `segflow explain CUSTOMER`
     return parser
 
 

@@ -76,6 +76,7 @@ class Topics:
     scorer_state: Topic
     scorer_model: Topic
     dispatcher_state: Topic
+    segmenter_state: Topic
 
     def __iter__(self):  # type: ignore[no-untyped-def]
         return iter(self._topics.values())
