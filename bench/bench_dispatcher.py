@@ -5,7 +5,7 @@
 
 Loads ``--actions`` SegmentChange ``entered`` records (one customer each) for a one-step
 email playbook, runs the dispatcher (exactly-once loop, in this process) against the local
-receiver (tests/dispatcher/receiver.py, its own process, ``--latency`` per request), and
+receiver (segflow/receiver.py, its own process, ``--latency`` per request), and
 prints delivered actions/s, the receiver's raw request count, and the duplicates it counted
 (requests for an idempotency key that had already taken effect). Without --bootstrap it
 starts a private local broker.
@@ -74,7 +74,8 @@ def main() -> int:
     receiver = subprocess.Popen(
         [
             sys.executable,
-            str(ROOT / "tests" / "dispatcher" / "receiver.py"),
+            "-m",
+            "segflow.receiver",
             "--port",
             str(port),
             "--latency",

@@ -10,8 +10,8 @@ from typing import Any
 
 import httpx
 import pytest
-from receiver import Cue, Receiver, SMTPReceiver
 
+from segflow.receiver import Cue, Receiver, SMTPReceiver
 from services.dispatcher.adapters import (
     CallFailed,
     HubSpotCRM,

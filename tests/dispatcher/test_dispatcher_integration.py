@@ -20,8 +20,8 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from receiver import Cue, Receiver
 
+from segflow.receiver import Cue, Receiver
 from segflow.runtime.serde import Serde
 from segflow.runtime.settings import Settings
 from segflow.runtime.testing import produce, read_all
