@@ -1,0 +1,208 @@
+"""Scorer shell: the shared loop around :class:`services.scorer.core.Scorer`.
+
+Consumes identified events and identity merges, keeps per-customer state in the
+``scorer_state`` changelog and the model in ``scorer_model``, produces ``segflow.scores``.
+Everything a handler call changes (state, scores) commits with its input offsets in one
+transaction; the tick (timers, label maturation, checkpoints) commits in its own.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections.abc import Callable, Iterable, Iterator
+
+from prometheus_client import Counter, Gauge
+from pydantic_settings import BaseSettings, SettingsConfigDict
+
+from segflow.runtime.loop import Incoming, LoopConfig, Output, ProcessingLoop
+from segflow.runtime.settings import Settings
+from segflow.runtime.state import ChangelogStore
+from segflow.runtime.topics import TOPICS
+from services.scorer.core import DAY, HOUR, Out, ScoreEmit, Scorer, ScorerConfig, StateWrite
+
+log = logging.getLogger("segflow.scorer")
+
+MODEL_QUALITY = Gauge(
+    "segflow_scorer_model_quality",
+    "Prequential churn-model quality on matured labels (roc_auc, log_loss, calibration_error, "
+    "positive_rate)",
+    ["metric"],
+)
+LABELS = Gauge("segflow_scorer_labels_learned", "Matured churn labels the model learned from")
+DRIFTS = Gauge("segflow_scorer_drift_detected", "ADWIN drift detections on the model's log loss")
+SCORED = Counter("segflow_scorer_scored_total", "Customers scored (events, timers, merges)")
+EMITTED = Counter("segflow_scorer_scores_emitted_total", "CustomerScore records produced")
+CHECKPOINTS = Counter("segflow_scorer_checkpoints_total", "Model checkpoints written")
+WATERMARK = Gauge("segflow_scorer_watermark_seconds", "Event-time watermark (epoch seconds)")
+CUSTOMERS = Gauge("segflow_scorer_customers", "Customers with state")
+TIMERS = Gauge("segflow_scorer_timers", "Scheduled scoring timers (pending and refreshes)")
+
+
+class ScorerSettings(BaseSettings):
+    """The scorer's own settings (``SEGFLOW_SCORER_*`` environment variables)."""
+
+    model_config = SettingsConfigDict(env_prefix="SEGFLOW_SCORER_", extra="ignore")
+
+    instance: str = "scorer-0"
+    group_id: str = "segflow-scorer"
+    allowed_lateness_hours: float = 48.0
+    watermark_delay_seconds: float = 300.0
+    max_future_hours: float = 24.0
+    churn_horizon_days: int = 30
+    min_emit_interval_seconds: float = 300.0
+    refresh_hours: float = 24.0
+    checkpoint_seconds: float = 60.0
+    tick_seconds: float = 1.0
+    batch_size: int = 2000
+    high_value_zips: str = "10007,94027,90210,02108,60611"
+    pre_commit_delay: float = 0.0  # fault injection for tests: widen the open-transaction window
+
+    def core(self) -> ScorerConfig:
+        return ScorerConfig(
+            allowed_lateness_ms=int(self.allowed_lateness_hours * HOUR),
+            watermark_delay_ms=int(self.watermark_delay_seconds * 1000),
+            max_future_ms=int(self.max_future_hours * HOUR),
+            churn_horizon_days=self.churn_horizon_days,
+            min_emit_interval_ms=int(self.min_emit_interval_seconds * 1000),
+            refresh_interval_ms=max(1, int(self.refresh_hours * HOUR)),
+            churned_refresh_interval_ms=7 * DAY,
+            high_value_zips=frozenset(z.strip() for z in self.high_value_zips.split(",") if z),
+        )
+
+
+class ScorerService:
+    """Handler, tick and abort hook of the scorer on the shared loop."""
+
+    def __init__(
+        self,
+        settings: Settings,
+        options: ScorerSettings | None = None,
+        clock: Callable[[], float] = time.time,
+    ) -> None:
+        self.settings = settings
+        self.options = options or ScorerSettings()
+        self.clock = clock
+        self.states = ChangelogStore(settings, TOPICS.scorer_state)
+        self.models = ChangelogStore(settings, TOPICS.scorer_model)
+        self.scorer = Scorer(self.options.core())
+        self.model_key = f"churn.{self.options.instance}"
+        self._last_checkpoint = clock()
+        self._checkpointed_n = -1
+        self._counted = (0, 0)
+
+    def _now(self) -> int:
+        return int(self.clock() * 1000)
+
+    def restore(self) -> None:
+        """Load state and the latest model checkpoint; rebuild the timers."""
+        self.states.restore()
+        self.models.restore()
+        record = self.models.get(self.model_key)
+        if record is not None:
+            self.scorer.restore(record)
+            self._checkpointed_n = int(record["n_learned"])
+        else:
+            self.scorer.model.created_at = self._now()
+        self.scorer.rebuild(self.states.items())
+        self.scorer.expect_sources(range(TOPICS.identified.partitions), self._now())
+        log.info(
+            "scorer restored",
+            extra={
+                "fields": {
+                    "customers": len(self.states),
+                    "model": self.scorer.model.version,
+                    "max_event_ms": self.scorer.max_event_ms,
+                }
+            },
+        )
+
+    # -- loop callbacks ------------------------------------------------------------------
+    def handle(self, record: Incoming) -> Iterator[Output]:
+        now = self._now()
+        if record.topic.key_name == TOPICS.merges.key_name:
+            outs = self.scorer.on_merge(self.states.get, record.value, now)
+        else:
+            value = record.value
+            cid = value["customer_id"]
+            _, outs = self.scorer.on_event(
+                self.states.get(cid), cid, value["event"], now, source=record.partition
+            )
+        yield from self._outputs(outs)
+
+    def tick(self) -> Iterator[Output]:
+        now = self._now()
+        outs = self.scorer.flush(self.states.get, self.states.items, now)
+        yield from self._outputs(outs)
+        model = self.scorer.model
+        if (
+            model.n_learned != self._checkpointed_n
+            and self.clock() - self._last_checkpoint >= self.options.checkpoint_seconds
+        ):
+            yield self.models.put(self.model_key, self.scorer.checkpoint(self.model_key, now))
+            self._checkpointed_n = model.n_learned
+            self._last_checkpoint = self.clock()
+            CHECKPOINTS.inc()
+        self._export()
+
+    def checkpoint_now(self) -> Output:
+        """A checkpoint Output (for shutdown or tests)."""
+        return self.models.put(self.model_key, self.scorer.checkpoint(self.model_key, self._now()))
+
+    def on_commit(self) -> None:
+        pass
+
+    def on_abort(self) -> None:
+        """The stores rolled back: timers and cached buckets must follow them."""
+        self.scorer.rebuild(self.states.items())
+
+    def _outputs(self, outs: Iterable[Out]) -> Iterator[Output]:
+        states = self.states
+        for out in outs:
+            if isinstance(out, StateWrite):
+                if out.state is None:
+                    yield states.delete(out.customer_id)
+                else:
+                    yield states.put(out.customer_id, out.state)
+            elif isinstance(out, ScoreEmit):
+                yield Output(TOPICS.scores, out.customer_id, out.score)
+
+    def _export(self) -> None:
+        sc = self.scorer
+        for name, value in sc.model.quality().items():
+            if name in ("roc_auc", "log_loss", "calibration_error", "positive_rate"):
+                MODEL_QUALITY.labels(name).set(value)
+        LABELS.set(sc.model.n_learned)
+        DRIFTS.set(sc.model.drifts)
+        scored, emitted = self._counted
+        SCORED.inc(sc.scored - scored)
+        EMITTED.inc(sc.emitted - emitted)
+        self._counted = (sc.scored, sc.emitted)
+        if sc.watermark is not None:
+            WATERMARK.set(sc.watermark / 1000)
+        CUSTOMERS.set(len(self.states))
+        TIMERS.set(sc.pending_timers())
+
+
+def build_loop(settings: Settings, service: ScorerService) -> ProcessingLoop:
+    """The processing loop of one scorer instance (call ``service.restore()`` first)."""
+    opts = service.options
+    config = LoopConfig(
+        service="scorer",
+        group_id=opts.group_id,
+        sources={
+            TOPICS.identified.name(settings): TOPICS.identified,
+            TOPICS.merges.name(settings): TOPICS.merges,
+        },
+        transactional_id=f"{opts.group_id}-{opts.instance}",
+        batch_size=opts.batch_size,
+        tick_interval=opts.tick_seconds,
+        pre_commit_delay=opts.pre_commit_delay,
+    )
+    return ProcessingLoop(
+        settings,
+        config,
+        service.handle,
+        hooks=[service.states, service.models, service],
+        tick=service.tick,
+    )

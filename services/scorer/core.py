@@ -1,0 +1,743 @@
+"""Scorer core (pure): event-time features, online churn scoring, coalesced emission.
+
+The shell hands every identified event to :meth:`Scorer.on_event` with the customer's state
+(a dict shaped like ``io.segflow.ScorerState``, see :mod:`services.scorer.features`) and gets
+back the new state and the outputs to produce; it calls :meth:`Scorer.flush` on every tick.
+Time is an argument everywhere: ``now_ms`` (processing time) only stamps ``scored_at`` and
+rejects events from the future; everything else runs on event time.
+
+Event time
+    ``max_event_ms`` is the largest ``occurred_at`` accepted so far. The **watermark** is
+    ``max_event_ms - watermark_delay_ms`` (the out-of-orderness we wait for): time-driven work
+    (pending scores, refreshes) happens when the watermark passes its due time. The **final
+    watermark** is ``max_event_ms - allowed_lateness_ms``: an event older than it is rejected
+    (``too_late``, dead-lettered); a later one lands in its own day bucket however late it
+    comes, and churn labels mature only when their horizon is behind the final watermark.
+
+Emission (coalescing)
+    An *urgent* event (purchase, cancellation, escalated ticket, unsubscribe, or the first
+    activity after a day or more of silence) scores the customer at once. Any other event marks
+    it pending: it is scored when the watermark passes ``min_emit_interval_ms`` after its last
+    emission, so a burst of page views yields one score. A scored customer is emitted only when
+    something moved materially (a quantised fingerprint of its features, its churn probability
+    by ``churn_delta``, engagement by ``engagement_delta``, lifecycle stage or cluster).
+    Every customer is also refreshed on the ``refresh_interval_ms`` event-time grid (weekly
+    once churned), so recency grows and windows roll for silent customers too.
+
+Churn labels
+    A customer churns when it cancels or stays inactive for ``churn_horizon_days``; the model
+    predicts churn within the next ``prediction_window_days``. On each day boundary ``D``
+    behind the final watermark, the customers of that day's phase (one in
+    ``snapshot_every_days``) give one example snapshotted at ``t = D - window - horizon``,
+    if they were active in the horizon before ``t``: features as of ``t`` (recomputed from the
+    buckets) and ``churned = cancelled in [t, t + window) or no activity in
+    [t + window, D)``. The model scores it before learning from it (prequential metrics), see
+    :class:`services.scorer.model.ChurnModel`.
+
+>>> sc = Scorer(ScorerConfig())
+>>> t0 = 1_704_067_200_000
+>>> st, out = sc.on_event(None, "c1", {"event_type": "purchase", "occurred_at": t0,
+...                                    "amount": 20.0}, now_ms=t0)
+>>> [type(o).__name__ for o in out]
+['StateWrite', 'ScoreEmit']
+>>> score = out[1].score
+>>> p = score["churn_probability"]
+>>> score["features"]["purchases_7d"], score["lifecycle_stage"], 0 <= p <= 1
+(1.0, 'onboarded', True)
+"""
+
+from __future__ import annotations
+
+import heapq
+import math
+import zlib
+from collections.abc import Callable, Iterable, Mapping
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+import numpy.typing as npt
+
+from segflow.errors import InvalidRecord
+from services.scorer.features import (
+    DAY,
+    FEATURE_INDEX,
+    FEATURE_NAMES,
+    HOUR,
+    MINUTE,
+    NEVER_DAYS,
+    Buckets,
+    C,
+    State,
+    apply_event,
+    cancelled,
+    compute,
+    day_matrix,
+    high_value_zip,
+    merge_into,
+    new_state,
+)
+from services.scorer.model import CLUSTER_DIMS, ChurnModel
+
+#: The zip codes the ReEngageAtRisk rule scores as high value (the seeds' "high-value zip").
+DEFAULT_HIGH_VALUE_ZIPS = frozenset({"10007", "94027", "90210", "02108", "60611"})
+STAGES = ("prospect", "onboarded", "adopting", "loyal", "at_risk", "churned")
+URGENT_TYPES = frozenset({"purchase", "subscription_cancel", "email_unsubscribe"})
+
+
+@dataclass(frozen=True)
+class ScorerConfig:
+    """Event-time, labelling and emission settings (all durations in epoch milliseconds)."""
+
+    allowed_lateness_ms: int = 2 * DAY
+    watermark_delay_ms: int = 5 * MINUTE
+    max_future_ms: int = DAY
+    churn_horizon_days: int = 30
+    prediction_window_days: int = 30
+    snapshot_every_days: int = 7
+    min_tenure_days: int = 7
+    min_emit_interval_ms: int = 5 * MINUTE
+    refresh_interval_ms: int = DAY
+    churned_refresh_interval_ms: int = 7 * DAY
+    churn_delta: float = 0.02
+    engagement_delta: float = 2.0
+    at_risk_probability: float = 0.5
+    min_learned_for_stage: int = 500
+    top_k: int = 5
+    clv_months: int = 12
+    max_scores_per_flush: int = 50_000
+    reactivation_gap_ms: int = 3 * DAY
+    source_idle_ms: int = 30_000
+    high_value_zips: frozenset[str] = DEFAULT_HIGH_VALUE_ZIPS
+
+
+# -- outputs ---------------------------------------------------------------------------------
+@dataclass(frozen=True)
+class StateWrite:
+    """Write the customer's state (``None``: delete it, a tombstone on the changelog)."""
+
+    customer_id: str
+    state: State | None
+
+
+@dataclass(frozen=True)
+class ScoreEmit:
+    """Produce a CustomerScore (``None``: tombstone the customer's score)."""
+
+    customer_id: str
+    score: dict[str, Any] | None
+
+
+Out = StateWrite | ScoreEmit
+
+
+# -- the model's view of the features ----------------------------------------------------------
+_LOG = "log"
+_CLIP = "clip"
+_IDLE = "idle"
+MODEL_INPUTS: tuple[tuple[str, str], ...] = (
+    ("sessions_7d", _LOG),
+    ("sessions_28d", _LOG),
+    ("page_views_7d", _LOG),
+    ("logins_7d", _LOG),
+    ("feature_use_7d", _LOG),
+    ("feature_use_28d", _LOG),
+    ("cart_views_14d", _LOG),
+    ("opens_28d", _LOG),
+    ("clicks_28d", _LOG),
+    ("purchases_28d", _LOG),
+    ("revenue_28d", _LOG),
+    ("tickets_28d", _LOG),
+    ("escalations_28d", _LOG),
+    ("active_days_7d", ""),
+    ("active_days_28d", ""),
+    ("activity_3d_vs_prior28_change", _CLIP),
+    ("activity_7d_vs_prior28_change", _CLIP),
+    ("activity_14d_vs_prior28_change", _CLIP),
+    ("sessions_14d_vs_prior28_change", _CLIP),
+    ("feature_use_14d_vs_prior28_change", _CLIP),
+    ("opens_14d_vs_prior28_change", _CLIP),
+    ("purchases_28d_vs_prior28_change", _CLIP),
+    ("idle_days_active", _IDLE),
+    ("idle_days_purchase", _IDLE),
+    ("idle_days_feature_use", _IDLE),
+    ("sentiment_mean_28d", ""),
+)
+_MI_NAMES = [n for n, _ in MODEL_INPUTS]
+_MI_IDX = np.array([FEATURE_INDEX[n] for n, _ in MODEL_INPUTS])
+_MI_LOG = np.array([i for i, (_, k) in enumerate(MODEL_INPUTS) if k == _LOG])
+_MI_CLIP = np.array([i for i, (_, k) in enumerate(MODEL_INPUTS) if k == _CLIP])
+_MI_IDLE = np.array([i for i, (_, k) in enumerate(MODEL_INPUTS) if k == _IDLE])
+#: Idle days are capped: training examples only come from customers active in the horizon.
+IDLE_CAP = 45.0
+
+# engagement: weighted 14-day activity
+_ENG = {
+    "sessions_14d": 1.0,
+    "logins_14d": 0.5,
+    "page_views_14d": 0.3,
+    "feature_use_14d": 1.5,
+    "cart_views_14d": 0.5,
+    "purchases_14d": 3.0,
+    "opens_14d": 1.0,
+    "clicks_14d": 2.0,
+}
+_ENG_IDX = np.array([FEATURE_INDEX[n] for n in _ENG])
+_ENG_W = np.array(list(_ENG.values()))
+ENGAGEMENT_SCALE = 25.0
+
+# fingerprint quantisation: counts and days exact (floored), ratios in 5 % steps, money and
+# sentiment on a log scale
+_Q_SCALE = np.ones(len(FEATURE_NAMES))
+_Q_LOG = np.zeros(len(FEATURE_NAMES), dtype=bool)
+for _name, _i in FEATURE_INDEX.items():
+    if "change" in _name or "rate" in _name or "drift" in _name:
+        _Q_SCALE[_i] = 20.0
+    elif "sentiment" in _name:
+        _Q_SCALE[_i] = 10.0
+    elif "revenue" in _name or "order_value" in _name:
+        _Q_LOG[_i] = True
+
+_I = FEATURE_INDEX
+
+
+def model_input(vec: npt.NDArray[np.float64]) -> dict[str, float]:
+    """The churn model's inputs from a feature vector (log counts, clipped changes, capped
+    idle days), keyed by the feature names they come from.
+
+    >>> x = model_input(np.zeros(len(FEATURE_NAMES)))
+    >>> len(x), x["idle_days_active"]
+    (26, 0.0)
+    """
+    v = vec[_MI_IDX]
+    v[_MI_LOG] = np.log1p(v[_MI_LOG])
+    v[_MI_CLIP] = np.minimum(v[_MI_CLIP], 3.0)
+    v[_MI_IDLE] = np.log1p(np.minimum(v[_MI_IDLE], IDLE_CAP))
+    return dict(zip(_MI_NAMES, v.tolist(), strict=True))
+
+
+def engagement(vec: npt.NDArray[np.float64]) -> float:
+    """Engagement 0-100: ``100 * (1 - exp(-w / 25))`` of the weighted 14-day activity ``w``.
+
+    >>> engagement(np.zeros(len(FEATURE_NAMES)))
+    0.0
+    """
+    w = float(vec[_ENG_IDX] @ _ENG_W)
+    return 100.0 * (1.0 - math.exp(-w / ENGAGEMENT_SCALE))
+
+
+def clv(vec: npt.NDArray[np.float64], churn: float, months: int) -> float:
+    """Expected revenue over the next ``months``: the monthly revenue rate of the last 90 days
+    (or the tenure, if shorter, at least 14 days) times the expected number of retained
+    months when each month keeps the customer with probability ``1 - churn``.
+
+    >>> v = np.zeros(len(FEATURE_NAMES)); v[FEATURE_INDEX["revenue_90d"]] = 90.0
+    >>> v[FEATURE_INDEX["tenure_days"]] = 200.0
+    >>> round(clv(v, 0.0, 12), 1), round(clv(v, 1.0, 12), 1)
+    (365.2, 30.4)
+    """
+    days = min(90.0, max(14.0, float(vec[_I["tenure_days"]])))
+    monthly = float(vec[_I["revenue_90d"]]) / days * 30.4375
+    keep = 1.0 - churn
+    months_kept = float(months) if churn <= 0 else (1.0 - keep**months) / churn
+    return monthly * months_kept
+
+
+def cluster_input(vec: npt.NDArray[np.float64], eng: float) -> dict[str, float]:
+    """The clustering vector (each dimension roughly in [0, 1])."""
+    return {
+        "engagement": eng / 100.0,
+        "purchasing": min(1.0, math.log1p(vec[_I["purchases_90d"]]) / math.log1p(20.0)),
+        "idle": min(1.0, float(vec[_I["idle_days_active"]]) / 90.0),
+        "features": min(1.0, math.log1p(vec[_I["feature_use_28d"]]) / math.log1p(60.0)),
+        "support": min(1.0, math.log1p(vec[_I["tickets_28d"]]) / math.log1p(10.0)),
+        "email": min(1.0, float(vec[_I["open_rate_28d"]])),
+    }
+
+
+def fingerprint(vec: npt.NDArray[np.float64]) -> int:
+    """A stable hash of the quantised features: it changes when a feature moves materially
+    (a count or whole day changes, a ratio moves 5 points, money moves ~13 %).
+
+    >>> v = np.zeros(len(FEATURE_NAMES))
+    >>> a = fingerprint(v); v[FEATURE_INDEX["days_since_open"]] = 0.5; b = fingerprint(v)
+    >>> v[FEATURE_INDEX["days_since_open"]] = 1.2
+    >>> a == b, b == fingerprint(v)
+    (True, False)
+    """
+    q = np.where(_Q_LOG, np.log1p(np.abs(vec)) * 8.0, vec * _Q_SCALE)
+    return int(zlib.crc32(np.floor(q).astype(np.int64).tobytes()))
+
+
+def lifecycle(
+    st: State, vec: npt.NDArray[np.float64], churn: float, model_ready: bool, cfg: ScorerConfig
+) -> str:
+    """Lifecycle stage: prospect → onboarded → adopting → loyal, or at_risk / churned.
+
+    * churned: cancelled with no activity since, or no activity for the churn horizon;
+    * prospect: never logged in, bought or used a feature;
+    * at_risk: churn probability ≥ ``at_risk_probability`` (once the model has learned
+      ``min_learned_for_stage`` examples), activity down ≥ 60 % over 14 days against the
+      prior 28, or 14+ days without activity;
+    * onboarded: tenure < 14 days or fewer than 3 feature uses and purchases in total;
+    * adopting: tenure < 60 days or active on fewer than 8 of the last 28 days;
+    * loyal: otherwise.
+    """
+    idle = float(vec[_I["days_since_active"]])
+    if st["last_active_ms"] is None:
+        return "prospect"
+    if cancelled(st) or idle >= cfg.churn_horizon_days:
+        return "churned"
+    if (
+        st["lifetime_logins"] == 0
+        and st["lifetime_purchases"] == 0
+        and (st["lifetime_feature_use"] == 0)
+    ):
+        return "prospect"
+    if (
+        (model_ready and churn >= cfg.at_risk_probability)
+        or vec[_I["activity_14d_vs_prior28_change"]] <= -0.6
+        or idle >= 14
+    ):
+        return "at_risk"
+    tenure = float(vec[_I["tenure_days"]])
+    if tenure < 14 or st["lifetime_feature_use"] + st["lifetime_purchases"] < 3:
+        return "onboarded"
+    if tenure < 60 or vec[_I["active_days_28d"]] < 8:
+        return "adopting"
+    return "loyal"
+
+
+@dataclass(frozen=True)
+class Scored:
+    """One customer scored as of ``as_of``."""
+
+    as_of: int
+    vector: npt.NDArray[np.float64]
+    churn: float
+    engagement: float
+    clv: float
+    cluster: int
+    stage: str
+    top: list[tuple[str, float]]
+    fingerprint: int
+
+
+@dataclass
+class Scorer:
+    """The scorer's process-wide state: event-time clock, model, timers (rebuildable)."""
+
+    config: ScorerConfig
+    model: ChurnModel = field(default_factory=ChurnModel)
+    max_event_ms: int | None = None
+    #: Per input partition: (largest occurred_at, processing time it last had an event).
+    _sources: dict[Any, tuple[int, int]] = field(default_factory=dict)
+    _timers: list[tuple[int, str]] = field(default_factory=list)
+    _descriptions: dict[int, str] = field(default_factory=dict)
+    emitted: int = 0
+    scored: int = 0
+    #: Decompressed buckets of recently seen customers: (the compressed blob they match,
+    #: buckets). A state whose blob is not the cached object (a rollback, a restore) reloads.
+    cache_size: int = 20_000
+    _cache: dict[str, tuple[bytes, Buckets]] = field(default_factory=dict)
+
+    # -- clock ---------------------------------------------------------------------------
+    @property
+    def watermark(self) -> int | None:
+        """Event time up to which the stream is considered complete enough to act on."""
+        if self.max_event_ms is None:
+            return None
+        return self.max_event_ms - self.config.watermark_delay_ms
+
+    @property
+    def final_watermark(self) -> int | None:
+        """Event time before which no event is accepted any more."""
+        if self.max_event_ms is None:
+            return None
+        return self.max_event_ms - self.config.allowed_lateness_ms
+
+    def _observe(self, source: Any, t: int, now_ms: int) -> None:
+        """Advance the clock: it is the smallest of the input partitions' largest event times
+        (partitions idle for ``source_idle_ms`` of processing time do not hold it back), and
+        it never goes backwards. A replay that reads one partition ahead of the others thus
+        does not make the others' events late."""
+        old = self._sources.get(source)
+        self._sources[source] = (t if old is None or t > old[0] else old[0], now_ms)
+        self._advance(now_ms)
+
+    def _advance(self, now_ms: int) -> None:
+        idle = self.config.source_idle_ms
+        live = [t for t, seen in self._sources.values() if now_ms - seen <= idle]
+        clock = min(live) if live else max(t for t, _ in self._sources.values())
+        if clock >= 0 and (self.max_event_ms is None or clock > self.max_event_ms):
+            self.max_event_ms = clock
+
+    def expect_sources(self, sources: Iterable[Any], now_ms: int) -> None:
+        """Declare input partitions before they deliver: each holds the clock back until its
+        first event or until it has been idle for ``source_idle_ms``."""
+        for source in sources:
+            self._sources.setdefault(source, (-1, now_ms))
+
+    # -- events --------------------------------------------------------------------------
+    def on_event(
+        self,
+        state: State | None,
+        customer_id: str,
+        event: Mapping[str, Any],
+        now_ms: int,
+        source: Any = 0,
+    ) -> tuple[State, list[Out]]:
+        """Apply one event to the customer's state; score at once if the event is urgent.
+
+        Raises :class:`~segflow.errors.InvalidRecord` (dead-lettered by the shell) for an
+        event from the future (``future_event``), older than the allowed lateness
+        (``too_late``) or without a customer id (``missing_field``).
+        """
+        if not customer_id:
+            raise InvalidRecord("identified event without customer_id", reason="missing_field")
+        t = int(event["occurred_at"])
+        if t > now_ms + self.config.max_future_ms:
+            raise InvalidRecord(
+                f"event occurred {(t - now_ms) / 1000:.0f}s in the future", reason="future_event"
+            )
+        fw = self.final_watermark
+        if fw is not None and t < fw:
+            raise InvalidRecord(
+                f"event is {(fw - t) / 1000:.0f}s older than the allowed lateness",
+                reason="too_late",
+            )
+        self._observe(source, t, now_ms)
+        st = new_state(customer_id, t) if state is None else dict(state)
+        prev_active = st["last_active_ms"]
+        kind = str(event["event_type"])
+        b = self.buckets(customer_id, st)
+        del self._cache[customer_id]  # mutated below: not valid for the old blob any more
+        b = apply_event(st, event, b)
+        if kind == "identify":
+            high_value_zip(st, event, self.config.high_value_zips)
+        blob = st["buckets"] = b.dump()
+        self._cache[customer_id] = (blob, b)
+        urgent = (
+            kind in URGENT_TYPES
+            or (kind == "support_ticket" and bool(event.get("escalated")))
+            or (
+                st["last_active_ms"] is not None
+                and st["last_active_ms"] != prev_active
+                and (
+                    prev_active is None
+                    or st["last_active_ms"] - prev_active >= self.config.reactivation_gap_ms
+                )
+            )
+        )
+        outs: list[Out] = []
+        if urgent:
+            scored = self.score(st, max(st["last_event_ms"], self.watermark or 0), b)
+            emit = self._settle(st, scored, now_ms)
+            outs.append(StateWrite(customer_id, st))
+            if emit is not None:
+                outs.append(emit)
+            return st, outs
+        if not st["pending"]:
+            st["pending"] = True
+            self._schedule(customer_id, self._due(st))
+        outs.append(StateWrite(customer_id, st))
+        return st, outs
+
+    def on_merge(
+        self, get: Callable[[str], State | None], merge: Mapping[str, Any], now_ms: int
+    ) -> list[Out]:
+        """Fold the absorbed customers' states into the survivor's, delete theirs (state and
+        score tombstones) and rescore the survivor. Replaying a merge is a no-op."""
+        survivor_id = str(merge["survivor_id"])
+        survivor = get(survivor_id)
+        outs: list[Out] = []
+        merged = False
+        for absorbed_id in merge["absorbed_ids"]:
+            if absorbed_id == survivor_id:
+                continue
+            absorbed = get(absorbed_id)
+            if absorbed is None:
+                continue
+            if survivor is None:
+                survivor = dict(absorbed)
+                survivor["customer_id"] = survivor_id
+                survivor["pending"] = True
+            else:
+                survivor = merge_into(survivor, absorbed)
+            merged = True
+            outs.append(StateWrite(absorbed_id, None))
+            outs.append(ScoreEmit(absorbed_id, None))
+        if not merged or survivor is None:
+            return outs
+        scored = self.score(survivor, max(survivor["last_event_ms"], self.watermark or 0))
+        emit = self._settle(survivor, scored, now_ms, force=True)
+        outs.append(StateWrite(survivor_id, survivor))
+        if emit is not None:
+            outs.append(emit)
+        return outs
+
+    def buckets(self, customer_id: str, st: State) -> Buckets:
+        """The customer's decompressed buckets, from the cache when they match ``st``."""
+        hit = self._cache.get(customer_id)
+        if hit is not None and hit[0] is st["buckets"]:
+            return hit[1]
+        b = Buckets.load(st["buckets"])
+        cache = self._cache
+        if len(cache) >= self.cache_size:
+            for key in list(cache)[: self.cache_size // 10]:
+                del cache[key]
+        cache[customer_id] = (st["buckets"], b)
+        return b
+
+    # -- scoring -------------------------------------------------------------------------
+    def score(self, st: State, as_of: int, b: Buckets | None = None) -> Scored:
+        """Features and scores of one customer as of ``as_of`` (does not change anything)."""
+        if b is None:
+            b = self.buckets(st["customer_id"], st)
+        vec = compute(st, as_of, b).vector
+        x = model_input(vec)
+        model = self.model
+        churn, top = model.predict_explain(x, self.config.top_k)
+        eng = engagement(vec)
+        cl = model.cluster(cluster_input(vec, eng))
+        ready = model.n_learned >= self.config.min_learned_for_stage
+        stage = lifecycle(st, vec, churn, ready, self.config)
+        return Scored(
+            as_of=as_of,
+            vector=vec,
+            churn=churn,
+            engagement=eng,
+            clv=clv(vec, churn, self.config.clv_months),
+            cluster=cl,
+            stage=stage,
+            top=top,
+            fingerprint=fingerprint(vec),
+        )
+
+    def record(self, customer_id: str, s: Scored, now_ms: int) -> dict[str, Any]:
+        """The CustomerScore record of a scored customer."""
+        vec = s.vector
+        values = np.round(vec, 4).tolist()
+        return {
+            "customer_id": customer_id,
+            "as_of": s.as_of,
+            "churn_probability": round(s.churn, 4),
+            "engagement_score": round(s.engagement, 2),
+            "clv": round(s.clv, 2),
+            "cluster": s.cluster,
+            "lifecycle_stage": s.stage,
+            "features": dict(zip(FEATURE_NAMES, values, strict=True)),
+            "top_features": [
+                {"name": n, "value": values[FEATURE_INDEX[n]], "contribution": round(c, 4)}
+                for n, c in s.top
+            ],
+            "model_version": self.model.version,
+            "scored_at": now_ms,
+            "cluster_description": self._descriptions.get(s.cluster, ""),
+        }
+
+    def _settle(self, st: State, s: Scored, now_ms: int, force: bool = False) -> ScoreEmit | None:
+        """Record that ``st`` was scored (mutates ``st``: a fresh copy); emit if material."""
+        self.scored += 1
+        st["pending"] = False
+        st["scored_as_of"] = s.as_of
+        material = (
+            force
+            or st["emitted_as_of"] is None
+            or s.fingerprint != st["emitted_fingerprint"]
+            or s.stage != st["emitted_stage"]
+            or s.cluster != st["emitted_cluster"]
+            or abs(s.churn - st["emitted_churn"]) >= self.config.churn_delta
+            or abs(s.engagement - st["emitted_engagement"]) >= self.config.engagement_delta
+        )
+        self._schedule(st["customer_id"], self._due(st))
+        if not material:
+            return None
+        st["emitted_as_of"] = s.as_of
+        st["emitted_fingerprint"] = s.fingerprint
+        st["emitted_stage"] = s.stage
+        st["emitted_cluster"] = s.cluster
+        st["emitted_churn"] = s.churn
+        st["emitted_engagement"] = s.engagement
+        self.emitted += 1
+        return ScoreEmit(st["customer_id"], self.record(st["customer_id"], s, now_ms))
+
+    # -- timers --------------------------------------------------------------------------
+    def _due(self, st: State) -> int:
+        """When the customer should next be scored (event time)."""
+        if st["pending"]:
+            last = st["emitted_as_of"]
+            return 0 if last is None else int(last) + self.config.min_emit_interval_ms
+        every = self._every(st)
+        scored = int(st["scored_as_of"] or st["last_event_ms"])
+        return (scored // every + 1) * every
+
+    def _every(self, st: State) -> int:
+        if st["emitted_stage"] == "churned":
+            return self.config.churned_refresh_interval_ms
+        return self.config.refresh_interval_ms
+
+    def _schedule(self, customer_id: str, due: int) -> None:
+        heapq.heappush(self._timers, (due, customer_id))
+
+    def rebuild(self, states: Iterable[tuple[str, State]]) -> None:
+        """Recreate the timers from the states (after a restore or an abort). The clock is not
+        taken from the states: the newest customer may be far ahead of a partition that was
+        behind, whose events would then look late; the inputs re-establish it."""
+        self._timers = [(self._due(st), cid) for cid, st in states]
+        heapq.heapify(self._timers)
+
+    def flush(
+        self,
+        get: Callable[[str], State | None],
+        states: Callable[[], Iterable[tuple[str, State]]],
+        now_ms: int,
+    ) -> list[Out]:
+        """Time-driven work up to the watermark: score customers whose timer is due (pending
+        ones and refreshes), then learn from the labels that matured."""
+        outs: list[Out] = []
+        if self._sources:
+            self._advance(now_ms)
+        wm = self.watermark
+        if wm is None:
+            return outs
+        timers = self._timers
+        budget = self.config.max_scores_per_flush
+        written: dict[str, State] = {}
+        while timers and timers[0][0] <= wm and budget > 0:
+            _, cid = heapq.heappop(timers)
+            st = written.get(cid) or get(cid)
+            if st is None or self._due(st) > wm:
+                continue  # stale timer: rescheduled or deleted since
+            st = dict(st)
+            if st["pending"]:
+                as_of = max(st["last_event_ms"], wm)
+            else:  # a refresh: as of the latest grid time the watermark passed
+                every = self._every(st)
+                as_of = max(st["last_event_ms"], wm // every * every)
+            scored = self.score(st, as_of)
+            emit = self._settle(st, scored, now_ms)
+            written[cid] = st
+            outs.append(StateWrite(cid, st))
+            if emit is not None:
+                outs.append(emit)
+            budget -= 1
+        self.mature(states)
+        return outs
+
+    # -- labels --------------------------------------------------------------------------
+    def mature(self, states: Callable[[], Iterable[tuple[str, State]]]) -> int:
+        """Learn from every snapshot whose horizon is now behind the final watermark;
+        returns the number of examples learned."""
+        fw = self.final_watermark
+        if fw is None:
+            return 0
+        target = fw // DAY  # day boundaries up to target * DAY are final
+        model = self.model
+        if model.matured_through_day is None:
+            model.matured_through_day = target
+            return 0
+        n = 0
+        while model.matured_through_day < target:
+            model.matured_through_day += 1
+            n += self._learn_day(model.matured_through_day, states())
+        if n:
+            self._descriptions = model.describe_clusters()
+        return n
+
+    def _learn_day(self, day: int, states: Iterable[tuple[str, State]]) -> int:
+        cfg = self.config
+        end = day * DAY
+        t = end - (cfg.prediction_window_days + cfg.churn_horizon_days) * DAY
+        phase = day % cfg.snapshot_every_days
+        n = 0
+        for cid, st in states:
+            if zlib.crc32(cid.encode()) % cfg.snapshot_every_days != phase:
+                continue
+            example = self.example(st, t)
+            if example is None:
+                continue
+            x, y, cx = example
+            self.model.learn(x, y, at=end)
+            self.model.learn_cluster(cx)
+            n += 1
+        return n
+
+    def example(self, st: State, t: int) -> tuple[dict[str, float], bool, dict[str, float]] | None:
+        """The training example of a customer snapshotted at ``t`` (a day boundary), judged
+        ``prediction_window + churn_horizon`` days later: churned when it cancelled within the
+        prediction window, or had no activity at all in the ``churn_horizon`` days after it
+        (its inactivity began inside the window). None when the customer is not eligible at
+        ``t``: too new, already cancelled, or inactive for the whole horizon before ``t``.
+        """
+        cfg = self.config
+        h, w = cfg.churn_horizon_days, cfg.prediction_window_days
+        if st["first_seen_ms"] > t - cfg.min_tenure_days * DAY:
+            return None
+        cancel = st["last_cancel_ms"]
+        if cancel is not None and cancel < t:
+            return None
+        end = t + (w + h) * DAY
+        b = self.buckets(st["customer_id"], st)
+        active = day_matrix(st, end - 1, b)[:, C["active_days"]]
+        # rows: [0, h) the horizon after the window, [h, h + w) the window, then before t
+        if not active[h + w : h + w + h].any():
+            return None
+        churned = (cancel is not None and cancel < t + w * DAY) or not active[:h].any()
+        vec = compute(st, t - 1, b).vector
+        return model_input(vec), churned, cluster_input(vec, engagement(vec))
+
+    # -- checkpoints ---------------------------------------------------------------------
+    def checkpoint(self, name: str, now_ms: int) -> dict[str, Any]:
+        """A ``io.segflow.ModelCheckpoint`` record of the current model."""
+        m = self.model
+        descriptions = m.describe_clusters()
+        return {
+            "model_name": name,
+            "version": m.version,
+            "created_at": m.created_at,
+            "checkpointed_at": now_ms,
+            "n_learned": m.n_learned,
+            "matured_through_day": m.matured_through_day,
+            "max_event_ms": self.max_event_ms,
+            "metrics": m.quality(),
+            "clusters": [
+                {
+                    "cluster": k,
+                    "description": descriptions.get(k, ""),
+                    "centroid": centroid,
+                }
+                for k, centroid in sorted(m.centroids().items())
+            ],
+            "model": m.to_bytes(),
+        }
+
+    def restore(self, record: Mapping[str, Any]) -> None:
+        """Resume from a checkpoint record."""
+        self.model = ChurnModel.from_bytes(record["model"])
+        self._descriptions = self.model.describe_clusters()
+
+    def pending_timers(self) -> int:
+        return len(self._timers)
+
+
+__all__ = [
+    "CLUSTER_DIMS",
+    "DAY",
+    "HOUR",
+    "DEFAULT_HIGH_VALUE_ZIPS",
+    "MODEL_INPUTS",
+    "NEVER_DAYS",
+    "STAGES",
+    "Out",
+    "ScoreEmit",
+    "Scored",
+    "Scorer",
+    "ScorerConfig",
+    "StateWrite",
+    "clv",
+    "engagement",
+    "fingerprint",
+    "lifecycle",
+    "model_input",
+]

@@ -1,0 +1,568 @@
+"""Per-customer behavioural state in event time, and the features computed from it (pure).
+
+A customer's state is a plain dict shaped like the Avro record ``io.segflow.ScorerState``:
+scalar recency timestamps and lifetime counters, plus ``buckets``, a zlib-compressed block of
+daily buckets for the last :data:`RING` (120) days (a ring indexed by ``day % RING``;
+``head_day`` is the newest day in it). Each day holds one saturating 8-bit count per signal
+(:data:`SIGNALS`) and two 32-bit floats (revenue, sum of ticket sentiment). Raw events are
+never kept, so the state is bounded whatever the event rate.
+
+Features are computed *as of* a time ``as_of``: window ``N`` days covers the UTC day of
+``as_of`` and the ``N - 1`` days before it. Everything a window or ``idle_days_*`` feature
+needs is in the buckets, so features as of a past time can be recomputed exactly (the churn
+model's matured training examples are built that way, see :mod:`services.scorer.core`).
+
+>>> st = new_state("c1", 10 * DAY)
+>>> for day, kind in [(10, "email_open"), (11, "email_open"), (12, "purchase")]:
+...     ev = {"event_type": kind, "occurred_at": day * DAY + HOUR, "amount": 9.5}
+...     store_buckets(st, apply_event(st, ev))
+>>> f = compute(st, 12 * DAY + 2 * HOUR).values
+>>> f["opens_7d"], f["purchases_3d"], f["revenue_7d"], f["days_since_open"], f["idle_days_open"]
+(2.0, 1.0, 9.5, 1.0417, 1.0)
+"""
+
+from __future__ import annotations
+
+import math
+import zlib
+from collections.abc import Mapping
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+import numpy.typing as npt
+
+SECOND = 1_000
+MINUTE = 60 * SECOND
+HOUR = 60 * MINUTE
+DAY = 24 * HOUR
+
+#: Days of history kept per customer: the longest window (90) and, for the churn model's
+#: matured examples, the prediction window plus the inactivity horizon plus the model's own
+#: look-back (30 + 30 + 56 days, see services.scorer.core).
+RING = 120
+#: Window lengths in days.
+WINDOWS = (3, 7, 10, 14, 21, 28, 90)
+#: Daily count signals, in bucket column order.
+SIGNALS = (
+    "sessions",
+    "logins",
+    "page_views",
+    "feature_use",
+    "cart_views",
+    "cart_abandons",
+    "purchases",
+    "emails_sent",
+    "opens",
+    "clicks",
+    "tickets",
+    "escalations",
+    "other_events",
+)
+N_SIG = len(SIGNALS)
+S = {name: i for i, name in enumerate(SIGNALS)}
+#: Event type → count signal (``escalations`` is added for escalated tickets; unknown types
+#: count as ``other_events``; identify, subscription_cancel, email_unsubscribe and
+#: email_bounce only change scalars).
+EVENT_SIGNAL = {
+    "session_start": S["sessions"],
+    "login": S["logins"],
+    "page_view": S["page_views"],
+    "feature_use": S["feature_use"],
+    "cart_view": S["cart_views"],
+    "cart_abandon": S["cart_abandons"],
+    "purchase": S["purchases"],
+    "email_sent": S["emails_sent"],
+    "email_open": S["opens"],
+    "email_click": S["clicks"],
+    "support_ticket": S["tickets"],
+}
+SCALAR_ONLY = frozenset({"identify", "subscription_cancel", "email_unsubscribe", "email_bounce"})
+#: Signals that are the customer's own doing (email_sent is the provider's; unknown types
+#: are not trusted as activity).
+ACTIVITY = tuple(
+    S[n]
+    for n in (
+        "sessions",
+        "logins",
+        "page_views",
+        "feature_use",
+        "cart_views",
+        "cart_abandons",
+        "purchases",
+        "opens",
+        "clicks",
+        "tickets",
+    )
+)
+_ACTIVITY_TYPES = frozenset(
+    t for t, i in EVENT_SIGNAL.items() if i in ACTIVITY
+)  # event types that update last_active_ms
+
+# Extended columns of the per-day matrix: the signals, then derived ones.
+COLUMNS = (*SIGNALS, "activity", "active_days", "revenue", "sentiment_sum")
+C = {name: i for i, name in enumerate(COLUMNS)}
+_N_COLS = len(COLUMNS)
+
+#: Recency timestamps kept exactly (field ``last_<x>_ms``) → feature ``days_since_<x>``.
+RECENCY = (
+    "active",
+    "session",
+    "login",
+    "feature_use",
+    "cart_view",
+    "purchase",
+    "open",
+    "click",
+    "ticket",
+    "escalation",
+)
+_RECENCY_OF_TYPE = {
+    "session_start": "session",
+    "login": "login",
+    "feature_use": "feature_use",
+    "cart_view": "cart_view",
+    "purchase": "purchase",
+    "email_open": "open",
+    "email_click": "click",
+    "support_ticket": "ticket",
+}
+#: Value of ``days_since_*`` when the thing never happened.
+NEVER_DAYS = 999.0
+
+_COUNT_BYTES = RING * N_SIG
+_FLOAT_BYTES = RING * 2 * 4
+_BLOB_BYTES = _COUNT_BYTES + _FLOAT_BYTES
+
+State = dict[str, Any]
+
+# -- windows, relative changes and idle days: which columns are exported --------------------
+_WINDOW_COLS = (*SIGNALS, "activity", "active_days", "revenue")
+_CHANGE_SIGNALS = (
+    "sessions",
+    "logins",
+    "page_views",
+    "feature_use",
+    "opens",
+    "clicks",
+    "purchases",
+    "activity",
+)
+_CHANGE_WINDOWS = (3, 7, 14)
+_IDLE = (
+    ("active", "active_days"),
+    ("purchase", "purchases"),
+    ("feature_use", "feature_use"),
+    ("open", "opens"),
+    ("login", "logins"),
+    ("session", "sessions"),
+)
+
+# Feature names, in the order of the value vector built by compute().
+WINDOW_FEATURES = [f"{c}_{w}d" for w in WINDOWS for c in _WINDOW_COLS]
+CHANGE_FEATURES = [
+    f"{c}_{w}d_vs_prior28_change" for w in _CHANGE_WINDOWS for c in _CHANGE_SIGNALS
+] + ["purchases_28d_vs_prior28_change", "revenue_28d_vs_prior28_change"]
+IDLE_FEATURES = [f"idle_days_{n}" for n, _ in _IDLE]
+SCALAR_FEATURES = [f"days_since_{n}" for n in RECENCY] + [
+    "days_since_signup",
+    "tenure_days",
+    "sentiment_mean_7d",
+    "sentiment_mean_14d",
+    "sentiment_mean_28d",
+    "open_rate_28d",
+    "purchase_interval_days",
+    "purchase_interval_baseline_days",
+    "purchase_interval_drift",
+    "avg_order_value",
+    "lifetime_purchases",
+    "lifetime_revenue",
+    "lifetime_feature_use",
+    "lifetime_logins",
+    "unsubscribed",
+    "bounced",
+    "cancelled",
+    "high_value_zip",
+]
+FEATURE_NAMES: tuple[str, ...] = tuple(
+    WINDOW_FEATURES + CHANGE_FEATURES + IDLE_FEATURES + SCALAR_FEATURES
+)
+
+# Rows of the cumulative day matrix that compute() reads (k = sum of the last k + 1 days).
+_ROWS = np.array([w - 1 for w in WINDOWS] + [30, 34, 41, 55])
+_R = {w: i for i, w in enumerate(WINDOWS)}
+_PRIOR_ROW = {3: 7, 7: 8, 14: 9, 28: 10}  # row index (in _ROWS) where the prior 28 days end
+
+
+def _flat(row: int, col: int) -> int:
+    return row * len(COLUMNS) + col
+
+
+_WIN_FLAT = np.array([_flat(_R[w], C[c]) for w in WINDOWS for c in _WINDOW_COLS])
+_CHANGE_KEYS = [(w, c) for w in _CHANGE_WINDOWS for c in _CHANGE_SIGNALS] + [
+    (28, "purchases"),
+    (28, "revenue"),
+]
+_CUR_FLAT = np.array([_flat(_R[w], C[c]) for w, c in _CHANGE_KEYS])
+_PRIOR_FLAT = np.array([_flat(_PRIOR_ROW[w], C[c]) for w, c in _CHANGE_KEYS])
+_CUR_LEN = np.array([float(w) for w, _ in _CHANGE_KEYS])
+_SMALL_FLAT = np.array(
+    [
+        _flat(_R[7], C["sentiment_sum"]),
+        _flat(_R[7], C["tickets"]),
+        _flat(_R[14], C["sentiment_sum"]),
+        _flat(_R[14], C["tickets"]),
+        _flat(_R[28], C["sentiment_sum"]),
+        _flat(_R[28], C["tickets"]),
+        _flat(_R[28], C["opens"]),
+        _flat(_R[28], C["emails_sent"]),
+    ]
+)
+_IDLE_COLS = np.array([C[c] for _, c in _IDLE])
+_BACK = np.arange(RING)
+_ACT = np.array(ACTIVITY)
+_N_WIN, _N_CH, _N_IDLE = len(WINDOW_FEATURES), len(CHANGE_FEATURES), len(IDLE_FEATURES)
+_O_CH = _N_WIN
+_O_IDLE = _O_CH + _N_CH
+_O_SC = _O_IDLE + _N_IDLE
+_LAST_FIELDS = tuple(f"last_{n}_ms" for n in RECENCY)
+#: Ring slots of the days going back from a day in slot ``i``.
+_SLOTS = [(i - _BACK) % RING for i in range(RING)]
+_REV, _ACTIVITY, _ACTIVE = C["revenue"], C["activity"], C["active_days"]
+_FLOAT_ZERO = np.zeros((RING, 2), dtype=np.float32)
+
+#: Clip of relative changes (a customer going from 0.1 to 5 a day is "+10", not "+49").
+MAX_CHANGE = 10.0
+
+
+def new_state(customer_id: str, first_seen_ms: int) -> State:
+    """An empty state for a customer first seen at ``first_seen_ms``."""
+    return {
+        "customer_id": customer_id,
+        "head_day": first_seen_ms // DAY,
+        "buckets": b"",
+        "first_seen_ms": first_seen_ms,
+        "last_event_ms": first_seen_ms,
+        **{f"last_{n}_ms": None for n in RECENCY},
+        "signup_ms": None,
+        "last_cancel_ms": None,
+        "unsubscribed": False,
+        "bounced": False,
+        "high_value_zip": False,
+        "lifetime_events": 0,
+        "lifetime_logins": 0,
+        "lifetime_feature_use": 0,
+        "lifetime_purchases": 0,
+        "lifetime_revenue": 0.0,
+        "purchase_interval_fast": 0.0,
+        "purchase_interval_slow": 0.0,
+        "purchase_gaps": 0,
+        "pending": False,
+        "scored_as_of": None,
+        "emitted_as_of": None,
+        "emitted_churn": -1.0,
+        "emitted_engagement": -1.0,
+        "emitted_stage": "",
+        "emitted_cluster": -1,
+        "emitted_fingerprint": 0,
+    }
+
+
+class Buckets:
+    """The decompressed daily buckets: ``counts[slot, signal]`` (uint8, saturating) and
+    ``floats[slot, 0 = revenue | 1 = sentiment sum]`` (float32), views on one bytearray."""
+
+    __slots__ = ("raw", "counts", "floats")
+
+    def __init__(self, raw: bytearray) -> None:
+        self.raw = raw
+        self.counts: npt.NDArray[np.uint8] = np.frombuffer(
+            raw, dtype=np.uint8, count=_COUNT_BYTES
+        ).reshape(RING, N_SIG)
+        self.floats: npt.NDArray[np.float32] = np.frombuffer(
+            raw, dtype=np.float32, count=RING * 2, offset=_COUNT_BYTES
+        ).reshape(RING, 2)
+
+    @classmethod
+    def load(cls, blob: bytes) -> Buckets:
+        """Decompress a state's ``buckets`` field (empty bytes: all zero)."""
+        if not blob:
+            return cls(bytearray(_BLOB_BYTES))
+        raw = bytearray(zlib.decompress(blob))
+        if len(raw) != _BLOB_BYTES:
+            raise ValueError(f"bucket block has {len(raw)} bytes, expected {_BLOB_BYTES}")
+        return cls(raw)
+
+    def dump(self) -> bytes:
+        """The compressed block (raw deflate of the counts and floats)."""
+        return zlib.compress(self.raw, 1)
+
+    def copy(self) -> Buckets:
+        return Buckets(bytearray(self.raw))
+
+
+def advance(b: Buckets, st: State, day: int) -> None:
+    """Move the ring's head to ``day``, clearing the slots of the days skipped."""
+    head = int(st["head_day"])
+    if day <= head:
+        return
+    if day - head >= RING:
+        b.counts[:] = 0
+        b.floats[:] = 0
+    else:
+        slots = np.arange(head + 1, day + 1) % RING
+        b.counts[slots] = 0
+        b.floats[slots] = 0
+    st["head_day"] = day
+
+
+def apply_event(st: State, event: Mapping[str, Any], b: Buckets | None = None) -> Buckets:
+    """Add one event (already accepted by the watermark) to ``st`` in place; returns the
+    buckets (decompressed from ``st`` when ``b`` is None). Call :func:`store_buckets` to write
+    them back. Events older than the ring only update scalars.
+    """
+    if b is None:
+        b = Buckets.load(st["buckets"])
+    t = int(event["occurred_at"])
+    kind = str(event["event_type"])
+    day = t // DAY
+    if day > st["head_day"]:
+        advance(b, st, day)
+    in_ring = day > st["head_day"] - RING
+    slot = day % RING
+    sig = EVENT_SIGNAL.get(kind)
+    if sig is None and kind not in SCALAR_ONLY:
+        sig = S["other_events"]
+    counts = b.counts
+    if sig is not None and in_ring and counts[slot, sig] < 255:
+        counts[slot, sig] += 1
+    st["lifetime_events"] += 1
+    if t > st["last_event_ms"]:
+        st["last_event_ms"] = t
+    if t < st["first_seen_ms"]:
+        st["first_seen_ms"] = t
+    if kind == "purchase":
+        amount = event.get("amount")
+        value = float(amount) if amount is not None and math.isfinite(amount) else 0.0
+        if in_ring:
+            b.floats[slot, 0] += value
+        _purchase(st, t, value)
+    elif kind == "support_ticket":
+        sentiment = event.get("sentiment")
+        if in_ring and sentiment is not None:
+            b.floats[slot, 1] += float(sentiment)
+        if event.get("escalated"):
+            if in_ring and counts[slot, S["escalations"]] < 255:
+                counts[slot, S["escalations"]] += 1
+            _latest(st, "last_escalation_ms", t)
+    elif kind == "login":
+        st["lifetime_logins"] += 1
+    elif kind == "feature_use":
+        st["lifetime_feature_use"] += 1
+    elif kind == "identify":
+        if st["signup_ms"] is None or t < st["signup_ms"]:
+            st["signup_ms"] = t
+    elif kind == "subscription_cancel":
+        _latest(st, "last_cancel_ms", t)
+    elif kind == "email_unsubscribe":
+        st["unsubscribed"] = True
+    elif kind == "email_bounce":
+        st["bounced"] = True
+    if kind in _ACTIVITY_TYPES:  # after _purchase, which needs the previous purchase time
+        _latest(st, "last_active_ms", t)
+        rec = _RECENCY_OF_TYPE.get(kind)
+        if rec is not None:
+            _latest(st, f"last_{rec}_ms", t)
+    return b
+
+
+def store_buckets(st: State, b: Buckets) -> None:
+    """Write decompressed buckets back into the state (compressing them)."""
+    st["buckets"] = b.dump()
+
+
+def high_value_zip(st: State, event: Mapping[str, Any], zips: frozenset[str]) -> None:
+    """Remember whether the customer's latest known zip (``properties.zip``) is high value."""
+    props = event.get("properties") or {}
+    z = props.get("zip")
+    if z is not None:
+        st["high_value_zip"] = z in zips
+
+
+def _latest(st: State, field: str, t: int) -> None:
+    old = st[field]
+    if old is None or t > old:
+        st[field] = t
+
+
+def _purchase(st: State, t: int, value: float) -> None:
+    """Lifetime totals and the purchase interval (EWMAs of the gaps in days: alpha 0.5 for the
+    current interval, 0.05 for the customer's baseline).
+
+    Only in-order purchases update the intervals (a late one is counted, not re-sequenced).
+    """
+    last = st["last_purchase_ms"]
+    st["lifetime_purchases"] += 1
+    st["lifetime_revenue"] += value
+    if last is not None and t > last:
+        gap = (t - last) / DAY
+        if st["purchase_gaps"] == 0:
+            st["purchase_interval_fast"] = st["purchase_interval_slow"] = gap
+        else:
+            st["purchase_interval_fast"] += 0.5 * (gap - st["purchase_interval_fast"])
+            st["purchase_interval_slow"] += 0.05 * (gap - st["purchase_interval_slow"])
+        st["purchase_gaps"] += 1
+    if last is None or t > last:
+        st["last_purchase_ms"] = t
+
+
+def merge_into(survivor: State, absorbed: State) -> State:
+    """A new state holding both customers' histories (buckets summed, recency the latest,
+    lifetime totals added, purchase intervals from the one with more history).
+
+    >>> a, b = new_state("a", 5 * DAY), new_state("b", 3 * DAY)
+    >>> store_buckets(a, apply_event(a, {"event_type": "login", "occurred_at": 5 * DAY}))
+    >>> store_buckets(b, apply_event(b, {"event_type": "login", "occurred_at": 3 * DAY}))
+    >>> m = merge_into(a, b)
+    >>> m["customer_id"], m["first_seen_ms"] // DAY, compute(m, 6 * DAY).values["logins_7d"]
+    ('a', 3, 2.0)
+    """
+    out = dict(survivor)
+    ba, bb = Buckets.load(survivor["buckets"]), Buckets.load(absorbed["buckets"])
+    head = max(survivor["head_day"], absorbed["head_day"])
+    advance(ba, out, head)
+    tmp = dict(absorbed)
+    advance(bb, tmp, head)
+    counts = ba.counts.astype(np.uint16) + bb.counts
+    ba.counts[:] = np.minimum(counts, 255).astype(np.uint8)
+    ba.floats[:] += bb.floats
+    out["buckets"] = ba.dump()
+    out["first_seen_ms"] = min(survivor["first_seen_ms"], absorbed["first_seen_ms"])
+    out["last_event_ms"] = max(survivor["last_event_ms"], absorbed["last_event_ms"])
+    for name in [f"last_{n}_ms" for n in RECENCY] + ["last_cancel_ms"]:
+        values = [v for v in (survivor[name], absorbed[name]) if v is not None]
+        out[name] = max(values) if values else None
+    signups = [v for v in (survivor["signup_ms"], absorbed["signup_ms"]) if v is not None]
+    out["signup_ms"] = min(signups) if signups else None
+    for name in ("unsubscribed", "bounced", "high_value_zip"):
+        out[name] = bool(survivor[name] or absorbed[name])
+    for name in (
+        "lifetime_events",
+        "lifetime_logins",
+        "lifetime_feature_use",
+        "lifetime_purchases",
+        "lifetime_revenue",
+    ):
+        out[name] = survivor[name] + absorbed[name]
+    if absorbed["purchase_gaps"] > survivor["purchase_gaps"]:
+        for name in ("purchase_interval_fast", "purchase_interval_slow", "purchase_gaps"):
+            out[name] = absorbed[name]
+    out["pending"] = True
+    return out
+
+
+@dataclass(frozen=True)
+class Features:
+    """Features of one customer as of ``as_of``: ``vector`` in :data:`FEATURE_NAMES` order."""
+
+    as_of: int
+    vector: npt.NDArray[np.float64]
+
+    @property
+    def values(self) -> dict[str, float]:
+        """Name → value (rounded to 4 decimals, as emitted)."""
+        return dict(zip(FEATURE_NAMES, np.round(self.vector, 4).tolist(), strict=True))
+
+
+def day_matrix(st: State, as_of: int, b: Buckets | None = None) -> npt.NDArray[np.float64]:
+    """Per-day values going back from the day of ``as_of`` (row k = k days before it), with
+    the derived columns of :data:`COLUMNS`; days after ``as_of`` or outside the ring are 0."""
+    if b is None:
+        b = Buckets.load(st["buckets"])
+    head = int(st["head_day"])
+    day = as_of // DAY
+    slots = _SLOTS[day % RING]
+    m = np.empty((RING, _N_COLS), dtype=np.float64)
+    m[:, :N_SIG] = b.counts[slots]
+    m[:, _REV : _REV + 2] = b.floats[slots]
+    if day != head:  # some rows are after the head or older than the ring
+        days = day - _BACK
+        m[(days > head) | (days <= head - RING)] = 0.0
+    act = m[:, _ACT].sum(axis=1)
+    m[:, _ACTIVITY] = act
+    m[:, _ACTIVE] = act > 0
+    return m
+
+
+def compute(st: State, as_of: int, b: Buckets | None = None) -> Features:
+    """Every feature of :data:`FEATURE_NAMES` as of ``as_of`` (epoch ms)."""
+    m = day_matrix(st, as_of, b)
+    cs = np.cumsum(m, axis=0)
+    flat = cs[_ROWS].ravel()
+    vec = np.empty(len(FEATURE_NAMES))
+    vec[:_O_CH] = flat[_WIN_FLAT]
+    cur = flat[_CUR_FLAT]
+    base = (flat[_PRIOR_FLAT] - cur) / 28.0
+    cur /= _CUR_LEN
+    # rate change vs the prior 28 days: -1 stopped, 0 same (or both zero), capped at +10
+    vec[_O_CH:_O_IDLE] = np.minimum((cur - base) / np.maximum(base, 1e-9), MAX_CHANGE)
+    # idle days: leading days with nothing (the cumulative sum is still zero)
+    vec[_O_IDLE:_O_SC] = (cs[:, _IDLE_COLS] == 0).sum(axis=0)
+    vec[_O_SC:] = _scalars(st, as_of, flat[_SMALL_FLAT].tolist())
+    return Features(as_of, vec)
+
+
+def _scalars(st: State, as_of: int, small: list[float]) -> list[float]:
+    out = [
+        NEVER_DAYS if t is None else max(0.0, (as_of - t) / DAY)
+        for t in [st[f] for f in _LAST_FIELDS]
+    ]
+    append = out.append
+    signup = st["signup_ms"]
+    append(NEVER_DAYS if signup is None else max(0.0, (as_of - signup) / DAY))
+    append(max(0.0, (as_of - st["first_seen_ms"]) / DAY))
+    s7, n7, s14, n14, s28, n28, opens, sent = small
+    append(s7 / n7 if n7 else 0.0)
+    append(s14 / n14 if n14 else 0.0)
+    append(s28 / n28 if n28 else 0.0)
+    append(opens / sent if sent else 0.0)
+    fast, slow = st["purchase_interval_fast"], st["purchase_interval_slow"]
+    append(fast)
+    append(slow)
+    last_p = st["last_purchase_ms"]
+    if slow > 0 and last_p is not None:
+        append(min(MAX_CHANGE, max(fast, (as_of - last_p) / DAY) / slow - 1.0))
+    else:
+        append(0.0)
+    n_p = st["lifetime_purchases"]
+    revenue = st["lifetime_revenue"]
+    append(revenue / n_p if n_p else 0.0)
+    append(n_p)
+    append(revenue)
+    append(st["lifetime_feature_use"])
+    append(st["lifetime_logins"])
+    append(1.0 if st["unsubscribed"] else 0.0)
+    append(1.0 if st["bounced"] else 0.0)
+    append(1.0 if cancelled(st) else 0.0)
+    append(1.0 if st["high_value_zip"] else 0.0)
+    return out
+
+
+def cancelled(st: State) -> bool:
+    """Whether the customer's latest word is a cancellation (no activity since)."""
+    c = st["last_cancel_ms"]
+    if c is None:
+        return False
+    active = st["last_active_ms"]
+    return active is None or active <= c
+
+
+def active_between(st: State, start: int, end: int, b: Buckets | None = None) -> bool:
+    """Whether any activity falls on the days of ``[start, end)`` (day boundaries, ms),
+    judged from the buckets (late events included)."""
+    m = day_matrix(st, end - 1, b)
+    n = (end - start) // DAY
+    return bool(m[:n, C["active_days"]].any())
+
+
+FEATURE_INDEX = {name: i for i, name in enumerate(FEATURE_NAMES)}

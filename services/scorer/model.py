@@ -1,0 +1,293 @@
+"""The scorer's online models (pure): churn classifier, behavioural clusters, quality metrics.
+
+* :class:`ChurnClassifier` is a River classifier (``StandardScaler | LogisticRegression``)
+  that also explains a prediction: each feature's contribution to the log-odds is its weight
+  times its standardised value. It passes River's estimator checks (``river.checks``).
+* :class:`ChurnModel` bundles the classifier with an online k-means (``river.cluster``), the
+  prequential metrics (rolling ROC AUC, rolling log loss, calibration error) and an ADWIN
+  drift detector over the log loss. It pickles to bytes for the ``scorer_model`` checkpoint.
+
+>>> m = ChurnModel()
+>>> m.learn({"idle": 2.0}, True); m.learn({"idle": 0.0}, False)
+>>> 0.0 <= m.predict({"idle": 2.0}) <= 1.0, m.n_learned
+(True, 2)
+>>> ChurnModel.from_bytes(m.to_bytes()).predict({"idle": 2.0}) == m.predict({"idle": 2.0})
+True
+"""
+
+from __future__ import annotations
+
+import math
+import pickle
+from collections.abc import Mapping
+from typing import Any
+
+import numpy as np
+from river import base
+from river import cluster as _cluster
+from river import compose as _compose
+from river import drift as _drift
+from river import linear_model as _linear_model
+from river import metrics as _metrics
+from river import optim as _optim
+from river import preprocessing as _preprocessing
+from river import utils as _utils
+
+# River's modules are untyped: use them as Any so strict type checking stays quiet and honest.
+cluster: Any = _cluster
+compose: Any = _compose
+drift: Any = _drift
+linear_model: Any = _linear_model
+metrics: Any = _metrics
+optim: Any = _optim
+preprocessing: Any = _preprocessing
+utils: Any = _utils
+
+VERSION = "0.1.0"
+
+
+class ChurnClassifier(base.Classifier):
+    """Binary churn classifier: standard scaling then logistic regression, with explanations.
+
+    Parameters
+    ----------
+    lr
+        SGD learning rate of the weights.
+    intercept_lr
+        Learning rate of the intercept.
+    l2
+        L2 regularisation.
+
+    Examples
+    --------
+    >>> clf = ChurnClassifier()
+    >>> for _ in range(50):
+    ...     clf.learn_one({"idle_days": 9.0, "logins": 0.0}, True)
+    ...     clf.learn_one({"idle_days": 0.0, "logins": 5.0}, False)
+    >>> clf.predict_one({"idle_days": 8.0, "logins": 0.0})
+    True
+    >>> [name for name, _ in clf.explain_one({"idle_days": 8.0, "logins": 0.0})]
+    ['logins', 'idle_days']
+    """
+
+    def __init__(self, lr: float = 0.01, intercept_lr: float = 0.02, l2: float = 0.0001) -> None:
+        self.lr = lr
+        self.intercept_lr = intercept_lr
+        self.l2 = l2
+        self.scaler = preprocessing.StandardScaler()
+        self.logreg = linear_model.LogisticRegression(
+            optimizer=optim.SGD(lr), intercept_lr=intercept_lr, l2=l2
+        )
+        self.pipeline = compose.Pipeline(self.scaler, self.logreg)
+
+    @property
+    def _multiclass(self) -> bool:
+        return False
+
+    def learn_one(self, x: dict[Any, Any], y: Any, **kwargs: Any) -> None:
+        self.pipeline.learn_one(x, bool(y))
+
+    def predict_proba_one(self, x: dict[Any, Any], **kwargs: Any) -> dict[Any, float]:
+        p: float = self.pipeline.predict_proba_one(x)[True]
+        p = min(1.0, max(0.0, p)) if math.isfinite(p) else 0.5
+        return {False: 1.0 - p, True: p}
+
+    def explain_one(self, x: Mapping[str, float]) -> list[tuple[str, float]]:
+        """Each feature's signed contribution to the churn log-odds, largest magnitude first."""
+        return self.predict_explain_one(x)[1]
+
+    def predict_explain_one(self, x: Mapping[str, float]) -> tuple[float, list[tuple[str, float]]]:
+        """The churn probability (as :meth:`predict_proba_one`) and the contributions, from one
+        pass: ``p = sigmoid(intercept + sum(w_i * z_i))`` with ``z`` the standardised ``x``."""
+        z: dict[str, float] = self.scaler.transform_one(dict(x))
+        logreg = self.logreg
+        p: float = logreg.loss.mean_func(logreg._raw_dot_one(z))
+        p = min(1.0, max(0.0, p)) if math.isfinite(p) else 0.5
+        w = logreg._weights
+        contrib = [(name, w[name] * zi) if name in w else (name, 0.0) for name, zi in z.items()]
+        contrib.sort(key=lambda kv: -abs(kv[1]))
+        return p, contrib
+
+    @classmethod
+    def _unit_test_params(cls) -> Any:
+        yield {}
+        yield {"lr": 0.01, "l2": 0.0}
+
+
+class Calibration:
+    """Expected calibration error over ``bins`` probability bins, with exponential forgetting.
+
+    >>> c = Calibration()
+    >>> for _ in range(100):
+    ...     c.update(0.9, True); c.update(0.1, False)
+    >>> round(c.error(), 3)
+    0.1
+    """
+
+    def __init__(self, bins: int = 10, decay: float = 0.999) -> None:
+        self.bins = bins
+        self.decay = decay
+        self.n = [0.0] * bins
+        self.p = [0.0] * bins
+        self.y = [0.0] * bins
+
+    def update(self, p: float, y: bool) -> None:
+        d = self.decay
+        for i in range(self.bins):
+            self.n[i] *= d
+            self.p[i] *= d
+            self.y[i] *= d
+        i = min(self.bins - 1, int(p * self.bins))
+        self.n[i] += 1.0
+        self.p[i] += p
+        self.y[i] += 1.0 if y else 0.0
+
+    def error(self) -> float:
+        total = sum(self.n)
+        if total == 0:
+            return 0.0
+        return sum(abs(p - y) for p, y in zip(self.p, self.y, strict=True)) / total
+
+
+#: Dimensions of the clustering vector and how they read in a centroid description.
+CLUSTER_DIMS = (
+    ("engagement", "engagement"),
+    ("purchasing", "purchasing"),
+    ("idle", "idle time"),
+    ("features", "feature use"),
+    ("support", "support load"),
+    ("email", "email opens"),
+)
+
+
+class ChurnModel:
+    """Churn classifier, clusters, prequential metrics and drift detection, checkpointable."""
+
+    def __init__(
+        self,
+        n_clusters: int = 6,
+        window: int = 2000,
+        seed: int = 42,
+        created_at: int = 0,
+    ) -> None:
+        self.classifier = ChurnClassifier()
+        self.kmeans = cluster.KMeans(
+            n_clusters=n_clusters, halflife=0.02, mu=0.3, sigma=0.3, seed=seed
+        )
+        self.auc = metrics.RollingROCAUC(window_size=window)
+        self.logloss = utils.Rolling(metrics.LogLoss, window_size=window)
+        self.calibration = Calibration()
+        self.adwin = drift.ADWIN()
+        self.n_learned = 0
+        self.n_positive = 0
+        self.n_clustered = 0
+        self.drifts = 0
+        self.last_drift_at: int | None = None
+        self.created_at = created_at
+        self.matured_through_day: int | None = None
+        self._centers: Any = None
+        self._center_ids: list[int] = []
+        self._centers_at = -1
+
+    # -- churn --------------------------------------------------------------------------
+    def predict(self, x: Mapping[str, float]) -> float:
+        """Churn probability in [0, 1]."""
+        p: float = self.classifier.predict_proba_one(dict(x))[True]
+        return p
+
+    def explain(self, x: Mapping[str, float], k: int = 5) -> list[tuple[str, float]]:
+        return self.classifier.explain_one(x)[:k]
+
+    def predict_explain(
+        self, x: Mapping[str, float], k: int = 5
+    ) -> tuple[float, list[tuple[str, float]]]:
+        """Churn probability and the ``k`` largest contributions to its log-odds."""
+        p, contrib = self.classifier.predict_explain_one(x)
+        return p, contrib[:k]
+
+    def learn(self, x: Mapping[str, float], y: bool, at: int | None = None) -> None:
+        """Test then train: score ``x`` with the current model, update the metrics and the
+        drift detector with the matured label, then learn from it."""
+        xd = dict(x)
+        p = self.classifier.predict_proba_one(xd)[True]
+        if self.n_learned:
+            self.auc.update(y, p)
+            self.logloss.update(y, p)
+            self.calibration.update(p, y)
+            q = min(1 - 1e-7, max(1e-7, p))
+            self.adwin.update(-math.log(q if y else 1 - q))
+            if self.adwin.drift_detected:
+                self.drifts += 1
+                self.last_drift_at = at
+        self.classifier.learn_one(xd, y)
+        self.n_learned += 1
+        self.n_positive += bool(y)
+
+    @property
+    def version(self) -> str:
+        return f"churn-logreg-{VERSION}+n{self.n_learned}"
+
+    # -- clusters -----------------------------------------------------------------------
+    def cluster(self, cx: Mapping[str, float]) -> int:
+        """The nearest centroid (as ``KMeans.predict_one``, on a cached centroid matrix)."""
+        if self._centers is None or self._centers_at != self.n_clustered:
+            ids = sorted(self.kmeans.centers)
+            self._center_ids = ids
+            self._centers = np.array(
+                [[self.kmeans.centers[k][n] for n, _ in CLUSTER_DIMS] for k in ids]
+            )
+            self._centers_at = self.n_clustered
+        v = np.array([cx[n] for n, _ in CLUSTER_DIMS])
+        return int(self._center_ids[int(((self._centers - v) ** 2).sum(axis=1).argmin())])
+
+    def learn_cluster(self, cx: Mapping[str, float]) -> None:
+        self.kmeans.learn_one(dict(cx))
+        self.n_clustered += 1
+
+    def centroids(self) -> dict[int, dict[str, float]]:
+        return {
+            k: {name: float(center.get(name, 0.0)) for name, _ in CLUSTER_DIMS}
+            for k, center in self.kmeans.centers.items()
+        }
+
+    def describe_clusters(self) -> dict[int, str]:
+        """A short description of every centroid: its two most distinctive dimensions
+        (high or low against the mean of all centroids)."""
+        cents = self.centroids()
+        if not cents:
+            return {}
+        mean = {n: sum(c[n] for c in cents.values()) / len(cents) for n, _ in CLUSTER_DIMS}
+        spread = {
+            n: max(1e-9, max(c[n] for c in cents.values()) - min(c[n] for c in cents.values()))
+            for n, _ in CLUSTER_DIMS
+        }
+        out = {}
+        for k, c in cents.items():
+            dev = sorted(((c[n] - mean[n]) / spread[n], label) for n, label in CLUSTER_DIMS)
+            picks = sorted([dev[0], dev[-1]], key=lambda d: -abs(d[0]))
+            out[k] = ", ".join(f"{'high' if d > 0 else 'low'} {label}" for d, label in picks)
+        return out
+
+    # -- checkpoint ----------------------------------------------------------------------
+    def to_bytes(self) -> bytes:
+        return pickle.dumps(self, protocol=pickle.HIGHEST_PROTOCOL)
+
+    @staticmethod
+    def from_bytes(blob: bytes) -> ChurnModel:
+        model = pickle.loads(blob)  # noqa: S301 - our own checkpoint topic
+        if not isinstance(model, ChurnModel):
+            raise TypeError(f"checkpoint holds {type(model).__name__}, not ChurnModel")
+        return model
+
+    def quality(self) -> dict[str, float]:
+        """Prequential metrics for export (NaN-free)."""
+        auc = self.auc.get() if self.n_learned > 1 else 0.0
+        ll = self.logloss.get() if self.n_learned > 1 else 0.0
+        return {
+            "roc_auc": float(auc) if math.isfinite(auc) else 0.0,
+            "log_loss": float(ll) if math.isfinite(ll) else 0.0,
+            "calibration_error": self.calibration.error(),
+            "n_learned": float(self.n_learned),
+            "positive_rate": self.n_positive / self.n_learned if self.n_learned else 0.0,
+            "drifts": float(self.drifts),
+        }

@@ -1,0 +1,239 @@
+"""Scorer core: time without events, coalesced emission, merges, lifecycle, checkpoints."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import numpy as np
+from hypothesis import given, settings
+from hypothesis import strategies as hs
+
+from segflow.sim.generator import SimConfig, Simulation
+from segflow.sim.noise import Delivery
+from services.scorer.core import ScoreEmit, Scorer, ScorerConfig, StateWrite, lifecycle
+from services.scorer.features import DAY, FEATURE_INDEX, FEATURE_NAMES, HOUR, MINUTE, compute
+
+T0 = 1_704_067_200_000
+
+
+def ev(kind: str, t: int, **extra: Any) -> dict[str, Any]:
+    return {"event_type": kind, "occurred_at": t, **extra}
+
+
+class Harness:
+    """The scorer with a dict as its state store, applying outputs like the shell does."""
+
+    def __init__(self, config: ScorerConfig | None = None) -> None:
+        self.sc = Scorer(config or ScorerConfig())
+        self.store: dict[str, dict[str, Any]] = {}
+        self.scores: list[dict[str, Any]] = []
+        self.tombstones: list[str] = []
+
+    def apply(self, outs: list[Any]) -> None:
+        for o in outs:
+            if isinstance(o, StateWrite):
+                if o.state is None:
+                    self.store.pop(o.customer_id, None)
+                else:
+                    self.store[o.customer_id] = o.state
+            elif isinstance(o, ScoreEmit):
+                if o.score is None:
+                    self.tombstones.append(o.customer_id)
+                else:
+                    self.scores.append(o.score)
+
+    def event(self, cid: str, e: dict[str, Any]) -> None:
+        _, outs = self.sc.on_event(self.store.get(cid), cid, e, now_ms=e["occurred_at"])
+        self.apply(outs)
+
+    def flush(self, now: int = 0) -> None:
+        self.apply(self.sc.flush(self.store.get, self.store.items, now))
+
+    def of(self, cid: str) -> list[dict[str, Any]]:
+        return [s for s in self.scores if s["customer_id"] == cid]
+
+
+def test_a_silent_customers_recency_grows_with_the_watermark() -> None:
+    h = Harness()
+    h.event("quiet", ev("purchase", T0 + HOUR, amount=50.0))
+    assert h.of("quiet")[-1]["features"]["days_since_purchase"] == 0.0
+    for day in range(1, 5):  # only another customer is active: time still moves
+        h.event("busy", ev("page_view", T0 + day * DAY + 12 * HOUR))
+        h.flush()
+    refreshed = h.of("quiet")
+    assert [s["as_of"] for s in refreshed[1:]] == [T0 + d * DAY for d in range(1, 5)]
+    assert [s["features"]["days_since_purchase"] for s in refreshed[1:]] == [
+        round((d * DAY - HOUR) / DAY, 4) for d in range(1, 5)
+    ]
+    assert refreshed[-1]["features"]["purchases_3d"] == 0.0  # the window rolled
+
+
+def test_a_burst_of_events_is_coalesced_into_one_score() -> None:
+    h = Harness()
+    h.event("c1", ev("page_view", T0))
+    assert len(h.of("c1")) == 1  # a new customer is scored at once
+    for i in range(1, 20):
+        h.event("c1", ev("page_view", T0 + i * 5_000))
+    assert len(h.of("c1")) == 1  # not urgent: pending until the watermark passes
+    h.event("other", ev("page_view", T0 + 10 * MINUTE))
+    h.flush()
+    first, second = h.of("c1")
+    assert second["features"]["page_views_3d"] == 20.0
+    h.flush()  # nothing new: nothing re-emitted
+    assert len(h.of("c1")) == 2
+
+
+def test_urgent_events_are_scored_at_once_and_the_rest_at_most_once_per_interval() -> None:
+    h = Harness()
+    h.event("c1", ev("login", T0))
+    h.event("x", ev("login", T0 + MINUTE))
+    h.flush()
+    assert len(h.of("c1")) == 1
+    h.event("c1", ev("page_view", T0 + 2 * MINUTE))
+    h.event("x", ev("login", T0 + 8 * MINUTE))  # watermark T0 + 3 min: interval not over
+    h.flush()
+    assert len(h.of("c1")) == 1
+    h.event("c1", ev("purchase", T0 + 9 * MINUTE, amount=5.0))  # urgent
+    assert len(h.of("c1")) == 2 and h.of("c1")[-1]["features"]["purchases_3d"] == 1.0
+    h.event("c1", ev("support_ticket", T0 + 10 * MINUTE, escalated=True, sentiment=-0.8))
+    assert h.of("c1")[-1]["features"]["escalations_7d"] == 1.0
+
+
+def test_scoring_the_same_profile_twice_emits_no_second_change() -> None:
+    h = Harness()
+    h.event("c1", ev("purchase", T0, amount=10.0))
+    st = dict(h.store["c1"])
+    sc = h.sc
+    again = sc._settle(st, sc.score(st, st["last_event_ms"]), now_ms=0)
+    assert again is None
+
+
+def test_merge_folds_the_absorbed_history_into_the_survivor_and_deletes_it() -> None:
+    h = Harness()
+    h.event("old", ev("login", T0))
+    h.event("old", ev("purchase", T0 + HOUR, amount=10.0))
+    h.event("new", ev("login", T0 + 2 * HOUR))
+    h.event("new", ev("purchase", T0 + 3 * HOUR, amount=32.0))
+    merge = {"merge_id": "m1", "survivor_id": "old", "absorbed_ids": ["new"]}
+    h.apply(h.sc.on_merge(h.store.get, merge, now_ms=0))
+    assert "new" not in h.store and h.tombstones == ["new"]
+    f = h.of("old")[-1]["features"]
+    assert (f["logins_7d"], f["purchases_7d"], f["revenue_7d"]) == (2.0, 2.0, 42.0)
+    assert f["lifetime_purchases"] == 2.0
+    emitted = len(h.scores)
+    h.apply(h.sc.on_merge(h.store.get, merge, now_ms=0))  # replayed: nothing to do
+    assert len(h.scores) == emitted and h.store["old"]["lifetime_purchases"] == 2
+
+
+def test_merge_into_an_unknown_survivor_moves_the_state() -> None:
+    h = Harness()
+    h.event("b", ev("login", T0))
+    h.apply(h.sc.on_merge(h.store.get, {"survivor_id": "a", "absorbed_ids": ["b"]}, now_ms=0))
+    assert set(h.store) == {"a"} and h.store["a"]["customer_id"] == "a"
+    assert h.of("a")[-1]["features"]["logins_3d"] == 1.0
+
+
+def _vec(**values: float) -> Any:
+    v = np.zeros(len(FEATURE_NAMES))
+    for k, x in values.items():
+        v[FEATURE_INDEX[k]] = x
+    return v
+
+
+def test_lifecycle_stages() -> None:
+    cfg = ScorerConfig()
+    base = {
+        "last_active_ms": T0,
+        "last_cancel_ms": None,
+        "lifetime_logins": 5,
+        "lifetime_purchases": 3,
+        "lifetime_feature_use": 20,
+    }
+    assert lifecycle({**base, "last_active_ms": None}, _vec(), 0.1, True, cfg) == "prospect"
+    assert (
+        lifecycle(
+            {**base, "lifetime_logins": 0, "lifetime_purchases": 0, "lifetime_feature_use": 0},
+            _vec(tenure_days=50),
+            0.1,
+            True,
+            cfg,
+        )
+        == "prospect"
+    )
+    assert lifecycle({**base, "last_cancel_ms": T0 + 1}, _vec(), 0.1, True, cfg) == "churned"
+    assert lifecycle(base, _vec(days_since_active=31), 0.1, True, cfg) == "churned"
+    assert lifecycle(base, _vec(tenure_days=90), 0.8, True, cfg) == "at_risk"
+    assert lifecycle(base, _vec(tenure_days=90), 0.8, False, cfg) != "at_risk"  # cold model
+    assert (
+        lifecycle(base, _vec(tenure_days=90, activity_14d_vs_prior28_change=-0.7), 0.1, True, cfg)
+        == "at_risk"
+    )
+    assert lifecycle(base, _vec(tenure_days=5), 0.1, True, cfg) == "onboarded"
+    assert lifecycle(base, _vec(tenure_days=30, active_days_28d=20), 0.1, True, cfg) == "adopting"
+    assert lifecycle(base, _vec(tenure_days=90, active_days_28d=20), 0.1, True, cfg) == "loyal"
+
+
+def _simulated(customers: int = 60, days: int = 110) -> Harness:
+    sim = Simulation(SimConfig(customers=customers, days=days, seed=11))
+    h = Harness()
+    for i, d in enumerate(x for x in sim.run() if isinstance(x, Delivery)):
+        h.event(d.customer, d.event)
+        if i % 500 == 0:
+            h.flush(d.event["occurred_at"])
+    h.flush()
+    return h
+
+
+def test_on_a_simulated_population_scores_are_bounded_and_the_model_learns() -> None:
+    h = _simulated()
+    assert h.sc.model.n_learned > 300
+    assert all(0.0 <= s["churn_probability"] <= 1.0 for s in h.scores)
+    assert all(0.0 <= s["engagement_score"] <= 100.0 for s in h.scores)
+    assert all(s["clv"] >= 0 for s in h.scores)
+    assert {s["lifecycle_stage"] for s in h.scores} >= {"loyal", "at_risk", "churned"}
+    assert all(len(s["top_features"]) == 5 for s in h.scores)
+    q = h.sc.model.quality()
+    assert 0.0 < q["roc_auc"] <= 1.0 and q["log_loss"] > 0
+
+
+def test_a_checkpoint_round_trip_gives_identical_predictions() -> None:
+    h = _simulated(customers=30, days=80)
+    record = h.sc.checkpoint("churn.t", now_ms=1)
+    restored = Scorer(ScorerConfig())
+    restored.restore(record)
+    assert restored.model.n_learned == h.sc.model.n_learned > 0
+    for st in h.store.values():
+        a = h.sc.score(st, st["last_event_ms"])
+        b = restored.score(st, st["last_event_ms"])
+        assert (a.churn, a.top, a.cluster, a.stage) == (b.churn, b.top, b.cluster, b.stage)
+
+
+@settings(max_examples=40, deadline=None)
+@given(
+    hs.lists(
+        hs.tuples(
+            hs.sampled_from(
+                [
+                    "login",
+                    "purchase",
+                    "feature_use",
+                    "email_open",
+                    "support_ticket",
+                    "cart_view",
+                    "webinar",
+                ]
+            ),
+            hs.integers(0, 200 * DAY),
+        ),
+        min_size=1,
+        max_size=40,
+    )
+)
+def test_any_history_scores_within_bounds(events: list[tuple[str, int]]) -> None:
+    h = Harness()
+    for kind, t in sorted(events, key=lambda kt: kt[1]):
+        h.event("c", ev(kind, T0 + t, amount=3.0, sentiment=-0.2, escalated=True))
+    st = h.store["c"]
+    s = h.sc.score(st, st["last_event_ms"] + 3 * DAY)
+    assert 0.0 <= s.churn <= 1.0 and 0.0 <= s.engagement <= 100.0
+    assert np.isfinite(compute(st, st["last_event_ms"]).vector).all()
