@@ -305,6 +305,8 @@ class ProcessingLoop:
     ) -> None:
         source = self.config.sources[topic_name]
         self._n_in[topic_name] += 1
+        if msg.value() is None and "compact" in source.cleanup:
+            return  # a tombstone on a compacted input: the key was deleted upstream
         try:
             record = Incoming(
                 topic=source,

@@ -364,3 +364,34 @@ def test_before_commit_outputs_join_each_batch_transaction(kafka_settings: Setti
     summaries = decoded(s, read_all(s, summary, expected=hook.batches))
     assert len(summaries) == hook.batches >= 10  # one per batch of at most 100
     assert sum(int(e["properties"]["batch_events"]) for e in summaries) == 1000
+
+
+def test_tombstones_on_a_compacted_input_are_skipped_not_dead_lettered(
+    kafka_settings: Settings,
+) -> None:
+    s = kafka_settings
+    scores = TOPICS.scores.name(s)
+    serde = Serde.from_settings(s)
+    example = {
+        "customer_id": "c1",
+        "as_of": 1,
+        "churn_probability": 0.5,
+        "engagement_score": 50.0,
+        "clv": 10.0,
+        "lifecycle_stage": "loyal",
+        "features": {},
+        "model_version": "m",
+        "scored_at": 2,
+    }
+    produce(s, scores, [(b"c1", serde.encode(TOPICS.scores, example)), (b"c1", None)])
+    seen: list[Any] = []
+    config = LoopConfig(
+        service="tomb",
+        group_id=s.topic_prefix + "g",
+        sources={scores: TOPICS.scores},
+        transactional_id=s.topic_prefix + "tx",
+    )
+    loop = ProcessingLoop(s, config, lambda r: seen.append(r.value) or [])  # type: ignore[arg-type]
+    assert loop.run(max_records=2, idle_timeout=20) == 2
+    assert [v["customer_id"] for v in seen] == ["c1"]
+    assert read_all(s, TOPICS.dlq.name(s), idle=1.0) == []
