@@ -203,10 +203,21 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=cmd_schemas)
 
     p = sub.add_parser("demo", help="run segflow on simulated customers on the local broker")
-    p.add_argument("--customers", type=int, default=2000)
+    p.add_argument("--customers", type=int, default=1000)
     p.add_argument("--days", type=int, default=120)
     p.add_argument("--seed", type=int, default=7)
     p.add_argument("--keep-broker", action="store_true", help="leave the broker running")
+    p.add_argument(
+        "--step-timeout",
+        type=float,
+        default=120.0,
+        help="seconds to wait for the services to catch up after each simulated week",
+    )
+    p.add_argument(
+        "--chaos",
+        action="store_true",
+        help="kill -9 one service per simulated week (the supervisor restarts it)",
+    )
     p.set_defaults(func=cmd_demo)
 
     from segflow.sim.cli import add_parser as add_sim_parser

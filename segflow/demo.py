@@ -1,216 +1,652 @@
-"""``segflow demo``: the main job on the embedded default.
+"""``segflow demo``: the whole product on the embedded default, in closed loop.
 
-Today it runs what exists: a real local Kafka broker, segflow's topics, the customer
-simulator producing to ``segflow.events``, and the shared loop validating every event
-against the contract with malformed ones dead-lettered. The four services (issues #4-#7)
-join here as they land; the report says plainly which stages ran.
+A real local Kafka broker, segflow's topics under a fresh prefix, the four services as
+supervised processes, a local CRM/email/SMTP receiver, and the customer simulator: a week of
+behaviour at a time goes to ``segflow.events``; the demo waits until every service has caught
+up, feeds the week's dispatched actions back to the simulated customers (a re-engagement
+email can rescue some of them), and moves on. The report compares what segflow did with the
+simulator's ground truth, and ``demo-report.html`` draws segment sizes over time.
 """
 
 from __future__ import annotations
 
 import argparse
-import sys
+import contextlib
+import html
+import json
+import os
+import signal
+import statistics
 import time
 import uuid
-from collections import Counter
+from collections import Counter, defaultdict
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from segflow.events import validate_event
-from segflow.runtime.broker import LocalBroker
-from segflow.runtime.kafka import ensure_topics, make_consumer, wait_for_broker
+from confluent_kafka import OFFSET_BEGINNING, Consumer, TopicPartition
+
+from segflow.receiver import Receiver, SMTPReceiver
+from segflow.runtime.broker import LocalBroker, free_port
+from segflow.runtime.kafka import ensure_topics, make_admin, wait_for_broker
 from segflow.runtime.log import configure
-from segflow.runtime.loop import Incoming, LoopConfig, Output, ProcessingLoop
+from segflow.runtime.serde import Serde
 from segflow.runtime.settings import Settings
-from segflow.runtime.topics import TOPICS
+from segflow.runtime.topics import TOPICS, Topic
 from segflow.sim.generator import SimConfig, Simulation
 from segflow.sim.noise import Delivery, NoiseConfig
-from segflow.sim.sink import KafkaSink, gc_paused
+from segflow.sim.sink import KafkaSink
 from segflow.sim.truth import truth_records
+from segflow.supervisor import Supervisor
 
 DAY_MS = 86_400_000
-NOT_YET = [
-    ("identity", "#4"),
-    ("scorer", "#5"),
-    ("segmenter", "#6"),
-    ("dispatcher", "#7"),
-]
+WEEK_DAYS = 7
 
 
 def say(text: str = "") -> None:
     print(text, flush=True)
 
 
+class Tail:
+    """Reads a topic incrementally from its beginning (read_committed, no consumer group)."""
+
+    def __init__(self, settings: Settings, serde: Serde, topic: Topic) -> None:
+        self.topic = topic
+        self.serde = serde
+        self.name = topic.name(settings)
+        self.consumer = Consumer(
+            {
+                **settings.kafka_config(),
+                "group.id": f"demo-tail-{uuid.uuid4().hex[:8]}",
+                "enable.auto.commit": False,
+                "isolation.level": "read_committed",
+            }
+        )
+        md = self.consumer.list_topics(self.name, timeout=10)
+        self.partitions = sorted(md.topics[self.name].partitions)
+        self.consumer.assign(
+            [TopicPartition(self.name, p, OFFSET_BEGINNING) for p in self.partitions]
+        )
+        self.count = 0
+
+    def poll(self, budget: float = 15.0) -> list[tuple[bytes | None, dict[str, Any]]]:
+        """Everything up to the current end of the topic (or what ``budget`` seconds allow)."""
+        out: list[tuple[bytes | None, dict[str, Any]]] = []
+        ends = {}
+        for p in self.partitions:
+            _, high = self.consumer.get_watermark_offsets(TopicPartition(self.name, p), timeout=10)
+            ends[p] = high
+        deadline = time.monotonic() + budget
+        empty = 0
+        while time.monotonic() < deadline:
+            positions = self.consumer.position([TopicPartition(self.name, p) for p in ends])
+            if all(
+                tp.offset >= ends[tp.partition] or (tp.offset < 0 and ends[tp.partition] == 0)
+                for tp in positions
+            ):
+                break
+            msgs = self.consumer.consume(5000, 0.2)
+            # The high watermark can include a transaction still open (a service's tick):
+            # read_committed stops before it, so two empty polls in a row also end the read.
+            empty = empty + 1 if not msgs else 0
+            if empty >= 2:
+                break
+            for m in msgs:
+                if m.error() or m.value() is None:
+                    continue
+                out.append((m.key(), self.serde.decode(self.topic, m.value())))
+        self.count += len(out)
+        return out
+
+    def close(self) -> None:
+        self.consumer.close()
+
+
+def group_lag(settings: Settings, groups: dict[str, list[str]]) -> dict[str, int]:
+    """Records each service's consumer group still has to read, per group."""
+    admin = make_admin(settings)
+    probe = Consumer({**settings.kafka_config(), "group.id": f"demo-lag-{uuid.uuid4().hex[:6]}"})
+    try:
+        out = {}
+        for group, topics in groups.items():
+            parts = []
+            for name in topics:
+                md = admin.list_topics(name, timeout=10)
+                parts += [TopicPartition(name, p) for p in md.topics[name].partitions]
+            lagging = 0
+            committed = {
+                (tp.topic, tp.partition): tp.offset for tp in _committed(admin, group, parts)
+            }
+            for tp in parts:
+                _, high = probe.get_watermark_offsets(tp, timeout=10)
+                done = committed.get((tp.topic, tp.partition), -1)
+                behind = max(0, high - max(done, 0))
+                # A transaction's commit marker takes the offset after its last record and is
+                # never "consumed": one offset behind on a transactional topic is caught up.
+                lagging += behind if behind > 1 else 0
+            out[group] = lagging
+        return out
+    finally:
+        probe.close()
+
+
+def _committed(admin: Any, group: str, parts: list[TopicPartition]) -> list[TopicPartition]:
+    from confluent_kafka import ConsumerGroupTopicPartitions
+
+    futures = admin.list_consumer_group_offsets([ConsumerGroupTopicPartitions(group, parts)])
+    try:
+        return list(futures[group].result(timeout=10).topic_partitions or [])
+    except Exception:
+        return []
+
+
+@dataclass
+class Observed:
+    """What the demo read back from segflow's topics."""
+
+    event_owner: dict[str, str] = field(default_factory=dict)  # event_id -> customer_id
+    handle: dict[str, str] = field(default_factory=dict)  # customer_id -> an identifier
+    merges: int = 0
+    survivor: dict[str, str] = field(default_factory=dict)  # absorbed id -> survivor id
+
+    def final_id(self, cid: str) -> str:
+        """Follow merge chains (a → b, later b → c) to the surviving customer_id."""
+        seen = 0
+        while cid in self.survivor and seen < 100:
+            cid = self.survivor[cid]
+            seen += 1
+        return cid
+
+    scores: dict[str, dict[str, Any]] = field(default_factory=dict)  # latest per customer
+    changes: list[dict[str, Any]] = field(default_factory=list)
+    results: list[dict[str, Any]] = field(default_factory=list)
+    dlq: Counter[str] = field(default_factory=Counter)
+
+
 def run_demo(args: argparse.Namespace) -> int:
-    from segflow.cli import external_bootstrap
+    from segflow.cli import available_services, external_bootstrap
 
     started = time.monotonic()
-    # Per-record DLQ warnings are for services; the demo reports the totals instead.
     configure("demo", level="ERROR", fmt="text")
+    state_dir = Path(args.state_dir)
     broker: LocalBroker | None = None
+    was_running = True
+    prefix = f"demo-{time.strftime('%Y%m%d-%H%M%S')}."
     if external_bootstrap():
-        settings = Settings()
-        say(f"[1/4] using the Kafka broker at {settings.bootstrap_servers}")
+        settings = Settings(topic_prefix=prefix)
+        say(f"[1/5] using the Kafka broker at {settings.bootstrap_servers}")
         wait_for_broker(settings)
     else:
-        broker = LocalBroker(Path(args.state_dir) / "broker", port=args.port)
+        broker = LocalBroker(state_dir / "broker", port=args.port)
         was_running = broker.pid() is not None
-        say(f"[1/4] starting a local Apache Kafka broker (KRaft) on {broker.bootstrap} ...")
+        say(f"[1/5] starting a local Apache Kafka broker (KRaft) on {broker.bootstrap} ...")
         broker.start()
-        settings = Settings(bootstrap_servers=broker.bootstrap)
+        settings = Settings(bootstrap_servers=broker.bootstrap, topic_prefix=prefix)
         say(f"      ready; data in {broker.data_dir}, log in {broker.log_file}")
+    receiver = Receiver().start()
+    smtp = SMTPReceiver().start()
+    sup: Supervisor | None = None
     try:
-        created = ensure_topics(settings)
-        say(f"[2/4] topics: {len(TOPICS)} in the registry, {len(created)} created now")
-        start_offsets = _end_offsets(settings)
-        sim, stats = _simulate(settings, args)
-        checked = _validate(settings, start_offsets, stats["records"])
-        _report(sim, stats, checked, time.monotonic() - started)
+        _drop_old_demo_topics(settings, prefix)
+        ensure_topics(settings)
+        say(f"[2/5] topics created under the prefix {prefix!r}")
+        names = available_services()
+        sup = Supervisor(
+            state_dir / "logs" / prefix.rstrip("."),
+            env=_service_env(settings, prefix, receiver, smtp),
+        )
+        metrics_base = free_port()
+        for i, name in enumerate(names):
+            sup.add_service(name, env={"SEGFLOW_METRICS_PORT": str(metrics_base + i)})
+        sup.start_all()
+        say(f"[3/5] services running: {', '.join(names)} (logs in {sup.log_dir})")
+        sim, observed, produced = _simulate(settings, args, sup, names)
+        say("[5/5] report")
+        report, summary = _report(
+            sim, observed, produced, receiver, smtp, time.monotonic() - started
+        )
+        out = state_dir / "demo-report.html"
+        out.write_text(report)
+        (state_dir / "demo-summary.json").write_text(json.dumps(summary, indent=2))
+        say(f"      HTML report with segment sizes over time: {out}")
     finally:
+        if sup is not None:
+            sup.stop()
+        receiver.stop()
+        smtp.stop()
         if broker is not None and not args.keep_broker and not was_running:
             broker.stop()
             say("local broker stopped (use --keep-broker to leave it running)")
     return 0
 
 
-def _end_offsets(settings: Settings) -> dict[int, int]:
-    """Current end offset of each events partition: this run's records start there."""
-    from confluent_kafka import TopicPartition
-
-    consumer = make_consumer(settings, f"segflow-demo-probe-{uuid.uuid4().hex[:8]}")
-    name = TOPICS.events.name(settings)
-    try:
-        return {
-            p: consumer.get_watermark_offsets(TopicPartition(name, p), timeout=10)[1]
-            for p in range(TOPICS.events.partitions)
-        }
-    finally:
-        consumer.close()
+def _drop_old_demo_topics(settings: Settings, keep_prefix: str) -> None:
+    admin = make_admin(settings)
+    old = [
+        t
+        for t in admin.list_topics(timeout=10).topics
+        if t.startswith("demo-") and not t.startswith(keep_prefix)
+    ]
+    if old:
+        for future in admin.delete_topics(old, operation_timeout=30).values():
+            with contextlib.suppress(Exception):  # already gone
+                future.result(timeout=30)
 
 
-def _simulate(settings: Settings, args: argparse.Namespace) -> tuple[Simulation, dict[str, Any]]:
+def _service_env(
+    settings: Settings, prefix: str, receiver: Receiver, smtp: SMTPReceiver
+) -> dict[str, str]:
+    return {
+        "SEGFLOW_BOOTSTRAP_SERVERS": settings.bootstrap_servers,
+        "SEGFLOW_TOPIC_PREFIX": prefix,
+        "SEGFLOW_LOG_LEVEL": "WARNING",
+        "SEGFLOW_DISPATCHER_CLOCK": "event",
+        "SEGFLOW_DISPATCHER_GROUP_ID": prefix + "dispatcher",
+        "SEGFLOW_DISPATCHER_CRM_BASE_URL": receiver.url,
+        "SEGFLOW_DISPATCHER_EMAIL_BASE_URL": receiver.url,
+        "SEGFLOW_DISPATCHER_WEBHOOK_URL": receiver.url + "/webhook",
+        "SEGFLOW_DISPATCHER_SMTP_PORT": str(smtp.port),
+        "SEGFLOW_DISPATCHER_CONTACT_PATTERN": "{customer_id}@example.invalid",
+        "SEGFLOW_SCORER_GROUP_ID": prefix + "scorer",
+    }
+
+
+def _groups(settings: Settings, names: list[str]) -> dict[str, list[str]]:
+    p = settings.topic_prefix
+    inputs = {
+        "identity": (p + "identity", [TOPICS.events]),
+        "scorer": (p + "scorer", [TOPICS.identified, TOPICS.merges]),
+        "segmenter": (p + "segmenter", [TOPICS.scores, TOPICS.merges]),
+        "dispatcher": (p + "dispatcher", [TOPICS.segment_changes, TOPICS.identified]),
+    }
+    return {inputs[n][0]: [t.name(settings) for t in inputs[n][1]] for n in names if n in inputs}
+
+
+def _simulate(
+    settings: Settings, args: argparse.Namespace, sup: Supervisor, names: list[str]
+) -> tuple[Simulation, Observed, dict[str, Any]]:
+    serde = Serde.from_settings(settings)
     noise = NoiseConfig(
         duplicates=0.01, late=0.01, out_of_order=0.02, malformed=0.001, blocked=0.01
     )
     config = SimConfig(customers=args.customers, days=args.days, seed=args.seed, noise=noise)
     say(
-        f"[3/4] simulating {config.customers:,} customers over {config.days} days "
-        f"(seed {config.seed}) into {TOPICS.events.name(settings)} ..."
+        f"[4/5] simulating {config.customers:,} customers over {config.days} days (seed "
+        f"{config.seed}), a week at a time, in closed loop with the dispatcher ..."
     )
     sim = Simulation(config)
     sink = KafkaSink.from_settings(settings)
-    types: Counter[str] = Counter()
-    noise_seen: Counter[str] = Counter()
+    tails = {
+        t.key_name: Tail(settings, serde, t)
+        for t in (
+            TOPICS.identified,
+            TOPICS.merges,
+            TOPICS.scores,
+            TOPICS.segment_changes,
+            TOPICS.dispatch_results,
+            TOPICS.dlq,
+        )
+    }
+    obs = Observed()
+    truth_of: dict[str, str] = {}
+    produced: dict[str, Any] = {
+        "events": 0,
+        "malformed": 0,
+        "applied": 0,
+        "rescued": 0,
+        "timeline": [],
+    }
+    groups = _groups(settings, names)
     t0 = time.monotonic()
-    last = t0
-    with gc_paused():
+    week = 0
+    try:
         while not (sim.finished and not sim.pending):
-            items = sim.step(7)
-            sink.write(items)
+            items = sim.step(WEEK_DAYS)
             for item in items:
                 if type(item) is Delivery:
-                    types[item.event["event_type"]] += 1
-                    if item.noise:
-                        noise_seen[item.noise] += 1
-                else:
-                    noise_seen["malformed"] += 1
-            if time.monotonic() - last > 2:
-                last = time.monotonic()
-                n = sum(types.values())
-                say(f"      day {sim.day}/{config.days}: {n:,} events ({n / (last - t0):,.0f}/s)")
-        result = sink.close()
-    elapsed = time.monotonic() - t0
-    say(
-        f"      produced {result.records:,} records in {elapsed:.1f}s "
-        f"({result.records / max(elapsed, 1e-9):,.0f}/s)"
+                    truth_of[item.event["event_id"]] = item.customer
+            sink.write(items)
+            sink.producer.flush(30)
+            week += 1
+            if getattr(args, "chaos", False) and week <= len(names):
+                victim = names[week - 1]
+                pid = sup.pids().get(victim)
+                if pid is not None:
+                    os.kill(pid, signal.SIGKILL)
+                    say(f"      chaos: kill -9 {victim} (pid {pid}) mid-stream")
+            _wait_caught_up(settings, groups, sup, timeout=args.step_timeout)
+            _read(tails, obs)
+            for action in _new_actions(obs, produced):
+                ident = obs.handle.get(action["customer_id"])
+                if ident is None:
+                    continue
+                outcome = sim.apply_action(ident, action)
+                produced["applied"] += outcome.applied
+                produced["rescued"] += outcome.rescued
+            sizes = _sizes(obs.changes)
+            produced["timeline"].append((sim.day, dict(sizes)))
+            say(
+                f"      day {sim.day:>3}/{config.days}: {sink.events:,} events, "
+                f"{len(obs.event_owner):,} identified, {tails['scores'].count:,} scores, "
+                f"{len(obs.changes):,} segment changes, "
+                f"{sum(1 for r in obs.results if r['status'] == 'sent'):,} actions sent "
+                f"({time.monotonic() - t0:.0f}s)"
+            )
+        stats = sink.close()
+        _wait_caught_up(settings, groups, sup, timeout=args.step_timeout)
+        _read(tails, obs)
+    finally:
+        for tail in tails.values():
+            tail.close()
+    produced.update(
+        events=stats.events,
+        malformed=stats.malformed,
+        seconds=time.monotonic() - t0,
+        truth_of=truth_of,
     )
-    return sim, {
-        "records": result.records,
-        "events": result.events,
-        "malformed": result.malformed,
-        "types": types,
-        "noise": noise_seen,
-        "seconds": elapsed,
-    }
+    return sim, obs, produced
 
 
-class _Validator:
-    """Counts valid events by type; contract violations raise and are dead-lettered."""
-
-    def __init__(self) -> None:
-        self.valid = 0
-
-    def __call__(self, record: Incoming) -> list[Output]:
-        validate_event(record.value, int(time.time() * 1000), DAY_MS)
-        self.valid += 1
-        return []
-
-
-def _validate(settings: Settings, start: dict[int, int], expected: int) -> dict[str, Any]:
-    """Run the shared loop over this run's records: decode, validate, dead-letter."""
-    from confluent_kafka import TopicPartition
-
-    name = TOPICS.events.name(settings)
-    group = f"segflow-demo-validate-{uuid.uuid4().hex[:8]}"
-    seeder = make_consumer(settings, group)  # start the new group at this run's first offsets
-    seeder.commit(
-        offsets=[TopicPartition(name, p, o) for p, o in start.items()], asynchronous=False
-    )
-    seeder.close()
-    say(f"[4/4] validating {expected:,} records with the shared loop (exactly-once, DLQ on) ...")
-    validator = _Validator()
-    config = LoopConfig(
-        service="demo-validate",
-        group_id=group,
-        sources={name: TOPICS.events},
-        transactional_id=group,
-    )
-    loop = ProcessingLoop(settings, config, validator)  # type: ignore[arg-type]
-    t0 = time.monotonic()
-    n = loop.run(max_records=expected, idle_timeout=30)
-    elapsed = time.monotonic() - t0
-    from prometheus_client import REGISTRY
-
-    dlq = {
-        s.labels["reason"]: int(s.value)
-        for metric in REGISTRY.collect()
-        if metric.name == "segflow_dlq_records"
-        for s in metric.samples
-        if s.name.endswith("_total") and s.labels.get("service") == "demo-validate"
-    }
-    return {"processed": n, "valid": validator.valid, "dlq": dlq, "seconds": elapsed}
+def _wait_caught_up(
+    settings: Settings, groups: dict[str, list[str]], sup: Supervisor, timeout: float
+) -> None:
+    deadline = time.monotonic() + timeout
+    quiet = 0
+    while time.monotonic() < deadline:
+        for name in sup.check():
+            say(f"      ({name} exited and was restarted; see its log)")
+        lag = group_lag(settings, groups)
+        quiet = quiet + 1 if sum(lag.values()) == 0 else 0
+        if quiet >= 2:  # twice in a row: downstream outputs of the last batch are read too
+            return
+        time.sleep(0.5)
+    say(f"      (pipeline still behind after {timeout:.0f}s: {lag}; carrying on)")
 
 
-def _report(sim: Simulation, stats: dict[str, Any], checked: dict[str, Any], total: float) -> None:
+def _read(tails: dict[str, Tail], obs: Observed) -> None:
+    for _ in range(3):
+        for _key, ev in tails["identified"].poll():
+            cid = ev["customer_id"]
+            e = ev["event"]
+            obs.event_owner[e["event_id"]] = cid
+            ident = e.get("user_id") or e.get("anonymous_id") or e.get("device_id")
+            if ident and (cid not in obs.handle or e.get("user_id")):
+                obs.handle[cid] = ident
+        for _key, merge in tails["merges"].poll():
+            obs.merges += 1
+            for absorbed in merge["absorbed_ids"]:
+                obs.survivor[absorbed] = merge["survivor_id"]
+        for _key, score in tails["scores"].poll():
+            obs.scores[score["customer_id"]] = score
+        obs.changes += [c for _k, c in tails["segment_changes"].poll()]
+        obs.results += [r for _k, r in tails["dispatch_results"].poll()]
+        for _key, letter in tails["dlq"].poll():
+            obs.dlq[letter["reason"]] += 1
+
+
+def _new_actions(obs: Observed, produced: dict[str, Any]) -> list[dict[str, Any]]:
+    start = produced.get("actions_seen", 0)
+    produced["actions_seen"] = len(obs.results)
+    return [r for r in obs.results[start:] if r["status"] in ("sent", "holdout")]
+
+
+def _sizes(changes: list[dict[str, Any]]) -> Counter[str]:
+    members: dict[str, set[str]] = defaultdict(set)
+    for c in changes:
+        if c["transition"] in ("entered",):
+            members[c["segment"]].add(c["customer_id"])
+        elif c["transition"] in ("exited", "re_engaged"):
+            members[c["segment"]].discard(c["customer_id"])
+    return Counter({s: len(m) for s, m in members.items()})
+
+
+# -- the report ----------------------------------------------------------------------------
+def _pairwise(owner: dict[str, str], truth_of: dict[str, str]) -> tuple[float, float]:
+    """Pairwise precision and recall of event → customer stitching against the truth."""
+    cells: Counter[tuple[str, str]] = Counter()
+    for event_id, cid in owner.items():
+        true = truth_of.get(event_id)
+        if true is not None:
+            cells[(cid, true)] += 1
+
+    def pairs(counts: Any) -> int:
+        return sum(n * (n - 1) // 2 for n in counts)
+
+    by_pred: Counter[str] = Counter()
+    by_true: Counter[str] = Counter()
+    for (cid, true), n in cells.items():
+        by_pred[cid] += n
+        by_true[true] += n
+    tp = pairs(cells.values())
+    pred, true_pairs = pairs(by_pred.values()), pairs(by_true.values())
+    return (tp / pred if pred else 1.0), (tp / true_pairs if true_pairs else 1.0)
+
+
+def _segment_quality(
+    obs: Observed, produced: dict[str, Any], truth: list[dict[str, Any]], end_ms: int
+) -> list[tuple[str, float | None, float | None, float | None, int]]:
+    """Per segment: time-overlap precision and recall vs the truth, median onset → entered."""
+    owner_votes: dict[str, Counter[str]] = defaultdict(Counter)
+    for event_id, cid in obs.event_owner.items():
+        true = produced["truth_of"].get(event_id)
+        if true is not None:
+            owner_votes[obs.final_id(cid)][true] += 1
+    true_of_cid = {cid: votes.most_common(1)[0][0] for cid, votes in owner_votes.items()}
+    predicted: dict[tuple[str, str], list[list[int]]] = defaultdict(list)
+    for c in sorted(obs.changes, key=lambda c: c["occurred_at"]):
+        true = true_of_cid.get(obs.final_id(c["customer_id"]))
+        if true is None:
+            continue
+        spans = predicted[(true, c["segment"])]
+        if c["transition"] == "entered":
+            spans.append([c["occurred_at"], end_ms])
+        elif c["transition"] in ("exited", "re_engaged") and spans and spans[-1][1] == end_ms:
+            spans[-1][1] = c["occurred_at"]
+    actual: dict[tuple[str, str], list[list[int]]] = {}
+    for t in truth:
+        for seg, spans in t["segments"].items():
+            actual[(t["customer"], seg)] = [[s, e if e is not None else end_ms] for s, e in spans]
+    rows = []
+    for seg in sorted({s for (_c, s) in actual}):
+        overlap = pred_total = true_total = 0
+        delays: list[float] = []
+        for (cust, s), spans in actual.items():
+            if s != seg:
+                continue
+            mine = predicted.get((cust, seg), [])
+            true_total += sum(e - b for b, e in spans)
+            for b, e in spans:
+                for pb, pe in mine:
+                    overlap += max(0, min(e, pe) - max(b, pb))
+                entered = [pb for pb, pe in mine if pe > b and pb < e + 14 * DAY_MS]
+                if entered:
+                    delays.append(max(0, min(entered) - b) / DAY_MS)
+        for (_cust, s), mine in predicted.items():
+            if s == seg:
+                pred_total += sum(e - b for b, e in mine)
+        precision = overlap / pred_total if pred_total else None
+        recall = overlap / true_total if true_total else None
+        median = statistics.median(delays) if delays else None
+        rows.append((seg, precision, recall, median, sum(1 for k in predicted if k[1] == seg)))
+    return rows
+
+
+def _auc(pairs: list[tuple[float, bool]]) -> float | None:
+    pos = [p for p, y in pairs if y]
+    neg = [p for p, y in pairs if not y]
+    if not pos or not neg:
+        return None
+    ranked = sorted(pairs, key=lambda t: t[0])
+    rank_sum = 0.0
+    i = 0
+    while i < len(ranked):  # average ranks over ties
+        j = i
+        while j < len(ranked) and ranked[j][0] == ranked[i][0]:
+            j += 1
+        avg = (i + j + 1) / 2
+        rank_sum += avg * sum(1 for k in range(i, j) if ranked[k][1])
+        i = j
+    return (rank_sum - len(pos) * (len(pos) + 1) / 2) / (len(pos) * len(neg))
+
+
+def _fmt(x: float | None, pct: bool = True) -> str:
+    if x is None:
+        return "  n/a"
+    return f"{x * 100:5.1f}%" if pct else f"{x:5.1f}"
+
+
+def _report(
+    sim: Simulation,
+    obs: Observed,
+    produced: dict[str, Any],
+    receiver: Receiver,
+    smtp: SMTPReceiver,
+    total: float,
+) -> tuple[str, dict[str, Any]]:
     truth = truth_records(sim)
+    end_ms = sim.config.end_ms
+    summary: dict[str, Any] = {"dlq": dict(obs.dlq), "malformed": produced["malformed"]}
     personas = Counter(t["persona"] for t in truth)
-    churned = sum(1 for t in truth if t["churn_at"] is not None)
-    in_segment = Counter(name for t in truth for name, spans in t["segments"].items() if spans)
-    say()
-    say("=== segflow demo report " + "=" * 40)
-    say(f"customers: {len(truth):,} ({churned:,} churn during the span)")
-    say("  " + ", ".join(f"{p} {n}" for p, n in personas.most_common()))
-    say(f"events produced: {stats['events']:,} plus {stats['malformed']:,} malformed records")
-    say("  " + ", ".join(f"{t} {n:,}" for t, n in stats["types"].most_common()))
-    say("  noise: " + (", ".join(f"{k} {v:,}" for k, v in stats["noise"].items()) or "none"))
+    churned = {t["customer"] for t in truth if t["churn_at"] is not None}
+    say("=" * 72)
     say(
-        f"validated by the shared loop: {checked['processed']:,} records in "
-        f"{checked['seconds']:.1f}s; {checked['valid']:,} valid"
+        f"customers: {len(truth):,} ({len(churned):,} churn during the span); "
+        + ", ".join(f"{p} {n}" for p, n in personas.most_common())
     )
-    dlq = checked["dlq"]
     say(
-        "  dead-lettered: "
-        + (", ".join(f"{r} {n}" for r, n in sorted(dlq.items())) or "none")
-        + f" (expected {stats['malformed']} malformed)"
+        f"events: {produced['events']:,} produced (+{produced['malformed']:,} malformed) in "
+        f"{produced['seconds']:.0f}s = {produced['events'] / produced['seconds']:,.0f} events/s "
+        "through the whole pipeline, closed loop"
     )
-    say("true segment membership (simulator ground truth), customers ever in each:")
-    for name, n in in_segment.most_common():
-        say(f"  {name:24} {n:6,}")
+    say("dead-lettered: " + (", ".join(f"{r} {n}" for r, n in obs.dlq.most_common()) or "none"))
+    final_owner = {e: obs.final_id(c) for e, c in obs.event_owner.items()}
+    precision, recall = _pairwise(final_owner, produced["truth_of"])
+    summary.update(precision=precision, recall=recall, identified=len(obs.event_owner))
     say(
-        "not running yet: "
-        + ", ".join(f"{s} ({i})" for s, i in NOT_YET)
-        + " - segments, scores and actions appear here when they land"
+        f"identity: {len(set(final_owner.values())):,} customer ids for {len(truth):,} "
+        f"true customers; {obs.merges:,} merges; pairwise precision {precision:.4f}, "
+        f"recall {recall:.4f}"
     )
-    say(f"total {total:.1f}s")
-    if sum(dlq.values()) != stats["malformed"]:
-        print("demo: the DLQ count does not match the malformed records sent", file=sys.stderr)
+    auc = None
+    if obs.scores:
+        true_of: dict[str, str | None] = {}
+        for event_id, cid in obs.event_owner.items():
+            true_of.setdefault(cid, produced["truth_of"].get(event_id))
+        auc = _auc(
+            [
+                (s["churn_probability"], true_of.get(cid) in churned)
+                for cid, s in obs.scores.items()
+                if true_of.get(cid)
+            ]
+        )
+        say(
+            f"scores: {len(obs.scores):,} customers scored; final churn probability vs true "
+            f"churn: AUC {_fmt(auc, pct=False) if auc is None else f'{auc:.3f}'}"
+        )
+    say("segments (time overlap with the ground truth; median days from true onset to entered):")
+    say(f"  {'segment':26} {'members':>7} {'precision':>9} {'recall':>7} {'onset→entered':>13}")
+    final = _sizes(obs.changes)
+    for seg, p, r, med, _n in _segment_quality(obs, produced, truth, end_ms):
+        say(
+            f"  {seg:26} {final.get(seg, 0):7,} {_fmt(p):>9} {_fmt(r):>7} "
+            f"{_fmt(med, pct=False) + ' d' if med is not None else 'n/a':>13}"
+        )
+    other = sorted(s for s in final if not any(s == t for t in truth[0]["segments"]))
+    if other:
+        say("  also: " + ", ".join(f"{s} {final[s]}" for s in other))
+    transitions = Counter(c["transition"] for c in obs.changes)
+    say("changes: " + ", ".join(f"{k} {v:,}" for k, v in transitions.most_common()))
+    status = Counter(r["status"] for r in obs.results)
+    say(
+        "dispatch decisions: "
+        + (", ".join(f"{k} {v:,}" for k, v in status.most_common()) or "none")
+    )
+    sent = [r for r in obs.results if r["status"] == "sent"]
+    by_channel = Counter((r["channel"], r.get("variant") or "-") for r in sent)
+    for (channel, variant), n in sorted(by_channel.items()):
+        say(f"  sent {channel:20} variant {variant:8} {n:6,}")
+    holdout_keys = {r["idempotency_key"] for r in obs.results if r["status"] == "holdout"}
+    effects = set(receiver.effects()) | {m["key"] for m in smtp.messages}
+    sent_keys = Counter(r["idempotency_key"] for r in sent)
+    twice = sum(1 for n in sent_keys.values() if n > 1)
+    missing = set(sent_keys) - effects
+    say(
+        f"receiver: {len(effects):,} distinct actions took effect ({len(smtp.unique()):,} by "
+        f"SMTP); {receiver.replays():,} repeated requests absorbed by idempotency keys; "
+        f"'sent' results without an effect: {len(missing)}; keys reported sent twice: {twice}; "
+        f"holdout contacted: {len(holdout_keys & effects)}"
+    )
+    summary.update(
+        sent=len(sent_keys),
+        effects=len(effects),
+        sent_twice=twice,
+        missing=len(missing),
+        holdout=len(holdout_keys),
+        holdout_contacted=len(holdout_keys & effects),
+    )
+    say(
+        f"closed loop: {produced['applied']:,} actions reached simulated customers, "
+        f"{produced['rescued']:,} customers rescued by treatment"
+    )
+    say(f"total {total:.0f}s")
+    summary.update(auc=auc, rescued=produced["rescued"], applied=produced["applied"])
+    return _html(produced["timeline"], obs, precision, recall, auc), summary
+
+
+def _html(
+    timeline: list[tuple[int, dict[str, int]]],
+    obs: Observed,
+    precision: float,
+    recall: float,
+    auc: float | None,
+) -> str:
+    segments = sorted({s for _d, sizes in timeline for s in sizes})
+    width, height = 760, 320
+    top = max([1] + [n for _d, sizes in timeline for n in sizes.values()])
+    days = max([1] + [d for d, _s in timeline])
+    palette = [
+        "#1f77b4",
+        "#ff7f0e",
+        "#2ca02c",
+        "#d62728",
+        "#9467bd",
+        "#8c564b",
+        "#e377c2",
+        "#7f7f7f",
+        "#bcbd22",
+        "#17becf",
+    ]
+    lines = []
+    for i, seg in enumerate(segments):
+        pts = " ".join(
+            f"{40 + d / days * (width - 200):.1f},"
+            f"{height - 30 - sizes.get(seg, 0) / top * (height - 50):.1f}"
+            for d, sizes in timeline
+        )
+        color = palette[i % len(palette)]
+        lines.append(f'<polyline fill="none" stroke="{color}" stroke-width="2" points="{pts}"/>')
+        lines.append(
+            f'<text x="{width - 150}" y="{20 + 14 * i}" fill="{color}" '
+            f'font-size="11">{html.escape(seg)}</text>'
+        )
+    svg = (
+        f'<svg width="{width}" height="{height}" xmlns="http://www.w3.org/2000/svg">'
+        f'<line x1="40" y1="{height - 30}" x2="{width - 160}" y2="{height - 30}" '
+        f'stroke="#999"/><line x1="40" y1="10" x2="40" y2="{height - 30}" stroke="#999"/>'
+        f'<text x="42" y="14" font-size="11">{top} members</text>'
+        f'<text x="{width - 200}" y="{height - 12}" font-size="11">day {days}</text>'
+        + "".join(lines)
+        + "</svg>"
+    )
+    status = Counter(r["status"] for r in obs.results)
+    return (
+        "<!doctype html><meta charset=utf-8><title>segflow demo report</title>"
+        "<body style='font-family:sans-serif;max-width:800px;margin:2em auto'>"
+        "<h1>segflow demo report</h1><h2>Segment sizes over simulated time</h2>"
+        + svg
+        + f"<p>Identity stitching: pairwise precision {precision:.4f}, recall {recall:.4f}.</p>"
+        + (f"<p>Churn AUC (final score vs true churn): {auc:.3f}</p>" if auc is not None else "")
+        + "<p>Dispatch decisions: "
+        + html.escape(json.dumps(dict(status)))
+        + "</p></body>"
+    )

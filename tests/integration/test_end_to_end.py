@@ -1,0 +1,51 @@
+"""The whole product on a real broker: simulator → identity → scorer → segmenter → dispatcher
+→ local CRM/email receiver, in closed loop, with every service killed -9 once mid-run."""
+
+from __future__ import annotations
+
+import argparse
+import json
+from pathlib import Path
+
+import pytest
+
+from segflow.demo import run_demo
+
+pytestmark = pytest.mark.broker
+
+
+def test_pipeline_end_to_end_with_kills_sends_every_action_once(
+    kafka_bootstrap: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setenv("KAFKA_BOOTSTRAP_SERVERS", kafka_bootstrap)
+    args = argparse.Namespace(
+        state_dir=str(tmp_path),
+        port=0,
+        customers=80,
+        days=42,
+        seed=3,
+        keep_broker=True,
+        step_timeout=90.0,
+        chaos=True,
+    )
+    assert run_demo(args) == 0
+    summary = json.loads((tmp_path / "demo-summary.json").read_text())
+
+    # Identity: every event stitched, at the quality the issue asks for.
+    assert summary["identified"] > 0
+    assert summary["precision"] >= 0.99 and summary["recall"] >= 0.95, summary
+    # Every malformed record the simulator sent is on the DLQ, and nothing else undecodable.
+    undecodable = summary["dlq"].get("undecodable", 0) + summary["dlq"].get("unknown_schema_id", 0)
+    assert undecodable == summary["malformed"] > 0
+    # Actions: each one reported sent took effect exactly once at the receiver, none twice,
+    # and the holdout was never contacted - across four kill -9s and restarts.
+    # (Known gap, tracked in its own issue: after a kill -9 the dispatcher can publish a
+    # second "sent" audit record for a key the receiver already absorbed once; the receiver-side
+    # guarantee below is what a CRM sees.)
+    assert summary["sent"] > 0
+    assert summary["missing"] == 0
+    assert summary["effects"] == summary["sent"]
+    assert summary["holdout"] > 0 and summary["holdout_contacted"] == 0
+    # Closed loop: dispatched actions reached the simulated customers.
+    assert summary["applied"] > 0
+    assert (tmp_path / "demo-report.html").read_text().count("<polyline") > 0
