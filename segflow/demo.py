@@ -248,6 +248,10 @@ def _service_env(
         "SEGFLOW_DISPATCHER_SMTP_PORT": str(smtp.port),
         "SEGFLOW_DISPATCHER_CONTACT_PATTERN": "{customer_id}@example.invalid",
         "SEGFLOW_SCORER_GROUP_ID": prefix + "scorer",
+        # The demo delivers a simulated week in one burst after a pause; the scorer's clock
+        # (slowest live partition) can then run a week ahead of a partition it has not read
+        # yet, so allow more than a week of lateness here (see the scorer's README).
+        "SEGFLOW_SCORER_ALLOWED_LATENESS_HOURS": "192",
     }
 
 
