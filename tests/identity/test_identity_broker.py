@@ -237,7 +237,7 @@ def test_kill_9_mid_stream_then_restart_gives_each_event_exactly_once(
     env = {**os.environ, "SEGFLOW_LOG_LEVEL": "WARNING"}
     sink = TOPICS.identified.name(s)
     proc = subprocess.Popen(
-        service_cmd(s, "--batch-size", "200", "--pre-commit-delay", "1"),
+        service_cmd(s, "--batch-size", "100", "--pre-commit-delay", "1"),
         cwd=ROOT,
         env=env,
         stderr=subprocess.DEVNULL,
