@@ -68,7 +68,7 @@ def run_counter(
         group_id=group,
         sources={TOPICS.events.name(settings): TOPICS.events},
         transactional_id=group + "-tx",
-        batch_size=300,
+        batch_size=100,
         pre_commit_delay=pre_commit_delay,
     )
     counter = Counter(store, target)
