@@ -15,7 +15,7 @@ from typing import IO, Any
 
 from segflow.errors import InvalidRecord, SegflowError
 from segflow.events import validate_event
-from segflow.runtime.kafka import ensure_topics, make_producer
+from segflow.runtime.kafka import ensure_topics, make_producer, produce
 from segflow.runtime.serde import Serde
 from segflow.runtime.settings import Settings
 from segflow.runtime.topics import TOPICS
@@ -70,12 +70,7 @@ def produce_file(settings: Settings, lines: IO[str], out: IO[str] = sys.stderr) 
             rejected += 1
             print(f"line {n}: rejected: {exc.detail}", file=out)
             continue
-        while True:
-            try:
-                producer.produce(topic, value, event_key(event).encode(), on_delivery=on_delivery)
-                break
-            except BufferError:
-                producer.poll(0.05)
+        produce(producer, topic, value, event_key(event).encode(), on_delivery)
         sent += 1
         if sent % 5000 == 0:
             producer.poll(0)

@@ -33,6 +33,26 @@ def make_producer(settings: Settings, **overrides: Any) -> Producer:
     return Producer(conf)
 
 
+def produce(
+    producer: Producer,
+    topic: str,
+    value: bytes | None,
+    key: bytes | None,
+    on_delivery: Any = None,
+    headers: Any = None,
+) -> None:
+    """``producer.produce`` that waits (serving delivery reports) while the local queue is full."""
+    while True:
+        try:
+            if headers:
+                producer.produce(topic, value, key, headers=headers, on_delivery=on_delivery)
+            else:
+                producer.produce(topic, value, key, on_delivery=on_delivery)
+            return
+        except BufferError:
+            producer.poll(0.05)
+
+
 def make_consumer(settings: Settings, group_id: str, **overrides: Any) -> Consumer:
     """A consumer with manual commits that reads only committed transactional data."""
     conf: dict[str, Any] = {

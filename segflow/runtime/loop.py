@@ -33,7 +33,7 @@ from confluent_kafka import OFFSET_BEGINNING, KafkaError, KafkaException, Messag
 from segflow.errors import PoisonMessage
 from segflow.runtime import metrics
 from segflow.runtime.dlq import dead_letter
-from segflow.runtime.kafka import make_consumer, make_producer
+from segflow.runtime.kafka import make_consumer, make_producer, produce
 from segflow.runtime.serde import Serde, decode_key, encode_key
 from segflow.runtime.settings import Settings
 from segflow.runtime.topics import TOPICS, Topic
@@ -371,17 +371,7 @@ class ProcessingLoop:
         value: bytes | None,
         headers: list[tuple[str, bytes]] | None,
     ) -> None:
-        while True:
-            try:
-                if headers:
-                    self.producer.produce(
-                        topic, value, key, headers=cast(Any, headers), on_delivery=self._on_delivery
-                    )
-                else:
-                    self.producer.produce(topic, value, key, on_delivery=self._on_delivery)
-                break
-            except BufferError:
-                self.producer.poll(0.05)
+        produce(self.producer, topic, value, key, self._on_delivery, headers)
         self._n_out[topic] += 1
 
     def _on_delivery(self, err: KafkaError | None, _msg: Message) -> None:

@@ -11,6 +11,7 @@ from typing import Any, cast
 from confluent_kafka import OFFSET_BEGINNING, Consumer, TopicPartition
 
 from segflow.runtime.kafka import ensure_topics, make_admin, make_producer
+from segflow.runtime.kafka import produce as kafka_produce
 from segflow.runtime.serde import Serde
 from segflow.runtime.settings import Settings
 from segflow.runtime.topics import TOPICS, Topic
@@ -65,12 +66,7 @@ def produce(
 
     n = 0
     for key, value in records:
-        while True:
-            try:
-                producer.produce(topic, value, key, on_delivery=on_delivery)
-                break
-            except BufferError:
-                producer.poll(0.05)
+        kafka_produce(producer, topic, value, key, on_delivery)
         n += 1
         if n % 1000 == 0:
             producer.poll(0)
