@@ -26,8 +26,9 @@ format: ## ruff format
 typecheck: ## mypy (strict on the cores and the shared runtime)
 	./run --version >/dev/null && .venv/bin/mypy segflow services
 
-bench: ## benchmarks that print numbers (each starts its own broker)
-	./run --version >/dev/null && .venv/bin/python bench/bench_loop.py && .venv/bin/python bench/bench_simulator.py
+bench: ## benchmarks that print numbers (each starts its own broker where it needs one)
+	./run --version >/dev/null && for b in loop simulator identity scorer segmenter dispatcher; do \
+	  echo "== bench_$$b"; .venv/bin/python bench/bench_$$b.py || exit 1; done
 
 broker-start: ## start the local Kafka broker and create the topics
 	./run broker start
