@@ -203,8 +203,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=cmd_schemas)
 
     p = sub.add_parser("demo", help="run segflow on simulated customers on the local broker")
-    p.add_argument("--customers", type=int, default=1000)
-    p.add_argument("--days", type=int, default=120)
+    p.add_argument("--customers", type=int, default=300)
+    p.add_argument("--days", type=int, default=84)
     p.add_argument("--seed", type=int, default=7)
     p.add_argument("--keep-broker", action="store_true", help="leave the broker running")
     p.add_argument(
