@@ -28,9 +28,9 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from segflow.runtime.broker import LocalBroker, free_port  # noqa: E402
+from segflow.runtime.broker import free_port  # noqa: E402
 from segflow.runtime.serde import Serde  # noqa: E402
-from segflow.runtime.testing import isolated_settings, produce  # noqa: E402
+from segflow.runtime.testing import isolated_settings, private_broker, produce  # noqa: E402
 from segflow.runtime.topics import TOPICS  # noqa: E402
 from services.dispatcher.app import Dispatcher, DispatcherSettings  # noqa: E402
 from services.dispatcher.playbooks import load_book  # noqa: E402
@@ -60,16 +60,7 @@ def main() -> int:
     parser.add_argument("--profile", help="write a cProfile of the dispatcher loop here")
     args = parser.parse_args()
 
-    broker = None
-    bootstrap = args.bootstrap
-    if bootstrap is None:
-        broker = LocalBroker(
-            Path(tempfile.mkdtemp(prefix="segflow-bench-")) / "broker",
-            port=free_port(),
-            controller_port=free_port(),
-        )
-        broker.start()
-        bootstrap = broker.bootstrap
+    bootstrap, broker = private_broker(args.bootstrap)
     port = free_port()
     receiver = subprocess.Popen(
         [

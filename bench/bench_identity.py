@@ -16,15 +16,13 @@ import logging
 import os
 import resource
 import sys
-import tempfile
 import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from segflow.runtime.broker import LocalBroker, free_port  # noqa: E402
 from segflow.runtime.serde import Serde  # noqa: E402
-from segflow.runtime.testing import isolated_settings, produce  # noqa: E402
+from segflow.runtime.testing import isolated_settings, private_broker, produce  # noqa: E402
 from segflow.runtime.topics import TOPICS  # noqa: E402
 from segflow.sim.generator import SimConfig, Simulation  # noqa: E402
 from segflow.sim.identities import event_key  # noqa: E402
@@ -78,16 +76,7 @@ def main() -> int:
         f"{n / core_s:,.0f} events/s ({core_s / n * 1e6:.1f} us/event)"
     )
 
-    broker = None
-    bootstrap = args.bootstrap
-    if bootstrap is None:
-        broker = LocalBroker(
-            Path(tempfile.mkdtemp(prefix="segflow-bench-")) / "broker",
-            port=free_port(),
-            controller_port=free_port(),
-        )
-        broker.start()
-        bootstrap = broker.bootstrap
+    bootstrap, broker = private_broker(args.bootstrap)
     try:
         s = isolated_settings(bootstrap, "benchid")
         serde = Serde.from_settings(s)

@@ -12,17 +12,15 @@ import argparse
 import os
 import resource
 import sys
-import tempfile
 import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from segflow.runtime.broker import LocalBroker, free_port  # noqa: E402
 from segflow.runtime.loop import LoopConfig, ProcessingLoop  # noqa: E402
 from segflow.runtime.passthrough import copier  # noqa: E402
 from segflow.runtime.serde import Serde  # noqa: E402
-from segflow.runtime.testing import create_topic, isolated_settings, produce  # noqa: E402
+from segflow.runtime.testing import create_topic, isolated_settings, private_broker, produce  # noqa: E402
 from segflow.runtime.topics import TOPICS  # noqa: E402
 
 
@@ -34,16 +32,7 @@ def main() -> int:
     parser.add_argument("--batch-size", type=int, default=2000)
     args = parser.parse_args()
 
-    broker = None
-    bootstrap = args.bootstrap
-    if bootstrap is None:
-        broker = LocalBroker(
-            Path(tempfile.mkdtemp(prefix="segflow-bench-")) / "broker",
-            port=free_port(),
-            controller_port=free_port(),
-        )
-        broker.start()
-        bootstrap = broker.bootstrap
+    bootstrap, broker = private_broker(args.bootstrap)
     try:
         s = isolated_settings(bootstrap, "bench")
         serde = Serde.from_settings(s)

@@ -2,14 +2,17 @@
 
 from __future__ import annotations
 
+import tempfile
 import time
 import uuid
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any, cast
 
 from confluent_kafka import OFFSET_BEGINNING, Consumer, TopicPartition
 
+from segflow.runtime.broker import LocalBroker, free_port
 from segflow.runtime.kafka import ensure_topics, make_admin, make_producer
 from segflow.runtime.kafka import produce as kafka_produce
 from segflow.runtime.serde import Serde
@@ -143,3 +146,19 @@ def read_all(
     finally:
         consumer.close()
     return out
+
+
+def private_broker(bootstrap: str | None) -> tuple[str, LocalBroker | None]:
+    """``bootstrap`` if given, else a fresh local broker in a temporary folder (for benches).
+
+    Returns the address and the broker the caller must stop (None when none was started).
+    """
+    if bootstrap is not None:
+        return bootstrap, None
+    broker = LocalBroker(
+        Path(tempfile.mkdtemp(prefix="segflow-bench-")) / "broker",
+        port=free_port(),
+        controller_port=free_port(),
+    )
+    broker.start()
+    return broker.bootstrap, broker
