@@ -24,7 +24,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from confluent_kafka import OFFSET_BEGINNING, Consumer, TopicPartition
+from confluent_kafka import OFFSET_BEGINNING, Consumer, KafkaException, TopicPartition
 
 from segflow.receiver import Receiver, SMTPReceiver
 from segflow.runtime.broker import LocalBroker, free_port
@@ -74,7 +74,7 @@ class Tail:
         out: list[tuple[bytes | None, dict[str, Any]]] = []
         ends = {}
         for p in self.partitions:
-            _, high = self.consumer.get_watermark_offsets(TopicPartition(self.name, p), timeout=10)
+            high = _high(self.consumer, TopicPartition(self.name, p))
             ends[p] = high
         deadline = time.monotonic() + budget
         empty = 0
@@ -102,6 +102,18 @@ class Tail:
         self.consumer.close()
 
 
+def _high(consumer: Consumer, tp: TopicPartition, timeout: float = 30.0) -> int:
+    """High watermark, retried while a just-created partition has no leader yet."""
+    deadline = time.monotonic() + timeout
+    while True:
+        try:
+            return int(consumer.get_watermark_offsets(tp, timeout=10)[1])
+        except KafkaException as exc:
+            if time.monotonic() > deadline or not (exc.args[0].retriable() or "LEADER" in str(exc)):
+                raise
+            time.sleep(0.2)
+
+
 def group_lag(settings: Settings, groups: dict[str, list[str]]) -> dict[str, int]:
     """Records each service's consumer group still has to read, per group."""
     admin = make_admin(settings)
@@ -118,7 +130,7 @@ def group_lag(settings: Settings, groups: dict[str, list[str]]) -> dict[str, int
                 (tp.topic, tp.partition): tp.offset for tp in _committed(admin, group, parts)
             }
             for tp in parts:
-                _, high = probe.get_watermark_offsets(tp, timeout=10)
+                high = _high(probe, tp)
                 done = committed.get((tp.topic, tp.partition), -1)
                 behind = max(0, high - max(done, 0))
                 # A transaction's commit marker takes the offset after its last record and is
