@@ -51,6 +51,10 @@ def main(argv: list[str] | None = None) -> int:
         config = config.model_copy(update={"batch_size": args.batch_size})
     service = IdentityService(settings, config)
     restored = service.restore()
+    if config.http_port is not None:  # the API gateway's query endpoint
+        from services.identity import api
+
+        api.start(service, config.http_port)
     loop = service.loop(pre_commit_delay=args.pre_commit_delay)
     loop.install_signal_handlers()
     n = loop.run(max_records=args.max_records, idle_timeout=args.idle_timeout)

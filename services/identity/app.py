@@ -80,6 +80,7 @@ class IdentitySettings(BaseSettings):
     transactional_id: str | None = None  # default: <prefix>identity-0
     batch_size: int = 2000
     hash_cache_size: int = 500_000
+    http_port: int | None = None  # internal query endpoint (services/identity/api.py)
 
     def rules(self) -> core.Rules:
         return core.Rules(
@@ -204,6 +205,7 @@ class IdentityService:
         step = core.link(self.store.table, item, self.rules)
         if step.customer_id is None:
             _DUPLICATE.inc()
+            self.dedup.advance(record.partition, item.occurred_at)
             return
         for outcome in step.outcomes:
             yield from self._outcome(outcome, now_ms)
@@ -223,7 +225,7 @@ class IdentityService:
         store = self.store
         for key, value in step.writes:
             yield store.put(key, value) if value is not None else store.delete(key)
-        self.dedup.seen(item.event_id, item.occurred_at)
+        self.dedup.seen(item.event_id, item.occurred_at, record.partition)
         _IDENTIFIED.inc()
         self._n += 1
         if not self._n & 15:  # a sample is enough for the histogram

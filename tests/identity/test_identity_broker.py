@@ -228,16 +228,6 @@ def wait_until(condition: Any, timeout: float, interval: float = 0.2) -> None:
     raise AssertionError(f"condition not met within {timeout}s")
 
 
-@pytest.mark.xfail(
-    reason=(
-        "KNOWN DEFECT (issue #4 stays open): when the kill lands after the first committed "
-        "batch, one simulator duplicate (same event_id, delivered 0-5 min after the original) "
-        "is emitted a second time after the restart although the restored de-dup window holds "
-        "98 entries; reproduced 3 of 3 times with --pre-commit-delay 5. Runs on every CI build "
-        "and reports XPASS once fixed."
-    ),
-    strict=False,
-)
 def test_kill_9_mid_stream_then_restart_gives_each_event_exactly_once(
     kafka_settings: Settings,
 ) -> None:

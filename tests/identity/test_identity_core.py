@@ -213,8 +213,27 @@ def test_dedup_window_rebuilds_from_restored_state() -> None:
     n = window.rebuild(
         [("e:a", {"created_at": 1}), ("n:u:x", {"customer_id": "c"}), ("e:b", {"created_at": 50})]
     )
-    assert n == 2 and window.watermark == 50
-    assert window.expired({"e:a": {"created_at": 1}, "e:b": {"created_at": 50}}) == ["e:a"]
+    state = {"e:a": {"created_at": 1}, "e:b": {"created_at": 50}}
+    assert n == 2 and window.watermark is None
+    assert window.expired(state) == []  # where the inputs are in event time is not known yet
+    window.advance(0, 50)
+    assert window.expired(state) == ["e:a"]
+
+
+def test_dedup_window_waits_for_the_partition_that_is_behind() -> None:
+    # Partition 1 is 20 days ahead of partition 0 (a backlog): an id seen on partition 0
+    # must stay until partition 0 itself has moved past the window, because its duplicate
+    # may still be unread there.
+    day = 86_400_000
+    window = core.DedupWindow(window_ms=7 * day)
+    state = {"e:x": {"created_at": 3 * day}}
+    window.seen("x", 3 * day, partition=0)
+    window.seen("y", 23 * day, partition=1)
+    assert window.expired(state) == []
+    window.advance(0, 9 * day)
+    assert window.expired(state) == []
+    window.advance(0, 10 * day + 1)
+    assert window.expired(state) == ["e:x"]
 
 
 def test_customer_ids_are_opaque_and_identical_on_replay() -> None:
