@@ -62,6 +62,9 @@ DAY = 24 * HOUR
 TERMINAL = frozenset({"sent", "suppressed", "failed", "holdout"})
 TRUE = frozenset({"true", "1", "yes", "y"})
 FORGET_EVENTS = frozenset({"forget", "gdpr_forget", "customer_forgotten"})
+# The customer id was absorbed by an identity merge: it is never contacted again (its
+# survivor is). Set from the segmenter's ``exited``/``merged`` change.
+MERGED = "merged"
 
 
 # -- inputs ------------------------------------------------------------------------------------
@@ -246,13 +249,20 @@ class Request:
 
 
 # -- helpers -----------------------------------------------------------------------------------
-def idempotency_key(customer_id: str, playbook: str, step: str, entry_id: str) -> str:
+def idempotency_key(
+    customer_id: str, playbook: str, step: str, entry_id: str, entered_at: int
+) -> str:
     """The key of one action, stable across restarts and replays.
 
-    >>> idempotency_key("c1", "P", "mail", "c1:S:1")
-    'sf-acc2755652f85db0cc2d0bdf44e4e368'
+    ``entered_at`` (the entry's event time) is part of the key: a redelivered change gives
+    the same key, but a stay that reuses an ``entry_id`` (the segmenter lost a customer's
+    counter, e.g. an id revived after a merge) gets new keys instead of colliding with a
+    send the API has already de-duplicated.
+
+    >>> idempotency_key("c1", "P", "mail", "c1:S:1", 1_700_000_000_000)
+    'sf-f9a0288dfaec32b898aa9e3a69187346'
     """
-    raw = "\x1f".join((customer_id, playbook, step, entry_id))
+    raw = "\x1f".join((customer_id, playbook, step, entry_id, str(entered_at)))
     return "sf-" + hashlib.sha256(raw.encode()).hexdigest()[:32]
 
 
@@ -265,6 +275,8 @@ def _fmt(value: Any) -> str:
 def _suppression(suppressions: frozenset[str], channel: str) -> str | None:
     if "forgotten" in suppressions:
         return "forgotten"
+    if MERGED in suppressions:
+        return MERGED
     if channel in EMAIL_CHANNELS:
         for s in ("unsubscribed", "bounced"):
             if s in suppressions:
@@ -279,6 +291,19 @@ def _suppression(suppressions: frozenset[str], channel: str) -> str | None:
 
 def _replace_action(c: Customer, new: Action) -> Customer:
     return replace(c, actions=tuple(new if a.key == new.key else a for a in c.actions))
+
+
+def _sibling(c: Customer, a: Action, step: str) -> Action | None:
+    """Another step of the same playbook run (decided together, for the same entry)."""
+    for b in c.actions:
+        if (b.playbook, b.entry_id, b.decided_at, b.step) == (
+            a.playbook,
+            a.entry_id,
+            a.decided_at,
+            step,
+        ):
+            return b
+    return None
 
 
 def _flag(c: Customer, idx: int, kpi: str, out: list[Effect]) -> Customer:
@@ -323,6 +348,8 @@ def decide(
     if change.reason == "forgotten":
         c, out = forget(c, now)
         return c, out
+    if change.reason == MERGED and MERGED not in c.suppressions:
+        c = replace(c, suppressions=c.suppressions | {MERGED})
     for pb in book.for_segment(change.segment):
         if change.transition in pb.cancel_on:
             c = _cancel(c, pb, change, now, f"segment_{change.transition}", out)
@@ -346,13 +373,17 @@ def _cancel(
 def _start(
     c: Customer, pb: Playbook, ch: Change, now: int, book: Book, out: list[Effect]
 ) -> Customer:
-    if any(a.playbook == pb.name and a.entry_id == ch.entry_id for a in c.actions):
+    keys = {a.key for a in c.actions}
+    if any(
+        idempotency_key(c.customer_id, pb.name, s.id, ch.entry_id, ch.occurred_at) in keys
+        for s in pb.steps
+    ):
         return c  # already decided: the ledger makes a redelivered change a no-op
     variant = assign(c.customer_id, pb.name, pb.experiment)
     campaign = pb.campaign_id or pb.name
     actions = [
         Action(
-            key=idempotency_key(c.customer_id, pb.name, s.id, ch.entry_id),
+            key=idempotency_key(c.customer_id, pb.name, s.id, ch.entry_id, ch.occurred_at),
             customer_id=c.customer_id,
             playbook=pb.name,
             step=s.id,
@@ -379,6 +410,8 @@ def _start(
     reason: str | None = None
     if "forgotten" in c.suppressions:
         reason = "forgotten"
+    elif MERGED in c.suppressions:
+        reason = MERGED
     elif variant == HOLDOUT:
         reason = HOLDOUT
     lower = blocker is not None and blocker > pb.priority
@@ -445,9 +478,7 @@ def promote(c: Customer, now: int, book: Book) -> tuple[Customer, list[Effect]]:
                 step = None
         reason = "playbook_removed" if step is None else _suppression(c.suppressions, a.channel)
         if reason is None and step is not None and step.no_engagement_since:
-            ref = c.action(
-                idempotency_key(c.customer_id, a.playbook, step.no_engagement_since, a.entry_id)
-            )
+            ref = _sibling(c, a, step.no_engagement_since)
             since = ref.settled_at if ref is not None and ref.status == "sent" else a.decided_at
             if (
                 c.last_engagement_at is not None

@@ -153,13 +153,49 @@ def test_exit_cancels_the_pending_steps_of_that_entry() -> None:
 def test_the_idempotency_key_is_per_customer_playbook_step_and_entry() -> None:
     k = core.idempotency_key
     keys = {
-        k("c1", "P", "s", "e1"),
-        k("c2", "P", "s", "e1"),
-        k("c1", "Q", "s", "e1"),
-        k("c1", "P", "t", "e1"),
-        k("c1", "P", "s", "e2"),
+        k("c1", "P", "s", "e1", NOON),
+        k("c2", "P", "s", "e1", NOON),
+        k("c1", "Q", "s", "e1", NOON),
+        k("c1", "P", "t", "e1", NOON),
+        k("c1", "P", "s", "e2", NOON),
+        k("c1", "P", "s", "e1", NOON + 1),  # a later stay that reuses the entry id
     }
-    assert len(keys) == 5 and k("c1", "P", "s", "e1") == k("c1", "P", "s", "e1")
+    assert len(keys) == 6
+    assert k("c1", "P", "s", "e1", NOON) == k("c1", "P", "s", "e1", NOON)
+
+
+def test_an_id_absorbed_by_a_merge_is_never_contacted_again_even_when_it_reenters() -> None:
+    # Seen in the demo: the segmenter dropped an absorbed id's state, a late score revived
+    # the id and it re-entered with the same entry id; 30 days later (ledger pruned) the
+    # dispatcher sent the step again under the very same idempotency key.
+    cid = treated(ATRISK)[0]
+    sim = Sim(DEFAULTS)
+    sim.change(entered(cid), NOON)
+    assert len(sim.calls) == 1
+    later = NOON + 40 * DAY
+    sim.change(Change(cid, "AtRisk-60d", "exited", f"{cid}:AtRisk-60d:1", later, "merged"), later)
+    assert sim.c is not None
+    sim.c = core.prune(sim.c, later, DEFAULTS)
+    sim.change(entered(cid, at=later + HOUR), later + HOUR)  # revived id, same entry id
+    sim.tick(later + 200 * HOUR)
+    assert len(sim.calls) == 1, "a merged-away customer id was contacted again"
+    revived = [r for r in sim.results if r.at >= later + HOUR]
+    assert revived and {r.reason for r in revived} == {"merged"}
+
+
+def test_a_stay_reusing_an_entry_id_after_pruning_gets_new_keys() -> None:
+    cid = treated(ATRISK)[0]
+    sim = Sim(DEFAULTS)
+    sim.change(entered(cid), NOON)
+    sim.tick(NOON + 100 * HOUR)  # the whole first sequence
+    assert sim.c is not None
+    later = NOON + 60 * DAY
+    sim.c = core.prune(sim.c, later, DEFAULTS)
+    assert sim.c.actions == ()
+    sim.change(entered(cid, at=later), later)
+    mails = [a for a in sim.calls if a.step == "reengagement_email"]
+    assert len(mails) == 2
+    assert len({a.key for a in mails}) == 2, "the second stay collided with the first key"
 
 
 # -- experiments --------------------------------------------------------------------------

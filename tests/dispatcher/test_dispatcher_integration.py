@@ -146,7 +146,7 @@ def test_injected_failures_still_deliver_every_action_exactly_once(
     now = int(time.time() * 1000)
     cids = [f"c{i:03d}" for i in range(40)]
     expected = {
-        idempotency_key(c, "P", step, f"{c}:S:{now}")
+        idempotency_key(c, "P", step, f"{c}:S:{now}", now)
         for c in cids
         for step in ("mail", "task", "hook", "case")
     }
@@ -202,8 +202,8 @@ def test_crm_outage_delays_crm_actions_then_delivers_them_all(
     book = load_book([tmp_path])
     now = int(time.time() * 1000)
     cids = [f"o{i:03d}" for i in range(30)]
-    mails = {idempotency_key(c, "P", "mail", f"{c}:S:{now}") for c in cids}
-    tasks = {idempotency_key(c, "P", "task", f"{c}:S:{now}") for c in cids}
+    mails = {idempotency_key(c, "P", "mail", f"{c}:S:{now}", now) for c in cids}
+    tasks = {idempotency_key(c, "P", "task", f"{c}:S:{now}", now) for c in cids}
     outage = 4.0  # "10 minutes" in life: the same path, shortened by config
     receiver.outage(prefix="/crm")
     cfg = settings_for(receiver, s, breaker_threshold=3, breaker_cooldown=1.0, backoff_cap=1.0)
@@ -275,7 +275,7 @@ def test_kill_9_mid_sequence_and_restart_neither_duplicates_nor_loses_a_step(
     assert len(treated) < len(cids)
 
     def keys(step: str) -> set[str]:
-        return {idempotency_key(c, pb.name, step, f"{c}:AtRisk-60d:{NOON}") for c in treated}
+        return {idempotency_key(c, pb.name, step, f"{c}:AtRisk-60d:{NOON}", NOON) for c in treated}
 
     mail, task, case = keys("reengagement_email"), keys("owner_task"), keys("support_escalation")
     done = lambda ks: len(ks & set(receiver.effects()))  # noqa: E731
