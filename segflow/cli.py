@@ -220,11 +220,13 @@ def build_parser() -> argparse.ArgumentParser:
     )
     p.set_defaults(func=cmd_demo)
 
+    from segflow.forget import add_parser as add_forget_parser
     from segflow.sim.cli import add_parser as add_sim_parser
     from services.segmenter.cli import add_parser as add_segmenter_parser
 
     add_sim_parser(sub)
     add_segmenter_parser(sub)  # `segflow segments check FILE`, `segflow explain CUSTOMER`
+    add_forget_parser(sub)  # `segflow forget CUSTOMER_ID` (GDPR erasure, everywhere)
     return parser
 
 

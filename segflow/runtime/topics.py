@@ -71,6 +71,7 @@ class Topics:
     scores: Topic
     segment_changes: Topic
     dispatch_results: Topic
+    forget: Topic
     dlq: Topic
     identity_state: Topic
     scorer_state: Topic

@@ -57,6 +57,10 @@ LATENCY = Histogram(
 )
 _IDENTIFIED = EVENTS.labels("identified")
 _DUPLICATE = EVENTS.labels("duplicate")
+_FORGOTTEN_HIT = EVENTS.labels("forgotten")
+FORGET_REQUESTS = Counter(
+    "segflow_identity_forget_requests_total", "Forget requests handled", ["found"]
+)
 STATE_KEYS = Gauge("segflow_identity_state_keys", "Entries in the identity state", ["kind"])
 
 
@@ -172,7 +176,10 @@ class IdentityService:
         options: dict[str, Any] = {
             "service": SERVICE,
             "group_id": self.config.group_id or prefix + "identity",
-            "sources": {TOPICS.events.name(self.settings): TOPICS.events},
+            "sources": {
+                TOPICS.events.name(self.settings): TOPICS.events,
+                TOPICS.forget.name(self.settings): TOPICS.forget,
+            },
             "transactional_id": self.config.transactional_id or prefix + "identity-0",
             "batch_size": self.config.batch_size,
         }
@@ -189,6 +196,9 @@ class IdentityService:
 
     # -- per event -------------------------------------------------------------------------
     def handle(self, record: Incoming) -> Iterator[Output]:
+        if record.topic is TOPICS.forget:
+            yield from self._forget(record.value)
+            return
         started = time.perf_counter()
         event = record.value
         now_ms = int(self.clock() * 1000)
@@ -204,7 +214,10 @@ class IdentityService:
         item = core.IdentityInput(event["event_id"], event["occurred_at"], ids)
         step = core.link(self.store.table, item, self.rules)
         if step.customer_id is None:
-            _DUPLICATE.inc()
+            if step.outcomes and isinstance(step.outcomes[0], core.ForgottenHit):
+                _FORGOTTEN_HIT.inc()
+            else:
+                _DUPLICATE.inc()
             self.dedup.advance(record.partition, item.occurred_at)
             return
         for outcome in step.outcomes:
@@ -230,6 +243,33 @@ class IdentityService:
         self._n += 1
         if not self._n & 15:  # a sample is enough for the histogram
             LATENCY.observe(time.perf_counter() - started)
+
+    def _forget(self, request: dict[str, Any]) -> Iterator[Output]:
+        """Erase the profile, then tell downstream in the customer's own partition order:
+        a ``customer_forgotten`` event on the identified topic, after every earlier event."""
+        cid = str(request["customer_id"])
+        writes = core.forget(self.store.table, cid, int(request["requested_at"]))
+        FORGET_REQUESTS.labels("yes" if writes else "no").inc()
+        log.info(
+            "customer forgotten", extra={"fields": {"customer_id": cid, "entries": len(writes)}}
+        )
+        yield Output(
+            TOPICS.identified,
+            cid,
+            {
+                "customer_id": cid,
+                "event": {
+                    "event_id": str(request["request_id"]),
+                    "event_type": "customer_forgotten",
+                    "occurred_at": int(request["requested_at"]),
+                    "properties": {},
+                },
+                "email_hash": None,
+                "identified_at": int(self.clock() * 1000),
+            },
+        )
+        for key, value in writes:
+            yield self.store.put(key, value) if value is not None else self.store.delete(key)
 
     def _outcome(self, outcome: core.Outcome, now_ms: int) -> Iterator[Output]:
         if isinstance(outcome, core.Merged):

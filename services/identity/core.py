@@ -270,7 +270,15 @@ class NewProfile:
     customer_id: str
 
 
-Outcome = Merged | Conflict | LimitHit | Relinked | Duplicate | NewProfile
+@dataclass(frozen=True)
+class ForgottenHit:
+    """The event carries a user_id or email of a forgotten customer; it is dropped."""
+
+    event_id: str
+    identifier_type: str
+
+
+Outcome = Merged | Conflict | LimitHit | Relinked | Duplicate | NewProfile | ForgottenHit
 Write = tuple[str, Entry | None]
 
 
@@ -357,6 +365,9 @@ def link(state: Mapping[str, Entry], item: IdentityInput, rules: Rules) -> Step:
         raise ValueError(f"event {item.event_id} has no identifier")
     get = state.get
     nodes = [get("n:" + i) for i in ids]
+    for i, node in zip(ids, nodes, strict=True):
+        if node is not None and node["kind"] == FORGOTTEN:
+            return Step(None, (ForgottenHit(item.event_id, TYPE_OF_CODE[i[0]]),), ())
     # Fast path (most events): every identifier already owned by one profile, nothing to anchor.
     first = nodes[0]
     if first is not None:
@@ -521,6 +532,42 @@ def _link_slow(
 # -- de-duplication window ----------------------------------------------------------------------
 
 
+FORGOTTEN = "forgotten"
+
+
+def forget(state: Mapping[str, Entry], customer_id: str, at: int) -> tuple[Write, ...]:
+    """Erase a customer's profile and identifiers (a GDPR request).
+
+    Weak identifiers (devices, anonymous ids) are freed. The keyed hashes of the profile's
+    user_id and email stay as ``forgotten`` markers, so a later event carrying them is dropped
+    instead of building the profile again (and being contacted again). Nothing else about
+    the customer is kept.
+
+    >>> s: dict[str, Entry] = {}
+    >>> apply(s, link(s, IdentityInput("e1", 10, ("u:x", "a:y")), Rules()).writes)
+    >>> cid = s["n:u:x"]["customer_id"]
+    >>> apply(s, forget(s, cid, 20))
+    >>> sorted(k for k in s if not k.startswith("e:")), s["n:u:x"]["kind"]
+    (['n:u:x'], 'forgotten')
+    >>> link(s, IdentityInput("e2", 30, ("u:x", "a:z")), Rules()).customer_id is None
+    True
+    """
+    profile = state.get("p:" + customer_id)
+    ids = list(profile.get("identifiers") or ()) if profile is not None else []
+    writes: list[Write] = []
+    for i in ids:
+        node = state.get("n:" + i)
+        if node is None or node.get("customer_id") != customer_id:
+            continue  # moved to another profile since
+        if i[0] in _STRONG:
+            writes.append(("n:" + i, {"kind": FORGOTTEN, "created_at": at}))
+        else:
+            writes.append(("n:" + i, None))
+    if profile is not None:
+        writes.append(("p:" + customer_id, None))
+    return tuple(writes)
+
+
 class DedupWindow:
     """Which ``e:`` entries to expire: those older than the window behind the event-time
     low watermark. Rebuildable from the state at any time.
@@ -610,7 +657,7 @@ def partition(state: Mapping[str, Entry]) -> dict[str, frozenset[str]]:
     """
     out: dict[str, set[str]] = {}
     for key, entry in state.items():
-        if key[:2] == "n:":
+        if key[:2] == "n:" and entry.get("customer_id"):
             out.setdefault(entry["customer_id"], set()).add(key[2:])
     return {k: frozenset(v) for k, v in out.items()}
 

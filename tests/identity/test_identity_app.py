@@ -103,3 +103,44 @@ def test_tick_expires_event_ids_behind_the_window() -> None:
     expired = [o.key for o in svc.tick()]
     assert sorted(expired) == ["e:e0", "e:e1"]
     assert "e:e2" in svc.store and "e:e0" not in svc.store
+
+
+def forget(svc: IdentityService, cid: str, request_id: str = "fr-1") -> list[Output]:
+    value = {"request_id": request_id, "customer_id": cid, "requested_at": NOW_MS, "reason": None}
+    record = Incoming(TOPICS.forget, "forget", 0, 0, cid, value, None, [])
+    outputs = list(svc.handle(record))
+    serde = Serde.from_settings(svc.settings)
+    for out in outputs:
+        if out.value is not None:
+            serde.encode(out.topic, out.value)
+    return outputs
+
+
+def test_forget_erases_the_profile_tells_downstream_and_drops_the_persons_later_events() -> None:
+    svc = service()
+    cid = by_topic(
+        handle(svc, event_id="e1", user_id="u1", email="ana@example.org", device_id="d1"),
+        "identified",
+    )[0].key
+    outputs = forget(svc, cid)
+    (note,) = by_topic(outputs, "identified")
+    assert note.key == cid and note.value["event"]["event_type"] == "customer_forgotten"
+    left = {k: v for k, v in svc.store.items() if not k.startswith("e:")}
+    # only do-not-relink markers of the strong identifiers remain: no profile, no device
+    assert left and all(
+        v["kind"] == "forgotten" and not v.get("customer_id") for v in left.values()
+    )
+    assert len(left) == 2
+    before = metric("segflow_identity_events_total", outcome="forgotten")
+    again = handle(svc, event_id="e2", email=" ANA@example.org", device_id="d9")
+    assert by_topic(again, "identified") == []  # dropped, not re-profiled
+    assert metric("segflow_identity_events_total", outcome="forgotten") == before + 1
+    # the freed device links someone else normally
+    other = by_topic(handle(svc, event_id="e3", user_id="u2", device_id="d1"), "identified")
+    assert other and other[0].key != cid
+
+
+def test_forgetting_an_unknown_customer_still_tells_downstream() -> None:
+    svc = service()
+    (note,) = by_topic(forget(svc, "c-unknown"), "identified")
+    assert note.value["customer_id"] == "c-unknown"
