@@ -119,17 +119,24 @@ def cmd_up(args: argparse.Namespace) -> int:
     if not names:
         print("no services are built yet; the broker and topics are up")
         return 0
+    from segflow.api import wiring
+
     sup = Supervisor(
         Path(args.state_dir) / "logs", env={"SEGFLOW_BOOTSTRAP_SERVERS": settings.bootstrap_servers}
     )
+    ports = {name: args.metrics_port + 10 + i for i, name in enumerate(names)}  # for the API
     for i, name in enumerate(names):
-        sup.add_service(name, env={"SEGFLOW_METRICS_PORT": str(args.metrics_port + i)})
+        port_env = wiring.service_env(name, ports[name])
+        sup.add_service(name, env={"SEGFLOW_METRICS_PORT": str(args.metrics_port + i), **port_env})
+    token, token_source = wiring.local_token(Path(args.state_dir))
+    api_url = wiring.add_gateway(sup, ports, args.api_port, token)
     sup.start_all()
     for i, name in enumerate(names):
         print(
             f"  {name:10} pid {sup.pids()[name]}  metrics http://127.0.0.1:"
             f"{args.metrics_port + i}/metrics  log {sup.children[name].log_path}"
         )
+    print(f"  api        {api_url}/v1 (bearer token in {token_source}; spec /v1/openapi.yaml)")
     print("running; Ctrl-C stops everything")
     try:
         while True:
@@ -188,8 +195,10 @@ def build_parser() -> argparse.ArgumentParser:
         "--metrics-port",
         type=int,
         default=9400,
-        help="first /metrics port; services get consecutive ports (default 9400)",
+        help="first /metrics port; services get consecutive ports (default 9400) and their "
+        "query endpoints for the API the ports from this + 10",
     )
+    p.add_argument("--api-port", type=int, default=8480, help="HTTP API port (default 8480)")
     p.set_defaults(func=cmd_up)
 
     p = sub.add_parser("topics", help="create segflow's topics from the registry")
@@ -220,10 +229,12 @@ def build_parser() -> argparse.ArgumentParser:
     )
     p.set_defaults(func=cmd_demo)
 
+    from segflow.api.cli import add_parser as add_api_parser
     from segflow.forget import add_parser as add_forget_parser
     from segflow.sim.cli import add_parser as add_sim_parser
     from services.segmenter.cli import add_parser as add_segmenter_parser
 
+    add_api_parser(sub)  # `segflow api` (the HTTP API gateway)
     add_sim_parser(sub)
     add_segmenter_parser(sub)  # `segflow segments check FILE`, `segflow explain CUSTOMER`
     add_forget_parser(sub)  # `segflow forget CUSTOMER_ID` (GDPR erasure, everywhere)

@@ -26,6 +26,7 @@ from typing import Any
 
 from confluent_kafka import OFFSET_BEGINNING, Consumer, KafkaException, TopicPartition
 
+from segflow.api import wiring
 from segflow.receiver import Receiver, SMTPReceiver
 from segflow.runtime.broker import LocalBroker, free_port
 from segflow.runtime.kafka import ensure_topics, make_admin, wait_for_broker
@@ -208,15 +209,21 @@ def run_demo(args: argparse.Namespace) -> int:
             env=_service_env(settings, prefix, receiver, smtp),
         )
         metrics_base = free_port()
+        api_ports = {name: free_port() for name in names}  # each service's query endpoint
         for i, name in enumerate(names):
-            sup.add_service(name, env={"SEGFLOW_METRICS_PORT": str(metrics_base + i)})
+            port_env = wiring.service_env(name, api_ports[name])
+            sup.add_service(name, env={"SEGFLOW_METRICS_PORT": str(metrics_base + i), **port_env})
+        api_token, generated = wiring.demo_token()
+        api_url = wiring.add_gateway(sup, api_ports, free_port(), api_token)
         sup.start_all()
         say(f"[3/5] services running: {', '.join(names)} (logs in {sup.log_dir})")
+        say(wiring.announce(api_url, api_token, generated))
         sim, observed, produced = _simulate(settings, args, sup, names)
         say("[5/5] report")
         report, summary = _report(
             sim, observed, produced, receiver, smtp, time.monotonic() - started
         )
+        summary["api"] = wiring.demo_tour(api_url, api_token, say)
         out = state_dir / "demo-report.html"
         out.write_text(report)
         (state_dir / "demo-summary.json").write_text(json.dumps(summary, indent=2))

@@ -49,9 +49,11 @@ def main(argv: list[str] | None = None) -> int:
     if settings.metrics_port:
         metrics.serve(settings.metrics_port)
     dispatcher = Dispatcher(settings, cfg)
-    if cfg.api_port:
-        dispatcher.serve_api(cfg.api_port)
     restored = dispatcher.restore()
+    if cfg.api_port:  # KPIs and ledger queries for the API gateway
+        from services.dispatcher import api
+
+        api.start(dispatcher, cfg.api_port)
     log.info(
         "dispatcher starting",
         extra={

@@ -30,6 +30,10 @@ def main(argv: list[str] | None = None) -> int:
         metrics.serve(settings.metrics_port)
     service = ScorerService(settings, options)
     service.restore()
+    if options.http_port is not None:  # the API gateway's query endpoint
+        from services.scorer import api
+
+        api.start(service, options.http_port)
     loop = build_loop(settings, service)
     loop.install_signal_handlers()
     loop.run(max_records=args.max_records, idle_timeout=args.idle_timeout)

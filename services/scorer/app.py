@@ -57,6 +57,7 @@ class ScorerSettings(BaseSettings):
     batch_size: int = 2000
     high_value_zips: str = "10007,94027,90210,02108,60611"
     pre_commit_delay: float = 0.0  # fault injection for tests: widen the open-transaction window
+    http_port: int | None = None  # internal query endpoint (services/scorer/api.py)
 
     def core(self) -> ScorerConfig:
         return ScorerConfig(

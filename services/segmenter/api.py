@@ -1,70 +1,107 @@
 """The segmenter's read-only HTTP API (stdlib server in a background thread).
 
-* ``GET /segments`` — size of every segment and the definition version;
-* ``GET /segments/<name>?limit=N`` — members of one segment;
+* ``GET /health`` — the service answers; customers, watermark, definition version;
+* ``GET /segments`` — size of every segment and the definition version; ``segments`` lists
+  each with its priority, description and whether it is deprecated;
+* ``GET /segments/<name>?limit=N&after=<customer_id>`` — members of one segment in
+  customer_id order, ``limit`` (default 1000, at most 10000) at a time after ``after``;
+  ``next_after`` is the value for the next page (null on the last);
 * ``GET /customers/<id>`` — a customer's memberships, primary segment and, per segment, each
   condition with its observed value, threshold and margin.
+
+Errors are ``{"error": {"code", "message"}}`` (:mod:`segflow.api.internal`). Served on
+``SEGFLOW_SEGMENTER_HTTP_PORT``; the API gateway (:mod:`segflow.api.gateway`) aggregates it.
 """
 
 from __future__ import annotations
 
-import json
-import threading
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+import heapq
+from http.server import ThreadingHTTPServer
 from typing import Any, Protocol
-from urllib.parse import parse_qs, unquote, urlparse
+
+from segflow.api.internal import NotFound, Params, Query, Routes, int_param
+from segflow.api.internal import serve as serve_routes
+
+MAX_PAGE = 10_000
 
 
 class Queries(Protocol):
     defs: Any
+    states: dict[str, Any]
+    statuses: dict[str, Any]
+    watermark: int
 
     def segment_sizes(self) -> dict[str, int]: ...
-    def members(self, segment: str, limit: int = 1000) -> list[str]: ...
     def explain(self, customer_id: str) -> dict[str, Any] | None: ...
 
 
-def serve(queries: Queries, port: int, host: str = "0.0.0.0") -> ThreadingHTTPServer:
+def routes(queries: Queries) -> Routes:
+    """The routes over a running segmenter's state."""
+    r = Routes("segmenter")
+
+    @r.get("/health")
+    def health(_p: Params, _q: Query) -> dict[str, Any]:
+        return {
+            "service": "segmenter",
+            "status": "ok",
+            "customers": len(queries.states),
+            "watermark": queries.watermark or None,
+            "definition_version": queries.defs.version,
+        }
+
+    @r.get("/segments")
+    def segments(_p: Params, _q: Query) -> dict[str, Any]:
+        sizes = queries.segment_sizes()
+        statuses = dict(queries.statuses)
+        return {
+            "definition_version": queries.defs.version,
+            "sizes": sizes,
+            "segments": [
+                {
+                    "name": seg.name,
+                    "size": sizes.get(seg.name, 0),
+                    "priority": seg.priority,
+                    "description": seg.description,
+                    "deprecated": bool(getattr(statuses.get(seg.name), "deprecated", False)),
+                }
+                for seg in queries.defs.segments
+            ],
+        }
+
+    @r.get("/segments/{name}")
+    def members(p: Params, q: Query) -> dict[str, Any]:
+        name = p["name"]
+        if name not in queries.defs.by_name:
+            raise NotFound(f"no segment {name!r}")
+        limit = int_param(q, "limit", 1000, 1, MAX_PAGE)
+        after = q.get("after", "")
+        # One pass over the customers, keeping the ``limit + 1`` smallest ids after ``after``.
+        found = heapq.nsmallest(
+            limit + 1,
+            (
+                cid
+                for cid, st in list(queries.states.items())
+                if cid > after and (m := st.memberships.get(name)) is not None and m.active
+            ),
+        )
+        page = found[:limit]
+        return {
+            "segment": name,
+            "size": queries.segment_sizes().get(name, 0),
+            "members": page,
+            "next_after": page[-1] if len(found) > limit else None,
+        }
+
+    @r.get("/customers/{customer_id}")
+    def customer(p: Params, _q: Query) -> dict[str, Any]:
+        found = queries.explain(p["customer_id"])
+        if found is None:
+            raise NotFound("segmenter has no state for that customer")
+        return found
+
+    return r
+
+
+def serve(queries: Queries, port: int, host: str = "127.0.0.1") -> ThreadingHTTPServer:
     """Start the API on ``port`` (0 picks a free one: read ``server.server_port``)."""
-
-    class Handler(BaseHTTPRequestHandler):
-        def log_message(self, *_: Any) -> None:  # no per-request logs (ids are PII-adjacent)
-            return
-
-        def _send(self, status: int, body: Any) -> None:
-            data = json.dumps(body, default=str).encode()
-            self.send_response(status)
-            self.send_header("Content-Type", "application/json")
-            self.send_header("Content-Length", str(len(data)))
-            self.end_headers()
-            self.wfile.write(data)
-
-        def do_GET(self) -> None:  # noqa: N802 (http.server's naming)
-            url = urlparse(self.path)
-            parts = [unquote(p) for p in url.path.strip("/").split("/") if p]
-            for _ in range(3):  # the loop thread mutates the tables: retry a torn read
-                try:
-                    return self._route(parts, parse_qs(url.query))
-                except RuntimeError:
-                    continue
-            self._send(503, {"error": "busy, retry"})
-
-        def _route(self, parts: list[str], query: dict[str, list[str]]) -> None:
-            if parts == ["segments"]:
-                return self._send(200, {"definition_version": queries.defs.version,
-                                        "sizes": queries.segment_sizes()})
-            if len(parts) == 2 and parts[0] == "segments":
-                if parts[1] not in queries.defs.by_name:
-                    return self._send(404, {"error": f"no segment {parts[1]!r}"})
-                limit = int(query.get("limit", ["1000"])[0])
-                return self._send(200, {"segment": parts[1],
-                                        "members": queries.members(parts[1], limit)})
-            if len(parts) == 2 and parts[0] == "customers":
-                found = queries.explain(parts[1])
-                if found is None:
-                    return self._send(404, {"error": "unknown customer"})
-                return self._send(200, found)
-            return self._send(404, {"error": "try /segments, /segments/<name>, /customers/<id>"})
-
-    server = ThreadingHTTPServer((host, port), Handler)
-    threading.Thread(target=server.serve_forever, daemon=True, name="segmenter-api").start()
-    return server
+    return serve_routes(routes(queries), port, host)

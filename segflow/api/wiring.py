@@ -1,0 +1,133 @@
+"""Wiring the API into ``segflow up`` and ``segflow demo``: the services' query ports, the
+gateway as a supervised process, its token, and a short tour of the API for the demo."""
+
+from __future__ import annotations
+
+import os
+import secrets
+import sys
+import time
+from pathlib import Path
+from typing import Any
+from urllib.parse import quote
+
+import httpx
+
+from segflow.api.gateway import SERVICE_PORT_ENV
+from segflow.supervisor import Supervisor
+
+
+def service_env(name: str, port: int) -> dict[str, str]:
+    """The variable that turns on a service's query endpoint on ``port``."""
+    return {SERVICE_PORT_ENV[name]: str(port)} if name in SERVICE_PORT_ENV else {}
+
+
+def add_gateway(
+    sup: Supervisor, ports: dict[str, int], port: int, token: str, host: str = "127.0.0.1"
+) -> str:
+    """Supervise ``python -m segflow.api`` in front of the services on ``ports``; its URL."""
+    env = {
+        "SEGFLOW_API_TOKEN": token,
+        "SEGFLOW_API_HOST": host,
+        "SEGFLOW_API_PORT": str(port),
+        **{f"SEGFLOW_API_{n.upper()}_URL": f"http://127.0.0.1:{p}" for n, p in ports.items()},
+    }
+    sup.add("api", [sys.executable, "-m", "segflow.api"], env)
+    return f"http://{host}:{port}"
+
+
+def local_token(state_dir: Path) -> tuple[str, str]:
+    """``SEGFLOW_API_TOKEN`` if set, else a token kept in ``<state_dir>/api-token`` (created
+    with mode 0600 on first use); returns it and where it came from."""
+    given = os.environ.get("SEGFLOW_API_TOKEN")
+    if given:
+        return given, "SEGFLOW_API_TOKEN"
+    path = state_dir / "api-token"
+    if not path.exists():
+        path.parent.mkdir(parents=True, exist_ok=True)
+        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+        with os.fdopen(fd, "w") as out:
+            out.write(secrets.token_urlsafe(24) + "\n")
+    return path.read_text().strip(), str(path)
+
+
+def wait_ready(url: str, timeout: float = 60.0) -> bool:
+    """Poll ``/v1/health`` until every service answers (True) or ``timeout`` passes."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        try:
+            if httpx.get(url + "/v1/health", timeout=2).status_code == 200:
+                return True
+        except httpx.HTTPError:
+            pass
+        time.sleep(0.5)
+    return False
+
+
+class TourError(RuntimeError):
+    """The API did not answer a tour request with 200."""
+
+
+def _get(api: httpx.Client, path: str, **params: Any) -> Any:
+    resp = api.get(path, params=params)
+    if resp.status_code != 200:
+        raise TourError(f"GET {path}: HTTP {resp.status_code} {resp.text[:200]}")
+    return resp.json()
+
+
+def tour(url: str, token: str) -> tuple[list[str], dict[str, Any]]:
+    """Ask the API what a user would (segments, the largest segment's first member's profile,
+    KPIs); returns printable lines and a summary. Raises TourError or httpx.HTTPError."""
+    lines: list[str] = []
+    summary: dict[str, Any] = {}
+    headers = {"Authorization": f"Bearer {token}"}
+    with httpx.Client(base_url=url, headers=headers, timeout=10) as api:
+        segs = _get(api, "/v1/segments")["segments"]
+        summary["segments"] = {s["name"]: s["size"] for s in segs}
+        kpis = _get(api, "/v1/campaigns/kpis")["kpis"]
+        summary["kpi_rows"] = len(kpis)
+        lines.append(
+            f"GET /v1/segments: {len(segs)} segments; GET /v1/campaigns/kpis: "
+            f"{len(kpis)} rows (segment × playbook × variant)"
+        )
+        biggest = max(segs, key=lambda s: s["size"]) if segs else None
+        if biggest and biggest["size"]:
+            name = quote(biggest["name"], safe="")
+            cid = _get(api, f"/v1/segments/{name}/members", limit=1)["members"][0]
+            p = _get(api, f"/v1/customers/{quote(cid, safe='')}")
+            member = [m["segment"] for m in (p["segments"] or {}).get("memberships", [])]
+            churn = (p["scores"] or {}).get("churn_probability")
+            lines.append(
+                f"GET /v1/customers/{cid}: {len(p['identifiers'])} hashed identifiers, "
+                f"{len(p['features'] or {})} features, churn probability {churn}, "
+                f"segments: {', '.join(member) or '-'}"
+            )
+            summary["profile"] = {"customer_id": cid, "segments": member, "churn": churn}
+    return lines, summary
+
+
+def demo_token() -> tuple[str, bool]:
+    """The demo's API token: ``SEGFLOW_API_TOKEN`` if set, else a fresh one (generated=True)."""
+    given = os.environ.get("SEGFLOW_API_TOKEN")
+    return (given, False) if given else (secrets.token_urlsafe(18), True)
+
+
+def announce(url: str, token: str, generated: bool) -> str:
+    """The demo's line about the API (the token only when the demo made it up)."""
+    shown = token if generated else "$SEGFLOW_API_TOKEN"
+    return (
+        f"      HTTP API: {url}/v1 (spec {url}/v1/openapi.yaml), token {shown}\n"
+        f'        e.g. curl -H "Authorization: Bearer {shown}" {url}/v1/segments'
+    )
+
+
+def demo_tour(url: str, token: str, say: Any) -> dict[str, Any]:
+    """Run :func:`tour` and print it; a failure is reported, not raised."""
+    try:
+        lines, summary = tour(url, token)
+    except (TourError, httpx.HTTPError, KeyError, IndexError) as exc:
+        say(f"API tour failed: {exc}")
+        return {"error": str(exc)}
+    for line in lines:
+        say(f"API {line}")
+    return summary
