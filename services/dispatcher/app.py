@@ -16,13 +16,11 @@ from __future__ import annotations
 
 import asyncio
 import heapq
-import json
 import logging
 import random
 import threading
 import time
 from collections.abc import Callable, Coroutine, Iterable, Iterator
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 from typing import Any, Literal, TypeVar
 
@@ -224,7 +222,6 @@ class Dispatcher:
         self._breakers: dict[str, Breaker] = {}
         self._paused: dict[str, float] = {}
         self._rng = random.Random()
-        self._kpi_snapshot: list[dict[str, Any]] = []
         self._kpi_dirty = True
         self._kpi_keys: set[str] = set()
         self._gauges_at = 0.0
@@ -600,7 +597,7 @@ class Dispatcher:
         if pause:
             self._paused[endpoint] = max(self._paused.get(endpoint, 0.0), now + pause)
 
-    # -- gauges and the KPI API ------------------------------------------------------------
+    # -- gauges ------------------------------------------------------------------------
     def _refresh_gauges(self) -> None:
         for endpoint, b in self._breakers.items():
             BREAKER_OPEN.labels(endpoint).set(1 if b.state == "open" else 0)
@@ -611,7 +608,6 @@ class Dispatcher:
         self._kpi_dirty = False
         self._gauges_at = time.monotonic()
         rows = [(s, p, v, c) for (s, p, v), c in self.kpis().items()]
-        snapshot = []
         for k in summarise(rows):
             labels = (k.segment, k.playbook, k.variant)
             for name, value in k.counts.items():
@@ -630,41 +626,6 @@ class Dispatcher:
                 UPLIFT.labels(*labels, "estimate").set(k.uplift)
                 UPLIFT.labels(*labels, "low").set(k.uplift_low or 0.0)
                 UPLIFT.labels(*labels, "high").set(k.uplift_high or 0.0)
-            snapshot.append(
-                {
-                    "segment": k.segment,
-                    "playbook": k.playbook,
-                    "variant": k.variant,
-                    **k.counts,
-                    **{f"{n}_rate": r for n, r in rates.items()},
-                    "uplift": k.uplift,
-                    "uplift_ci": [k.uplift_low, k.uplift_high],
-                }
-            )
-        self._kpi_snapshot = snapshot
-
-    def serve_api(self, port: int) -> ThreadingHTTPServer:
-        """``GET /kpis`` (JSON) on 127.0.0.1:``port`` from a background thread."""
-        owner = self
-
-        class Handler(BaseHTTPRequestHandler):
-            def do_GET(self) -> None:  # noqa: N802
-                if self.path.rstrip("/") != "/kpis":
-                    self.send_error(404)
-                    return
-                body = json.dumps(owner._kpi_snapshot).encode()
-                self.send_response(200)
-                self.send_header("Content-Type", "application/json")
-                self.send_header("Content-Length", str(len(body)))
-                self.end_headers()
-                self.wfile.write(body)
-
-            def log_message(self, *_: Any) -> None:
-                pass
-
-        server = ThreadingHTTPServer(("127.0.0.1", port), Handler)
-        threading.Thread(target=server.serve_forever, daemon=True, name="kpi-api").start()
-        return server
 
 
 def _reason_label(reason: str | None) -> str:
