@@ -231,6 +231,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     from segflow.api.cli import add_parser as add_api_parser
     from segflow.forget import add_parser as add_forget_parser
+    from segflow.replay.cli import add_parser as add_replay_parser
     from segflow.sim.cli import add_parser as add_sim_parser
     from services.segmenter.cli import add_parser as add_segmenter_parser
 
@@ -238,6 +239,7 @@ def build_parser() -> argparse.ArgumentParser:
     add_sim_parser(sub)
     add_segmenter_parser(sub)  # `segflow segments check FILE`, `segflow explain CUSTOMER`
     add_forget_parser(sub)  # `segflow forget CUSTOMER_ID` (GDPR erasure, everywhere)
+    add_replay_parser(sub)  # `segflow replay --segments NEW.yaml` (what-if, sends nothing)
     return parser
 
 

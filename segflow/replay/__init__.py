@@ -1,0 +1,1 @@
+"""``segflow replay``: what-if over recorded history (see :mod:`segflow.replay.core`)."""
