@@ -125,6 +125,7 @@ class DispatcherSettings(BaseSettings):
     tick_interval: float = 0.2
     batch_size: int = 2000
     api_port: int | None = None
+    cache_size: int = 200_000  # decoded customers kept in memory
 
 
 class AsyncRunner:
@@ -217,6 +218,10 @@ class Dispatcher:
         self._due: list[tuple[int, str]] = []  # (due_at pipeline ms, customer)
         self._retry: list[tuple[int, str, str]] = []  # (retry_at wall ms, customer, key)
         self._dirty = True
+        # Decoded customers (the store holds Avro-shaped records) and the ids changed since
+        # the last flush: one changelog write per customer per transaction, not per event.
+        self._cache: dict[str, core.Customer] = {}
+        self._pending: set[str] = set()
         self._event_clock = 0
         self._saved_clock = 0
         self._breakers: dict[str, Breaker] = {}
@@ -232,6 +237,7 @@ class Dispatcher:
         for attempt in range(attempts):
             try:
                 n = self.store.restore()
+                self._cache.clear()
                 break
             except KafkaException as exc:  # e.g. NOT_LEADER right after topic creation
                 if attempt == attempts - 1:
@@ -279,6 +285,26 @@ class Dispatcher:
 
     def on_abort(self) -> None:
         self._dirty = True  # the store rolled back: rebuild the timer indexes from it
+        self._cache.clear()
+        self._pending.clear()
+
+    def before_commit(self) -> list[Output]:
+        """The batch's customer changes, one write per customer, inside its transaction."""
+        return self._flush()
+
+    def _flush(self) -> list[Output]:
+        outs = [
+            self.store.put(cid, core.customer_record(self._cache[cid])) for cid in self._pending
+        ]
+        self._pending.clear()
+        return outs
+
+    def _put(self, c: core.Customer) -> None:
+        self._cache[c.customer_id] = c
+        self._pending.add(c.customer_id)
+        if len(self._cache) > self.cfg.cache_size and not self._pending - {c.customer_id}:
+            self._cache.clear()  # bounded; refilled from the store on demand
+            self._cache[c.customer_id] = c
 
     # -- clock -----------------------------------------------------------------------------
     def now_ms(self) -> int:
@@ -292,8 +318,14 @@ class Dispatcher:
 
     # -- state access ----------------------------------------------------------------------
     def customer(self, customer_id: str) -> core.Customer | None:
+        c = self._cache.get(customer_id)
+        if c is not None:
+            return c
         rec = self.store.get(customer_id)
-        return core.customer_from_record(rec) if rec is not None else None
+        if rec is None:
+            return None
+        c = self._cache[customer_id] = core.customer_from_record(rec)
+        return c
 
     def customers(self) -> Iterator[core.Customer]:
         for _key, rec in list(self.store.items()):
@@ -355,7 +387,7 @@ class Dispatcher:
         now: int,
     ) -> Iterator[Output]:
         if new is not old and new != old:
-            yield self.store.put(new.customer_id, core.customer_record(new))
+            self._put(new)
             self._index(new)
         yield from self._effects(effects, now)
 
@@ -416,6 +448,7 @@ class Dispatcher:
         if self.cfg.clock == "event" and self._event_clock != self._saved_clock:
             outs.append(self.store.put(CLOCK_KEY, {"kind": "clock", "clock_ms": self._event_clock}))
             self._saved_clock = self._event_clock
+        outs += self._flush()
         self._refresh_gauges()
         return outs
 
@@ -502,7 +535,7 @@ class Dispatcher:
         outs += self._effects(effects, now)  # KPI rows written once per tick, not per action
         for cid, new in by_customer.items():
             if new != olds[cid]:
-                outs.append(self.store.put(cid, core.customer_record(new)))
+                self._put(new)
                 self._index(new)
         return outs
 
