@@ -6,6 +6,8 @@ import json
 
 
 def test_consumer_lag_is_read_from_librdkafka_statistics() -> None:
+    """From the position the service reached, not from librdkafka's committed offset (offsets
+    committed in a producer transaction never update it: its consumer_lag goes stale)."""
     from prometheus_client import REGISTRY
 
     from segflow.runtime.metrics import record_consumer_lag
@@ -15,9 +17,9 @@ def test_consumer_lag_is_read_from_librdkafka_statistics() -> None:
             "topics": {
                 "segflow.events": {
                     "partitions": {
-                        "0": {"consumer_lag": 42},
-                        "1": {"consumer_lag": -1},
-                        "-1": {"consumer_lag": 7},
+                        "0": {"ls_offset": 142, "app_offset": 100, "committed_offset": 58},
+                        "1": {"ls_offset": -1001, "app_offset": -1001, "committed_offset": -1001},
+                        "-1": {"ls_offset": 7, "app_offset": 0},
                     }
                 }
             }

@@ -5,6 +5,8 @@ Labels never carry PII: only service, topic, reason and similar closed sets.
 
 from __future__ import annotations
 
+from typing import Any
+
 from prometheus_client import (
     REGISTRY,
     CollectorRegistry,
@@ -54,6 +56,31 @@ def record_consumer_lag(service: str, stats_json: str) -> None:
     stats = json.loads(stats_json)
     for topic, tstats in stats.get("topics", {}).items():
         for partition, pstats in tstats.get("partitions", {}).items():
-            lag = pstats.get("consumer_lag", -1)
-            if partition != "-1" and lag is not None and lag >= 0:
+            lag = partition_lag(pstats)
+            if partition != "-1" and lag is not None:
                 CONSUMER_LAG.labels(service, topic, partition).set(lag)
+
+
+def partition_lag(pstats: dict[str, Any]) -> int | None:
+    """Records between the consumer's position and the end of one partition, from its stats.
+
+    Not librdkafka's ``consumer_lag``: that counts from the committed offset the consumer
+    fetched at assignment, which offsets committed in a producer transaction never update, so it
+    is -1 or stale in segflow's services. The position is the next offset handed to the
+    application (``app_offset``), or the committed offset before any record arrived; the end is
+    the last stable offset (read_committed).
+
+    >>> partition_lag({"ls_offset": 120, "app_offset": 100, "committed_offset": 58})
+    20
+    >>> partition_lag({"ls_offset": 120, "app_offset": -1001, "committed_offset": 115})
+    5
+    >>> partition_lag({"ls_offset": -1001, "app_offset": -1001, "committed_offset": -1001}) is None
+    True
+    """
+    end = pstats.get("ls_offset", -1)
+    pos = pstats.get("app_offset", -1)
+    if pos is None or pos < 0:
+        pos = pstats.get("committed_offset", -1)
+    if end is None or pos is None or end < 0 or pos < 0:
+        return None
+    return max(0, int(end) - int(pos))

@@ -1,0 +1,191 @@
+"""docker-compose.yml fits the code: the modules it runs exist, each service's metrics port is
+the one Prometheus scrapes (and the one `segflow up` uses), the mounted files exist where the
+Prometheus and Grafana configs expect them, and every SEGFLOW_* variable is a real setting.
+
+CI has no Docker engine, so the stack is checked here rather than started.
+"""
+
+from __future__ import annotations
+
+import importlib
+import shlex
+from importlib.util import find_spec
+from pathlib import Path, PurePosixPath
+from typing import Any
+
+import pytest
+import yaml
+from pydantic_settings import BaseSettings
+
+from segflow.supervisor import SERVICES
+
+REPO = Path(__file__).resolve().parents[2]
+COMPOSE = REPO / "docker-compose.yml"
+PROMETHEUS = REPO / "deploy" / "prometheus" / "prometheus.yml"
+GRAFANA_PROVISIONING = REPO / "deploy" / "grafana" / "provisioning"
+SETTINGS_MODULES = ("segflow.runtime.settings", *(f"services.{s}.app" for s in SERVICES))
+
+
+@pytest.fixture(scope="module")
+def compose() -> dict[str, Any]:
+    doc: dict[str, Any] = yaml.safe_load(COMPOSE.read_text())
+    return doc
+
+
+@pytest.fixture(scope="module")
+def services(compose: dict[str, Any]) -> dict[str, dict[str, Any]]:
+    svcs: dict[str, dict[str, Any]] = compose["services"]
+    return svcs
+
+
+def scrape_targets() -> dict[str, list[str]]:
+    config = yaml.safe_load(PROMETHEUS.read_text())
+    return {
+        job["job_name"]: [t for sc in job["static_configs"] for t in sc["targets"]]
+        for job in config["scrape_configs"]
+    }
+
+
+def command(svc: dict[str, Any]) -> list[str]:
+    cmd = svc["command"]
+    return shlex.split(cmd) if isinstance(cmd, str) else list(cmd)
+
+
+def bind_mounts(svc: dict[str, Any]) -> dict[str, Path]:
+    """Container path -> host path of the service's ``./...`` bind mounts."""
+    out: dict[str, Path] = {}
+    for vol in svc.get("volumes", []):
+        source, target = vol.split(":")[:2]
+        if source.startswith("./"):
+            out[target] = REPO / source
+    return out
+
+
+def test_the_stack_has_every_part(services: dict[str, dict[str, Any]]) -> None:
+    assert {"kafka", "topics", *SERVICES, "prometheus", "grafana"} <= set(services)
+    assert services["kafka"]["image"].startswith("apache/kafka:")
+
+
+@pytest.mark.parametrize("name", SERVICES)
+def test_each_service_runs_its_module_with_the_metrics_port_prometheus_scrapes(
+    services: dict[str, dict[str, Any]], name: str
+) -> None:
+    from segflow.cli import build_parser
+
+    svc = services[name]
+    assert command(svc) == ["python", "-m", f"services.{name}"]
+    assert find_spec(f"services.{name}.__main__") is not None
+    port = int(svc["environment"]["SEGFLOW_METRICS_PORT"])
+    # the port `segflow up` gives the same service, so both Prometheus configs agree
+    assert port == build_parser().parse_args(["up"]).metrics_port + SERVICES.index(name)
+    assert scrape_targets()[name] == [f"{name}:{port}"]
+
+
+def test_every_scrape_target_is_a_compose_service(services: dict[str, dict[str, Any]]) -> None:
+    for job, targets in scrape_targets().items():
+        for target in targets:
+            host, port = target.rsplit(":", 1)
+            if job == "prometheus":
+                assert target == "localhost:9090"
+                continue
+            assert host in services, f"{job}: {target} is not a compose service"
+            assert services[host]["environment"]["SEGFLOW_METRICS_PORT"] == port
+
+
+def test_other_commands_exist(services: dict[str, dict[str, Any]]) -> None:
+    from segflow.cli import build_parser
+
+    for name, svc in services.items():
+        cmd = command(svc) if "command" in svc else []
+        if cmd[:1] == ["segflow"]:
+            args = build_parser().parse_args(cmd[1:])  # exits (fails the test) if invalid
+            assert callable(getattr(args, "func", None) or getattr(args, "handler", None)), name
+        elif cmd[:2] == ["python", "-m"]:
+            assert find_spec(cmd[2]) is not None, f"{name}: no module {cmd[2]}"
+
+
+def test_mounted_files_exist_where_the_configs_expect_them(
+    services: dict[str, dict[str, Any]],
+) -> None:
+    for name, svc in services.items():
+        for source in bind_mounts(svc).values():
+            assert source.exists(), f"{name} mounts {source}, which does not exist"
+    prom = services["prometheus"]
+    mounts = bind_mounts(prom)
+    flags = dict(a.split("=", 1) for a in prom["command"] if "=" in a)
+    config = flags["--config.file"]
+    assert mounts[config] == PROMETHEUS
+    for rule_file in yaml.safe_load(PROMETHEUS.read_text())["rule_files"]:
+        in_container = str(PurePosixPath(config).parent / rule_file)
+        assert in_container in mounts, f"{rule_file} is not mounted beside {config}"
+        assert mounts[in_container] == PROMETHEUS.parent / rule_file
+
+    graf = bind_mounts(services["grafana"])
+    assert graf["/etc/grafana/provisioning"] == GRAFANA_PROVISIONING
+    providers = yaml.safe_load((GRAFANA_PROVISIONING / "dashboards" / "segflow.yml").read_text())
+    for provider in providers["providers"]:
+        dashboards = graf[provider["options"]["path"]]
+        assert list(dashboards.glob("*.json")), f"no dashboard JSON in {dashboards}"
+    home = services["grafana"]["environment"]["GF_DASHBOARDS_DEFAULT_HOME_DASHBOARD_PATH"]
+    folder, file = home.rsplit("/", 1)
+    assert (graf[folder] / file).exists()
+
+
+def test_grafana_reaches_prometheus(services: dict[str, dict[str, Any]]) -> None:
+    sources = yaml.safe_load((GRAFANA_PROVISIONING / "datasources" / "prometheus.yml").read_text())
+    (ds,) = sources["datasources"]
+    assert ds["url"] == "http://prometheus:9090"
+    assert "prometheus" in services
+    assert any(p.endswith(":9090") for p in services["prometheus"]["ports"])
+
+
+def test_services_reach_the_broker(services: dict[str, dict[str, Any]]) -> None:
+    advertised = services["kafka"]["environment"]["KAFKA_ADVERTISED_LISTENERS"]
+    listeners = {item.split("://", 1)[1] for item in advertised.split(",")}
+    for name in ("topics", *SERVICES):
+        assert services[name]["environment"]["KAFKA_BOOTSTRAP_SERVERS"] in listeners, name
+        if name in SERVICES:
+            assert services[name]["depends_on"]["topics"] == {
+                "condition": "service_completed_successfully"
+            }
+
+
+def settings_variables() -> set[str]:
+    names = {"KAFKA_BOOTSTRAP_SERVERS"}
+    for module_name in SETTINGS_MODULES:
+        module = importlib.import_module(module_name)
+        for value in vars(module).values():
+            if (
+                isinstance(value, type)
+                and issubclass(value, BaseSettings)
+                and value.__module__ == module_name
+            ):
+                prefix = str(value.model_config.get("env_prefix", ""))
+                names |= {(prefix + field).upper() for field in value.model_fields}
+    return names
+
+
+def test_every_segflow_variable_is_a_real_setting(services: dict[str, dict[str, Any]]) -> None:
+    known = settings_variables()
+    assert "SEGFLOW_METRICS_PORT" in known and "SEGFLOW_DISPATCHER_CRM_BASE_URL" in known
+    for name, svc in services.items():
+        env = svc.get("environment", {})
+        for var in env:
+            if var.startswith(("SEGFLOW_", "KAFKA_BOOTSTRAP")):
+                assert var in known, f"{name}: {var} is not a setting of any segflow process"
+
+
+def test_published_ports_listen_on_localhost_only(services: dict[str, dict[str, Any]]) -> None:
+    for name, svc in services.items():
+        for port in svc.get("ports", []):
+            assert str(port).startswith("127.0.0.1:"), f"{name} publishes {port} on all interfaces"
+
+
+def test_the_image_is_built_from_files_that_exist(services: dict[str, dict[str, Any]]) -> None:
+    builds = {svc["build"]["dockerfile"] for svc in services.values() if "build" in svc}
+    assert builds == {"deploy/Dockerfile"}
+    for line in (REPO / "deploy" / "Dockerfile").read_text().splitlines():
+        if line.startswith("COPY "):
+            *sources, _dest = line.split()[1:]
+            for source in sources:
+                assert (REPO / source).exists(), f"COPY {source}: not in the repository"
