@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import os
+import signal
 import sys
 import time
 from collections.abc import Callable, Sequence
@@ -111,6 +112,7 @@ def cmd_up(args: argparse.Namespace) -> int:
         wait_for_broker(settings)
     else:
         broker = _broker(args)
+        started_broker = broker.pid() is None
         broker.start()
         print(f"broker at {broker.bootstrap} (log {broker.log_file})")
         settings = _settings_for(args)
@@ -137,7 +139,15 @@ def cmd_up(args: argparse.Namespace) -> int:
             f"{args.metrics_port + i}/metrics  log {sup.children[name].log_path}"
         )
     print(f"  api        {api_url}/v1 (bearer token in {token_source}; spec /v1/openapi.yaml)")
-    print("running; Ctrl-C stops everything")
+    print("running; Ctrl-C (or SIGTERM) stops everything")
+
+    def interrupt(_signum: int, _frame: object) -> None:
+        raise KeyboardInterrupt
+
+    # Explicit handlers: a background job started by a script inherits SIGINT ignored, and
+    # SIGTERM (a process manager's stop) would otherwise leave every child running.
+    signal.signal(signal.SIGTERM, interrupt)
+    signal.signal(signal.SIGINT, interrupt)
     try:
         while True:
             for name in sup.check():
@@ -147,6 +157,9 @@ def cmd_up(args: argparse.Namespace) -> int:
         print("stopping services ...")
     finally:
         sup.stop()
+        if not external_bootstrap() and started_broker:
+            print("stopping the broker this command started ...")
+            broker.stop()
     return 0
 
 

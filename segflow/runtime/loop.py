@@ -64,6 +64,17 @@ class Output(NamedTuple):
     headers: list[tuple[str, bytes]] | None = None
 
 
+class BatchInfo(NamedTuple):
+    """A batch about to be handled, for handlers that track how far each input has been read
+    (e.g. an event-time clock that must not run ahead of a partition with unread data)."""
+
+    #: Records of each input (topic, partition) in the batch.
+    counts: dict[tuple[str, int], int]
+    #: Every assigned input partition: records after this batch that the consumer has not
+    #: read yet (cached high watermark minus position), or None while unknown.
+    lag: dict[tuple[str, int], int | None]
+
+
 class Handler(Protocol):
     """Turns one input record into the records to produce."""
 
@@ -82,6 +93,8 @@ class Hooks(Protocol):
     # Optional: ``before_commit() -> Iterable[Output]``, called once per batch just before the
     # commit; its outputs join the batch's transaction (e.g. one state record per batch
     # instead of one per input).
+    # Optional: ``before_batch(batch: BatchInfo) -> None``, called with each batch before its
+    # records are handled.
 
 
 @dataclass
@@ -131,6 +144,10 @@ class ProcessingLoop:
             [] if hooks is None else list(hooks) if isinstance(hooks, Sequence) else [hooks]
         )
         self.tick = tick
+        self._before_batch = [
+            fn for fn in (getattr(h, "before_batch", None) for h in self.hooks) if fn is not None
+        ]
+        self._committed: dict[tuple[str, int], tuple[int, int]] = {}  # key -> (high, committed)
         self._last_tick = 0.0
         self.clock = clock
         self.dlq_topic = TOPICS.dlq.name(settings)
@@ -216,6 +233,10 @@ class ProcessingLoop:
         started = time.perf_counter()
         offsets: dict[tuple[str, int], int] = {}
         timestamps: list[int] = []
+        if self._before_batch:
+            batch = self._batch_info(msgs)
+            for before_batch in self._before_batch:
+                before_batch(batch)
         if cfg.exactly_once:
             self.producer.begin_transaction()
         for msg in msgs:
@@ -255,6 +276,44 @@ class ProcessingLoop:
                 self._m_age.observe(max(0.0, (now_ms - ts) / 1000))
         self._m_batch.observe(time.perf_counter() - started)
 
+    def _batch_info(self, msgs: list[Message]) -> BatchInfo:
+        counts: Counter[tuple[str, int]] = Counter()
+        for msg in msgs:
+            if msg.error() is None:
+                counts[(cast(str, msg.topic()), cast(int, msg.partition()))] += 1
+        lag: dict[tuple[str, int], int | None] = {}
+        assigned = self.consumer.assignment()
+        for tp in self.consumer.position(assigned) if assigned else []:
+            key = (tp.topic, tp.partition)
+            low, high = self.consumer.get_watermark_offsets(
+                TopicPartition(tp.topic, tp.partition), cached=True
+            )
+            if high < 0:
+                lag[key] = None
+                continue
+            position = tp.offset
+            if position < 0:  # nothing read since assignment: it starts at the committed offset
+                position = self._committed_offset(key, low, high)
+            lag[key] = None if position is None else max(0, high - position)
+        return BatchInfo(dict(counts), lag)
+
+    def _committed_offset(self, key: tuple[str, int], low: int, high: int) -> int | None:
+        """The group's committed offset of a partition nothing was read from yet (asked of the
+        broker once per high watermark), or None when it cannot be known now."""
+        if high <= low:
+            return high  # empty: nothing to read wherever it starts
+        cached = self._committed.get(key)
+        if cached is not None and cached[0] == high:
+            return cached[1]
+        try:
+            [tp] = self.consumer.committed([TopicPartition(*key)], timeout=5)
+        except KafkaException as exc:
+            log.warning("committed offset unknown", extra={"fields": {"error": str(exc)}})
+            return None
+        committed = tp.offset if tp.offset >= 0 else low  # none yet: auto.offset.reset earliest
+        self._committed[key] = (high, committed)
+        return committed
+
     def _run_tick(self) -> None:
         """Produce the tick's outputs in a transaction of their own (no offsets)."""
         assert self.tick is not None
@@ -274,15 +333,24 @@ class ProcessingLoop:
             return
         with self._watchdog():
             if cfg.exactly_once:
-                try:
-                    self.producer.commit_transaction(cfg.commit_timeout)
-                except KafkaException as exc:
-                    if not exc.args[0].txn_requires_abort():
-                        raise
-                    self.producer.abort_transaction(cfg.commit_timeout)
-                    for hook in self.hooks:
-                        hook.on_abort()
-                    return
+                delay = 0.05
+                while True:
+                    try:
+                        self.producer.commit_transaction(cfg.commit_timeout)
+                        break
+                    except KafkaException as exc:
+                        err: KafkaError = exc.args[0]
+                        if err.retriable() and not err.txn_requires_abort():
+                            log.warning("tick commit retry", extra={"fields": {"error": str(err)}})
+                            time.sleep(delay)
+                            delay = min(delay * 2, 2.0)
+                            continue
+                        if not err.txn_requires_abort():
+                            raise
+                        self.producer.abort_transaction(cfg.commit_timeout)
+                        for hook in self.hooks:
+                            hook.on_abort()
+                        return
             else:
                 self.producer.flush(cfg.commit_timeout)
         for hook in self.hooks:
@@ -396,11 +464,18 @@ class ProcessingLoop:
                 remaining = self.producer.flush(cfg.commit_timeout)
             self.consumer.commit(offsets=offsets, asynchronous=False)
             return True
+        offsets_sent = False
+        delay = 0.05
         while True:
             try:
-                self.producer.send_offsets_to_transaction(
-                    offsets, self.consumer.consumer_group_metadata(), cfg.commit_timeout
-                )
+                # Each step is retried on its own: once the offsets are in the transaction,
+                # sending them again while a commit is in progress is itself an error
+                # ("Conflicting commit_transaction API call"), which used to spin at full CPU.
+                if not offsets_sent:
+                    self.producer.send_offsets_to_transaction(
+                        offsets, self.consumer.consumer_group_metadata(), cfg.commit_timeout
+                    )
+                    offsets_sent = True
                 self.producer.commit_transaction(cfg.commit_timeout)
                 metrics.TRANSACTIONS.labels(svc, "committed").inc()
                 return True
@@ -415,6 +490,8 @@ class ProcessingLoop:
                 if err.retriable():
                     log.warning("commit retry", extra={"fields": {"error": str(err)}})
                     metrics.TRANSACTIONS.labels(svc, "retried").inc()
+                    time.sleep(delay)  # the watchdog ends a commit stuck for stuck_timeout
+                    delay = min(delay * 2, 2.0)
                     continue
                 raise
 
