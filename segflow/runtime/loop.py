@@ -119,8 +119,14 @@ class LoopConfig:
     # Periodic work without input (timers, time-driven refreshes): ``tick()`` is called at
     # most every ``tick_interval`` seconds and its outputs commit in their own transaction.
     tick_interval: float = 1.0
+    # On a clean stop, how long hooks may take to finish work under way (see ``drain``).
+    drain_timeout: float = 10.0
     consumer_overrides: dict[str, Any] = field(default_factory=dict)
     producer_overrides: dict[str, Any] = field(default_factory=dict)
+    # Per source topic name, a decoder to use instead of the serde's full decode (e.g. a
+    # ``runtime.projection.MapProjection`` that reads only the map keys the service uses). It
+    # raises ``DecodeError`` for undecodable bytes, as the serde does.
+    decoders: dict[str, Callable[[bytes | None], dict[str, Any]]] = field(default_factory=dict)
 
 
 class ProcessingLoop:
@@ -216,11 +222,23 @@ class ProcessingLoop:
                     continue
                 last_data = self.clock()
                 self._process_batch(msgs)
+            self._final_tick()
         finally:
             metrics.UP.labels(cfg.service).set(0)
             self._running = False
             self.close()
         return self.processed
+
+    def _final_tick(self) -> None:
+        """On a clean stop: let hooks finish work under way (``drain(timeout)``, optional),
+        then one last tick commits what it produced."""
+        if self.tick is None:
+            return
+        for hook in self.hooks:
+            drain = getattr(hook, "drain", None)
+            if drain is not None:
+                drain(self.config.drain_timeout)
+        self._run_tick()
 
     def close(self) -> None:
         with contextlib.suppress(KafkaException, RuntimeError):  # already closed
@@ -375,6 +393,7 @@ class ProcessingLoop:
         self._n_in[topic_name] += 1
         if msg.value() is None and "compact" in source.cleanup:
             return  # a tombstone on a compacted input: the key was deleted upstream
+        decode = self.config.decoders.get(topic_name)
         try:
             record = Incoming(
                 topic=source,
@@ -382,7 +401,8 @@ class ProcessingLoop:
                 partition=partition,
                 offset=offset,
                 key=decode_key(source, msg.key()),
-                value=self.serde.decode(source, msg.value()),
+                value=(self.serde.decode(source, msg.value()) if decode is None
+                       else decode(msg.value())),
                 timestamp_ms=ts,
                 headers=_headers(msg),
             )

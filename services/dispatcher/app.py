@@ -15,6 +15,7 @@ makes calls. The once-and-only-once protocol:
 from __future__ import annotations
 
 import asyncio
+import concurrent.futures
 import heapq
 import logging
 import random
@@ -141,6 +142,10 @@ class AsyncRunner:
     def run(self, coro: Coroutine[Any, Any, T]) -> T:
         return asyncio.run_coroutine_threadsafe(coro, self.loop).result()
 
+    def submit(self, coro: Coroutine[Any, Any, T]) -> concurrent.futures.Future[T]:
+        """Start ``coro`` on the I/O loop without waiting for it."""
+        return asyncio.run_coroutine_threadsafe(coro, self.loop)
+
     def close(self) -> None:
         self.loop.call_soon_threadsafe(self.loop.stop)
         self.thread.join(5)
@@ -222,6 +227,11 @@ class Dispatcher:
         # the last flush: one changelog write per customer per transaction, not per event.
         self._cache: dict[str, core.Customer] = {}
         self._pending: set[str] = set()
+        # Calls under way on the I/O thread: the loop keeps consuming while they run and
+        # records their outcomes at a later tick (the entries stay committed in_flight).
+        self._calls: list[tuple[list[tuple[core.Customer, core.Action]], Any]] = []
+        self._calling: set[str] = set()
+        self._stopping = False
         self._event_clock = 0
         self._saved_clock = 0
         self._breakers: dict[str, Breaker] = {}
@@ -281,9 +291,10 @@ class Dispatcher:
         self.runner.close()
 
     def on_commit(self) -> None:
-        pass
+        self._stopping = False  # the final tick is over; a later run delivers again
 
     def on_abort(self) -> None:
+        self._stopping = False
         self._dirty = True  # the store rolled back: rebuild the timer indexes from it
         self._cache.clear()
         self._pending.clear()
@@ -490,6 +501,7 @@ class Dispatcher:
                 or action.status != "in_flight"
                 or action.retry_at > entry[0]
                 or key in keys
+                or key in self._calling
             ):
                 continue  # stale or duplicate index entry
             keys.add(key)
@@ -513,31 +525,55 @@ class Dispatcher:
         return picked
 
     def _deliver(self) -> list[Output]:
-        wall_ms = int(self.clock() * 1000)
-        picked = self._select(wall_ms)
-        if not picked:
+        """Record the outcomes of finished calls, then start calls for what is due."""
+        outs = self._harvest()
+        if self._stopping or len(self._calling) >= 4 * self.cfg.concurrency:
+            return outs  # stopping, or enough under way (the rest waits in the retry index)
+        picked = self._select(int(self.clock() * 1000))
+        if picked:
+            requests = [core.request_for(c, a, self.book) for c, a in picked]
+            self._calling.update(a.key for _, a in picked)
+            self._calls.append((picked, self.runner.submit(self._call_all(requests))))
+        return outs
+
+    def _harvest(self, wait: float = 0.0) -> list[Output]:
+        """Settle the calls that have finished (waiting up to ``wait`` seconds for them)."""
+        if wait and self._calls:
+            concurrent.futures.wait([f for _, f in self._calls], timeout=wait)
+        done = [(picked, f) for picked, f in self._calls if f.done()]
+        if not done:
             return []
-        requests = [(c, a, core.request_for(c, a, self.book)) for c, a in picked]
-        outcomes = self.runner.run(self._call_all([r for _, _, r in requests]))
+        self._calls = [(picked, f) for picked, f in self._calls if not f.done()]
         now = self.now_ms()
-        outs: list[Output] = []
-        by_customer: dict[str, core.Customer] = {}
         olds: dict[str, core.Customer] = {}
+        by_customer: dict[str, core.Customer] = {}
         effects: list[core.Effect] = []
-        for (cust, action, _), outcome in zip(requests, outcomes, strict=True):
-            cid = cust.customer_id
-            olds.setdefault(cid, cust)
-            current = by_customer.get(cid, cust)
-            outcome = self._finish(action, outcome)
-            new, more = core.settle(current, action.key, outcome, now, self.book)
-            by_customer[cid] = new
-            effects += more
-        outs += self._effects(effects, now)  # KPI rows written once per tick, not per action
+        for picked, future in done:
+            outcomes = future.result()
+            for (_, action), outcome in zip(picked, outcomes, strict=True):
+                self._calling.discard(action.key)
+                cid = action.customer_id
+                current = by_customer.get(cid) or self.customer(cid)
+                if current is None:
+                    continue  # forgotten meanwhile
+                olds.setdefault(cid, current)
+                outcome = self._finish(action, outcome)
+                new, more = core.settle(current, action.key, outcome, now, self.book)
+                by_customer[cid] = new
+                effects += more
+        outs = list(self._effects(effects, now))  # KPI rows written once per tick
         for cid, new in by_customer.items():
             if new != olds[cid]:
                 self._put(new)
                 self._index(new)
         return outs
+
+    def drain(self, timeout: float) -> None:
+        """Before a clean stop: wait for the calls under way so the final tick records them
+        (a call whose outcome is not committed is made again, with its key, after a restart)."""
+        self._stopping = True  # the final tick records outcomes and starts no new call
+        if self._calls:
+            concurrent.futures.wait([f for _, f in self._calls], timeout=timeout)
 
     def _finish(self, action: core.Action, outcome: core.Outcome) -> core.Outcome:
         """Turn a raw retry into a scheduled retry time, or a failure once attempts run out."""

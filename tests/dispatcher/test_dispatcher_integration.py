@@ -319,3 +319,35 @@ def test_kill_9_mid_sequence_and_restart_neither_duplicates_nor_loses_a_step(
     holdout = [r for r in rs if r["status"] == "holdout"]
     assert {r["customer_id"] for r in holdout} == set(cids) - set(treated)
     assert not {r.key for r in receiver.requests} & {r["idempotency_key"] for r in holdout}
+
+
+def test_a_clean_stop_records_the_calls_under_way_so_a_restart_repeats_none(
+    kafka_settings: Settings, tmp_path: Path
+) -> None:
+    # Calls run on the I/O thread while the loop goes on consuming; stopping must wait for
+    # the calls under way and commit their outcomes, or the restart would call them again.
+    s = kafka_settings
+    receiver = Receiver(latency=1.0).start()
+    try:
+        (tmp_path / "p.yaml").write_text(
+            'playbook: P\nsegment: S\nsteps:\n  - {id: task, channel: crm_task, subject: "Call"}\n'
+            "---\npolicy: {default_timezone: UTC}\n"
+        )
+        book = load_book([tmp_path])
+        now = int(time.time() * 1000)
+        cids = [f"g{i:03d}" for i in range(30)]
+        expected = {idempotency_key(c, "P", "task", f"{c}:S:{now}", now) for c in cids}
+        cfg = settings_for(receiver, s, concurrency=8, http_timeout=5.0)
+        with Running(Dispatcher(s, cfg, book=book)):
+            send(s, TOPICS.segment_changes, [change(c, now) for c in cids])
+            _wait(lambda: receiver.busy > 0, 30)  # stop while calls are in flight
+        recorded = set(sent_results(results(s)))
+        assert recorded == set(receiver.effects()), "a call made before the stop went unrecorded"
+        assert recorded  # the calls under way were waited for and committed
+        with Running(Dispatcher(s, cfg, book=book)):
+            assert receiver.wait_for(expected, timeout=60)
+            rs = results(s, expected=len(expected))
+        assert set(sent_results(rs)) == expected
+        assert receiver.replays() == 0, "the restart called an action again"
+    finally:
+        receiver.stop()
