@@ -395,14 +395,17 @@ class ProcessingLoop:
             return  # a tombstone on a compacted input: the key was deleted upstream
         decode = self.config.decoders.get(topic_name)
         try:
+            if decode is None:
+                decoded = self.serde.decode(source, msg.value())
+            else:
+                decoded = decode(msg.value())
             record = Incoming(
                 topic=source,
                 topic_name=topic_name,
                 partition=partition,
                 offset=offset,
                 key=decode_key(source, msg.key()),
-                value=(self.serde.decode(source, msg.value()) if decode is None
-                       else decode(msg.value())),
+                value=decoded,
                 timestamp_ms=ts,
                 headers=_headers(msg),
             )

@@ -23,9 +23,16 @@ def main() -> int:
     segmenter, loop = build_loop(settings, config)
     if config.http_port is not None:
         api.serve(segmenter, config.http_port)
-    log.info("segmenter started", extra={"fields": {
-        "definitions": str(config.definitions), "version": segmenter.defs.version,
-        "customers": len(segmenter.states)}})
+    log.info(
+        "segmenter started",
+        extra={
+            "fields": {
+                "definitions": str(config.definitions),
+                "version": segmenter.defs.version,
+                "customers": len(segmenter.states),
+            }
+        },
+    )
     loop.install_signal_handlers()
     loop.run()
     return 0

@@ -3,10 +3,15 @@
 State is a :class:`~segflow.runtime.state.ChangelogStore` on the compacted
 ``segflow.segmenter.state`` topic (customers keyed by id, segment statuses by
 ``segment:<name>``); its changes commit in the same Kafka transaction as the segment changes
-and the consumed offsets. Event-time timers (dwell, cooldown, sustain, TTL, recency crossings,
-deprecation) fire from the loop's ``tick`` once the watermark (the highest ``as_of`` seen)
-passes them. The definitions file is polled for changes; an invalid version is logged with
-its lines and fields and the running version stays.
+and the consumed offsets. They are coalesced: the handler only marks what changed, and the
+loop's ``before_commit`` hook (or the end of a tick) writes each changed key once per
+transaction, so a customer scored five times in a batch costs one changelog record.
+Event-time timers (dwell, cooldown, sustain, TTL, recency crossings, deprecation) fire from the
+loop's ``tick`` once the watermark (the highest ``as_of`` seen) passes them; a timer that
+changes nothing but the next timer is not written (after a restore it fires again, to the same
+nothing). Scores are decoded with only the features the definitions read
+(:class:`~segflow.runtime.projection.MapProjection`). The definitions file is polled for
+changes; an invalid version is logged with its lines and fields and the running version stays.
 
 Faust was the planned runtime; see README.md for why this runs on the shared loop instead.
 """
@@ -27,34 +32,52 @@ from pydantic_settings import BaseSettings, SettingsConfigDict
 from segflow.errors import InvalidRecord
 from segflow.runtime.kafka import ensure_topics
 from segflow.runtime.loop import Incoming, LoopConfig, Output, ProcessingLoop
+from segflow.runtime.projection import MapProjection
 from segflow.runtime.serde import Serde
 from segflow.runtime.settings import Settings
 from segflow.runtime.state import ChangelogStore
 from segflow.runtime.topics import TOPICS, Topic
 from services.segmenter import core
-from services.segmenter.dsl import DAY, DefinitionError, Definitions, parse
+from services.segmenter.dsl import DAY, DERIVED_FEATURES, DefinitionError, Definitions, parse
 
 log = logging.getLogger("segflow.segmenter")
 
 HERE = Path(__file__).resolve().parent
 DEFAULT_DEFINITIONS = HERE / "segments" / "default.yaml"
 SEGMENT_KEY = "segment:"
+#: The customer branch of the state record's union, named for fastavro's tuple notation.
+CUSTOMER_RECORD = "io.segflow.SegmenterCustomer"
 
 #: The changelog topic of memberships, timers and segment statuses.
 STATE_TOPIC: Topic = TOPICS.segmenter_state
 
 SEGMENT_SIZE = Gauge("segflow_segment_size", "Current members per segment", ["segment"])
-TRANSITIONS = Counter("segflow_segment_transitions_total", "Membership changes by transition",
-                      ["segment", "transition"])
-FLAPS = Counter("segflow_segment_flaps_total",
-                "Exits within the flap window (max of min_dwell and 1 day) of the entry",
-                ["segment"])
-EVAL_LAG = Histogram("segflow_segmenter_evaluation_lag_seconds",
-                     "Processing time from a score being produced to its evaluation",
-                     buckets=(0.01, 0.05, 0.1, 0.25, 0.5, 1, 2, 5, 10, 30, 60))
+TRANSITIONS = Counter(
+    "segflow_segment_transitions_total",
+    "Membership changes by transition",
+    ["segment", "transition"],
+)
+FLAPS = Counter(
+    "segflow_segment_flaps_total",
+    "Exits within the flap window (max of min_dwell and 1 day) of the entry",
+    ["segment"],
+)
+EVAL_LAG = Histogram(
+    "segflow_segmenter_evaluation_lag_seconds",
+    "Processing time from a score being produced to its evaluation",
+    buckets=(0.01, 0.05, 0.1, 0.25, 0.5, 1, 2, 5, 10, 30, 60),
+)
 WATERMARK = Gauge("segflow_segmenter_watermark_ms", "Event-time watermark (highest as_of)")
-DEFINITIONS = Counter("segflow_segmenter_definitions_total", "Definition loads by outcome",
-                      ["outcome"])
+DEFINITIONS = Counter(
+    "segflow_segmenter_definitions_total", "Definition loads by outcome", ["outcome"]
+)
+MISSING_FEATURES = Counter(
+    "segflow_segmenter_missing_features_total",
+    "Sampled scores (1 in 16) lacking a feature the definitions read",
+    ["feature"],
+)
+#: Score fields that may legitimately be absent (the cluster is nullable).
+OPTIONAL_FIELDS = frozenset({"cluster"})
 
 
 class SegmenterConfig(BaseSettings):
@@ -111,13 +134,22 @@ class Segmenter:
         self._committed_watermark = 0
         self._timers: list[tuple[int, str]] = []
         self._reeval: deque[str] = deque()
-        self._dirty: set[str] = set()
+        self._dirty: set[str] = set()  # keys changed since the last commit (for on_abort)
+        self._unwritten: dict[str, None] = {}  # customers to write before the commit (ordered)
+        self._unwritten_segments: dict[str, None] = {}  # segment statuses, likewise
         self._m_transitions: dict[tuple[str, str], Any] = {}
+        self._m_sizes: dict[str, Any] = {}
+        self._needed_for: Definitions | None = None
+        self._needed: frozenset[str] = frozenset()
+        self._reported_missing: set[str] = set()
         self._n_scores = 0
         self._last_reload = 0.0
         self._last_refresh = 0.0
         self.scores_topic = TOPICS.scores.name(settings)
         self.merges_topic = TOPICS.merges.name(settings)
+        self.score_decoder = MapProjection(
+            self.serde, TOPICS.scores, "features", self.defs.features
+        )
 
     # -- start ---------------------------------------------------------------------------
     def restore(self) -> int:
@@ -125,6 +157,11 @@ class Segmenter:
         name = STATE_TOPIC.name(self.settings)
         ensure_topics(self.settings, topics=[], names={name: STATE_TOPIC})
         n = self.store.restore()
+        self.rebuild()
+        return n
+
+    def rebuild(self) -> None:
+        """Caches, timers, sizes and percentile thresholds from the store's table."""
         for key, record in self.store.items():
             self._load(key, record)
         for key in list(self.states):
@@ -140,11 +177,10 @@ class Segmenter:
         for name in self.defs.by_name:
             SEGMENT_SIZE.labels(name).set(self.sizes.get(name, 0))
         self._refresh_thresholds()
-        return n
 
     def _load(self, key: str, record: dict[str, Any] | None) -> None:
         if key.startswith(SEGMENT_KEY):
-            name = key[len(SEGMENT_KEY):]
+            name = key[len(SEGMENT_KEY) :]
             if record is None:
                 self.statuses.pop(name, None)
             else:
@@ -174,18 +210,36 @@ class Segmenter:
             return
         value = record.value
         try:
-            score = core.Score.from_record(value)
+            score = core.Score.from_record(value, self.defs.features)
         except (KeyError, TypeError, ValueError) as exc:
             raise InvalidRecord(f"CustomerScore unusable: {exc}", reason="invalid_score") from exc
         self._n_scores += 1
-        scored_at = value.get("scored_at")
-        if scored_at and self._n_scores % 16 == 0:  # a sample is enough for a histogram
-            EVAL_LAG.observe(max(0.0, self.clock() - scored_at / 1000))
+        if self._n_scores % 16 == 0:  # a sample is enough for a histogram and the check
+            scored_at = value.get("scored_at")
+            if scored_at:
+                EVAL_LAG.observe(max(0.0, self.clock() - scored_at / 1000))
+            self._check_features(score)
         if score.as_of > self.watermark:
             self.watermark = score.as_of
         old = self.states.get(score.customer_id)
         new, changes = core.evaluate(old, score, self.defs, self.thresholds)
         yield from self._apply(old, new, changes)
+
+    def _check_features(self, score: core.Score) -> None:
+        """Count (and log once) features the definitions read that scores do not carry: such
+        a condition is silently false for everyone (a misspelt or renamed feature)."""
+        if self._needed_for is not self.defs:
+            self._needed_for = self.defs
+            self._needed = self.defs.features - DERIVED_FEATURES - OPTIONAL_FIELDS
+        missing = self._needed - score.values.keys()
+        for feature in missing:
+            MISSING_FEATURES.labels(feature).inc()
+            if feature not in self._reported_missing:
+                self._reported_missing.add(feature)
+                log.warning(
+                    "definitions read a feature the scores do not carry",
+                    extra={"fields": {"feature": feature, "version": self.defs.version}},
+                )
 
     def _merge(self, merge: dict[str, Any]) -> Iterator[Output]:
         survivor = str(merge["survivor_id"])
@@ -201,7 +255,7 @@ class Segmenter:
             self._index(st, remove=True)
             del self.states[absorbed]
             self._dirty.add(absorbed)
-            yield self.store.delete(absorbed)
+            self._unwritten[absorbed] = None  # a tombstone at the commit
         st = self.states.get(survivor)
         if st is not None:
             new, changes = core.advance(st, now, self.defs, self.thresholds)
@@ -219,18 +273,16 @@ class Segmenter:
             self._index(new)
         if new.next_timer is not None and (old is None or old.next_timer != new.next_timer):
             heapq.heappush(self._timers, (new.next_timer, cid))
-        yield self.store.put(cid, core.state_to_record(new))
+        self._unwritten[cid] = None
         yield from self._emit(changes)
 
     def _emit(self, changes: list[core.Change]) -> Iterator[Output]:
         if not changes:
             return
         self.statuses, extra = core.observe(self.statuses, changes, self.defs)
-        if any(c.transition == core.ENTERED for c in changes):
-            for c in changes:
-                if c.transition == core.ENTERED:
-                    st = self.statuses[c.segment]
-                    yield self.store.put(SEGMENT_KEY + c.segment, core.status_to_record(st))
+        for c in changes:
+            if c.transition == core.ENTERED:
+                self._unwritten_segments[c.segment] = None
         emitted_at = int(self.clock() * 1000)
         topic = TOPICS.segment_changes
         for c in [*changes, *extra]:
@@ -253,7 +305,10 @@ class Segmenter:
                 FLAPS.labels(c.segment).inc()
         else:
             return
-        SEGMENT_SIZE.labels(c.segment).set(self.sizes[c.segment])
+        gauge = self._m_sizes.get(c.segment)
+        if gauge is None:
+            gauge = self._m_sizes[c.segment] = SEGMENT_SIZE.labels(c.segment)
+        gauge.set(self.sizes[c.segment])
 
     # -- tick: reloads, thresholds, timers, deprecation --------------------------------------
     def tick(self) -> Iterable[Output]:
@@ -271,8 +326,9 @@ class Segmenter:
             st = self.states.get(cid)
             if st is not None:
                 budget -= 1
-                new, changes = core.advance(st, max(self.watermark, st.as_of), self.defs,
-                                            self.thresholds)
+                new, changes = core.advance(
+                    st, max(self.watermark, st.as_of), self.defs, self.thresholds
+                )
                 out.extend(self._apply(st, new, changes))
         while self._timers and self._timers[0][0] <= self.watermark and budget > 0:
             due, cid = heapq.heappop(self._timers)
@@ -283,17 +339,25 @@ class Segmenter:
             new, changes = core.advance(st, due, self.defs, self.thresholds)
             if new == st:  # nothing changed: make sure the timer does not fire again
                 new = core.CustomerState(**{**st.__dict__, "next_timer": None})
+            if not changes and core.only_timer_moved(st, new):
+                # Kept in memory, not written: after a restore the stored (earlier) timer
+                # fires again, evaluates the same stored state to the same nothing and finds
+                # this next timer. Most recency crossings change nothing for most customers.
+                self.states[cid] = new
+                if new.next_timer is not None:
+                    heapq.heappush(self._timers, (new.next_timer, cid))
+                continue
             out.extend(self._apply(st, new, changes))
         if self.watermark:
             self.statuses, changes = core.expire(self.statuses, self.watermark, self.defs)
             for c in changes:
-                st2 = self.statuses[c.segment]
-                out.append(self.store.put(SEGMENT_KEY + c.segment, core.status_to_record(st2)))
+                self._unwritten_segments[c.segment] = None
             out.extend(self._emit(changes))
-            for name, status in self.statuses.items():
+            for name in self.statuses:
                 if SEGMENT_KEY + name not in self.store:
-                    out.append(self.store.put(SEGMENT_KEY + name, core.status_to_record(status)))
+                    self._unwritten_segments[name] = None
         WATERMARK.set(self.watermark)
+        out.extend(self.before_commit())  # the tick's transaction gets no loop hook
         return out
 
     def reload(self) -> bool:
@@ -312,17 +376,34 @@ class Segmenter:
         except DefinitionError as exc:
             DEFINITIONS.labels("rejected").inc()
             for p in exc.problems:
-                log.error("definition rejected", extra={"fields": {
-                    "file": str(path), "line": p.line, "field": p.field, "error": p.message,
-                    "running_version": self.defs.version}})
+                log.error(
+                    "definition rejected",
+                    extra={
+                        "fields": {
+                            "file": str(path),
+                            "line": p.line,
+                            "field": p.field,
+                            "error": p.message,
+                            "running_version": self.defs.version,
+                        }
+                    },
+                )
             return False
         if defs.version == self.defs.version:
             return False
         DEFINITIONS.labels("loaded").inc()
-        log.info("definitions loaded", extra={"fields": {
-            "version": defs.version, "previous": self.defs.version,
-            "segments": len(defs.segments)}})
+        log.info(
+            "definitions loaded",
+            extra={
+                "fields": {
+                    "version": defs.version,
+                    "previous": self.defs.version,
+                    "segments": len(defs.segments),
+                }
+            },
+        )
         self.defs = defs
+        self.score_decoder.keys = defs.features
         for st in self.states.values():
             self._index(st)
         self._refresh_thresholds()
@@ -335,12 +416,36 @@ class Segmenter:
         )
 
     # -- loop hooks ----------------------------------------------------------------------
+    def before_commit(self) -> Iterator[Output]:
+        """The changelog records of everything changed in this transaction, one per key."""
+        store = self.store
+        for cid in self._unwritten:
+            st = self.states.get(cid)
+            if st is not None:
+                record = core.state_to_record(st)
+                out = store.put(cid, record)
+                # The same record with its union branch named: fastavro then skips trying
+                # each branch of the union (a third of the encoding time of a state record).
+                yield out._replace(
+                    value={**record, "customer": (CUSTOMER_RECORD, record["customer"])}
+                )
+            elif cid in store:
+                yield store.delete(cid)
+        self._unwritten.clear()
+        for name in self._unwritten_segments:
+            status = self.statuses.get(name)
+            if status is not None:
+                yield store.put(SEGMENT_KEY + name, core.status_to_record(status))
+        self._unwritten_segments.clear()
+
     def on_commit(self) -> None:
         self._dirty.clear()
         self._committed_watermark = self.watermark
 
     def on_abort(self) -> None:
         """The store already rolled back its table: rebuild what changed from it."""
+        self._unwritten.clear()
+        self._unwritten_segments.clear()
         for key in self._dirty:
             self._load(key, self.store.get(key))
             st = self.states.get(key)
@@ -348,8 +453,9 @@ class Segmenter:
                 heapq.heappush(self._timers, (st.next_timer, key))
         self._dirty.clear()
         self.statuses = {
-            k[len(SEGMENT_KEY):]: core.status_from_record(v)
-            for k, v in self.store.items() if k.startswith(SEGMENT_KEY)
+            k[len(SEGMENT_KEY) :]: core.status_from_record(v)
+            for k, v in self.store.items()
+            if k.startswith(SEGMENT_KEY)
         }
         self.watermark = self._committed_watermark
         self.sizes = {}
@@ -380,8 +486,9 @@ class Segmenter:
             "definition_version": self.defs.version,
             "as_of": st.as_of,
             "primary_segment": st.primary,
-            "segments": core.explain_customer(st, max(self.watermark, st.as_of), self.defs,
-                                              self.thresholds),
+            "segments": core.explain_customer(
+                st, max(self.watermark, st.as_of), self.defs, self.thresholds
+            ),
         }
 
 
@@ -397,7 +504,16 @@ def build_loop(settings: Settings, config: SegmenterConfig) -> tuple[Segmenter, 
         batch_size=config.batch_size,
         tick_interval=config.tick_interval,
         pre_commit_delay=config.pre_commit_delay,
+        # A score carries every feature the scorer computes; only those the definitions read
+        # are decoded (most of a score's decoding time otherwise).
+        decoders={segmenter.scores_topic: segmenter.score_decoder},
     )
-    loop = ProcessingLoop(settings, loop_config, segmenter, serde=segmenter.serde,
-                          hooks=[segmenter.store, segmenter], tick=segmenter.tick)
+    loop = ProcessingLoop(
+        settings,
+        loop_config,
+        segmenter,
+        serde=segmenter.serde,
+        hooks=[segmenter.store, segmenter],
+        tick=segmenter.tick,
+    )
     return segmenter, loop

@@ -24,7 +24,8 @@ def add_parser(subparsers: Any) -> None:
 
 def add_segments_parser(subparsers: Any) -> argparse.ArgumentParser:
     p: argparse.ArgumentParser = subparsers.add_parser(
-        "segments", help="work with segment definition files")
+        "segments", help="work with segment definition files"
+    )
     sub = p.add_subparsers(dest="segments_command", metavar="ACTION", required=True)
     check = sub.add_parser("check", help="validate a definitions file; errors with line and field")
     check.add_argument("file", help="a segment definitions YAML file")
@@ -34,13 +35,20 @@ def add_segments_parser(subparsers: Any) -> argparse.ArgumentParser:
 
 def add_explain_parser(subparsers: Any) -> argparse.ArgumentParser:
     p: argparse.ArgumentParser = subparsers.add_parser(
-        "explain", help="show a customer's segments and, per condition, why")
+        "explain", help="show a customer's segments and, per condition, why"
+    )
     p.add_argument("customer", help="customer_id")
-    p.add_argument("--url", help="ask a running segmenter's HTTP API (e.g. http://127.0.0.1:9480)"
-                                 " instead of reading its changelog")
-    p.add_argument("--definitions", type=Path, default=None,
-                   help="definitions file (default: SEGFLOW_SEGMENTER_DEFINITIONS or the "
-                        "default segments)")
+    p.add_argument(
+        "--url",
+        help="ask a running segmenter's HTTP API (e.g. http://127.0.0.1:9480)"
+        " instead of reading its changelog",
+    )
+    p.add_argument(
+        "--definitions",
+        type=Path,
+        default=None,
+        help="definitions file (default: SEGFLOW_SEGMENTER_DEFINITIONS or the default segments)",
+    )
     p.add_argument("--json", action="store_true", help="print JSON")
     p.set_defaults(func=cmd_explain)
     return p
@@ -60,8 +68,10 @@ def cmd_check(args: argparse.Namespace) -> int:
             print(f"{path}:{problem.line}: {problem.field}: {problem.message}")
         print(f"{path}: {len(exc.problems)} error(s)", file=sys.stderr)
         return 1
-    print(f"{path}: OK, version {defs.version}, {len(defs.segments)} segments: "
-          + ", ".join(s.name for s in defs.segments))
+    print(
+        f"{path}: OK, version {defs.version}, {len(defs.segments)} segments: "
+        + ", ".join(s.name for s in defs.segments)
+    )
     return 0
 
 
@@ -79,9 +89,11 @@ def cmd_explain(args: argparse.Namespace) -> int:
 
 def render(found: dict[str, Any]) -> str:
     """Human-readable explanation of a customer's memberships."""
-    lines = [f"customer {found['customer_id']} (definitions {found['definition_version']}, "
-             f"features as of {found['as_of']})",
-             f"primary segment: {found['primary_segment'] or '-'}"]
+    lines = [
+        f"customer {found['customer_id']} (definitions {found['definition_version']}, "
+        f"features as of {found['as_of']})",
+        f"primary segment: {found['primary_segment'] or '-'}",
+    ]
     for seg in sorted(found["segments"], key=lambda s: (not s["member"], s["segment"])):
         mark = "*" if seg["primary"] else ("+" if seg["member"] else " ")
         state = f"member since {seg['entered_at']}" if seg["member"] else "not a member"
@@ -91,8 +103,10 @@ def render(found: dict[str, Any]) -> str:
             threshold = c["threshold"] if c["threshold"] is not None else c.get("threshold_text")
             margin = "" if c["margin"] is None else f", margin {c['margin']:+g}"
             verdict = "pass" if c["passed"] else "fail"
-            lines.append(f"    [{verdict}] {c['feature']} {c['operator']} {threshold} "
-                         f"(observed {observed}{margin})  at {c['path']}")
+            lines.append(
+                f"    [{verdict}] {c['feature']} {c['operator']} {threshold} "
+                f"(observed {observed}{margin})  at {c['path']}"
+            )
     return "\n".join(lines)
 
 

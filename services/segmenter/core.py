@@ -43,7 +43,7 @@ from __future__ import annotations
 
 import bisect
 import math
-from collections.abc import Iterable, Mapping
+from collections.abc import Collection, Iterable, Mapping
 from dataclasses import dataclass, field, replace
 from typing import Any
 
@@ -83,16 +83,32 @@ class Score:
     values: Mapping[str, Value]
 
     @classmethod
-    def from_record(cls, record: Mapping[str, Any]) -> Score:
+    def from_record(cls, record: Mapping[str, Any], used: Collection[str] | None = None) -> Score:
         """Build from a CustomerScore record: ``features`` plus the score fields.
 
-        >>> Score.from_record({"customer_id": "c", "as_of": 5, "churn_probability": 0.5,
-        ...     "engagement_score": 10, "clv": 3.0, "cluster": 2, "lifecycle_stage": "loyal",
-        ...     "features": {"opens_7d": 1.0}}).values["cluster"]
+        ``used`` (the definitions' features) keeps only those: a score carries a few hundred
+        features and the definitions read a few dozen.
+
+        >>> r = {"customer_id": "c", "as_of": 5, "churn_probability": 0.5,
+        ...      "engagement_score": 10, "clv": 3.0, "cluster": 2, "lifecycle_stage": "loyal",
+        ...      "features": {"opens_7d": 1.0, "logins_7d": 2.0}}
+        >>> Score.from_record(r).values["cluster"]
         2.0
+        >>> sorted(Score.from_record(r, used={"logins_7d", "clv"}).values)
+        ['churn_probability', 'cluster', 'clv', 'engagement_score', 'lifecycle_stage', 'logins_7d']
         """
-        values: dict[str, Value] = {k: float(v) for k, v in record.get("features", {}).items()
-                                    if v is not None and math.isfinite(v)}
+        features = record.get("features") or {}
+        if used is None:
+            values: dict[str, Value] = {
+                k: float(v) for k, v in features.items() if v is not None and math.isfinite(v)
+            }
+        else:
+            values = {}
+            get = features.get
+            for k in used:
+                v = get(k)
+                if v is not None and math.isfinite(v):
+                    values[k] = float(v)
         for key in ("churn_probability", "engagement_score", "clv", "cluster"):
             v = record.get(key)
             if v is not None:
@@ -237,9 +253,16 @@ def evaluate(
     if state is None:
         state = CustomerState(score.customer_id, score.as_of, values)
     else:
-        state = CustomerState(state.customer_id, score.as_of, values, state.memberships,
-                              state.primary, state.primary_seq, state.re_engaged_at,
-                              state.next_timer)
+        state = CustomerState(
+            state.customer_id,
+            score.as_of,
+            values,
+            state.memberships,
+            state.primary,
+            state.primary_seq,
+            state.re_engaged_at,
+            state.next_timer,
+        )
     return _step(state, score.as_of, defs, thresholds)
 
 
@@ -250,9 +273,7 @@ def advance(
     return _step(state, max(now, state.as_of), defs, thresholds)
 
 
-def absorb(
-    state: CustomerState, survivor_id: str, now: int, defs: Definitions
-) -> list[Change]:
+def absorb(state: CustomerState, survivor_id: str, now: int, defs: Definitions) -> list[Change]:
     """The customer was merged into ``survivor_id``: every active membership exits ``merged``.
 
     The shell then deletes the absorbed state and re-evaluates the survivor with :func:`advance`.
@@ -261,17 +282,39 @@ def absorb(
     changes: list[Change] = []
     for name in state.active():
         m = state.memberships[name]
-        changes.append(Change(
-            state.customer_id, name, EXITED, entry_id(state.customer_id, name, m.seq),
-            defs.version, now, None, reason="merged",
-            explanation=(Explanation("merge", "merged_into", "==", None, None, None, True,
-                                     survivor_id, None),),
-            dwell_ms=now - (m.entered_at or now),
-        ))
+        changes.append(
+            Change(
+                state.customer_id,
+                name,
+                EXITED,
+                entry_id(state.customer_id, name, m.seq),
+                defs.version,
+                now,
+                None,
+                reason="merged",
+                explanation=(
+                    Explanation(
+                        "merge", "merged_into", "==", None, None, None, True, survivor_id, None
+                    ),
+                ),
+                dwell_ms=now - (m.entered_at or now),
+            )
+        )
     if state.primary is not None:
-        changes.append(Change(state.customer_id, state.primary, PRIMARY_CHANGED, "",
-                              defs.version, now, None, reason="merged",
-                              previous_primary=state.primary, seq=state.primary_seq + 1))
+        changes.append(
+            Change(
+                state.customer_id,
+                state.primary,
+                PRIMARY_CHANGED,
+                "",
+                defs.version,
+                now,
+                None,
+                reason="merged",
+                previous_primary=state.primary,
+                seq=state.primary_seq + 1,
+            )
+        )
     return changes
 
 
@@ -292,19 +335,43 @@ def _step(
             derived_ready = True
             if re_engaged_at is not None:
                 values["days_since_re_engaged"] = (now - re_engaged_at) / DAY
-        if seg.aging:
-            _crossings(seg, values, now, thresholds, timers)
-        m = mems.get(seg.name) or _NEW.get(seg.name) or Membership(seg.name)
+        m = mems.get(seg.name)
+        if m is None:
+            m = _NEW.get(seg.name)
+            if m is None:
+                m = _NEW[seg.name] = Membership(seg.name)
         if m.active:
             entered_at = m.entered_at if m.entered_at is not None else now
             if seg.ttl_ms is not None and stale_for >= seg.ttl_ms:
-                exits.append(_exit(cid, seg, m, now, defs, EXITED, "ttl", (
-                    Explanation("ttl", "days_since_update", ">=", stale_for / DAY,
-                                seg.ttl_ms / DAY, (stale_for - seg.ttl_ms) / DAY, True),)))
+                exits.append(
+                    _exit(
+                        cid,
+                        seg,
+                        m,
+                        now,
+                        defs,
+                        EXITED,
+                        "ttl",
+                        (
+                            Explanation(
+                                "ttl",
+                                "days_since_update",
+                                ">=",
+                                stale_for / DAY,
+                                seg.ttl_ms / DAY,
+                                (stale_for - seg.ttl_ms) / DAY,
+                                True,
+                            ),
+                        ),
+                    )
+                )
                 mems[seg.name] = Membership(seg.name, False, m.seq, m.entered_at, now, None)
                 continue
-            leaving = (seg.exit._fn(values, thresholds) if seg.exit is not None
-                       else not seg.enter._fn(values, thresholds))
+            leaving = (
+                seg.exit._fn(values, thresholds)
+                if seg.exit is not None
+                else not seg.enter._fn(values, thresholds)
+            )
             if leaving:
                 if now > entered_at and now - entered_at >= seg.min_dwell_ms:
                     rule = seg.exit if seg.exit is not None else seg.enter
@@ -347,29 +414,51 @@ def _step(
                 ready = False
         if not ready:
             if pending != m.pending_since:
-                mems[seg.name] = Membership(seg.name, False, m.seq, m.entered_at, m.exited_at,
-                                            pending)
+                mems[seg.name] = Membership(
+                    seg.name, False, m.seq, m.entered_at, m.exited_at, pending
+                )
             continue
         seq = m.seq + 1
         weighted = first_weighted(seg.enter)
-        entries.append(Change(
-            cid, seg.name, ENTERED, entry_id(cid, seg.name, seq), defs.version, now, None,
-            reason="condition",
-            score=weighted.score(values, thresholds) if weighted is not None else None,
-            explanation=tuple(seg.enter.explain(values, thresholds)),
-        ))
+        entries.append(
+            Change(
+                cid,
+                seg.name,
+                ENTERED,
+                entry_id(cid, seg.name, seq),
+                defs.version,
+                now,
+                None,
+                reason="condition",
+                score=weighted.score(values, thresholds) if weighted is not None else None,
+                explanation=tuple(seg.enter.explain(values, thresholds)),
+            )
+        )
         mems[seg.name] = Membership(seg.name, True, seq, now, m.exited_at, None)
         if seg.ttl_ms is not None:
             timers.append(state.as_of + seg.ttl_ms)
         if seg.exit is not None and seg.exit.test(values, thresholds):
             timers.append(now + max(seg.min_dwell_ms, 1))  # the earliest it may leave
+    if re_engaged_at is not None and not derived_ready:
+        values["days_since_re_engaged"] = (now - re_engaged_at) / DAY
+    _crossings(defs, values, now, thresholds, timers)
     # Segments no longer defined: their memberships end (the history stays, so entry ids
     # never repeat if the segment comes back).
     for name, m in list(mems.items()):
         if m.active and name not in defs.by_name:
-            exits.append(Change(cid, name, EXITED, entry_id(cid, name, m.seq), defs.version,
-                                now, None, reason="removed",
-                                dwell_ms=now - (m.entered_at or now)))
+            exits.append(
+                Change(
+                    cid,
+                    name,
+                    EXITED,
+                    entry_id(cid, name, m.seq),
+                    defs.version,
+                    now,
+                    None,
+                    reason="removed",
+                    dwell_ms=now - (m.entered_at or now),
+                )
+            )
             mems[name] = replace(m, active=False, exited_at=now, pending_since=None)
     primary = _primary(mems, defs)
     primary_seq = state.primary_seq
@@ -377,30 +466,93 @@ def _step(
     if primary != state.primary:
         primary_seq += 1
         prim_entry = entry_id(cid, primary, mems[primary].seq) if primary is not None else ""
-        changes.append(Change(cid, primary or (state.primary or ""), PRIMARY_CHANGED, prim_entry,
-                              defs.version, now, None, reason="priority",
-                              previous_primary=state.primary, seq=primary_seq))
+        changes.append(
+            Change(
+                cid,
+                primary or (state.primary or ""),
+                PRIMARY_CHANGED,
+                prim_entry,
+                defs.version,
+                now,
+                None,
+                reason="priority",
+                previous_primary=state.primary,
+                seq=primary_seq,
+            )
+        )
     if changes:
         changes = [_with_primary(c, primary) for c in changes]
     future = [t for t in timers if t > now]
-    new_state = CustomerState(state.customer_id, state.as_of, state.values, mems, primary,
-                              primary_seq, re_engaged_at, min(future) if future else None)
+    new_state = CustomerState(
+        state.customer_id,
+        state.as_of,
+        state.values,
+        mems,
+        primary,
+        primary_seq,
+        re_engaged_at,
+        min(future) if future else None,
+    )
     return new_state, changes
 
 
+def only_timer_moved(old: CustomerState, new: CustomerState) -> bool:
+    """Whether ``new`` differs from ``old`` in its next timer alone (nothing to persist).
+
+    >>> s = CustomerState("c", 0, {"x": 1.0}, {"A": Membership("A", True, 1, 0)}, "A", 1)
+    >>> only_timer_moved(s, replace(s, next_timer=5)), only_timer_moved(s, replace(s, as_of=1))
+    (True, False)
+    """
+    return (
+        old.as_of == new.as_of
+        and old.values == new.values
+        and old.primary == new.primary
+        and old.primary_seq == new.primary_seq
+        and old.re_engaged_at == new.re_engaged_at
+        and old.memberships == new.memberships
+    )
+
+
 def _with_primary(c: Change, primary: str | None) -> Change:
-    return Change(c.customer_id, c.segment, c.transition, c.entry_id, c.definition_version,
-                  c.occurred_at, primary, c.reason, c.score, c.explanation, c.previous_primary,
-                  c.dwell_ms, c.seq)
+    return Change(
+        c.customer_id,
+        c.segment,
+        c.transition,
+        c.entry_id,
+        c.definition_version,
+        c.occurred_at,
+        primary,
+        c.reason,
+        c.score,
+        c.explanation,
+        c.previous_primary,
+        c.dwell_ms,
+        c.seq,
+    )
 
 
 def _exit(
-    cid: str, seg: Segment, m: Membership, now: int, defs: Definitions, transition: str,
-    reason: str, why: tuple[Explanation, ...],
+    cid: str,
+    seg: Segment,
+    m: Membership,
+    now: int,
+    defs: Definitions,
+    transition: str,
+    reason: str,
+    why: tuple[Explanation, ...],
 ) -> Change:
-    return Change(cid, seg.name, transition, entry_id(cid, seg.name, m.seq), defs.version, now,
-                  None, reason=reason, explanation=why,
-                  dwell_ms=now - (m.entered_at if m.entered_at is not None else now))
+    return Change(
+        cid,
+        seg.name,
+        transition,
+        entry_id(cid, seg.name, m.seq),
+        defs.version,
+        now,
+        None,
+        reason=reason,
+        explanation=why,
+        dwell_ms=now - (m.entered_at if m.entered_at is not None else now),
+    )
 
 
 def _primary(mems: Mapping[str, Membership], defs: Definitions) -> str | None:
@@ -416,29 +568,28 @@ def _primary(mems: Mapping[str, Membership], defs: Definitions) -> str | None:
 
 
 def _crossings(
-    seg: Segment,
+    defs: Definitions,
     values: Mapping[str, Value],
     now: int,
     thresholds: Thresholds,
     timers: list[int],
 ) -> None:
-    """Timers at the instants an aging feature (a recency) crosses one of its thresholds."""
-    for leaf in seg.aging:
-        observed = values.get(leaf.feature)
+    """Timers at the instants an aging feature (a recency) crosses one of the thresholds the
+    definitions compare it with (once per distinct threshold, whichever segments use it)."""
+    get = values.get
+    for feature, bound, pct in defs.aging_bounds:
+        observed = get(feature)
         if observed.__class__ is not float:
             continue
-        if leaf.op == "between":
-            bounds: tuple[Value | None, ...] = leaf.values
-        elif leaf.percentile is None:
-            bounds = (leaf.value,)
-        else:
-            bounds = (thresholds.get((leaf.feature, leaf.percentile)),)
-        for bound in bounds:
-            if bound.__class__ is float and bound >= observed:
-                # inclusive comparisons flip at the bound, strict ones just after it
-                at = now + math.ceil((bound - observed) * DAY)
-                timers.append(at)
-                timers.append(at + 1)
+        if pct is not None:
+            bound = thresholds.get((feature, pct))
+            if bound is None:
+                continue
+        if bound >= observed:  # type: ignore[operator]
+            # inclusive comparisons flip at the bound, strict ones just after it
+            at = now + math.ceil((bound - observed) * DAY)  # type: ignore[operator]
+            timers.append(at)
+            timers.append(at + 1)
 
 
 def explain_customer(
@@ -459,15 +610,17 @@ def explain_customer(
     for seg in defs.segments:
         m = state.memberships.get(seg.name) or Membership(seg.name)
         rule: Rule = seg.enter if not m.active or seg.exit is None else seg.exit
-        out.append({
-            "segment": seg.name,
-            "member": m.active,
-            "primary": state.primary == seg.name,
-            "entry_id": entry_id(state.customer_id, seg.name, m.seq) if m.active else None,
-            "entered_at": m.entered_at if m.active else None,
-            "rule": "exit" if m.active and seg.exit is not None else "enter",
-            "conditions": [e.__dict__ for e in rule.explain(values, thresholds)],
-        })
+        out.append(
+            {
+                "segment": seg.name,
+                "member": m.active,
+                "primary": state.primary == seg.name,
+                "entry_id": entry_id(state.customer_id, seg.name, m.seq) if m.active else None,
+                "entered_at": m.entered_at if m.active else None,
+                "rule": "exit" if m.active and seg.exit is not None else "enter",
+                "conditions": [e.__dict__ for e in rule.explain(values, thresholds)],
+            }
+        )
     return out
 
 
@@ -504,14 +657,32 @@ def observe(
         st = new.get(c.segment) or SegmentStatus(c.segment, c.occurred_at)
         if st.deprecated:
             idle = (c.occurred_at - (st.last_entry_at or st.first_seen)) / DAY
-            out.append(Change(c.customer_id, c.segment, REACTIVATED,
-                              f"{c.segment}|deprecation|{st.deprecations}", defs.version,
-                              c.occurred_at, c.primary_segment, reason="qualified",
-                              explanation=(Explanation("deprecation", "days_since_last_entry",
-                                                       ">=", idle, defs.deprecate_after_ms / DAY,
-                                                       None, True),)))
-        new[c.segment] = replace(st, last_entry_at=max(c.occurred_at, st.last_entry_at or 0),
-                                 deprecated=False)
+            out.append(
+                Change(
+                    c.customer_id,
+                    c.segment,
+                    REACTIVATED,
+                    f"{c.segment}|deprecation|{st.deprecations}",
+                    defs.version,
+                    c.occurred_at,
+                    c.primary_segment,
+                    reason="qualified",
+                    explanation=(
+                        Explanation(
+                            "deprecation",
+                            "days_since_last_entry",
+                            ">=",
+                            idle,
+                            defs.deprecate_after_ms / DAY,
+                            None,
+                            True,
+                        ),
+                    ),
+                )
+            )
+        new[c.segment] = replace(
+            st, last_entry_at=max(c.occurred_at, st.last_entry_at or 0), deprecated=False
+        )
     return new, out
 
 
@@ -540,13 +711,29 @@ def expire(
         last = st.last_entry_at if st.last_entry_at is not None else st.first_seen
         if not st.deprecated and now - last >= defs.deprecate_after_ms:
             n = st.deprecations + 1
-            out.append(Change("", seg.name, DEPRECATED, f"{seg.name}|deprecation|{n}",
-                              defs.version, now, None, reason="inactive",
-                              explanation=(Explanation("deprecation", "days_since_last_entry",
-                                                       ">=", (now - last) / DAY,
-                                                       defs.deprecate_after_ms / DAY,
-                                                       (now - last - defs.deprecate_after_ms)
-                                                       / DAY, True),)))
+            out.append(
+                Change(
+                    "",
+                    seg.name,
+                    DEPRECATED,
+                    f"{seg.name}|deprecation|{n}",
+                    defs.version,
+                    now,
+                    None,
+                    reason="inactive",
+                    explanation=(
+                        Explanation(
+                            "deprecation",
+                            "days_since_last_entry",
+                            ">=",
+                            (now - last) / DAY,
+                            defs.deprecate_after_ms / DAY,
+                            (now - last - defs.deprecate_after_ms) / DAY,
+                            True,
+                        ),
+                    ),
+                )
+            )
             new[seg.name] = replace(st, deprecated=True, deprecations=n)
     return new, out
 
@@ -602,9 +789,14 @@ def state_to_record(state: CustomerState) -> dict[str, Any]:
             "numbers": {k: v for k, v in state.values.items() if isinstance(v, float)},
             "texts": {k: v for k, v in state.values.items() if isinstance(v, str)},
             "memberships": [
-                {"segment": m.segment, "active": m.active, "seq": m.seq,
-                 "entered_at": m.entered_at, "exited_at": m.exited_at,
-                 "pending_since": m.pending_since}
+                {
+                    "segment": m.segment,
+                    "active": m.active,
+                    "seq": m.seq,
+                    "entered_at": m.entered_at,
+                    "exited_at": m.exited_at,
+                    "pending_since": m.pending_since,
+                }
                 for m in state.memberships.values()
             ],
             "primary": state.primary,
@@ -632,8 +824,14 @@ def state_from_record(record: Mapping[str, Any]) -> CustomerState:
         as_of=c["as_of"],
         values=values,
         memberships={
-            m["segment"]: Membership(m["segment"], m["active"], m["seq"], m["entered_at"],
-                                     m["exited_at"], m["pending_since"])
+            m["segment"]: Membership(
+                m["segment"],
+                m["active"],
+                m["seq"],
+                m["entered_at"],
+                m["exited_at"],
+                m["pending_since"],
+            )
             for m in c["memberships"]
         },
         primary=c["primary"],
@@ -644,9 +842,17 @@ def state_from_record(record: Mapping[str, Any]) -> CustomerState:
 
 
 def status_to_record(st: SegmentStatus) -> dict[str, Any]:
-    return {"kind": "segment", "customer": None, "segment": {
-        "segment": st.segment, "first_seen": st.first_seen, "last_entry_at": st.last_entry_at,
-        "deprecated": st.deprecated, "deprecations": st.deprecations}}
+    return {
+        "kind": "segment",
+        "customer": None,
+        "segment": {
+            "segment": st.segment,
+            "first_seen": st.first_seen,
+            "last_entry_at": st.last_entry_at,
+            "deprecated": st.deprecated,
+            "deprecations": st.deprecations,
+        },
+    }
 
 
 def status_from_record(record: Mapping[str, Any]) -> SegmentStatus:
@@ -656,8 +862,9 @@ def status_from_record(record: Mapping[str, Any]) -> SegmentStatus:
     SegmentStatus(segment='A', first_seen=1, last_entry_at=2, deprecated=True, deprecations=1)
     """
     s = record["segment"]
-    return SegmentStatus(s["segment"], s["first_seen"], s["last_entry_at"], s["deprecated"],
-                         s["deprecations"])
+    return SegmentStatus(
+        s["segment"], s["first_seen"], s["last_entry_at"], s["deprecated"], s["deprecations"]
+    )
 
 
 def _finite(x: float | None) -> float | None:
@@ -665,7 +872,19 @@ def _finite(x: float | None) -> float | None:
 
 
 __all__ = [
-    "Change", "Condition", "CustomerState", "Membership", "Score", "SegmentStatus", "Values",
-    "absorb", "advance", "evaluate", "expire", "explain_customer", "next_deprecation",
-    "observe", "percentile_thresholds",
+    "Change",
+    "Condition",
+    "CustomerState",
+    "Membership",
+    "Score",
+    "SegmentStatus",
+    "Values",
+    "absorb",
+    "advance",
+    "evaluate",
+    "expire",
+    "explain_customer",
+    "next_deprecation",
+    "observe",
+    "percentile_thresholds",
 ]

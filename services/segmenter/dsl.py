@@ -37,6 +37,7 @@ from __future__ import annotations
 
 import hashlib
 import math
+import operator
 import re
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
@@ -142,8 +143,19 @@ class Condition:
             if self.op == "between" and obs_num is not None and len(nums) == 2:
                 margin = round(min(obs_num - nums[0], nums[1] - obs_num), 9)
             threshold = nums[0] if len(nums) == 1 else None
-            return [Explanation(self.path, self.feature, self.op, obs_num, threshold, margin,
-                                passed, obs_txt, thr_txt)]
+            return [
+                Explanation(
+                    self.path,
+                    self.feature,
+                    self.op,
+                    obs_num,
+                    threshold,
+                    margin,
+                    passed,
+                    obs_txt,
+                    thr_txt,
+                )
+            ]
         thr = self.threshold(thresholds)
         thr_num = thr if isinstance(thr, float) else None
         thr_txt = thr if isinstance(thr, str) else None
@@ -154,8 +166,11 @@ class Condition:
             margin = round(_margin(self.op, obs_num, thr_num), 9)
         if observed is None:
             obs_txt = "missing"
-        return [Explanation(self.path, self.feature, self.op, obs_num, thr_num, margin, passed,
-                            obs_txt, thr_txt)]
+        return [
+            Explanation(
+                self.path, self.feature, self.op, obs_num, thr_num, margin, passed, obs_txt, thr_txt
+            )
+        ]
 
 
 @dataclass(frozen=True)
@@ -201,8 +216,17 @@ class Weighted:
 
     def explain(self, values: Values, thresholds: Thresholds) -> list[Explanation]:
         total = self.score(values, thresholds)
-        out = [Explanation(self.path, "weighted_score", ">=", total, self.threshold,
-                           round(total - self.threshold, 9), total >= self.threshold)]
+        out = [
+            Explanation(
+                self.path,
+                "weighted_score",
+                ">=",
+                total,
+                self.threshold,
+                round(total - self.threshold, 9),
+                total >= self.threshold,
+            )
+        ]
         for rule, _ in self.parts:
             out.extend(rule.explain(values, thresholds))
         return out
@@ -256,6 +280,12 @@ class Definitions:
     percentiles: frozenset[tuple[str, float]] = frozenset()
     features: frozenset[str] = frozenset()
     by_name: Mapping[str, Segment] = field(default_factory=dict, compare=False, repr=False)
+    #: Every distinct threshold on an aging feature, over all segments: (feature, fixed
+    #: bound, percentile) with exactly one of the last two set (the instants a recency
+    #: crosses them are the timers of a customer).
+    aging_bounds: tuple[tuple[str, float | None, float | None], ...] = field(
+        default=(), compare=False, repr=False
+    )
 
 
 # -- parsing --------------------------------------------------------------------------------
@@ -386,6 +416,7 @@ class _Parser:
             ),
             features=frozenset(leaf.feature for leaf in leaves),
             by_name={s.name: s for s in ordered},
+            aging_bounds=_aging_bounds(s.aging for s in ordered),
         )
 
     def _unknown(self, raw: dict[str, Any], path: str, allowed: set[str]) -> None:
@@ -410,8 +441,22 @@ class _Parser:
         if not isinstance(raw, dict):
             self.err(path, "expected a mapping")
             return None
-        self._unknown(raw, path, {"name", "description", "priority", "enter", "exit",
-                                  "re_engaged_when", "min_dwell", "cooldown", "ttl", "sustain"})
+        self._unknown(
+            raw,
+            path,
+            {
+                "name",
+                "description",
+                "priority",
+                "enter",
+                "exit",
+                "re_engaged_when",
+                "min_dwell",
+                "cooldown",
+                "ttl",
+                "sustain",
+            },
+        )
         name = raw.get("name")
         if not isinstance(name, str) or not name.strip():
             self.err(f"{path}.name" if "name" in raw else path, "a non-empty 'name' is required")
@@ -426,8 +471,11 @@ class _Parser:
         else:
             enter = self._rule(raw["enter"], f"{path}.enter")
         exit_ = self._rule(raw["exit"], f"{path}.exit") if raw.get("exit") is not None else None
-        re_eng = (self._rule(raw["re_engaged_when"], f"{path}.re_engaged_when")
-                  if raw.get("re_engaged_when") is not None else None)
+        re_eng = (
+            self._rule(raw["re_engaged_when"], f"{path}.re_engaged_when")
+            if raw.get("re_engaged_when") is not None
+            else None
+        )
         ttl = self._duration(raw, "ttl", path, None)
         seg_fields = dict(
             min_dwell_ms=self._duration(raw, "min_dwell", path, 0) or 0,
@@ -451,7 +499,8 @@ class _Parser:
             line=self.lines.get(path, 0),
             derived=any(leaf.feature in DERIVED_FEATURES for leaf in leaves),
             aging=tuple(
-                leaf for leaf in leaves
+                leaf
+                for leaf in leaves
                 if leaf.feature.startswith(AGING_PREFIX) and leaf.op not in ("in", "==", "!=")
             ),
             **seg_fields,  # type: ignore[arg-type]
@@ -459,13 +508,19 @@ class _Parser:
 
     def _rule(self, raw: Any, path: str) -> Rule | None:
         if not isinstance(raw, dict):
-            self.err(path, "expected a rule (a mapping with feature/op/value, all, any, not, "
-                           "weighted or cluster)")
+            self.err(
+                path,
+                "expected a rule (a mapping with feature/op/value, all, any, not, "
+                "weighted or cluster)",
+            )
             return None
         kinds = [k for k in ("all", "any", "not", "weighted", "cluster", "feature") if k in raw]
         if len(kinds) != 1:
-            self.err(path, "a rule needs exactly one of: feature, all, any, not, weighted, "
-                           f"cluster (got {', '.join(sorted(raw)) or 'nothing'})")
+            self.err(
+                path,
+                "a rule needs exactly one of: feature, all, any, not, weighted, "
+                f"cluster (got {', '.join(sorted(raw)) or 'nothing'})",
+            )
             return None
         kind = kinds[0]
         if kind in ("all", "any"):
@@ -479,18 +534,22 @@ class _Parser:
                 return None
             fns = tuple(i._fn for i in items if i is not None)
             if kind == "all":
+
                 def fn_all(v: Values, t: Thresholds, fns: Any = fns) -> bool:
                     for f in fns:  # noqa: SIM110 (a plain loop is faster on the hot path)
                         if not f(v, t):
                             return False
                     return True
+
                 fn = fn_all
             else:
+
                 def fn_any(v: Values, t: Thresholds, fns: Any = fns) -> bool:
                     for f in fns:  # noqa: SIM110 (a plain loop is faster on the hot path)
                         if f(v, t):
                             return True
                     return False
+
                 fn = fn_any
             return Combination(path, kind, tuple(i for i in items if i is not None), fn)
         if kind == "not":
@@ -507,8 +566,11 @@ class _Parser:
             clusters = raw["cluster"]
             if not isinstance(clusters, list):
                 clusters = [clusters]
-            return self._condition({"feature": "cluster", "op": "in", "value": clusters},
-                                   path, value_path=f"{path}.cluster")
+            return self._condition(
+                {"feature": "cluster", "op": "in", "value": clusters},
+                path,
+                value_path=f"{path}.cluster",
+            )
         return self._condition(raw, path)
 
     def _weighted(self, raw: dict[str, Any], path: str) -> Rule | None:
@@ -519,8 +581,10 @@ class _Parser:
             return None
         threshold = raw.get("threshold")
         if not _is_number(threshold):
-            self.err(f"{path}.threshold" if "threshold" in raw else path,
-                     "weighted scoring needs a numeric 'threshold'")
+            self.err(
+                f"{path}.threshold" if "threshold" in raw else path,
+                "weighted scoring needs a numeric 'threshold'",
+            )
             return None
         parts: list[tuple[Rule, float]] = []
         ok = True
@@ -533,8 +597,9 @@ class _Parser:
             self._unknown(part, sub, {"when", "weight"})
             weight = part.get("weight")
             if not _is_number(weight):
-                self.err(f"{sub}.weight" if "weight" in part else sub, "a numeric 'weight' is "
-                         "required")
+                self.err(
+                    f"{sub}.weight" if "weight" in part else sub, "a numeric 'weight' is required"
+                )
                 ok = False
             if "when" not in part:
                 self.err(sub, "a 'when' rule is required")
@@ -566,9 +631,12 @@ class _Parser:
             self.err(f"{path}.feature", "feature must be a non-empty name")
             return None
         if op not in OPERATORS:
-            self.err(f"{path}.op" if "op" in raw else path,
-                     f"unknown operator {op!r} ({'one of ' + ', '.join(OPERATORS)})"
-                     if "op" in raw else "an 'op' is required")
+            self.err(
+                f"{path}.op" if "op" in raw else path,
+                f"unknown operator {op!r} ({'one of ' + ', '.join(OPERATORS)})"
+                if "op" in raw
+                else "an 'op' is required",
+            )
             return None
         if "value" not in raw:
             self.err(path, "a 'value' is required")
@@ -622,8 +690,7 @@ class _Parser:
 
                 return Condition(path, feature, op, None, (), pct, fn_pct)
             if op not in ("==", "!="):
-                self.err(vpath, f"{op!r} needs a number or a percentile like p80 "
-                                f"(got {value!r})")
+                self.err(vpath, f"{op!r} needs a number or a percentile like p80 (got {value!r})")
                 return None
             target: Value = value
         elif _is_number(value):
@@ -633,13 +700,7 @@ class _Parser:
             return None
         cmp = _COMPARE[op]
         if isinstance(target, float):
-            tnum = target
-
-            def fn_num(v: Values, t: Thresholds, f: str = feature) -> bool:
-                x = v.get(f)
-                return isinstance(x, float) and cmp(x, tnum)
-
-            return Condition(path, feature, op, target, (), None, fn_num)
+            return Condition(path, feature, op, target, (), None, _numeric(op, feature, target))
         tstr = target
 
         def fn_str(v: Values, t: Thresholds, f: str = feature) -> bool:
@@ -650,13 +711,77 @@ class _Parser:
 
 
 _COMPARE: dict[str, Callable[[Any, Any], bool]] = {
-    ">": lambda a, b: a > b,
-    ">=": lambda a, b: a >= b,
-    "<": lambda a, b: a < b,
-    "<=": lambda a, b: a <= b,
-    "==": lambda a, b: a == b,
-    "!=": lambda a, b: a != b,
+    ">": operator.gt,
+    ">=": operator.ge,
+    "<": operator.lt,
+    "<=": operator.le,
+    "==": operator.eq,
+    "!=": operator.ne,
 }
+
+
+def _numeric(op: str, f: str, c: float) -> Callable[[Values, Thresholds], bool]:
+    """``feature op constant`` with the comparison inlined (the hot path: no call per test)."""
+    if op == ">":
+
+        def gt(v: Values, t: Thresholds) -> bool:
+            x = v.get(f)
+            return x.__class__ is float and x > c
+
+        return gt
+    if op == ">=":
+
+        def ge(v: Values, t: Thresholds) -> bool:
+            x = v.get(f)
+            return x.__class__ is float and x >= c
+
+        return ge
+    if op == "<":
+
+        def lt(v: Values, t: Thresholds) -> bool:
+            x = v.get(f)
+            return x.__class__ is float and x < c
+
+        return lt
+    if op == "<=":
+
+        def le(v: Values, t: Thresholds) -> bool:
+            x = v.get(f)
+            return x.__class__ is float and x <= c
+
+        return le
+    cmp = _COMPARE[op]
+
+    def other(v: Values, t: Thresholds) -> bool:
+        x = v.get(f)
+        return x.__class__ is float and cmp(x, c)
+
+    return other
+
+
+def _aging_bounds(
+    groups: Any,
+) -> tuple[tuple[str, float | None, float | None], ...]:
+    """The distinct (feature, bound, percentile) thresholds of aging leaves, in first-seen order.
+
+    >>> d = parse('version: 1\\nsegments:\\n'
+    ...           '  - {name: A, enter: {feature: days_since_open, op: between, value: [7, 30]},'
+    ...           '     exit: {feature: days_since_open, op: ">", value: 30}}\\n')
+    >>> d.aging_bounds
+    (('days_since_open', 7.0, None), ('days_since_open', 30.0, None))
+    """
+    out: dict[tuple[str, float | None, float | None], None] = {}
+    for leaves in groups:
+        for leaf in leaves:
+            if leaf.op == "between":
+                for b in leaf.values:
+                    if isinstance(b, float):
+                        out[(leaf.feature, b, None)] = None
+            elif leaf.percentile is not None:
+                out[(leaf.feature, None, leaf.percentile)] = None
+            elif isinstance(leaf.value, float):
+                out[(leaf.feature, leaf.value, None)] = None
+    return tuple(out)
 
 
 def _is_number(x: Any) -> bool:

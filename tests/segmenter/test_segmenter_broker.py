@@ -41,9 +41,18 @@ segments:
 
 
 def score(customer: str, at: int, **features: float) -> dict[str, Any]:
-    return {"customer_id": customer, "as_of": at, "churn_probability": 0.1,
-            "engagement_score": 50.0, "clv": 10.0, "cluster": None, "lifecycle_stage": "loyal",
-            "features": features, "model_version": "test", "scored_at": int(time.time() * 1000)}
+    return {
+        "customer_id": customer,
+        "as_of": at,
+        "churn_probability": 0.1,
+        "engagement_score": 50.0,
+        "clv": 10.0,
+        "cluster": None,
+        "lifecycle_stage": "loyal",
+        "features": features,
+        "model_version": "test",
+        "scored_at": int(time.time() * 1000),
+    }
 
 
 def send(s: Settings, topic: Any, records: list[dict[str, Any]], key: str = "customer_id") -> None:
@@ -53,9 +62,12 @@ def send(s: Settings, topic: Any, records: list[dict[str, Any]], key: str = "cus
 
 def changes(s: Settings, expected: int | None = None, timeout: float = 60) -> list[dict[str, Any]]:
     serde = serde_for(s)
-    return [serde.decode(TOPICS.segment_changes, r.value)
-            for r in read_all(s, TOPICS.segment_changes.name(s), expected=expected,
-                              timeout=timeout, idle=2)]
+    return [
+        serde.decode(TOPICS.segment_changes, r.value)
+        for r in read_all(
+            s, TOPICS.segment_changes.name(s), expected=expected, timeout=timeout, idle=2
+        )
+    ]
 
 
 def config(tmp_path: Path, version: str = "1", **extra: Any) -> SegmenterConfig:
@@ -68,35 +80,72 @@ def test_scores_in_expected_changes_out_with_explanations_and_merges(
     kafka_settings: Settings, tmp_path: Path
 ) -> None:
     s = kafka_settings
-    send(s, TOPICS.scores, [score("a", T0, x=0.9), score("b", T0, x=0.1),
-                            score("a", T0 + DAY, x=0.6),  # hysteresis: stays in High
-                            score("a", T0 + 2 * DAY, x=0.3, y=1.0)])
+    send(
+        s,
+        TOPICS.scores,
+        [
+            score("a", T0, x=0.9),
+            score("b", T0, x=0.1),
+            score("a", T0 + DAY, x=0.6),  # hysteresis: stays in High
+            score("a", T0 + 2 * DAY, x=0.3, y=1.0),
+        ],
+    )
     _, loop = build_loop(s, config(tmp_path, instance="it1"))
     loop.run(idle_timeout=2)
     got = changes(s, expected=6)
-    assert [(c["customer_id"], c["segment"], c["transition"], c["primary_segment"])
-            for c in sorted(got, key=lambda c: (c["customer_id"], c["occurred_at"]))] == [
-        ("a", "High", "entered", "High"), ("a", "High", "primary_changed", "High"),
-        ("a", "High", "re_engaged", None), ("a", "High", "primary_changed", None),
-        ("b", "Low", "entered", "Low"), ("b", "Low", "primary_changed", "Low")]
+    assert [
+        (c["customer_id"], c["segment"], c["transition"], c["primary_segment"])
+        for c in sorted(got, key=lambda c: (c["customer_id"], c["occurred_at"]))
+    ] == [
+        ("a", "High", "entered", "High"),
+        ("a", "High", "primary_changed", "High"),
+        ("a", "High", "re_engaged", None),
+        ("a", "High", "primary_changed", None),
+        ("b", "Low", "entered", "Low"),
+        ("b", "Low", "primary_changed", "Low"),
+    ]
     entered = next(c for c in got if c["transition"] == "entered" and c["customer_id"] == "a")
-    assert entered["explanation"] == [{
-        "path": "segments[0].enter", "feature": "x", "operator": ">=", "observed": 0.9,
-        "threshold": 0.8, "margin": 0.1, "passed": True, "observed_text": None,
-        "threshold_text": None}]
+    assert entered["explanation"] == [
+        {
+            "path": "segments[0].enter",
+            "feature": "x",
+            "operator": ">=",
+            "observed": 0.9,
+            "threshold": 0.8,
+            "margin": 0.1,
+            "passed": True,
+            "observed_text": None,
+            "threshold_text": None,
+        }
+    ]
     assert entered["definition_version"].startswith("1+")
     assert entered["entry_id"] == "a|High|1"
 
     # b is merged into a: b's memberships exit with reason "merged", a is re-evaluated
-    send(s, TOPICS.merges, [{"merge_id": "m1", "survivor_id": "a", "absorbed_ids": ["b"],
-                             "cause_identifier_type": "email", "cause_identifier_hash": "h",
-                             "event_id": "e1", "occurred_at": T0 + 3 * DAY,
-                             "merged_at": T0 + 3 * DAY}], key="survivor_id")
+    send(
+        s,
+        TOPICS.merges,
+        [
+            {
+                "merge_id": "m1",
+                "survivor_id": "a",
+                "absorbed_ids": ["b"],
+                "cause_identifier_type": "email",
+                "cause_identifier_hash": "h",
+                "event_id": "e1",
+                "occurred_at": T0 + 3 * DAY,
+                "merged_at": T0 + 3 * DAY,
+            }
+        ],
+        key="survivor_id",
+    )
     _, loop = build_loop(s, config(tmp_path, instance="it1"))
     loop.run(idle_timeout=2)
     merged = [c for c in changes(s, expected=8) if c["customer_id"] == "b"][-2:]
     assert [(c["segment"], c["transition"], c["reason"]) for c in merged] == [
-        ("Low", "exited", "merged"), ("Low", "primary_changed", "merged")]
+        ("Low", "exited", "merged"),
+        ("Low", "primary_changed", "merged"),
+    ]
 
 
 def expected_changes(records: list[dict[str, Any]], text: str) -> Counter[str]:
@@ -115,15 +164,22 @@ def test_kill_9_and_restart_restores_state_no_entered_repeated_no_change_lost(
     kafka_settings: Settings, tmp_path: Path
 ) -> None:
     s = kafka_settings
-    records = [score(f"c{i % 200}", T0 + i * 60_000, x=[0.9, 0.6, 0.1, 0.4][(i // 200) % 4])
-               for i in range(4000)]
+    records = [
+        score(f"c{i % 200}", T0 + i * 60_000, x=[0.9, 0.6, 0.1, 0.4][(i // 200) % 4])
+        for i in range(4000)
+    ]
     send(s, TOPICS.scores, records)
     cfg = config(tmp_path)
-    env = {**os.environ, "SEGFLOW_BOOTSTRAP_SERVERS": s.bootstrap_servers,
-           "SEGFLOW_TOPIC_PREFIX": s.topic_prefix, "SEGFLOW_LOG_LEVEL": "WARNING",
-           "SEGFLOW_SEGMENTER_DEFINITIONS": str(cfg.definitions),
-           "SEGFLOW_SEGMENTER_BATCH_SIZE": "300", "SEGFLOW_SEGMENTER_PRE_COMMIT_DELAY": "0.3",
-           "SEGFLOW_SEGMENTER_INSTANCE": "kill9"}
+    env = {
+        **os.environ,
+        "SEGFLOW_BOOTSTRAP_SERVERS": s.bootstrap_servers,
+        "SEGFLOW_TOPIC_PREFIX": s.topic_prefix,
+        "SEGFLOW_LOG_LEVEL": "WARNING",
+        "SEGFLOW_SEGMENTER_DEFINITIONS": str(cfg.definitions),
+        "SEGFLOW_SEGMENTER_BATCH_SIZE": "300",
+        "SEGFLOW_SEGMENTER_PRE_COMMIT_DELAY": "0.3",
+        "SEGFLOW_SEGMENTER_INSTANCE": "kill9",
+    }
     cmd = [sys.executable, "-m", "services.segmenter"]
     proc = subprocess.Popen(cmd, cwd=ROOT, env=env, stderr=subprocess.DEVNULL)
     try:
@@ -164,16 +220,21 @@ def test_invalid_definition_at_runtime_is_rejected_and_evaluation_continues(
         cfg.definitions.write_text(DEFS.format(version="2").replace('op: "<"', 'op: "<<"'))
         deadline = time.monotonic() + 20
         while time.monotonic() < deadline and not any(
-                "definition rejected" in r.message for r in caplog.records):
+            "definition rejected" in r.message for r in caplog.records
+        ):
             time.sleep(0.1)
         rejected = [r for r in caplog.records if r.message == "definition rejected"]
         assert [(r.fields["line"], r.fields["field"]) for r in rejected] == [  # type: ignore[attr-defined]
-            (6, "segments[0].exit.op"), (10, "segments[1].enter.op")]
+            (6, "segments[0].exit.op"),
+            (10, "segments[1].enter.op"),
+        ]
         send(s, TOPICS.scores, [score("b", T0, x=0.1)])  # still evaluated, on version 1
         got = changes(s, expected=4)
         b = [c for c in got if c["customer_id"] == "b"]
-        assert [(c["segment"], c["transition"]) for c in b] == [("Low", "entered"),
-                                                                 ("Low", "primary_changed")]
+        assert [(c["segment"], c["transition"]) for c in b] == [
+            ("Low", "entered"),
+            ("Low", "primary_changed"),
+        ]
         assert all(c["definition_version"].startswith("1+") for c in got)
         cfg.definitions.write_text(DEFS.format(version="3"))  # a valid new version is taken
         deadline = time.monotonic() + 20

@@ -1,4 +1,8 @@
-"""Each default segment (SPEC §3) on a hand-built feature history: it enters, then leaves."""
+"""Each default segment (SPEC §3) on a hand-built feature history: it enters, then leaves.
+
+Feature names are the scorer's (services/scorer/features.py): a name the scorer does not emit
+would make its condition silently false in production (a missing feature is false).
+"""
 
 from __future__ import annotations
 
@@ -7,18 +11,40 @@ from typing import Any
 
 import pytest
 
+from services.scorer.features import FEATURE_NAMES
 from services.segmenter.core import CustomerState, Score, advance, evaluate
-from services.segmenter.dsl import DAY, parse
+from services.segmenter.dsl import DAY, DERIVED_FEATURES, SCORE_FIELDS, parse
 
-DEFS = parse((Path(__file__).resolve().parents[2] / "services" / "segmenter" / "segments"
-              / "default.yaml").read_text())
-CALM = {"churn_probability": 0.1, "engagement_score": 70.0, "clv": 100.0,
-        "lifecycle_stage": "loyal", "days_since_open": 1.0, "days_since_purchase": 3.0,
-        "days_since_feature_use": 0.0, "days_since_login": 0.0, "escalations_7d": 0.0,
-        "sentiment_mean_7d": 0.3, "engagement_14d_vs_baseline_change": 0.0,
-        "logins_3d_vs_baseline_change": 0.0, "revenue_28d_vs_prior_change": 0.0,
-        "purchase_interval_days": 7.0, "purchase_interval_days_vs_baseline_change": 0.0,
-        "cart_views_14d": 0.0, "high_value_zip": 0.0, "feature_use_28d": 5.0}
+DEFS = parse(
+    (
+        Path(__file__).resolve().parents[2] / "services" / "segmenter" / "segments" / "default.yaml"
+    ).read_text()
+)
+CALM = {
+    "churn_probability": 0.1,
+    "engagement_score": 70.0,
+    "clv": 100.0,
+    "lifecycle_stage": "loyal",
+    "days_since_open": 1.0,
+    "days_since_purchase": 3.0,
+    "days_since_feature_use": 0.0,
+    "days_since_login": 0.0,
+    "days_since_active": 0.0,
+    "escalations_7d": 0.0,
+    "sentiment_mean_7d": 0.3,
+    "activity_14d_vs_prior28_change": 0.0,
+    "logins_3d_vs_prior28_change": 0.0,
+    "revenue_28d": 120.0,
+    "revenue_28d_vs_prior28_change": 0.0,
+    "purchase_interval_days": 7.0,
+    "purchase_interval_baseline_days": 7.0,
+    "purchase_interval_drift": 0.0,
+    "lifetime_purchases": 10.0,
+    "cart_views_14d": 0.0,
+    "high_value_zip": 0.0,
+    "feature_use_28d": 8.0,
+}
+AT_RISK = {"activity_14d_vs_prior28_change": -0.7, "days_since_purchase": 15.0}
 HIGH_CLV = {("clv", 80.0): 1000.0, ("clv", 70.0): 800.0}
 
 
@@ -34,15 +60,22 @@ def history(
         nonlocal state
         while state is not None and state.next_timer is not None and state.next_timer <= upto * DAY:
             state, changes = advance(state, state.next_timer, DEFS, HIGH_CLV)
-            out.extend((round(c.occurred_at / DAY, 2), c.segment, c.transition) for c in changes
-                       if c.transition != "primary_changed")
+            out.extend(
+                (round(c.occurred_at / DAY, 2), c.segment, c.transition)
+                for c in changes
+                if c.transition != "primary_changed"
+            )
 
     for day, over in steps:
         fire(day)
-        state, changes = evaluate(state, Score("c", int(day * DAY), {**CALM, **over}), DEFS,
-                                  HIGH_CLV)
-        out.extend((round(c.occurred_at / DAY, 2), c.segment, c.transition) for c in changes
-                   if c.transition != "primary_changed")
+        state, changes = evaluate(
+            state, Score("c", int(day * DAY), {**CALM, **over}), DEFS, HIGH_CLV
+        )
+        out.extend(
+            (round(c.occurred_at / DAY, 2), c.segment, c.transition)
+            for c in changes
+            if c.transition != "primary_changed"
+        )
     fire(until)
     return out
 
@@ -53,45 +86,122 @@ def spans(events: list[tuple[float, str, str]], segment: str) -> list[tuple[floa
 
 CASES: dict[str, tuple[list[tuple[float, dict[str, Any]]], float, list[tuple[float, str]]]] = {
     "AtRisk-60d": (
-        [(0, {}), (10, {"engagement_14d_vs_baseline_change": -0.7, "days_since_purchase": 15.0}),
-         (30, {"engagement_14d_vs_baseline_change": -0.1, "days_since_purchase": 35.0})],
-        40, [(16, "entered"), (30, "re_engaged")]),  # no purchase for 21 days: day 16 by timer
+        [
+            (0, {}),
+            (10, AT_RISK),
+            (30, {"activity_14d_vs_prior28_change": -0.1, "days_since_purchase": 35.0}),
+        ],
+        40,
+        [(16, "entered"), (30, "re_engaged")],
+    ),  # no purchase for 21 days: day 16 by timer
     "Silent Decline": (
         [(0, {"days_since_feature_use": 2.0}), (20, {"days_since_feature_use": 0.0})],
-        25, [(8, "entered"), (20, "re_engaged")]),
+        25,
+        [(8, "entered"), (20, "re_engaged")],
+    ),
     "Support Escalation": (
-        [(0, {"escalations_7d": 3.0, "sentiment_mean_7d": -0.6}),
-         (2, {"escalations_7d": 4.0, "sentiment_mean_7d": -0.5})],
-        20, [(0, "entered"), (9, "exited")]),  # 7 quiet days: the inactivity TTL ends it
-    "Purchase Frequency Drop": (
-        [(0, {"purchase_interval_days": 14.0, "purchase_interval_days_vs_baseline_change": 1.0}),
-         (14, {"purchase_interval_days": 15.0, "purchase_interval_days_vs_baseline_change": 1.1}),
-         (40, {"purchase_interval_days": 7.0})],
-        45, [(21, "entered"), (40, "re_engaged")]),
+        [
+            (0, {"escalations_7d": 3.0, "sentiment_mean_7d": -0.6}),
+            (2, {"escalations_7d": 4.0, "sentiment_mean_7d": -0.5}),
+        ],
+        20,
+        [(0, "entered"), (9, "exited")],
+    ),  # 7 quiet days: the inactivity TTL ends it
+    "Purchase Frequency Drop": (  # a weekly buyer buying every 14 days, then weekly again
+        [
+            (0, {"purchase_interval_drift": 0.45, "days_since_purchase": 10.0}),
+            (
+                4,
+                {
+                    "purchase_interval_drift": 0.43,
+                    "purchase_interval_days": 10.5,
+                    "days_since_purchase": 0.0,
+                },
+            ),
+            (
+                18,
+                {
+                    "purchase_interval_drift": 0.62,
+                    "purchase_interval_days": 12.3,
+                    "days_since_purchase": 0.0,
+                },
+            ),
+            (
+                32,
+                {
+                    "purchase_interval_drift": 0.66,
+                    "purchase_interval_days": 13.1,
+                    "days_since_purchase": 0.0,
+                },
+            ),
+            (40, {"purchase_interval_drift": 0.05, "days_since_purchase": 0.0}),
+        ],
+        45,
+        [(21, "entered"), (40, "re_engaged")],
+    ),
     "High-CLV Login Drop": (
-        [(0, {"clv": 1500.0, "logins_3d_vs_baseline_change": -0.8, "days_since_feature_use": 1.0}),
-         (6, {"clv": 1500.0, "logins_3d_vs_baseline_change": 0.0, "days_since_feature_use": 0.0})],
-        10, [(2, "entered"), (6, "re_engaged")]),
-    "Engaged But At-Risk": (
-        [(0, {"churn_probability": 0.6, "engagement_score": 75.0}),
-         (5, {"churn_probability": 0.2, "engagement_score": 75.0})],
-        10, [(0, "entered"), (5, "re_engaged")]),
+        [
+            (
+                0,
+                {"clv": 1500.0, "logins_3d_vs_prior28_change": -0.8, "days_since_feature_use": 1.0},
+            ),
+            (6, {"clv": 1500.0, "logins_3d_vs_prior28_change": 0.0, "days_since_feature_use": 0.0}),
+        ],
+        10,
+        [(2, "entered"), (6, "re_engaged")],
+    ),
+    "Engaged But At-Risk": (  # a lower churn score is a plain exit, not re-engagement
+        [
+            (0, {"churn_probability": 0.6, "engagement_score": 75.0}),
+            (5, {"churn_probability": 0.2, "engagement_score": 75.0}),
+        ],
+        10,
+        [(0, "entered"), (5, "exited")],
+    ),
     "New Lead No Content": (
         [(0, {"lifecycle_stage": "prospect", "days_since_signup": 1.0, "feature_use_28d": 0.0})],
-        40, [(6, "entered"), (29, "exited")]),
+        40,
+        [(6, "entered"), (29, "exited")],
+    ),
     "ReEngageAtRisk": (
-        [(0, {"days_since_open": 1.0, "days_since_purchase": 40.0, "cart_views_14d": 5.0,
-              "churn_probability": 0.5}),
-         (3, {"days_since_open": 0.0, "days_since_purchase": 40.0, "cart_views_14d": 5.0,
-              "churn_probability": 0.2})],
-        10, [(0, "entered"), (3, "re_engaged")]),
-    "Re-engaged": (
-        [(0, {"churn_probability": 0.6, "engagement_score": 75.0}),
-         (5, {"churn_probability": 0.2, "engagement_score": 75.0})],
-        40, [(5, "entered"), (35, "exited")]),
+        [
+            (
+                0,
+                {
+                    "days_since_open": 1.0,
+                    "days_since_purchase": 40.0,
+                    "cart_views_14d": 5.0,
+                    "churn_probability": 0.5,
+                },
+            ),
+            (
+                3,
+                {
+                    "days_since_open": 0.0,
+                    "days_since_purchase": 40.0,
+                    "cart_views_14d": 5.0,
+                    "churn_probability": 0.2,
+                },
+            ),
+        ],
+        10,
+        [(0, "entered"), (3, "exited")],
+    ),
+    "Re-engaged": (  # the 30 days after AtRisk-60d's re_engaged exit
+        [
+            (0, {}),
+            (5, {}),
+            (10, AT_RISK),
+            (30, {"activity_14d_vs_prior28_change": -0.1, "days_since_purchase": 35.0}),
+        ],
+        70,
+        [(30, "entered"), (60, "exited")],
+    ),
     "Lifecycle: at_risk": (
         [(0, {"lifecycle_stage": "at_risk"}), (3, {"lifecycle_stage": "loyal"})],
-        5, [(0, "entered"), (3, "exited")]),
+        5,
+        [(0, "entered"), (3, "exited")],
+    ),
 }
 
 
@@ -114,20 +224,107 @@ def test_recency_keeps_growing_without_scores() -> None:
 
 
 def test_at_risk_entry_is_explained_with_margins() -> None:
-    _, changes = evaluate(None, Score("c", 0, {**CALM, "engagement_14d_vs_baseline_change": -0.72,
-                                                "days_since_purchase": 26.0}), DEFS, HIGH_CLV)
+    _, changes = evaluate(
+        None,
+        Score(
+            "c", 0, {**CALM, "activity_14d_vs_prior28_change": -0.72, "days_since_purchase": 26.0}
+        ),
+        DEFS,
+        HIGH_CLV,
+    )
     entered = next(c for c in changes if c.segment == "AtRisk-60d")
-    assert [(e.feature, e.observed, e.threshold, e.margin, e.passed)
-            for e in entered.explanation] == [
-        ("engagement_14d_vs_baseline_change", -0.72, -0.6, 0.12, True),
-        ("days_since_purchase", 26.0, 21.0, 5.0, True)]
+    assert [
+        (e.feature, e.observed, e.threshold, e.margin, e.passed) for e in entered.explanation
+    ] == [
+        ("activity_14d_vs_prior28_change", -0.72, -0.6, 0.12, True),
+        ("days_since_purchase", 26.0, 21.0, 5.0, True),
+        ("lifetime_purchases", 10.0, 1.0, 9.0, True),
+    ]
     assert entered.primary_segment == "AtRisk-60d"
 
 
 def test_reengage_at_risk_carries_its_weighted_score() -> None:
-    _, changes = evaluate(None, Score("c", 0, {**CALM, "days_since_open": 1.0,
-                                                "days_since_purchase": 40.0,
-                                                "cart_views_14d": 5.0, "high_value_zip": 1.0,
-                                                "churn_probability": 0.5}), DEFS, HIGH_CLV)
+    _, changes = evaluate(
+        None,
+        Score(
+            "c",
+            0,
+            {
+                **CALM,
+                "days_since_open": 1.0,
+                "days_since_purchase": 40.0,
+                "cart_views_14d": 5.0,
+                "high_value_zip": 1.0,
+                "churn_probability": 0.5,
+            },
+        ),
+        DEFS,
+        HIGH_CLV,
+    )
     entered = next(c for c in changes if c.segment == "ReEngageAtRisk")
     assert entered.score == pytest.approx(1.7)  # open 0.7 + cart 0.6 + zip 0.4
+
+
+def test_default_definitions_read_only_features_the_scorer_emits() -> None:
+    known = set(FEATURE_NAMES) | set(SCORE_FIELDS) | DERIVED_FEATURES
+    assert sorted(DEFS.features - known) == []
+
+
+def test_a_silent_customer_stays_at_risk_until_it_is_active_again() -> None:
+    silent = {
+        "activity_14d_vs_prior28_change": 0.0,
+        "days_since_active": 20.0,
+        "days_since_purchase": 45.0,
+        "days_since_feature_use": 30.0,
+        "revenue_28d": 0.0,
+    }  # both windows empty: the change reads 0
+    active = {
+        "activity_14d_vs_prior28_change": 3.0,
+        "days_since_active": 0.5,
+        "days_since_purchase": 50.0,
+    }
+    events = history([(0, {}), (5, {}), (10, AT_RISK), (40, silent), (50, active)], 55)
+    assert spans(events, "AtRisk-60d") == [(16, "entered"), (50, "re_engaged")]
+    assert spans(events, "Re-engaged") == [(50, "entered")]
+
+
+def test_a_customer_who_never_bought_is_not_at_risk_of_no_purchase() -> None:
+    lead = {**AT_RISK, "days_since_purchase": 999.0, "lifetime_purchases": 0.0}
+    assert spans(history([(0, lead)], 30), "AtRisk-60d") == []
+
+
+@pytest.mark.parametrize(
+    "over",
+    [
+        {"feature_use_28d": 1.0},  # rarely used features: ten quiet days are no news
+        {"revenue_28d": 0.0, "revenue_28d_vs_prior28_change": 0.0},  # no revenue is not stable
+        {"revenue_28d_vs_prior28_change": -0.6},  # revenue falling: not a *silent* decline
+    ],
+    ids=["no-feature-habit", "no-revenue", "revenue-falling"],
+)
+def test_silent_decline_is_a_paying_feature_user_gone_quiet(over: dict[str, Any]) -> None:
+    events = history([(0, {"days_since_feature_use": 2.0, **over})], 20)
+    assert spans(events, "Silent Decline") == []
+
+
+def test_purchase_frequency_drop_needs_21_days_in_a_row() -> None:
+    slow = {"purchase_interval_drift": 0.5, "days_since_purchase": 2.0}
+    bought = {**slow, "days_since_purchase": 0.0}
+    events = history(
+        [(0, slow), (10, {"purchase_interval_drift": 0.05}), (12, bought), (24, bought)], 40
+    )
+    assert spans(events, "Purchase Frequency Drop") == [(33, "entered")]
+    stopped = {"purchase_interval_drift": 0.5, "days_since_purchase": 10.0}  # buys no more
+    assert spans(history([(0, stopped)], 40), "Purchase Frequency Drop") == []
+
+
+def test_a_churned_customer_active_again_is_re_engaged() -> None:
+    events = history(
+        [
+            (0, {"lifecycle_stage": "churned", "days_since_active": 31.0}),
+            (40, {"days_since_active": 0.2}),
+        ],
+        45,
+    )
+    assert spans(events, "Lifecycle: churned") == [(0, "entered"), (40, "re_engaged")]
+    assert spans(events, "Re-engaged") == [(40, "entered")]

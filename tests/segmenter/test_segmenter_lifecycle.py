@@ -67,53 +67,100 @@ def run(steps: list[tuple[str, Any]], defs: Any = RISK) -> list[tuple[int, str, 
             while state.next_timer is not None and state.next_timer <= arg * DAY:
                 state, more = advance(state, state.next_timer, defs)
                 changes += more
-        out += [(round(c.occurred_at / DAY, 3), c.segment, c.transition, c.reason)
-                for c in changes if c.transition != "primary_changed"]
+        out += [
+            (round(c.occurred_at / DAY, 3), c.segment, c.transition, c.reason)
+            for c in changes
+            if c.transition != "primary_changed"
+        ]
     return out
 
 
 LIFECYCLE = {
     "enter then exit by hysteresis, re_engaged": (
-        [("score", (0, {"drop": -0.7})), ("score", (2, {"drop": -0.5})),
-         ("score", (3, {"drop": -0.3}))],
-        [(0, "Risk", "entered", "condition"), (0, "Stale", "entered", "condition"),
-         (3, "Risk", "re_engaged", "re_engaged"), (3, "Back", "entered", "condition")]),
+        [
+            ("score", (0, {"drop": -0.7})),
+            ("score", (2, {"drop": -0.5})),
+            ("score", (3, {"drop": -0.3})),
+        ],
+        [
+            (0, "Risk", "entered", "condition"),
+            (0, "Stale", "entered", "condition"),
+            (3, "Risk", "re_engaged", "re_engaged"),
+            (3, "Back", "entered", "condition"),
+        ],
+    ),
     "exit that is not engagement restored is plain exited": (
         [("score", (0, {"drop": -0.7})), ("score", (2, {"drop": -0.7, "stage": "churned"}))],
-        [(0, "Risk", "entered", "condition"), (0, "Stale", "entered", "condition"),
-         (2, "Risk", "exited", "condition")]),
+        [
+            (0, "Risk", "entered", "condition"),
+            (0, "Stale", "entered", "condition"),
+            (2, "Risk", "exited", "condition"),
+        ],
+    ),
     "minimum dwell delays the exit until a timer fires": (
         [("score", (0, {"drop": -0.7})), ("score", (0.5, {"drop": -0.1})), ("time", 2)],
-        [(0, "Risk", "entered", "condition"), (0, "Stale", "entered", "condition"),
-         (1, "Risk", "re_engaged", "re_engaged"), (1, "Back", "entered", "condition")]),
+        [
+            (0, "Risk", "entered", "condition"),
+            (0, "Stale", "entered", "condition"),
+            (1, "Risk", "re_engaged", "re_engaged"),
+            (1, "Back", "entered", "condition"),
+        ],
+    ),
     "re-entry waits for the cooldown": (
-        [("score", (0, {"drop": -0.7})), ("score", (2, {"drop": 0.1})),
-         ("score", (3, {"drop": -0.7})), ("time", 20)],
-        [(0, "Risk", "entered", "condition"), (0, "Stale", "entered", "condition"),
-         (2, "Risk", "re_engaged", "re_engaged"), (2, "Stale", "exited", "condition"),
-         (2, "Back", "entered", "condition"), (3, "Stale", "entered", "condition"),
-         (9, "Risk", "entered", "condition"), (10, "Stale", "exited", "ttl")]),
+        [
+            ("score", (0, {"drop": -0.7})),
+            ("score", (2, {"drop": 0.1})),
+            ("score", (3, {"drop": -0.7})),
+            ("time", 20),
+        ],
+        [
+            (0, "Risk", "entered", "condition"),
+            (0, "Stale", "entered", "condition"),
+            (2, "Risk", "re_engaged", "re_engaged"),
+            (2, "Stale", "exited", "condition"),
+            (2, "Back", "entered", "condition"),
+            (3, "Stale", "entered", "condition"),
+            (9, "Risk", "entered", "condition"),
+            (10, "Stale", "exited", "ttl"),
+        ],
+    ),
     "recency ages with event time: enters with no new score": (
         [("score", (0, {"days_since_open": 4.0})), ("time", 10)],
-        [(6, "Quiet", "entered", "condition")]),
+        [(6, "Quiet", "entered", "condition")],
+    ),
     "inactivity ttl exits with no new score": (
         [("score", (0, {"drop": -0.1})), ("time", 8)],
-        [(0, "Stale", "entered", "condition"), (7, "Stale", "exited", "ttl")]),
+        [(0, "Stale", "entered", "condition"), (7, "Stale", "exited", "ttl")],
+    ),
     "sustain: enters only after the condition held 21 days": (
-        [("score", (0, {"interval": 15.0})), ("score", (10, {"interval": 16.0})),
-         ("time", 30)],
-        [(21, "Slow", "entered", "condition")]),
+        [("score", (0, {"interval": 15.0})), ("score", (10, {"interval": 16.0})), ("time", 30)],
+        [(21, "Slow", "entered", "condition")],
+    ),
     "sustain restarts when the condition breaks": (
-        [("score", (0, {"interval": 15.0})), ("score", (10, {"interval": 7.0})),
-         ("score", (11, {"interval": 15.0})), ("time", 31)],
-        []),
+        [
+            ("score", (0, {"interval": 15.0})),
+            ("score", (10, {"interval": 7.0})),
+            ("score", (11, {"interval": 15.0})),
+            ("time", 31),
+        ],
+        [],
+    ),
     "derived Re-engaged leaves 30 days after re-engagement": (
-        [("score", (0, {"drop": -0.7, "days_since_open": 0.0})),
-         ("score", (2, {"drop": 0.0, "days_since_open": 0.0})), ("time", 40)],
-        [(0, "Risk", "entered", "condition"), (0, "Stale", "entered", "condition"),
-         (2, "Risk", "re_engaged", "re_engaged"), (2, "Stale", "exited", "condition"),
-         (2, "Back", "entered", "condition"), (12, "Quiet", "entered", "condition"),
-         (32, "Back", "exited", "condition")]),
+        [
+            ("score", (0, {"drop": -0.7, "days_since_open": 0.0})),
+            ("score", (2, {"drop": 0.0, "days_since_open": 0.0})),
+            ("time", 40),
+        ],
+        [
+            (0, "Risk", "entered", "condition"),
+            (0, "Stale", "entered", "condition"),
+            (2, "Risk", "re_engaged", "re_engaged"),
+            (2, "Stale", "exited", "condition"),
+            (2, "Back", "entered", "condition"),
+            (12, "Quiet", "entered", "condition"),
+            (32, "Back", "exited", "condition"),
+        ],
+    ),
 }
 
 
@@ -124,8 +171,14 @@ def test_lifecycle(case: str) -> None:
 
 
 def test_cooldown_case_in_full() -> None:
-    got = run([("score", (0, {"drop": -0.7})), ("score", (2, {"drop": 0.1})),
-               ("score", (3, {"drop": -0.7})), ("time", 20)])
+    got = run(
+        [
+            ("score", (0, {"drop": -0.7})),
+            ("score", (2, {"drop": 0.1})),
+            ("score", (3, {"drop": -0.7})),
+            ("time", 20),
+        ]
+    )
     assert (9, "Risk", "entered", "condition") in got  # exited day 2 + cooldown 7d
     assert (3, "Risk", "entered", "condition") not in got
 
@@ -138,7 +191,8 @@ def test_entry_ids_are_per_stay_and_change_ids_deterministic() -> None:
     assert [(c.transition, c.entry_id, c.change_id) for c in risk] == [
         ("entered", "c|Risk|1", "c|Risk|1|entered"),
         ("re_engaged", "c|Risk|1", "c|Risk|1|re_engaged"),
-        ("entered", "c|Risk|2", "c|Risk|2|entered")]
+        ("entered", "c|Risk|2", "c|Risk|2|entered"),
+    ]
 
 
 def test_every_change_carries_version_primary_and_explanation() -> None:
@@ -149,7 +203,14 @@ def test_every_change_carries_version_primary_and_explanation() -> None:
     risk = next(c for c in entered if c.segment == "Risk")
     e = risk.explanation[0]
     assert (e.path, e.feature, e.operator, e.observed, e.threshold, e.margin, e.passed) == (
-        "segments[0].enter", "drop", "<=", -0.7, -0.6, 0.1, True)
+        "segments[0].enter",
+        "drop",
+        "<=",
+        -0.7,
+        -0.6,
+        0.1,
+        True,
+    )
     record = risk.to_record(emitted_at=123)
     assert record["emitted_at"] == 123 and record["explanation"][0]["margin"] == 0.1
 
@@ -168,12 +229,17 @@ def test_primary_is_highest_priority_then_name_and_its_change_is_an_event() -> N
     assert s.primary == "A"  # tie at priority 5: alphabetical
     assert [(c.transition, c.segment) for c in changes][-1] == ("primary_changed", "A")
     s, changes = evaluate(s, Score("c", 1, {"a": 1.0, "b": 1.0, "t": 1.0}), PRIO)
-    assert [(c.transition, c.segment, c.previous_primary, c.primary_segment)
-            for c in changes] == [("entered", "Top", None, "Top"),
-                                  ("primary_changed", "Top", "A", "Top")]
+    assert [(c.transition, c.segment, c.previous_primary, c.primary_segment) for c in changes] == [
+        ("entered", "Top", None, "Top"),
+        ("primary_changed", "Top", "A", "Top"),
+    ]
     s, changes = evaluate(s, Score("c", 2, {}), PRIO)
     assert [(c.transition, c.segment) for c in changes] == [
-        ("exited", "B"), ("exited", "A"), ("exited", "Top"), ("primary_changed", "Top")]
+        ("exited", "B"),
+        ("exited", "A"),
+        ("exited", "Top"),
+        ("primary_changed", "Top"),
+    ]
     assert changes[-1].primary_segment is None and s.primary is None
 
 
@@ -181,8 +247,10 @@ def test_merge_exits_the_absorbed_memberships_with_reason_merged() -> None:
     s, _ = evaluate(None, Score("old", 0, {"a": 1.0, "t": 1.0}), PRIO)
     changes = absorb(s, "survivor", 5, PRIO)
     assert [(c.customer_id, c.segment, c.transition, c.reason) for c in changes] == [
-        ("old", "A", "exited", "merged"), ("old", "Top", "exited", "merged"),
-        ("old", "Top", "primary_changed", "merged")]
+        ("old", "A", "exited", "merged"),
+        ("old", "Top", "exited", "merged"),
+        ("old", "Top", "primary_changed", "merged"),
+    ]
     assert changes[0].explanation[0].observed_text == "survivor"
 
 
@@ -193,8 +261,9 @@ def test_out_of_order_older_score_is_ignored() -> None:
 
 def test_removed_segment_memberships_exit_on_reload_and_ids_never_repeat() -> None:
     s, _ = evaluate(None, Score("c", 0, {"a": 1.0}), PRIO)
-    fewer = parse('version: "p2"\nsegments:\n'
-                  '  - {name: B, enter: {feature: b, op: ">", value: 0}}\n')
+    fewer = parse(
+        'version: "p2"\nsegments:\n  - {name: B, enter: {feature: b, op: ">", value: 0}}\n'
+    )
     s, changes = advance(s, 1, fewer)
     assert [(c.segment, c.transition, c.reason) for c in changes][0] == ("A", "exited", "removed")
     s, changes = evaluate(s, Score("c", 2, {"a": 1.0}), PRIO)
@@ -213,14 +282,14 @@ def test_deprecation_after_90_days_without_entries_and_reactivation() -> None:
     assert expire(statuses, 300 * DAY, PRIO)[1] == []  # deprecated once
     _, changes = evaluate(None, Score("d", 120 * DAY, {"a": 1.0}), PRIO)
     statuses, extra = observe(statuses, changes, PRIO)
-    assert [(c.segment, c.transition, c.customer_id) for c in extra] == [
-        ("A", "reactivated", "d")]
+    assert [(c.segment, c.transition, c.customer_id) for c in extra] == [("A", "reactivated", "d")]
     assert not statuses["A"].deprecated
 
 
 def test_percentiles_recomputed_from_the_population() -> None:
-    defs = parse('version: 1\nsegments:\n'
-                 '  - {name: H, enter: {feature: clv, op: ">=", value: p80}}\n')
+    defs = parse(
+        'version: 1\nsegments:\n  - {name: H, enter: {feature: clv, op: ">=", value: p80}}\n'
+    )
     pop = [float(i) for i in range(10)]
     thr = percentile_thresholds(defs, {"clv": pop})
     assert thr == {("clv", 80.0): 7.0}
@@ -232,14 +301,18 @@ def test_percentiles_recomputed_from_the_population() -> None:
 
 
 # -- properties ----------------------------------------------------------------------------
-values_st = st.fixed_dictionaries({}, optional={
-    "drop": st.floats(-1, 1),
-    "days_since_open": st.floats(0, 20),
-    "interval": st.floats(0, 30),
-    "stage": st.sampled_from(["loyal", "churned"]),
-})
+values_st = st.fixed_dictionaries(
+    {},
+    optional={
+        "drop": st.floats(-1, 1),
+        "days_since_open": st.floats(0, 20),
+        "interval": st.floats(0, 30),
+        "stage": st.sampled_from(["loyal", "churned"]),
+    },
+)
 steps_st = st.lists(
-    st.tuples(st.integers(0, 5 * DAY), values_st, st.booleans()), min_size=1, max_size=25)
+    st.tuples(st.integers(0, 5 * DAY), values_st, st.booleans()), min_size=1, max_size=25
+)
 
 
 @settings(max_examples=150, deadline=None)

@@ -36,42 +36,173 @@ def seg(tmp_path: Path) -> Segmenter:
     path.write_text(DEFS.format(v="1"))
     settings = Settings(bootstrap_servers="127.0.0.1:1", topic_prefix="shell.")
     clock = iter(range(10**6))
-    return Segmenter(settings, SegmenterConfig(definitions=path, reload_interval=0,
-                                               percentile_refresh=0),
-                     clock=lambda: float(next(clock)))
+    return Segmenter(
+        settings,
+        SegmenterConfig(definitions=path, reload_interval=0, percentile_refresh=0),
+        clock=lambda: float(next(clock)),
+    )
 
 
 def score(cid: str, at: int, **features: float) -> Incoming:
-    value = {"customer_id": cid, "as_of": at, "churn_probability": 0.1, "engagement_score": 1.0,
-             "clv": features.pop("clv", 1.0), "cluster": None, "lifecycle_stage": "loyal",
-             "features": features, "model_version": "t", "scored_at": 0}
+    value = {
+        "customer_id": cid,
+        "as_of": at,
+        "churn_probability": 0.1,
+        "engagement_score": 1.0,
+        "clv": features.pop("clv", 1.0),
+        "cluster": None,
+        "lifecycle_stage": "loyal",
+        "features": features,
+        "model_version": "t",
+        "scored_at": 0,
+    }
     return Incoming(TOPICS.scores, "shell.scores", 0, 0, cid, value, None, [])
 
 
 def changes(outputs: Any) -> list[tuple[str, str, str]]:
-    return [(o.value["customer_id"], o.value["segment"], o.value["transition"])
-            for o in outputs if o.topic is TOPICS.segment_changes]
+    return [
+        (o.value["customer_id"], o.value["segment"], o.value["transition"])
+        for o in outputs
+        if o.topic is TOPICS.segment_changes
+    ]
+
+
+def commit(seg: Segmenter) -> list[Any]:
+    """What the loop does at a commit: the before_commit outputs, then the commit hooks."""
+    out = list(seg.before_commit())
+    seg.store.on_commit()
+    seg.on_commit()
+    return out
+
+
+def written(outputs: Any) -> dict[str, Any]:
+    """Changelog records by key, as a restore would read them (through the Avro serde)."""
+    from services.segmenter.app import serde_for
+
+    serde = serde_for(Settings(topic_prefix="shell."))
+    return {
+        o.key: None
+        if o.value is None
+        else serde.decode(STATE_TOPIC, serde.encode(STATE_TOPIC, o.value))
+        for o in outputs
+        if o.topic is STATE_TOPIC
+    }
 
 
 def test_handler_writes_state_and_changes_and_the_tick_fires_timers(seg: Segmenter) -> None:
-    out = list(seg(score("a", T0, days_since_open=5.0)))
-    assert [o.topic for o in out] == [STATE_TOPIC]  # state only: no segment yet
+    assert list(seg(score("a", T0, days_since_open=5.0))) == []  # no segment yet
+    out = commit(seg)
+    assert [(o.topic, o.key) for o in out] == [(STATE_TOPIC, "a")]  # its state, at the commit
     assert list(seg(score("a", T0, days_since_open=5.0))) == []  # same input: nothing at all
+    assert commit(seg) == []
     out = list(seg(score("b", T0 + 6 * DAY, days_since_open=0.0)))  # watermark moves on
-    fired = [c for c in changes(seg.tick()) if c[1] == "Quiet"]
+    commit(seg)
+    ticked = list(seg.tick())
+    fired = [c for c in changes(ticked) if c[1] == "Quiet"]
     assert fired == [("a", "Quiet", "entered")]  # no new score for a: its recency aged
     assert seg.segment_sizes()["Quiet"] == 1 and seg.members("Quiet") == ["a"]
+    # the tick's own transaction carries the new state of a (the loop runs no hook for it)
+    records = written(ticked)
+    quiet = [m for m in records["a"]["customer"]["memberships"] if m["segment"] == "Quiet"]
+    assert quiet[0]["active"] is True
+    assert records["segment:Quiet"]["segment"]["last_entry_at"] is not None
+    assert records["a"] == seg.store.get("a")  # what is written is what the table holds
 
 
-def test_abort_rolls_the_caches_back_to_the_store(seg: Segmenter) -> None:
+def test_state_is_written_once_per_customer_per_transaction(seg: Segmenter) -> None:
+    for day in range(5):  # five scores of one customer in one batch
+        list(seg(score("a", T0 + day * DAY, days_since_open=8.0 + day)))
+    list(seg(score("b", T0, days_since_open=1.0)))
+    out = commit(seg)
+    records = written(out)
+    states = [
+        (k, v["customer"]["as_of"]) for k, v in records.items() if not k.startswith("segment:")
+    ]
+    assert len(records) == len(out)  # one record per key
+    assert states == [("a", T0 + 4 * DAY), ("b", T0)]  # the latest of each, once
+    assert seg.store.get("a")["customer"]["as_of"] == T0 + 4 * DAY
+    segments = [o.key for o in out if o.key.startswith("segment:")]
+    assert segments == ["segment:Quiet"]  # a entered Quiet on day 2: one status record
+
+
+def test_a_merge_writes_the_absorbed_tombstone_at_the_commit(seg: Segmenter) -> None:
     list(seg(score("a", T0, days_since_open=12.0)))
-    seg.store.on_commit()
-    seg.on_commit()
+    list(seg(score("b", T0, days_since_open=1.0)))
+    commit(seg)
+    merge = {"survivor_id": "b", "absorbed_ids": ["a"], "occurred_at": T0 + 1}
+    out = list(seg(Incoming(TOPICS.merges, seg.merges_topic, 0, 0, "a", merge, None, [])))
+    assert ("a", "Quiet", "exited") in changes(out)
+    assert written(commit(seg))["a"] is None  # a tombstone
+    assert "a" not in seg.store and "a" not in seg.states
+
+
+def test_a_timer_that_changes_nothing_is_not_written_and_refires_harmlessly_after_restore(
+    tmp_path: Path,
+) -> None:
+    path = tmp_path / "t.yaml"
+    path.write_text(
+        'version: "1"\nsegments:\n'
+        '  - {name: Quiet, enter: {feature: days_since_open, op: ">=", value: 10}}\n'
+        '  - {name: Lapsed, enter: {all: [{feature: days_since_open, op: ">=", '
+        'value: 3}, {feature: clv, op: ">=", value: 100}]}}\n'
+    )
+    settings = Settings(bootstrap_servers="127.0.0.1:1", topic_prefix="shell.")
+
+    def segmenter() -> Segmenter:
+        return Segmenter(settings, SegmenterConfig(definitions=path), clock=lambda: 0.0)
+
+    seg = segmenter()
+    list(seg(score("a", T0, days_since_open=0.0)))
+    list(seg(score("b", T0 + 4 * DAY, days_since_open=0.0)))  # the watermark: day 4
+    commit(seg)
+    assert seg.states["a"].next_timer == T0 + 3 * DAY  # days_since_open reaches 3
+    ticked = list(seg.tick())
+    customers = [k for k in written(ticked) if not k.startswith("segment:")]
+    assert customers == [] and changes(ticked) == []  # a's crossing changed nothing
+    assert seg.states["a"].next_timer == T0 + 10 * DAY  # the next crossing, kept in memory
+    commit(seg)
+    # a restart: the stored state still has the day-3 timer; it fires again, to no effect
+    again = segmenter()
+    again.store.table = dict(seg.store.table)
+    again.rebuild()
+    assert again.states["a"].next_timer == T0 + 3 * DAY
+    ticked = list(again.tick())
+    assert changes(ticked) == [] and "a" not in written(ticked)
+    assert again.states["a"].next_timer == T0 + 10 * DAY
+    for s in (seg, again):  # both reach Quiet on day 10, once
+        list(s(score("b", T0 + 11 * DAY, days_since_open=0.0)))
+        commit(s)
+        assert ("a", "Quiet", "entered") in changes(s.tick())
+        assert changes(s.tick()) == []
+
+
+@pytest.mark.parametrize("written", [False, True], ids=["before-hook", "after-hook"])
+def test_abort_rolls_the_caches_back_to_the_store(seg: Segmenter, written: bool) -> None:
+    list(seg(score("a", T0, days_since_open=12.0)))
+    commit(seg)
     list(seg(score("a", T0 + DAY, days_since_open=0.0)))
+    list(seg(score("c", T0 + DAY, days_since_open=0.0)))
     assert seg.segment_sizes()["Quiet"] == 0
+    if written:  # the abort came after before_commit wrote the batch's state
+        list(seg.before_commit())
     seg.store.on_abort()
     seg.on_abort()
     assert seg.segment_sizes()["Quiet"] == 1 and seg.states["a"].as_of == T0
+    assert "c" not in seg.states and "c" not in seg.store
+    assert list(seg.before_commit()) == []  # nothing left over from the aborted batch
+
+
+def test_a_feature_the_scores_lack_is_counted_and_logged_once(
+    seg: Segmenter, caplog: pytest.LogCaptureFixture
+) -> None:
+    from services.segmenter.app import MISSING_FEATURES
+
+    before = MISSING_FEATURES.labels("days_since_open")._value.get()
+    for i in range(32):  # the check samples one score in 16
+        list(seg(score(f"c{i}", T0, opens_7d=1.0)))  # no days_since_open: Quiet can't match
+    assert MISSING_FEATURES.labels("days_since_open")._value.get() - before == 2
+    warnings = [r for r in caplog.records if "do not carry" in r.getMessage()]
+    assert len(warnings) == 1 and warnings[0].fields["feature"] == "days_since_open"
 
 
 def test_percentile_threshold_refreshes_from_the_population(seg: Segmenter) -> None:
@@ -108,15 +239,16 @@ def test_http_api_shows_sizes_members_and_why(seg: Segmenter) -> None:
         server.shutdown()
 
 
-def test_cli_check_prints_line_and_field_and_fails(tmp_path: Path,
-                                                  capsys: pytest.CaptureFixture[str]) -> None:
+def test_cli_check_prints_line_and_field_and_fails(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
     bad = tmp_path / "bad.yaml"
     bad.write_text(DEFS.format(v="1").replace("value: 10", "value: ten"))
     assert cli(["segments", "check", str(bad)]) == 1
     assert f"{bad}:5: segments[0].enter.value:" in capsys.readouterr().out
     good = Path(__file__).resolve().parents[2] / "services/segmenter/segments/default.yaml"
     assert cli(["segments", "check", str(good)]) == 0
-    assert "OK, version 2026.11.1+" in capsys.readouterr().out
+    assert "OK, version 2026.11.2+" in capsys.readouterr().out
 
 
 def test_state_schema_example_round_trips_through_the_serde() -> None:

@@ -1,0 +1,414 @@
+"""Segment quality against the simulator's ground truth, in-process (no broker).
+
+The simulator's population goes through the identity core (stitching, merges), the scorer core
+(features and scores, flushed every simulated hour as the loop's tick would) and the
+segmenter's shell and core (``services.segmenter.app.Segmenter`` without Kafka: its handler, its
+event-time timers from ``tick``, percentile refreshes), and the segment changes are compared
+with the ground-truth intervals: per default segment, time-overlap precision and recall and the
+median days from the true onset to ``entered``, as ``segflow demo``'s report
+(``segflow.demo._segment_quality``) defines them, with one correction: stays are tracked per
+customer id and only then united per true customer (the demo's matching lets one id's exit
+close another id's stay and counts overlapping stays of two ids twice, so recall can exceed
+100 %). Extra columns count customers: how many truly belong at some point, how many were ever
+entered, and how many of those truly belong; a second table splits the member-days wrongly in
+and wrongly out by the customers' true persona.
+
+No dispatcher runs, so no simulated customer is rescued by an action: the truth is the
+open-loop one (the demo's closed loop can differ where actions restore customers).
+
+    .venv/bin/python bench/eval_segments.py                       # 300 customers x 84 days
+    .venv/bin/python bench/eval_segments.py --customers 1000 --days 180 --seed 3
+    .venv/bin/python bench/eval_segments.py --definitions my.yaml --clean --why AtRisk-60d
+"""
+
+from __future__ import annotations
+
+import argparse
+import statistics
+import sys
+import time
+from collections import Counter, defaultdict
+from pathlib import Path
+from typing import Any
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from segflow.demo import Observed, _sizes  # noqa: E402
+from segflow.errors import InvalidRecord  # noqa: E402
+from segflow.runtime.loop import Incoming  # noqa: E402
+from segflow.runtime.settings import Settings  # noqa: E402
+from segflow.runtime.topics import TOPICS  # noqa: E402
+from segflow.sim.generator import DAY, HOUR, SimConfig, Simulation  # noqa: E402
+from segflow.sim.noise import Delivery, NoiseConfig  # noqa: E402
+from segflow.sim.truth import SEGMENTS, truth_records  # noqa: E402
+from services.identity import core as identity  # noqa: E402
+from services.identity.app import node_hasher  # noqa: E402
+from services.scorer.core import ScoreEmit, Scorer, ScorerConfig, StateWrite  # noqa: E402
+from services.segmenter.app import DEFAULT_DEFINITIONS, Segmenter, SegmenterConfig  # noqa: E402
+
+#: The demo's delivery noise (segflow/demo.py).
+DEMO_NOISE = NoiseConfig(
+    duplicates=0.01, late=0.01, out_of_order=0.02, malformed=0.001, blocked=0.01
+)
+
+
+class Pipeline:
+    """identity → scorer → segmenter, in one process, in delivery order."""
+
+    def __init__(self, definitions: Path, scorer_config: ScorerConfig) -> None:
+        self.rules = identity.Rules()
+        self.hasher = node_hasher("eval-segments")
+        self.id_cache: dict[tuple[str, str], str] = {}
+        self.graph: dict[str, Any] = {}
+        self.scorer = Scorer(scorer_config)
+        self.scorer_states: dict[str, dict[str, Any]] = {}
+        self.clock_ms = 0
+        settings = Settings(topic_prefix="eval.")
+        self.segmenter = Segmenter(
+            settings,
+            SegmenterConfig(
+                definitions=definitions, percentile_refresh=6 * 3600.0, reload_interval=1e12
+            ),
+            clock=lambda: self.clock_ms / 1000,
+        )
+        self.scores_topic = self.segmenter.scores_topic
+        self.merges_topic = self.segmenter.merges_topic
+        self.obs = Observed()
+        self.scores: dict[str, list[dict[str, Any]]] = defaultdict(list)  # for --why
+        self.keep_scores = False
+        self.n_scores = 0
+
+    # -- stages ---------------------------------------------------------------------------
+    def event(self, event: dict[str, Any], delivered_at: int) -> None:
+        self.clock_ms = max(self.clock_ms, delivered_at)
+        ids = identity.identifiers(event, self.rules, self.hasher, self.id_cache)
+        if not ids:
+            return
+        step = identity.link(
+            self.graph,
+            identity.IdentityInput(event["event_id"], event["occurred_at"], ids),
+            self.rules,
+        )
+        if step.customer_id is None:
+            return  # duplicate
+        identity.apply(self.graph, step.writes)
+        cid = step.customer_id
+        for outcome in step.outcomes:
+            if isinstance(outcome, identity.Merged):
+                for absorbed in outcome.absorbed:
+                    self.merge(
+                        {
+                            "survivor_id": outcome.survivor,
+                            "absorbed_ids": [absorbed],
+                            "occurred_at": outcome.occurred_at,
+                        }
+                    )
+        self.obs.event_owner[event["event_id"]] = cid
+        try:
+            st, outs = self.scorer.on_event(self.scorer_states.get(cid), cid, event, delivered_at)
+        except InvalidRecord as exc:  # too late / from the future: the service dead-letters it
+            self.obs.dlq[exc.reason] += 1
+            return
+        self.scorer_states[cid] = st
+        self.scored(outs)
+
+    def merge(self, merge: dict[str, Any]) -> None:
+        self.obs.merges += 1
+        for absorbed in merge["absorbed_ids"]:
+            self.obs.survivor[absorbed] = merge["survivor_id"]
+        self.scored(self.scorer.on_merge(self.scorer_states.get, merge, self.clock_ms))
+        self.segment(self.merges_topic, merge)
+
+    def scored(self, outs: list[Any]) -> None:
+        for o in outs:
+            if isinstance(o, StateWrite):
+                if o.state is None:
+                    self.scorer_states.pop(o.customer_id, None)
+                else:
+                    self.scorer_states[o.customer_id] = o.state
+            elif isinstance(o, ScoreEmit) and o.score is not None:
+                self.n_scores += 1
+                if self.keep_scores:
+                    self.scores[o.customer_id].append(o.score)
+                self.segment(self.scores_topic, o.score)
+
+    def segment(self, topic_name: str, value: dict[str, Any]) -> None:
+        topic = TOPICS.merges if topic_name == self.merges_topic else TOPICS.scores
+        record = Incoming(topic, topic_name, 0, 0, None, value, None, [])
+        self.collect(self.segmenter(record))
+
+    def tick(self) -> None:
+        self.scored(
+            self.scorer.flush(
+                self.scorer_states.get, lambda: self.scorer_states.items(), self.clock_ms
+            )
+        )
+        self.collect(self.segmenter.tick())
+
+    def collect(self, outputs: Any) -> None:
+        """One "transaction": the outputs, the loop's before_commit hook, the commit."""
+        for out in [*outputs, *self.segmenter.before_commit()]:
+            if out.topic is TOPICS.segment_changes:
+                self.obs.changes.append(out.value)
+        self.segmenter.store.on_commit()
+        self.segmenter.on_commit()
+
+
+def run(args: argparse.Namespace) -> dict[str, Any]:
+    noise = NoiseConfig() if args.clean else DEMO_NOISE
+    config = SimConfig(customers=args.customers, days=args.days, seed=args.seed, noise=noise)
+    sim = Simulation(config)
+    pipe = Pipeline(Path(args.definitions), ScorerConfig())
+    pipe.keep_scores = bool(args.why)
+    truth_of: dict[str, str] = {}
+    started = time.perf_counter()
+    next_tick = config.start_ms + HOUR
+    n_events = 0
+    while not (sim.finished and not sim.pending):
+        for item in sim.step(7):
+            if type(item) is not Delivery:
+                continue  # malformed records never reach the scorer (the DLQ takes them)
+            while item.delivered_at >= next_tick:
+                pipe.clock_ms = max(pipe.clock_ms, next_tick)
+                pipe.tick()
+                next_tick += HOUR
+            truth_of[item.event["event_id"]] = item.customer
+            pipe.event(item.event, item.delivered_at)
+            n_events += 1
+    # the span's end: the last hours' pending scores, timers up to the end
+    while next_tick <= config.end_ms + HOUR:
+        pipe.clock_ms = max(pipe.clock_ms, next_tick)
+        pipe.tick()
+        next_tick += HOUR
+    elapsed = time.perf_counter() - started
+    truth = truth_records(sim)
+    return {
+        "sim": sim,
+        "pipe": pipe,
+        "truth": truth,
+        "truth_of": truth_of,
+        "events": n_events,
+        "seconds": elapsed,
+    }
+
+
+def true_customer_of(obs: Observed, truth_of: dict[str, str]) -> dict[str, str]:
+    """Every customer_id (merged ones too) → the true customer most of its events belong to."""
+    votes: dict[str, Counter[str]] = defaultdict(Counter)
+    for event_id, cid in obs.event_owner.items():
+        true = truth_of.get(event_id)
+        if true is not None:
+            votes[obs.final_id(cid)][true] += 1
+    final = {cid: v.most_common(1)[0][0] for cid, v in votes.items()}
+    return {
+        cid: final[obs.final_id(cid)]
+        for cid in set(obs.event_owner.values())
+        if obs.final_id(cid) in final
+    }
+
+
+def predicted_spans(
+    obs: Observed, true_of: dict[str, str], end_ms: int
+) -> dict[tuple[str, str], list[list[int]]]:
+    """(true customer, segment) → the union of the stays of all its customer ids.
+
+    Stays are tracked per customer id first (a merged-away id and its survivor can both be in
+    a segment for a while) and only then mapped to the true customer and united, so one id's
+    exit never closes another id's stay and overlapping stays are not counted twice.
+    """
+    stays: dict[tuple[str, str], list[list[int]]] = defaultdict(list)
+    for c in sorted(obs.changes, key=lambda c: c["occurred_at"]):
+        spans = stays[(c["customer_id"], c["segment"])]
+        if c["transition"] == "entered":
+            spans.append([c["occurred_at"], end_ms])
+        elif c["transition"] in ("exited", "re_engaged") and spans and spans[-1][1] == end_ms:
+            spans[-1][1] = c["occurred_at"]
+    united: dict[tuple[str, str], list[list[int]]] = defaultdict(list)
+    for (cid, seg), spans in stays.items():
+        true = true_of.get(cid)
+        if true is not None:
+            united[(true, seg)].extend(spans)
+    for key, spans in united.items():
+        spans.sort()
+        merged: list[list[int]] = []
+        for b, e in spans:
+            if merged and b <= merged[-1][1]:
+                merged[-1][1] = max(merged[-1][1], e)
+            elif e > b:
+                merged.append([b, e])
+        united[key] = merged
+    return united
+
+
+def _overlap(a: list[list[int]], b: list[list[int]]) -> int:
+    return sum(max(0, min(e1, e2) - max(b1, b2)) for b1, e1 in a for b2, e2 in b)
+
+
+def quality(
+    obs: Observed, truth_of: dict[str, str], truth: list[dict[str, Any]], end_ms: int
+) -> dict[str, dict[str, Any]]:
+    """Per segment: time-overlap precision and recall, median days from true onset to entered
+    (an entry up to 14 days after the true end still counts as a late detection; a stay that
+    already covers the onset is 0), and customer-level counts and false time per persona."""
+    true_of = true_customer_of(obs, truth_of)
+    predicted = predicted_spans(obs, true_of, end_ms)
+    out: dict[str, dict[str, Any]] = {}
+    for seg in SEGMENTS:
+        overlap = pred_total = true_total = 0
+        delays: list[float] = []
+        false_by_persona: Counter[str] = Counter()
+        missed_by_persona: Counter[str] = Counter()
+        n_true = n_entered = n_hit = 0
+        for t in truth:
+            actual = [[b, e if e is not None else end_ms] for b, e in t["segments"][seg]]
+            mine = predicted.get((t["customer"], seg), [])
+            hit = _overlap(actual, mine)
+            overlap += hit
+            mine_total = sum(e - b for b, e in mine)
+            true_total += sum(e - b for b, e in actual)
+            pred_total += mine_total
+            if mine_total > hit:
+                false_by_persona[t["persona"]] += mine_total - hit
+            true_len = sum(e - b for b, e in actual)
+            if true_len > hit:
+                missed_by_persona[t["persona"]] += true_len - hit
+            n_true += bool(actual)
+            n_entered += bool(mine)
+            n_hit += bool(actual) and bool(mine)
+            for b, e in actual:
+                entered = [pb for pb, pe in mine if pe > b and pb < e + 14 * DAY]
+                if entered:
+                    delays.append(max(0, min(entered) - b) / DAY)
+        out[seg] = {
+            "precision": overlap / pred_total if pred_total else None,
+            "recall": overlap / true_total if true_total else None,
+            "median_delay_days": statistics.median(delays) if delays else None,
+            "true_customers": n_true,
+            "entered_customers": n_entered,
+            "entered_and_true": n_hit,
+            "false_days_by_persona": {
+                p: round(ms / DAY, 1) for p, ms in false_by_persona.most_common()
+            },
+            "missed_days_by_persona": {
+                p: round(ms / DAY, 1) for p, ms in missed_by_persona.most_common()
+            },
+        }
+    return out
+
+
+def fmt(x: float | None, pct: bool = True) -> str:
+    if x is None:
+        return "n/a"
+    return f"{x * 100:.1f}%" if pct else f"{x:.1f} d"
+
+
+def report(out: dict[str, Any], args: argparse.Namespace) -> None:
+    sim, pipe, truth = out["sim"], out["pipe"], out["truth"]
+    obs: Observed = pipe.obs
+    end_ms = sim.config.end_ms
+    personas = Counter(t["persona"] for t in truth)
+    print(
+        f"{args.customers} customers x {args.days} days (seed {args.seed}, "
+        f"{'no noise' if args.clean else 'demo noise'}), definitions {args.definitions}"
+    )
+    print("personas: " + ", ".join(f"{p} {n}" for p, n in personas.most_common()))
+    print(
+        f"{out['events']:,} events, {obs.merges} merges, {pipe.n_scores:,} scores, "
+        f"{len(obs.changes):,} segment changes in {out['seconds']:.1f}s"
+        + (f"; rejected by the scorer: {dict(obs.dlq)}" if obs.dlq else "")
+    )
+    rows = quality(obs, out["truth_of"], truth, end_ms)
+    final = _sizes(obs.changes)
+    print(
+        f"{'segment':26} {'precision':>9} {'recall':>7} {'onset→entered':>13} "
+        f"{'true cust':>9} {'entered':>7} {'of them true':>12} {'members at end':>14}"
+    )
+    for seg in SEGMENTS:
+        r = rows[seg]
+        print(
+            f"{seg:26} {fmt(r['precision']):>9} {fmt(r['recall']):>7} "
+            f"{fmt(r['median_delay_days'], pct=False):>13} {r['true_customers']:>9} "
+            f"{r['entered_customers']:>7} {r['entered_and_true']:>12} {final.get(seg, 0):>14}"
+        )
+    print("member-days wrongly in (false) and wrongly out (missed), by true persona:")
+    for seg in SEGMENTS:
+        r = rows[seg]
+        false = ", ".join(f"{p} {d:g}" for p, d in list(r["false_days_by_persona"].items())[:4])
+        missed = ", ".join(f"{p} {d:g}" for p, d in list(r["missed_days_by_persona"].items())[:4])
+        print(f"  {seg:26} false: {false or '-'}; missed: {missed or '-'}")
+    other = sorted(s for s in final if s not in SEGMENTS)
+    if other:
+        print("also at the end: " + ", ".join(f"{s} {final[s]}" for s in other))
+    transitions = Counter(c["transition"] for c in obs.changes)
+    print("changes: " + ", ".join(f"{k} {v:,}" for k, v in transitions.most_common()))
+    if args.why:
+        why(args.why, pipe, out["truth_of"], truth, sim.config.start_ms)
+
+
+def why(
+    segment: str,
+    pipe: Pipeline,
+    truth_of: dict[str, str],
+    truth: list[dict[str, Any]],
+    start_ms: int,
+    limit: int = 6,
+) -> None:
+    """For a few true members of ``segment``: the values its conditions use around the onset."""
+    obs = pipe.obs
+    seg = pipe.segmenter.defs.by_name[segment]
+    features = sorted({leaf.feature for leaf in seg.enter.leaves()})
+    votes: dict[str, Counter[str]] = defaultdict(Counter)
+    for event_id, cid in obs.event_owner.items():
+        if event_id in truth_of:
+            votes[cid][truth_of[event_id]] += 1
+    cids_of: dict[str, list[str]] = defaultdict(list)
+    for cid, v in votes.items():
+        cids_of[v.most_common(1)[0][0]].append(cid)
+    members = [t for t in truth if t["segments"][segment]][:limit]
+    for t in members:
+        onset = t["segments"][segment][0][0]
+        print(
+            f"\n{t['customer']} ({t['persona']}, {t['value_tier']}): truly in {segment} from "
+            f"day {(onset - start_ms) / DAY:.1f}; scores from 7 days before to 21 after:"
+        )
+        for cid in cids_of.get(t["customer"], []):
+            for s in pipe.scores.get(cid, []):
+                if onset - 7 * DAY <= s["as_of"] <= onset + 21 * DAY:
+                    values = {
+                        **s["features"],
+                        **{
+                            k: s[k]
+                            for k in (
+                                "churn_probability",
+                                "engagement_score",
+                                "clv",
+                                "lifecycle_stage",
+                            )
+                        },
+                    }
+                    print(
+                        f"  day {(s['as_of'] - onset) / DAY:+6.1f}: "
+                        + ", ".join(f"{f}={values.get(f, 'MISSING')}" for f in features)
+                    )
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--customers", type=int, default=300)
+    parser.add_argument("--days", type=int, default=84)
+    parser.add_argument("--seed", type=int, default=7, help="the demo's default seed is 7")
+    parser.add_argument("--definitions", default=str(DEFAULT_DEFINITIONS))
+    parser.add_argument("--clean", action="store_true", help="no delivery noise")
+    parser.add_argument(
+        "--why",
+        metavar="SEGMENT",
+        help="print the condition values of a few true members around onset",
+    )
+    args = parser.parse_args()
+    out = run(args)
+    report(out, args)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
