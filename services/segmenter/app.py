@@ -45,6 +45,10 @@ log = logging.getLogger("segflow.segmenter")
 HERE = Path(__file__).resolve().parent
 DEFAULT_DEFINITIONS = HERE / "segments" / "default.yaml"
 SEGMENT_KEY = "segment:"
+# A customer id that must never be evaluated again: absorbed by an identity merge, or
+# forgotten. A late score for it (the scorer handles merges on its own consumer) would
+# otherwise bring the id back into segments with a restarted entry counter.
+RETIRED_KEY = "retired:"
 #: The customer branch of the state record's union, named for fastavro's tuple notation.
 CUSTOMER_RECORD = "io.segflow.SegmenterCustomer"
 
@@ -70,6 +74,11 @@ EVAL_LAG = Histogram(
 WATERMARK = Gauge("segflow_segmenter_watermark_ms", "Event-time watermark (highest as_of)")
 DEFINITIONS = Counter(
     "segflow_segmenter_definitions_total", "Definition loads by outcome", ["outcome"]
+)
+RETIRED_SCORES = Counter(
+    "segflow_segmenter_retired_scores_total",
+    "Scores dropped because their customer id was merged away or forgotten",
+    ["reason"],
 )
 MISSING_FEATURES = Counter(
     "segflow_segmenter_missing_features_total",
@@ -126,6 +135,7 @@ class Segmenter:
         self._mtime = config.definitions.stat().st_mtime_ns
         DEFINITIONS.labels("loaded").inc()
         self.states: dict[str, core.CustomerState] = {}
+        self.retired: dict[str, str] = {}  # customer id -> "merged" or "forgotten"
         self.statuses: dict[str, core.SegmentStatus] = {}
         self.thresholds: dict[tuple[str, float], float] = {}
         self.population: dict[str, dict[str, float]] = {}
@@ -147,6 +157,7 @@ class Segmenter:
         self._last_refresh = 0.0
         self.scores_topic = TOPICS.scores.name(settings)
         self.merges_topic = TOPICS.merges.name(settings)
+        self.forget_topic = TOPICS.forget.name(settings)
         self.score_decoder = MapProjection(
             self.serde, TOPICS.scores, "features", self.defs.features
         )
@@ -179,6 +190,13 @@ class Segmenter:
         self._refresh_thresholds()
 
     def _load(self, key: str, record: dict[str, Any] | None) -> None:
+        if key.startswith(RETIRED_KEY):
+            cid = key[len(RETIRED_KEY) :]
+            if record is None:
+                self.retired.pop(cid, None)
+            else:
+                self.retired[cid] = (record.get("segment") or {}).get("segment") or "merged"
+            return
         if key.startswith(SEGMENT_KEY):
             name = key[len(SEGMENT_KEY) :]
             if record is None:
@@ -208,6 +226,9 @@ class Segmenter:
         if record.topic_name == self.merges_topic:
             yield from self._merge(record.value)
             return
+        if record.topic_name == self.forget_topic:
+            yield from self._forget(record.value)
+            return
         value = record.value
         try:
             score = core.Score.from_record(value, self.defs.features)
@@ -219,6 +240,10 @@ class Segmenter:
             if scored_at:
                 EVAL_LAG.observe(max(0.0, self.clock() - scored_at / 1000))
             self._check_features(score)
+        why = self.retired.get(score.customer_id)
+        if why is not None:
+            RETIRED_SCORES.labels(why).inc()
+            return
         if score.as_of > self.watermark:
             self.watermark = score.as_of
         old = self.states.get(score.customer_id)
@@ -247,19 +272,35 @@ class Segmenter:
         for absorbed in merge.get("absorbed_ids") or []:
             if absorbed == survivor:
                 continue
-            st = self.states.get(absorbed)
-            if st is None:
-                continue
-            changes = core.absorb(st, survivor, now, self.defs)
-            yield from self._emit(changes)
-            self._index(st, remove=True)
-            del self.states[absorbed]
-            self._dirty.add(absorbed)
-            self._unwritten[absorbed] = None  # a tombstone at the commit
+            yield from self._retire(absorbed, "merged", survivor, now)
         st = self.states.get(survivor)
         if st is not None:
             new, changes = core.advance(st, now, self.defs, self.thresholds)
             yield from self._apply(st, new, changes)
+
+    def _forget(self, request: dict[str, Any]) -> Iterator[Output]:
+        """A forget request: every membership exits ``forgotten``, the state is deleted and
+        the id is retired (later scores for it are dropped)."""
+        cid = str(request["customer_id"])
+        now = max(int(request.get("requested_at") or 0), self.watermark)
+        yield from self._retire(cid, "forgotten", None, now)
+
+    def _retire(self, cid: str, why: str, survivor: str | None, now: int) -> Iterator[Output]:
+        st = self.states.get(cid)
+        if st is not None:
+            yield from self._emit(core.absorb(st, survivor, now, self.defs, reason=why))
+            self._index(st, remove=True)
+            del self.states[cid]
+            self._dirty.add(cid)
+            self._unwritten[cid] = None  # a tombstone at the commit
+        if self.retired.get(cid) != why:
+            self.retired[cid] = why
+            self._dirty.add(RETIRED_KEY + cid)
+            # The reason rides in the segment-status slot of the state record (kind retired).
+            marker = {"segment": why, "first_seen": now}
+            yield self.store.put(
+                RETIRED_KEY + cid, {"kind": "retired", "customer": None, "segment": marker}
+            )
 
     def _apply(
         self, old: core.CustomerState | None, new: core.CustomerState, changes: list[core.Change]
@@ -499,7 +540,11 @@ def build_loop(settings: Settings, config: SegmenterConfig) -> tuple[Segmenter, 
     loop_config = LoopConfig(
         service="segmenter",
         group_id=settings.topic_prefix + config.group_id,
-        sources={segmenter.scores_topic: TOPICS.scores, segmenter.merges_topic: TOPICS.merges},
+        sources={
+            segmenter.scores_topic: TOPICS.scores,
+            segmenter.merges_topic: TOPICS.merges,
+            segmenter.forget_topic: TOPICS.forget,
+        },
         transactional_id=settings.topic_prefix + config.instance,
         batch_size=config.batch_size,
         tick_interval=config.tick_interval,

@@ -273,10 +273,18 @@ def advance(
     return _step(state, max(now, state.as_of), defs, thresholds)
 
 
-def absorb(state: CustomerState, survivor_id: str, now: int, defs: Definitions) -> list[Change]:
-    """The customer was merged into ``survivor_id``: every active membership exits ``merged``.
+def absorb(
+    state: CustomerState,
+    survivor_id: str | None,
+    now: int,
+    defs: Definitions,
+    reason: str = "merged",
+) -> list[Change]:
+    """The customer was merged into ``survivor_id``: every active membership exits ``merged``
+    (or, with ``reason="forgotten"`` and no survivor, the customer asked to be forgotten).
 
-    The shell then deletes the absorbed state and re-evaluates the survivor with :func:`advance`.
+    The shell then deletes the state and, after a merge, re-evaluates the survivor with
+    :func:`advance`.
     """
     now = max(now, state.as_of)
     changes: list[Change] = []
@@ -291,12 +299,14 @@ def absorb(state: CustomerState, survivor_id: str, now: int, defs: Definitions) 
                 defs.version,
                 now,
                 None,
-                reason="merged",
+                reason=reason,
                 explanation=(
                     Explanation(
                         "merge", "merged_into", "==", None, None, None, True, survivor_id, None
                     ),
-                ),
+                )
+                if survivor_id is not None
+                else (),
                 dwell_ms=now - (m.entered_at or now),
             )
         )
@@ -310,7 +320,7 @@ def absorb(state: CustomerState, survivor_id: str, now: int, defs: Definitions) 
                 defs.version,
                 now,
                 None,
-                reason="merged",
+                reason=reason,
                 previous_primary=state.primary,
                 seq=state.primary_seq + 1,
             )

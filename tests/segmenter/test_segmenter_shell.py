@@ -136,6 +136,63 @@ def test_a_merge_writes_the_absorbed_tombstone_at_the_commit(seg: Segmenter) -> 
     assert "a" not in seg.store and "a" not in seg.states
 
 
+def test_an_id_merged_away_is_never_evaluated_again_even_by_a_late_score(
+    seg: Segmenter, tmp_path: Path
+) -> None:
+    # Seen in the demo: the scorer, on its own consumer, emitted scores for an absorbed id
+    # after the segmenter had handled the merge; the id came back into segments with its
+    # entry counter restarted (and the dispatcher contacted it again).
+    list(seg(score("a", T0, days_since_open=12.0)))
+    commit(seg)
+    merge = {"survivor_id": "b", "absorbed_ids": ["a"], "occurred_at": T0 + 1}
+    list(seg(Incoming(TOPICS.merges, seg.merges_topic, 0, 0, "a", merge, None, [])))
+    commit(seg)
+    late = list(seg(score("a", T0 + DAY, days_since_open=30.0)))
+    assert changes(late) == [] and "a" not in seg.states
+    assert commit(seg) == []
+    # a merge whose absorbed id had no state yet also retires it
+    list(
+        seg(
+            Incoming(
+                TOPICS.merges,
+                seg.merges_topic,
+                0,
+                1,
+                "x",
+                {**merge, "absorbed_ids": ["x"]},
+                None,
+                [],
+            )
+        )
+    )
+    commit(seg)
+    assert changes(seg(score("x", T0 + DAY, days_since_open=30.0))) == []
+    # ... and the retirement survives a restart (it is in the changelog)
+    again = Segmenter(seg.settings, seg.config, clock=seg.clock)
+    for key, value in seg.store.items():
+        again.store.table[key] = value
+    again.rebuild()
+    assert changes(again(score("a", T0 + 2 * DAY, days_since_open=40.0))) == []
+
+
+def test_a_forget_request_exits_every_membership_and_retires_the_id(seg: Segmenter) -> None:
+    list(seg(score("a", T0, days_since_open=12.0, clv=5.0)))
+    list(seg(score("b", T0, days_since_open=1.0, clv=1.0)))
+    commit(seg)
+    seg.tick()
+    request = {"request_id": "fr-1", "customer_id": "a", "requested_at": T0 + 5, "reason": None}
+    out = list(seg(Incoming(TOPICS.forget, seg.forget_topic, 0, 0, "a", request, None, [])))
+    exits = [
+        o.value
+        for o in out
+        if o.topic is TOPICS.segment_changes and o.value["transition"] == "exited"
+    ]
+    assert exits and {e["reason"] for e in exits} == {"forgotten"}
+    assert {e["segment"] for e in exits} >= {"Quiet"}
+    assert written(commit(seg))["a"] is None and "a" not in seg.states
+    assert changes(seg(score("a", T0 + DAY, days_since_open=20.0))) == []
+
+
 def test_a_timer_that_changes_nothing_is_not_written_and_refires_harmlessly_after_restore(
     tmp_path: Path,
 ) -> None:
