@@ -455,16 +455,30 @@ def _segment_quality(
         if true is not None:
             owner_votes[obs.final_id(cid)][true] += 1
     true_of_cid = {cid: votes.most_common(1)[0][0] for cid, votes in owner_votes.items()}
-    predicted: dict[tuple[str, str], list[list[int]]] = defaultdict(list)
+    # Stays per customer id first (a merged-away id and its survivor can both be in a segment
+    # for a while), then united per true customer: one id's exit never closes another id's
+    # stay, and overlapping stays are not counted twice.
+    stays: dict[tuple[str, str], list[list[int]]] = defaultdict(list)
     for c in sorted(obs.changes, key=lambda c: c["occurred_at"]):
-        true = true_of_cid.get(obs.final_id(c["customer_id"]))
-        if true is None:
-            continue
-        spans = predicted[(true, c["segment"])]
+        spans = stays[(c["customer_id"], c["segment"])]
         if c["transition"] == "entered":
             spans.append([c["occurred_at"], end_ms])
         elif c["transition"] in ("exited", "re_engaged") and spans and spans[-1][1] == end_ms:
             spans[-1][1] = c["occurred_at"]
+    predicted: dict[tuple[str, str], list[list[int]]] = defaultdict(list)
+    for (cid, seg), spans in stays.items():
+        true = true_of_cid.get(obs.final_id(cid))
+        if true is not None:
+            predicted[(true, seg)].extend(spans)
+    for key, spans in predicted.items():
+        spans.sort()
+        united: list[list[int]] = []
+        for b, e in spans:
+            if united and b <= united[-1][1]:
+                united[-1][1] = max(united[-1][1], e)
+            elif e > b:
+                united.append([b, e])
+        predicted[key] = united
     actual: dict[tuple[str, str], list[list[int]]] = {}
     for t in truth:
         for seg, spans in t["segments"].items():
