@@ -3,11 +3,14 @@
 Replays the simulator's population through ``services.scorer.core.Scorer`` the way the
 service does (``on_event`` per event, ``flush`` every ``--tick`` seconds of processing time,
 as the loop's tick), with the identity service stubbed by the simulator's true customer key.
-Prints events/s, scorings and emissions per event, Avro bytes of state per customer, and the
-churn model's ROC AUC and calibration error against the simulator's ground truth, measured
+States are compressed once per batch (``Scorer.seal``, as the service does before each commit).
+Prints events/s, scorings and emissions per event, Avro bytes of state per customer, and a
+quick churn ROC AUC and calibration error against the simulator's ground truth, measured
 prequentially after ``--warmup-days``: at every ``--eval-every-days`` boundary ``t`` each
 customer not yet churned is scored as of ``t`` with the model as it was then, and labelled
-1 when its true churn falls in ``(t, t + horizon]``.
+1 when its true churn falls in ``(t, t + horizon]``. The flush follows wall-clock ticks here,
+so that AUC moves a little from run to run: ``bench/eval_churn.py`` is the deterministic
+quality reference.
 
     .venv/bin/python bench/bench_scorer.py --customers 3000 --days 240
 """
@@ -72,7 +75,8 @@ def run(args: argparse.Namespace) -> dict[str, float]:
     items = [(d.customer, d.event) for d in sim.run() if isinstance(d, Delivery)]
     gen_s = time.perf_counter() - t_gen
     truth = {r["customer"]: r for r in truth_records(sim)}
-    scorer = Scorer(ScorerConfig())
+    # as the service runs it: states compressed once per batch (seal), not per event
+    scorer = Scorer(ScorerConfig(), pack_states=False)
     horizon = scorer.config.churn_horizon_days * DAY
     store: dict[str, dict] = {}
     emitted = 0
@@ -116,10 +120,12 @@ def run(args: argparse.Namespace) -> dict[str, float]:
         if time.perf_counter() - last_flush >= args.tick:
             emitted += apply(scorer.flush(store.get, store.items, now))
             last_flush = time.perf_counter()
+        apply(scorer.seal())  # the batch's commit
         busy += time.perf_counter() - t0
         busy_cpu += time.process_time() - c0
     t0, c0 = time.perf_counter(), time.process_time()
     emitted += apply(scorer.flush(store.get, store.items, now))
+    apply(scorer.seal())
     busy += time.perf_counter() - t0
     busy_cpu += time.process_time() - c0
 

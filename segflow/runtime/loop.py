@@ -309,8 +309,8 @@ class ProcessingLoop:
             if high < 0:
                 lag[key] = None
                 continue
-            position = tp.offset
-            if position < 0:  # nothing read since assignment: it starts at the committed offset
+            position: int | None = tp.offset
+            if tp.offset < 0:  # nothing read since assignment: it starts at the committed offset
                 position = self._committed_offset(key, low, high)
             lag[key] = None if position is None else max(0, high - position)
         return BatchInfo(dict(counts), lag)

@@ -15,11 +15,12 @@ from collections.abc import Callable, Iterable, Iterator
 from prometheus_client import Counter, Gauge
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
-from segflow.runtime.loop import Incoming, LoopConfig, Output, ProcessingLoop
+from segflow.runtime.loop import BatchInfo, Incoming, LoopConfig, Output, ProcessingLoop
 from segflow.runtime.settings import Settings
 from segflow.runtime.state import ChangelogStore
 from segflow.runtime.topics import TOPICS
 from services.scorer.core import DAY, HOUR, Out, ScoreEmit, Scorer, ScorerConfig, StateWrite
+from services.scorer.features import upgrade
 
 log = logging.getLogger("segflow.scorer")
 
@@ -56,6 +57,8 @@ class ScorerSettings(BaseSettings):
     tick_seconds: float = 1.0
     batch_size: int = 2000
     high_value_zips: str = "10007,94027,90210,02108,60611"
+    source_idle_seconds: float = 30.0  # an input partition without a lag report stops
+    # holding the event-time clock back after this long without events
     pre_commit_delay: float = 0.0  # fault injection for tests: widen the open-transaction window
     http_port: int | None = None  # internal query endpoint (services/scorer/api.py)
 
@@ -68,6 +71,7 @@ class ScorerSettings(BaseSettings):
             min_emit_interval_ms=int(self.min_emit_interval_seconds * 1000),
             refresh_interval_ms=max(1, int(self.refresh_hours * HOUR)),
             churned_refresh_interval_ms=7 * DAY,
+            source_idle_ms=int(self.source_idle_seconds * 1000),
             high_value_zips=frozenset(z.strip() for z in self.high_value_zips.split(",") if z),
         )
 
@@ -86,7 +90,10 @@ class ScorerService:
         self.clock = clock
         self.states = ChangelogStore(settings, TOPICS.scorer_state)
         self.models = ChangelogStore(settings, TOPICS.scorer_model)
-        self.scorer = Scorer(self.options.core())
+        # States are compressed once per transaction (before_commit / end of tick), not per event.
+        self.scorer = Scorer(self.options.core(), pack_states=False)
+        self._dirty: set[str] = set()
+        self._identified = TOPICS.identified.name(settings)
         self.model_key = f"churn.{self.options.instance}"
         self._last_checkpoint = clock()
         self._checkpointed_n = -1
@@ -105,6 +112,7 @@ class ScorerService:
             self._checkpointed_n = int(record["n_learned"])
         else:
             self.scorer.model.created_at = self._now()
+        upgraded = sum(upgrade(st) for _, st in self.states.items())  # 120-day ring states
         self.scorer.rebuild(self.states.items())
         self.scorer.expect_sources(range(TOPICS.identified.partitions), self._now())
         log.info(
@@ -114,11 +122,26 @@ class ScorerService:
                     "customers": len(self.states),
                     "model": self.scorer.model.version,
                     "max_event_ms": self.scorer.max_event_ms,
+                    "upgraded_states": upgraded,
                 }
             },
         )
 
     # -- loop callbacks ------------------------------------------------------------------
+    def before_batch(self, batch: BatchInfo) -> None:
+        """Tell the clock which identified partitions have records in this batch or unread
+        ones, so a burst read from one of them cannot make the others' events late."""
+        name = self._identified
+        self.scorer.on_batch(
+            {p: n for (t, p), n in batch.counts.items() if t == name},
+            {p: lag for (t, p), lag in batch.lag.items() if t == name},
+            self._now(),
+        )
+
+    def before_commit(self) -> Iterator[Output]:
+        """The batch's changed states, compressed and written once each."""
+        yield from self._sealed()
+
     def handle(self, record: Incoming) -> Iterator[Output]:
         now = self._now()
         if record.topic.key_name == TOPICS.merges.key_name:
@@ -135,6 +158,7 @@ class ScorerService:
         now = self._now()
         outs = self.scorer.flush(self.states.get, self.states.items, now)
         yield from self._outputs(outs)
+        yield from self._sealed()
         model = self.scorer.model
         if (
             model.n_learned != self._checkpointed_n
@@ -155,16 +179,28 @@ class ScorerService:
 
     def on_abort(self) -> None:
         """The stores rolled back: timers and cached buckets must follow them."""
+        self._dirty.clear()
         self.scorer.rebuild(self.states.items())
+
+    def _sealed(self) -> Iterator[Output]:
+        self.scorer.seal()
+        states = self.states
+        for cid in self._dirty:
+            st = states.get(cid)
+            if st is not None:
+                yield states.put(cid, st)
+        self._dirty.clear()
 
     def _outputs(self, outs: Iterable[Out]) -> Iterator[Output]:
         states = self.states
         for out in outs:
             if isinstance(out, StateWrite):
                 if out.state is None:
+                    self._dirty.discard(out.customer_id)
                     yield states.delete(out.customer_id)
-                else:
-                    yield states.put(out.customer_id, out.state)
+                else:  # written once per transaction, by _sealed()
+                    states.put(out.customer_id, out.state)
+                    self._dirty.add(out.customer_id)
             elif isinstance(out, ScoreEmit):
                 yield Output(TOPICS.scores, out.customer_id, out.score)
 

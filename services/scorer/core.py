@@ -7,7 +7,10 @@ Time is an argument everywhere: ``now_ms`` (processing time) only stamps ``score
 rejects events from the future; everything else runs on event time.
 
 Event time
-    ``max_event_ms`` is the largest ``occurred_at`` accepted so far. The **watermark** is
+    ``max_event_ms`` (the clock) is the smallest latest ``occurred_at`` of the input
+    partitions that may still deliver older events: those with records in the batch at hand
+    or unread records, as the shell reports (:meth:`Scorer.on_batch`); the largest of all
+    when every partition has been read to its end. The **watermark** is
     ``max_event_ms - watermark_delay_ms`` (the out-of-orderness we wait for): time-driven work
     (pending scores, refreshes) happens when the watermark passes its due time. The **final
     watermark** is ``max_event_ms - allowed_lateness_ms``: an event older than it is rejected
@@ -51,7 +54,7 @@ from __future__ import annotations
 import heapq
 import math
 import zlib
-from collections.abc import Callable, Iterable, Mapping
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -66,13 +69,14 @@ from services.scorer.features import (
     HOUR,
     MINUTE,
     NEVER_DAYS,
+    RING,
     Buckets,
-    C,
     State,
+    active_days,
     apply_event,
     cancelled,
     compute,
-    day_matrix,
+    compute_many,
     high_value_zip,
     merge_into,
     new_state,
@@ -96,12 +100,15 @@ class ScorerConfig:
     prediction_window_days: int = 30
     snapshot_every_days: int = 7
     min_tenure_days: int = 7
+    min_active_days: int = 3
     min_emit_interval_ms: int = 5 * MINUTE
     refresh_interval_ms: int = DAY
     churned_refresh_interval_ms: int = 7 * DAY
     churn_delta: float = 0.02
     engagement_delta: float = 2.0
     at_risk_probability: float = 0.5
+    sparse_churn_factor: float = 3.0
+    max_churn_idle_days: float = 90.0
     min_learned_for_stage: int = 500
     top_k: int = 5
     clv_months: int = 12
@@ -135,6 +142,12 @@ Out = StateWrite | ScoreEmit
 _LOG = "log"
 _CLIP = "clip"
 _IDLE = "idle"
+_TENURE = "tenure"
+#: The churn model's inputs: (feature, transform). Counts are log1p'd, relative changes
+#: clipped at +3, idle days capped at :data:`IDLE_CAP` and log1p'd, tenure capped at
+#: :data:`TENURE_CAP` days and log1p'd; log ratios, rates and slopes are used as they are.
+#: Every input is recomputable from the daily buckets as of a past day (tenure from
+#: ``first_seen_ms``), so matured training examples see what the model saw then.
 MODEL_INPUTS: tuple[tuple[str, str], ...] = (
     ("sessions_7d", _LOG),
     ("sessions_28d", _LOG),
@@ -162,14 +175,37 @@ MODEL_INPUTS: tuple[tuple[str, str], ...] = (
     ("idle_days_purchase", _IDLE),
     ("idle_days_feature_use", _IDLE),
     ("sentiment_mean_28d", ""),
+    # drop against the longer baseline, recency against the usual gap, purchase drift
+    ("activity_14d_vs_prior42_log_ratio", ""),
+    ("activity_7d_vs_peak_week_log_ratio", ""),
+    ("activity_trend_8w", ""),
+    ("idle_vs_usual_gap_active", ""),
+    ("idle_vs_usual_gap_purchase", ""),
+    ("sessions_14d_vs_prior42_log_ratio", ""),
+    ("feature_use_14d_vs_prior42_log_ratio", ""),
+    ("opens_14d_vs_prior42_log_ratio", ""),
+    ("escalations_14d", _LOG),
+    ("active_days_56d", ""),
+    ("tenure_days", _TENURE),
+    # the mix of behaviour (independent of how active the customer is)
+    ("feature_use_per_session_56d", ""),
+    ("page_views_per_session_56d", ""),
+    ("avg_order_value_56d", _LOG),
+    ("purchases_56d", _LOG),
+    ("open_rate_56d", ""),
+    ("clicks_per_open_56d", ""),
+    ("cart_views_per_session_56d", ""),
+    ("sessions_56d", _LOG),
 )
-_MI_NAMES = [n for n, _ in MODEL_INPUTS]
+_MI_NAMES = tuple(n for n, _ in MODEL_INPUTS)
 _MI_IDX = np.array([FEATURE_INDEX[n] for n, _ in MODEL_INPUTS])
 _MI_LOG = np.array([i for i, (_, k) in enumerate(MODEL_INPUTS) if k == _LOG])
 _MI_CLIP = np.array([i for i, (_, k) in enumerate(MODEL_INPUTS) if k == _CLIP])
 _MI_IDLE = np.array([i for i, (_, k) in enumerate(MODEL_INPUTS) if k == _IDLE])
+_MI_TENURE = np.array([i for i, (_, k) in enumerate(MODEL_INPUTS) if k == _TENURE])
 #: Idle days are capped: training examples only come from customers active in the horizon.
 IDLE_CAP = 45.0
+TENURE_CAP = 120.0
 
 # engagement: weighted 14-day activity
 _ENG = {
@@ -207,13 +243,25 @@ def model_input(vec: npt.NDArray[np.float64]) -> dict[str, float]:
 
     >>> x = model_input(np.zeros(len(FEATURE_NAMES)))
     >>> len(x), x["idle_days_active"]
-    (26, 0.0)
+    (45, 0.0)
     """
-    v = vec[_MI_IDX]
-    v[_MI_LOG] = np.log1p(v[_MI_LOG])
-    v[_MI_CLIP] = np.minimum(v[_MI_CLIP], 3.0)
-    v[_MI_IDLE] = np.log1p(np.minimum(v[_MI_IDLE], IDLE_CAP))
-    return dict(zip(_MI_NAMES, v.tolist(), strict=True))
+    return dict(zip(_MI_NAMES, model_vector(vec).tolist(), strict=True))
+
+
+def model_vector(vec: npt.NDArray[np.float64]) -> npt.NDArray[np.float64]:
+    """:func:`model_input` as an array in :data:`MODEL_INPUTS` order."""
+    row: npt.NDArray[np.float64] = model_matrix(vec[None, :])[0]
+    return row
+
+
+def model_matrix(rows: npt.NDArray[np.float64]) -> npt.NDArray[np.float64]:
+    """:func:`model_vector` of every row (one customer's feature vector each)."""
+    v: npt.NDArray[np.float64] = rows[:, _MI_IDX]
+    v[:, _MI_LOG] = np.log1p(np.maximum(v[:, _MI_LOG], 0.0))
+    v[:, _MI_CLIP] = np.minimum(v[:, _MI_CLIP], 3.0)
+    v[:, _MI_IDLE] = np.log1p(np.minimum(v[:, _MI_IDLE], IDLE_CAP))
+    v[:, _MI_TENURE] = np.log1p(np.clip(v[:, _MI_TENURE], 0.0, TENURE_CAP))
+    return v
 
 
 def engagement(vec: npt.NDArray[np.float64]) -> float:
@@ -222,8 +270,14 @@ def engagement(vec: npt.NDArray[np.float64]) -> float:
     >>> engagement(np.zeros(len(FEATURE_NAMES)))
     0.0
     """
-    w = float(vec[_ENG_IDX] @ _ENG_W)
-    return 100.0 * (1.0 - math.exp(-w / ENGAGEMENT_SCALE))
+    return float(engagement_rows(vec[None, :])[0])
+
+
+def engagement_rows(rows: npt.NDArray[np.float64]) -> npt.NDArray[np.float64]:
+    """:func:`engagement` of every row."""
+    w = rows[:, _ENG_IDX] @ _ENG_W
+    out: npt.NDArray[np.float64] = 100.0 * (1.0 - np.exp(-w / ENGAGEMENT_SCALE))
+    return out
 
 
 def clv(vec: npt.NDArray[np.float64], churn: float, months: int) -> float:
@@ -255,6 +309,20 @@ def cluster_input(vec: npt.NDArray[np.float64], eng: float) -> dict[str, float]:
     }
 
 
+def cluster_rows(
+    rows: npt.NDArray[np.float64], eng: npt.NDArray[np.float64]
+) -> npt.NDArray[np.float64]:
+    """:func:`cluster_input` of every row, as columns in ``CLUSTER_DIMS`` order."""
+    out = np.empty((len(rows), 6))
+    out[:, 0] = eng / 100.0
+    out[:, 1] = np.log1p(rows[:, _I["purchases_90d"]]) / math.log1p(20.0)
+    out[:, 2] = rows[:, _I["idle_days_active"]] / 90.0
+    out[:, 3] = np.log1p(rows[:, _I["feature_use_28d"]]) / math.log1p(60.0)
+    out[:, 4] = np.log1p(rows[:, _I["tickets_28d"]]) / math.log1p(10.0)
+    out[:, 5] = rows[:, _I["open_rate_28d"]]
+    return np.minimum(out, 1.0)
+
+
 def fingerprint(vec: npt.NDArray[np.float64]) -> int:
     """A stable hash of the quantised features: it changes when a feature moves materially
     (a count or whole day changes, a ratio moves 5 points, money moves ~13 %).
@@ -265,8 +333,14 @@ def fingerprint(vec: npt.NDArray[np.float64]) -> int:
     >>> a == b, b == fingerprint(v)
     (True, False)
     """
-    q = np.where(_Q_LOG, np.log1p(np.abs(vec)) * 8.0, vec * _Q_SCALE)
-    return int(zlib.crc32(np.floor(q).astype(np.int64).tobytes()))
+    return fingerprints(vec[None, :])[0]
+
+
+def fingerprints(rows: npt.NDArray[np.float64]) -> list[int]:
+    """:func:`fingerprint` of every row."""
+    q = np.where(_Q_LOG, np.log1p(np.abs(rows)) * 8.0, rows * _Q_SCALE)
+    ints = np.floor(q).astype(np.int64)
+    return [zlib.crc32(row.tobytes()) for row in ints]
 
 
 def lifecycle(
@@ -274,19 +348,37 @@ def lifecycle(
 ) -> str:
     """Lifecycle stage: prospect → onboarded → adopting → loyal, or at_risk / churned.
 
-    * churned: cancelled with no activity since, or no activity for the churn horizon;
+    * churned: cancelled with no activity since, or silent for the churn horizon — longer
+      for a customer whose silences are long anyway: ``sparse_churn_factor`` times its usual
+      gap between active days, up to ``max_churn_idle_days`` (a customer active once every
+      three weeks is not gone after 30 quiet days; one active every few days is);
     * prospect: never logged in, bought or used a feature;
     * at_risk: churn probability ≥ ``at_risk_probability`` (once the model has learned
       ``min_learned_for_stage`` examples), activity down ≥ 60 % over 14 days against the
-      prior 28, or 14+ days without activity;
+      prior 28, or silent for 14 days (or 1.5 times its usual gap, if longer);
     * onboarded: tenure < 14 days or fewer than 3 feature uses and purchases in total;
     * adopting: tenure < 60 days or active on fewer than 8 of the last 28 days;
     * loyal: otherwise.
+
+    >>> cfg = ScorerConfig()
+    >>> st = {"last_active_ms": 0, "last_cancel_ms": None, "lifetime_logins": 9,
+    ...       "lifetime_purchases": 2, "lifetime_feature_use": 9}
+    >>> v = np.zeros(len(FEATURE_NAMES)); v[_I["tenure_days"]] = 200.0
+    >>> v[_I["days_since_active"]] = 35.0; v[_I["usual_gap_days_active"]] = 3.0
+    >>> lifecycle(st, v, 0.1, True, cfg)  # regular customer, 35 days silent
+    'churned'
+    >>> v[_I["usual_gap_days_active"]] = 20.0  # active once in three weeks: not yet
+    >>> lifecycle(st, v, 0.1, True, cfg)
+    'at_risk'
     """
     idle = float(vec[_I["days_since_active"]])
     if st["last_active_ms"] is None:
         return "prospect"
-    if cancelled(st) or idle >= cfg.churn_horizon_days:
+    gap = float(vec[_I["usual_gap_days_active"]])
+    horizon = max(
+        float(cfg.churn_horizon_days), min(cfg.sparse_churn_factor * gap, cfg.max_churn_idle_days)
+    )
+    if cancelled(st) or idle >= horizon:
         return "churned"
     if (
         st["lifetime_logins"] == 0
@@ -297,7 +389,7 @@ def lifecycle(
     if (
         (model_ready and churn >= cfg.at_risk_probability)
         or vec[_I["activity_14d_vs_prior28_change"]] <= -0.6
-        or idle >= 14
+        or idle >= max(14.0, 1.5 * gap)
     ):
         return "at_risk"
     tenure = float(vec[_I["tenure_days"]])
@@ -332,6 +424,10 @@ class Scorer:
     max_event_ms: int | None = None
     #: Per input partition: (largest occurred_at, processing time it last had an event).
     _sources: dict[Any, tuple[int, int]] = field(default_factory=dict)
+    #: Per input partition, as last reported by :meth:`on_batch`: records of the batch at
+    #: hand not handled yet, and records not read yet after the batch (None: unknown).
+    _pending: dict[Any, int] = field(default_factory=dict)
+    _lag: dict[Any, int | None] = field(default_factory=dict)
     _timers: list[tuple[int, str]] = field(default_factory=list)
     _descriptions: dict[int, str] = field(default_factory=dict)
     emitted: int = 0
@@ -340,6 +436,12 @@ class Scorer:
     #: buckets). A state whose blob is not the cached object (a rollback, a restore) reloads.
     cache_size: int = 20_000
     _cache: dict[str, tuple[bytes, Buckets]] = field(default_factory=dict)
+    #: True: every state an output carries is complete. False: a changed customer's buckets
+    #: stay decompressed in the cache and its state's ``buckets`` field is stale until
+    #: :meth:`seal` compresses it (once per batch instead of once per event); call
+    #: :meth:`seal` before persisting states or reading them outside the scorer.
+    pack_states: bool = True
+    _unsealed: dict[str, State] = field(default_factory=dict)
 
     # -- clock ---------------------------------------------------------------------------
     @property
@@ -357,26 +459,61 @@ class Scorer:
         return self.max_event_ms - self.config.allowed_lateness_ms
 
     def _observe(self, source: Any, t: int, now_ms: int) -> None:
-        """Advance the clock: it is the smallest of the input partitions' largest event times
-        (partitions idle for ``source_idle_ms`` of processing time do not hold it back), and
-        it never goes backwards. A replay that reads one partition ahead of the others thus
-        does not make the others' events late."""
+        """Advance the clock with an event of ``t`` from input partition ``source``: the clock
+        is the smallest latest event time of the partitions that can still deliver older
+        events (see :meth:`on_batch`), or the largest of all when none can; it never goes
+        backwards. A replay that reads one partition ahead of the others thus does not make
+        the others' events late."""
         old = self._sources.get(source)
         self._sources[source] = (t if old is None or t > old[0] else old[0], now_ms)
         self._advance(now_ms)
 
+    def _holds(self, source: Any, seen: int, now_ms: int) -> bool:
+        """Whether ``source`` may still deliver events older than its latest: it has records
+        in the batch at hand or unread ones (as last reported); without a report, whether it
+        delivered within ``source_idle_ms`` of processing time."""
+        if source in self._lag:
+            lag = self._lag[source]
+            if self._pending.get(source, 0) > 0 or (lag is not None and lag > 0):
+                return True
+            if lag is not None:
+                return False
+        return now_ms - seen <= self.config.source_idle_ms
+
     def _advance(self, now_ms: int) -> None:
-        idle = self.config.source_idle_ms
-        live = [t for t, seen in self._sources.values() if now_ms - seen <= idle]
-        clock = min(live) if live else max(t for t, _ in self._sources.values())
+        holding = [t for src, (t, seen) in self._sources.items() if self._holds(src, seen, now_ms)]
+        clock = min(holding) if holding else max(t for t, _ in self._sources.values())
         if clock >= 0 and (self.max_event_ms is None or clock > self.max_event_ms):
             self.max_event_ms = clock
 
     def expect_sources(self, sources: Iterable[Any], now_ms: int) -> None:
         """Declare input partitions before they deliver: each holds the clock back until its
-        first event or until it has been idle for ``source_idle_ms``."""
+        first event, until it is reported caught up, or (without reports) until it has been
+        idle for ``source_idle_ms``."""
         for source in sources:
             self._sources.setdefault(source, (-1, now_ms))
+
+    def on_batch(
+        self, pending: Mapping[Any, int], lag: Mapping[Any, int | None], now_ms: int
+    ) -> None:
+        """Report the input partitions' progress before a batch is handled: ``pending`` =
+        records of each partition in the batch, ``lag`` = records of each assigned partition
+        not read yet after the batch (None: unknown). A partition with either holds the clock
+        back, so a burst read from one partition after a pause does not carry the clock past
+        older events waiting in another; one read to its end does not hold it at all (an
+        empty or quiet partition does not stall the clock either). Partitions missing from
+        ``lag`` fall back to the processing-time rule."""
+        self._pending = dict(pending)
+        self._lag = dict(lag)
+        for source in self._lag:
+            self._sources.setdefault(source, (-1, now_ms))
+        if self._sources:
+            self._advance(now_ms)
+
+    def _handled(self, source: Any) -> None:
+        n = self._pending.get(source)
+        if n:
+            self._pending[source] = n - 1
 
     # -- events --------------------------------------------------------------------------
     def on_event(
@@ -393,6 +530,7 @@ class Scorer:
         event from the future (``future_event``), older than the allowed lateness
         (``too_late``) or without a customer id (``missing_field``).
         """
+        self._handled(source)
         if not customer_id:
             raise InvalidRecord("identified event without customer_id", reason="missing_field")
         t = int(event["occurred_at"])
@@ -415,8 +553,12 @@ class Scorer:
         b = apply_event(st, event, b)
         if kind == "identify":
             high_value_zip(st, event, self.config.high_value_zips)
-        blob = st["buckets"] = b.dump()
-        self._cache[customer_id] = (blob, b)
+        if self.pack_states:
+            self._cache[customer_id] = (b.dump(), b)
+            st["buckets"] = self._cache[customer_id][0]
+        else:
+            self._cache[customer_id] = (st["buckets"], b)
+            self._unsealed[customer_id] = st
         urgent = (
             kind in URGENT_TYPES
             or (kind == "support_ticket" and bool(event.get("escalated")))
@@ -449,6 +591,8 @@ class Scorer:
         """Fold the absorbed customers' states into the survivor's, delete theirs (state and
         score tombstones) and rescore the survivor. Replaying a merge is a no-op."""
         survivor_id = str(merge["survivor_id"])
+        for cid in (survivor_id, *merge["absorbed_ids"]):
+            self._seal_one(cid)  # merge_into reads the compressed buckets
         survivor = get(survivor_id)
         outs: list[Out] = []
         merged = False
@@ -476,15 +620,31 @@ class Scorer:
             outs.append(emit)
         return outs
 
+    def seal(self) -> list[StateWrite]:
+        """Compress the buckets of every customer changed since the last call into its state
+        (in place) and return those states (see :attr:`pack_states`)."""
+        outs = [StateWrite(cid, st) for cid, st in self._unsealed.items()]
+        for cid in list(self._unsealed):
+            self._seal_one(cid)
+        return outs
+
+    def _seal_one(self, customer_id: str) -> None:
+        st = self._unsealed.pop(customer_id, None)
+        if st is not None:
+            b = self._cache[customer_id][1]
+            blob = st["buckets"] = b.dump()
+            self._cache[customer_id] = (blob, b)
+
     def buckets(self, customer_id: str, st: State) -> Buckets:
         """The customer's decompressed buckets, from the cache when they match ``st``."""
         hit = self._cache.get(customer_id)
         if hit is not None and hit[0] is st["buckets"]:
             return hit[1]
-        b = Buckets.load(st["buckets"])
+        b = Buckets.of(st)
         cache = self._cache
         if len(cache) >= self.cache_size:
-            for key in list(cache)[: self.cache_size // 10]:
+            unsealed = self._unsealed
+            for key in [k for k in list(cache)[: self.cache_size // 10] if k not in unsealed]:
                 del cache[key]
         cache[customer_id] = (st["buckets"], b)
         return b
@@ -494,25 +654,47 @@ class Scorer:
         """Features and scores of one customer as of ``as_of`` (does not change anything)."""
         if b is None:
             b = self.buckets(st["customer_id"], st)
-        vec = compute(st, as_of, b).vector
-        x = model_input(vec)
-        model = self.model
-        churn, top = model.predict_explain(x, self.config.top_k)
-        eng = engagement(vec)
-        cl = model.cluster(cluster_input(vec, eng))
-        ready = model.n_learned >= self.config.min_learned_for_stage
-        stage = lifecycle(st, vec, churn, ready, self.config)
-        return Scored(
-            as_of=as_of,
-            vector=vec,
-            churn=churn,
-            engagement=eng,
-            clv=clv(vec, churn, self.config.clv_months),
-            cluster=cl,
-            stage=stage,
-            top=top,
-            fingerprint=fingerprint(vec),
-        )
+        return self._scored([st], [as_of], compute(st, as_of, b).vector[None, :])[0]
+
+    def score_many(self, items: Sequence[tuple[State, int]]) -> list[Scored]:
+        """:meth:`score` of many ``(state, as_of)`` at once (the same results, computed on
+        stacked arrays: a refresh of thousands of customers costs far less per customer)."""
+        out: list[Scored] = []
+        for lo in range(0, len(items), 512):
+            chunk = items[lo : lo + 512]
+            states = [st for st, _ in chunk]
+            as_ofs = [as_of for _, as_of in chunk]
+            bs = [self.buckets(st["customer_id"], st) for st in states]
+            out += self._scored(states, as_ofs, compute_many(states, as_ofs, bs))
+        return out
+
+    def _scored(
+        self, states: Sequence[State], as_ofs: Sequence[int], rows: npt.NDArray[np.float64]
+    ) -> list[Scored]:
+        model, cfg = self.model, self.config
+        churn, tops = model.predict_explain_matrix(_MI_NAMES, model_matrix(rows), cfg.top_k)
+        eng = engagement_rows(rows)
+        clusters = model.cluster_rows(cluster_rows(rows, eng)).tolist()
+        prints = fingerprints(rows)
+        ready = model.n_learned >= cfg.min_learned_for_stage
+        out = []
+        for i, (st, as_of) in enumerate(zip(states, as_ofs, strict=True)):
+            vec = rows[i]
+            p = float(churn[i])
+            out.append(
+                Scored(
+                    as_of=as_of,
+                    vector=vec,
+                    churn=p,
+                    engagement=float(eng[i]),
+                    clv=clv(vec, p, cfg.clv_months),
+                    cluster=clusters[i],
+                    stage=lifecycle(st, vec, p, ready, cfg),
+                    top=tops[i],
+                    fingerprint=prints[i],
+                )
+            )
+        return out
 
     def record(self, customer_id: str, s: Scored, now_ms: int) -> dict[str, Any]:
         """The CustomerScore record of a scored customer."""
@@ -584,6 +766,8 @@ class Scorer:
         """Recreate the timers from the states (after a restore or an abort). The clock is not
         taken from the states: the newest customer may be far ahead of a partition that was
         behind, whose events would then look late; the inputs re-establish it."""
+        self._cache.clear()  # may hold changes that were rolled back
+        self._unsealed.clear()
         self._timers = [(self._due(st), cid) for cid, st in states]
         heapq.heapify(self._timers)
 
@@ -603,25 +787,33 @@ class Scorer:
             return outs
         timers = self._timers
         budget = self.config.max_scores_per_flush
-        written: dict[str, State] = {}
-        while timers and timers[0][0] <= wm and budget > 0:
+        due: list[tuple[str, State]] = []
+        as_ofs: list[int] = []
+        seen: set[str] = set()
+        while timers and timers[0][0] <= wm and len(due) < budget:
             _, cid = heapq.heappop(timers)
-            st = written.get(cid) or get(cid)
+            if cid in seen:
+                continue
+            st = get(cid)
             if st is None or self._due(st) > wm:
                 continue  # stale timer: rescheduled or deleted since
+            seen.add(cid)
             st = dict(st)
+            if cid in self._unsealed:
+                self._unsealed[cid] = st
             if st["pending"]:
                 as_of = max(st["last_event_ms"], wm)
             else:  # a refresh: as of the latest grid time the watermark passed
                 every = self._every(st)
                 as_of = max(st["last_event_ms"], wm // every * every)
-            scored = self.score(st, as_of)
-            emit = self._settle(st, scored, now_ms)
-            written[cid] = st
+            due.append((cid, st))
+            as_ofs.append(as_of)
+        scored = self.score_many([(st, a) for (_, st), a in zip(due, as_ofs, strict=True)])
+        for (cid, st), s in zip(due, scored, strict=True):
+            emit = self._settle(st, s, now_ms)
             outs.append(StateWrite(cid, st))
             if emit is not None:
                 outs.append(emit)
-            budget -= 1
         self.mature(states)
         return outs
 
@@ -647,45 +839,83 @@ class Scorer:
 
     def _learn_day(self, day: int, states: Iterable[tuple[str, State]]) -> int:
         cfg = self.config
+        every = cfg.snapshot_every_days
+        phase = day % every
         end = day * DAY
-        t = end - (cfg.prediction_window_days + cfg.churn_horizon_days) * DAY
-        phase = day % cfg.snapshot_every_days
         n = 0
         for cid, st in states:
-            if zlib.crc32(cid.encode()) % cfg.snapshot_every_days != phase:
+            if zlib.crc32(cid.encode()) % every != phase:
                 continue
-            example = self.example(st, t)
-            if example is None:
-                continue
-            x, y, cx = example
-            self.model.learn(x, y, at=end)
-            self.model.learn_cluster(cx)
-            n += 1
+            for x, y, cx in self.examples(st, day):
+                self.model.learn(x, y, at=end)
+                self.model.learn_cluster(cx)
+                n += 1
         return n
 
-    def example(self, st: State, t: int) -> tuple[dict[str, float], bool, dict[str, float]] | None:
-        """The training example of a customer snapshotted at ``t`` (a day boundary), judged
-        ``prediction_window + churn_horizon`` days later: churned when it cancelled within the
-        prediction window, or had no activity at all in the ``churn_horizon`` days after it
-        (its inactivity began inside the window). None when the customer is not eligible at
-        ``t``: too new, already cancelled, or inactive for the whole horizon before ``t``.
+    def examples(
+        self, st: State, day: int
+    ) -> list[tuple[dict[str, float], bool, dict[str, float]]]:
+        """The customer's training examples whose label became known in the
+        ``snapshot_every_days`` days up to the day boundary ``day`` (all data before it final).
+
+        A snapshot is taken on day boundaries ``t`` (one in ``snapshot_every_days``) of
+        customers at least ``min_tenure_days`` old, not cancelled, and active in the
+        ``churn_horizon_days`` before ``t``; its features are recomputed from the buckets as
+        of ``t``. Its label is *churned within the prediction window* ``w``, known as soon as
+        it is determined:
+
+        * cancelled in ``[t, t + w)``: churned, known the day after the cancellation;
+        * a *regular* customer (active on at least ``min_active_days`` of the 28 days before
+          ``t``): let ``last`` be its last active day before ``t + w``; churned if it is then
+          inactive for the horizon ``h`` (known at ``max(t + w, last + 1 + h)``), not churned
+          as soon as it is active again within ``h`` days (and the window has passed);
+        * a *sparse* customer: 30 quiet days are its normal, so only a cancellation counts;
+          not churned once the window has passed.
+
+        The label matures as early as the data decide it (a negative typically ``w + 1`` days
+        after ``t``, a churn by inactivity ``h + 1`` days after the last activity), so the
+        model learns recent churn patterns sooner than waiting ``w + h`` for every label.
         """
         cfg = self.config
-        h, w = cfg.churn_horizon_days, cfg.prediction_window_days
-        if st["first_seen_ms"] > t - cfg.min_tenure_days * DAY:
-            return None
+        h, w, every = cfg.churn_horizon_days, cfg.prediction_window_days, cfg.snapshot_every_days
+        first_day = -(-st["first_seen_ms"] // DAY) + cfg.min_tenure_days  # earliest snapshot
         cancel = st["last_cancel_ms"]
-        if cancel is not None and cancel < t:
-            return None
-        end = t + (w + h) * DAY
+        cancel_day = None if cancel is None else cancel // DAY
         b = self.buckets(st["customer_id"], st)
-        active = day_matrix(st, end - 1, b)[:, C["active_days"]]
-        # rows: [0, h) the horizon after the window, [h, h + w) the window, then before t
-        if not active[h + w : h + w + h].any():
-            return None
-        churned = (cancel is not None and cancel < t + w * DAY) or not active[:h].any()
-        vec = compute(st, t - 1, b).vector
-        return model_input(vec), churned, cluster_input(vec, engagement(vec))
+        # act[k]: activity on day (day - 1 - k); everything before ``day`` is final
+        act = active_days(st, day * DAY - 1, b)
+        out = []
+        # snapshot days in phase with ``day - w``: the newest is before ``day``; the oldest can
+        # be decided at ``t + w + h``
+        newest = day - 1 - (w - 1) % every
+        # the buckets must still hold the 56 days before a snapshot (its baselines)
+        oldest = max(day - w - h - every + 1, int(st["head_day"]) - RING + 57)
+        for t in range(newest, oldest - 1, -every):
+            if t < first_day or (cancel_day is not None and cancel < t * DAY):
+                continue
+            k = day - t  # act[k] is day t - 1
+            if True not in act[k : k + h]:
+                continue  # not active in the horizon before t
+            if cancel_day is not None and cancel_day < t + w:
+                churned, known = True, cancel_day + 1
+            elif t + w > day:
+                continue  # the window is not over yet
+            elif act[k : k + 28].count(True) < cfg.min_active_days:
+                churned, known = False, t + w
+            else:
+                k_last = act.index(True, k - w)  # the last active day before t + w
+                last = day - 1 - k_last
+                after = act[max(0, k_last - h) : k_last]  # days last + h .. last + 1
+                if True in after:
+                    back = after[::-1].index(True)  # days after ``last`` until active again
+                    churned, known = False, max(t + w, last + 2 + back)
+                else:
+                    churned, known = True, max(t + w, last + 1 + h)
+            if not day - every < known <= day:
+                continue
+            vec = compute(st, t * DAY - 1, b).vector
+            out.append((model_input(vec), churned, cluster_input(vec, engagement(vec))))
+        return out
 
     # -- checkpoints ---------------------------------------------------------------------
     def checkpoint(self, name: str, now_ms: int) -> dict[str, Any]:

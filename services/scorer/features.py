@@ -2,7 +2,7 @@
 
 A customer's state is a plain dict shaped like the Avro record ``io.segflow.ScorerState``:
 scalar recency timestamps and lifetime counters, plus ``buckets``, a zlib-compressed block of
-daily buckets for the last :data:`RING` (120) days (a ring indexed by ``day % RING``;
+daily buckets for the last :data:`RING` (128) days (a ring indexed by ``day % RING``;
 ``head_day`` is the newest day in it). Each day holds one saturating 8-bit count per signal
 (:data:`SIGNALS`) and two 32-bit floats (revenue, sum of ticket sentiment). Raw events are
 never kept, so the state is bounded whatever the event rate.
@@ -25,7 +25,7 @@ from __future__ import annotations
 
 import math
 import zlib
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -38,9 +38,12 @@ HOUR = 60 * MINUTE
 DAY = 24 * HOUR
 
 #: Days of history kept per customer: the longest window (90) and, for the churn model's
-#: matured examples, the prediction window plus the inactivity horizon plus the model's own
-#: look-back (30 + 30 + 56 days, see services.scorer.core).
-RING = 120
+#: matured examples, the 56 days of look-back before a snapshot plus up to the prediction
+#: window, the inactivity horizon and a week (30 + 30 + 7) until its label is learned, plus
+#: the lateness (see services.scorer.core).
+RING = 128
+#: The ring of states written before it grew from 120 days (read with their head day).
+LEGACY_RING = 120
 #: Window lengths in days.
 WINDOWS = (3, 7, 10, 14, 21, 28, 90)
 #: Daily count signals, in bucket column order.
@@ -133,6 +136,9 @@ NEVER_DAYS = 999.0
 _COUNT_BYTES = RING * N_SIG
 _FLOAT_BYTES = RING * 2 * 4
 _BLOB_BYTES = _COUNT_BYTES + _FLOAT_BYTES
+_LEGACY_BYTES = LEGACY_RING * (N_SIG + 2 * 4)
+#: ``idle_days_*`` are capped here (they count back through the ring).
+IDLE_CAP_DAYS = 120
 
 State = dict[str, Any]
 
@@ -184,8 +190,35 @@ SCALAR_FEATURES = [f"days_since_{n}" for n in RECENCY] + [
     "cancelled",
     "high_value_zip",
 ]
+#: Longer-term behaviour over the 8 weeks (56 days) ending with ``as_of``: the last 14 days
+#: against the 42 before them and the last 7 against the busiest week (log ratios, +1
+#: smoothed: 0 = unchanged, -1.1 = a third), the slope of log weekly activity (per week),
+#: idle time against the customer's usual gap between active days (or purchases), and the
+#: mix of the customer's behaviour (rates that do not depend on how active it is);
+#: ``usual_gap_days_active``: days per active day in the 56 days up to its last active day
+#: (how long a silence is normal for this customer; 56 when it was active once).
+TREND_FEATURES = [
+    "activity_14d_vs_prior42_log_ratio",
+    "sessions_14d_vs_prior42_log_ratio",
+    "feature_use_14d_vs_prior42_log_ratio",
+    "opens_14d_vs_prior42_log_ratio",
+    "activity_7d_vs_peak_week_log_ratio",
+    "activity_trend_8w",
+    "active_days_56d",
+    "sessions_56d",
+    "purchases_56d",
+    "idle_vs_usual_gap_active",
+    "idle_vs_usual_gap_purchase",
+    "feature_use_per_session_56d",
+    "page_views_per_session_56d",
+    "cart_views_per_session_56d",
+    "avg_order_value_56d",
+    "open_rate_56d",
+    "clicks_per_open_56d",
+    "usual_gap_days_active",
+]
 FEATURE_NAMES: tuple[str, ...] = tuple(
-    WINDOW_FEATURES + CHANGE_FEATURES + IDLE_FEATURES + SCALAR_FEATURES
+    WINDOW_FEATURES + CHANGE_FEATURES + IDLE_FEATURES + SCALAR_FEATURES + TREND_FEATURES
 )
 
 # Rows of the cumulative day matrix that compute() reads (k = sum of the last k + 1 days).
@@ -221,14 +254,24 @@ _SMALL_FLAT = np.array(
 _IDLE_COLS = np.array([C[c] for _, c in _IDLE])
 _BACK = np.arange(RING)
 _ACT = np.array(ACTIVITY)
+_ACT_MASK = np.array([1.0 if i in ACTIVITY else 0.0 for i in range(N_SIG)])
 _N_WIN, _N_CH, _N_IDLE = len(WINDOW_FEATURES), len(CHANGE_FEATURES), len(IDLE_FEATURES)
 _O_CH = _N_WIN
 _O_IDLE = _O_CH + _N_CH
 _O_SC = _O_IDLE + _N_IDLE
+_O_TR = _O_SC + len(SCALAR_FEATURES)
+_TREND_COLS = [C[c] for c in ("activity", "sessions", "feature_use", "opens")]
+#: Centred week index (newest week first) for the activity slope, and its sum of squares.
+_WEEK_X = [3.5 - i for i in range(8)]
+_WEEK_XX = sum(x * x for x in _WEEK_X)
+_SESSIONS, _PURCHASES, _OPENS = C["sessions"], C["purchases"], C["opens"]
+_FEATURE_USE, _PAGE_VIEWS, _CART_VIEWS = C["feature_use"], C["page_views"], C["cart_views"]
+_EMAILS_SENT, _CLICKS = C["emails_sent"], C["clicks"]
 _LAST_FIELDS = tuple(f"last_{n}_ms" for n in RECENCY)
 #: Ring slots of the days going back from a day in slot ``i``.
 _SLOTS = [(i - _BACK) % RING for i in range(RING)]
 _REV, _ACTIVITY, _ACTIVE = C["revenue"], C["activity"], C["active_days"]
+_WEEK_ROWS_ABS = np.arange(6, 56, 7)  # cumulative rows of the last 1, 2, ..., 8 weeks
 _FLOAT_ZERO = np.zeros((RING, 2), dtype=np.float32)
 
 #: Clip of relative changes (a customer going from 0.1 to 5 a day is "+10", not "+49").
@@ -284,14 +327,33 @@ class Buckets:
         ).reshape(RING, 2)
 
     @classmethod
-    def load(cls, blob: bytes) -> Buckets:
-        """Decompress a state's ``buckets`` field (empty bytes: all zero)."""
+    def load(cls, blob: bytes, head_day: int | None = None) -> Buckets:
+        """Decompress a state's ``buckets`` field (empty bytes: all zero). A block written
+        with the former 120-day ring is converted when its ``head_day`` is given."""
         if not blob:
             return cls(bytearray(_BLOB_BYTES))
         raw = bytearray(zlib.decompress(blob))
+        if len(raw) == _LEGACY_BYTES and head_day is not None:
+            return cls._from_legacy(raw, head_day)
         if len(raw) != _BLOB_BYTES:
             raise ValueError(f"bucket block has {len(raw)} bytes, expected {_BLOB_BYTES}")
         return cls(raw)
+
+    @classmethod
+    def of(cls, st: State) -> Buckets:
+        """The buckets of a state (converting a 120-day block)."""
+        return cls.load(st["buckets"], int(st["head_day"]))
+
+    @classmethod
+    def _from_legacy(cls, raw: bytearray, head_day: int) -> Buckets:
+        n = LEGACY_RING
+        counts = np.frombuffer(raw, dtype=np.uint8, count=n * N_SIG).reshape(n, N_SIG)
+        floats = np.frombuffer(raw, dtype=np.float32, count=n * 2, offset=n * N_SIG).reshape(n, 2)
+        days = head_day - np.arange(n)
+        b = cls(bytearray(_BLOB_BYTES))
+        b.counts[days % RING] = counts[days % n]
+        b.floats[days % RING] = floats[days % n]
+        return b
 
     def dump(self) -> bytes:
         """The compressed block (raw deflate of the counts and floats)."""
@@ -322,7 +384,7 @@ def apply_event(st: State, event: Mapping[str, Any], b: Buckets | None = None) -
     them back. Events older than the ring only update scalars.
     """
     if b is None:
-        b = Buckets.load(st["buckets"])
+        b = Buckets.of(st)
     t = int(event["occurred_at"])
     kind = str(event["event_type"])
     day = t // DAY
@@ -374,6 +436,15 @@ def apply_event(st: State, event: Mapping[str, Any], b: Buckets | None = None) -
         if rec is not None:
             _latest(st, f"last_{rec}_ms", t)
     return b
+
+
+def upgrade(st: State) -> bool:
+    """Convert a state written with the 120-day ring in place; whether it was one."""
+    blob = st["buckets"]
+    if not blob or len(zlib.decompress(blob)) != _LEGACY_BYTES:
+        return False
+    st["buckets"] = Buckets.of(st).dump()
+    return True
 
 
 def store_buckets(st: State, b: Buckets) -> None:
@@ -428,7 +499,7 @@ def merge_into(survivor: State, absorbed: State) -> State:
     ('a', 3, 2.0)
     """
     out = dict(survivor)
-    ba, bb = Buckets.load(survivor["buckets"]), Buckets.load(absorbed["buckets"])
+    ba, bb = Buckets.of(survivor), Buckets.of(absorbed)
     head = max(survivor["head_day"], absorbed["head_day"])
     advance(ba, out, head)
     tmp = dict(absorbed)
@@ -478,20 +549,39 @@ def day_matrix(st: State, as_of: int, b: Buckets | None = None) -> npt.NDArray[n
     """Per-day values going back from the day of ``as_of`` (row k = k days before it), with
     the derived columns of :data:`COLUMNS`; days after ``as_of`` or outside the ring are 0."""
     if b is None:
-        b = Buckets.load(st["buckets"])
+        b = Buckets.of(st)
     head = int(st["head_day"])
     day = as_of // DAY
     slots = _SLOTS[day % RING]
     m = np.empty((RING, _N_COLS), dtype=np.float64)
-    m[:, :N_SIG] = b.counts[slots]
-    m[:, _REV : _REV + 2] = b.floats[slots]
+    m[:, :N_SIG] = b.counts.take(slots, axis=0)
+    m[:, _REV : _REV + 2] = b.floats.take(slots, axis=0)
     if day != head:  # some rows are after the head or older than the ring
-        days = day - _BACK
-        m[(days > head) | (days <= head - RING)] = 0.0
-    act = m[:, _ACT].sum(axis=1)
+        if day > head:
+            m[: min(RING, day - head)] = 0.0  # days after the head (nothing there yet)
+        else:
+            m[max(0, RING - (head - day)) :] = 0.0  # days the ring no longer holds
+    act = m[:, :N_SIG] @ _ACT_MASK
     m[:, _ACTIVITY] = act
     m[:, _ACTIVE] = act > 0
     return m
+
+
+def active_days(st: State, as_of: int, b: Buckets | None = None) -> list[bool]:
+    """Whether the customer was active on each day going back from the day of ``as_of``
+    (item k = k days before it; the :data:`RING` days the buckets hold)."""
+    if b is None:
+        b = Buckets.of(st)
+    head = int(st["head_day"])
+    day = as_of // DAY
+    act: list[bool] = (b.counts.take(_SLOTS[day % RING], axis=0) @ _ACT_MASK > 0).tolist()
+    if day > head:
+        n = min(RING, day - head)
+        act[:n] = [False] * n
+    elif day < head:
+        n = min(RING, head - day)
+        act[RING - n :] = [False] * n
+    return act
 
 
 def compute(st: State, as_of: int, b: Buckets | None = None) -> Features:
@@ -507,9 +597,89 @@ def compute(st: State, as_of: int, b: Buckets | None = None) -> Features:
     # rate change vs the prior 28 days: -1 stopped, 0 same (or both zero), capped at +10
     vec[_O_CH:_O_IDLE] = np.minimum((cur - base) / np.maximum(base, 1e-9), MAX_CHANGE)
     # idle days: leading days with nothing (the cumulative sum is still zero)
-    vec[_O_IDLE:_O_SC] = (cs[:, _IDLE_COLS] == 0).sum(axis=0)
-    vec[_O_SC:] = _scalars(st, as_of, flat[_SMALL_FLAT].tolist())
+    idle = np.minimum((cs[:, _IDLE_COLS] == 0).sum(axis=0), IDLE_CAP_DAYS)
+    vec[_O_IDLE:_O_SC] = idle
+    vec[_O_SC:_O_TR] = _scalars(st, as_of, flat[_SMALL_FLAT].tolist())
+    _trend(cs, idle, vec)
     return Features(as_of, vec)
+
+
+def compute_many(
+    states: Sequence[State], as_ofs: Sequence[int], buckets: Sequence[Buckets]
+) -> npt.NDArray[np.float64]:
+    """:func:`compute` for many customers at once (one row each, the same values): the
+    day matrices are stacked so the sums, changes and idle days are a few array operations
+    for all of them instead of a few per customer."""
+    k = len(states)
+    m = np.empty((k, RING, _N_COLS), dtype=np.float64)
+    for i, (st, as_of, b) in enumerate(zip(states, as_ofs, buckets, strict=True)):
+        head = int(st["head_day"])
+        day = as_of // DAY
+        slots = _SLOTS[day % RING]
+        mi = m[i]
+        mi[:, :N_SIG] = b.counts.take(slots, axis=0)
+        mi[:, _REV : _REV + 2] = b.floats.take(slots, axis=0)
+        if day > head:
+            mi[: min(RING, day - head)] = 0.0
+        elif day < head:
+            mi[max(0, RING - (head - day)) :] = 0.0
+    act = m[:, :, :N_SIG] @ _ACT_MASK
+    m[:, :, _ACTIVITY] = act
+    m[:, :, _ACTIVE] = act > 0
+    cs = np.cumsum(m, axis=1)
+    flat = cs[:, _ROWS, :].reshape(k, -1)
+    out = np.empty((k, len(FEATURE_NAMES)))
+    out[:, :_O_CH] = flat[:, _WIN_FLAT]
+    cur = flat[:, _CUR_FLAT]
+    base = (flat[:, _PRIOR_FLAT] - cur) / 28.0
+    cur /= _CUR_LEN
+    out[:, _O_CH:_O_IDLE] = np.minimum((cur - base) / np.maximum(base, 1e-9), MAX_CHANGE)
+    idle = np.minimum((cs[:, :, _IDLE_COLS] == 0).sum(axis=1), IDLE_CAP_DAYS)
+    out[:, _O_IDLE:_O_SC] = idle
+    small = flat[:, _SMALL_FLAT].tolist()
+    for i, (st, as_of) in enumerate(zip(states, as_ofs, strict=True)):
+        out[i, _O_SC:_O_TR] = _scalars(st, as_of, small[i])
+        _trend(cs[i], idle[i], out[i])
+    return out
+
+
+def _trend(
+    cs: npt.NDArray[np.float64], idle: npt.NDArray[np.float64], vec: npt.NDArray[np.float64]
+) -> None:
+    """The :data:`TREND_FEATURES` from the cumulative day matrix (in place; plain floats:
+    a handful of numbers is cheaper in Python than in numpy calls)."""
+    c56 = cs[55].tolist()
+    c14 = cs[13].tolist()
+    log = math.log
+    out = [
+        log((c14[c] + 1.0) / ((c56[c] - c14[c]) / 3.0 + 1.0))  # 42 days before, per 14
+        for c in _TREND_COLS
+    ]
+    cum = cs[_WEEK_ROWS_ABS, _ACTIVITY].tolist()
+    weeks = [cum[0]] + [cum[i] - cum[i - 1] for i in range(1, 8)]
+    out.append(log((weeks[0] + 1.0) / (max(weeks) + 1.0)))
+    out.append(sum(x * math.log1p(w) for x, w in zip(_WEEK_X, weeks, strict=True)) / _WEEK_XX)
+    active56, sessions, purchases = c56[_ACTIVE], c56[_SESSIONS], c56[_PURCHASES]
+    idle_active, idle_purchase = min(float(idle[0]), 60.0), min(float(idle[1]), 60.0)
+    per_session = 1.0 / max(sessions, 1.0)
+    opens = c56[_OPENS]
+    out += [
+        active56,
+        sessions,
+        purchases,
+        log((idle_active + 1.0) / (56.0 / max(active56, 1.0) + 1.0)),
+        log((idle_purchase + 1.0) / (56.0 / max(purchases, 0.5) + 1.0)),
+        c56[_FEATURE_USE] * per_session,
+        c56[_PAGE_VIEWS] * per_session,
+        c56[_CART_VIEWS] * per_session,
+        c56[_REV] / max(purchases, 1.0),
+        opens / max(c56[_EMAILS_SENT], 1.0),
+        c56[_CLICKS] / max(opens, 1.0),
+    ]
+    first = int(idle[0])  # rows before it have no activity: sum the 56 days from it on
+    days = min(56, RING - first)
+    out.append(days / max(float(cs[min(first + 55, RING - 1), _ACTIVE]), 1.0) if days > 0 else 56.0)
+    vec[_O_TR:] = out
 
 
 def _scalars(st: State, as_of: int, small: list[float]) -> list[float]:

@@ -19,10 +19,11 @@ from __future__ import annotations
 
 import math
 import pickle
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from typing import Any
 
 import numpy as np
+import numpy.typing as npt
 from river import base
 from river import cluster as _cluster
 from river import compose as _compose
@@ -49,10 +50,15 @@ VERSION = "0.1.0"
 class ChurnClassifier(base.Classifier):
     """Binary churn classifier: standard scaling then logistic regression, with explanations.
 
+    The weights learn with AdaGrad: per-feature steps that shrink as evidence accumulates. With
+    plain SGD the model a day of matured labels leaves behind depended on the order in which
+    the customers were visited (ROC AUC against the simulator's truth moved from 0.70 to 0.60
+    with the order alone); AdaGrad's does not.
+
     Parameters
     ----------
     lr
-        SGD learning rate of the weights.
+        AdaGrad learning rate of the weights.
     intercept_lr
         Learning rate of the intercept.
     l2
@@ -70,15 +76,25 @@ class ChurnClassifier(base.Classifier):
     ['logins', 'idle_days']
     """
 
-    def __init__(self, lr: float = 0.01, intercept_lr: float = 0.02, l2: float = 0.0001) -> None:
+    def __init__(self, lr: float = 0.005, intercept_lr: float = 0.02, l2: float = 0.0001) -> None:
         self.lr = lr
         self.intercept_lr = intercept_lr
         self.l2 = l2
         self.scaler = preprocessing.StandardScaler()
         self.logreg = linear_model.LogisticRegression(
-            optimizer=optim.SGD(lr), intercept_lr=intercept_lr, l2=l2
+            optimizer=optim.AdaGrad(lr), intercept_lr=intercept_lr, l2=l2
         )
         self.pipeline = compose.Pipeline(self.scaler, self.logreg)
+        self._arrays: tuple[Any, ...] | None = None  # (names, mean, 1/std, weights, intercept)
+
+    def __getstate__(self) -> dict[str, Any]:
+        state = dict(self.__dict__)
+        state["_arrays"] = None  # derived: rebuilt on first use
+        return state
+
+    def __setstate__(self, state: dict[str, Any]) -> None:
+        state.setdefault("_arrays", None)
+        self.__dict__.update(state)
 
     @property
     def _multiclass(self) -> bool:
@@ -86,6 +102,7 @@ class ChurnClassifier(base.Classifier):
 
     def learn_one(self, x: dict[Any, Any], y: Any, **kwargs: Any) -> None:
         self.pipeline.learn_one(x, bool(y))
+        self._arrays = None
 
     def predict_proba_one(self, x: dict[Any, Any], **kwargs: Any) -> dict[Any, float]:
         p: float = self.pipeline.predict_proba_one(x)[True]
@@ -107,6 +124,55 @@ class ChurnClassifier(base.Classifier):
         contrib = [(name, w[name] * zi) if name in w else (name, 0.0) for name, zi in z.items()]
         contrib.sort(key=lambda kv: -abs(kv[1]))
         return p, contrib
+
+    def predict_explain_array(
+        self, names: Sequence[str], x: npt.NDArray[np.float64], k: int
+    ) -> tuple[float, list[tuple[str, float]]]:
+        """:meth:`predict_explain_one` for a vector ``x`` of the features ``names`` (always
+        the same sequence object), with the ``k`` largest contributions: the same arithmetic
+        on arrays cached from the scaler and the weights until the model learns again.
+
+        >>> clf = ChurnClassifier()
+        >>> for _ in range(30):
+        ...     clf.learn_one({"idle": 9.0, "logins": 0.0}, True)
+        ...     clf.learn_one({"idle": 0.0, "logins": 5.0}, False)
+        >>> names = ("idle", "logins")
+        >>> p, top = clf.predict_explain_array(names, np.array([8.0, 1.0]), 1)
+        >>> round(p, 9) == round(clf.predict_proba_one({"idle": 8.0, "logins": 1.0})[True], 9)
+        True
+        """
+        p, tops = self.predict_explain_matrix(names, x[None, :], k)
+        return float(p[0]), tops[0]
+
+    def predict_explain_matrix(
+        self, names: Sequence[str], x: npt.NDArray[np.float64], k: int
+    ) -> tuple[npt.NDArray[np.float64], list[list[tuple[str, float]]]]:
+        """:meth:`predict_explain_array` for the rows of ``x`` (one customer each)."""
+        arrays = self._arrays
+        if arrays is None or arrays[0] is not names:
+            arrays = self._arrays = self._snapshot(names)
+        _, mean, inv_std, weights, intercept = arrays
+        contrib = (x - mean) * inv_std * weights
+        raw = contrib.sum(axis=1) + intercept
+        with np.errstate(over="ignore"):
+            p = 1.0 / (1.0 + np.exp(-np.clip(raw, -30.0, 30.0)))
+        p = np.where(raw < -30, 0.0, np.where(raw > 30, 1.0, p))
+        p = np.where(np.isfinite(p), np.clip(p, 0.0, 1.0), 0.5)
+        order = np.argsort(-np.abs(contrib), axis=1, kind="stable")[:, :k]
+        picked = np.take_along_axis(contrib, order, axis=1).tolist()
+        tops = [
+            [(names[j], c) for j, c in zip(row, vals, strict=True)]
+            for row, vals in zip(order.tolist(), picked, strict=True)
+        ]
+        return p, tops
+
+    def _snapshot(self, names: Sequence[str]) -> tuple[Any, ...]:
+        scaler, w = self.scaler, self.logreg._weights
+        mean = np.array([scaler.means.get(n, 0.0) for n in names])
+        var = np.array([scaler.vars.get(n, 0.0) for n in names])
+        inv_std = np.divide(1.0, np.sqrt(var), out=np.zeros(len(names)), where=var > 0)
+        weights = np.array([w.get(n, 0.0) for n in names])
+        return names, mean, inv_std, weights, float(self.logreg.intercept)
 
     @classmethod
     def _unit_test_params(cls) -> Any:
@@ -205,6 +271,18 @@ class ChurnModel:
         p, contrib = self.classifier.predict_explain_one(x)
         return p, contrib[:k]
 
+    def predict_explain_array(
+        self, names: Sequence[str], x: npt.NDArray[np.float64], k: int = 5
+    ) -> tuple[float, list[tuple[str, float]]]:
+        """:meth:`predict_explain` for a vector of the features ``names`` (fast path)."""
+        return self.classifier.predict_explain_array(names, x, k)
+
+    def predict_explain_matrix(
+        self, names: Sequence[str], x: npt.NDArray[np.float64], k: int = 5
+    ) -> tuple[npt.NDArray[np.float64], list[list[tuple[str, float]]]]:
+        """:meth:`predict_explain_array` for the rows of ``x``."""
+        return self.classifier.predict_explain_matrix(names, x, k)
+
     def learn(self, x: Mapping[str, float], y: bool, at: int | None = None) -> None:
         """Test then train: score ``x`` with the current model, update the metrics and the
         drift detector with the matured label, then learn from it."""
@@ -230,6 +308,11 @@ class ChurnModel:
     # -- clusters -----------------------------------------------------------------------
     def cluster(self, cx: Mapping[str, float]) -> int:
         """The nearest centroid (as ``KMeans.predict_one``, on a cached centroid matrix)."""
+        v = np.array([[cx[n] for n, _ in CLUSTER_DIMS]])
+        return int(self.cluster_rows(v)[0])
+
+    def cluster_rows(self, v: npt.NDArray[np.float64]) -> npt.NDArray[np.int64]:
+        """The nearest centroid of each row of ``v`` (columns in :data:`CLUSTER_DIMS` order)."""
         if self._centers is None or self._centers_at != self.n_clustered:
             ids = sorted(self.kmeans.centers)
             self._center_ids = ids
@@ -237,8 +320,11 @@ class ChurnModel:
                 [[self.kmeans.centers[k][n] for n, _ in CLUSTER_DIMS] for k in ids]
             )
             self._centers_at = self.n_clustered
-        v = np.array([cx[n] for n, _ in CLUSTER_DIMS])
-        return int(self._center_ids[int(((self._centers - v) ** 2).sum(axis=1).argmin())])
+        d2 = ((v[:, None, :] - self._centers[None, :, :]) ** 2).sum(axis=2)
+        nearest: npt.NDArray[np.int64] = np.asarray(self._center_ids, dtype=np.int64)[
+            d2.argmin(axis=1)
+        ]
+        return nearest
 
     def learn_cluster(self, cx: Mapping[str, float]) -> None:
         self.kmeans.learn_one(dict(cx))

@@ -237,3 +237,131 @@ def test_any_history_scores_within_bounds(events: list[tuple[str, int]]) -> None
     s = h.sc.score(st, st["last_event_ms"] + 3 * DAY)
     assert 0.0 <= s.churn <= 1.0 and 0.0 <= s.engagement <= 100.0
     assert np.isfinite(compute(st, st["last_event_ms"]).vector).all()
+
+
+# -- churn labels ------------------------------------------------------------------------------
+DAY0 = T0 // DAY
+
+
+def _history(days: range, cancel_day: int | None = None) -> tuple[Scorer, dict[str, Any]]:
+    events = [ev("login", T0 + d * DAY + HOUR) for d in days]
+    if cancel_day is not None:
+        events.append(ev("subscription_cancel", T0 + cancel_day * DAY + 2 * HOUR))
+    sc = Scorer(ScorerConfig())
+    st = None
+    for e in sorted(events, key=lambda e: e["occurred_at"]):
+        st, _ = sc.on_event(st, "c", e, now_ms=e["occurred_at"])
+    assert st is not None
+    return sc, st
+
+
+def _labels(sc: Scorer, st: dict[str, Any], day: int) -> list[bool]:
+    return [churned for _, churned, _ in sc.examples(st, DAY0 + day)]
+
+
+def test_a_churn_by_silence_is_learned_31_days_after_the_last_activity() -> None:
+    sc, st = _history(range(0, 41))  # active every day up to day 40, then silent for good
+    # snapshots t = D - 30, D - 37, ... whose window reaches past the last activity (t > 10)
+    # are known churned on day 71 = last active day + 1 + the 30-day horizon, not 60 days
+    # after each snapshot
+    assert _labels(sc, st, 71) == [True] * 5
+    assert _labels(sc, st, 70) == []
+    assert _labels(sc, st, 64) == []  # a week earlier: nothing decided yet
+
+
+def test_an_active_customer_is_learned_as_not_churned_once_the_window_has_passed() -> None:
+    sc, st = _history(range(0, 100))
+    assert _labels(sc, st, 80) == [False]  # snapshot 43: active again on day 73 = 43 + 30
+    assert all(not y for d in range(40, 120) for y in _labels(sc, st, d))
+
+
+def test_a_snapshot_whose_baseline_left_the_buckets_is_not_learned() -> None:
+    # the buckets hold 128 days: a snapshot more than 71 days behind the newest event would
+    # see its 8-week baseline truncated, unlike any live score: it is skipped
+    sc, st = _history(range(0, 120))
+    assert _labels(sc, st, 80) == []
+
+
+def test_a_cancellation_is_learned_the_next_day() -> None:
+    sc, st = _history(range(0, 60), cancel_day=40)
+    # every snapshot whose 30-day window holds day 40: 39, 32, 25, 18, 11
+    assert _labels(sc, st, 41) == [True] * 5
+    assert all(not y for y in _labels(sc, st, 38))
+
+
+def test_a_sparse_customer_is_not_labelled_churned_by_silence() -> None:
+    # active once every 15 days: 30 quiet days are its normal, only a cancellation counts
+    sc, st = _history(range(0, 61, 15))
+    labels = [y for d in range(20, 130) for y in _labels(sc, st, d)]
+    assert labels and not any(labels)
+
+
+def test_a_sparse_customer_is_churned_only_after_three_of_its_usual_gaps() -> None:
+    cfg = ScorerConfig()
+    sc, st = _history(range(0, 61, 20))  # active every 20 days, then silent after day 60
+    at = lambda d: sc.score(st, T0 + d * DAY + 2 * HOUR).stage  # noqa: E731
+    assert at(60 + 35) == "at_risk"  # 35 quiet days: 1.5 usual gaps, not 3
+    assert at(60 + 57) == "churned"
+    _, regular = _history(range(0, 61))
+    assert sc.score(regular, T0 + 95 * DAY).stage == "churned"  # 35 days for a daily one
+    assert cfg.churn_horizon_days == 30
+
+
+# -- the event-time clock ------------------------------------------------------------------------
+def test_a_partition_with_unread_records_holds_the_clock_back() -> None:
+    sc = Scorer(ScorerConfig())
+    sc.on_batch({0: 3}, {0: 0, 1: 5}, now_ms=0)  # partition 1 has 5 records not read yet
+    store: dict[str, Any] = {}
+    for i in range(3):  # a week of partition 0
+        t = T0 + i * 3 * DAY
+        store["a"], _ = sc.on_event(store.get("a"), "a", ev("login", t), now_ms=t, source=0)
+    assert sc.max_event_ms is None  # partition 1 never delivered: nothing is known yet
+    sc.on_batch({1: 1}, {0: 0, 1: 0}, now_ms=0)
+    t = T0 + HOUR  # six days older than partition 0's newest: still accepted
+    store["b"], _ = sc.on_event(store.get("b"), "b", ev("login", t), now_ms=t, source=1)
+    assert sc.max_event_ms == T0 + 6 * DAY  # both read to their ends: the newest of all
+
+
+def test_a_partition_read_to_its_end_does_not_stall_the_clock() -> None:
+    sc = Scorer(ScorerConfig())
+    sc.expect_sources([0, 1], now_ms=T0)
+    sc.on_batch({0: 1}, {0: 0, 1: 0}, now_ms=T0)  # partition 1 is empty
+    sc.on_event(None, "a", ev("login", T0), now_ms=T0, source=0)
+    assert sc.max_event_ms == T0
+    unreported = Scorer(ScorerConfig())  # without reports it waits for partition 1 ...
+    unreported.expect_sources([0, 1], now_ms=T0)
+    unreported.on_event(None, "a", ev("login", T0), now_ms=T0, source=0)
+    assert unreported.max_event_ms is None
+    unreported.flush(lambda _: None, lambda: iter(()), now_ms=T0 + 31_000)
+    assert unreported.max_event_ms == T0  # ... until it has been idle for 30 s
+
+
+# -- states compressed once per batch ----------------------------------------------------------
+def test_sealing_once_per_batch_gives_the_same_states_and_scores() -> None:
+    sim = Simulation(SimConfig(customers=30, days=50, seed=3))
+    items = [(d.customer, d.event) for d in sim.run() if isinstance(d, Delivery)]
+
+    def replay(pack: bool) -> tuple[dict[str, Any], list[Any]]:
+        sc = Scorer(ScorerConfig(), pack_states=pack)
+        store: dict[str, Any] = {}
+        scores: list[Any] = []
+
+        def apply(outs: list[Any]) -> None:
+            for o in outs:
+                if isinstance(o, StateWrite) and o.state is not None:
+                    store[o.customer_id] = o.state
+                elif isinstance(o, ScoreEmit) and o.score is not None:
+                    scores.append({**o.score, "scored_at": 0})
+
+        for i, (cid, e) in enumerate(items):
+            apply(sc.on_event(store.get(cid), cid, e, now_ms=e["occurred_at"])[1])
+            if i % 300 == 299:
+                apply(sc.flush(store.get, store.items, e["occurred_at"]))
+                apply(sc.seal())
+        apply(sc.flush(store.get, store.items, items[-1][1]["occurred_at"]))
+        apply(sc.seal())
+        return store, scores
+
+    (packed, a), (sealed, b) = replay(True), replay(False)
+    assert packed == sealed and a == b
+    assert len(a) > 100

@@ -122,6 +122,50 @@ AS_OF = T0 + 60 * DAY + 12 * HOUR
             "purchase_interval_days",
             7.0 + 0.5 * 14.0,
         ),
+        # daily logins that thin out to one in three days over the last 14: against the 42
+        # days before (14 per 14 days), log((4 + 1) / (14 + 1)) = -1.0986
+        (
+            [ev("login", AS_OF - d * DAY) for d in range(14, 56)]
+            + [ev("login", AS_OF - d * DAY) for d in (2, 5, 8, 11)],
+            "activity_14d_vs_prior42_log_ratio",
+            -1.0986,
+        ),
+        # ... the last week (2 logins) against the busiest (7): log(3 / 8)
+        (
+            [ev("login", AS_OF - d * DAY) for d in range(14, 56)]
+            + [ev("login", AS_OF - d * DAY) for d in (2, 5, 8, 11)],
+            "activity_7d_vs_peak_week_log_ratio",
+            -0.9808,
+        ),
+        # a login every 4 days, then 20 days of silence: its usual gap is 4 days, and the
+        # silence is log((20 + 1) / (56 / 9 + 1)) against the last 8 weeks (9 active days)
+        (
+            [ev("login", AS_OF - d * DAY) for d in range(20, 76, 4)],
+            "usual_gap_days_active",
+            4.0,
+        ),
+        (
+            [ev("login", AS_OF - d * DAY) for d in range(20, 76, 4)],
+            "idle_vs_usual_gap_active",
+            1.0674,
+        ),
+        # the mix of behaviour: 3 feature uses and 2 page views per session, 25 per order
+        (
+            [ev("session_start", AS_OF - d * DAY) for d in (1, 9, 20, 30)]
+            + [ev("feature_use", AS_OF - d * DAY) for d in (1, 1, 1, 9, 9, 9, 20, 20, 20, 30)]
+            + [ev("feature_use", AS_OF - d * DAY) for d in (30, 30)]
+            + [ev("page_view", AS_OF - d * DAY) for d in (1, 1, 9, 9, 20, 20, 30, 30)]
+            + [ev("purchase", AS_OF - d * DAY, amount=a) for d, a in ((3, 20.0), (40, 30.0))],
+            "feature_use_per_session_56d",
+            3.0,
+        ),
+        (
+            [ev("session_start", AS_OF - d * DAY) for d in (1, 9, 20, 30)]
+            + [ev("page_view", AS_OF - d * DAY) for d in (1, 1, 9, 9, 20, 20, 30, 30)]
+            + [ev("purchase", AS_OF - d * DAY, amount=a) for d, a in ((3, 20.0), (40, 30.0))],
+            "avg_order_value_56d",
+            25.0,
+        ),
         # cart views in 14 days, open recency
         ([ev("cart_view", AS_OF - d * DAY) for d in (1, 2, 4, 13, 15)], "cart_views_14d", 4.0),
         ([ev("email_open", AS_OF - 6 * DAY - 12 * HOUR)], "days_since_open", 6.5),
@@ -192,3 +236,25 @@ def test_replay_fast_or_slow_gives_identical_features() -> None:
             assert a.values == b.values, cid
         keep = [k for k in fast[cid] if not k.startswith(("emitted_", "scored_", "pending"))]
         assert {k: fast[cid][k] for k in keep} == {k: slow[cid][k] for k in keep}
+
+
+def test_a_state_written_with_the_former_120_day_ring_reads_the_same() -> None:
+    import zlib
+
+    import numpy as np
+
+    from services.scorer.features import LEGACY_RING, RING, Buckets, upgrade
+
+    history = [ev("login", AS_OF - d * DAY) for d in range(0, 100, 3)]
+    history += [ev("purchase", AS_OF - d * DAY, amount=7.5) for d in (2, 40, 90)]
+    _, st = feed(history)
+    b = Buckets.of(st)
+    days = st["head_day"] - np.arange(LEGACY_RING)
+    counts = np.zeros((LEGACY_RING, b.counts.shape[1]), dtype=np.uint8)
+    floats = np.zeros((LEGACY_RING, 2), dtype=np.float32)
+    counts[days % LEGACY_RING] = b.counts[days % RING]
+    floats[days % LEGACY_RING] = b.floats[days % RING]
+    old = dict(st, buckets=zlib.compress(counts.tobytes() + floats.tobytes()))
+    assert upgrade(old) and not upgrade(old)
+    for as_of in (AS_OF, AS_OF - 30 * DAY):
+        assert compute(old, as_of).values == compute(st, as_of).values

@@ -16,6 +16,8 @@ from typing import Any
 import pytest
 from confluent_kafka import OFFSET_BEGINNING, Consumer, TopicPartition
 
+from segflow.runtime.kafka import make_producer
+from segflow.runtime.kafka import produce as kafka_produce
 from segflow.runtime.serde import Serde
 from segflow.runtime.settings import Settings
 from segflow.runtime.testing import produce, read_all
@@ -57,7 +59,11 @@ def produce_identified(settings: Settings, records: list[tuple[str, dict[str, An
 
 
 def start(
-    settings: Settings, idle: float = 3.0, delay: float = 0.0, batch: int = 200
+    settings: Settings,
+    idle: float = 3.0,
+    delay: float = 0.0,
+    batch: int = 200,
+    extra: dict[str, str] | None = None,
 ) -> subprocess.Popen[bytes]:
     env = {
         **os.environ,
@@ -68,6 +74,7 @@ def start(
         "SEGFLOW_SCORER_CHECKPOINT_SECONDS": "1",
         "SEGFLOW_SCORER_BATCH_SIZE": str(batch),
         "SEGFLOW_SCORER_PRE_COMMIT_DELAY": str(delay),
+        **(extra or {}),
     }
     log = Path(tempfile.gettempdir()) / f"scorer-{settings.topic_prefix}log"  # kept for failures
     with log.open("ab") as err:
@@ -165,4 +172,77 @@ def test_kill_9_mid_stream_then_restart_counts_every_event_once(kafka_settings: 
     assert 0 < sum(v["lifetime_events"] for v in committed.values()) < len(records)  # mid-stream
     restarted = start(kafka_settings)
     assert restarted.wait(timeout=90) == 0
+    assert_exactly_once(kafka_settings, records)
+
+
+def produce_in_one_transaction(
+    settings: Settings, records: list[tuple[str, dict[str, Any]]]
+) -> None:
+    """Like the identity service: the records become visible on every partition at once."""
+    serde = Serde.from_settings(settings)
+    topic = TOPICS.identified.name(settings)
+    producer = make_producer(settings, **{"transactional.id": f"burst-{uuid.uuid4().hex[:8]}"})
+    producer.init_transactions(30)
+    producer.begin_transaction()
+    for key, value in records:
+        kafka_produce(producer, topic, serde.encode(TOPICS.identified, value), key.encode())
+    producer.commit_transaction(60)
+
+
+def wait_until_consumed(settings: Settings, timeout: float = 60.0) -> bool:
+    """Wait until the scorer's group has committed every record now on the identified topic."""
+    topic = TOPICS.identified.name(settings)
+    target: dict[int, int] = {}
+    for r in read_all(settings, topic):
+        target[r.partition] = max(target.get(r.partition, 0), r.offset + 1)
+    consumer = Consumer({**settings.kafka_config(), "group.id": settings.topic_prefix + "scorer"})
+    parts = [TopicPartition(topic, p) for p in sorted(target)]
+    deadline = time.monotonic() + timeout
+    try:
+        while time.monotonic() < deadline:
+            done = consumer.committed(parts, timeout=10)
+            if all(tp.offset >= target[tp.partition] for tp in done):
+                return True
+            time.sleep(0.2)
+    finally:
+        consumer.close()
+    return False
+
+
+def test_a_burst_after_a_pause_does_not_make_the_other_partitions_late(
+    kafka_settings: Settings,
+) -> None:
+    """A week of event time arrives at once after the inputs went quiet: the first partition
+    read must not carry the clock past the older events still unread on the others (with the
+    default 48 h lateness they would be dead-lettered ``too_late``)."""
+    records = identified(customers=40, days=14)
+    split = records[0][1]["event"]["occurred_at"] + 7 * 86_400_000
+    week1 = [r for r in records if r[1]["event"]["occurred_at"] < split]
+    week2 = [r for r in records if r[1]["event"]["occurred_at"] >= split]
+    proc = start(
+        kafka_settings,
+        idle=10.0,
+        batch=5000,
+        extra={"SEGFLOW_SCORER_SOURCE_IDLE_SECONDS": "1"},
+    )
+    try:
+        produce_in_one_transaction(kafka_settings, week1)
+        assert wait_until_consumed(kafka_settings)
+        # The pause is the scenario: longer than the 1 s after which a partition that
+        # delivered nothing counted as idle and stopped holding the clock back.
+        time.sleep(3.0)
+        produce_in_one_transaction(kafka_settings, week2)
+        assert proc.wait(timeout=120) == 0
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+    serde = Serde.from_settings(kafka_settings)
+    burst = {
+        r.partition
+        for r in read_all(kafka_settings, TOPICS.identified.name(kafka_settings))
+        if serde.decode(TOPICS.identified, r.value)["event"]["occurred_at"] >= split
+    }
+    assert len(burst) == TOPICS.identified.partitions  # every partition had older events waiting
+    letters = [v for _, v in decoded(kafka_settings, TOPICS.dlq) if v]
+    assert [v["reason"] for v in letters] == []
     assert_exactly_once(kafka_settings, records)
