@@ -57,6 +57,7 @@ class ScorerSettings(BaseSettings):
     tick_seconds: float = 1.0
     batch_size: int = 2000
     high_value_zips: str = "10007,94027,90210,02108,60611"
+    reorder_records: int = 2000  # records of one partition that may arrive out of time order
     source_idle_seconds: float = 30.0  # an input partition without a lag report stops
     # holding the event-time clock back after this long without events
     pre_commit_delay: float = 0.0  # fault injection for tests: widen the open-transaction window
@@ -72,6 +73,7 @@ class ScorerSettings(BaseSettings):
             refresh_interval_ms=max(1, int(self.refresh_hours * HOUR)),
             churned_refresh_interval_ms=7 * DAY,
             source_idle_ms=int(self.source_idle_seconds * 1000),
+            reorder_records=self.reorder_records,
             high_value_zips=frozenset(z.strip() for z in self.high_value_zips.split(",") if z),
         )
 

@@ -54,6 +54,7 @@ from __future__ import annotations
 import heapq
 import math
 import zlib
+from collections import deque
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
@@ -113,6 +114,10 @@ class ScorerConfig:
     top_k: int = 5
     clv_months: int = 12
     max_scores_per_flush: int = 50_000
+    #: How many records of one input partition may arrive out of event-time order: the
+    #: identity service re-keys a batch (up to 2,000 records) input partition by input
+    #: partition, so one identified partition holds runs of days that start over.
+    reorder_records: int = 2000
     reactivation_gap_ms: int = 3 * DAY
     source_idle_ms: int = 30_000
     high_value_zips: frozenset[str] = DEFAULT_HIGH_VALUE_ZIPS
@@ -198,6 +203,7 @@ MODEL_INPUTS: tuple[tuple[str, str], ...] = (
     ("sessions_56d", _LOG),
 )
 _MI_NAMES = tuple(n for n, _ in MODEL_INPUTS)
+_CLUSTER_NAMES = tuple(n for n, _ in CLUSTER_DIMS)
 _MI_IDX = np.array([FEATURE_INDEX[n] for n, _ in MODEL_INPUTS])
 _MI_LOG = np.array([i for i, (_, k) in enumerate(MODEL_INPUTS) if k == _LOG])
 _MI_CLIP = np.array([i for i, (_, k) in enumerate(MODEL_INPUTS) if k == _CLIP])
@@ -428,6 +434,10 @@ class Scorer:
     #: hand not handled yet, and records not read yet after the batch (None: unknown).
     _pending: dict[Any, int] = field(default_factory=dict)
     _lag: dict[Any, int | None] = field(default_factory=dict)
+    #: Per input partition: (sequence number, occurred_at) of its last ``reorder_records``
+    #: records that no later record undercuts (the front is their minimum).
+    _recent: dict[Any, deque[tuple[int, int]]] = field(default_factory=dict)
+    _seq: dict[Any, int] = field(default_factory=dict)
     _timers: list[tuple[int, str]] = field(default_factory=list)
     _descriptions: dict[int, str] = field(default_factory=dict)
     emitted: int = 0
@@ -466,6 +476,16 @@ class Scorer:
         the others' events late."""
         old = self._sources.get(source)
         self._sources[source] = (t if old is None or t > old[0] else old[0], now_ms)
+        if source in self._lag:  # the floor only matters for reported partitions
+            recent = self._recent.get(source)
+            if recent is None:
+                recent = self._recent[source] = deque()
+            seq = self._seq[source] = self._seq.get(source, 0) + 1
+            while recent and recent[-1][1] >= t:
+                recent.pop()
+            recent.append((seq, t))
+            if recent[0][0] <= seq - self.config.reorder_records:
+                recent.popleft()
         self._advance(now_ms)
 
     def _holds(self, source: Any, seen: int, now_ms: int) -> bool:
@@ -481,10 +501,23 @@ class Scorer:
         return now_ms - seen <= self.config.source_idle_ms
 
     def _advance(self, now_ms: int) -> None:
-        holding = [t for src, (t, seen) in self._sources.items() if self._holds(src, seen, now_ms)]
+        holding = [
+            self._floor(src, t)
+            for src, (t, seen) in self._sources.items()
+            if self._holds(src, seen, now_ms)
+        ]
         clock = min(holding) if holding else max(t for t, _ in self._sources.values())
         if clock >= 0 and (self.max_event_ms is None or clock > self.max_event_ms):
             self.max_event_ms = clock
+
+    def _floor(self, source: Any, latest: int) -> int:
+        """What a partition that may still deliver holds the clock at: the oldest of its last
+        ``reorder_records`` records when it is reported (its unread records may start over
+        from there), else its latest."""
+        recent = self._recent.get(source)
+        if source in self._lag and recent:
+            return min(latest, recent[0][1])
+        return latest
 
     def expect_sources(self, sources: Iterable[Any], now_ms: int) -> None:
         """Declare input partitions before they deliver: each holds the clock back until its
@@ -842,15 +875,26 @@ class Scorer:
         every = cfg.snapshot_every_days
         phase = day % every
         end = day * DAY
-        n = 0
+        snaps: list[State] = []
+        times: list[int] = []
+        labels: list[bool] = []
         for cid, st in states:
             if zlib.crc32(cid.encode()) % every != phase:
                 continue
-            for x, y, cx in self.examples(st, day):
-                self.model.learn(x, y, at=end)
-                self.model.learn_cluster(cx)
-                n += 1
-        return n
+            for t, churned in self._labelled(st, day):
+                snaps.append(st)
+                times.append(t * DAY - 1)
+                labels.append(churned)
+        for lo in range(0, len(snaps), 512):  # features of a day's examples on stacked arrays
+            chunk = snaps[lo : lo + 512]
+            bs = [self.buckets(st["customer_id"], st) for st in chunk]
+            rows = compute_many(chunk, times[lo : lo + 512], bs)
+            xs = model_matrix(rows).tolist()
+            cxs = cluster_rows(rows, engagement_rows(rows)).tolist()
+            for x, cx, churned in zip(xs, cxs, labels[lo : lo + 512], strict=True):
+                self.model.learn(dict(zip(_MI_NAMES, x, strict=True)), churned, at=end)
+                self.model.learn_cluster(dict(zip(_CLUSTER_NAMES, cx, strict=True)))
+        return len(snaps)
 
     def examples(
         self, st: State, day: int
@@ -876,6 +920,15 @@ class Scorer:
         after ``t``, a churn by inactivity ``h + 1`` days after the last activity), so the
         model learns recent churn patterns sooner than waiting ``w + h`` for every label.
         """
+        b = self.buckets(st["customer_id"], st)
+        out = []
+        for t, churned in self._labelled(st, day):
+            vec = compute(st, t * DAY - 1, b).vector
+            out.append((model_input(vec), churned, cluster_input(vec, engagement(vec))))
+        return out
+
+    def _labelled(self, st: State, day: int) -> list[tuple[int, bool]]:
+        """The (snapshot day, churned) pairs of :meth:`examples`."""
         cfg = self.config
         h, w, every = cfg.churn_horizon_days, cfg.prediction_window_days, cfg.snapshot_every_days
         first_day = -(-st["first_seen_ms"] // DAY) + cfg.min_tenure_days  # earliest snapshot
@@ -884,7 +937,7 @@ class Scorer:
         b = self.buckets(st["customer_id"], st)
         # act[k]: activity on day (day - 1 - k); everything before ``day`` is final
         act = active_days(st, day * DAY - 1, b)
-        out = []
+        out: list[tuple[int, bool]] = []
         # snapshot days in phase with ``day - w``: the newest is before ``day``; the oldest can
         # be decided at ``t + w + h``
         newest = day - 1 - (w - 1) % every
@@ -911,10 +964,8 @@ class Scorer:
                     churned, known = False, max(t + w, last + 2 + back)
                 else:
                     churned, known = True, max(t + w, last + 1 + h)
-            if not day - every < known <= day:
-                continue
-            vec = compute(st, t * DAY - 1, b).vector
-            out.append((model_input(vec), churned, cluster_input(vec, engagement(vec))))
+            if day - every < known <= day:
+                out.append((t, churned))
         return out
 
     # -- checkpoints ---------------------------------------------------------------------

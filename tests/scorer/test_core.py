@@ -322,6 +322,18 @@ def test_a_partition_with_unread_records_holds_the_clock_back() -> None:
     assert sc.max_event_ms == T0 + 6 * DAY  # both read to their ends: the newest of all
 
 
+def test_runs_of_days_that_start_over_within_a_partition_are_not_late() -> None:
+    # what the identity service writes for a burst: one group of customers' week, then the
+    # next group's from its first day again, all on the same partition
+    sc = Scorer(ScorerConfig())
+    days = [d for _ in range(2) for d in range(7)]
+    now = T0 + 7 * DAY
+    sc.on_batch({0: len(days)}, {0: 0}, now_ms=now)
+    for i, d in enumerate(days):  # day 0 after day 6 is 6 days late for a 48 h lateness
+        sc.on_event(None, f"c{i}", ev("login", T0 + d * DAY), now_ms=now, source=0)
+    assert sc.max_event_ms == T0 + 6 * DAY  # read to its end: the clock catches up
+
+
 def test_a_partition_read_to_its_end_does_not_stall_the_clock() -> None:
     sc = Scorer(ScorerConfig())
     sc.expect_sources([0, 1], now_ms=T0)

@@ -10,6 +10,7 @@ import sys
 import tempfile
 import time
 import uuid
+import zlib
 from pathlib import Path
 from typing import Any
 
@@ -209,16 +210,25 @@ def wait_until_consumed(settings: Settings, timeout: float = 60.0) -> bool:
     return False
 
 
-def test_a_burst_after_a_pause_does_not_make_the_other_partitions_late(
+def test_a_burst_after_a_pause_is_not_dead_lettered_as_too_late(
     kafka_settings: Settings,
 ) -> None:
-    """A week of event time arrives at once after the inputs went quiet: the first partition
-    read must not carry the clock past the older events still unread on the others (with the
-    default 48 h lateness they would be dead-lettered ``too_late``)."""
+    """A week of event time arrives at once after the inputs went quiet, written the way the
+    identity service writes a burst: one group of customers after another (it re-keys its
+    input partition by partition), each group's week in time order. So every identified
+    partition holds runs of days that start over, and while one partition is read the others
+    still wait with older events. With the default 48 h lateness none may be dead-lettered
+    ``too_late`` (the demo lost 8,002 of 41,414 events that way)."""
     records = identified(customers=40, days=14)
     split = records[0][1]["event"]["occurred_at"] + 7 * 86_400_000
-    week1 = [r for r in records if r[1]["event"]["occurred_at"] < split]
-    week2 = [r for r in records if r[1]["event"]["occurred_at"] >= split]
+
+    def as_identity_writes(week: list[tuple[str, dict[str, Any]]]) -> list[Any]:
+        return sorted(
+            week, key=lambda r: (zlib.adler32(r[0].encode()) % 4, r[1]["event"]["occurred_at"])
+        )
+
+    week1 = as_identity_writes([r for r in records if r[1]["event"]["occurred_at"] < split])
+    week2 = as_identity_writes([r for r in records if r[1]["event"]["occurred_at"] >= split])
     proc = start(
         kafka_settings,
         idle=10.0,
