@@ -3,7 +3,9 @@
 Each service owns its state in memory; ``services/<name>/api.py`` declares a few routes over
 it and :func:`serve` answers them from a background thread of the service's own process, so
 the state has no second copy. The gateway (:mod:`segflow.api.gateway`) is the only intended
-client: these endpoints have no authentication and bind to 127.0.0.1 by default.
+client: these endpoints have no authentication and bind to 127.0.0.1 unless
+``SEGFLOW_INTERNAL_API_HOST`` says otherwise (containers on a private network, where the gateway
+runs in another container).
 
 Every response is JSON; errors are ``{"error": {"code", "message"}}``. The processing loop
 mutates the tables while a request reads them: a read torn by a concurrent change (a
@@ -35,6 +37,8 @@ from collections.abc import Callable, Mapping
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from typing import Any
 from urllib.parse import parse_qsl, unquote, urlparse
+
+from segflow.runtime.settings import Settings
 
 log = logging.getLogger("segflow.api.internal")
 
@@ -149,9 +153,15 @@ class Routes:
         )
 
 
+LOOPBACK = "127.0.0.1"
+
+
 def serve(routes: Routes, port: int, host: str = "127.0.0.1") -> ThreadingHTTPServer:
     """Answer ``routes`` on ``host:port`` from a daemon thread (port 0 picks a free one:
-    read ``server.server_port``). Stop with ``server.shutdown()``."""
+    read ``server.server_port``). Stop with ``server.shutdown()``. A ``host`` left at the
+    loopback default follows ``SEGFLOW_INTERNAL_API_HOST``."""
+    if host == LOOPBACK:
+        host = Settings().internal_api_host
 
     class Handler(BaseHTTPRequestHandler):
         protocol_version = "HTTP/1.1"

@@ -44,6 +44,10 @@ class Settings(BaseSettings):
     kafka_extra: str = ""
     kafka_password: SecretStr | None = None
     metrics_port: int | None = None
+    # Where the services' internal query endpoints (for the API gateway) bind when the
+    # service leaves it at the loopback default. They have no authentication: widen it
+    # (e.g. 0.0.0.0 in a container) only on a private network, as docker-compose.yml does.
+    internal_api_host: str = "127.0.0.1"
     log_level: str = "INFO"
     log_format: str = "json"
     state_dir: Path = Path(".segflow")

@@ -23,7 +23,11 @@ REPO = Path(__file__).resolve().parents[2]
 COMPOSE = REPO / "docker-compose.yml"
 PROMETHEUS = REPO / "deploy" / "prometheus" / "prometheus.yml"
 GRAFANA_PROVISIONING = REPO / "deploy" / "grafana" / "provisioning"
-SETTINGS_MODULES = ("segflow.runtime.settings", *(f"services.{s}.app" for s in SERVICES))
+SETTINGS_MODULES = (
+    "segflow.runtime.settings",
+    "segflow.api.gateway",
+    *(f"services.{s}.app" for s in SERVICES),
+)
 
 
 @pytest.fixture(scope="module")
@@ -189,3 +193,22 @@ def test_the_image_is_built_from_files_that_exist(services: dict[str, dict[str, 
             *sources, _dest = line.split()[1:]
             for source in sources:
                 assert (REPO / source).exists(), f"COPY {source}: not in the repository"
+
+
+def test_the_api_gateway_reaches_every_service_query_endpoint(
+    services: dict[str, dict[str, Any]],
+) -> None:
+    from segflow.api.gateway import SERVICE_PORT_ENV
+
+    api = services["api"]
+    assert command(api) == ["python", "-m", "segflow.api"]
+    env = api["environment"]
+    assert env["SEGFLOW_API_TOKEN"] == "${SEGFLOW_API_TOKEN:-}"  # from the environment only
+    assert api["ports"] == [f"127.0.0.1:{env['SEGFLOW_API_PORT']}:{env['SEGFLOW_API_PORT']}"]
+    for name in SERVICES:
+        svc_env = {**services[name]["environment"]}
+        port = svc_env[SERVICE_PORT_ENV[name]]
+        assert env[f"SEGFLOW_API_{name.upper()}_URL"] == f"http://{name}:{port}"
+        # bound beyond loopback so another container reaches it, but never published
+        assert svc_env["SEGFLOW_INTERNAL_API_HOST"] == "0.0.0.0"
+        assert not any(str(p).endswith(f":{port}") for p in services[name].get("ports", []))
