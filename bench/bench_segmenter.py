@@ -53,6 +53,8 @@ def _fresh(rng: random.Random, slim: bool = False) -> dict[str, Any]:
             "escalations_7d": float(rng.randrange(5)),
             "sentiment_mean_7d": rng.uniform(-1, 1),
             "activity_14d_vs_prior28_change": rng.uniform(-1, 0.5),
+            "activity_14d_vs_prior42_log_ratio": rng.uniform(-2, 1),
+            "cancelled": float(rng.random() < 0.02),
             "logins_3d_vs_prior28_change": rng.uniform(-1, 0.5),
             "revenue_28d": rng.uniform(0, 300),
             "revenue_28d_vs_prior28_change": rng.uniform(-0.8, 0.5),

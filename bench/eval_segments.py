@@ -19,6 +19,7 @@ open-loop one (the demo's closed loop can differ where actions restore customers
     .venv/bin/python bench/eval_segments.py                       # 300 customers x 84 days
     .venv/bin/python bench/eval_segments.py --customers 1000 --days 180 --seed 3
     .venv/bin/python bench/eval_segments.py --definitions my.yaml --clean --why AtRisk-60d
+    .venv/bin/python bench/eval_segments.py --errors "Silent Decline" --errors AtRisk-60d
 """
 
 from __future__ import annotations
@@ -129,8 +130,21 @@ class Pipeline:
             elif isinstance(o, ScoreEmit) and o.score is not None:
                 self.n_scores += 1
                 if self.keep_scores:
-                    self.scores[o.customer_id].append(o.score)
+                    self.scores[o.customer_id].append(self.compact(o.score))
                 self.segment(self.scores_topic, o.score)
+
+    def compact(self, score: dict[str, Any]) -> dict[str, Any]:
+        """A score reduced to what the definitions read (memory: ~50k scores are kept)."""
+        used = self.segmenter.defs.features
+        values: dict[str, Any] = {
+            k: float(v) for k, v in (score.get("features") or {}).items() if k in used
+        }
+        for k in ("churn_probability", "engagement_score", "clv", "cluster"):
+            if score.get(k) is not None:
+                values[k] = float(score[k])
+        if score.get("lifecycle_stage"):
+            values["lifecycle_stage"] = str(score["lifecycle_stage"])
+        return {"as_of": score["as_of"], "values": values}
 
     def segment(self, topic_name: str, value: dict[str, Any]) -> None:
         topic = TOPICS.merges if topic_name == self.merges_topic else TOPICS.scores
@@ -159,7 +173,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     config = SimConfig(customers=args.customers, days=args.days, seed=args.seed, noise=noise)
     sim = Simulation(config)
     pipe = Pipeline(Path(args.definitions), ScorerConfig())
-    pipe.keep_scores = bool(args.why)
+    pipe.keep_scores = bool(args.why or args.errors)
     truth_of: dict[str, str] = {}
     started = time.perf_counter()
     next_tick = config.start_ms + HOUR
@@ -343,6 +357,8 @@ def report(out: dict[str, Any], args: argparse.Namespace) -> None:
     print("changes: " + ", ".join(f"{k} {v:,}" for k, v in transitions.most_common()))
     if args.why:
         why(args.why, pipe, out["truth_of"], truth, sim.config.start_ms)
+    for segment in args.errors or ():
+        errors(segment, pipe, out["truth_of"], truth, sim.config, args.examples)
 
 
 def why(
@@ -374,22 +390,192 @@ def why(
         for cid in cids_of.get(t["customer"], []):
             for s in pipe.scores.get(cid, []):
                 if onset - 7 * DAY <= s["as_of"] <= onset + 21 * DAY:
-                    values = {
-                        **s["features"],
-                        **{
-                            k: s[k]
-                            for k in (
-                                "churn_probability",
-                                "engagement_score",
-                                "clv",
-                                "lifecycle_stage",
-                            )
-                        },
-                    }
+                    values = s["values"]
                     print(
                         f"  day {(s['as_of'] - onset) / DAY:+6.1f}: "
                         + ", ".join(f"{f}={values.get(f, 'MISSING')}" for f in features)
                     )
+
+
+def _values_at(scores: list[dict[str, Any]], at: int) -> tuple[dict[str, Any], int] | None:
+    """The latest score at or before ``at``, aged as the segmenter ages it, and its as_of."""
+    latest = None
+    for s in scores:
+        if s["as_of"] <= at and (latest is None or s["as_of"] >= latest["as_of"]):
+            latest = s
+    if latest is None:
+        return None
+    values = dict(latest["values"])
+    for k, v in latest["values"].items():
+        if k.startswith("days_since_") and isinstance(v, float):
+            values[k] = v + (at - latest["as_of"]) / DAY
+    return values, latest["as_of"]
+
+
+def _leaf_text(e: Any) -> str:
+    observed = e.observed_text if e.observed is None else f"{e.observed:.3g}"
+    threshold = e.threshold_text if e.threshold is None else f"{e.threshold:.3g}"
+    if e.feature == "weighted_score":
+        return f"weighted={observed}>={threshold}"
+    return f"{e.feature}={observed} {e.operator} {threshold}"
+
+
+def _observed(x: dict[str, Any]) -> str:
+    """An explanation record's observed value as text."""
+    return f"{x['observed']:.3g}" if x["observed"] is not None else str(x["observed_text"])
+
+
+def errors(
+    segment: str,
+    pipe: Pipeline,
+    truth_of: dict[str, str],
+    truth: list[dict[str, Any]],
+    config: SimConfig,
+    limit: int,
+) -> None:
+    """Why a segment is wrong: every member-day wrongly in or out is sampled once a day (noon)
+    and attributed; then a few examples of each.
+
+    * wrongly out (false negative): the enter conditions that fail on the customer's latest
+      score at that instant (aged as the segmenter ages recencies), or "exit rule holds" (the
+      customer qualifies but the exit rule would remove it), or "waiting" (sustain, cooldown,
+      timing);
+    * wrongly in (false positive): where the day lies against the truth (no true stay at all,
+      before the true onset, after the true end) and the value of each enter condition at entry.
+    """
+    obs = pipe.obs
+    defs = pipe.segmenter.defs
+    seg = defs.by_name[segment]
+    thresholds = pipe.segmenter.thresholds
+    true_of = true_customer_of(obs, truth_of)
+    predicted = predicted_spans(obs, true_of, config.end_ms)
+    cids_of: dict[str, list[str]] = defaultdict(list)
+    for cid, true in true_of.items():
+        cids_of[true].append(cid)
+    entries: dict[str, list[dict[str, Any]]] = defaultdict(list)  # true customer -> entered
+    for c in obs.changes:
+        if c["segment"] == segment and c["transition"] in ("entered", "exited", "re_engaged"):
+            true = true_of.get(c["customer_id"])
+            if true is not None:
+                entries[true].append(c)
+
+    def scores_of(true: str) -> list[dict[str, Any]]:
+        # the customer's main profile: the id with the most scores (an id that was never
+        # merged, e.g. a device's anonymous sessions, also maps to the true customer)
+        ids = cids_of.get(true, [])
+        if not ids:
+            return []
+        return pipe.scores.get(max(ids, key=lambda cid: len(pipe.scores.get(cid, ()))), [])
+
+    def day(ms: int) -> str:
+        return f"{(ms - config.start_ms) / DAY:.1f}"
+
+    missed_why: Counter[str] = Counter()
+    false_where: Counter[str] = Counter()
+    missed_examples: list[str] = []
+    false_examples: list[str] = []
+    for t in truth:
+        actual = [[b, e if e is not None else config.end_ms] for b, e in t["segments"][segment]]
+        mine = predicted.get((t["customer"], segment), [])
+        scores = None
+        noon = config.start_ms + DAY // 2
+        while noon < config.end_ms:
+            in_truth = any(b <= noon < e for b, e in actual)
+            in_mine = any(b <= noon < e for b, e in mine)
+            if in_truth != in_mine:
+                if scores is None:
+                    scores = scores_of(t["customer"])
+                got = _values_at(scores, noon)
+                if in_truth:  # wrongly out
+                    if got is None:
+                        key = "no score yet"
+                    else:
+                        values, _ = got
+                        if not seg.enter.test(values, thresholds):
+                            failing = [
+                                _leaf_text(e).split("=")[0]
+                                for e in seg.enter.explain(values, thresholds)
+                                if not e.passed
+                            ]
+                            key = "enter fails: " + ", ".join(sorted(set(failing)))
+                        elif seg.exit is not None and seg.exit.test(values, thresholds):
+                            passing = [
+                                _leaf_text(e).split("=")[0]
+                                for e in seg.exit.explain(values, thresholds)
+                                if e.passed
+                            ]
+                            key = "exit holds: " + ", ".join(sorted(set(passing)))
+                        else:
+                            key = "enter holds (waiting: sustain, cooldown or next timer)"
+                    missed_why[f"{t['persona']}: {key}"] += 1
+                    if len(missed_examples) < limit * 3 and got is not None:
+                        values, as_of = got
+                        missed_examples.append(
+                            f"  {t['customer']} ({t['persona']}, {t['value_tier']}) day "
+                            f"{day(noon)}, truth {[[day(b), day(e)] for b, e in actual]}, "
+                            f"score of day {day(as_of)}: "
+                            + "; ".join(
+                                ("" if e.passed else "FAIL ") + _leaf_text(e)
+                                for e in seg.enter.explain(values, thresholds)
+                            )
+                        )
+                else:  # wrongly in
+                    if not actual:
+                        where = "never truly in"
+                    elif noon < actual[0][0]:
+                        where = "before the true onset"
+                    elif noon >= actual[-1][1]:
+                        where = "after the true end"
+                    else:
+                        where = "between true stays"
+                    false_where[f"{t['persona']}: {where}"] += 1
+            noon += DAY
+        # false examples: one per customer, the entry that starts the wrong time
+        for b, e in mine:
+            if _overlap([[b, e]], actual) < (e - b) and len(false_examples) < limit * 3:
+                entered = [
+                    c
+                    for c in entries[t["customer"]]
+                    if c["transition"] == "entered" and b <= c["occurred_at"] < e
+                ]
+                if not entered:
+                    continue
+                c = entered[0]
+                exits = [
+                    x
+                    for x in entries[t["customer"]]
+                    if x["transition"] != "entered" and x["occurred_at"] >= c["occurred_at"]
+                ]
+                out = (
+                    f"left day {day(exits[0]['occurred_at'])} ({exits[0]['reason']}: "
+                    + "; ".join(
+                        f"{x['feature']}={_observed(x)}"
+                        for x in exits[0]["explanation"]
+                        if x["passed"]
+                    )
+                    + ")"
+                    if exits
+                    else "still in at the end"
+                )
+                false_examples.append(
+                    f"  {t['customer']} ({t['persona']}, {t['value_tier']}) entered day "
+                    f"{day(c['occurred_at'])}, {out}; truth "
+                    f"{[[day(b2), day(e2)] for b2, e2 in actual] or 'none'}; at entry: "
+                    + "; ".join(f"{x['feature']}={_observed(x)}" for x in c["explanation"])
+                )
+                break
+    print(f"\n== {segment}: member-days wrongly out, by persona and cause (sampled at noon)")
+    for k, n in missed_why.most_common(12):
+        print(f"  {n:5d}  {k}")
+    print(f"== {segment}: member-days wrongly in, by persona and where against the truth")
+    for k, n in false_where.most_common(12):
+        print(f"  {n:5d}  {k}")
+    print(f"== {segment}: examples wrongly out")
+    for line in missed_examples[:: max(1, len(missed_examples) // limit)][:limit]:
+        print(line)
+    print(f"== {segment}: examples of stays wrongly in (values at entry)")
+    for line in false_examples[:limit]:
+        print(line)
 
 
 def main() -> int:
@@ -404,6 +590,14 @@ def main() -> int:
         metavar="SEGMENT",
         help="print the condition values of a few true members around onset",
     )
+    parser.add_argument(
+        "--errors",
+        metavar="SEGMENT",
+        action="append",
+        help="attribute every member-day wrongly in or out of SEGMENT and print examples "
+        "(repeatable)",
+    )
+    parser.add_argument("--examples", type=int, default=6, help="examples per --errors list")
     args = parser.parse_args()
     out = run(args)
     report(out, args)

@@ -12,12 +12,15 @@ Everything here is a function of its arguments; time is event time in epoch mill
 
 Lifecycle of one membership (customer × segment)::
 
-    (out) --enter holds [sustained], cooldown over--> entered --exit holds, dwell over--> exited
-                                                        |                                re_engaged
-                                                        +--no score for ttl-----------> exited
+    (out) --enter holds, exit does not [sustained], cooldown over--> entered
+    entered --exit holds, dwell over--> exited, or re_engaged (re_engaged_when, stay long enough)
+    entered --no score for ttl--> exited (ttl)
 
-A membership never exits at the instant it entered and never re-enters at the instant it exited,
-so evaluating the same input twice emits nothing new:
+A customer the exit rule would remove is not entered (no entry that the minimum dwell would end
+a moment later). Every instant at which membership can change without a new score is a timer
+(dwell over, cooldown or sustain over — also right after an exit —, a recency crossing a
+threshold, the ttl). A membership never exits at the instant it entered and never re-enters at
+the instant it exited, so evaluating the same input twice emits nothing new:
 
 >>> from services.segmenter.dsl import parse
 >>> defs = parse('''version: "1"
@@ -375,44 +378,57 @@ def _step(
                         ),
                     )
                 )
-                mems[seg.name] = Membership(seg.name, False, m.seq, m.entered_at, now, None)
-                continue
-            leaving = (
-                seg.exit._fn(values, thresholds)
-                if seg.exit is not None
-                else not seg.enter._fn(values, thresholds)
-            )
-            if leaving:
-                if now > entered_at and now - entered_at >= seg.min_dwell_ms:
-                    rule = seg.exit if seg.exit is not None else seg.enter
-                    why = rule.explain(values, thresholds)
-                    transition, reason = EXITED, "condition"
-                    if seg.re_engaged_when is not None and seg.re_engaged_when.test(
-                        values, thresholds
-                    ):
-                        transition, reason = RE_ENGAGED, "re_engaged"
-                        why = why + seg.re_engaged_when.explain(values, thresholds)
-                        re_engaged_at = now
-                    exits.append(_exit(cid, seg, m, now, defs, transition, reason, tuple(why)))
-                    again = now if seg.sustain_ms and seg.enter._fn(values, thresholds) else None
-                    mems[seg.name] = Membership(seg.name, False, m.seq, m.entered_at, now, again)
+                m = mems[seg.name] = Membership(seg.name, False, m.seq, m.entered_at, now, None)
+                # falls through: re-entry is checked as for any non-member (needs a new score)
+            else:
+                leaving = (
+                    seg.exit._fn(values, thresholds)
+                    if seg.exit is not None
+                    else not seg.enter._fn(values, thresholds)
+                )
+                if not leaving or now <= entered_at or now - entered_at < seg.min_dwell_ms:
+                    if leaving:
+                        timers.append(max(entered_at + seg.min_dwell_ms, entered_at + 1))
+                    if seg.ttl_ms is not None:
+                        timers.append(state.as_of + seg.ttl_ms)
                     continue
-                timers.append(max(entered_at + seg.min_dwell_ms, entered_at + 1))
-            if seg.ttl_ms is not None:
-                timers.append(state.as_of + seg.ttl_ms)
-            continue
+                rule = seg.exit if seg.exit is not None else seg.enter
+                why = rule.explain(values, thresholds)
+                transition, reason = EXITED, "condition"
+                if (
+                    seg.re_engaged_when is not None
+                    and now - entered_at >= seg.re_engaged_after_ms
+                    and seg.re_engaged_when.test(values, thresholds)
+                ):
+                    transition, reason = RE_ENGAGED, "re_engaged"
+                    why = why + seg.re_engaged_when.explain(values, thresholds)
+                    re_engaged_at = now
+                exits.append(_exit(cid, seg, m, now, defs, transition, reason, tuple(why)))
+                m = mems[seg.name] = Membership(seg.name, False, m.seq, m.entered_at, now, None)
+                # falls through: if the customer still qualifies, the cooldown's end (and a
+                # ``sustain``'s) is a timer, so re-entry does not wait for the next score
         # not a member
         if seg.ttl_ms is not None and stale_for >= seg.ttl_ms:
             if m.pending_since is not None:
                 mems[seg.name] = Membership(seg.name, False, m.seq, m.entered_at, m.exited_at)
             continue  # no entry on stale data
-        if not seg.enter._fn(values, thresholds):
+        # A customer qualifies when enter holds and the exit rule does not: one the exit rule
+        # would remove (e.g. churned) is not entered only to leave after the minimum dwell.
+        if not seg.enter._fn(values, thresholds) or (
+            seg.exit is not None and seg.exit._fn(values, thresholds)
+        ):
             if m.pending_since is not None:
                 mems[seg.name] = Membership(seg.name, False, m.seq, m.entered_at, m.exited_at)
             continue
-        pending: int | None = m.pending_since if m.pending_since is not None else now
+        pending: int | None = m.pending_since
         if not seg.sustain_ms:
             pending = None  # only ``sustain`` needs to know since when enter has held
+        elif pending is None:
+            pending = now
+            if seg.sustain_since is not None:  # dated back to the event the recency measures
+                since = values.get(seg.sustain_since)
+                if isinstance(since, float) and since > 0:
+                    pending = now - min(int(since * DAY), seg.sustain_ms)
         ready = True
         if pending is not None and now - pending < seg.sustain_ms:
             timers.append(pending + seg.sustain_ms)
@@ -447,8 +463,6 @@ def _step(
         mems[seg.name] = Membership(seg.name, True, seq, now, m.exited_at, None)
         if seg.ttl_ms is not None:
             timers.append(state.as_of + seg.ttl_ms)
-        if seg.exit is not None and seg.exit.test(values, thresholds):
-            timers.append(now + max(seg.min_dwell_ms, 1))  # the earliest it may leave
     if re_engaged_at is not None and not derived_ready:
         values["days_since_re_engaged"] = (now - re_engaged_at) / DAY
     _crossings(defs, values, now, thresholds, timers)
@@ -614,12 +628,33 @@ def explain_customer(
     >>> out = explain_customer(s, 0, defs)
     >>> out[0]["segment"], out[0]["member"], out[0]["primary"], out[0]["conditions"][0]["margin"]
     ('A', True, True, 2.0)
+
+    A customer who meets ``enter`` but whom the exit rule would remove is not a member; the
+    exit conditions that hold it out are listed too:
+
+    >>> defs = parse('version: 1\\nsegments:\\n'
+    ...              '  - {name: A, enter: {feature: x, op: ">", value: 1},\\n'
+    ...              '     exit: {feature: stage, op: "==", value: churned}}\\n')
+    >>> s, _ = evaluate(None, Score("c", 0, {"x": 3.0, "stage": "churned"}), defs)
+    >>> out = explain_customer(s, 0, defs)[0]
+    >>> out["member"], out["rule"], [c["feature"] for c in out["conditions"]]
+    (False, 'enter, held out by the exit rule', ['x', 'stage'])
     """
     values = aged_values(state, now)
     out: list[dict[str, Any]] = []
     for seg in defs.segments:
         m = state.memberships.get(seg.name) or Membership(seg.name)
         rule: Rule = seg.enter if not m.active or seg.exit is None else seg.exit
+        kind = "exit" if m.active and seg.exit is not None else "enter"
+        conditions = [e.__dict__ for e in rule.explain(values, thresholds)]
+        if (
+            not m.active
+            and seg.exit is not None
+            and seg.enter.test(values, thresholds)
+            and seg.exit.test(values, thresholds)
+        ):  # qualifies but the exit rule would remove it: show what holds it out
+            kind = "enter, held out by the exit rule"
+            conditions += [e.__dict__ for e in seg.exit.explain(values, thresholds) if e.passed]
         out.append(
             {
                 "segment": seg.name,
@@ -627,8 +662,8 @@ def explain_customer(
                 "primary": state.primary == seg.name,
                 "entry_id": entry_id(state.customer_id, seg.name, m.seq) if m.active else None,
                 "entered_at": m.entered_at if m.active else None,
-                "rule": "exit" if m.active and seg.exit is not None else "enter",
-                "conditions": [e.__dict__ for e in rule.explain(values, thresholds)],
+                "rule": kind,
+                "conditions": conditions,
             }
         )
     return out

@@ -3,7 +3,9 @@
 A definitions file has a ``version`` and a list of ``segments``; each segment has an
 ``enter`` rule and optionally a separate ``exit`` rule (hysteresis), a ``re_engaged_when``
 rule (which exits count as ``re_engaged``), a ``priority`` and timings (``min_dwell``,
-``cooldown``, ``ttl``, ``sustain``). A rule is a condition or a combination:
+``cooldown``, ``ttl``, ``sustain``, optionally dated back by ``sustain_since``, a recency;
+``re_engaged_after``, the shortest stay whose exit counts as re-engagement). A rule is a
+condition or a combination:
 
 * ``{feature: clv, op: ">=", value: 500}`` — ops ``> >= < <= == != between in``;
   ``value: p80`` is the 80th percentile of that feature over the current population;
@@ -260,6 +262,13 @@ class Segment:
     cooldown_ms: int = 0
     ttl_ms: int | None = None
     sustain_ms: int = 0
+    #: A recency (``days_since_*``) that dates ``sustain`` back: when enter starts to hold,
+    #: it is taken to have held since the event the recency measures (e.g. the last purchase,
+    #: after which the overdue gap began), when that is earlier.
+    sustain_since: str | None = None
+    #: An exit is ``re_engaged`` only after a stay this long; a shorter stay was transient
+    #: behaviour (seed 001: "applying a cooldown window before re-engagement triggers").
+    re_engaged_after_ms: int = 0
     description: str = ""
     line: int = 0
     derived: bool = False  # uses features derived from membership history: evaluated last
@@ -414,7 +423,8 @@ class _Parser:
             percentiles=frozenset(
                 (leaf.feature, leaf.percentile) for leaf in leaves if leaf.percentile is not None
             ),
-            features=frozenset(leaf.feature for leaf in leaves),
+            features=frozenset(leaf.feature for leaf in leaves)
+            | frozenset(s.sustain_since for s in ordered if s.sustain_since is not None),
             by_name={s.name: s for s in ordered},
             aging_bounds=_aging_bounds(s.aging for s in ordered),
         )
@@ -455,6 +465,8 @@ class _Parser:
                 "cooldown",
                 "ttl",
                 "sustain",
+                "sustain_since",
+                "re_engaged_after",
             },
         )
         name = raw.get("name")
@@ -481,10 +493,28 @@ class _Parser:
             min_dwell_ms=self._duration(raw, "min_dwell", path, 0) or 0,
             cooldown_ms=self._duration(raw, "cooldown", path, 0) or 0,
             sustain_ms=self._duration(raw, "sustain", path, 0) or 0,
+            re_engaged_after_ms=self._duration(raw, "re_engaged_after", path, 0) or 0,
             ttl_ms=ttl,
         )
+        if seg_fields["re_engaged_after_ms"] and raw.get("re_engaged_when") is None:
+            self.err(f"{path}.re_engaged_after", "re_engaged_after needs a 're_engaged_when' rule")
         if ttl is not None and ttl <= 0:
             self.err(f"{path}.ttl", "ttl must be positive")
+        since = raw.get("sustain_since")
+        if since is not None:
+            if (
+                not isinstance(since, str)
+                or not since.startswith(AGING_PREFIX)
+                or since in DERIVED_FEATURES
+            ):
+                self.err(
+                    f"{path}.sustain_since",
+                    f"expected a recency feature named {AGING_PREFIX}* (got {since!r})",
+                )
+                since = None
+            elif not seg_fields["sustain_ms"]:
+                self.err(f"{path}.sustain_since", "sustain_since needs a 'sustain' duration")
+                since = None
         if enter is None:
             return None
         rules = [r for r in (enter, exit_, re_eng) if r is not None]
@@ -497,6 +527,7 @@ class _Parser:
             re_engaged_when=re_eng,
             description=str(raw.get("description") or ""),
             line=self.lines.get(path, 0),
+            sustain_since=since,
             derived=any(leaf.feature in DERIVED_FEATURES for leaf in leaves),
             aging=tuple(
                 leaf

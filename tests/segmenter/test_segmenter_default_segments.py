@@ -33,6 +33,7 @@ CALM = {
     "escalations_7d": 0.0,
     "sentiment_mean_7d": 0.3,
     "activity_14d_vs_prior28_change": 0.0,
+    "activity_14d_vs_prior42_log_ratio": 0.0,
     "logins_3d_vs_prior28_change": 0.0,
     "revenue_28d": 120.0,
     "revenue_28d_vs_prior28_change": 0.0,
@@ -43,8 +44,13 @@ CALM = {
     "cart_views_14d": 0.0,
     "high_value_zip": 0.0,
     "feature_use_28d": 8.0,
+    "cancelled": 0.0,
 }
-AT_RISK = {"activity_14d_vs_prior28_change": -0.7, "days_since_purchase": 15.0}
+AT_RISK = {
+    "activity_14d_vs_prior28_change": -0.7,
+    "activity_14d_vs_prior42_log_ratio": -1.0,
+    "days_since_purchase": 15.0,
+}
 HIGH_CLV = {("clv", 80.0): 1000.0, ("clv", 70.0): 800.0}
 
 
@@ -89,7 +95,14 @@ CASES: dict[str, tuple[list[tuple[float, dict[str, Any]]], float, list[tuple[flo
         [
             (0, {}),
             (10, AT_RISK),
-            (30, {"activity_14d_vs_prior28_change": -0.1, "days_since_purchase": 35.0}),
+            (
+                30,
+                {
+                    "activity_14d_vs_prior28_change": -0.1,
+                    "activity_14d_vs_prior42_log_ratio": -0.2,
+                    "days_since_purchase": 35.0,
+                },
+            ),
         ],
         40,
         [(16, "entered"), (30, "re_engaged")],
@@ -107,7 +120,9 @@ CASES: dict[str, tuple[list[tuple[float, dict[str, Any]]], float, list[tuple[flo
         20,
         [(0, "entered"), (9, "exited")],
     ),  # 7 quiet days: the inactivity TTL ends it
-    "Purchase Frequency Drop": (  # a weekly buyer buying every 14 days, then weekly again
+    # a weekly buyer buying every 14 days, then weekly again; the 21 days count from the last
+    # purchase before the overdue gap (day -10), so it enters on day 11
+    "Purchase Frequency Drop": (
         [
             (0, {"purchase_interval_drift": 0.45, "days_since_purchase": 10.0}),
             (
@@ -137,7 +152,7 @@ CASES: dict[str, tuple[list[tuple[float, dict[str, Any]]], float, list[tuple[flo
             (40, {"purchase_interval_drift": 0.05, "days_since_purchase": 0.0}),
         ],
         45,
-        [(21, "entered"), (40, "re_engaged")],
+        [(11, "entered"), (40, "re_engaged")],
     ),
     "High-CLV Login Drop": (
         [
@@ -145,10 +160,10 @@ CASES: dict[str, tuple[list[tuple[float, dict[str, Any]]], float, list[tuple[flo
                 0,
                 {"clv": 1500.0, "logins_3d_vs_prior28_change": -0.8, "days_since_feature_use": 1.0},
             ),
-            (6, {"clv": 1500.0, "logins_3d_vs_prior28_change": 0.0, "days_since_feature_use": 0.0}),
+            (9, {"clv": 1500.0, "logins_3d_vs_prior28_change": 0.0, "days_since_feature_use": 0.0}),
         ],
-        10,
-        [(2, "entered"), (6, "re_engaged")],
+        12,
+        [(2, "entered"), (9, "re_engaged")],
     ),
     "Engaged But At-Risk": (  # a lower churn score is a plain exit, not re-engagement
         [
@@ -159,7 +174,17 @@ CASES: dict[str, tuple[list[tuple[float, dict[str, Any]]], float, list[tuple[flo
         [(0, "entered"), (5, "exited")],
     ),
     "New Lead No Content": (
-        [(0, {"lifecycle_stage": "prospect", "days_since_signup": 1.0, "feature_use_28d": 0.0})],
+        [
+            (
+                0,
+                {
+                    "lifecycle_stage": "prospect",
+                    "days_since_signup": 1.0,
+                    "feature_use_28d": 0.0,
+                    "lifetime_purchases": 0.0,
+                },
+            )
+        ],
         40,
         [(6, "entered"), (29, "exited")],
     ),
@@ -192,7 +217,14 @@ CASES: dict[str, tuple[list[tuple[float, dict[str, Any]]], float, list[tuple[flo
             (0, {}),
             (5, {}),
             (10, AT_RISK),
-            (30, {"activity_14d_vs_prior28_change": -0.1, "days_since_purchase": 35.0}),
+            (
+                30,
+                {
+                    "activity_14d_vs_prior28_change": -0.1,
+                    "activity_14d_vs_prior42_log_ratio": -0.2,
+                    "days_since_purchase": 35.0,
+                },
+            ),
         ],
         70,
         [(30, "entered"), (60, "exited")],
@@ -227,7 +259,14 @@ def test_at_risk_entry_is_explained_with_margins() -> None:
     _, changes = evaluate(
         None,
         Score(
-            "c", 0, {**CALM, "activity_14d_vs_prior28_change": -0.72, "days_since_purchase": 26.0}
+            "c",
+            0,
+            {
+                **CALM,
+                **AT_RISK,
+                "activity_14d_vs_prior28_change": -0.72,
+                "days_since_purchase": 26.0,
+            },
         ),
         DEFS,
         HIGH_CLV,
@@ -286,6 +325,72 @@ def test_a_silent_customer_stays_at_risk_until_it_is_active_again() -> None:
     events = history([(0, {}), (5, {}), (10, AT_RISK), (40, silent), (50, active)], 55)
     assert spans(events, "AtRisk-60d") == [(16, "entered"), (50, "re_engaged")]
     assert spans(events, "Re-engaged") == [(50, "entered")]
+
+
+def test_a_dormant_customer_the_scorer_calls_churned_stays_at_risk_a_cancellation_leaves() -> None:
+    dormant = {
+        "activity_14d_vs_prior28_change": -1.0,
+        "days_since_active": 31.0,
+        "days_since_purchase": 45.0,
+        "lifecycle_stage": "churned",
+    }
+    events = history([(0, {}), (10, AT_RISK), (40, dormant)], 80)
+    assert spans(events, "AtRisk-60d") == [(16, "entered")]
+    cancelled = {**dormant, "cancelled": 1.0}
+    events = history([(0, {}), (10, AT_RISK), (40, cancelled)], 80)
+    assert spans(events, "AtRisk-60d") == [(16, "entered"), (40, "exited")]  # not re_engaged
+
+
+def test_a_slow_decline_does_not_read_as_engagement_restored() -> None:
+    # weeks into the decline the prior 28 days are the decline itself: the 28-day change
+    # reads "back to normal" on a couple of events, the 42 days before the last 14 do not
+    still_down = {
+        "activity_14d_vs_prior28_change": 0.25,
+        "activity_14d_vs_prior42_log_ratio": -0.9,
+        "days_since_active": 1.0,
+        "days_since_purchase": 50.0,
+    }
+    events = history([(0, {}), (10, AT_RISK), (45, still_down)], 60)
+    assert spans(events, "AtRisk-60d") == [(16, "entered")]  # no re_engaged on day 45
+
+
+def test_a_dormant_high_clv_customer_is_not_re_engaged_by_empty_login_windows() -> None:
+    drop = {"clv": 1500.0, "logins_3d_vs_prior28_change": -1.0, "days_since_feature_use": 3.0}
+    dormant = {
+        **drop,
+        "logins_3d_vs_prior28_change": 0.0,  # no login in 3 days nor in the 28 before
+        "days_since_login": 31.0,
+        "days_since_feature_use": 34.0,
+        "lifecycle_stage": "churned",
+    }
+    back = {**drop, "logins_3d_vs_prior28_change": 2.0, "days_since_login": 0.1}
+    events = history([(0, drop), (31, dormant), (40, back)], 45)
+    assert spans(events, "High-CLV Login Drop") == [(0, "entered"), (40, "re_engaged")]
+
+
+def test_a_stay_shorter_than_a_week_ends_as_a_plain_exit() -> None:
+    # three quiet days of a customer who logs in a few times a week: transient, not a drop
+    # the customer recovered from (seed 001: a cooldown window before re-engagement triggers)
+    drop = {"clv": 1500.0, "logins_3d_vs_prior28_change": -0.8, "days_since_feature_use": 3.0}
+    events = history([(0, drop), (2, {"clv": 1500.0})], 10)
+    assert spans(events, "High-CLV Login Drop") == [(0, "entered"), (2, "exited")]
+    assert spans(events, "Re-engaged") == []
+
+
+def test_purchase_frequency_drop_counts_21_days_from_the_last_purchase() -> None:
+    overdue = {"purchase_interval_drift": 0.4, "days_since_purchase": 9.5}  # first observable
+    bought = {"purchase_interval_drift": 0.45, "days_since_purchase": 0.0}
+    events = history([(0, overdue), (5, bought), (19, bought)], 30)
+    assert spans(events, "Purchase Frequency Drop") == [(11.5, "entered")]
+
+
+def test_a_new_sign_up_who_bought_is_not_a_lead() -> None:
+    new = {"lifecycle_stage": "onboarded", "days_since_signup": 8.0, "feature_use_28d": 0.0}
+    lead = {**new, "lifetime_purchases": 0.0, "days_since_purchase": 999.0}
+    bought = {**new, "lifetime_purchases": 1.0, "days_since_purchase": 0.5}
+    assert spans(history([(0, {**new, "lifetime_purchases": 2.0})], 5), "New Lead No Content") == []
+    events = history([(0, lead), (3, bought)], 5)
+    assert spans(events, "New Lead No Content") == [(0, "entered"), (3, "exited")]
 
 
 def test_a_customer_who_never_bought_is_not_at_risk_of_no_purchase() -> None:

@@ -142,6 +142,16 @@ def test_timings_priority_and_hysteresis_fields() -> None:
     )
     assert seg.exit is not None and seg.exit.test({"x": 0.5}, {})
     assert seg.re_engaged_when is not None
+    seg = parse(
+        one(
+            '{feature: x, op: ">", value: 3}',
+            sustain="21d",
+            sustain_since="days_since_purchase",
+            re_engaged_when='{feature: y, op: ">", value: 0}',
+            re_engaged_after="7d",
+        )
+    ).segments[0]
+    assert (seg.sustain_since, seg.re_engaged_after_ms) == ("days_since_purchase", 7 * DAY)
 
 
 def test_version_changes_with_content() -> None:
@@ -164,6 +174,18 @@ ERRORS = [
         ["line 4: segments[0].enter.weighted[0]"],
     ),
     (one("{all: []}"), ["line 4: segments[0].enter.all"]),
+    (
+        one('{feature: x, op: ">", value: 3}', sustain="21d", sustain_since="clv"),
+        ["line 6: segments[0].sustain_since"],
+    ),
+    (
+        one('{feature: x, op: ">", value: 3}', sustain_since="days_since_purchase"),
+        ["line 5: segments[0].sustain_since"],
+    ),
+    (
+        one('{feature: x, op: ">", value: 3}', re_engaged_after="7d"),
+        ["line 5: segments[0].re_engaged_after"],
+    ),
     (
         'version: "1"\nsegments:\n  - name: A\n    enter: {feature: x, op: ">", value: 1}\n'
         '  - name: A\n    enter: {feature: x, op: ">", value: 1}\n',

@@ -6,7 +6,7 @@ from __future__ import annotations
 from typing import Any
 
 import pytest
-from hypothesis import given, settings
+from hypothesis import example, given, settings
 from hypothesis import strategies as st
 
 from services.segmenter.core import (
@@ -170,6 +170,141 @@ def test_lifecycle(case: str) -> None:
     assert run(steps) == expected
 
 
+# Exits while the enter rule still holds (an exit rule that overlaps enter, e.g. "churned"):
+# the customer is not re-entered while the exit rule holds (no enter → exit-after-dwell flap),
+# and once it stops holding re-entry comes at the cooldown's end from a timer, whether or not
+# a score arrives. Lapsed leaves on a purchase (a recency that ages back out of the exit rule).
+LAPSE = parse("""
+version: "t2"
+segments:
+  - name: Lapsed
+    priority: 5
+    enter: {feature: days_since_open, op: ">=", value: 10}
+    exit: {feature: days_since_purchase, op: "<", value: 3}
+    cooldown: 7d
+  - name: Drift
+    priority: 3
+    enter: {feature: interval, op: ">=", value: 14}
+    exit:
+      any:
+        - {feature: interval, op: "<", value: 10}
+        - {feature: stage, op: "==", value: churned}
+    sustain: 5d
+    cooldown: 2d
+""")
+
+EXIT_WHILE_ENTER_HOLDS = {
+    "churned exit: no re-entry at the cooldown's end while the exit still holds": (
+        RISK,
+        [
+            ("score", (0, {"drop": -0.7})),
+            ("score", (2, {"drop": -0.7, "stage": "churned"})),
+            ("time", 30),
+        ],
+        [
+            (0, "Risk", "entered", "condition"),
+            (0, "Stale", "entered", "condition"),
+            (2, "Risk", "exited", "condition"),
+            (9, "Stale", "exited", "ttl"),
+        ],
+    ),
+    "churned exit: a new identical score after the cooldown does not re-enter either": (
+        RISK,
+        [
+            ("score", (0, {"drop": -0.7})),
+            ("score", (2, {"drop": -0.7, "stage": "churned"})),
+            ("score", (12, {"drop": -0.7, "stage": "churned"})),
+            ("time", 14),
+        ],
+        [
+            (0, "Risk", "entered", "condition"),
+            (0, "Stale", "entered", "condition"),
+            (2, "Risk", "exited", "condition"),
+        ],
+    ),
+    "never entered while the exit rule holds, entered once it stops": (
+        RISK,
+        [
+            ("score", (0, {"drop": -0.7, "stage": "churned"})),
+            ("time", 3),
+            ("score", (4, {"drop": -0.7, "stage": "at_risk"})),
+        ],
+        [(0, "Stale", "entered", "condition"), (4, "Risk", "entered", "condition")],
+    ),
+    "exit by purchase: re-entry at the cooldown's end once the purchase ages out": (
+        LAPSE,
+        [
+            ("score", (0, {"days_since_open": 12.0, "days_since_purchase": 30.0})),
+            ("score", (2, {"days_since_open": 14.0, "days_since_purchase": 0.0})),
+            ("time", 20),
+        ],
+        [
+            (0, "Lapsed", "entered", "condition"),
+            (2, "Lapsed", "exited", "condition"),
+            (9, "Lapsed", "entered", "condition"),
+        ],
+    ),
+    "sustain counts again from when the exit stopped holding, ended by a timer": (
+        LAPSE,
+        [
+            ("score", (0, {"interval": 15.0})),
+            ("time", 6),
+            ("score", (8, {"interval": 15.0, "stage": "churned"})),
+            ("score", (9, {"interval": 15.0, "stage": "loyal"})),
+            ("time", 20),
+        ],
+        [
+            (5, "Drift", "entered", "condition"),
+            (8, "Drift", "exited", "condition"),
+            (14, "Drift", "entered", "condition"),
+        ],
+    ),
+}
+
+
+@pytest.mark.parametrize("case", list(EXIT_WHILE_ENTER_HOLDS))
+def test_exit_while_enter_holds(case: str) -> None:
+    defs, steps, expected = EXIT_WHILE_ENTER_HOLDS[case]
+    assert run(steps, defs) == expected
+
+
+BRIEF = parse("""
+version: "t3"
+segments:
+  - name: Drop
+    priority: 5
+    enter: {feature: drop, op: "<=", value: -0.6}
+    exit: {feature: drop, op: ">", value: -0.4}
+    re_engaged_when: {feature: drop, op: ">", value: -0.4}
+    re_engaged_after: 7d
+  - name: Back
+    priority: 1
+    enter: {feature: days_since_re_engaged, op: "<", value: 30}
+""")
+
+
+@pytest.mark.parametrize(
+    ("back_on", "expected"),
+    [
+        (3, [(0, "Drop", "entered", "condition"), (3, "Drop", "exited", "condition")]),
+        (
+            7,
+            [
+                (0, "Drop", "entered", "condition"),
+                (7, "Drop", "re_engaged", "re_engaged"),
+                (7, "Back", "entered", "condition"),
+            ],
+        ),
+    ],
+    ids=["transient stay: plain exit", "a week or more: re_engaged"],
+)
+def test_only_a_stay_of_re_engaged_after_ends_in_re_engagement(
+    back_on: int, expected: list[Any]
+) -> None:
+    steps = [("score", (0, {"drop": -0.7})), ("score", (back_on, {"drop": 0.0}))]
+    assert run(steps, BRIEF) == expected
+
+
 def test_cooldown_case_in_full() -> None:
     got = run(
         [
@@ -330,6 +465,44 @@ def test_evaluating_the_same_input_twice_emits_nothing_new(steps: list[Any]) -> 
         again, changes = evaluate(state, score, RISK)
         assert changes == [] and again == state
         assert advance(state, t, RISK) == (state, [])
+
+
+timed_values_st = st.fixed_dictionaries(
+    {},
+    optional={
+        "drop": st.sampled_from([-0.9, -0.7, -0.5, -0.3, 0.1]),
+        "days_since_open": st.sampled_from([0.0, 5.0, 9.5, 12.0]),
+        "days_since_purchase": st.sampled_from([0.0, 2.0, 5.0]),
+        "interval": st.sampled_from([5.0, 12.0, 15.0]),
+        "stage": st.sampled_from(["loyal", "churned"]),
+    },
+)
+
+
+@settings(max_examples=300, deadline=None)
+@example(RISK, [(0, {"drop": -0.9, "stage": "churned"})], 16 * DAY)  # found before the fix
+@given(
+    st.sampled_from([RISK, LAPSE]),
+    st.lists(st.tuples(st.integers(0, 12 * DAY), timed_values_st), min_size=1, max_size=8),
+    st.integers(1, 40 * DAY),
+)
+def test_nothing_changes_at_an_instant_no_timer_was_set_for(
+    defs: Any, steps: list[Any], later: int
+) -> None:
+    """Event-time timers cover every change that needs no new score: once every timer due by
+    an instant has fired, re-evaluating at that instant changes nothing."""
+    state: CustomerState | None = None
+    t = 0
+    for gap, values in steps:
+        t += gap
+        while state is not None and state.next_timer is not None and state.next_timer <= t:
+            state, _ = advance(state, state.next_timer, defs)
+        state, _ = evaluate(state, Score("c", t, values), defs)
+    assert state is not None
+    t += later
+    while state.next_timer is not None and state.next_timer <= t:
+        state, _ = advance(state, state.next_timer, defs)
+    assert advance(state, t, defs)[1] == []
 
 
 @settings(max_examples=150, deadline=None)
