@@ -230,6 +230,13 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--seed", type=int, default=7)
     p.add_argument("--keep-broker", action="store_true", help="leave the broker running")
     p.add_argument(
+        "--metrics-port",
+        type=int,
+        default=9400,
+        help="first /metrics port, as for `segflow up` (default 9400, so "
+        "deploy/prometheus/prometheus-local.yml scrapes the demo); 0 or ports in use: free ports",
+    )
+    p.add_argument(
         "--step-timeout",
         type=float,
         default=120.0,

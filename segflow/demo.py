@@ -16,6 +16,7 @@ import html
 import json
 import os
 import signal
+import socket
 import statistics
 import time
 import uuid
@@ -176,6 +177,28 @@ class Observed:
     dlq: Counter[str] = field(default_factory=Counter)
 
 
+def _port_free(port: int) -> bool:
+    with socket.socket() as sock:
+        try:
+            sock.bind(("127.0.0.1", port))
+        except OSError:
+            return False
+    return True
+
+
+def _metrics_ports(names: list[str], first: int | None, say: Any) -> dict[str, int]:
+    """Consecutive /metrics ports from ``first`` (as ``segflow up`` gives them, so
+    deploy/prometheus/prometheus-local.yml scrapes the demo too), or free ports when ``first``
+    is None or one of them is taken (said, not fatal: the demo still runs)."""
+    if first:
+        wanted = {name: first + i for i, name in enumerate(names)}
+        taken = [p for p in wanted.values() if not _port_free(p)]
+        if not taken:
+            return wanted
+        say(f"      metrics ports {taken} are in use; the services get free ports instead")
+    return {name: free_port() for name in names}
+
+
 def run_demo(args: argparse.Namespace) -> int:
     from segflow.cli import available_services, external_bootstrap
 
@@ -208,15 +231,20 @@ def run_demo(args: argparse.Namespace) -> int:
             state_dir / "logs" / prefix.rstrip("."),
             env=_service_env(settings, prefix, receiver, smtp),
         )
-        metrics_base = free_port()
+        metrics_ports = _metrics_ports(names, getattr(args, "metrics_port", None), say)
         api_ports = {name: free_port() for name in names}  # each service's query endpoint
-        for i, name in enumerate(names):
+        for name in names:
             port_env = wiring.service_env(name, api_ports[name])
-            sup.add_service(name, env={"SEGFLOW_METRICS_PORT": str(metrics_base + i), **port_env})
+            metrics_env = {"SEGFLOW_METRICS_PORT": str(metrics_ports[name])}
+            sup.add_service(name, env={**metrics_env, **port_env})
         api_token, generated = wiring.demo_token()
         api_url = wiring.add_gateway(sup, api_ports, free_port(), api_token)
         sup.start_all()
         say(f"[3/5] services running: {', '.join(names)} (logs in {sup.log_dir})")
+        say(
+            "      metrics: "
+            + ", ".join(f"{n} http://127.0.0.1:{metrics_ports[n]}/metrics" for n in names)
+        )
         say(wiring.announce(api_url, api_token, generated))
         sim, observed, produced = _simulate(settings, args, sup, names)
         say("[5/5] report")
