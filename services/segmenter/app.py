@@ -163,10 +163,15 @@ class Segmenter:
         )
 
     # -- start ---------------------------------------------------------------------------
-    def restore(self) -> int:
-        """Load the changelog; rebuild caches, timers, sizes and percentile thresholds."""
-        name = STATE_TOPIC.name(self.settings)
-        ensure_topics(self.settings, topics=[], names={name: STATE_TOPIC})
+    def restore(self, create: bool = True) -> int:
+        """Load the changelog; rebuild caches, timers, sizes and percentile thresholds.
+
+        ``create=False`` (read-only callers such as ``segflow explain``) does not create the
+        changelog topic: the caller checks it exists first.
+        """
+        if create:
+            name = STATE_TOPIC.name(self.settings)
+            ensure_topics(self.settings, topics=[], names={name: STATE_TOPIC})
         n = self.store.restore()
         self.rebuild()
         return n

@@ -40,7 +40,7 @@ def add_explain_parser(subparsers: Any) -> argparse.ArgumentParser:
     p.add_argument("customer", help="customer_id")
     p.add_argument(
         "--url",
-        help="ask a running segmenter's HTTP API (e.g. http://127.0.0.1:9480)"
+        help="ask a running segmenter's HTTP API (under `segflow up`: http://127.0.0.1:9412)"
         " instead of reading its changelog",
     )
     p.add_argument(
@@ -75,8 +75,16 @@ def cmd_check(args: argparse.Namespace) -> int:
     return 0
 
 
+class ExplainError(Exception):
+    """The state to explain from cannot be read (printed, exit status 2)."""
+
+
 def cmd_explain(args: argparse.Namespace) -> int:
-    found = _from_http(args.url, args.customer) if args.url else _from_changelog(args)
+    try:
+        found = _from_http(args.url, args.customer) if args.url else _from_changelog(args)
+    except ExplainError as exc:
+        print(f"segflow explain: {exc}", file=sys.stderr)
+        return 2
     if found is None:
         print(f"no segmenter state for customer {args.customer!r}", file=sys.stderr)
         return 1
@@ -111,7 +119,7 @@ def render(found: dict[str, Any]) -> str:
 
 
 def _from_http(url: str, customer: str) -> dict[str, Any] | None:
-    from urllib.error import HTTPError
+    from urllib.error import HTTPError, URLError
     from urllib.parse import quote
     from urllib.request import urlopen
 
@@ -123,21 +131,46 @@ def _from_http(url: str, customer: str) -> dict[str, Any] | None:
         if exc.code == 404:
             return None
         raise
+    except URLError as exc:  # nothing listening, unknown host
+        raise ExplainError(
+            f"cannot reach a segmenter at {url}: {exc.reason} (under `segflow up` its HTTP API"
+            " is http://127.0.0.1:9412)"
+        ) from exc
 
 
 def _from_changelog(args: argparse.Namespace) -> dict[str, Any] | None:
+    """Restore the segmenter's changelog (read only: no topic is created) and explain."""
+    from confluent_kafka import KafkaException
+
+    from segflow.runtime.kafka import make_admin
     from segflow.runtime.settings import Settings
-    from services.segmenter.app import Segmenter, SegmenterConfig
+    from services.segmenter.app import STATE_TOPIC, Segmenter, SegmenterConfig
 
     if os.environ.get("SEGFLOW_BOOTSTRAP_SERVERS") or os.environ.get("KAFKA_BOOTSTRAP_SERVERS"):
         settings = Settings()
     else:
         settings = Settings(bootstrap_servers=f"127.0.0.1:{getattr(args, 'port', 9092)}")
+    topic = STATE_TOPIC.name(settings)
+    try:
+        existing = make_admin(settings).list_topics(timeout=10).topics
+    except KafkaException as exc:
+        raise ExplainError(f"cannot reach Kafka at {settings.bootstrap_servers}: {exc}") from exc
+    if topic not in existing:
+        others = sorted(
+            name[: -len(STATE_TOPIC.suffix)]
+            for name in existing
+            if name.endswith(STATE_TOPIC.suffix)
+        )
+        found = f"; segmenter state exists under: {', '.join(others[-5:])}" if others else ""
+        raise ExplainError(
+            f"no segmenter state under prefix {settings.topic_prefix!r} (no topic {topic}):"
+            f" is SEGFLOW_TOPIC_PREFIX right? (the demo uses demo-<time>.){found}"
+        )
     config = SegmenterConfig()
     if args.definitions is not None:
         config = SegmenterConfig(definitions=args.definitions)
     segmenter = Segmenter(settings, config)
-    segmenter.restore()
+    segmenter.restore(create=False)
     return segmenter.explain(args.customer)
 
 

@@ -405,12 +405,15 @@ class _Parser:
         names: set[str] = set()
         for i, raw in enumerate(raw_segments):
             seg = self._segment(raw, f"segments[{i}]")
-            if seg is None:
-                continue
-            if seg.name in names:
-                self.err(f"segments[{i}].name", f"duplicate segment name {seg.name!r}")
-            names.add(seg.name)
-            segments.append(seg)
+            # the name is recorded even when the segment has errors, so a later duplicate of
+            # it is reported now, not only once the first one's errors are fixed
+            name = raw.get("name") if isinstance(raw, dict) else None
+            if isinstance(name, str) and name.strip():
+                if name in names:
+                    self.err(f"segments[{i}].name", f"duplicate segment name {name!r}")
+                names.add(name)
+            if seg is not None:
+                segments.append(seg)
         if self.problems:
             return None
         digest = hashlib.sha256(text.encode()).hexdigest()[:8]

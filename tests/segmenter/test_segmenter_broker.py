@@ -16,11 +16,13 @@ from typing import Any
 
 import pytest
 
+from segflow.runtime.kafka import make_admin
 from segflow.runtime.settings import Settings
 from segflow.runtime.testing import produce, read_all
 from segflow.runtime.topics import TOPICS
 from services.segmenter import core
 from services.segmenter.app import SegmenterConfig, build_loop, serde_for
+from services.segmenter.cli import main as cli
 from services.segmenter.dsl import DAY, parse
 
 pytestmark = pytest.mark.broker
@@ -246,3 +248,37 @@ def test_invalid_definition_at_runtime_is_rejected_and_evaluation_continues(
     finally:
         loop.stop()
         runner.join(30)
+
+
+def test_explain_reads_the_changelog_and_creates_no_topic(
+    kafka_settings: Settings,
+    tmp_path: Path,
+    monkeypatch: pytest.MonkeyPatch,
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    s = kafka_settings
+    send(s, TOPICS.scores, [score("a", T0, x=0.9)])
+    cfg = config(tmp_path, instance="explain")
+    _, loop = build_loop(s, cfg)
+    loop.run(idle_timeout=2)
+    monkeypatch.setenv("SEGFLOW_BOOTSTRAP_SERVERS", s.bootstrap_servers)
+    monkeypatch.setenv("SEGFLOW_TOPIC_PREFIX", s.topic_prefix)
+    definitions = ["--definitions", str(cfg.definitions)]
+    assert cli(["explain", "a", *definitions]) == 0
+    out = capsys.readouterr().out
+    assert "primary segment: High" in out
+    assert "* High: member since 1700000000000" in out
+    assert "Low: not a member (enter rule)" in out and "[fail] x < 0.2 (observed 0.9" in out
+    assert cli(["explain", "nobody", *definitions]) == 1
+    assert "no segmenter state for customer 'nobody'" in capsys.readouterr().err
+
+    # a prefix with no segmenter under it (e.g. the demo's demo-<time>. forgotten): a clear
+    # error and a non-zero exit, and the read-only command creates no topic
+    wrong = s.topic_prefix.rstrip(".") + "-wrong."
+    monkeypatch.setenv("SEGFLOW_TOPIC_PREFIX", wrong)
+    assert cli(["explain", "a", *definitions]) == 2
+    err = capsys.readouterr().err
+    assert f"no segmenter state under prefix '{wrong}'" in err
+    assert "is SEGFLOW_TOPIC_PREFIX right?" in err
+    topics = make_admin(s).list_topics(timeout=10).topics
+    assert [t for t in topics if t.startswith(wrong)] == []

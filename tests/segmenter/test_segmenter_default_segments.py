@@ -52,6 +52,13 @@ AT_RISK = {
     "days_since_purchase": 15.0,
 }
 HIGH_CLV = {("clv", 80.0): 1000.0, ("clv", 70.0): 800.0}
+LEAD = {  # signed up a day ago, never bought, no feature used yet
+    "days_since_signup": 1.0,
+    "lifetime_purchases": 0.0,
+    "days_since_purchase": 999.0,
+    "revenue_28d": 0.0,
+    "feature_use_28d": 0.0,
+}
 
 
 def history(
@@ -229,6 +236,39 @@ CASES: dict[str, tuple[list[tuple[float, dict[str, Any]]], float, list[tuple[flo
         70,
         [(30, "entered"), (60, "exited")],
     ),
+    # the scorer's stages along a customer's life: each stage's segment is entered with the
+    # stage and left (a plain exit) when the scorer moves the customer on
+    "Lifecycle: prospect": (
+        [
+            (0, {**LEAD, "lifecycle_stage": "prospect"}),
+            (3, {**LEAD, "lifecycle_stage": "onboarded", "days_since_signup": 4.0}),
+        ],
+        5,
+        [(0, "entered"), (3, "exited")],
+    ),
+    "Lifecycle: onboarded": (
+        [
+            (0, {**LEAD, "lifecycle_stage": "prospect"}),
+            (3, {**LEAD, "lifecycle_stage": "onboarded", "days_since_signup": 4.0}),
+            (14, {"lifecycle_stage": "adopting", "days_since_signup": 15.0}),
+        ],
+        20,
+        [(3, "entered"), (14, "exited")],
+    ),
+    "Lifecycle: adopting": (
+        [
+            (0, {"lifecycle_stage": "onboarded", "days_since_signup": 4.0}),
+            (10, {"lifecycle_stage": "adopting", "days_since_signup": 14.0}),
+            (60, {"lifecycle_stage": "loyal", "days_since_signup": 64.0}),
+        ],
+        70,
+        [(10, "entered"), (60, "exited")],
+    ),
+    "Lifecycle: loyal": (  # CALM is a loyal customer
+        [(0, {}), (20, {}), (30, {"lifecycle_stage": "at_risk"})],
+        35,
+        [(0, "entered"), (30, "exited")],
+    ),
     "Lifecycle: at_risk": (
         [(0, {"lifecycle_stage": "at_risk"}), (3, {"lifecycle_stage": "loyal"})],
         5,
@@ -396,6 +436,16 @@ def test_a_new_sign_up_who_bought_is_not_a_lead() -> None:
 def test_a_customer_who_never_bought_is_not_at_risk_of_no_purchase() -> None:
     lead = {**AT_RISK, "days_since_purchase": 999.0, "lifetime_purchases": 0.0}
     assert spans(history([(0, lead)], 30), "AtRisk-60d") == []
+
+
+@pytest.mark.parametrize(("change", "entered"), [(-0.6, False), (-0.61, True)])
+def test_at_risk_needs_an_activity_drop_of_more_than_60_percent(
+    change: float, entered: bool
+) -> None:
+    # SPEC §3 / seed 000 §3.4: "engagement drop > 60 %": exactly 60 % is not enough
+    lapsed = {**AT_RISK, "activity_14d_vs_prior28_change": change, "days_since_purchase": 25.0}
+    events = spans(history([(0, lapsed)], 5), "AtRisk-60d")
+    assert events == ([(0, "entered")] if entered else [])
 
 
 @pytest.mark.parametrize(

@@ -191,6 +191,18 @@ ERRORS = [
         '  - name: A\n    enter: {feature: x, op: ">", value: 1}\n',
         ["line 5: segments[1].name"],
     ),
+    # the first of the duplicates has an error (its enter rule is missing): the duplicate is
+    # still reported, so fixing the first error does not reveal a second one
+    (
+        'version: "1"\nsegments:\n  - name: A\n    priority: 1\n'
+        '  - name: A\n    enter: {feature: x, op: ">", value: 1}\n',
+        ["line 3: segments[0]", "line 5: segments[1].name"],
+    ),
+    (
+        'version: "1"\nsegments:\n  - name: A\n    enter: {feature: x, op: "=>", value: 1}\n'
+        '  - name: A\n    enter: {feature: x, op: ">", value: 1}\n',
+        ["line 4: segments[0].enter.op", "line 5: segments[1].name"],
+    ),
     ("segments: []\n", ["line 1: (file)"]),
     ('version: "1"\nsegments:\n  - name: A\n    enter: {feature: x, op: ">"\n', ["line 5: (yaml)"]),
     (

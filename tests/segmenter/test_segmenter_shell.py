@@ -11,6 +11,7 @@ from urllib.request import urlopen
 
 import pytest
 
+from segflow.runtime.broker import free_port
 from segflow.runtime.loop import Incoming
 from segflow.runtime.settings import Settings
 from segflow.runtime.topics import TOPICS
@@ -316,7 +317,7 @@ def test_cli_check_prints_line_and_field_and_fails(
     assert f"{bad}:5: segments[0].enter.value:" in capsys.readouterr().out
     good = Path(__file__).resolve().parents[2] / "services/segmenter/segments/default.yaml"
     assert cli(["segments", "check", str(good)]) == 0
-    assert "OK, version 2026.11.3+" in capsys.readouterr().out
+    assert "OK, version 2026.11.4+" in capsys.readouterr().out
 
 
 def test_state_schema_example_round_trips_through_the_serde() -> None:
@@ -328,3 +329,10 @@ def test_state_schema_example_round_trips_through_the_serde() -> None:
     serde = serde_for(Settings(bootstrap_servers="127.0.0.1:1"))
     assert serde.decode(STATE_TOPIC, serde.encode(STATE_TOPIC, example)) == example
     assert state_from_record(example).primary == "AtRisk-60d"
+
+
+def test_explain_url_with_nothing_listening_says_so(capsys: pytest.CaptureFixture[str]) -> None:
+    url = f"http://127.0.0.1:{free_port()}"
+    assert cli(["explain", "a", "--url", url]) == 2
+    err = capsys.readouterr().err
+    assert f"cannot reach a segmenter at {url}" in err and "9412" in err
