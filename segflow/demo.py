@@ -96,12 +96,17 @@ class Tail:
             for m in msgs:
                 if m.error() or m.value() is None:
                     continue
-                out.append((m.key(), self.serde.decode(self.topic, m.value())))
+                value = self.serde.decode(self.topic, m.value())
+                value[RECORD_TS] = m.timestamp()[1]  # producer CreateTime, ms
+                out.append((m.key(), value))
         self.count += len(out)
         return out
 
     def close(self) -> None:
         self.consumer.close()
+
+
+RECORD_TS = "_record_ts"  # added to each record the demo reads: when it was produced
 
 
 def _high(consumer: Consumer, tp: TopicPartition, timeout: float = 30.0) -> int:
@@ -175,6 +180,9 @@ class Observed:
     changes: list[dict[str, Any]] = field(default_factory=list)
     results: list[dict[str, Any]] = field(default_factory=list)
     dlq: Counter[str] = field(default_factory=Counter)
+    # (customer_id, as_of) -> scored_at of the first score published for that event time
+    scored_at: dict[tuple[str, int], int] = field(default_factory=dict)
+    drain_seconds: list[float] = field(default_factory=list)  # per simulated week
 
 
 def _port_free(port: int) -> bool:
@@ -252,6 +260,7 @@ def run_demo(args: argparse.Namespace) -> int:
             sim, observed, produced, receiver, smtp, time.monotonic() - started
         )
         summary["api"] = wiring.demo_tour(api_url, api_token, say)
+        report = report.replace("</body>", _kpi_html(summary["api"].get("kpis", [])) + "</body>")
         out = state_dir / "demo-report.html"
         out.write_text(report)
         (state_dir / "demo-summary.json").write_text(json.dumps(summary, indent=2))
@@ -365,7 +374,9 @@ def _simulate(
                 if pid is not None:
                     os.kill(pid, signal.SIGKILL)
                     say(f"      chaos: kill -9 {victim} (pid {pid}) mid-stream")
+            flushed = time.monotonic()
             _wait_caught_up(settings, groups, sup, timeout=args.step_timeout)
+            obs.drain_seconds.append(time.monotonic() - flushed)
             _read(tails, obs)
             for action in _new_actions(obs, produced):
                 ident = obs.handle.get(action["customer_id"])
@@ -376,12 +387,20 @@ def _simulate(
                 produced["rescued"] += outcome.rescued
             sizes = _sizes(obs.changes)
             produced["timeline"].append((sim.day, dict(sizes)))
+            largest = ", ".join(
+                f"{seg} {n}"
+                for seg, n in sizes.most_common()[:6]
+                if n and not seg.startswith("Lifecycle:")
+            )
             say(
                 f"      day {sim.day:>3}/{config.days}: {sink.events:,} events, "
-                f"{len(obs.event_owner):,} identified, {tails['scores'].count:,} scores, "
-                f"{len(obs.changes):,} segment changes, "
-                f"{sum(1 for r in obs.results if r['status'] == 'sent'):,} actions sent "
+                f"{len(obs.event_owner):,} identified "
+                f"({len(set(obs.event_owner.values())):,} customer ids), "
+                f"{tails['scores'].count:,} scores, {len(obs.changes):,} segment changes, "
+                f"{sum(1 for r in obs.results if r['status'] == 'sent'):,} actions sent; "
+                f"caught up {obs.drain_seconds[-1]:.1f}s after the week was produced "
                 f"({time.monotonic() - t0:.0f}s)"
+                + (f"\n        largest: {largest}" if largest else "")
             )
         stats = sink.close()
         _wait_caught_up(settings, groups, sup, timeout=args.step_timeout)
@@ -429,6 +448,7 @@ def _read(tails: dict[str, Tail], obs: Observed) -> None:
                 obs.survivor[absorbed] = merge["survivor_id"]
         for _key, score in tails["scores"].poll():
             obs.scores[score["customer_id"]] = score
+            obs.scored_at.setdefault((score["customer_id"], score["as_of"]), score["scored_at"])
         obs.changes += [c for _k, c in tails["segment_changes"].poll()]
         obs.results += [r for _k, r in tails["dispatch_results"].poll()]
         for _key, letter in tails["dlq"].poll():
@@ -649,6 +669,16 @@ def _report(
         holdout=len(holdout_keys),
         holdout_contacted=len(holdout_keys & effects),
     )
+    undecided = _undecided(obs)
+    say(
+        f"every triggering segment change decided: {len(undecided) == 0} "
+        f"({len(undecided)} of the changes a playbook triggers on have no dispatch result)"
+    )
+    summary["undecided"] = len(undecided)
+    latency = _latencies(obs)
+    for line in _latency_lines(latency):
+        say(line)
+    summary["latency"] = latency
     say(
         f"closed loop: {produced['applied']:,} actions reached simulated customers, "
         f"{produced['rescued']:,} customers rescued by treatment"
@@ -656,6 +686,135 @@ def _report(
     say(f"total {total:.0f}s")
     summary.update(auc=auc, rescued=produced["rescued"], applied=produced["applied"])
     return _html(produced["timeline"], obs, precision, recall, auc), summary
+
+
+def _undecided(obs: Observed) -> list[dict[str, Any]]:
+    """Changes a default playbook triggers on (its segment, one of its transitions) that got no
+    DispatchResult of that playbook for their stay: an action decided late is still decided;
+    one never decided is lost."""
+    from services.dispatcher.playbooks import DEFAULT_DIR, load_book
+
+    book = load_book([DEFAULT_DIR])
+    decided = {(r["entry_id"], r["playbook"]) for r in obs.results}
+    return [
+        c
+        for c in obs.changes
+        for pb in book.for_segment(c["segment"])
+        if c["transition"] in pb.triggers and (c["entry_id"], pb.name) not in decided
+    ]
+
+
+def _quantiles(values: list[float]) -> dict[str, float] | None:
+    if not values:
+        return None
+    values = sorted(values)
+
+    def pick(q: float) -> float:
+        return values[min(len(values) - 1, int(q * len(values)))]
+
+    return {"n": len(values), "p50": pick(0.5), "p99": pick(0.99), "max": values[-1]}
+
+
+def _latencies(obs: Observed) -> dict[str, dict[str, float] | None]:
+    """Processing-time latencies between the stages the demo can join, in seconds.
+
+    * score → segment change: a change caused by a score carries the score's ``as_of`` as its
+      ``occurred_at``; ``emitted_at`` minus that score's ``scored_at`` (timer-driven changes
+      have no score and are left out);
+    * segment change → dispatch decision: when the first DispatchResult of a stay
+      (``entry_id``) was produced minus the ``entered`` change's ``emitted_at`` (a delayed step
+      is decided at once and reported ``scheduled``, so this is the dispatcher's reaction, not
+      the playbook's delay; ``decided_at`` itself is pipeline time, not processing time);
+    * drain: from the last event of a simulated week produced to every service caught up.
+
+    The demo produces a simulated week at once, so these include queueing behind that burst;
+    event → segment change at a steady rate is ``bench/bench_e2e.py``'s measurement.
+    """
+    to_change = [
+        (c["emitted_at"] - obs.scored_at[key]) / 1000
+        for c in obs.changes
+        if (key := (c["customer_id"], c["occurred_at"])) in obs.scored_at
+    ]
+    entered = {c["entry_id"]: c["emitted_at"] for c in obs.changes if c["transition"] == "entered"}
+    first: dict[str, int] = {}
+    for r in obs.results:
+        if r["entry_id"] in entered:
+            t = r[RECORD_TS]
+            first[r["entry_id"]] = min(first.get(r["entry_id"], t), t)
+    to_decision = [(t - entered[e]) / 1000 for e, t in first.items()]
+    return {
+        "score_to_change_s": _quantiles(to_change),
+        "change_to_decision_s": _quantiles(to_decision),
+        "week_drain_s": _quantiles(obs.drain_seconds),
+    }
+
+
+def _latency_lines(latency: dict[str, dict[str, float] | None]) -> list[str]:
+    names = {
+        "score_to_change_s": "score → segment change",
+        "change_to_decision_s": "segment change → dispatch decision",
+        "week_drain_s": "simulated week produced → all caught up",
+    }
+    out = ["latency (processing time, seconds; each simulated week is produced at once):"]
+    for key, label in names.items():
+        q = latency.get(key)
+        out.append(
+            f"  {label:40} "
+            + (
+                f"p50 {q['p50']:.2f}  p99 {q['p99']:.2f}  max {q['max']:.2f}  (n={q['n']:,})"
+                if q
+                else "n/a"
+            )
+        )
+    return out
+
+
+def _kpi_html(kpis: list[dict[str, Any]]) -> str:
+    """The API's KPI rows as an HTML table (uplift = conversion minus the holdout's)."""
+    if not kpis:
+        return "<h2>Campaign KPIs</h2><p>No KPI rows (no actions decided).</p>"
+
+    def pct(x: float | None) -> str:
+        return "-" if x is None else f"{100 * x:.1f}%"
+
+    rows = []
+    for k in kpis:
+        ci = k.get("uplift_ci")
+        uplift = (
+            f"{100 * k['uplift']:+.1f} pts [{100 * ci[0]:+.1f}, {100 * ci[1]:+.1f}]"
+            if k.get("uplift") is not None and ci
+            else "-"
+        )
+        cells = [
+            k["segment"],
+            k["playbook"],
+            k["variant"],
+            f"{k.get('assigned', 0):,}",
+            f"{k.get('sent', 0):,}",
+            pct(k.get("conversion_rate")),
+            pct(k.get("churn_rate")),
+            uplift,
+        ]
+        rows.append("<tr>" + "".join(f"<td>{html.escape(c)}</td>" for c in cells) + "</tr>")
+    head = "".join(
+        f"<th>{h}</th>"
+        for h in (
+            "segment",
+            "playbook",
+            "variant",
+            "assigned",
+            "sent",
+            "conversion",
+            "churn",
+            "uplift vs holdout [95% CI]",
+        )
+    )
+    return (
+        "<h2>Campaign KPIs</h2><p>Conversion and churn per assigned customer (intention to "
+        "treat); uplift is conversion minus the playbook's holdout, with its 95% interval.</p>"
+        f"<table border=1 cellpadding=3 style='border-collapse:collapse;font-size:12px'>"
+        f"<tr>{head}</tr>{''.join(rows)}</table>"
+    )
 
 
 def _html(
@@ -713,5 +872,7 @@ def _html(
         + (f"<p>Churn AUC (final score vs true churn): {auc:.3f}</p>" if auc is not None else "")
         + "<p>Dispatch decisions: "
         + html.escape(json.dumps(dict(status)))
-        + "</p></body>"
+        + "</p><pre>"
+        + html.escape("\n".join(_latency_lines(_latencies(obs))))
+        + "</pre></body>"
     )

@@ -86,10 +86,12 @@ def tour(url: str, token: str) -> tuple[list[str], dict[str, Any]]:
         summary["segments"] = {s["name"]: s["size"] for s in segs}
         kpis = _get(api, "/v1/campaigns/kpis")["kpis"]
         summary["kpi_rows"] = len(kpis)
+        summary["kpis"] = kpis
         lines.append(
             f"GET /v1/segments: {len(segs)} segments; GET /v1/campaigns/kpis: "
             f"{len(kpis)} rows (segment × playbook × variant)"
         )
+        lines += kpi_lines(kpis)
         biggest = max(segs, key=lambda s: s["size"]) if segs else None
         if biggest and biggest["size"]:
             name = quote(biggest["name"], safe="")
@@ -104,6 +106,32 @@ def tour(url: str, token: str) -> tuple[list[str], dict[str, Any]]:
             )
             summary["profile"] = {"customer_id": cid, "segments": member, "churn": churn}
     return lines, summary
+
+
+def _pct(x: float | None) -> str:
+    return "-" if x is None else f"{100 * x:.1f}%"
+
+
+def kpi_lines(kpis: list[dict[str, Any]]) -> list[str]:
+    """The KPI rows as a table: conversion and churn per assigned customer (intention to
+    treat), uplift = conversion minus the holdout's, with its 95 % interval."""
+    out = [
+        f"  {'segment':26} {'playbook':24} {'variant':8} {'assigned':>8} {'sent':>6} "
+        f"{'conv':>6} {'churn':>6}  uplift vs holdout [95% CI]"
+    ]
+    for k in kpis:
+        ci = k.get("uplift_ci")
+        uplift = (
+            f"{100 * k['uplift']:+.1f} pts [{100 * ci[0]:+.1f}, {100 * ci[1]:+.1f}]"
+            if k.get("uplift") is not None and ci
+            else "-"
+        )
+        out.append(
+            f"  {k['segment'][:26]:26} {k['playbook'][:24]:24} {k['variant'][:8]:8} "
+            f"{k.get('assigned', 0):8,} {k.get('sent', 0):6,} "
+            f"{_pct(k.get('conversion_rate')):>6} {_pct(k.get('churn_rate')):>6}  {uplift}"
+        )
+    return out
 
 
 def demo_token() -> tuple[str, bool]:
