@@ -26,8 +26,10 @@ customers' events are re-timed to the wall clock and produced at a fixed rate.
    (after the segmenter's transaction committed). Action: a ``sent`` DispatchResult of a step
    due at once (``due_at`` = the entering change's time): its ``dispatched_at`` (the API call
    started) and its record timestamp (answer recorded).
-3. **Memory and state**: peak RSS per process (VmHWM from /proc), CPU seconds per process,
-   and the state changelog topics' compacted size (latest value per key) per customer.
+3. **Memory and state**: peak RSS per process (VmHWM from /proc), CPU seconds per process
+   (per produced event, and per input record each service committed: the number to compare
+   between services and runs on a shared machine, where wall-clock rates are noisy), and the
+   state changelog topics' compacted size (latest value per key) per customer.
 
 The default contact policy's quiet hours are removed for the run (they would hold emails
 until 08:00 local time, which is a policy delay, not pipeline latency). Ends with a table
@@ -624,6 +626,7 @@ def main() -> int:
         lag.start()
         pids = {**sup.pids(), "broker (java)": broker.pid() if broker is not None else None}
         cpu0 = {name: proc_numbers(pid)["cpu_s"] for name, pid in pids.items()}
+        done0 = {name: done for name, (_, done) in lag.sample().items()}
         events0 = feeder.produced
         measured_from = time.monotonic()
         say(
@@ -680,7 +683,17 @@ def main() -> int:
 
         say("[5/6] memory and CPU per process")
         procs = {name: proc_numbers(pid) for name, pid in pids.items()}
+        done1 = {name: done for name, (_, done) in lag.sample().items()}
         events = feeder.produced - events0
+        for name, p in procs.items():  # CPU per input record the service committed
+            cpu, before = p["cpu_s"], cpu0.get(name)
+            records = done1.get(name, 0) - done0.get(name, 0)
+            p["records"] = records if name in done1 else None
+            p["cpu_us_per_record"] = (
+                None
+                if cpu is None or before is None or name not in done1 or records <= 0
+                else round((cpu - before) * 1e6 / records, 1)
+            )
         for name, p in procs.items():  # CPU per event since the warm-up (idle ticks included)
             cpu, before = p["cpu_s"], cpu0.get(name)
             p["cpu_ms_per_event"] = (
@@ -807,12 +820,17 @@ def report(s: dict[str, Any]) -> None:
         + ("" if lat["drained"] else "; pipeline not drained after the phase")
         + ")"
     )
-    say(f"  {'process':16} {'peak RSS':>10} {'CPU s':>8} {'CPU ms/event':>13}")
+    say(
+        f"  {'process':16} {'peak RSS':>10} {'CPU s':>8} {'CPU ms/event':>13} "
+        f"{'records in':>11} {'CPU us/record':>14}"
+    )
     for name, p in s["processes"].items():
         rss = "n/a" if p["peak_rss_mb"] is None else f"{p['peak_rss_mb']:,.0f} MB"
         cpu = "n/a" if p["cpu_s"] is None else f"{p['cpu_s']:,.1f}"
         per = "n/a" if p["cpu_ms_per_event"] is None else f"{p['cpu_ms_per_event']:.3f}"
-        say(f"  {name:16} {rss:>10} {cpu:>8} {per:>13}")
+        recs = "" if p.get("records") is None else f"{p['records']:,}"
+        per_rec = "" if p.get("cpu_us_per_record") is None else f"{p['cpu_us_per_record']:,.0f}"
+        say(f"  {name:16} {rss:>10} {cpu:>8} {per:>13} {recs:>11} {per_rec:>14}")
     say(
         f"  (CPU since the warm-up, idle ticks included, so not linear in the rate; these "
         f"processes used {s['cores_used_by_segflow']:.2f} of {s['cpus']} cores on average)"

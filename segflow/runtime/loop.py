@@ -52,14 +52,17 @@ class Incoming(NamedTuple):
     value: dict[str, Any]
     timestamp_ms: int | None
     headers: list[tuple[str, bytes | None]]
+    #: The value's bytes as consumed (wire format), for handlers that pass them on.
+    raw: bytes | None = None
 
 
 class Output(NamedTuple):
-    """One record to produce: ``value`` None is a tombstone (compacted topics)."""
+    """One record to produce: ``value`` None is a tombstone (compacted topics); ``bytes`` are
+    a value already encoded in the wire format of ``topic``'s schema (produced as they are)."""
 
     topic: Topic
     key: str | bytes | None
-    value: dict[str, Any] | None
+    value: dict[str, Any] | bytes | None
     topic_name: str | None = None  # overrides the registry name (tests, custom prefixes)
     headers: list[tuple[str, bytes]] | None = None
 
@@ -183,6 +186,7 @@ class ProcessingLoop:
         self._m_out: dict[str, Any] = {}
         self._n_in: Counter[str] = Counter()
         self._n_out: Counter[str] = Counter()
+        self._guard = _Watchdog(config.stuck_timeout, config.service)
 
     # -- lifecycle -----------------------------------------------------------------------
     def stop(self, *_: Any) -> None:
@@ -244,6 +248,7 @@ class ProcessingLoop:
         with contextlib.suppress(KafkaException, RuntimeError):  # already closed
             self.consumer.close()
         self.producer.flush(10)
+        self._guard.close()
 
     # -- one batch -----------------------------------------------------------------------
     def _process_batch(self, msgs: list[Message]) -> None:
@@ -408,6 +413,7 @@ class ProcessingLoop:
                 value=decoded,
                 timestamp_ms=ts,
                 headers=_headers(msg),
+                raw=msg.value(),
             )
             outputs = [(out, self._encode(out)) for out in self.handler(record)]
         except PoisonMessage as exc:
@@ -424,7 +430,9 @@ class ProcessingLoop:
 
     def _encode(self, out: Output) -> tuple[str, bytes | None, bytes | None]:
         name = out.topic_name or out.topic.name(self.settings)
-        value = None if out.value is None else self.serde.encode(out.topic, out.value)
+        value = out.value
+        if value is not None and not isinstance(value, bytes):
+            value = self.serde.encode(out.topic, value)
         return name, encode_key(out.topic, out.key), value
 
     def _dead_letter(self, msg: Message, exc: BaseException) -> None:
@@ -519,7 +527,7 @@ class ProcessingLoop:
                 raise
 
     def _watchdog(self) -> _Watchdog:
-        return _Watchdog(self.config.stuck_timeout, self.config.service)
+        return self._guard
 
     def _rewind(self, offsets: list[TopicPartition]) -> None:
         """Seek back to the committed offsets so the aborted batch is processed again."""
@@ -546,25 +554,62 @@ def _headers(msg: Message) -> list[tuple[str, bytes | None]]:
 
 
 class _Watchdog:
-    """Exit the process if the guarded block runs longer than ``timeout`` seconds."""
+    """Exit the process if a guarded block runs longer than ``timeout`` seconds.
+
+    One daemon thread per loop, started on first use and armed around each commit (a thread
+    per commit cost ~1-2 % of a service's CPU at a few commits per second)::
+
+        with watchdog:
+            commit()
+    """
 
     def __init__(self, timeout: float, service: str) -> None:
         self.timeout = timeout
         self.service = service
-        self._done = threading.Event()
+        self._cond = threading.Condition()
+        self._deadline: float | None = None
+        self._thread: threading.Thread | None = None
+        self._closed = False
 
     def __enter__(self) -> _Watchdog:
-        threading.Thread(target=self._watch, daemon=True, name="commit-watchdog").start()
+        with self._cond:
+            self._deadline = time.monotonic() + self.timeout
+            if self._thread is None:
+                self._closed = False
+                self._thread = threading.Thread(
+                    target=self._watch, daemon=True, name="commit-watchdog"
+                )
+                self._thread.start()
+            else:
+                self._cond.notify()
         return self
 
     def __exit__(self, *_: object) -> None:
-        self._done.set()
+        with self._cond:
+            self._deadline = None
+
+    def close(self) -> None:
+        """End the thread (the loop is closed)."""
+        with self._cond:
+            self._closed = True
+            self._deadline = None
+            self._cond.notify()
+        self._thread = None
 
     def _watch(self) -> None:
-        if not self._done.wait(self.timeout):
-            log.critical(
-                "commit stuck; exiting so the supervisor restarts this instance",
-                extra={"fields": {"stuck_seconds": self.timeout, "exit_status": EXIT_STUCK}},
-            )
-            logging.shutdown()
-            os._exit(EXIT_STUCK)
+        with self._cond:
+            while not self._closed:
+                deadline = self._deadline
+                if deadline is None:
+                    self._cond.wait()
+                    continue
+                remaining = deadline - time.monotonic()
+                if remaining > 0:
+                    self._cond.wait(remaining)
+                    continue
+                log.critical(
+                    "commit stuck; exiting so the supervisor restarts this instance",
+                    extra={"fields": {"stuck_seconds": self.timeout, "exit_status": EXIT_STUCK}},
+                )
+                logging.shutdown()
+                os._exit(EXIT_STUCK)

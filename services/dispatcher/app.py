@@ -31,18 +31,20 @@ from prometheus_client import Counter, Gauge, Histogram
 from pydantic import SecretStr
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
-from segflow.errors import PoisonMessage
+from segflow.errors import DecodeError, PoisonMessage
 from segflow.runtime.dlq import dead_letter
 from segflow.runtime.loop import Incoming, LoopConfig, Output, ProcessingLoop
+from segflow.runtime.projection import _varint
 from segflow.runtime.serde import Serde
 from segflow.runtime.settings import Settings
 from segflow.runtime.state import ChangelogStore
 from segflow.runtime.topics import TOPICS
 from services.dispatcher import core
 from services.dispatcher.adapters import (
-    AiohttpTransport,
+    AiohttpClient,
     CallFailed,
     Contacts,
+    HttpClient,
     HubSpotCRM,
     PatternContacts,
     Rejected,
@@ -114,7 +116,7 @@ class DispatcherSettings(BaseSettings):
     webhook_secret: SecretStr = SecretStr("segflow-local-webhook-secret")
     contact_pattern: str | None = None  # e.g. "{customer_id}@example.invalid" (demo only)
     http_timeout: float = 5.0
-    http_transport: Literal["aiohttp", "httpx"] = "aiohttp"  # bytes under the httpx clients
+    http_transport: Literal["aiohttp", "httpx"] = "aiohttp"  # aiohttp directly, or httpx's pool
     concurrency: int = 256
     max_batch: int = 2000
     promote_batch: int = 5000
@@ -153,13 +155,12 @@ class AsyncRunner:
 
 def build_router(
     cfg: DispatcherSettings, runner: AsyncRunner, contacts: Contacts | None = None
-) -> tuple[Router, httpx.AsyncClient]:
-    """httpx-backed adapters for every channel (one shared connection pool)."""
+) -> tuple[Router, HttpClient]:
+    """Adapters for every channel on one shared connection pool (aiohttp's by default)."""
 
-    async def make() -> httpx.AsyncClient:
+    async def make() -> HttpClient:
         if cfg.http_transport == "aiohttp":
-            transport = AiohttpTransport(cfg.concurrency, cfg.http_timeout)
-            return httpx.AsyncClient(transport=transport, timeout=cfg.http_timeout)
+            return AiohttpClient(cfg.concurrency, cfg.http_timeout)
         limits = httpx.Limits(
             max_connections=cfg.concurrency, max_keepalive_connections=cfg.concurrency
         )
@@ -216,7 +217,7 @@ class Dispatcher:
         self.events_topic = TOPICS.identified.name(settings)
         self.results_topic = TOPICS.dispatch_results.name(settings)
         self.runner = AsyncRunner()
-        self._client: httpx.AsyncClient | None = None
+        self._client: HttpClient | None = None
         if router is None:
             router, self._client = build_router(self.cfg, self.runner, contacts)
         self.router = router
@@ -227,6 +228,8 @@ class Dispatcher:
         # the last flush: one changelog write per customer per transaction, not per event.
         self._cache: dict[str, core.Customer] = {}
         self._pending: set[str] = set()
+        # KPI rows changed since the last flush (key -> record), written once per transaction.
+        self._kpi_pending: dict[str, dict[str, Any]] = {}
         # Calls under way on the I/O thread: the loop keeps consuming while they run and
         # records their outcomes at a later tick (the entries stay committed in_flight).
         self._calls: list[tuple[list[tuple[core.Customer, core.Action]], Any]] = []
@@ -240,6 +243,10 @@ class Dispatcher:
         self._kpi_dirty = True
         self._kpi_keys: set[str] = set()
         self._gauges_at = 0.0
+        self._identified_schema = self.serde.store.get(TOPICS.identified.value)
+        self._attempt_counters: dict[tuple[str, str], Any] = {}
+        self._call_seconds: dict[str, Any] = {}
+        self._current_ids: dict[bytes, bool] = {}  # writer schema id -> is the current schema
 
     # -- lifecycle -----------------------------------------------------------------------
     def restore(self, attempts: int = 20) -> int:
@@ -273,6 +280,7 @@ class Dispatcher:
             transactional_id=cfg.transactional_id or f"{cfg.group_id}-0",
             batch_size=cfg.batch_size,
             tick_interval=cfg.tick_interval,
+            decoders={self.events_topic: self.decode_identified},
             **overrides,
         )
         return ProcessingLoop(
@@ -298,16 +306,19 @@ class Dispatcher:
         self._dirty = True  # the store rolled back: rebuild the timer indexes from it
         self._cache.clear()
         self._pending.clear()
+        self._kpi_pending.clear()
 
     def before_commit(self) -> list[Output]:
-        """The batch's customer changes, one write per customer, inside its transaction."""
+        """The batch's customer and KPI changes, one write per key, inside its transaction."""
         return self._flush()
 
     def _flush(self) -> list[Output]:
         outs = [
             self.store.put(cid, core.customer_record(self._cache[cid])) for cid in self._pending
         ]
+        outs += [self.store.put(key, rec) for key, rec in self._kpi_pending.items()]
         self._pending.clear()
+        self._kpi_pending.clear()
         return outs
 
     def _put(self, c: core.Customer) -> None:
@@ -345,8 +356,8 @@ class Dispatcher:
 
     def kpis(self) -> dict[tuple[str, str, str], dict[str, int]]:
         out = {}
-        for key in list(self._kpi_keys):
-            r = self.store.get(key)
+        for key in list(self._kpi_keys):  # this batch's changes first, as kpis_for reads them
+            r = self._kpi_pending.get(key) or self.store.get(key)
             if r is not None:
                 out[(r["segment"], r["playbook"], r["variant"])] = dict(r["counts"])
         return out
@@ -367,6 +378,51 @@ class Dispatcher:
             heapq.heappush(self._retry, (a.retry_at, c.customer_id, a.key))
 
     # -- handler ---------------------------------------------------------------------------
+    def decode_identified(self, data: bytes | None) -> dict[str, Any]:
+        """The loop's decoder for identified events: most events concern customers the
+        dispatcher holds nothing for (no segment change yet), and ``observe`` ignores them
+        unless their type or a profile property says otherwise. Those are recognised from the
+        leading fields and a byte search, and come back as ``{"customer_id", "occurred_at",
+        "event": None}`` without the full Avro decode; everything else is decoded in full.
+        (A skipped record is not checked past its leading fields: bytes that would not decode
+        are ignored instead of dead-lettered, as nothing is derived from them.)"""
+        if data is not None and len(data) > 8 and data[0] == 0 and self._current(data[1:5]):
+            try:
+                n, pos = _varint(data, 5)  # customer_id
+                cid = data[pos : pos + n].decode()
+                if (
+                    n >= 0
+                    and cid not in self._cache
+                    and cid not in self.store
+                    and b"do_not_contact" not in data
+                    and b"timezone" not in data
+                    and b"first_name" not in data
+                ):
+                    n, pos = _varint(data, pos + n)  # event.event_id
+                    n, pos = _varint(data, pos + n)  # event.event_type
+                    event_type = data[pos : pos + n].decode()
+                    occurred_at, end = _varint(data, pos + n)  # event.occurred_at
+                    if (
+                        n >= 0
+                        and end <= len(data)
+                        and event_type not in core.UNKNOWN_CUSTOMER_TYPES
+                    ):
+                        return {"customer_id": cid, "occurred_at": occurred_at, "event": None}
+            except (IndexError, UnicodeDecodeError):
+                pass  # the full decode says what is wrong with it
+        return self.serde.decode(TOPICS.identified, data)
+
+    def _current(self, sid: bytes) -> bool:
+        """Whether schema id ``sid`` (4 bytes) is the current IdentifiedEvent schema."""
+        current = self._current_ids.get(sid)
+        if current is None:
+            try:
+                writer = self.serde._writer(int.from_bytes(sid, "big"))
+            except DecodeError:
+                writer = None
+            current = self._current_ids[sid] = writer is self._identified_schema
+        return current
+
     def handle(self, record: Incoming) -> Iterator[Output]:
         if record.topic_name == self.changes_topic:
             try:
@@ -379,6 +435,10 @@ class Dispatcher:
             old = self.customer(change.customer_id)
             new, effects = core.decide(old, change, now, self.book)
         else:
+            if record.value["event"] is None:  # skipped by decode_identified
+                if self.cfg.clock == "event":
+                    self._advance(record.value["occurred_at"])
+                return
             obs = core.Observation.from_record(record.value)
             if self.cfg.clock == "event":
                 self._advance(obs.occurred_at)
@@ -413,12 +473,12 @@ class Dispatcher:
                 deltas.append(e)
             elif isinstance(e, core.DeadLetterAction):
                 yield self._dead_letter(e, now)
-        if deltas:
+        if deltas:  # counted now, written once per row and transaction by _flush
             current = self.kpis_for({(d.segment, d.playbook, d.variant) for d in deltas})
             for (seg, pb, var), counts in core.apply_kpis(current, deltas).items():
                 key = f"{KPI_PREFIX}{seg}|{pb}|{var}"
                 self._kpi_keys.add(key)
-                yield self.store.put(key, core.kpi_record(seg, pb, var, counts))
+                self._kpi_pending[key] = core.kpi_record(seg, pb, var, counts)
             self._kpi_dirty = True
 
     def kpis_for(
@@ -426,7 +486,8 @@ class Dispatcher:
     ) -> dict[tuple[str, str, str], dict[str, int]]:
         out = {}
         for seg, pb, var in rows:
-            rec = self.store.get(f"{KPI_PREFIX}{seg}|{pb}|{var}")
+            key = f"{KPI_PREFIX}{seg}|{pb}|{var}"
+            rec = self._kpi_pending.get(key) or self.store.get(key)
             if rec is not None:
                 out[(seg, pb, var)] = dict(rec["counts"])
         return out
@@ -625,28 +686,40 @@ class Dispatcher:
         try:
             sent = await adapter.send(req)
         except CallFailed as exc:
-            ATTEMPTS.labels(endpoint, "retry").inc()
+            self._attempts(endpoint, "retry").inc()
             self._on_failure(endpoint, exc.pause)
             return core.Outcome(
                 "retry", exc.status, endpoint, str(exc), retry_at=int((exc.retry_after or 0) * 1000)
             )
         except Rejected as exc:
-            ATTEMPTS.labels(endpoint, "failed").inc()
+            self._attempts(endpoint, "failed").inc()
             return core.Outcome(
                 "failed", exc.status, endpoint, str(exc), dispatched_at=int(now * 1000)
             )
         except Exception as exc:  # an adapter bug: retry later, never lose the action
             log.exception("adapter error", extra={"fields": {"endpoint": endpoint}})
-            ATTEMPTS.labels(endpoint, "retry").inc()
+            self._attempts(endpoint, "retry").inc()
             self._on_failure(endpoint, None)
             return core.Outcome("retry", None, endpoint, f"error: {type(exc).__name__}")
         finally:
-            CALL_SECONDS.labels(endpoint).observe(time.perf_counter() - started)
-        ATTEMPTS.labels(endpoint, "sent").inc()
-        self._breakers[endpoint] = self._breakers.get(endpoint, self._new_breaker()).success()
+            seconds = self._call_seconds.get(endpoint)
+            if seconds is None:
+                seconds = self._call_seconds[endpoint] = CALL_SECONDS.labels(endpoint)
+            seconds.observe(time.perf_counter() - started)
+        self._attempts(endpoint, "sent").inc()
+        breaker = self._breakers.get(endpoint)
+        if breaker is None or breaker.failures or breaker.opened_at is not None:
+            self._breakers[endpoint] = (breaker or self._new_breaker()).success()
         if sent.pause:
             self._paused[endpoint] = max(self._paused.get(endpoint, 0.0), now + sent.pause)
         return core.Outcome("sent", sent.status, endpoint, dispatched_at=int(now * 1000))
+
+    def _attempts(self, endpoint: str, outcome: str) -> Any:
+        """The attempts counter's child (labels() costs a lock and a lookup per call)."""
+        child = self._attempt_counters.get((endpoint, outcome))
+        if child is None:
+            child = self._attempt_counters[(endpoint, outcome)] = ATTEMPTS.labels(endpoint, outcome)
+        return child
 
     def _new_breaker(self) -> Breaker:
         return Breaker(self.cfg.breaker_threshold, self.cfg.breaker_cooldown)

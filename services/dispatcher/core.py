@@ -41,8 +41,8 @@ from __future__ import annotations
 
 import hashlib
 from collections.abc import Iterable, Mapping
-from dataclasses import dataclass, field, replace
-from typing import Any
+from dataclasses import dataclass, field
+from typing import Any, TypeVar
 
 from services.dispatcher.experiments import assign
 from services.dispatcher.playbooks import (
@@ -62,9 +62,40 @@ DAY = 24 * HOUR
 TERMINAL = frozenset({"sent", "suppressed", "failed", "holdout"})
 TRUE = frozenset({"true", "1", "yes", "y"})
 FORGET_EVENTS = frozenset({"forget", "gdpr_forget", "customer_forgotten"})
+# What an event about a customer the dispatcher does not know yet can still change (see
+# ``observe``): these event types, and these keys in its properties. Anything else about an
+# unknown customer is ignored, which lets the shell skip such events without decoding them.
+UNKNOWN_CUSTOMER_TYPES = frozenset({"email_unsubscribe", "email_bounce"}) | FORGET_EVENTS
+PROFILE_PROPERTIES = ("do_not_contact", "timezone", "first_name")
 # The customer id was absorbed by an identity merge: it is never contacted again (its
 # survivor is). Set from the segmenter's ``exited``/``merged`` change.
 MERGED = "merged"
+
+
+_T = TypeVar("_T")
+_RECORD = "_record"  # an Action's cached changelog record (see _action_record)
+
+
+def replace(obj: _T, /, **changes: Any) -> _T:
+    """``dataclasses.replace`` for this module's frozen records, about ten times cheaper: a
+    shallow copy with the changed fields set, without re-running the generated ``__init__``
+    (these records have no ``__post_init__``; the field names are still checked).
+
+    >>> a = Assignment("P", "S", "e", "A", "P", 1)
+    >>> b = replace(a, variant="B")
+    >>> (a.variant, b.variant, b == Assignment("P", "S", "e", "B", "P", 1))
+    ('A', 'B', True)
+    """
+    fields = obj.__dataclass_fields__  # type: ignore[attr-defined]
+    for name in changes:
+        if name not in fields:
+            raise TypeError(f"{type(obj).__name__} has no field {name!r}")
+    new = object.__new__(type(obj))
+    state = new.__dict__  # frozen: attribute assignment raises, the instance dict does not
+    state.update(obj.__dict__)
+    state.pop(_RECORD, None)  # a cached changelog record describes the old values
+    state.update(changes)
+    return new
 
 
 # -- inputs ------------------------------------------------------------------------------------
@@ -373,17 +404,17 @@ def _cancel(
 def _start(
     c: Customer, pb: Playbook, ch: Change, now: int, book: Book, out: list[Effect]
 ) -> Customer:
+    step_keys = [
+        idempotency_key(c.customer_id, pb.name, s.id, ch.entry_id, ch.occurred_at) for s in pb.steps
+    ]
     keys = {a.key for a in c.actions}
-    if any(
-        idempotency_key(c.customer_id, pb.name, s.id, ch.entry_id, ch.occurred_at) in keys
-        for s in pb.steps
-    ):
+    if any(k in keys for k in step_keys):
         return c  # already decided: the ledger makes a redelivered change a no-op
     variant = assign(c.customer_id, pb.name, pb.experiment)
     campaign = pb.campaign_id or pb.name
     actions = [
         Action(
-            key=idempotency_key(c.customer_id, pb.name, s.id, ch.entry_id, ch.occurred_at),
+            key=key,
             customer_id=c.customer_id,
             playbook=pb.name,
             step=s.id,
@@ -397,7 +428,7 @@ def _start(
             due_at=ch.occurred_at + s.after_ms,
             features=ch.features,
         )
-        for s in pb.steps
+        for s, key in zip(pb.steps, step_keys, strict=True)
     ]
     # Priority between playbooks (contacts only; CRM data syncs never compete): a running
     # higher-priority sequence wins, a lower-priority one yields.
@@ -583,13 +614,7 @@ def observe(
     props = dict(ev.properties)
     out: list[Effect] = []
     et = ev.event_type
-    relevant = (
-        et in ("email_unsubscribe", "email_bounce")
-        or et in FORGET_EVENTS
-        or "do_not_contact" in props
-        or "timezone" in props
-        or "first_name" in props
-    )
+    relevant = et in UNKNOWN_CUSTOMER_TYPES or any(k in props for k in PROFILE_PROPERTIES)
     if customer is None and not relevant:
         return None, []
     c = customer or Customer(ev.customer_id)
@@ -754,6 +779,19 @@ _ACTION_FIELDS = (
 )
 
 
+def _action_record(a: Action) -> dict[str, Any]:
+    """An action's changelog record, built once per (immutable) Action and kept on it: a
+    customer's whole ledger is written whenever one entry changes. Never mutated after."""
+    state = a.__dict__
+    rec: dict[str, Any] | None = state.get(_RECORD)
+    if rec is None:
+        # the instance dict holds exactly the fields (cheaper to copy than 20 getattr calls)
+        rec = dict(state)
+        rec["features"] = dict(a.features)
+        state[_RECORD] = rec
+    return rec
+
+
 def customer_record(c: Customer) -> dict[str, Any]:
     """``io.segflow.DispatcherStateEntry`` (kind ``customer``) for the changelog."""
     return {
@@ -764,10 +802,7 @@ def customer_record(c: Customer) -> dict[str, Any]:
         "attrs": dict(c.attrs),
         "last_engagement_at": c.last_engagement_at,
         "sends": [{"channel": ch, "at": at, "key": k} for ch, at, k in c.sends],
-        "actions": [
-            {**{f: getattr(a, f) for f in _ACTION_FIELDS}, "features": dict(a.features)}
-            for a in c.actions
-        ],
+        "actions": [_action_record(a) for a in c.actions],
         "assignments": [
             {
                 "playbook": s.playbook,

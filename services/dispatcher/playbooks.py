@@ -25,6 +25,7 @@ from __future__ import annotations
 import re
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
+from functools import cached_property
 from pathlib import Path
 from typing import Any
 
@@ -179,13 +180,22 @@ class Policy:
     )
     ledger_retention_ms: int = 30 * 86_400_000
 
+    # Derived once per (immutable) policy: these are read for every decision.
+    @cached_property
+    def _caps(self) -> dict[str, tuple[Cap, ...]]:
+        return dict(self.caps)
+
+    @cached_property
+    def _cooldowns(self) -> dict[str, int]:
+        return dict(self.cooldowns)
+
     def caps_for(self, channel: str) -> tuple[Cap, ...]:
-        return dict(self.caps).get(channel, ())
+        return self._caps.get(channel, ())
 
     def cooldown_for(self, channel: str) -> int:
-        return dict(self.cooldowns).get(channel, 0)
+        return self._cooldowns.get(channel, 0)
 
-    @property
+    @cached_property
     def history_ms(self) -> int:
         """How far back the send history must reach to check every cap and cooldown."""
         spans = [c.per_ms for _, caps in self.caps for c in caps] + [v for _, v in self.cooldowns]

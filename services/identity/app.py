@@ -21,7 +21,7 @@ from prometheus_client import Counter, Gauge, Histogram
 from pydantic import Field
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
-from segflow.errors import InvalidRecord
+from segflow.errors import DecodeError, InvalidRecord
 from segflow.events import validate_event
 from segflow.runtime.loop import Incoming, LoopConfig, Output, ProcessingLoop
 from segflow.runtime.serde import Serde
@@ -133,6 +133,21 @@ def email_hash(secret: str, email: str) -> str:
     return hmac.new(secret.encode(), value, hashlib.sha256).hexdigest()
 
 
+def _long(n: int) -> bytes:
+    """Avro's zig-zag varint encoding of a long.
+
+    >>> [_long(n).hex() for n in (0, -1, 1, 64, 1_800_000_000_000)]
+    ['00', '01', '02', '8001', '80c0e285e368']
+    """
+    n = (n << 1) ^ (n >> 63)
+    out = bytearray()
+    while n > 0x7F:
+        out.append((n & 0x7F) | 0x80)
+        n >>= 7
+    out.append(n)
+    return bytes(out)
+
+
 class IdentityService:
     """The handler, tick and hooks of the identity loop around one :class:`ChangelogStore`."""
 
@@ -146,8 +161,12 @@ class IdentityService:
         self.settings = settings
         self.config = config or IdentitySettings()
         self.rules = self.config.rules()
-        self.store = store or ChangelogStore(settings, TOPICS.identity_state)
+        self.serde = Serde.from_settings(settings)
+        self.store = store or ChangelogStore(settings, TOPICS.identity_state, self.serde)
         self.clock = clock
+        self._events_schema = self.serde.store.get(TOPICS.events.value)
+        self._current_ids: dict[bytes, bool] = {}  # writer schema id -> current BehaviorEvent
+        self._identified_header: bytes | None = None
         self._secret = settings.hash_secret.get_secret_value()
         self._hasher = node_hasher(self._secret)
         self._cache: dict[tuple[str, str], str] = {}
@@ -188,7 +207,7 @@ class IdentityService:
             self.settings,
             LoopConfig(**options),
             self.handle,
-            serde=Serde.from_settings(self.settings),
+            serde=self.serde,
             hooks=[self.store, self],
             clock=self.clock,
             tick=self.tick,
@@ -223,16 +242,17 @@ class IdentityService:
         for outcome in step.outcomes:
             yield from self._outcome(outcome, now_ms)
         email = event.get("email")
-        yield Output(
-            TOPICS.identified,
-            step.customer_id,
-            {
+        identified: dict[str, Any] | bytes
+        if email is None and record.raw is not None and self._current(record.raw):
+            identified = self._identified_bytes(step.customer_id, record.raw, now_ms)
+        else:
+            identified = {
                 "customer_id": step.customer_id,
                 "event": {**event, "email": None},
                 "email_hash": email_hash(self._secret, email) if email else None,
                 "identified_at": now_ms,
-            },
-        )
+            }
+        yield Output(TOPICS.identified, step.customer_id, identified)
         # State last: if an output above failed to encode, the record is dead-lettered and
         # the in-memory table was not touched.
         store = self.store
@@ -243,6 +263,33 @@ class IdentityService:
         self._n += 1
         if not self._n & 15:  # a sample is enough for the histogram
             LATENCY.observe(time.perf_counter() - started)
+
+    def _current(self, raw: bytes) -> bool:
+        """Whether ``raw`` was written with the current BehaviorEvent schema."""
+        sid = raw[1:5]
+        current = self._current_ids.get(sid)
+        if current is None:
+            try:
+                writer = self.serde._writer(int.from_bytes(sid, "big"))
+            except DecodeError:
+                writer = None
+            current = self._current_ids[sid] = writer is self._events_schema
+        return current
+
+    def _identified_bytes(self, customer_id: str, raw: bytes, now_ms: int) -> bytes:
+        """The IdentifiedEvent of an event without email, as bytes: its fields are
+        ``customer_id``, the event, ``email_hash`` and ``identified_at`` in that order, so the
+        event's body is spliced in as consumed instead of decoded into a dict and encoded
+        again (byte for byte what encoding ``{**event, "email": None}`` gives, as its email is
+        already null; about 12 us of ~90 per event)."""
+        if self._identified_header is None:
+            self._identified_header = b"\x00" + self.serde.schema_id(TOPICS.identified).to_bytes(
+                4, "big"
+            )
+        cid = customer_id.encode()
+        return b"".join(
+            (self._identified_header, _long(len(cid)), cid, raw[5:], b"\x00", _long(now_ms))
+        )
 
     def _forget(self, request: dict[str, Any]) -> Iterator[Output]:
         """Erase the profile, then tell downstream in the customer's own partition order:

@@ -97,6 +97,7 @@ class MiniPipeline:
     def tick(self) -> None:
         self.send(self.scorer.tick())
         self.send(self.segmenter.tick())
+        self.send(self.dispatcher.before_commit())  # as the loop does before each commit
         for hook in (
             self.identity.store,
             self.scorer.states,

@@ -122,6 +122,8 @@ def test_a_real_customers_profile_through_the_gateway(
         # The demo's tour of the API (segments, a profile, KPIs) works on this stack too.
         lines, summary = wiring.tour(url, TOKEN)
         assert summary["segments"] == sizes and summary["kpi_rows"] > 0
-        assert summary["profile"]["segments"] and len(lines) == 2
+        # the KPI table: a header and one line per row, between the two summary lines
+        assert summary["profile"]["segments"] and len(lines) == 2 + 1 + summary["kpi_rows"]
+        assert "uplift vs holdout" in lines[1] and len(summary["kpis"]) == summary["kpi_rows"]
     finally:
         sup.stop()

@@ -13,6 +13,7 @@ import pytest
 
 from segflow.receiver import Cue, Receiver, SMTPReceiver
 from services.dispatcher.adapters import (
+    AiohttpClient,
     CallFailed,
     HubSpotCRM,
     MapContacts,
@@ -215,3 +216,54 @@ def test_the_local_receiver_deduplicates_and_answers_on_cue(receiver: Receiver) 
     assert out[2:] == [200, 200]
     assert list(receiver.effects()) == ["sf-k1"]
     assert receiver.attempts()["sf-k1"] == 4
+
+
+def test_the_aiohttp_client_sends_the_same_requests_and_maps_the_same_failures(
+    receiver: Receiver,
+) -> None:
+    """The default client (aiohttp without httpx): JSON bodies, idempotency and auth headers,
+    429 with Retry-After, a lost answer (timeout), a replay, a refused connection, a webhook
+    the receiver verifies."""
+
+    async def go() -> tuple[list[int | str], str]:
+        client = AiohttpClient(limit=8, timeout=0.3)
+        try:
+            crm = HubSpotCRM(client, receiver.url, "tok")
+            out: list[int | str] = []
+            for _ in range(4):
+                try:
+                    out.append((await crm.send(req("crm_property"))).status or 0)
+                except CallFailed as exc:
+                    out.append(f"{exc} retry_after={exc.retry_after}")
+            email = SendGridEmail(
+                client, receiver.url, "key", "f@x.invalid", MapContacts({"c1": "a@b.c"})
+            )
+            out.append((await email.send(req("email", key="sf-k2"))).status or 0)
+            hook = SignedWebhook(client, receiver.url + "/webhook", receiver.webhook_secret)
+            out.append((await hook.send(req("webhook", key="sf-k3"))).status or 0)
+            refused = HubSpotCRM(client, "http://127.0.0.1:9", None)
+            try:
+                await refused.send(req("crm_task"))
+                down = "sent"
+            except CallFailed as exc:
+                down = str(exc)
+            return out, down
+        finally:
+            await client.aclose()
+
+    receiver.cue(Cue(429, (("Retry-After", "1"),)), Cue(200, delay=1.0))
+    out, down = run(go())
+    assert out[0] == "http 429 retry_after=1.0"
+    assert str(out[1]).startswith("timeout")
+    assert out[2:] == [200, 200, 202, 201]
+    assert down.startswith("transport")
+    effects = receiver.effects()
+    crm = effects["sf-k1"]
+    assert crm.method == "PATCH" and crm.body == {"properties": {"segflow_status": "x"}}
+    assert crm.headers["Authorization"] == "Bearer tok"
+    assert crm.headers["Content-Type"] == "application/json"
+    mail = effects["sf-k2"].body
+    assert mail["personalizations"][0]["to"] == [{"email": "a@b.c"}]
+    assert mail["custom_args"]["idempotency_key"] == "sf-k2"
+    assert effects["sf-k3"].status == 201  # the signature verified (401 otherwise)
+    assert receiver.replays() == 2  # the lost answer took effect: both later tries replay

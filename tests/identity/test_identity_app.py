@@ -144,3 +144,41 @@ def test_forgetting_an_unknown_customer_still_tells_downstream() -> None:
     svc = service()
     (note,) = by_topic(forget(svc, "c-unknown"), "identified")
     assert note.value["customer_id"] == "c-unknown"
+
+
+def test_an_event_without_email_passes_through_byte_for_byte() -> None:
+    """As the loop runs it (the consumed bytes on the record), an event without email is
+    spliced into its IdentifiedEvent: the bytes equal encoding the decoded form, and decode
+    to the same event; an event with an email is re-encoded without it."""
+    svc = service()
+    serde = Serde.from_settings(svc.settings)
+    base = {"event_type": "purchase", "occurred_at": NOW_MS - 1000}
+    events = [
+        {
+            **base,
+            "event_id": "e1",
+            "user_id": "u1",
+            "amount": 12.5,
+            "currency": "EUR",
+            "product_id": "p-9",
+            "properties": {"timezone": "Europe/Paris", "zip": "75001"},
+        },
+        {**base, "event_id": "e2", "anonymous_id": "a" * 300, "escalated": True},
+        {**base, "event_id": "e3", "user_id": "u2", "email": "Ana@Example.org"},
+    ]
+    for event in events:
+        raw = serde.encode(TOPICS.events, event)
+        value = serde.decode(TOPICS.events, raw)
+        record = Incoming(TOPICS.events, "events", 0, 0, "k", value, None, [], raw)
+        (out,) = by_topic(list(svc.handle(record)), "identified")
+        expected = {
+            "customer_id": out.key,
+            "event": {**value, "email": None},
+            "email_hash": email_hash("test-secret", event["email"]) if "email" in event else None,
+            "identified_at": NOW_MS,
+        }
+        if "email" in event:
+            assert out.value == expected  # re-encoded by the loop, without the email
+        else:
+            assert out.value == serde.encode(TOPICS.identified, expected)
+            assert serde.decode(TOPICS.identified, out.value) == expected

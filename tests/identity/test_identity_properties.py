@@ -116,12 +116,46 @@ def test_reapplying_an_event_changes_nothing(
         return
     same_id = core.link(state, core.IdentityInput(f"e{i}", i, nodes), rules)
     assert same_id.customer_id is None and same_id.writes == ()
-    # The same links under a fresh event id only add that id to the de-duplication window.
+    # The same links under a fresh event id only add that id to the de-duplication window -
+    # when they are still what the state says: all of the event's identifiers on one profile.
+    # A later event may have moved one of them to another profile (a second user_id on a shared
+    # device); then seeing them together again is new evidence, recorded as a conflict
+    # (test_a_link_observed_again_after_a_conflict_moved_it_is_recorded below).
+    owners = {state[f"n:{n}"]["customer_id"] for n in nodes if f"n:{n}" in state}
+    if len(owners) != 1:
+        return
     before = {k: v for k, v in state.items() if not k.startswith("e:")}
     fresh = core.link(state, core.IdentityInput("fresh", len(events), nodes), rules)
     core.apply(state, fresh.writes)
     assert {k: v for k, v in state.items() if not k.startswith("e:")} == before
     assert not any(isinstance(o, Merged) for o in fresh.outcomes)
+
+
+def test_a_link_observed_again_after_a_conflict_moved_it_is_recorded() -> None:
+    # Hypothesis's counterexample to the stronger property: a0 and d0 arrive together (one
+    # profile); u0's events take a0, a second user u1 then claims d0 (one user_id per profile,
+    # so d0 moves to u1's profile). a0 + d0 seen together again is new evidence of a shared
+    # device: it is recorded, and neither profile absorbs the other.
+    u0 = {"user_id": "u0"}
+    events: list[dict[str, object]] = [
+        *[u0] * 3,
+        {"anonymous_id": "a0", "device_id": "d0"},
+        {"user_id": "u0", "email": "m0@x.io", "anonymous_id": "a0", "device_id": "d1"},
+        *[u0] * 2,
+        {"user_id": "u1", "device_id": "d0", "email": "m0@x.io", "anonymous_id": "a1"},
+        *[u0] * 6,
+    ]
+    rules = Rules()
+    state = run(events, rules)
+    a0, d0 = state["n:a:a0"]["customer_id"], state["n:d:d0"]["customer_id"]
+    assert a0 != d0  # the earlier link was split by u1's claim
+    partition = groups(state)
+    nodes = core.identifiers(events[3], rules, lambda _t, v: v)
+    again = core.link(state, core.IdentityInput("fresh", len(events), nodes), rules)
+    core.apply(state, again.writes)
+    assert groups(state) == partition  # no merge of two users' profiles
+    assert not any(isinstance(o, Merged) for o in again.outcomes)
+    assert state["n:d:d0"].get("seen_with") == [a0]  # the shared device is remembered
 
 
 def check_invariants(state: dict[str, core.Entry], rules: Rules) -> None:
