@@ -51,6 +51,7 @@ class ScorerSettings(BaseSettings):
     watermark_delay_seconds: float = 300.0
     max_future_hours: float = 24.0
     churn_horizon_days: int = 30
+    label_silence_days: int = 30  # silence after the last activity that labels a churn
     min_emit_interval_seconds: float = 300.0
     refresh_hours: float = 24.0
     checkpoint_seconds: float = 60.0
@@ -69,6 +70,7 @@ class ScorerSettings(BaseSettings):
             watermark_delay_ms=int(self.watermark_delay_seconds * 1000),
             max_future_ms=int(self.max_future_hours * HOUR),
             churn_horizon_days=self.churn_horizon_days,
+            label_silence_days=self.label_silence_days,
             min_emit_interval_ms=int(self.min_emit_interval_seconds * 1000),
             refresh_interval_ms=max(1, int(self.refresh_hours * HOUR)),
             churned_refresh_interval_ms=7 * DAY,

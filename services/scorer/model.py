@@ -44,7 +44,7 @@ optim: Any = _optim
 preprocessing: Any = _preprocessing
 utils: Any = _utils
 
-VERSION = "0.1.0"
+VERSION = "0.2.0"
 
 
 class ChurnClassifier(base.Classifier):
@@ -148,23 +148,20 @@ class ChurnClassifier(base.Classifier):
         self, names: Sequence[str], x: npt.NDArray[np.float64], k: int
     ) -> tuple[npt.NDArray[np.float64], list[list[tuple[str, float]]]]:
         """:meth:`predict_explain_array` for the rows of ``x`` (one customer each)."""
+        contrib, intercept = self.contributions(names, x)
+        return explain_rows(contrib, intercept, names, k)
+
+    def contributions(
+        self, names: Sequence[str], x: npt.NDArray[np.float64]
+    ) -> tuple[npt.NDArray[np.float64], float]:
+        """Each input's contribution to the log-odds (``w_i * z_i``) for the rows of ``x``,
+        and the intercept: the log-odds is their sum."""
         arrays = self._arrays
         if arrays is None or arrays[0] is not names:
             arrays = self._arrays = self._snapshot(names)
         _, mean, inv_std, weights, intercept = arrays
-        contrib = (x - mean) * inv_std * weights
-        raw = contrib.sum(axis=1) + intercept
-        with np.errstate(over="ignore"):
-            p = 1.0 / (1.0 + np.exp(-np.clip(raw, -30.0, 30.0)))
-        p = np.where(raw < -30, 0.0, np.where(raw > 30, 1.0, p))
-        p = np.where(np.isfinite(p), np.clip(p, 0.0, 1.0), 0.5)
-        order = np.argsort(-np.abs(contrib), axis=1, kind="stable")[:, :k]
-        picked = np.take_along_axis(contrib, order, axis=1).tolist()
-        tops = [
-            [(names[j], c) for j, c in zip(row, vals, strict=True)]
-            for row, vals in zip(order.tolist(), picked, strict=True)
-        ]
-        return p, tops
+        contrib: npt.NDArray[np.float64] = (x - mean) * inv_std * weights
+        return contrib, float(intercept)
 
     def _snapshot(self, names: Sequence[str]) -> tuple[Any, ...]:
         scaler, w = self.scaler, self.logreg._weights
@@ -178,6 +175,75 @@ class ChurnClassifier(base.Classifier):
     def _unit_test_params(cls) -> Any:
         yield {}
         yield {"lr": 0.01, "l2": 0.0}
+
+
+def sigmoid_rows(raw: npt.NDArray[np.float64]) -> npt.NDArray[np.float64]:
+    """The logistic function of log-odds, exactly 0 or 1 beyond +-30, NaN-safe (0.5)."""
+    with np.errstate(over="ignore"):
+        p = 1.0 / (1.0 + np.exp(-np.clip(raw, -30.0, 30.0)))
+    p = np.where(raw < -30, 0.0, np.where(raw > 30, 1.0, p))
+    out: npt.NDArray[np.float64] = np.where(np.isfinite(p), np.clip(p, 0.0, 1.0), 0.5)
+    return out
+
+
+def explain_rows(
+    contrib: npt.NDArray[np.float64], intercept: float, names: Sequence[str], k: int
+) -> tuple[npt.NDArray[np.float64], list[list[tuple[str, float]]]]:
+    """Probabilities ``sigmoid(intercept + row sum)`` of a contribution matrix and each row's
+    ``k`` largest contributions by magnitude (column ``j`` is named ``names[j]``).
+
+    >>> p, tops = explain_rows(np.array([[1.0, -2.0, 0.5]]), 0.0, ("a", "b", "c"), 2)
+    >>> round(float(p[0]), 4), tops
+    (0.3775, [[('b', -2.0), ('a', 1.0)]])
+    """
+    p = sigmoid_rows(contrib.sum(axis=1) + intercept)
+    if k <= 0:
+        return p, [[] for _ in range(len(p))]
+    order = np.argsort(-np.abs(contrib), axis=1, kind="stable")[:, :k]
+    picked = np.take_along_axis(contrib, order, axis=1).tolist()
+    tops = [
+        [(names[j], c) for j, c in zip(row, vals, strict=True)]
+        for row, vals in zip(order.tolist(), picked, strict=True)
+    ]
+    return p, tops
+
+
+class Prior:
+    """A fixed logistic score that answers while the classifier has learned little: log-odds
+    ``intercept + sum(weight_i * (x_i - centre_i))`` over a few named inputs (the rest weigh
+    nothing). The :class:`ChurnModel` blends it with the classifier's log-odds, the prior's
+    share falling as labels are learned, so the answer is never a flat 0.5 at start.
+
+    >>> prior = Prior(-2.0, {"idle": (1.0, 0.0)})
+    >>> c, b = prior.contributions(("idle", "logins"), np.array([[1.5, 9.0]]))
+    >>> c.tolist(), b
+    ([[1.5, 0.0]], -2.0)
+    """
+
+    def __init__(self, intercept: float, terms: Mapping[str, tuple[float, float]]) -> None:
+        self.intercept = intercept
+        self.terms = dict(terms)
+        self._arrays: tuple[Any, ...] | None = None
+
+    def __getstate__(self) -> dict[str, Any]:
+        return {"intercept": self.intercept, "terms": self.terms, "_arrays": None}
+
+    def contributions(
+        self, names: Sequence[str], x: npt.NDArray[np.float64]
+    ) -> tuple[npt.NDArray[np.float64], float]:
+        """Each input's contribution to the prior's log-odds for the rows of ``x``."""
+        w, c = self.arrays(names)
+        contrib: npt.NDArray[np.float64] = (x - c) * w
+        return contrib, self.intercept
+
+    def arrays(self, names: Sequence[str]) -> tuple[npt.NDArray[np.float64], ...]:
+        """The weights and centres of ``names`` (cached for the same sequence object)."""
+        arrays = self._arrays
+        if arrays is None or arrays[0] is not names:
+            w = np.array([self.terms.get(n, (0.0, 0.0))[0] for n in names])
+            c = np.array([self.terms.get(n, (0.0, 0.0))[1] for n in names])
+            arrays = self._arrays = (names, w, c)
+        return arrays[1], arrays[2]
 
 
 class Calibration:
@@ -227,7 +293,22 @@ CLUSTER_DIMS = (
 
 
 class ChurnModel:
-    """Churn classifier, clusters, prequential metrics and drift detection, checkpointable."""
+    """Churn classifier, clusters, prequential metrics and drift detection, checkpointable.
+
+    With a :class:`Prior`, the churn log-odds is a blend: ``(1 - s) * classifier + s *
+    prior`` where the prior's share ``s = prior_strength / (prior_strength + n_learned)``
+    falls from 1 (nothing learned: the prior alone) to a half after ``prior_strength``
+    labels and on towards 0; contributions blend the same way, so they still add up to the
+    log-odds.
+
+    >>> m = ChurnModel(prior=Prior(-3.0, {"idle": (1.0, 0.0)}), prior_strength=100)
+    >>> round(m.predict({"idle": 3.0}), 3), m.prior_share()  # nothing learned: the prior
+    (0.5, 1.0)
+    >>> for _ in range(100):
+    ...     m.learn({"idle": 0.0}, False)
+    >>> m.prior_share()
+    0.5
+    """
 
     def __init__(
         self,
@@ -235,6 +316,8 @@ class ChurnModel:
         window: int = 2000,
         seed: int = 42,
         created_at: int = 0,
+        prior: Prior | None = None,
+        prior_strength: float = 1000.0,
     ) -> None:
         self.classifier = ChurnClassifier()
         self.kmeans = cluster.KMeans(
@@ -251,44 +334,98 @@ class ChurnModel:
         self.last_drift_at: int | None = None
         self.created_at = created_at
         self.matured_through_day: int | None = None
+        self.prior = prior
+        self.prior_strength = prior_strength
         self._centers: Any = None
         self._center_ids: list[int] = []
         self._centers_at = -1
+        self._blend: tuple[Any, ...] | None = None
+
+    def __setstate__(self, state: dict[str, Any]) -> None:
+        state.setdefault("prior", None)  # checkpoints from before the prior
+        state.setdefault("prior_strength", 1000.0)
+        state.setdefault("_blend", None)
+        self.__dict__.update(state)
+
+    def __getstate__(self) -> dict[str, Any]:
+        state = dict(self.__dict__)
+        state["_blend"] = None  # derived: rebuilt on first use
+        return state
 
     # -- churn --------------------------------------------------------------------------
+    def prior_share(self) -> float:
+        """The prior's share of the churn log-odds (0 without a prior)."""
+        if self.prior is None:
+            return 0.0
+        return self.prior_strength / (self.prior_strength + self.n_learned)
+
     def predict(self, x: Mapping[str, float]) -> float:
         """Churn probability in [0, 1]."""
-        p: float = self.classifier.predict_proba_one(dict(x))[True]
-        return p
+        return self.predict_explain(x, 0)[0]
 
     def explain(self, x: Mapping[str, float], k: int = 5) -> list[tuple[str, float]]:
-        return self.classifier.explain_one(x)[:k]
+        return self.predict_explain(x, k)[1]
 
     def predict_explain(
         self, x: Mapping[str, float], k: int = 5
     ) -> tuple[float, list[tuple[str, float]]]:
         """Churn probability and the ``k`` largest contributions to its log-odds."""
-        p, contrib = self.classifier.predict_explain_one(x)
-        return p, contrib[:k]
+        xd = dict(x)
+        share = self.prior_share()
+        if share == 0.0:
+            p, contrib = self.classifier.predict_explain_one(xd)
+            return p, contrib[:k]
+        names = tuple(xd)
+        ps, tops = self.predict_explain_matrix(names, np.array([list(xd.values())], float), k)
+        return float(ps[0]), tops[0]
 
     def predict_explain_array(
         self, names: Sequence[str], x: npt.NDArray[np.float64], k: int = 5
     ) -> tuple[float, list[tuple[str, float]]]:
         """:meth:`predict_explain` for a vector of the features ``names`` (fast path)."""
-        return self.classifier.predict_explain_array(names, x, k)
+        p, tops = self.predict_explain_matrix(names, x[None, :], k)
+        return float(p[0]), tops[0]
 
     def predict_explain_matrix(
         self, names: Sequence[str], x: npt.NDArray[np.float64], k: int = 5
     ) -> tuple[npt.NDArray[np.float64], list[list[tuple[str, float]]]]:
         """:meth:`predict_explain_array` for the rows of ``x``."""
-        return self.classifier.predict_explain_matrix(names, x, k)
+        _, _, scale, offset, intercept = self._blended(names)
+        return explain_rows(x * scale - offset, intercept, names, k)
 
-    def learn(self, x: Mapping[str, float], y: bool, at: int | None = None) -> None:
-        """Test then train: score ``x`` with the current model, update the metrics and the
-        drift detector with the matured label, then learn from it."""
+    def _blended(self, names: Sequence[str]) -> tuple[Any, ...]:
+        """The log-odds as ``x * scale - offset`` summed, plus ``intercept``: the classifier's
+        ``(x - mean) / std * w`` and the prior's ``(x - centre) * w'`` blended by the prior's
+        share, as arrays cached until the model learns again."""
+        clf = self.classifier
+        arrays = clf._arrays
+        if arrays is None or arrays[0] is not names:
+            arrays = clf._arrays = clf._snapshot(names)
+        cached = self._blend
+        if cached is not None and cached[0] is arrays and cached[1] == self.n_learned:
+            return cached
+        _, mean, inv_std, weights, intercept = arrays
+        scale = inv_std * weights
+        offset = mean * scale
+        share = self.prior_share()
+        if share > 0.0 and self.prior is not None:
+            pw, pc = self.prior.arrays(names)
+            scale = (1.0 - share) * scale + share * pw
+            offset = (1.0 - share) * offset + share * pc * pw
+            intercept = (1.0 - share) * intercept + share * self.prior.intercept
+        blend = self._blend = (arrays, self.n_learned, scale, offset, float(intercept))
+        return blend
+
+    def learn(
+        self, x: Mapping[str, float], y: bool, at: int | None = None, p: float | None = None
+    ) -> None:
+        """Test then train: score ``x`` with the current model (the blended answer, as
+        emitted; or take ``p``, its score by the model before a batch of labels), update the
+        metrics and the drift detector with the matured label, then learn from it."""
         xd = dict(x)
-        p = self.classifier.predict_proba_one(xd)[True]
         if self.n_learned:
+            if p is None:
+                p = self.predict(xd)
             self.auc.update(y, p)
             self.logloss.update(y, p)
             self.calibration.update(p, y)
@@ -303,7 +440,9 @@ class ChurnModel:
 
     @property
     def version(self) -> str:
-        return f"churn-logreg-{VERSION}+n{self.n_learned}"
+        share = self.prior_share()
+        warm = f"+prior{round(100 * share)}" if share >= 0.005 else ""
+        return f"churn-logreg-{VERSION}+n{self.n_learned}{warm}"
 
     # -- clusters -----------------------------------------------------------------------
     def cluster(self, cx: Mapping[str, float]) -> int:

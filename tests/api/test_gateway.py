@@ -17,6 +17,7 @@ from api.conftest import TOKEN, Stack, closed_port, gateway_for
 from segflow.api import cli as api_cli
 from segflow.api.gateway import GatewaySettings, create_app
 from segflow.errors import ConfigError
+from services.scorer.core import PRIOR_SHARE_FEATURE
 from services.scorer.features import FEATURE_NAMES
 
 
@@ -100,7 +101,8 @@ def test_a_profile_matches_what_each_service_holds(stack: Stack) -> None:
         assert value not in resp.text
     assert "@" not in resp.text
     # Features and scores: the scorer's full feature vector, a probability, explanations.
-    assert set(body["features"]) == set(FEATURE_NAMES)
+    # every behavioural feature, plus how much of the churn score is still the cold-start prior
+    assert set(body["features"]) == {*FEATURE_NAMES, PRIOR_SHARE_FEATURE}
     assert 0.0 <= body["scores"]["churn_probability"] <= 1.0
     assert len(body["scores"]["top_features"]) == 5
     assert body["scores"]["as_of"] >= p.scorer.states.get(cid)["last_event_ms"]

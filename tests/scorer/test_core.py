@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from collections.abc import Iterable
 from typing import Any
 
 import numpy as np
@@ -239,15 +240,42 @@ def test_any_history_scores_within_bounds(events: list[tuple[str, int]]) -> None
     assert np.isfinite(compute(st, st["last_event_ms"]).vector).all()
 
 
+def test_before_any_label_the_churn_score_is_the_prior_not_a_flat_half() -> None:
+    h = Harness()
+    for d in range(60):
+        h.event("busy", ev("login", T0 + d * DAY + HOUR))
+        if d < 30:  # daily, then silent for 30 days
+            h.event("gone", ev("login", T0 + d * DAY + 2 * HOUR))
+    as_of = T0 + 60 * DAY
+    busy, gone = (h.sc.score(h.store[c], as_of) for c in ("busy", "gone"))
+    assert h.sc.model.n_learned == 0
+    assert busy.churn < 0.1 and gone.churn > 0.5
+    assert gone.top[0][0] in {"idle_vs_usual_gap_active", "activity_14d_vs_prior42_log_ratio"}
+    assert gone.top[0][1] > 0  # pushes towards churn
+    record = h.sc.record("gone", gone, now_ms=0)
+    assert record["features"]["churn_prior_share"] == 1.0
+    assert record["model_version"].endswith("+n0+prior100")
+
+
+def test_the_prior_gives_way_to_the_model_as_labels_are_learned() -> None:
+    h = _simulated(customers=30, days=80)
+    m = h.sc.model
+    assert m.n_learned > 0 and m.prior_share() == 1000 / (1000 + m.n_learned)
+    shares = [s["features"]["churn_prior_share"] for s in h.scores]  # in emission order
+    assert shares[0] == 1.0 and min(shares) < 1.0 and shares == sorted(shares, reverse=True)
+
+
 # -- churn labels ------------------------------------------------------------------------------
 DAY0 = T0 // DAY
 
 
-def _history(days: range, cancel_day: int | None = None) -> tuple[Scorer, dict[str, Any]]:
+def _history(
+    days: Iterable[int], cancel_day: int | None = None, config: ScorerConfig | None = None
+) -> tuple[Scorer, dict[str, Any]]:
     events = [ev("login", T0 + d * DAY + HOUR) for d in days]
     if cancel_day is not None:
         events.append(ev("subscription_cancel", T0 + cancel_day * DAY + 2 * HOUR))
-    sc = Scorer(ScorerConfig())
+    sc = Scorer(config or ScorerConfig())
     st = None
     for e in sorted(events, key=lambda e: e["occurred_at"]):
         st, _ = sc.on_event(st, "c", e, now_ms=e["occurred_at"])
@@ -267,6 +295,21 @@ def test_a_churn_by_silence_is_learned_31_days_after_the_last_activity() -> None
     assert _labels(sc, st, 71) == [True] * 5
     assert _labels(sc, st, 70) == []
     assert _labels(sc, st, 64) == []  # a week earlier: nothing decided yet
+
+
+def test_a_longer_label_silence_learns_churn_later_and_pauses_as_not_churned() -> None:
+    longer = ScorerConfig(label_silence_days=45)
+    sc, st = _history(range(0, 41), config=longer)  # silent for good after day 40
+    assert _labels(sc, st, 86) == [True] * 7  # 40 + 1 + 45
+    assert _labels(sc, st, 71) == [] and _labels(sc, st, 85) == []
+    # 40 quiet days, then back to normal (a reactivated customer): with the default 30-day
+    # silence the snapshots before the pause are learned as churned on day 71
+    pause = [*range(0, 41), *range(81, 101)]
+    sc, st = _history(pause, config=longer)
+    labels = [y for d in range(60, 101) for y in _labels(sc, st, d)]
+    assert labels and not any(labels)
+    sc, st = _history(pause)
+    assert _labels(sc, st, 71) and all(_labels(sc, st, 71))
 
 
 def test_an_active_customer_is_learned_as_not_churned_once_the_window_has_passed() -> None:
