@@ -51,7 +51,15 @@ AT_RISK = {
     "activity_14d_vs_prior42_log_ratio": -1.0,
     "days_since_purchase": 15.0,
 }
-HIGH_CLV = {("clv", 80.0): 1000.0, ("clv", 70.0): 800.0}
+#: The population's percentile thresholds (``pNN`` in the file) the histories are evaluated with.
+THRESHOLDS = {
+    ("clv", 80.0): 1000.0,
+    ("clv", 70.0): 800.0,
+    ("churn_probability", 80.0): 0.2,
+    ("churn_probability", 70.0): 0.12,
+    ("engagement_score", 50.0): 30.0,
+    ("engagement_score", 40.0): 22.0,
+}
 LEAD = {  # signed up a day ago, never bought, no feature used yet
     "days_since_signup": 1.0,
     "lifetime_purchases": 0.0,
@@ -72,7 +80,7 @@ def history(
     def fire(upto: float) -> None:
         nonlocal state
         while state is not None and state.next_timer is not None and state.next_timer <= upto * DAY:
-            state, changes = advance(state, state.next_timer, DEFS, HIGH_CLV)
+            state, changes = advance(state, state.next_timer, DEFS, THRESHOLDS)
             out.extend(
                 (round(c.occurred_at / DAY, 2), c.segment, c.transition)
                 for c in changes
@@ -82,7 +90,7 @@ def history(
     for day, over in steps:
         fire(day)
         state, changes = evaluate(
-            state, Score("c", int(day * DAY), {**CALM, **over}), DEFS, HIGH_CLV
+            state, Score("c", int(day * DAY), {**CALM, **over}), DEFS, THRESHOLDS
         )
         out.extend(
             (round(c.occurred_at / DAY, 2), c.segment, c.transition)
@@ -174,8 +182,8 @@ CASES: dict[str, tuple[list[tuple[float, dict[str, Any]]], float, list[tuple[flo
     ),
     "Engaged But At-Risk": (  # a lower churn score is a plain exit, not re-engagement
         [
-            (0, {"churn_probability": 0.6, "engagement_score": 75.0}),
-            (5, {"churn_probability": 0.2, "engagement_score": 75.0}),
+            (0, {"churn_probability": 0.25, "engagement_score": 75.0}),
+            (5, {"churn_probability": 0.1, "engagement_score": 75.0}),
         ],
         10,
         [(0, "entered"), (5, "exited")],
@@ -203,7 +211,7 @@ CASES: dict[str, tuple[list[tuple[float, dict[str, Any]]], float, list[tuple[flo
                     "days_since_open": 1.0,
                     "days_since_purchase": 40.0,
                     "cart_views_14d": 5.0,
-                    "churn_probability": 0.5,
+                    "lifecycle_stage": "at_risk",
                 },
             ),
             (
@@ -212,7 +220,7 @@ CASES: dict[str, tuple[list[tuple[float, dict[str, Any]]], float, list[tuple[flo
                     "days_since_open": 0.0,
                     "days_since_purchase": 40.0,
                     "cart_views_14d": 5.0,
-                    "churn_probability": 0.2,
+                    "lifecycle_stage": "loyal",
                 },
             ),
         ],
@@ -309,7 +317,7 @@ def test_at_risk_entry_is_explained_with_margins() -> None:
             },
         ),
         DEFS,
-        HIGH_CLV,
+        THRESHOLDS,
     )
     entered = next(c for c in changes if c.segment == "AtRisk-60d")
     assert [
@@ -334,11 +342,11 @@ def test_reengage_at_risk_carries_its_weighted_score() -> None:
                 "days_since_purchase": 40.0,
                 "cart_views_14d": 5.0,
                 "high_value_zip": 1.0,
-                "churn_probability": 0.5,
+                "lifecycle_stage": "at_risk",
             },
         ),
         DEFS,
-        HIGH_CLV,
+        THRESHOLDS,
     )
     entered = next(c for c in changes if c.segment == "ReEngageAtRisk")
     assert entered.score == pytest.approx(1.7)  # open 0.7 + cart 0.6 + zip 0.4
@@ -483,3 +491,73 @@ def test_a_churned_customer_active_again_is_re_engaged() -> None:
     )
     assert spans(events, "Lifecycle: churned") == [(0, "entered"), (40, "re_engaged")]
     assert spans(events, "Re-engaged") == [(40, "entered")]
+
+
+def test_engaged_but_at_risk_is_relative_to_the_population() -> None:
+    # The scorer's probability is calibrated to a churn rate of a few % a month: 0.25 is in the
+    # population's top fifth (p80 = 0.2) although far under the former absolute 0.5.
+    risky = {"churn_probability": 0.25, "engagement_score": 40.0}
+    assert spans(history([(0, risky)], 1), "Engaged But At-Risk") == [(0, "entered")]
+    # engaged below the population's median, or a churn risk outside the top fifth: not in
+    below_median = {**risky, "engagement_score": 25.0}
+    assert spans(history([(0, below_median)], 1), "Engaged But At-Risk") == []
+    not_top_fifth = {**risky, "churn_probability": 0.15}
+    assert spans(history([(0, not_top_fifth)], 1), "Engaged But At-Risk") == []
+    # hysteresis: it stays while the risk is in the top 30 % and engagement above p40
+    events = history(
+        [
+            (0, risky),
+            (2, {"churn_probability": 0.15, "engagement_score": 25.0}),
+            (4, {"churn_probability": 0.1, "engagement_score": 25.0}),
+        ],
+        6,
+    )
+    assert spans(events, "Engaged But At-Risk") == [(0, "entered"), (4, "exited")]
+
+
+def test_engaged_but_at_risk_waits_for_the_population_thresholds() -> None:
+    # no percentile computed yet (an empty population): a condition on it is false
+    _, changes = evaluate(
+        None,
+        Score("c", 0, {**CALM, "churn_probability": 0.9, "engagement_score": 90.0}),
+        DEFS,
+        {},
+    )
+    assert "Engaged But At-Risk" not in {c.segment for c in changes}
+
+
+def test_reengage_at_risk_needs_the_at_risk_stage() -> None:
+    # SPEC's weighted rule alone holds for a happy customer (open 0.7 + purchase 0.5 + cart 0.6
+    # + zip 0.4): without the at_risk stage it is not "at risk"
+    keen = {"cart_views_14d": 5.0, "high_value_zip": 1.0}
+    assert spans(history([(0, keen)], 5), "ReEngageAtRisk") == []
+    events = history([(0, keen), (2, {**keen, "lifecycle_stage": "at_risk"})], 5)
+    assert spans(events, "ReEngageAtRisk") == [(2, "entered")]
+
+
+def test_reengage_at_risk_holds_until_the_last_open_is_14_days_old() -> None:
+    # open 0.7 + cart views 0.6 = 1.3: the open stops counting for entry after 7 days, for the
+    # exit after 14 (hysteresis), with no new score
+    at_risk = {
+        "lifecycle_stage": "at_risk",
+        "days_since_open": 1.0,
+        "days_since_purchase": 40.0,
+        "cart_views_14d": 5.0,
+    }
+    events = history([(0, at_risk)], 20)
+    assert [(round(d), t) for d, t in spans(events, "ReEngageAtRisk")] == [
+        (0, "entered"),
+        (13, "exited"),
+    ]
+
+
+def test_a_buyer_who_never_opens_mail_can_be_reengage_at_risk() -> None:
+    # purchase 0.5 + cart views 0.6 + high-value zip 0.4 = 1.5 without any open: SPEC's rule
+    # holds, and the exit's 14-day open window does not hold the customer out
+    never_opens = {
+        "lifecycle_stage": "at_risk",
+        "days_since_open": 999.0,
+        "cart_views_14d": 5.0,
+        "high_value_zip": 1.0,
+    }
+    assert spans(history([(0, never_opens)], 3), "ReEngageAtRisk") == [(0, "entered")]
