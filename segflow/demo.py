@@ -121,8 +121,51 @@ def _high(consumer: Consumer, tp: TopicPartition, timeout: float = 30.0) -> int:
             time.sleep(0.2)
 
 
+class LagProbe:
+    """One admin client and one watermark consumer for many lag checks.
+
+    Made once per wait (or per demo), not per check: the checks run every half second, and
+    creating and closing a group consumer that often while the broker's coordinators are still
+    loading (right after a fresh broker starts) is where librdkafka's main thread crashed
+    (SIGSEGV at 0x58 in rdk:main; seen in the demo's first simulated week)."""
+
+    def __init__(self, settings: Settings) -> None:
+        self.admin = make_admin(settings)
+        self.probe = Consumer(
+            {**settings.kafka_config(), "group.id": f"demo-lag-{uuid.uuid4().hex[:6]}"}
+        )
+        self.parts: dict[str, list[TopicPartition]] = {}
+
+    def lag(self, groups: dict[str, list[str]]) -> dict[str, int]:
+        """Records each service's consumer group still has to read, per group."""
+        out = {}
+        for group, topics in groups.items():
+            parts = []
+            for name in topics:
+                if name not in self.parts:
+                    md = self.admin.list_topics(name, timeout=10)
+                    self.parts[name] = [TopicPartition(name, p) for p in md.topics[name].partitions]
+                parts += self.parts[name]
+            lagging = 0
+            committed = {
+                (tp.topic, tp.partition): tp.offset for tp in _committed(self.admin, group, parts)
+            }
+            for tp in parts:
+                high = _high(self.probe, tp)
+                done = committed.get((tp.topic, tp.partition), -1)
+                behind = max(0, high - max(done, 0))
+                # A transaction's commit marker takes the offset after its last record and is
+                # never "consumed": one offset behind on a transactional topic is caught up.
+                lagging += behind if behind > 1 else 0
+            out[group] = lagging
+        return out
+
+    def close(self) -> None:
+        self.probe.close()
+
+
 def group_lag(settings: Settings, groups: dict[str, list[str]]) -> dict[str, int]:
-    """Records each service's consumer group still has to read, per group."""
+    """Records each service's consumer group still has to read, per group (one-off check)."""
     admin = make_admin(settings)
     probe = Consumer({**settings.kafka_config(), "group.id": f"demo-lag-{uuid.uuid4().hex[:6]}"})
     try:
@@ -357,6 +400,7 @@ def _simulate(
         "timeline": [],
     }
     groups = _groups(settings, names)
+    lags = LagProbe(settings)
     t0 = time.monotonic()
     week = 0
     try:
@@ -375,7 +419,7 @@ def _simulate(
                     os.kill(pid, signal.SIGKILL)
                     say(f"      chaos: kill -9 {victim} (pid {pid}) mid-stream")
             flushed = time.monotonic()
-            _wait_caught_up(settings, groups, sup, timeout=args.step_timeout)
+            _wait_caught_up(settings, groups, sup, timeout=args.step_timeout, probe=lags)
             obs.drain_seconds.append(time.monotonic() - flushed)
             _read(tails, obs)
             for action in _new_actions(obs, produced):
@@ -387,11 +431,8 @@ def _simulate(
                 produced["rescued"] += outcome.rescued
             sizes = _sizes(obs.changes)
             produced["timeline"].append((sim.day, dict(sizes)))
-            largest = ", ".join(
-                f"{seg} {n}"
-                for seg, n in sizes.most_common()[:6]
-                if n and not seg.startswith("Lifecycle:")
-            )
+            named = [(seg, n) for seg, n in sizes.most_common() if not seg.startswith("Lifecycle:")]
+            largest = ", ".join(f"{seg} {n}" for seg, n in named[:4] if n)
             say(
                 f"      day {sim.day:>3}/{config.days}: {sink.events:,} events, "
                 f"{len(obs.event_owner):,} identified "
@@ -403,11 +444,12 @@ def _simulate(
                 + (f"\n        largest: {largest}" if largest else "")
             )
         stats = sink.close()
-        _wait_caught_up(settings, groups, sup, timeout=args.step_timeout)
+        _wait_caught_up(settings, groups, sup, timeout=args.step_timeout, probe=lags)
         _read(tails, obs)
     finally:
         for tail in tails.values():
             tail.close()
+        lags.close()
     produced.update(
         events=stats.events,
         malformed=stats.malformed,
@@ -418,19 +460,29 @@ def _simulate(
 
 
 def _wait_caught_up(
-    settings: Settings, groups: dict[str, list[str]], sup: Supervisor, timeout: float
+    settings: Settings,
+    groups: dict[str, list[str]],
+    sup: Supervisor,
+    timeout: float,
+    probe: LagProbe | None = None,
 ) -> None:
-    deadline = time.monotonic() + timeout
-    quiet = 0
-    while time.monotonic() < deadline:
-        for name in sup.check():
-            say(f"      ({name} exited and was restarted; see its log)")
-        lag = group_lag(settings, groups)
-        quiet = quiet + 1 if sum(lag.values()) == 0 else 0
-        if quiet >= 2:  # twice in a row: downstream outputs of the last batch are read too
-            return
-        time.sleep(0.5)
-    say(f"      (pipeline still behind after {timeout:.0f}s: {lag}; carrying on)")
+    own = probe is None
+    lags = probe or LagProbe(settings)
+    try:
+        deadline = time.monotonic() + timeout
+        quiet = 0
+        while time.monotonic() < deadline:
+            for name in sup.check():
+                say(f"      ({name} exited and was restarted; see its log)")
+            lag = lags.lag(groups)
+            quiet = quiet + 1 if sum(lag.values()) == 0 else 0
+            if quiet >= 2:  # twice in a row: downstream outputs of the last batch are read too
+                return
+            time.sleep(0.5)
+        say(f"      (pipeline still behind after {timeout:.0f}s: {lag}; carrying on)")
+    finally:
+        if own:
+            lags.close()
 
 
 def _read(tails: dict[str, Tail], obs: Observed) -> None:
