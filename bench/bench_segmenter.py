@@ -114,8 +114,11 @@ def iter_scores(
 def bench_core(customers: int, updates: int, churny: bool, slim: bool) -> None:
     defs = parse(DEFAULT_DEFINITIONS.read_text())
     records = iter_scores(customers, updates, churny, slim=slim)
-    pop = [r["clv"] for r in itertools.islice(iter_scores(customers, customers * 2, churny), None)]
-    thresholds = core.percentile_thresholds(defs, {"clv": pop})
+    sample = list(iter_scores(customers, customers * 2, churny))
+    # every score field a definition reads as a percentile (clv, churn, engagement), as the
+    # service computes them over its population
+    pop = {f: [r[f] for r in sample] for f, _pct in defs.percentiles}
+    thresholds = core.percentile_thresholds(defs, pop)
     states: dict[str, core.CustomerState] = {}
     n_changes = 0
     elapsed = 0.0
