@@ -3,7 +3,10 @@
 Replays the simulator's population through ``services.scorer.core.Scorer`` the way the
 service does (``on_event`` per event, ``flush`` every ``--tick`` seconds of processing time,
 as the loop's tick), with the identity service stubbed by the simulator's true customer key.
-States are compressed once per batch (``Scorer.seal``, as the service does before each commit).
+Batches of ``--batch`` events; at the end of each, as the service does before each commit,
+the batch's urgent customers are scored together (``Scorer.settle``; ``--immediate``: each
+urgent event scored on its own inside ``on_event``, as before) and states are compressed once
+(``Scorer.seal``).
 Prints events/s, scorings and emissions per event, Avro bytes of state per customer, and a
 quick churn ROC AUC and calibration error against the simulator's ground truth, measured
 prequentially after ``--warmup-days``: at every ``--eval-every-days`` boundary ``t`` each
@@ -76,7 +79,10 @@ def run(args: argparse.Namespace) -> dict[str, float]:
     gen_s = time.perf_counter() - t_gen
     truth = {r["customer"]: r for r in truth_records(sim)}
     # as the service runs it: states compressed once per batch (seal), not per event
-    scorer = Scorer(ScorerConfig(), pack_states=False)
+    bounds = ScorerConfig(
+        max_scores_per_flush=args.tick_scores or ScorerConfig.max_scores_per_flush
+    )
+    scorer = Scorer(bounds, pack_states=False, defer_scores=not args.immediate)
     horizon = scorer.config.churn_horizon_days * DAY
     store: dict[str, dict] = {}
     emitted = 0
@@ -86,6 +92,7 @@ def run(args: argparse.Namespace) -> dict[str, float]:
     busy = 0.0
     busy_cpu = 0.0
     last_flush = time.perf_counter()
+    tick_max = 0.0  # the longest flush: input waits while the loop's tick runs
 
     def apply(outs: list) -> int:
         n = 0
@@ -99,7 +106,7 @@ def run(args: argparse.Namespace) -> dict[str, float]:
                 n += 1
         return n
 
-    chunk = 1000
+    chunk = args.batch
     for start in range(0, len(items), chunk):
         batch = items[start : start + chunk]
         # evaluation against ground truth (not timed): every customer alive at t, as of t
@@ -114,12 +121,14 @@ def run(args: argparse.Namespace) -> dict[str, float]:
         t0, c0 = time.perf_counter(), time.process_time()
         for cid, ev in batch:
             now = ev["occurred_at"]
-            st, outs = scorer.on_event(store.get(cid), cid, ev, now)
-            store[cid] = st
-            emitted += sum(isinstance(o, ScoreEmit) for o in outs)
+            emitted += apply(scorer.on_event(store.get(cid), cid, ev, now)[1])
+        emitted += apply(scorer.settle(store.get, now))  # before the commit
         if time.perf_counter() - last_flush >= args.tick:
-            emitted += apply(scorer.flush(store.get, store.items, now))
+            t_tick = time.perf_counter()
+            deadline = t_tick + args.tick_label_seconds if args.tick_label_seconds else None
+            emitted += apply(scorer.flush(store.get, store.items, now, label_deadline=deadline))
             last_flush = time.perf_counter()
+            tick_max = max(tick_max, last_flush - t_tick)
         apply(scorer.seal())  # the batch's commit
         busy += time.perf_counter() - t0
         busy_cpu += time.process_time() - c0
@@ -142,6 +151,7 @@ def run(args: argparse.Namespace) -> dict[str, float]:
         "core_cpu_s": busy_cpu,
         "events_per_s": len(items) / busy,
         "events_per_cpu_s": len(items) / busy_cpu,
+        "tick_max_s": tick_max,
         "scored_per_event": scorer.scored / len(items),
         "emitted_per_event": emitted / len(items),
         "state_bytes_mean": float(np.mean(sizes)),
@@ -168,6 +178,19 @@ def main() -> None:
     parser.add_argument("--warmup-days", type=int, default=90)
     parser.add_argument("--eval-every-days", type=int, default=7)
     parser.add_argument("--tick", type=float, default=1.0, help="flush every N s (the loop tick)")
+    parser.add_argument("--batch", type=int, default=1000, help="events per batch (transaction)")
+    parser.add_argument(
+        "--tick-scores", type=int, default=0, help="scores per flush at most (service: 5000)"
+    )
+    parser.add_argument(
+        "--tick-label-seconds",
+        type=float,
+        default=0.0,
+        help="label days learned per flush until this is spent (service: 1.0)",
+    )
+    parser.add_argument(
+        "--immediate", action="store_true", help="score urgent events one by one (as before)"
+    )
     args = parser.parse_args()
     print(
         f"machine: {platform.machine()}, {platform.python_implementation()} "

@@ -16,7 +16,7 @@ from http.server import ThreadingHTTPServer
 from typing import Any
 
 from segflow.api.internal import NotFound, Params, Query, Routes, serve
-from services.scorer.app import ScorerService
+from services.scorer.app import RETIRED_KEY, ScorerService
 from services.scorer.features import Buckets
 
 
@@ -31,7 +31,7 @@ def routes(service: ScorerService) -> Routes:
         return {
             "service": "scorer",
             "status": "ok",
-            "customers": len(service.states),
+            "customers": service.customer_count(),
             "watermark": sc.watermark,
             "model_version": sc.model.version,
             "model": {k: quality[k] for k in ("roc_auc", "log_loss", "n_learned", "drifts")},
@@ -40,8 +40,8 @@ def routes(service: ScorerService) -> Routes:
     @r.get("/customers/{customer_id}")
     def customer(p: Params, _q: Query) -> dict[str, Any]:
         cid = p["customer_id"]
-        st = service.states.get(cid)
-        if st is None:
+        st = None if cid.startswith(RETIRED_KEY) else service.states.get(cid)
+        if st is None:  # never seen, merged away, or forgotten
             raise NotFound(f"scorer has no state for {cid!r}")
         sc = service.scorer
         as_of = max(int(st["last_event_ms"]), int(st["scored_as_of"] or 0), sc.watermark or 0)

@@ -19,10 +19,24 @@ from segflow.runtime.loop import BatchInfo, Incoming, LoopConfig, Output, Proces
 from segflow.runtime.settings import Settings
 from segflow.runtime.state import ChangelogStore
 from segflow.runtime.topics import TOPICS
-from services.scorer.core import DAY, HOUR, Out, ScoreEmit, Scorer, ScorerConfig, StateWrite
-from services.scorer.features import upgrade
+from services.scorer.core import (
+    DAY,
+    HOUR,
+    Out,
+    Retire,
+    ScoreEmit,
+    Scorer,
+    ScorerConfig,
+    StateWrite,
+)
+from services.scorer.features import State, new_state, upgrade
 
 log = logging.getLogger("segflow.scorer")
+
+#: State-changelog key prefix of a forgotten customer id's marker (``retired:<customer_id>``,
+#: a ScorerState with nothing but the id and when it was forgotten): the id is never profiled
+#: again, even by an event or merge already in flight when the forget arrived.
+RETIRED_KEY = "retired:"
 
 MODEL_QUALITY = Gauge(
     "segflow_scorer_model_quality",
@@ -38,6 +52,10 @@ CHECKPOINTS = Counter("segflow_scorer_checkpoints_total", "Model checkpoints wri
 WATERMARK = Gauge("segflow_scorer_watermark_seconds", "Event-time watermark (epoch seconds)")
 CUSTOMERS = Gauge("segflow_scorer_customers", "Customers with state")
 TIMERS = Gauge("segflow_scorer_timers", "Scheduled scoring timers (pending and refreshes)")
+FORGOTTEN = Gauge("segflow_scorer_forgotten_ids", "Customer ids forgotten (retired for good)")
+RETIRED_DROPS = Counter(
+    "segflow_scorer_retired_drops_total", "Events and merges dropped for a forgotten customer id"
+)
 
 
 class ScorerSettings(BaseSettings):
@@ -56,6 +74,9 @@ class ScorerSettings(BaseSettings):
     refresh_hours: float = 24.0
     checkpoint_seconds: float = 60.0
     tick_seconds: float = 1.0
+    # bounded work per tick (input waits while it runs): the rest is done in the next ticks
+    max_scores_per_tick: int = 5000
+    label_seconds_per_tick: float = 1.0  # label days learned until this is spent (>= 1 day)
     batch_size: int = 2000
     high_value_zips: str = "10007,94027,90210,02108,60611"
     reorder_records: int = 2000  # records of one partition that may arrive out of time order
@@ -76,6 +97,7 @@ class ScorerSettings(BaseSettings):
             churned_refresh_interval_ms=7 * DAY,
             source_idle_ms=int(self.source_idle_seconds * 1000),
             reorder_records=self.reorder_records,
+            max_scores_per_flush=self.max_scores_per_tick,
             high_value_zips=frozenset(z.strip() for z in self.high_value_zips.split(",") if z),
         )
 
@@ -95,13 +117,14 @@ class ScorerService:
         self.states = ChangelogStore(settings, TOPICS.scorer_state)
         self.models = ChangelogStore(settings, TOPICS.scorer_model)
         # States are compressed once per transaction (before_commit / end of tick), not per event.
-        self.scorer = Scorer(self.options.core(), pack_states=False)
+        # Urgent customers are scored once per batch, together, just before the commit.
+        self.scorer = Scorer(self.options.core(), pack_states=False, defer_scores=True)
         self._dirty: set[str] = set()
         self._identified = TOPICS.identified.name(settings)
         self.model_key = f"churn.{self.options.instance}"
         self._last_checkpoint = clock()
         self._checkpointed_n = -1
-        self._counted = (0, 0)
+        self._counted = (0, 0, 0)
 
     def _now(self) -> int:
         return int(self.clock() * 1000)
@@ -116,20 +139,35 @@ class ScorerService:
             self._checkpointed_n = int(record["n_learned"])
         else:
             self.scorer.model.created_at = self._now()
-        upgraded = sum(upgrade(st) for _, st in self.states.items())  # 120-day ring states
-        self.scorer.rebuild(self.states.items())
+        self.scorer.retired = set(self._retired())
+        upgraded = sum(upgrade(st) for _, st in self.customers())  # 120-day ring states
+        self.scorer.rebuild(self.customers(), self.scorer.retired)
         self.scorer.expect_sources(range(TOPICS.identified.partitions), self._now())
         log.info(
             "scorer restored",
             extra={
                 "fields": {
-                    "customers": len(self.states),
+                    "customers": self.customer_count(),
                     "model": self.scorer.model.version,
                     "max_event_ms": self.scorer.max_event_ms,
                     "upgraded_states": upgraded,
+                    "forgotten_ids": len(self.scorer.retired),
                 }
             },
         )
+
+    def customers(self) -> Iterator[tuple[str, State]]:
+        """The customers' states (the store without the forgotten ids' markers)."""
+        if not self.scorer.retired:
+            return self.states.items()
+        return ((k, v) for k, v in self.states.items() if not k.startswith(RETIRED_KEY))
+
+    def customer_count(self) -> int:
+        return len(self.states) - len(self.scorer.retired)
+
+    def _retired(self) -> list[str]:
+        n = len(RETIRED_KEY)
+        return [k[n:] for k in self.states.table if k.startswith(RETIRED_KEY)]
 
     # -- loop callbacks ------------------------------------------------------------------
     def before_batch(self, batch: BatchInfo) -> None:
@@ -143,7 +181,9 @@ class ScorerService:
         )
 
     def before_commit(self) -> Iterator[Output]:
-        """The batch's changed states, compressed and written once each."""
+        """The batch's urgent customers scored (once each, on stacked arrays), then its
+        changed states, compressed and written once each."""
+        yield from self._outputs(self.scorer.settle(self.states.get, self._now()))
         yield from self._sealed()
 
     def handle(self, record: Incoming) -> Iterator[Output]:
@@ -160,7 +200,8 @@ class ScorerService:
 
     def tick(self) -> Iterator[Output]:
         now = self._now()
-        outs = self.scorer.flush(self.states.get, self.states.items, now)
+        deadline = time.perf_counter() + self.options.label_seconds_per_tick
+        outs = self.scorer.flush(self.states.get, self.customers, now, label_deadline=deadline)
         yield from self._outputs(outs)
         yield from self._sealed()
         model = self.scorer.model
@@ -184,7 +225,7 @@ class ScorerService:
     def on_abort(self) -> None:
         """The stores rolled back: timers and cached buckets must follow them."""
         self._dirty.clear()
-        self.scorer.rebuild(self.states.items())
+        self.scorer.rebuild(self.customers(), self._retired())
 
     def _sealed(self) -> Iterator[Output]:
         self.scorer.seal()
@@ -207,6 +248,11 @@ class ScorerService:
                     self._dirty.add(out.customer_id)
             elif isinstance(out, ScoreEmit):
                 yield Output(TOPICS.scores, out.customer_id, out.score)
+            elif isinstance(out, Retire):
+                marker = new_state(out.customer_id, out.at)
+                marker["emitted_stage"] = "forgotten"
+                yield states.put(RETIRED_KEY + out.customer_id, marker)
+                log.info("customer forgotten", extra={"fields": {"customer_id": out.customer_id}})
 
     def _export(self) -> None:
         sc = self.scorer
@@ -215,13 +261,15 @@ class ScorerService:
                 MODEL_QUALITY.labels(name).set(value)
         LABELS.set(sc.model.n_learned)
         DRIFTS.set(sc.model.drifts)
-        scored, emitted = self._counted
+        scored, emitted, dropped = self._counted
         SCORED.inc(sc.scored - scored)
         EMITTED.inc(sc.emitted - emitted)
-        self._counted = (sc.scored, sc.emitted)
+        RETIRED_DROPS.inc(sc.dropped_retired - dropped)
+        self._counted = (sc.scored, sc.emitted, sc.dropped_retired)
         if sc.watermark is not None:
             WATERMARK.set(sc.watermark / 1000)
-        CUSTOMERS.set(len(self.states))
+        CUSTOMERS.set(self.customer_count())
+        FORGOTTEN.set(len(sc.retired))
         TIMERS.set(sc.pending_timers())
 
 

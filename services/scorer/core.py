@@ -52,6 +52,7 @@ from __future__ import annotations
 
 import heapq
 import math
+import time
 import zlib
 from collections import deque
 from collections.abc import Callable, Iterable, Mapping, Sequence
@@ -118,6 +119,8 @@ class ScorerConfig:
     min_learned_for_stage: int = 500
     top_k: int = 5
     clv_months: int = 12
+    #: Customers one :meth:`Scorer.flush` (the loop's tick, while input waits) scores at
+    #: most; the rest stay due for the next flush (see also its ``label_deadline``).
     max_scores_per_flush: int = 50_000
     #: How many records of one input partition may arrive out of event-time order: the
     #: identity service re-keys a batch (up to 2,000 records) input partition by input
@@ -145,7 +148,20 @@ class ScoreEmit:
     score: dict[str, Any] | None
 
 
-Out = StateWrite | ScoreEmit
+@dataclass(frozen=True)
+class Retire:
+    """Remember for good that ``customer_id`` was forgotten (``at``: when, event time of the
+    request): the shell persists a marker next to the states, and every later event or merge
+    for the id is dropped instead of profiling the person again."""
+
+    customer_id: str
+    at: int
+
+
+Out = StateWrite | ScoreEmit | Retire
+
+#: The identified event the identity service emits after erasing a profile (``segflow forget``).
+FORGET_EVENT = "customer_forgotten"
 
 
 # -- the model's view of the features ----------------------------------------------------------
@@ -454,6 +470,15 @@ def lifecycle(
     return "loyal"
 
 
+def _overlay(
+    states: Mapping[str, State | None], get: Callable[[str], State | None]
+) -> Callable[[str], State | None]:
+    def lookup(cid: str) -> State | None:
+        return states[cid] if cid in states else get(cid)
+
+    return lookup
+
+
 @dataclass(frozen=True)
 class Scored:
     """One customer scored as of ``as_of``."""
@@ -500,6 +525,18 @@ class Scorer:
     #: :meth:`seal` before persisting states or reading them outside the scorer.
     pack_states: bool = True
     _unsealed: dict[str, State] = field(default_factory=dict)
+    #: False: an urgent event is scored inside :meth:`on_event`. True: it only marks the
+    #: customer, and :meth:`settle` scores every marked customer once, on stacked arrays,
+    #: before the batch commits (the service's mode: the same transaction, so the same
+    #: exactly-once outputs, without per-event numpy work on one-row arrays; several urgent
+    #: events of one customer in a batch give one score, with all of them).
+    defer_scores: bool = False
+    #: Customers to score at :meth:`settle` (True: emit even if nothing moved, after a merge).
+    _urgent: dict[str, bool] = field(default_factory=dict)
+    #: Customer ids that were forgotten (see :meth:`forget`); the shell restores them.
+    retired: set[str] = field(default_factory=set)
+    #: Events and merges dropped because their customer id was forgotten.
+    dropped_retired: int = 0
 
     # -- clock ---------------------------------------------------------------------------
     @property
@@ -604,16 +641,24 @@ class Scorer:
         event: Mapping[str, Any],
         now_ms: int,
         source: Any = 0,
-    ) -> tuple[State, list[Out]]:
+    ) -> tuple[State | None, list[Out]]:
         """Apply one event to the customer's state; score at once if the event is urgent.
 
-        Raises :class:`~segflow.errors.InvalidRecord` (dead-lettered by the shell) for an
-        event from the future (``future_event``), older than the allowed lateness
-        (``too_late``) or without a customer id (``missing_field``).
+        A ``customer_forgotten`` event deletes the customer (:meth:`forget`); an event for a
+        forgotten id is dropped (state None, no output). Raises
+        :class:`~segflow.errors.InvalidRecord` (dead-lettered by the shell) for an event from
+        the future (``future_event``), older than the allowed lateness (``too_late``) or
+        without a customer id (``missing_field``).
         """
         self._handled(source)
         if not customer_id:
             raise InvalidRecord("identified event without customer_id", reason="missing_field")
+        kind = str(event["event_type"])
+        if kind == FORGET_EVENT:  # stamped in processing time: not a clock reading
+            return None, self.forget(customer_id, int(event.get("occurred_at") or 0))
+        if customer_id in self.retired:
+            self.dropped_retired += 1  # never dead-lettered: it would keep the person's data
+            return None, []
         t = int(event["occurred_at"])
         if t > now_ms + self.config.max_future_ms:
             raise InvalidRecord(
@@ -628,7 +673,6 @@ class Scorer:
         self._observe(source, t, now_ms)
         st = new_state(customer_id, t) if state is None else dict(state)
         prev_active = st["last_active_ms"]
-        kind = str(event["event_type"])
         b = self.buckets(customer_id, st)
         del self._cache[customer_id]  # mutated below: not valid for the old blob any more
         b = apply_event(st, event, b)
@@ -653,7 +697,9 @@ class Scorer:
             )
         )
         outs: list[Out] = []
-        if urgent:
+        if urgent and self.defer_scores:
+            self._urgent.setdefault(customer_id, False)
+        elif urgent:
             scored = self.score(st, max(st["last_event_ms"], self.watermark or 0), b)
             emit = self._settle(st, scored, now_ms)
             outs.append(StateWrite(customer_id, st))
@@ -672,10 +718,18 @@ class Scorer:
         """Fold the absorbed customers' states into the survivor's, delete theirs (state and
         score tombstones) and rescore the survivor. Replaying a merge is a no-op."""
         survivor_id = str(merge["survivor_id"])
+        outs: list[Out] = []
+        if survivor_id in self.retired:
+            # read after the survivor's forget (merges and events are separate topics): the
+            # absorbed ids are the same forgotten person, so they go too
+            self.dropped_retired += 1
+            for absorbed_id in merge["absorbed_ids"]:
+                if absorbed_id != survivor_id:
+                    outs += self.forget(absorbed_id, self.max_event_ms or 0)
+            return outs
         for cid in (survivor_id, *merge["absorbed_ids"]):
             self._seal_one(cid)  # merge_into reads the compressed buckets
         survivor = get(survivor_id)
-        outs: list[Out] = []
         merged = False
         for absorbed_id in merge["absorbed_ids"]:
             if absorbed_id == survivor_id:
@@ -694,11 +748,63 @@ class Scorer:
             outs.append(ScoreEmit(absorbed_id, None))
         if not merged or survivor is None:
             return outs
+        for absorbed_id in merge["absorbed_ids"]:
+            self._urgent.pop(absorbed_id, None)
+        if self.defer_scores:
+            self._urgent[survivor_id] = True
+            outs.append(StateWrite(survivor_id, survivor))
+            return outs
         scored = self.score(survivor, max(survivor["last_event_ms"], self.watermark or 0))
         emit = self._settle(survivor, scored, now_ms, force=True)
         outs.append(StateWrite(survivor_id, survivor))
         if emit is not None:
             outs.append(emit)
+        return outs
+
+    def forget(self, customer_id: str, at: int) -> list[Out]:
+        """Delete the customer for good (a ``segflow forget`` erasure): its state (changelog
+        tombstone), its last score (tombstone on ``segflow.scores``), its cached buckets and
+        pending timers, and retire the id so that nothing recreates it (:class:`Retire`).
+        Forgetting a forgotten id again is a no-op."""
+        if customer_id in self.retired:
+            return []
+        self.retired.add(customer_id)
+        self._urgent.pop(customer_id, None)
+        self._cache.pop(customer_id, None)
+        self._unsealed.pop(customer_id, None)
+        if any(cid == customer_id for _, cid in self._timers):
+            self._timers = [x for x in self._timers if x[1] != customer_id]
+            heapq.heapify(self._timers)
+        return [
+            StateWrite(customer_id, None),
+            ScoreEmit(customer_id, None),
+            Retire(customer_id, at),
+        ]
+
+    def settle(self, get: Callable[[str], State | None], now_ms: int) -> list[Out]:
+        """Score the customers whose urgent events or merges :meth:`on_event` /
+        :meth:`on_merge` deferred (:attr:`defer_scores`), each once, as of its latest event
+        (or the watermark, if later), on stacked arrays; call before the batch commits."""
+        if not self._urgent:
+            return []
+        wm = self.watermark or 0
+        due: list[tuple[str, State, bool]] = []
+        for cid, force in self._urgent.items():
+            st = get(cid)
+            if st is None:
+                continue
+            st = dict(st)
+            if cid in self._unsealed:
+                self._unsealed[cid] = st
+            due.append((cid, st, force))
+        self._urgent.clear()
+        scored = self.score_many([(st, max(st["last_event_ms"], wm)) for _, st, _ in due])
+        outs: list[Out] = []
+        for (cid, st, force), s in zip(due, scored, strict=True):
+            emit = self._settle(st, s, now_ms, force=force)
+            outs.append(StateWrite(cid, st))
+            if emit is not None:
+                outs.append(emit)
         return outs
 
     def seal(self) -> list[StateWrite]:
@@ -847,12 +953,18 @@ class Scorer:
     def _schedule(self, customer_id: str, due: int) -> None:
         heapq.heappush(self._timers, (due, customer_id))
 
-    def rebuild(self, states: Iterable[tuple[str, State]]) -> None:
-        """Recreate the timers from the states (after a restore or an abort). The clock is not
-        taken from the states: the newest customer may be far ahead of a partition that was
-        behind, whose events would then look late; the inputs re-establish it."""
+    def rebuild(
+        self, states: Iterable[tuple[str, State]], retired: Iterable[str] | None = None
+    ) -> None:
+        """Recreate the timers from the states (after a restore or an abort) and, if given, the
+        forgotten ids. The clock is not taken from the states: the newest customer may be far
+        ahead of a partition that was behind, whose events would then look late; the inputs
+        re-establish it."""
         self._cache.clear()  # may hold changes that were rolled back
         self._unsealed.clear()
+        self._urgent.clear()
+        if retired is not None:
+            self.retired = set(retired)
         self._timers = [(self._due(st), cid) for cid, st in states]
         heapq.heapify(self._timers)
 
@@ -861,10 +973,14 @@ class Scorer:
         get: Callable[[str], State | None],
         states: Callable[[], Iterable[tuple[str, State]]],
         now_ms: int,
+        label_deadline: float | None = None,
     ) -> list[Out]:
         """Time-driven work up to the watermark: score customers whose timer is due (pending
-        ones and refreshes), then learn from the labels that matured."""
-        outs: list[Out] = []
+        ones and refreshes, up to ``max_scores_per_flush``), then learn from the labels that
+        matured (see :meth:`mature` for ``label_deadline``)."""
+        outs: list[Out] = self.settle(get, now_ms)
+        if outs:  # the states just settled, before the caller has stored them
+            get = _overlay({o.customer_id: o.state for o in outs if isinstance(o, StateWrite)}, get)
         if self._sources:
             self._advance(now_ms)
         wm = self.watermark
@@ -899,13 +1015,17 @@ class Scorer:
             outs.append(StateWrite(cid, st))
             if emit is not None:
                 outs.append(emit)
-        self.mature(states)
+        self.mature(states, label_deadline)
         return outs
 
     # -- labels --------------------------------------------------------------------------
-    def mature(self, states: Callable[[], Iterable[tuple[str, State]]]) -> int:
-        """Learn from every snapshot whose horizon is now behind the final watermark;
-        returns the number of examples learned."""
+    def mature(
+        self, states: Callable[[], Iterable[tuple[str, State]]], deadline: float | None = None
+    ) -> int:
+        """Learn from every snapshot whose horizon is now behind the final watermark, day by
+        day; with a ``deadline`` (a :func:`time.perf_counter` value) stop after the first day
+        that ends past it, the rest in the next calls. Returns the number of examples
+        learned."""
         fw = self.final_watermark
         if fw is None:
             return 0
@@ -918,6 +1038,8 @@ class Scorer:
         while model.matured_through_day < target:
             model.matured_through_day += 1
             n += self._learn_day(model.matured_through_day, states())
+            if deadline is not None and time.perf_counter() >= deadline:
+                break
         if n:
             self._descriptions = model.describe_clusters()
         return n
@@ -1068,8 +1190,10 @@ __all__ = [
     "DEFAULT_HIGH_VALUE_ZIPS",
     "MODEL_INPUTS",
     "NEVER_DAYS",
+    "FORGET_EVENT",
     "STAGES",
     "Out",
+    "Retire",
     "ScoreEmit",
     "Scored",
     "Scorer",

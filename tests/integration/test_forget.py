@@ -1,5 +1,6 @@
-"""``segflow forget`` on the real pipeline: the four services as processes on a real broker,
-a small simulated population, then one customer with segment memberships forgotten."""
+"""``segflow forget`` on the real pipeline: the four services as processes on a real broker
+(and the API gateway in front of their query endpoints), a small simulated population, then
+one customer with segment memberships forgotten."""
 
 from __future__ import annotations
 
@@ -8,11 +9,14 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
+import httpx
 import pytest
 
+from segflow.api import wiring
 from segflow.demo import _groups, _service_env, _wait_caught_up
 from segflow.forget import request, send
 from segflow.receiver import Receiver, SMTPReceiver
+from segflow.runtime.broker import free_port
 from segflow.runtime.kafka import make_producer
 from segflow.runtime.serde import Serde
 from segflow.runtime.settings import Settings
@@ -23,6 +27,7 @@ from segflow.sim.sink import KafkaSink
 from segflow.supervisor import SERVICES, Supervisor
 
 pytestmark = pytest.mark.broker
+TOKEN = "forget-test-token"
 
 
 @pytest.fixture
@@ -50,9 +55,13 @@ def test_a_forgotten_customer_leaves_every_segment_and_is_never_profiled_or_cont
     sup = Supervisor(
         tmp_path / "logs", env=_service_env(settings, settings.topic_prefix, *receivers)
     )
+    ports = {name: free_port() for name in SERVICES}
     for name in SERVICES:
-        sup.add_service(name)
+        sup.add_service(name, env=wiring.service_env(name, ports[name]))
+    url = wiring.add_gateway(sup, ports, free_port(), TOKEN)
     sup.start_all()
+    api = httpx.Client(base_url=url, headers={"Authorization": f"Bearer {TOKEN}"}, timeout=10)
+    scorer = httpx.Client(base_url=f"http://127.0.0.1:{ports['scorer']}", timeout=10)
     groups = _groups(settings, list(SERVICES))
     try:
         sim = Simulation(SimConfig(customers=30, days=35, seed=5))
@@ -77,6 +86,12 @@ def test_a_forgotten_customer_leaves_every_segment_and_is_never_profiled_or_cont
                 user_of.setdefault(cid, ev["event"]["user_id"])
         cid = next(c for c in sorted(active) if active[c] and c in user_of)
         was_in = active[cid]
+        assert wiring.wait_ready(url, timeout=60)
+        # before: the scorer and the gateway know the person's features and churn score
+        assert scorer.get(f"/customers/{cid}").status_code == 200
+        before = api.get(f"/v1/customers/{cid}")
+        assert before.status_code == 200 and before.json()["features"]
+        assert 0 <= before.json()["scores"]["churn_probability"] <= 1
 
         forgotten_at = int(time.time() * 1000)
         send(settings, request(cid, "test", forgotten_at))
@@ -112,6 +127,19 @@ def test_a_forgotten_customer_leaves_every_segment_and_is_never_profiled_or_cont
         assert state.get("p:" + cid) is None, "the profile is still in the identity state"
         assert not [k for k, v in state.items() if v and v.get("customer_id") == cid]
 
+        # the scorer forgot the features too: its query endpoint, the gateway's profile and
+        # the compacted scores topic (its last record for the id is a tombstone) have nothing
+        assert scorer.get(f"/customers/{cid}").status_code == 404
+        profile = api.get(f"/v1/customers/{cid}")
+        assert profile.status_code == 404, profile.text
+        scores = [v for k, v in decoded(settings, TOPICS.scores) if k == cid]
+        assert scores and scores[-1] is None
+        scorer_state: dict[str, Any] = {}
+        for key, value in decoded(settings, TOPICS.scorer_state):
+            scorer_state[key or ""] = value
+        assert scorer_state.get(cid) is None, "the scorer still keeps the customer's features"
+        assert f"retired:{cid}" in scorer_state  # a late event cannot bring them back
+
         results = [r for _, r in decoded(settings, TOPICS.dispatch_results) if r]
         late_sends = [
             r for r in results
@@ -120,4 +148,6 @@ def test_a_forgotten_customer_leaves_every_segment_and_is_never_profiled_or_cont
         assert late_sends == []
         assert sup.check() == []  # nothing crashed on the way
     finally:
+        api.close()
+        scorer.close()
         sup.stop()

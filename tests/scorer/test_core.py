@@ -134,6 +134,35 @@ def test_merge_into_an_unknown_survivor_moves_the_state() -> None:
     assert h.of("a")[-1]["features"]["logins_3d"] == 1.0
 
 
+def test_a_forgotten_customer_is_deleted_and_never_profiled_again() -> None:
+    h = Harness()
+    h.event("gone", ev("login", T0))
+    h.event("gone", ev("purchase", T0 + HOUR, amount=10.0))
+    h.event("gone", ev("page_view", T0 + 2 * HOUR))  # pending: a timer is waiting
+    h.event("alias", ev("login", T0 + 2 * HOUR))  # the same person, merged later
+    h.event("other", ev("login", T0 + 2 * HOUR))
+    clock = h.sc.max_event_ms
+    scores_before = len(h.of("gone")), len(h.of("alias"))
+    # stamped with the request's processing time, far ahead of event time
+    h.event("gone", ev("customer_forgotten", T0 + 30 * DAY, properties={}))
+    assert "gone" not in h.store and h.tombstones == ["gone"]
+    assert h.sc.max_event_ms == clock  # the request does not move the event-time clock
+    assert all(cid != "gone" for _, cid in h.sc._timers) and "gone" not in h.sc._cache
+    # an event already in flight, a merge read after the forget, time passing
+    h.event("gone", ev("purchase", T0 + 3 * HOUR, amount=99.0))
+    merge = {"merge_id": "m1", "survivor_id": "gone", "absorbed_ids": ["alias"]}
+    h.apply(h.sc.on_merge(h.store.get, merge, now_ms=0))
+    for day in range(1, 4):
+        h.event("other", ev("login", T0 + day * DAY))
+        h.flush()
+    assert "gone" not in h.store and "alias" not in h.store
+    assert (len(h.of("gone")), len(h.of("alias"))) == scores_before  # nothing new emitted
+    assert h.tombstones == ["gone", "alias"] and h.sc.retired == {"gone", "alias"}
+    assert len(h.of("other")) > 1  # everyone else goes on as before
+    h.event("gone", ev("customer_forgotten", T0 + 31 * DAY))  # replayed: nothing to do
+    assert h.tombstones == ["gone", "alias"]
+
+
 def _vec(**values: float) -> Any:
     v = np.zeros(len(FEATURE_NAMES))
     for k, x in values.items():
@@ -420,3 +449,77 @@ def test_sealing_once_per_batch_gives_the_same_states_and_scores() -> None:
     (packed, a), (sealed, b) = replay(True), replay(False)
     assert packed == sealed and a == b
     assert len(a) > 100
+
+
+def test_deferred_urgent_events_are_scored_once_per_batch_with_all_of_them() -> None:
+    h = Harness()
+    h.sc = sc = Scorer(ScorerConfig(), defer_scores=True)
+    h.event("c1", ev("purchase", T0, amount=5.0))
+    h.event("c1", ev("page_view", T0 + MINUTE))
+    h.event("c1", ev("purchase", T0 + 2 * MINUTE, amount=7.0))
+    h.event("c2", ev("login", T0 + 2 * MINUTE))
+    assert h.scores == []  # nothing is scored event by event
+    h.apply(sc.settle(h.store.get, now_ms=0))  # before the batch commits
+    (c1,) = h.of("c1")
+    assert (c1["features"]["purchases_3d"], c1["features"]["page_views_3d"]) == (2.0, 1.0)
+    assert c1["as_of"] == T0 + 2 * MINUTE and not h.store["c1"]["pending"]
+    assert len(h.of("c2")) == 1
+    h.apply(sc.settle(h.store.get, now_ms=0))
+    assert len(h.scores) == 2  # settled once
+
+
+def test_deferred_scoring_settled_after_every_event_gives_the_same_scores() -> None:
+    sim = Simulation(SimConfig(customers=20, days=40, seed=5))
+    items = [(d.customer, d.event) for d in sim.run() if isinstance(d, Delivery)]
+
+    def replay(defer: bool) -> tuple[dict[str, Any], list[Any]]:
+        sc = Scorer(ScorerConfig(), pack_states=False, defer_scores=defer)
+        store: dict[str, Any] = {}
+        scores: list[Any] = []
+
+        def apply(outs: list[Any]) -> None:
+            for o in outs:
+                if isinstance(o, StateWrite) and o.state is not None:
+                    store[o.customer_id] = o.state
+                elif isinstance(o, ScoreEmit) and o.score is not None:
+                    scores.append({**o.score, "scored_at": 0})
+
+        for i, (cid, e) in enumerate(items):
+            apply(sc.on_event(store.get(cid), cid, e, now_ms=e["occurred_at"])[1])
+            apply(sc.settle(store.get, e["occurred_at"]))
+            if i % 200 == 199:
+                apply(sc.flush(store.get, store.items, e["occurred_at"]))
+                apply(sc.seal())
+        apply(sc.flush(store.get, store.items, items[-1][1]["occurred_at"]))
+        apply(sc.seal())
+        return store, scores
+
+    def per_customer(scores: list[Any]) -> dict[str, list[Any]]:
+        out: dict[str, list[Any]] = {}
+        for s in scores:  # (a flush may list different customers in another order)
+            out.setdefault(s["customer_id"], []).append(s)
+        return out
+
+    (now_states, now_scores), (deferred_states, deferred_scores) = replay(False), replay(True)
+    assert deferred_states == now_states
+    assert per_customer(deferred_scores) == per_customer(now_scores)
+    assert len(now_scores) > 50
+
+
+def test_a_tick_does_bounded_work_and_the_next_ticks_finish_it() -> None:
+    h = Harness(ScorerConfig(max_scores_per_flush=7))
+    tick = lambda: h.apply(h.sc.flush(h.store.get, h.store.items, 0, label_deadline=0.0))  # noqa: E731
+    for i in range(20):
+        h.event(f"c{i}", ev("login", T0 + i * MINUTE))
+    h.flush()
+    model = h.sc.model
+    start = model.matured_through_day
+    h.event("late", ev("login", T0 + 5 * DAY))  # everyone is due for a refresh, 3 label days
+    emitted = len(h.scores)
+    tick()  # the deadline has passed: one day of labels
+    assert len(h.scores) - emitted == 7 and model.matured_through_day == start + 1
+    for _ in range(3):
+        tick()
+    refreshed = {s["customer_id"] for s in h.scores[emitted:]}
+    assert refreshed == {f"c{i}" for i in range(20)}  # each once, over three ticks
+    assert len(h.scores) - emitted == 20 and model.matured_through_day == start + 4
