@@ -138,3 +138,13 @@ def test_kafka_bootstrap_env_is_honoured(monkeypatch: pytest.MonkeyPatch) -> Non
     monkeypatch.setenv("SEGFLOW_KAFKA_EXTRA", "security.protocol=SASL_SSL, sasl.mechanism=PLAIN")
     conf = Settings().kafka_config()
     assert conf["security.protocol"] == "SASL_SSL" and conf["sasl.mechanism"] == "PLAIN"
+
+
+def test_written_with_current_tells_the_current_schema_from_others() -> None:
+    serde = Serde(SchemaStore.from_dir())
+    event = json.loads((SCHEMAS_DIR / "examples" / "io.segflow.BehaviorEvent.json").read_text())
+    data = serde.encode(TOPICS.events, event)
+    assert serde.written_with_current(TOPICS.events, data)
+    assert not serde.written_with_current(TOPICS.identified, data)  # another topic's schema
+    unknown = data[:1] + struct.pack(">I", 7) + data[5:]
+    assert not serde.written_with_current(TOPICS.events, unknown)

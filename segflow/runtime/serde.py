@@ -146,6 +146,7 @@ class Serde:
         self.topic_prefix = topic_prefix
         self._write_ids: dict[str, int] = {}
         self._readers: dict[int, SchemaVersion] = dict(store.by_local_id)
+        self._current: dict[tuple[str, bytes], bool] = {}
 
     @classmethod
     def from_settings(cls, settings: Settings) -> Serde:
@@ -227,6 +228,20 @@ class Serde:
         if not isinstance(record, dict):
             raise DecodeError("decoded value is not a record", reason="undecodable")
         return record
+
+    def written_with_current(self, topic: Topic, data: bytes) -> bool:
+        """Whether wire-format ``data`` was written with ``topic``'s current schema (so its
+        bytes can be read or spliced by that schema's layout); unknown ids answer False."""
+        sid = bytes(data[1:5])
+        key = (topic.value, sid)
+        current = self._current.get(key)
+        if current is None:
+            try:
+                writer: SchemaVersion | None = self._writer(int.from_bytes(sid, "big"))
+            except DecodeError:
+                writer = None
+            current = self._current[key] = writer is self.store.get(topic.value)
+        return current
 
     def _writer(self, sid: int) -> SchemaVersion:
         version = self._readers.get(sid)

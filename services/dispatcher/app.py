@@ -31,7 +31,7 @@ from prometheus_client import Counter, Gauge, Histogram
 from pydantic import SecretStr
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
-from segflow.errors import DecodeError, PoisonMessage
+from segflow.errors import PoisonMessage
 from segflow.runtime.dlq import dead_letter
 from segflow.runtime.loop import Incoming, LoopConfig, Output, ProcessingLoop
 from segflow.runtime.projection import _varint
@@ -243,10 +243,8 @@ class Dispatcher:
         self._kpi_dirty = True
         self._kpi_keys: set[str] = set()
         self._gauges_at = 0.0
-        self._identified_schema = self.serde.store.get(TOPICS.identified.value)
         self._attempt_counters: dict[tuple[str, str], Any] = {}
         self._call_seconds: dict[str, Any] = {}
-        self._current_ids: dict[bytes, bool] = {}  # writer schema id -> is the current schema
 
     # -- lifecycle -----------------------------------------------------------------------
     def restore(self, attempts: int = 20) -> int:
@@ -386,7 +384,12 @@ class Dispatcher:
         "event": None}`` without the full Avro decode; everything else is decoded in full.
         (A skipped record is not checked past its leading fields: bytes that would not decode
         are ignored instead of dead-lettered, as nothing is derived from them.)"""
-        if data is not None and len(data) > 8 and data[0] == 0 and self._current(data[1:5]):
+        if (
+            data is not None
+            and len(data) > 8
+            and data[0] == 0
+            and self.serde.written_with_current(TOPICS.identified, data)
+        ):
             try:
                 n, pos = _varint(data, 5)  # customer_id
                 cid = data[pos : pos + n].decode()
@@ -411,17 +414,6 @@ class Dispatcher:
             except (IndexError, UnicodeDecodeError):
                 pass  # the full decode says what is wrong with it
         return self.serde.decode(TOPICS.identified, data)
-
-    def _current(self, sid: bytes) -> bool:
-        """Whether schema id ``sid`` (4 bytes) is the current IdentifiedEvent schema."""
-        current = self._current_ids.get(sid)
-        if current is None:
-            try:
-                writer = self.serde._writer(int.from_bytes(sid, "big"))
-            except DecodeError:
-                writer = None
-            current = self._current_ids[sid] = writer is self._identified_schema
-        return current
 
     def handle(self, record: Incoming) -> Iterator[Output]:
         if record.topic_name == self.changes_topic:

@@ -21,7 +21,7 @@ from prometheus_client import Counter, Gauge, Histogram
 from pydantic import Field
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
-from segflow.errors import DecodeError, InvalidRecord
+from segflow.errors import InvalidRecord
 from segflow.events import validate_event
 from segflow.runtime.loop import Incoming, LoopConfig, Output, ProcessingLoop
 from segflow.runtime.serde import Serde
@@ -164,8 +164,6 @@ class IdentityService:
         self.serde = Serde.from_settings(settings)
         self.store = store or ChangelogStore(settings, TOPICS.identity_state, self.serde)
         self.clock = clock
-        self._events_schema = self.serde.store.get(TOPICS.events.value)
-        self._current_ids: dict[bytes, bool] = {}  # writer schema id -> current BehaviorEvent
         self._identified_header: bytes | None = None
         self._secret = settings.hash_secret.get_secret_value()
         self._hasher = node_hasher(self._secret)
@@ -243,7 +241,11 @@ class IdentityService:
             yield from self._outcome(outcome, now_ms)
         email = event.get("email")
         identified: dict[str, Any] | bytes
-        if email is None and record.raw is not None and self._current(record.raw):
+        if (
+            email is None
+            and record.raw is not None
+            and self.serde.written_with_current(TOPICS.events, record.raw)
+        ):
             identified = self._identified_bytes(step.customer_id, record.raw, now_ms)
         else:
             identified = {
@@ -263,18 +265,6 @@ class IdentityService:
         self._n += 1
         if not self._n & 15:  # a sample is enough for the histogram
             LATENCY.observe(time.perf_counter() - started)
-
-    def _current(self, raw: bytes) -> bool:
-        """Whether ``raw`` was written with the current BehaviorEvent schema."""
-        sid = raw[1:5]
-        current = self._current_ids.get(sid)
-        if current is None:
-            try:
-                writer = self.serde._writer(int.from_bytes(sid, "big"))
-            except DecodeError:
-                writer = None
-            current = self._current_ids[sid] = writer is self._events_schema
-        return current
 
     def _identified_bytes(self, customer_id: str, raw: bytes, now_ms: int) -> bytes:
         """The IdentifiedEvent of an event without email, as bytes: its fields are
