@@ -113,7 +113,9 @@ def cmd_up(args: argparse.Namespace) -> int:
     else:
         broker = _broker(args)
         started_broker = broker.pid() is None
-        broker.start()
+        # A broker this command starts dies with it, however it dies (kill -9 included),
+        # unless --keep-broker; one already running is left as it is.
+        broker.start(leash=not args.keep_broker)
         print(f"broker at {broker.bootstrap} (log {broker.log_file})")
         settings = _settings_for(args)
     _create_topics(settings)
@@ -157,7 +159,7 @@ def cmd_up(args: argparse.Namespace) -> int:
         print("stopping services ...")
     finally:
         sup.stop()
-        if not external_bootstrap() and started_broker:
+        if not external_bootstrap() and started_broker and not args.keep_broker:
             print("stopping the broker this command started ...")
             broker.stop()
     return 0
@@ -212,6 +214,11 @@ def build_parser() -> argparse.ArgumentParser:
         "query endpoints for the API the ports from this + 10",
     )
     p.add_argument("--api-port", type=int, default=8480, help="HTTP API port (default 8480)")
+    p.add_argument(
+        "--keep-broker",
+        action="store_true",
+        help="leave a broker this command starts running when it stops",
+    )
     p.set_defaults(func=cmd_up)
 
     p = sub.add_parser("topics", help="create segflow's topics from the registry")

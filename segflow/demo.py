@@ -267,7 +267,9 @@ def run_demo(args: argparse.Namespace) -> int:
         broker = LocalBroker(state_dir / "broker", port=args.port)
         was_running = broker.pid() is not None
         say(f"[1/5] starting a local Apache Kafka broker (KRaft) on {broker.bootstrap} ...")
-        broker.start()
+        # Ours (not running before): it dies with the demo, however the demo ends, unless
+        # --keep-broker asks for it to stay.
+        broker.start(leash=not args.keep_broker)
         settings = Settings(bootstrap_servers=broker.bootstrap, topic_prefix=prefix)
         say(f"      ready; data in {broker.data_dir}, log in {broker.log_file}")
     receiver = Receiver().start()

@@ -3,7 +3,8 @@
 Each service runs as ``python -m services.<name>`` with its output in
 ``<state dir>/logs/<name>.log``. A process that exits is restarted after a back-off that
 doubles up to 30 s (reset once it has stayed up for a minute). ``stop()`` sends SIGTERM to
-all, waits, then SIGKILLs stragglers.
+all, waits, then SIGKILLs stragglers. Every child dies with the supervising process, however
+that process dies (``kill -9`` included: :mod:`segflow.runtime.leash`).
 """
 
 from __future__ import annotations
@@ -15,6 +16,8 @@ import sys
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
+
+from segflow.runtime.leash import leashed
 
 SERVICES = ("identity", "scorer", "segmenter", "dispatcher")
 
@@ -53,7 +56,7 @@ class Supervisor:
     def _start(self, child: Child) -> None:
         with child.log_path.open("ab") as log:
             child.proc = subprocess.Popen(
-                child.argv,
+                leashed(child.argv),
                 stdout=log,
                 stderr=subprocess.STDOUT,
                 stdin=subprocess.DEVNULL,
