@@ -29,6 +29,7 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
 from segflow.runtime.broker import free_port  # noqa: E402
+from segflow.runtime.leash import leashed  # noqa: E402
 from segflow.runtime.testing import processes_marked  # noqa: E402
 
 
@@ -60,7 +61,7 @@ def one_run(index: int, base: Path, args: argparse.Namespace) -> tuple[int, floa
     started = time.monotonic()
     with (run_dir / "demo.out").open("wb") as out:
         proc = subprocess.Popen(
-            cmd,
+            leashed(cmd),  # the demo dies with this bench, however the bench ends
             cwd=run_dir,
             stdout=out,
             stderr=subprocess.STDOUT,

@@ -31,6 +31,7 @@ from segflow.api import wiring
 from segflow.receiver import Receiver, SMTPReceiver
 from segflow.runtime.broker import LocalBroker, free_port
 from segflow.runtime.kafka import ensure_topics, make_admin, wait_for_broker
+from segflow.runtime.lag import LagProbe
 from segflow.runtime.log import configure
 from segflow.runtime.serde import Serde
 from segflow.runtime.settings import Settings
@@ -119,87 +120,6 @@ def _high(consumer: Consumer, tp: TopicPartition, timeout: float = 30.0) -> int:
             if time.monotonic() > deadline or not (exc.args[0].retriable() or "LEADER" in str(exc)):
                 raise
             time.sleep(0.2)
-
-
-class LagProbe:
-    """One admin client and one watermark consumer for many lag checks.
-
-    Made once per wait (or per demo), not per check: the checks run every half second, and
-    creating and closing a group consumer that often while the broker's coordinators are still
-    loading (right after a fresh broker starts) is where librdkafka's main thread crashed
-    (SIGSEGV at 0x58 in rdk:main; seen in the demo's first simulated week)."""
-
-    def __init__(self, settings: Settings) -> None:
-        self.admin = make_admin(settings)
-        self.probe = Consumer(
-            {**settings.kafka_config(), "group.id": f"demo-lag-{uuid.uuid4().hex[:6]}"}
-        )
-        self.parts: dict[str, list[TopicPartition]] = {}
-
-    def lag(self, groups: dict[str, list[str]]) -> dict[str, int]:
-        """Records each service's consumer group still has to read, per group."""
-        out = {}
-        for group, topics in groups.items():
-            parts = []
-            for name in topics:
-                if name not in self.parts:
-                    md = self.admin.list_topics(name, timeout=10)
-                    self.parts[name] = [TopicPartition(name, p) for p in md.topics[name].partitions]
-                parts += self.parts[name]
-            lagging = 0
-            committed = {
-                (tp.topic, tp.partition): tp.offset for tp in _committed(self.admin, group, parts)
-            }
-            for tp in parts:
-                high = _high(self.probe, tp)
-                done = committed.get((tp.topic, tp.partition), -1)
-                behind = max(0, high - max(done, 0))
-                # A transaction's commit marker takes the offset after its last record and is
-                # never "consumed": one offset behind on a transactional topic is caught up.
-                lagging += behind if behind > 1 else 0
-            out[group] = lagging
-        return out
-
-    def close(self) -> None:
-        self.probe.close()
-
-
-def group_lag(settings: Settings, groups: dict[str, list[str]]) -> dict[str, int]:
-    """Records each service's consumer group still has to read, per group (one-off check)."""
-    admin = make_admin(settings)
-    probe = Consumer({**settings.kafka_config(), "group.id": f"demo-lag-{uuid.uuid4().hex[:6]}"})
-    try:
-        out = {}
-        for group, topics in groups.items():
-            parts = []
-            for name in topics:
-                md = admin.list_topics(name, timeout=10)
-                parts += [TopicPartition(name, p) for p in md.topics[name].partitions]
-            lagging = 0
-            committed = {
-                (tp.topic, tp.partition): tp.offset for tp in _committed(admin, group, parts)
-            }
-            for tp in parts:
-                high = _high(probe, tp)
-                done = committed.get((tp.topic, tp.partition), -1)
-                behind = max(0, high - max(done, 0))
-                # A transaction's commit marker takes the offset after its last record and is
-                # never "consumed": one offset behind on a transactional topic is caught up.
-                lagging += behind if behind > 1 else 0
-            out[group] = lagging
-        return out
-    finally:
-        probe.close()
-
-
-def _committed(admin: Any, group: str, parts: list[TopicPartition]) -> list[TopicPartition]:
-    from confluent_kafka import ConsumerGroupTopicPartitions
-
-    futures = admin.list_consumer_group_offsets([ConsumerGroupTopicPartitions(group, parts)])
-    try:
-        return list(futures[group].result(timeout=10).topic_partitions or [])
-    except Exception:
-        return []
 
 
 @dataclass
@@ -300,6 +220,8 @@ def run_demo(args: argparse.Namespace) -> int:
         )
         say(wiring.announce(api_url, api_token, generated))
         sim, observed, produced = _simulate(settings, args, sup, names)
+        produced["cpu"] = sup.cpu_seconds()
+        produced["restarts"] = {n: c.restarts for n, c in sup.children.items() if c.restarts}
         say("[5/5] report")
         report, summary = _report(
             sim, observed, produced, receiver, smtp, time.monotonic() - started
@@ -453,6 +375,7 @@ def _simulate(
             tail.close()
         lags.close()
     produced.update(
+        scores=tails["scores"].count,
         events=stats.events,
         malformed=stats.malformed,
         seconds=time.monotonic() - t0,
@@ -473,10 +396,16 @@ def _wait_caught_up(
     try:
         deadline = time.monotonic() + timeout
         quiet = 0
+        lag: dict[str, Any] = {}
         while time.monotonic() < deadline:
             for name in sup.check():
                 say(f"      ({name} exited and was restarted; see its log)")
-            lag = lags.lag(groups)
+            try:
+                lag = lags.lag(groups)
+            except KafkaException as exc:  # e.g. the group coordinator still loading
+                lag, quiet = {"(not known yet)": str(exc)}, 0
+                time.sleep(0.5)
+                continue
             quiet = quiet + 1 if sum(lag.values()) == 0 else 0
             if quiet >= 2:  # twice in a row: downstream outputs of the last batch are read too
                 return
@@ -628,6 +557,28 @@ def _auc(pairs: list[tuple[float, bool]]) -> float | None:
     return (rank_sum - len(pos) * (len(pos) + 1) / 2) / (len(pos) * len(neg))
 
 
+def _capacity(obs: Observed, produced: dict[str, Any]) -> dict[str, dict[str, Any]]:
+    """Records each service consumed and the CPU seconds it spent on them (start-up, the
+    broker client and idle polling included, so this is a floor on what it can do)."""
+    merges = obs.merges
+    records = {
+        "identity": produced["events"] + produced["malformed"],
+        "scorer": len(obs.event_owner) + merges,
+        "segmenter": produced.get("scores", 0) + merges,
+        "dispatcher": len(obs.changes) + len(obs.event_owner),
+    }
+    out = {}
+    for name, cpu in produced.get("cpu", {}).items():
+        if name in records and cpu > 0:
+            out[name] = {
+                "records": records[name],
+                "cpu_seconds": cpu,
+                "records_per_cpu_second": records[name] / cpu,
+                "restarted": name in produced.get("restarts", {}),
+            }
+    return out
+
+
 def _fmt(x: float | None, pct: bool = True) -> str:
     if x is None:
         return "  n/a"
@@ -654,9 +605,22 @@ def _report(
     )
     say(
         f"events: {produced['events']:,} produced (+{produced['malformed']:,} malformed) in "
-        f"{produced['seconds']:.0f}s = {produced['events'] / produced['seconds']:,.0f} events/s "
-        "through the whole pipeline, closed loop"
+        f"{produced['seconds']:.0f}s: a closed-loop pace of "
+        f"{produced['events'] / produced['seconds']:,.0f} events/s (each simulated week waits "
+        "for the pipeline to drain; this is not the pipeline's capacity)"
     )
+    capacity = _capacity(obs, produced)
+    if capacity:
+        summary["capacity"] = capacity
+        say(
+            "capacity: input records per CPU-second of each service (its own CPU time): "
+            + ", ".join(
+                f"{name} {c['records_per_cpu_second']:,.0f} ({c['records']:,} in "
+                f"{c['cpu_seconds']:.1f} CPU-s"
+                + (", since its last restart)" if c["restarted"] else ")")
+                for name, c in capacity.items()
+            )
+        )
     say("dead-lettered: " + (", ".join(f"{r} {n}" for r, n in obs.dlq.most_common()) or "none"))
     final_owner = {e: obs.final_id(c) for e, c in obs.event_owner.items()}
     precision, recall = _pairwise(final_owner, produced["truth_of"])

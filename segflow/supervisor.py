@@ -92,6 +92,21 @@ class Supervisor:
                 restarted.append(child.name)
         return restarted
 
+    def cpu_seconds(self) -> dict[str, float]:
+        """User + system CPU seconds of each running child since it (last) started, read from
+        ``/proc/<pid>/stat``; children not running are left out."""
+        tick = os.sysconf("SC_CLK_TCK")
+        out = {}
+        for name, pid in self.pids().items():
+            if pid is None:
+                continue
+            try:
+                fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+            except (OSError, IndexError):
+                continue
+            out[name] = (int(fields[11]) + int(fields[12])) / tick  # utime, stime
+        return out
+
     def pids(self) -> dict[str, int | None]:
         return {
             n: (c.proc.pid if c.proc and c.proc.poll() is None else None)
