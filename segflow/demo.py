@@ -244,16 +244,16 @@ def run_demo(args: argparse.Namespace) -> int:
 
 
 def _drop_old_demo_topics(settings: Settings, keep_prefix: str) -> None:
-    admin = make_admin(settings)
-    old = [
-        t
-        for t in admin.list_topics(timeout=10).topics
-        if t.startswith("demo-") and not t.startswith(keep_prefix)
-    ]
-    if old:
-        for future in admin.delete_topics(old, operation_timeout=30).values():
-            with contextlib.suppress(Exception):  # already gone
-                future.result(timeout=30)
+    with make_admin(settings) as admin:
+        old = [
+            t
+            for t in admin.list_topics(timeout=10).topics
+            if t.startswith("demo-") and not t.startswith(keep_prefix)
+        ]
+        if old:
+            for future in admin.delete_topics(old, operation_timeout=30).values():
+                with contextlib.suppress(Exception):  # already gone
+                    future.result(timeout=30)
 
 
 def _service_env(

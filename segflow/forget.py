@@ -51,13 +51,16 @@ def send(settings: Settings, record: dict[str, object], timeout: float = 30.0) -
             errors.append(str(err))
 
     producer = make_producer(settings)
-    producer.produce(
-        topic.name(settings),
-        serde.encode(topic, record),
-        encode_key(topic, str(record["customer_id"])),
-        on_delivery=delivered,
-    )
-    left = producer.flush(timeout)
+    try:
+        producer.produce(
+            topic.name(settings),
+            serde.encode(topic, record),
+            encode_key(topic, str(record["customer_id"])),
+            on_delivery=delivered,
+        )
+        left = producer.flush(timeout)
+    finally:
+        producer.close()
     if left or errors:
         raise RuntimeError(errors[0] if errors else f"not acknowledged within {timeout:.0f}s")
 

@@ -335,23 +335,29 @@ class LocalBroker:
         from segflow.runtime.settings import Settings
 
         deadline = time.monotonic() + timeout
-        while time.monotonic() < deadline:
-            if not self._alive():
-                raise BrokerError(
-                    f"the broker exited during start-up; see {self.log_file}:\n" + self._log_tail()
-                )
-            with socket.socket() as sock:
-                sock.settimeout(1.0)
-                listening = sock.connect_ex(("127.0.0.1", self.port)) == 0
-            if listening:
-                admin = make_admin(Settings(bootstrap_servers=self.bootstrap))
-                try:
-                    md = admin.list_topics(timeout=5)
-                    if md.brokers:
-                        return
-                except Exception:  # not ready yet (KafkaException / timeouts)
-                    pass
-            time.sleep(0.2)
+        admin = None  # one client for all the checks, made once the port listens
+        try:
+            while time.monotonic() < deadline:
+                if not self._alive():
+                    raise BrokerError(
+                        f"the broker exited during start-up; see {self.log_file}:\n"
+                        + self._log_tail()
+                    )
+                with socket.socket() as sock:
+                    sock.settimeout(1.0)
+                    listening = sock.connect_ex(("127.0.0.1", self.port)) == 0
+                if listening:
+                    admin = admin or make_admin(Settings(bootstrap_servers=self.bootstrap))
+                    try:
+                        md = admin.list_topics(timeout=5)
+                        if md.brokers:
+                            return
+                    except Exception:  # not ready yet (KafkaException / timeouts)
+                        pass
+                time.sleep(0.2)
+        finally:
+            if admin is not None:
+                admin.__exit__(None, None, None)  # destroys the client now
         raise BrokerError(
             f"the broker did not become ready in {timeout:.0f}s; see "
             f"{self.log_file}:\n" + self._log_tail()

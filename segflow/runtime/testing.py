@@ -68,12 +68,15 @@ def produce(
             errors.append(str(err))
 
     n = 0
-    for key, value in records:
-        kafka_produce(producer, topic, value, key, on_delivery)
-        n += 1
-        if n % 1000 == 0:
-            producer.poll(0)
-    remaining = producer.flush(60)
+    try:
+        for key, value in records:
+            kafka_produce(producer, topic, value, key, on_delivery)
+            n += 1
+            if n % 1000 == 0:
+                producer.poll(0)
+        remaining = producer.flush(60)
+    finally:
+        producer.close()
     if remaining or errors:
         raise AssertionError(f"{remaining} undelivered, errors: {errors[:3]}")
     return n
@@ -109,8 +112,8 @@ def read_all(
             "isolation.level": isolation,
         }
     )
-    md = make_admin(settings).list_topics(topic, timeout=10)
-    parts = md.topics[topic].partitions
+    with make_admin(settings) as admin:
+        parts = admin.list_topics(topic, timeout=10).topics[topic].partitions
     consumer.assign([TopicPartition(topic, p, OFFSET_BEGINNING) for p in parts])
     out: list[Record] = []
     deadline = time.monotonic() + timeout
