@@ -59,6 +59,7 @@ sys.path.insert(0, str(ROOT))
 
 from confluent_kafka import OFFSET_BEGINNING, Consumer, TopicPartition  # noqa: E402
 
+from segflow import stack  # noqa: E402
 from segflow.demo import _high  # noqa: E402
 from segflow.runtime.broker import free_port  # noqa: E402
 from segflow.runtime.lag import LagProbe  # noqa: E402
@@ -74,10 +75,8 @@ from services.dispatcher.playbooks import DEFAULT_DIR  # noqa: E402
 
 #: Each service's consumer group (under the topic prefix) and input topics.
 INPUTS: dict[str, tuple[str, tuple[Topic, ...]]] = {
-    "identity": ("identity", (TOPICS.events,)),
-    "scorer": ("scorer", (TOPICS.identified, TOPICS.merges)),
-    "segmenter": ("segmenter", (TOPICS.scores, TOPICS.merges)),
-    "dispatcher": ("dispatcher", (TOPICS.segment_changes, TOPICS.identified)),
+    s.name: (s.name, s.inputs)
+    for s in stack.SERVICES  # group = <prefix><name>
 }
 STATE_TOPICS = (
     TOPICS.identity_state,
@@ -438,8 +437,7 @@ def service_env(settings: Settings, receiver_url: str, playbooks: Path) -> dict[
         "SEGFLOW_BOOTSTRAP_SERVERS": settings.bootstrap_servers,
         "SEGFLOW_TOPIC_PREFIX": p,
         "SEGFLOW_LOG_LEVEL": "WARNING",
-        "SEGFLOW_SCORER_GROUP_ID": p + "scorer",
-        "SEGFLOW_DISPATCHER_GROUP_ID": p + "dispatcher",
+        **stack.group_env(settings),
         "SEGFLOW_DISPATCHER_PLAYBOOKS": str(playbooks),
         "SEGFLOW_DISPATCHER_CRM_BASE_URL": receiver_url,
         "SEGFLOW_DISPATCHER_EMAIL_BASE_URL": receiver_url,
