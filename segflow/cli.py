@@ -22,16 +22,15 @@ def _broker(args: argparse.Namespace):  # type: ignore[no-untyped-def]
 
 
 def _settings_for(args: argparse.Namespace):  # type: ignore[no-untyped-def]
-    from segflow.runtime.settings import Settings
+    from segflow.runtime.local import settings_for
 
-    if external_bootstrap():
-        return Settings()
-    return Settings(bootstrap_servers=f"127.0.0.1:{args.port}")
+    return settings_for(getattr(args, "port", 9092))
 
 
 def external_bootstrap() -> str | None:
-    """The broker address the user configured explicitly, if any."""
-    return os.environ.get("SEGFLOW_BOOTSTRAP_SERVERS") or os.environ.get("KAFKA_BOOTSTRAP_SERVERS")
+    from segflow.runtime.local import external_bootstrap as configured
+
+    return configured()
 
 
 def cmd_broker(args: argparse.Namespace) -> int:
@@ -94,12 +93,9 @@ def cmd_schemas(args: argparse.Namespace) -> int:
 
 
 def available_services() -> list[str]:
-    """The services of this build that can run (those with a ``__main__``)."""
-    from importlib.util import find_spec
+    from segflow.stack import available_services as available
 
-    from segflow.supervisor import SERVICES
-
-    return [name for name in SERVICES if find_spec(f"services.{name}.__main__") is not None]
+    return available()
 
 
 def cmd_up(args: argparse.Namespace) -> int:

@@ -66,14 +66,14 @@ def send(settings: Settings, record: dict[str, object], timeout: float = 30.0) -
 
 
 def cmd_forget(args: argparse.Namespace) -> int:
-    from segflow.cli import _settings_for
+    from segflow.runtime.local import settings_for
 
     try:
         record = request(args.customer_id, args.reason, int(time.time() * 1000))
     except ValueError as exc:
         print(f"segflow forget: {exc}", file=sys.stderr)
         return 2
-    settings = _settings_for(args)
+    settings = settings_for(args.port)
     try:
         send(settings, record)
     except (RuntimeError, KafkaException) as exc:

@@ -52,3 +52,10 @@ def groups(settings: Settings, names: list[str] | None = None) -> dict[str, list
     """Consumer group → its input topic names, for the named services (default: all)."""
     chosen = [BY_NAME[n] for n in names] if names is not None else list(SERVICES)
     return {s.group(settings): s.input_names(settings) for s in chosen}
+
+
+def available_services() -> list[str]:
+    """The services of this build that can run (those with a ``__main__``), in order."""
+    from importlib.util import find_spec
+
+    return [s.name for s in SERVICES if find_spec(f"{s.module}.__main__") is not None]

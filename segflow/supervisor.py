@@ -19,7 +19,7 @@ from pathlib import Path
 
 from segflow.runtime.leash import leashed
 
-SERVICES = ("identity", "scorer", "segmenter", "dispatcher")
+SERVICES = ("identity", "scorer", "segmenter", "dispatcher")  # = segflow.stack.SERVICES
 
 
 @dataclass

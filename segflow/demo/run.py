@@ -31,6 +31,7 @@ from segflow.receiver import Receiver, SMTPReceiver
 from segflow.runtime.broker import LocalBroker, free_port
 from segflow.runtime.kafka import ensure_topics, make_admin, wait_for_broker
 from segflow.runtime.lag import LagProbe
+from segflow.runtime.local import external_bootstrap
 from segflow.runtime.log import configure
 from segflow.runtime.serde import Serde
 from segflow.runtime.settings import Settings
@@ -64,8 +65,6 @@ def _metrics_ports(names: list[str], first: int | None, say: Any) -> dict[str, i
 
 
 def run_demo(args: argparse.Namespace) -> int:
-    from segflow.cli import available_services, external_bootstrap
-
     started = time.monotonic()
     configure("demo", level="ERROR", fmt="text")
     state_dir = Path(args.state_dir)
@@ -92,7 +91,7 @@ def run_demo(args: argparse.Namespace) -> int:
         _drop_old_demo_topics(settings, prefix)
         ensure_topics(settings)
         say(f"[2/5] topics created under the prefix {prefix!r}")
-        names = available_services()
+        names = stack.available_services()
         sup = Supervisor(
             state_dir / "logs" / prefix.rstrip("."),
             env=_service_env(settings, prefix, receiver, smtp),
