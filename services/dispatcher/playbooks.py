@@ -33,6 +33,7 @@ import yaml
 from jinja2 import StrictUndefined, TemplateError, meta
 from jinja2.sandbox import SandboxedEnvironment
 
+from segflow.durations import parse_duration
 from segflow.errors import ConfigError
 
 CHANNELS = (
@@ -52,8 +53,6 @@ SYNC_CHANNELS = frozenset({"crm_property", "crm_list"})
 TRANSITIONS = ("entered", "exited", "re_engaged", "deprecated", "reactivated", "primary_changed")
 HOLDOUT = "holdout"
 
-_DURATION = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*(ms|s|m|h|d|w)\s*$")
-_UNIT_MS = {"ms": 1, "s": 1000, "m": 60_000, "h": 3_600_000, "d": 86_400_000, "w": 604_800_000}
 _HHMM = re.compile(r"^([01]?\d|2[0-3]):([0-5]\d)$")
 #: Variables every template may use: the action's segment, playbook and variant.
 BUILTIN_VARIABLES = frozenset({"segment", "playbook", "variant"})
@@ -65,22 +64,6 @@ _TEMPLATES = SandboxedEnvironment(undefined=StrictUndefined, autoescape=False)
 
 class PlaybookError(ConfigError):
     """A playbook or policy file is invalid; the message is ``file:line: field: problem``."""
-
-
-def parse_duration(text: str | int | float) -> int:
-    """Milliseconds in a duration such as ``48h``, ``30m``, ``7d`` or a number of seconds.
-
-    >>> parse_duration("48h"), parse_duration("1.5d"), parse_duration(90)
-    (172800000, 129600000, 90000)
-    """
-    if isinstance(text, bool):
-        raise ValueError("a duration such as 48h, 30m or 7d")
-    if isinstance(text, int | float):
-        return int(text * 1000)
-    m = _DURATION.match(str(text))
-    if not m:
-        raise ValueError(f"{text!r} is not a duration such as 48h, 30m or 7d")
-    return int(float(m.group(1)) * _UNIT_MS[m.group(2)])
 
 
 class RenderError(ValueError):
