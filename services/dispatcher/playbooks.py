@@ -253,6 +253,11 @@ class _Doc:
             for k, v in node.value:
                 key = str(k.value)
                 sub = f"{path}.{key}" if path else key
+                if key in out:  # YAML keeps the last silently; a second value is a mistake
+                    raise PlaybookError(
+                        f"{self.source}:{k.start_mark.line + 1}: {sub}: duplicate key (first "
+                        f"on line {self.lines[sub]})"
+                    )
                 self.lines[sub] = k.start_mark.line + 1
                 out[key] = self._build(v, sub)
                 self.lines[sub] = k.start_mark.line + 1

@@ -156,3 +156,11 @@ def test_every_default_email_renders_without_an_empty_variable() -> None:
                     if text is not None:
                         assert "{{" not in text and not text.startswith(","), (pb.name, text)
                         assert ", ," not in text and "  " not in text, (pb.name, text)
+
+
+def test_a_duplicate_key_is_an_error_not_a_silent_override() -> None:
+    text = "playbook: P\nsegment: S\npriority: 1\npriority: 2\nsteps: [{id: m, channel: webhook}]\n"
+    with pytest.raises(
+        PlaybookError, match=r"^p\.yaml:4: priority: duplicate key \(first on line 3\)"
+    ):
+        parse_documents(text, "p.yaml")
