@@ -471,4 +471,3 @@ class TokenBucket:
         if n > self.burst:
             return math.inf
         return max(0.0, (n - self.tokens) / self.rate)
-
