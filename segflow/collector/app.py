@@ -29,11 +29,12 @@ import hmac
 import json
 import logging
 import math
+import threading
 import time
 import zlib
 from collections.abc import Awaitable, Callable
-from concurrent.futures import CancelledError
-from typing import Any
+from concurrent.futures import CancelledError, Future
+from typing import Any, Protocol
 
 from aiohttp import web
 from prometheus_client import CONTENT_TYPE_LATEST, Counter, Histogram, generate_latest
@@ -73,6 +74,19 @@ REQUEST_SECONDS = Histogram(
     ["call"],
     buckets=(0.002, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30),
 )
+
+
+class Writer(Protocol):
+    """Where accepted records go (:class:`KafkaWriter`; tests may pass a double)."""
+
+    healthy: bool
+
+    def start(self) -> None: ...
+
+    def submit(self, records: list[tuple[bytes, bytes]]) -> Future[None]: ...
+
+    def stop(self) -> None: ...
+
 
 CALLS = ("identify", "track", "page", "screen", "alias", "group", "batch")
 
@@ -139,7 +153,9 @@ def _error(status: int, code: str, message: str, **extra: Any) -> web.Response:
 class Collector:
     """The aiohttp application plus its Kafka writer."""
 
-    def __init__(self, settings: Settings, config: CollectorSettings) -> None:
+    def __init__(
+        self, settings: Settings, config: CollectorSettings, writer: Writer | None = None
+    ) -> None:
         self.settings = settings
         self.config = config
         self.keys = config.keys()
@@ -153,7 +169,7 @@ class Collector:
         self.buckets = {
             key: core.TokenBucket(config.rate_per_key, config.burst_per_key) for key in self.keys
         }
-        self.writer = KafkaWriter(
+        self.writer: Writer = writer or KafkaWriter(
             settings,
             TOPICS.events.name(settings),
             config.transactional_id or f"{settings.topic_prefix}collector-{config.port}",
@@ -162,7 +178,8 @@ class Collector:
 
     # -- lifecycle ------------------------------------------------------------------------
     def start_writer(self) -> None:
-        ensure_topics(self.settings, topics=[TOPICS.events])
+        if isinstance(self.writer, KafkaWriter):
+            ensure_topics(self.settings, topics=[TOPICS.events])
         self.writer.start()
 
     def app(self) -> web.Application:
@@ -400,3 +417,47 @@ def run(settings: Settings, config: CollectorSettings) -> int:
     finally:
         collector.writer.stop()
     return 0
+
+
+class Background:
+    """The collector served from a thread of its own (tests, benchmarks, the demo):
+    ``with Background(Collector(settings, config)) as bg:`` then post to ``bg.url``."""
+
+    def __init__(self, collector: Collector) -> None:
+        self.collector = collector
+        self.port = 0
+        self._loop = asyncio.new_event_loop()
+        self._stop: asyncio.Event | None = None
+        self._thread = threading.Thread(target=self._run, name="collector-http", daemon=True)
+        self._ready = threading.Event()
+
+    @property
+    def url(self) -> str:
+        return f"http://{self.collector.config.host}:{self.port}"
+
+    def _run(self) -> None:
+        asyncio.set_event_loop(self._loop)
+
+        async def main() -> None:
+            self._stop = asyncio.Event()
+
+            def ready(port: int) -> None:
+                self.port = port
+                self._ready.set()
+
+            await serve(self.collector, self._stop, ready)
+
+        self._loop.run_until_complete(main())
+
+    def __enter__(self) -> Background:
+        self.collector.start_writer()
+        self._thread.start()
+        if not self._ready.wait(30):
+            raise RuntimeError("the collector did not start listening within 30 s")
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        if self._stop is not None:
+            self._loop.call_soon_threadsafe(self._stop.set)
+        self._thread.join(15)
+        self.collector.writer.stop()

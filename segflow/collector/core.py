@@ -235,7 +235,9 @@ def occurred_at(
         at = parse_event_time(raw)
     except ValueError as exc:
         raise MessageError(f"timestamp: {exc}") from None
-    sent = msg.get("sentAt", sent_at)
+    sent = msg.get("sentAt")
+    if sent is None:
+        sent = sent_at
     if sent is None:
         return at
     try:

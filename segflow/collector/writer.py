@@ -178,3 +178,27 @@ class KafkaWriter:
         except Exception as exc:
             log.warning("collector: abort failed (%s); the producer will be recreated", exc)
             self._producer = None
+
+
+class MemoryWriter:
+    """The writer's test double: keeps what it "commits"; fails while ``fail`` is set."""
+
+    def __init__(self) -> None:
+        self.committed: list[tuple[bytes, bytes]] = []
+        self.fail: str | None = None
+        self.healthy = True
+
+    def start(self) -> None:
+        pass
+
+    def submit(self, records: list[tuple[bytes, bytes]]) -> Future[None]:
+        future: Future[None] = Future()
+        if self.fail is not None:
+            future.set_exception(KafkaUnavailable(self.fail))
+        else:
+            self.committed.extend(records)
+            future.set_result(None)
+        return future
+
+    def stop(self) -> None:
+        pass
