@@ -31,9 +31,11 @@ def collector(request: pytest.FixtureRequest) -> Iterator[tuple[httpx.Client, Me
     extra: dict[str, Any] = getattr(request, "param", {})
     config = CollectorSettings(port=0, write_keys=f"web={KEY},backend=other-key", **extra)
     writer = MemoryWriter()
-    with Background(Collector(SETTINGS, config, writer=writer)) as bg:
-        with httpx.Client(base_url=bg.url, timeout=10) as client:
-            yield client, writer
+    with (
+        Background(Collector(SETTINGS, config, writer=writer)) as bg,
+        httpx.Client(base_url=bg.url, timeout=10) as client,
+    ):
+        yield client, writer
 
 
 def decoded(writer: MemoryWriter) -> list[dict[str, Any]]:
