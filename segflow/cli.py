@@ -253,6 +253,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=cmd_demo)
 
     from segflow.api.cli import add_parser as add_api_parser
+    from segflow.collector.cli import add_parser as add_collect_parser
     from segflow.forget import add_parser as add_forget_parser
     from segflow.replay.cli import add_parser as add_replay_parser
     from segflow.sim.cli import add_parser as add_sim_parser
@@ -263,6 +264,7 @@ def build_parser() -> argparse.ArgumentParser:
     add_segmenter_parser(sub)  # `segflow segments check FILE`, `segflow explain CUSTOMER`
     add_forget_parser(sub)  # `segflow forget CUSTOMER_ID` (GDPR erasure, everywhere)
     add_replay_parser(sub)  # `segflow replay --segments NEW.yaml` (what-if, sends nothing)
+    add_collect_parser(sub)  # `segflow collect` (Segment tracking API -> segflow.events)
     return parser
 
 

@@ -1,6 +1,7 @@
 """``segflow produce FILE``: send JSON-lines BehaviorEvents to ``segflow.events`` as Avro.
 
-Each line is one event (the shape ``segflow simulate --out`` writes). Lines that are not JSON,
+Each line is one event (the shape ``segflow simulate --out`` writes). ``occurred_at`` may be
+epoch milliseconds or ISO-8601 with an offset or ``Z``. Lines that are not JSON,
 or break the event contract, are reported with their line number and not sent; the rest are
 sent keyed by the event's first identifier. The exit status is 1 when any line was rejected.
 """
@@ -14,7 +15,7 @@ from collections.abc import Iterator
 from typing import IO, Any
 
 from segflow.errors import InvalidRecord, SegflowError
-from segflow.events import validate_event
+from segflow.events import parse_event_time, validate_event
 from segflow.runtime.kafka import ensure_topics, make_producer, produce
 from segflow.runtime.serde import Serde
 from segflow.runtime.settings import Settings
@@ -37,6 +38,12 @@ def parse_lines(lines: IO[str], now_ms: int) -> Iterator[tuple[int, dict[str, An
         if not isinstance(event, dict):
             yield n, None, "not a JSON object"
             continue
+        if "occurred_at" in event:
+            try:
+                event["occurred_at"] = parse_event_time(event["occurred_at"])
+            except ValueError as exc:
+                yield n, None, f"event {event.get('event_id')}: occurred_at {exc}"
+                continue
         try:
             validate_event(event, now_ms, MAX_FUTURE_MS)
         except InvalidRecord as exc:

@@ -1,0 +1,67 @@
+"""``segflow collect``: run the Segment-spec collector in the foreground."""
+
+from __future__ import annotations
+
+import argparse
+from typing import Any
+
+
+def add_parser(sub: Any) -> None:
+    p = sub.add_parser(
+        "collect",
+        help="accept Segment tracking-API calls (SDKs, HTTP) and write them to segflow.events",
+        description="Serve Segment's tracking API (/v1/track, identify, page, screen, alias, "
+        "group, batch) and answer 200 only once Kafka acknowledged the events. Write keys come "
+        "from SEGFLOW_COLLECTOR_WRITE_KEYS (source=KEY,...) or --write-key; every other "
+        "setting from SEGFLOW_COLLECTOR_* (see the README).",
+    )
+    p.add_argument("--host", default=None, help="address to bind (default 127.0.0.1)")
+    p.add_argument("--collect-port", type=int, default=None, help="HTTP port (default 8088)")
+    p.add_argument(
+        "--write-key",
+        action="append",
+        default=None,
+        metavar="[SOURCE=]KEY",
+        help="accept this write key (repeatable); prefer the environment variable, which "
+        "stays out of the process list",
+    )
+    p.add_argument(
+        "--event-map",
+        default=None,
+        metavar="FILE",
+        help="YAML or JSON object of track event names to segflow event types, "
+        'e.g. {"Trial Started": "session_start"}',
+    )
+    p.set_defaults(func=cmd_collect)
+
+
+def cmd_collect(args: argparse.Namespace) -> int:
+    import yaml
+    from pydantic import SecretStr
+
+    from segflow.cli import _settings_for
+    from segflow.collector.app import CollectorSettings, run
+    from segflow.errors import ConfigError
+
+    overrides: dict[str, Any] = {}
+    if args.host:
+        overrides["host"] = args.host
+    if args.collect_port is not None:
+        overrides["port"] = args.collect_port
+    if args.write_key:
+        overrides["write_keys"] = SecretStr(",".join(args.write_key))
+    if args.event_map:
+        try:
+            with open(args.event_map, encoding="utf-8") as f:
+                table = yaml.safe_load(f)
+        except (OSError, yaml.YAMLError) as exc:
+            raise ConfigError(f"--event-map {args.event_map}: {exc}") from exc
+        if not isinstance(table, dict) or not all(
+            isinstance(k, str) and isinstance(v, str) for k, v in table.items()
+        ):
+            raise ConfigError(
+                f"--event-map {args.event_map}: expected an object of event name -> event type"
+            )
+        overrides["event_map"] = table
+    config = CollectorSettings().model_copy(update=overrides)
+    return run(_settings_for(args), config)
