@@ -566,16 +566,29 @@ def _overlay(
     return lookup
 
 
-@dataclass(frozen=True)
 class Pending:
-    """One day's training snapshots waiting for their label (H days later)."""
+    """One day's training snapshots waiting for their label (H days later): per snapshot the
+    customer, its qualifying days before the day, its model input and churn score as scored,
+    whether it is held back (measured, never learned) and its days since the last qualifying
+    activity (recency)."""
 
-    ids: list[str]
-    q_days: npt.NDArray[np.int64]  # qualifying days before the snapshot
-    x: npt.NDArray[np.float32]  # model inputs as scored (MODEL_INPUTS order)
-    p: npt.NDArray[np.float32]  # churn probability as scored
-    holdout: npt.NDArray[np.bool_]  # held back: measured, never learned
-    since: npt.NDArray[np.float32]  # days since the last qualifying activity (recency)
+    def __init__(self) -> None:
+        self.ids: list[str] = []
+        self.q_days: list[int] = []
+        self.x: list[npt.NDArray[np.float32]] = []
+        self.p: list[float] = []
+        self.holdout: list[bool] = []
+        self.since: list[float] = []
+
+    def add(
+        self, cid: str, q_days: int, x: npt.NDArray[np.float64], p: float, held: bool, since: float
+    ) -> None:
+        self.ids.append(cid)
+        self.q_days.append(q_days)
+        self.x.append(x.astype(np.float32))
+        self.p.append(p)
+        self.holdout.append(held)
+        self.since.append(since)
 
 
 @dataclass(frozen=True)
@@ -776,6 +789,13 @@ class Scorer:
         st = new_state(customer_id, t) if state is None else dict(state)
         prev_active = st["last_active_ms"]
         b = self.buckets(customer_id, st)
+        sd = self.model.snapshot_day
+        if state is not None and sd is not None and t // DAY > sd:
+            # the first event after a snapshot day the watermark has not passed yet: snapshot
+            # the state before it (exactly as of that midnight)
+            due = self._snapshot_days(customer_id, state, sd, t // DAY)
+            if due:
+                self._snapshot([(state, d) for d in due])
         del self._cache[customer_id]  # mutated below: not valid for the old blob any more
         b = apply_event(st, event, b, QUALIFYING[self.config.churn_activity])
         if kind == "identify":
@@ -1202,65 +1222,80 @@ class Scorer:
         return n
 
     def snapshots(self, states: Callable[[], Iterable[tuple[str, State]]]) -> int:
-        """Take the training snapshots of the newest day boundary the watermark passed (as
-        the refresh scores it: what the events up to the watermark say as of midnight); a
-        boundary passed in the same jump as a later one is skipped (its scores would see
-        the later events). Returns the number of snapshots taken."""
+        """Take the training snapshots of the day boundaries the watermark passed since the
+        last call: each customer on the days of its phase (one in ``snapshot_every_days``),
+        its features and score as of that midnight. Only customers with no event after the
+        boundary are taken here (their state is exactly what it was then); one whose event
+        after the boundary came first was taken by :meth:`on_event`, from its state before
+        that event. Returns the number of snapshots taken."""
         wm = self.watermark
         if wm is None:
             return 0
-        day = wm // DAY
+        hi = wm // DAY
         model, cfg = self.model, self.config
-        if model.snapshot_day is not None and day <= model.snapshot_day:
+        lo = model.snapshot_day
+        if lo is None:
+            model.snapshot_day = hi
             return 0
-        model.snapshot_day = day
-        end = day * DAY
+        if hi <= lo:
+            return 0
         every = cfg.snapshot_every_days
-        phase = day % every
-        snap = [
-            st
-            for cid, st in states()
-            if st["first_seen_ms"] < end and zlib.crc32(cid.encode()) % every == phase
-        ]
-        cap = max(1, cfg.max_pending_labels // max(cfg.churn_horizon_days, 1))
-        if len(snap) > cap:  # thin a large day deterministically by customer and day
-            snap.sort(key=lambda st: zlib.crc32(f"{st['customer_id']}:{day}".encode()))
-            snap = snap[:cap]
-        if snap:
-            self._snapshot(day, snap)
-        return len(snap)
+        todo: list[tuple[State, int]] = []
+        n = 0
+        for cid, st in states():
+            n += 1
+            todo += [(st, d) for d in self._snapshot_days(cid, st, lo, hi)]
+        model.snapshot_day = hi
+        cap = cfg.max_pending_labels / max(cfg.churn_horizon_days, 1)
+        model.snapshot_rate = min(1.0, cap / max(1.0, n / every))
+        model.observe_scores(self._snapshot(todo))
+        self._descriptions = model.describe_clusters()
+        return len(todo)
 
-    def _snapshot(self, day: int, snap: list[State]) -> None:
-        """Record today's training snapshots: the model input and churn score as served at
-        the day boundary, and how many qualifying days the customer had before it."""
+    def _snapshot_days(self, cid: str, st: State, lo: int, hi: int) -> list[int]:
+        """The snapshot days ``d`` in ``(lo, hi]`` of the customer's phase that its state
+        holds exactly (no event at or after ``d * DAY``), sampled at the snapshot rate."""
+        every = self.config.snapshot_every_days
+        phase = zlib.crc32(cid.encode()) % every
+        s0 = max(lo + 1, int(st["last_event_ms"]) // DAY + 1)
+        rate = int(self.model.snapshot_rate * 10_000)
+        out = []
+        for d in range(s0 + (phase - s0) % every, hi + 1, every):
+            if rate >= 10_000 or zlib.crc32(f"{cid}:{d}".encode()) % 10_000 < rate:
+                out.append(d)
+        return out
+
+    def _snapshot(self, todo: list[tuple[State, int]]) -> npt.NDArray[np.float64]:
+        """Record training snapshots ``(state, day)``: the model input and churn score as
+        served at the day boundary, and how many qualifying days the customer had before."""
         model, cfg = self.model, self.config
-        ids, days, xs, ps, since = [], [], [], [], []
-        for lo in range(0, len(snap), 512):
-            chunk = snap[lo : lo + 512]
-            bs = [self.buckets(st["customer_id"], st) for st in chunk]
-            rows = compute_many(chunk, [day * DAY] * len(chunk), bs)
+        scores = [np.zeros(0)]
+        for lo in range(0, len(todo), 512):
+            chunk = todo[lo : lo + 512]
+            sts = [st for st, _ in chunk]
+            bs = [self.buckets(st["customer_id"], st) for st in sts]
+            rows = compute_many(sts, [d * DAY for _, d in chunk], bs)
             self.fill_bgnbd(rows)
             xm = model_matrix(rows)
-            ps.append(model.predict_explain_matrix(_MI_NAMES, xm, 0)[0])
-            xs.append(xm.astype(np.float32))
-            since.append(rows[:, _SINCE_Q].astype(np.float32))
-            for st, cx in zip(chunk, cluster_rows(rows, engagement_rows(rows)).tolist(), strict=True):
+            ps = model.predict_explain_matrix(_MI_NAMES, xm, 0)[0]
+            for cx in cluster_rows(rows, engagement_rows(rows)).tolist():
                 model.learn_cluster(dict(zip(_CLUSTER_NAMES, cx, strict=True)))
-            for st in chunk:
-                ids.append(st["customer_id"])
-                days.append(self.qualifying_days_before(st, day))
-        held = [zlib.crc32(b"holdout:" + c.encode()) % cfg.holdout_every == 0 for c in ids]
-        p = np.concatenate(ps)
-        model.pending[day] = Pending(
-            ids=ids,
-            q_days=np.array(days, dtype=np.int64),
-            x=np.concatenate(xs),
-            p=p.astype(np.float32),
-            holdout=np.array(held, dtype=bool),
-            since=np.concatenate(since),
-        )
-        model.observe_scores(p)
-        self._descriptions = model.describe_clusters()
+            for k, (st, d) in enumerate(chunk):
+                cid = st["customer_id"]
+                held = zlib.crc32(b"holdout:" + cid.encode()) % cfg.holdout_every == 0
+                day = model.pending.get(d)
+                if day is None:
+                    day = model.pending[d] = Pending()
+                day.add(
+                    cid,
+                    self.qualifying_days_before(st, d),
+                    xm[k],
+                    float(ps[k]),
+                    held,
+                    float(rows[k, _SINCE_Q]),
+                )
+            scores.append(ps)
+        return np.concatenate(scores)
 
     def _learn_snapshots(self, due: Pending, now_days: npt.NDArray[np.int64], end: int) -> int:
         """Label matured snapshots and learn from those not held back; returns how many."""
