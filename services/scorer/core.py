@@ -334,8 +334,10 @@ for _name, _i in FEATURE_INDEX.items():
         # they move with time alone: the segmenter ages days_since_* itself, and the
         # churn probability they feed is compared on its own (churn_delta)
         _Q_SCALE[_i] = 0.0
-    elif "drift" in _name:
-        _Q_SCALE[_i] = 4.0  # quarter steps: a silence grows it every day
+    elif _name.startswith("idle_days_") or _name == "usual_gap_days_active":
+        _Q_SCALE[_i] = 1.0 / 7.0  # whole weeks: a silence grows them every day
+    elif "drift" in _name or _name.startswith("idle_vs_usual_gap"):
+        _Q_SCALE[_i] = 4.0  # quarter steps: a silence grows them every day
     elif "change" in _name or "rate" in _name:
         _Q_SCALE[_i] = 20.0
     elif "sentiment" in _name:
@@ -481,7 +483,8 @@ def cluster_rows(
 def fingerprint(vec: npt.NDArray[np.float64]) -> int:
     """A stable hash of the quantised features: it changes when a feature moves materially
     (a count changes, a ratio moves 5 points, money moves ~13 %), not when time alone moves
-    one (``days_since_*``, tenure and age: the segmenter ages recencies itself).
+    one (``days_since_*``, tenure and age: the segmenter ages recencies itself; idle days
+    count in whole weeks, idle against the usual gap and purchase drift in quarter steps).
 
     >>> v = np.zeros(len(FEATURE_NAMES))
     >>> a = fingerprint(v); v[FEATURE_INDEX["logins_7d"]] = 0.5; b = fingerprint(v)

@@ -535,3 +535,64 @@ def test_a_tick_does_bounded_work_and_the_next_ticks_finish_it() -> None:
     refreshed = {s["customer_id"] for s in h.scores[emitted:]}
     assert refreshed == {f"c{i}" for i in range(20)}  # each once, over three ticks
     assert len(h.scores) - emitted == 20 and model.matured_through_day == start + 4
+
+
+# -- refresh timers ------------------------------------------------------------------------------
+def test_months_of_silence_every_customer_is_rescored_on_schedule() -> None:
+    # 40 customers active for one to two weeks, then silent for five months while time passes
+    # day by day: each is rescored every day until the refresh that turns it churned, then on
+    # the weekly grid, to the end (issue #17: a customer turned churned by a refresh lost its timer)
+    h = Harness()
+    ids = [f"c{i}" for i in range(40)]
+    for d in range(14):
+        h.sc.max_event_ms = max(h.sc.max_event_ms or 0, T0 + d * DAY + 5 * MINUTE)
+        h.flush()
+        for i, cid in enumerate(ids):
+            if d <= 6 + i % 7:  # the last active day varies over a week
+                h.event(cid, ev("login" if i % 2 else "purchase", T0 + d * DAY + HOUR, amount=5))
+    scored: dict[str, list[tuple[int, str]]] = {cid: [] for cid in ids}
+    end = 160
+    for d in range(14, end + 1):
+        h.sc.max_event_ms = T0 + d * DAY + 5 * MINUTE  # time passes (the watermark: d * DAY)
+        h.flush()
+        for cid in ids:
+            st = h.store[cid]
+            at = (st["scored_as_of"] - T0) // DAY
+            if not scored[cid] or scored[cid][-1][0] != at:
+                scored[cid].append((at, st["emitted_stage"]))
+    for cid in ids:
+        seen = scored[cid]
+        assert seen[0][0] == 14 and seen[-1][1] == "churned", (cid, seen[:2], seen[-1])
+        for (a, stage), (b, _) in zip(seen, seen[1:], strict=False):
+            if stage == "churned":  # the next point of the weekly grid
+                assert 1 <= b - a <= 7 and (DAY0 + b) % 7 == 0, (cid, a, stage, b)
+            else:
+                assert b - a == 1, (cid, a, stage, b)
+        assert seen[-1][0] > end - 7, (cid, seen[-1])  # still on schedule at the end
+
+
+def test_a_silent_customer_is_emitted_only_when_what_segments_read_moves() -> None:
+    h = Harness()
+    h.event("quiet", ev("purchase", T0 + HOUR, amount=50.0))
+    refreshed = set()
+    for d in range(1, 120):
+        h.sc.max_event_ms = T0 + d * DAY + 5 * MINUTE
+        h.flush()
+        refreshed.add(h.store["quiet"]["scored_as_of"])
+    scores = h.of("quiet")
+    # refreshed every day (then every week once churned), emitted only on material moves
+    assert len(refreshed) >= 40 and len(scores) < len(refreshed) / 2, (len(refreshed), len(scores))
+    for a, b in zip(scores, scores[1:], strict=False):
+        moved = {k for k, v in b["features"].items() if v != a["features"].get(k)}
+        aging = {k for k in moved if k.startswith(("days_since_", "bgnbd_"))} | {
+            "tenure_days",
+            "btyd_age_days",
+            "btyd_gap_z",
+        }
+        assert (
+            abs(b["churn_probability"] - a["churn_probability"]) >= 0.02
+            or b["lifecycle_stage"] != a["lifecycle_stage"]
+            or b["cluster"] != a["cluster"]
+            or abs(b["engagement_score"] - a["engagement_score"]) >= 2.0
+            or moved - aging
+        ), (a["as_of"], b["as_of"])
