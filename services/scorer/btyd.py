@@ -99,7 +99,7 @@ def fit(x: Any, t_x: Any, T: Any, start: BgNbd | None = None) -> BgNbd:
     x0[1] -= math.log(scale)
     res = optimize.minimize(nll, x0, method="L-BFGS-B", options={"maxiter": 500})
     r, alpha, a, b = np.exp(np.clip(res.x, -20.0, 20.0)).tolist()
-    return BgNbd(r, alpha * scale, a, b)
+    return BgNbd(float(r), float(alpha * scale), float(a), float(b))
 
 
 def p_alive(params: BgNbd, x: Any, t_x: Any, T: Any) -> Arr:
