@@ -25,7 +25,8 @@ Emission (coalescing)
     something moved materially (a quantised fingerprint of its features, its churn probability
     by ``churn_delta``, engagement by ``engagement_delta``, lifecycle stage or cluster).
     Every customer is also refreshed on the ``refresh_interval_ms`` event-time grid (weekly
-    once churned), so recency grows and windows roll for silent customers too.
+    once churned or silent for four weeks), so recency grows and windows roll for silent
+    customers too; a refresh is emitted only when it moved something materially.
 
 Churn labels
     A customer's churn is a cancellation or, for a regular customer, a silence of
@@ -125,7 +126,12 @@ class ScorerConfig:
     bgnbd_refit_days: int = 7
     min_emit_interval_ms: int = 5 * MINUTE
     refresh_interval_ms: int = DAY
+    #: Refreshes of a churned customer, or of one without any event for
+    #: ``slow_refresh_after_ms``, come this often instead: its scores move slowly by then, and
+    #: lapsed customers are most of a store's (CDNOW: 85 %), so daily refreshes of them were
+    #: most of the scorer's work (issue #17).
     churned_refresh_interval_ms: int = 7 * DAY
+    slow_refresh_after_ms: int = 28 * DAY
     churn_delta: float = 0.02
     engagement_delta: float = 2.0
     at_risk_probability: float = 0.5
@@ -1086,9 +1092,11 @@ class Scorer:
         return (scored // every + 1) * every
 
     def _every(self, st: State) -> int:
-        if st["emitted_stage"] == "churned":
-            return self.config.churned_refresh_interval_ms
-        return self.config.refresh_interval_ms
+        cfg = self.config
+        quiet = int(st["scored_as_of"] or st["last_event_ms"]) - int(st["last_event_ms"])
+        if st["emitted_stage"] == "churned" or quiet >= cfg.slow_refresh_after_ms:
+            return cfg.churned_refresh_interval_ms
+        return cfg.refresh_interval_ms
 
     def _schedule(self, customer_id: str, due: int) -> None:
         if self._timer_at.get(customer_id) == due:
