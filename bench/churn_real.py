@@ -89,9 +89,12 @@ def main() -> None:
     parser.add_argument("--end", default="1998-07-01", help="first day after the holdout")
     parser.add_argument("--horizon-days", type=int, default=None, help="default: the scorer's")
     parser.add_argument("--activity", default="purchase", help="qualifying activity")
+    parser.add_argument("--sample", type=int, default=1, help="every Nth customer only (speed)")
     args = parser.parse_args()
     load0 = os.getloadavg()
     rows = cdnow_rows()
+    if args.sample > 1:
+        rows = [r for r in rows if int(r[0]) % args.sample == 0]
     cal_end, end = to_day(args.cal_end), to_day(args.end)
     config = ScorerConfig()
     names = {f.name for f in fields(ScorerConfig)}
@@ -128,6 +131,9 @@ def main() -> None:
         if d != day_now:
             # time passes to this day's first minutes (the service sees midnight go by
             # before the noon purchases): refreshes and snapshots as of midnight
+            if day_now is not None and d // 30 != day_now // 30:
+                print(f"  replay at {EPOCH + dt.timedelta(days=d)}: {time.perf_counter() - started:.0f} s, "
+                      f"labels learned {sc.model.n_learned:,}", flush=True)
             if day_now is not None:
                 sc.max_event_ms = max(sc.max_event_ms or 0, d * DAY + config.watermark_delay_ms)
                 apply(sc.flush(store.get, store.items, d * DAY))
