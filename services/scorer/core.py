@@ -28,14 +28,17 @@ Emission (coalescing)
     once churned or silent for four weeks), so recency grows and windows roll for silent
     customers too; a refresh is emitted only when it moved something materially.
 
-Churn labels
-    A customer's churn is a cancellation or, for a regular customer, a silence of
-    ``label_silence_days`` (30) after its last activity; the model predicts churn within the
-    next ``prediction_window_days``. Snapshots are taken weekly per customer (features
-    recomputed from the buckets as of the snapshot) and learned as soon as the data decide
-    their label (see :meth:`Scorer.examples`). The model scores each before learning from it
-    (prequential metrics). Until it has learned enough labels its answer leans on a fixed
-    prior (:data:`CHURN_PRIOR`), see :class:`services.scorer.model.ChurnModel`.
+Churn
+    ``churn_probability`` is the probability of no *qualifying activity* (``churn_activity``:
+    purchase, login or any) in the next ``churn_horizon_days`` (H). Every customer is
+    snapshotted one day in ``snapshot_every_days`` as scored at that midnight, and the
+    snapshot is labelled exactly H days later, once that day is behind the final watermark
+    (see :meth:`Scorer.snapshots` and :meth:`Scorer.mature`). The model's inputs include the
+    buy-till-you-die summary and a BG/NBD fit of the customers (:mod:`services.scorer.btyd`),
+    refitted weekly, whose probability of no activity in H is also the cold-start prior
+    (:data:`CHURN_PRIOR`); the weights are sign-constrained (:data:`CHURN_SIGNS`). One
+    customer in ``holdout_every`` is never learned from: its labels measure the scores as
+    served.
 
 >>> sc = Scorer(ScorerConfig())
 >>> t0 = 1_704_067_200_000
