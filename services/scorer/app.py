@@ -9,6 +9,7 @@ transaction; the tick (timers, label maturation, checkpoints) commits in its own
 from __future__ import annotations
 
 import logging
+import math
 import time
 from collections.abc import Callable, Iterable, Iterator
 
@@ -68,8 +69,8 @@ class ScorerSettings(BaseSettings):
     allowed_lateness_hours: float = 48.0
     watermark_delay_seconds: float = 300.0
     max_future_hours: float = 24.0
-    churn_horizon_days: int = 30
-    label_silence_days: int = 30  # silence after the last activity that labels a churn
+    churn_horizon_days: int = 30  # H: churn = no qualifying activity in the next H days
+    churn_activity: str = "any"  # qualifying activity: purchase, login or any
     min_emit_interval_seconds: float = 300.0
     refresh_hours: float = 24.0
     checkpoint_seconds: float = 60.0
@@ -91,7 +92,7 @@ class ScorerSettings(BaseSettings):
             watermark_delay_ms=int(self.watermark_delay_seconds * 1000),
             max_future_ms=int(self.max_future_hours * HOUR),
             churn_horizon_days=self.churn_horizon_days,
-            label_silence_days=self.label_silence_days,
+            churn_activity=self.churn_activity,
             min_emit_interval_ms=int(self.min_emit_interval_seconds * 1000),
             refresh_interval_ms=max(1, int(self.refresh_hours * HOUR)),
             churned_refresh_interval_ms=7 * DAY,
@@ -257,8 +258,8 @@ class ScorerService:
     def _export(self) -> None:
         sc = self.scorer
         for name, value in sc.model.quality().items():
-            if name in ("roc_auc", "log_loss", "calibration_error", "positive_rate"):
-                MODEL_QUALITY.labels(name).set(value)
+            if name not in ("n_learned", "drifts"):  # undefined (one class only): NaN
+                MODEL_QUALITY.labels(name).set(math.nan if value is None else value)
         LABELS.set(sc.model.n_learned)
         DRIFTS.set(sc.model.drifts)
         scored, emitted, dropped = self._counted

@@ -25,16 +25,20 @@ Emission (coalescing)
     something moved materially (a quantised fingerprint of its features, its churn probability
     by ``churn_delta``, engagement by ``engagement_delta``, lifecycle stage or cluster).
     Every customer is also refreshed on the ``refresh_interval_ms`` event-time grid (weekly
-    once churned), so recency grows and windows roll for silent customers too.
+    once churned or silent for four weeks), so recency grows and windows roll for silent
+    customers too; a refresh is emitted only when it moved something materially.
 
-Churn labels
-    A customer's churn is a cancellation or, for a regular customer, a silence of
-    ``label_silence_days`` (30) after its last activity; the model predicts churn within the
-    next ``prediction_window_days``. Snapshots are taken weekly per customer (features
-    recomputed from the buckets as of the snapshot) and learned as soon as the data decide
-    their label (see :meth:`Scorer.examples`). The model scores each before learning from it
-    (prequential metrics). Until it has learned enough labels its answer leans on a fixed
-    prior (:data:`CHURN_PRIOR`), see :class:`services.scorer.model.ChurnModel`.
+Churn
+    ``churn_probability`` is the probability of no *qualifying activity* (``churn_activity``:
+    purchase, login or any) in the next ``churn_horizon_days`` (H). Every customer is
+    snapshotted one day in ``snapshot_every_days`` as scored at that midnight, and the
+    snapshot is labelled exactly H days later, once that day is behind the final watermark
+    (see :meth:`Scorer.snapshots` and :meth:`Scorer.mature`). The model's inputs include the
+    buy-till-you-die summary and a BG/NBD fit of the customers (:mod:`services.scorer.btyd`),
+    refitted weekly, whose probability of no activity in H is also the cold-start prior
+    (:data:`CHURN_PRIOR`); the weights are sign-constrained (:data:`CHURN_SIGNS`). One
+    customer in ``holdout_every`` is never learned from: its labels measure the scores as
+    served.
 
 >>> sc = Scorer(ScorerConfig())
 >>> t0 = 1_704_067_200_000
@@ -63,17 +67,19 @@ import numpy as np
 import numpy.typing as npt
 
 from segflow.errors import InvalidRecord
+from services.scorer import btyd
 from services.scorer.features import (
     DAY,
+    EVENT_SIGNAL,
     FEATURE_INDEX,
     FEATURE_NAMES,
     HOUR,
     MINUTE,
     NEVER_DAYS,
+    QUALIFYING,
     RING,
     Buckets,
     State,
-    active_days,
     apply_event,
     cancelled,
     compute,
@@ -97,20 +103,38 @@ class ScorerConfig:
     allowed_lateness_ms: int = 2 * DAY
     watermark_delay_ms: int = 5 * MINUTE
     max_future_ms: int = DAY
+    #: H: ``churn_probability`` is the probability of no qualifying activity in the next H
+    #: days (and the lifecycle stage says churned after H quiet days, longer for a sparse
+    #: customer). Choose it from the time between qualifying days: about the 80th percentile
+    #: of the gaps (``Scorer.suggested_horizon_days``, exported as model quality
+    #: ``suggested_horizon_days``), so that a customer who is still a customer almost always
+    #: comes back within H. 30 suits the simulated product (active every few days); a store
+    #: whose customers buy every few months wants 90 to 180 (CDNOW: bench/churn_real.py).
     churn_horizon_days: int = 30
-    #: Silence after a regular customer's last activity that makes a churn *label* (the
-    #: lifecycle stage says churned after ``churn_horizon_days`` whatever this is). 45 stops
-    #: learning 30-45-day pauses that end as churn (a reactivated customer, a season's end):
-    #: calibration against the truth improves (ECE 0.055 -> 0.029) but ROC AUC drops by 0.02
-    #: to 0.04 (bench/eval_churn.py), so it stays at the churn horizon by default.
-    label_silence_days: int = 30
-    prediction_window_days: int = 30
+    #: What counts as activity for churn: ``purchase``, ``login`` or ``any`` customer-initiated
+    #: event (see :data:`services.scorer.features.QUALIFYING`). Changing it on a running
+    #: deployment needs its states rebuilt (the ``btyd_*`` summary counts these events).
+    churn_activity: str = "any"
+    #: Training snapshots: every customer is snapshotted one day in ``snapshot_every_days``
+    #: (its features as scored at that day boundary), labelled H days later.
     snapshot_every_days: int = 7
-    min_tenure_days: int = 7
-    min_active_days: int = 3
+    #: At most this many snapshots wait for their label (a day's snapshots are thinned to
+    #: ``max_pending_labels / H``, deterministically by customer and day).
+    max_pending_labels: int = 200_000
+    #: One customer in ``holdout_every`` is never learned from: its matured labels measure the
+    #: scores as served (``holdout_*`` model quality).
+    holdout_every: int = 10
+    #: The BG/NBD behind the ``bgnbd_*`` inputs and the cold-start prior is refitted on every
+    #: customer's summary this often (days of event time).
+    bgnbd_refit_days: int = 7
     min_emit_interval_ms: int = 5 * MINUTE
     refresh_interval_ms: int = DAY
+    #: Refreshes of a churned customer, or of one without any event for
+    #: ``slow_refresh_after_ms``, come this often instead: its scores move slowly by then, and
+    #: lapsed customers are most of a store's (CDNOW: 85 %), so daily refreshes of them were
+    #: most of the scorer's work (issue #17).
     churned_refresh_interval_ms: int = 7 * DAY
+    slow_refresh_after_ms: int = 28 * DAY
     churn_delta: float = 0.02
     engagement_delta: float = 2.0
     at_risk_probability: float = 0.5
@@ -129,6 +153,14 @@ class ScorerConfig:
     reactivation_gap_ms: int = 3 * DAY
     source_idle_ms: int = 30_000
     high_value_zips: frozenset[str] = DEFAULT_HIGH_VALUE_ZIPS
+
+    def __post_init__(self) -> None:
+        if self.churn_activity not in QUALIFYING:
+            raise ValueError(
+                f"churn_activity must be one of {sorted(QUALIFYING)}, got {self.churn_activity!r}"
+            )
+        if self.churn_horizon_days < 1:
+            raise ValueError(f"churn_horizon_days must be >= 1, got {self.churn_horizon_days}")
 
 
 # -- outputs ---------------------------------------------------------------------------------
@@ -167,13 +199,14 @@ FORGET_EVENT = "customer_forgotten"
 # -- the model's view of the features ----------------------------------------------------------
 _LOG = "log"
 _CLIP = "clip"
-_IDLE = "idle"
-_TENURE = "tenure"
-#: The churn model's inputs: (feature, transform). Counts are log1p'd, relative changes
-#: clipped at +3, idle days capped at :data:`IDLE_CAP` and log1p'd, tenure capped at
-#: :data:`TENURE_CAP` days and log1p'd; log ratios, rates and slopes are used as they are.
-#: Every input is recomputable from the daily buckets as of a past day (tenure from
-#: ``first_seen_ms``), so matured training examples see what the model saw then.
+_ASINH = "asinh"
+_LOGIT = "logit"
+#: The churn model's inputs: (feature, transform). Counts, days and money are log1p'd
+#: (never capped: a customer silent for 300 days is not one silent for 45), relative changes
+#: clipped at +3 (they are capped at +10 by the features), z-scores asinh'd, probabilities
+#: as log-odds; log ratios, rates and slopes are used as they are. A training example is the
+#: model input as it was scored at its snapshot (:meth:`Scorer.mature`), so training and
+#: serving see the same values.
 MODEL_INPUTS: tuple[tuple[str, str], ...] = (
     ("sessions_7d", _LOG),
     ("sessions_28d", _LOG),
@@ -197,9 +230,9 @@ MODEL_INPUTS: tuple[tuple[str, str], ...] = (
     ("feature_use_14d_vs_prior28_change", _CLIP),
     ("opens_14d_vs_prior28_change", _CLIP),
     ("purchases_28d_vs_prior28_change", _CLIP),
-    ("idle_days_active", _IDLE),
-    ("idle_days_purchase", _IDLE),
-    ("idle_days_feature_use", _IDLE),
+    ("days_since_active", _LOG),
+    ("days_since_purchase", _LOG),
+    ("days_since_feature_use", _LOG),
     ("sentiment_mean_28d", ""),
     # drop against the longer baseline, recency against the usual gap, purchase drift
     ("activity_14d_vs_prior42_log_ratio", ""),
@@ -212,27 +245,75 @@ MODEL_INPUTS: tuple[tuple[str, str], ...] = (
     ("opens_14d_vs_prior42_log_ratio", ""),
     ("escalations_14d", _LOG),
     ("active_days_56d", ""),
-    ("tenure_days", _TENURE),
     # the mix of behaviour (independent of how active the customer is)
     ("feature_use_per_session_56d", ""),
     ("page_views_per_session_56d", ""),
-    ("avg_order_value_56d", _LOG),
     ("purchases_56d", _LOG),
     ("open_rate_56d", ""),
     ("clicks_per_open_56d", ""),
     ("cart_views_per_session_56d", ""),
     ("sessions_56d", _LOG),
+    # the buy-till-you-die summary of the qualifying days, and the BG/NBD estimates
+    ("days_since_qualifying", _LOG),
+    ("btyd_frequency", _LOG),
+    ("btyd_recency_days", _LOG),
+    ("btyd_gap_mean_days", _LOG),
+    ("btyd_gap_z", _ASINH),
+    ("bgnbd_p_alive", _LOGIT),
+    ("bgnbd_expected", _LOG),
+    ("bgnbd_p_none", _LOGIT),
+    ("avg_order_value", _LOG),
+    ("lifetime_purchases", _LOG),
 )
 _MI_NAMES = tuple(n for n, _ in MODEL_INPUTS)
+#: Sign constraints on the churn model's weights (+1: more never lowers churn, -1: more
+#: never raises it), so that, whatever it learns, a longer silence never lowers a lapsed
+#: customer's churn and buying again lowers it. Inputs that grow with time alone (tenure,
+#: the BG/NBD age T, the spread of the gaps) enter only through the BG/NBD estimates and
+#: the gap z-score, whose direction is fixed. Tickets, sentiment and the behaviour mix are
+#: free.
+GROWS_WITH_SILENCE = frozenset(
+    {
+        "days_since_active",
+        "days_since_purchase",
+        "days_since_feature_use",
+        "days_since_qualifying",
+        "btyd_gap_z",
+        "bgnbd_p_none",
+        "idle_vs_usual_gap_active",
+        "idle_vs_usual_gap_purchase",
+    }
+)
+_FREE = frozenset(
+    {
+        "tickets_28d",
+        "escalations_28d",
+        "escalations_14d",
+        "sentiment_mean_28d",
+        "feature_use_per_session_56d",
+        "page_views_per_session_56d",
+        "open_rate_56d",
+        "clicks_per_open_56d",
+        "cart_views_per_session_56d",
+        "avg_order_value",
+    }
+)
+CHURN_SIGNS: dict[str, int] = {
+    n: (1 if n in GROWS_WITH_SILENCE else -1) for n in _MI_NAMES if n not in _FREE
+}
 _CLUSTER_NAMES = tuple(n for n, _ in CLUSTER_DIMS)
 _MI_IDX = np.array([FEATURE_INDEX[n] for n, _ in MODEL_INPUTS])
 _MI_LOG = np.array([i for i, (_, k) in enumerate(MODEL_INPUTS) if k == _LOG])
 _MI_CLIP = np.array([i for i, (_, k) in enumerate(MODEL_INPUTS) if k == _CLIP])
-_MI_IDLE = np.array([i for i, (_, k) in enumerate(MODEL_INPUTS) if k == _IDLE])
-_MI_TENURE = np.array([i for i, (_, k) in enumerate(MODEL_INPUTS) if k == _TENURE])
-#: Idle days are capped: training examples only come from customers active in the horizon.
-IDLE_CAP = 45.0
-TENURE_CAP = 120.0
+_MI_ASINH = np.array([i for i, (_, k) in enumerate(MODEL_INPUTS) if k == _ASINH])
+_MI_LOGIT = np.array([i for i, (_, k) in enumerate(MODEL_INPUTS) if k == _LOGIT])
+_BG_P_ALIVE, _BG_EXPECTED, _BG_P_NONE = (
+    FEATURE_INDEX[n] for n in ("bgnbd_p_alive", "bgnbd_expected", "bgnbd_p_none")
+)
+_BT_X, _BT_TX, _BT_T = (
+    FEATURE_INDEX[n] for n in ("btyd_frequency", "btyd_recency_days", "btyd_age_days")
+)
+_SINCE_Q = FEATURE_INDEX["days_since_qualifying"]
 
 # engagement: weighted 14-day activity
 _ENG = {
@@ -254,7 +335,19 @@ ENGAGEMENT_SCALE = 25.0
 _Q_SCALE = np.ones(len(FEATURE_NAMES))
 _Q_LOG = np.zeros(len(FEATURE_NAMES), dtype=bool)
 for _name, _i in FEATURE_INDEX.items():
-    if "change" in _name or "rate" in _name or "drift" in _name:
+    if (
+        _name.startswith("days_since_")
+        or _name in ("tenure_days", "btyd_age_days", "btyd_gap_z")
+        or _name.startswith("bgnbd_")
+    ):
+        # they move with time alone: the segmenter ages days_since_* itself, and the
+        # churn probability they feed is compared on its own (churn_delta)
+        _Q_SCALE[_i] = 0.0
+    elif _name.startswith("idle_days_") or _name == "usual_gap_days_active":
+        _Q_SCALE[_i] = 1.0 / 7.0  # whole weeks: a silence grows them every day
+    elif "drift" in _name or _name.startswith("idle_vs_usual_gap"):
+        _Q_SCALE[_i] = 4.0  # quarter steps: a silence grows them every day
+    elif "change" in _name or "rate" in _name:
         _Q_SCALE[_i] = 20.0
     elif "sentiment" in _name:
         _Q_SCALE[_i] = 10.0
@@ -266,21 +359,12 @@ _I = FEATURE_INDEX
 #: (intercept, (model input, weight, centre)...): what the churn score answers before the
 #: model has learned from enough matured labels (its share of the log-odds is
 #: ``prior_strength / (prior_strength + labels learned)``, see
-#: :class:`services.scorer.model.ChurnModel`). Set by hand, not fitted: a base
-#: rate of about 5 % a month (log-odds -3), raised by a silence long for this customer
-#: (``idle_vs_usual_gap_active``, +1 per e-fold), a drop of activity and feature use
-#: against the six weeks before (the 14-day log ratios) and escalated tickets (log count),
-#: lowered by positive ticket sentiment. Weights are per unit of the model input (after its
-#: transform in :data:`MODEL_INPUTS`), centred on 0.
+#: :class:`services.scorer.model.ChurnModel`): the BG/NBD probability of no qualifying
+#: activity in the next H days (``bgnbd_p_none``, as log-odds), from the scorer's latest
+#: fit of its own customers (published CDNOW parameters before the first fit).
 CHURN_PRIOR: tuple[float, tuple[tuple[str, float, float], ...]] = (
-    -3.0,
-    (
-        ("idle_vs_usual_gap_active", 1.0, 0.0),
-        ("activity_14d_vs_prior42_log_ratio", -0.7, 0.0),
-        ("feature_use_14d_vs_prior42_log_ratio", -0.3, 0.0),
-        ("escalations_28d", 0.8, 0.0),
-        ("sentiment_mean_28d", -0.5, 0.0),
-    ),
+    0.0,
+    (("bgnbd_p_none", 1.0, 0.0),),
 )
 #: Labels after which the model and the prior weigh the same.
 PRIOR_STRENGTH = 1000.0
@@ -299,12 +383,18 @@ def new_model(created_at: int = 0) -> ChurnModel:
 
     >>> m = new_model()
     >>> v = np.zeros(len(FEATURE_NAMES))
+    >>> v[FEATURE_INDEX["bgnbd_p_none"]] = 0.2
     >>> p0 = m.predict(model_input(v))  # no label learned: the prior alone, not 0.5
-    >>> v[FEATURE_INDEX["escalations_28d"]] = 4.0
-    >>> round(p0, 3), m.predict(model_input(v)) > p0, m.version
-    (0.047, True, 'churn-logreg-0.2.0+n0+prior100')
+    >>> v[FEATURE_INDEX["bgnbd_p_none"]] = 0.9
+    >>> round(p0, 3), round(m.predict(model_input(v)), 3), m.version
+    (0.2, 0.9, 'churn-logreg-0.3.0+n0+prior100')
     """
-    return ChurnModel(created_at=created_at, prior=churn_prior(), prior_strength=PRIOR_STRENGTH)
+    return ChurnModel(
+        created_at=created_at,
+        prior=churn_prior(),
+        prior_strength=PRIOR_STRENGTH,
+        signs=CHURN_SIGNS,
+    )
 
 
 def model_input(vec: npt.NDArray[np.float64]) -> dict[str, float]:
@@ -312,8 +402,8 @@ def model_input(vec: npt.NDArray[np.float64]) -> dict[str, float]:
     idle days), keyed by the feature names they come from.
 
     >>> x = model_input(np.zeros(len(FEATURE_NAMES)))
-    >>> len(x), x["idle_days_active"]
-    (45, 0.0)
+    >>> len(x), x["days_since_active"]
+    (53, 0.0)
     """
     return dict(zip(_MI_NAMES, model_vector(vec).tolist(), strict=True))
 
@@ -329,8 +419,9 @@ def model_matrix(rows: npt.NDArray[np.float64]) -> npt.NDArray[np.float64]:
     v: npt.NDArray[np.float64] = rows[:, _MI_IDX]
     v[:, _MI_LOG] = np.log1p(np.maximum(v[:, _MI_LOG], 0.0))
     v[:, _MI_CLIP] = np.minimum(v[:, _MI_CLIP], 3.0)
-    v[:, _MI_IDLE] = np.log1p(np.minimum(v[:, _MI_IDLE], IDLE_CAP))
-    v[:, _MI_TENURE] = np.log1p(np.clip(v[:, _MI_TENURE], 0.0, TENURE_CAP))
+    v[:, _MI_ASINH] = np.arcsinh(v[:, _MI_ASINH])
+    p = np.clip(v[:, _MI_LOGIT], 1e-6, 1.0 - 1e-6)
+    v[:, _MI_LOGIT] = np.log(p / (1.0 - p))
     return v
 
 
@@ -350,10 +441,13 @@ def engagement_rows(rows: npt.NDArray[np.float64]) -> npt.NDArray[np.float64]:
     return out
 
 
-def clv(vec: npt.NDArray[np.float64], churn: float, months: int) -> float:
+def clv(
+    vec: npt.NDArray[np.float64], churn: float, months: int, horizon_days: float = 30.4375
+) -> float:
     """Expected revenue over the next ``months``: the monthly revenue rate of the last 90 days
     (or the tenure, if shorter, at least 14 days) times the expected number of retained
-    months when each month keeps the customer with probability ``1 - churn``.
+    months when each month keeps the customer with probability ``(1 - churn) ** (month /
+    horizon)`` (``churn``: no activity within ``horizon_days``).
 
     >>> v = np.zeros(len(FEATURE_NAMES)); v[FEATURE_INDEX["revenue_90d"]] = 90.0
     >>> v[FEATURE_INDEX["tenure_days"]] = 200.0
@@ -362,6 +456,8 @@ def clv(vec: npt.NDArray[np.float64], churn: float, months: int) -> float:
     """
     days = min(90.0, max(14.0, float(vec[_I["tenure_days"]])))
     monthly = float(vec[_I["revenue_90d"]]) / days * 30.4375
+    monthly_churn = 1.0 - (1.0 - churn) ** (30.4375 / horizon_days)
+    churn = monthly_churn
     keep = 1.0 - churn
     months_kept = float(months) if churn <= 0 else (1.0 - keep**months) / churn
     return monthly * months_kept
@@ -395,13 +491,16 @@ def cluster_rows(
 
 def fingerprint(vec: npt.NDArray[np.float64]) -> int:
     """A stable hash of the quantised features: it changes when a feature moves materially
-    (a count or whole day changes, a ratio moves 5 points, money moves ~13 %).
+    (a count changes, a ratio moves 5 points, money moves ~13 %), not when time alone moves
+    one (``days_since_*``, tenure and age: the segmenter ages recencies itself; idle days
+    count in whole weeks, idle against the usual gap and purchase drift in quarter steps).
 
     >>> v = np.zeros(len(FEATURE_NAMES))
-    >>> a = fingerprint(v); v[FEATURE_INDEX["days_since_open"]] = 0.5; b = fingerprint(v)
-    >>> v[FEATURE_INDEX["days_since_open"]] = 1.2
-    >>> a == b, b == fingerprint(v)
-    (True, False)
+    >>> a = fingerprint(v); v[FEATURE_INDEX["logins_7d"]] = 0.5; b = fingerprint(v)
+    >>> v[FEATURE_INDEX["logins_7d"]] = 1.0; c = fingerprint(v)
+    >>> v[FEATURE_INDEX["days_since_open"]] = 9.0
+    >>> a == b, b == c, c == fingerprint(v)
+    (True, False, True)
     """
     return fingerprints(vec[None, :])[0]
 
@@ -479,6 +578,31 @@ def _overlay(
     return lookup
 
 
+class Pending:
+    """One day's training snapshots waiting for their label (H days later): per snapshot the
+    customer, its qualifying days before the day, its model input and churn score as scored,
+    whether it is held back (measured, never learned) and its days since the last qualifying
+    activity (recency)."""
+
+    def __init__(self) -> None:
+        self.ids: list[str] = []
+        self.q_days: list[int] = []
+        self.x: list[npt.NDArray[np.float32]] = []
+        self.p: list[float] = []
+        self.holdout: list[bool] = []
+        self.since: list[float] = []
+
+    def add(
+        self, cid: str, q_days: int, x: npt.NDArray[np.float64], p: float, held: bool, since: float
+    ) -> None:
+        self.ids.append(cid)
+        self.q_days.append(q_days)
+        self.x.append(x.astype(np.float32))
+        self.p.append(p)
+        self.holdout.append(held)
+        self.since.append(since)
+
+
 @dataclass(frozen=True)
 class Scored:
     """One customer scored as of ``as_of``."""
@@ -512,6 +636,9 @@ class Scorer:
     _recent: dict[Any, deque[tuple[int, int]]] = field(default_factory=dict)
     _seq: dict[Any, int] = field(default_factory=dict)
     _timers: list[tuple[int, str]] = field(default_factory=list)
+    #: Each customer's live timer (the heap may also hold superseded ones, skipped when
+    #: popped): one per customer, so no customer is ever left without one.
+    _timer_at: dict[str, int] = field(default_factory=dict)
     _descriptions: dict[int, str] = field(default_factory=dict)
     emitted: int = 0
     scored: int = 0
@@ -674,8 +801,15 @@ class Scorer:
         st = new_state(customer_id, t) if state is None else dict(state)
         prev_active = st["last_active_ms"]
         b = self.buckets(customer_id, st)
+        sd = self.model.snapshot_day
+        if state is not None and sd is not None and t // DAY > sd:
+            # the first event after a snapshot day the watermark has not passed yet: snapshot
+            # the state before it (exactly as of that midnight)
+            due = self._snapshot_days(customer_id, state, sd, t // DAY)
+            if due:
+                self._snapshot([(state, d) for d in due])
         del self._cache[customer_id]  # mutated below: not valid for the old blob any more
-        b = apply_event(st, event, b)
+        b = apply_event(st, event, b, QUALIFYING[self.config.churn_activity])
         if kind == "identify":
             high_value_zip(st, event, self.config.high_value_zips)
         if self.pack_states:
@@ -772,7 +906,7 @@ class Scorer:
         self._urgent.pop(customer_id, None)
         self._cache.pop(customer_id, None)
         self._unsealed.pop(customer_id, None)
-        if any(cid == customer_id for _, cid in self._timers):
+        if self._timer_at.pop(customer_id, None) is not None:
             self._timers = [x for x in self._timers if x[1] != customer_id]
             heapq.heapify(self._timers)
         return [
@@ -859,6 +993,7 @@ class Scorer:
         self, states: Sequence[State], as_ofs: Sequence[int], rows: npt.NDArray[np.float64]
     ) -> list[Scored]:
         model, cfg = self.model, self.config
+        self.fill_bgnbd(rows)
         churn, tops = model.predict_explain_matrix(_MI_NAMES, model_matrix(rows), cfg.top_k)
         eng = engagement_rows(rows)
         clusters = model.cluster_rows(cluster_rows(rows, eng)).tolist()
@@ -874,7 +1009,7 @@ class Scorer:
                     vector=vec,
                     churn=p,
                     engagement=float(eng[i]),
-                    clv=clv(vec, p, cfg.clv_months),
+                    clv=clv(vec, p, cfg.clv_months, cfg.churn_horizon_days),
                     cluster=clusters[i],
                     stage=lifecycle(st, vec, p, ready, cfg),
                     top=tops[i],
@@ -882,6 +1017,18 @@ class Scorer:
                 )
             )
         return out
+
+    def fill_bgnbd(self, rows: npt.NDArray[np.float64]) -> None:
+        """The ``bgnbd_*`` columns of feature rows (in place), from the latest BG/NBD fit and
+        the rows' ``btyd_*`` summary (a customer without qualifying activity: as one whose
+        first qualifying day is today)."""
+        params = self.model.bgnbd or btyd.DEFAULT_PARAMS
+        h = float(self.config.churn_horizon_days)
+        x, tx = rows[:, _BT_X], rows[:, _BT_TX]
+        t = np.maximum(rows[:, _BT_T], tx)
+        rows[:, _BG_P_ALIVE] = btyd.p_alive(params, x, tx, t)
+        rows[:, _BG_EXPECTED] = btyd.expected(params, x, tx, t, h)
+        rows[:, _BG_P_NONE] = btyd.p_none(params, x, tx, t, h)
 
     def record(self, customer_id: str, s: Scored, now_ms: int) -> dict[str, Any]:
         """The CustomerScore record of a scored customer."""
@@ -923,8 +1070,8 @@ class Scorer:
             or abs(s.churn - st["emitted_churn"]) >= self.config.churn_delta
             or abs(s.engagement - st["emitted_engagement"]) >= self.config.engagement_delta
         )
-        self._schedule(st["customer_id"], self._due(st))
         if not material:
+            self._schedule(st["customer_id"], self._due(st))
             return None
         st["emitted_as_of"] = s.as_of
         st["emitted_fingerprint"] = s.fingerprint
@@ -932,6 +1079,8 @@ class Scorer:
         st["emitted_cluster"] = s.cluster
         st["emitted_churn"] = s.churn
         st["emitted_engagement"] = s.engagement
+        # after the stage: a customer just turned churned is next due on the weekly grid
+        self._schedule(st["customer_id"], self._due(st))
         self.emitted += 1
         return ScoreEmit(st["customer_id"], self.record(st["customer_id"], s, now_ms))
 
@@ -946,11 +1095,16 @@ class Scorer:
         return (scored // every + 1) * every
 
     def _every(self, st: State) -> int:
-        if st["emitted_stage"] == "churned":
-            return self.config.churned_refresh_interval_ms
-        return self.config.refresh_interval_ms
+        cfg = self.config
+        quiet = int(st["scored_as_of"] or st["last_event_ms"]) - int(st["last_event_ms"])
+        if st["emitted_stage"] == "churned" or quiet >= cfg.slow_refresh_after_ms:
+            return cfg.churned_refresh_interval_ms
+        return cfg.refresh_interval_ms
 
     def _schedule(self, customer_id: str, due: int) -> None:
+        if self._timer_at.get(customer_id) == due:
+            return
+        self._timer_at[customer_id] = due
         heapq.heappush(self._timers, (due, customer_id))
 
     def rebuild(
@@ -966,6 +1120,7 @@ class Scorer:
         if retired is not None:
             self.retired = set(retired)
         self._timers = [(self._due(st), cid) for cid, st in states]
+        self._timer_at = {cid: due for due, cid in self._timers}
         heapq.heapify(self._timers)
 
     def flush(
@@ -992,12 +1147,16 @@ class Scorer:
         as_ofs: list[int] = []
         seen: set[str] = set()
         while timers and timers[0][0] <= wm and len(due) < budget:
-            _, cid = heapq.heappop(timers)
-            if cid in seen:
-                continue
+            at, cid = heapq.heappop(timers)
+            if cid in seen or self._timer_at.get(cid) != at:
+                continue  # superseded: the customer's live timer is elsewhere in the heap
+            del self._timer_at[cid]
             st = get(cid)
-            if st is None or self._due(st) > wm:
-                continue  # stale timer: rescheduled or deleted since
+            if st is None:
+                continue  # deleted since
+            if self._due(st) > wm:  # its due time moved on (e.g. onto the weekly grid)
+                self._schedule(cid, self._due(st))
+                continue
             seen.add(cid)
             st = dict(st)
             if cid in self._unsealed:
@@ -1015,6 +1174,7 @@ class Scorer:
             outs.append(StateWrite(cid, st))
             if emit is not None:
                 outs.append(emit)
+        self.snapshots(states)  # (their features do not depend on the scoring fields)
         self.mature(states, label_deadline)
         return outs
 
@@ -1045,106 +1205,171 @@ class Scorer:
         return n
 
     def _learn_day(self, day: int, states: Iterable[tuple[str, State]]) -> int:
-        cfg = self.config
-        every = cfg.snapshot_every_days
-        phase = day % every
+        """The day boundary ``day`` is final: label the snapshots of ``day - H`` (churned:
+        no qualifying day in ``[day - H, day)``) and learn them (the held-back customers'
+        only measure the scores as served); refit the BG/NBD if it is due."""
+        cfg, model = self.config, self.model
+        h = cfg.churn_horizon_days
         end = day * DAY
-        snaps: list[State] = []
-        times: list[int] = []
-        labels: list[bool] = []
+        due = model.pending.pop(day - h, None)
+        want = {} if due is None else {cid: i for i, cid in enumerate(due.ids)}
+        now_days = np.full(len(want), -1, dtype=np.int64)
+        refit = model.bgnbd_day is None or day - model.bgnbd_day >= cfg.bgnbd_refit_days
+        summary: list[tuple[float, float, float]] = []
         for cid, st in states:
-            if zlib.crc32(cid.encode()) % every != phase:
-                continue
-            for t, churned in self._labelled(st, day):
-                snaps.append(st)
-                times.append(t * DAY - 1)
-                labels.append(churned)
-        for lo in range(0, len(snaps), 512):  # features of a day's examples on stacked arrays
-            chunk = snaps[lo : lo + 512]
-            bs = [self.buckets(st["customer_id"], st) for st in chunk]
-            rows = compute_many(chunk, times[lo : lo + 512], bs)
-            xm = model_matrix(rows)
-            # the prequential score of each example: the model before this batch of labels
-            ps = self.model.predict_explain_matrix(_MI_NAMES, xm, 0)[0].tolist()
-            cxs = cluster_rows(rows, engagement_rows(rows)).tolist()
-            for x, cx, churned, p in zip(xm.tolist(), cxs, labels[lo : lo + 512], ps, strict=True):
-                self.model.learn(dict(zip(_MI_NAMES, x, strict=True)), churned, at=end, p=p)
-                self.model.learn_cluster(dict(zip(_CLUSTER_NAMES, cx, strict=True)))
-        return len(snaps)
+            i = want.get(cid)
+            if i is not None:
+                now_days[i] = self.qualifying_days_before(st, day)
+            first = st.get("q_first_ms")
+            if refit and first is not None and first < end:
+                f, last = first // DAY, int(st["q_last_ms"]) // DAY
+                tx = float(last - f)
+                summary.append((float(st["q_days"] - 1), tx, max(float(day - f), tx)))
+        n = 0
+        if due is not None:
+            n = self._learn_snapshots(due, now_days, end)
+        if refit and len(summary) >= btyd.MIN_FIT_CUSTOMERS:
+            a = np.array(summary)
+            model.bgnbd = btyd.fit(a[:, 0], a[:, 1], a[:, 2], start=model.bgnbd)
+            model.bgnbd_day = day
+            model.suggested_horizon_days = self.suggested_horizon_days(states=None, gaps=a)
+        return n
 
-    def examples(
-        self, st: State, day: int
-    ) -> list[tuple[dict[str, float], bool, dict[str, float]]]:
-        """The customer's training examples whose label became known in the
-        ``snapshot_every_days`` days up to the day boundary ``day`` (all data before it final).
+    def snapshots(self, states: Callable[[], Iterable[tuple[str, State]]]) -> int:
+        """Take the training snapshots of the day boundaries the watermark passed since the
+        last call: each customer on the days of its phase (one in ``snapshot_every_days``),
+        its features and score as of that midnight. Only customers with no event after the
+        boundary are taken here (their state is exactly what it was then); one whose event
+        after the boundary came first was taken by :meth:`on_event`, from its state before
+        that event. Returns the number of snapshots taken."""
+        wm = self.watermark
+        if wm is None:
+            return 0
+        hi = wm // DAY
+        model, cfg = self.model, self.config
+        lo = model.snapshot_day
+        if lo is None:
+            model.snapshot_day = hi
+            return 0
+        if hi <= lo:
+            return 0
+        every = cfg.snapshot_every_days
+        todo: list[tuple[State, int]] = []
+        n = 0
+        for cid, st in states():
+            n += 1
+            todo += [(st, d) for d in self._snapshot_days(cid, st, lo, hi)]
+        model.snapshot_day = hi
+        cap = cfg.max_pending_labels / max(cfg.churn_horizon_days, 1)
+        model.snapshot_rate = min(1.0, cap / max(1.0, n / every))
+        model.observe_scores(self._snapshot(todo))
+        self._descriptions = model.describe_clusters()
+        return len(todo)
 
-        A snapshot is taken on day boundaries ``t`` (one in ``snapshot_every_days``) of
-        customers at least ``min_tenure_days`` old, not cancelled, and active in the
-        ``churn_horizon_days`` before ``t``; its features are recomputed from the buckets as
-        of ``t``. Its label is *churned within the prediction window* ``w``, known as soon as
-        it is determined:
-
-        * cancelled in ``[t, t + w)``: churned, known the day after the cancellation;
-        * a *regular* customer (active on at least ``min_active_days`` of the 28 days before
-          ``t``): let ``last`` be its last active day before ``t + w``; churned if it is then
-          inactive for ``q = label_silence_days`` (known at ``max(t + w, last + 1 + q)``),
-          not churned as soon as it is active again within ``q`` days (and the window has
-          passed);
-        * a *sparse* customer: 30 quiet days are its normal, so only a cancellation counts;
-          not churned once the window has passed.
-
-        The label matures as early as the data decide it (a negative typically ``w + 1`` days
-        after ``t``, a churn by inactivity ``q + 1`` days after the last activity), so the
-        model learns recent churn patterns sooner than waiting ``w + q`` for every label.
-        """
-        b = self.buckets(st["customer_id"], st)
+    def _snapshot_days(self, cid: str, st: State, lo: int, hi: int) -> list[int]:
+        """The snapshot days ``d`` in ``(lo, hi]`` of the customer's phase that its state
+        holds exactly (no event at or after ``d * DAY``), sampled at the snapshot rate."""
+        every = self.config.snapshot_every_days
+        phase = zlib.crc32(cid.encode()) % every
+        s0 = max(lo + 1, int(st["last_event_ms"]) // DAY + 1)
+        rate = int(self.model.snapshot_rate * 10_000)
         out = []
-        for t, churned in self._labelled(st, day):
-            vec = compute(st, t * DAY - 1, b).vector
-            out.append((model_input(vec), churned, cluster_input(vec, engagement(vec))))
+        for d in range(s0 + (phase - s0) % every, hi + 1, every):
+            if rate >= 10_000 or zlib.crc32(f"{cid}:{d}".encode()) % 10_000 < rate:
+                out.append(d)
         return out
 
-    def _labelled(self, st: State, day: int) -> list[tuple[int, bool]]:
-        """The (snapshot day, churned) pairs of :meth:`examples`."""
-        cfg = self.config
-        h, w, every = cfg.churn_horizon_days, cfg.prediction_window_days, cfg.snapshot_every_days
-        quiet = cfg.label_silence_days
-        first_day = -(-st["first_seen_ms"] // DAY) + cfg.min_tenure_days  # earliest snapshot
-        cancel = st["last_cancel_ms"]
-        cancel_day = None if cancel is None else cancel // DAY
-        b = self.buckets(st["customer_id"], st)
-        # act[k]: activity on day (day - 1 - k); everything before ``day`` is final
-        act = active_days(st, day * DAY - 1, b)
-        out: list[tuple[int, bool]] = []
-        # snapshot days in phase with ``day - w``: the newest is before ``day``; the oldest can
-        # be decided at ``t + w + quiet``
-        newest = day - 1 - (w - 1) % every
-        # the buckets must still hold the 56 days before a snapshot (its baselines)
-        oldest = max(day - w - quiet - every + 1, int(st["head_day"]) - RING + 57)
-        for t in range(newest, oldest - 1, -every):
-            if t < first_day or (cancel_day is not None and cancel < t * DAY):
+    def _snapshot(self, todo: list[tuple[State, int]]) -> npt.NDArray[np.float64]:
+        """Record training snapshots ``(state, day)``: the model input and churn score as
+        served at the day boundary, and how many qualifying days the customer had before."""
+        model, cfg = self.model, self.config
+        scores = [np.zeros(0)]
+        for lo in range(0, len(todo), 512):
+            chunk = todo[lo : lo + 512]
+            sts = [st for st, _ in chunk]
+            bs = [self.buckets(st["customer_id"], st) for st in sts]
+            rows = compute_many(sts, [d * DAY for _, d in chunk], bs)
+            self.fill_bgnbd(rows)
+            xm = model_matrix(rows)
+            ps = model.predict_explain_matrix(_MI_NAMES, xm, 0)[0]
+            for cx in cluster_rows(rows, engagement_rows(rows)).tolist():
+                model.learn_cluster(dict(zip(_CLUSTER_NAMES, cx, strict=True)))
+            for k, (st, d) in enumerate(chunk):
+                cid = st["customer_id"]
+                held = zlib.crc32(b"holdout:" + cid.encode()) % cfg.holdout_every == 0
+                day = model.pending.get(d)
+                if day is None:
+                    day = model.pending[d] = Pending()
+                day.add(
+                    cid,
+                    self.qualifying_days_before(st, d),
+                    xm[k],
+                    float(ps[k]),
+                    held,
+                    float(rows[k, _SINCE_Q]),
+                )
+            scores.append(ps)
+        return np.concatenate(scores)
+
+    def _learn_snapshots(self, due: Pending, now_days: npt.NDArray[np.int64], end: int) -> int:
+        """Label matured snapshots and learn from those not held back; returns how many."""
+        model = self.model
+        n = 0
+        for i, cid in enumerate(due.ids):
+            if now_days[i] < 0:
+                continue  # the customer was forgotten or merged away since
+            churned = bool(now_days[i] == due.q_days[i])
+            p = float(due.p[i])
+            if due.holdout[i]:
+                model.observe_holdout(p, churned, float(due.since[i]))
                 continue
-            k = day - t  # act[k] is day t - 1
-            if True not in act[k : k + h]:
-                continue  # not active in the horizon before t
-            if cancel_day is not None and cancel_day < t + w:
-                churned, known = True, cancel_day + 1
-            elif t + w > day:
-                continue  # the window is not over yet
-            elif act[k : k + 28].count(True) < cfg.min_active_days:
-                churned, known = False, t + w
-            else:
-                k_last = act.index(True, k - w)  # the last active day before t + w
-                last = day - 1 - k_last
-                after = act[max(0, k_last - quiet) : k_last]  # days last + quiet .. last + 1
-                if True in after:
-                    back = after[::-1].index(True)  # days after ``last`` until active again
-                    churned, known = False, max(t + w, last + 2 + back)
-                else:
-                    churned, known = True, max(t + w, last + 1 + quiet)
-            if day - every < known <= day:
-                out.append((t, churned))
-        return out
+            x = dict(zip(_MI_NAMES, due.x[i].astype(np.float64).tolist(), strict=True))
+            model.learn(x, churned, at=end, p=p)
+            n += 1
+        return n
+
+    def qualifying_days_before(self, st: State, day: int) -> int:
+        """Distinct days with qualifying activity before the day boundary ``day`` (the
+        summary's count less the days from ``day`` on that the buckets hold)."""
+        total = int(st.get("q_days", 0))
+        head = int(st["head_day"])
+        if head < day or total == 0:
+            return total
+        b = self.buckets(st["customer_id"], st)
+        slots = np.arange(max(day, head - RING + 1), head + 1) % RING
+        sigs = self._qualifying_signals
+        later = int(b.counts[slots][:, sigs].any(axis=1).sum())
+        return total - later
+
+    @property
+    def _qualifying_signals(self) -> list[int]:
+        return [EVENT_SIGNAL[k] for k in sorted(QUALIFYING[self.config.churn_activity])
+                if k in EVENT_SIGNAL]
+
+    def suggested_horizon_days(
+        self,
+        states: Iterable[tuple[str, State]] | None = None,
+        gaps: npt.NDArray[np.float64] | None = None,
+    ) -> float:
+        """A horizon H for this population: the 80th percentile of the mean gap between
+        qualifying days of the customers with more than one (weighted by their gaps), rounded
+        up to a week; 30 when no customer has two yet. ``gaps``: summaries ``(x, t_x, T)``."""
+        if gaps is None:
+            rows = [
+                (float(st["q_days"] - 1), float(st["q_gap_sum"]), 0.0)
+                for _, st in (states or [])
+                if st.get("q_gaps")
+            ]
+            gaps = np.array(rows).reshape(-1, 3)
+        x, tx = gaps[:, 0], gaps[:, 1]
+        sel = x > 0
+        if not sel.any():
+            return 30.0
+        mean = tx[sel] / x[sel]
+        order = np.argsort(mean)
+        w = np.cumsum(x[sel][order])
+        q = float(mean[order][np.searchsorted(w, 0.8 * w[-1])])
+        return float(max(7, math.ceil(q / 7) * 7))
 
     # -- checkpoints ---------------------------------------------------------------------
     def checkpoint(self, name: str, now_ms: int) -> dict[str, Any]:

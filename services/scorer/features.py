@@ -101,6 +101,14 @@ ACTIVITY = tuple(
 _ACTIVITY_TYPES = frozenset(
     t for t, i in EVENT_SIGNAL.items() if i in ACTIVITY
 )  # event types that update last_active_ms
+#: What counts as *qualifying activity* for churn (``ScorerConfig.churn_activity``): churn is
+#: no qualifying activity in the next H days, and the ``btyd_*`` features summarise the days
+#: with qualifying activity (the buy-till-you-die summary when it is ``purchase``).
+QUALIFYING = {
+    "purchase": frozenset({"purchase"}),
+    "login": frozenset({"login"}),
+    "any": _ACTIVITY_TYPES,
+}
 
 # Extended columns of the per-day matrix: the signals, then derived ones.
 COLUMNS = (*SIGNALS, "activity", "active_days", "revenue", "sentiment_sum")
@@ -217,8 +225,34 @@ TREND_FEATURES = [
     "clicks_per_open_56d",
     "usual_gap_days_active",
 ]
+#: The buy-till-you-die summary of the days with qualifying activity (see
+#: :data:`QUALIFYING`), uncapped: days since the last (``days_since_qualifying``, 999 if
+#: never), repeat days (``btyd_frequency``, BG/NBD's x), days from the first to the last
+#: (``btyd_recency_days``, t_x), days from the first to ``as_of`` (``btyd_age_days``, T),
+#: mean and standard deviation of the gaps between consecutive days, and the customer's own
+#: gap z-score: (days since the last - mean gap) / max(sd, mean / 2, 1) (0 before a second
+#: day). ``bgnbd_*`` are the BG/NBD estimates for the horizon H from the scorer's latest fit
+#: (probability alive, expected qualifying days in H, probability of none in H): filled in by
+#: the scorer (:mod:`services.scorer.core`), 0 from :func:`compute`.
+BTYD_FEATURES = [
+    "days_since_qualifying",
+    "btyd_frequency",
+    "btyd_recency_days",
+    "btyd_age_days",
+    "btyd_gap_mean_days",
+    "btyd_gap_std_days",
+    "btyd_gap_z",
+    "bgnbd_p_alive",
+    "bgnbd_expected",
+    "bgnbd_p_none",
+]
 FEATURE_NAMES: tuple[str, ...] = tuple(
-    WINDOW_FEATURES + CHANGE_FEATURES + IDLE_FEATURES + SCALAR_FEATURES + TREND_FEATURES
+    WINDOW_FEATURES
+    + CHANGE_FEATURES
+    + IDLE_FEATURES
+    + SCALAR_FEATURES
+    + TREND_FEATURES
+    + BTYD_FEATURES
 )
 
 # Rows of the cumulative day matrix that compute() reads (k = sum of the last k + 1 days).
@@ -260,6 +294,7 @@ _O_CH = _N_WIN
 _O_IDLE = _O_CH + _N_CH
 _O_SC = _O_IDLE + _N_IDLE
 _O_TR = _O_SC + len(SCALAR_FEATURES)
+_O_BT = _O_TR + len(TREND_FEATURES)
 _TREND_COLS = [C[c] for c in ("activity", "sessions", "feature_use", "opens")]
 #: Centred week index (newest week first) for the activity slope, and its sum of squares.
 _WEEK_X = [3.5 - i for i in range(8)]
@@ -300,6 +335,7 @@ def new_state(customer_id: str, first_seen_ms: int) -> State:
         "purchase_interval_fast": 0.0,
         "purchase_interval_slow": 0.0,
         "purchase_gaps": 0,
+        **new_btyd(),
         "pending": False,
         "scored_as_of": None,
         "emitted_as_of": None,
@@ -378,10 +414,16 @@ def advance(b: Buckets, st: State, day: int) -> None:
     st["head_day"] = day
 
 
-def apply_event(st: State, event: Mapping[str, Any], b: Buckets | None = None) -> Buckets:
+def apply_event(
+    st: State,
+    event: Mapping[str, Any],
+    b: Buckets | None = None,
+    qualifying: frozenset[str] = _ACTIVITY_TYPES,
+) -> Buckets:
     """Add one event (already accepted by the watermark) to ``st`` in place; returns the
     buckets (decompressed from ``st`` when ``b`` is None). Call :func:`store_buckets` to write
-    them back. Events older than the ring only update scalars.
+    them back. Events older than the ring only update scalars. ``qualifying``: the event types
+    the ``btyd_*`` summary counts (see :data:`QUALIFYING`).
     """
     if b is None:
         b = Buckets.of(st)
@@ -396,6 +438,9 @@ def apply_event(st: State, event: Mapping[str, Any], b: Buckets | None = None) -
     if sig is None and kind not in SCALAR_ONLY:
         sig = S["other_events"]
     counts = b.counts
+    if kind in qualifying:
+        sigs = [EVENT_SIGNAL[k] for k in qualifying if k in EVENT_SIGNAL]
+        _qualifying(st, t, not in_ring or not counts[slot, sigs].any())
     if sig is not None and in_ring and counts[slot, sig] < 255:
         counts[slot, sig] += 1
     st["lifetime_events"] += 1
@@ -466,6 +511,47 @@ def _latest(st: State, field: str, t: int) -> None:
         st[field] = t
 
 
+def new_btyd() -> State:
+    """The empty qualifying-activity summary (fields of ``io.segflow.ScorerState``)."""
+    return {
+        "q_first_ms": None,
+        "q_last_ms": None,
+        "q_days": 0,
+        "q_gaps": 0,
+        "q_gap_sum": 0.0,
+        "q_gap_sumsq": 0.0,
+    }
+
+
+def _qualifying(st: State, t: int, new_day: bool) -> None:
+    """Count a qualifying event in the summary: distinct days, the first and last, and the
+    sum and sum of squares of the gaps (days) between consecutive distinct days. A late event
+    on an earlier day than the last counts its day (``new_day``: nothing qualifying on it
+    yet) but changes no gap (the sequence is not rebuilt)."""
+    if "q_days" not in st:
+        st.update(new_btyd())
+    last = st["q_last_ms"]
+    day = t // DAY
+    if last is None:
+        st["q_first_ms"] = st["q_last_ms"] = t
+        st["q_days"] = 1
+        return
+    last_day = last // DAY
+    if day > last_day:
+        gap = float(day - last_day)
+        st["q_gaps"] += 1
+        st["q_gap_sum"] += gap
+        st["q_gap_sumsq"] += gap * gap
+        st["q_days"] += 1
+        st["q_last_ms"] = t
+    elif day == last_day:
+        st["q_last_ms"] = max(last, t)
+    else:
+        st["q_days"] += 1 if new_day else 0
+        if t < st["q_first_ms"]:
+            st["q_first_ms"] = t
+
+
 def _purchase(st: State, t: int, value: float) -> None:
     """Lifetime totals and the purchase interval (EWMAs of the gaps in days: alpha 0.5 for the
     current interval, 0.05 for the customer's baseline).
@@ -525,6 +611,12 @@ def merge_into(survivor: State, absorbed: State) -> State:
         "lifetime_revenue",
     ):
         out[name] = survivor[name] + absorbed[name]
+    sa, sb = {**new_btyd(), **survivor}, {**new_btyd(), **absorbed}
+    for name in ("q_first_ms", "q_last_ms"):
+        values = [v for v in (sa[name], sb[name]) if v is not None]
+        out[name] = (min if name == "q_first_ms" else max)(values) if values else None
+    for name in ("q_days", "q_gaps", "q_gap_sum", "q_gap_sumsq"):  # days both had count twice
+        out[name] = sa[name] + sb[name]
     if absorbed["purchase_gaps"] > survivor["purchase_gaps"]:
         for name in ("purchase_interval_fast", "purchase_interval_slow", "purchase_gaps"):
             out[name] = absorbed[name]
@@ -601,6 +693,7 @@ def compute(st: State, as_of: int, b: Buckets | None = None) -> Features:
     vec[_O_IDLE:_O_SC] = idle
     vec[_O_SC:_O_TR] = _scalars(st, as_of, flat[_SMALL_FLAT].tolist())
     _trend(cs, idle, vec)
+    vec[_O_BT:] = _btyd(st, as_of)
     return Features(as_of, vec)
 
 
@@ -640,6 +733,7 @@ def compute_many(
     for i, (st, as_of) in enumerate(zip(states, as_ofs, strict=True)):
         out[i, _O_SC:_O_TR] = _scalars(st, as_of, small[i])
         _trend(cs[i], idle[i], out[i])
+        out[i, _O_BT:] = _btyd(st, as_of)
     return out
 
 
@@ -679,7 +773,32 @@ def _trend(
     first = int(idle[0])  # rows before it have no activity: sum the 56 days from it on
     days = min(56, RING - first)
     out.append(days / max(float(cs[min(first + 55, RING - 1), _ACTIVE]), 1.0) if days > 0 else 56.0)
-    vec[_O_TR:] = out
+    vec[_O_TR:_O_BT] = out
+
+
+def _btyd(st: State, as_of: int) -> list[float]:
+    """The :data:`BTYD_FEATURES` computed from the state (the ``bgnbd_*`` ones 0)."""
+    last = st.get("q_last_ms")
+    if last is None or st["q_first_ms"] is None:
+        return [NEVER_DAYS] + [0.0] * (len(BTYD_FEATURES) - 1)
+    first_day, last_day = st["q_first_ms"] // DAY, last // DAY
+    since = max(0.0, (as_of - last) / DAY)
+    gaps = st["q_gaps"]
+    mean = st["q_gap_sum"] / gaps if gaps else 0.0
+    sd = math.sqrt(max(st["q_gap_sumsq"] / gaps - mean * mean, 0.0)) if gaps else 0.0
+    z = (since - mean) / max(sd, mean / 2.0, 1.0) if gaps else 0.0
+    return [
+        since,
+        float(max(st["q_days"] - 1, 0)),
+        float(last_day - first_day),
+        max(0.0, as_of / DAY - first_day),
+        mean,
+        sd,
+        z,
+        0.0,
+        0.0,
+        0.0,
+    ]
 
 
 def _scalars(st: State, as_of: int, small: list[float]) -> list[float]:

@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import math
 import pickle
+from collections import Counter, deque
 from collections.abc import Mapping, Sequence
 from typing import Any
 
@@ -44,7 +45,7 @@ optim: Any = _optim
 preprocessing: Any = _preprocessing
 utils: Any = _utils
 
-VERSION = "0.2.0"
+VERSION = "0.3.0"
 
 
 class ChurnClassifier(base.Classifier):
@@ -63,6 +64,11 @@ class ChurnClassifier(base.Classifier):
         Learning rate of the intercept.
     l2
         L2 regularisation.
+    signs
+        Optional sign constraints: feature name -> +1 (its weight is never negative: more of
+        it never lowers the probability) or -1 (never positive). Applied after every update
+        (projected gradient), so the explanations and the monotonicity the product promises
+        hold for whatever the model learned.
 
     Examples
     --------
@@ -76,10 +82,17 @@ class ChurnClassifier(base.Classifier):
     ['logins', 'idle_days']
     """
 
-    def __init__(self, lr: float = 0.005, intercept_lr: float = 0.02, l2: float = 0.0001) -> None:
+    def __init__(
+        self,
+        lr: float = 0.005,
+        intercept_lr: float = 0.02,
+        l2: float = 0.0001,
+        signs: Mapping[str, int] | None = None,
+    ) -> None:
         self.lr = lr
         self.intercept_lr = intercept_lr
         self.l2 = l2
+        self.signs = dict(signs) if signs else None
         self.scaler = preprocessing.StandardScaler()
         self.logreg = linear_model.LogisticRegression(
             optimizer=optim.AdaGrad(lr), intercept_lr=intercept_lr, l2=l2
@@ -94,6 +107,7 @@ class ChurnClassifier(base.Classifier):
 
     def __setstate__(self, state: dict[str, Any]) -> None:
         state.setdefault("_arrays", None)
+        state.setdefault("signs", None)
         self.__dict__.update(state)
 
     @property
@@ -102,6 +116,12 @@ class ChurnClassifier(base.Classifier):
 
     def learn_one(self, x: dict[Any, Any], y: Any, **kwargs: Any) -> None:
         self.pipeline.learn_one(x, bool(y))
+        if self.signs:
+            w = self.logreg._weights
+            for name, sign in self.signs.items():
+                v = w.get(name)
+                if v is not None and v * sign < 0:
+                    w[name] = 0.0
         self._arrays = None
 
     def predict_proba_one(self, x: dict[Any, Any], **kwargs: Any) -> dict[Any, float]:
@@ -318,8 +338,9 @@ class ChurnModel:
         created_at: int = 0,
         prior: Prior | None = None,
         prior_strength: float = 1000.0,
+        signs: Mapping[str, int] | None = None,
     ) -> None:
-        self.classifier = ChurnClassifier()
+        self.classifier = ChurnClassifier(signs=signs)
         self.kmeans = cluster.KMeans(
             n_clusters=n_clusters, halflife=0.02, mu=0.3, sigma=0.3, seed=seed
         )
@@ -340,11 +361,35 @@ class ChurnModel:
         self._center_ids: list[int] = []
         self._centers_at = -1
         self._blend: tuple[Any, ...] | None = None
+        self._init_labels()
+
+    def _init_labels(self) -> None:
+        #: Snapshots waiting for their label, by snapshot day (services.scorer.core.Pending).
+        self.pending: dict[int, Any] = {}
+        self.snapshot_day: int | None = None
+        self.snapshot_rate = 1.0  # share of the customer-days snapshotted (max_pending_labels)
+        #: The BG/NBD fit (services.scorer.btyd.BgNbd; None: not fitted yet) and its day.
+        self.bgnbd: Any = None
+        self.bgnbd_day: int | None = None
+        self.suggested_horizon_days: float | None = None
+        #: (score as served, matured label, days since the last qualifying activity) of the
+        #: latest held-back snapshots: never learned, they measure the scores users got.
+        self.holdout: deque[tuple[float, bool, float]] = deque(maxlen=self.holdout_window)
+        self.holdout_labels = 0
+        #: Share of the latest snapshot day's customers holding its most common score, and
+        #: the day's mean score.
+        self.tie_share: float | None = None
+        self.mean_score: float | None = None
+
+    holdout_window = 5000
 
     def __setstate__(self, state: dict[str, Any]) -> None:
         state.setdefault("prior", None)  # checkpoints from before the prior
         state.setdefault("prior_strength", 1000.0)
         state.setdefault("_blend", None)
+        if "pending" not in state:  # checkpoints from before the horizon labels
+            self._init_labels()
+            state = {**self.__dict__, **state}
         self.__dict__.update(state)
 
     def __getstate__(self) -> dict[str, Any]:
@@ -438,6 +483,19 @@ class ChurnModel:
         self.n_learned += 1
         self.n_positive += bool(y)
 
+    def observe_holdout(self, p: float, y: bool, since: float) -> None:
+        """A held-back customer's matured label against the score it was served."""
+        self.holdout.append((p, y, since))
+        self.holdout_labels += 1
+
+    def observe_scores(self, p: npt.NDArray[np.float64]) -> None:
+        """The scores of a day's snapshot (every customer in the day's phase)."""
+        if len(p) == 0:
+            return
+        values = np.round(p, 4).tolist()
+        self.tie_share = Counter(values).most_common(1)[0][1] / len(values)
+        self.mean_score = float(np.mean(p))
+
     @property
     def version(self) -> str:
         share = self.prior_share()
@@ -504,15 +562,87 @@ class ChurnModel:
             raise TypeError(f"checkpoint holds {type(model).__name__}, not ChurnModel")
         return model
 
-    def quality(self) -> dict[str, float]:
-        """Prequential metrics for export (NaN-free)."""
-        auc = self.auc.get() if self.n_learned > 1 else 0.0
-        ll = self.logloss.get() if self.n_learned > 1 else 0.0
-        return {
-            "roc_auc": float(auc) if math.isfinite(auc) else 0.0,
-            "log_loss": float(ll) if math.isfinite(ll) else 0.0,
+    def quality(self) -> dict[str, float | None]:
+        """Metrics for export; None where undefined (an AUC with one class only).
+
+        * ``roc_auc``, ``log_loss``, ``calibration_error``: prequential, on the labels
+          learned (each scored as it was served, before the model learned it);
+        * ``holdout_*`` on the latest :attr:`holdout_window` matured labels of the held-back
+          customers (never learned): ``holdout_roc_auc`` of the served score,
+          ``holdout_recency_roc_auc`` of days since the last qualifying activity alone, and
+          their difference ``holdout_auc_minus_recency`` (below 0: worse than recency),
+          calibration error, positive rate, labels so far;
+        * ``score_tie_share``: share of the latest snapshot day's customers holding its most
+          common score (4 decimals); ``mean_score``; ``suggested_horizon_days``.
+        """
+        auc = self.auc.get() if self.n_learned > 1 and 0 < self.n_positive < self.n_learned else None
+        ll = self.logloss.get() if self.n_learned > 1 else None
+        out: dict[str, float | None] = {
+            "roc_auc": float(auc) if auc is not None and math.isfinite(auc) else None,
+            "log_loss": float(ll) if ll is not None and math.isfinite(ll) else None,
             "calibration_error": self.calibration.error(),
             "n_learned": float(self.n_learned),
-            "positive_rate": self.n_positive / self.n_learned if self.n_learned else 0.0,
+            "positive_rate": self.n_positive / self.n_learned if self.n_learned else None,
             "drifts": float(self.drifts),
         }
+        held = list(self.holdout)
+        p = np.array([h[0] for h in held])
+        y = np.array([h[1] for h in held], dtype=bool)
+        since = np.array([h[2] for h in held])
+        auc_h, auc_r = roc_auc(p, y), roc_auc(since, y)
+        out.update(
+            {
+                "holdout_roc_auc": auc_h,
+                "holdout_recency_roc_auc": auc_r,
+                "holdout_auc_minus_recency": (
+                    None if auc_h is None or auc_r is None else auc_h - auc_r
+                ),
+                "holdout_calibration_error": calibration_error(p, y) if held else None,
+                "holdout_positive_rate": float(y.mean()) if held else None,
+                "holdout_labels": float(self.holdout_labels),
+                "score_tie_share": self.tie_share,
+                "mean_score": self.mean_score,
+                "suggested_horizon_days": self.suggested_horizon_days,
+            }
+        )
+        return out
+
+
+def roc_auc(scores: npt.NDArray[np.float64], labels: npt.NDArray[np.bool_]) -> float | None:
+    """Rank-based ROC AUC, ties counting half; None when only one class is present.
+
+    >>> roc_auc(np.array([0.1, 0.4, 0.4, 0.9]), np.array([False, False, True, True]))
+    0.875
+    >>> roc_auc(np.array([0.1, 0.2]), np.array([True, True])) is None
+    True
+    """
+    y = np.asarray(labels, dtype=bool)
+    n_pos = int(y.sum())
+    n_neg = len(y) - n_pos
+    if n_pos == 0 or n_neg == 0:
+        return None
+    s = np.asarray(scores, dtype=np.float64)
+    order = np.argsort(s, kind="mergesort")
+    sorted_s = s[order]
+    ranks = np.empty(len(s))
+    edges = np.flatnonzero(np.diff(sorted_s)) + 1
+    starts = np.concatenate([[0], edges])
+    ends = np.concatenate([edges, [len(s)]])
+    avg = (starts + ends - 1) / 2.0 + 1.0
+    ranks[order] = np.repeat(avg, ends - starts)
+    return float((ranks[y].sum() - n_pos * (n_pos + 1) / 2) / (n_pos * n_neg))
+
+
+def calibration_error(p: npt.NDArray[np.float64], y: npt.NDArray[np.bool_], bins: int = 10) -> float:
+    """Expected calibration error over equal-width probability bins.
+
+    >>> calibration_error(np.array([0.9, 0.9, 0.1, 0.1]), np.array([True, True, False, False]))
+    0.1
+    """
+    idx = np.minimum((np.asarray(p) * bins).astype(int), bins - 1)
+    yf = np.asarray(y, dtype=np.float64)
+    err = 0.0
+    for b in np.unique(idx).tolist():
+        m = idx == b
+        err += m.sum() / len(p) * abs(float(np.mean(p[m])) - float(yf[m].mean()))
+    return round(float(err), 12)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from collections import Counter
 from collections.abc import Iterable
 from typing import Any
 
@@ -279,7 +280,7 @@ def test_before_any_label_the_churn_score_is_the_prior_not_a_flat_half() -> None
     busy, gone = (h.sc.score(h.store[c], as_of) for c in ("busy", "gone"))
     assert h.sc.model.n_learned == 0
     assert busy.churn < 0.1 and gone.churn > 0.5
-    assert gone.top[0][0] in {"idle_vs_usual_gap_active", "activity_14d_vs_prior42_log_ratio"}
+    assert gone.top[0][0] == "bgnbd_p_none"  # the BG/NBD prior: 30 silent days after 30 busy
     assert gone.top[0][1] > 0  # pushes towards churn
     record = h.sc.record("gone", gone, now_ms=0)
     assert record["features"]["churn_prior_share"] == 1.0
@@ -312,60 +313,71 @@ def _history(
     return sc, st
 
 
-def _labels(sc: Scorer, st: dict[str, Any], day: int) -> list[bool]:
-    return [churned for _, churned, _ in sc.examples(st, DAY0 + day)]
+def _days_run(h: Harness, purchases: dict[str, list[int]], days: range) -> None:
+    """Replay day by day: the clock passes midnight (5 minutes in), then the day's
+    purchases at noon."""
+    for d in days:
+        h.sc.max_event_ms = max(h.sc.max_event_ms or 0, T0 + d * DAY + 5 * MINUTE)
+        h.flush()
+        for cid, ds in purchases.items():
+            if d in ds:
+                h.event(cid, ev("purchase", T0 + d * DAY + 12 * HOUR, amount=10.0))
 
 
-def test_a_churn_by_silence_is_learned_31_days_after_the_last_activity() -> None:
-    sc, st = _history(range(0, 41))  # active every day up to day 40, then silent for good
-    # snapshots t = D - 30, D - 37, ... whose window reaches past the last activity (t > 10)
-    # are known churned on day 71 = last active day + 1 + the 30-day horizon, not 60 days
-    # after each snapshot
-    assert _labels(sc, st, 71) == [True] * 5
-    assert _labels(sc, st, 70) == []
-    assert _labels(sc, st, 64) == []  # a week earlier: nothing decided yet
+def test_every_sampled_customer_day_is_labelled_exactly_at_the_horizon() -> None:
+    # every customer snapshotted every day, all held back (so every label is recorded with
+    # the recency it was scored with), H = 10 days, 1 h allowed lateness
+    cfg = ScorerConfig(
+        churn_horizon_days=10,
+        churn_activity="purchase",
+        snapshot_every_days=1,
+        holdout_every=1,
+        allowed_lateness_ms=HOUR,
+    )
+    purchases = {
+        "gone": [0, 1, 2, 3, 4],  # never again
+        "back": [0, 1, 2, 3, 4, 20],  # back after 16 quiet days
+        "stay": list(range(0, 46)),
+    }
+    h = Harness(cfg)
+    for d in range(0, 46):
+        _days_run(h, purchases, range(d, d + 1))
+        # day d's boundary is final at the next day's first minutes (1 h lateness): the
+        # snapshots of day d - 1 - 10 and before have matured, not one later
+        assert h.sc.model.holdout_labels == 3 * max(0, d - 1 - 10), d
+    assert h.sc.model.n_learned == 0  # all held back
+    # independently: every customer-day 1..34, labelled "no purchase in [d, d + 10)"
+    want: Counter[tuple[float, bool]] = Counter()
+    for ds in purchases.values():
+        for d in range(1, 35):
+            last = max(x for x in ds if x < d)
+            want[(d - last - 0.5, not any(d <= x < d + 10 for x in ds))] += 1
+    got = Counter((round(since, 4), y) for _, y, since in h.sc.model.holdout)
+    assert got == want
+    # 15.5 days quiet: churned for the customer who never came back, not for the one back
+    # on day 20 (labelled by each day's horizon, not once for good)
+    assert want[(15.5, True)] == 1 and want[(15.5, False)] == 1
 
 
-def test_a_longer_label_silence_learns_churn_later_and_pauses_as_not_churned() -> None:
-    longer = ScorerConfig(label_silence_days=45)
-    sc, st = _history(range(0, 41), config=longer)  # silent for good after day 40
-    assert _labels(sc, st, 86) == [True] * 7  # 40 + 1 + 45
-    assert _labels(sc, st, 71) == [] and _labels(sc, st, 85) == []
-    # 40 quiet days, then back to normal (a reactivated customer): with the default 30-day
-    # silence the snapshots before the pause are learned as churned on day 71
-    pause = [*range(0, 41), *range(81, 101)]
-    sc, st = _history(pause, config=longer)
-    labels = [y for d in range(60, 101) for y in _labels(sc, st, d)]
-    assert labels and not any(labels)
-    sc, st = _history(pause)
-    assert _labels(sc, st, 71) and all(_labels(sc, st, 71))
+def test_a_model_quality_with_one_class_is_undefined_not_zero() -> None:
+    sc = Scorer(ScorerConfig())
+    for _ in range(5):
+        sc.model.learn({"x": 1.0}, False)
+        sc.model.observe_holdout(0.2, False, 3.0)
+    q = sc.model.quality()
+    assert q["roc_auc"] is None and q["holdout_roc_auc"] is None
+    assert q["holdout_recency_roc_auc"] is None and q["holdout_auc_minus_recency"] is None
+    sc.model.observe_holdout(0.9, True, 1.0)  # a churner the score ranks above, recency below
+    q = sc.model.quality()
+    assert q["holdout_roc_auc"] == 1.0 and q["holdout_recency_roc_auc"] == 0.0
+    assert q["holdout_auc_minus_recency"] == 1.0
 
 
-def test_an_active_customer_is_learned_as_not_churned_once_the_window_has_passed() -> None:
-    sc, st = _history(range(0, 100))
-    assert _labels(sc, st, 80) == [False]  # snapshot 43: active again on day 73 = 43 + 30
-    assert all(not y for d in range(40, 120) for y in _labels(sc, st, d))
-
-
-def test_a_snapshot_whose_baseline_left_the_buckets_is_not_learned() -> None:
-    # the buckets hold 128 days: a snapshot more than 71 days behind the newest event would
-    # see its 8-week baseline truncated, unlike any live score: it is skipped
-    sc, st = _history(range(0, 120))
-    assert _labels(sc, st, 80) == []
-
-
-def test_a_cancellation_is_learned_the_next_day() -> None:
-    sc, st = _history(range(0, 60), cancel_day=40)
-    # every snapshot whose 30-day window holds day 40: 39, 32, 25, 18, 11
-    assert _labels(sc, st, 41) == [True] * 5
-    assert all(not y for y in _labels(sc, st, 38))
-
-
-def test_a_sparse_customer_is_not_labelled_churned_by_silence() -> None:
-    # active once every 15 days: 30 quiet days are its normal, only a cancellation counts
-    sc, st = _history(range(0, 61, 15))
-    labels = [y for d in range(20, 130) for y in _labels(sc, st, d)]
-    assert labels and not any(labels)
+def test_the_score_distribution_reports_the_share_of_ties() -> None:
+    sc = Scorer(ScorerConfig())
+    sc.model.observe_scores(np.array([0.1, 0.1, 0.1, 0.2, 0.30001]))
+    q = sc.model.quality()
+    assert q["score_tie_share"] == 0.6 and abs(q["mean_score"] - 0.16) < 1e-4
 
 
 def test_a_sparse_customer_is_churned_only_after_three_of_its_usual_gaps() -> None:
@@ -523,3 +535,69 @@ def test_a_tick_does_bounded_work_and_the_next_ticks_finish_it() -> None:
     refreshed = {s["customer_id"] for s in h.scores[emitted:]}
     assert refreshed == {f"c{i}" for i in range(20)}  # each once, over three ticks
     assert len(h.scores) - emitted == 20 and model.matured_through_day == start + 4
+
+
+# -- refresh timers ------------------------------------------------------------------------------
+def test_months_of_silence_every_customer_is_rescored_on_schedule() -> None:
+    # 40 customers active for one to two weeks, then silent for five months while time passes
+    # day by day: each is rescored every day until it has been silent for four weeks or a
+    # refresh turns it churned, then on the weekly grid, to the end (issue #17: a customer turned churned by a refresh lost its timer)
+    h = Harness()
+    ids = [f"c{i}" for i in range(40)]
+    for d in range(14):
+        h.sc.max_event_ms = max(h.sc.max_event_ms or 0, T0 + d * DAY + 5 * MINUTE)
+        h.flush()
+        for i, cid in enumerate(ids):
+            if d <= 6 + i % 7:  # the last active day varies over a week
+                h.event(cid, ev("login" if i % 2 else "purchase", T0 + d * DAY + HOUR, amount=5))
+    scored: dict[str, list[tuple[int, str]]] = {cid: [] for cid in ids}
+    end = 160
+    for d in range(14, end + 1):
+        h.sc.max_event_ms = T0 + d * DAY + 5 * MINUTE  # time passes (the watermark: d * DAY)
+        h.flush()
+        for cid in ids:
+            st = h.store[cid]
+            at = (st["scored_as_of"] - T0) // DAY
+            quiet = st["scored_as_of"] - st["last_event_ms"]
+            if not scored[cid] or scored[cid][-1][0] != at:
+                scored[cid].append((at, st["emitted_stage"], quiet))
+    for cid in ids:
+        seen = scored[cid]
+        assert seen[0][0] == 14 and seen[-1][1] == "churned", (cid, seen[:2], seen[-1])
+        for (a, stage, quiet), (b, _, _) in zip(seen, seen[1:], strict=False):
+            if stage == "churned" or quiet >= 28 * DAY:  # the next point of the weekly grid
+                assert 1 <= b - a <= 7 and (DAY0 + b) % 7 == 0, (cid, a, stage, b)
+            else:
+                assert b - a == 1, (cid, a, stage, b)
+        assert seen[-1][0] > end - 7, (cid, seen[-1])  # still on schedule at the end
+
+
+def test_a_silent_customer_is_emitted_only_when_what_segments_read_moves() -> None:
+    h = Harness()
+    h.event("quiet", ev("purchase", T0 + HOUR, amount=50.0))
+    refreshed = set()
+    for d in range(1, 200):
+        h.sc.max_event_ms = T0 + d * DAY + 5 * MINUTE
+        h.flush()
+        refreshed.add(h.store["quiet"]["scored_as_of"])
+    scores = h.of("quiet")
+    # refreshed every day (every week after four quiet weeks), emitted only on material
+    # moves: the windows rolling past the purchase, the churn probability moving by 0.02
+    assert len(refreshed) >= 50 and len(scores) < 0.6 * len(refreshed), (
+        len(refreshed),
+        len(scores),
+    )
+    for a, b in zip(scores, scores[1:], strict=False):
+        moved = {k for k, v in b["features"].items() if v != a["features"].get(k)}
+        aging = {k for k in moved if k.startswith(("days_since_", "bgnbd_"))} | {
+            "tenure_days",
+            "btyd_age_days",
+            "btyd_gap_z",
+        }
+        assert (
+            abs(b["churn_probability"] - a["churn_probability"]) >= 0.02
+            or b["lifecycle_stage"] != a["lifecycle_stage"]
+            or b["cluster"] != a["cluster"]
+            or abs(b["engagement_score"] - a["engagement_score"]) >= 2.0
+            or moved - aging
+        ), (a["as_of"], b["as_of"])
