@@ -41,25 +41,29 @@ from urllib.parse import parse_qs, unquote, urlsplit
 SPEC_DIR = Path(__file__).with_name("vendor_specs")
 
 SENDGRID_DOC = "https://www.twilio.com/docs/sendgrid/api-reference/mail-send/mail-send"
-SENDGRID_DYNAMIC_DOC = (
-    "https://www.twilio.com/docs/sendgrid/ui/sending-email/how-to-send-an-email-with-dynamic-templates"
+SENDGRID_DYNAMIC_DOC = "https://www.twilio.com/docs/sendgrid/ui/sending-email/how-to-send-an-email-with-dynamic-templates"
+SENDGRID_CATEGORIES_DOC = (
+    "https://www.twilio.com/docs/sendgrid/for-developers/sending-email/categories"
 )
-SENDGRID_CATEGORIES_DOC = "https://www.twilio.com/docs/sendgrid/for-developers/sending-email/categories"
-HS_OBJECTS_DOC = "https://developers.hubspot.com/docs/api-reference/latest/crm/objects/objects/guide"
-HS_UPSERT_DOC = (
-    "https://developers.hubspot.com/docs/api-reference/latest/crm/activities/tasks/batch/upsert-tasks"
+HS_OBJECTS_DOC = (
+    "https://developers.hubspot.com/docs/api-reference/latest/crm/objects/objects/guide"
 )
+HS_UPSERT_DOC = "https://developers.hubspot.com/docs/api-reference/latest/crm/activities/tasks/batch/upsert-tasks"
 HS_TASKS_DOC = "https://developers.hubspot.com/docs/api-reference/latest/crm/activities/tasks/guide"
-HS_TICKETS_DOC = "https://developers.hubspot.com/docs/api-reference/latest/crm/objects/tickets/guide"
+HS_TICKETS_DOC = (
+    "https://developers.hubspot.com/docs/api-reference/latest/crm/objects/tickets/guide"
+)
 HS_ASSOC_DOC = "https://developers.hubspot.com/docs/api-reference/latest/crm/associations/associations-v4/guide"
 HS_LISTS_DOC = (
     "https://developers.hubspot.com/docs/api-reference/2026-03/crm/lists/memberships/add-to-list"
 )
-SF_UPSERT_DOC = (
-    "https://developer.salesforce.com/docs/platform/api-rest/guide/resources-sobject-upsert-patch.md"
+SF_UPSERT_DOC = "https://developer.salesforce.com/docs/platform/api-rest/guide/resources-sobject-upsert-patch.md"
+SF_ERRORS_DOC = (
+    "https://developer.salesforce.com/docs/atlas.en-us.api_rest.meta/api_rest/errorcodes.htm"
 )
-SF_ERRORS_DOC = "https://developer.salesforce.com/docs/atlas.en-us.api_rest.meta/api_rest/errorcodes.htm"
-SF_OBJECTS_DOC = "https://developer.salesforce.com/docs/atlas.en-us.object_reference.meta/object_reference/"
+SF_OBJECTS_DOC = (
+    "https://developer.salesforce.com/docs/atlas.en-us.object_reference.meta/object_reference/"
+)
 RFC5322 = "https://www.rfc-editor.org/rfc/rfc5322#section-3.6"
 
 
@@ -374,7 +378,9 @@ def check_sendgrid(body: Any) -> list[Violation]:
 
 
 # -- HubSpot ---------------------------------------------------------------------------------
-def _hs(code: str, message: str, where: str = "", doc: str = HS_OBJECTS_DOC, **kw: Any) -> Violation:
+def _hs(
+    code: str, message: str, where: str = "", doc: str = HS_OBJECTS_DOC, **kw: Any
+) -> Violation:
     return Violation("hubspot", code, message, where, doc, **kw)
 
 
@@ -394,7 +400,11 @@ def _hs_properties(
             out.append(_hs("INVALID_OPTION", "property values are strings", f"{where}.{name}"))
         elif (obj, name) in HS_ENUMS and value not in HS_ENUMS[(obj, name)]:
             out.append(
-                _hs("INVALID_OPTION", f'"{value}" is not a valid option for {name}', f"{where}.{name}")
+                _hs(
+                    "INVALID_OPTION",
+                    f'"{value}" is not a valid option for {name}',
+                    f"{where}.{name}",
+                )
             )
         elif name == "hubspot_owner_id" and not _DIGITS.match(value):
             out.append(_hs("INVALID_OWNER_ID", f"{value!r} is not an owner id", f"{where}.{name}"))
@@ -427,9 +437,7 @@ def check_hubspot(
         out = []
         id_prop = query.get("idProperty")
         if id_prop is not None and id_prop not in portal.unique["contacts"]:
-            out.append(
-                _hs("VALIDATION_ERROR", f"{id_prop} is not a unique property", "idProperty")
-            )
+            out.append(_hs("VALIDATION_ERROR", f"{id_prop} is not a unique property", "idProperty"))
         if id_prop is None and not _DIGITS.match(parts[4]):
             out.append(_hs("VALIDATION_ERROR", "a record id is numeric", "contactId"))
         if method == "PATCH":
@@ -446,7 +454,9 @@ def check_hubspot(
         if parts[4:] == ["batch", "upsert"]:
             inputs = body.get("inputs") if isinstance(body, dict) else None
             if not isinstance(inputs, list) or not inputs:
-                return [_hs("VALIDATION_ERROR", "inputs: a non-empty array", "inputs", HS_UPSERT_DOC)]
+                return [
+                    _hs("VALIDATION_ERROR", "inputs: a non-empty array", "inputs", HS_UPSERT_DOC)
+                ]
             out = []
             for i, item in enumerate(inputs):
                 if not isinstance(item, dict):
@@ -497,16 +507,21 @@ def check_hubspot(
             )
         return out
     # PUT /crm/v4/objects/{from}/{id}/associations/default/{to}/{toId}
-    if parts[:3] == ["crm", "v4", "objects"] and len(parts) == 8 and parts[5:7] == [
-        "associations",
-        "default",
-    ]:
+    if (
+        parts[:3] == ["crm", "v4", "objects"]
+        and len(parts) == 9
+        and parts[5:7]
+        == [
+            "associations",
+            "default",
+        ]
+    ):
         out = []
         if method != "PUT":
             out.append(_hs("METHOD_NOT_ALLOWED", f"{method} {path}", doc=HS_ASSOC_DOC))
         if (parts[3], parts[7]) not in HS_ASSOCIATION_TYPES:
             out.append(_hs("VALIDATION_ERROR", f"no default association {parts[3]} -> {parts[7]}"))
-        for p in (parts[4], parts[7]):
+        for p in (parts[4], parts[8]):
             if not _DIGITS.match(p):
                 out.append(
                     _hs("VALIDATION_ERROR", f"{p!r} is not a record id", "objectId", HS_ASSOC_DOC)
@@ -519,10 +534,17 @@ def check_hubspot(
             out.append(_hs("METHOD_NOT_ALLOWED", f"{method} {path}", doc=HS_LISTS_DOC))
         if not _DIGITS.match(parts[3]):
             out.append(
-                _hs("VALIDATION_ERROR", "listId is the list's numeric ILS id", "listId", HS_LISTS_DOC)
+                _hs(
+                    "VALIDATION_ERROR",
+                    "listId is the list's numeric ILS id",
+                    "listId",
+                    HS_LISTS_DOC,
+                )
             )
         if not isinstance(body, list) or not body:
-            out.append(_hs("VALIDATION_ERROR", "the body is an array of record ids", "", HS_LISTS_DOC))
+            out.append(
+                _hs("VALIDATION_ERROR", "the body is an array of record ids", "", HS_LISTS_DOC)
+            )
         elif any(not isinstance(x, str) or not _DIGITS.match(x) for x in body):
             # HubSpot answers 200 and lists them in recordIdsMissing: nobody was added
             out.append(
@@ -569,7 +591,9 @@ def _sf_fields(org: SalesforceOrg, obj: str, body: Any, create: bool) -> list[Vi
         ("OwnerId", ("User",)),
     ):
         if name in body and not sf_id_ok(body[name], *kinds):
-            out.append(_sf("MALFORMED_ID", f"{name}: id value of incorrect type: {body[name]}", name))
+            out.append(
+                _sf("MALFORMED_ID", f"{name}: id value of incorrect type: {body[name]}", name)
+            )
     if create:
         for name in org.required_on_create.get(obj, ()):
             if not body.get(name):
@@ -663,15 +687,21 @@ def check_smtp(raw: bytes) -> list[Violation]:
     for name in ("Date", "From"):
         n = len(msg.get_all(name) or [])
         if n != 1:
-            out.append(Violation("smtp", "554", f"{name} must appear once (found {n})", name, RFC5322))
+            out.append(
+                Violation("smtp", "554", f"{name} must appear once (found {n})", name, RFC5322)
+            )
     if msg["Date"]:
         try:
             parsedate_to_datetime(str(msg["Date"]))
         except (TypeError, ValueError):
-            out.append(Violation("smtp", "554", "Date is not an RFC 5322 date-time", "Date", RFC5322))
+            out.append(
+                Violation("smtp", "554", "Date is not an RFC 5322 date-time", "Date", RFC5322)
+            )
     mid = msg.get_all("Message-ID") or []
     if len(mid) > 1:
-        out.append(Violation("smtp", "554", "Message-ID appears more than once", "Message-ID", RFC5322))
+        out.append(
+            Violation("smtp", "554", "Message-ID appears more than once", "Message-ID", RFC5322)
+        )
     if mid and not _MSG_ID.match(str(mid[0]).strip()):
         out.append(
             Violation(

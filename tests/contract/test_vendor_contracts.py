@@ -30,7 +30,7 @@ BOOK = load_book([DEFAULT_DIR])
 CONTACTS = MapContacts({"c-42": "ada@example.com"})
 
 
-def vendor_settings(crm: str) -> VendorSettings:
+def vendor_settings() -> VendorSettings:
     """The vendor ids an operator configures (the values the demo uses)."""
     lists = sorted({s.list_id for p in BOOK.playbooks for s in p.steps if s.list_id})
     templates = sorted(
@@ -44,7 +44,6 @@ def vendor_settings(crm: str) -> VendorSettings:
         }
     )
     return VendorSettings(
-        crm_kind=crm,  # type: ignore[arg-type]
         hubspot_lists={name: str(1000 + i) for i, name in enumerate(lists)},
         hubspot_owner_id="7001",
         salesforce_campaigns={name: f"701{i:012d}AAA" for i, name in enumerate(lists)},
@@ -96,7 +95,9 @@ def vendor_answer(r: httpx.Request) -> httpx.Response:
     if r.method == "GET" and path.startswith("/crm/v3/objects/contacts/"):
         return httpx.Response(200, json={"id": "5101", "properties": {"hubspot_owner_id": "7002"}})
     if r.method == "GET" and "/sobjects/Contact/" in path:
-        return httpx.Response(200, json={"Id": "003000000000042AAA", "OwnerId": "005000000000002AAA"})
+        return httpx.Response(
+            200, json={"Id": "003000000000042AAA", "OwnerId": "005000000000002AAA"}
+        )
     if path.endswith("/batch/upsert"):
         return httpx.Response(200, json={"status": "COMPLETE", "results": [{"id": "9001"}]})
     if path.startswith("/v3/mail/send"):
@@ -116,9 +117,10 @@ def captured(vendor: str, req: Request) -> list[tuple[str, str, Any]]:
     async def go() -> None:
         async with httpx.AsyncClient(transport=httpx.MockTransport(handler)) as client:
             router = make_adapters(
-                vendor_settings("salesforce" if vendor == "salesforce" else "hubspot"),
+                vendor_settings(),
                 client,
                 CONTACTS,
+                crm_kind="salesforce" if vendor == "salesforce" else "hubspot",
                 base_url="https://api.vendor.example",
                 sender="retention@mail.segflow.example",
             )
