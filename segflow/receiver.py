@@ -185,7 +185,10 @@ class Receiver:
         path = request.path
         now = time.monotonic()
         with self._lock:
-            cue = self._cues.popleft() if self._cues else None
+            # cues script the answers to actions' writes (they carry the key); lookups and
+            # association calls are answered normally
+            keyed = bool(key) and request.method != "GET"
+            cue = self._cues.popleft() if self._cues and keyed else None
             down = any(path.startswith(p) and now < until for p, until in self._outage.items())
         if cue is None and down:
             cue = Cue(self._outage_status)
