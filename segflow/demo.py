@@ -346,11 +346,36 @@ def _service_env(
         "SEGFLOW_DISPATCHER_WEBHOOK_URL": receiver.url + "/webhook",
         "SEGFLOW_DISPATCHER_SMTP_PORT": str(smtp.port),
         "SEGFLOW_DISPATCHER_CONTACT_PATTERN": "{customer_id}@example.invalid",
+        **_vendor_ids(),
         "SEGFLOW_SCORER_GROUP_ID": prefix + "scorer",
         # The demo delivers a simulated week in one burst after a pause; the scorer's clock
         # (slowest live partition) can then run a week ahead of a partition it has not read
         # yet, so allow more than a week of lateness here (see the scorer's README).
         "SEGFLOW_SCORER_ALLOWED_LATENESS_HOURS": "192",
+    }
+
+
+def _vendor_ids() -> dict[str, str]:
+    """The vendor record ids an operator configures for the default playbooks (here for the
+    receiver's stand-in accounts): HubSpot ILS list ids and an owner, SendGrid dynamic
+    template ids and an unsubscribe group. The dispatcher refuses to start without them on a
+    real endpoint."""
+    import hashlib
+
+    from services.dispatcher.playbooks import DEFAULT_DIR, load_book
+    from services.dispatcher.vendors import list_names, template_names
+
+    book = load_book([DEFAULT_DIR])
+    lists = {name: str(101 + i) for i, name in enumerate(sorted(list_names(book)))}
+    templates = {
+        t: "d-" + hashlib.md5(t.encode(), usedforsecurity=False).hexdigest()
+        for t in sorted(template_names(book))
+    }
+    return {
+        "SEGFLOW_DISPATCHER_HUBSPOT_LISTS": json.dumps(lists),
+        "SEGFLOW_DISPATCHER_HUBSPOT_OWNER_ID": "9001",
+        "SEGFLOW_DISPATCHER_SENDGRID_TEMPLATES": json.dumps(templates),
+        "SEGFLOW_DISPATCHER_SENDGRID_ASM_GROUP_ID": "7",
     }
 
 
@@ -713,7 +738,18 @@ def _report(
         f"'sent' results without an effect: {len(missing)}; keys reported sent twice: {twice}; "
         f"holdout contacted: {len(holdout_keys & effects)}"
     )
+    per_vendor = receiver.effects_by_vendor()
+    if smtp.messages:
+        per_vendor["smtp"] = len(smtp.unique())
+    rejected = receiver.rejected() + len(smtp.rejected)
+    say(
+        "vendors: "
+        + (", ".join(f"{v} {n:,} effects" for v, n in sorted(per_vendor.items())) or "none")
+        + f"; requests rejected by the vendor contracts: {rejected}"
+    )
     summary.update(
+        vendor_effects=per_vendor,
+        rejected_requests=rejected,
         sent=len(sent_keys),
         effects=len(effects),
         sent_twice=twice,

@@ -76,6 +76,9 @@ class Receiver:
     # behaves as the real vendors do: only their own idempotent writes (upserts by external or
     # unique id, memberships) apply once, and every accepted mail send is an email
     dedupe: bool = True
+    # drop the answer to the first attempt of each write (it took effect; the client sees the
+    # connection close): the lost-answer case exactly-once has to survive
+    drop_first_answer: bool = False
 
     def __post_init__(self) -> None:
         self._lock = threading.Lock()
@@ -84,6 +87,7 @@ class Receiver:
         # one per accepted send, by the idempotency key in custom_args)
         self.vendor_counts: collections.Counter[tuple[str, str, str]] = collections.Counter()
         self._hs_contacts: set[str] = set()
+        self._dropped: set[tuple[str, str, str | None]] = set()
         self._cues: collections.deque[Cue] = collections.deque()
         self._outage: dict[str, float] = {}  # path prefix → until (monotonic)
         self._effects: dict[str, Seen] = {}
@@ -137,6 +141,21 @@ class Receiver:
         """Idempotency key → the request that took effect (once per key, by construction)."""
         with self._lock:
             return dict(self._effects)
+
+    def effects_by_vendor(self) -> dict[str, int]:
+        """Actions that took effect, per vendor (sendgrid, hubspot, salesforce, webhook)."""
+        with self._lock:
+            return dict(
+                collections.Counter(
+                    contracts.vendor_of(s.path) or s.path.strip("/").split("/")[0]
+                    for s in self._effects.values()
+                )
+            )
+
+    def rejected(self) -> int:
+        """Requests refused for breaking the vendor's contract."""
+        with self._lock:
+            return sum(1 for r in self.requests if r.violations)
 
     def attempts(self) -> collections.Counter[str]:
         """Raw requests per idempotency key (every try, whatever the answer)."""
@@ -239,7 +258,13 @@ class Receiver:
                 self._effects[key] = seen
         if cue is not None and cue.delay:
             await asyncio.sleep(cue.delay)
-        if cue is not None and cue.drop and request.transport is not None:
+        drop = cue is not None and cue.drop
+        if self.drop_first_answer and request.method != "GET" and 200 <= status < 300:
+            with self._lock:
+                call = (request.method, str(request.rel_url), key)
+                drop = drop or call not in self._dropped
+                self._dropped.add(call)
+        if drop and request.transport is not None:
             # the request took effect; the client never hears back (connection closed)
             request.transport.abort()
         if answer is None:

@@ -139,8 +139,10 @@ class AiohttpClient:
             raise httpx.ConnectTimeout(str(exc) or "connect timeout") from exc
         except TimeoutError as exc:
             raise httpx.ReadTimeout(str(exc) or "timeout") from exc
-        except aiohttp.ClientConnectionError as exc:
+        except aiohttp.ClientConnectorError as exc:  # no connection: nothing was sent
             raise httpx.ConnectError(str(exc)) from exc
+        except aiohttp.ClientConnectionError as exc:  # dropped after sending: ambiguous
+            raise httpx.RemoteProtocolError(str(exc) or type(exc).__name__) from exc
         except aiohttp.ClientError as exc:
             raise httpx.TransportError(str(exc)) from exc
 

@@ -83,11 +83,11 @@ def routed(book: Book) -> dict[str, set[str]]:
     return out
 
 
-def _lists(book: Book) -> set[str]:
+def list_names(book: Book) -> set[str]:
     return {s.list_id for p in book.playbooks for s in p.steps if s.list_id}
 
 
-def _templates(book: Book) -> set[str]:
+def template_names(book: Book) -> set[str]:
     names = {s.template for p in book.playbooks for s in p.steps if s.template}
     for pb in book.playbooks:
         for v in pb.experiment.variants:
@@ -107,7 +107,7 @@ def with_local_stand_ins(v: VendorSettings, cfg: Any, book: Book) -> VendorSetti
     machine only (segflow's receiver); real endpoints keep what was configured."""
     update: dict[str, Any] = {}
     if is_local(cfg.crm_base_url):
-        lists = _lists(book)
+        lists = list_names(book)
         update["hubspot_lists"] = {
             **{n: str(int(_digest(n, 8), 16) % 10**9) for n in lists},
             **v.hubspot_lists,
@@ -119,7 +119,7 @@ def with_local_stand_ins(v: VendorSettings, cfg: Any, book: Book) -> VendorSetti
         update["hubspot_owner_id"] = v.hubspot_owner_id or "1"
     if is_local(cfg.email_base_url):
         update["sendgrid_templates"] = {
-            **{t: "d-" + _digest(t, 32) for t in _templates(book) if not _TEMPLATE.match(t)},
+            **{t: "d-" + _digest(t, 32) for t in template_names(book) if not _TEMPLATE.match(t)},
             **v.sendgrid_templates,
         }
         if v.sendgrid_asm_group_id is None:
@@ -140,7 +140,7 @@ def check_routes(cfg: Any, book: Book) -> None:
     if crm_channels:
         if not is_local(cfg.crm_base_url) and cfg.crm_token is None:
             need("crm_token", f"the CRM at {cfg.crm_base_url} is routed ({sorted(crm_channels)})")
-        for name in sorted(_lists(book)):
+        for name in sorted(list_names(book)):
             if cfg.crm_kind == "hubspot":
                 ils = cfg.hubspot_lists.get(name)
                 if not (ils and ils.isdigit()):
@@ -161,7 +161,7 @@ def check_routes(cfg: Any, book: Book) -> None:
     if "email" in used:
         if not is_local(cfg.email_base_url) and cfg.email_api_key is None:
             need("email_api_key", f"email at {cfg.email_base_url} is routed")
-        for name in sorted(_templates(book)):
+        for name in sorted(template_names(book)):
             tid = cfg.sendgrid_templates.get(name, name)
             if not _TEMPLATE.match(tid):
                 need(
