@@ -87,6 +87,7 @@ class Receiver:
         # one per accepted send, by the idempotency key in custom_args)
         self.vendor_counts: collections.Counter[tuple[str, str, str]] = collections.Counter()
         self._hs_contacts: set[str] = set()
+        self._mk_leads: set[int] = set()
         self._dropped: set[tuple[str, str, str | None]] = set()
         self._cues: collections.deque[Cue] = collections.deque()
         self._outage: dict[str, float] = {}  # path prefix → until (monotonic)
@@ -310,6 +311,45 @@ class Receiver:
                     "recordIdsRemoved": [],
                 }
             return 200, {"id": parts[-1]}
+        if vendor == "marketo":
+            ok = {"requestId": "segflow#receiver", "success": True}
+            if method == "GET":  # Get Leads by Filter Type: every customer has a lead here
+                cid = url.query.get("filterValues", "")
+                lead = int(hubspot_record_id(cid)) % 10**9
+                self._mk_leads.add(lead)
+                return 200, {**ok, "result": [{"id": lead}]}
+            if parts[2] == "leads.json":  # Sync Leads, updateOnly by segflowCustomerId
+                return 200, {
+                    **ok,
+                    "result": [
+                        {
+                            "id": int(hubspot_record_id(str(x.get(body["lookupField"])))) % 10**9,
+                            "status": "updated",
+                        }
+                        for x in body["input"]
+                    ],
+                }
+            if parts[2] == "lists":
+                result = []
+                for x in body["input"]:
+                    known = x["id"] in self._mk_leads
+                    if known:
+                        self.vendor_counts[("marketo", f"list:{parts[3]}", str(x["id"]))] = 1
+                    result.append(
+                        {"id": x["id"], "status": "added"}
+                        if known
+                        else {
+                            "id": x["id"],
+                            "status": "skipped",
+                            "reasons": [{"code": "1004", "message": "Lead not found"}],
+                        }
+                    )
+                return 200, {**ok, "result": result}
+            if parts[2] == "campaigns":  # every request runs the campaign's flow again
+                tokens = {t["name"]: t["value"] for t in body["input"].get("tokens") or []}
+                k = tokens.get("{{my.segflowKey}}", "")
+                self.vendor_counts[("marketo", "trigger", k)] += len(body["input"]["leads"])
+                return 200, {**ok, "result": [{"id": int(parts[3])}]}
         if vendor == "salesforce":
             obj = parts[4]
             if method == "GET":

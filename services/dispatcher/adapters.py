@@ -609,6 +609,147 @@ class SalesforceCRM:
         return await self._upsert("CampaignMember", req, body)
 
 
+def marketo_field(name: str) -> str:
+    """A playbook property name as a Marketo lead field's REST name.
+
+    >>> marketo_field("segflow_lifecycle"), marketo_field("customSegment")
+    ('segflowLifecycle', 'customSegment')
+    """
+    head, *rest = name.split("_")
+    return head + "".join(p[:1].upper() + p[1:] for p in rest)
+
+
+# Marketo answers HTTP 200 and reports errors in the body: these codes are worth a retry
+# (rate and concurrency limits, timeouts, expired or invalid access token, system errors)
+MARKETO_RETRY = frozenset({"502", "601", "602", "604", "606", "607", "608", "611", "615", "713"})
+
+
+class MarketoCRM:
+    """Marketo REST (see ``contracts.py`` for the documentation each call follows).
+
+    * property sync: ``POST /rest/v1/leads.json`` with ``action: updateOnly`` and
+      ``lookupField: segflowCustomerId`` (the Marketo lookup field: a retry updates the same
+      lead, a missing lead is never created);
+    * list membership: ``POST /rest/v1/lists/{id}/leads.json`` with the lead id, found by
+      ``GET /rest/v1/leads.json?filterType=segflowCustomerId`` and cached (idempotent);
+    * task / escalation: ``POST /rest/v1/campaigns/{id}/trigger.json`` runs the configured
+      smart campaign for the lead, with ``{{my.segflowSubject}}`` and ``{{my.segflowBody}}``
+      tokens. A campaign request is not idempotent: ``on_ambiguous`` decides, as for email.
+    """
+
+    endpoint = "crm"
+    LOOKUP = "segflowCustomerId"
+
+    def __init__(
+        self,
+        client: HttpClient,
+        base_url: str,
+        token: str | None,
+        *,
+        lists: Mapping[str, str] | None = None,
+        campaigns: Mapping[str, str] | None = None,
+        on_ambiguous: Ambiguity = "at_most_once",
+        cache_size: int = 100_000,
+    ) -> None:
+        self.client = client
+        self.base = f"{base_url.rstrip('/')}/rest/v1"
+        self.auth = {"Authorization": f"Bearer {token}"} if token else {}
+        self.lists = dict(lists or {})
+        self.campaigns = dict(campaigns or {})
+        self.on_ambiguous = on_ambiguous
+        self.leads = _LRU(cache_size)
+
+    def _answer(self, response: Any, on_ambiguous: Ambiguity) -> tuple[Sent, dict[str, Any]]:
+        sent = _check(response, self.endpoint, on_ambiguous)
+        answer = _json(response)
+        answer = answer if isinstance(answer, dict) else {}
+        if answer.get("success") is False:
+            errors = [e for e in answer.get("errors") or [] if isinstance(e, dict)]
+            codes = sorted({str(e.get("code")) for e in errors})
+            detail = f"marketo {','.join(codes)}: " + "; ".join(
+                str(e.get("message", ""))[:80] for e in errors
+            )
+            if set(codes) & MARKETO_RETRY:
+                raise CallFailed(detail, response.status_code, pause=1.0)
+            raise Rejected(detail, response.status_code)
+        return sent, answer
+
+    async def lead(self, customer_id: str) -> str:
+        hit = self.leads.get(customer_id)
+        if hit is not None:
+            return hit[0]
+        url = httpx.URL(
+            f"{self.base}/leads.json",
+            params={"filterType": self.LOOKUP, "filterValues": customer_id, "fields": "id"},
+        )
+        response = await _request(self.client, "GET", url, None, None, self.auth)
+        _, answer = self._answer(response, "at_least_once")
+        found = [r for r in answer.get("result") or [] if isinstance(r, dict) and "id" in r]
+        if not found:
+            raise Rejected("no_crm_contact: no Marketo lead has this segflowCustomerId")
+        lead = str(found[0]["id"])
+        self.leads.put(customer_id, (lead, None))
+        return lead
+
+    @staticmethod
+    def _record(answer: dict[str, Any], ok: tuple[str, ...]) -> None:
+        """Marketo reports each record's outcome in ``result[]`` (skipped with reasons)."""
+        for r in answer.get("result") or []:
+            if isinstance(r, dict) and r.get("status") not in ok:
+                reasons = "; ".join(
+                    f"{x.get('code')} {x.get('message', '')}"[:80] for x in r.get("reasons") or []
+                )
+                raise Rejected(f"not_applied: marketo {r.get('status')}: {reasons}")
+
+    async def send(self, req: Request) -> Sent:
+        ch = req.channel
+        if ch == "crm_property":
+            fields = {marketo_field(k): v for k, v in req.properties.items()}
+            body = {
+                "action": "updateOnly",
+                "lookupField": self.LOOKUP,
+                "input": [{self.LOOKUP: req.customer_id, **fields, "customSegment": req.segment}],
+            }
+            response = await _request(
+                self.client, "POST", f"{self.base}/leads.json", req.key, body, self.auth
+            )
+            sent, answer = self._answer(response, "at_least_once")
+            self._record(answer, ("updated",))
+            return sent
+        if ch == "crm_list":
+            list_id = self.lists.get(req.list_id or "")
+            if not list_id:
+                raise Rejected(f"config: no Marketo static list id for list {req.list_id!r}")
+            lead = await self.lead(req.customer_id)
+            url = f"{self.base}/lists/{list_id}/leads.json"
+            body = {"input": [{"id": int(lead)}]}
+            response = await _request(self.client, "POST", url, req.key, body, self.auth)
+            sent, answer = self._answer(response, "at_least_once")
+            self._record(answer, ("added", "skipped"))  # skipped: already a member
+            return sent
+        if ch in ("crm_task", "support_escalation"):
+            campaign = self.campaigns.get(ch)
+            if not campaign:
+                raise Rejected(f"config: no Marketo smart campaign id for {ch}")
+            lead = await self.lead(req.customer_id)
+            trigger: dict[str, Any] = {
+                "input": {
+                    "leads": [{"id": int(lead)}],
+                    "tokens": [
+                        {"name": "{{my.segflowSubject}}", "value": req.subject or req.step},
+                        {"name": "{{my.segflowBody}}", "value": req.body or ""},
+                        {"name": "{{my.segflowKey}}", "value": req.key},
+                    ],
+                }
+            }
+            url = f"{self.base}/campaigns/{campaign}/trigger.json"
+            response = await _request(
+                self.client, "POST", url, req.key, trigger, self.auth, self.on_ambiguous
+            )
+            return self._answer(response, self.on_ambiguous)[0]
+        raise Rejected(f"channel {ch} is not a CRM channel")
+
+
 class SendGridEmail:
     """SendGrid v3 mail send with a dynamic template and its template data.
 

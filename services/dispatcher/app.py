@@ -106,7 +106,7 @@ class DispatcherSettings(VendorSettings):
     clock: Literal["wall", "event"] = "wall"
     group_id: str = "segflow-dispatcher"
     transactional_id: str | None = None
-    crm_kind: Literal["hubspot", "salesforce"] = "hubspot"
+    crm_kind: Literal["hubspot", "salesforce", "marketo"] = "hubspot"
     crm_base_url: str = "http://127.0.0.1:8725"
     crm_token: SecretStr | None = None
     email_base_url: str = "http://127.0.0.1:8725"

@@ -26,6 +26,7 @@ from services.dispatcher.adapters import (
     Contacts,
     HttpClient,
     HubSpotCRM,
+    MarketoCRM,
     Router,
     SalesforceCRM,
     SendGridEmail,
@@ -61,6 +62,11 @@ class VendorSettings(BaseSettings):
     salesforce_case_status: str = "New"
     salesforce_case_origin: str = "Web"
     salesforce_campaign_member_status: str | None = None  # the campaign's default when unset
+    # Marketo: playbook list name -> static list id; channel (crm_task, support_escalation)
+    # -> smart campaign id (a "Campaign is Requested" trigger, source Web Service API)
+    marketo_lists: dict[str, str] = {}
+    marketo_campaigns: dict[str, str] = {}
+    marketo_on_ambiguous: Ambiguity = "at_most_once"
     # SendGrid: playbook template name -> dynamic template id (d- + 32 hex); unsubscribe group
     sendgrid_templates: dict[str, str] = {}
     sendgrid_asm_group_id: int | None = None
@@ -117,6 +123,15 @@ def with_local_stand_ins(v: VendorSettings, cfg: Any, book: Book) -> VendorSetti
             **v.salesforce_campaigns,
         }
         update["hubspot_owner_id"] = v.hubspot_owner_id or "1"
+        update["marketo_lists"] = {
+            **{n: str(int(_digest(n, 6), 16)) for n in lists},
+            **v.marketo_lists,
+        }
+        update["marketo_campaigns"] = {
+            "crm_task": "1001",
+            "support_escalation": "1002",
+            **v.marketo_campaigns,
+        }
     if is_local(cfg.email_base_url):
         update["sendgrid_templates"] = {
             **{t: "d-" + _digest(t, 32) for t in template_names(book) if not _TEMPLATE.match(t)},
@@ -145,6 +160,10 @@ def check_routes(cfg: Any, book: Book) -> None:
                 ils = cfg.hubspot_lists.get(name)
                 if not (ils and ils.isdigit()):
                     need("hubspot_lists", f"list {name!r} needs its numeric ILS list id")
+            elif cfg.crm_kind == "marketo":
+                mid = cfg.marketo_lists.get(name)
+                if not (mid and mid.isdigit()):
+                    need("marketo_lists", f"list {name!r} needs its static list id")
             else:
                 cid = cfg.salesforce_campaigns.get(name)
                 if not (cid and _SF_CAMPAIGN.match(cid)):
@@ -155,6 +174,9 @@ def check_routes(cfg: Any, book: Book) -> None:
             and not (cfg.hubspot_owner_id or "").isdigit()
         ):
             need("hubspot_owner_id", "tasks and tickets need an owner when the contact has none")
+        for ch in sorted({"crm_task", "support_escalation"} & used.keys()):
+            if cfg.crm_kind == "marketo" and not cfg.marketo_campaigns.get(ch, "").isdigit():
+                need("marketo_campaigns", f"{ch} needs the id of the smart campaign to request")
         owner = cfg.salesforce_owner_id
         if cfg.crm_kind == "salesforce" and owner is not None and not _SF_USER.match(owner):
             need("salesforce_owner_id", "a User id (005...)")
@@ -182,7 +204,16 @@ def check_routes(cfg: Any, book: Book) -> None:
 
 def crm_adapter(
     v: VendorSettings, client: HttpClient, kind: str, base_url: str, token: str | None
-) -> HubSpotCRM | SalesforceCRM:
+) -> HubSpotCRM | SalesforceCRM | MarketoCRM:
+    if kind == "marketo":
+        return MarketoCRM(
+            client,
+            base_url,
+            token,
+            lists=v.marketo_lists,
+            campaigns=v.marketo_campaigns,
+            on_ambiguous=v.marketo_on_ambiguous,
+        )
     if kind == "hubspot":
         return HubSpotCRM(
             client,

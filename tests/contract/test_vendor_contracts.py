@@ -48,6 +48,8 @@ def vendor_settings() -> VendorSettings:
         hubspot_owner_id="7001",
         salesforce_campaigns={name: f"701{i:012d}AAA" for i, name in enumerate(lists)},
         salesforce_owner_id="005000000000001AAA",
+        marketo_lists={name: str(2000 + i) for i, name in enumerate(lists)},
+        marketo_campaigns={"crm_task": "3001", "support_escalation": "3002"},
         sendgrid_templates={t: "d-" + f"{i:032x}" for i, t in enumerate(templates)},
         sendgrid_asm_group_id=4242,
     )
@@ -102,6 +104,10 @@ def vendor_answer(r: httpx.Request) -> httpx.Response:
         return httpx.Response(200, json={"status": "COMPLETE", "results": [{"id": "9001"}]})
     if path.startswith("/v3/mail/send"):
         return httpx.Response(202)
+    if path.startswith("/rest/v1/"):  # Marketo: 200 with success and per-record results
+        status = {"leads.json": "updated", "lists": "added"}.get(path.split("/")[3])
+        result = [{"id": 77, "status": status}] if status else [{"id": 77}]
+        return httpx.Response(200, json={"requestId": "r#1", "success": True, "result": result})
     if "/sobjects/" in path:
         return httpx.Response(201, json={"id": "a0X000000000001AAA", "success": True, "errors": []})
     return httpx.Response(200, json={})
@@ -120,7 +126,7 @@ def captured(vendor: str, req: Request) -> list[tuple[str, str, Any]]:
                 vendor_settings(),
                 client,
                 CONTACTS,
-                crm_kind="salesforce" if vendor == "salesforce" else "hubspot",
+                crm_kind=vendor if vendor in ("salesforce", "marketo") else "hubspot",
                 base_url="https://api.vendor.example",
                 sender="retention@mail.segflow.example",
             )
@@ -172,6 +178,11 @@ def test_salesforce_accepts_every_crm_step(req: Request) -> None:
     assert_accepted("salesforce", captured("salesforce", req))
 
 
+@pytest.mark.parametrize("req", cases(CRM))
+def test_marketo_accepts_every_crm_step(req: Request) -> None:
+    assert_accepted("marketo", captured("marketo", req))
+
+
 class _Capture:
     def __init__(self) -> None:
         self.raw: list[bytes] = []
@@ -216,15 +227,28 @@ def idempotent_at_vendor(method: str, url: str) -> bool:
     or external id (PATCH /sobjects/{obj}/{extField}/{key}; HubSpot batch/upsert), a PATCH of
     a record by a unique property, or a PUT of a membership or association."""
     path = httpx.URL(url).path
+    if path == "/rest/v1/leads.json" or path.startswith("/rest/v1/lists/"):
+        return True  # Marketo: updateOnly by the lookup field (body checked below); list adds
     return method in ("PUT", "PATCH") or path.endswith("/batch/upsert")
 
 
-@pytest.mark.parametrize("vendor", ["hubspot", "salesforce"])
-@pytest.mark.parametrize("req", cases(CRM))
+# a Marketo campaign request is not idempotent: the ambiguity policy applies to it instead
+IDEMPOTENT_CASES = [
+    pytest.param(vendor, *p.values, id=f"{vendor}:{p.id}")
+    for vendor in ("hubspot", "salesforce", "marketo")
+    for p in cases(CRM)
+    if not (vendor == "marketo" and p.values[0].channel in ("crm_task", "support_escalation"))
+]
+
+
+@pytest.mark.parametrize(("vendor", "req"), IDEMPOTENT_CASES)
 def test_every_crm_write_is_idempotent_at_the_vendor(vendor: str, req: Request) -> None:
     calls = captured(vendor, req)
-    writes = [(m, u) for m, u, _ in calls if m != "GET"]
-    assert writes and all(idempotent_at_vendor(m, u) for m, u in writes), writes
+    writes = [(m, u, b) for m, u, b in calls if m != "GET"]
+    assert writes and all(idempotent_at_vendor(m, u) for m, u, _ in writes), writes
+    for _, url, body in writes:
+        if url.endswith("/rest/v1/leads.json"):
+            assert body["action"] == "updateOnly" and body["lookupField"] == "segflowCustomerId"
 
 
 @pytest.mark.parametrize("req", cases({"crm_property"}))

@@ -151,3 +151,16 @@ def test_email_policy_on_an_ambiguous_failure(
             asyncio.run(email.send(mail_request()))
         if expected is Rejected:
             assert str(exc.value).startswith("ambiguous:")
+
+
+def test_marketo_needs_static_list_and_smart_campaign_ids() -> None:
+    with pytest.raises(ConfigError) as exc:
+        check_routes(configured(crm_kind="marketo"), BOOK)
+    assert "SEGFLOW_DISPATCHER_MARKETO_LISTS" in str(exc.value)
+    assert "SEGFLOW_DISPATCHER_MARKETO_CAMPAIGNS" in str(exc.value)
+    ok = configured(
+        crm_kind="marketo",
+        marketo_lists={n: str(500 + i) for i, n in enumerate(sorted(list_names(BOOK)))},
+        marketo_campaigns={"crm_task": "1001", "support_escalation": "1002"},
+    )
+    check_routes(ok, BOOK)

@@ -2,11 +2,12 @@
 de-duplication by segflow's ``Idempotency-Key`` header) and drops the answer to the first
 attempt of every write after it took effect.
 
-* CRM (HubSpot, Salesforce): the dispatcher retries, and the vendors' own idempotent writes
+* CRM (HubSpot, Salesforce, Marketo): the dispatcher retries, and the vendors' own idempotent writes
   (upsert by ``segflow_idempotency_key`` / ``Segflow_Idempotency_Key__c``, list membership,
   property update) leave exactly one task, ticket, case and membership per action;
-* email (SendGrid has no idempotent write): the default policy, at most once, records the
-  action ``failed`` with reason ``ambiguous`` and never sends a second email.
+* email (SendGrid has no idempotent write) and Marketo campaign requests: the default policy,
+  at most once, records the action ``failed`` with reason ``ambiguous`` and never sends a
+  second email or runs the campaign twice.
 """
 
 from __future__ import annotations
@@ -78,7 +79,7 @@ def terminal_results(s: Settings, keys: set[str], timeout: float) -> dict[str, d
     return done
 
 
-@pytest.mark.parametrize("crm", ["hubspot", "salesforce"])
+@pytest.mark.parametrize("crm", ["hubspot", "salesforce", "marketo"])
 def test_lost_answers_leave_one_effect_per_crm_action_and_no_second_email(
     crm: str, kafka_settings: Settings, tmp_path: Path
 ) -> None:
@@ -100,6 +101,8 @@ def test_lost_answers_leave_one_effect_per_crm_action_and_no_second_email(
             hubspot_lists={"vip": "314"},
             hubspot_owner_id="9001",
             salesforce_campaigns={"vip": "701000000000314AAA"},
+            marketo_lists={"vip": "314"},
+            marketo_campaigns={"crm_task": "1001", "support_escalation": "1002"},
             sendgrid_templates={"d-winback": "d-" + "5" * 32},
             sendgrid_asm_group_id=7,
         )
@@ -135,9 +138,14 @@ def test_lost_answers_leave_one_effect_per_crm_action_and_no_second_email(
     assert receiver.rejected() == 0, [r.violations for r in receiver.requests if r.violations]
     writes = Counter(r.key for r in receiver.requests if r.key and r.method != "GET")
     created = receiver.vendor_counts
-    obj = {"hubspot": ("tasks", "tickets"), "salesforce": ("Task", "Case")}[crm]
+    obj = {"hubspot": ("tasks", "tickets"), "salesforce": ("Task", "Case")}.get(crm, ())
     for (_cid, step), key in keys.items():
         result = done[key]
+        if crm == "marketo" and step in ("task", "case"):
+            # a campaign request is not idempotent either: at most once, like email
+            assert result["status"] == "failed" and result["reason"].startswith("ambiguous")
+            assert created[("marketo", "trigger", key)] == 1 and writes[key] == 1
+            continue
         if step == "mail":
             # at most once: the lost answer is not retried, the action is failed as ambiguous
             assert result["status"] == "failed" and result["reason"].startswith("ambiguous")
@@ -150,14 +158,17 @@ def test_lost_answers_leave_one_effect_per_crm_action_and_no_second_email(
             assert created[(crm, kind, key)] == 1, (step, created[(crm, kind, key)])
         if step == "list" and crm == "salesforce":
             assert created[("salesforce", "CampaignMember", key)] == 1
-    if crm == "hubspot":  # one membership per customer in ILS list 314
-        members = [k for k in created if k[:2] == ("hubspot", "list:314")]
+    if crm != "salesforce":  # one membership per customer in list 314
+        members = [k for k in created if k[:2] == (crm, "list:314")]
         assert len(members) == len(cids)
     # nothing else was created: one object per CRM action, one email per email action
     kinds = Counter(k[1] for k in created if k[0] in (crm, "sendgrid"))
-    expected = {obj[0]: len(cids), obj[1]: len(cids), "mail": len(cids)}
+    n = len(cids)
+    expected = {"mail": n}
     if crm == "salesforce":
-        expected.update(CampaignMember=len(cids), member=len(cids))
+        expected.update(Task=n, Case=n, CampaignMember=n, member=n)
+    elif crm == "hubspot":
+        expected.update(tasks=n, tickets=n, **{"list:314": n})
     else:
-        expected["list:314"] = len(cids)
+        expected.update(trigger=2 * n, **{"list:314": n})
     assert dict(kinds) == expected
