@@ -25,6 +25,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import re
 import smtplib
 import time
 from collections import OrderedDict
@@ -471,6 +472,13 @@ class HubSpotCRM:
         raise Rejected(f"channel {ch} is not a CRM channel")
 
 
+def _number(value: Any) -> float | None:
+    try:
+        return float(value) if value not in (None, "") else None
+    except (TypeError, ValueError):
+        return None
+
+
 def salesforce_field(name: str) -> str:
     """A playbook property name as a Salesforce custom field's API name.
 
@@ -561,6 +569,40 @@ class SalesforceCRM:
                 return Sent(response.status_code, self.endpoint)
         return classify(response, self.endpoint)
 
+    async def _risk_segment(self, req: Request, contact: str) -> Sent:
+        """Upsert the customer's ``CustomerRiskSegment__c`` record for this segment (seed 000
+        §3.4) by ``Segflow_Key__c`` = customer and segment: one record per customer and
+        segment, updated on every entry and exit (the step's ``in_segment`` property)."""
+        entered = req.properties.get("in_segment", "true") == "true"
+        now = time.time()
+        body: dict[str, Any] = {
+            "Contact__c": contact,
+            "Segment_Name__c": req.segment[:80],
+            "In_Segment__c": entered,
+            "Last_Triggered__c": time.strftime("%Y-%m-%dT%H:%M:%S.000+0000", time.gmtime(now)),
+            self.CUSTOMER_FIELD: req.customer_id,
+        }
+        if entered:
+            body["Created_On__c"] = time.strftime("%Y-%m-%d", time.gmtime(now))
+        v = req.variables
+        churn = _number(v.get("churn_probability"))
+        if churn is not None:
+            body["Churn_Score__c"] = round(churn, 4)
+        decay = _number(
+            v.get("activity_14d_vs_prior42_log_ratio") or v.get("activity_14d_vs_prior28_change")
+        )
+        if decay is not None:
+            body["Engagement_Decay__c"] = round(decay, 4)
+        days = _number(v.get("days_since_purchase"))
+        if days is not None and days >= 0:
+            body["Last_Purchase_Date__c"] = time.strftime(
+                "%Y-%m-%d", time.gmtime(now - days * 86400)
+            )
+        slug = re.sub(r"[^A-Za-z0-9]+", "-", req.segment).strip("-")
+        key = quote(f"{req.customer_id}__{slug}", safe="")
+        url = f"{self.base}/CustomerRiskSegment__c/Segflow_Key__c/{key}"
+        return await _call(self.client, self.endpoint, "PATCH", url, req.key, body, self.auth)
+
     async def send(self, req: Request) -> Sent:
         ch = req.channel
         if ch == "crm_property":
@@ -571,9 +613,11 @@ class SalesforceCRM:
             body = {salesforce_field(k): v for k, v in req.properties.items()}
             body["Custom_Segment__c"] = req.segment
             return await _call(self.client, self.endpoint, "PATCH", url, req.key, body, self.auth)
-        if ch not in ("crm_task", "support_escalation", "crm_list"):
+        if ch not in ("crm_task", "support_escalation", "crm_list", "crm_segment"):
             raise Rejected(f"channel {ch} is not a CRM channel")
         contact, owner = await self.contact(req.customer_id)
+        if ch == "crm_segment":
+            return await self._risk_segment(req, contact)
         tag = {self.CUSTOMER_FIELD: req.customer_id}
         if ch == "crm_task":
             body = {
@@ -962,6 +1006,6 @@ class Router:
     webhook: Adapter | None = None
 
     def for_channel(self, channel: str) -> Adapter | None:
-        if channel in ("crm_property", "crm_task", "crm_list", "support_escalation"):
+        if channel in ("crm_property", "crm_task", "crm_list", "support_escalation", "crm_segment"):
             return self.crm
         return {"email": self.email, "smtp": self.smtp, "webhook": self.webhook}.get(channel)

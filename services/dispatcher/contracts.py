@@ -211,6 +211,23 @@ class SalesforceOrg:
                     "Segflow_Customer_Id__c",
                 }
             ),
+            # seed 000 §3.4: the custom object segflow keeps per customer and segment
+            "CustomerRiskSegment__c": frozenset(
+                {
+                    "Id",
+                    "Name",
+                    "Contact__c",
+                    "Segment_Name__c",
+                    "In_Segment__c",
+                    "Created_On__c",
+                    "Last_Triggered__c",
+                    "Churn_Score__c",
+                    "Engagement_Decay__c",
+                    "Last_Purchase_Date__c",
+                    "Segflow_Key__c",
+                    "Segflow_Customer_Id__c",
+                }
+            ),
             "CampaignMember": frozenset(
                 {
                     "Id",
@@ -230,6 +247,7 @@ class SalesforceOrg:
             "Task": frozenset({"Segflow_Idempotency_Key__c"}),
             "Case": frozenset({"Segflow_Idempotency_Key__c"}),
             "CampaignMember": frozenset({"Segflow_Idempotency_Key__c"}),
+            "CustomerRiskSegment__c": frozenset({"Segflow_Key__c"}),
         }
     )
     required_on_create: dict[str, tuple[str, ...]] = field(
@@ -238,6 +256,19 @@ class SalesforceOrg:
             "Task": (),
             "Case": (),
             "CampaignMember": ("CampaignId",),
+            "CustomerRiskSegment__c": ("Contact__c", "Segment_Name__c"),
+        }
+    )
+    # field types the REST API checks (JSON_PARSER_ERROR / INVALID_TYPE_ON_FIELD_IN_RECORD)
+    types: dict[tuple[str, str], str] = field(
+        default_factory=lambda: {
+            ("CustomerRiskSegment__c", "In_Segment__c"): "boolean",
+            ("CustomerRiskSegment__c", "Created_On__c"): "date",
+            ("CustomerRiskSegment__c", "Last_Purchase_Date__c"): "date",
+            ("CustomerRiskSegment__c", "Last_Triggered__c"): "datetime",
+            ("CustomerRiskSegment__c", "Churn_Score__c"): "number",
+            ("CustomerRiskSegment__c", "Engagement_Decay__c"): "number",
+            ("Task", "ActivityDate"): "date",
         }
     )
     picklists: dict[tuple[str, str], frozenset[str]] = field(
@@ -259,6 +290,17 @@ SF_PREFIX = {"Contact": "003", "Lead": "00Q", "Campaign": "701", "User": "005", 
 _SF_ID = re.compile(r"^[a-zA-Z0-9]{15}([a-zA-Z0-9]{3})?$")
 _DIGITS = re.compile(r"^[0-9]+$")
 _TEMPLATE = re.compile(r"^d-[0-9a-f]{32}$")
+
+
+_TYPE_OK = {
+    "boolean": lambda v: isinstance(v, bool),
+    "number": lambda v: isinstance(v, int | float) and not isinstance(v, bool),
+    "date": lambda v: isinstance(v, str) and bool(re.match(r"^\d{4}-\d{2}-\d{2}$", v)),
+    "datetime": lambda v: (
+        isinstance(v, str)
+        and bool(re.match(r"^\d{4}-\d{2}-\d{2}T\d{2}:\d{2}:\d{2}(\.\d+)?(Z|[+-]\d{4})$", v))
+    ),
+}
 
 
 def sf_id_ok(value: Any, *kinds: str) -> bool:
@@ -585,7 +627,18 @@ def _sf_fields(org: SalesforceOrg, obj: str, body: Any, create: bool) -> list[Vi
                     name,
                 )
             )
+    for name, value in body.items():
+        kind = org.types.get((obj, name))
+        if kind is not None and not _TYPE_OK[kind](value):
+            out.append(
+                _sf(
+                    "INVALID_TYPE_ON_FIELD_IN_RECORD",
+                    f"{name}: value not of required type: {value!r} (a {kind})",
+                    name,
+                )
+            )
     for name, kinds in (
+        ("Contact__c", ("Contact",)),
         ("WhoId", ("Contact", "Lead")),
         ("ContactId", ("Contact",)),
         ("LeadId", ("Lead",)),

@@ -151,7 +151,13 @@ def check_routes(cfg: Any, book: Book) -> None:
     def need(setting: str, why: str) -> None:
         problems.append(f"{ENV}{setting.upper()}: {why}")
 
-    crm_channels = {"crm_property", "crm_task", "crm_list", "support_escalation"} & used.keys()
+    crm_channels = {
+        "crm_property",
+        "crm_task",
+        "crm_list",
+        "support_escalation",
+        "crm_segment",
+    } & used.keys()
     if crm_channels:
         if not is_local(cfg.crm_base_url) and cfg.crm_token is None:
             need("crm_token", f"the CRM at {cfg.crm_base_url} is routed ({sorted(crm_channels)})")
@@ -174,6 +180,8 @@ def check_routes(cfg: Any, book: Book) -> None:
             and not (cfg.hubspot_owner_id or "").isdigit()
         ):
             need("hubspot_owner_id", "tasks and tickets need an owner when the contact has none")
+        if "crm_segment" in used and cfg.crm_kind != "salesforce":
+            need("crm_kind", "crm_segment steps write Salesforce's CustomerRiskSegment__c")
         for ch in sorted({"crm_task", "support_escalation"} & used.keys()):
             if cfg.crm_kind == "marketo" and not cfg.marketo_campaigns.get(ch, "").isdigit():
                 need("marketo_campaigns", f"{ch} needs the id of the smart campaign to request")

@@ -27,6 +27,8 @@ from services.dispatcher.playbooks import DEFAULT_DIR, load_book, render
 from services.dispatcher.vendors import VendorSettings, make_adapters
 
 BOOK = load_book([DEFAULT_DIR])
+# the Salesforce-only playbooks (CustomerRiskSegment__c on every risk segment entry and exit)
+SF_BOOK = load_book([DEFAULT_DIR / "salesforce"])
 CONTACTS = MapContacts({"c-42": "ada@example.com"})
 
 
@@ -55,14 +57,17 @@ def vendor_settings() -> VendorSettings:
     )
 
 
-def requests_of_default_playbooks() -> list[Request]:
+def requests_of_default_playbooks(book: Any = BOOK) -> list[Request]:
     """What ``core.request_for`` renders for each step, once per experiment variant."""
     out = []
-    for pb in BOOK.playbooks:
+    for pb in book.playbooks:
         for variant in pb.experiment.variants:
             for step in pb.steps:
                 step = variant.apply(step)
                 variables = dict(pb.defaults)
+                # the change's explanation (observed feature values) and the profile
+                variables.update(churn_probability="0.83", days_since_purchase="23")
+                variables.update(activity_14d_vs_prior42_log_ratio="-1.2")
                 variables.update(first_name="Ada", segment=pb.segment, playbook=pb.name)
                 variables.update(variant=variant.name)
                 variables.update({k: render(v, variables) for k, v in step.variables})
@@ -89,6 +94,7 @@ def requests_of_default_playbooks() -> list[Request]:
 
 
 REQUESTS = requests_of_default_playbooks()
+SF_REQUESTS = requests_of_default_playbooks(SF_BOOK)
 
 
 def vendor_answer(r: httpx.Request) -> httpx.Response:
@@ -173,9 +179,34 @@ def test_hubspot_accepts_every_crm_step(req: Request) -> None:
     assert_accepted("hubspot", captured("hubspot", req))
 
 
-@pytest.mark.parametrize("req", cases(CRM))
+SF_CASES = [pytest.param(r, id=f"{r.playbook}/{r.step}") for r in SF_REQUESTS]
+
+
+@pytest.mark.parametrize("req", cases(CRM) + SF_CASES)
 def test_salesforce_accepts_every_crm_step(req: Request) -> None:
     assert_accepted("salesforce", captured("salesforce", req))
+
+
+def test_every_risk_segment_entry_and_exit_upserts_its_customer_risk_segment_record() -> None:
+    """Seed 000 §3.4: one CustomerRiskSegment__c per customer and segment, upserted on entry
+    and on exit, with segment_name, created_on, last_triggered, churn_score,
+    engagement_decay and last_purchase_date."""
+    risk = {pb.segment for pb in BOOK.playbooks if not pb.segment.startswith("Lifecycle")}
+    seen: dict[tuple[str, str], dict[str, Any]] = {}
+    for req in SF_REQUESTS:
+        ((method, url, body),) = [c for c in captured("salesforce", req) if c[0] != "GET"]
+        path = httpx.URL(url).path
+        assert method == "PATCH" and "/sobjects/CustomerRiskSegment__c/Segflow_Key__c/" in path
+        transition = "entered" if body["In_Segment__c"] else "exited"
+        seen[(req.segment, transition)] = {**body, "path": path}
+    assert set(seen) == {(s, t) for s in risk for t in ("entered", "exited")}
+    for seg in risk:
+        entry, exit_ = seen[(seg, "entered")], seen[(seg, "exited")]
+        assert entry["path"] == exit_["path"]  # the same record, updated
+        assert entry["Segment_Name__c"] == seg and entry["Contact__c"].startswith("003")
+        assert entry["Churn_Score__c"] == 0.83 and entry["Engagement_Decay__c"] == -1.2
+        assert "Created_On__c" in entry and "Created_On__c" not in exit_
+        assert entry["Last_Purchase_Date__c"] < entry["Created_On__c"]
 
 
 @pytest.mark.parametrize("req", cases(CRM))

@@ -164,3 +164,12 @@ def test_marketo_needs_static_list_and_smart_campaign_ids() -> None:
         marketo_campaigns={"crm_task": "1001", "support_escalation": "1002"},
     )
     check_routes(ok, BOOK)
+
+
+def test_customer_risk_segment_records_need_salesforce() -> None:
+    book = load_book([DEFAULT_DIR, DEFAULT_DIR / "salesforce"])
+    with pytest.raises(ConfigError, match="SEGFLOW_DISPATCHER_CRM_KIND: crm_segment"):
+        check_routes(configured(), book)
+    names = sorted(list_names(book))
+    campaigns = {n: f"701{i:012d}AAA" for i, n in enumerate(names)}
+    check_routes(configured(crm_kind="salesforce", salesforce_campaigns=campaigns), book)
