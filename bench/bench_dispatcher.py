@@ -29,6 +29,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 from segflow.runtime.broker import free_port  # noqa: E402
+from segflow.runtime.leash import leashed  # noqa: E402
 from segflow.runtime.serde import Serde  # noqa: E402
 from segflow.runtime.testing import isolated_settings, private_broker, produce  # noqa: E402
 from segflow.runtime.topics import TOPICS  # noqa: E402
@@ -63,15 +64,17 @@ def main() -> int:
     bootstrap, broker = private_broker(args.bootstrap)
     port = free_port()
     receiver = subprocess.Popen(
-        [
-            sys.executable,
-            "-m",
-            "segflow.receiver",
-            "--port",
-            str(port),
-            "--latency",
-            str(args.latency),
-        ],
+        leashed(
+            [
+                sys.executable,
+                "-m",
+                "segflow.receiver",
+                "--port",
+                str(port),
+                "--latency",
+                str(args.latency),
+            ]
+        ),
         cwd=ROOT,
         env={**os.environ, "PYTHONPATH": str(ROOT)},
         stdout=subprocess.PIPE,

@@ -59,9 +59,10 @@ sys.path.insert(0, str(ROOT))
 
 from confluent_kafka import OFFSET_BEGINNING, Consumer, TopicPartition  # noqa: E402
 
-from segflow.demo import _committed, _high  # noqa: E402
+from segflow import stack  # noqa: E402
+from segflow.demo import _high  # noqa: E402
 from segflow.runtime.broker import free_port  # noqa: E402
-from segflow.runtime.kafka import make_admin  # noqa: E402
+from segflow.runtime.lag import LagProbe  # noqa: E402
 from segflow.runtime.serde import Serde  # noqa: E402
 from segflow.runtime.settings import Settings  # noqa: E402
 from segflow.runtime.testing import isolated_settings, private_broker  # noqa: E402
@@ -74,10 +75,8 @@ from services.dispatcher.playbooks import DEFAULT_DIR  # noqa: E402
 
 #: Each service's consumer group (under the topic prefix) and input topics.
 INPUTS: dict[str, tuple[str, tuple[Topic, ...]]] = {
-    "identity": ("identity", (TOPICS.events,)),
-    "scorer": ("scorer", (TOPICS.identified, TOPICS.merges)),
-    "segmenter": ("segmenter", (TOPICS.scores, TOPICS.merges)),
-    "dispatcher": ("dispatcher", (TOPICS.segment_changes, TOPICS.identified)),
+    s.name: (s.name, s.inputs)
+    for s in stack.SERVICES  # group = <prefix><name>
 }
 STATE_TOPICS = (
     TOPICS.identity_state,
@@ -141,39 +140,36 @@ class LagMonitor:
     """Samples each service's committed offsets and its input topics' ends in a thread."""
 
     def __init__(self, settings: Settings, every: float = 2.0) -> None:
-        self.admin = make_admin(settings)
-        self.probe = Consumer(
-            {**settings.kafka_config(), "group.id": f"bench-lag-{uuid.uuid4().hex[:6]}"}
-        )
-        self.parts: dict[str, tuple[str, list[TopicPartition]]] = {}
-        for service, (group, topics) in INPUTS.items():
-            parts = []
-            for topic in topics:
-                name = topic.name(settings)
-                md = self.admin.list_topics(name, timeout=10)
-                parts += [TopicPartition(name, p) for p in md.topics[name].partitions]
-            self.parts[service] = (settings.topic_prefix + group, parts)
+        # One probe (segflow.runtime.lag: consumers of each group, never the Admin API's
+        # ListConsumerGroupOffsets, which crashes librdkafka while coordinators load), used by
+        # the sampling thread and by wait_drained: one thread at a time, under a lock.
+        self.probe = LagProbe(settings)
+        self.groups = {
+            service: (settings.topic_prefix + group, [t.name(settings) for t in topics])
+            for service, (group, topics) in INPUTS.items()
+        }
         self.every = every
         self.samples: list[tuple[float, dict[str, tuple[int, int]]]] = []
         self._lock = threading.Lock()
+        self._probe_lock = threading.Lock()
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._run, daemon=True, name="lag")
 
     def sample(self) -> dict[str, tuple[int, int]]:
         """Per service: (records behind, records committed) over its input partitions."""
         out = {}
-        for service, (group, parts) in self.parts.items():
-            committed = {
-                (tp.topic, tp.partition): tp.offset for tp in _committed(self.admin, group, parts)
-            }
-            behind = done = 0
-            for tp in parts:
-                high = _high(self.probe, tp)
-                c = max(committed.get((tp.topic, tp.partition), 0), 0)
-                gap = max(0, high - c)
-                behind += gap if gap > 1 else 0  # a transaction marker is never consumed
-                done += c
-            out[service] = (behind, done)
+        with self._probe_lock:
+            for service, (group, topics) in self.groups.items():
+                parts = [tp for name in topics for tp in self.probe.partitions(group, name)]
+                committed = self.probe.committed(group, parts)
+                behind = done = 0
+                for tp in parts:
+                    high = self.probe.high(group, tp)
+                    c = max(committed.get((tp.topic, tp.partition), 0), 0)
+                    gap = max(0, high - c)
+                    behind += gap if gap > 1 else 0  # a transaction marker is never consumed
+                    done += c
+                out[service] = (behind, done)
         return out
 
     def _run(self) -> None:
@@ -203,7 +199,8 @@ class LagMonitor:
     def stop(self) -> None:
         self._stop.set()
         self._thread.join(10)
-        self.probe.close()
+        with self._probe_lock:
+            self.probe.close()
 
     def wait_drained(self, timeout: float, after: float | None = None) -> bool:
         """Until every service has nothing left to read (twice in a row)."""
@@ -440,8 +437,7 @@ def service_env(settings: Settings, receiver_url: str, playbooks: Path) -> dict[
         "SEGFLOW_BOOTSTRAP_SERVERS": settings.bootstrap_servers,
         "SEGFLOW_TOPIC_PREFIX": p,
         "SEGFLOW_LOG_LEVEL": "WARNING",
-        "SEGFLOW_SCORER_GROUP_ID": p + "scorer",
-        "SEGFLOW_DISPATCHER_GROUP_ID": p + "dispatcher",
+        **stack.group_env(settings),
         "SEGFLOW_DISPATCHER_PLAYBOOKS": str(playbooks),
         "SEGFLOW_DISPATCHER_CRM_BASE_URL": receiver_url,
         "SEGFLOW_DISPATCHER_EMAIL_BASE_URL": receiver_url,

@@ -22,16 +22,15 @@ def _broker(args: argparse.Namespace):  # type: ignore[no-untyped-def]
 
 
 def _settings_for(args: argparse.Namespace):  # type: ignore[no-untyped-def]
-    from segflow.runtime.settings import Settings
+    from segflow.runtime.local import settings_for
 
-    if external_bootstrap():
-        return Settings()
-    return Settings(bootstrap_servers=f"127.0.0.1:{args.port}")
+    return settings_for(getattr(args, "port", 9092))
 
 
 def external_bootstrap() -> str | None:
-    """The broker address the user configured explicitly, if any."""
-    return os.environ.get("SEGFLOW_BOOTSTRAP_SERVERS") or os.environ.get("KAFKA_BOOTSTRAP_SERVERS")
+    from segflow.runtime.local import external_bootstrap as configured
+
+    return configured()
 
 
 def cmd_broker(args: argparse.Namespace) -> int:
@@ -94,12 +93,9 @@ def cmd_schemas(args: argparse.Namespace) -> int:
 
 
 def available_services() -> list[str]:
-    """The services of this build that can run (those with a ``__main__``)."""
-    from importlib.util import find_spec
+    from segflow.stack import available_services as available
 
-    from segflow.supervisor import SERVICES
-
-    return [name for name in SERVICES if find_spec(f"services.{name}.__main__") is not None]
+    return available()
 
 
 def cmd_up(args: argparse.Namespace) -> int:
@@ -113,7 +109,9 @@ def cmd_up(args: argparse.Namespace) -> int:
     else:
         broker = _broker(args)
         started_broker = broker.pid() is None
-        broker.start()
+        # A broker this command starts dies with it, however it dies (kill -9 included),
+        # unless --keep-broker; one already running is left as it is.
+        broker.start(leash=not args.keep_broker)
         print(f"broker at {broker.bootstrap} (log {broker.log_file})")
         settings = _settings_for(args)
     _create_topics(settings)
@@ -157,7 +155,7 @@ def cmd_up(args: argparse.Namespace) -> int:
         print("stopping services ...")
     finally:
         sup.stop()
-        if not external_bootstrap() and started_broker:
+        if not external_bootstrap() and started_broker and not args.keep_broker:
             print("stopping the broker this command started ...")
             broker.stop()
     return 0
@@ -212,6 +210,11 @@ def build_parser() -> argparse.ArgumentParser:
         "query endpoints for the API the ports from this + 10",
     )
     p.add_argument("--api-port", type=int, default=8480, help="HTTP API port (default 8480)")
+    p.add_argument(
+        "--keep-broker",
+        action="store_true",
+        help="leave a broker this command starts running when it stops",
+    )
     p.set_defaults(func=cmd_up)
 
     p = sub.add_parser("topics", help="create segflow's topics from the registry")

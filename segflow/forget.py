@@ -51,26 +51,29 @@ def send(settings: Settings, record: dict[str, object], timeout: float = 30.0) -
             errors.append(str(err))
 
     producer = make_producer(settings)
-    producer.produce(
-        topic.name(settings),
-        serde.encode(topic, record),
-        encode_key(topic, str(record["customer_id"])),
-        on_delivery=delivered,
-    )
-    left = producer.flush(timeout)
+    try:
+        producer.produce(
+            topic.name(settings),
+            serde.encode(topic, record),
+            encode_key(topic, str(record["customer_id"])),
+            on_delivery=delivered,
+        )
+        left = producer.flush(timeout)
+    finally:
+        producer.close()
     if left or errors:
         raise RuntimeError(errors[0] if errors else f"not acknowledged within {timeout:.0f}s")
 
 
 def cmd_forget(args: argparse.Namespace) -> int:
-    from segflow.cli import _settings_for
+    from segflow.runtime.local import settings_for
 
     try:
         record = request(args.customer_id, args.reason, int(time.time() * 1000))
     except ValueError as exc:
         print(f"segflow forget: {exc}", file=sys.stderr)
         return 2
-    settings = _settings_for(args)
+    settings = settings_for(args.port)
     try:
         send(settings, record)
     except (RuntimeError, KafkaException) as exc:

@@ -78,6 +78,7 @@ def produce_file(settings: Settings, lines: IO[str], out: IO[str] = sys.stderr) 
                 last = time.monotonic()
                 print(f"  {sent:,} sent ({sent / (last - started):,.0f}/s)", file=out)
     left = producer.flush(60)
+    producer.close()
     if left or failures:
         raise SegflowError(f"{left} events undelivered; errors: {failures}")
     elapsed = time.monotonic() - started

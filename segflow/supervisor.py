@@ -3,7 +3,8 @@
 Each service runs as ``python -m services.<name>`` with its output in
 ``<state dir>/logs/<name>.log``. A process that exits is restarted after a back-off that
 doubles up to 30 s (reset once it has stayed up for a minute). ``stop()`` sends SIGTERM to
-all, waits, then SIGKILLs stragglers.
+all, waits, then SIGKILLs stragglers. Every child dies with the supervising process, however
+that process dies (``kill -9`` included: :mod:`segflow.runtime.leash`).
 """
 
 from __future__ import annotations
@@ -16,7 +17,9 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
-SERVICES = ("identity", "scorer", "segmenter", "dispatcher")
+from segflow.runtime.leash import leashed
+
+SERVICES = ("identity", "scorer", "segmenter", "dispatcher")  # = segflow.stack.SERVICES
 
 
 @dataclass
@@ -53,7 +56,7 @@ class Supervisor:
     def _start(self, child: Child) -> None:
         with child.log_path.open("ab") as log:
             child.proc = subprocess.Popen(
-                child.argv,
+                leashed(child.argv),
                 stdout=log,
                 stderr=subprocess.STDOUT,
                 stdin=subprocess.DEVNULL,
@@ -88,6 +91,21 @@ class Supervisor:
                 self._start(child)
                 restarted.append(child.name)
         return restarted
+
+    def cpu_seconds(self) -> dict[str, float]:
+        """User + system CPU seconds of each running child since it (last) started, read from
+        ``/proc/<pid>/stat``; children not running are left out."""
+        tick = os.sysconf("SC_CLK_TCK")
+        out = {}
+        for name, pid in self.pids().items():
+            if pid is None:
+                continue
+            try:
+                fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+            except (OSError, IndexError):
+                continue
+            out[name] = (int(fields[11]) + int(fields[12])) / tick  # utime, stime
+        return out
 
     def pids(self) -> dict[str, int | None]:
         return {

@@ -51,7 +51,7 @@ def kafka_bootstrap(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
     broker = LocalBroker(
         tmp_path_factory.mktemp("broker"), port=free_port(), controller_port=free_port()
     )
-    broker.start()
+    broker.start(leash=True)  # dies with pytest, however pytest ends
     try:
         yield broker.bootstrap
     finally:
@@ -69,7 +69,7 @@ def kafka_settings(kafka_bootstrap: str, request: pytest.FixtureRequest) -> Sett
 def own_broker(tmp_path: Path) -> Iterator[LocalBroker]:
     """A private local broker this test may kill and restart (needs Java)."""
     broker = LocalBroker(tmp_path / "broker", port=free_port(), controller_port=free_port())
-    broker.start()
+    broker.start(leash=True)
     try:
         yield broker
     finally:

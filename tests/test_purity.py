@@ -1,7 +1,9 @@
-"""Pure cores stay pure: importing one must not load Kafka, Faust, httpx or the I/O runtime."""
+"""Pure cores stay pure: importing one must not load Kafka, httpx or the I/O runtime, and
+their code reads no clock and no environment (time and settings come in as arguments)."""
 
 from __future__ import annotations
 
+import ast
 import subprocess
 import sys
 from pathlib import Path
@@ -19,7 +21,16 @@ FORBIDDEN = [
     "segflow.runtime",
 ]
 PURE = (
-    ["segflow.events", "segflow.errors"]
+    ["segflow.events", "segflow.errors", "segflow.durations", "segflow.replay.core"]
+    + [
+        "services.dispatcher.playbooks",
+        "services.dispatcher.policy",
+        "services.dispatcher.experiments",
+        "services.dispatcher.backoff",
+        "services.segmenter.dsl",
+        "services.scorer.features",
+        "services.scorer.model",
+    ]
     + [
         ".".join(p.relative_to(ROOT).with_suffix("").parts)
         for p in sorted((ROOT / "services").glob("*/core.py"))
@@ -44,3 +55,47 @@ def test_core_module_imports_no_io(module: str) -> None:
         [sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, check=True
     ).stdout.strip()
     assert out == "", f"{module} loaded {out}"
+
+
+#: Calls that make a function's result depend on when or where it runs.
+IMPURE_CALLS = {
+    ("time", "time"),
+    ("time", "time_ns"),
+    ("time", "monotonic"),
+    ("time", "perf_counter"),
+    ("datetime", "now"),
+    ("datetime", "utcnow"),
+    ("date", "today"),
+    ("os", "getenv"),
+    ("os", "environ"),
+}
+#: Known, to be removed (issue 14): the scorer's per-tick work budget reads the clock.
+KNOWN = {("services.scorer.core", "time.perf_counter")}
+
+
+def clock_and_environment_reads(source: str) -> set[str]:
+    found = set()
+    for node in ast.walk(ast.parse(source)):
+        if (
+            isinstance(node, ast.Attribute)
+            and isinstance(node.value, ast.Name)
+            and (node.value.id, node.attr) in IMPURE_CALLS
+        ):
+            found.add(f"{node.value.id}.{node.attr}")
+    return found
+
+
+@pytest.mark.parametrize("module", PURE)
+def test_core_module_reads_no_clock_and_no_environment(module: str) -> None:
+    source = (ROOT / Path(*module.split("."))).with_suffix(".py").read_text()
+    found = {f for f in clock_and_environment_reads(source) if (module, f) not in KNOWN}
+    assert not found, f"{module} reads {sorted(found)}: pass time and settings in instead"
+
+
+def test_the_check_sees_clock_and_environment_reads() -> None:
+    sample = (
+        "import os, time\nfrom datetime import datetime\n"
+        "def f():\n    return time.monotonic(), datetime.now(), os.environ['X']\n"
+        "def g(clock):\n    return clock()\n"
+    )
+    assert clock_and_environment_reads(sample) == {"time.monotonic", "datetime.now", "os.environ"}

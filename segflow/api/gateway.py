@@ -1,8 +1,8 @@
 """The segflow HTTP API: one authenticated gateway over the services' own query endpoints.
 
 Each service answers reads over the state it owns from its own process (``services/<name>/
-api.py`` on an internal port, see :mod:`segflow.api.internal`); this gateway authenticates the
-caller, fans a request out to the services concurrently and assembles the answer. It keeps no
+api.py`` on an internal port, :mod:`segflow.runtime.internal_api`); this gateway authenticates
+the caller, fans a request out to the services concurrently and assembles the answer. It keeps no
 state of its own. The routes and their schemas are documented in ``openapi.yaml`` next to
 this file (also served at ``GET /v1/openapi.yaml``).
 
@@ -35,8 +35,8 @@ from aiohttp import web
 from pydantic import SecretStr
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
-from segflow.api.internal import error_body
 from segflow.errors import ConfigError
+from segflow.runtime.internal_api import error_body
 
 log = logging.getLogger("segflow.api")
 

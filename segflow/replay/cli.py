@@ -211,9 +211,9 @@ def _history(args: argparse.Namespace) -> list[core.Item]:
     if args.source is not None:
         items = read_jsonl(args.source)
         return [i for i in items if i.kind in kinds]
-    from segflow.cli import _settings_for
+    from segflow.runtime.local import settings_for
 
-    settings = _settings_for(args)
+    settings = settings_for(args.port)
     if args.prefix:
         settings = settings.model_copy(update={"topic_prefix": args.prefix})
     try:

@@ -29,6 +29,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from segflow.errors import BrokerError
+from segflow.runtime.leash import leashed
 
 log = logging.getLogger("segflow.broker")
 
@@ -296,8 +297,12 @@ class LocalBroker:
         pid = self.pid()
         return BrokerStatus(pid is not None, pid, self.bootstrap, self.data_dir, self.log_file)
 
-    def start(self, timeout: float = 90.0) -> None:
-        """Install if needed, format once, start, and wait until it accepts requests."""
+    def start(self, timeout: float = 90.0, leash: bool = False) -> None:
+        """Install if needed, format once, start, and wait until it accepts requests.
+
+        ``leash``: the broker dies with this process, however it dies (SIGKILL included;
+        see :mod:`segflow.runtime.leash`). ``segflow broker start`` leaves it off (the broker
+        is meant to outlive the command); the demo, ``up`` and the test fixtures turn it on."""
         if self.pid() is not None:
             self.wait_ready(timeout)
             return
@@ -310,8 +315,9 @@ class LocalBroker:
                     "choose another with --port or SEGFLOW_BROKER_PORT"
                 )
         logf = self.log_file.open("ab")
+        argv = [*self._java(libs), "kafka.Kafka", str(self.config_file)]
         proc = subprocess.Popen(
-            [*self._java(libs), "kafka.Kafka", str(self.config_file)],
+            leashed(argv) if leash else argv,
             stdout=logf,
             stderr=subprocess.STDOUT,
             stdin=subprocess.DEVNULL,
@@ -329,23 +335,29 @@ class LocalBroker:
         from segflow.runtime.settings import Settings
 
         deadline = time.monotonic() + timeout
-        while time.monotonic() < deadline:
-            if not self._alive():
-                raise BrokerError(
-                    f"the broker exited during start-up; see {self.log_file}:\n" + self._log_tail()
-                )
-            with socket.socket() as sock:
-                sock.settimeout(1.0)
-                listening = sock.connect_ex(("127.0.0.1", self.port)) == 0
-            if listening:
-                admin = make_admin(Settings(bootstrap_servers=self.bootstrap))
-                try:
-                    md = admin.list_topics(timeout=5)
-                    if md.brokers:
-                        return
-                except Exception:  # not ready yet (KafkaException / timeouts)
-                    pass
-            time.sleep(0.2)
+        admin = None  # one client for all the checks, made once the port listens
+        try:
+            while time.monotonic() < deadline:
+                if not self._alive():
+                    raise BrokerError(
+                        f"the broker exited during start-up; see {self.log_file}:\n"
+                        + self._log_tail()
+                    )
+                with socket.socket() as sock:
+                    sock.settimeout(1.0)
+                    listening = sock.connect_ex(("127.0.0.1", self.port)) == 0
+                if listening:
+                    admin = admin or make_admin(Settings(bootstrap_servers=self.bootstrap))
+                    try:
+                        md = admin.list_topics(timeout=5)
+                        if md.brokers:
+                            return
+                    except Exception:  # not ready yet (KafkaException / timeouts)
+                        pass
+                time.sleep(0.2)
+        finally:
+            if admin is not None:
+                admin.__exit__(None, None, None)  # destroys the client now
         raise BrokerError(
             f"the broker did not become ready in {timeout:.0f}s; see "
             f"{self.log_file}:\n" + self._log_tail()

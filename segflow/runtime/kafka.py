@@ -75,18 +75,20 @@ def make_consumer(settings: Settings, group_id: str, **overrides: Any) -> Consum
 
 
 def make_admin(settings: Settings) -> AdminClient:
+    """An admin client; use it as a context manager (``with make_admin(s) as admin:``) so it
+    is destroyed when the block ends, not whenever the garbage collector gets to it."""
     return AdminClient(settings.kafka_config())
 
 
 def wait_for_broker(settings: Settings, timeout: float = 30.0) -> None:
     """Return once the cluster answers a metadata request, or raise BrokerError."""
-    admin = make_admin(settings)
-    try:
-        admin.list_topics(timeout=timeout)
-    except KafkaException as exc:
-        raise BrokerError(
-            f"no Kafka broker answered at {settings.bootstrap_servers} within {timeout:.0f}s"
-        ) from exc
+    with make_admin(settings) as admin:
+        try:
+            admin.list_topics(timeout=timeout)
+        except KafkaException as exc:
+            raise BrokerError(
+                f"no Kafka broker answered at {settings.bootstrap_servers} within {timeout:.0f}s"
+            ) from exc
 
 
 def ensure_topics(
@@ -102,7 +104,11 @@ def ensure_topics(
     wanted: dict[str, Topic] = dict(names or {})
     for topic in topics if topics is not None else TOPICS:
         wanted.setdefault(topic.name(settings), topic)
-    admin = make_admin(settings)
+    with make_admin(settings) as admin:
+        return _create_missing(admin, wanted, timeout)
+
+
+def _create_missing(admin: AdminClient, wanted: dict[str, Topic], timeout: float) -> list[str]:
     existing = set(admin.list_topics(timeout=timeout).topics)
     new = [
         NewTopic(name, num_partitions=t.partitions, replication_factor=1, config=t.config())

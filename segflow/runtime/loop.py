@@ -248,6 +248,8 @@ class ProcessingLoop:
         with contextlib.suppress(KafkaException, RuntimeError):  # already closed
             self.consumer.close()
         self.producer.flush(10)
+        with contextlib.suppress(KafkaException, RuntimeError):  # already closed
+            self.producer.close()
         self._guard.close()
 
     # -- one batch -----------------------------------------------------------------------

@@ -68,12 +68,15 @@ def produce(
             errors.append(str(err))
 
     n = 0
-    for key, value in records:
-        kafka_produce(producer, topic, value, key, on_delivery)
-        n += 1
-        if n % 1000 == 0:
-            producer.poll(0)
-    remaining = producer.flush(60)
+    try:
+        for key, value in records:
+            kafka_produce(producer, topic, value, key, on_delivery)
+            n += 1
+            if n % 1000 == 0:
+                producer.poll(0)
+        remaining = producer.flush(60)
+    finally:
+        producer.close()
     if remaining or errors:
         raise AssertionError(f"{remaining} undelivered, errors: {errors[:3]}")
     return n
@@ -109,8 +112,8 @@ def read_all(
             "isolation.level": isolation,
         }
     )
-    md = make_admin(settings).list_topics(topic, timeout=10)
-    parts = md.topics[topic].partitions
+    with make_admin(settings) as admin:
+        parts = admin.list_topics(topic, timeout=10).topics[topic].partitions
     consumer.assign([TopicPartition(topic, p, OFFSET_BEGINNING) for p in parts])
     out: list[Record] = []
     deadline = time.monotonic() + timeout
@@ -160,5 +163,30 @@ def private_broker(bootstrap: str | None) -> tuple[str, LocalBroker | None]:
         port=free_port(),
         controller_port=free_port(),
     )
-    broker.start()
+    broker.start(leash=True)  # dies with the bench, however the bench ends
     return broker.bootstrap, broker
+
+
+def processes_marked(*marks: str) -> list[tuple[int, str]]:
+    """Live processes (pid, command line) whose command line or environment holds a mark.
+
+    Marks are strings a run puts on everything it starts (its broker address, its state
+    folder), so leftovers are found by what they carry, not by who their parent was. Zombies
+    (exited, not yet reaped) are not counted.
+    """
+    import os
+
+    wanted = [m.encode() for m in marks]
+    found = []
+    for entry in Path("/proc").iterdir():
+        if not entry.name.isdigit() or int(entry.name) == os.getpid():
+            continue
+        try:
+            cmdline = (entry / "cmdline").read_bytes()
+            environ = (entry / "environ").read_bytes()
+            state = (entry / "stat").read_text().rsplit(")", 1)[1].split()[0]
+        except (OSError, IndexError):
+            continue
+        if state != "Z" and any(m in cmdline or m in environ for m in wanted):
+            found.append((int(entry.name), cmdline.replace(b"\0", b" ").decode(errors="replace")))
+    return found

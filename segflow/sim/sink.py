@@ -210,6 +210,9 @@ class KafkaSink:
     def close(self) -> SinkStats:
         """Flush; raise :class:`DeliveryFailed` if any record failed or was left unsent."""
         left = self.producer.flush(self.flush_timeout)
+        close = getattr(self.producer, "close", None)  # a real Producer: destroyed now
+        if close is not None:
+            close()
         stats = SinkStats(self.events, self.malformed, self.failed + left, tuple(self.errors))
         if stats.failed:
             detail = "; ".join(self.errors) or f"{left} records still queued after flush"

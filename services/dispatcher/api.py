@@ -6,7 +6,7 @@
 * ``GET /customers/<customer_id>`` — the customer's suppressions, experiment assignments,
   pending actions (scheduled or in flight) and settled ones (sent, suppressed, failed, holdout).
 
-Served by :func:`segflow.api.internal.serve` on ``SEGFLOW_DISPATCHER_API_PORT`` (127.0.0.1).
+Served by :func:`segflow.runtime.internal_api.serve` on ``SEGFLOW_DISPATCHER_API_PORT`` (127.0.0.1).
 """
 
 from __future__ import annotations
@@ -14,7 +14,7 @@ from __future__ import annotations
 from http.server import ThreadingHTTPServer
 from typing import Any
 
-from segflow.api.internal import NotFound, Params, Query, Routes, serve
+from segflow.runtime.internal_api import NotFound, Params, Query, Routes, serve
 from services.dispatcher import core
 from services.dispatcher.app import Dispatcher
 from services.dispatcher.experiments import summarise

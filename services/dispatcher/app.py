@@ -683,6 +683,8 @@ class Dispatcher:
         """One attempt. ``Outcome.retry_at`` carries the server's Retry-After (ms) here."""
         if req is None:
             return core.Outcome("failed", detail="playbook_removed")
+        if req.problem is not None:  # could not be rendered: fail, never send a partial text
+            return core.Outcome("failed", detail=req.problem)
         adapter = self.router.for_channel(req.channel)
         if adapter is None:
             return core.Outcome("failed", detail=f"no_adapter: {req.channel}")

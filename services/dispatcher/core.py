@@ -52,6 +52,7 @@ from services.dispatcher.playbooks import (
     SYNC_CHANNELS,
     Book,
     Playbook,
+    RenderError,
     Step,
     render,
 )
@@ -277,6 +278,8 @@ class Request:
     list_id: str | None = None
     properties: Mapping[str, str] = field(default_factory=dict)
     task_priority: str = "HIGH"
+    #: Why the request could not be rendered (the action fails and nothing is sent).
+    problem: str | None = None
 
 
 # -- helpers -----------------------------------------------------------------------------------
@@ -706,8 +709,16 @@ def request_for(c: Customer, a: Action, book: Book) -> Request | None:
     variables.update(a.features)
     variables.update(c.attrs)
     variables.update(segment=a.segment, playbook=a.playbook, variant=a.variant)
-    rendered = {k: render(v, variables) for k, v in step.variables}
-    variables.update(rendered)
+    try:
+        variables.update({k: render(v, variables) for k, v in step.variables})
+        subject = None if step.subject is None else render(step.subject, variables)
+        body = None if step.body is None else render(step.body, variables)
+        properties = {k: render(v, variables) for k, v in step.properties}
+        problem = None
+    except RenderError as exc:  # loading rules this out; never send a half-rendered text
+        subject = body = None
+        properties = {}
+        problem = f"template: {exc}"
     return Request(
         key=a.key,
         customer_id=a.customer_id,
@@ -718,12 +729,13 @@ def request_for(c: Customer, a: Action, book: Book) -> Request | None:
         variant=a.variant,
         campaign_id=a.campaign_id,
         template=step.template,
-        subject=None if step.subject is None else render(step.subject, variables),
-        body=None if step.body is None else render(step.body, variables),
+        subject=subject,
+        body=body,
         variables=variables,
         list_id=step.list_id,
-        properties={k: render(v, variables) for k, v in step.properties},
+        properties=properties,
         task_priority=step.task_priority,
+        problem=problem,
     )
 
 

@@ -25,12 +25,15 @@ from __future__ import annotations
 import re
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
-from functools import cached_property
+from functools import cached_property, lru_cache
 from pathlib import Path
 from typing import Any
 
 import yaml
+from jinja2 import StrictUndefined, TemplateError, meta
+from jinja2.sandbox import SandboxedEnvironment
 
+from segflow.durations import parse_duration
 from segflow.errors import ConfigError
 
 CHANNELS = (
@@ -51,39 +54,54 @@ SYNC_CHANNELS = frozenset({"crm_property", "crm_list", "crm_segment"})
 TRANSITIONS = ("entered", "exited", "re_engaged", "deprecated", "reactivated", "primary_changed")
 HOLDOUT = "holdout"
 
-_DURATION = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*(ms|s|m|h|d|w)\s*$")
-_UNIT_MS = {"ms": 1, "s": 1000, "m": 60_000, "h": 3_600_000, "d": 86_400_000, "w": 604_800_000}
 _HHMM = re.compile(r"^([01]?\d|2[0-3]):([0-5]\d)$")
-_VAR = re.compile(r"\{\{\s*([A-Za-z_][A-Za-z0-9_.]*)\s*\}\}")
+#: Variables every template may use: the action's segment, playbook and variant.
+BUILTIN_VARIABLES = frozenset({"segment", "playbook", "variant"})
+# Sandboxed (a template cannot reach Python internals) and strict (an undefined variable is an
+# error, never an empty string in a customer's subject line). Not autoescaped: the output is
+# a subject, a plain-text body or a CRM field, not HTML.
+_TEMPLATES = SandboxedEnvironment(undefined=StrictUndefined, autoescape=False)
 
 
 class PlaybookError(ConfigError):
     """A playbook or policy file is invalid; the message is ``file:line: field: problem``."""
 
 
-def parse_duration(text: str | int | float) -> int:
-    """Milliseconds in a duration such as ``48h``, ``30m``, ``7d`` or a number of seconds.
+class RenderError(ValueError):
+    """A template could not be rendered (the action fails; nothing is sent)."""
 
-    >>> parse_duration("48h"), parse_duration("1.5d"), parse_duration(90)
-    (172800000, 129600000, 90000)
+
+@lru_cache(maxsize=4096)
+def _compiled(template: str) -> Any:
+    return _TEMPLATES.from_string(template)
+
+
+def template_variables(template: str) -> set[str]:
+    """The variables a template reads; raises ``ValueError`` if it is not a valid template.
+
+    >>> sorted(template_variables("Hi {{first_name}}, try {{ product_recommended }}"))
+    ['first_name', 'product_recommended']
     """
-    if isinstance(text, bool):
-        raise ValueError("a duration such as 48h, 30m or 7d")
-    if isinstance(text, int | float):
-        return int(text * 1000)
-    m = _DURATION.match(str(text))
-    if not m:
-        raise ValueError(f"{text!r} is not a duration such as 48h, 30m or 7d")
-    return int(float(m.group(1)) * _UNIT_MS[m.group(2)])
+    try:
+        return set(meta.find_undeclared_variables(_TEMPLATES.parse(template)))
+    except TemplateError as exc:
+        raise ValueError(f"not a valid template ({exc})") from exc
 
 
 def render(template: str, variables: Mapping[str, str]) -> str:
-    """Replace ``{{name}}`` with its value; unknown names become empty strings.
+    """Render ``{{name}}`` placeholders; an unknown name raises :class:`RenderError`.
 
-    >>> render("Hi {{first_name}}, try {{ product_recommended }}", {"first_name": "Ada"})
-    'Hi Ada, try '
+    >>> render("Hi {{first_name}}", {"first_name": "Ada"})
+    'Hi Ada'
+    >>> render("Hi {{first_name}}", {})
+    Traceback (most recent call last):
+    ...
+    services.dispatcher.playbooks.RenderError: 'first_name' is undefined
     """
-    return _VAR.sub(lambda m: variables.get(m.group(1), ""), template)
+    try:
+        return str(_compiled(template).render(**variables))
+    except TemplateError as exc:
+        raise RenderError(str(exc)) from exc
 
 
 @dataclass(frozen=True)
@@ -236,6 +254,11 @@ class _Doc:
             for k, v in node.value:
                 key = str(k.value)
                 sub = f"{path}.{key}" if path else key
+                if key in out:  # YAML keeps the last silently; a second value is a mistake
+                    raise PlaybookError(
+                        f"{self.source}:{k.start_mark.line + 1}: {sub}: duplicate key (first "
+                        f"on line {self.lines[sub]})"
+                    )
                 self.lines[sub] = k.start_mark.line + 1
                 out[key] = self._build(v, sub)
                 self.lines[sub] = k.start_mark.line + 1
@@ -397,6 +420,44 @@ def _transitions(doc: _Doc, raw: Any, path: str, default: tuple[str, ...]) -> tu
     return tuple(raw)
 
 
+def _check_templates(
+    doc: _Doc, steps: list[Step], experiment: Experiment, defaults: set[str]
+) -> None:
+    """Every template parses and every variable it reads always has a value: a default, a
+    built-in (segment, playbook, variant) or, for subject, body and properties, one of the
+    step's own ``variables``. Customer attributes and features override defaults when
+    present, but a template may not depend on them being there."""
+    base = defaults | BUILTIN_VARIABLES
+    by_id = {s.id: (i, s) for i, s in enumerate(steps)}
+    fields: list[tuple[str, str, set[str]]] = []
+    for i, step in enumerate(steps):
+        own = base | {k for k, _ in step.variables}
+        for name, value in (("subject", step.subject), ("body", step.body)):
+            if value is not None:
+                fields.append((f"steps[{i}].{name}", value, own))
+        fields += [(f"steps[{i}].properties.{k}", v, own) for k, v in step.properties]
+        fields += [(f"steps[{i}].variables.{k}", v, base) for k, v in step.variables]
+    for j, variant in enumerate(experiment.variants):
+        for sid, overrides in variant.overrides:
+            i, step = by_id[sid]
+            own = base | {k for k, _ in step.variables}
+            for name, value in overrides:
+                if name in ("subject", "body"):
+                    fields.append((f"experiment.variants[{j}].steps.{sid}.{name}", value, own))
+    for path, value, allowed in fields:
+        try:
+            used = template_variables(value)
+        except ValueError as exc:
+            raise doc.error(path, str(exc)) from None
+        missing = sorted(used - allowed)
+        if missing:
+            raise doc.error(
+                path,
+                f"{', '.join(missing)} may be undefined: give a value under defaults (known: "
+                f"{', '.join(sorted(allowed))})",
+            )
+
+
 def _parse_playbook(doc: _Doc, raw: dict[str, Any]) -> Playbook:
     _unknown(doc, raw, _PLAYBOOK_KEYS, "")
     name = raw.get("playbook")
@@ -414,6 +475,9 @@ def _parse_playbook(doc: _Doc, raw: dict[str, Any]) -> Playbook:
     priority = raw.get("priority", 0)
     if isinstance(priority, bool) or not isinstance(priority, int):
         raise doc.error("priority", "an integer (higher wins)")
+    defaults = _str_map(doc, raw.get("defaults"), "defaults")
+    experiment = _parse_experiment(doc, raw.get("experiment"), tuple(steps))
+    _check_templates(doc, steps, experiment, {k for k, _ in defaults})
     return Playbook(
         name=name,
         segment=segment,
@@ -423,8 +487,8 @@ def _parse_playbook(doc: _Doc, raw: dict[str, Any]) -> Playbook:
         triggers=_transitions(doc, raw.get("triggers"), "triggers", ("entered",)),
         cancel_on=_transitions(doc, raw.get("cancel_on"), "cancel_on", ("exited", "re_engaged")),
         campaign_id=str(raw.get("campaign_id") or name),
-        experiment=_parse_experiment(doc, raw.get("experiment"), tuple(steps)),
-        defaults=_str_map(doc, raw.get("defaults"), "defaults"),
+        experiment=experiment,
+        defaults=defaults,
         source=doc.source,
     )
 

@@ -6,7 +6,7 @@
 * ``GET /resolve?type=<identifier type>&value=<raw value>`` — the customer_id that owns an
   identifier (hashed on arrival with the service's secret, never stored or logged).
 
-Served by :func:`segflow.api.internal.serve` on ``SEGFLOW_IDENTITY_HTTP_PORT`` (127.0.0.1).
+Served by :func:`segflow.runtime.internal_api.serve` on ``SEGFLOW_IDENTITY_HTTP_PORT`` (127.0.0.1).
 """
 
 from __future__ import annotations
@@ -14,7 +14,7 @@ from __future__ import annotations
 from http.server import ThreadingHTTPServer
 from typing import Any
 
-from segflow.api.internal import BadRequest, NotFound, Params, Query, Routes, serve
+from segflow.runtime.internal_api import BadRequest, NotFound, Params, Query, Routes, serve
 from services.identity import core
 from services.identity.app import IdentityService, node_hasher
 

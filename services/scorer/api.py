@@ -6,7 +6,7 @@
   on request from its state as of the scorer's watermark with the current model (the
   ``CustomerScore`` shape), plus what was last emitted to ``segflow.scores``.
 
-Served by :func:`segflow.api.internal.serve` on ``SEGFLOW_SCORER_HTTP_PORT`` (127.0.0.1).
+Served by :func:`segflow.runtime.internal_api.serve` on ``SEGFLOW_SCORER_HTTP_PORT`` (127.0.0.1).
 """
 
 from __future__ import annotations
@@ -15,7 +15,7 @@ import time
 from http.server import ThreadingHTTPServer
 from typing import Any
 
-from segflow.api.internal import NotFound, Params, Query, Routes, serve
+from segflow.runtime.internal_api import NotFound, Params, Query, Routes, serve
 from services.scorer.app import RETIRED_KEY, ScorerService
 from services.scorer.features import Buckets
 

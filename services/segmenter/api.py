@@ -9,7 +9,7 @@
 * ``GET /customers/<id>`` — a customer's memberships, primary segment and, per segment, each
   condition with its observed value, threshold and margin.
 
-Errors are ``{"error": {"code", "message"}}`` (:mod:`segflow.api.internal`). Served on
+Errors are ``{"error": {"code", "message"}}`` (:mod:`segflow.runtime.internal_api`). Served on
 ``SEGFLOW_SEGMENTER_HTTP_PORT``; the API gateway (:mod:`segflow.api.gateway`) aggregates it.
 """
 
@@ -19,8 +19,8 @@ import heapq
 from http.server import ThreadingHTTPServer
 from typing import Any, Protocol
 
-from segflow.api.internal import NotFound, Params, Query, Routes, int_param
-from segflow.api.internal import serve as serve_routes
+from segflow.runtime.internal_api import NotFound, Params, Query, Routes, int_param
+from segflow.runtime.internal_api import serve as serve_routes
 
 MAX_PAGE = 10_000
 

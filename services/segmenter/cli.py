@@ -152,7 +152,8 @@ def _from_changelog(args: argparse.Namespace) -> dict[str, Any] | None:
         settings = Settings(bootstrap_servers=f"127.0.0.1:{getattr(args, 'port', 9092)}")
     topic = STATE_TOPIC.name(settings)
     try:
-        existing = make_admin(settings).list_topics(timeout=10).topics
+        with make_admin(settings) as admin:
+            existing = admin.list_topics(timeout=10).topics
     except KafkaException as exc:
         raise ExplainError(f"cannot reach Kafka at {settings.bootstrap_servers}: {exc}") from exc
     if topic not in existing:

@@ -47,6 +47,8 @@ from typing import Any, Union
 
 import yaml
 
+from segflow import durations
+
 SECOND = 1000
 MINUTE = 60 * SECOND
 HOUR = 60 * MINUTE
@@ -65,8 +67,6 @@ Value = Union[float, str]  # noqa: UP007 (a runtime alias)
 Values = Mapping[str, Value]
 Thresholds = Mapping[tuple[str, float], float]
 
-_DURATION = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*(ms|s|m|h|d|w)\s*$")
-_UNITS = {"ms": 1, "s": SECOND, "m": MINUTE, "h": HOUR, "d": DAY, "w": 7 * DAY}
 _PERCENTILE = re.compile(r"^p(\d{1,2}(?:\.\d+)?|100)$")
 
 
@@ -325,17 +325,16 @@ def check(text: str) -> list[Problem]:
 
 
 def parse_duration(text: Any) -> int | None:
-    """``"7d"``, ``"48h"``, ``"30m"``, ``"10s"``, ``"500ms"``, ``"2w"`` → milliseconds.
+    """Milliseconds in ``"7d"``, ``"48h"``, ``"30m"``, ``"10s"``, ``"500ms"``, ``"2w"`` (the one
+    parser, :mod:`segflow.durations`); None when ``text`` is not a duration.
 
     >>> parse_duration("48h") == 2 * DAY, parse_duration("1.5d") == 36 * HOUR, parse_duration(3)
     (True, True, None)
     """
-    if not isinstance(text, str):
+    try:
+        return durations.parse_duration(text)
+    except ValueError:
         return None
-    m = _DURATION.match(text)
-    if m is None:
-        return None
-    return int(float(m.group(1)) * _UNITS[m.group(2)])
 
 
 class _Parser:
@@ -446,7 +445,7 @@ class _Parser:
         sub = f"{path}.{key}" if path else key
         ms = parse_duration(raw[key])
         if ms is None:
-            self.err(sub, f"bad duration {raw[key]!r} (e.g. 30m, 48h, 7d)")
+            self.err(sub, f"bad duration {raw[key]!r}: {durations.EXPECTED}")
             return default
         return ms
 

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from segflow.api.internal import Routes, serve
+from segflow.runtime.internal_api import Routes, serve
 
 
 @pytest.mark.parametrize(

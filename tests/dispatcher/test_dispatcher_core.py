@@ -566,3 +566,14 @@ def test_default_playbooks_cover_every_default_segment() -> None:
         ("support_escalation", "support_escalation", 96 * HOUR, "reengagement_email"),
     ]
     assert Path(ATRISK.source).parent == DEFAULT_DIR
+
+
+def test_a_template_that_cannot_render_fails_the_action_instead_of_sending_a_gap() -> None:
+    # Built in code, so the load-time check does not run: the request says why, sends nothing.
+    pb = Playbook("P", "S", (Step("m", "email", 0, template="t", subject="Hi {{nickname}}"),))
+    book = Book((pb,))
+    c, _ = core.decide(None, Change("c1", "S", "entered", "e", NOON), NOON, book)
+    assert c is not None
+    req = core.request_for(c, c.actions[0], book)
+    assert req is not None
+    assert req.subject is None and req.problem == "template: 'nickname' is undefined"

@@ -22,6 +22,7 @@ from typing import Any
 import pytest
 
 from segflow.receiver import Cue, Receiver
+from segflow.runtime.leash import leashed
 from segflow.runtime.serde import Serde
 from segflow.runtime.settings import Settings
 from segflow.runtime.testing import produce, read_all
@@ -251,7 +252,10 @@ def _spawn(s: Settings, receiver: Receiver, group: str) -> subprocess.Popen[byte
         "SEGFLOW_DISPATCHER_BACKOFF_CAP": "0.5",
     }
     return subprocess.Popen(
-        [sys.executable, "-m", "services.dispatcher"], cwd=ROOT, env=env, stderr=subprocess.DEVNULL
+        leashed([sys.executable, "-m", "services.dispatcher"]),
+        cwd=ROOT,
+        env=env,
+        stderr=subprocess.DEVNULL,
     )
 
 

@@ -14,6 +14,7 @@ from typing import Any
 
 import pytest
 
+from segflow.runtime.leash import leashed
 from segflow.runtime.serde import Serde
 from segflow.runtime.settings import Settings
 from segflow.runtime.testing import produce, read_all
@@ -237,7 +238,7 @@ def test_kill_9_mid_stream_then_restart_gives_each_event_exactly_once(
     env = {**os.environ, "SEGFLOW_LOG_LEVEL": "WARNING"}
     sink = TOPICS.identified.name(s)
     proc = subprocess.Popen(
-        service_cmd(s, "--batch-size", "100", "--pre-commit-delay", "5"),
+        leashed(service_cmd(s, "--batch-size", "100", "--pre-commit-delay", "5")),
         cwd=ROOT,
         env=env,
         stderr=subprocess.DEVNULL,

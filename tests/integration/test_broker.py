@@ -12,6 +12,7 @@ from confluent_kafka.admin import ConfigResource
 
 from segflow.runtime.broker import LocalBroker
 from segflow.runtime.kafka import make_admin
+from segflow.runtime.leash import leashed
 from segflow.runtime.serde import Serde
 from segflow.runtime.settings import Settings
 from segflow.runtime.testing import create_topic, produce_events, read_all
@@ -67,27 +68,29 @@ def test_sigterm_finishes_the_batch_in_hand_and_exits_cleanly(kafka_settings: Se
     produce_events(s, source, events)
     group = s.topic_prefix + "g"
     proc = subprocess.Popen(
-        [
-            sys.executable,
-            "-m",
-            "segflow.runtime.passthrough",
-            "--bootstrap",
-            s.bootstrap_servers,
-            "--prefix",
-            s.topic_prefix,
-            "--source",
-            source,
-            "--sink",
-            sink,
-            "--group",
-            group,
-            "--transactional-id",
-            group + "-tx",
-            "--batch-size",
-            "100",
-            "--pre-commit-delay",
-            "0.5",
-        ],
+        leashed(
+            [
+                sys.executable,
+                "-m",
+                "segflow.runtime.passthrough",
+                "--bootstrap",
+                s.bootstrap_servers,
+                "--prefix",
+                s.topic_prefix,
+                "--source",
+                source,
+                "--sink",
+                sink,
+                "--group",
+                group,
+                "--transactional-id",
+                group + "-tx",
+                "--batch-size",
+                "100",
+                "--pre-commit-delay",
+                "0.5",
+            ]
+        ),
         stderr=subprocess.PIPE,
         text=True,
     )

@@ -16,6 +16,7 @@ from prometheus_client import REGISTRY
 
 from segflow.runtime import metrics
 from segflow.runtime.broker import LocalBroker, free_port
+from segflow.runtime.leash import leashed
 from segflow.runtime.loop import LoopConfig, ProcessingLoop
 from segflow.runtime.passthrough import copier
 from segflow.runtime.serde import Serde
@@ -224,13 +225,13 @@ class Supervisor:
     def __init__(self, cmd: list[str]) -> None:
         self.cmd = cmd
         self.exits: list[int] = []
-        self.proc = subprocess.Popen(cmd, stderr=subprocess.DEVNULL)
+        self.proc = subprocess.Popen(leashed(cmd), stderr=subprocess.DEVNULL)
 
     def check(self) -> None:
         code = self.proc.poll()
         if code is not None:
             self.exits.append(code)
-            self.proc = subprocess.Popen(self.cmd, stderr=subprocess.DEVNULL)
+            self.proc = subprocess.Popen(leashed(self.cmd), stderr=subprocess.DEVNULL)
 
     def stop(self) -> None:
         self.proc.send_signal(signal.SIGTERM)
@@ -250,7 +251,7 @@ def test_kill_9_mid_transaction_then_restart_gives_each_input_exactly_once(
     events = make_events(5000)
     produce_events(s, source, events)
     cmd = passthrough_cmd(s, source, sink, group, "--batch-size", "500")
-    proc = subprocess.Popen([*cmd, "--pre-commit-delay", "5"], stderr=subprocess.DEVNULL)
+    proc = subprocess.Popen(leashed([*cmd, "--pre-commit-delay", "5"]), stderr=subprocess.DEVNULL)
     # Uncommitted output visible to read_uncommitted = a transaction is open: kill -9 now.
     wait_until(
         lambda: len(read_all(s, sink, idle=0.3, timeout=5, isolation="read_uncommitted")) > 0, 60

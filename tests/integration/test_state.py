@@ -9,6 +9,7 @@ from typing import Any
 
 import pytest
 
+from segflow.runtime.leash import leashed
 from segflow.runtime.loop import Incoming, LoopConfig, Output, ProcessingLoop
 from segflow.runtime.settings import Settings
 from segflow.runtime.state import ChangelogStore
@@ -122,7 +123,9 @@ def test_kill_9_mid_transaction_leaves_state_and_outputs_consistent(
         "from test_state import counter_main\n"
         f"counter_main({s.bootstrap_servers!r}, {s.topic_prefix!r}, {group!r})\n"
     )
-    proc = subprocess.Popen([sys.executable, "-c", script], stderr=subprocess.PIPE, text=True)
+    proc = subprocess.Popen(
+        leashed([sys.executable, "-c", script]), stderr=subprocess.PIPE, text=True
+    )
     # Kill -9 once some batches are committed and more are in flight (0.5 s before each commit).
     deadline = time.monotonic() + 60
     committed = 0

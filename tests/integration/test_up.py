@@ -1,4 +1,5 @@
-"""``segflow up`` stops everything it started on SIGTERM (a process manager's stop)."""
+"""``segflow up`` stops everything it started: on SIGTERM (a process manager's stop), and
+when it is killed with ``kill -9`` (its children die with it: segflow.runtime.leash)."""
 
 from __future__ import annotations
 
@@ -12,6 +13,8 @@ from pathlib import Path
 import pytest
 
 from segflow.runtime.broker import free_port
+from segflow.runtime.leash import leashed
+from segflow.runtime.testing import processes_marked
 
 pytestmark = pytest.mark.broker
 ROOT = Path(__file__).resolve().parents[2]
@@ -26,30 +29,37 @@ def alive(pid: int) -> bool:
     return not (stat.exists() and stat.read_text().split(") ")[1].startswith("Z"))
 
 
-def test_up_runs_the_services_and_sigterm_stops_them_and_its_broker(tmp_path: Path) -> None:
+def start_up(tmp_path: Path) -> tuple[subprocess.Popen[bytes], str, list[int], int]:
+    """``segflow up`` on its own new broker, running: (process, broker address, service pids,
+    broker pid)."""
     env = {k: v for k, v in os.environ.items() if "BOOTSTRAP" not in k}  # its own broker
     env["SEGFLOW_LOG_LEVEL"] = "WARNING"
     port, metrics, api = free_port(), free_port(), free_port()
     log = (tmp_path / "up.log").open("w")
     proc = subprocess.Popen(
-        [sys.executable, "-m", "segflow.cli", "--state-dir", str(tmp_path), "--port", str(port),
-         "up", "--metrics-port", str(metrics), "--api-port", str(api)],
+        leashed([sys.executable, "-m", "segflow.cli", "--state-dir", str(tmp_path),
+                 "--port", str(port), "up", "--metrics-port", str(metrics),
+                 "--api-port", str(api)]),
         cwd=ROOT, env=env, stdout=log, stderr=subprocess.STDOUT,
     )  # fmt: skip
-    try:
-        deadline = time.monotonic() + 150
-        text = ""
-        while "running;" not in text and time.monotonic() < deadline and proc.poll() is None:
-            time.sleep(0.5)
-            text = (tmp_path / "up.log").read_text()
-        assert "running;" in text, text[-2000:]
-        pids = [
-            int(line.split(" pid ")[1].split()[0]) for line in text.splitlines() if " pid " in line
-        ]
-        assert len(pids) == 4 and all(alive(p) for p in pids)
-        broker_pid = int((tmp_path / "broker" / "broker.pid").read_text().strip())
-        assert alive(broker_pid)
+    deadline = time.monotonic() + 150
+    text = ""
+    while "running;" not in text and time.monotonic() < deadline and proc.poll() is None:
+        time.sleep(0.5)
+        text = (tmp_path / "up.log").read_text()
+    if "running;" not in text:
+        proc.kill()
+        pytest.fail("segflow up did not come up:\n" + text[-2000:])
+    pids = [int(line.split(" pid ")[1].split()[0]) for line in text.splitlines() if " pid " in line]
+    assert len(pids) == 4 and all(alive(p) for p in pids)
+    broker_pid = int((tmp_path / "broker" / "broker.pid").read_text().strip())
+    assert alive(broker_pid)
+    return proc, f"127.0.0.1:{port}", pids, broker_pid
 
+
+def test_up_runs_the_services_and_sigterm_stops_them_and_its_broker(tmp_path: Path) -> None:
+    proc, _, pids, broker_pid = start_up(tmp_path)
+    try:
         proc.send_signal(signal.SIGTERM)
         assert proc.wait(90) == 0
         gone = time.monotonic() + 30
@@ -60,3 +70,25 @@ def test_up_runs_the_services_and_sigterm_stops_them_and_its_broker(tmp_path: Pa
     finally:
         if proc.poll() is None:
             proc.kill()
+
+
+def test_kill_9_of_up_leaves_no_service_gateway_or_broker(tmp_path: Path) -> None:
+    proc, bootstrap, pids, broker_pid = start_up(tmp_path)
+    # Everything this run started carries its broker address (environment) or its state
+    # folder (the broker's command line): found by /proc, not by asking segflow.
+    ours = processes_marked(bootstrap, str(tmp_path))
+    mine = {pid for pid, _ in ours}
+    assert {*pids, broker_pid} <= mine, ours
+    assert any("segflow.api" in cmd or "gateway" in cmd for _, cmd in ours), ours
+    try:
+        proc.send_signal(signal.SIGKILL)
+        proc.wait(10)
+        killed = time.monotonic()
+        left = processes_marked(bootstrap, str(tmp_path))
+        while left and time.monotonic() - killed < 5:
+            time.sleep(0.1)
+            left = processes_marked(bootstrap, str(tmp_path))
+        assert not left, f"still running 5 s after kill -9 of segflow up: {left}"
+    finally:
+        for pid, _ in processes_marked(bootstrap, str(tmp_path)):
+            os.kill(pid, signal.SIGKILL)

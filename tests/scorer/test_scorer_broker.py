@@ -19,6 +19,7 @@ from confluent_kafka import OFFSET_BEGINNING, Consumer, TopicPartition
 
 from segflow.runtime.kafka import make_producer
 from segflow.runtime.kafka import produce as kafka_produce
+from segflow.runtime.leash import leashed
 from segflow.runtime.serde import Serde
 from segflow.runtime.settings import Settings
 from segflow.runtime.testing import produce, read_all
@@ -80,7 +81,7 @@ def start(
     log = Path(tempfile.gettempdir()) / f"scorer-{settings.topic_prefix}log"  # kept for failures
     with log.open("ab") as err:
         return subprocess.Popen(
-            [sys.executable, "-m", "services.scorer", "--idle-timeout", str(idle)],
+            leashed([sys.executable, "-m", "services.scorer", "--idle-timeout", str(idle)]),
             cwd=ROOT,
             env=env,
             stderr=err,

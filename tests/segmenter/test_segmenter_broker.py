@@ -17,6 +17,7 @@ from typing import Any
 import pytest
 
 from segflow.runtime.kafka import make_admin
+from segflow.runtime.leash import leashed
 from segflow.runtime.settings import Settings
 from segflow.runtime.testing import produce, read_all
 from segflow.runtime.topics import TOPICS
@@ -183,7 +184,7 @@ def test_kill_9_and_restart_restores_state_no_entered_repeated_no_change_lost(
         "SEGFLOW_SEGMENTER_INSTANCE": "kill9",
     }
     cmd = [sys.executable, "-m", "services.segmenter"]
-    proc = subprocess.Popen(cmd, cwd=ROOT, env=env, stderr=subprocess.DEVNULL)
+    proc = subprocess.Popen(leashed(cmd), cwd=ROOT, env=env, stderr=subprocess.DEVNULL)
     try:
         want = expected_changes(records, cfg.definitions.read_text())
         deadline = time.monotonic() + 60
@@ -197,7 +198,7 @@ def test_kill_9_and_restart_restores_state_no_entered_repeated_no_change_lost(
         proc.wait(10)
         assert 300 <= seen < sum(want.values())  # killed mid-stream
         env["SEGFLOW_SEGMENTER_PRE_COMMIT_DELAY"] = "0"
-        proc = subprocess.Popen(cmd, cwd=ROOT, env=env, stderr=subprocess.DEVNULL)
+        proc = subprocess.Popen(leashed(cmd), cwd=ROOT, env=env, stderr=subprocess.DEVNULL)
         got = changes(s, expected=sum(want.values()), timeout=60)
     finally:
         proc.terminate()
