@@ -1,28 +1,43 @@
 """Local stand-ins for the dispatcher's APIs: a real HTTP server and a real SMTP server.
 
 :class:`Receiver` is an aiohttp server on 127.0.0.1 (its own thread and event loop) that
-answers the SendGrid-, HubSpot- and Salesforce-shaped paths and the signed webhook. It
-records every request, de-duplicates by ``Idempotency-Key`` the way a real idempotent API
-does (a repeated key gets 200 and no second effect), and answers on cue: 429 with
-``Retry-After``, 500, 503 outages for a while, or a stall longer than the client's timeout.
+answers the SendGrid, HubSpot and Salesforce paths segflow uses and the signed webhook.
 
-:class:`SMTPReceiver` is an aiosmtpd server that records messages and de-duplicates by
-``Message-ID``.
+It is vendor-faithful: every request is validated with :mod:`services.dispatcher.contracts`
+(the checks the contract tests use) and an invalid one is answered as the vendor answers it
+(Salesforce 400 ``[{"errorCode": "INVALID_FIELD", ...}]``, HubSpot 400 with its ``errors``,
+SendGrid 400 ``{"errors": [...]}``) with no effect. It is stricter than the vendors on purpose
+for requests they accept but that do nothing (a task about nobody, a list add of unknown ids):
+those are the silent failures the demo must surface. Lookups answer records (every customer has
+a CRM contact here), upserts answer the vendor's shapes, and :attr:`Receiver.vendor_counts`
+counts what the vendor would have created (per external id / unique property; one email per
+accepted mail send).
+
+It also records every request, de-duplicates by ``Idempotency-Key`` unless ``dedupe=False``
+(a repeated key gets 200 and no second effect; the real vendors ignore that header), and answers
+on cue: 429 with ``Retry-After``, 500, 503 outages for a while, a stall longer than the
+client's timeout, or a dropped connection after the request took effect.
+
+:class:`SMTPReceiver` is an aiosmtpd server that checks RFC 5322 (``contracts.check_smtp``,
+554 when it fails), records messages and de-duplicates by ``Message-ID``.
 """
 
 from __future__ import annotations
 
 import asyncio
 import collections
+import hashlib
 import threading
 import time
 from dataclasses import dataclass, field
 from email import message_from_bytes
 from typing import Any
+from urllib.parse import unquote
 
 from aiohttp import web
 from aiosmtpd.controller import Controller
 
+from services.dispatcher import contracts
 from services.dispatcher.signing import verify
 
 
@@ -36,6 +51,7 @@ class Cue:
     status: int = 200
     headers: tuple[tuple[str, str], ...] = ()
     delay: float = 0.0
+    drop: bool = False  # close the connection instead of answering (after ``delay``)
 
 
 @dataclass
@@ -48,6 +64,7 @@ class Seen:
     headers: dict[str, str]
     body: Any
     effect: bool  # True when this request was the one that took effect
+    violations: list[Any] = field(default_factory=list)  # contract violations (then 4xx)
 
 
 @dataclass
@@ -55,9 +72,23 @@ class Receiver:
     latency: float = 0.0
     webhook_secret: bytes = b"segflow-local-webhook-secret"
     requests: list[Seen] = field(default_factory=list)
+    # de-duplicate by the Idempotency-Key header (segflow's own stand-in behaviour); False
+    # behaves as the real vendors do: only their own idempotent writes (upserts by external or
+    # unique id, memberships) apply once, and every accepted mail send is an email
+    dedupe: bool = True
+    # drop the answer to the first attempt of each write (it took effect; the client sees the
+    # connection close): the lost-answer case exactly-once has to survive
+    drop_first_answer: bool = False
 
     def __post_init__(self) -> None:
         self._lock = threading.Lock()
+        self._answers: dict[str, Any] = {}
+        # vendor-side effects: (vendor, object, identity) -> how many were created (emails:
+        # one per accepted send, by the idempotency key in custom_args)
+        self.vendor_counts: collections.Counter[tuple[str, str, str]] = collections.Counter()
+        self._hs_contacts: set[str] = set()
+        self._mk_leads: set[int] = set()
+        self._dropped: set[tuple[str, str, str | None]] = set()
         self._cues: collections.deque[Cue] = collections.deque()
         self._outage: dict[str, float] = {}  # path prefix → until (monotonic)
         self._effects: dict[str, Seen] = {}
@@ -112,6 +143,21 @@ class Receiver:
         with self._lock:
             return dict(self._effects)
 
+    def effects_by_vendor(self) -> dict[str, int]:
+        """Actions that took effect, per vendor (sendgrid, hubspot, salesforce, webhook)."""
+        with self._lock:
+            return dict(
+                collections.Counter(
+                    contracts.vendor_of(s.path) or s.path.strip("/").split("/")[0]
+                    for s in self._effects.values()
+                )
+            )
+
+    def rejected(self) -> int:
+        """Requests refused for breaking the vendor's contract."""
+        with self._lock:
+            return sum(1 for r in self.requests if r.violations)
+
     def attempts(self) -> collections.Counter[str]:
         """Raw requests per idempotency key (every try, whatever the answer)."""
         with self._lock:
@@ -159,13 +205,16 @@ class Receiver:
         path = request.path
         now = time.monotonic()
         with self._lock:
-            cue = self._cues.popleft() if self._cues else None
+            # cues script the answers to actions' writes (they carry the key); lookups and
+            # association calls are answered normally
+            keyed = bool(key) and request.method != "GET"
+            cue = self._cues.popleft() if self._cues and keyed else None
             down = any(path.startswith(p) and now < until for p, until in self._outage.items())
         if cue is None and down:
             cue = Cue(self._outage_status)
         if self.latency:
             await asyncio.sleep(self.latency)
-        status = cue.status if cue is not None else self._success(path)
+        status = cue.status if cue is not None else self._success(request.method, path)
         headers = dict(cue.headers) if cue is not None else {}
         # signature and timestamp (an old capture is refused); a replay inside the tolerance
         # carries an idempotency key already taken, so it has no effect
@@ -180,30 +229,179 @@ class Receiver:
             body = await request.json() if raw else None
         except ValueError:
             body = raw.decode(errors="replace")
+        answer: Any = None
+        violations: list[contracts.Violation] = []
+        if status < 300 and contracts.vendor_of(path):
+            # the vendor validates before anything takes effect
+            violations = contracts.check_http(request.method, str(request.rel_url), body)
+            if violations:
+                status, answer = contracts.vendor_error(violations)
         effect = False
+        write = request.method != "GET"
         with self._lock:
-            if 200 <= status < 300 and key:
+            replayed = False
+            if 200 <= status < 300 and key and write and self.dedupe:
                 if key in self._effects:
                     status, headers = 200, {"Idempotent-Replayed": "true"}
+                    answer, replayed = self._answers.get(key), True
                 else:
                     effect = True
+            if 200 <= status < 300 and not replayed:
+                status, answer = self._vendor_answer(request.method, request.rel_url, body, status)
+                if effect and key:
+                    self._answers[key] = answer
             seen = Seen(
                 time.time(), request.method, path, key, status, dict(request.headers), body, effect
             )
+            seen.violations = violations
             self.requests.append(seen)
             if effect and key:
                 self._effects[key] = seen
         if cue is not None and cue.delay:
             await asyncio.sleep(cue.delay)
-        return web.json_response({"id": key, "status": status}, status=status, headers=headers)
+        drop = cue is not None and cue.drop
+        if self.drop_first_answer and request.method != "GET" and 200 <= status < 300:
+            with self._lock:
+                call = (request.method, str(request.rel_url), key)
+                drop = drop or call not in self._dropped
+                self._dropped.add(call)
+        if drop and request.transport is not None:
+            # the request took effect; the client never hears back (connection closed)
+            request.transport.abort()
+        if answer is None:
+            answer = {"id": key, "status": status}
+        if status == 204:
+            return web.Response(status=204, headers=headers)
+        return web.json_response(answer, status=status, headers=headers)
+
+    # -- the vendors' side effects and answers -------------------------------------------
+    def _vendor_answer(self, method: str, url: Any, body: Any, status: int) -> tuple[int, Any]:
+        """What the vendor records and answers for a valid request (called under the lock)."""
+        path = url.path
+        parts = path.strip("/").split("/")
+        vendor = contracts.vendor_of(path)
+        if vendor == "sendgrid":
+            pers = (body or {}).get("personalizations") or [{}]
+            k = (pers[0].get("custom_args") or {}).get("idempotency_key", "")
+            self.vendor_counts[("sendgrid", "mail", k)] += 1  # SendGrid sends every request
+            return status, None
+        if vendor == "hubspot":
+            if method == "GET" and parts[3] == "contacts":
+                rid = hubspot_record_id(parts[4])
+                self._hs_contacts.add(rid)
+                return 200, {"id": rid, "properties": {"hubspot_owner_id": None}}
+            if path.endswith("/batch/upsert"):
+                results = []
+                for item in body["inputs"]:
+                    ident = ("hubspot", parts[3], item["id"])
+                    new = ident not in self.vendor_counts
+                    if new:
+                        self.vendor_counts[ident] += 1
+                    results.append(
+                        {"id": hubspot_record_id(item["id"]), "new": new, "properties": {}}
+                    )
+                return 200, {"status": "COMPLETE", "results": results}
+            if path.endswith("/memberships/add"):
+                added = [r for r in body if r in self._hs_contacts]
+                for r in added:
+                    self.vendor_counts[("hubspot", f"list:{parts[3]}", r)] = 1
+                return 200, {
+                    "recordsIdsAdded": added,
+                    "recordIdsMissing": [r for r in body if r not in self._hs_contacts],
+                    "recordIdsRemoved": [],
+                }
+            return 200, {"id": parts[-1]}
+        if vendor == "marketo":
+            ok = {"requestId": "segflow#receiver", "success": True}
+            if method == "GET":  # Get Leads by Filter Type: every customer has a lead here
+                cid = url.query.get("filterValues", "")
+                lead = int(hubspot_record_id(cid)) % 10**9
+                self._mk_leads.add(lead)
+                return 200, {**ok, "result": [{"id": lead}]}
+            if parts[2] == "leads.json":  # Sync Leads, updateOnly by segflowCustomerId
+                return 200, {
+                    **ok,
+                    "result": [
+                        {
+                            "id": int(hubspot_record_id(str(x.get(body["lookupField"])))) % 10**9,
+                            "status": "updated",
+                        }
+                        for x in body["input"]
+                    ],
+                }
+            if parts[2] == "lists":
+                result = []
+                for x in body["input"]:
+                    known = x["id"] in self._mk_leads
+                    if known:
+                        self.vendor_counts[("marketo", f"list:{parts[3]}", str(x["id"]))] = 1
+                    result.append(
+                        {"id": x["id"], "status": "added"}
+                        if known
+                        else {
+                            "id": x["id"],
+                            "status": "skipped",
+                            "reasons": [{"code": "1004", "message": "Lead not found"}],
+                        }
+                    )
+                return 200, {**ok, "result": result}
+            if parts[2] == "campaigns":  # every request runs the campaign's flow again
+                tokens = {t["name"]: t["value"] for t in body["input"].get("tokens") or []}
+                k = tokens.get("{{my.segflowKey}}", "")
+                self.vendor_counts[("marketo", "trigger", k)] += len(body["input"]["leads"])
+                return 200, {**ok, "result": [{"id": int(parts[3])}]}
+        if vendor == "salesforce":
+            obj = parts[4]
+            if method == "GET":
+                return 200, {"Id": salesforce_record_id("Contact", parts[6]), "OwnerId": None}
+            if len(parts) == 7:  # upsert by external id
+                ident = ("salesforce", obj, unquote(parts[6]))
+                if obj == "CampaignMember":
+                    pair = ("salesforce", "member", f"{body['CampaignId']}:{body['ContactId']}")
+                    if ident not in self.vendor_counts and pair in self.vendor_counts:
+                        return 400, [
+                            {
+                                "message": "Already a campaign member.",
+                                "errorCode": "DUPLICATE_VALUE",
+                                "fields": [],
+                            }
+                        ]
+                    self.vendor_counts[pair] = 1
+                if obj == "Contact":  # updateOnly: the receiver holds every customer's Contact
+                    return 200, {"id": salesforce_record_id(obj, parts[6]), "created": False}
+                created = ident not in self.vendor_counts
+                if created:
+                    self.vendor_counts[ident] += 1
+                rid = salesforce_record_id(obj, parts[6])
+                return (201 if created else 200), {
+                    "id": rid,
+                    "success": True,
+                    "errors": [],
+                    "created": created,
+                }
+            return 201, {"id": salesforce_record_id(obj, str(len(self.requests))), "success": True}
+        return status, None
 
     @staticmethod
-    def _success(path: str) -> int:
+    def _success(method: str, path: str) -> int:
         if path.startswith("/v3/mail/send"):
             return 202
-        if path.endswith("/memberships/add") or "/Contact/" in path or "/contacts/" in path:
+        if method in ("GET", "PATCH", "PUT") or path.endswith("/batch/upsert"):
             return 200
         return 201
+
+
+def hubspot_record_id(value: str) -> str:
+    """A stable numeric HubSpot record id for a customer id or an idempotency key."""
+    return str(int(hashlib.sha256(value.encode()).hexdigest()[:12], 16))
+
+
+def salesforce_record_id(obj: str, value: str) -> str:
+    prefix = {"Contact": "003", "Task": "00T", "Case": "500", "CampaignMember": "00v"}.get(
+        obj, "a0X"
+    )
+    digits = str(int(hashlib.sha256(value.encode()).hexdigest()[:14], 16))[:12].rjust(12, "0")
+    return f"{prefix}{digits}AAA"
 
 
 class _SMTPHandler:
@@ -220,6 +418,7 @@ class SMTPReceiver:
 
     messages: list[dict[str, str]] = field(default_factory=list)
     fail_next: int = 0
+    rejected: list[list[str]] = field(default_factory=list)  # RFC 5322 problems per message
 
     def __post_init__(self) -> None:
         self._lock = threading.Lock()
@@ -241,6 +440,10 @@ class SMTPReceiver:
             if self.fail_next > 0:
                 self.fail_next -= 1
                 return "451 4.3.0 try again later"
+            problems = contracts.check_smtp(envelope.original_content or envelope.content)
+            if problems:
+                self.rejected.append([str(p) for p in problems])
+                return "554 5.6.0 " + "; ".join(p.message for p in problems)[:200]
             msg = message_from_bytes(envelope.content)
             mid = str(msg["Message-ID"])
             self._ids[mid] += 1

@@ -126,7 +126,18 @@ def _report(
         f"'sent' results without an effect: {len(missing)}; keys reported sent twice: {twice}; "
         f"holdout contacted: {len(holdout_keys & effects)}"
     )
+    per_vendor = receiver.effects_by_vendor()
+    if smtp.messages:
+        per_vendor["smtp"] = len(smtp.unique())
+    rejected = receiver.rejected() + len(smtp.rejected)
+    say(
+        "vendors: "
+        + (", ".join(f"{v} {n:,} effects" for v, n in sorted(per_vendor.items())) or "none")
+        + f"; requests rejected by the vendor contracts: {rejected}"
+    )
     summary.update(
+        vendor_effects=per_vendor,
+        rejected_requests=rejected,
         sent=len(sent_keys),
         effects=len(effects),
         sent_twice=twice,

@@ -160,11 +160,36 @@ def _service_env(
         "SEGFLOW_DISPATCHER_WEBHOOK_URL": receiver.url + "/webhook",
         "SEGFLOW_DISPATCHER_SMTP_PORT": str(smtp.port),
         "SEGFLOW_DISPATCHER_CONTACT_PATTERN": "{customer_id}@example.invalid",
+        **_vendor_ids(),
         **stack.group_env(settings),  # every service's group is <prefix><name>
         # The demo delivers a simulated week in one burst after a pause; the scorer's clock
         # (slowest live partition) can then run a week ahead of a partition it has not read
         # yet, so allow more than a week of lateness here (see the scorer's README).
         "SEGFLOW_SCORER_ALLOWED_LATENESS_HOURS": "192",
+    }
+
+
+def _vendor_ids() -> dict[str, str]:
+    """The vendor record ids an operator configures for the default playbooks (here for the
+    receiver's stand-in accounts): HubSpot ILS list ids and an owner, SendGrid dynamic
+    template ids and an unsubscribe group. The dispatcher refuses to start without them on a
+    real endpoint."""
+    import hashlib
+
+    from services.dispatcher.playbooks import DEFAULT_DIR, load_book
+    from services.dispatcher.vendors import list_names, template_names
+
+    book = load_book([DEFAULT_DIR])
+    lists = {name: str(101 + i) for i, name in enumerate(sorted(list_names(book)))}
+    templates = {
+        t: "d-" + hashlib.md5(t.encode(), usedforsecurity=False).hexdigest()
+        for t in sorted(template_names(book))
+    }
+    return {
+        "SEGFLOW_DISPATCHER_HUBSPOT_LISTS": json.dumps(lists),
+        "SEGFLOW_DISPATCHER_HUBSPOT_OWNER_ID": "9001",
+        "SEGFLOW_DISPATCHER_SENDGRID_TEMPLATES": json.dumps(templates),
+        "SEGFLOW_DISPATCHER_SENDGRID_ASM_GROUP_ID": "7",
     }
 
 

@@ -29,7 +29,7 @@ import httpx
 from confluent_kafka import KafkaException
 from prometheus_client import Counter, Gauge, Histogram
 from pydantic import SecretStr
-from pydantic_settings import BaseSettings, SettingsConfigDict
+from pydantic_settings import SettingsConfigDict
 
 from segflow.errors import PoisonMessage
 from segflow.runtime.dlq import dead_letter
@@ -45,18 +45,22 @@ from services.dispatcher.adapters import (
     CallFailed,
     Contacts,
     HttpClient,
-    HubSpotCRM,
     PatternContacts,
     Rejected,
     Router,
-    SalesforceCRM,
-    SendGridEmail,
     SignedWebhook,
     SMTPEmail,
 )
 from services.dispatcher.backoff import Breaker, next_delay
 from services.dispatcher.experiments import summarise
 from services.dispatcher.playbooks import DEFAULT_DIR, Book, load_book
+from services.dispatcher.vendors import (
+    VendorSettings,
+    check_routes,
+    crm_adapter,
+    email_adapter,
+    with_local_stand_ins,
+)
 
 log = logging.getLogger("segflow.dispatcher")
 T = TypeVar("T")
@@ -92,8 +96,9 @@ UPLIFT = Gauge(
 )
 
 
-class DispatcherSettings(BaseSettings):
-    """``SEGFLOW_DISPATCHER_*`` settings; every endpoint defaults to 127.0.0.1."""
+class DispatcherSettings(VendorSettings):
+    """``SEGFLOW_DISPATCHER_*`` settings; every endpoint defaults to 127.0.0.1 (vendor ids and
+    delivery policies: :class:`~services.dispatcher.vendors.VendorSettings`)."""
 
     model_config = SettingsConfigDict(env_prefix="SEGFLOW_DISPATCHER_", extra="ignore", frozen=True)
 
@@ -101,7 +106,7 @@ class DispatcherSettings(BaseSettings):
     clock: Literal["wall", "event"] = "wall"
     group_id: str = "segflow-dispatcher"
     transactional_id: str | None = None
-    crm_kind: Literal["hubspot", "salesforce"] = "hubspot"
+    crm_kind: Literal["hubspot", "salesforce", "marketo"] = "hubspot"
     crm_base_url: str = "http://127.0.0.1:8725"
     crm_token: SecretStr | None = None
     email_base_url: str = "http://127.0.0.1:8725"
@@ -154,9 +159,18 @@ class AsyncRunner:
 
 
 def build_router(
-    cfg: DispatcherSettings, runner: AsyncRunner, contacts: Contacts | None = None
+    cfg: DispatcherSettings,
+    runner: AsyncRunner,
+    contacts: Contacts | None = None,
+    playbooks: Book | None = None,
 ) -> tuple[Router, HttpClient]:
-    """Adapters for every channel on one shared connection pool (aiohttp's by default)."""
+    """Adapters for every channel on one shared connection pool (aiohttp's by default).
+
+    With ``playbooks``, refuses to start when a routed step has no vendor id or a routed real
+    endpoint no credentials (:func:`~services.dispatcher.vendors.check_routes`)."""
+    if playbooks is not None:
+        cfg = with_local_stand_ins(cfg, cfg, playbooks)  # type: ignore[assignment]
+        check_routes(cfg, playbooks)
 
     async def make() -> HttpClient:
         if cfg.http_transport == "aiohttp":
@@ -172,11 +186,10 @@ def build_router(
     def secret(value: SecretStr | None) -> str | None:
         return value.get_secret_value() if value is not None else None
 
-    crm_cls = HubSpotCRM if cfg.crm_kind == "hubspot" else SalesforceCRM
     router = Router(
-        crm=crm_cls(client, cfg.crm_base_url, secret(cfg.crm_token)),
-        email=SendGridEmail(
-            client, cfg.email_base_url, secret(cfg.email_api_key), cfg.email_from, book
+        crm=crm_adapter(cfg, client, cfg.crm_kind, cfg.crm_base_url, secret(cfg.crm_token)),
+        email=email_adapter(
+            cfg, client, cfg.email_base_url, secret(cfg.email_api_key), cfg.email_from, book
         ),
         smtp=SMTPEmail(
             cfg.smtp_host,
@@ -187,6 +200,7 @@ def build_router(
             secret(cfg.smtp_password),
             cfg.http_timeout,
             cfg.smtp_starttls,
+            on_ambiguous=cfg.smtp_on_ambiguous,
         ),
         webhook=SignedWebhook(
             client, cfg.webhook_url, cfg.webhook_secret.get_secret_value().encode()
@@ -219,7 +233,7 @@ class Dispatcher:
         self.runner = AsyncRunner()
         self._client: HttpClient | None = None
         if router is None:
-            router, self._client = build_router(self.cfg, self.runner, contacts)
+            router, self._client = build_router(self.cfg, self.runner, contacts, self.book)
         self.router = router
         self._due: list[tuple[int, str]] = []  # (due_at pipeline ms, customer)
         self._retry: list[tuple[int, str, str]] = []  # (retry_at wall ms, customer, key)

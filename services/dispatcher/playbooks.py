@@ -44,12 +44,13 @@ CHANNELS = (
     "crm_list",
     "support_escalation",
     "webhook",
+    "crm_segment",  # Salesforce CustomerRiskSegment__c record (playbooks/salesforce/)
 )
 #: Channels that reach the customer directly (quiet hours, unsubscribe, do-not-contact).
 CUSTOMER_FACING = frozenset({"email", "smtp", "webhook"})
 EMAIL_CHANNELS = frozenset({"email", "smtp"})
 #: Data syncs to the CRM: they never compete under playbook priority.
-SYNC_CHANNELS = frozenset({"crm_property", "crm_list"})
+SYNC_CHANNELS = frozenset({"crm_property", "crm_list", "crm_segment"})
 TRANSITIONS = ("entered", "exited", "re_engaged", "deprecated", "reactivated", "primary_changed")
 HOLDOUT = "holdout"
 

@@ -76,6 +76,8 @@ def test_sendgrid_shape_carries_template_data_and_the_idempotency_key() -> None:
         "SG.key",
         "from@x.invalid",
         MapContacts({"c1": "ada@example.invalid"}),
+        templates={"d-1": TEMPLATE},
+        asm_group_id=77,
     )
     sent = run(email.send(req("email")))
     r = seen[0]
@@ -83,44 +85,134 @@ def test_sendgrid_shape_carries_template_data_and_the_idempotency_key() -> None:
     assert (r.method, r.url.path, sent.status) == ("POST", "/v3/mail/send", 202)
     assert r.headers["Idempotency-Key"] == "sf-k1"
     assert r.headers["Authorization"] == "Bearer SG.key"
-    assert body["template_id"] == "d-1"
-    assert body["personalizations"][0]["dynamic_template_data"] == {"first_name": "Ada"}
+    assert body["template_id"] == TEMPLATE  # the configured SendGrid id of template "d-1"
+    # a dynamic template's subject line is {{subject}}: the variant's subject travels as data
+    assert body["personalizations"][0]["dynamic_template_data"] == {
+        "first_name": "Ada",
+        "subject": "Hi Ada",
+    }
+    assert "subject" not in body and "subject" not in body["personalizations"][0]
     assert body["personalizations"][0]["to"] == [{"email": "ada@example.invalid"}]
-    assert body["custom_args"]["idempotency_key"] == "sf-k1"
+    assert body["personalizations"][0]["custom_args"]["idempotency_key"] == "sf-k1"
+    assert "custom_args" not in body  # the spec types the top-level one as a string
+    assert body["asm"] == {"group_id": 77}
+    assert body["categories"] == ["segflow", "camp", "camp:A"]
     assert body["headers"]["Idempotency-Key"] == "sf-k1"
     with pytest.raises(Rejected, match="no_contact"):
         run(email.send(req("email", customer_id="unknown")))
 
 
+TEMPLATE = "d-" + "ab" * 16
+SF = "/services/data/v62.0/sobjects"
+
+
+def crm_answers(r: httpx.Request) -> httpx.Response:
+    """The CRM's answers: the contact lookups return its record ids; upserts the new id."""
+    if r.method == "GET" and "/contacts/" in r.url.path:
+        return httpx.Response(200, json={"id": "5101", "properties": {"hubspot_owner_id": None}})
+    if r.method == "GET":
+        return httpx.Response(200, json={"Id": "003000000000042AAA", "OwnerId": None})
+    if r.url.path.endswith("/batch/upsert"):
+        return httpx.Response(200, json={"results": [{"id": "9001"}]})
+    return httpx.Response(201, json={})
+
+
 @pytest.mark.parametrize(
-    ("cls", "channel", "method", "path"),
+    ("cls", "channel", "calls"),
     [
-        (HubSpotCRM, "crm_property", "PATCH", "/crm/v3/objects/contacts/c1"),
-        (HubSpotCRM, "crm_task", "POST", "/crm/v3/objects/tasks"),
-        (HubSpotCRM, "crm_list", "PUT", "/crm/v3/lists/L1/memberships/add"),
-        (HubSpotCRM, "support_escalation", "POST", "/crm/v3/objects/tickets"),
+        (
+            HubSpotCRM,
+            "crm_property",
+            [("PATCH", "/crm/v3/objects/contacts/c1", "idProperty=segflow_customer_id")],
+        ),
+        (
+            HubSpotCRM,
+            "crm_task",
+            [
+                ("GET", "/crm/v3/objects/contacts/c1", None),
+                ("POST", "/crm/v3/objects/tasks/batch/upsert", ""),
+                ("PUT", "/crm/v4/objects/tasks/9001/associations/default/contacts/5101", ""),
+            ],
+        ),
+        (
+            HubSpotCRM,
+            "crm_list",
+            [
+                ("GET", "/crm/v3/objects/contacts/c1", None),
+                ("PUT", "/crm/v3/lists/314/memberships/add", ""),
+            ],
+        ),
+        (
+            HubSpotCRM,
+            "support_escalation",
+            [
+                ("GET", "/crm/v3/objects/contacts/c1", None),
+                ("POST", "/crm/v3/objects/tickets/batch/upsert", ""),
+                ("PUT", "/crm/v4/objects/tickets/9001/associations/default/contacts/5101", ""),
+            ],
+        ),
         (
             SalesforceCRM,
             "crm_property",
-            "PATCH",
-            "/services/data/v59.0/sobjects/Contact/Segflow_Customer_Id__c/c1",
+            [("PATCH", f"{SF}/Contact/Segflow_Customer_Id__c/c1", "updateOnly=true")],
         ),
-        (SalesforceCRM, "crm_task", "POST", "/services/data/v59.0/sobjects/Task"),
-        (SalesforceCRM, "crm_list", "POST", "/services/data/v59.0/sobjects/CampaignMember"),
-        (SalesforceCRM, "support_escalation", "POST", "/services/data/v59.0/sobjects/Case"),
+        (
+            SalesforceCRM,
+            "crm_task",
+            [
+                ("GET", f"{SF}/Contact/Segflow_Customer_Id__c/c1", None),
+                ("PATCH", f"{SF}/Task/Segflow_Idempotency_Key__c/sf-k1", ""),
+            ],
+        ),
+        (
+            SalesforceCRM,
+            "crm_list",
+            [
+                ("GET", f"{SF}/Contact/Segflow_Customer_Id__c/c1", None),
+                ("PATCH", f"{SF}/CampaignMember/Segflow_Idempotency_Key__c/sf-k1", ""),
+            ],
+        ),
+        (
+            SalesforceCRM,
+            "support_escalation",
+            [
+                ("GET", f"{SF}/Contact/Segflow_Customer_Id__c/c1", None),
+                ("PATCH", f"{SF}/Case/Segflow_Idempotency_Key__c/sf-k1", ""),
+            ],
+        ),
     ],
 )
-def test_crm_shapes(cls: Any, channel: str, method: str, path: str) -> None:
-    seen, client = capture(201)
-    crm = cls(client, "http://127.0.0.1:1", "tok")
+def test_crm_shapes(cls: Any, channel: str, calls: list[tuple[str, str, str | None]]) -> None:
+    seen: list[httpx.Request] = []
+
+    def handler(r: httpx.Request) -> httpx.Response:
+        seen.append(r)
+        return crm_answers(r)
+
+    ids = {"lists": {"L1": "314"}} if cls is HubSpotCRM else {"campaigns": {"L1": "701" + "0" * 15}}
+    crm = cls(mock(handler), "http://127.0.0.1:1", "tok", **ids)
     run(crm.send(req(channel)))
-    r = seen[0]
-    assert (r.method, r.url.path) == (method, path)
-    assert r.headers["Idempotency-Key"] == "sf-k1" and r.headers["Authorization"] == "Bearer tok"
-    if channel == "crm_task":
-        body = json.loads(r.content)
-        props = body.get("properties", body)
-        assert "sf-k1" in props.values() and "Hi Ada" in props.values()
+    assert [(r.method, r.url.path) for r in seen] == [(m, p) for m, p, _ in calls]
+    for r, (_, _, query) in zip(seen, calls, strict=True):
+        assert r.headers["Authorization"] == "Bearer tok"
+        if query:
+            assert r.url.query.decode() == query
+        if r.method == "GET" or "/associations/" in r.url.path:
+            assert "Idempotency-Key" not in r.headers  # lookups and associations carry no key
+        else:
+            assert r.headers["Idempotency-Key"] == "sf-k1"
+    write = json.loads(seen[-1].content) if seen[-1].content else None
+    if channel == "crm_task" and cls is HubSpotCRM:
+        write = json.loads(seen[1].content)
+        (item,) = write["inputs"]
+        assert (item["idProperty"], item["id"]) == ("segflow_idempotency_key", "sf-k1")
+        assert item["properties"]["hs_task_subject"] == "Hi Ada"
+    if channel == "crm_task" and cls is SalesforceCRM:
+        assert write["WhoId"] == "003000000000042AAA" and write["Subject"] == "Hi Ada"
+    if channel == "crm_list" and cls is HubSpotCRM:
+        assert write == ["5101"]  # the HubSpot record id, not segflow's customer id
+    if channel == "crm_property" and cls is SalesforceCRM:
+        assert write == {"Segflow_Status__c": "x", "Custom_Segment__c": "AtRisk-60d"}
 
 
 @pytest.mark.parametrize(
@@ -145,7 +237,7 @@ def test_http_errors_map_to_retryable_or_permanent(
 
 def test_409_means_the_receiver_already_has_the_key() -> None:
     _, client = capture(409)
-    assert run(HubSpotCRM(client, "http://x", None).send(req("crm_task"))).status == 409
+    assert run(HubSpotCRM(client, "http://x", None).send(req("crm_property"))).status == 409
 
 
 def test_timeouts_and_connection_errors_are_retryable() -> None:
@@ -193,7 +285,7 @@ def test_smtp_sends_with_the_key_as_message_id_and_retries_on_4xx(
         run(smtp.send(req("smtp")))
     assert run(smtp.send(req("smtp"))).status == 250
     run(smtp.send(req("smtp")))  # a retry after a lost answer: same Message-ID
-    assert smtp_server.unique() == {"<sf-k1@segflow>"}
+    assert smtp_server.unique() == {"<sf-k1@x.invalid>"}  # RFC 5322: the sender's domain
     assert [m["to"] for m in smtp_server.messages] == ["ada@example.invalid"] * 2
 
 
@@ -204,7 +296,7 @@ def test_the_local_receiver_deduplicates_and_answers_on_cue(receiver: Receiver) 
             out: list[int | str] = []
             for _ in range(4):
                 try:
-                    out.append((await crm.send(req("crm_task"))).status or 0)
+                    out.append((await crm.send(req("crm_property"))).status or 0)
                 except CallFailed as exc:
                     out.append(str(exc))
             return out
@@ -236,7 +328,13 @@ def test_the_aiohttp_client_sends_the_same_requests_and_maps_the_same_failures(
                 except CallFailed as exc:
                     out.append(f"{exc} retry_after={exc.retry_after}")
             email = SendGridEmail(
-                client, receiver.url, "key", "f@x.invalid", MapContacts({"c1": "a@b.c"})
+                client,
+                receiver.url,
+                "key",
+                "f@x.invalid",
+                MapContacts({"c1": "a@b.c"}),
+                templates={"d-1": TEMPLATE},
+                asm_group_id=77,
             )
             out.append((await email.send(req("email", key="sf-k2"))).status or 0)
             hook = SignedWebhook(client, receiver.url + "/webhook", receiver.webhook_secret)
@@ -259,11 +357,13 @@ def test_the_aiohttp_client_sends_the_same_requests_and_maps_the_same_failures(
     assert down.startswith("transport")
     effects = receiver.effects()
     crm = effects["sf-k1"]
-    assert crm.method == "PATCH" and crm.body == {"properties": {"segflow_status": "x"}}
+    assert crm.method == "PATCH" and crm.body == {
+        "properties": {"segflow_status": "x", "custom_segment": "AtRisk-60d"}
+    }
     assert crm.headers["Authorization"] == "Bearer tok"
     assert crm.headers["Content-Type"] == "application/json"
     mail = effects["sf-k2"].body
     assert mail["personalizations"][0]["to"] == [{"email": "a@b.c"}]
-    assert mail["custom_args"]["idempotency_key"] == "sf-k2"
+    assert mail["personalizations"][0]["custom_args"]["idempotency_key"] == "sf-k2"
     assert effects["sf-k3"].status == 201  # the signature verified (401 otherwise)
     assert receiver.replays() == 2  # the lost answer took effect: both later tries replay

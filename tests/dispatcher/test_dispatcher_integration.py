@@ -158,7 +158,11 @@ def test_injected_failures_still_deliver_every_action_exactly_once(
         *[Cue(429, (("Retry-After", "0.3"),)), Cue(500), Cue(200, delay=0.8), Cue(503), Cue(201)]
         * 8,
     )
-    cfg = settings_for(receiver, s, breaker_threshold=1000, concurrency=32)
+    # email retries after lost answers too here: this receiver de-duplicates by key, which
+    # SendGrid does not (the default, at most once, is tested in test_vendor_exactly_once.py)
+    cfg = settings_for(
+        receiver, s, breaker_threshold=1000, concurrency=32, email_on_ambiguous="at_least_once"
+    )
     with Running(Dispatcher(s, cfg, book=book)):
         send(s, TOPICS.segment_changes, [change(c, now) for c in cids])
         _wait(lambda: any(r.status == 400 for r in receiver.requests), 30)
@@ -342,7 +346,9 @@ def test_a_clean_stop_records_the_calls_under_way_so_a_restart_repeats_none(
         now = int(time.time() * 1000)
         cids = [f"g{i:03d}" for i in range(30)]
         expected = {idempotency_key(c, "P", "task", f"{c}:S:{now}", now) for c in cids}
-        cfg = settings_for(receiver, s, concurrency=8, http_timeout=5.0)
+        # a HubSpot task is three calls (contact lookup, upsert, association) of 1 s each
+        # here: all 30 at once so the batch under way ends within the loop's drain timeout
+        cfg = settings_for(receiver, s, concurrency=32, http_timeout=5.0)
         with Running(Dispatcher(s, cfg, book=book)):
             send(s, TOPICS.segment_changes, [change(c, now) for c in cids])
             _wait(lambda: receiver.busy > 0, 30)  # stop while calls are in flight

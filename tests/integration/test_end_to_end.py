@@ -44,6 +44,11 @@ def test_pipeline_end_to_end_with_kills_sends_every_action_once(
     assert summary["sent_twice"] == 0
     assert summary["missing"] == 0
     assert summary["effects"] == summary["sent"]
+    # Every request met the vendors' contracts (the receiver validates as the vendors do) and
+    # the report lists the effects per vendor.
+    assert summary["rejected_requests"] == 0
+    assert summary["vendor_effects"].get("sendgrid", 0) > 0, summary["vendor_effects"]
+    assert summary["vendor_effects"].get("hubspot", 0) > 0, summary["vendor_effects"]
     assert summary["holdout"] > 0 and summary["holdout_contacted"] == 0
     # Every segment change a playbook triggers on was decided (sent, scheduled, suppressed or
     # holdout): none lost across the kills.

@@ -1,0 +1,175 @@
+"""Vendor ids and credentials are checked at start: a routed real endpoint without credentials,
+or a routed step without its vendor id, stops the dispatcher with the setting to set."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+from pathlib import Path
+from typing import Any
+
+import httpx
+import pytest
+
+from segflow.errors import ConfigError
+from services.dispatcher.adapters import CallFailed, MapContacts, Rejected, SendGridEmail
+from services.dispatcher.app import AsyncRunner, DispatcherSettings, build_router
+from services.dispatcher.core import Request
+from services.dispatcher.playbooks import DEFAULT_DIR, load_book
+from services.dispatcher.vendors import check_routes, list_names, template_names
+
+BOOK = load_book([DEFAULT_DIR])
+REAL = dict(
+    crm_base_url="https://api.hubapi.com",
+    email_base_url="https://api.sendgrid.com",
+    webhook_url="https://hooks.example.com/segflow",
+)
+
+
+def configured(**kw: Any) -> DispatcherSettings:
+    base: dict[str, Any] = dict(
+        REAL,
+        crm_token="pat-na1-x",
+        email_api_key="SG.x",
+        webhook_secret="s3cret-for-real",
+        hubspot_lists={n: str(10 + i) for i, n in enumerate(sorted(list_names(BOOK)))},
+        hubspot_owner_id="12345",
+        sendgrid_templates={t: "d-" + "0" * 31 + "1" for t in template_names(BOOK)},
+        sendgrid_asm_group_id=42,
+    )
+    base.update(kw)
+    return DispatcherSettings(**base)
+
+
+def test_a_fully_configured_real_deployment_starts() -> None:
+    check_routes(configured(), BOOK)
+
+
+@pytest.mark.parametrize(
+    ("drop", "setting", "detail"),
+    [
+        ("crm_token", "SEGFLOW_DISPATCHER_CRM_TOKEN", "https://api.hubapi.com"),
+        ("email_api_key", "SEGFLOW_DISPATCHER_EMAIL_API_KEY", "https://api.sendgrid.com"),
+        ("webhook_secret", "SEGFLOW_DISPATCHER_WEBHOOK_SECRET", "hooks.example.com"),
+        ("hubspot_lists", "SEGFLOW_DISPATCHER_HUBSPOT_LISTS", "loyal-customers"),
+        ("hubspot_owner_id", "SEGFLOW_DISPATCHER_HUBSPOT_OWNER_ID", "owner"),
+        ("sendgrid_templates", "SEGFLOW_DISPATCHER_SENDGRID_TEMPLATES", "d-atrisk-reengage"),
+        ("sendgrid_asm_group_id", "SEGFLOW_DISPATCHER_SENDGRID_ASM_GROUP_ID", "unsubscribe"),
+    ],
+)
+def test_start_is_refused_naming_the_missing_setting(drop: str, setting: str, detail: str) -> None:
+    cfg = configured()
+    cfg = DispatcherSettings(
+        **{**cfg.model_dump(), drop: DispatcherSettings.model_fields[drop].default}
+    )
+    with pytest.raises(ConfigError) as exc:
+        check_routes(cfg, BOOK)
+    assert setting in str(exc.value) and detail in str(exc.value)
+    assert "pat-na1-x" not in str(exc.value) and "SG.x" not in str(exc.value)  # no secrets
+
+
+def test_salesforce_needs_campaign_record_ids_for_lists() -> None:
+    cfg = configured(crm_kind="salesforce")
+    with pytest.raises(ConfigError, match="SEGFLOW_DISPATCHER_SALESFORCE_CAMPAIGNS"):
+        check_routes(cfg, BOOK)
+    names = sorted(list_names(BOOK))
+    ok = configured(
+        crm_kind="salesforce",
+        salesforce_campaigns={n: f"701{i:012d}AAA" for i, n in enumerate(names)},
+    )
+    check_routes(ok, BOOK)
+
+
+def test_the_environment_carries_the_vendor_id_maps(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("SEGFLOW_DISPATCHER_HUBSPOT_LISTS", json.dumps({"vip": "314"}))
+    monkeypatch.setenv("SEGFLOW_DISPATCHER_SENDGRID_ASM_GROUP_ID", "9")
+    cfg = DispatcherSettings()
+    assert cfg.hubspot_lists == {"vip": "314"} and cfg.sendgrid_asm_group_id == 9
+    assert cfg.email_on_ambiguous == "at_most_once"  # the documented default for email
+
+
+def test_build_router_refuses_before_any_call(tmp_path: Path) -> None:
+    runner = AsyncRunner()
+    try:
+        with pytest.raises(ConfigError, match="SEGFLOW_DISPATCHER_CRM_TOKEN"):
+            build_router(configured(crm_token=None), runner, playbooks=BOOK)
+        # local endpoints (the receiver) get stand-in ids of the vendor's shape
+        router, client = build_router(DispatcherSettings(), runner, playbooks=BOOK)
+        runner.run(client.aclose())
+        assert router.crm is not None
+    finally:
+        runner.close()
+
+
+def mail_request() -> Request:
+    return Request(
+        key="sf-k9",
+        customer_id="c1",
+        channel="email",
+        playbook="P",
+        step="mail",
+        segment="S",
+        variant="A",
+        campaign_id="camp",
+        template="d-" + "1" * 32,
+        subject="Hi",
+        body=None,
+    )
+
+
+@pytest.mark.parametrize(
+    ("failure", "at_most_once", "at_least_once"),
+    [
+        (httpx.ReadTimeout("lost"), Rejected, CallFailed),
+        (httpx.RemoteProtocolError("dropped"), Rejected, CallFailed),
+        (httpx.ConnectError("refused"), CallFailed, CallFailed),  # never sent: retry is safe
+        (500, Rejected, CallFailed),
+        (503, CallFailed, CallFailed),  # not accepted: retry is safe
+        (429, CallFailed, CallFailed),
+    ],
+)
+def test_email_policy_on_an_ambiguous_failure(
+    failure: Any, at_most_once: type[Exception], at_least_once: type[Exception]
+) -> None:
+    def handler(r: httpx.Request) -> httpx.Response:
+        if isinstance(failure, Exception):
+            raise failure
+        return httpx.Response(failure)
+
+    for policy, expected in (("at_most_once", at_most_once), ("at_least_once", at_least_once)):
+        client = httpx.AsyncClient(transport=httpx.MockTransport(handler))
+        email = SendGridEmail(
+            client,
+            "http://x",
+            "k",
+            "f@x.example",
+            MapContacts({"c1": "a@b.example"}),
+            asm_group_id=1,
+            on_ambiguous=policy,  # type: ignore[arg-type]
+        )
+        with pytest.raises(expected) as exc:
+            asyncio.run(email.send(mail_request()))
+        if expected is Rejected:
+            assert str(exc.value).startswith("ambiguous:")
+
+
+def test_marketo_needs_static_list_and_smart_campaign_ids() -> None:
+    with pytest.raises(ConfigError) as exc:
+        check_routes(configured(crm_kind="marketo"), BOOK)
+    assert "SEGFLOW_DISPATCHER_MARKETO_LISTS" in str(exc.value)
+    assert "SEGFLOW_DISPATCHER_MARKETO_CAMPAIGNS" in str(exc.value)
+    ok = configured(
+        crm_kind="marketo",
+        marketo_lists={n: str(500 + i) for i, n in enumerate(sorted(list_names(BOOK)))},
+        marketo_campaigns={"crm_task": "1001", "support_escalation": "1002"},
+    )
+    check_routes(ok, BOOK)
+
+
+def test_customer_risk_segment_records_need_salesforce() -> None:
+    book = load_book([DEFAULT_DIR, DEFAULT_DIR / "salesforce"])
+    with pytest.raises(ConfigError, match="SEGFLOW_DISPATCHER_CRM_KIND: crm_segment"):
+        check_routes(configured(), book)
+    names = sorted(list_names(book))
+    campaigns = {n: f"701{i:012d}AAA" for i, n in enumerate(names)}
+    check_routes(configured(crm_kind="salesforce", salesforce_campaigns=campaigns), book)
