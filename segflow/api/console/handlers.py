@@ -268,8 +268,10 @@ async def customer_audit(request: web.Request) -> web.Response:
                     "primary": False,
                 }
             )
-    for a in (acts or {}).get("actions", []):
+    for a in (acts or {}).get("settled", []) + (acts or {}).get("pending", []):
         timeline.append({"at": a["decided_at"], "kind": "action", **a})
+    for a in (acts or {}).get("assignments", []):
+        timeline.append({"at": a["decided_at"], "kind": "assigned", **a})
     if ident and ident.get("first_seen_at"):
         timeline.append({"at": ident["first_seen_at"], "kind": "first_seen"})
     timeline.sort(key=lambda e: (e["at"] or 0, e["kind"]), reverse=True)
@@ -287,6 +289,7 @@ async def customer_audit(request: web.Request) -> web.Response:
             "primary_segment": (segs or {}).get("primary_segment"),
             "definition_version": (segs or {}).get("definition_version"),
             "segments": (segs or {}).get("segments", []),
+            "suppressions": (acts or {}).get("suppressions", []),
             "timeline": timeline,
         }
     )

@@ -299,6 +299,9 @@ pages.customer = (cid) => ({
           li.append(h("span", { class: "badge " + e.status }, e.status), ` ${e.playbook} · ${e.step} via ${e.channel} (variant ${e.variant}, segment ${e.segment})`,
             e.reason ? h("span", { class: "muted" }, ` — ${e.reason}`) : null,
             e.due_at && e.due_at !== e.at ? h("span", { class: "muted" }, ` · due ${when(e.due_at)}`) : null);
+        } else if (e.kind === "assigned") {
+          li.append(h("span", { class: "badge " + (e.variant === "holdout" ? "holdout" : "scheduled") }, e.variant === "holdout" ? "holdout" : "assigned"),
+            ` ${e.playbook} (segment ${e.segment}): variant ${e.variant}`);
         } else li.append("first seen");
         return li;
       }));
@@ -318,6 +321,7 @@ pages.customer = (cid) => ({
             h("dt", {}, "lifecycle"), h("dd", {}, sc.lifecycle_stage),
             h("dt", {}, "model"), h("dd", {}, `${sc.model_version}, as of ${when(sc.as_of)}`)) : h("p", { class: "muted" }, "not scored yet"),
           h("h2", {}, "Top contributing features (churn log-odds)"), featureBars(sc ? sc.top_features : []))),
+      body.suppressions.length ? h("p", {}, "Suppressed: ", body.suppressions.join(", ")) : null,
       h("h2", {}, "Timeline: memberships with their explanation, dispatch decisions"),
       timeline));
   },
@@ -373,11 +377,17 @@ pages.whatif = () => {
 
 function diffView(diff) {
   const segs = diff.segments || {};
-  const rows = Object.entries(segs).map(([name, d]) => h("tr", { "data-diff-segment": name },
-    td(name), td(fmtInt(d.entries?.old), "num"), td(fmtInt(d.entries?.new), "num old-new"),
-    td(fmtInt((d.would_enter || []).length ?? d.would_enter), "num"), td(fmtInt((d.would_leave || []).length ?? d.would_leave), "num")));
-  return h("div", {}, h("h2", {}, "Replay difference per segment"),
-    table(["Segment", { label: "Entries now", num: true }, { label: "Entries what-if", num: true }, { label: "Would enter", num: true }, { label: "Would leave", num: true }], rows, { label: "what-if difference" }),
+  const d3 = (p) => (p ? `${fmtInt(p.old)} → ${fmtInt(p.new)} (${p.delta >= 0 ? "+" : ""}${fmtInt(p.delta)})` : "–");
+  const rows = Object.entries(segs).map(([name, d]) => h("tr", { "data-diff-segment": name, "data-entries-old": d.entries.old, "data-entries-new": d.entries.new },
+    td(name), td(d3(d.entries), "num"), td(d3(d.exits), "num"), td(d3(d.final_size), "num"),
+    td(fmtInt(d.would_enter.length), "num"), td(fmtInt(d.would_not_enter.length), "num")));
+  const acts = (diff.actions || []).map((a) => h("tr", {}, td(a.playbook), td(a.channel), td(a.outcome), td(d3(a), "num")));
+  return h("div", {},
+    h("p", { class: "muted" }, `history replayed: ${fmtInt(diff.history.scores)} scores, ${fmtInt(diff.history.events)} events; definitions ${diff.definitions.old} → ${diff.definitions.new}`),
+    h("h2", {}, "Per segment (current → what-if)"),
+    rows.length ? table(["Segment", { label: "Entries", num: true }, { label: "Exits", num: true }, { label: "Final size", num: true }, { label: "Would enter", num: true }, { label: "Would no longer enter", num: true }], rows, { label: "what-if difference per segment" }) : h("p", { id: "no-diff" }, "no segment changes"),
+    h("h2", {}, "Actions per playbook × channel × outcome"),
+    acts.length ? table(["Playbook", "Channel", "Outcome", { label: "Count", num: true }], acts, { label: "what-if actions" }) : h("p", { class: "muted" }, "no action changes"),
     h("details", {}, h("summary", {}, "full difference (JSON)"), h("pre", {}, JSON.stringify(diff, null, 2))));
 }
 
@@ -390,6 +400,7 @@ function route() {
   document.querySelectorAll("[data-nav]").forEach((a) => a.toggleAttribute("aria-current", false));
   const nav = document.querySelector(`[data-nav="${name === "segment" ? "segments" : name}"]`);
   if (nav) nav.setAttribute("aria-current", "page");
+  delete document.body.dataset.loaded;
   state.page = make ? make() : pages.segments();
   document.title = `${state.page.title} · segflow console`;
   main().replaceChildren(h("p", { class: "muted" }, "Loading…"));
@@ -401,8 +412,13 @@ async function tick(first) {
   if (state.busy && !first) return;
   const page = state.page;
   state.busy = true;
+  // keep keyboard focus across a re-render: refocus the element with the same href or id
+  const focused = document.activeElement;
+  const key = focused && focused !== document.body ? (focused.getAttribute("href") ? `[href="${CSS.escape(focused.getAttribute("href"))}"]` : focused.id ? "#" + CSS.escape(focused.id) : null) : null;
   try {
     await page.refresh();
+    if (key && focused && !focused.isConnected) { const again = main().querySelector(key); if (again) again.focus({ preventScroll: true }); }
+    if (page !== state.page) return;  // the user moved on meanwhile
     document.getElementById("live").textContent = "live · updated " + new Date().toLocaleTimeString("en-GB");
     document.body.dataset.loaded = location.hash || "#/segments";
   } catch (e) {
