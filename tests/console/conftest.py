@@ -143,12 +143,21 @@ class Browser:
     def go(self, path: str) -> None:
         self.driver.get(self.base + path)
 
-    def wait(self, predicate: Any, timeout: float = 20, what: str = "") -> Any:
+    def wait(
+        self, predicate: Any, timeout: float = 20, what: str = "", explain: Any = None
+    ) -> Any:
+        """Until ``predicate(driver)`` is truthy; on timeout, fail saying ``what`` and, when
+        given, what ``explain()`` reads off the page then."""
+        from selenium.common.exceptions import TimeoutException
         from selenium.webdriver.support.ui import WebDriverWait
 
-        return WebDriverWait(self.driver, timeout, poll_frequency=0.1).until(
-            lambda d: predicate(d), message=what
-        )
+        try:
+            return WebDriverWait(self.driver, timeout, poll_frequency=0.1).until(
+                lambda d: predicate(d), message=what
+            )
+        except TimeoutException:
+            seen = f"; the page shows: {explain()}" if explain is not None else ""
+            raise AssertionError(f"timed out after {timeout:.0f}s: {what}{seen}") from None
 
     def wait_loaded(self, hash_: str, timeout: float = 20) -> None:
         """Until the page for ``hash_`` has rendered its data once."""

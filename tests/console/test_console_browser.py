@@ -229,7 +229,10 @@ def test_whatif_of_a_lowered_threshold_shows_more_entries_and_an_editor_publishe
         "document.getElementById('defs').value = arguments[0];", _lowered(original)
     )
     browser.driver.find_element(By.ID, "check").click()
-    browser.wait(lambda d: "valid: version" in d.find_element(By.ID, "whatif-result").text)
+    browser.wait(
+        lambda d: "valid: version" in _read(browser, "#whatif-result", "text")[0]["text"],
+        what="the check did not say the definitions are valid",
+    )
     browser.driver.find_element(By.ID, "replay").click()
     row = browser.wait(
         lambda d: _read(
@@ -240,6 +243,7 @@ def test_whatif_of_a_lowered_threshold_shows_more_entries_and_an_editor_publishe
         ),
         timeout=180,
         what="the what-if never showed Support Escalation",
+        explain=lambda: _read(browser, "#whatif-result", "text")[0]["text"][:3000],
     )[0]
     old, new = int(row["data-entries-old"]), int(row["data-entries-new"])
     assert new > old, (old, new)

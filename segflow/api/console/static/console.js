@@ -31,6 +31,9 @@ function s(tag, attrs, ...kids) {
   return el;
 }
 const main = () => document.getElementById("main");
+// A page renders only while it is the current one (a slow answer for a page the user has
+// left must not replace the page they are on).
+function show(page, ...nodes) { if (state.page === page) main().replaceChildren(...nodes); }
 const fmtInt = (n) => (n === null || n === undefined ? "–" : Number(n).toLocaleString("en-US"));
 const pct = (x, d = 1) => (x === null || x === undefined ? "–" : (100 * x).toFixed(d) + " %");
 const pts = (x) => (x === null || x === undefined ? "–" : (x >= 0 ? "+" : "") + (100 * x).toFixed(1) + " pts");
@@ -190,7 +193,7 @@ pages.segments = () => {
             td(seg.playbooks.length ? seg.playbooks.join(", ") : h("span", { class: "muted" }, "none")),
           )),
           { label: "segments" }));
-      if (root) root.replaceWith(fresh); else main().replaceChildren(fresh);
+      if (root) root.replaceWith(fresh); else show(this, fresh);
       root = fresh;
     },
   };
@@ -241,7 +244,7 @@ pages.segment = (name) => {
       kpis.replaceChildren(h("h2", {}, "Campaign KPIs of its playbooks"), kpiTable(body.kpis), intervalChart(body.kpis));
       if (!built) {
         built = true;
-        main().replaceChildren(head, h("h2", {}, "Members"), h("div", { class: "controls" }, filterBox, sortBox, prev, next, info), members, kpis);
+        show(this, head, h("h2", {}, "Members"), h("div", { class: "controls" }, filterBox, sortBox, prev, next, info), members, kpis);
       }
       await loadMembers();
     },
@@ -262,7 +265,7 @@ pages.campaigns = () => ({
   title: "Campaigns",
   async refresh() {
     const { body } = await api("/v1/campaigns/kpis");
-    main().replaceChildren(h("div", { id: "campaigns-page" },
+    show(this, h("div", { id: "campaigns-page" },
       h("h1", {}, "Campaigns"),
       h("p", { class: "muted" }, "Per segment × playbook × variant. Conversion and churn per assigned customer (intention to treat); uplift is the conversion rate minus the holdout's, with its 95 % interval (Newcombe): green when the whole interval is above 0, red when below."),
       kpiTable(body.kpis),
@@ -305,7 +308,7 @@ pages.customer = (cid) => ({
         } else li.append("first seen");
         return li;
       }));
-    main().replaceChildren(h("div", { id: "customer-page" },
+    show(this, h("div", { id: "customer-page" },
       h("h1", {}, "Customer ", h("code", {}, body.customer_id)),
       h("div", { class: "grid" },
         h("div", { class: "card" }, h("h2", {}, "Identity"),
@@ -368,7 +371,7 @@ pages.whatif = () => {
       area.value = body.yaml;
       pubBtn.disabled = !state.canPublish;
       pubBtn.title = state.canPublish ? "write these definitions as the new version" : (state.role === "editor" ? "the gateway has no definitions file to publish to" : "viewers cannot publish: sign in with the editor token");
-      main().replaceChildren(h("h1", {}, "What-if ", h("span", { class: "muted" }, `running definitions ${body.version}`)),
+      show(this, h("h1", {}, "What-if ", h("span", { class: "muted" }, `running definitions ${body.version}`)),
         h("p", { class: "muted" }, "Edit the segment definitions, check them (the same loader as segflow segments check), replay the recorded history with them (segflow replay: nothing is sent) and compare with the running version."),
         area, h("div", { class: "controls" }, checkBtn, runBtn, pubBtn, h("span", { class: "muted" }, state.canPublish ? "you are an editor" : "read only")), out);
     },
