@@ -171,6 +171,8 @@ UPSTREAM = web.AppKey("upstream", Upstream)
 SETTINGS = web.AppKey("settings", GatewaySettings)
 TOKEN = web.AppKey("token", str)
 EDITOR_TOKEN = web.AppKey("editor_token", str)
+ROLE = web.RequestKey("role", str)  # viewer or editor (segflow.api.console)
+VIA_COOKIE = web.RequestKey("via_cookie", bool)  # authenticated by the console's cookie
 
 
 def _found(status: int, body: Any) -> Any:
@@ -401,7 +403,7 @@ async def auth(request: web.Request, handler: Handler) -> web.StreamResponse:
     token = request.app[TOKEN]
     editor = request.app[EDITOR_TOKEN]
     if not token or request.path in PUBLIC or is_public(request.path):
-        request["role"] = VIEWER  # with --insecure-no-auth too: publishing needs the editor
+        request[ROLE] = VIEWER  # with --insecure-no-auth too: publishing needs the editor
         return await handler(request)
     header = request.headers.get("Authorization", "")
     if header:
@@ -411,7 +413,7 @@ async def auth(request: web.Request, handler: Handler) -> web.StreamResponse:
         granted = role_for_token(given, token, editor)
         if granted is None:
             raise ApiError(401, "unauthorized", "invalid bearer token")
-        request["role"] = granted
+        request[ROLE] = granted
         return await handler(request)
     sid = request.cookies.get(COOKIE)
     granted = request.app[SESSIONS].role(sid) if sid else None
@@ -419,7 +421,7 @@ async def auth(request: web.Request, handler: Handler) -> web.StreamResponse:
         if is_page(request.path):
             raise web.HTTPSeeOther("/console/login")
         raise ApiError(401, "unauthorized", "missing bearer token")
-    request["role"], request["via_cookie"] = granted, True
+    request[ROLE], request[VIA_COOKIE] = granted, True
     return await handler(request)
 
 

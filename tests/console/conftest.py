@@ -1,4 +1,4 @@
-"""A running stack for the browser tests, shared by the module: a real broker, the four services
+"""A running stack for the browser and schemathesis tests, shared by the package: a real broker, the four services
 as processes fed simulated customers, the gateway (with the console) as a supervised process,
 and Debian's headless Chromium driven by Selenium through Debian's chromedriver."""
 
@@ -62,7 +62,7 @@ class ConsoleStack:
         return result
 
 
-@pytest.fixture(scope="module")
+@pytest.fixture(scope="package")
 def console_stack(
     kafka_bootstrap: str, tmp_path_factory: pytest.TempPathFactory
 ) -> Iterator[ConsoleStack]:

@@ -26,6 +26,7 @@ log = logging.getLogger("segflow.api.console")
 
 SESSIONS = web.AppKey("console_sessions", c.Sessions)
 HISTORY = web.AppKey("console_history", c.SizeHistory)
+REPLAYING = web.AppKey("console_replaying", asyncio.Lock)  # one what-if replay at a time
 MAX_DEFINITIONS = 512 * 1024  # bytes of YAML a check, replay or publish accepts
 
 #: Paths served without a token (the login form and the static assets: no data in them).
@@ -42,13 +43,17 @@ def is_page(path: str) -> bool:
 
 
 def role(request: web.Request) -> str:
-    return str(request.get("role", c.VIEWER))
+    from segflow.api.gateway import ROLE
+
+    return request.get(ROLE, c.VIEWER)
 
 
 def require_editor(request: web.Request) -> None:
     if role(request) != c.EDITOR:
         raise ApiError(403, "forbidden", "publishing needs the editor token (this is a viewer)")
-    if request.get("via_cookie") and request.headers.get(c.CSRF_HEADER) != "1":
+    from segflow.api.gateway import VIA_COOKIE
+
+    if request.get(VIA_COOKIE) and request.headers.get(c.CSRF_HEADER) != "1":
         raise ApiError(403, "forbidden", f"console requests that change state need {c.CSRF_HEADER}")
 
 
@@ -335,14 +340,18 @@ async def check(request: web.Request) -> web.Response:
 async def whatif(request: web.Request) -> web.Response:
     text = await _yaml_body(request)
     checked = c.check_definitions(text)
-    if not checked["valid"]:
-        return web.json_response({"check": checked, "diff": None}, status=422)
+    if not checked["valid"]:  # an answer, not an error: the check says what is wrong
+        return web.json_response({"check": checked, "diff": None})
     settings = request.app[SETTINGS]
     current = c.definitions_path(settings.definitions)
-    try:
-        diff = await c.run_replay(text, current, settings.replay_timeout)
-    except RuntimeError as exc:
-        raise ApiError(502, "bad_gateway", f"replay failed: {exc}") from None
+    lock = request.app[REPLAYING]
+    if lock.locked():  # a replay reads the whole recorded history: never several at once
+        raise ApiError(503, "service_unavailable", "a what-if replay is already running")
+    async with lock:
+        try:
+            diff = await c.run_replay(text, current, settings.replay_timeout)
+        except RuntimeError as exc:
+            raise ApiError(502, "bad_gateway", f"replay failed: {exc}") from None
     return web.json_response({"check": checked, "diff": diff})
 
 
@@ -355,8 +364,8 @@ async def publish(request: web.Request) -> web.Response:
         )
     text = await _yaml_body(request)
     checked = c.check_definitions(text)
-    if not checked["valid"]:
-        return web.json_response({"check": checked, "published": False}, status=422)
+    if not checked["valid"]:  # nothing written; the running version stays
+        return web.json_response({"check": checked, "published": False})
     c.publish_definitions(Path(settings.definitions), text)
     log.info("definitions published", extra={"fields": {"version": checked["version"]}})
     return web.json_response({"check": checked, "published": True})
@@ -381,6 +390,7 @@ async def _sample(app: web.Application) -> None:
 def add_routes(app: web.Application) -> None:
     app[SESSIONS] = c.Sessions()
     app[HISTORY] = c.SizeHistory()
+    app[REPLAYING] = asyncio.Lock()
 
     async def sampler_ctx(app: web.Application) -> Any:
         task = asyncio.create_task(_sample(app))

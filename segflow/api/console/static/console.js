@@ -350,16 +350,16 @@ pages.whatif = () => {
     out.replaceChildren(h("p", { class: "muted" }, "replaying recorded history…"));
     runBtn.disabled = true;
     try {
-      const { status, body } = await api("/v1/console/whatif", { method: "POST", body: { yaml: area.value }, allow: [422] });
-      if (status === 422) { out.replaceChildren(problems(body.check)); return; }
+      const { body } = await api("/v1/console/whatif", { method: "POST", body: { yaml: area.value } });
+      if (!body.check.valid) { out.replaceChildren(problems(body.check)); return; }
       out.replaceChildren(problems(body.check), diffView(body.diff));
     } catch (e) { out.replaceChildren(h("p", { class: "error" }, e.message)); }
     finally { runBtn.disabled = false; }
   });
   pubBtn.addEventListener("click", async () => {
     try {
-      const { status, body } = await api("/v1/console/definitions", { method: "PUT", body: { yaml: area.value }, allow: [422] });
-      out.replaceChildren(status === 422 ? problems(body.check) : h("p", { class: "ok-text", id: "published" }, `published version ${body.check.version}; the segmenter reloads it within seconds`));
+      const { body } = await api("/v1/console/definitions", { method: "PUT", body: { yaml: area.value } });
+      out.replaceChildren(!body.published ? problems(body.check) : h("p", { class: "ok-text", id: "published" }, `published version ${body.check.version}; the segmenter reloads it within seconds`));
     } catch (e) { out.replaceChildren(h("p", { class: "error", id: "publish-error" }, e.message)); }
   });
   return {
