@@ -152,8 +152,28 @@ def announce(url: str, token: str, generated: bool) -> str:
     shown = token if generated else "$SEGFLOW_API_TOKEN"
     return (
         f"      HTTP API: {url}/v1 (spec {url}/v1/openapi.yaml), token {shown}\n"
-        f'        e.g. curl -H "Authorization: Bearer {shown}" {url}/v1/segments'
+        f'        e.g. curl -H "Authorization: Bearer {shown}" {url}/v1/segments\n'
+        f"      Console: {url}/console/ (sign in with the same token; read only)"
     )
+
+
+def explore(url: str, token: str, generated: bool, say: Any, wait: bool | None = None) -> None:
+    """The end of the demo: point to the console as the place to explore the results. In an
+    interactive terminal the stack stays up until Ctrl-C (``wait``; default: stdin is a TTY
+    and ``SEGFLOW_DEMO_NO_WAIT`` is unset)."""
+    shown = token if generated else "$SEGFLOW_API_TOKEN"
+    say(f"      Explore the results in the console: {url}/console/ (token {shown})")
+    if wait is None:
+        wait = sys.stdin.isatty() and not os.environ.get("SEGFLOW_DEMO_NO_WAIT")
+    if not wait:
+        say("      (the console runs while the stack does: `segflow up` keeps one running)")
+        return
+    say("      The stack stays up for the console; press Ctrl-C to stop it.")
+    try:
+        while True:
+            time.sleep(3600)
+    except KeyboardInterrupt:
+        say("")
 
 
 def demo_tour(url: str, token: str, say: Any) -> dict[str, Any]:

@@ -31,6 +31,8 @@ function s(tag, attrs, ...kids) {
   return el;
 }
 const main = () => document.getElementById("main");
+// append children, skipping null / undefined / false (DOM append would print them)
+function add(el, ...kids) { for (const k of kids.flat()) if (k !== null && k !== undefined && k !== false) el.append(k); return el; }
 // A page renders only while it is the current one (a slow answer for a page the user has
 // left must not replace the page they are on).
 function show(page, ...nodes) { if (state.page === page) main().replaceChildren(...nodes); }
@@ -97,7 +99,7 @@ function flowBars(entered, exited, w = 220, hgt = 44, label = "entries and exits
 function featureBars(features) {
   const rows = (features || []).slice(0, 8);
   const w = 520, rowH = 22, hgt = rows.length * rowH + 10, labelW = 220, mid = labelW + (w - labelW) / 2;
-  const svg = s("svg", { width: "100%", viewBox: `0 0 ${w} ${hgt}`, role: "img", "aria-label": "top contributing features to churn risk", class: "features" });
+  const svg = s("svg", { width: w, height: hgt, viewBox: `0 0 ${w} ${hgt}`, role: "img", "aria-label": "top contributing features to churn risk", class: "features" });
   const top = Math.max(1e-9, ...rows.map((r) => Math.abs(r.contribution)));
   svg.append(s("line", { x1: mid, x2: mid, y1: 0, y2: hgt, stroke: "#94a3b8" }));
   rows.forEach((r, i) => {
@@ -106,16 +108,16 @@ function featureBars(features) {
     svg.append(s("rect", { x: r.contribution >= 0 ? mid : mid - len, y: y + 3, width: Math.max(1, len), height: rowH - 8, fill: r.contribution >= 0 ? "#dc2626" : "#059669" }));
     svg.append(s("text", { x: r.contribution >= 0 ? mid + len + 4 : mid - len - 4, y: y + 14, "text-anchor": r.contribution >= 0 ? "start" : "end" }, (r.contribution >= 0 ? "+" : "") + r.contribution.toFixed(2)));
   });
-  if (!rows.length) svg.append(s("text", { x: 4, y: 16 }, "no features yet"));
+  if (!rows.length) return h("p", { class: "muted" }, "No features yet.");
   return svg;
 }
 
-function intervalChart(rows, w = 560) {
+function intervalChart(rows, w = 900) {
   // uplift vs holdout with its 95 % interval, one line per variant row; 0 = no effect
   const shown = rows.filter((r) => r.uplift !== null && r.uplift !== undefined && r.uplift_ci);
   const rowH = 24, labelW = 260, hgt = Math.max(1, shown.length) * rowH + 26;
-  const svg = s("svg", { width: "100%", viewBox: `0 0 ${w} ${hgt}`, role: "img", "aria-label": "conversion uplift vs holdout with 95 % intervals", class: "intervals" });
-  if (!shown.length) { svg.append(s("text", { x: 4, y: 16 }, "no variant has an uplift yet (needs a holdout and assignments)")); return svg; }
+  const svg = s("svg", { width: w, height: hgt, viewBox: `0 0 ${w} ${hgt}`, role: "img", "aria-label": "conversion uplift vs holdout with 95 % intervals", class: "intervals" });
+  if (!shown.length) return h("p", { class: "muted" }, "No variant has an uplift yet (it needs a holdout and assigned customers).");
   let lo = Math.min(0, ...shown.map((r) => r.uplift_ci[0])), hi = Math.max(0, ...shown.map((r) => r.uplift_ci[1]));
   const pad = (hi - lo) * 0.08 || 0.01; lo -= pad; hi += pad;
   const x = (v) => labelW + ((v - lo) / (hi - lo)) * (w - labelW - 10);
@@ -294,16 +296,16 @@ pages.customer = (cid) => ({
         const li = h("li", { class: e.kind, "data-kind": e.kind, "data-segment": e.segment || null, "data-at": e.at, "data-active": e.kind === "entered" ? String(e.active) : null, tabindex: 0 },
           h("span", { class: "when" }, when(e.at)));
         if (e.kind === "entered" || e.kind === "exited") {
-          li.append(h("span", { class: "badge " + e.kind }, e.kind), " ", h("a", { href: "#/segment/" + enc(e.segment) }, e.segment),
+          add(li, h("span", { class: "badge " + e.kind }, e.kind), " ", h("a", { href: "#/segment/" + enc(e.segment) }, e.segment),
             e.kind === "entered" && e.active ? h("span", { class: "muted" }, e.primary ? " · member now (primary)" : " · member now") : null,
             e.stays > 1 && e.kind === "entered" ? h("span", { class: "muted" }, ` · stay ${e.stays}`) : null);
-          if (e.rule) li.append(h("div", { class: "muted" }, `held by the ${e.rule} rule:`), conditionsTable(e.conditions));
+          if (e.rule) add(li, h("div", { class: "muted" }, e.rule === "exit" ? "stays a member while its exit rule does not hold:" : "why: its enter rule holds:"), conditionsTable(e.conditions));
         } else if (e.kind === "action") {
-          li.append(h("span", { class: "badge " + e.status }, e.status), ` ${e.playbook} · ${e.step} via ${e.channel} (variant ${e.variant}, segment ${e.segment})`,
+          add(li, h("span", { class: "badge " + e.status }, e.status), ` ${e.playbook} · ${e.step} via ${e.channel} (variant ${e.variant}, segment ${e.segment})`,
             e.reason ? h("span", { class: "muted" }, ` — ${e.reason}`) : null,
             e.due_at && e.due_at !== e.at ? h("span", { class: "muted" }, ` · due ${when(e.due_at)}`) : null);
         } else if (e.kind === "assigned") {
-          li.append(h("span", { class: "badge " + (e.variant === "holdout" ? "holdout" : "scheduled") }, e.variant === "holdout" ? "holdout" : "assigned"),
+          add(li, h("span", { class: "badge " + (e.variant === "holdout" ? "holdout" : "scheduled") }, e.variant === "holdout" ? "holdout" : "assigned"),
             ` ${e.playbook} (segment ${e.segment}): variant ${e.variant}`);
         } else li.append("first seen");
         return li;
