@@ -20,7 +20,6 @@ from __future__ import annotations
 import asyncio
 import base64
 import binascii
-import hmac
 import logging
 import signal
 import threading
@@ -397,7 +396,7 @@ async def errors(request: web.Request, handler: Handler) -> web.StreamResponse:
 async def auth(request: web.Request, handler: Handler) -> web.StreamResponse:
     """Bearer token (viewer, or editor with ``SEGFLOW_API_EDITOR_TOKEN``) or the console's
     session cookie; sets ``request["role"]``."""
-    from segflow.api.console import COOKIE, EDITOR, VIEWER, role_for_token
+    from segflow.api.console import COOKIE, VIEWER, role_for_token
     from segflow.api.console.handlers import SESSIONS, is_page, is_public
 
     token = request.app[TOKEN]

@@ -62,9 +62,10 @@ def test_login_sets_an_httponly_strict_cookie_that_reads_but_cannot_publish(
         # sign out: the session is gone server-side too
         sid = browser.cookies["segflow_session"]
         browser.post("/console/logout")
-        assert httpx.get(
-            url + "/v1/console/segments", cookies={"segflow_session": sid}
-        ).status_code == 401
+        assert (
+            httpx.get(url + "/v1/console/segments", cookies={"segflow_session": sid}).status_code
+            == 401
+        )
 
 
 def test_an_editor_publishes_valid_definitions_only(editor_gateway: tuple[str, Path]) -> None:
@@ -120,7 +121,7 @@ def test_publishing_is_off_without_a_definitions_file(stack: Stack) -> None:
 def test_check_reports_what_segflow_segments_check_prints(stack: Stack, tmp_path: Path) -> None:
     text = DEFAULT_DEFINITIONS.read_text()
     broken = text.replace("priority: 100", "priority: high", 1).replace(
-        "escalations_7d, op: \">=\"", "escalations_7d, op: \"~\"", 1
+        'escalations_7d, op: ">="', 'escalations_7d, op: "~"', 1
     )
     path = tmp_path / "broken.yaml"
     path.write_text(broken)

@@ -1,6 +1,7 @@
-"""A running stack for the browser and schemathesis tests, shared by the package: a real broker, the four services
-as processes fed simulated customers, the gateway (with the console) as a supervised process,
-and Debian's headless Chromium driven by Selenium through Debian's chromedriver."""
+"""A running stack for the browser and schemathesis tests, shared by the package: a real
+broker, the four services as processes fed simulated customers, the gateway (with the console)
+as a supervised process, and Debian's headless Chromium driven by Selenium through Debian's
+chromedriver."""
 
 from __future__ import annotations
 
@@ -143,9 +144,7 @@ class Browser:
     def go(self, path: str) -> None:
         self.driver.get(self.base + path)
 
-    def wait(
-        self, predicate: Any, timeout: float = 20, what: str = "", explain: Any = None
-    ) -> Any:
+    def wait(self, predicate: Any, timeout: float = 20, what: str = "", explain: Any = None) -> Any:
         """Until ``predicate(driver)`` is truthy; on timeout, fail saying ``what`` and, when
         given, what ``explain()`` reads off the page then."""
         from selenium.common.exceptions import TimeoutException
@@ -197,7 +196,9 @@ class Browser:
         field = self.driver.find_element(By.ID, "token")
         field.send_keys(token)
         field.submit()
-        self.wait(lambda d: d.current_url.endswith("/console/"), what="login did not land on /console/")
+        self.wait(
+            lambda d: d.current_url.endswith("/console/"), what="login did not land on /console/"
+        )
 
     def close(self) -> None:
         self.driver.quit()

@@ -84,7 +84,13 @@ def test_every_page_loads_without_console_errors(
     browser.go("/console/#/segments")
     browser.wait_loaded("#/segments")
     names = [r["data-segment"] for r in _read(browser, "tr[data-segment]", "data-segment")]
-    shown = dict(zip(names, [r["text"] for r in _read(browser, "tr[data-segment] td.size", "text")], strict=True))
+    shown = dict(
+        zip(
+            names,
+            [r["text"] for r in _read(browser, "tr[data-segment] td.size", "text")],
+            strict=True,
+        )
+    )
     assert shown == {n: f"{s:,}" for n, s in sizes.items()}
     assert listed["definition_version"] in browser.driver.find_element(By.TAG_NAME, "h1").text
     assert _by_css(browser, "tr[data-segment] svg path")  # size-over-time sparklines drawn
@@ -185,9 +191,11 @@ def test_customer_timeline_shows_the_entries_explain_shows(
 def _lowered(text: str) -> str:
     """Support Escalation with its escalation count lowered from 3 to 1 (enter and exit)."""
     lowered = text.replace(
-        '{feature: escalations_7d, op: ">=", value: 3}', '{feature: escalations_7d, op: ">=", value: 1}'
+        '{feature: escalations_7d, op: ">=", value: 3}',
+        '{feature: escalations_7d, op: ">=", value: 1}',
     ).replace(
-        '{feature: escalations_7d, op: "<", value: 3}', '{feature: escalations_7d, op: "<", value: 1}'
+        '{feature: escalations_7d, op: "<", value: 3}',
+        '{feature: escalations_7d, op: "<", value: 1}',
     )
     assert lowered != text
     return lowered
@@ -210,7 +218,9 @@ def test_viewer_cannot_publish(console_stack: ConsoleStack, browser: Browser) ->
     )
     assert status == 403
     with console_stack.api(VIEWER) as api:
-        assert api.put("/v1/console/definitions", json={"yaml": _lowered(before)}).status_code == 403
+        assert (
+            api.put("/v1/console/definitions", json={"yaml": _lowered(before)}).status_code == 403
+        )
     assert console_stack.definitions.read_text() == before
     browser.driver.get_log("browser")  # the 403s above are expected
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import time
 from pathlib import Path
@@ -45,7 +46,7 @@ def is_page(path: str) -> bool:
 def role(request: web.Request) -> str:
     from segflow.api.gateway import ROLE
 
-    return request.get(ROLE, c.VIEWER)
+    return str(request.get(ROLE, c.VIEWER))
 
 
 def require_editor(request: web.Request) -> None:
@@ -322,7 +323,9 @@ async def definitions(request: web.Request) -> web.Response:
     try:
         text = path.read_text()
     except OSError as exc:
-        raise ServiceDown("segmenter", f"definitions file unreadable: {exc.strerror}", 502) from None
+        raise ServiceDown(
+            "segmenter", f"definitions file unreadable: {exc.strerror}", 502
+        ) from None
     checked = c.check_definitions(text)
     return web.json_response(
         {
@@ -396,10 +399,8 @@ def add_routes(app: web.Application) -> None:
         task = asyncio.create_task(_sample(app))
         yield
         task.cancel()
-        try:
+        with contextlib.suppress(asyncio.CancelledError):
             await task
-        except asyncio.CancelledError:
-            pass
 
     app.cleanup_ctx.append(sampler_ctx)
     r = app.router
