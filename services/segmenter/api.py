@@ -157,17 +157,20 @@ def console_routes(r: Routes, queries: Queries) -> None:
                 continue
             churn = st.values.get("churn_probability")
             rows.append((cid, churn if isinstance(churn, float) else None, m.entered_at))
+        # only the first offset + limit rows are ordered (a page, not the whole segment)
         if sort == "churn":
-            rows.sort(key=lambda t: (-(t[1] if t[1] is not None else -1.0), t[0]))
+            page = heapq.nsmallest(
+                offset + limit, rows, key=lambda t: (-(t[1] if t[1] is not None else -1.0), t[0])
+            )
         else:
-            rows.sort()
+            page = heapq.nsmallest(offset + limit, rows)
         return {
             "segment": name,
             "total": len(rows),
             "offset": offset,
             "members": [
                 {"customer_id": c, "churn_probability": ch, "entered_at": at}
-                for c, ch, at in rows[offset : offset + limit]
+                for c, ch, at in page[offset:]
             ],
         }
 
