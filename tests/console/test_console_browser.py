@@ -295,3 +295,21 @@ def test_whatif_of_a_lowered_threshold_shows_more_entries_and_an_editor_publishe
     assert "line " in problems[0].text and "priority" in problems[0].text
     assert console_stack.definitions.read_text() == _lowered(original)
     assert browser.console_errors() == []  # an invalid publish is an answer, not an error
+
+    # live: the Segments page shows a change within seconds, without reloading or navigating
+    browser.go("/console/#/segments")
+    browser.wait_loaded("#/segments")
+    h1 = "return document.querySelector('#segments-page h1').textContent"
+    lowered_version = browser.driver.execute_script(h1)
+    assert version not in lowered_version
+    browser.driver.execute_script("window.__sameDocument = true")
+    with console_stack.api(EDITOR) as api:  # the editor token as a bearer token
+        restored = api.put("/v1/console/definitions", json={"yaml": original}).json()
+    assert restored["published"] is True
+    browser.wait(
+        lambda d: version in d.execute_script(h1),
+        timeout=20,
+        what="the Segments page to show the restored version by itself",
+    )
+    assert browser.driver.execute_script("return window.__sameDocument") is True
+    assert browser.console_errors() == []
