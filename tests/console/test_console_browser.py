@@ -117,6 +117,16 @@ def test_every_page_loads_without_console_errors(
     browser.wait_loaded(f"#/customer/{quote(cid, safe='')}")
     assert _by_css(browser, "svg.features rect")
     assert _by_css(browser, "#timeline li[data-kind=entered]")
+    # recent events by type: the 28-day counts the profile API's features give
+    with console_stack.api() as api:
+        features = api.get(f"/v1/customers/{quote(cid, safe='')}").json()["features"]
+    rows = browser.driver.execute_script(
+        "return [...document.querySelectorAll('tr[data-event]')].map(r =>"
+        " [r.dataset.event, r.cells[3].textContent])"
+    )
+    assert rows and all(
+        f"{features[f'{kind}_28d']:g}" == shown.replace(",", "") for kind, shown in rows
+    )
     browser.screenshot("customer")
 
     # Campaigns: one row per KPI row and an interval per variant with an uplift

@@ -290,6 +290,7 @@ async def customer_audit(request: web.Request) -> web.Response:
             "customer_id": cid,
             "first_seen_at": ident.get("first_seen_at") if ident else None,
             "identifiers": ident.get("identifiers") if ident else [],
+            "recent_events": recent_events(features),
             "scores": scores,
             "features": features,
             "primary_segment": (segs or {}).get("primary_segment"),
@@ -299,6 +300,25 @@ async def customer_audit(request: web.Request) -> web.Response:
             "timeline": timeline,
         }
     )
+
+
+#: The scorer's windowed event counts shown as "recent events by type".
+EVENT_WINDOWS = ("3d", "7d", "28d")
+
+
+def recent_events(features: dict[str, Any] | None) -> list[dict[str, Any]]:
+    """Events by type over the last 3, 7 and 28 days of event time, from the scorer's
+    windowed counts (``<signal>_<N>d``); types never seen in 28 days are left out."""
+    from services.scorer.features import SIGNALS
+
+    if not features:
+        return []
+    out = []
+    for signal in SIGNALS:
+        counts = {w: features.get(f"{signal}_{w}") for w in EVENT_WINDOWS}
+        if any(counts.values()):
+            out.append({"type": signal, "counts": counts})
+    return out
 
 
 # -- definitions: check, what-if, publish -----------------------------------------------------

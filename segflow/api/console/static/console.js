@@ -325,7 +325,11 @@ pages.customer = (cid) => ({
             h("dt", {}, "CLV"), h("dd", {}, num(sc.clv)),
             h("dt", {}, "lifecycle"), h("dd", {}, sc.lifecycle_stage),
             h("dt", {}, "model"), h("dd", {}, `${sc.model_version}, as of ${when(sc.as_of)}`)) : h("p", { class: "muted" }, "not scored yet"),
-          h("h2", {}, "Top contributing features (churn log-odds)"), featureBars(sc ? sc.top_features : []))),
+          h("h2", {}, "Top contributing features (churn log-odds)"), featureBars(sc ? sc.top_features : [])),
+        h("div", { class: "card" }, h("h2", {}, "Recent events by type"),
+          body.recent_events.length ? table(["Event type", { label: "3 days", num: true }, { label: "7 days", num: true }, { label: "28 days", num: true }],
+            body.recent_events.map((e) => h("tr", { "data-event": e.type }, td(e.type.replace(/_/g, " ")), td(num(e.counts["3d"]), "num"), td(num(e.counts["7d"]), "num"), td(num(e.counts["28d"]), "num"))),
+            { label: "recent events by type" }) : h("p", { class: "muted" }, "No events in the last 28 days."))),
       body.suppressions.length ? h("p", {}, "Suppressed: ", body.suppressions.join(", ")) : null,
       h("h2", {}, "Timeline: memberships with their explanation, dispatch decisions"),
       timeline));
