@@ -75,6 +75,7 @@ PLANS: dict[str, Plan] = {
         ("/v1/console/customers/" + "x" * 201, {}, 400),
     ],
     "/v1/console/definitions": lambda s: [("/v1/console/definitions", {}, 200)],
+    "/v1/console/playbooks": lambda s: [("/v1/console/playbooks", {}, 200)],
 }
 #: Served but not API: the console's HTML pages, login form and static assets.
 PAGES = {"/console", "/console/", "/console/login", "/console/logout", "/console/static/{name}"}

@@ -323,3 +323,46 @@ def test_whatif_of_a_lowered_threshold_shows_more_entries_and_an_editor_publishe
     )
     assert browser.driver.execute_script("return window.__sameDocument") is True
     assert browser.console_errors() == []
+
+
+def test_whatif_of_a_playbook_shows_the_actions_it_would_add(
+    console_stack: ConsoleStack, browser: Browser
+) -> None:
+    from selenium.webdriver.common.by import By
+    from selenium.webdriver.support.ui import Select
+
+    browser.driver.delete_all_cookies()
+    browser.login(VIEWER)  # a what-if changes nothing: a viewer may run one
+    browser.go("/console/#/whatif")
+    browser.wait_loaded("#/whatif")
+    Select(browser.driver.find_element(By.ID, "whatif-kind")).select_by_value("pb:lifecycle.yaml")
+    text = browser.driver.execute_script("return document.getElementById('defs').value")
+    step = "  - {id: sync_stage, channel: crm_property, properties: {segflow_lifecycle: prospect}}"
+    assert text.count(step) == 1
+    welcome = '  - {id: welcome, channel: email, template: d-welcome, subject: "Welcome"}'
+    set_text = "document.getElementById('defs').value = arguments[0];"
+    # a broken playbook: the dispatcher's loader names the line and field
+    browser.driver.execute_script(set_text, text.replace(step, step.replace("crm_property", "fax")))
+    browser.driver.find_element(By.ID, "check").click()
+    problems = browser.wait(lambda d: _read(browser, ".problems li", "text"), what="no problems")
+    assert "line " in problems[0]["text"] and "channel" in problems[0]["text"], problems
+    # an added e-mail step: the replay shows e-mails the current playbook never sends
+    browser.driver.execute_script(set_text, text.replace(step, step + "\n" + welcome))
+    browser.driver.find_element(By.ID, "replay").click()
+    rows = browser.wait(
+        lambda d: _read(
+            browser,
+            "tr[data-playbook='Lifecycle prospect'][data-channel=email]",
+            "data-outcome",
+            "data-old",
+            "data-new",
+        ),
+        timeout=180,
+        what="the what-if never showed Lifecycle prospect e-mails",
+        explain=lambda: _read(browser, "#whatif-result", "text")[0]["text"][:2000],
+    )
+    assert all(r["data-old"] == "0" for r in rows)
+    assert sum(int(r["data-new"]) for r in rows) > 0
+    assert browser.driver.find_element(By.ID, "publish").get_attribute("disabled") is not None
+    browser.screenshot("whatif-playbook")
+    assert browser.console_errors() == []

@@ -211,10 +211,61 @@ def check_definitions(text: str) -> dict[str, Any]:
     }
 
 
+def playbook_spec(configured: str | None) -> str:
+    from services.dispatcher.playbooks import DEFAULT_DIR
+
+    return configured or os.environ.get("SEGFLOW_DISPATCHER_PLAYBOOKS") or str(DEFAULT_DIR)
+
+
+def playbook_files(spec: str | None) -> dict[str, Path]:
+    """The playbook files the dispatcher loads, by file name."""
+    files: dict[str, Path] = {}
+    for part in playbook_spec(spec).split(","):
+        if not part:
+            continue
+        path = Path(part)
+        for f in sorted(path.glob("*.yaml")) if path.is_dir() else [path]:
+            files[f.name] = f
+    return files
+
+
+def check_playbooks(text: str) -> dict[str, Any]:
+    """What the dispatcher's loader says about one playbook file, as data (the loader stops
+    at the first problem: ``file:line: field: problem``)."""
+    from services.dispatcher.playbooks import PlaybookError, parse_documents
+
+    try:
+        found, _policy = parse_documents(text, "playbook")
+    except PlaybookError as exc:
+        _src, line, rest = (str(exc).split(":", 2) + ["", ""])[:3]
+        field, _, message = rest.strip().partition(": ")
+        return {
+            "valid": False,
+            "version": None,
+            "segments": [],
+            "problems": [
+                {
+                    "line": int(line) if line.isdigit() else 1,
+                    "field": field or "(file)",
+                    "message": message or str(exc),
+                }
+            ],
+        }
+    return {
+        "valid": True,
+        "version": ", ".join(f"{p.name} v{p.version}" for p in found) or None,
+        "segments": sorted({p.segment for p in found}),
+        "problems": [],
+    }
+
+
 # -- what-if: `segflow replay` over recorded history ---------------------------------------
-async def run_replay(text: str, current: Path, timeout: float) -> dict[str, Any]:
-    """Run ``segflow replay --segments NEW --json`` (reads the recorded topics, sends nothing)
-    in a child process; its JSON difference, or raises RuntimeError with its message."""
+async def run_replay(
+    text: str, current: Path, timeout: float, kind: str = "segments", playbooks: str = ""
+) -> dict[str, Any]:
+    """Run ``segflow replay --segments NEW --json`` (or ``--playbooks NEW`` for a playbook
+    file; reads the recorded topics, sends nothing) in a child process; its JSON difference,
+    or raises RuntimeError with its message."""
     with tempfile.TemporaryDirectory(prefix="segflow-whatif-") as tmp:
         new = Path(tmp) / "whatif.yaml"
         new.write_text(text)
@@ -223,12 +274,14 @@ async def run_replay(text: str, current: Path, timeout: float) -> dict[str, Any]
             "-m",
             "segflow.cli",
             "replay",
-            "--segments",
+            "--playbooks" if kind == "playbook" else "--segments",
             str(new),
             "--current-segments",
             str(current),
             "--json",
         ]
+        if playbooks:
+            argv += ["--current-playbooks", playbooks]
         proc = await asyncio.create_subprocess_exec(
             *argv, stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE
         )

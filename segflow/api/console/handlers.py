@@ -322,7 +322,7 @@ def recent_events(features: dict[str, Any] | None) -> list[dict[str, Any]]:
 
 
 # -- definitions: check, what-if, publish -----------------------------------------------------
-async def _yaml_body(request: web.Request) -> str:
+async def _body(request: web.Request) -> dict[str, Any]:
     if request.content_length is not None and request.content_length > MAX_DEFINITIONS:
         raise bad_request(f"definitions are limited to {MAX_DEFINITIONS} bytes")
     try:
@@ -331,9 +331,13 @@ async def _yaml_body(request: web.Request) -> str:
         raise bad_request('expected a JSON body {"yaml": "..."}') from None
     if not isinstance(body, dict) or not isinstance(body.get("yaml"), str):
         raise bad_request('expected a JSON body {"yaml": "..."}')
-    text: str = body["yaml"]
-    if len(text.encode()) > MAX_DEFINITIONS:
+    if len(body["yaml"].encode()) > MAX_DEFINITIONS:
         raise bad_request(f"definitions are limited to {MAX_DEFINITIONS} bytes")
+    return body
+
+
+async def _yaml_body(request: web.Request) -> str:
+    text: str = (await _body(request))["yaml"]
     return text
 
 
@@ -357,12 +361,30 @@ async def definitions(request: web.Request) -> web.Response:
 
 
 async def check(request: web.Request) -> web.Response:
-    return web.json_response(c.check_definitions(await _yaml_body(request)))
+    body = await _body(request)
+    if body.get("kind") == "playbook":
+        return web.json_response(c.check_playbooks(body["yaml"]))
+    return web.json_response(c.check_definitions(body["yaml"]))
+
+
+async def playbooks(request: web.Request) -> web.Response:
+    files = c.playbook_files(request.app[SETTINGS].playbooks)
+    out = []
+    for name, path in files.items():
+        try:
+            out.append({"file": name, "yaml": path.read_text()})
+        except OSError:
+            continue
+    return web.json_response({"playbooks": out})
 
 
 async def whatif(request: web.Request) -> web.Response:
-    text = await _yaml_body(request)
-    checked = c.check_definitions(text)
+    body = await _body(request)
+    text: str = body["yaml"]
+    kind = body.get("kind", "segments")
+    if kind not in ("segments", "playbook"):
+        raise bad_request("kind must be 'segments' or 'playbook'")
+    checked = c.check_playbooks(text) if kind == "playbook" else c.check_definitions(text)
     if not checked["valid"]:  # an answer, not an error: the check says what is wrong
         return web.json_response({"check": checked, "diff": None})
     settings = request.app[SETTINGS]
@@ -372,7 +394,13 @@ async def whatif(request: web.Request) -> web.Response:
         raise ApiError(503, "service_unavailable", "a what-if replay is already running")
     async with lock:
         try:
-            diff = await c.run_replay(text, current, settings.replay_timeout)
+            diff = await c.run_replay(
+                text,
+                current,
+                settings.replay_timeout,
+                kind,
+                c.playbook_spec(settings.playbooks),
+            )
         except RuntimeError as exc:
             raise ApiError(502, "bad_gateway", f"replay failed: {exc}") from None
     return web.json_response({"check": checked, "diff": diff})
@@ -439,3 +467,4 @@ def add_routes(app: web.Application) -> None:
     r.add_put("/v1/console/definitions", publish)
     r.add_post("/v1/console/definitions/check", check)
     r.add_post("/v1/console/whatif", whatif)
+    r.add_get("/v1/console/playbooks", playbooks)

@@ -337,26 +337,35 @@ pages.customer = (cid) => ({
 });
 
 pages.whatif = () => {
-  const area = h("textarea", { id: "defs", spellcheck: "false", "aria-label": "segment definitions (YAML)" });
+  const area = h("textarea", { id: "defs", spellcheck: "false", "aria-label": "YAML being edited" });
   const out = h("div", { id: "whatif-result", "aria-live": "polite" });
+  const what = h("select", { id: "whatif-kind", "aria-label": "what to edit" });
   const checkBtn = h("button", { type: "button", id: "check" }, "Check");
   const runBtn = h("button", { type: "button", id: "replay" }, "Run what-if (replay history)");
   const pubBtn = h("button", { type: "button", id: "publish" }, "Publish");
+  const texts = {};  // the running text of every choice (segments and each playbook file)
   let loaded = false;
+  const kind = () => (what.value === "segments" ? "segments" : "playbook");
   function problems(check) {
-    if (check.valid) return h("p", { class: "ok-text" }, `valid: version ${check.version}, ${check.segments.length} segments`);
+    if (check.valid) return h("p", { class: "ok-text" }, `valid: version ${check.version}, ${kind() === "segments" ? check.segments.length + " segments" : "segments " + check.segments.join(", ")}`);
     return h("div", {}, h("p", { class: "error" }, `${check.problems.length} error(s):`),
       h("ul", { class: "problems" }, check.problems.map((p) => h("li", {}, `line ${p.line}: ${p.field}: ${p.message}`))));
   }
+  function publishState() {
+    const segs = kind() === "segments";
+    pubBtn.disabled = !(state.canPublish && segs);
+    pubBtn.title = !segs ? "playbooks are published by editing their files (what-if only here)" : state.canPublish ? "write these definitions as the new version" : (state.role === "editor" ? "the gateway has no definitions file to publish to" : "viewers cannot publish: sign in with the editor token");
+  }
+  what.addEventListener("change", () => { area.value = texts[what.value] || ""; out.replaceChildren(); publishState(); });
   checkBtn.addEventListener("click", async () => {
-    const { body } = await api("/v1/console/definitions/check", { method: "POST", body: { yaml: area.value } });
+    const { body } = await api("/v1/console/definitions/check", { method: "POST", body: { yaml: area.value, kind: kind() } });
     out.replaceChildren(problems(body));
   });
   runBtn.addEventListener("click", async () => {
     out.replaceChildren(h("p", { class: "muted" }, "replaying recorded history…"));
     runBtn.disabled = true;
     try {
-      const { body } = await api("/v1/console/whatif", { method: "POST", body: { yaml: area.value } });
+      const { body } = await api("/v1/console/whatif", { method: "POST", body: { yaml: area.value, kind: kind() } });
       if (!body.check.valid) { out.replaceChildren(problems(body.check)); return; }
       out.replaceChildren(problems(body.check), diffView(body.diff));
     } catch (e) { out.replaceChildren(h("p", { class: "error" }, e.message)); }
@@ -373,13 +382,16 @@ pages.whatif = () => {
     async refresh() {
       if (loaded) return;  // never overwrite what the user is editing
       loaded = true;
-      const { body } = await api("/v1/console/definitions");
+      const [{ body }, { body: books }] = await Promise.all([api("/v1/console/definitions"), api("/v1/console/playbooks")]);
+      texts.segments = body.yaml;
+      what.append(h("option", { value: "segments" }, "segment definitions"));
+      for (const b of books.playbooks) { texts["pb:" + b.file] = b.yaml; what.append(h("option", { value: "pb:" + b.file }, "playbook " + b.file)); }
       area.value = body.yaml;
-      pubBtn.disabled = !state.canPublish;
-      pubBtn.title = state.canPublish ? "write these definitions as the new version" : (state.role === "editor" ? "the gateway has no definitions file to publish to" : "viewers cannot publish: sign in with the editor token");
+      publishState();
       show(this, h("h1", {}, "What-if ", h("span", { class: "muted" }, `running definitions ${body.version}`)),
-        h("p", { class: "muted" }, "Edit the segment definitions, check them (the same loader as segflow segments check), replay the recorded history with them (segflow replay: nothing is sent) and compare with the running version."),
-        area, h("div", { class: "controls" }, checkBtn, runBtn, pubBtn, h("span", { class: "muted" }, state.canPublish ? "you are an editor" : "read only")), out);
+        h("p", { class: "muted" }, "Edit the segment definitions or a playbook, check them (the same loaders as segflow segments check and the dispatcher), replay the recorded history with them (segflow replay: nothing is sent) and compare with what runs."),
+        h("div", { class: "controls" }, h("label", { for: "whatif-kind" }, "Edit"), what), area,
+        h("div", { class: "controls" }, checkBtn, runBtn, pubBtn, h("span", { class: "muted" }, state.canPublish ? "you are an editor" : "read only")), out);
     },
   };
 };
@@ -390,9 +402,10 @@ function diffView(diff) {
   const rows = Object.entries(segs).map(([name, d]) => h("tr", { "data-diff-segment": name, "data-entries-old": d.entries.old, "data-entries-new": d.entries.new },
     td(name), td(d3(d.entries), "num"), td(d3(d.exits), "num"), td(d3(d.final_size), "num"),
     td(fmtInt(d.would_enter.length), "num"), td(fmtInt(d.would_not_enter.length), "num")));
-  const acts = (diff.actions || []).map((a) => h("tr", {}, td(a.playbook), td(a.channel), td(a.outcome), td(d3(a), "num")));
+  const acts = (diff.actions || []).map((a) => h("tr", { "data-playbook": a.playbook, "data-channel": a.channel, "data-outcome": a.outcome, "data-old": a.old, "data-new": a.new },
+    td(a.playbook), td(a.channel), td(a.outcome), td(d3(a), "num")));
   return h("div", {},
-    h("p", { class: "muted" }, `history replayed: ${fmtInt(diff.history.scores)} scores, ${fmtInt(diff.history.events)} events; definitions ${diff.definitions.old} → ${diff.definitions.new}`),
+    h("p", { class: "muted" }, `history replayed: ${fmtInt(diff.history.scores)} scores, ${fmtInt(diff.history.events)} events; definitions ${diff.definitions.old} → ${diff.definitions.new}` + ((diff.playbooks?.changed || []).length ? `; playbooks changed: ${diff.playbooks.changed.join(", ")}` : "")),
     h("h2", {}, "Per segment (current → what-if)"),
     rows.length ? table(["Segment", { label: "Entries", num: true }, { label: "Exits", num: true }, { label: "Final size", num: true }, { label: "Would enter", num: true }, { label: "Would no longer enter", num: true }], rows, { label: "what-if difference per segment" }) : h("p", { id: "no-diff" }, "no segment changes"),
     h("h2", {}, "Actions per playbook × channel × outcome"),
