@@ -362,9 +362,16 @@ async def definitions(request: web.Request) -> web.Response:
 
 async def check(request: web.Request) -> web.Response:
     body = await _body(request)
-    if body.get("kind") == "playbook":
+    if _kind(body) == "playbook":
         return web.json_response(c.check_playbooks(body["yaml"]))
     return web.json_response(c.check_definitions(body["yaml"]))
+
+
+def _kind(body: dict[str, Any]) -> str:
+    kind = body.get("kind", "segments")
+    if kind not in ("segments", "playbook"):
+        raise bad_request("kind must be 'segments' or 'playbook'")
+    return str(kind)
 
 
 async def playbooks(request: web.Request) -> web.Response:
@@ -381,9 +388,7 @@ async def playbooks(request: web.Request) -> web.Response:
 async def whatif(request: web.Request) -> web.Response:
     body = await _body(request)
     text: str = body["yaml"]
-    kind = body.get("kind", "segments")
-    if kind not in ("segments", "playbook"):
-        raise bad_request("kind must be 'segments' or 'playbook'")
+    kind = _kind(body)
     checked = c.check_playbooks(text) if kind == "playbook" else c.check_definitions(text)
     if not checked["valid"]:  # an answer, not an error: the check says what is wrong
         return web.json_response({"check": checked, "diff": None})
