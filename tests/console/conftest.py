@@ -208,6 +208,12 @@ class Browser:
 def browser(
     console_stack: ConsoleStack, tmp_path_factory: pytest.TempPathFactory
 ) -> Iterator[Browser]:
+    missing = [p for p in (CHROMIUM, CHROMEDRIVER) if not Path(p).exists()]
+    assert not missing, (
+        f"the browser tests need Debian's chromium and chromium-driver ({', '.join(missing)}"
+        " not found): `./run test` installs them as root, or apt-get install -y chromium"
+        " chromium-driver"
+    )
     b = Browser(console_stack.url, tmp_path_factory.mktemp("chromium-profile"))
     try:
         yield b

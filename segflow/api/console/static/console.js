@@ -98,13 +98,14 @@ function flowBars(entered, exited, w = 220, hgt = 44, label = "entries and exits
 
 function featureBars(features) {
   const rows = (features || []).slice(0, 8);
-  const w = 520, rowH = 22, hgt = rows.length * rowH + 10, labelW = 220, mid = labelW + (w - labelW) / 2;
+  const w = 380, rowH = 22, hgt = rows.length * rowH + 10, labelW = 190, mid = labelW + (w - labelW) / 2;
   const svg = s("svg", { width: w, height: hgt, viewBox: `0 0 ${w} ${hgt}`, role: "img", "aria-label": "top contributing features to churn risk", class: "features" });
   const top = Math.max(1e-9, ...rows.map((r) => Math.abs(r.contribution)));
   svg.append(s("line", { x1: mid, x2: mid, y1: 0, y2: hgt, stroke: "#94a3b8" }));
   rows.forEach((r, i) => {
-    const y = 5 + i * rowH, len = (Math.abs(r.contribution) / top) * ((w - labelW) / 2 - 50);
-    svg.append(s("text", { x: 0, y: y + 14 }, `${r.name} = ${num(r.value)}`));
+    const y = 5 + i * rowH, len = (Math.abs(r.contribution) / top) * ((w - labelW) / 2 - 46);
+    const label = `${r.name} = ${num(r.value)}`;
+    svg.append(s("text", { x: 0, y: y + 14 }, label.length > 32 ? label.slice(0, 31) + "…" : label, s("title", {}, label)));
     svg.append(s("rect", { x: r.contribution >= 0 ? mid : mid - len, y: y + 3, width: Math.max(1, len), height: rowH - 8, fill: r.contribution >= 0 ? "#dc2626" : "#059669" }));
     svg.append(s("text", { x: r.contribution >= 0 ? mid + len + 4 : mid - len - 4, y: y + 14, "text-anchor": r.contribution >= 0 ? "start" : "end" }, (r.contribution >= 0 ? "+" : "") + r.contribution.toFixed(2)));
   });
