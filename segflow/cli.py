@@ -137,6 +137,7 @@ def cmd_up(args: argparse.Namespace) -> int:
             f"{args.metrics_port + i}/metrics  log {sup.children[name].log_path}"
         )
     print(f"  api        {api_url}/v1 (bearer token in {token_source}; spec /v1/openapi.yaml)")
+    print(f"  console    {api_url}/console/ (sign in with the same token)")
     print("running; Ctrl-C (or SIGTERM) stops everything")
 
     def interrupt(_signum: int, _frame: object) -> None:

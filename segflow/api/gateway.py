@@ -20,7 +20,6 @@ from __future__ import annotations
 import asyncio
 import base64
 import binascii
-import hmac
 import logging
 import signal
 import threading
@@ -72,6 +71,14 @@ class GatewaySettings(BaseSettings):
     dispatcher_url: str = f"http://127.0.0.1:{SERVICE_PORTS['dispatcher']}"
     timeout: float = 5.0  # seconds per call to a service
     health_timeout: float = 2.0
+    # The console (segflow.api.console): the token that may also publish definitions, the
+    # definitions file it publishes to (None: read SEGFLOW_SEGMENTER_DEFINITIONS or the
+    # default, publishing off), the playbooks it shows, how often it samples segment sizes.
+    editor_token: SecretStr | None = None
+    definitions: Path | None = None
+    playbooks: str | None = None
+    console_sample_interval: float = 5.0
+    replay_timeout: float = 120.0
 
     def url(self, service: str) -> str:
         return str(getattr(self, f"{service}_url")).rstrip("/")
@@ -162,6 +169,9 @@ def upstream(request: web.Request) -> Upstream:
 UPSTREAM = web.AppKey("upstream", Upstream)
 SETTINGS = web.AppKey("settings", GatewaySettings)
 TOKEN = web.AppKey("token", str)
+EDITOR_TOKEN = web.AppKey("editor_token", str)
+ROLE = web.RequestKey("role", str)  # viewer or editor (segflow.api.console)
+VIA_COOKIE = web.RequestKey("via_cookie", bool)  # authenticated by the console's cookie
 
 
 def _found(status: int, body: Any) -> Any:
@@ -169,9 +179,10 @@ def _found(status: int, body: Any) -> Any:
 
 
 def _customer_id(request: web.Request) -> str:
+    # Any 1 to MAX_ID characters (as the spec says): an id no service knows is a 404.
     cid = request.match_info["customer_id"]
-    if not cid or len(cid) > MAX_ID or not cid.isprintable():
-        raise bad_request(f"customer_id must be 1 to {MAX_ID} printable characters")
+    if not cid or len(cid) > MAX_ID:
+        raise bad_request(f"customer_id must be 1 to {MAX_ID} characters")
     return cid
 
 
@@ -322,7 +333,7 @@ async def members(request: web.Request) -> web.Response:
     limit = _limit(request)
     cursor = request.query.get("cursor")
     params = {"limit": str(limit)}
-    if cursor is not None:
+    if cursor:  # an empty cursor is the first page
         params["after"] = decode_cursor(cursor)
     status, body = await upstream(request).get(
         "segmenter", "/segments/" + quote(name, safe=""), params
@@ -367,7 +378,9 @@ async def errors(request: web.Request, handler: Handler) -> web.StreamResponse:
             raise
         code = {404: "not_found", 405: "method_not_allowed"}.get(exc.status, "http_error")
         message = exc.reason if exc.status != 404 else f"no route {request.path!r}"
-        return web.json_response(error_body(code, message), status=exc.status)
+        # RFC 9110 §15.5.6: a 405 says which methods the resource has.
+        headers = {"Allow": exc.headers["Allow"]} if "Allow" in exc.headers else None
+        return web.json_response(error_body(code, message), status=exc.status, headers=headers)
     except Exception as exc:  # a bug: log the route, not the path (customer ids)
         route = request.match_info.route.resource
         log.exception(
@@ -381,14 +394,33 @@ async def errors(request: web.Request, handler: Handler) -> web.StreamResponse:
 
 @web.middleware
 async def auth(request: web.Request, handler: Handler) -> web.StreamResponse:
+    """Bearer token (viewer, or editor with ``SEGFLOW_API_EDITOR_TOKEN``) or the console's
+    session cookie; sets ``request["role"]``."""
+    from segflow.api.console import COOKIE, VIEWER, role_for_token
+    from segflow.api.console.handlers import SESSIONS, is_page, is_public
+
     token = request.app[TOKEN]
-    if token and request.path not in PUBLIC:
-        header = request.headers.get("Authorization", "")
+    editor = request.app[EDITOR_TOKEN]
+    if not token or request.path in PUBLIC or is_public(request.path):
+        request[ROLE] = VIEWER  # with --insecure-no-auth too: publishing needs the editor
+        return await handler(request)
+    header = request.headers.get("Authorization", "")
+    if header:
         scheme, _, given = header.partition(" ")
         if scheme.lower() != "bearer" or not given:
             raise ApiError(401, "unauthorized", "missing bearer token")
-        if not hmac.compare_digest(given.strip().encode(), token.encode()):
+        granted = role_for_token(given, token, editor)
+        if granted is None:
             raise ApiError(401, "unauthorized", "invalid bearer token")
+        request[ROLE] = granted
+        return await handler(request)
+    sid = request.cookies.get(COOKIE)
+    granted = request.app[SESSIONS].role(sid) if sid else None
+    if granted is None:
+        if is_page(request.path):
+            raise web.HTTPSeeOther("/console/login")
+        raise ApiError(401, "unauthorized", "missing bearer token")
+    request[ROLE], request[VIA_COOKIE] = granted, True
     return await handler(request)
 
 
@@ -403,6 +435,9 @@ def create_app(settings: GatewaySettings, insecure_no_auth: bool = False) -> web
     app = web.Application(middlewares=[errors, auth])
     app[SETTINGS] = settings
     app[TOKEN] = token
+    app[EDITOR_TOKEN] = (
+        settings.editor_token.get_secret_value() if settings.editor_token is not None else ""
+    )
 
     async def session_ctx(app: web.Application) -> Any:
         connector = aiohttp.TCPConnector(limit=64)
@@ -418,6 +453,9 @@ def create_app(settings: GatewaySettings, insecure_no_auth: bool = False) -> web
     app.router.add_get("/v1/segments", segments)
     app.router.add_get("/v1/segments/{name}/members", members)
     app.router.add_get("/v1/campaigns/kpis", kpis)
+    from segflow.api.console.handlers import add_routes
+
+    add_routes(app)
     return app
 
 

@@ -23,14 +23,21 @@ def service_env(name: str, port: int) -> dict[str, str]:
 
 
 def add_gateway(
-    sup: Supervisor, ports: dict[str, int], port: int, token: str, host: str = "127.0.0.1"
+    sup: Supervisor,
+    ports: dict[str, int],
+    port: int,
+    token: str,
+    host: str = "127.0.0.1",
+    extra: dict[str, str] | None = None,
 ) -> str:
-    """Supervise ``python -m segflow.api`` in front of the services on ``ports``; its URL."""
+    """Supervise ``python -m segflow.api`` in front of the services on ``ports``; its URL.
+    ``extra``: more ``SEGFLOW_API_*`` settings (e.g. the console's editor token)."""
     env = {
         "SEGFLOW_API_TOKEN": token,
         "SEGFLOW_API_HOST": host,
         "SEGFLOW_API_PORT": str(port),
         **{f"SEGFLOW_API_{n.upper()}_URL": f"http://127.0.0.1:{p}" for n, p in ports.items()},
+        **(extra or {}),
     }
     sup.add("api", [sys.executable, "-m", "segflow.api"], env)
     return f"http://{host}:{port}"
@@ -145,8 +152,28 @@ def announce(url: str, token: str, generated: bool) -> str:
     shown = token if generated else "$SEGFLOW_API_TOKEN"
     return (
         f"      HTTP API: {url}/v1 (spec {url}/v1/openapi.yaml), token {shown}\n"
-        f'        e.g. curl -H "Authorization: Bearer {shown}" {url}/v1/segments'
+        f'        e.g. curl -H "Authorization: Bearer {shown}" {url}/v1/segments\n'
+        f"      Console: {url}/console/ (sign in with the same token; read only)"
     )
+
+
+def explore(url: str, token: str, generated: bool, say: Any, wait: bool | None = None) -> None:
+    """The end of the demo: point to the console as the place to explore the results. In an
+    interactive terminal the stack stays up until Ctrl-C (``wait``; default: stdin is a TTY
+    and ``SEGFLOW_DEMO_NO_WAIT`` is unset)."""
+    shown = token if generated else "$SEGFLOW_API_TOKEN"
+    say(f"      Explore the results in the console: {url}/console/ (token {shown})")
+    if wait is None:
+        wait = sys.stdin.isatty() and not os.environ.get("SEGFLOW_DEMO_NO_WAIT")
+    if not wait:
+        say("      (the console runs while the stack does: `segflow up` keeps one running)")
+        return
+    say("      The stack stays up for the console; press Ctrl-C to stop it.")
+    try:
+        while True:
+            time.sleep(3600)
+    except KeyboardInterrupt:
+        say("")
 
 
 def demo_tour(url: str, token: str, say: Any) -> dict[str, Any]:

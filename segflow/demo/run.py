@@ -123,6 +123,7 @@ def run_demo(args: argparse.Namespace) -> int:
         out.write_text(render_html(context, summary["api"].get("kpis", [])))
         (state_dir / "demo-summary.json").write_text(json.dumps(summary, indent=2))
         say(f"      HTML report with segment sizes over time: {out}")
+        wiring.explore(api_url, api_token, generated, say)  # the console, while the stack runs
     finally:
         if sup is not None:
             sup.stop()

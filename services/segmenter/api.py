@@ -19,7 +19,7 @@ import heapq
 from http.server import ThreadingHTTPServer
 from typing import Any, Protocol
 
-from segflow.runtime.internal_api import NotFound, Params, Query, Routes, int_param
+from segflow.runtime.internal_api import BadRequest, NotFound, Params, Query, Routes, int_param
 from segflow.runtime.internal_api import serve as serve_routes
 
 MAX_PAGE = 10_000
@@ -99,7 +99,100 @@ def routes(queries: Queries) -> Routes:
             raise NotFound("segmenter has no state for that customer")
         return found
 
+    console_routes(r, queries)
     return r
+
+
+HOUR_MS = 3_600_000
+
+
+def console_routes(r: Routes, queries: Queries) -> None:
+    """Reads for the browser console (segflow.api.console), over the same state.
+
+    * ``GET /console/flow?hours=N`` — per segment, entries and exits per hour of event time
+      over the last ``N`` hours before the watermark (from each customer's latest entry and
+      exit per segment: a customer who entered twice within the window counts once);
+    * ``GET /console/segments/<name>/members?q=&sort=churn|id&offset=&limit=`` — members with
+      their churn probability and entry time, filtered by a customer-id substring, sorted;
+    * ``GET /console/customers/<id>/memberships`` — every segment the customer ever entered:
+      active or not, stays, last entry and exit (event time).
+    """
+
+    @r.get("/console/flow")
+    def flow(_p: Params, q: Query) -> dict[str, Any]:
+        hours = int_param(q, "hours", 24, 1, 24 * 90)
+        end = int(queries.watermark or 0)
+        start = end - hours * HOUR_MS
+        names = [seg.name for seg in queries.defs.segments]
+        entered = {n: [0] * hours for n in names}
+        exited = {n: [0] * hours for n in names}
+        for st in list(queries.states.values()):
+            for name, m in list(st.memberships.items()):
+                if name not in entered:
+                    continue
+                for at, counts in ((m.entered_at, entered), (m.exited_at, exited)):
+                    if at is not None and start < at <= end:
+                        counts[name][min(hours - 1, (at - start - 1) // HOUR_MS)] += 1
+        return {
+            "watermark": end or None,
+            "hours": hours,
+            "segments": {n: {"entered": entered[n], "exited": exited[n]} for n in names},
+        }
+
+    @r.get("/console/segments/{name}/members")
+    def members(p: Params, q: Query) -> dict[str, Any]:
+        name = p["name"]
+        if name not in queries.defs.by_name:
+            raise NotFound(f"no segment {name!r}")
+        limit = int_param(q, "limit", 50, 1, 1000)
+        offset = int_param(q, "offset", 0, 0, 10_000_000)
+        needle = q.get("q", "").strip().lower()
+        sort = q.get("sort", "churn")
+        if sort not in ("churn", "id"):
+            raise BadRequest("sort must be 'churn' or 'id'")
+        rows = []
+        for cid, st in list(queries.states.items()):
+            m = st.memberships.get(name)
+            if m is None or not m.active or (needle and needle not in cid.lower()):
+                continue
+            churn = st.values.get("churn_probability")
+            rows.append((cid, churn if isinstance(churn, float) else None, m.entered_at))
+        # only the first offset + limit rows are ordered (a page, not the whole segment)
+        if sort == "churn":
+            page = heapq.nsmallest(
+                offset + limit, rows, key=lambda t: (-(t[1] if t[1] is not None else -1.0), t[0])
+            )
+        else:
+            page = heapq.nsmallest(offset + limit, rows)
+        return {
+            "segment": name,
+            "total": len(rows),
+            "offset": offset,
+            "members": [
+                {"customer_id": c, "churn_probability": ch, "entered_at": at}
+                for c, ch, at in page[offset:]
+            ],
+        }
+
+    @r.get("/console/customers/{customer_id}/memberships")
+    def history(p: Params, _q: Query) -> dict[str, Any]:
+        st = queries.states.get(p["customer_id"])
+        if st is None:
+            raise NotFound("segmenter has no state for that customer")
+        return {
+            "customer_id": st.customer_id,
+            "memberships": [
+                {
+                    "segment": m.segment,
+                    "active": m.active,
+                    "stays": m.seq,
+                    "entered_at": m.entered_at,
+                    "exited_at": m.exited_at,
+                }
+                for m in sorted(st.memberships.values(), key=lambda m: m.segment)
+                if m.entered_at is not None
+            ],
+        }
 
 
 def serve(queries: Queries, port: int, host: str = "127.0.0.1") -> ThreadingHTTPServer:

@@ -147,7 +147,8 @@ def stack() -> Iterator[Stack]:
         "dispatcher": dispatcher_api.start(pipeline.dispatcher, 0),
     }
     urls = {n: f"http://127.0.0.1:{s.server_port}" for n, s in servers.items()}
-    gateway = gateway_for(urls)
+    # no broker here: a console what-if replay fails (502) instead of waiting two minutes
+    gateway = gateway_for(urls, replay_timeout=5.0)
     try:
         yield Stack(pipeline, servers, gateway)
     finally:

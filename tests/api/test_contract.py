@@ -57,20 +57,47 @@ PLANS: dict[str, Plan] = {
         (f"/v1/segments/{_some_member(s)[0]}/members", {"limit": 0}, 400),
     ],
     "/v1/campaigns/kpis": lambda s: [("/v1/campaigns/kpis", {}, 200)],
+    "/v1/console/session": lambda s: [("/v1/console/session", {}, 200)],
+    "/v1/console/segments": lambda s: [("/v1/console/segments", {}, 200)],
+    "/v1/console/segments/{name}": lambda s: [
+        (f"/v1/console/segments/{_some_member(s)[0]}", {}, 200),
+        ("/v1/console/segments/NoSuchSegment", {}, 404),
+    ],
+    "/v1/console/segments/{name}/members": lambda s: [
+        (f"/v1/console/segments/{_some_member(s)[0]}/members", {"limit": 2}, 200),
+        (f"/v1/console/segments/{_some_member(s)[0]}/members", {"sort": "id", "q": "c-"}, 200),
+        ("/v1/console/segments/NoSuchSegment/members", {}, 404),
+        (f"/v1/console/segments/{_some_member(s)[0]}/members", {"sort": "size"}, 400),
+    ],
+    "/v1/console/customers/{customer_id}": lambda s: [
+        (f"/v1/console/customers/{_some_member(s)[1]}", {}, 200),
+        ("/v1/console/customers/c-0000000000000000", {}, 404),
+        ("/v1/console/customers/" + "x" * 201, {}, 400),
+    ],
+    "/v1/console/definitions": lambda s: [("/v1/console/definitions", {}, 200)],
+    "/v1/console/playbooks": lambda s: [("/v1/console/playbooks", {}, 200)],
 }
+#: Served but not API: the console's HTML pages, login form and static assets.
+PAGES = {"/console", "/console/", "/console/login", "/console/logout", "/console/static/{name}"}
 
 
 def test_the_gateway_serves_exactly_the_documented_routes() -> None:
     app = create_app(GatewaySettings(token="t"))
     served = {
-        r.resource.canonical
+        (r.method, r.resource.canonical)
         for r in app.router.routes()
-        if r.method == "GET" and r.resource is not None
+        if r.method != "HEAD" and r.resource is not None and r.resource.canonical not in PAGES
     }
-    documented = set(SPEC["paths"])
+    documented = {(m.upper(), path) for path, ops in SPEC["paths"].items() for m in ops}
     assert served == documented
-    assert set(PLANS) == documented  # every documented route is exercised below
-    assert all(set(ops) == {"get"} for ops in SPEC["paths"].values())
+    gets = {path for path, ops in SPEC["paths"].items() if "get" in ops}
+    assert set(PLANS) == gets  # every documented GET route is exercised below
+    writes = documented - {("GET", p) for p in gets}
+    assert writes == {
+        ("PUT", "/v1/console/definitions"),
+        ("POST", "/v1/console/definitions/check"),
+        ("POST", "/v1/console/whatif"),
+    }
 
 
 @pytest.mark.parametrize("route", sorted(PLANS))
@@ -92,15 +119,19 @@ def test_every_protected_route_documents_and_answers_401(stack: Stack) -> None:
     error = {"$ref": "#/components/schemas/Error"}
     with stack.client(token=None) as client:
         for route, ops in SPEC["paths"].items():
-            public = ops["get"].get("security") == []
-            path, query, _ = PLANS[route](stack)[0]
-            resp = client.get(path, params=query)
-            if public:
-                assert resp.status_code in (200, 503)
-                continue
-            assert "401" in ops["get"]["responses"], route
-            assert resp.status_code == 401, route
-            assert validate(SPEC, error, resp.json()) == []
+            for method, op in ops.items():
+                public = op.get("security") == []
+                if method == "get":
+                    path, query, _ = PLANS[route](stack)[0]
+                    resp = client.get(path, params=query)
+                else:
+                    resp = client.request(method.upper(), route, json={"yaml": "version: 1"})
+                if public:
+                    assert resp.status_code in (200, 503)
+                    continue
+                assert "401" in op["responses"], (method, route)
+                assert resp.status_code == 401, (method, route)
+                assert validate(SPEC, error, resp.json()) == []
 
 
 def test_validator_rejects_what_it_should() -> None:
