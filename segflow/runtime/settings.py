@@ -48,6 +48,15 @@ class Settings(BaseSettings):
     # service leaves it at the loopback default. They have no authentication: widen it
     # (e.g. 0.0.0.0 in a container) only on a private network, as docker-compose.yml does.
     internal_api_host: str = "127.0.0.1"
+    # This process's id within its service's consumer group ("0", "1", "pod-name"...): stable
+    # across restarts, it names the transactional.id and the static group.instance.id, so a
+    # restarted instance fences its predecessor and takes its partitions back at once. None:
+    # each service's own default (one instance).
+    instance_id: str | None = None
+    # How long the group waits for a silent (killed) member before moving its partitions, and
+    # how long a dead instance's open transaction blocks readers of its outputs (read_committed).
+    session_timeout_ms: int = 45000
+    transaction_timeout_ms: int = 60000
     log_level: str = "INFO"
     log_format: str = "json"
     state_dir: Path = Path(".segflow")
