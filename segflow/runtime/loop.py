@@ -211,6 +211,7 @@ class ProcessingLoop:
         self.assigned: set[int] = set()
         self._m_assigned = metrics.ASSIGNED_PARTITIONS.labels(svc, self.instance)
         self._last_data = 0.0
+        self._closing = False
 
     # -- lifecycle -----------------------------------------------------------------------
     def stop(self, *_: Any) -> None:
@@ -277,6 +278,9 @@ class ProcessingLoop:
         self._run_tick()
 
     def close(self) -> None:
+        # Leaving the group revokes everything: the in-memory state stays readable (tools and
+        # tests read it after a run); nothing is processed any more.
+        self._closing = True
         with contextlib.suppress(KafkaException, RuntimeError):  # already closed
             self.consumer.close()
         self.producer.flush(10)
@@ -621,6 +625,8 @@ class ProcessingLoop:
     ) -> None:
         parts = {tp.partition for tp in partitions}
         self.assigned -= parts
+        if self._closing:
+            return
         self._committed = {k: v for k, v in self._committed.items() if k[1] not in parts}
         metrics.REBALANCES.labels(self.config.service, self.instance, kind).inc()
         self._m_assigned.set(len(self.assigned))
