@@ -241,7 +241,7 @@ def run_segmenters(
     return out
 
 
-def test_two_segmenters_emit_exactly_what_one_does(
+def test_two_segmenters_emit_exactly_what_one_does_also_across_kill_9_and_a_new_instance(
     kafka_bootstrap: str, fleet: Fleet, tmp_path: Path
 ) -> None:
     defs = tmp_path / "segments.yaml"
@@ -254,3 +254,134 @@ def test_two_segmenters_emit_exactly_what_one_does(
     assert kinds["entered"] > 100 and kinds["exited"] > 50, kinds
     assert any(c[2] == "exited" for c in one if c[1] == "Low"), "no ttl timer fired"
     assert Counter(one) == Counter(two)
+
+    # Two instances; one is killed with -9 inside a transaction, a third joins: two
+    # rebalances, and the killed instance's open transaction is aborted by the broker.
+    s = isolated_settings(kafka_bootstrap, "seg-kill")
+    half = len(data) // 2
+    send(s, TOPICS.scores, data[:half], by_customer)
+    slow = segmenter_env(
+        defs, SEGFLOW_SEGMENTER_BATCH_SIZE="20", SEGFLOW_SEGMENTER_PRE_COMMIT_DELAY="0.3"
+    )
+    fleet.start("services.segmenter", s, "0", slow)
+    fleet.start("services.segmenter", s, "1", slow)
+    deadline = time.monotonic() + 60
+    while not fleet.owned(s).get("1") or not changes(s):
+        assert time.monotonic() < deadline, "instance 1 produced nothing within 60 s"
+        fleet.check_alive()
+        time.sleep(0.3)
+    time.sleep(1.0)
+    fleet.kill("1")
+    at_kill = len(changes(s))
+    fleet.start("services.segmenter", s, "2", segmenter_env(defs))
+    send(s, TOPICS.scores, data[half:], by_customer)
+    settled(lambda: changes(s), fleet, quiet=6.0)
+    send(s, TOPICS.merges, merges(merge_pairs(120), data[-1]["as_of"]), by_absorbed)
+    three = settled(lambda: changes(s), fleet, quiet=6.0)
+    fleet.stop()
+    owned = fleet.owned(s)
+    assert owned.get("2"), f"the added instance never owned a partition: {owned}"
+    assert owned["1"] & (owned["0"] | owned["2"]), f"nobody took over from the killed: {owned}"
+    assert 0 < at_kill < len(one), "the kill should land mid-stream"
+    assert Counter(three) == Counter(one)
+
+
+# -- dispatcher ----------------------------------------------------------------------------
+def entered(cid: str, at: int) -> dict[str, Any]:
+    entry = f"{cid}:S:{at}"
+    return {
+        "change_id": f"{entry}:entered",
+        "customer_id": cid,
+        "segment": "S",
+        "transition": "entered",
+        "reason": None,
+        "entry_id": entry,
+        "definition_version": "test@1",
+        "occurred_at": at,
+        "emitted_at": at,
+        "primary_segment": "S",
+        "score": None,
+        "explanation": [],
+    }
+
+
+def dispatcher_env(s: Settings, receiver: Receiver, playbooks: Path) -> dict[str, str]:
+    return {
+        "SEGFLOW_DISPATCHER_GROUP_ID": s.topic_prefix + "dispatcher",
+        "SEGFLOW_DISPATCHER_PLAYBOOKS": str(playbooks),
+        "SEGFLOW_DISPATCHER_CRM_BASE_URL": receiver.url,
+        "SEGFLOW_DISPATCHER_EMAIL_BASE_URL": receiver.url,
+        "SEGFLOW_DISPATCHER_WEBHOOK_URL": receiver.url + "/webhook",
+        "SEGFLOW_DISPATCHER_CONTACT_PATTERN": "{customer_id}@example.invalid",
+        "SEGFLOW_DISPATCHER_CONCURRENCY": "8",
+        "SEGFLOW_DISPATCHER_TICK_INTERVAL": "0.1",
+        "SEGFLOW_DISPATCHER_BACKOFF_CAP": "0.5",
+        "SEGFLOW_DISPATCHER_HTTP_TIMEOUT": "2.0",
+    }
+
+
+def sent_keys(s: Settings) -> list[str]:
+    serde = Serde.from_settings(s)
+    out = []
+    for r in read_all(s, TOPICS.dispatch_results.name(s), idle=1.0, timeout=30):
+        rec = serde.decode(TOPICS.dispatch_results, r.value)
+        if rec["status"] == "sent":
+            out.append(rec["idempotency_key"])
+    return out
+
+
+def test_two_dispatchers_send_each_action_once_also_across_kill_9_and_a_new_instance(
+    kafka_bootstrap: str, fleet: Fleet, tmp_path: Path
+) -> None:
+    playbooks = tmp_path / "p.yaml"
+    playbooks.write_text(PLAYBOOK)
+    now = int(time.time() * 1000)
+    cids = [f"d{i:03d}" for i in range(80)]
+    want = {
+        idempotency_key(c, "P", step, f"{c}:S:{now}", now) for c in cids for step in ("mail", "task")
+    }
+    changes_in = [entered(c, now) for c in cids]
+
+    # Two instances against one: the same actions, each sent once.
+    receiver = Receiver(latency=0.05).start()
+    try:
+        s = isolated_settings(kafka_bootstrap, "disp-two")
+        send(s, TOPICS.segment_changes, changes_in, by_customer)
+        for inst in ("0", "1"):
+            fleet.start("services.dispatcher", s, inst, dispatcher_env(s, receiver, playbooks))
+        sent = settled(lambda: sent_keys(s), fleet)
+        fleet.stop()
+        assert Counter(sent) == Counter(want)  # one committed "sent" per action
+        assert set(receiver.effects()) == want
+        owned = fleet.owned(s)
+        assert sorted(owned) == ["0", "1"] and all(owned.values()), owned
+    finally:
+        receiver.stop()
+
+    # One of two killed with -9 while calls are under way; a third joins.
+    receiver = Receiver(latency=0.3).start()
+    try:
+        s = isolated_settings(kafka_bootstrap, "disp-kill")
+        env = dispatcher_env(s, receiver, playbooks)
+        send(s, TOPICS.segment_changes, changes_in[:40], by_customer)
+        fleet.start("services.dispatcher", s, "0", env)
+        fleet.start("services.dispatcher", s, "1", env)
+        deadline = time.monotonic() + 60
+        while not (fleet.owned(s).get("1") and len(receiver.effects()) >= 10):
+            assert time.monotonic() < deadline, "nothing dispatched within 60 s"
+            fleet.check_alive()
+            time.sleep(0.1)
+        fleet.kill("1")
+        at_kill = len(receiver.effects())
+        fleet.start("services.dispatcher", s, "2", env)
+        send(s, TOPICS.segment_changes, changes_in[40:], by_customer)
+        assert receiver.wait_for(want, timeout=120), "actions lost"
+        sent = settled(lambda: sent_keys(s), fleet, quiet=6.0)
+        fleet.stop()
+    finally:
+        receiver.stop()
+    assert 0 < at_kill < len(want), "the kill should land mid-stream"
+    assert set(receiver.effects()) == want  # the receiver took each action once
+    assert Counter(sent) == Counter(want)  # and each has exactly one committed "sent"
+    owned = fleet.owned(s)
+    assert owned.get("2") and owned["1"] & (owned["0"] | owned["2"]), owned
