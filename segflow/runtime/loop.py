@@ -212,6 +212,9 @@ class ProcessingLoop:
         self._m_assigned = metrics.ASSIGNED_PARTITIONS.labels(svc, self.instance)
         self._last_data = 0.0
         self._closing = False
+        #: Revoked by a rebalance under way, state kept until the assignment that follows.
+        self._parked: set[int] = set()
+        self._parked_ends: dict[tuple[str, int], int] = {}
 
     # -- lifecycle -----------------------------------------------------------------------
     def stop(self, *_: Any) -> None:
@@ -250,7 +253,11 @@ class ProcessingLoop:
                 if max_records is not None and self.processed >= max_records:
                     break
                 msgs = self.consumer.consume(cfg.batch_size, cfg.poll_timeout)
-                if self.tick is not None and self.clock() - self._last_tick >= cfg.tick_interval:
+                if (
+                    self.tick is not None
+                    and not self._parked  # mid-rebalance: parked state is not ours to act on
+                    and self.clock() - self._last_tick >= cfg.tick_interval
+                ):
                     self._run_tick()
                 if not msgs:
                     if idle_timeout is not None and self.clock() - self._last_data > idle_timeout:
@@ -584,7 +591,7 @@ class ProcessingLoop:
         """Every input, and every hook's changelog, must have the same partition count: an
         instance owns partition numbers, and a customer's records and state share one."""
         names = list(self.config.sources)
-        names += [h.topic_name for h in self.hooks if getattr(h, "partitioned", False)]
+        names += self._changelogs()
         md = self.consumer.list_topics(timeout=30)
         counts = {n: len(md.topics[n].partitions) for n in names if n in md.topics}
         if len(set(counts.values())) > 1:
@@ -595,16 +602,24 @@ class ProcessingLoop:
 
     def _on_assign(self, consumer: Any, partitions: list[TopicPartition]) -> None:
         parts = {tp.partition for tp in partitions}
-        new = parts - self.assigned
+        # A partition revoked by this rebalance and assigned back keeps its state when no one
+        # wrote its changelog meanwhile (the range assignor is eager: every rebalance revokes
+        # everything first); the others are dropped now.
+        kept = self._unchanged(self._parked & parts)
+        gone = self._parked - kept
+        self._parked, self._parked_ends = set(), {}
+        self._drop(gone)
+        new = parts - self.assigned - kept
         self.assigned |= parts
         svc = self.config.service
         metrics.REBALANCES.labels(svc, self.instance, "assigned").inc()
         self._m_assigned.set(len(self.assigned))
         started = time.monotonic()
-        for hook in self.hooks:
-            on_assign = getattr(hook, "on_assign", None)
-            if on_assign is not None:
-                on_assign(new)
+        if new:
+            for hook in self.hooks:
+                on_assign = getattr(hook, "on_assign", None)
+                if on_assign is not None:
+                    on_assign(new)
         seconds = time.monotonic() - started
         self._last_data = self.clock()  # idle time counts from when there is work to own
         metrics.RESTORE_SECONDS.labels(svc, self.instance).observe(seconds)
@@ -614,40 +629,82 @@ class ProcessingLoop:
                 "fields": {
                     "instance": self.instance,
                     "partitions": sorted(new),
+                    "kept": sorted(kept),
                     "owned": sorted(self.assigned),
                     "restore_seconds": round(seconds, 3),
                 }
             },
         )
 
-    def _on_revoke(
-        self, consumer: Any, partitions: list[TopicPartition], kind: str = "revoked"
-    ) -> None:
+    def _on_revoke(self, consumer: Any, partitions: list[TopicPartition]) -> None:
+        """Park the partitions: their state stays until the assignment that follows says
+        whether they come back unchanged. Nothing runs for them meanwhile (no batch, no tick)."""
         parts = {tp.partition for tp in partitions}
         self.assigned -= parts
         if self._closing:
             return
-        self._committed = {k: v for k, v in self._committed.items() if k[1] not in parts}
-        metrics.REBALANCES.labels(self.config.service, self.instance, kind).inc()
+        self._parked |= parts
+        self._parked_ends.update(self._changelog_ends(parts))
+        metrics.REBALANCES.labels(self.config.service, self.instance, "revoked").inc()
         self._m_assigned.set(len(self.assigned))
+        log.info(
+            "partitions revoked",
+            extra={"fields": {"instance": self.instance, "partitions": sorted(parts)}},
+        )
+
+    def _on_lost(self, consumer: Any, partitions: list[TopicPartition]) -> None:
+        """Lost (this member was thrown out of the group): others may own them already."""
+        parts = {tp.partition for tp in partitions}
+        self.assigned -= parts
+        self._parked -= parts
+        metrics.REBALANCES.labels(self.config.service, self.instance, "lost").inc()
+        self._m_assigned.set(len(self.assigned))
+        self._drop(parts)
+        log.warning(
+            "partitions lost",
+            extra={"fields": {"instance": self.instance, "partitions": sorted(parts)}},
+        )
+
+    def _drop(self, parts: set[int]) -> None:
+        if not parts:
+            return
+        self._committed = {k: v for k, v in self._committed.items() if k[1] not in parts}
         for hook in self.hooks:
             on_revoke = getattr(hook, "on_revoke", None)
             if on_revoke is not None:
                 on_revoke(parts)
-        log.info(
-            f"partitions {kind}",
-            extra={
-                "fields": {
-                    "instance": self.instance,
-                    "partitions": sorted(parts),
-                    "owned": sorted(self.assigned),
-                }
-            },
-        )
 
-    def _on_lost(self, consumer: Any, partitions: list[TopicPartition]) -> None:
-        self._on_revoke(consumer, partitions, kind="lost")
+    def _changelogs(self) -> list[str]:
+        return [h.topic_name for h in self.hooks if getattr(h, "partitioned", False)]
 
+    def _changelog_ends(self, parts: set[int]) -> dict[tuple[str, int], int]:
+        """End offsets of the partitioned stores' changelog partitions (-1: unknown)."""
+        ends: dict[tuple[str, int], int] = {}
+        for name in self._changelogs():
+            for p in parts:
+                try:
+                    _, high = self.consumer.get_watermark_offsets(
+                        TopicPartition(name, p), timeout=10
+                    )
+                    ends[(name, p)] = int(high)
+                except KafkaException:
+                    ends[(name, p)] = -1
+        return ends
+
+    def _unchanged(self, parts: set[int]) -> set[int]:
+        """Those of ``parts`` whose changelogs nobody wrote since they were parked."""
+        if not parts:
+            return set()
+        now = self._changelog_ends(parts)
+        return {
+            p
+            for p in parts
+            if all(
+                self._parked_ends.get(k, -1) == v and v >= 0
+                for k, v in now.items()
+                if k[1] == p
+            )
+        }
 
 EXIT_STUCK = 75
 

@@ -96,15 +96,16 @@ class Fleet:
         for instance, proc in self.procs.items():
             assert proc.poll() is None, f"instance {instance} exited with {proc.returncode}"
 
-    def owned(self, s: Settings) -> dict[str, set[int]]:
-        """Per instance of ``s``'s run, every partition it was assigned at some point (from
-        the instances' own JSON logs)."""
+    def owned(self, s: Settings, field: str = "partitions") -> dict[str, set[int]]:
+        """Per instance of ``s``'s run, every partition it was assigned (restored) at some
+        point, from the instances' own JSON logs (``field="kept"``: kept across a rebalance
+        without a restore)."""
         out: dict[str, set[int]] = {}
         for path in self.logs.glob(f"*-{s.topic_prefix}*.log"):
             instance = path.stem.rsplit(s.topic_prefix, 1)[1]
             for line in path.read_text(errors="replace").splitlines():
                 if '"partitions assigned"' in line:
-                    out.setdefault(instance, set()).update(json.loads(line)["partitions"])
+                    out.setdefault(instance, set()).update(json.loads(line)[field])
         return out
 
     def stop(self) -> None:
@@ -282,6 +283,8 @@ def test_two_segmenters_emit_exactly_what_one_does_also_across_kill_9_and_a_new_
     owned = fleet.owned(s)
     assert owned.get("2"), f"the added instance never owned a partition: {owned}"
     assert owned["1"] & (owned["0"] | owned["2"]), f"nobody took over from the killed: {owned}"
+    # The survivor kept what it owned across the rebalances instead of restoring it again.
+    assert fleet.owned(s, "kept").get("0"), fleet.owned(s, "kept")
     assert 0 < at_kill < len(one), "the kill should land mid-stream"
     assert Counter(three) == Counter(one)
 
