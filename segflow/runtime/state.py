@@ -24,7 +24,7 @@ the store restores only the partitions the consumer group assigns to this instan
 Values are records of the topic's Avro schema (``value: None`` is a tombstone).
 
 >>> partition_for("customer-1", 4)
-2
+1
 """
 
 from __future__ import annotations
@@ -50,7 +50,8 @@ _MISSING = object()
 
 def partition_for(key: str | bytes, partitions: int) -> int:
     """The partition librdkafka's default partitioner (``consistent_random``) gives ``key``:
-    CRC-32 of its bytes modulo the partition count."""
+    CRC-32 of its bytes modulo the partition count (it spreads an empty key at random, like a
+    missing one: state keys are never empty)."""
     raw = key.encode() if isinstance(key, str) else key
     return zlib.crc32(raw) % partitions
 

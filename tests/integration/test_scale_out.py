@@ -388,3 +388,20 @@ def test_two_dispatchers_send_each_action_once_also_across_kill_9_and_a_new_inst
     assert Counter(sent) == Counter(want)  # and each has exactly one committed "sent"
     owned = fleet.owned(s)
     assert owned.get("2") and owned["1"] & (owned["0"] | owned["2"]), owned
+
+
+def test_state_partitions_are_the_ones_librdkafka_puts_the_same_keys_in(
+    kafka_settings: Settings,
+) -> None:
+    # The changelog is co-partitioned with the inputs only if partition_for agrees with the
+    # partitioner that produced them (librdkafka's default, consistent_random).
+    s = kafka_settings
+    # (An empty key is spread at random, like no key: state keys are never empty.)
+    keys = [f"customer-{i}" for i in range(200)] + ["é", "a" * 300]
+    produce(s, TOPICS.segment_changes.name(s), [(k.encode(), b"x") for k in keys])
+    got = {
+        r.key.decode(): r.partition
+        for r in read_all(s, TOPICS.segment_changes.name(s), expected=len(keys), timeout=30)
+        if r.key is not None
+    }
+    assert got == {k: partition_for(k, TOPICS.segment_changes.partitions) for k in keys}
