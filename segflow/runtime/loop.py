@@ -215,6 +215,9 @@ class ProcessingLoop:
         #: Revoked by a rebalance under way, state kept until the assignment that follows.
         self._parked: set[int] = set()
         self._parked_ends: dict[tuple[str, int], int] = {}
+        #: Offsets this instance committed last, per owned input partition (sent again with
+        #: a tick's transaction so that the coordinator checks ownership).
+        self._fence: dict[tuple[str, int], int] = {}
 
     # -- lifecycle -----------------------------------------------------------------------
     def stop(self, *_: Any) -> None:
@@ -335,6 +338,7 @@ class ProcessingLoop:
         with self._watchdog():
             committed = self._commit([TopicPartition(t, p, o) for (t, p), o in offsets.items()])
         if committed:
+            self._fence.update(offsets)
             for hook in self.hooks:
                 hook.on_commit()
             now_ms = self.clock() * 1000
@@ -387,11 +391,26 @@ class ProcessingLoop:
         cfg = self.config
         if cfg.exactly_once:
             self.producer.begin_transaction()
+        produced = 0
         try:
             for out in self.tick():
                 self._produce(*self._encode(out), out.headers, out.partition)
-        except Exception:
-            log.exception("tick failed")
+                produced += 1
+            if cfg.exactly_once and produced and self._fence:
+                # The tick's transaction carries the offsets this instance last committed
+                # (unchanged): the group coordinator then rejects it if this instance no
+                # longer owns those partitions (KIP-447), so a zombie's timers never commit.
+                self.producer.send_offsets_to_transaction(
+                    [TopicPartition(t, p, o) for (t, p), o in self._fence.items()],
+                    self.consumer.consumer_group_metadata(),
+                    cfg.commit_timeout,
+                )
+        except Exception as exc:
+            fenced = isinstance(exc, KafkaException)
+            if fenced:
+                log.warning("tick fenced", extra={"fields": {"error": str(exc)}})
+            else:
+                log.exception("tick failed")
             if cfg.exactly_once:
                 self.producer.abort_transaction(cfg.commit_timeout)
             for hook in self.hooks:
@@ -641,6 +660,7 @@ class ProcessingLoop:
         whether they come back unchanged. Nothing runs for them meanwhile (no batch, no tick)."""
         parts = {tp.partition for tp in partitions}
         self.assigned -= parts
+        self._fence = {k: v for k, v in self._fence.items() if k[1] not in parts}
         if self._closing:
             return
         self._parked |= parts
@@ -656,6 +676,7 @@ class ProcessingLoop:
         """Lost (this member was thrown out of the group): others may own them already."""
         parts = {tp.partition for tp in partitions}
         self.assigned -= parts
+        self._fence = {k: v for k, v in self._fence.items() if k[1] not in parts}
         self._parked -= parts
         metrics.REBALANCES.labels(self.config.service, self.instance, "lost").inc()
         self._m_assigned.set(len(self.assigned))

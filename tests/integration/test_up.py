@@ -8,6 +8,7 @@ import subprocess
 import sys
 import time
 from pathlib import Path
+from urllib.request import urlopen
 
 import pytest
 
@@ -33,7 +34,7 @@ def test_up_runs_the_services_and_sigterm_stops_them_and_its_broker(tmp_path: Pa
     log = (tmp_path / "up.log").open("w")
     proc = subprocess.Popen(
         [sys.executable, "-m", "segflow.cli", "--state-dir", str(tmp_path), "--port", str(port),
-         "up", "--metrics-port", str(metrics), "--api-port", str(api)],
+         "up", "--metrics-port", str(metrics), "--api-port", str(api), "--replicas", "2"],
         cwd=ROOT, env=env, stdout=log, stderr=subprocess.STDOUT,
     )  # fmt: skip
     try:
@@ -46,7 +47,20 @@ def test_up_runs_the_services_and_sigterm_stops_them_and_its_broker(tmp_path: Pa
         pids = [
             int(line.split(" pid ")[1].split()[0]) for line in text.splitlines() if " pid " in line
         ]
-        assert len(pids) == 4 and all(alive(p) for p in pids)
+        # identity and scorer once, segmenter and dispatcher twice (--replicas 2)
+        assert len(pids) == 6 and all(alive(p) for p in pids)
+        # The second segmenter reports its instance id on /metrics once its loop runs.
+        line = next(x for x in text.splitlines() if x.strip().startswith("segmenter-1 "))
+        url = line.split("metrics ")[1].split()[0]
+        want = 'segflow_instance_info{instance="1",service="segmenter"} 1.0'
+        body = ""
+        while want not in body and time.monotonic() < deadline + 60:
+            time.sleep(0.5)
+            try:
+                body = urlopen(url, timeout=2).read().decode()
+            except OSError:
+                pass
+        assert want in body, body[-1500:]
         broker_pid = int((tmp_path / "broker" / "broker.pid").read_text().strip())
         assert alive(broker_pid)
 
