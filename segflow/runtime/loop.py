@@ -192,6 +192,10 @@ class ProcessingLoop:
         # a customer's scores and merges across instances.
         consumer_conf.setdefault("partition.assignment.strategy", "range")
         consumer_conf.setdefault("session.timeout.ms", settings.session_timeout_ms)
+        # A restore runs inside the assignment callback, i.e. inside one consume() call: give
+        # it 15 minutes (librdkafka's default 5 would evict a member restoring ~1 M customers
+        # on a loaded box, bench/bench_scale.py).
+        consumer_conf.setdefault("max.poll.interval.ms", 900000)
         consumer_conf.setdefault("statistics.interval.ms", 5000)
         consumer_conf.setdefault(
             "stats_cb", lambda doc: metrics.record_consumer_lag(config.service, doc)
