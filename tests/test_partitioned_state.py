@@ -143,3 +143,25 @@ def test_revoked_partitions_take_their_customers_and_timers_with_them(seg: Segme
     list(seg(score(ids[0][1], T0 + 20 * DAY, days_since_open=0.0)))
     list(seg(score(ids[1][1], T0 + 20 * DAY, days_since_open=0.0)))
     assert entered(seg.tick()) == [b]  # a's timer went with its partition
+
+
+def test_a_segment_is_deprecated_per_partition_once_with_the_partition_in_its_id(
+    tmp_path: Path,
+) -> None:
+    path = tmp_path / "d.yaml"
+    path.write_text(DEFS + "deprecate_after: 5d\n")
+    seg = Segmenter(
+        Settings(bootstrap_servers="127.0.0.1:1", topic_prefix="part."),
+        SegmenterConfig(definitions=path, reload_interval=3600),
+    )
+    ids = ids_by_partition()
+    list(seg(score(ids[0][0], T0, days_since_open=0.0)))
+    list(seg(score(ids[1][0], T0, days_since_open=0.0)))
+    list(seg.tick())  # statuses first seen at T0
+    list(seg(score(ids[0][1], T0 + 6 * DAY, days_since_open=0.0)))  # only partition 0 moves on
+    out = [o.value for o in seg.tick() if o.topic is TOPICS.segment_changes]
+    assert [(c["segment"], c["transition"], c["change_id"]) for c in out] == [
+        ("Quiet", "deprecated", "Quiet|deprecation|1@0|deprecated")
+    ]
+    assert [o for o in seg.tick() if o.topic is TOPICS.segment_changes] == []  # once
+    assert not seg.statuses["Quiet"].deprecated  # partition 1 still has it active

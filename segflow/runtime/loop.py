@@ -700,7 +700,8 @@ class ProcessingLoop:
                 on_revoke(parts)
 
     def _changelogs(self) -> list[str]:
-        return [h.topic_name for h in self.hooks if getattr(h, "partitioned", False)]
+        names = (getattr(h, "topic_name", None) for h in self.hooks if getattr(h, "partitioned", 0))
+        return [str(n) for n in names if n]
 
     def _changelog_ends(self, parts: set[int]) -> dict[tuple[str, int], int]:
         """End offsets of the partitioned stores' changelog partitions (-1: unknown)."""
@@ -725,11 +726,10 @@ class ProcessingLoop:
             p
             for p in parts
             if all(
-                self._parked_ends.get(k, -1) == v and v >= 0
-                for k, v in now.items()
-                if k[1] == p
+                self._parked_ends.get(k, -1) == v and v >= 0 for k, v in now.items() if k[1] == p
             )
         }
+
 
 EXIT_STUCK = 75
 

@@ -45,7 +45,9 @@ def main(argv: list[str] | None = None) -> int:
 
     cfg = DispatcherSettings()
     settings = Settings()
-    log = configure("dispatcher", settings.log_level, settings.log_format)
+    log = configure(
+        "dispatcher", settings.log_level, settings.log_format, instance=settings.instance_id
+    )
     if settings.metrics_port:
         metrics.serve(settings.metrics_port)
     dispatcher = Dispatcher(settings, cfg)

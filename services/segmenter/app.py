@@ -15,7 +15,8 @@ watermark (the highest ``as_of`` seen on its partition) belong to its partition,
 do not depend on which instance owns it or how many run. On assignment the store restores
 only the assigned partitions and their customers and timers are rebuilt; on revoke they are
 dropped. Segment statuses (deprecation) are kept per partition (``segment:<name>@<p>``);
-percentile thresholds are computed over the customers an instance owns (README.md). Scores are decoded with only the features the definitions read
+percentile thresholds are computed over the customers an instance owns (README.md).
+Scores are decoded with only the features the definitions read
 (:class:`~segflow.runtime.projection.MapProjection`). The definitions file is polled for
 changes; an invalid version is logged with its lines and fields and the running version stays.
 
@@ -28,8 +29,8 @@ import heapq
 import logging
 import time
 from collections import deque
-from dataclasses import replace
 from collections.abc import Iterable, Iterator
+from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
@@ -479,7 +480,8 @@ class Segmenter:
                 continue
             statuses, changes = core.expire(self.part_statuses.get(part, {}), watermark, self.defs)
             self.part_statuses[part] = statuses
-            changes = [replace(c, change_id=f"{c.change_id}@{part}") for c in changes]
+            # One deprecation per partition: the partition in the entry (and change) id.
+            changes = [replace(c, entry_id=f"{c.entry_id}@{part}") for c in changes]
             for c in changes:
                 self._unwritten_segments[(part, c.segment)] = None
             out.extend(self._emit(changes, part))

@@ -341,7 +341,9 @@ def test_two_dispatchers_send_each_action_once_also_across_kill_9_and_a_new_inst
     now = int(time.time() * 1000)
     cids = [f"d{i:03d}" for i in range(80)]
     want = {
-        idempotency_key(c, "P", step, f"{c}:S:{now}", now) for c in cids for step in ("mail", "task")
+        idempotency_key(c, "P", step, f"{c}:S:{now}", now)
+        for c in cids
+        for step in ("mail", "task")
     }
     changes_in = [entered(c, now) for c in cids]
 

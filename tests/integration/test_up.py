@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import os
 import signal
 import subprocess
@@ -56,10 +57,8 @@ def test_up_runs_the_services_and_sigterm_stops_them_and_its_broker(tmp_path: Pa
         body = ""
         while want not in body and time.monotonic() < deadline + 60:
             time.sleep(0.5)
-            try:
+            with contextlib.suppress(OSError):  # not listening yet
                 body = urlopen(url, timeout=2).read().decode()
-            except OSError:
-                pass
         assert want in body, body[-1500:]
         broker_pid = int((tmp_path / "broker" / "broker.pid").read_text().strip())
         assert alive(broker_pid)
