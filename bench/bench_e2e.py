@@ -70,6 +70,7 @@ from segflow.runtime.topics import TOPICS, Topic  # noqa: E402
 from segflow.sim.generator import SimConfig, Simulation  # noqa: E402
 from segflow.sim.noise import Delivery  # noqa: E402
 from segflow.sim.sink import KafkaSink, Pacer, retime  # noqa: E402
+from segflow.cli import SCALABLE  # noqa: E402
 from segflow.supervisor import SERVICES, Supervisor  # noqa: E402
 from services.dispatcher.playbooks import DEFAULT_DIR  # noqa: E402
 
@@ -576,6 +577,12 @@ def main() -> int:
         help="seconds for the rate search (the rest of the run is setup, "
         "the latency phase and the state read)",
     )
+    parser.add_argument(
+        "--replicas",
+        type=int,
+        default=1,
+        help="instances of each scalable service (segmenter, dispatcher), one group each",
+    )
     args = parser.parse_args()
 
     started = time.monotonic()
@@ -606,7 +613,13 @@ def main() -> int:
         )
         env = service_env(settings, f"http://127.0.0.1:{port}", playbooks)
         for name in SERVICES:
-            sup.add_service(name, env=env)
+            sup.add_service(name, env={**env, "SEGFLOW_INSTANCE_ID": "0"})
+            for n in range(1, args.replicas if name in SCALABLE else 1):
+                sup.add(
+                    f"{name}-{n}",
+                    [sys.executable, "-m", f"services.{name}"],
+                    {**env, "SEGFLOW_INSTANCE_ID": str(n)},
+                )
         sup.start_all()
         wait_receiver(port)
         say(

@@ -98,6 +98,31 @@ def available_services() -> list[str]:
     return available()
 
 
+#: Services whose state is partitioned (they may run as N instances of one consumer group);
+#: identity (one graph) and the scorer (merges across partitions, one model) run once.
+SCALABLE = ("segmenter", "dispatcher")
+
+
+def replica_counts(names: list[str], replicas: int, per_service: list[str]) -> dict[str, int]:
+    """Instances per service from ``--replicas N`` and ``--replicas-of name=N``.
+
+    >>> replica_counts(["identity", "segmenter"], 2, ["segmenter=3"])
+    {'identity': 1, 'segmenter': 3}
+    """
+    counts = {name: replicas if name in SCALABLE else 1 for name in names}
+    for item in per_service:
+        name, sep, n = item.partition("=")
+        if not sep or not n.isdigit() or int(n) < 1:
+            raise SystemExit(f"--replicas-of: expected service=N (N >= 1), got {item!r}")
+        if name not in SCALABLE and int(n) != 1:
+            raise SystemExit(
+                f"--replicas-of: {name} runs as one instance (scalable: {', '.join(SCALABLE)})"
+            )
+        if name in counts:
+            counts[name] = int(n)
+    return counts
+
+
 def cmd_up(args: argparse.Namespace) -> int:
     from segflow.supervisor import Supervisor
 
@@ -125,16 +150,27 @@ def cmd_up(args: argparse.Namespace) -> int:
         Path(args.state_dir) / "logs", env={"SEGFLOW_BOOTSTRAP_SERVERS": settings.bootstrap_servers}
     )
     ports = {name: args.metrics_port + 10 + i for i, name in enumerate(names)}  # for the API
+    counts = replica_counts(names, args.replicas, args.replicas_of or [])
+    metrics_ports: dict[str, int] = {}
     for i, name in enumerate(names):
-        port_env = wiring.service_env(name, ports[name])
-        sup.add_service(name, env={"SEGFLOW_METRICS_PORT": str(args.metrics_port + i), **port_env})
+        for n in range(counts[name]):
+            # Instance 0 keeps the service's usual name and ports; the others get metrics
+            # ports from 9430 up and no query endpoint (the API asks instance 0).
+            child = name if n == 0 else f"{name}-{n}"
+            metrics_ports[child] = (
+                args.metrics_port + i if n == 0 else args.metrics_port + 30 + len(metrics_ports)
+            )
+            env = {"SEGFLOW_METRICS_PORT": str(metrics_ports[child]), "SEGFLOW_INSTANCE_ID": str(n)}
+            if n == 0:
+                env.update(wiring.service_env(name, ports[name]))
+            sup.add(child, [sys.executable, "-m", f"services.{name}"], env)
     token, token_source = wiring.local_token(Path(args.state_dir))
     api_url = wiring.add_gateway(sup, ports, args.api_port, token)
     sup.start_all()
-    for i, name in enumerate(names):
+    for child, mport in metrics_ports.items():
         print(
-            f"  {name:10} pid {sup.pids()[name]}  metrics http://127.0.0.1:"
-            f"{args.metrics_port + i}/metrics  log {sup.children[name].log_path}"
+            f"  {child:12} pid {sup.pids()[child]}  metrics http://127.0.0.1:"
+            f"{mport}/metrics  log {sup.children[child].log_path}"
         )
     print(f"  api        {api_url}/v1 (bearer token in {token_source}; spec /v1/openapi.yaml)")
     print(f"  console    {api_url}/console/ (sign in with the same token)")
@@ -215,6 +251,19 @@ def build_parser() -> argparse.ArgumentParser:
         "--keep-broker",
         action="store_true",
         help="leave a broker this command starts running when it stops",
+    )
+    p.add_argument(
+        "--replicas",
+        type=int,
+        default=1,
+        help=f"instances of each scalable service ({', '.join(SCALABLE)}), one consumer group "
+        "each, partitions and state shared out between them (default 1)",
+    )
+    p.add_argument(
+        "--replicas-of",
+        action="append",
+        metavar="SERVICE=N",
+        help="instances of one service (repeatable), e.g. --replicas-of dispatcher=3",
     )
     p.set_defaults(func=cmd_up)
 

@@ -40,11 +40,23 @@ def produce(
     key: bytes | None,
     on_delivery: Any = None,
     headers: Any = None,
+    partition: int | None = None,
 ) -> None:
-    """``producer.produce`` that waits (serving delivery reports) while the local queue is full."""
+    """``producer.produce`` that waits (serving delivery reports) while the local queue is full.
+
+    ``partition``: an explicit partition (None: the key's, librdkafka's default partitioner)."""
     while True:
         try:
-            if headers:
+            if partition is not None:
+                producer.produce(
+                    topic,
+                    value,
+                    key,
+                    partition=partition,
+                    headers=headers or None,
+                    on_delivery=on_delivery,
+                )
+            elif headers:
                 producer.produce(topic, value, key, headers=headers, on_delivery=on_delivery)
             else:
                 producer.produce(topic, value, key, on_delivery=on_delivery)

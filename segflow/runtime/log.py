@@ -7,6 +7,14 @@
 >>> rec = json.loads(stream.getvalue())
 >>> rec["msg"], rec["service"], rec["partitions"]
 ('started', 'demo', 4)
+
+With an instance id (one of N instances of a service), every line carries it:
+
+>>> stream = io.StringIO()
+>>> log = configure("demo", fmt="json", stream=stream, instance="1")
+>>> log.info("x")
+>>> json.loads(stream.getvalue())["instance"]
+'1'
 """
 
 from __future__ import annotations
@@ -19,9 +27,10 @@ from typing import IO, Any
 
 
 class JsonFormatter(logging.Formatter):
-    def __init__(self, service: str) -> None:
+    def __init__(self, service: str, instance: str | None = None) -> None:
         super().__init__()
         self.service = service
+        self.instance = instance
 
     def format(self, record: logging.LogRecord) -> str:
         out: dict[str, Any] = {
@@ -29,6 +38,7 @@ class JsonFormatter(logging.Formatter):
             + f".{int(record.msecs):03d}Z",
             "level": record.levelname.lower(),
             "service": self.service,
+            **({"instance": self.instance} if self.instance is not None else {}),
             "logger": record.name,
             "msg": record.getMessage(),
         }
@@ -41,14 +51,19 @@ class JsonFormatter(logging.Formatter):
 
 
 def configure(
-    service: str, level: str = "INFO", fmt: str = "json", stream: IO[str] | None = None
+    service: str,
+    level: str = "INFO",
+    fmt: str = "json",
+    stream: IO[str] | None = None,
+    instance: str | None = None,
 ) -> logging.Logger:
     """Set up the root logger for a process and return the service's logger."""
     handler = logging.StreamHandler(stream or sys.stderr)
     if fmt == "json":
-        handler.setFormatter(JsonFormatter(service))
+        handler.setFormatter(JsonFormatter(service, instance))
     else:
-        handler.setFormatter(logging.Formatter(f"%(asctime)s {service} %(levelname)s %(message)s"))
+        name = service if instance is None else f"{service}[{instance}]"
+        handler.setFormatter(logging.Formatter(f"%(asctime)s {name} %(levelname)s %(message)s"))
     root = logging.getLogger()
     for old in list(root.handlers):
         root.removeHandler(old)

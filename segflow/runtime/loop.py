@@ -12,7 +12,14 @@ input record to the records it produces. The loop does the rest:
   rewinds the consumer to the last committed offsets and tells the handler to drop
   uncommitted state;
 * otherwise (at-least-once), flushes the batch's outputs and only then commits offsets;
-* stops cleanly on SIGTERM/SIGINT: finishes and commits the batch in hand, leaves the group.
+* stops cleanly on SIGTERM/SIGINT: finishes and commits the batch in hand, leaves the group;
+* runs as one of N instances of a consumer group: partitions are assigned with the ``range``
+  assignor, which gives an instance the same partition numbers of every input (inputs are
+  co-partitioned: equal partition counts, same keys, checked at start), and hooks with
+  ``on_assign(partitions)`` / ``on_revoke(partitions)`` hear of every change with the set of
+  partition numbers (a store restores the assigned ones before their first record is
+  fetched, and drops the revoked or lost ones). Callbacks run inside ``consume()``, between
+  batches, so no transaction is open when state moves.
 """
 
 from __future__ import annotations
@@ -30,7 +37,7 @@ from typing import Any, NamedTuple, Protocol, cast
 
 from confluent_kafka import OFFSET_BEGINNING, KafkaError, KafkaException, Message, TopicPartition
 
-from segflow.errors import PoisonMessage
+from segflow.errors import ConfigError, PoisonMessage
 from segflow.runtime import metrics
 from segflow.runtime.dlq import dead_letter
 from segflow.runtime.kafka import make_consumer, make_producer, produce
@@ -65,6 +72,9 @@ class Output(NamedTuple):
     value: dict[str, Any] | bytes | None
     topic_name: str | None = None  # overrides the registry name (tests, custom prefixes)
     headers: list[tuple[str, bytes]] | None = None
+    #: An explicit partition (a changelog record goes to its state's partition); None: the
+    #: key's (librdkafka's default partitioner).
+    partition: int | None = None
 
 
 class BatchInfo(NamedTuple):
@@ -98,6 +108,10 @@ class Hooks(Protocol):
     # instead of one per input).
     # Optional: ``before_batch(batch: BatchInfo) -> None``, called with each batch before its
     # records are handled.
+    # Optional: ``on_assign(partitions: set[int]) -> None`` (restore and rebuild those
+    # partitions' state before their records arrive) and ``on_revoke(partitions: set[int])
+    # -> None`` (drop their state and timers: another instance owns them now; also called
+    # when they are lost).
 
 
 @dataclass
@@ -168,11 +182,20 @@ class ProcessingLoop:
             producer_conf["transactional.id"] = (
                 config.transactional_id or f"{config.group_id}-{config.service}"
             )
-            producer_conf.setdefault("transaction.timeout.ms", 60000)
+            producer_conf.setdefault("transaction.timeout.ms", settings.transaction_timeout_ms)
         self.producer = make_producer(settings, **producer_conf)
         consumer_conf: dict[str, Any] = dict(config.consumer_overrides)
         if config.transactional_id:
             consumer_conf.setdefault("group.instance.id", config.transactional_id)
+        # Range gives every member the same partition numbers of each (co-partitioned)
+        # input; cooperative-sticky (KIP-429) balances each topic on its own and would split
+        # a customer's scores and merges across instances.
+        consumer_conf.setdefault("partition.assignment.strategy", "range")
+        consumer_conf.setdefault("session.timeout.ms", settings.session_timeout_ms)
+        # A restore runs inside the assignment callback, i.e. inside one consume() call: give
+        # it 15 minutes (librdkafka's default 5 would evict a member restoring ~1 M customers
+        # on a loaded box, bench/bench_scale.py).
+        consumer_conf.setdefault("max.poll.interval.ms", 900000)
         consumer_conf.setdefault("statistics.interval.ms", 5000)
         consumer_conf.setdefault(
             "stats_cb", lambda doc: metrics.record_consumer_lag(config.service, doc)
@@ -187,6 +210,18 @@ class ProcessingLoop:
         self._n_in: Counter[str] = Counter()
         self._n_out: Counter[str] = Counter()
         self._guard = _Watchdog(config.stuck_timeout, config.service)
+        self.instance = settings.instance_id or "0"
+        #: Input partition numbers this instance owns now.
+        self.assigned: set[int] = set()
+        self._m_assigned = metrics.ASSIGNED_PARTITIONS.labels(svc, self.instance)
+        self._last_data = 0.0
+        self._closing = False
+        #: Revoked by a rebalance under way, state kept until the assignment that follows.
+        self._parked: set[int] = set()
+        self._parked_ends: dict[tuple[str, int], int] = {}
+        #: Offsets this instance committed last, per owned input partition (sent again with
+        #: a tick's transaction so that the coordinator checks ownership).
+        self._fence: dict[tuple[str, int], int] = {}
 
     # -- lifecycle -----------------------------------------------------------------------
     def stop(self, *_: Any) -> None:
@@ -205,10 +240,17 @@ class ProcessingLoop:
         cfg = self.config
         if cfg.exactly_once:
             self.producer.init_transactions(cfg.commit_timeout)
-        self.consumer.subscribe(list(cfg.sources), on_revoke=self._on_revoke)
+        self._check_copartitioned()
+        self.consumer.subscribe(
+            list(cfg.sources),
+            on_assign=self._on_assign,
+            on_revoke=self._on_revoke,
+            on_lost=self._on_lost,
+        )
         metrics.UP.labels(cfg.service).set(1)
+        metrics.INSTANCE.labels(cfg.service, self.instance).set(1)
         self._running = True
-        last_data = self.clock()
+        self._last_data = self.clock()
         log.info(
             "loop started",
             extra={"fields": {"sources": list(cfg.sources), "exactly_once": cfg.exactly_once}},
@@ -218,17 +260,22 @@ class ProcessingLoop:
                 if max_records is not None and self.processed >= max_records:
                     break
                 msgs = self.consumer.consume(cfg.batch_size, cfg.poll_timeout)
-                if self.tick is not None and self.clock() - self._last_tick >= cfg.tick_interval:
+                if (
+                    self.tick is not None
+                    and not self._parked  # mid-rebalance: parked state is not ours to act on
+                    and self.clock() - self._last_tick >= cfg.tick_interval
+                ):
                     self._run_tick()
                 if not msgs:
-                    if idle_timeout is not None and self.clock() - last_data > idle_timeout:
+                    if idle_timeout is not None and self.clock() - self._last_data > idle_timeout:
                         break
                     continue
-                last_data = self.clock()
+                self._last_data = self.clock()
                 self._process_batch(msgs)
             self._final_tick()
         finally:
             metrics.UP.labels(cfg.service).set(0)
+            metrics.INSTANCE.labels(cfg.service, self.instance).set(0)
             self._running = False
             self.close()
         return self.processed
@@ -245,6 +292,9 @@ class ProcessingLoop:
         self._run_tick()
 
     def close(self) -> None:
+        # Leaving the group revokes everything: the in-memory state stays readable (tools and
+        # tests read it after a run); nothing is processed any more.
+        self._closing = True
         with contextlib.suppress(KafkaException, RuntimeError):  # already closed
             self.consumer.close()
         self.producer.flush(10)
@@ -288,12 +338,13 @@ class ProcessingLoop:
             before = getattr(hook, "before_commit", None)
             if before is not None:
                 for out in before():
-                    self._produce(*self._encode(out), out.headers)
+                    self._produce(*self._encode(out), out.headers, out.partition)
         if cfg.pre_commit_delay:
             time.sleep(cfg.pre_commit_delay)
         with self._watchdog():
             committed = self._commit([TopicPartition(t, p, o) for (t, p), o in offsets.items()])
         if committed:
+            self._fence.update(offsets)
             for hook in self.hooks:
                 hook.on_commit()
             now_ms = self.clock() * 1000
@@ -346,11 +397,26 @@ class ProcessingLoop:
         cfg = self.config
         if cfg.exactly_once:
             self.producer.begin_transaction()
+        produced = 0
         try:
             for out in self.tick():
-                self._produce(*self._encode(out), out.headers)
-        except Exception:
-            log.exception("tick failed")
+                self._produce(*self._encode(out), out.headers, out.partition)
+                produced += 1
+            if cfg.exactly_once and produced and self._fence:
+                # The tick's transaction carries the offsets this instance last committed
+                # (unchanged): the group coordinator then rejects it if this instance no
+                # longer owns those partitions (KIP-447), so a zombie's timers never commit.
+                self.producer.send_offsets_to_transaction(
+                    [TopicPartition(t, p, o) for (t, p), o in self._fence.items()],
+                    self.consumer.consumer_group_metadata(),
+                    cfg.commit_timeout,
+                )
+        except Exception as exc:
+            fenced = isinstance(exc, KafkaException)
+            if fenced:
+                log.warning("tick fenced", extra={"fields": {"error": str(exc)}})
+            else:
+                log.exception("tick failed")
             if cfg.exactly_once:
                 self.producer.abort_transaction(cfg.commit_timeout)
             for hook in self.hooks:
@@ -428,7 +494,7 @@ class ProcessingLoop:
             self._dead_letter(msg, exc)
             return
         for out, (name, key, value) in outputs:
-            self._produce(name, key, value, out.headers)
+            self._produce(name, key, value, out.headers, out.partition)
 
     def _encode(self, out: Output) -> tuple[str, bytes | None, bytes | None]:
         name = out.topic_name or out.topic.name(self.settings)
@@ -471,8 +537,9 @@ class ProcessingLoop:
         key: bytes | None,
         value: bytes | None,
         headers: list[tuple[str, bytes]] | None,
+        partition: int | None = None,
     ) -> None:
-        produce(self.producer, topic, value, key, self._on_delivery, headers)
+        produce(self.producer, topic, value, key, self._on_delivery, headers, partition)
         self._n_out[topic] += 1
 
     def _on_delivery(self, err: KafkaError | None, _msg: Message) -> None:
@@ -544,8 +611,126 @@ class ProcessingLoop:
             except KafkaException as exc:
                 log.warning("seek failed", extra={"fields": {"error": str(exc)}})
 
+    # -- partitions -------------------------------------------------------------------------
+    def _check_copartitioned(self) -> None:
+        """Every input, and every hook's changelog, must have the same partition count: an
+        instance owns partition numbers, and a customer's records and state share one."""
+        names = list(self.config.sources)
+        names += self._changelogs()
+        md = self.consumer.list_topics(timeout=30)
+        counts = {n: len(md.topics[n].partitions) for n in names if n in md.topics}
+        if len(set(counts.values())) > 1:
+            raise ConfigError(
+                f"{self.config.service}: inputs and state must be co-partitioned (equal "
+                f"partition counts), found {counts}"
+            )
+
+    def _on_assign(self, consumer: Any, partitions: list[TopicPartition]) -> None:
+        parts = {tp.partition for tp in partitions}
+        # A partition revoked by this rebalance and assigned back keeps its state when no one
+        # wrote its changelog meanwhile (the range assignor is eager: every rebalance revokes
+        # everything first); the others are dropped now.
+        kept = self._unchanged(self._parked & parts)
+        gone = self._parked - kept
+        self._parked, self._parked_ends = set(), {}
+        self._drop(gone)
+        new = parts - self.assigned - kept
+        self.assigned |= parts
+        svc = self.config.service
+        metrics.REBALANCES.labels(svc, self.instance, "assigned").inc()
+        self._m_assigned.set(len(self.assigned))
+        started = time.monotonic()
+        if new:
+            for hook in self.hooks:
+                on_assign = getattr(hook, "on_assign", None)
+                if on_assign is not None:
+                    on_assign(new)
+        seconds = time.monotonic() - started
+        self._last_data = self.clock()  # idle time counts from when there is work to own
+        metrics.RESTORE_SECONDS.labels(svc, self.instance).observe(seconds)
+        log.info(
+            "partitions assigned",
+            extra={
+                "fields": {
+                    "instance": self.instance,
+                    "partitions": sorted(new),
+                    "kept": sorted(kept),
+                    "owned": sorted(self.assigned),
+                    "restore_seconds": round(seconds, 3),
+                }
+            },
+        )
+
     def _on_revoke(self, consumer: Any, partitions: list[TopicPartition]) -> None:
-        log.info("partitions revoked", extra={"fields": {"count": len(partitions)}})
+        """Park the partitions: their state stays until the assignment that follows says
+        whether they come back unchanged. Nothing runs for them meanwhile (no batch, no tick)."""
+        parts = {tp.partition for tp in partitions}
+        self.assigned -= parts
+        self._fence = {k: v for k, v in self._fence.items() if k[1] not in parts}
+        if self._closing:
+            return
+        self._parked |= parts
+        self._parked_ends.update(self._changelog_ends(parts))
+        metrics.REBALANCES.labels(self.config.service, self.instance, "revoked").inc()
+        self._m_assigned.set(len(self.assigned))
+        log.info(
+            "partitions revoked",
+            extra={"fields": {"instance": self.instance, "partitions": sorted(parts)}},
+        )
+
+    def _on_lost(self, consumer: Any, partitions: list[TopicPartition]) -> None:
+        """Lost (this member was thrown out of the group): others may own them already."""
+        parts = {tp.partition for tp in partitions}
+        self.assigned -= parts
+        self._fence = {k: v for k, v in self._fence.items() if k[1] not in parts}
+        self._parked -= parts
+        metrics.REBALANCES.labels(self.config.service, self.instance, "lost").inc()
+        self._m_assigned.set(len(self.assigned))
+        self._drop(parts)
+        log.warning(
+            "partitions lost",
+            extra={"fields": {"instance": self.instance, "partitions": sorted(parts)}},
+        )
+
+    def _drop(self, parts: set[int]) -> None:
+        if not parts:
+            return
+        self._committed = {k: v for k, v in self._committed.items() if k[1] not in parts}
+        for hook in self.hooks:
+            on_revoke = getattr(hook, "on_revoke", None)
+            if on_revoke is not None:
+                on_revoke(parts)
+
+    def _changelogs(self) -> list[str]:
+        names = (getattr(h, "topic_name", None) for h in self.hooks if getattr(h, "partitioned", 0))
+        return [str(n) for n in names if n]
+
+    def _changelog_ends(self, parts: set[int]) -> dict[tuple[str, int], int]:
+        """End offsets of the partitioned stores' changelog partitions (-1: unknown)."""
+        ends: dict[tuple[str, int], int] = {}
+        for name in self._changelogs():
+            for p in parts:
+                try:
+                    _, high = self.consumer.get_watermark_offsets(
+                        TopicPartition(name, p), timeout=10
+                    )
+                    ends[(name, p)] = int(high)
+                except KafkaException:
+                    ends[(name, p)] = -1
+        return ends
+
+    def _unchanged(self, parts: set[int]) -> set[int]:
+        """Those of ``parts`` whose changelogs nobody wrote since they were parked."""
+        if not parts:
+            return set()
+        now = self._changelog_ends(parts)
+        return {
+            p
+            for p in parts
+            if all(
+                self._parked_ends.get(k, -1) == v and v >= 0 for k, v in now.items() if k[1] == p
+            )
+        }
 
 
 EXIT_STUCK = 75

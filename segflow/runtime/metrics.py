@@ -42,6 +42,26 @@ CONSUMER_LAG = Gauge(
     ["service", "topic", "partition"],
 )
 UP = Gauge("segflow_up", "1 while the service's processing loop runs", ["service"])
+INSTANCE = Gauge(
+    "segflow_instance_info", "1 per running instance of a service", ["service", "instance"]
+)
+REBALANCES = Counter(
+    "segflow_rebalances_total",
+    "Partition assignment changes of an instance (assigned, revoked, lost)",
+    ["service", "instance", "kind"],
+)
+ASSIGNED_PARTITIONS = Gauge(
+    "segflow_assigned_partitions",
+    "Input partitions an instance currently owns",
+    ["service", "instance"],
+)
+RESTORE_SECONDS = Histogram(
+    "segflow_state_restore_seconds",
+    "Time to restore the state of newly assigned partitions (the instance processes nothing "
+    "meanwhile)",
+    ["service", "instance"],
+    buckets=(0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 120, 300),
+)
 
 
 def serve(port: int, registry: CollectorRegistry = REGISTRY) -> None:

@@ -13,10 +13,11 @@ False
 
 from __future__ import annotations
 
+import socket
 from pathlib import Path
 from typing import Any
 
-from pydantic import AliasChoices, Field, SecretStr
+from pydantic import AliasChoices, Field, SecretStr, field_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 REPO_ROOT = Path(__file__).resolve().parents[2]
@@ -48,9 +49,24 @@ class Settings(BaseSettings):
     # service leaves it at the loopback default. They have no authentication: widen it
     # (e.g. 0.0.0.0 in a container) only on a private network, as docker-compose.yml does.
     internal_api_host: str = "127.0.0.1"
+    # This process's id within its service's consumer group ("0", "1", "pod-name"...): stable
+    # across restarts, it names the transactional.id and the static group.instance.id, so a
+    # restarted instance fences its predecessor and takes its partitions back at once. None:
+    # each service's own default (one instance). "hostname": this host's name (a container's
+    # or pod's: what `docker compose up --scale` replicas can tell apart).
+    instance_id: str | None = None
+    # How long the group waits for a silent (killed) member before moving its partitions, and
+    # how long a dead instance's open transaction blocks readers of its outputs (read_committed).
+    session_timeout_ms: int = 45000
+    transaction_timeout_ms: int = 60000
     log_level: str = "INFO"
     log_format: str = "json"
     state_dir: Path = Path(".segflow")
+
+    @field_validator("instance_id")
+    @classmethod
+    def _instance_from_hostname(cls, value: str | None) -> str | None:
+        return socket.gethostname() if value == "hostname" else value
 
     def kafka_config(self) -> dict[str, Any]:
         """librdkafka settings common to producers, consumers and admin clients."""

@@ -10,7 +10,21 @@ state a restarted service restores is exactly the state that produced its commit
 * pass the store as the loop's ``hooks``: an aborted transaction rolls the table back to the
   last commit, a commit forgets the undo log.
 
+Partitioned like a Kafka Streams store: the changelog is co-partitioned with the inputs the
+service is keyed by. A key's partition is the one librdkafka's default partitioner
+(``consistent_random``: CRC-32 of the key modulo the partition count) puts it in, so the
+state of customer ``c`` lives in the changelog partition with the number of the input
+partition ``c``'s records arrive on. A key that is not a customer (a per-partition
+aggregate such as a segment status) is written to an explicit partition with
+``put(key, value, partition=p)``; such keys must be unique across partitions. As a loop hook,
+the store restores only the partitions the consumer group assigns to this instance
+(``on_assign``, before any of their records are fetched) and drops those revoked or lost
+(``on_revoke``); ``restore()`` without partitions loads all of them (one instance, tools).
+
 Values are records of the topic's Avro schema (``value: None`` is a tombstone).
+
+>>> partition_for("customer-1", 4)
+1
 """
 
 from __future__ import annotations
@@ -18,7 +32,8 @@ from __future__ import annotations
 import logging
 import time
 import uuid
-from collections.abc import Iterator
+import zlib
+from collections.abc import Iterable, Iterator
 from typing import Any, cast
 
 from confluent_kafka import OFFSET_BEGINNING, Consumer, KafkaException, TopicPartition
@@ -33,10 +48,24 @@ log = logging.getLogger("segflow.state")
 _MISSING = object()
 
 
+def partition_for(key: str | bytes, partitions: int) -> int:
+    """The partition librdkafka's default partitioner (``consistent_random``) gives ``key``:
+    CRC-32 of its bytes modulo the partition count (it spreads an empty key at random, like a
+    missing one: state keys are never empty)."""
+    raw = key.encode() if isinstance(key, str) else key
+    return zlib.crc32(raw) % partitions
+
+
 class ChangelogStore:
     """An in-memory table mirrored to the compacted topic ``topic``."""
 
-    def __init__(self, settings: Settings, topic: Topic, serde: Serde | None = None) -> None:
+    def __init__(
+        self,
+        settings: Settings,
+        topic: Topic,
+        serde: Serde | None = None,
+        partitioned: bool | None = None,
+    ) -> None:
         if "compact" not in topic.cleanup:
             raise ValueError(f"changelog topic {topic.key_name} must be compacted")
         self.settings = settings
@@ -45,6 +74,19 @@ class ChangelogStore:
         self.serde = serde or Serde.from_settings(settings)
         self.table: dict[str, dict[str, Any]] = {}
         self._undo: dict[str, Any] = {}
+        #: Partitions of the changelog (the topic's actual count once restored).
+        self.partitions = topic.partitions
+        #: Partitions this instance holds; None: all of them (one instance, or a tool).
+        self.assigned: set[int] | None = None
+        #: Keys written to an explicit partition (not their hash's), e.g. per-partition
+        #: aggregates: key -> partition.
+        self._pinned: dict[str, int] = {}
+        #: Whether the store follows the consumer group's assignment (on_assign/on_revoke);
+        #: False: one global table restored in full at start (single-partition topics, and
+        #: services that are not partition-aware yet).
+        self.partitioned = topic.partitions > 1 if partitioned is None else partitioned
+        #: Seconds the last restore took, and records it read (for metrics and benches).
+        self.last_restore_seconds = 0.0
 
     # -- reads ---------------------------------------------------------------------------
     def get(self, key: str) -> dict[str, Any] | None:
@@ -59,20 +101,87 @@ class ChangelogStore:
     def items(self) -> Iterator[tuple[str, dict[str, Any]]]:
         return iter(self.table.items())
 
+    def partition_of(self, key: str) -> int:
+        """The changelog partition ``key`` lives in."""
+        pinned = self._pinned.get(key)
+        return pinned if pinned is not None else partition_for(key, self.partitions)
+
+    def owns(self, key: str) -> bool:
+        """Whether this instance holds ``key``'s partition."""
+        return self.assigned is None or self.partition_of(key) in self.assigned
+
     # -- writes --------------------------------------------------------------------------
-    def put(self, key: str, value: dict[str, Any]) -> Output:
-        """Set ``key``; yield the returned Output from the handler."""
+    def put(self, key: str, value: dict[str, Any], partition: int | None = None) -> Output:
+        """Set ``key`` (in ``partition`` if given, else its hash's); yield the returned Output
+        from the handler."""
+        part = self._place(key, partition)
         if key not in self._undo:
             self._undo[key] = self.table.get(key, _MISSING)
         self.table[key] = value
-        return Output(self.topic, key, value)
+        return Output(self.topic, key, value, partition=self._explicit(part, partition))
 
     def delete(self, key: str) -> Output:
         """Remove ``key`` (a tombstone on the changelog)."""
+        part = self.partition_of(key)
         if key not in self._undo:
             self._undo[key] = self.table.get(key, _MISSING)
         self.table.pop(key, None)
-        return Output(self.topic, key, None)
+        return Output(self.topic, key, None, partition=self._explicit(part, None))
+
+    def _explicit(self, part: int, asked: int | None) -> int | None:
+        """The partition to produce to: explicit for a partitioned store (or when asked),
+        else the producer's (a global store on a topic of any partition count)."""
+        return part if self.partitioned or asked is not None else None
+
+    def _place(self, key: str, partition: int | None) -> int:
+        if partition is None:
+            return self.partition_of(key)
+        if partition != partition_for(key, self.partitions):
+            old = self._pinned.setdefault(key, partition)
+            if old != partition:
+                raise ValueError(
+                    f"{self.topic_name}: key {key!r} is already in partition {old}; keys "
+                    "written to an explicit partition must be unique across partitions"
+                )
+        return partition
+
+    # -- partitions (loop hooks for a consumer group) ---------------------------------------
+    def on_assign(self, partitions: set[int]) -> None:
+        """Restore the newly assigned partitions before their records are processed."""
+        if not self.partitioned:
+            return
+        new = set(partitions) - (self.assigned or set())
+        if self.assigned is None:
+            self.assigned = set()
+            self.table.clear()
+            self._pinned.clear()
+        self.assigned |= set(partitions)
+        if new:
+            self.restore(partitions=new)
+
+    def on_revoke(self, partitions: set[int]) -> None:
+        """Drop the revoked (or lost) partitions' keys: another instance owns them now."""
+        if not self.partitioned:
+            return
+        gone = set(partitions)
+        if self.assigned is None:
+            self.assigned = set(range(self.partitions)) - gone
+        else:
+            self.assigned -= gone
+        self.drop(gone)
+
+    def drop(self, partitions: Iterable[int]) -> int:
+        """Forget every key of ``partitions`` (memory only); returns the keys dropped."""
+        gone = set(partitions)
+        if not gone:
+            return 0
+        keys = [k for k in self.table if self.partition_of(k) in gone]
+        for k in keys:
+            del self.table[k]
+            self._undo.pop(k, None)
+        for k in [k for k, p in self._pinned.items() if p in gone]:
+            del self._pinned[k]
+        return len(keys)
 
     # -- loop hooks ----------------------------------------------------------------------
     def on_commit(self) -> None:
@@ -106,8 +215,10 @@ class ChangelogStore:
                 delay = min(delay * 2, 2.0)
 
     # -- restore -------------------------------------------------------------------------
-    def restore(self, timeout: float = 120.0) -> int:
-        """Load the table from the changelog (read_committed, to its end); returns records read."""
+    def restore(self, timeout: float = 120.0, partitions: Iterable[int] | None = None) -> int:
+        """Load the table from the changelog (read_committed, to its end); returns records read.
+
+        ``partitions``: only those (the rest of the table is left alone); None: all."""
         started = time.monotonic()
         consumer = Consumer(
             {
@@ -119,7 +230,10 @@ class ChangelogStore:
         )
         try:
             md = consumer.list_topics(self.topic_name, timeout=10)
-            parts = list(md.topics[self.topic_name].partitions)
+            everything = list(md.topics[self.topic_name].partitions)
+            if everything:
+                self.partitions = len(everything)
+            parts = everything if partitions is None else sorted(set(partitions))
             ends: dict[int, int] = {}
             for p in parts:
                 low, high = self._watermarks(consumer, p, started + timeout)
@@ -138,11 +252,14 @@ class ChangelogStore:
                     raw = msg.key()
                     key = raw.decode() if raw is not None else ""
                     value = msg.value()
+                    partition, offset = cast(int, msg.partition()), cast(int, msg.offset())
                     if value is None:
                         self.table.pop(key, None)
+                        self._pinned.pop(key, None)
                     else:
                         self.table[key] = self.serde.decode(self.topic, value)
-                    partition, offset = cast(int, msg.partition()), cast(int, msg.offset())
+                        if partition != partition_for(key, self.partitions):
+                            self._pinned[key] = partition
                     if offset + 1 >= ends.get(partition, 0):
                         ends.pop(partition, None)
                 # Transaction markers occupy offsets too: compare positions, not messages.
@@ -155,11 +272,13 @@ class ChangelogStore:
         finally:
             consumer.close()
         self._undo.clear()
+        self.last_restore_seconds = time.monotonic() - started
         log.info(
             "state restored",
             extra={
                 "fields": {
                     "topic": self.topic_name,
+                    "partitions": parts,
                     "records": n,
                     "keys": len(self.table),
                     "seconds": round(time.monotonic() - started, 2),

@@ -45,11 +45,13 @@ def main(argv: list[str] | None = None) -> int:
 
     cfg = DispatcherSettings()
     settings = Settings()
-    log = configure("dispatcher", settings.log_level, settings.log_format)
+    log = configure(
+        "dispatcher", settings.log_level, settings.log_format, instance=settings.instance_id
+    )
     if settings.metrics_port:
         metrics.serve(settings.metrics_port)
     dispatcher = Dispatcher(settings, cfg)
-    restored = dispatcher.restore()
+    # The ledger of the partitions this instance is assigned is restored on assignment.
     if cfg.api_port:  # KPIs and ledger queries for the API gateway
         from services.dispatcher import api
 
@@ -59,7 +61,7 @@ def main(argv: list[str] | None = None) -> int:
         extra={
             "fields": {
                 "playbooks": len(dispatcher.book.playbooks),
-                "restored": restored,
+                "instance": settings.instance_id,
                 "clock": cfg.clock,
             }
         },

@@ -10,6 +10,14 @@ makes calls. The once-and-only-once protocol:
    results in its own transaction;
 3. after a crash between 2's call and its commit, the entry is still ``in_flight``: it is
    retried with the same key (the receiver de-duplicates), never decided again.
+
+Partitioned for N instances of one consumer group: a customer's ledger lives in the changelog
+partition of its id (the partition its segment changes and events arrive on); the instance that
+owns the partition restores it on assignment and drops it on revoke. Calls under way for a
+customer whose partition moved are not recorded by the old owner; the new owner finds the
+entry ``in_flight`` and retries it with the same idempotency key. KPI rows are kept per
+partition (``kpi|<segment>|<playbook>|<variant>@<p>``) and summed when read; with
+``clock: event`` the pipeline clock is per partition too (``clock@<p>``).
 """
 
 from __future__ import annotations
@@ -249,8 +257,8 @@ class Dispatcher:
         self._calls: list[tuple[list[tuple[core.Customer, core.Action]], Any]] = []
         self._calling: set[str] = set()
         self._stopping = False
-        self._event_clock = 0
-        self._saved_clock = 0
+        self._event_clocks: dict[int, int] = {}  # per partition (clock: event)
+        self._saved_clocks: dict[int, int] = {}
         self._breakers: dict[str, Breaker] = {}
         self._paused: dict[str, float] = {}
         self._rng = random.Random()
@@ -274,11 +282,35 @@ class Dispatcher:
                 log.warning("restore retry", extra={"fields": {"error": str(exc)}})
                 self.store.table.clear()
                 time.sleep(0.5)
-        clock = self.store.get(CLOCK_KEY)
-        if clock and clock.get("clock_ms"):
-            self._event_clock = self._saved_clock = int(clock["clock_ms"])
+        self._load_clocks(set(range(self.store.partitions)))
         self._rebuild()
         return n
+
+    def _load_clocks(self, partitions: set[int]) -> None:
+        legacy = self.store.get(CLOCK_KEY)  # one clock for every partition (before partitions)
+        for part in partitions:
+            rec = self.store.get(f"{CLOCK_KEY}@{part}") or legacy
+            if rec and rec.get("clock_ms"):
+                self._event_clocks[part] = self._saved_clocks[part] = int(rec["clock_ms"])
+
+    # -- partitions (loop hooks) -------------------------------------------------------------
+    def on_assign(self, partitions: set[int]) -> None:
+        """The store restored ``partitions``: their clocks, and indexes rebuilt at the tick."""
+        self._cache.clear()
+        self._load_clocks(partitions)
+        self._dirty = True
+
+    def on_revoke(self, partitions: set[int]) -> None:
+        """Another instance owns ``partitions``: forget their customers, KPI rows and clocks
+        (outcomes of calls under way for them are left to the new owner, which retries the
+        committed in_flight entries with the same idempotency keys)."""
+        self._cache.clear()
+        self._pending.clear()
+        self._kpi_pending.clear()
+        for part in partitions:
+            self._event_clocks.pop(part, None)
+            self._saved_clocks.pop(part, None)
+        self._dirty = True
 
     def loop(self, **overrides: Any) -> ProcessingLoop:
         s, cfg = self.settings, self.cfg
@@ -289,7 +321,8 @@ class Dispatcher:
                 self.changes_topic: TOPICS.segment_changes,
                 self.events_topic: TOPICS.identified,
             },
-            transactional_id=cfg.transactional_id or f"{cfg.group_id}-0",
+            transactional_id=cfg.transactional_id
+            or f"{cfg.group_id}-{s.instance_id if s.instance_id is not None else 0}",
             batch_size=cfg.batch_size,
             tick_interval=cfg.tick_interval,
             decoders={self.events_topic: self.decode_identified},
@@ -328,7 +361,9 @@ class Dispatcher:
         outs = [
             self.store.put(cid, core.customer_record(self._cache[cid])) for cid in self._pending
         ]
-        outs += [self.store.put(key, rec) for key, rec in self._kpi_pending.items()]
+        outs += [
+            self.store.put(key, rec, _kpi_partition(key)) for key, rec in self._kpi_pending.items()
+        ]
         self._pending.clear()
         self._kpi_pending.clear()
         return outs
@@ -341,14 +376,24 @@ class Dispatcher:
             self._cache[c.customer_id] = c
 
     # -- clock -----------------------------------------------------------------------------
-    def now_ms(self) -> int:
+    def now_ms(self, part: int | None = None) -> int:
+        """Wall time, or with ``clock: event`` the pipeline time of partition ``part`` (None:
+        this instance's clock, the minimum over the partitions it has seen data on)."""
         if self.cfg.clock == "event":
-            return self._event_clock
+            if part is None:
+                return min(self._event_clocks.values(), default=0)
+            return self._event_clocks.get(part, 0)
         return int(self.clock() * 1000)
 
-    def _advance(self, occurred_at: int) -> None:
-        if occurred_at > self._event_clock:
-            self._event_clock = occurred_at
+    def _horizon(self) -> int:
+        """The latest time any owned partition has reached."""
+        if self.cfg.clock == "event":
+            return max(self._event_clocks.values(), default=0)
+        return int(self.clock() * 1000)
+
+    def _advance(self, occurred_at: int, part: int) -> None:
+        if occurred_at > self._event_clocks.get(part, 0):
+            self._event_clocks[part] = occurred_at
 
     # -- state access ----------------------------------------------------------------------
     def customer(self, customer_id: str) -> core.Customer | None:
@@ -367,11 +412,14 @@ class Dispatcher:
                 yield core.customer_from_record(rec)
 
     def kpis(self) -> dict[tuple[str, str, str], dict[str, int]]:
-        out = {}
+        """KPI counters of the partitions this instance owns, summed over them."""
+        out: dict[tuple[str, str, str], dict[str, int]] = {}
         for key in list(self._kpi_keys):  # this batch's changes first, as kpis_for reads them
             r = self._kpi_pending.get(key) or self.store.get(key)
             if r is not None:
-                out[(r["segment"], r["playbook"], r["variant"])] = dict(r["counts"])
+                row = out.setdefault((r["segment"], r["playbook"], r["variant"]), {})
+                for name, n in r["counts"].items():
+                    row[name] = row.get(name, 0) + n
         return out
 
     def _rebuild(self) -> None:
@@ -435,26 +483,29 @@ class Dispatcher:
                 change = core.Change.from_record(record.value)
             except (KeyError, TypeError, ValueError) as exc:
                 raise PoisonMessage(f"segment change: {exc}", reason="invalid_record") from None
+            part = self.store.partition_of(change.customer_id)
             if self.cfg.clock == "event":
-                self._advance(change.occurred_at)
-            now = self.now_ms()
+                self._advance(change.occurred_at, part)
+            now = self.now_ms(part)
             old = self.customer(change.customer_id)
             new, effects = core.decide(old, change, now, self.book)
         else:
             if record.value["event"] is None:  # skipped by decode_identified
                 if self.cfg.clock == "event":
-                    self._advance(record.value["occurred_at"])
+                    part = self.store.partition_of(record.value["customer_id"])
+                    self._advance(record.value["occurred_at"], part)
                 return
             obs = core.Observation.from_record(record.value)
+            part = self.store.partition_of(obs.customer_id)
             if self.cfg.clock == "event":
-                self._advance(obs.occurred_at)
-            now = self.now_ms()
+                self._advance(obs.occurred_at, part)
+            now = self.now_ms(part)
             old = self.customer(obs.customer_id)
             maybe, effects = core.observe(old, obs, now, self.book)
             if maybe is None:
                 return
             new = maybe
-        yield from self._emit(old, new, effects, now)
+        yield from self._emit(old, new, effects, now, part)
 
     def _emit(
         self,
@@ -462,13 +513,15 @@ class Dispatcher:
         new: core.Customer,
         effects: Iterable[core.Effect],
         now: int,
+        part: int,
     ) -> Iterator[Output]:
         if new is not old and new != old:
             self._put(new)
             self._index(new)
-        yield from self._effects(effects, now)
+        yield from self._effects(effects, now, part)
 
-    def _effects(self, effects: Iterable[core.Effect], now: int) -> Iterator[Output]:
+    def _effects(self, effects: Iterable[core.Effect], now: int, part: int) -> Iterator[Output]:
+        """Results and dead letters to produce; KPI deltas counted into the partition's rows."""
         deltas: list[core.KpiDelta] = []
         for e in effects:
             if isinstance(e, core.Result):
@@ -480,19 +533,20 @@ class Dispatcher:
             elif isinstance(e, core.DeadLetterAction):
                 yield self._dead_letter(e, now)
         if deltas:  # counted now, written once per row and transaction by _flush
-            current = self.kpis_for({(d.segment, d.playbook, d.variant) for d in deltas})
+            current = self.kpis_for({(d.segment, d.playbook, d.variant) for d in deltas}, part)
             for (seg, pb, var), counts in core.apply_kpis(current, deltas).items():
-                key = f"{KPI_PREFIX}{seg}|{pb}|{var}"
+                key = f"{KPI_PREFIX}{seg}|{pb}|{var}@{part}"
                 self._kpi_keys.add(key)
                 self._kpi_pending[key] = core.kpi_record(seg, pb, var, counts)
             self._kpi_dirty = True
 
     def kpis_for(
-        self, rows: set[tuple[str, str, str]]
+        self, rows: set[tuple[str, str, str]], part: int
     ) -> dict[tuple[str, str, str], dict[str, int]]:
+        """Partition ``part``'s counters of ``rows``."""
         out = {}
         for seg, pb, var in rows:
-            key = f"{KPI_PREFIX}{seg}|{pb}|{var}"
+            key = f"{KPI_PREFIX}{seg}|{pb}|{var}@{part}"
             rec = self._kpi_pending.get(key) or self.store.get(key)
             if rec is not None:
                 out[(seg, pb, var)] = dict(rec["counts"])
@@ -523,20 +577,29 @@ class Dispatcher:
         outs: list[Output] = []
         outs += self._deliver()
         outs += self._promote()
-        if self.cfg.clock == "event" and self._event_clock != self._saved_clock:
-            outs.append(self.store.put(CLOCK_KEY, {"kind": "clock", "clock_ms": self._event_clock}))
-            self._saved_clock = self._event_clock
+        if self.cfg.clock == "event":
+            for part, ms in self._event_clocks.items():
+                if self._saved_clocks.get(part) != ms:
+                    record = {"kind": "clock", "clock_ms": ms}
+                    outs.append(self.store.put(f"{CLOCK_KEY}@{part}", record, part))
+                    self._saved_clocks[part] = ms
         outs += self._flush()
         self._refresh_gauges()
         return outs
 
     def _promote(self) -> list[Output]:
-        now = self.now_ms()
+        horizon = self._horizon()
         outs: list[Output] = []
         seen: set[str] = set()
-        while self._due and self._due[0][0] <= now and len(seen) < self.cfg.promote_batch:
-            _, cid = heapq.heappop(self._due)
+        later: list[tuple[int, str]] = []  # due on a partition whose clock is behind
+        while self._due and self._due[0][0] <= horizon and len(seen) < self.cfg.promote_batch:
+            due, cid = heapq.heappop(self._due)
             if cid in seen:
+                continue
+            part = self.store.partition_of(cid)
+            now = self.now_ms(part)
+            if due > now:
+                later.append((due, cid))
                 continue
             seen.add(cid)
             old = self.customer(cid)
@@ -545,7 +608,9 @@ class Dispatcher:
             new, effects = core.promote(old, now, self.book)
             if new is not old:
                 new = core.prune(new, now, self.book)
-            outs += self._emit(old, new, effects, now)
+            outs += self._emit(old, new, effects, now, part)
+        for entry in later:
+            heapq.heappush(self._due, entry)
         return outs
 
     def _select(self, wall_ms: int) -> list[tuple[core.Customer, core.Action]]:
@@ -611,10 +676,9 @@ class Dispatcher:
         if not done:
             return []
         self._calls = [(picked, f) for picked, f in self._calls if not f.done()]
-        now = self.now_ms()
         olds: dict[str, core.Customer] = {}
         by_customer: dict[str, core.Customer] = {}
-        effects: list[core.Effect] = []
+        effects: dict[int, list[core.Effect]] = {}  # per partition
         for picked, future in done:
             outcomes = future.result()
             for (_, action), outcome in zip(picked, outcomes, strict=True):
@@ -622,13 +686,16 @@ class Dispatcher:
                 cid = action.customer_id
                 current = by_customer.get(cid) or self.customer(cid)
                 if current is None:
-                    continue  # forgotten meanwhile
+                    continue  # forgotten meanwhile, or its partition moved to another instance
                 olds.setdefault(cid, current)
+                part = self.store.partition_of(cid)
                 outcome = self._finish(action, outcome)
-                new, more = core.settle(current, action.key, outcome, now, self.book)
+                new, more = core.settle(current, action.key, outcome, self.now_ms(part), self.book)
                 by_customer[cid] = new
-                effects += more
-        outs = list(self._effects(effects, now))  # KPI rows written once per tick
+                effects.setdefault(part, []).extend(more)
+        outs: list[Output] = []
+        for part, part_effects in effects.items():  # KPI rows written once per tick
+            outs += self._effects(part_effects, self.now_ms(part), part)
         for cid, new in by_customer.items():
             if new != olds[cid]:
                 self._put(new)
@@ -776,6 +843,13 @@ class Dispatcher:
                 UPLIFT.labels(*labels, "estimate").set(k.uplift)
                 UPLIFT.labels(*labels, "low").set(k.uplift_low or 0.0)
                 UPLIFT.labels(*labels, "high").set(k.uplift_high or 0.0)
+
+
+def _kpi_partition(key: str) -> int | None:
+    """The partition a KPI row's key names (``...@<p>``); None for rows written before KPI
+    rows were partitioned (they stay in their key's partition)."""
+    _, at, part = key.rpartition("@")
+    return int(part) if at and part.isdigit() else None
 
 
 def _reason_label(reason: str | None) -> str:

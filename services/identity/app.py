@@ -162,7 +162,10 @@ class IdentityService:
         self.config = config or IdentitySettings()
         self.rules = self.config.rules()
         self.serde = Serde.from_settings(settings)
-        self.store = store or ChangelogStore(settings, TOPICS.identity_state, self.serde)
+        # One graph for the whole deployment (a single identity instance): not partitioned.
+        self.store = store or ChangelogStore(
+            settings, TOPICS.identity_state, self.serde, partitioned=False
+        )
         self.clock = clock
         self._identified_header: bytes | None = None
         self._secret = settings.hash_secret.get_secret_value()

@@ -115,7 +115,9 @@ class ScorerService:
         self.settings = settings
         self.options = options or ScorerSettings()
         self.clock = clock
-        self.states = ChangelogStore(settings, TOPICS.scorer_state)
+        # Not partition-aware yet (merges move state between customers of any partition):
+        # one scorer instance restores every partition.
+        self.states = ChangelogStore(settings, TOPICS.scorer_state, partitioned=False)
         self.models = ChangelogStore(settings, TOPICS.scorer_model)
         # States are compressed once per transaction (before_commit / end of tick), not per event.
         # Urgent customers are scored once per batch, together, just before the commit.

@@ -17,7 +17,9 @@ def main() -> int:
     faulthandler.register(signal.SIGUSR1)
     settings = Settings()
     config = SegmenterConfig()
-    log = configure("segmenter", settings.log_level, settings.log_format)
+    log = configure(
+        "segmenter", settings.log_level, settings.log_format, instance=settings.instance_id
+    )
     if settings.metrics_port:
         metrics.serve(settings.metrics_port)
     segmenter, loop = build_loop(settings, config)

@@ -7,9 +7,16 @@ and the consumed offsets. They are coalesced: the handler only marks what change
 loop's ``before_commit`` hook (or the end of a tick) writes each changed key once per
 transaction, so a customer scored five times in a batch costs one changelog record.
 Event-time timers (dwell, cooldown, sustain, TTL, recency crossings, deprecation) fire from the
-loop's ``tick`` once the watermark (the highest ``as_of`` seen) passes them; a timer that
-changes nothing but the next timer is not written (after a restore it fires again, to the same
-nothing). Scores are decoded with only the features the definitions read
+loop's ``tick`` once the watermark passes them; a timer that changes nothing but the next timer
+is not written (after a restore it fires again, to the same nothing).
+
+Partitioned for N instances of one consumer group: a customer's state, timers and event-time
+watermark (the highest ``as_of`` seen on its partition) belong to its partition, so results
+do not depend on which instance owns it or how many run. On assignment the store restores
+only the assigned partitions and their customers and timers are rebuilt; on revoke they are
+dropped. Segment statuses (deprecation) are kept per partition (``segment:<name>@<p>``);
+percentile thresholds are computed over the customers an instance owns (README.md).
+Scores are decoded with only the features the definitions read
 (:class:`~segflow.runtime.projection.MapProjection`). The definitions file is polled for
 changes; an invalid version is logged with its lines and fields and the running version stays.
 
@@ -23,6 +30,7 @@ import logging
 import time
 from collections import deque
 from collections.abc import Iterable, Iterator
+from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
@@ -136,17 +144,20 @@ class Segmenter:
         DEFINITIONS.labels("loaded").inc()
         self.states: dict[str, core.CustomerState] = {}
         self.retired: dict[str, str] = {}  # customer id -> "merged" or "forgotten"
-        self.statuses: dict[str, core.SegmentStatus] = {}
+        #: Segment statuses per partition (deprecation is decided per partition).
+        self.part_statuses: dict[int, dict[str, core.SegmentStatus]] = {}
         self.thresholds: dict[tuple[str, float], float] = {}
         self.population: dict[str, dict[str, float]] = {}
         self.sizes: dict[str, int] = {}
-        self.watermark = 0
-        self._committed_watermark = 0
-        self._timers: list[tuple[int, str]] = []
+        #: Event-time watermark per partition: the highest ``as_of`` seen on it.
+        self.watermarks: dict[int, int] = {}
+        self._committed_watermarks: dict[int, int] = {}
+        self._timers: dict[int, list[tuple[int, str]]] = {}  # per partition: (due, customer)
+        self._assigned_once = False
         self._reeval: deque[str] = deque()
         self._dirty: set[str] = set()  # keys changed since the last commit (for on_abort)
-        self._unwritten: dict[str, None] = {}  # customers to write before the commit (ordered)
-        self._unwritten_segments: dict[str, None] = {}  # segment statuses, likewise
+        self._unwritten: dict[str, int] = {}  # customer -> partition, written before the commit
+        self._unwritten_segments: dict[tuple[int, str], None] = {}  # segment statuses, likewise
         self._m_transitions: dict[tuple[str, str], Any] = {}
         self._m_sizes: dict[str, Any] = {}
         self._needed_for: Definitions | None = None
@@ -176,23 +187,76 @@ class Segmenter:
         self.rebuild()
         return n
 
-    def rebuild(self) -> None:
-        """Caches, timers, sizes and percentile thresholds from the store's table."""
-        for key, record in self.store.items():
-            self._load(key, record)
+    def rebuild(self, partitions: set[int] | None = None) -> None:
+        """Caches, timers, watermarks, sizes and percentile thresholds from the store's table
+        (of ``partitions`` only, when given: newly assigned ones)."""
+        store = self.store
+        for key, record in store.items():
+            if partitions is None or store.partition_of(key) in partitions:
+                self._load(key, record)
         for key in list(self.states):
+            part = store.partition_of(key)
+            if partitions is not None and part not in partitions:
+                continue
             st = self.states[key]
-            self.watermark = max(self.watermark, st.as_of)
+            if st.as_of > self.watermarks.get(part, 0):
+                self.watermarks[part] = st.as_of
             if st.next_timer is not None:
-                heapq.heappush(self._timers, (st.next_timer, key))
-        self._committed_watermark = self.watermark
+                heapq.heappush(self._timers.setdefault(part, []), (st.next_timer, key))
+        self._committed_watermarks = dict(self.watermarks)
+        self._recount()
+        self._refresh_thresholds()
+
+    def _recount(self) -> None:
         self.sizes = {}
         for st in self.states.values():
             for name in st.active():
                 self.sizes[name] = self.sizes.get(name, 0) + 1
         for name in self.defs.by_name:
             SEGMENT_SIZE.labels(name).set(self.sizes.get(name, 0))
-        self._refresh_thresholds()
+
+    # -- partitions (loop hooks) -------------------------------------------------------------
+    def on_assign(self, partitions: set[int]) -> None:
+        """The store restored ``partitions``: rebuild their customers, timers and statuses."""
+        if not self._assigned_once:  # anything loaded before the group assigned is stale
+            self._assigned_once = True
+            self.states.clear()
+            self.retired.clear()
+            self.part_statuses.clear()
+            self.watermarks.clear()
+            self._timers.clear()
+            self.population.clear()
+        self.rebuild(partitions)
+
+    def on_revoke(self, partitions: set[int]) -> None:
+        """Another instance owns ``partitions`` now: drop their customers, timers, statuses."""
+        part_of = self.store.partition_of
+        for cid in [c for c in self.states if part_of(c) in partitions]:
+            self._index(self.states.pop(cid), remove=True)
+        for cid in [c for c in self.retired if part_of(RETIRED_KEY + c) in partitions]:
+            del self.retired[cid]
+        for part in partitions:
+            self._timers.pop(part, None)
+            self.watermarks.pop(part, None)
+            self._committed_watermarks.pop(part, None)
+            self.part_statuses.pop(part, None)
+        self._recount()
+
+    @property
+    def watermark(self) -> int:
+        """This instance's event-time clock: the minimum over the partitions it has seen data
+        on (0 before any)."""
+        return min(self.watermarks.values(), default=0)
+
+    @property
+    def statuses(self) -> dict[str, core.SegmentStatus]:
+        """One status per segment for queries: deprecated only where every partition is."""
+        out: dict[str, core.SegmentStatus] = {}
+        for part in sorted(self.part_statuses):
+            for name, st in self.part_statuses[part].items():
+                if name not in out or (out[name].deprecated and not st.deprecated):
+                    out[name] = st
+        return out
 
     def _load(self, key: str, record: dict[str, Any] | None) -> None:
         if key.startswith(RETIRED_KEY):
@@ -203,11 +267,12 @@ class Segmenter:
                 self.retired[cid] = (record.get("segment") or {}).get("segment") or "merged"
             return
         if key.startswith(SEGMENT_KEY):
-            name = key[len(SEGMENT_KEY) :]
+            name = key[len(SEGMENT_KEY) :].rsplit("@", 1)[0]
+            statuses = self.part_statuses.setdefault(self.store.partition_of(key), {})
             if record is None:
-                self.statuses.pop(name, None)
+                statuses.pop(name, None)
             else:
-                self.statuses[name] = core.status_from_record(record)
+                statuses[name] = core.status_from_record(record)
             return
         old = self.states.pop(key, None)
         if old is not None:
@@ -228,11 +293,12 @@ class Segmenter:
 
     # -- handler -------------------------------------------------------------------------
     def __call__(self, record: Incoming) -> Iterator[Output]:
+        part = record.partition
         if record.topic_name == self.merges_topic:
-            yield from self._merge(record.value)
+            yield from self._merge(record.value, part)
             return
         if record.topic_name == self.forget_topic:
-            yield from self._forget(record.value)
+            yield from self._forget(record.value, part)
             return
         value = record.value
         try:
@@ -249,11 +315,11 @@ class Segmenter:
         if why is not None:
             RETIRED_SCORES.labels(why).inc()
             return
-        if score.as_of > self.watermark:
-            self.watermark = score.as_of
+        if score.as_of > self.watermarks.get(part, 0):
+            self.watermarks[part] = score.as_of
         old = self.states.get(score.customer_id)
         new, changes = core.evaluate(old, score, self.defs, self.thresholds)
-        yield from self._apply(old, new, changes)
+        yield from self._apply(old, new, changes, part)
 
     def _check_features(self, score: core.Score) -> None:
         """Count (and log once) features the definitions read that scores do not carry: such
@@ -271,44 +337,54 @@ class Segmenter:
                     extra={"fields": {"feature": feature, "version": self.defs.version}},
                 )
 
-    def _merge(self, merge: dict[str, Any]) -> Iterator[Output]:
+    def _merge(self, merge: dict[str, Any], part: int) -> Iterator[Output]:
+        """A merge arrives on the absorbed id's partition (merges are keyed by it): the
+        absorbed id is retired there. The survivor is advanced to the merge's time only when
+        it lives on the same partition; elsewhere its own timers advance it (its owner does
+        not read this record), so results do not depend on which instance owns which."""
         survivor = str(merge["survivor_id"])
-        now = max(int(merge.get("occurred_at") or 0), self.watermark)
+        now = max(int(merge.get("occurred_at") or 0), self.watermarks.get(part, 0))
         for absorbed in merge.get("absorbed_ids") or []:
             if absorbed == survivor:
                 continue
-            yield from self._retire(absorbed, "merged", survivor, now)
+            yield from self._retire(absorbed, "merged", survivor, now, part)
         st = self.states.get(survivor)
-        if st is not None:
+        if st is not None and self.store.partition_of(survivor) == part:
             new, changes = core.advance(st, now, self.defs, self.thresholds)
-            yield from self._apply(st, new, changes)
+            yield from self._apply(st, new, changes, part)
 
-    def _forget(self, request: dict[str, Any]) -> Iterator[Output]:
+    def _forget(self, request: dict[str, Any], part: int) -> Iterator[Output]:
         """A forget request: every membership exits ``forgotten``, the state is deleted and
         the id is retired (later scores for it are dropped)."""
         cid = str(request["customer_id"])
-        now = max(int(request.get("requested_at") or 0), self.watermark)
-        yield from self._retire(cid, "forgotten", None, now)
+        now = max(int(request.get("requested_at") or 0), self.watermarks.get(part, 0))
+        yield from self._retire(cid, "forgotten", None, now, part)
 
-    def _retire(self, cid: str, why: str, survivor: str | None, now: int) -> Iterator[Output]:
+    def _retire(
+        self, cid: str, why: str, survivor: str | None, now: int, part: int
+    ) -> Iterator[Output]:
         st = self.states.get(cid)
         if st is not None:
-            yield from self._emit(core.absorb(st, survivor, now, self.defs, reason=why))
+            yield from self._emit(core.absorb(st, survivor, now, self.defs, reason=why), part)
             self._index(st, remove=True)
             del self.states[cid]
             self._dirty.add(cid)
-            self._unwritten[cid] = None  # a tombstone at the commit
+            self._unwritten[cid] = part  # a tombstone at the commit
         if self.retired.get(cid) != why:
             self.retired[cid] = why
             self._dirty.add(RETIRED_KEY + cid)
             # The reason rides in the segment-status slot of the state record (kind retired).
             marker = {"segment": why, "first_seen": now}
             yield self.store.put(
-                RETIRED_KEY + cid, {"kind": "retired", "customer": None, "segment": marker}
+                RETIRED_KEY + cid, {"kind": "retired", "customer": None, "segment": marker}, part
             )
 
     def _apply(
-        self, old: core.CustomerState | None, new: core.CustomerState, changes: list[core.Change]
+        self,
+        old: core.CustomerState | None,
+        new: core.CustomerState,
+        changes: list[core.Change],
+        part: int,
     ) -> Iterator[Output]:
         if new == old:
             return
@@ -318,17 +394,18 @@ class Segmenter:
         if self.defs.percentiles:
             self._index(new)
         if new.next_timer is not None and (old is None or old.next_timer != new.next_timer):
-            heapq.heappush(self._timers, (new.next_timer, cid))
-        self._unwritten[cid] = None
-        yield from self._emit(changes)
+            heapq.heappush(self._timers.setdefault(part, []), (new.next_timer, cid))
+        self._unwritten[cid] = part
+        yield from self._emit(changes, part)
 
-    def _emit(self, changes: list[core.Change]) -> Iterator[Output]:
+    def _emit(self, changes: list[core.Change], part: int) -> Iterator[Output]:
         if not changes:
             return
-        self.statuses, extra = core.observe(self.statuses, changes, self.defs)
+        statuses, extra = core.observe(self.part_statuses.get(part, {}), changes, self.defs)
+        self.part_statuses[part] = statuses
         for c in changes:
             if c.transition == core.ENTERED:
-                self._unwritten_segments[c.segment] = None
+                self._unwritten_segments[(part, c.segment)] = None
         emitted_at = int(self.clock() * 1000)
         topic = TOPICS.segment_changes
         for c in [*changes, *extra]:
@@ -367,41 +444,50 @@ class Segmenter:
             self._refresh_thresholds()
         out: list[Output] = []
         budget = self.config.max_timers_per_tick
+        part_of = self.store.partition_of
         while self._reeval and budget > 0:
             cid = self._reeval.popleft()
             st = self.states.get(cid)
             if st is not None:
                 budget -= 1
-                new, changes = core.advance(
-                    st, max(self.watermark, st.as_of), self.defs, self.thresholds
-                )
-                out.extend(self._apply(st, new, changes))
-        while self._timers and self._timers[0][0] <= self.watermark and budget > 0:
-            due, cid = heapq.heappop(self._timers)
-            st = self.states.get(cid)
-            if st is None or st.next_timer != due:
-                continue  # superseded
-            budget -= 1
-            new, changes = core.advance(st, due, self.defs, self.thresholds)
-            if new == st:  # nothing changed: make sure the timer does not fire again
-                new = core.CustomerState(**{**st.__dict__, "next_timer": None})
-            if not changes and core.only_timer_moved(st, new):
-                # Kept in memory, not written: after a restore the stored (earlier) timer
-                # fires again, evaluates the same stored state to the same nothing and finds
-                # this next timer. Most recency crossings change nothing for most customers.
-                self.states[cid] = new
-                if new.next_timer is not None:
-                    heapq.heappush(self._timers, (new.next_timer, cid))
+                part = part_of(cid)
+                now_p = max(self.watermarks.get(part, 0), st.as_of)
+                new, changes = core.advance(st, now_p, self.defs, self.thresholds)
+                out.extend(self._apply(st, new, changes, part))
+        for part, timers in self._timers.items():
+            watermark = self.watermarks.get(part, 0)
+            while timers and timers[0][0] <= watermark and budget > 0:
+                due, cid = heapq.heappop(timers)
+                st = self.states.get(cid)
+                if st is None or st.next_timer != due:
+                    continue  # superseded
+                budget -= 1
+                new, changes = core.advance(st, due, self.defs, self.thresholds)
+                if new == st:  # nothing changed: make sure the timer does not fire again
+                    new = core.CustomerState(**{**st.__dict__, "next_timer": None})
+                if not changes and core.only_timer_moved(st, new):
+                    # Kept in memory, not written: after a restore the stored (earlier) timer
+                    # fires again, evaluates the same stored state to the same nothing and
+                    # finds this next timer. Most recency crossings change nothing for most
+                    # customers.
+                    self.states[cid] = new
+                    if new.next_timer is not None:
+                        heapq.heappush(timers, (new.next_timer, cid))
+                    continue
+                out.extend(self._apply(st, new, changes, part))
+        for part, watermark in self.watermarks.items():
+            if not watermark:
                 continue
-            out.extend(self._apply(st, new, changes))
-        if self.watermark:
-            self.statuses, changes = core.expire(self.statuses, self.watermark, self.defs)
+            statuses, changes = core.expire(self.part_statuses.get(part, {}), watermark, self.defs)
+            self.part_statuses[part] = statuses
+            # One deprecation per partition: the partition in the entry (and change) id.
+            changes = [replace(c, entry_id=f"{c.entry_id}@{part}") for c in changes]
             for c in changes:
-                self._unwritten_segments[c.segment] = None
-            out.extend(self._emit(changes))
-            for name in self.statuses:
-                if SEGMENT_KEY + name not in self.store:
-                    self._unwritten_segments[name] = None
+                self._unwritten_segments[(part, c.segment)] = None
+            out.extend(self._emit(changes, part))
+            for name in statuses:
+                if self._status_key(name, part) not in self.store:
+                    self._unwritten_segments[(part, name)] = None
         WATERMARK.set(self.watermark)
         out.extend(self.before_commit())  # the tick's transaction gets no loop hook
         return out
@@ -465,11 +551,11 @@ class Segmenter:
     def before_commit(self) -> Iterator[Output]:
         """The changelog records of everything changed in this transaction, one per key."""
         store = self.store
-        for cid in self._unwritten:
+        for cid, part in self._unwritten.items():
             st = self.states.get(cid)
             if st is not None:
                 record = core.state_to_record(st)
-                out = store.put(cid, record)
+                out = store.put(cid, record, part)
                 # The same record with its union branch named: fastavro then skips trying
                 # each branch of the union (a third of the encoding time of a state record).
                 yield out._replace(
@@ -478,15 +564,20 @@ class Segmenter:
             elif cid in store:
                 yield store.delete(cid)
         self._unwritten.clear()
-        for name in self._unwritten_segments:
-            status = self.statuses.get(name)
+        for part, name in self._unwritten_segments:
+            status = self.part_statuses.get(part, {}).get(name)
             if status is not None:
-                yield store.put(SEGMENT_KEY + name, core.status_to_record(status))
+                record = core.status_to_record(status)
+                yield store.put(self._status_key(name, part), record, part)
         self._unwritten_segments.clear()
+
+    @staticmethod
+    def _status_key(name: str, part: int) -> str:
+        return f"{SEGMENT_KEY}{name}@{part}"
 
     def on_commit(self) -> None:
         self._dirty.clear()
-        self._committed_watermark = self.watermark
+        self._committed_watermarks = dict(self.watermarks)
 
     def on_abort(self) -> None:
         """The store already rolled back its table: rebuild what changed from it."""
@@ -496,18 +587,15 @@ class Segmenter:
             self._load(key, self.store.get(key))
             st = self.states.get(key)
             if st is not None and st.next_timer is not None:
-                heapq.heappush(self._timers, (st.next_timer, key))
+                part = self.store.partition_of(key)
+                heapq.heappush(self._timers.setdefault(part, []), (st.next_timer, key))
         self._dirty.clear()
-        self.statuses = {
-            k[len(SEGMENT_KEY) :]: core.status_from_record(v)
-            for k, v in self.store.items()
-            if k.startswith(SEGMENT_KEY)
-        }
-        self.watermark = self._committed_watermark
-        self.sizes = {}
-        for st in self.states.values():
-            for name in st.active():
-                self.sizes[name] = self.sizes.get(name, 0) + 1
+        self.part_statuses = {}
+        for k, v in self.store.items():
+            if k.startswith(SEGMENT_KEY):
+                self._load(k, v)
+        self.watermarks = dict(self._committed_watermarks)
+        self._recount()
 
     # -- queries (HTTP, CLI) ---------------------------------------------------------------
     def segment_sizes(self) -> dict[str, int]:
@@ -533,7 +621,10 @@ class Segmenter:
             "as_of": st.as_of,
             "primary_segment": st.primary,
             "segments": core.explain_customer(
-                st, max(self.watermark, st.as_of), self.defs, self.thresholds
+                st,
+                max(self.watermarks.get(self.store.partition_of(customer_id), 0), st.as_of),
+                self.defs,
+                self.thresholds,
             ),
         }
 
@@ -541,7 +632,11 @@ class Segmenter:
 def build_loop(settings: Settings, config: SegmenterConfig) -> tuple[Segmenter, ProcessingLoop]:
     """Restore state and wire the segmenter into the shared loop."""
     segmenter = Segmenter(settings, config)
-    segmenter.restore()
+    # The changelog exists before the group assigns partitions; their state is restored then
+    # (on_assign), only for the partitions this instance owns.
+    name = STATE_TOPIC.name(settings)
+    ensure_topics(settings, topics=[], names={name: STATE_TOPIC})
+    instance = settings.instance_id
     loop_config = LoopConfig(
         service="segmenter",
         group_id=settings.topic_prefix + config.group_id,
@@ -550,7 +645,8 @@ def build_loop(settings: Settings, config: SegmenterConfig) -> tuple[Segmenter, 
             segmenter.merges_topic: TOPICS.merges,
             segmenter.forget_topic: TOPICS.forget,
         },
-        transactional_id=settings.topic_prefix + config.instance,
+        transactional_id=settings.topic_prefix
+        + (f"{config.group_id}-{instance}" if instance is not None else config.instance),
         batch_size=config.batch_size,
         tick_interval=config.tick_interval,
         pre_commit_delay=config.pre_commit_delay,

@@ -25,6 +25,7 @@ from segflow.receiver import Cue, Receiver
 from segflow.runtime.leash import leashed
 from segflow.runtime.serde import Serde
 from segflow.runtime.settings import Settings
+from segflow.runtime.state import partition_for
 from segflow.runtime.testing import produce, read_all
 from segflow.runtime.topics import TOPICS
 from services.dispatcher.app import Dispatcher, DispatcherSettings
@@ -271,6 +272,16 @@ def _wait(cond: Any, timeout: float, proc: subprocess.Popen[bytes] | None = None
     raise AssertionError("condition not reached in time")
 
 
+def clock_events(at: int) -> list[dict[str, Any]]:
+    """One event at ``at`` on every partition: the pipeline clock is per partition."""
+    ids: dict[int, str] = {}
+    i = 0
+    while len(ids) < TOPICS.identified.partitions:
+        ids.setdefault(partition_for(f"clock{i}", TOPICS.identified.partitions), f"clock{i}")
+        i += 1
+    return [page_view(cid, at) for cid in ids.values()]
+
+
 def test_kill_9_mid_sequence_and_restart_neither_duplicates_nor_loses_a_step(
     kafka_settings: Settings, tmp_path: Path
 ) -> None:
@@ -301,7 +312,7 @@ def test_kill_9_mid_sequence_and_restart_neither_duplicates_nor_loses_a_step(
 
         second = _spawn(s, receiver, group)
         _wait(lambda: done(mail) == len(mail), 60, second)
-        send(s, TOPICS.identified, [page_view("clock", NOON + 49 * HOUR)])  # 48 h later
+        send(s, TOPICS.identified, clock_events(NOON + 49 * HOUR))  # 48 h later
         _wait(lambda: done(task) >= 16, 60, second)
         second.kill()
         second.wait(10)
@@ -311,7 +322,7 @@ def test_kill_9_mid_sequence_and_restart_neither_duplicates_nor_loses_a_step(
 
         third = _spawn(s, receiver, group)
         _wait(lambda: done(task) == len(task), 60, third)
-        send(s, TOPICS.identified, [page_view("clock", NOON + 97 * HOUR)])  # 96 h later
+        send(s, TOPICS.identified, clock_events(NOON + 97 * HOUR))  # 96 h later
         _wait(lambda: done(case) == len(case), 60, third)
         rs = results(s, expected=3 * len(treated) + 3 * (len(cids) - len(treated)))
         third.terminate()

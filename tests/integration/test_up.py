@@ -3,12 +3,14 @@ when it is killed with ``kill -9`` (its children die with it: segflow.runtime.le
 
 from __future__ import annotations
 
+import contextlib
 import os
 import signal
 import subprocess
 import sys
 import time
 from pathlib import Path
+from urllib.request import urlopen
 
 import pytest
 
@@ -29,9 +31,9 @@ def alive(pid: int) -> bool:
     return not (stat.exists() and stat.read_text().split(") ")[1].startswith("Z"))
 
 
-def start_up(tmp_path: Path) -> tuple[subprocess.Popen[bytes], str, list[int], int]:
-    """``segflow up`` on its own new broker, running: (process, broker address, service pids,
-    broker pid)."""
+def start_up(tmp_path: Path) -> tuple[subprocess.Popen[bytes], str, list[int], int, str]:
+    """``segflow up --replicas 2`` on its own new broker, running: (process, broker address,
+    service pids, broker pid, its output so far)."""
     env = {k: v for k, v in os.environ.items() if "BOOTSTRAP" not in k}  # its own broker
     env["SEGFLOW_LOG_LEVEL"] = "WARNING"
     port, metrics, api = free_port(), free_port(), free_port()
@@ -39,7 +41,7 @@ def start_up(tmp_path: Path) -> tuple[subprocess.Popen[bytes], str, list[int], i
     proc = subprocess.Popen(
         leashed([sys.executable, "-m", "segflow.cli", "--state-dir", str(tmp_path),
                  "--port", str(port), "up", "--metrics-port", str(metrics),
-                 "--api-port", str(api)]),
+                 "--api-port", str(api), "--replicas", "2"]),
         cwd=ROOT, env=env, stdout=log, stderr=subprocess.STDOUT,
     )  # fmt: skip
     deadline = time.monotonic() + 150
@@ -51,15 +53,28 @@ def start_up(tmp_path: Path) -> tuple[subprocess.Popen[bytes], str, list[int], i
         proc.kill()
         pytest.fail("segflow up did not come up:\n" + text[-2000:])
     pids = [int(line.split(" pid ")[1].split()[0]) for line in text.splitlines() if " pid " in line]
-    assert len(pids) == 4 and all(alive(p) for p in pids)
+    # identity and scorer once, segmenter and dispatcher twice (--replicas 2)
+    assert len(pids) == 6 and all(alive(p) for p in pids)
     broker_pid = int((tmp_path / "broker" / "broker.pid").read_text().strip())
     assert alive(broker_pid)
-    return proc, f"127.0.0.1:{port}", pids, broker_pid
+    return proc, f"127.0.0.1:{port}", pids, broker_pid, text
 
 
 def test_up_runs_the_services_and_sigterm_stops_them_and_its_broker(tmp_path: Path) -> None:
-    proc, _, pids, broker_pid = start_up(tmp_path)
+    proc, _, pids, broker_pid, text = start_up(tmp_path)
     try:
+        # The second segmenter reports its instance id on /metrics once its loop runs.
+        line = next(x for x in text.splitlines() if x.strip().startswith("segmenter-1 "))
+        url = line.split("metrics ")[1].split()[0]
+        want = 'segflow_instance_info{instance="1",service="segmenter"} 1.0'
+        body = ""
+        deadline = time.monotonic() + 90
+        while want not in body and time.monotonic() < deadline:
+            time.sleep(0.5)
+            with contextlib.suppress(OSError):  # not listening yet
+                body = urlopen(url, timeout=2).read().decode()
+        assert want in body, body[-1500:]
+
         proc.send_signal(signal.SIGTERM)
         assert proc.wait(90) == 0
         gone = time.monotonic() + 30
@@ -73,13 +88,13 @@ def test_up_runs_the_services_and_sigterm_stops_them_and_its_broker(tmp_path: Pa
 
 
 def test_kill_9_of_up_leaves_no_service_gateway_or_broker(tmp_path: Path) -> None:
-    proc, bootstrap, pids, broker_pid = start_up(tmp_path)
+    proc, bootstrap, pids, broker_pid, _ = start_up(tmp_path)
     # Everything this run started carries its broker address (environment) or its state
     # folder (the broker's command line): found by /proc, not by asking segflow.
     ours = processes_marked(bootstrap, str(tmp_path))
     mine = {pid for pid, _ in ours}
     assert {*pids, broker_pid} <= mine, ours
-    assert any("segflow.api" in cmd or "gateway" in cmd for _, cmd in ours), ours
+    assert any("segflow.api" in cmd for _, cmd in ours), ours
     try:
         proc.send_signal(signal.SIGKILL)
         proc.wait(10)

@@ -1,0 +1,409 @@
+"""N instances of one service in one consumer group, as separate processes on a real broker.
+
+The same input is run through 1 instance and through 2 (then through 2 with one killed with
+``kill -9`` mid-stream and a third added): what comes out on the output topics
+(read_committed) must be the same multiset, i.e. nothing lost, nothing doubled, no timer fired
+twice or lost, whichever instance owned which partition when.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import random
+import signal
+import subprocess
+import sys
+import time
+from collections import Counter
+from collections.abc import Callable, Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from segflow.receiver import Receiver
+from segflow.runtime.serde import Serde
+from segflow.runtime.settings import Settings
+from segflow.runtime.state import partition_for
+from segflow.runtime.testing import isolated_settings, produce, read_all
+from segflow.runtime.topics import TOPICS
+from services.dispatcher.core import idempotency_key
+
+pytestmark = pytest.mark.broker
+
+ROOT = Path(__file__).resolve().parents[2]
+DAY = 86_400_000
+T0 = 1_772_452_800_000  # 2026-03-02 12:00 UTC
+
+DEFS = """version: "scale"
+segments:
+  - name: High
+    priority: 10
+    enter: {feature: x, op: ">=", value: 0.8}
+    exit: {feature: x, op: "<", value: 0.5}
+    min_dwell: 2d
+    re_engaged_when: {feature: y, op: ">", value: 0}
+  - name: Low
+    priority: 5
+    enter: {feature: x, op: "<", value: 0.2}
+    ttl: 3d
+"""
+
+PLAYBOOK = """\
+playbook: P
+segment: S
+steps:
+  - {id: mail, channel: email, template: d-1, subject: "Hi"}
+  - {id: task, channel: crm_task, subject: "Call"}
+---
+policy: {default_timezone: UTC}
+"""
+
+
+class Fleet:
+    """Service processes started by a test; every one is killed when the test ends."""
+
+    def __init__(self, logs: Path) -> None:
+        self.logs = logs
+        self.procs: dict[str, subprocess.Popen[bytes]] = {}
+
+    def start(self, module: str, s: Settings, instance: str, env: dict[str, str]) -> None:
+        full = {
+            **os.environ,
+            "SEGFLOW_BOOTSTRAP_SERVERS": s.bootstrap_servers,
+            "SEGFLOW_TOPIC_PREFIX": s.topic_prefix,
+            "SEGFLOW_INSTANCE_ID": instance,
+            # A killed member's partitions move after 6 s; its open transaction is aborted
+            # by the broker after 10 s (the defaults, 45 s and 60 s, would only be slower).
+            "SEGFLOW_SESSION_TIMEOUT_MS": "6000",
+            "SEGFLOW_TRANSACTION_TIMEOUT_MS": "10000",
+            "SEGFLOW_LOG_LEVEL": "INFO",
+            **env,
+        }
+        name = f"{module}-{s.topic_prefix}{instance}"
+        log = (self.logs / f"{name}.log").open("ab")
+        self.procs[instance] = subprocess.Popen(
+            [sys.executable, "-m", module], cwd=ROOT, env=full, stderr=log, stdout=log
+        )
+
+    def kill(self, instance: str) -> None:
+        proc = self.procs.pop(instance)
+        proc.send_signal(signal.SIGKILL)
+        proc.wait(10)
+
+    def check_alive(self) -> None:
+        for instance, proc in self.procs.items():
+            assert proc.poll() is None, f"instance {instance} exited with {proc.returncode}"
+
+    def owned(self, s: Settings, field: str = "partitions") -> dict[str, set[int]]:
+        """Per instance of ``s``'s run, every partition it was assigned (restored) at some
+        point, from the instances' own JSON logs (``field="kept"``: kept across a rebalance
+        without a restore)."""
+        out: dict[str, set[int]] = {}
+        for path in self.logs.glob(f"*-{s.topic_prefix}*.log"):
+            instance = path.stem.rsplit(s.topic_prefix, 1)[1]
+            for line in path.read_text(errors="replace").splitlines():
+                if '"partitions assigned"' in line:
+                    out.setdefault(instance, set()).update(json.loads(line)[field])
+        return out
+
+    def stop(self) -> None:
+        for proc in self.procs.values():
+            proc.kill()
+        for proc in self.procs.values():
+            proc.wait(10)
+        self.procs.clear()
+
+
+@pytest.fixture
+def fleet(tmp_path: Path) -> Iterator[Fleet]:
+    f = Fleet(tmp_path)
+    try:
+        yield f
+    finally:
+        f.stop()
+
+
+def settled(
+    read: Callable[[], list[Any]], fleet: Fleet, quiet: float = 4.0, timeout: float = 120.0
+) -> list[Any]:
+    """Poll ``read`` until what it returns is non-empty and unchanged for ``quiet`` seconds."""
+    deadline = time.monotonic() + timeout
+    last: list[Any] = []
+    since = time.monotonic()
+    while time.monotonic() < deadline:
+        fleet.check_alive()
+        now = read()
+        if len(now) != len(last):
+            last, since = now, time.monotonic()
+        elif last and time.monotonic() - since >= quiet:
+            return last
+        time.sleep(0.5)
+    raise AssertionError(f"output still changing after {timeout}s ({len(last)} records)")
+
+
+# -- segmenter -----------------------------------------------------------------------------
+def scores(customers: int, days: int, seed: int = 7) -> list[dict[str, Any]]:
+    """Daily scores of every customer, in event-time order (interleaved customers)."""
+    rng = random.Random(seed)
+    out = []
+    for d in range(days):
+        for i in range(customers):
+            out.append(
+                {
+                    "customer_id": f"c{i:03d}",
+                    "as_of": T0 + d * DAY + i * 1000,
+                    "churn_probability": 0.1,
+                    "engagement_score": 50.0,
+                    "clv": 10.0,
+                    "cluster": None,
+                    "lifecycle_stage": "loyal",
+                    "features": {"x": rng.random(), "y": 1.0 if rng.random() < 0.2 else 0.0},
+                    "model_version": "test",
+                    "scored_at": T0,
+                }
+            )
+    return out
+
+
+def merges(pairs: list[tuple[str, str]], at: int) -> list[dict[str, Any]]:
+    return [
+        {
+            "merge_id": f"m-{absorbed}",
+            "survivor_id": survivor,
+            "absorbed_ids": [absorbed],
+            "cause_identifier_type": "user_id",
+            "cause_identifier_hash": "h",
+            "event_id": f"e-{absorbed}",
+            "occurred_at": at,
+            "merged_at": at,
+        }
+        for survivor, absorbed in pairs
+    ]
+
+
+def send(
+    s: Settings, topic: Any, records: list[dict[str, Any]], key: Callable[[dict[str, Any]], str]
+) -> None:
+    serde = Serde.from_settings(s)
+    produce(s, topic.name(s), [(key(r).encode(), serde.encode(topic, r)) for r in records])
+
+
+def by_customer(r: dict[str, Any]) -> str:
+    return str(r["customer_id"])
+
+
+def by_absorbed(r: dict[str, Any]) -> str:
+    return str(r["absorbed_ids"][0])
+
+
+def changes(s: Settings) -> list[tuple[Any, ...]]:
+    serde = Serde.from_settings(s)
+    out = []
+    for r in read_all(s, TOPICS.segment_changes.name(s), idle=1.0, timeout=30):
+        c = serde.decode(TOPICS.segment_changes, r.value)
+        out.append((c["customer_id"], c["segment"], c["transition"], c["occurred_at"]))
+    return out
+
+
+def segmenter_env(defs: Path, **extra: str) -> dict[str, str]:
+    return {
+        "SEGFLOW_SEGMENTER_DEFINITIONS": str(defs),
+        "SEGFLOW_SEGMENTER_TICK_INTERVAL": "0.2",
+        "SEGFLOW_SEGMENTER_PERCENTILE_REFRESH": "3600",
+        **extra,
+    }
+
+
+# Absorbed ids on a different partition from their survivor, and on the same one.
+def merge_pairs(customers: int) -> list[tuple[str, str]]:
+    ids = [f"c{i:03d}" for i in range(customers)]
+    part = {c: partition_for(c, TOPICS.scores.partitions) for c in ids}
+    cross = [(a, b) for a, b in zip(ids[::2], ids[1::2], strict=False) if part[a] != part[b]]
+    same = [(a, b) for a in ids for b in ids if a < b and part[a] == part[b]]
+    return cross[:4] + same[:2]
+
+
+def run_segmenters(
+    bootstrap: str, label: str, fleet: Fleet, defs: Path, instances: list[str], data: list[Any]
+) -> list[tuple[Any, ...]]:
+    s = isolated_settings(bootstrap, label)
+    send(s, TOPICS.scores, data, by_customer)
+    for inst in instances:
+        fleet.start("services.segmenter", s, inst, segmenter_env(defs))
+    settled(lambda: changes(s), fleet)
+    last_day = max(r["as_of"] for r in data)
+    send(s, TOPICS.merges, merges(merge_pairs(120), last_day), by_absorbed)
+    out = settled(lambda: changes(s), fleet)
+    fleet.stop()
+    owned = fleet.owned(s)
+    assert sorted(owned) == sorted(instances) and all(owned.values()), owned
+    return out
+
+
+def test_two_segmenters_emit_exactly_what_one_does_also_across_kill_9_and_a_new_instance(
+    kafka_bootstrap: str, fleet: Fleet, tmp_path: Path
+) -> None:
+    defs = tmp_path / "segments.yaml"
+    defs.write_text(DEFS)
+    data = scores(120, 12)
+    one = run_segmenters(kafka_bootstrap, "seg-one", fleet, defs, ["0"], data)
+    two = run_segmenters(kafka_bootstrap, "seg-two", fleet, defs, ["0", "1"], data)
+    kinds = Counter(c[2] for c in one)
+    # The run exercises scores, timers (min_dwell, ttl) and merges across partitions.
+    assert kinds["entered"] > 100 and kinds["exited"] > 50, kinds
+    assert any(c[2] == "exited" for c in one if c[1] == "Low"), "no ttl timer fired"
+    assert Counter(one) == Counter(two)
+
+    # Two instances; one is killed with -9 inside a transaction, a third joins: two
+    # rebalances, and the killed instance's open transaction is aborted by the broker.
+    s = isolated_settings(kafka_bootstrap, "seg-kill")
+    half = len(data) // 2
+    send(s, TOPICS.scores, data[:half], by_customer)
+    slow = segmenter_env(
+        defs, SEGFLOW_SEGMENTER_BATCH_SIZE="20", SEGFLOW_SEGMENTER_PRE_COMMIT_DELAY="0.3"
+    )
+    fleet.start("services.segmenter", s, "0", slow)
+    fleet.start("services.segmenter", s, "1", slow)
+    deadline = time.monotonic() + 60
+    while not fleet.owned(s).get("1") or not changes(s):
+        assert time.monotonic() < deadline, "instance 1 produced nothing within 60 s"
+        fleet.check_alive()
+        time.sleep(0.3)
+    time.sleep(1.0)
+    fleet.kill("1")
+    at_kill = len(changes(s))
+    fleet.start("services.segmenter", s, "2", segmenter_env(defs))
+    send(s, TOPICS.scores, data[half:], by_customer)
+    settled(lambda: changes(s), fleet, quiet=6.0)
+    send(s, TOPICS.merges, merges(merge_pairs(120), data[-1]["as_of"]), by_absorbed)
+    three = settled(lambda: changes(s), fleet, quiet=6.0)
+    fleet.stop()
+    owned = fleet.owned(s)
+    assert owned.get("2"), f"the added instance never owned a partition: {owned}"
+    assert owned["1"] & (owned["0"] | owned["2"]), f"nobody took over from the killed: {owned}"
+    # The survivor kept what it owned across the rebalances instead of restoring it again.
+    assert fleet.owned(s, "kept").get("0"), fleet.owned(s, "kept")
+    assert 0 < at_kill < len(one), "the kill should land mid-stream"
+    assert Counter(three) == Counter(one)
+
+
+# -- dispatcher ----------------------------------------------------------------------------
+def entered(cid: str, at: int) -> dict[str, Any]:
+    entry = f"{cid}:S:{at}"
+    return {
+        "change_id": f"{entry}:entered",
+        "customer_id": cid,
+        "segment": "S",
+        "transition": "entered",
+        "reason": None,
+        "entry_id": entry,
+        "definition_version": "test@1",
+        "occurred_at": at,
+        "emitted_at": at,
+        "primary_segment": "S",
+        "score": None,
+        "explanation": [],
+    }
+
+
+def dispatcher_env(s: Settings, receiver: Receiver, playbooks: Path) -> dict[str, str]:
+    return {
+        "SEGFLOW_DISPATCHER_GROUP_ID": s.topic_prefix + "dispatcher",
+        "SEGFLOW_DISPATCHER_PLAYBOOKS": str(playbooks),
+        "SEGFLOW_DISPATCHER_CRM_BASE_URL": receiver.url,
+        "SEGFLOW_DISPATCHER_EMAIL_BASE_URL": receiver.url,
+        "SEGFLOW_DISPATCHER_WEBHOOK_URL": receiver.url + "/webhook",
+        "SEGFLOW_DISPATCHER_CONTACT_PATTERN": "{customer_id}@example.invalid",
+        "SEGFLOW_DISPATCHER_CONCURRENCY": "8",
+        "SEGFLOW_DISPATCHER_TICK_INTERVAL": "0.1",
+        "SEGFLOW_DISPATCHER_BACKOFF_CAP": "0.5",
+        "SEGFLOW_DISPATCHER_HTTP_TIMEOUT": "2.0",
+    }
+
+
+def sent_keys(s: Settings) -> list[str]:
+    serde = Serde.from_settings(s)
+    out = []
+    for r in read_all(s, TOPICS.dispatch_results.name(s), idle=1.0, timeout=30):
+        rec = serde.decode(TOPICS.dispatch_results, r.value)
+        if rec["status"] == "sent":
+            out.append(rec["idempotency_key"])
+    return out
+
+
+def test_two_dispatchers_send_each_action_once_also_across_kill_9_and_a_new_instance(
+    kafka_bootstrap: str, fleet: Fleet, tmp_path: Path
+) -> None:
+    playbooks = tmp_path / "p.yaml"
+    playbooks.write_text(PLAYBOOK)
+    now = int(time.time() * 1000)
+    cids = [f"d{i:03d}" for i in range(80)]
+    want = {
+        idempotency_key(c, "P", step, f"{c}:S:{now}", now)
+        for c in cids
+        for step in ("mail", "task")
+    }
+    changes_in = [entered(c, now) for c in cids]
+
+    # Two instances against one: the same actions, each sent once.
+    receiver = Receiver(latency=0.05).start()
+    try:
+        s = isolated_settings(kafka_bootstrap, "disp-two")
+        send(s, TOPICS.segment_changes, changes_in, by_customer)
+        for inst in ("0", "1"):
+            fleet.start("services.dispatcher", s, inst, dispatcher_env(s, receiver, playbooks))
+        sent = settled(lambda: sent_keys(s), fleet)
+        fleet.stop()
+        assert Counter(sent) == Counter(want)  # one committed "sent" per action
+        assert set(receiver.effects()) == want
+        owned = fleet.owned(s)
+        assert sorted(owned) == ["0", "1"] and all(owned.values()), owned
+    finally:
+        receiver.stop()
+
+    # One of two killed with -9 while calls are under way; a third joins.
+    receiver = Receiver(latency=0.3).start()
+    try:
+        s = isolated_settings(kafka_bootstrap, "disp-kill")
+        env = dispatcher_env(s, receiver, playbooks)
+        send(s, TOPICS.segment_changes, changes_in[:40], by_customer)
+        fleet.start("services.dispatcher", s, "0", env)
+        fleet.start("services.dispatcher", s, "1", env)
+        deadline = time.monotonic() + 60
+        while not (fleet.owned(s).get("1") and len(receiver.effects()) >= 10):
+            assert time.monotonic() < deadline, "nothing dispatched within 60 s"
+            fleet.check_alive()
+            time.sleep(0.1)
+        fleet.kill("1")
+        at_kill = len(receiver.effects())
+        fleet.start("services.dispatcher", s, "2", env)
+        send(s, TOPICS.segment_changes, changes_in[40:], by_customer)
+        assert receiver.wait_for(want, timeout=120), "actions lost"
+        sent = settled(lambda: sent_keys(s), fleet, quiet=6.0)
+        fleet.stop()
+    finally:
+        receiver.stop()
+    assert 0 < at_kill < len(want), "the kill should land mid-stream"
+    assert set(receiver.effects()) == want  # the receiver took each action once
+    assert Counter(sent) == Counter(want)  # and each has exactly one committed "sent"
+    owned = fleet.owned(s)
+    assert owned.get("2") and owned["1"] & (owned["0"] | owned["2"]), owned
+
+
+def test_state_partitions_are_the_ones_librdkafka_puts_the_same_keys_in(
+    kafka_settings: Settings,
+) -> None:
+    # The changelog is co-partitioned with the inputs only if partition_for agrees with the
+    # partitioner that produced them (librdkafka's default, consistent_random).
+    s = kafka_settings
+    # (An empty key is spread at random, like no key: state keys are never empty.)
+    keys = [f"customer-{i}" for i in range(200)] + ["é", "a" * 300]
+    produce(s, TOPICS.segment_changes.name(s), [(k.encode(), b"x") for k in keys])
+    got = {
+        r.key.decode(): r.partition
+        for r in read_all(s, TOPICS.segment_changes.name(s), expected=len(keys), timeout=30)
+        if r.key is not None
+    }
+    assert got == {k: partition_for(k, TOPICS.segment_changes.partitions) for k in keys}
