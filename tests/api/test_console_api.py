@@ -195,3 +195,20 @@ def test_each_segments_yaml_is_its_own_lines() -> None:
     assert "name: Support Escalation" in block and "name: High-CLV" not in block
     assert block.lstrip().startswith("#")  # the comment above the segment is its own
     assert all(part in text for part in parts.values())
+
+
+def test_the_demo_points_to_the_console() -> None:
+    from segflow.api import wiring
+
+    said: list[str] = []
+    assert "Console: http://127.0.0.1:9/console/" in wiring.announce(
+        "http://127.0.0.1:9", "t", True
+    )
+    wiring.explore("http://127.0.0.1:9", "tok", True, said.append, wait=False)
+    assert (
+        said[0]
+        == "      Explore the results in the console: http://127.0.0.1:9/console/ (token tok)"
+    )
+    said.clear()
+    wiring.explore("http://127.0.0.1:9", "secret", False, said.append, wait=False)
+    assert "secret" not in " ".join(said) and "$SEGFLOW_API_TOKEN" in said[0]
