@@ -28,8 +28,11 @@ MAX_PAGE = 10_000
 class Queries(Protocol):
     defs: Any
     states: dict[str, Any]
-    statuses: dict[str, Any]
-    watermark: int
+
+    @property
+    def statuses(self) -> dict[str, Any]: ...
+    @property
+    def watermark(self) -> int: ...
 
     def segment_sizes(self) -> dict[str, int]: ...
     def explain(self, customer_id: str) -> dict[str, Any] | None: ...
