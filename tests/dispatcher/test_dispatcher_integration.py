@@ -40,6 +40,7 @@ NOON = 1_772_452_800_000  # 2026-03-02 12:00 UTC
 PLAYBOOK = """\
 playbook: P
 segment: S
+defaults: {first_name: there}
 steps:
   - {id: mail, channel: email, template: d-1, subject: "Hi {{first_name}}"}
   - {id: task, channel: crm_task, subject: "Call"}
