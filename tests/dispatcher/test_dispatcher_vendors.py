@@ -245,3 +245,47 @@ def test_marketo_errors_in_a_200_answer_are_failures(code: str, error: type[Exce
 
     with pytest.raises(error, match=f"marketo {code}"):
         run_with(lambda c: MarketoCRM(c, "http://x", "t"), answers, "crm_property")
+
+
+class _DropAfterData:
+    """An SMTP server that takes the message and closes the connection before answering."""
+
+    def __init__(self) -> None:
+        self.received = 0
+
+    async def handle_DATA(self, server: Any, session: Any, envelope: Any) -> str:  # noqa: N802
+        self.received += 1
+        server.transport.close()
+        return "250 OK"
+
+
+@pytest.mark.parametrize(
+    ("policy", "expected"), [("at_most_once", Rejected), ("at_least_once", CallFailed)]
+)
+def test_smtp_policy_when_the_answer_to_data_is_lost(
+    policy: str, expected: type[Exception]
+) -> None:
+    from aiosmtpd.controller import Controller
+
+    from segflow.runtime.broker import free_port
+    from services.dispatcher.adapters import SMTPEmail
+
+    handler = _DropAfterData()
+    ctl = Controller(handler, hostname="127.0.0.1", port=free_port())
+    ctl.start()
+    try:
+        smtp = SMTPEmail(
+            "127.0.0.1",
+            ctl.port,
+            "r@mail.example.com",
+            MapContacts({"c1": "a@b.example"}),
+            timeout=5,
+            on_ambiguous=policy,  # type: ignore[arg-type]
+        )
+        with pytest.raises(expected) as exc:
+            asyncio.run(smtp.send(mail_request()))
+    finally:
+        ctl.stop()
+    assert handler.received == 1  # the message went out: the failure is ambiguous
+    if expected is Rejected:
+        assert str(exc.value).startswith("ambiguous:")
