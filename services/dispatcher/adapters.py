@@ -1,5 +1,5 @@
-"""HTTP and SMTP adapters behind Protocols: CRM (HubSpot- or Salesforce-shaped), email
-(SendGrid v3-shaped), SMTP and a signed webhook.
+"""HTTP and SMTP adapters behind Protocols: CRM (HubSpot CRM v3/v4, Salesforce REST or
+Marketo REST), email (SendGrid v3 mail send), SMTP and a signed webhook.
 
 Every adapter turns a :class:`~services.dispatcher.core.Request` into one call and either
 returns a :class:`Sent` or raises under segflow's error root::

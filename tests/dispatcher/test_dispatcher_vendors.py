@@ -173,3 +173,119 @@ def test_customer_risk_segment_records_need_salesforce() -> None:
     names = sorted(list_names(book))
     campaigns = {n: f"701{i:012d}AAA" for i, n in enumerate(names)}
     check_routes(configured(crm_kind="salesforce", salesforce_campaigns=campaigns), book)
+
+
+def crm_request(channel: str) -> Request:
+    return Request(
+        key="sf-k7",
+        customer_id="c1",
+        channel=channel,
+        playbook="P",
+        step="s",
+        segment="S",
+        variant="A",
+        campaign_id="camp",
+        template=None,
+        subject="Call",
+        body=None,
+        list_id="vip",
+        properties={"segflow_status": "x"},
+    )
+
+
+def run_with(adapter_of: Any, answers: Any, channel: str) -> Any:
+    async def go() -> Any:
+        client = httpx.AsyncClient(transport=httpx.MockTransport(answers))
+        return await adapter_of(client).send(crm_request(channel))
+
+    return asyncio.run(go())
+
+
+def test_a_hubspot_list_add_of_an_unknown_record_is_not_sent() -> None:
+    """HubSpot answers 200 and lists the id in recordIdsMissing: nobody was added."""
+    from services.dispatcher.adapters import HubSpotCRM
+
+    def answers(r: httpx.Request) -> httpx.Response:
+        if r.method == "GET":
+            return httpx.Response(200, json={"id": "5101", "properties": {}})
+        return httpx.Response(200, json={"recordIdsMissing": ["5101"], "recordsIdsAdded": []})
+
+    with pytest.raises(Rejected, match="not_added"):
+        run_with(
+            lambda c: HubSpotCRM(c, "http://x", "t", lists={"vip": "314"}), answers, "crm_list"
+        )
+
+
+def test_a_salesforce_campaign_member_that_already_exists_counts_as_sent() -> None:
+    from services.dispatcher.adapters import SalesforceCRM
+
+    def answers(r: httpx.Request) -> httpx.Response:
+        if r.method == "GET":
+            return httpx.Response(200, json={"Id": "003000000000042AAA"})
+        return httpx.Response(
+            400, json=[{"errorCode": "DUPLICATE_VALUE", "message": "Already a campaign member."}]
+        )
+
+    crm = lambda c: SalesforceCRM(c, "http://x", "t", campaigns={"vip": "701" + "0" * 15})  # noqa: E731
+    assert run_with(crm, answers, "crm_list").status == 400  # sent: the member exists
+
+
+@pytest.mark.parametrize(
+    ("code", "error"), [("1004", Rejected), ("606", CallFailed), ("601", CallFailed)]
+)
+def test_marketo_errors_in_a_200_answer_are_failures(code: str, error: type[Exception]) -> None:
+    """Marketo reports errors with HTTP 200 and success: false (1004 lead not found; 606 rate
+    limit; 601 access token invalid): never recorded as sent."""
+    from services.dispatcher.adapters import MarketoCRM
+
+    def answers(r: httpx.Request) -> httpx.Response:
+        return httpx.Response(
+            200, json={"success": False, "errors": [{"code": code, "message": "no"}]}
+        )
+
+    with pytest.raises(error, match=f"marketo {code}"):
+        run_with(lambda c: MarketoCRM(c, "http://x", "t"), answers, "crm_property")
+
+
+class _DropAfterData:
+    """An SMTP server that takes the message and closes the connection before answering."""
+
+    def __init__(self) -> None:
+        self.received = 0
+
+    async def handle_DATA(self, server: Any, session: Any, envelope: Any) -> str:  # noqa: N802
+        self.received += 1
+        server.transport.close()
+        return "250 OK"
+
+
+@pytest.mark.parametrize(
+    ("policy", "expected"), [("at_most_once", Rejected), ("at_least_once", CallFailed)]
+)
+def test_smtp_policy_when_the_answer_to_data_is_lost(
+    policy: str, expected: type[Exception]
+) -> None:
+    from aiosmtpd.controller import Controller
+
+    from segflow.runtime.broker import free_port
+    from services.dispatcher.adapters import SMTPEmail
+
+    handler = _DropAfterData()
+    ctl = Controller(handler, hostname="127.0.0.1", port=free_port())
+    ctl.start()
+    try:
+        smtp = SMTPEmail(
+            "127.0.0.1",
+            ctl.port,
+            "r@mail.example.com",
+            MapContacts({"c1": "a@b.example"}),
+            timeout=5,
+            on_ambiguous=policy,  # type: ignore[arg-type]
+        )
+        with pytest.raises(expected) as exc:
+            asyncio.run(smtp.send(mail_request()))
+    finally:
+        ctl.stop()
+    assert handler.received == 1  # the message went out: the failure is ambiguous
+    if expected is Rejected:
+        assert str(exc.value).startswith("ambiguous:")

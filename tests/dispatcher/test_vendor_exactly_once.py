@@ -35,6 +35,7 @@ pytestmark = pytest.mark.broker
 PLAYBOOK = """\
 playbook: P
 segment: S
+defaults: {first_name: there}
 steps:
   - {id: mail, channel: email, template: d-winback, subject: "Hi {{first_name}}"}
   - {id: task, channel: crm_task, subject: "Call"}
