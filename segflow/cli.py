@@ -132,6 +132,9 @@ def cmd_up(args: argparse.Namespace) -> int:
         sup.add_service(name, env={"SEGFLOW_METRICS_PORT": str(args.metrics_port + i), **port_env})
     token, token_source = wiring.local_token(Path(args.state_dir))
     api_url = wiring.add_gateway(sup, ports, args.api_port, token)
+    from segflow.collector.cli import supervise as add_collector
+
+    collector_line = add_collector(sup, args.state_dir)  # Segment-spec collector (issue 19)
     sup.start_all()
     for i, name in enumerate(names):
         print(
@@ -139,6 +142,7 @@ def cmd_up(args: argparse.Namespace) -> int:
             f"{args.metrics_port + i}/metrics  log {sup.children[name].log_path}"
         )
     print(f"  api        {api_url}/v1 (bearer token in {token_source}; spec /v1/openapi.yaml)")
+    print(collector_line)
     print("running; Ctrl-C (or SIGTERM) stops everything")
 
     def interrupt(_signum: int, _frame: object) -> None:
