@@ -134,9 +134,7 @@ def main() -> int:
         bodies = [body(args.batch, i * args.batch) for i in range(1000)]
         asyncio.run(load(url, 3.0, args.concurrency, args.batch, bodies))  # warm-up
         cpu0, t0 = cpu_seconds(proc.pid), time.monotonic()
-        sent, latencies = asyncio.run(
-            load(url, args.seconds, args.concurrency, args.batch, bodies)
-        )
+        sent, latencies = asyncio.run(load(url, args.seconds, args.concurrency, args.batch, bodies))
         elapsed, cpu = time.monotonic() - t0, cpu_seconds(proc.pid) - cpu0
         load_avg = os.getloadavg()
         total = len(read_all(settings, TOPICS.events.name(settings), idle=2.0, timeout=120))
