@@ -166,6 +166,9 @@ def cmd_up(args: argparse.Namespace) -> int:
             sup.add(child, [sys.executable, "-m", f"services.{name}"], env)
     token, token_source = wiring.local_token(Path(args.state_dir))
     api_url = wiring.add_gateway(sup, ports, args.api_port, token)
+    from segflow.collector.cli import supervise as add_collector
+
+    collector_line = add_collector(sup, args.state_dir)  # Segment-spec collector (issue 19)
     sup.start_all()
     for child, mport in metrics_ports.items():
         print(
@@ -174,6 +177,7 @@ def cmd_up(args: argparse.Namespace) -> int:
         )
     print(f"  api        {api_url}/v1 (bearer token in {token_source}; spec /v1/openapi.yaml)")
     print(f"  console    {api_url}/console/ (sign in with the same token)")
+    print(collector_line)
     print("running; Ctrl-C (or SIGTERM) stops everything")
 
     def interrupt(_signum: int, _frame: object) -> None:

@@ -45,7 +45,7 @@ from segflow.collector import core
 from segflow.collector.writer import KafkaUnavailable, KafkaWriter
 from segflow.errors import ConfigError, InvalidRecord
 from segflow.events import EVENT_TYPES as _KNOWN
-from segflow.runtime.kafka import ensure_topics
+from segflow.runtime.kafka import ensure_topics, wait_for_broker
 from segflow.runtime.serde import Serde
 from segflow.runtime.settings import Settings
 from segflow.runtime.topics import TOPICS
@@ -79,7 +79,8 @@ REQUEST_SECONDS = Histogram(
 class Writer(Protocol):
     """Where accepted records go (:class:`KafkaWriter`; tests may pass a double)."""
 
-    healthy: bool
+    @property
+    def healthy(self) -> bool: ...
 
     def start(self) -> None: ...
 
@@ -179,6 +180,7 @@ class Collector:
     # -- lifecycle ------------------------------------------------------------------------
     def start_writer(self) -> None:
         if isinstance(self.writer, KafkaWriter):
+            wait_for_broker(self.settings)  # a BrokerError naming the address, not a traceback
             ensure_topics(self.settings, topics=[TOPICS.events])
         self.writer.start()
 

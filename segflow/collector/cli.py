@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import os
 from typing import Any
 
 
@@ -65,3 +66,30 @@ def cmd_collect(args: argparse.Namespace) -> int:
         overrides["event_map"] = table
     config = CollectorSettings().model_copy(update=overrides)
     return run(_settings_for(args), config)
+
+
+def supervise(sup: Any, state_dir: str) -> str:
+    """Add the collector to ``segflow up``'s supervisor; a line saying where it listens.
+
+    The write key is ``SEGFLOW_COLLECTOR_WRITE_KEYS`` when set, else a local one kept in
+    ``<state_dir>/collector-write-key`` (mode 0600, created on first use).
+    """
+    import secrets
+    import sys
+    from pathlib import Path
+
+    env: dict[str, str] = {}
+    if os.environ.get("SEGFLOW_COLLECTOR_WRITE_KEYS"):
+        where = "SEGFLOW_COLLECTOR_WRITE_KEYS"
+    else:
+        path = Path(state_dir) / "collector-write-key"
+        if not path.exists():
+            path.parent.mkdir(parents=True, exist_ok=True)
+            fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+            with os.fdopen(fd, "w") as out:
+                out.write(secrets.token_urlsafe(18) + "\n")
+        env["SEGFLOW_COLLECTOR_WRITE_KEYS"] = f"local={path.read_text().strip()}"
+        where = str(path)
+    sup.add("collector", [sys.executable, "-m", "segflow.collector"], env)
+    port = os.environ.get("SEGFLOW_COLLECTOR_PORT", "8088")
+    return f"  collector  http://127.0.0.1:{port}/v1 (Segment tracking API; write key in {where})"

@@ -296,7 +296,8 @@ def map_message(
         raise MessageError(f"type: expected one of {', '.join(CALL_TYPES)}, got {kind!r}")
     context = _dict(msg, "context")
     traits = _dict(msg, "traits") if kind in ("identify", "group") else {}
-    ctx_traits = context.get("traits") if isinstance(context.get("traits"), Mapping) else {}
+    raw_traits = context.get("traits")
+    ctx_traits: Mapping[str, Any] = raw_traits if isinstance(raw_traits, Mapping) else {}
     device = context.get("device") if isinstance(context.get("device"), Mapping) else {}
 
     user_id = _id(msg, "userId")
