@@ -86,6 +86,9 @@ class KafkaWriter:
         self._queue.put(None)
         if self._thread.is_alive():
             self._thread.join(timeout)
+        producer, self._producer = self._producer, None
+        if producer is not None and not self._thread.is_alive():
+            producer.close()  # every client closed: no producer left retrying a gone broker
 
     @property
     def healthy(self) -> bool:
