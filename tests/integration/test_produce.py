@@ -28,7 +28,9 @@ def test_produce_sends_valid_lines_and_reports_bad_ones(kafka_settings: Settings
     ]
     lines = [json.dumps(e) for e in good]
     lines.insert(3, "{not json")
-    lines.insert(7, json.dumps({"event_id": "x", "event_type": "login", "occurred_at": 5}))
+    lines.insert(
+        7, json.dumps({"event_id": "x", "event_type": "login", "occurred_at": 1_700_000_000_000})
+    )
     lines.insert(9, "")
     report = io.StringIO()
 
