@@ -115,6 +115,9 @@ class ChangelogStore:
     def keys(self) -> Iterator[str]:
         return iter(self.table)
 
+    def __iter__(self) -> Iterator[str]:
+        return iter(self.table)
+
     def partition_of(self, key: str) -> int:
         """The changelog partition ``key`` lives in."""
         pinned = self._pinned.get(key)

@@ -194,7 +194,7 @@ class Segmenter:
         """Caches, timers, watermarks, sizes and percentile thresholds from the store's table
         (of ``partitions`` only, when given: newly assigned ones)."""
         store = self.store
-        for key in list(store.keys()):
+        for key in list(store):
             if partitions is None or store.partition_of(key) in partitions:
                 self._load(key, store.get(key))
         for key in list(self.states):
@@ -596,7 +596,7 @@ class Segmenter:
                 heapq.heappush(self._timers.setdefault(part, []), (st.next_timer, key))
         self._dirty.clear()
         self.part_statuses = {}
-        for k in [k for k in self.store.keys() if k.startswith(SEGMENT_KEY)]:
+        for k in [k for k in self.store if k.startswith(SEGMENT_KEY)]:
             self._load(k, self.store.get(k))
         self.watermarks = dict(self._committed_watermarks)
         self._recount()
