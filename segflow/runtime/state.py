@@ -140,9 +140,7 @@ class ChangelogStore:
         return self.assigned is None or self.partition_of(key) in self.assigned
 
     # -- writes --------------------------------------------------------------------------
-    def put(
-        self, key: str, value: dict[str, Any] | bytes, partition: int | None = None
-    ) -> Output:
+    def put(self, key: str, value: dict[str, Any] | bytes, partition: int | None = None) -> Output:
         """Set ``key`` (in ``partition`` if given, else its hash's); yield the returned Output
         from the handler."""
         part = self._place(key, partition)
