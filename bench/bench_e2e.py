@@ -60,6 +60,7 @@ sys.path.insert(0, str(ROOT))
 from confluent_kafka import OFFSET_BEGINNING, Consumer, TopicPartition  # noqa: E402
 
 from segflow import stack  # noqa: E402
+from segflow.cli import SCALABLE  # noqa: E402
 from segflow.demo import _high  # noqa: E402
 from segflow.runtime.broker import free_port  # noqa: E402
 from segflow.runtime.lag import LagProbe  # noqa: E402
@@ -70,7 +71,6 @@ from segflow.runtime.topics import TOPICS, Topic  # noqa: E402
 from segflow.sim.generator import SimConfig, Simulation  # noqa: E402
 from segflow.sim.noise import Delivery  # noqa: E402
 from segflow.sim.sink import KafkaSink, Pacer, retime  # noqa: E402
-from segflow.cli import SCALABLE  # noqa: E402
 from segflow.supervisor import SERVICES, Supervisor  # noqa: E402
 from services.dispatcher.playbooks import DEFAULT_DIR  # noqa: E402
 

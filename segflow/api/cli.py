@@ -31,7 +31,8 @@ def add_parser(subparsers: Any) -> argparse.ArgumentParser:
 
 
 def cmd_api(args: argparse.Namespace) -> int:
-    from segflow.api.gateway import GatewaySettings, run
+    from segflow.api.app import run
+    from segflow.api.gateway import GatewaySettings
     from segflow.runtime.log import configure
     from segflow.runtime.settings import Settings
 

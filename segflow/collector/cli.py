@@ -40,7 +40,7 @@ def cmd_collect(args: argparse.Namespace) -> int:
     import yaml
     from pydantic import SecretStr
 
-    from segflow.cli import _settings_for
+    from segflow.runtime.local import settings_for
     from segflow.collector.app import CollectorSettings, run
     from segflow.errors import ConfigError
 
@@ -65,7 +65,7 @@ def cmd_collect(args: argparse.Namespace) -> int:
             )
         overrides["event_map"] = table
     config = CollectorSettings().model_copy(update=overrides)
-    return run(_settings_for(args), config)
+    return run(settings_for(args.port), config)
 
 
 def supervise(sup: Any, state_dir: str) -> str:

@@ -215,6 +215,7 @@ class ProcessingLoop:
         self.assigned: set[int] = set()
         self._m_assigned = metrics.ASSIGNED_PARTITIONS.labels(svc, self.instance)
         self._last_data = 0.0
+        self._assigned_once = False
         self._closing = False
         #: Revoked by a rebalance under way, state kept until the assignment that follows.
         self._parked: set[int] = set()
@@ -250,7 +251,7 @@ class ProcessingLoop:
         metrics.UP.labels(cfg.service).set(1)
         metrics.INSTANCE.labels(cfg.service, self.instance).set(1)
         self._running = True
-        self._last_data = self.clock()
+        self._last_data = started = self.clock()
         log.info(
             "loop started",
             extra={"fields": {"sources": list(cfg.sources), "exactly_once": cfg.exactly_once}},
@@ -267,7 +268,13 @@ class ProcessingLoop:
                 ):
                     self._run_tick()
                 if not msgs:
-                    if idle_timeout is not None and self.clock() - self._last_data > idle_timeout:
+                    if (
+                        idle_timeout is not None
+                        and self.clock() - self._last_data > idle_timeout
+                        # idle means nothing to read from partitions it owns: a group join
+                        # on a loaded broker can take longer than the idle time (60 s cap)
+                        and (self._assigned_once or self.clock() - started > 60)
+                    ):
                         break
                     continue
                 self._last_data = self.clock()
@@ -647,6 +654,7 @@ class ProcessingLoop:
                     on_assign(new)
         seconds = time.monotonic() - started
         self._last_data = self.clock()  # idle time counts from when there is work to own
+        self._assigned_once = True
         metrics.RESTORE_SECONDS.labels(svc, self.instance).observe(seconds)
         log.info(
             "partitions assigned",

@@ -65,6 +65,7 @@ class ChangelogStore:
         topic: Topic,
         serde: Serde | None = None,
         partitioned: bool | None = None,
+        encoded: bool = False,
     ) -> None:
         if "compact" not in topic.cleanup:
             raise ValueError(f"changelog topic {topic.key_name} must be compacted")
@@ -72,7 +73,11 @@ class ChangelogStore:
         self.topic = topic
         self.topic_name = topic.name(settings)
         self.serde = serde or Serde.from_settings(settings)
-        self.table: dict[str, dict[str, Any]] = {}
+        #: key -> record, or with ``encoded`` the record's wire bytes (decoded by ``get``): a
+        #: service that keeps its own decoded objects holds each customer once, not twice,
+        #: and a restore does not decode what the service decodes again anyway.
+        self.table: dict[str, Any] = {}
+        self.encoded = encoded
         self._undo: dict[str, Any] = {}
         #: Partitions of the changelog (the topic's actual count once restored).
         self.partitions = topic.partitions
@@ -90,7 +95,10 @@ class ChangelogStore:
 
     # -- reads ---------------------------------------------------------------------------
     def get(self, key: str) -> dict[str, Any] | None:
-        return self.table.get(key)
+        value = self.table.get(key)
+        if self.encoded and value is not None:
+            return self.serde.decode(self.topic, value)
+        return cast("dict[str, Any] | None", value)
 
     def __contains__(self, key: str) -> bool:
         return key in self.table
@@ -99,26 +107,50 @@ class ChangelogStore:
         return len(self.table)
 
     def items(self) -> Iterator[tuple[str, dict[str, Any]]]:
+        if self.encoded:
+            decode, topic = self.serde.decode, self.topic
+            return ((k, decode(topic, v)) for k, v in list(self.table.items()))
         return iter(self.table.items())
+
+    def keys(self) -> Iterator[str]:
+        return iter(self.table)
+
+    def __iter__(self) -> Iterator[str]:
+        return iter(self.table)
 
     def partition_of(self, key: str) -> int:
         """The changelog partition ``key`` lives in."""
         pinned = self._pinned.get(key)
         return pinned if pinned is not None else partition_for(key, self.partitions)
 
+    def snapshot(self) -> dict[str, tuple[int, Any]]:
+        """Every key with its partition and stored value (what a restore of all partitions
+        would load; for tools and tests)."""
+        return {k: (self.partition_of(k), v) for k, v in self.table.items()}
+
+    def load_snapshot(self, snapshot: dict[str, tuple[int, Any]]) -> None:
+        """Load a :meth:`snapshot` as a restore would (keys keep their partitions)."""
+        for key, (part, value) in snapshot.items():
+            self.table[key] = value
+            if part != partition_for(key, self.partitions):
+                self._pinned[key] = part
+
     def owns(self, key: str) -> bool:
         """Whether this instance holds ``key``'s partition."""
         return self.assigned is None or self.partition_of(key) in self.assigned
 
     # -- writes --------------------------------------------------------------------------
-    def put(self, key: str, value: dict[str, Any], partition: int | None = None) -> Output:
+    def put(self, key: str, value: dict[str, Any] | bytes, partition: int | None = None) -> Output:
         """Set ``key`` (in ``partition`` if given, else its hash's); yield the returned Output
         from the handler."""
         part = self._place(key, partition)
         if key not in self._undo:
             self._undo[key] = self.table.get(key, _MISSING)
-        self.table[key] = value
-        return Output(self.topic, key, value, partition=self._explicit(part, partition))
+        stored: Any = value
+        if self.encoded and not isinstance(value, bytes):
+            stored = self.serde.encode(self.topic, value)  # once: the Output carries the bytes
+        self.table[key] = stored
+        return Output(self.topic, key, stored, partition=self._explicit(part, partition))
 
     def delete(self, key: str) -> Output:
         """Remove ``key`` (a tombstone on the changelog)."""
@@ -257,7 +289,9 @@ class ChangelogStore:
                         self.table.pop(key, None)
                         self._pinned.pop(key, None)
                     else:
-                        self.table[key] = self.serde.decode(self.topic, value)
+                        self.table[key] = (
+                            value if self.encoded else self.serde.decode(self.topic, value)
+                        )
                         if partition != partition_for(key, self.partitions):
                             self._pinned[key] = partition
                     if offset + 1 >= ends.get(partition, 0):

@@ -43,9 +43,7 @@ def main(argv: list[str] | None = None) -> int:
     if args.prefix is not None:
         overrides["topic_prefix"] = args.prefix
     settings = Settings(**overrides)
-    log = configure(
-        SERVICE, settings.log_level, settings.log_format, instance=settings.instance_id
-    )
+    log = configure(SERVICE, settings.log_level, settings.log_format, instance=settings.instance_id)
     if settings.metrics_port:
         metrics.serve(settings.metrics_port)
     config = IdentitySettings()

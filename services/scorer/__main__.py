@@ -25,9 +25,7 @@ def main(argv: list[str] | None = None) -> int:
     faulthandler.register(signal.SIGUSR1)
     settings = Settings()
     options = ScorerSettings()
-    configure(
-        "scorer", settings.log_level, settings.log_format, instance=settings.instance_id
-    )
+    configure("scorer", settings.log_level, settings.log_format, instance=settings.instance_id)
     if settings.metrics_port:
         metrics.serve(settings.metrics_port)
     service = ScorerService(settings, options)

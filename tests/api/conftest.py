@@ -14,7 +14,8 @@ from typing import Any
 import httpx
 import pytest
 
-from segflow.api.gateway import Background, GatewaySettings
+from segflow.api.app import Background
+from segflow.api.gateway import GatewaySettings
 from segflow.runtime.broker import free_port
 from segflow.runtime.loop import Incoming, Output
 from segflow.runtime.serde import Serde

@@ -10,7 +10,8 @@ import pytest
 
 from api.conftest import Stack
 from api.openapi_check import load_spec, response_schema, validate
-from segflow.api.gateway import GatewaySettings, create_app
+from segflow.api.app import create_app
+from segflow.api.gateway import GatewaySettings
 
 SPEC = load_spec()
 

@@ -15,7 +15,8 @@ import pytest
 
 from api.conftest import TOKEN, Stack, closed_port, gateway_for
 from segflow.api import cli as api_cli
-from segflow.api.gateway import GatewaySettings, create_app
+from segflow.api.app import create_app
+from segflow.api.gateway import GatewaySettings
 from segflow.errors import ConfigError
 from services.scorer.core import PRIOR_SHARE_FEATURE
 from services.scorer.features import FEATURE_NAMES
