@@ -264,6 +264,10 @@ MODEL_INPUTS: tuple[tuple[str, str], ...] = (
     ("bgnbd_p_none", _LOGIT),
     ("avg_order_value", _LOG),
     ("lifetime_purchases", _LOG),
+    ("lifetime_revenue", _LOG),
+    ("purchases_90d", _LOG),
+    ("revenue_90d", _LOG),
+    ("active_days_90d", _LOG),
 )
 _MI_NAMES = tuple(n for n, _ in MODEL_INPUTS)
 #: Sign constraints on the churn model's weights (+1: more never lowers churn, -1: more
@@ -296,6 +300,7 @@ _FREE = frozenset(
         "clicks_per_open_56d",
         "cart_views_per_session_56d",
         "avg_order_value",
+        "lifetime_revenue",
     }
 )
 CHURN_SIGNS: dict[str, int] = {
@@ -403,7 +408,7 @@ def model_input(vec: npt.NDArray[np.float64]) -> dict[str, float]:
 
     >>> x = model_input(np.zeros(len(FEATURE_NAMES)))
     >>> len(x), x["days_since_active"]
-    (53, 0.0)
+    (57, 0.0)
     """
     return dict(zip(_MI_NAMES, model_vector(vec).tolist(), strict=True))
 
