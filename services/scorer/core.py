@@ -1389,7 +1389,8 @@ class Scorer:
             "n_learned": m.n_learned,
             "matured_through_day": m.matured_through_day,
             "max_event_ms": self.max_event_ms,
-            "metrics": m.quality(),
+            # undefined metrics (an AUC with one class so far) are left out
+            "metrics": {k: v for k, v in m.quality().items() if v is not None},
             "clusters": [
                 {
                     "cluster": k,

@@ -2,10 +2,14 @@
 
 from __future__ import annotations
 
+import json
 from collections import Counter
 from collections.abc import Iterable
+from pathlib import Path
 from typing import Any
 
+import fastavro
+import fastavro.validation
 import numpy as np
 from hypothesis import given, settings
 from hypothesis import strategies as hs
@@ -230,6 +234,10 @@ def test_on_a_simulated_population_scores_are_bounded_and_the_model_learns() -> 
 def test_a_checkpoint_round_trip_gives_identical_predictions() -> None:
     h = _simulated(customers=30, days=80)
     record = h.sc.checkpoint("churn.t", now_ms=1)
+    schema = json.loads(
+        (Path(__file__).resolve().parents[2] / "schemas/io.segflow.ModelCheckpoint.avsc").read_text()
+    )
+    assert fastavro.validation.validate(record, fastavro.parse_schema(schema), raise_errors=True)
     restored = Scorer(ScorerConfig())
     restored.restore(record)
     assert restored.model.n_learned == h.sc.model.n_learned > 0
