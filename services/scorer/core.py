@@ -259,6 +259,7 @@ MODEL_INPUTS: tuple[tuple[str, str], ...] = (
     ("btyd_recency_days", _LOG),
     ("btyd_gap_mean_days", _LOG),
     ("btyd_gap_z", _ASINH),
+    ("btyd_silence_x_frequency", ""),
     ("bgnbd_p_alive", _LOGIT),
     ("bgnbd_expected", _LOG),
     ("bgnbd_p_none", _LOGIT),
@@ -283,6 +284,7 @@ GROWS_WITH_SILENCE = frozenset(
         "days_since_feature_use",
         "days_since_qualifying",
         "btyd_gap_z",
+        "btyd_silence_x_frequency",
         "bgnbd_p_none",
         "idle_vs_usual_gap_active",
         "idle_vs_usual_gap_purchase",
@@ -342,7 +344,7 @@ _Q_LOG = np.zeros(len(FEATURE_NAMES), dtype=bool)
 for _name, _i in FEATURE_INDEX.items():
     if (
         _name.startswith("days_since_")
-        or _name in ("tenure_days", "btyd_age_days", "btyd_gap_z")
+        or _name in ("tenure_days", "btyd_age_days", "btyd_gap_z", "btyd_silence_x_frequency")
         or _name.startswith("bgnbd_")
     ):
         # they move with time alone: the segmenter ages days_since_* itself, and the
@@ -408,7 +410,7 @@ def model_input(vec: npt.NDArray[np.float64]) -> dict[str, float]:
 
     >>> x = model_input(np.zeros(len(FEATURE_NAMES)))
     >>> len(x), x["days_since_active"]
-    (57, 0.0)
+    (58, 0.0)
     """
     return dict(zip(_MI_NAMES, model_vector(vec).tolist(), strict=True))
 
