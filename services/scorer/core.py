@@ -1405,11 +1405,13 @@ class Scorer:
         }
 
     def restore(self, record: Mapping[str, Any]) -> None:
-        """Resume from a checkpoint record."""
-        self.model = ChurnModel.from_bytes(record["model"])
-        if self.model.prior is None:  # a checkpoint from before the prior
-            self.model.prior = churn_prior()
-            self.model.prior_strength = PRIOR_STRENGTH
+        """Resume from a checkpoint record. A model from before issue #17 (its classifier has
+        no sign constraints) learned another label on other inputs: it is replaced by a new
+        model (the BG/NBD prior until labels mature), not resumed."""
+        model = ChurnModel.from_bytes(record["model"])
+        if getattr(model.classifier, "signs", None) is None:
+            model = new_model(created_at=int(record.get("created_at") or 0))
+        self.model = model
         self._descriptions = self.model.describe_clusters()
 
     def pending_timers(self) -> int:

@@ -247,6 +247,19 @@ def test_a_checkpoint_round_trip_gives_identical_predictions() -> None:
         assert (a.churn, a.top, a.cluster, a.stage) == (b.churn, b.top, b.cluster, b.stage)
 
 
+def test_a_checkpoint_of_the_old_churn_model_is_not_resumed() -> None:
+    # before issue #17 the model learned another label on other inputs, unconstrained
+    from services.scorer.model import ChurnModel
+
+    old = ChurnModel()
+    for _ in range(50):
+        old.learn({"idle_days_active": 3.0}, True)
+    sc = Scorer(ScorerConfig())
+    sc.restore({"model": old.to_bytes(), "created_at": 5})
+    assert sc.model.n_learned == 0 and sc.model.prior_share() == 1.0
+    assert sc.model.classifier.signs  # the new, constrained model
+
+
 @settings(max_examples=40, deadline=None)
 @given(
     hs.lists(
