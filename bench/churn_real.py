@@ -132,8 +132,12 @@ def main() -> None:
             # time passes to this day's first minutes (the service sees midnight go by
             # before the noon purchases): refreshes and snapshots as of midnight
             if day_now is not None and d // 30 != day_now // 30:
-                print(f"  replay at {EPOCH + dt.timedelta(days=d)}: {time.perf_counter() - started:.0f} s, "
-                      f"labels learned {sc.model.n_learned:,}", flush=True)
+                print(
+                    f"  replay at {EPOCH + dt.timedelta(days=d)}: "
+                    f"{time.perf_counter() - started:.0f} s, "
+                    f"labels learned {sc.model.n_learned:,}",
+                    flush=True,
+                )
             if day_now is not None:
                 sc.max_event_ms = max(sc.max_event_ms or 0, d * DAY + config.watermark_delay_ms)
                 apply(sc.flush(store.get, store.items, d * DAY))
@@ -191,8 +195,9 @@ def main() -> None:
     actual = np.array([held_rev[c] for c in ids])
     rep = x > 0
     gg = GammaGammaFitter(penalizer_coef=0.0).fit(x[rep], repeat_mean[rep])
-    spend = np.full(len(ids), float(np.mean(gg.conditional_expected_average_profit(
-        x[rep], repeat_mean[rep]))))
+    spend = np.full(
+        len(ids), float(np.mean(gg.conditional_expected_average_profit(x[rep], repeat_mean[rep])))
+    )
     spend[rep] = gg.conditional_expected_average_profit(x[rep], repeat_mean[rep])
     clv_bg = np.asarray(exp_all) * spend
     clv_sf = np.array([s.clv for s in scored]) * (end - cal_end) / 365.25
@@ -202,8 +207,10 @@ def main() -> None:
 
     print(f"customers scored as of {args.cal_end} 00:00: {len(ids):,}")
     print(f"label A: no purchase in the next {horizon} days     positive rate {lapse_h.mean():.3f}")
-    print(f"label B: no purchase to {args.end} ({end - cal_end} days) positive rate "
-          f"{lapse_all.mean():.3f}")
+    print(
+        f"label B: no purchase to {args.end} ({end - cal_end} days) positive rate "
+        f"{lapse_all.mean():.3f}"
+    )
     print(f"{'score':44s} {'AUC A':>7s} {'AUC B':>7s}")
     for name, s_a, s_b in (
         ("segflow churn_probability", churn, churn),
@@ -211,16 +218,22 @@ def main() -> None:
         ("days since last purchase", recency, recency),
     ):
         print(f"{name:44s} {roc_auc(s_a, lapse_h):7.3f} {roc_auc(s_b, lapse_all):7.3f}")
-    print(f"segflow calibration error (ECE, label A): {calibration_error(churn, lapse_h):.3f}; "
-          f"mean churn {churn.mean():.3f}")
-    print(f"most common churn value {value} held by {count / len(churn):.1%} of customers; "
-          f"{len(set(churn.tolist())):,} distinct values")
+    print(
+        f"segflow calibration error (ECE, label A): {calibration_error(churn, lapse_h):.3f}; "
+        f"mean churn {churn.mean():.3f}"
+    )
+    print(
+        f"most common churn value {value} held by {count / len(churn):.1%} of customers; "
+        f"{len(set(churn.tolist())):,} distinct values"
+    )
     print(f"CLV over the holdout ({end - cal_end} days; actual total {actual.sum():,.0f}):")
     for name, c in (("segflow clv (12 months, scaled)", clv_sf), ("BG/NBD + Gamma-Gamma", clv_bg)):
         rho = spearmanr(c, actual).statistic
-        print(f"  {name:36s} Spearman {rho:.3f}, total {c.sum():,.0f} "
-              f"({c.sum() / actual.sum():.2f} x actual), top-decile capture "
-              f"{actual[np.argsort(-c)[: len(c) // 10]].sum() / actual.sum():.1%}")
+        print(
+            f"  {name:36s} Spearman {rho:.3f}, total {c.sum():,.0f} "
+            f"({c.sum() / actual.sum():.2f} x actual), top-decile capture "
+            f"{actual[np.argsort(-c)[: len(c) // 10]].sum() / actual.sum():.1%}"
+        )
     print(f"BG/NBD (lifetimes) params: { {k: round(v, 4) for k, v in bg.params_.items()} }")
     print(f"model: {q}")
     print(

@@ -1322,7 +1322,7 @@ class Scorer:
         """Label matured snapshots and learn from those not held back; returns how many."""
         model = self.model
         n = 0
-        for i, cid in enumerate(due.ids):
+        for i in range(len(due.ids)):
             if now_days[i] < 0:
                 continue  # the customer was forgotten or merged away since
             churned = bool(now_days[i] == due.q_days[i])

@@ -232,9 +232,10 @@ TREND_FEATURES = [
 #: mean and standard deviation of the gaps between consecutive days, and the customer's own
 #: gap z-score: (days since the last - mean gap) / max(sd, mean / 2, 1) (0 before a second
 #: day); ``btyd_silence_x_frequency`` = max(0, log((days since the last + 1) / 2)) *
-#: log(1 + repeat days): a silence weighs more for a frequent customer. ``bgnbd_*`` are the BG/NBD estimates for the horizon H from the scorer's latest fit
-#: (probability alive, expected qualifying days in H, probability of none in H): filled in by
-#: the scorer (:mod:`services.scorer.core`), 0 from :func:`compute`.
+#: log(1 + repeat days): a silence weighs more for a frequent customer. ``bgnbd_*`` are
+#: the BG/NBD estimates for the horizon H from the scorer's latest fit (probability alive,
+#: expected qualifying days in H, probability of none in H): filled in by the scorer
+#: (:mod:`services.scorer.core`), 0 from :func:`compute`.
 BTYD_FEATURES = [
     "days_since_qualifying",
     "btyd_frequency",

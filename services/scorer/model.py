@@ -575,7 +575,8 @@ class ChurnModel:
         * ``score_tie_share``: share of the latest snapshot day's customers holding its most
           common score (4 decimals); ``mean_score``; ``suggested_horizon_days``.
         """
-        auc = self.auc.get() if self.n_learned > 1 and 0 < self.n_positive < self.n_learned else None
+        both = self.n_learned > 1 and 0 < self.n_positive < self.n_learned
+        auc = self.auc.get() if both else None
         ll = self.logloss.get() if self.n_learned > 1 else None
         out: dict[str, float | None] = {
             "roc_auc": float(auc) if auc is not None and math.isfinite(auc) else None,
@@ -633,7 +634,9 @@ def roc_auc(scores: npt.NDArray[np.float64], labels: npt.NDArray[np.bool_]) -> f
     return float((ranks[y].sum() - n_pos * (n_pos + 1) / 2) / (n_pos * n_neg))
 
 
-def calibration_error(p: npt.NDArray[np.float64], y: npt.NDArray[np.bool_], bins: int = 10) -> float:
+def calibration_error(
+    p: npt.NDArray[np.float64], y: npt.NDArray[np.bool_], bins: int = 10
+) -> float:
     """Expected calibration error over equal-width probability bins.
 
     >>> calibration_error(np.array([0.9, 0.9, 0.1, 0.1]), np.array([True, True, False, False]))

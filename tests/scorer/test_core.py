@@ -234,9 +234,8 @@ def test_on_a_simulated_population_scores_are_bounded_and_the_model_learns() -> 
 def test_a_checkpoint_round_trip_gives_identical_predictions() -> None:
     h = _simulated(customers=30, days=80)
     record = h.sc.checkpoint("churn.t", now_ms=1)
-    schema = json.loads(
-        (Path(__file__).resolve().parents[2] / "schemas/io.segflow.ModelCheckpoint.avsc").read_text()
-    )
+    avsc = Path(__file__).resolve().parents[2] / "schemas/io.segflow.ModelCheckpoint.avsc"
+    schema = json.loads(avsc.read_text())
     assert fastavro.validation.validate(record, fastavro.parse_schema(schema), raise_errors=True)
     restored = Scorer(ScorerConfig())
     restored.restore(record)
@@ -562,7 +561,8 @@ def test_a_tick_does_bounded_work_and_the_next_ticks_finish_it() -> None:
 def test_months_of_silence_every_customer_is_rescored_on_schedule() -> None:
     # 40 customers active for one to two weeks, then silent for five months while time passes
     # day by day: each is rescored every day until it has been silent for four weeks or a
-    # refresh turns it churned, then on the weekly grid, to the end (issue #17: a customer turned churned by a refresh lost its timer)
+    # refresh turns it churned, then on the weekly grid, to the end (issue #17: a customer
+    # turned churned by a refresh lost its timer)
     h = Harness()
     ids = [f"c{i}" for i in range(40)]
     for d in range(14):
