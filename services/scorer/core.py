@@ -352,7 +352,7 @@ for _name, _i in FEATURE_INDEX.items():
         _Q_SCALE[_i] = 0.0
     elif _name.startswith("idle_days_") or _name == "usual_gap_days_active":
         _Q_SCALE[_i] = 1.0 / 7.0  # whole weeks: a silence grows them every day
-    elif "drift" in _name or _name.startswith("idle_vs_usual_gap"):
+    elif _name.startswith("idle_vs_usual_gap"):
         _Q_SCALE[_i] = 4.0  # quarter steps: a silence grows them every day
     elif "change" in _name or "rate" in _name:
         _Q_SCALE[_i] = 20.0
@@ -500,7 +500,8 @@ def fingerprint(vec: npt.NDArray[np.float64]) -> int:
     """A stable hash of the quantised features: it changes when a feature moves materially
     (a count changes, a ratio moves 5 points, money moves ~13 %), not when time alone moves
     one (``days_since_*``, tenure and age: the segmenter ages recencies itself; idle days
-    count in whole weeks, idle against the usual gap and purchase drift in quarter steps).
+    count in whole weeks, idle against the usual gap in quarter steps; purchase drift, which
+    default segments compare with 0.6, in 5-point steps like the other ratios).
 
     >>> v = np.zeros(len(FEATURE_NAMES))
     >>> a = fingerprint(v); v[FEATURE_INDEX["logins_7d"]] = 0.5; b = fingerprint(v)
