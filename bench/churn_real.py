@@ -193,7 +193,7 @@ def main() -> None:
         if cal_end <= d < end:
             held_rev[cid] += v
     actual = np.array([held_rev[c] for c in ids])
-    rep = x > 0
+    rep = (x > 0) & (repeat_mean > 0)  # (a few CDNOW transactions are worth 0)
     gg = GammaGammaFitter(penalizer_coef=0.0).fit(x[rep], repeat_mean[rep])
     spend = np.full(
         len(ids), float(np.mean(gg.conditional_expected_average_profit(x[rep], repeat_mean[rep])))
