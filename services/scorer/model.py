@@ -395,6 +395,10 @@ class ChurnModel:
     def __getstate__(self) -> dict[str, Any]:
         state = dict(self.__dict__)
         state["_blend"] = None  # derived: rebuilt on first use
+        # Snapshots waiting for their label are not checkpointed: ~400 bytes each, H days of
+        # a population's snapshots would outgrow a Kafka record (1 MB by default) past a
+        # few thousand customers. After a restart the model learns again H days later.
+        state["pending"] = {}
         return state
 
     # -- churn --------------------------------------------------------------------------
