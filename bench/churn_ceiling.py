@@ -400,6 +400,13 @@ def report(name: str, rec: dict[str, Any], p: Any, extra: str = "") -> None:
 
 
 def main() -> None:
+    if not hasattr(Scorer, "_labelled"):
+        sys.exit(
+            "bench/churn_ceiling.py records the labels of the scorer before issue #17 (silence "
+            "after a regular customer's activity, recomputed snapshots); the scorer now labels "
+            "snapshots as scored, H days later (Scorer.mature). Not ported yet: use "
+            "bench/eval_churn.py and bench/churn_real.py."
+        )
     parser = argparse.ArgumentParser(description=(__doc__ or "").splitlines()[0])
     parser.add_argument("--customers", type=int, default=3000)
     parser.add_argument("--days", type=int, default=240)

@@ -132,8 +132,12 @@ def main() -> None:
             # time passes to this day's first minutes (the service sees midnight go by
             # before the noon purchases): refreshes and snapshots as of midnight
             if day_now is not None and d // 30 != day_now // 30:
-                print(f"  replay at {EPOCH + dt.timedelta(days=d)}: {time.perf_counter() - started:.0f} s, "
-                      f"labels learned {sc.model.n_learned:,}", flush=True)
+                print(
+                    f"  replay at {EPOCH + dt.timedelta(days=d)}: "
+                    f"{time.perf_counter() - started:.0f} s, "
+                    f"labels learned {sc.model.n_learned:,}",
+                    flush=True,
+                )
             if day_now is not None:
                 sc.max_event_ms = max(sc.max_event_ms or 0, d * DAY + config.watermark_delay_ms)
                 apply(sc.flush(store.get, store.items, d * DAY))
@@ -169,14 +173,44 @@ def main() -> None:
     exp_h = bg.conditional_expected_number_of_purchases_up_to_time(horizon, x, tx, tt)
     exp_all = bg.conditional_expected_number_of_purchases_up_to_time(end - cal_end, x, tx, tt)
     recency = tt - tx  # days since the last purchase day
+    # CLV: segflow's 12-month clv against BG/NBD + Gamma-Gamma, both against the holdout's
+    # actual revenue (rank correlation; totals with segflow's scaled to the holdout length)
+    from lifetimes import GammaGammaFitter
+    from scipy.stats import spearmanr
+
+    day_rev: dict[tuple[str, int], float] = defaultdict(float)
+    for cid, d, v in rows:
+        if d < cal_end:
+            day_rev[(cid, d)] += v
+    per: dict[str, list[tuple[int, float]]] = defaultdict(list)
+    for (cid, d), v in day_rev.items():
+        per[cid].append((d, v))
+    repeat_mean = np.array(
+        [np.mean([v for _, v in sorted(per[c])[1:]]) if len(per[c]) > 1 else 0.0 for c in ids]
+    )
+    held_rev: dict[str, float] = defaultdict(float)
+    for cid, d, v in rows:
+        if cal_end <= d < end:
+            held_rev[cid] += v
+    actual = np.array([held_rev[c] for c in ids])
+    rep = (x > 0) & (repeat_mean > 0)  # (a few CDNOW transactions are worth 0)
+    gg = GammaGammaFitter(penalizer_coef=0.0).fit(x[rep], repeat_mean[rep])
+    spend = np.full(
+        len(ids), float(np.mean(gg.conditional_expected_average_profit(x[rep], repeat_mean[rep])))
+    )
+    spend[rep] = gg.conditional_expected_average_profit(x[rep], repeat_mean[rep])
+    clv_bg = np.asarray(exp_all) * spend
+    clv_sf = np.array([s.clv for s in scored]) * (end - cal_end) / 365.25
     value, count = Counter(churn.tolist()).most_common(1)[0]
     load1 = os.getloadavg()
     q = sc.model.quality()
 
     print(f"customers scored as of {args.cal_end} 00:00: {len(ids):,}")
     print(f"label A: no purchase in the next {horizon} days     positive rate {lapse_h.mean():.3f}")
-    print(f"label B: no purchase to {args.end} ({end - cal_end} days) positive rate "
-          f"{lapse_all.mean():.3f}")
+    print(
+        f"label B: no purchase to {args.end} ({end - cal_end} days) positive rate "
+        f"{lapse_all.mean():.3f}"
+    )
     print(f"{'score':44s} {'AUC A':>7s} {'AUC B':>7s}")
     for name, s_a, s_b in (
         ("segflow churn_probability", churn, churn),
@@ -184,10 +218,22 @@ def main() -> None:
         ("days since last purchase", recency, recency),
     ):
         print(f"{name:44s} {roc_auc(s_a, lapse_h):7.3f} {roc_auc(s_b, lapse_all):7.3f}")
-    print(f"segflow calibration error (ECE, label A): {calibration_error(churn, lapse_h):.3f}; "
-          f"mean churn {churn.mean():.3f}")
-    print(f"most common churn value {value} held by {count / len(churn):.1%} of customers; "
-          f"{len(set(churn.tolist())):,} distinct values")
+    print(
+        f"segflow calibration error (ECE, label A): {calibration_error(churn, lapse_h):.3f}; "
+        f"mean churn {churn.mean():.3f}"
+    )
+    print(
+        f"most common churn value {value} held by {count / len(churn):.1%} of customers; "
+        f"{len(set(churn.tolist())):,} distinct values"
+    )
+    print(f"CLV over the holdout ({end - cal_end} days; actual total {actual.sum():,.0f}):")
+    for name, c in (("segflow clv (12 months, scaled)", clv_sf), ("BG/NBD + Gamma-Gamma", clv_bg)):
+        rho = spearmanr(c, actual).statistic
+        print(
+            f"  {name:36s} Spearman {rho:.3f}, total {c.sum():,.0f} "
+            f"({c.sum() / actual.sum():.2f} x actual), top-decile capture "
+            f"{actual[np.argsort(-c)[: len(c) // 10]].sum() / actual.sum():.1%}"
+        )
     print(f"BG/NBD (lifetimes) params: { {k: round(v, 4) for k, v in bg.params_.items()} }")
     print(f"model: {q}")
     print(

@@ -23,6 +23,7 @@ is used for evaluation only:
 from __future__ import annotations
 
 import argparse
+import bisect
 import math
 import sys
 import time
@@ -38,6 +39,7 @@ from segflow.sim.generator import DAY, SimConfig, Simulation  # noqa: E402
 from segflow.sim.noise import Delivery  # noqa: E402
 from segflow.sim.truth import truth_records  # noqa: E402
 from services.scorer.core import ScoreEmit, Scorer, ScorerConfig, StateWrite  # noqa: E402
+from services.scorer.features import QUALIFYING  # noqa: E402
 
 CHURNING = ("gradual_churner", "sudden_churner", "silent_decline", "support_escalator")
 
@@ -120,6 +122,17 @@ def evaluate(args: argparse.Namespace, seed: int) -> dict[str, Any]:
     truth = {r["customer"]: r for r in truth_records(sim)}
     scorer = make_scorer(args.model)
     horizon = scorer.config.churn_horizon_days * DAY
+    # what churn_probability now means: no qualifying activity in [t, t + H), from the
+    # simulator's delivered events (the truth of that meaning; the script's churn time is
+    # the other truth, kept for comparison)
+    qualifying = QUALIFYING[scorer.config.churn_activity]
+    active_at: dict[str, list[int]] = {}
+    for cid, ev in items:
+        if ev["event_type"] in qualifying:
+            active_at.setdefault(cid, []).append(int(ev["occurred_at"]))
+    for times in active_at.values():
+        times.sort()
+    ys_quiet: list[bool] = []
     store: dict[str, dict[str, Any]] = {}
     last: dict[str, dict[str, Any]] = {}
 
@@ -155,6 +168,9 @@ def evaluate(args: argparse.Namespace, seed: int) -> dict[str, Any]:
                         continue
                     ps.append(scored.churn)
                     ys.append(churn_at is not None and churn_at <= next_eval + horizon)
+                    times = active_at.get(c, [])
+                    k = bisect.bisect_left(times, next_eval)
+                    ys_quiet.append(k == len(times) or times[k] >= next_eval + horizon)
                     at.append((next_eval - config.start_ms) // DAY)
                     persona.append(truth[c]["persona"])
                 next_eval += args.eval_every_days * DAY
@@ -166,12 +182,16 @@ def evaluate(args: argparse.Namespace, seed: int) -> dict[str, Any]:
     cpu = time.process_time() - started
 
     p, y, day, who = np.array(ps), np.array(ys, dtype=bool), np.array(at), np.array(persona)
+    yq = np.array(ys_quiet, dtype=bool)
     out: dict[str, Any] = {
         "seed": seed,
         "events": len(items),
         "eval_points": len(p),
         "truth_positive_rate": float(y.mean()),
         "truth_roc_auc": roc_auc(p, y),
+        "inactivity_roc_auc (no activity in H, not truly churned at t)": roc_auc(p, yq),
+        "inactivity_positive_rate": float(yq.mean()),
+        "inactivity_calibration_error": calibration_error(p, yq),
         "truth_calibration_error": calibration_error(p, y),
         "mean_churn_probability": float(p.mean()),
     }
@@ -179,6 +199,7 @@ def evaluate(args: argparse.Namespace, seed: int) -> dict[str, Any]:
         sel = (day >= lo) & (day < lo + 42)
         if sel.any():
             out[f"truth_roc_auc_days_{lo}_{lo + 41}"] = roc_auc(p[sel], y[sel])
+            out[f"inactivity_roc_auc_days_{lo}_{lo + 41}"] = roc_auc(p[sel], yq[sel])
     neg = ~y
     for name in CHURNING:
         sel = y & (who == name)

@@ -259,11 +259,16 @@ MODEL_INPUTS: tuple[tuple[str, str], ...] = (
     ("btyd_recency_days", _LOG),
     ("btyd_gap_mean_days", _LOG),
     ("btyd_gap_z", _ASINH),
+    ("btyd_silence_x_frequency", ""),
     ("bgnbd_p_alive", _LOGIT),
     ("bgnbd_expected", _LOG),
     ("bgnbd_p_none", _LOGIT),
     ("avg_order_value", _LOG),
     ("lifetime_purchases", _LOG),
+    ("lifetime_revenue", _LOG),
+    ("purchases_90d", _LOG),
+    ("revenue_90d", _LOG),
+    ("active_days_90d", _LOG),
 )
 _MI_NAMES = tuple(n for n, _ in MODEL_INPUTS)
 #: Sign constraints on the churn model's weights (+1: more never lowers churn, -1: more
@@ -279,6 +284,7 @@ GROWS_WITH_SILENCE = frozenset(
         "days_since_feature_use",
         "days_since_qualifying",
         "btyd_gap_z",
+        "btyd_silence_x_frequency",
         "bgnbd_p_none",
         "idle_vs_usual_gap_active",
         "idle_vs_usual_gap_purchase",
@@ -296,6 +302,7 @@ _FREE = frozenset(
         "clicks_per_open_56d",
         "cart_views_per_session_56d",
         "avg_order_value",
+        "lifetime_revenue",
     }
 )
 CHURN_SIGNS: dict[str, int] = {
@@ -337,7 +344,7 @@ _Q_LOG = np.zeros(len(FEATURE_NAMES), dtype=bool)
 for _name, _i in FEATURE_INDEX.items():
     if (
         _name.startswith("days_since_")
-        or _name in ("tenure_days", "btyd_age_days", "btyd_gap_z")
+        or _name in ("tenure_days", "btyd_age_days", "btyd_gap_z", "btyd_silence_x_frequency")
         or _name.startswith("bgnbd_")
     ):
         # they move with time alone: the segmenter ages days_since_* itself, and the
@@ -345,7 +352,7 @@ for _name, _i in FEATURE_INDEX.items():
         _Q_SCALE[_i] = 0.0
     elif _name.startswith("idle_days_") or _name == "usual_gap_days_active":
         _Q_SCALE[_i] = 1.0 / 7.0  # whole weeks: a silence grows them every day
-    elif "drift" in _name or _name.startswith("idle_vs_usual_gap"):
+    elif _name.startswith("idle_vs_usual_gap"):
         _Q_SCALE[_i] = 4.0  # quarter steps: a silence grows them every day
     elif "change" in _name or "rate" in _name:
         _Q_SCALE[_i] = 20.0
@@ -403,7 +410,7 @@ def model_input(vec: npt.NDArray[np.float64]) -> dict[str, float]:
 
     >>> x = model_input(np.zeros(len(FEATURE_NAMES)))
     >>> len(x), x["days_since_active"]
-    (53, 0.0)
+    (58, 0.0)
     """
     return dict(zip(_MI_NAMES, model_vector(vec).tolist(), strict=True))
 
@@ -493,7 +500,8 @@ def fingerprint(vec: npt.NDArray[np.float64]) -> int:
     """A stable hash of the quantised features: it changes when a feature moves materially
     (a count changes, a ratio moves 5 points, money moves ~13 %), not when time alone moves
     one (``days_since_*``, tenure and age: the segmenter ages recencies itself; idle days
-    count in whole weeks, idle against the usual gap and purchase drift in quarter steps).
+    count in whole weeks, idle against the usual gap in quarter steps; purchase drift, which
+    default segments compare with 0.6, in 5-point steps like the other ratios).
 
     >>> v = np.zeros(len(FEATURE_NAMES))
     >>> a = fingerprint(v); v[FEATURE_INDEX["logins_7d"]] = 0.5; b = fingerprint(v)
@@ -1315,7 +1323,7 @@ class Scorer:
         """Label matured snapshots and learn from those not held back; returns how many."""
         model = self.model
         n = 0
-        for i, cid in enumerate(due.ids):
+        for i in range(len(due.ids)):
             if now_days[i] < 0:
                 continue  # the customer was forgotten or merged away since
             churned = bool(now_days[i] == due.q_days[i])
@@ -1384,7 +1392,8 @@ class Scorer:
             "n_learned": m.n_learned,
             "matured_through_day": m.matured_through_day,
             "max_event_ms": self.max_event_ms,
-            "metrics": m.quality(),
+            # undefined metrics (an AUC with one class so far) are left out
+            "metrics": {k: v for k, v in m.quality().items() if v is not None},
             "clusters": [
                 {
                     "cluster": k,
@@ -1397,11 +1406,13 @@ class Scorer:
         }
 
     def restore(self, record: Mapping[str, Any]) -> None:
-        """Resume from a checkpoint record."""
-        self.model = ChurnModel.from_bytes(record["model"])
-        if self.model.prior is None:  # a checkpoint from before the prior
-            self.model.prior = churn_prior()
-            self.model.prior_strength = PRIOR_STRENGTH
+        """Resume from a checkpoint record. A model from before issue #17 (its classifier has
+        no sign constraints) learned another label on other inputs: it is replaced by a new
+        model (the BG/NBD prior until labels mature), not resumed."""
+        model = ChurnModel.from_bytes(record["model"])
+        if getattr(model.classifier, "signs", None) is None:
+            model = new_model(created_at=int(record.get("created_at") or 0))
+        self.model = model
         self._descriptions = self.model.describe_clusters()
 
     def pending_timers(self) -> int:

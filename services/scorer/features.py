@@ -231,9 +231,11 @@ TREND_FEATURES = [
 #: (``btyd_recency_days``, t_x), days from the first to ``as_of`` (``btyd_age_days``, T),
 #: mean and standard deviation of the gaps between consecutive days, and the customer's own
 #: gap z-score: (days since the last - mean gap) / max(sd, mean / 2, 1) (0 before a second
-#: day). ``bgnbd_*`` are the BG/NBD estimates for the horizon H from the scorer's latest fit
-#: (probability alive, expected qualifying days in H, probability of none in H): filled in by
-#: the scorer (:mod:`services.scorer.core`), 0 from :func:`compute`.
+#: day); ``btyd_silence_x_frequency`` = max(0, log((days since the last + 1) / 2)) *
+#: log(1 + repeat days): a silence weighs more for a frequent customer. ``bgnbd_*`` are
+#: the BG/NBD estimates for the horizon H from the scorer's latest fit (probability alive,
+#: expected qualifying days in H, probability of none in H): filled in by the scorer
+#: (:mod:`services.scorer.core`), 0 from :func:`compute`.
 BTYD_FEATURES = [
     "days_since_qualifying",
     "btyd_frequency",
@@ -242,6 +244,7 @@ BTYD_FEATURES = [
     "btyd_gap_mean_days",
     "btyd_gap_std_days",
     "btyd_gap_z",
+    "btyd_silence_x_frequency",
     "bgnbd_p_alive",
     "bgnbd_expected",
     "bgnbd_p_none",
@@ -781,6 +784,7 @@ def _btyd(st: State, as_of: int) -> list[float]:
     last = st.get("q_last_ms")
     if last is None or st["q_first_ms"] is None:
         return [NEVER_DAYS] + [0.0] * (len(BTYD_FEATURES) - 1)
+    repeat = float(max(st["q_days"] - 1, 0))
     first_day, last_day = st["q_first_ms"] // DAY, last // DAY
     since = max(0.0, (as_of - last) / DAY)
     gaps = st["q_gaps"]
@@ -789,12 +793,13 @@ def _btyd(st: State, as_of: int) -> list[float]:
     z = (since - mean) / max(sd, mean / 2.0, 1.0) if gaps else 0.0
     return [
         since,
-        float(max(st["q_days"] - 1, 0)),
+        repeat,
         float(last_day - first_day),
         max(0.0, as_of / DAY - first_day),
         mean,
         sd,
         z,
+        max(0.0, math.log1p(since) - math.log(2.0)) * math.log1p(repeat),
         0.0,
         0.0,
         0.0,

@@ -395,6 +395,10 @@ class ChurnModel:
     def __getstate__(self) -> dict[str, Any]:
         state = dict(self.__dict__)
         state["_blend"] = None  # derived: rebuilt on first use
+        # Snapshots waiting for their label are not checkpointed: ~400 bytes each, H days of
+        # a population's snapshots would outgrow a Kafka record (1 MB by default) past a
+        # few thousand customers. After a restart the model learns again H days later.
+        state["pending"] = {}
         return state
 
     # -- churn --------------------------------------------------------------------------
@@ -575,7 +579,8 @@ class ChurnModel:
         * ``score_tie_share``: share of the latest snapshot day's customers holding its most
           common score (4 decimals); ``mean_score``; ``suggested_horizon_days``.
         """
-        auc = self.auc.get() if self.n_learned > 1 and 0 < self.n_positive < self.n_learned else None
+        both = self.n_learned > 1 and 0 < self.n_positive < self.n_learned
+        auc = self.auc.get() if both else None
         ll = self.logloss.get() if self.n_learned > 1 else None
         out: dict[str, float | None] = {
             "roc_auc": float(auc) if auc is not None and math.isfinite(auc) else None,
@@ -633,7 +638,9 @@ def roc_auc(scores: npt.NDArray[np.float64], labels: npt.NDArray[np.bool_]) -> f
     return float((ranks[y].sum() - n_pos * (n_pos + 1) / 2) / (n_pos * n_neg))
 
 
-def calibration_error(p: npt.NDArray[np.float64], y: npt.NDArray[np.bool_], bins: int = 10) -> float:
+def calibration_error(
+    p: npt.NDArray[np.float64], y: npt.NDArray[np.bool_], bins: int = 10
+) -> float:
     """Expected calibration error over equal-width probability bins.
 
     >>> calibration_error(np.array([0.9, 0.9, 0.1, 0.1]), np.array([True, True, False, False]))

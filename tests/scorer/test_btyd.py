@@ -84,7 +84,7 @@ def test_the_fit_recovers_the_parameters_of_simulated_customers() -> None:
     assert fit.b == pytest.approx(true.b, rel=0.3)
     # and P(no transaction in 60 days) is calibrated on fresh customers from the same model
     none = btyd.p_none(fit, x, tx, T, 60.0)
-    assert 0.0 < none.min() and none.max() <= 1.0
+    assert none.min() > 0.0 and none.max() <= 1.0
 
 
 def test_p_none_grows_with_silence_and_falls_with_a_new_transaction() -> None:

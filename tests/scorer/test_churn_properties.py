@@ -1,8 +1,8 @@
 """Properties the churn probability keeps whatever the model learned (issue #17).
 
 The model is trained on adversarial labels (random inputs, outcomes that reward the wrong
-direction: the worst a stream can teach it) before each check, so the properties come from the model's structure (the
-sign constraints and the BG/NBD inputs), not from a lucky fit:
+direction: the worst a stream can teach it) before each check, so the properties come from
+the model's structure (the sign constraints and the BG/NBD inputs), not from a lucky fit:
 
 * a lapsed customer (nothing in the last 100 days) whose last purchase lies further back,
   all else equal (same first purchase, same number of purchases, same amounts, scored at the
@@ -26,7 +26,7 @@ T0 = 1_704_067_200_000
 NAMES = [n for n, _ in MODEL_INPUTS]
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def trained_scorer(seed: int, n: int) -> Scorer:
     """A scorer whose model learned ``n`` adversarial examples: random inputs labelled
     churned when a random mix of them, mostly *against* the direction the product promises

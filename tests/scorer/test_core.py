@@ -2,10 +2,14 @@
 
 from __future__ import annotations
 
+import json
 from collections import Counter
 from collections.abc import Iterable
+from pathlib import Path
 from typing import Any
 
+import fastavro
+import fastavro.validation
 import numpy as np
 from hypothesis import given, settings
 from hypothesis import strategies as hs
@@ -230,13 +234,32 @@ def test_on_a_simulated_population_scores_are_bounded_and_the_model_learns() -> 
 def test_a_checkpoint_round_trip_gives_identical_predictions() -> None:
     h = _simulated(customers=30, days=80)
     record = h.sc.checkpoint("churn.t", now_ms=1)
+    avsc = Path(__file__).resolve().parents[2] / "schemas/io.segflow.ModelCheckpoint.avsc"
+    schema = json.loads(avsc.read_text())
+    assert fastavro.validation.validate(record, fastavro.parse_schema(schema), raise_errors=True)
     restored = Scorer(ScorerConfig())
     restored.restore(record)
     assert restored.model.n_learned == h.sc.model.n_learned > 0
+    # snapshots waiting for their labels stay out of the checkpoint (a Kafka record)
+    assert h.sc.model.pending and not restored.model.pending
+    assert len(record["model"]) < 300_000
     for st in h.store.values():
         a = h.sc.score(st, st["last_event_ms"])
         b = restored.score(st, st["last_event_ms"])
         assert (a.churn, a.top, a.cluster, a.stage) == (b.churn, b.top, b.cluster, b.stage)
+
+
+def test_a_checkpoint_of_the_old_churn_model_is_not_resumed() -> None:
+    # before issue #17 the model learned another label on other inputs, unconstrained
+    from services.scorer.model import ChurnModel
+
+    old = ChurnModel()
+    for _ in range(50):
+        old.learn({"idle_days_active": 3.0}, True)
+    sc = Scorer(ScorerConfig())
+    sc.restore({"model": old.to_bytes(), "created_at": 5})
+    assert sc.model.n_learned == 0 and sc.model.prior_share() == 1.0
+    assert sc.model.classifier.signs  # the new, constrained model
 
 
 @settings(max_examples=40, deadline=None)
@@ -541,7 +564,8 @@ def test_a_tick_does_bounded_work_and_the_next_ticks_finish_it() -> None:
 def test_months_of_silence_every_customer_is_rescored_on_schedule() -> None:
     # 40 customers active for one to two weeks, then silent for five months while time passes
     # day by day: each is rescored every day until it has been silent for four weeks or a
-    # refresh turns it churned, then on the weekly grid, to the end (issue #17: a customer turned churned by a refresh lost its timer)
+    # refresh turns it churned, then on the weekly grid, to the end (issue #17: a customer
+    # turned churned by a refresh lost its timer)
     h = Harness()
     ids = [f"c{i}" for i in range(40)]
     for d in range(14):
