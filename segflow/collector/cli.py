@@ -40,9 +40,9 @@ def cmd_collect(args: argparse.Namespace) -> int:
     import yaml
     from pydantic import SecretStr
 
-    from segflow.runtime.local import settings_for
     from segflow.collector.app import CollectorSettings, run
     from segflow.errors import ConfigError
+    from segflow.runtime.local import settings_for
 
     overrides: dict[str, Any] = {}
     if args.host:

@@ -1351,8 +1351,11 @@ class Scorer:
 
     @property
     def _qualifying_signals(self) -> list[int]:
-        return [EVENT_SIGNAL[k] for k in sorted(QUALIFYING[self.config.churn_activity])
-                if k in EVENT_SIGNAL]
+        return [
+            EVENT_SIGNAL[k]
+            for k in sorted(QUALIFYING[self.config.churn_activity])
+            if k in EVENT_SIGNAL
+        ]
 
     def suggested_horizon_days(
         self,
