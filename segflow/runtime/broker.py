@@ -18,6 +18,7 @@ from __future__ import annotations
 import base64
 import logging
 import os
+import random
 import re
 import shutil
 import signal
@@ -104,12 +105,44 @@ def new_cluster_id() -> str:
             return cid
 
 
+_HANDED_OUT: set[int] = set()
+
+
+def _ephemeral_floor() -> int:
+    try:
+        low = int(Path("/proc/sys/net/ipv4/ip_local_port_range").read_text().split()[0])
+    except (OSError, ValueError, IndexError):
+        low = 32768
+    return max(low, 12000)
+
+
 def free_port() -> int:
-    """An unused TCP port on 127.0.0.1."""
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        port: int = sock.getsockname()[1]
+    """An unused TCP port on 127.0.0.1, below the kernel's ephemeral range.
+
+    A port the kernel hands out for ``bind(0)`` lies in the ephemeral range, which outgoing
+    connections also draw from: by the time a child process listens on it, a Kafka client's
+    long-lived connection may hold it (a service then fails to start with EADDRINUSE, again
+    on every restart; seen in the console tests). Ports below that range are only ever taken
+    by listeners, so checking that one is free now is enough. One process never gets the same
+    port twice.
+    """
+    top = _ephemeral_floor()
+    rng = random.Random()
+    for _ in range(2000):
+        port = rng.randrange(10000, top)
+        if port in _HANDED_OUT:
+            continue
+        with socket.socket() as sock:
+            try:
+                sock.bind(("127.0.0.1", port))
+            except OSError:
+                continue
+        _HANDED_OUT.add(port)
         return port
+    with socket.socket() as sock:  # a crowded machine: whatever the kernel gives
+        sock.bind(("127.0.0.1", 0))
+        fallback: int = sock.getsockname()[1]
+        return fallback
 
 
 def _require(tool: str, hint: str) -> str:
