@@ -72,7 +72,7 @@ def test_a_real_customers_profile_through_the_gateway(
         # What the segmenter published: each customer's active memberships.
         serde = Serde.from_settings(settings)
         active: dict[str, set[str]] = {}
-        for rec in read_all(settings, TOPICS.segment_changes.name(settings), idle=2.0):
+        for rec in read_all(settings, TOPICS.segment_changes.name(settings)):
             c = serde.decode(TOPICS.segment_changes, rec.value)
             if c["transition"] == "entered":
                 active.setdefault(c["customer_id"], set()).add(c["segment"])

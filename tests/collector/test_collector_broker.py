@@ -191,7 +191,7 @@ def test_sdk_calls_land_once_as_the_simulator_writes_them_and_identity_stitches(
     assert service.loop().run(max_records=len(events), idle_timeout=15) == len(events)
     out = read_all(s, TOPICS.identified.name(s), expected=len(events), timeout=60)
     survivor = {}
-    for r in read_all(s, TOPICS.merges.name(s), idle=1.0):
+    for r in read_all(s, TOPICS.merges.name(s)):
         m = serde.decode(TOPICS.merges, r.value)
         for absorbed in m["absorbed_ids"]:
             survivor[absorbed] = m["survivor_id"]

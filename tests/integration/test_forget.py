@@ -44,7 +44,7 @@ def decoded(settings: Settings, topic: Any) -> list[tuple[str | None, dict[str, 
     serde = Serde.from_settings(settings)
     return [
         (r.key.decode() if r.key else None, serde.decode(topic, r.value) if r.value else None)
-        for r in read_all(settings, topic.name(settings), idle=2.0)
+        for r in read_all(settings, topic.name(settings))
     ]
 
 
