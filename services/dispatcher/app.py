@@ -38,11 +38,13 @@ from confluent_kafka import KafkaException
 from prometheus_client import Counter, Gauge, Histogram
 from pydantic import SecretStr
 from pydantic_settings import SettingsConfigDict
+from tenacity import stop_after_attempt
 
 from segflow.errors import PoisonMessage
 from segflow.runtime.dlq import dead_letter
 from segflow.runtime.loop import Incoming, LoopConfig, Output, ProcessingLoop
 from segflow.runtime.projection import _varint
+from segflow.runtime.retry import kafka_retrying
 from segflow.runtime.serde import Serde
 from segflow.runtime.settings import Settings
 from segflow.runtime.state import ChangelogStore
@@ -271,17 +273,22 @@ class Dispatcher:
     # -- lifecycle -----------------------------------------------------------------------
     def restore(self, attempts: int = 20) -> int:
         """Load the ledger from the changelog and rebuild the timer indexes."""
-        for attempt in range(attempts):
-            try:
+
+        def start_over(_exc: BaseException) -> None:
+            self.store.table.clear()
+
+        # e.g. NOT_LEADER right after topic creation
+        for attempt in kafka_retrying(
+            "restore",
+            when=lambda exc: isinstance(exc, KafkaException),
+            stop=stop_after_attempt(attempts),
+            first=0.5,
+            longest=0.5,
+            before_retry=start_over,
+        ):
+            with attempt:
                 n = self.store.restore()
                 self._cache.clear()
-                break
-            except KafkaException as exc:  # e.g. NOT_LEADER right after topic creation
-                if attempt == attempts - 1:
-                    raise
-                log.warning("restore retry", extra={"fields": {"error": str(exc)}})
-                self.store.table.clear()
-                time.sleep(0.5)
         self._load_clocks(set(range(self.store.partitions)))
         self._rebuild()
         return n
