@@ -21,7 +21,13 @@ FORBIDDEN = [
     "segflow.runtime",
 ]
 PURE = (
-    ["segflow.events", "segflow.errors", "segflow.durations", "segflow.replay.core"]
+    [
+        "segflow.events",
+        "segflow.errors",
+        "segflow.durations",
+        "segflow.stats",
+        "segflow.replay.core",
+    ]
     + [
         "services.dispatcher.playbooks",
         "services.dispatcher.policy",
