@@ -33,9 +33,11 @@ PURE = (
         "services.dispatcher.policy",
         "services.dispatcher.experiments",
         "services.dispatcher.backoff",
+        "services.dispatcher.signing",
         "services.segmenter.dsl",
         "services.scorer.features",
         "services.scorer.model",
+        "services.scorer.btyd",
     ]
     + [
         ".".join(p.relative_to(ROOT).with_suffix("").parts)
