@@ -11,10 +11,9 @@ Served by :func:`segflow.runtime.internal_api.serve` on ``SEGFLOW_DISPATCHER_API
 
 from __future__ import annotations
 
-from http.server import ThreadingHTTPServer
 from typing import Any
 
-from segflow.runtime.internal_api import NotFound, Params, Query, Routes, serve
+from segflow.runtime.internal_api import InternalServer, NotFound, Params, Query, Routes, serve
 from services.dispatcher import core
 from services.dispatcher.app import Dispatcher
 from services.dispatcher.experiments import summarise
@@ -109,6 +108,6 @@ def routes(dispatcher: Dispatcher) -> Routes:
     return r
 
 
-def start(dispatcher: Dispatcher, port: int, host: str = "127.0.0.1") -> ThreadingHTTPServer:
+def start(dispatcher: Dispatcher, port: int, host: str = "127.0.0.1") -> InternalServer:
     """Serve the routes from a background thread (port 0: a free port)."""
     return serve(routes(dispatcher), port, host)
