@@ -33,6 +33,7 @@ PURE = (
         "services.dispatcher.policy",
         "services.dispatcher.experiments",
         "services.dispatcher.backoff",
+        "services.dispatcher.delivery",
         "services.dispatcher.signing",
         "services.segmenter.dsl",
         "services.scorer.features",
