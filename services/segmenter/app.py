@@ -469,14 +469,8 @@ class Segmenter:
                 if st is None or st.next_timer != due:
                     continue  # superseded
                 budget -= 1
-                new, changes = core.advance(st, due, self.defs, self.thresholds)
-                if new == st:  # nothing changed: make sure the timer does not fire again
-                    new = core.CustomerState(**{**st.__dict__, "next_timer": None})
-                if not changes and core.only_timer_moved(st, new):
-                    # Kept in memory, not written: after a restore the stored (earlier) timer
-                    # fires again, evaluates the same stored state to the same nothing and
-                    # finds this next timer. Most recency crossings change nothing for most
-                    # customers.
+                new, changes, persist = core.fire_timer(st, due, self.defs, self.thresholds)
+                if not persist:  # only the next timer moved: kept in memory, not written
                     self.states[cid] = new
                     if new.next_timer is not None:
                         heapq.heappush(timers, (new.next_timer, cid))

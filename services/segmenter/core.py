@@ -537,6 +537,24 @@ def only_timer_moved(old: CustomerState, new: CustomerState) -> bool:
     )
 
 
+def fire_timer(
+    st: CustomerState, due: int, defs: Definitions, thresholds: Thresholds
+) -> tuple[CustomerState, list[Change], bool]:
+    """A customer's timer firing at event time ``due``: ``(new state, changes, persist)``.
+
+    A timer that changes nothing is cleared so it does not fire again. ``persist`` is False
+    when only the next timer moved: the shell keeps the new state in memory without writing
+    it (after a restore the stored, earlier timer fires again, evaluates the same stored state
+    to the same nothing and finds this next timer; most recency crossings change nothing for
+    most customers)."""
+    new, changes = advance(st, due, defs, thresholds)
+    if new == st:
+        new = replace(st, next_timer=None)
+    if not changes and only_timer_moved(st, new):
+        return new, [], False
+    return new, changes, True
+
+
 def _with_primary(c: Change, primary: str | None) -> Change:
     return Change(
         c.customer_id,
