@@ -36,6 +36,7 @@ PURE = (
         "services.dispatcher.delivery",
         "services.dispatcher.signing",
         "services.segmenter.dsl",
+        "services.segmenter.quantiles",
         "services.scorer.features",
         "services.scorer.model",
         "services.scorer.btyd",

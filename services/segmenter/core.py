@@ -63,6 +63,7 @@ from services.segmenter.dsl import (
     Values,
     first_weighted,
 )
+from services.segmenter.quantiles import Column, nearest_rank
 
 ENTERED = "entered"
 EXITED = "exited"
@@ -814,9 +815,11 @@ def next_deprecation(statuses: Mapping[str, SegmentStatus], defs: Definitions) -
 
 # -- dynamic thresholds ---------------------------------------------------------------------
 def percentile_thresholds(
-    defs: Definitions, population: Mapping[str, Iterable[float]]
+    defs: Definitions, population: Mapping[str, Column | Iterable[float]]
 ) -> dict[tuple[str, float], float]:
-    """Nearest-rank percentiles of each feature used as ``pNN`` over the current population.
+    """Nearest-rank percentiles of each feature used as ``pNN`` over the current population:
+    :class:`~services.segmenter.quantiles.Column` s (the service) or plain values (replay and
+    tests), found by selection, not by sorting.
 
     >>> from services.segmenter.dsl import parse
     >>> defs = parse('version: 1\\nsegments:\\n'
@@ -826,11 +829,13 @@ def percentile_thresholds(
     """
     out: dict[tuple[str, float], float] = {}
     for feature, pct in defs.percentiles:
-        data = sorted(population.get(feature, ()))
-        if not data:
-            continue
-        rank = max(1, math.ceil(pct / 100 * len(data)))
-        out[(feature, pct)] = data[min(rank, len(data)) - 1]
+        column = population.get(feature, ())
+        if isinstance(column, Column):
+            value = column.nearest_rank(pct)
+        else:
+            value = nearest_rank((v for v in column if not math.isnan(v)), pct)
+        if value is not None:
+            out[(feature, pct)] = value
     return out
 
 
