@@ -103,8 +103,15 @@ def run(args: argparse.Namespace) -> dict[str, float]:
         emitted += apply(scorer.settle(store.get, now))  # before the commit
         if time.perf_counter() - last_flush >= args.tick:
             t_tick = time.perf_counter()
-            deadline = t_tick + args.tick_label_seconds if args.tick_label_seconds else None
-            emitted += apply(scorer.flush(store.get, store.items, now, label_deadline=deadline))
+            deadline = t_tick + (args.tick_label_seconds or float("inf"))
+            emitted += apply(
+                scorer.flush(
+                    store.get,
+                    store.items,
+                    now,
+                    out_of_time=lambda until=deadline: time.perf_counter() >= until,
+                )
+            )
             last_flush = time.perf_counter()
             tick_max = max(tick_max, last_flush - t_tick)
         apply(scorer.seal())  # the batch's commit
@@ -176,7 +183,10 @@ def main() -> None:
     )
     out = run(args)
     for key, value in out.items():
-        print(f"{key:32s} {value:,.4f}" if isinstance(value, float) else f"{key:32s} {value:,}")
+        if value is None:
+            print(f"{key:32s} n/a")
+        else:
+            print(f"{key:32s} {value:,.4f}" if isinstance(value, float) else f"{key:32s} {value:,}")
 
 
 if __name__ == "__main__":

@@ -79,8 +79,9 @@ IMPURE_CALLS = {
     ("os", "getenv"),
     ("os", "environ"),
 }
-#: Known, to be removed (issue 14): the scorer's per-tick work budget reads the clock.
-KNOWN = {("services.scorer.core", "time.perf_counter")}
+#: Pure modules allowed a clock or environment read (none: the scorer's per-tick work budget
+#: is a callable its shell passes in).
+KNOWN: set[tuple[str, str]] = set()
 
 
 def clock_and_environment_reads(source: str) -> set[str]:

@@ -204,7 +204,12 @@ class ScorerService:
     def tick(self) -> Iterator[Output]:
         now = self._now()
         deadline = time.perf_counter() + self.options.label_seconds_per_tick
-        outs = self.scorer.flush(self.states.get, self.customers, now, label_deadline=deadline)
+        outs = self.scorer.flush(
+            self.states.get,
+            self.customers,
+            now,
+            out_of_time=lambda: time.perf_counter() >= deadline,
+        )
         yield from self._outputs(outs)
         yield from self._sealed()
         model = self.scorer.model

@@ -56,7 +56,6 @@ from __future__ import annotations
 
 import heapq
 import math
-import time
 import zlib
 from collections import deque
 from collections.abc import Callable, Iterable, Mapping, Sequence
@@ -144,7 +143,7 @@ class ScorerConfig:
     top_k: int = 5
     clv_months: int = 12
     #: Customers one :meth:`Scorer.flush` (the loop's tick, while input waits) scores at
-    #: most; the rest stay due for the next flush (see also its ``label_deadline``).
+    #: most; the rest stay due for the next flush (see also its ``out_of_time``).
     max_scores_per_flush: int = 50_000
     #: How many records of one input partition may arrive out of event-time order: the
     #: identity service re-keys a batch (up to 2,000 records) input partition by input
@@ -1136,11 +1135,11 @@ class Scorer:
         get: Callable[[str], State | None],
         states: Callable[[], Iterable[tuple[str, State]]],
         now_ms: int,
-        label_deadline: float | None = None,
+        out_of_time: Callable[[], bool] | None = None,
     ) -> list[Out]:
         """Time-driven work up to the watermark: score customers whose timer is due (pending
         ones and refreshes, up to ``max_scores_per_flush``), then learn from the labels that
-        matured (see :meth:`mature` for ``label_deadline``)."""
+        matured (see :meth:`mature` for ``out_of_time``)."""
         outs: list[Out] = self.settle(get, now_ms)
         if outs:  # the states just settled, before the caller has stored them
             get = _overlay({o.customer_id: o.state for o in outs if isinstance(o, StateWrite)}, get)
@@ -1183,17 +1182,19 @@ class Scorer:
             if emit is not None:
                 outs.append(emit)
         self.snapshots(states)  # (their features do not depend on the scoring fields)
-        self.mature(states, label_deadline)
+        self.mature(states, out_of_time)
         return outs
 
     # -- labels --------------------------------------------------------------------------
     def mature(
-        self, states: Callable[[], Iterable[tuple[str, State]]], deadline: float | None = None
+        self,
+        states: Callable[[], Iterable[tuple[str, State]]],
+        out_of_time: Callable[[], bool] | None = None,
     ) -> int:
         """Learn from every snapshot whose horizon is now behind the final watermark, day by
-        day; with a ``deadline`` (a :func:`time.perf_counter` value) stop after the first day
-        that ends past it, the rest in the next calls. Returns the number of examples
-        learned."""
+        day; with ``out_of_time`` (the shell's budget: True once it is spent) stop after the
+        first day that ends with it spent, the rest in the next calls. Returns the number of
+        examples learned."""
         fw = self.final_watermark
         if fw is None:
             return 0
@@ -1206,7 +1207,7 @@ class Scorer:
         while model.matured_through_day < target:
             model.matured_through_day += 1
             n += self._learn_day(model.matured_through_day, states())
-            if deadline is not None and time.perf_counter() >= deadline:
+            if out_of_time is not None and out_of_time():
                 break
         if n:
             self._descriptions = model.describe_clusters()

@@ -543,7 +543,7 @@ def test_deferred_scoring_settled_after_every_event_gives_the_same_scores() -> N
 
 def test_a_tick_does_bounded_work_and_the_next_ticks_finish_it() -> None:
     h = Harness(ScorerConfig(max_scores_per_flush=7))
-    tick = lambda: h.apply(h.sc.flush(h.store.get, h.store.items, 0, label_deadline=0.0))  # noqa: E731
+    tick = lambda: h.apply(h.sc.flush(h.store.get, h.store.items, 0, out_of_time=lambda: True))  # noqa: E731
     for i in range(20):
         h.event(f"c{i}", ev("login", T0 + i * MINUTE))
     h.flush()
