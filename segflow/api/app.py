@@ -25,7 +25,7 @@ from segflow.api.gateway import (
     TOKEN,
     UPSTREAM,
     VIA_COOKIE,
-    ApiError,
+    GatewayError,
     GatewaySettings,
     Handler,
     Upstream,
@@ -57,10 +57,10 @@ async def auth(request: web.Request, handler: Handler) -> web.StreamResponse:
     if header:
         scheme, _, given = header.partition(" ")
         if scheme.lower() != "bearer" or not given:
-            raise ApiError(401, "unauthorized", "missing bearer token")
+            raise GatewayError(401, "unauthorized", "missing bearer token")
         granted = role_for_token(given, token, editor)
         if granted is None:
-            raise ApiError(401, "unauthorized", "invalid bearer token")
+            raise GatewayError(401, "unauthorized", "invalid bearer token")
         request[ROLE] = granted
         return await handler(request)
     sid = request.cookies.get(COOKIE)
@@ -68,7 +68,7 @@ async def auth(request: web.Request, handler: Handler) -> web.StreamResponse:
     if granted is None:
         if is_page(request.path):
             raise web.HTTPSeeOther("/console/login")
-        raise ApiError(401, "unauthorized", "missing bearer token")
+        raise GatewayError(401, "unauthorized", "missing bearer token")
     request[ROLE], request[VIA_COOKIE] = granted, True
     return await handler(request)
 

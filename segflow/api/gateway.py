@@ -89,7 +89,7 @@ class GatewaySettings(BaseSettings):
 
 
 # -- errors ------------------------------------------------------------------------------
-class ApiError(Exception):
+class GatewayError(Exception):
     def __init__(self, status: int, code: str, message: str, service: str | None = None):
         super().__init__(message)
         self.status, self.code, self.message, self.service = status, code, message, service
@@ -102,15 +102,15 @@ class ApiError(Exception):
         return web.json_response(body, status=self.status, headers=headers)
 
 
-def bad_request(message: str) -> ApiError:
-    return ApiError(400, "bad_request", message)
+def bad_request(message: str) -> GatewayError:
+    return GatewayError(400, "bad_request", message)
 
 
-def not_found(message: str) -> ApiError:
-    return ApiError(404, "not_found", message)
+def not_found(message: str) -> GatewayError:
+    return GatewayError(404, "not_found", message)
 
 
-class ServiceDown(ApiError):
+class ServiceDown(GatewayError):
     """A service did not answer (503) or answered something unusable (502)."""
 
     def __init__(self, service: str, detail: str, status: int = 503) -> None:
@@ -402,7 +402,7 @@ async def errors(request: web.Request, handler: Handler) -> web.StreamResponse:
     """Every error as the JSON envelope."""
     try:
         return await handler(request)
-    except ApiError as exc:
+    except GatewayError as exc:
         return exc.response()
     except web.HTTPException as exc:
         if exc.status < 400:

@@ -31,7 +31,7 @@ from typing import Any
 
 from services.dispatcher import core as dcore
 from services.dispatcher.playbooks import Book, Playbook
-from services.segmenter import core as score
+from services.segmenter import core as segmenting
 from services.segmenter.dsl import Definitions
 
 HOUR = 3_600_000
@@ -99,8 +99,8 @@ class SegmenterRun:
     """What the segmenter would have emitted, and where every customer ended."""
 
     definitions: Definitions
-    changes: list[score.Change] = field(default_factory=list)
-    states: dict[str, score.CustomerState] = field(default_factory=dict)
+    changes: list[segmenting.Change] = field(default_factory=list)
+    states: dict[str, segmenting.CustomerState] = field(default_factory=dict)
     scores: int = 0
     merges: int = 0
     timers: int = 0
@@ -119,14 +119,14 @@ def run_segmenter(
     """
     run = SegmenterRun(defs)
     states = run.states
-    statuses: dict[str, score.SegmentStatus] = {}
+    statuses: dict[str, segmenting.SegmentStatus] = {}
     timers: list[tuple[int, str]] = []
     population: dict[str, dict[str, float]] = {f: {} for f, _ in defs.percentiles}
     thresholds: dict[tuple[str, float], float] = {}
     next_refresh: int | None = None
     watermark: int | None = None
 
-    def index(st: score.CustomerState, remove: bool = False) -> None:
+    def index(st: segmenting.CustomerState, remove: bool = False) -> None:
         for feature, column in population.items():
             value = st.values.get(feature)
             if remove or not isinstance(value, float):
@@ -134,16 +134,18 @@ def run_segmenter(
             else:
                 column[st.customer_id] = value
 
-    def emit(changes: list[score.Change]) -> None:
+    def emit(changes: list[segmenting.Change]) -> None:
         nonlocal statuses
         if not changes:
             return
-        statuses, extra = score.observe(statuses, changes, defs)
+        statuses, extra = segmenting.track_statuses(statuses, changes, defs)
         run.changes.extend(changes)
         run.changes.extend(extra)
 
     def apply(
-        old: score.CustomerState | None, new: score.CustomerState, changes: list[score.Change]
+        old: segmenting.CustomerState | None,
+        new: segmenting.CustomerState,
+        changes: list[segmenting.Change],
     ) -> None:
         states[new.customer_id] = new
         if population:
@@ -159,24 +161,22 @@ def run_segmenter(
             if st is None or st.next_timer != due:
                 continue  # superseded
             run.timers += 1
-            new, changes = score.advance(st, due, defs, thresholds)
-            if new == st:
-                new = replace(new, next_timer=None)
-            apply(st, new, changes)
+            new, changes, _persist = segmenting.fire_timer(st, due, defs, thresholds)
+            apply(st, new, changes)  # (a replay persists nothing either way)
 
     def clock(now: int) -> None:
         nonlocal statuses, thresholds, next_refresh, watermark
         fire(now)
         if population and (next_refresh is None or now >= next_refresh):
-            thresholds = score.percentile_thresholds(
+            thresholds = segmenting.percentile_thresholds(
                 defs, {f: column.values() for f, column in population.items()}
             )
             next_refresh = now + threshold_refresh_ms
         if watermark is None or now > watermark:
             watermark = now
-            due = score.next_deprecation(statuses, defs) if statuses else now
+            due = segmenting.next_deprecation(statuses, defs) if statuses else now
             if due is not None and now >= due:
-                statuses, deprecations = score.expire(statuses, now, defs)
+                statuses, deprecations = segmenting.expire(statuses, now, defs)
                 emit(deprecations)
 
     for item in items:
@@ -185,9 +185,9 @@ def run_segmenter(
         clock(item.at)
         if item.kind == SCORE:
             run.scores += 1
-            s = score.Score.from_record(item.record)
+            s = segmenting.Score.from_record(item.record)
             old = states.get(s.customer_id)
-            new, changes = score.evaluate(old, s, defs, thresholds)
+            new, changes = segmenting.evaluate(old, s, defs, thresholds)
             if new != old:
                 apply(old, new, changes)
         else:
@@ -201,7 +201,7 @@ def run_segmenter(
 
 def _merge(
     item: Item,
-    states: dict[str, score.CustomerState],
+    states: dict[str, segmenting.CustomerState],
     defs: Definitions,
     thresholds: Mapping[tuple[str, float], float],
     index: Any,
@@ -214,12 +214,12 @@ def _merge(
         st = states.get(absorbed)
         if absorbed == survivor or st is None:
             continue
-        emit(score.absorb(st, survivor, item.at, defs))
+        emit(segmenting.absorb(st, survivor, item.at, defs))
         index(st, remove=True)
         del states[absorbed]
     st = states.get(survivor)
     if st is not None:
-        new, changes = score.advance(st, item.at, defs, thresholds)
+        new, changes = segmenting.advance(st, item.at, defs, thresholds)
         if new != st:
             apply(st, new, changes)
 
@@ -238,7 +238,7 @@ class DispatcherRun:
 
 
 def run_dispatcher(
-    changes: Sequence[score.Change], items: Sequence[Item], book: Book, end: int | None = None
+    changes: Sequence[segmenting.Change], items: Sequence[Item], book: Book, end: int | None = None
 ) -> DispatcherRun:
     """Segment changes and identified events through the dispatcher's core, on event time.
 
@@ -292,7 +292,7 @@ def run_dispatcher(
                 keep(old, maybe, effects)
         else:
             run.changes += 1
-            change = dcore.Change.from_record(value.to_record(0))
+            change = dcore.SegmentChange.from_record(value.to_record(0))
             old = customers.get(change.customer_id)
             new, effects = dcore.decide(old, change, now, book)
             keep(old, new, effects)
@@ -309,7 +309,7 @@ def _deliver(c: dcore.Customer, now: int, book: Book) -> tuple[dcore.Customer, l
     out: list[dcore.Effect] = []
     for a in dcore.in_flight(c):
         outcome = dcore.Outcome("sent", None, REPLAY_ENDPOINT, dispatched_at=now)
-        c, effects = dcore.settle(c, a.key, outcome, now, book)
+        c, effects = dcore.record_outcome(c, a.key, outcome, now, book)
         out += effects
     return c, out
 
@@ -352,14 +352,14 @@ def _segments(run: SegmenterRun) -> dict[str, _Segment]:
         if not c.customer_id:
             continue
         seg = out.setdefault(c.segment, _Segment())
-        if c.transition == score.ENTERED:
+        if c.transition == segmenting.ENTERED:
             seg.entries += 1
             seg.ever.add(c.customer_id)
             seg.first.setdefault(c.customer_id, c.occurred_at)
             seg.count[c.customer_id] += 1
-        elif c.transition == score.EXITED:
+        elif c.transition == segmenting.EXITED:
             seg.exits += 1
-        elif c.transition == score.RE_ENGAGED:
+        elif c.transition == segmenting.RE_ENGAGED:
             seg.exits += 1
             seg.re_engaged += 1
     for st in run.states.values():

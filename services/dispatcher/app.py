@@ -487,7 +487,7 @@ class Dispatcher:
     def handle(self, record: Incoming) -> Iterator[Output]:
         if record.topic_name == self.changes_topic:
             try:
-                change = core.Change.from_record(record.value)
+                change = core.SegmentChange.from_record(record.value)
             except (KeyError, TypeError, ValueError) as exc:
                 raise PoisonMessage(f"segment change: {exc}", reason="invalid_record") from None
             part = self.store.partition_of(change.customer_id)
@@ -695,7 +695,9 @@ class Dispatcher:
                 olds.setdefault(cid, current)
                 part = self.store.partition_of(cid)
                 outcome = self._finish(action, outcome)
-                new, more = core.settle(current, action.key, outcome, self.now_ms(part), self.book)
+                new, more = core.record_outcome(
+                    current, action.key, outcome, self.now_ms(part), self.book
+                )
                 by_customer[cid] = new
                 effects.setdefault(part, []).extend(more)
         outs: list[Output] = []

@@ -10,7 +10,7 @@ outcomes to. Four steps move it, each ``(state, input, now) -> (state, effects)`
 * :func:`observe` — an outcome event: suppression, engagement, attribution to KPIs;
 * :func:`promote` — due steps pass the policy (suppression, conditions, priority, caps,
   quiet hours) and become ``in_flight`` (the shell calls the API only for those);
-* :func:`settle` — the API's answer: ``sent``, retry later (same idempotency key) or
+* :func:`record_outcome` — the API's answer: ``sent``, retry later (same idempotency key) or
   ``failed`` (results topic and DLQ).
 
 Effects are frozen dataclasses the shell turns into records. ``now`` is the pipeline clock
@@ -21,11 +21,12 @@ computed by the shell.
 >>> steps = (Step("mail", "email", 0, template="t"),
 ...          Step("task", "crm_task", 48 * HOUR, no_engagement_since="mail"))
 >>> book = Book((Playbook("P", "S", steps),))
->>> change = Change("c1", "S", "entered", "c1:S:1", 0)
+>>> change = SegmentChange("c1", "S", "entered", "c1:S:1", 0)
 >>> cust, effects = decide(None, change, 0, book)
 >>> [(a.step, a.status) for a in cust.actions]
 [('mail', 'in_flight'), ('task', 'scheduled')]
->>> cust, effects = settle(cust, cust.actions[0].key, Outcome("sent", 202, "email"), 1, book)
+>>> sent = Outcome("sent", 202, "email")
+>>> cust, effects = record_outcome(cust, cust.actions[0].key, sent, 1, book)
 >>> cust.actions[0].status, [e.status for e in effects if isinstance(e, Result)]
 ('sent', ['sent'])
 >>> cust, effects = decide(cust, change, 5, book)   # the same change again: nothing new
@@ -101,7 +102,7 @@ def replace(obj: _T, /, **changes: Any) -> _T:
 
 # -- inputs ------------------------------------------------------------------------------------
 @dataclass(frozen=True)
-class Change:
+class SegmentChange:
     """The part of a SegmentChange the dispatcher uses."""
 
     customer_id: str
@@ -113,14 +114,14 @@ class Change:
     features: tuple[tuple[str, str], ...] = ()  # observed values from the explanation
 
     @staticmethod
-    def from_record(r: Mapping[str, Any]) -> Change:
+    def from_record(r: Mapping[str, Any]) -> SegmentChange:
         """From a decoded ``io.segflow.SegmentChange``."""
         feats = tuple(
             (str(e["feature"]), _fmt(e.get("observed")))
             for e in r.get("explanation") or ()
             if e.get("observed") is not None
         )
-        return Change(
+        return SegmentChange(
             r["customer_id"],
             r["segment"],
             r["transition"],
@@ -371,7 +372,7 @@ def prune(c: Customer, now: int, book: Book) -> Customer:
 
 # -- decide ------------------------------------------------------------------------------------
 def decide(
-    customer: Customer | None, change: Change, now: int, book: Book
+    customer: Customer | None, change: SegmentChange, now: int, book: Book
 ) -> tuple[Customer, list[Effect]]:
     """Apply a segment change: start, cancel or ignore (duplicate) playbooks, then promote.
 
@@ -394,7 +395,7 @@ def decide(
 
 
 def _cancel(
-    c: Customer, pb: Playbook, ch: Change, now: int, reason: str, out: list[Effect]
+    c: Customer, pb: Playbook, ch: SegmentChange, now: int, reason: str, out: list[Effect]
 ) -> Customer:
     for a in c.actions:
         if a.playbook == pb.name and a.entry_id == ch.entry_id and a.status == "scheduled":
@@ -405,7 +406,7 @@ def _cancel(
 
 
 def _start(
-    c: Customer, pb: Playbook, ch: Change, now: int, book: Book, out: list[Effect]
+    c: Customer, pb: Playbook, ch: SegmentChange, now: int, book: Book, out: list[Effect]
 ) -> Customer:
     step_keys = [
         idempotency_key(c.customer_id, pb.name, s.id, ch.entry_id, ch.occurred_at) for s in pb.steps
@@ -548,8 +549,8 @@ def in_flight(c: Customer) -> list[Action]:
     return [a for a in c.actions if a.status == "in_flight"]
 
 
-# -- settle ------------------------------------------------------------------------------------
-def settle(
+# -- record_outcome --------------------------------------------------------------------------
+def record_outcome(
     c: Customer, key: str, outcome: Outcome, now: int, book: Book
 ) -> tuple[Customer, list[Effect]]:
     """Record a delivery attempt's outcome for the in-flight action ``key``."""

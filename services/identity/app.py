@@ -311,7 +311,7 @@ class IdentityService:
         for key, value in writes:
             yield self.store.put(key, value) if value is not None else self.store.delete(key)
 
-    def _outcome(self, outcome: core.Outcome, now_ms: int) -> Iterator[Output]:
+    def _outcome(self, outcome: core.LinkOutcome, now_ms: int) -> Iterator[Output]:
         if isinstance(outcome, core.Merged):
             for absorbed, cause in zip(outcome.absorbed, outcome.causes, strict=True):
                 cause_type = core.TYPE_OF_CODE[cause[0]]

@@ -278,16 +278,16 @@ class ForgottenHit:
     identifier_type: str
 
 
-Outcome = Merged | Conflict | LimitHit | Relinked | Duplicate | NewProfile | ForgottenHit
+LinkOutcome = Merged | Conflict | LimitHit | Relinked | Duplicate | NewProfile | ForgottenHit
 Write = tuple[str, Entry | None]
 
 
 @dataclass(frozen=True)
-class Step:
+class Linked:
     """The result of one event: where it goes (None when dropped), what happened, state writes."""
 
     customer_id: str | None
-    outcomes: tuple[Outcome, ...]
+    outcomes: tuple[LinkOutcome, ...]
     writes: tuple[Write, ...]
 
 
@@ -345,7 +345,7 @@ def _load(tx: _Tx, cid: str) -> _Profile:
     return _Profile(cid, entry.get("created_at") or 0, list(entry.get("identifiers") or ()), False)
 
 
-def link(state: Mapping[str, Entry], item: IdentityInput, rules: Rules) -> Step:
+def link(state: Mapping[str, Entry], item: IdentityInput, rules: Rules) -> Linked:
     """Place one event in the identity graph; the state is read, never mutated.
 
     ``item.identifiers`` are node ids, strongest first (as :func:`identifiers` returns them).
@@ -358,7 +358,7 @@ def link(state: Mapping[str, Entry], item: IdentityInput, rules: Rules) -> Step:
     """
     seen_key = "e:" + item.event_id
     if seen_key in state:
-        return Step(None, (Duplicate(item.event_id),), ())
+        return Linked(None, (Duplicate(item.event_id),), ())
     seen: Write = (seen_key, {"kind": "seen", "created_at": item.occurred_at})
     ids = item.identifiers
     if not ids:
@@ -367,7 +367,7 @@ def link(state: Mapping[str, Entry], item: IdentityInput, rules: Rules) -> Step:
     nodes = [get("n:" + i) for i in ids]
     for i, node in zip(ids, nodes, strict=True):
         if node is not None and node["kind"] == FORGOTTEN:
-            return Step(None, (ForgottenHit(item.event_id, TYPE_OF_CODE[i[0]]),), ())
+            return Linked(None, (ForgottenHit(item.event_id, TYPE_OF_CODE[i[0]]),), ())
     # Fast path (most events): every identifier already owned by one profile, nothing to anchor.
     first = nodes[0]
     if first is not None:
@@ -377,7 +377,7 @@ def link(state: Mapping[str, Entry], item: IdentityInput, rules: Rules) -> Step:
             if node is None or node["customer_id"] != cid or (strong and not node.get("anchored")):
                 break
         else:
-            return Step(cid, (), (seen,))
+            return Linked(cid, (), (seen,))
     return _link_slow(state, item, rules, seen, dict(zip(ids, nodes, strict=True)))
 
 
@@ -387,10 +387,10 @@ def _link_slow(
     rules: Rules,
     seen: Write,
     nodes: dict[str, Entry | None],
-) -> Step:
+) -> Linked:
     tx = _Tx(state)
     tx.put(*seen)
-    outcomes: list[Outcome] = []
+    outcomes: list[LinkOutcome] = []
     links = rules._code_links
     ids = sorted(nodes, key=lambda i: _RANK[i[0]])
     usable = [
@@ -405,7 +405,7 @@ def _link_slow(
     if not usable:  # only identifiers that stopped linking: the event goes to their owner
         owner = nodes[ids[0]]
         assert owner is not None
-        return Step(owner["customer_id"], (), (seen,))
+        return Linked(owner["customer_id"], (), (seen,))
 
     limits = rules._code_limits
     exclusive = rules._code_exclusive
@@ -526,7 +526,7 @@ def _link_slow(
                 item.occurred_at,
             ),
         )
-    return Step(cid, tuple(outcomes), tuple(tx.pending.items()))
+    return Linked(cid, tuple(outcomes), tuple(tx.pending.items()))
 
 
 # -- de-duplication window ----------------------------------------------------------------------

@@ -411,7 +411,7 @@ class Segmenter:
     def _emit(self, changes: list[core.Change], part: int) -> Iterator[Output]:
         if not changes:
             return
-        statuses, extra = core.observe(self.part_statuses.get(part, {}), changes, self.defs)
+        statuses, extra = core.track_statuses(self.part_statuses.get(part, {}), changes, self.defs)
         self.part_statuses[part] = statuses
         for c in changes:
             if c.transition == core.ENTERED:

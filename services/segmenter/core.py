@@ -6,7 +6,7 @@ Everything here is a function of its arguments; time is event time in epoch mill
 * :func:`advance` — a timer fired (dwell over, cooldown over, a recency crossed its threshold,
   inactivity TTL): re-evaluate on the stored values aged to ``now``;
 * :func:`absorb` — an identity merge: the absorbed id's memberships exit with reason ``merged``;
-* :func:`observe` / :func:`expire` — segment-level lifecycle: ``deprecated`` after a segment
+* :func:`track_statuses` / :func:`expire` — segment-level lifecycle: ``deprecated`` after a segment
   had no entry for ``deprecate_after`` (90 days), ``reactivated`` on its next entry;
 * :func:`percentile_thresholds` — dynamic thresholds over the current population.
 
@@ -700,7 +700,7 @@ class SegmentStatus:
     deprecations: int = 0
 
 
-def observe(
+def track_statuses(
     statuses: Mapping[str, SegmentStatus], changes: Iterable[Change], defs: Definitions
 ) -> tuple[dict[str, SegmentStatus], list[Change]]:
     """Record entries; an entry into a deprecated segment reactivates it.
@@ -709,7 +709,7 @@ def observe(
     >>> defs = parse('version: 1\\nsegments:\\n'
     ...              '  - {name: A, enter: {feature: x, op: ">", value: 1}}\\n')
     >>> st = {"A": SegmentStatus("A", 0, 0, deprecated=True, deprecations=1)}
-    >>> _, out = observe(st, [Change("c", "A", ENTERED, "c|A|1", "v", 5, "A")], defs)
+    >>> _, out = track_statuses(st, [Change("c", "A", ENTERED, "c|A|1", "v", 5, "A")], defs)
     >>> [(c.transition, c.customer_id, c.change_id) for c in out]
     [('reactivated', 'c', 'A|deprecation|1|reactivated')]
     """
@@ -953,6 +953,6 @@ __all__ = [
     "expire",
     "explain_customer",
     "next_deprecation",
-    "observe",
+    "track_statuses",
     "percentile_thresholds",
 ]

@@ -10,7 +10,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from services.dispatcher import core
-from services.dispatcher.core import HOUR, Change, Customer, Observation, Outcome, Result
+from services.dispatcher.core import HOUR, Customer, Observation, Outcome, Result, SegmentChange
 from services.dispatcher.experiments import assign, summarise
 from services.dispatcher.playbooks import (
     DEFAULT_DIR,
@@ -41,8 +41,8 @@ def treated(playbook: Playbook, n: int = 1, prefix: str = "c") -> list[str]:
     return out[:n]
 
 
-def entered(cid: str, segment: str = "AtRisk-60d", at: int = NOON, n: int = 1) -> Change:
-    return Change(cid, segment, "entered", f"{cid}:{segment}:{n}", at)
+def entered(cid: str, segment: str = "AtRisk-60d", at: int = NOON, n: int = 1) -> SegmentChange:
+    return SegmentChange(cid, segment, "entered", f"{cid}:{segment}:{n}", at)
 
 
 class Sim:
@@ -55,7 +55,7 @@ class Sim:
         self.calls: list[core.Action] = []
         self.call_times: list[int] = []
 
-    def change(self, ch: Change, now: int) -> None:
+    def change(self, ch: SegmentChange, now: int) -> None:
         self.c, effects = core.decide(self.c, ch, now, self.book)
         self._collect(effects)
         self._deliver(now)
@@ -76,7 +76,9 @@ class Sim:
         for a in core.in_flight(self.c):
             self.calls.append(a)
             self.call_times.append(now)
-            self.c, effects = core.settle(self.c, a.key, Outcome("sent", 200, "x"), now, self.book)
+            self.c, effects = core.record_outcome(
+                self.c, a.key, Outcome("sent", 200, "x"), now, self.book
+            )
             self._collect(effects)
 
     def _collect(self, effects: list[core.Effect]) -> None:
@@ -143,7 +145,8 @@ def test_exit_cancels_the_pending_steps_of_that_entry() -> None:
     sim = Sim(DEFAULTS)
     sim.change(entered(cid), NOON)
     sim.change(
-        Change(cid, "AtRisk-60d", "re_engaged", f"{cid}:AtRisk-60d:1", NOON + HOUR), NOON + HOUR
+        SegmentChange(cid, "AtRisk-60d", "re_engaged", f"{cid}:AtRisk-60d:1", NOON + HOUR),
+        NOON + HOUR,
     )
     sim.tick(NOON + 100 * HOUR)
     assert [a.step for a in sim.calls] == ["reengagement_email"]
@@ -173,7 +176,9 @@ def test_an_id_absorbed_by_a_merge_is_never_contacted_again_even_when_it_reenter
     sim.change(entered(cid), NOON)
     assert len(sim.calls) == 1
     later = NOON + 40 * DAY
-    sim.change(Change(cid, "AtRisk-60d", "exited", f"{cid}:AtRisk-60d:1", later, "merged"), later)
+    sim.change(
+        SegmentChange(cid, "AtRisk-60d", "exited", f"{cid}:AtRisk-60d:1", later, "merged"), later
+    )
     assert sim.c is not None
     sim.c = core.prune(sim.c, later, DEFAULTS)
     sim.change(entered(cid, at=later + HOUR), later + HOUR)  # revived id, same entry id
@@ -211,7 +216,7 @@ def test_holdout_customers_are_never_contacted(cids: list[str]) -> None:
     book = Book((pb,))
     for cid in cids:
         sim = Sim(book)
-        sim.change(Change(cid, "S", "entered", f"{cid}:1", NOON), NOON)
+        sim.change(SegmentChange(cid, "S", "entered", f"{cid}:1", NOON), NOON)
         sim.tick(NOON + 2 * DAY)
         if assign(cid, "P", pb.experiment) == "holdout":
             assert sim.calls == []
@@ -234,7 +239,7 @@ def test_assignment_is_stable_and_frozen_at_decision_time() -> None:
     assert 150 < sum(v == "A" for v in first.values()) < 250
     # decided with A/B; then the experiment changes to B only: the pending step keeps its variant
     decided = {
-        cid: core.decide(None, Change(cid, "S", "entered", "e", NOON), NOON, Book((pb,)))[0]
+        cid: core.decide(None, SegmentChange(cid, "S", "entered", "e", NOON), NOON, Book((pb,)))[0]
         for cid in cids[:50]
     }
     changed = Book((replace(pb, experiment=Experiment(0.0, (Variant("B"),))),))
@@ -273,9 +278,9 @@ def test_kpis_attribute_outcomes_within_the_window_and_compute_uplift() -> None:
     counts: dict[tuple[str, str, str], dict[str, int]] = {}
     for i in range(200):
         cid = f"k{i}"
-        c, eff = core.decide(None, Change(cid, "S", "entered", "e", NOON), NOON, book)
+        c, eff = core.decide(None, SegmentChange(cid, "S", "entered", "e", NOON), NOON, book)
         for a in core.in_flight(c):
-            c, more = core.settle(c, a.key, Outcome("sent", 202, "email"), NOON, book)
+            c, more = core.record_outcome(c, a.key, Outcome("sent", 202, "email"), NOON, book)
             eff += more
         group = assign(cid, "P", pb.experiment)
         # treated customers open and buy more often; a late purchase is outside the window
@@ -317,7 +322,7 @@ def test_quiet_hours_delay_delivery_in_the_customers_time_zone() -> None:
     )
     sim = Sim(book)
     sim.event(Observation("c", "identify", NOON, properties=(("timezone", "Asia/Tokyo"),)), NOON)
-    sim.change(Change("c", "S", "entered", "e", NOON), NOON)  # 21:00 in Tokyo
+    sim.change(SegmentChange("c", "S", "entered", "e", NOON), NOON)  # 21:00 in Tokyo
     assert [a.channel for a in sim.calls] == ["crm_task"]  # not a quiet channel
     status, reason = sim.status("m")
     assert (status, reason) == ("scheduled", "quiet_hours")
@@ -338,7 +343,7 @@ def test_unknown_time_zone_falls_back_to_the_default() -> None:
     )
     sim = Sim(book)
     sim.event(Observation("c", "identify", NOON, properties=(("timezone", "Mars/Olympus"),)), NOON)
-    sim.change(Change("c", "S", "entered", "e", NOON), NOON)
+    sim.change(SegmentChange("c", "S", "entered", "e", NOON), NOON)
     assert sim.status("m") == ("scheduled", "quiet_hours")
 
 
@@ -393,7 +398,7 @@ def test_caps_and_cooldowns_are_never_exceeded_across_playbooks(
             if tr == "entered":
                 entries[seg] = entries.get(seg, 0) + 1
             n = entries.get(seg, 0)
-            sim.change(Change("c", f"S{seg}", tr, f"c:S{seg}:{n}", NOON + t), NOON + t)
+            sim.change(SegmentChange("c", f"S{seg}", tr, f"c:S{seg}:{n}", NOON + t), NOON + t)
         elif sim.c is not None:
             sim.tick(NOON + t)
     sends: dict[str, list[int]] = {}
@@ -417,8 +422,8 @@ def test_capped_step_is_suppressed_with_its_reason_and_other_channels_still_go()
         Policy(cooldowns=(("email", DAY),)),
     )
     sim = Sim(book)
-    sim.change(Change("c", "S", "entered", "e1", NOON), NOON)
-    sim.change(Change("c", "T", "entered", "e2", NOON + HOUR), NOON + HOUR)
+    sim.change(SegmentChange("c", "S", "entered", "e1", NOON), NOON)
+    sim.change(SegmentChange("c", "T", "entered", "e2", NOON + HOUR), NOON + HOUR)
     assert [(a.playbook, a.channel) for a in sim.calls] == [("P", "email"), ("Q", "crm_task")]
     assert ("suppressed", "cooldown") in [(r.status, r.reason) for r in sim.results]
 
@@ -434,7 +439,7 @@ def test_suppressions_unsubscribe_bounce_do_not_contact_and_forget() -> None:
     def run(ev: Observation) -> Sim:
         sim = Sim(book)
         sim.event(ev, NOON - 1)
-        sim.change(Change("c", "S", "entered", "e", NOON), NOON)
+        sim.change(SegmentChange("c", "S", "entered", "e", NOON), NOON)
         return sim
 
     unsub = run(Observation("c", "email_unsubscribe", NOON - 1))
@@ -480,13 +485,13 @@ def test_higher_priority_playbook_preempts_and_lower_priority_yields() -> None:
     )
     book = Book((low, high, sync))
     sim = Sim(book)
-    sim.change(Change("c", "A", "entered", "a1", NOON), NOON)
-    sim.change(Change("c", "B", "entered", "b1", NOON + 1), NOON + 1)
+    sim.change(SegmentChange("c", "A", "entered", "a1", NOON), NOON)
+    sim.change(SegmentChange("c", "B", "entered", "b1", NOON + 1), NOON + 1)
     assert sim.status("later") == ("suppressed", "preempted")
-    sim.change(Change("c", "A", "entered", "a2", NOON + 2), NOON + 2)
+    sim.change(SegmentChange("c", "A", "entered", "a2", NOON + 2), NOON + 2)
     assert sim.c is not None
     assert {a.reason for a in sim.c.actions if a.entry_id == "a2"} == {"lower_priority"}
-    sim.change(Change("c", "C", "entered", "c1", NOON + 3), NOON + 3)  # syncs never yield
+    sim.change(SegmentChange("c", "C", "entered", "c1", NOON + 3), NOON + 3)  # syncs never yield
     sim.tick(NOON + 2 * DAY)
     assert [a.playbook for a in sim.calls] == ["Low", "High", "Sync"]
 
@@ -499,19 +504,21 @@ def test_retry_keeps_the_action_in_flight_and_a_permanent_failure_releases_its_c
         ),
         Policy(caps=(("email", (Cap(1, DAY),)),)),
     )
-    c, _ = core.decide(None, Change("c", "S", "entered", "e", NOON), NOON, book)
+    c, _ = core.decide(None, SegmentChange("c", "S", "entered", "e", NOON), NOON, book)
     key = c.actions[0].key
-    c, eff = core.settle(
+    c, eff = core.record_outcome(
         c, key, Outcome("retry", 503, "email", "http 503", retry_at=99), NOON, book
     )
     a = c.action(key)
     assert eff == [] and a is not None and (a.status, a.attempt, a.retry_at) == ("in_flight", 1, 99)
-    c, eff = core.settle(c, key, Outcome("failed", 400, "email", "http 400"), NOON + 1, book)
+    c, eff = core.record_outcome(
+        c, key, Outcome("failed", 400, "email", "http 400"), NOON + 1, book
+    )
     assert [type(e).__name__ for e in eff] == ["Result", "DeadLetterAction"]
     assert c.sends == ()
-    c, _ = core.decide(c, Change("c", "T", "entered", "e2", NOON + 2), NOON + 2, book)
+    c, _ = core.decide(c, SegmentChange("c", "T", "entered", "e2", NOON + 2), NOON + 2, book)
     assert [a.status for a in c.actions] == ["failed", "in_flight"]  # the slot was free again
-    same, eff = core.settle(c, key, Outcome("sent", 200, "email"), NOON + 3, book)
+    same, eff = core.record_outcome(c, key, Outcome("sent", 200, "email"), NOON + 3, book)
     assert eff == [] and same is c  # a late answer for a settled action changes nothing
 
 
@@ -521,7 +528,7 @@ def test_ledger_entries_are_pruned_after_retention_but_pending_ones_never() -> N
         Policy(ledger_retention_ms=30 * DAY),
     )
     sim = Sim(book)
-    sim.change(Change("c", "S", "entered", "e", NOON), NOON)
+    sim.change(SegmentChange("c", "S", "entered", "e", NOON), NOON)
     sim.event(
         Observation("c", "identify", NOON + 31 * DAY, properties=(("first_name", "B"),)),
         NOON + 31 * DAY,
@@ -540,7 +547,8 @@ def test_state_records_round_trip_through_the_changelog_schema() -> None:
     sim = Sim(DEFAULTS)
     sim.event(Observation(cid, "identify", NOON, properties=(("first_name", "Ada"),)), NOON)
     sim.change(
-        Change(cid, "AtRisk-60d", "entered", "e", NOON, features=(("opens_drop", "-0.7"),)), NOON
+        SegmentChange(cid, "AtRisk-60d", "entered", "e", NOON, features=(("opens_drop", "-0.7"),)),
+        NOON,
     )
     assert sim.c is not None
     rec = core.customer_record(sim.c)
@@ -572,7 +580,7 @@ def test_a_template_that_cannot_render_fails_the_action_instead_of_sending_a_gap
     # Built in code, so the load-time check does not run: the request says why, sends nothing.
     pb = Playbook("P", "S", (Step("m", "email", 0, template="t", subject="Hi {{nickname}}"),))
     book = Book((pb,))
-    c, _ = core.decide(None, Change("c1", "S", "entered", "e", NOON), NOON, book)
+    c, _ = core.decide(None, SegmentChange("c1", "S", "entered", "e", NOON), NOON, book)
     assert c is not None
     req = core.request_for(c, c.actions[0], book)
     assert req is not None

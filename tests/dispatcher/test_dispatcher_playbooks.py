@@ -141,12 +141,12 @@ def test_templates_cannot_reach_python_internals() -> None:
 
 def test_every_default_email_renders_without_an_empty_variable() -> None:
     """A customer with no attributes at all still gets whole sentences: defaults fill in."""
-    from services.dispatcher.core import Change, decide, request_for
+    from services.dispatcher.core import SegmentChange, decide, request_for
 
     book = load_book([DEFAULT_DIR])
     for pb in book.playbooks:
         for i in range(40):  # some customer is treated by every variant
-            c, _ = decide(None, Change(f"z{i}", pb.segment, "entered", "e", 0), 0, book)
+            c, _ = decide(None, SegmentChange(f"z{i}", pb.segment, "entered", "e", 0), 0, book)
             if c is None:
                 continue
             for action in c.actions:

@@ -23,7 +23,7 @@ class Graph:
         self.n = 0
         self.merged: dict[str, str] = {}
 
-    def event(self, event_id: str | None = None, t: int | None = None, **ids: Any) -> core.Step:
+    def event(self, event_id: str | None = None, t: int | None = None, **ids: Any) -> core.Linked:
         self.n += 1
         eid = event_id or f"e{self.n}"
         ev = {"event_id": eid, "occurred_at": t if t is not None else self.n, **ids}

@@ -16,8 +16,8 @@ from services.segmenter.core import (
     advance,
     evaluate,
     expire,
-    observe,
     percentile_thresholds,
+    track_statuses,
 )
 from services.segmenter.dsl import DAY, parse
 
@@ -408,7 +408,7 @@ def test_removed_segment_memberships_exit_on_reload_and_ids_never_repeat() -> No
 def test_deprecation_after_90_days_without_entries_and_reactivation() -> None:
     statuses, _ = expire({}, 0, PRIO)
     _, changes = evaluate(None, Score("c", 10 * DAY, {"a": 1.0}), PRIO)
-    statuses, extra = observe(statuses, changes, PRIO)
+    statuses, extra = track_statuses(statuses, changes, PRIO)
     assert extra == []
     statuses, dep = expire(statuses, 99 * DAY, PRIO)
     assert sorted(c.segment for c in dep) == ["B", "Top"]  # A had an entry on day 10
@@ -416,7 +416,7 @@ def test_deprecation_after_90_days_without_entries_and_reactivation() -> None:
     assert [(c.segment, c.transition, c.customer_id) for c in dep] == [("A", "deprecated", "")]
     assert expire(statuses, 300 * DAY, PRIO)[1] == []  # deprecated once
     _, changes = evaluate(None, Score("d", 120 * DAY, {"a": 1.0}), PRIO)
-    statuses, extra = observe(statuses, changes, PRIO)
+    statuses, extra = track_statuses(statuses, changes, PRIO)
     assert [(c.segment, c.transition, c.customer_id) for c in extra] == [("A", "reactivated", "d")]
     assert not statuses["A"].deprecated
 

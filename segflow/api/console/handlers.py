@@ -14,7 +14,7 @@ from aiohttp import web
 from segflow.api import console as c
 from segflow.api.gateway import (
     SETTINGS,
-    ApiError,
+    GatewayError,
     ServiceDown,
     _customer_id,
     _found,
@@ -51,11 +51,13 @@ def role(request: web.Request) -> str:
 
 def require_editor(request: web.Request) -> None:
     if role(request) != c.EDITOR:
-        raise ApiError(403, "forbidden", "publishing needs the editor token (this is a viewer)")
+        raise GatewayError(403, "forbidden", "publishing needs the editor token (this is a viewer)")
     from segflow.api.gateway import VIA_COOKIE
 
     if request.get(VIA_COOKIE) and request.headers.get(c.CSRF_HEADER) != "1":
-        raise ApiError(403, "forbidden", f"console requests that change state need {c.CSRF_HEADER}")
+        raise GatewayError(
+            403, "forbidden", f"console requests that change state need {c.CSRF_HEADER}"
+        )
 
 
 # -- pages and login -------------------------------------------------------------------------
@@ -396,7 +398,7 @@ async def whatif(request: web.Request) -> web.Response:
     current = c.definitions_path(settings.definitions)
     lock = request.app[REPLAYING]
     if lock.locked():  # a replay reads the whole recorded history: never several at once
-        raise ApiError(503, "service_unavailable", "a what-if replay is already running")
+        raise GatewayError(503, "service_unavailable", "a what-if replay is already running")
     async with lock:
         try:
             diff = await c.run_replay(
@@ -407,7 +409,7 @@ async def whatif(request: web.Request) -> web.Response:
                 c.playbook_spec(settings.playbooks),
             )
         except RuntimeError as exc:
-            raise ApiError(502, "bad_gateway", f"replay failed: {exc}") from None
+            raise GatewayError(502, "bad_gateway", f"replay failed: {exc}") from None
     return web.json_response({"check": checked, "diff": diff})
 
 
@@ -415,7 +417,7 @@ async def publish(request: web.Request) -> web.Response:
     require_editor(request)
     settings = request.app[SETTINGS]
     if settings.definitions is None:
-        raise ApiError(
+        raise GatewayError(
             409, "conflict", "publishing is off: the gateway has no SEGFLOW_API_DEFINITIONS file"
         )
     text = await _yaml_body(request)
@@ -438,7 +440,7 @@ async def _sample(app: web.Application) -> None:
             status, body = await app[UPSTREAM].get("segmenter", "/segments", timeout=interval * 2)
             if status == 200 and isinstance(body, dict):
                 history.add(int(time.time() * 1000), dict(body.get("sizes") or {}))
-        except ApiError:
+        except GatewayError:
             pass  # the segmenter is down: a gap in the chart
         await asyncio.sleep(interval)
 
