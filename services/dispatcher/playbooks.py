@@ -29,10 +29,10 @@ from functools import cached_property, lru_cache
 from pathlib import Path
 from typing import Any
 
-import yaml
 from jinja2 import StrictUndefined, TemplateError, meta
 from jinja2.sandbox import SandboxedEnvironment
 
+from segflow import yamldoc
 from segflow.durations import parse_duration
 from segflow.errors import ConfigError
 
@@ -240,38 +240,21 @@ class Book:
 
 # -- parsing with line numbers ---------------------------------------------------------------
 class _Doc:
-    """A YAML document as plain data plus the line of every path in it."""
+    """A document of a playbook file (:mod:`segflow.yamldoc`): plain data, the line of every
+    path, and errors that name both."""
 
-    def __init__(self, node: yaml.Node, source: str) -> None:
+    def __init__(self, document: yamldoc.Document, source: str) -> None:
         self.source = source
-        self.lines: dict[str, int] = {}
-        self.data = self._build(node, "")
-
-    def _build(self, node: yaml.Node, path: str) -> Any:
-        self.lines[path] = node.start_mark.line + 1
-        if isinstance(node, yaml.MappingNode):
-            out: dict[str, Any] = {}
-            for k, v in node.value:
-                key = str(k.value)
-                sub = f"{path}.{key}" if path else key
-                if key in out:  # YAML keeps the last silently; a second value is a mistake
-                    raise PlaybookError(
-                        f"{self.source}:{k.start_mark.line + 1}: {sub}: duplicate key (first "
-                        f"on line {self.lines[sub]})"
-                    )
-                self.lines[sub] = k.start_mark.line + 1
-                out[key] = self._build(v, sub)
-                self.lines[sub] = k.start_mark.line + 1
-            return out
-        if isinstance(node, yaml.SequenceNode):
-            return [self._build(v, f"{path}[{i}]") for i, v in enumerate(node.value)]
-        return yaml.safe_load(yaml.serialize(node))
+        self.document = document
+        self.data = document.data
+        if document.duplicates:  # YAML keeps the last silently; a second value is a mistake
+            d = document.duplicates[0]
+            raise PlaybookError(
+                f"{source}:{d.line}: {d.path}: duplicate key (first on line {d.first_line})"
+            )
 
     def error(self, path: str, message: str) -> PlaybookError:
-        probe = path
-        while probe not in self.lines and probe:
-            probe = probe.rsplit(".", 1)[0] if "." in probe else ""
-        return PlaybookError(f"{self.source}:{self.lines.get(probe, 1)}: {path}: {message}")
+        return PlaybookError(f"{self.source}:{self.document.line(path)}: {path}: {message}")
 
 
 _STEP_KEYS = {
@@ -567,15 +550,13 @@ def parse_documents(text: str, source: str = "<string>") -> tuple[list[Playbook]
     playbooks: list[Playbook] = []
     policy: Policy | None = None
     try:
-        nodes = list(yaml.compose_all(text))
-    except yaml.YAMLError as exc:
-        mark = getattr(exc, "problem_mark", None)
-        line = mark.line + 1 if mark is not None else 1
-        raise PlaybookError(f"{source}:{line}: (syntax): {exc}") from None
-    for node in nodes:
-        if node is None:
+        documents = list(yamldoc.load_all(text))
+    except yamldoc.YamlSyntaxError as exc:
+        raise PlaybookError(f"{source}:{exc.line}: (syntax): {exc.problem}") from None
+    for document in documents:
+        if document.data is None:
             continue
-        doc = _Doc(node, source)
+        doc = _Doc(document, source)
         if not isinstance(doc.data, dict):
             raise doc.error("", "a document is a mapping with 'playbook:' or 'policy:'")
         if "policy" in doc.data:

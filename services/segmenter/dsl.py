@@ -45,9 +45,7 @@ from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from typing import Any, Union
 
-import yaml
-
-from segflow import durations
+from segflow import durations, yamldoc
 
 SECOND = 1000
 MINUTE = 60 * SECOND
@@ -340,53 +338,23 @@ def parse_duration(text: Any) -> int | None:
 class _Parser:
     def __init__(self) -> None:
         self.problems: list[Problem] = []
-        self.lines: dict[str, int] = {}
+        self.doc = yamldoc.Document()
 
     def err(self, path: str, message: str) -> None:
-        self.problems.append(Problem(self._line(path), path or "(file)", message))
-
-    def _line(self, path: str) -> int:
-        while path:
-            if path in self.lines:
-                return self.lines[path]
-            cut = max(path.rfind("."), path.rfind("["))
-            path = path[:cut] if cut > 0 else ""
-        return self.lines.get("", 1)
-
-    # YAML nodes → plain values, remembering each path's line (1-based).
-    def _to_py(self, node: yaml.Node, path: str) -> Any:
-        self.lines[path] = node.start_mark.line + 1
-        if isinstance(node, yaml.MappingNode):
-            out: dict[str, Any] = {}
-            for key_node, value_node in node.value:
-                key = str(key_node.value)
-                sub = f"{path}.{key}" if path else key
-                if key in out:
-                    self.lines[sub] = key_node.start_mark.line + 1
-                    self.err(sub, "duplicate key")
-                    continue
-                out[key] = self._to_py(value_node, sub)
-                self.lines[sub] = key_node.start_mark.line + 1
-            return out
-        if isinstance(node, yaml.SequenceNode):
-            return [self._to_py(item, f"{path}[{i}]") for i, item in enumerate(node.value)]
-        assert isinstance(node, yaml.ScalarNode)
-        return yaml.SafeLoader(  # resolves ints, floats, bools and nulls like safe_load
-            ""
-        ).construct_object(node)
+        self.problems.append(Problem(self.doc.line(path), path or "(file)", message))
 
     def parse(self, text: str) -> Definitions | None:
         try:
-            root = yaml.compose(text, Loader=yaml.SafeLoader)
-        except yaml.YAMLError as exc:
-            mark = getattr(exc, "problem_mark", None)
-            line = mark.line + 1 if mark is not None else 1
-            self.problems.append(Problem(line, "(yaml)", str(getattr(exc, "problem", exc))))
+            self.doc = yamldoc.load(text)
+        except yamldoc.YamlSyntaxError as exc:
+            self.problems.append(Problem(exc.line, "(yaml)", exc.problem))
             return None
-        if root is None:
+        for dup in self.doc.duplicates:
+            self.problems.append(Problem(dup.line, dup.path, "duplicate key"))
+        if self.doc.data is None:
             self.problems.append(Problem(1, "(file)", "empty definitions"))
             return None
-        doc = self._to_py(root, "")
+        doc = self.doc.data
         if not isinstance(doc, dict):
             self.err("", "expected a mapping with 'version' and 'segments'")
             return None
@@ -528,7 +496,7 @@ class _Parser:
             exit=exit_,
             re_engaged_when=re_eng,
             description=str(raw.get("description") or ""),
-            line=self.lines.get(path, 0),
+            line=self.doc.lines.get(path, 0),
             sustain_since=since,
             derived=any(leaf.feature in DERIVED_FEATURES for leaf in leaves),
             aging=tuple(
