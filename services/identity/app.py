@@ -190,9 +190,13 @@ class IdentityService:
                 "contact vault off: SEGFLOW_VAULT_KEY is not set, so raw emails are hashed "
                 "and dropped and the dispatcher's email channel has no addresses"
             )
+        #: customer -> keyed digest of the contact points last made primary: an event repeating
+        #: them (every email_open carries the address) skips decrypting the record
+        self._primary: dict[str, bytes] = {}
         self.clock = clock
         self._identified_header: bytes | None = None
         self._secret = settings.hash_secret.get_secret_value()
+        self._primary_key = hashlib.sha256(b"vault-primary\x00" + self._secret.encode()).digest()
         self._hasher = node_hasher(self._secret)
         self._cache: dict[tuple[str, str], str] = {}
         self._max_future_ms = int(self.config.max_future_skew_s * 1000)
@@ -216,6 +220,7 @@ class IdentityService:
 
     def on_abort(self) -> None:
         self.dedup.on_abort()
+        self._primary.clear()  # the vault store rolled back
 
     def loop(self, **overrides: Any) -> ProcessingLoop:
         """The processing loop over ``segflow.events`` (overrides go to :class:`LoopConfig`)."""
@@ -351,8 +356,16 @@ class IdentityService:
         number = phone.strip() if phone and phone.strip() else None
         if address is None and number is None:
             return
+        digest = hashlib.blake2b(
+            f"{address}\x00{number}".encode(), key=self._primary_key, digest_size=16
+        ).digest()
+        if self._primary.get(cid) == digest:
+            return  # the same points as last time: already the primary ones
         record, points = self._vault_points(cid)
         updated = points.seen(address, number)
+        if len(self._primary) > self.config.hash_cache_size:
+            self._primary.clear()
+        self._primary[cid] = digest
         if updated is points and record is not None:
             return  # nothing new: no write
         VAULT_WRITES.labels("seen").inc()
@@ -362,6 +375,7 @@ class IdentityService:
         """Move the absorbed profile's contact points to the survivor's record (sealed with
         the survivor's data key); the absorbed record is deleted with its data key."""
         assert self.vault is not None and self.keyring is not None
+        self._primary.pop(absorbed, None)
         gone, theirs = self._vault_points(absorbed)
         if self.vault.get(absorbed) is None:
             return
@@ -398,6 +412,7 @@ class IdentityService:
         )
         for key, value in writes:
             yield self.store.put(key, value) if value is not None else self.store.delete(key)
+        self._primary.pop(cid, None)
         if self.vault is not None and self.vault.get(cid) is not None:
             # The record held the only copy of the customer's data key: crypto-shredded.
             VAULT_WRITES.labels("forgotten").inc()
