@@ -36,6 +36,7 @@ import hashlib
 import json
 import os
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 from cryptography.exceptions import InvalidTag
@@ -76,6 +77,22 @@ class VaultError(Exception):
 def generate_key() -> str:
     """A new master key as ``SEGFLOW_VAULT_KEY`` takes it."""
     return base64.urlsafe_b64encode(os.urandom(32)).decode()
+
+
+def local_key(state_dir: Path) -> tuple[str, str]:
+    """``SEGFLOW_VAULT_KEY`` if set, else a key kept in ``<state_dir>/vault-key`` (created with
+    mode 0600 on first use, so a local stack's vault stays readable across restarts); returns
+    it and where it came from (``segflow up``)."""
+    given = os.environ.get(KEY_SETTING)
+    if given:
+        return given, KEY_SETTING
+    path = state_dir / "vault-key"
+    if not path.exists():
+        path.parent.mkdir(parents=True, exist_ok=True)
+        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+        with os.fdopen(fd, "w") as out:
+            out.write(generate_key() + "\n")
+    return path.read_text().strip(), str(path)
 
 
 def _parse(text: str, setting: str) -> bytes:

@@ -4,6 +4,7 @@ vault's cryptography (envelope encryption, binding to the customer, master key r
 
 from __future__ import annotations
 
+from pathlib import Path
 from typing import Any
 
 import pytest
@@ -13,7 +14,14 @@ from segflow.runtime.loop import Incoming, Output
 from segflow.runtime.serde import Serde
 from segflow.runtime.settings import Settings
 from segflow.runtime.topics import TOPICS
-from segflow.runtime.vault import ContactPoints, Keyring, VaultError, VaultSettings, generate_key
+from segflow.runtime.vault import (
+    ContactPoints,
+    Keyring,
+    VaultError,
+    VaultSettings,
+    generate_key,
+    local_key,
+)
 from services.identity.app import IdentityService
 
 NOW_MS = 1_800_000_000_000
@@ -153,3 +161,15 @@ def test_a_malformed_master_key_names_the_setting_and_not_the_value() -> None:
     with pytest.raises(ConfigError, match="SEGFLOW_VAULT_PREVIOUS_KEYS"):
         Keyring.from_text(KEY, "short")
     assert "ana" not in repr(ContactPoints(("ana@example.org",)))
+
+
+def test_a_local_stack_keeps_its_vault_key_private_and_across_restarts(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.delenv("SEGFLOW_VAULT_KEY", raising=False)
+    key, where = local_key(tmp_path)
+    assert local_key(tmp_path) == (key, where) and where.endswith("vault-key")
+    assert (tmp_path / "vault-key").stat().st_mode & 0o777 == 0o600
+    Keyring.from_text(key)  # a usable key
+    monkeypatch.setenv("SEGFLOW_VAULT_KEY", KEY)
+    assert local_key(tmp_path) == (KEY, "SEGFLOW_VAULT_KEY")
