@@ -23,7 +23,9 @@ from pydantic_settings import BaseSettings, SettingsConfigDict
 
 from segflow.errors import InvalidRecord
 from segflow.events import validate_event
+from segflow.runtime.dlq import dead_letter
 from segflow.runtime.loop import Incoming, LoopConfig, Output, ProcessingLoop
+from segflow.runtime.metrics import DLQ_RECORDS
 from segflow.runtime.serde import Serde
 from segflow.runtime.settings import Settings
 from segflow.runtime.state import ChangelogStore
@@ -254,15 +256,21 @@ class IdentityService:
         started = time.perf_counter()
         event = record.value
         now_ms = int(self.clock() * 1000)
-        validate_event(event, now_ms, self._max_future_ms)
-        if len(self._cache) > self.config.hash_cache_size:
-            self._cache.clear()
-        ids = core.identifiers(event, self.rules, self._hasher, self._cache)
-        if not ids:
-            raise InvalidRecord(
-                f"event {event['event_id']} has no usable identifier (all blocked)",
-                reason="no_identifier",
-            )
+        try:
+            validate_event(event, now_ms, self._max_future_ms)
+            if len(self._cache) > self.config.hash_cache_size:
+                self._cache.clear()
+            ids = core.identifiers(event, self.rules, self._hasher, self._cache)
+            if not ids:
+                raise InvalidRecord(
+                    f"event {event['event_id']} has no usable identifier (all blocked)",
+                    reason="no_identifier",
+                )
+        except InvalidRecord as exc:
+            if event.get("email") is None and PHONE_PROPERTY not in (event.get("properties") or {}):
+                raise  # nothing personal: the loop dead-letters the bytes as they came
+            yield self._redacted_dead_letter(record, exc, now_ms)
+            return
         item = core.IdentityInput(event["event_id"], event["occurred_at"], ids)
         step = core.link(self.store.table, item, self.rules)
         if step.customer_id is None:
@@ -312,6 +320,53 @@ class IdentityService:
         self._n += 1
         if not self._n & 15:  # a sample is enough for the histogram
             LATENCY.observe(time.perf_counter() - started)
+
+    def _redacted_dead_letter(self, record: Incoming, exc: InvalidRecord, now_ms: int) -> Output:
+        """The DLQ entry of an invalid event that carries a contact point: the event without
+        its email and phone (and without its key when that looks like an address), so the raw
+        address never reaches the DLQ topic."""
+        event = {
+            **record.value,
+            "email": None,
+            "properties": {
+                k: v
+                for k, v in (record.value.get("properties") or {}).items()
+                if k != PHONE_PROPERTY
+            },
+        }
+        try:
+            value: bytes | None = self.serde.encode(TOPICS.events, event)
+        except Exception:  # noqa: BLE001 - an event the schema refuses: keep nothing of it
+            value = None
+        key = record.key.encode() if isinstance(record.key, str) else record.key
+        if key is not None and (b"@" in key or key.strip().startswith(b"+")):
+            key = None
+        letter = dead_letter(
+            service=SERVICE,
+            error=exc,
+            topic=record.topic_name,
+            partition=record.partition,
+            offset=record.offset,
+            timestamp_ms=record.timestamp_ms,
+            key=key,
+            value=value,
+            headers=record.headers,
+            now_ms=now_ms,
+        )
+        letter["detail"] = (letter["detail"] + " (email and phone removed)")[:1000]
+        DLQ_RECORDS.labels(SERVICE, letter["reason"]).inc()
+        log.warning(
+            "record dead-lettered",
+            extra={
+                "fields": {
+                    "reason": letter["reason"],
+                    "topic": record.topic_name,
+                    "partition": record.partition,
+                    "offset": record.offset,
+                }
+            },
+        )
+        return Output(TOPICS.dlq, key, letter)
 
     def _identified_bytes(self, customer_id: str, raw: bytes, now_ms: int) -> bytes:
         """The IdentifiedEvent of an event without email, as bytes: its fields are

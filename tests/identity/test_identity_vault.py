@@ -173,3 +173,30 @@ def test_a_local_stack_keeps_its_vault_key_private_and_across_restarts(
     Keyring.from_text(key)  # a usable key
     monkeypatch.setenv("SEGFLOW_VAULT_KEY", KEY)
     assert local_key(tmp_path) == (KEY, "SEGFLOW_VAULT_KEY")
+
+
+def test_an_invalid_event_with_an_address_is_dead_lettered_without_it() -> None:
+    svc = service()
+    outs = handle(
+        svc,
+        event_id="e9",
+        user_id="u1",
+        email="ana@example.org",
+        properties={"phone": "+1 555", "zip": "10115"},
+        occurred_at=NOW_MS + 10 * 86_400_000,  # beyond the allowed clock skew
+    )
+    (letter,) = [o for o in outs if o.topic is TOPICS.dlq]
+    assert letter.value["reason"] == "future_event"
+    kept = Serde.from_settings(svc.settings).decode(TOPICS.events, letter.value["original_value"])
+    assert kept["email"] is None and kept["properties"] == {"zip": "10115"}
+    assert kept["user_id"] == "u1"  # the rest is kept for a replay
+    assert b"ana@" not in letter.value["original_value"] and vault(outs) == []
+    # keyed by the address: the key is not kept either
+    record = Incoming(
+        TOPICS.events, "t", 0, 0, "ana@example.org",
+        {"event_id": "e10", "event_type": "login", "occurred_at": NOW_MS + 10 * 86_400_000,
+         "email": "ana@example.org", "properties": {}},
+        None, [],
+    )  # fmt: skip
+    (letter,) = list(svc.handle(record))
+    assert letter.key is None

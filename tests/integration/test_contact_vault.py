@@ -184,10 +184,13 @@ def test_a_raw_email_is_emailed_kept_only_encrypted_in_the_vault_and_shredded_by
             # 1. the raw event (email and phone), and a later one without them
             first = behaviour("identify", now, email=RAW_ADDRESS, properties={"phone": PHONE})
             later = behaviour("page_view", now + 1)
+            # an invalid event (10 days ahead) keyed by the address: dead-lettered without it
+            bad = behaviour("login", now + 864_000_000, email=RAW_ADDRESS)
             produce(
                 s,
                 TOPICS.events.name(s),
-                [(b"u-vault-1", serde.encode(TOPICS.events, e)) for e in (first, later)],
+                [(b"u-vault-1", serde.encode(TOPICS.events, e)) for e in (first, later)]
+                + [(RAW_ADDRESS.encode(), serde.encode(TOPICS.events, bad))],
             )
             recs = read_all(s, TOPICS.identified.name(s), expected=2, timeout=30)
             identified = sorted(
@@ -261,6 +264,8 @@ def test_a_raw_email_is_emailed_kept_only_encrypted_in_the_vault_and_shredded_by
 
     # 6. every topic's bytes: the address and phone only in the raw input topic (what the
     #    producer wrote) and, encrypted, in the vault; never in plain text anywhere else
+    letters = read_all(s, TOPICS.dlq.name(s), idle=0.5, timeout=10)
+    assert len(letters) == 1 and letters[0].key is None  # the invalid event, redacted
     for topic in TOPICS:
         raw = b"".join(
             (r.key or b"") + (r.value or b"") + b"".join(v or b"" for _, v in r.headers)
