@@ -145,9 +145,15 @@ def cmd_up(args: argparse.Namespace) -> int:
         print("no services are built yet; the broker and topics are up")
         return 0
     from segflow.api import wiring
+    from segflow.runtime.vault import local_key
 
+    vault_key, _ = local_key(Path(args.state_dir))  # the contact vault's master key
     sup = Supervisor(
-        Path(args.state_dir) / "logs", env={"SEGFLOW_BOOTSTRAP_SERVERS": settings.bootstrap_servers}
+        Path(args.state_dir) / "logs",
+        env={
+            "SEGFLOW_BOOTSTRAP_SERVERS": settings.bootstrap_servers,
+            "SEGFLOW_VAULT_KEY": vault_key,
+        },
     )
     ports = {name: args.metrics_port + 10 + i for i, name in enumerate(names)}  # for the API
     counts = replica_counts(names, args.replicas, args.replicas_of or [])

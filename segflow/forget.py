@@ -3,8 +3,11 @@
 The request goes to ``segflow.forget.requests`` keyed by the customer id. The identity
 service erases the profile and its identifiers (keeping keyed hashes of the user_id and
 email as do-not-relink markers, so the person's later events are dropped rather than
-profiled again) and emits a ``customer_forgotten`` event on the identified topic, in the
-customer's partition order after every earlier event. Downstream, the scorer drops the
+profiled again), tombstones the customer's record in the contact vault (the only copy of its
+data key: the encrypted addresses are crypto-shredded, physically once the broker compacts
+``segflow.contacts.vault``, within ``max.compaction.lag.ms``) and emits a
+``customer_forgotten`` event on the identified topic, in the customer's partition order after
+every earlier event. Downstream, the scorer drops the
 customer's features, the segmenter exits every membership with reason ``forgotten`` and
 drops its state, and the dispatcher cancels pending steps and suppresses contact for good.
 
@@ -82,7 +85,7 @@ def cmd_forget(args: argparse.Namespace) -> int:
     print(
         f"forget request {record['request_id']} for {record['customer_id']} written to "
         f"{TOPICS.forget.name(settings)}; identity erases the profile and passes it on to "
-        "the scorer, segmenter and dispatcher"
+        "the scorer, segmenter and dispatcher, and shreds its contact-vault key"
     )
     return 0
 

@@ -160,7 +160,10 @@ def _report(
     )
     say(f"total {total:.0f}s")
     summary.update(auc=auc, rescued=produced["rescued"], applied=produced["applied"])
-    return page(produced["timeline"], obs, precision, recall, auc), summary
+    context = page(produced["timeline"], obs, precision, recall, auc)
+    context["vendors"] = sorted(per_vendor.items())  # effects per vendor, for the HTML page
+    context["rejected"] = rejected
+    return context, summary
 
 
 def _latency_lines(latency: dict[str, dict[str, float] | None]) -> list[str]:

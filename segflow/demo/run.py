@@ -36,6 +36,7 @@ from segflow.runtime.log import configure
 from segflow.runtime.serde import Serde
 from segflow.runtime.settings import Settings
 from segflow.runtime.topics import TOPICS
+from segflow.runtime.vault import generate_key
 from segflow.sim.generator import SimConfig, Simulation
 from segflow.sim.noise import Delivery, NoiseConfig
 from segflow.sim.sink import KafkaSink
@@ -169,7 +170,9 @@ def _service_env(
         "SEGFLOW_DISPATCHER_EMAIL_BASE_URL": receiver.url,
         "SEGFLOW_DISPATCHER_WEBHOOK_URL": receiver.url + "/webhook",
         "SEGFLOW_DISPATCHER_SMTP_PORT": str(smtp.port),
-        "SEGFLOW_DISPATCHER_CONTACT_PATTERN": "{customer_id}@example.invalid",
+        # The contact vault's master key, new for every run: identity encrypts the simulated
+        # customers' addresses with it and the dispatcher emails them at the receiver.
+        "SEGFLOW_VAULT_KEY": generate_key(),
         **_vendor_ids(),
         **stack.group_env(settings),  # every service's group is <prefix><name>
         # The demo delivers a simulated week in one burst after a pause; the scorer's clock

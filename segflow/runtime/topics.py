@@ -38,6 +38,8 @@ class Topic:
     partitions: int
     cleanup: str
     doc: str = ""
+    #: Extra topic-level configs from the registry entry's ``config`` (applied at creation).
+    extra: tuple[tuple[str, str], ...] = ()
 
     def name(self, settings: Settings) -> str:
         """Full topic name under the configured prefix."""
@@ -53,6 +55,7 @@ class Topic:
         if self.cleanup == "compact":
             conf["min.cleanable.dirty.ratio"] = "0.1"
             conf["segment.ms"] = str(6 * 3600 * 1000)
+        conf.update(self.extra)
         return conf
 
 
@@ -77,6 +80,7 @@ class Topics:
     scorer_state: Topic
     scorer_model: Topic
     dispatcher_state: Topic
+    contact_vault: Topic
     segmenter_state: Topic
 
     def __iter__(self):  # type: ignore[no-untyped-def]
@@ -110,6 +114,7 @@ def load(path: Path = REGISTRY_FILE) -> Topics:
                 partitions=int(entry["partitions"]),
                 cleanup=str(entry["cleanup"]),
                 doc=str(entry.get("doc", "")),
+                extra=tuple((str(k), str(v)) for k, v in (entry.get("config") or {}).items()),
             )
         except (KeyError, TypeError, ValueError) as exc:
             raise ConfigError(f"{path}: topic {key!r}: missing or bad field {exc}") from exc

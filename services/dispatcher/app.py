@@ -40,7 +40,7 @@ from pydantic import SecretStr
 from pydantic_settings import SettingsConfigDict
 from tenacity import stop_after_attempt
 
-from segflow.errors import PoisonMessage
+from segflow.errors import ConfigError, PoisonMessage
 from segflow.runtime.dlq import dead_letter
 from segflow.runtime.loop import Incoming, LoopConfig, Output, ProcessingLoop
 from segflow.runtime.projection import _varint
@@ -49,6 +49,7 @@ from segflow.runtime.serde import Serde
 from segflow.runtime.settings import Settings
 from segflow.runtime.state import ChangelogStore
 from segflow.runtime.topics import TOPICS
+from segflow.runtime.vault import KEY_SETTING, VaultSettings
 from services.dispatcher import core, delivery
 from services.dispatcher.adapters import (
     AiohttpClient,
@@ -62,6 +63,7 @@ from services.dispatcher.adapters import (
     SMTPEmail,
 )
 from services.dispatcher.backoff import Breaker
+from services.dispatcher.contacts import VaultContacts
 from services.dispatcher.experiments import summarise
 from services.dispatcher.playbooks import DEFAULT_DIR, Book, load_book
 from services.dispatcher.vendors import (
@@ -69,6 +71,8 @@ from services.dispatcher.vendors import (
     check_routes,
     crm_adapter,
     email_adapter,
+    is_local,
+    routed,
     with_local_stand_ins,
 )
 
@@ -191,7 +195,7 @@ def build_router(
         return httpx.AsyncClient(timeout=cfg.http_timeout, limits=limits)
 
     client = runner.run(make())
-    book = contacts or PatternContacts(cfg.contact_pattern)
+    book = contacts if contacts is not None else PatternContacts(cfg.contact_pattern)
 
     def secret(value: SecretStr | None) -> str | None:
         return value.get_secret_value() if value is not None else None
@@ -242,7 +246,10 @@ class Dispatcher:
         self.results_topic = TOPICS.dispatch_results.name(settings)
         self.runner = AsyncRunner()
         self._client: HttpClient | None = None
+        self.vault: VaultContacts | None = None
         if router is None:
+            if contacts is None:
+                contacts = self._contacts()
             router, self._client = build_router(self.cfg, self.runner, contacts, self.book)
         self.router = router
         self._due: list[tuple[int, str]] = []  # (due_at pipeline ms, customer)
@@ -270,9 +277,47 @@ class Dispatcher:
         self._attempt_counters: dict[tuple[str, str], Any] = {}
         self._call_seconds: dict[str, Any] = {}
 
+    def _contacts(self) -> Contacts:
+        """Where recipients come from: the contact vault (``SEGFLOW_VAULT_KEY``), or the
+        ``CONTACT_PATTERN`` stand-in for the local receiver. Refuses to start when an email
+        channel is routed to a real endpoint without the vault key, or with the pattern."""
+        cfg = self.cfg
+        used = routed(self.book).keys()
+        real = sorted(
+            ch
+            for ch, where in (("email", cfg.email_base_url), ("smtp", cfg.smtp_host))
+            if ch in used and not is_local(where)
+        )
+        if cfg.contact_pattern:
+            if real:
+                raise ConfigError(
+                    "dispatcher cannot start:\n  SEGFLOW_DISPATCHER_CONTACT_PATTERN: a stand-in "
+                    f"for the local receiver; {real} go to a real endpoint: unset it and set "
+                    f"{KEY_SETTING} (the contact vault's master key)"
+                )
+            return PatternContacts(cfg.contact_pattern)
+        keyring = VaultSettings().keyring()
+        if keyring is not None:
+            self.vault = VaultContacts(self.settings, keyring)
+            return self.vault
+        if real:
+            raise ConfigError(
+                f"dispatcher cannot start:\n  {KEY_SETTING}: {real} routed to a real endpoint "
+                "send to addresses from the contact vault, which this master key decrypts (the "
+                "same key as the identity service's)"
+            )
+        if {"email", "smtp"} & used:
+            log.warning(
+                "contact vault off: %s is not set, email steps fail with no_contact", KEY_SETTING
+            )
+        return PatternContacts(None)
+
     # -- lifecycle -----------------------------------------------------------------------
     def restore(self, attempts: int = 20) -> int:
-        """Load the ledger from the changelog and rebuild the timer indexes."""
+        """Load the ledger from the changelog and rebuild the timer indexes (and start
+        following the contact vault)."""
+        if self.vault is not None:
+            self.vault.start()
 
         def start_over(_exc: BaseException) -> None:
             self.store.table.clear()
@@ -321,6 +366,8 @@ class Dispatcher:
 
     def loop(self, **overrides: Any) -> ProcessingLoop:
         s, cfg = self.settings, self.cfg
+        if self.vault is not None:
+            self.vault.start()  # recipients loaded before the first delivery
         config = LoopConfig(
             service="dispatcher",
             group_id=cfg.group_id,
@@ -346,6 +393,8 @@ class Dispatcher:
         )
 
     def close(self) -> None:
+        if self.vault is not None:
+            self.vault.close()
         if self._client is not None:
             self.runner.run(self._client.aclose())
         self.runner.close()

@@ -19,6 +19,7 @@ import re
 from typing import Any, Literal
 from urllib.parse import urlsplit
 
+from pydantic import SecretStr
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 from segflow.errors import ConfigError
@@ -27,6 +28,7 @@ from services.dispatcher.adapters import (
     HttpClient,
     HubSpotCRM,
     MarketoCRM,
+    MarketoToken,
     Router,
     SalesforceCRM,
     SendGridEmail,
@@ -67,6 +69,11 @@ class VendorSettings(BaseSettings):
     marketo_lists: dict[str, str] = {}
     marketo_campaigns: dict[str, str] = {}
     marketo_on_ambiguous: Ambiguity = "at_most_once"
+    # Marketo access tokens (1 hour) from the identity endpoint, refreshed before expiry and on
+    # 601/602; the identity URL defaults to <CRM_BASE_URL>/identity (Admin > Web Services)
+    marketo_client_id: str | None = None
+    marketo_client_secret: SecretStr | None = None
+    marketo_identity_url: str | None = None
     # SendGrid: playbook template name -> dynamic template id (d- + 32 hex); unsubscribe group
     sendgrid_templates: dict[str, str] = {}
     sendgrid_asm_group_id: int | None = None
@@ -159,8 +166,15 @@ def check_routes(cfg: Any, book: Book) -> None:
         "crm_segment",
     } & used.keys()
     if crm_channels:
-        if not is_local(cfg.crm_base_url) and cfg.crm_token is None:
-            need("crm_token", f"the CRM at {cfg.crm_base_url} is routed ({sorted(crm_channels)})")
+        marketo_auth = cfg.crm_kind == "marketo" and (
+            cfg.marketo_client_id and cfg.marketo_client_secret is not None
+        )
+        if not is_local(cfg.crm_base_url) and cfg.crm_token is None and not marketo_auth:
+            where = f"the CRM at {cfg.crm_base_url} is routed ({sorted(crm_channels)})"
+            if cfg.crm_kind == "marketo":
+                need("marketo_client_id", f"{where}: set MARKETO_CLIENT_ID and _CLIENT_SECRET")
+            else:
+                need("crm_token", where)
         for name in sorted(list_names(book)):
             if cfg.crm_kind == "hubspot":
                 ils = cfg.hubspot_lists.get(name)
@@ -214,6 +228,14 @@ def crm_adapter(
     v: VendorSettings, client: HttpClient, kind: str, base_url: str, token: str | None
 ) -> HubSpotCRM | SalesforceCRM | MarketoCRM:
     if kind == "marketo":
+        tokens = None
+        if v.marketo_client_id and v.marketo_client_secret is not None:
+            tokens = MarketoToken(
+                client,
+                v.marketo_identity_url or f"{base_url.rstrip('/')}/identity",
+                v.marketo_client_id,
+                v.marketo_client_secret.get_secret_value(),
+            )
         return MarketoCRM(
             client,
             base_url,
@@ -221,6 +243,7 @@ def crm_adapter(
             lists=v.marketo_lists,
             campaigns=v.marketo_campaigns,
             on_ambiguous=v.marketo_on_ambiguous,
+            token_source=tokens,
         )
     if kind == "hubspot":
         return HubSpotCRM(

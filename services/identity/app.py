@@ -23,11 +23,14 @@ from pydantic_settings import BaseSettings, SettingsConfigDict
 
 from segflow.errors import InvalidRecord
 from segflow.events import validate_event
+from segflow.runtime.dlq import dead_letter
 from segflow.runtime.loop import Incoming, LoopConfig, Output, ProcessingLoop
+from segflow.runtime.metrics import DLQ_RECORDS
 from segflow.runtime.serde import Serde
 from segflow.runtime.settings import Settings
 from segflow.runtime.state import ChangelogStore
 from segflow.runtime.topics import TOPICS
+from segflow.runtime.vault import ContactPoints, Keyring, VaultError, VaultSettings
 from services.identity import core
 
 SERVICE = "identity"
@@ -62,6 +65,14 @@ FORGET_REQUESTS = Counter(
     "segflow_identity_forget_requests_total", "Forget requests handled", ["found"]
 )
 STATE_KEYS = Gauge("segflow_identity_state_keys", "Entries in the identity state", ["kind"])
+VAULT_WRITES = Counter(
+    "segflow_identity_vault_writes_total",
+    "Contact vault records written (seen: a new or newly primary contact point; merged; "
+    "forgotten: tombstones)",
+    ["cause"],
+)
+#: The property that carries a phone number: moved into the vault, removed from the event.
+PHONE_PROPERTY = "phone"
 
 
 class IdentitySettings(BaseSettings):
@@ -157,6 +168,8 @@ class IdentityService:
         config: IdentitySettings | None = None,
         store: ChangelogStore | None = None,
         clock: Callable[[], float] = time.time,
+        keyring: Keyring | None = None,
+        vault: ChangelogStore | None = None,
     ) -> None:
         self.settings = settings
         self.config = config or IdentitySettings()
@@ -166,9 +179,26 @@ class IdentityService:
         self.store = store or ChangelogStore(
             settings, TOPICS.identity_state, self.serde, partitioned=False
         )
+        #: The contact vault (raw email and phone, encrypted per customer); None without
+        #: SEGFLOW_VAULT_KEY: addresses are then only hashed and dropped, as before.
+        self.keyring = keyring if keyring is not None else VaultSettings().keyring()
+        self.vault: ChangelogStore | None = None
+        if self.keyring is not None:
+            self.vault = vault or ChangelogStore(
+                settings, TOPICS.contact_vault, self.serde, partitioned=False
+            )
+        else:
+            log.warning(
+                "contact vault off: SEGFLOW_VAULT_KEY is not set, so raw emails are hashed "
+                "and dropped and the dispatcher's email channel has no addresses"
+            )
+        #: customer -> keyed digest of the contact points last made primary: an event repeating
+        #: them (every email_open carries the address) skips decrypting the record
+        self._primary: dict[str, bytes] = {}
         self.clock = clock
         self._identified_header: bytes | None = None
         self._secret = settings.hash_secret.get_secret_value()
+        self._primary_key = hashlib.sha256(b"vault-primary\x00" + self._secret.encode()).digest()
         self._hasher = node_hasher(self._secret)
         self._cache: dict[tuple[str, str], str] = {}
         self._max_future_ms = int(self.config.max_future_skew_s * 1000)
@@ -178,8 +208,11 @@ class IdentityService:
 
     # -- lifecycle -------------------------------------------------------------------------
     def restore(self) -> int:
-        """Load the graph and the de-duplication window from the changelog."""
+        """Load the graph and the de-duplication window from the changelog (and the vault,
+        whose only writer this service is)."""
         n = self.store.restore()
+        if self.vault is not None:
+            n += self.vault.restore()
         self.dedup.rebuild(self.store.items())
         self._refresh_gauges()
         return n
@@ -189,6 +222,7 @@ class IdentityService:
 
     def on_abort(self) -> None:
         self.dedup.on_abort()
+        self._primary.clear()  # the vault store rolled back
 
     def loop(self, **overrides: Any) -> ProcessingLoop:
         """The processing loop over ``segflow.events`` (overrides go to :class:`LoopConfig`)."""
@@ -209,7 +243,7 @@ class IdentityService:
             LoopConfig(**options),
             self.handle,
             serde=self.serde,
-            hooks=[self.store, self],
+            hooks=[self.store, *([self.vault] if self.vault is not None else []), self],
             clock=self.clock,
             tick=self.tick,
         )
@@ -222,15 +256,21 @@ class IdentityService:
         started = time.perf_counter()
         event = record.value
         now_ms = int(self.clock() * 1000)
-        validate_event(event, now_ms, self._max_future_ms)
-        if len(self._cache) > self.config.hash_cache_size:
-            self._cache.clear()
-        ids = core.identifiers(event, self.rules, self._hasher, self._cache)
-        if not ids:
-            raise InvalidRecord(
-                f"event {event['event_id']} has no usable identifier (all blocked)",
-                reason="no_identifier",
-            )
+        try:
+            validate_event(event, now_ms, self._max_future_ms)
+            if len(self._cache) > self.config.hash_cache_size:
+                self._cache.clear()
+            ids = core.identifiers(event, self.rules, self._hasher, self._cache)
+            if not ids:
+                raise InvalidRecord(
+                    f"event {event['event_id']} has no usable identifier (all blocked)",
+                    reason="no_identifier",
+                )
+        except InvalidRecord as exc:
+            if event.get("email") is None and PHONE_PROPERTY not in (event.get("properties") or {}):
+                raise  # nothing personal: the loop dead-letters the bytes as they came
+            yield self._redacted_dead_letter(record, exc, now_ms)
+            return
         item = core.IdentityInput(event["event_id"], event["occurred_at"], ids)
         step = core.link(self.store.table, item, self.rules)
         if step.customer_id is None:
@@ -243,9 +283,14 @@ class IdentityService:
         for outcome in step.outcomes:
             yield from self._outcome(outcome, now_ms)
         email = event.get("email")
+        props = event.get("properties") or {}
+        phone = props.get(PHONE_PROPERTY)
         identified: dict[str, Any] | bytes
+        if phone is not None:  # a contact point: the vault keeps it, the event does not
+            event = {**event, "properties": {k: v for k, v in props.items() if k != PHONE_PROPERTY}}
         if (
             email is None
+            and phone is None
             and record.raw is not None
             and self.serde.written_with_current(TOPICS.events, record.raw)
         ):
@@ -263,11 +308,65 @@ class IdentityService:
         store = self.store
         for key, value in step.writes:
             yield store.put(key, value) if value is not None else store.delete(key)
+        if self.vault is not None:
+            for outcome in step.outcomes:
+                if isinstance(outcome, core.Merged):
+                    for absorbed in outcome.absorbed:
+                        yield from self._vault_merge(outcome.survivor, absorbed, now_ms)
+            if email or phone:
+                yield from self._vault_seen(step.customer_id, email, phone, now_ms)
         self.dedup.seen(item.event_id, item.occurred_at, record.partition)
         _IDENTIFIED.inc()
         self._n += 1
         if not self._n & 15:  # a sample is enough for the histogram
             LATENCY.observe(time.perf_counter() - started)
+
+    def _redacted_dead_letter(self, record: Incoming, exc: InvalidRecord, now_ms: int) -> Output:
+        """The DLQ entry of an invalid event that carries a contact point: the event without
+        its email and phone (and without its key when that looks like an address), so the raw
+        address never reaches the DLQ topic."""
+        event = {
+            **record.value,
+            "email": None,
+            "properties": {
+                k: v
+                for k, v in (record.value.get("properties") or {}).items()
+                if k != PHONE_PROPERTY
+            },
+        }
+        try:
+            value: bytes | None = self.serde.encode(TOPICS.events, event)
+        except Exception:  # noqa: BLE001 - an event the schema refuses: keep nothing of it
+            value = None
+        key = record.key.encode() if isinstance(record.key, str) else record.key
+        if key is not None and (b"@" in key or key.strip().startswith(b"+")):
+            key = None
+        letter = dead_letter(
+            service=SERVICE,
+            error=exc,
+            topic=record.topic_name,
+            partition=record.partition,
+            offset=record.offset,
+            timestamp_ms=record.timestamp_ms,
+            key=key,
+            value=value,
+            headers=record.headers,
+            now_ms=now_ms,
+        )
+        letter["detail"] = (letter["detail"] + " (email and phone removed)")[:1000]
+        DLQ_RECORDS.labels(SERVICE, letter["reason"]).inc()
+        log.warning(
+            "record dead-lettered",
+            extra={
+                "fields": {
+                    "reason": letter["reason"],
+                    "topic": record.topic_name,
+                    "partition": record.partition,
+                    "offset": record.offset,
+                }
+            },
+        )
+        return Output(TOPICS.dlq, key, letter)
 
     def _identified_bytes(self, customer_id: str, raw: bytes, now_ms: int) -> bytes:
         """The IdentifiedEvent of an event without email, as bytes: its fields are
@@ -283,6 +382,64 @@ class IdentityService:
         return b"".join(
             (self._identified_header, _long(len(cid)), cid, raw[5:], b"\x00", _long(now_ms))
         )
+
+    # -- contact vault ---------------------------------------------------------------------
+    def _vault_points(self, cid: str) -> tuple[dict[str, Any] | None, ContactPoints]:
+        """The customer's vault record and its contact points (none when it does not open:
+        it is then replaced with a record under a new data key)."""
+        assert self.vault is not None and self.keyring is not None
+        record = self.vault.get(cid)
+        if record is None:
+            return None, ContactPoints()
+        try:
+            return record, self.keyring.open(record)
+        except VaultError as exc:
+            log.warning(
+                "vault record unreadable, replaced",
+                extra={"fields": {"customer_id": cid, "error": str(exc)}},
+            )
+            return None, ContactPoints()
+
+    def _vault_seen(
+        self, cid: str, email: str | None, phone: str | None, now_ms: int
+    ) -> Iterator[Output]:
+        """Record a raw email / phone as the customer's most recent contact point."""
+        assert self.vault is not None and self.keyring is not None
+        address = core.normalize("email", email) if email else None
+        if address is not None and ("@" not in address or self.rules.is_blocked(address)):
+            address = None  # placeholders and test addresses are not contact points
+        number = phone.strip() if phone and phone.strip() else None
+        if address is None and number is None:
+            return
+        digest = hashlib.blake2b(
+            f"{address}\x00{number}".encode(), key=self._primary_key, digest_size=16
+        ).digest()
+        if self._primary.get(cid) == digest:
+            return  # the same points as last time: already the primary ones
+        record, points = self._vault_points(cid)
+        updated = points.seen(address, number)
+        if len(self._primary) > self.config.hash_cache_size:
+            self._primary.clear()
+        self._primary[cid] = digest
+        if updated is points and record is not None:
+            return  # nothing new: no write
+        VAULT_WRITES.labels("seen").inc()
+        yield self.vault.put(cid, self.keyring.reseal(record, cid, updated, now_ms))
+
+    def _vault_merge(self, survivor: str, absorbed: str, now_ms: int) -> Iterator[Output]:
+        """Move the absorbed profile's contact points to the survivor's record (sealed with
+        the survivor's data key); the absorbed record is deleted with its data key."""
+        assert self.vault is not None and self.keyring is not None
+        self._primary.pop(absorbed, None)
+        gone, theirs = self._vault_points(absorbed)
+        if self.vault.get(absorbed) is None:
+            return
+        if gone is not None and (theirs.emails or theirs.phones):
+            record, ours = self._vault_points(survivor)
+            merged = ours.absorb(theirs)
+            yield self.vault.put(survivor, self.keyring.reseal(record, survivor, merged, now_ms))
+        VAULT_WRITES.labels("merged").inc()
+        yield self.vault.delete(absorbed)
 
     def _forget(self, request: dict[str, Any]) -> Iterator[Output]:
         """Erase the profile, then tell downstream in the customer's own partition order:
@@ -310,6 +467,11 @@ class IdentityService:
         )
         for key, value in writes:
             yield self.store.put(key, value) if value is not None else self.store.delete(key)
+        self._primary.pop(cid, None)
+        if self.vault is not None and self.vault.get(cid) is not None:
+            # The record held the only copy of the customer's data key: crypto-shredded.
+            VAULT_WRITES.labels("forgotten").inc()
+            yield self.vault.delete(cid)
 
     def _outcome(self, outcome: core.LinkOutcome, now_ms: int) -> Iterator[Output]:
         if isinstance(outcome, core.Merged):

@@ -25,6 +25,7 @@ PROMETHEUS = REPO / "deploy" / "prometheus" / "prometheus.yml"
 GRAFANA_PROVISIONING = REPO / "deploy" / "grafana" / "provisioning"
 SETTINGS_MODULES = (
     "segflow.runtime.settings",
+    "segflow.runtime.vault",  # SEGFLOW_VAULT_KEY, SEGFLOW_VAULT_PREVIOUS_KEYS
     "segflow.api.gateway",
     *(f"services.{s}.app" for s in SERVICES),
 )

@@ -289,3 +289,33 @@ def test_smtp_policy_when_the_answer_to_data_is_lost(
     assert handler.received == 1  # the message went out: the failure is ambiguous
     if expected is Rejected:
         assert str(exc.value).startswith("ambiguous:")
+
+
+def test_email_to_a_real_endpoint_needs_the_contact_vault_key(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    from segflow.runtime.settings import Settings
+    from segflow.runtime.vault import generate_key
+    from services.dispatcher.app import Dispatcher
+    from services.dispatcher.contacts import VaultContacts
+
+    settings = Settings(bootstrap_servers="127.0.0.1:1")
+    monkeypatch.delenv("SEGFLOW_VAULT_KEY", raising=False)
+    with pytest.raises(ConfigError, match="SEGFLOW_VAULT_KEY") as exc:
+        Dispatcher(settings, configured(), book=BOOK)
+    assert "email" in str(exc.value)
+    # the demo's address pattern is refused for real endpoints too
+    with pytest.raises(ConfigError, match="SEGFLOW_DISPATCHER_CONTACT_PATTERN"):
+        Dispatcher(settings, configured(contact_pattern="{customer_id}@x.invalid"), book=BOOK)
+    key = generate_key()
+    monkeypatch.setenv("SEGFLOW_VAULT_KEY", key)
+    d = Dispatcher(settings, configured(), book=BOOK)
+    try:
+        assert isinstance(d.vault, VaultContacts)
+        assert d.router.email is not None and d.router.email.contacts is d.vault  # type: ignore[attr-defined]
+    finally:
+        d.close()
+    monkeypatch.setenv("SEGFLOW_VAULT_KEY", "too-short")
+    with pytest.raises(ConfigError, match="SEGFLOW_VAULT_KEY") as bad:
+        Dispatcher(settings, configured(), book=BOOK)
+    assert "too-short" not in str(bad.value)

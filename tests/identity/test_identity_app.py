@@ -83,9 +83,16 @@ def test_a_duplicate_produces_nothing_and_is_counted() -> None:
 )
 def test_bad_events_are_rejected_with_a_dlq_reason(event: dict[str, Any], reason: str) -> None:
     svc = service()
-    with pytest.raises(InvalidRecord) as err:
-        handle(svc, event_id="bad", **event)
-    assert err.value.reason == reason
+    if "email" in event:
+        # an event with an address is dead-lettered by the handler itself, without the
+        # address (the contact vault's rule: raw addresses in no topic but the input)
+        (letter,) = handle(svc, event_id="bad", **event)
+        assert letter.topic is TOPICS.dlq and letter.value["reason"] == reason
+        assert b"test@test.com" not in letter.value["original_value"]
+    else:
+        with pytest.raises(InvalidRecord) as err:
+            handle(svc, event_id="bad", **event)
+        assert err.value.reason == reason
     assert len(svc.store) == 0  # nothing was written for a rejected event
 
 

@@ -98,6 +98,7 @@ def test_pipeline_end_to_end_with_kills_sends_every_action_once(
     # Closed loop: dispatched actions reached the simulated customers.
     assert summary["applied"] > 0
     report = (tmp_path / "demo-report.html").read_text()
+    assert "requests rejected by the vendor contracts: 0" in report and "sendgrid " in report
     assert report.count("<polyline") > 0
     # The report's KPIs come from the API: each treated variant compared with its holdout.
     kpis = summary["api"]["kpis"]
