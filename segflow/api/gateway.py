@@ -76,6 +76,9 @@ class GatewaySettings(BaseSettings):
     playbooks: str | None = None
     console_sample_interval: float = 5.0
     replay_timeout: float = 120.0
+    # read segment.changes and identity.merges into the console's audit index (needs the
+    # broker settings, SEGFLOW_KAFKA_*, in the environment; segflow up and demo set it)
+    audit: bool = False
 
     def url(self, service: str) -> str:
         return str(getattr(self, f"{service}_url")).rstrip("/")

@@ -36,6 +36,16 @@ CHROMIUM = shutil.which("chromium") or "/usr/bin/chromium"
 CHROMEDRIVER = shutil.which("chromedriver") or "/usr/bin/chromedriver"
 
 
+#: A segment of the stack's own (added to the default definitions): a support ticket in the
+#: last 3 days. The timeline test sends a customer a ticket, a quiet week and another ticket,
+#: which gives two stays in it (the console must show both).
+STAYS_SEGMENT_NAME = "Console Stays"
+STAYS_SEGMENT = """
+  # the console tests' segment (tests/console/conftest.py)
+  - {name: Console Stays, priority: 0, enter: {feature: tickets_3d, op: ">=", value: 1}}
+"""
+
+
 @dataclass
 class ConsoleStack:
     url: str
@@ -71,7 +81,7 @@ def console_stack(
     settings = isolated_settings(kafka_bootstrap, "console")
     prefix = settings.topic_prefix
     definitions = tmp / "segments.yaml"  # the editor publishes here; the segmenter reloads it
-    definitions.write_text(DEFAULT_DEFINITIONS.read_text())
+    definitions.write_text(DEFAULT_DEFINITIONS.read_text() + STAYS_SEGMENT)
     receiver, smtp = Receiver().start(), SMTPReceiver().start()
     env = _service_env(settings, prefix, receiver, smtp)
     env["SEGFLOW_SEGMENTER_DEFINITIONS"] = str(definitions)

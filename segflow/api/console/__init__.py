@@ -259,6 +259,42 @@ def check_playbooks(text: str) -> dict[str, Any]:
     }
 
 
+def check_playbook_book(text: str, name: str, files: dict[str, Path]) -> dict[str, Any]:
+    """:func:`check_playbooks` of a new text for file ``name``, then the whole book as the
+    dispatcher would load it with that file replaced (playbook names unique across files)."""
+    checked = check_playbooks(text)
+    if not checked["valid"]:
+        return checked
+    from services.dispatcher.playbooks import PlaybookError, parse_documents
+
+    mine = {p.name for p in parse_documents(text, name)[0]}
+    for other, path in files.items():
+        if other == name:
+            continue
+        try:
+            theirs = {p.name for p in parse_documents(path.read_text(), other)[0]}
+        except (PlaybookError, OSError):
+            continue  # that file's own problem; the dispatcher reports it
+        for dup in sorted(mine & theirs):
+            line = next(
+                (i for i, ln in enumerate(text.splitlines(), 1) if dup in ln and "playbook" in ln),
+                1,
+            )
+            return {
+                "valid": False,
+                "version": None,
+                "segments": [],
+                "problems": [
+                    {
+                        "line": line,
+                        "field": "playbook",
+                        "message": f"duplicate playbook name {dup!r}: {other} has one",
+                    }
+                ],
+            }
+    return checked
+
+
 # -- what-if: `segflow replay` over recorded history ---------------------------------------
 async def run_replay(
     text: str, current: Path, timeout: float, kind: str = "segments", playbooks: str = ""
