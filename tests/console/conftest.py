@@ -26,6 +26,7 @@ from segflow.runtime.testing import isolated_settings
 from segflow.sim.generator import SimConfig, Simulation
 from segflow.sim.sink import KafkaSink
 from segflow.supervisor import SERVICES, Supervisor
+from services.dispatcher.playbooks import DEFAULT_DIR as PLAYBOOKS_DIR
 from services.segmenter.app import DEFAULT_DEFINITIONS
 
 VIEWER = "console-viewer-token"
@@ -53,6 +54,7 @@ class ConsoleStack:
     definitions: Path
     env: dict[str, str]
     logs: Path
+    playbooks: Path
 
     def api(self, token: str = VIEWER) -> httpx.Client:
         return httpx.Client(
@@ -82,10 +84,14 @@ def console_stack(
     prefix = settings.topic_prefix
     definitions = tmp / "segments.yaml"  # the editor publishes here; the segmenter reloads it
     definitions.write_text(DEFAULT_DEFINITIONS.read_text() + STAYS_SEGMENT)
+    playbooks = tmp / "playbooks"  # the editor publishes here; the dispatcher reloads them
+    shutil.copytree(PLAYBOOKS_DIR, playbooks, ignore=shutil.ignore_patterns("salesforce"))
     receiver, smtp = Receiver().start(), SMTPReceiver().start()
     env = _service_env(settings, prefix, receiver, smtp)
     env["SEGFLOW_SEGMENTER_DEFINITIONS"] = str(definitions)
     env["SEGFLOW_SEGMENTER_RELOAD_INTERVAL"] = "0.5"
+    env["SEGFLOW_DISPATCHER_PLAYBOOKS"] = str(playbooks)
+    env["SEGFLOW_DISPATCHER_PLAYBOOK_RELOAD_INTERVAL"] = "0.5"
     sup = Supervisor(tmp / "logs", env=env)
     ports = {name: free_port() for name in SERVICES}
     for name in SERVICES:
@@ -98,6 +104,7 @@ def console_stack(
         extra={
             "SEGFLOW_API_EDITOR_TOKEN": EDITOR,
             "SEGFLOW_API_DEFINITIONS": str(definitions),
+            "SEGFLOW_API_PLAYBOOKS": str(playbooks),
             "SEGFLOW_API_CONSOLE_SAMPLE_INTERVAL": "1",
         },
     )
@@ -116,6 +123,7 @@ def console_stack(
             definitions,
             {**env, "SEGFLOW_TOPIC_PREFIX": prefix},
             tmp / "logs",
+            playbooks,
         )
     finally:
         sup.stop()

@@ -537,3 +537,78 @@ def test_customer_timeline_shows_every_stay_and_merges(
     assert [x["text"] for x in link] == [survivor]
     browser.screenshot("customer-merged")
     assert browser.console_errors() == []
+
+
+def _running_playbooks(stack: ConsoleStack) -> dict[str, str]:
+    """The dispatcher's running playbooks and versions, as its health reports them."""
+    with stack.api() as api:
+        health = api.get("/v1/health").json()
+    return dict(health["services"]["dispatcher"]["details"]["playbooks"])
+
+
+def test_an_editor_publishes_a_playbook_and_the_dispatcher_runs_it(
+    console_stack: ConsoleStack, browser: Browser
+) -> None:
+    from selenium.webdriver.common.by import By
+    from selenium.webdriver.support.ui import Select
+
+    path = console_stack.playbooks / "lifecycle.yaml"
+    original = path.read_text()
+    assert _running_playbooks(console_stack)["Lifecycle prospect"] == "1"
+    browser.driver.delete_all_cookies()
+    browser.login(EDITOR)
+    browser.go("/console/#/whatif")
+    browser.wait_loaded("#/whatif")
+    Select(browser.driver.find_element(By.ID, "whatif-kind")).select_by_value("pb:lifecycle.yaml")
+    assert browser.driver.execute_script("return document.getElementById('defs').value") == original
+    assert browser.driver.find_element(By.ID, "publish").get_attribute("disabled") is None
+    set_text = "document.getElementById('defs').value = arguments[0];"
+
+    # a valid change: written, and the running dispatcher reloads it (version 2)
+    v2 = original.replace(
+        "playbook: Lifecycle prospect\n", "playbook: Lifecycle prospect\nversion: 2\n"
+    )
+    assert v2 != original
+    browser.driver.execute_script(set_text, v2)
+    browser.driver.find_element(By.ID, "publish").click()
+    browser.wait(lambda d: d.find_elements(By.ID, "published"), what="publish not confirmed")
+    assert path.read_text() == v2
+    wait_until(
+        lambda: _running_playbooks(console_stack)["Lifecycle prospect"] == "2",
+        what="the dispatcher to run the published playbook",
+    )
+
+    # an invalid one: refused with its line and field; nothing written; version 2 runs on
+    step = "  - {id: sync_stage, channel: crm_property, properties: {segflow_lifecycle: prospect}}"
+    bad = v2.replace(step, step.replace("crm_property", "fax"))
+    line = bad.splitlines().index(step.replace("crm_property", "fax")) + 1
+    browser.driver.execute_script(set_text, bad)
+    browser.driver.find_element(By.ID, "publish").click()
+    problems = browser.wait(lambda d: _read(browser, ".problems li", "text"), what="no problems")
+    assert problems[0]["text"].startswith(f"line {line}: ") and "channel" in problems[0]["text"]
+    assert path.read_text() == v2
+    browser.screenshot("whatif-playbook-rejected")
+
+    # the same file written behind the console's back: the dispatcher says so in its log and
+    # keeps running version 2
+    log = console_stack.logs / "dispatcher.log"
+    path.write_text(bad)
+    wait_until(lambda: "playbooks rejected" in log.read_text(), what="the dispatcher to reject it")
+    assert _running_playbooks(console_stack)["Lifecycle prospect"] == "2"
+
+    # a viewer cannot publish a playbook, by the API either
+    with console_stack.api(VIEWER) as api:
+        refused = api.put("/v1/console/playbooks/lifecycle.yaml", json={"yaml": original})
+    assert refused.status_code == 403
+    assert path.read_text() == bad
+
+    # back to the original, through the API with the editor token
+    with console_stack.api(EDITOR) as api:
+        assert api.put("/v1/console/playbooks/lifecycle.yaml", json={"yaml": original}).json()[
+            "published"
+        ]
+    wait_until(
+        lambda: _running_playbooks(console_stack)["Lifecycle prospect"] == "1",
+        what="the dispatcher to run the restored playbook",
+    )
+    assert browser.console_errors() == []
