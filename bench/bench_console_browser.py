@@ -3,12 +3,13 @@
     .venv/bin/python bench/bench_console_browser.py [--customers 100000] [--runs 5]
 
 What is real: the gateway with the console (in this process), the segmenter's query endpoint
-(its real routes over 100,000 ``CustomerState`` records with 3 memberships each, built as
-``bench_console.py`` builds them), the console's audit index holding 3 Avro-encoded segment
-changes per customer (what the gateway keeps when it reads segment.changes), Debian's
-Chromium through chromedriver. Stand-ins: identity, scorer and dispatcher answer their
-per-customer lookups from dicts (what their real endpoints do: a dict lookup in the service's
-state) and the KPIs from 40 rows; their cost does not grow with customers.
+(in a child process: its real routes over 100,000 ``CustomerState`` records with 3
+memberships each, built as ``bench_console.py`` builds them), the console's audit index
+holding ~4 Avro-encoded segment changes per customer (what the gateway keeps when it reads
+segment.changes), Debian's Chromium through chromedriver. Stand-ins (in the child too):
+identity, scorer and dispatcher answer their per-customer lookups from dicts (what their real
+endpoints do: a dict lookup in the service's state) and the KPIs from 40 rows; their cost
+does not grow with customers.
 
 For each page: the first load (``driver.get`` of the page until it has rendered its data,
 static assets and the session included) and the median and max of ``--runs`` in-app
@@ -19,6 +20,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import multiprocessing
 import os
 import random
 import shutil
@@ -211,6 +213,16 @@ def start_gateway(urls: dict[str, str], index: AuditIndex) -> tuple[str, Any]:
     return f"http://127.0.0.1:{box['port']}", stop
 
 
+def serve_services(seg: Segmenter, ports: Any) -> None:
+    """The child: the segmenter's real routes and the stand-ins, until terminated (it also
+    ends when the parent does: it is a daemon process)."""
+    servers = {"segmenter": segmenter_api.serve(seg, 0)}  # type: ignore[arg-type]
+    for name, routes in stand_ins(seg).items():
+        servers[name] = serve_routes(routes, 0)
+    ports.put({n: s.server_port for n, s in servers.items()})
+    threading.Event().wait()
+
+
 WAIT_LOADED = """
 const [hash, done] = arguments;
 const t0 = performance.now();
@@ -238,10 +250,13 @@ def main() -> None:
         f"built {args.customers:,} customers (segmenter state, {index.records:,} audit "
         f"changes) in {time.perf_counter() - started:.1f}s"
     )
-    servers = {"segmenter": segmenter_api.serve(seg, 0)}  # type: ignore[arg-type]
-    for name, routes in stand_ins(seg).items():
-        servers[name] = serve_routes(routes, 0)
-    urls = {n: f"http://127.0.0.1:{s.server_port}" for n, s in servers.items()}
+    # the services in a child process of their own (as in a deployment: the segmenter's
+    # pass over its customers does not share the gateway's interpreter lock)
+    ctx = multiprocessing.get_context("fork")
+    ports: Any = ctx.Queue()
+    child = ctx.Process(target=serve_services, args=(seg, ports), daemon=True)
+    child.start()
+    urls = {n: f"http://127.0.0.1:{port}" for n, port in ports.get(timeout=60).items()}
     url, stop_gateway = start_gateway(urls, index)
     profile = tempfile.mkdtemp(prefix="bench-chromium-")
     options = webdriver.ChromeOptions()
@@ -303,8 +318,8 @@ def main() -> None:
     finally:
         driver.quit()
         stop_gateway()
-        for s in servers.values():
-            s.shutdown()
+        child.terminate()
+        child.join(10)
         shutil.rmtree(profile, ignore_errors=True)
 
 

@@ -217,10 +217,13 @@ pages.segment = (name) => {
   prev.addEventListener("click", () => { offset = Math.max(0, offset - limit); loadMembers(); });
   next.addEventListener("click", () => { offset += limit; loadMembers(); });
 
-  async function loadMembers() {
+  function fetchMembers() {
     const q = new URLSearchParams({ sort, offset: String(offset), limit: String(limit) });
     if (filter) q.set("q", filter);
-    const { body } = await api(`/v1/console/segments/${enc(name)}/members?${q}`);
+    return api(`/v1/console/segments/${enc(name)}/members?${q}`);
+  }
+  async function loadMembers(pending) {
+    const { body } = await (pending || fetchMembers());
     info.textContent = body.total ? `${offset + 1}–${Math.min(offset + limit, body.total)} of ${fmtInt(body.total)}` : "no members match";
     prev.disabled = offset === 0; next.disabled = offset + limit >= body.total;
     members.replaceChildren(table(["Customer", { label: "Churn probability", num: true }, "Member since"],
@@ -231,6 +234,8 @@ pages.segment = (name) => {
   return {
     title: name,
     async refresh() {
+      const page = fetchMembers();  // both reads at once: the page waits for the slower
+      page.catch(() => {});  // (a failure is reported by loadMembers below)
       const { body } = await api(`/v1/console/segments/${enc(name)}`);
       head.replaceChildren(
         h("h1", {}, body.name, " ", body.drift.flag ? h("span", { class: "badge drift" }, "DRIFT") : null),
@@ -249,7 +254,7 @@ pages.segment = (name) => {
         built = true;
         show(this, head, h("h2", {}, "Members"), h("div", { class: "controls" }, filterBox, sortBox, prev, next, info), members, kpis);
       }
-      await loadMembers();
+      await loadMembers(page);
     },
   };
 };
