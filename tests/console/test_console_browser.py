@@ -529,6 +529,7 @@ def test_customer_timeline_shows_every_stay_and_merges(
         if m["survivor_id"] == survivor
     }
     assert set(map(tuple, shown_merges)) == expected
+    browser.screenshot("customer-merges")
     # the absorbed profile's page says where it went
     absorbed = merge["absorbed_ids"][0]
     browser.go(f"/console/#/customer/{quote(absorbed, safe='')}")
