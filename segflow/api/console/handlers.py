@@ -529,9 +529,22 @@ async def publish_playbook(request: web.Request) -> web.Response:
 
 
 # -- the sampler and the routes ----------------------------------------------------------------
+def _warm(settings: Any) -> None:
+    """Parse the definitions and playbook files once at start (the pages reuse the result
+    until the files change), so the first page view does not pay for it."""
+    try:
+        text = c.definitions_path(settings.definitions).read_text()
+        c.check_definitions(text)
+        c.segment_yaml(text)
+        c.playbooks_by_segment(settings.playbooks)
+    except Exception:  # noqa: BLE001 (a page says what is wrong with them, later)
+        log.debug("console warm-up failed", exc_info=True)
+
+
 async def _sample(app: web.Application) -> None:
     history = app[HISTORY]
     interval = app[SETTINGS].console_sample_interval
+    await asyncio.to_thread(_warm, app[SETTINGS])
     while True:
         try:
             from segflow.api.gateway import UPSTREAM
