@@ -268,7 +268,9 @@ class Dispatcher:
         self._gauges_at = 0.0
         self._attempt_counters: dict[tuple[str, str], Any] = {}
         self._call_seconds: dict[str, Any] = {}
-        self._playbook_stamp = self._stamp_playbooks()
+        # hot reload of the playbook files, unless the book was handed in (tests, embedding)
+        self._playbooks_from_files = book is None
+        self._playbook_stamp = self._stamp_playbooks() if book is None else ()
         self._playbooks_polled = time.monotonic()
 
     # -- lifecycle -----------------------------------------------------------------------
@@ -619,7 +621,10 @@ class Dispatcher:
         return True
 
     def tick(self) -> list[Output]:
-        if time.monotonic() - self._playbooks_polled >= self.cfg.playbook_reload_interval:
+        if (
+            self._playbooks_from_files
+            and time.monotonic() - self._playbooks_polled >= self.cfg.playbook_reload_interval
+        ):
             self._playbooks_polled = time.monotonic()
             self.reload_playbooks()
         if self._dirty:
