@@ -137,7 +137,7 @@ def main() -> int:
         sent, latencies = asyncio.run(load(url, args.seconds, args.concurrency, args.batch, bodies))
         elapsed, cpu = time.monotonic() - t0, cpu_seconds(proc.pid) - cpu0
         load_avg = os.getloadavg()
-        total = len(read_all(settings, TOPICS.events.name(settings), idle=2.0, timeout=120))
+        total = len(read_all(settings, TOPICS.events.name(settings), timeout=120))
         print(
             f"collector, one core (CPU {args.cpu}), batches of {args.batch}, "
             f"{args.concurrency} connections, {args.seconds:.0f} s:\n"

@@ -219,7 +219,7 @@ def serve_services(seg: Segmenter, ports: Any) -> None:
     servers = {"segmenter": segmenter_api.serve(seg, 0)}  # type: ignore[arg-type]
     for name, routes in stand_ins(seg).items():
         servers[name] = serve_routes(routes, 0)
-    ports.put({n: s.server_port for n, s in servers.items()})
+    ports.put({n: s.port for n, s in servers.items()})
     threading.Event().wait()
 
 

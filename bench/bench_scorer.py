@@ -25,11 +25,13 @@ import platform
 import sys
 import time
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+from segflow import stats  # noqa: E402
 from segflow.runtime.serde import SchemaStore, Serde  # noqa: E402
 from segflow.runtime.topics import TOPICS  # noqa: E402
 from segflow.sim.generator import DAY, SimConfig, Simulation  # noqa: E402
@@ -38,37 +40,13 @@ from segflow.sim.truth import truth_records  # noqa: E402
 from services.scorer.core import ScoreEmit, Scorer, ScorerConfig, StateWrite  # noqa: E402
 
 
-def roc_auc(scores: list[float], labels: list[bool]) -> float:
-    """Rank-based ROC AUC (ties count half)."""
-    s = np.asarray(scores)
-    y = np.asarray(labels, dtype=bool)
-    n_pos, n_neg = int(y.sum()), int((~y).sum())
-    if not n_pos or not n_neg:
-        return float("nan")
-    order = np.argsort(s, kind="mergesort")
-    ranks = np.empty(len(s))
-    sorted_s = s[order]
-    i = 0
-    while i < len(s):
-        j = i
-        while j + 1 < len(s) and sorted_s[j + 1] == sorted_s[i]:
-            j += 1
-        ranks[order[i : j + 1]] = (i + j) / 2 + 1
-        i = j + 1
-    return float((ranks[y].sum() - n_pos * (n_pos + 1) / 2) / (n_pos * n_neg))
+def roc_auc(scores: Any, labels: Any) -> float:
+    """segflow.stats.roc_auc, NaN (not None) when one class is missing, for printing."""
+    auc = stats.roc_auc(scores, labels)
+    return float("nan") if auc is None else auc
 
 
-def calibration_error(scores: list[float], labels: list[bool], bins: int = 10) -> float:
-    """Expected calibration error over equal-width probability bins."""
-    s = np.asarray(scores)
-    y = np.asarray(labels, dtype=float)
-    idx = np.minimum((s * bins).astype(int), bins - 1)
-    err = 0.0
-    for b in range(bins):
-        mask = idx == b
-        if mask.any():
-            err += mask.sum() / len(s) * abs(s[mask].mean() - y[mask].mean())
-    return err
+calibration_error = stats.calibration_error
 
 
 def run(args: argparse.Namespace) -> dict[str, float]:
@@ -155,7 +133,7 @@ def run(args: argparse.Namespace) -> dict[str, float]:
         "scored_per_event": scorer.scored / len(items),
         "emitted_per_event": emitted / len(items),
         "state_bytes_mean": float(np.mean(sizes)),
-        "state_bytes_p99": float(np.percentile(sizes, 99)),
+        "state_bytes_p99": stats.quantile(sizes, 0.99),
         "state_bytes_max": float(max(sizes)),
         "eval_points": len(evals),
         "eval_positive_rate": float(np.mean(ys)) if ys else 0.0,

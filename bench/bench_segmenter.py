@@ -190,8 +190,8 @@ def bench_service(
         started, cpu = time.perf_counter(), time.process_time()
         n = loop.run(max_records=updates, idle_timeout=10)
         done, cpu = time.perf_counter(), time.process_time() - cpu
-        out = read_all(s, TOPICS.segment_changes.name(s), idle=2, timeout=120)
-        state = read_all(s, STATE_TOPIC.name(s), idle=2, timeout=120)
+        out = read_all(s, TOPICS.segment_changes.name(s), timeout=120)
+        state = read_all(s, STATE_TOPIC.name(s), timeout=120)
         print(
             f"service: {n} score updates in {done - first[0]:.2f}s from the first record = "
             f"{n / (done - first[0]):,.0f} updates/s ({n / (done - started):,.0f}/s counting "

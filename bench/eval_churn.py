@@ -35,6 +35,7 @@ import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+from segflow import stats  # noqa: E402
 from segflow.sim.generator import DAY, SimConfig, Simulation  # noqa: E402
 from segflow.sim.noise import Delivery  # noqa: E402
 from segflow.sim.truth import truth_records  # noqa: E402
@@ -45,34 +46,12 @@ CHURNING = ("gradual_churner", "sudden_churner", "silent_decline", "support_esca
 
 
 def roc_auc(scores: Any, labels: Any) -> float:
-    """Rank-based ROC AUC (ties count half)."""
-    s = np.asarray(scores, dtype=float)
-    y = np.asarray(labels, dtype=bool)
-    n_pos, n_neg = int(y.sum()), int((~y).sum())
-    if not n_pos or not n_neg:
-        return float("nan")
-    order = np.argsort(s, kind="mergesort")
-    ranks = np.empty(len(s))
-    sorted_s = s[order]
-    edges = np.flatnonzero(np.diff(sorted_s)) + 1
-    starts = np.concatenate([[0], edges])
-    ends = np.concatenate([edges, [len(s)]])
-    for a, b in zip(starts.tolist(), ends.tolist(), strict=True):
-        ranks[order[a:b]] = (a + b - 1) / 2 + 1
-    return float((ranks[y].sum() - n_pos * (n_pos + 1) / 2) / (n_pos * n_neg))
+    """segflow.stats.roc_auc, NaN (not None) when one class is missing, for printing."""
+    auc = stats.roc_auc(scores, labels)
+    return float("nan") if auc is None else auc
 
 
-def calibration_error(scores: Any, labels: Any, bins: int = 10) -> float:
-    """Expected calibration error over equal-width probability bins."""
-    s = np.asarray(scores, dtype=float)
-    y = np.asarray(labels, dtype=float)
-    idx = np.minimum((s * bins).astype(int), bins - 1)
-    err = 0.0
-    for b in range(bins):
-        mask = idx == b
-        if mask.any():
-            err += mask.sum() / len(s) * abs(s[mask].mean() - y[mask].mean())
-    return float(err)
+calibration_error = stats.calibration_error
 
 
 class RiverAdapter:

@@ -152,20 +152,20 @@ def cmd_up(args: argparse.Namespace) -> int:
     ports = {name: args.metrics_port + 10 + i for i, name in enumerate(names)}  # for the API
     counts = replica_counts(names, args.replicas, args.replicas_of or [])
     metrics_ports: dict[str, int] = {}
+    query_ports: dict[str, list[int]] = {name: [] for name in names}
     for i, name in enumerate(names):
         for n in range(counts[name]):
             # Instance 0 keeps the service's usual name and ports; the others get metrics
-            # ports from 9430 up and no query endpoint (the API asks instance 0).
+            # ports from 9430 up and query ports from 9460 up (the API asks every instance).
             child = name if n == 0 else f"{name}-{n}"
-            metrics_ports[child] = (
-                args.metrics_port + i if n == 0 else args.metrics_port + 30 + len(metrics_ports)
-            )
+            k = len(metrics_ports)
+            metrics_ports[child] = args.metrics_port + (i if n == 0 else 30 + k)
+            query_ports[name].append(ports[name] if n == 0 else args.metrics_port + 60 + k)
             env = {"SEGFLOW_METRICS_PORT": str(metrics_ports[child]), "SEGFLOW_INSTANCE_ID": str(n)}
-            if n == 0:
-                env.update(wiring.service_env(name, ports[name]))
+            env.update(wiring.service_env(name, query_ports[name][-1]))
             sup.add(child, [sys.executable, "-m", f"services.{name}"], env)
     token, token_source = wiring.local_token(Path(args.state_dir))
-    api_url = wiring.add_gateway(sup, ports, args.api_port, token)
+    api_url = wiring.add_gateway(sup, query_ports, args.api_port, token)
     from segflow.collector.cli import supervise as add_collector
 
     collector_line = add_collector(sup, args.state_dir)  # Segment-spec collector (issue 19)

@@ -21,15 +21,25 @@ FORBIDDEN = [
     "segflow.runtime",
 ]
 PURE = (
-    ["segflow.events", "segflow.errors", "segflow.durations", "segflow.replay.core"]
+    [
+        "segflow.events",
+        "segflow.errors",
+        "segflow.durations",
+        "segflow.stats",
+        "segflow.replay.core",
+    ]
     + [
         "services.dispatcher.playbooks",
         "services.dispatcher.policy",
         "services.dispatcher.experiments",
         "services.dispatcher.backoff",
+        "services.dispatcher.delivery",
+        "services.dispatcher.signing",
         "services.segmenter.dsl",
+        "services.segmenter.quantiles",
         "services.scorer.features",
         "services.scorer.model",
+        "services.scorer.btyd",
     ]
     + [
         ".".join(p.relative_to(ROOT).with_suffix("").parts)

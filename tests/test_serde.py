@@ -2,18 +2,21 @@
 
 from __future__ import annotations
 
+import base64
 import io
 import json
 import shutil
 import struct
+import threading
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 from typing import Any
 
-import httpx
 import pytest
 from fastavro import schemaless_writer
 
-from segflow.errors import DecodeError, InvalidRecord
+from segflow.errors import ConfigError, DecodeError, InvalidRecord, RetryableError
+from segflow.runtime.broker import free_port
 from segflow.runtime.registry import RegistryClient
 from segflow.runtime.serde import SCHEMAS_DIR, SchemaStore, Serde
 from segflow.runtime.settings import Settings
@@ -98,26 +101,76 @@ def test_old_writer_schema_in_archive_is_resolved_to_the_current_reader(tmp_path
     assert out["variant"] is None and out["user_id"] == "u1"
 
 
-def test_registry_ids_are_used_when_a_registry_is_configured() -> None:
-    calls: list[tuple[str, str]] = []
+class _Registry(BaseHTTPRequestHandler):
+    """The two calls of a Confluent-compatible registry segflow makes, on 127.0.0.1."""
 
-    def handler(request: httpx.Request) -> httpx.Response:
-        calls.append((request.method, request.url.path))
-        if request.method == "POST":
-            body: dict[str, Any] = json.loads(request.content)
-            assert json.loads(body["schema"])["name"] == "io.segflow.BehaviorEvent"
-            return httpx.Response(200, json={"id": 42})
-        return httpx.Response(404, json={"error_code": 40403})
+    calls: list[tuple[str, str, str | None]] = []
+    schemas: dict[int, str] = {}
 
-    registry = RegistryClient(
-        "http://registry.test", httpx.Client(transport=httpx.MockTransport(handler))
-    )
-    serde = Serde(SchemaStore.from_dir(), registry, topic_prefix="acme.")
+    def _answer(self, status: int, body: dict[str, Any]) -> None:
+        data = json.dumps(body).encode()
+        self.send_response(status)
+        self.send_header("Content-Type", "application/vnd.schemaregistry.v1+json")
+        self.send_header("Content-Length", str(len(data)))
+        self.end_headers()
+        self.wfile.write(data)
+
+    def do_POST(self) -> None:  # noqa: N802 (http.server's naming)
+        body = json.loads(self.rfile.read(int(self.headers["Content-Length"])))
+        self.calls.append(("POST", self.path, self.headers.get("Authorization")))
+        if "Broken" in body["schema"]:
+            self._answer(422, {"error_code": 42201, "message": "Invalid schema"})
+            return
+        self.schemas[42] = body["schema"]
+        self._answer(200, {"id": 42})
+
+    def do_GET(self) -> None:  # noqa: N802
+        self.calls.append(("GET", self.path, self.headers.get("Authorization")))
+        sid = int(self.path.split("?")[0].rsplit("/", 1)[1])
+        if sid in self.schemas:
+            self._answer(200, {"schema": self.schemas[sid]})
+        else:
+            self._answer(404, {"error_code": 40403, "message": "Schema not found"})
+
+    def log_message(self, *_: Any) -> None:
+        pass
+
+
+@pytest.fixture
+def registry() -> Any:
+    _Registry.calls, _Registry.schemas = [], {}
+    server = ThreadingHTTPServer(("127.0.0.1", 0), _Registry)
+    thread = threading.Thread(target=server.serve_forever, daemon=True)
+    thread.start()
+    yield f"http://127.0.0.1:{server.server_address[1]}"
+    server.shutdown()
+    server.server_close()
+
+
+def test_registry_ids_are_used_when_a_registry_is_configured(registry: str) -> None:
+    client = RegistryClient(registry, basic_auth=("svc", "pw"))
+    serde = Serde(SchemaStore.from_dir(), client, topic_prefix="acme.")
     data = serde.encode(TOPICS.events, EVENT)
     serde.encode(TOPICS.events, EVENT)
     assert struct.unpack(">bI", data[:5]) == (0, 42)
-    assert calls == [("POST", "/subjects/acme.events-value/versions")]  # cached after the first
-    assert serde.decode(TOPICS.events, data)["event_id"] == "e1"
+    posts = [c for c in _Registry.calls if c[0] == "POST"]
+    assert [p[1].split("?")[0] for p in posts] == ["/subjects/acme.events-value/versions"]  # cached
+    assert posts[0][2] == "Basic " + base64.b64encode(b"svc:pw").decode()
+    assert json.loads(_Registry.schemas[42])["name"] == "io.segflow.BehaviorEvent"
+    # A consumer that never saw id 42 fetches the writer's schema from the registry.
+    reader = Serde(SchemaStore.from_dir(), RegistryClient(registry), topic_prefix="acme.")
+    assert reader.decode(TOPICS.events, data)["event_id"] == "e1"
+    assert any(c[0] == "GET" and c[1].startswith("/schemas/ids/42") for c in _Registry.calls)
+
+
+def test_registry_refusals_and_outages_are_told_apart(registry: str) -> None:
+    client = RegistryClient(registry)
+    with pytest.raises(ConfigError, match="HTTP 422: Invalid schema"):
+        client.register("x-value", {"type": "record", "name": "Broken", "fields": []})
+    with pytest.raises(ConfigError, match="HTTP 404"):
+        client.schema_by_id(7)
+    with pytest.raises(RetryableError, match="unreachable"):
+        RegistryClient(f"http://127.0.0.1:{free_port()}").schema_by_id(1)
 
 
 def test_settings_never_show_secrets() -> None:

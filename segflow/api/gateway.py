@@ -32,6 +32,7 @@ from aiohttp import web
 from pydantic import SecretStr
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
+from segflow.api import fanout
 from segflow.runtime.internal_api import error_body
 
 log = logging.getLogger("segflow.api")
@@ -80,8 +81,14 @@ class GatewaySettings(BaseSettings):
     # broker settings, SEGFLOW_KAFKA_*, in the environment; segflow up and demo set it)
     audit: bool = False
 
+    def urls(self, service: str) -> list[str]:
+        """Every instance's query endpoint (``SEGFLOW_API_<SERVICE>_URL`` may list several,
+        comma-separated: the gateway then asks all and merges, :mod:`segflow.api.fanout`)."""
+        raw = str(getattr(self, f"{service}_url"))
+        return [u.strip().rstrip("/") for u in raw.split(",") if u.strip()]
+
     def url(self, service: str) -> str:
-        return str(getattr(self, f"{service}_url")).rstrip("/")
+        return self.urls(service)[0]
 
 
 # -- errors ------------------------------------------------------------------------------
@@ -130,8 +137,35 @@ class Upstream:
         params: dict[str, str] | None = None,
         timeout: float | None = None,
     ) -> tuple[int, Any]:
-        """``(status, json)`` for 200, 400 and 404 answers; anything else raises."""
-        url = self.settings.url(service) + path
+        """``(status, json)`` for 200, 400 and 404 answers; anything else raises. A service
+        with several instances is asked on each, and the answers merged (a customer's record
+        comes from the instance that owns the customer)."""
+        urls = self.settings.urls(service)
+        if len(urls) == 1:
+            return await self._get(service, urls[0], path, params, timeout)
+        asked = fanout.paging(path, params or {})
+        results = await asyncio.gather(
+            *(self._get(service, u, path, asked, timeout) for u in urls), return_exceptions=True
+        )
+        answers = [r for r in results if not isinstance(r, BaseException)]
+        for r in results:
+            if isinstance(r, BaseException) and not isinstance(r, ServiceDown):
+                raise r
+        down = [r for r in results if isinstance(r, ServiceDown)]
+        owner_answered = fanout.CUSTOMER.match(path) and any(st == 200 for st, _ in answers)
+        if down and not owner_answered:
+            raise down[0]  # a merged answer without an instance's share would be wrong
+        return fanout.merge(path, params or {}, answers)
+
+    async def _get(
+        self,
+        service: str,
+        base: str,
+        path: str,
+        params: dict[str, str] | None,
+        timeout: float | None,
+    ) -> tuple[int, Any]:
+        url = base + path
         try:
             async with self.session.get(
                 url,

@@ -24,24 +24,30 @@ def service_env(name: str, port: int) -> dict[str, str]:
 
 def add_gateway(
     sup: Supervisor,
-    ports: dict[str, int],
+    ports: dict[str, int] | dict[str, list[int]],
     port: int,
     token: str,
     host: str = "127.0.0.1",
     extra: dict[str, str] | None = None,
 ) -> str:
-    """Supervise ``python -m segflow.api`` in front of the services on ``ports``; its URL.
-    ``extra``: more ``SEGFLOW_API_*`` settings (e.g. the console's editor token)."""
+    """Supervise ``python -m segflow.api`` in front of the services on ``ports`` (one port,
+    or one per instance of a scaled service); its URL. ``extra``: more ``SEGFLOW_API_*``
+    settings (e.g. the console's editor token)."""
     env = {
         "SEGFLOW_API_TOKEN": token,
         "SEGFLOW_API_HOST": host,
         "SEGFLOW_API_PORT": str(port),
         "SEGFLOW_API_AUDIT": "1",  # the console's customer timeline reads the topics
-        **{f"SEGFLOW_API_{n.upper()}_URL": f"http://127.0.0.1:{p}" for n, p in ports.items()},
+        **{f"SEGFLOW_API_{n.upper()}_URL": _urls(p) for n, p in ports.items()},
         **(extra or {}),
     }
     sup.add("api", [sys.executable, "-m", "segflow.api"], env)
     return f"http://{host}:{port}"
+
+
+def _urls(ports: int | list[int]) -> str:
+    """``http://127.0.0.1:<port>``, comma-separated for several instances."""
+    return ",".join(f"http://127.0.0.1:{p}" for p in ([ports] if isinstance(ports, int) else ports))
 
 
 def local_token(state_dir: Path) -> tuple[str, str]:

@@ -15,6 +15,7 @@ its predecessor and aborts whatever transaction it left open at once.
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import queue
 import threading
@@ -107,6 +108,7 @@ class KafkaWriter:
         try:
             producer.init_transactions(timeout)
         except KafkaException as exc:
+            _retire(producer)  # or it keeps retrying for the rest of the process
             raise KafkaUnavailable(f"Kafka did not initialise the producer: {exc}") from exc
         return producer
 
@@ -181,6 +183,20 @@ class KafkaWriter:
         except Exception as exc:
             log.warning("collector: abort failed (%s); the producer will be recreated", exc)
             self._producer = None
+            _retire(producer)
+
+
+def _retire(producer: Producer) -> None:
+    """Close a dropped producer in the background: its undelivered records purged (they were
+    never acknowledged, so their callers got an error), then closed, so it stops retrying a
+    gone broker. Its open transaction is fenced by the next producer with the same id."""
+
+    def close() -> None:
+        with contextlib.suppress(Exception):
+            producer.purge()
+            producer.close()
+
+    threading.Thread(target=close, daemon=True, name="collector-retire").start()
 
 
 class MemoryWriter:

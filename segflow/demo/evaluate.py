@@ -12,6 +12,7 @@ from segflow.demo.reading import (
     RECORD_TS,
     Observed,
 )
+from segflow.stats import latency_summary
 
 
 # -- the report ----------------------------------------------------------------------------
@@ -99,24 +100,6 @@ def _segment_quality(
     return rows
 
 
-def _auc(pairs: list[tuple[float, bool]]) -> float | None:
-    pos = [p for p, y in pairs if y]
-    neg = [p for p, y in pairs if not y]
-    if not pos or not neg:
-        return None
-    ranked = sorted(pairs, key=lambda t: t[0])
-    rank_sum = 0.0
-    i = 0
-    while i < len(ranked):  # average ranks over ties
-        j = i
-        while j < len(ranked) and ranked[j][0] == ranked[i][0]:
-            j += 1
-        avg = (i + j + 1) / 2
-        rank_sum += avg * sum(1 for k in range(i, j) if ranked[k][1])
-        i = j
-    return (rank_sum - len(pos) * (len(pos) + 1) / 2) / (len(pos) * len(neg))
-
-
 def _capacity(obs: Observed, produced: dict[str, Any]) -> dict[str, dict[str, Any]]:
     """Records each service consumed and the CPU seconds it spent on them (start-up, the
     broker client and idle polling included, so this is a floor on what it can do)."""
@@ -155,17 +138,6 @@ def _undecided(obs: Observed) -> list[dict[str, Any]]:
     ]
 
 
-def _quantiles(values: list[float]) -> dict[str, float] | None:
-    if not values:
-        return None
-    values = sorted(values)
-
-    def pick(q: float) -> float:
-        return values[min(len(values) - 1, int(q * len(values)))]
-
-    return {"n": len(values), "p50": pick(0.5), "p99": pick(0.99), "max": values[-1]}
-
-
 def _latencies(obs: Observed) -> dict[str, dict[str, float] | None]:
     """Processing-time latencies between the stages the demo can join, in seconds.
 
@@ -194,7 +166,7 @@ def _latencies(obs: Observed) -> dict[str, dict[str, float] | None]:
             first[r["entry_id"]] = min(first.get(r["entry_id"], t), t)
     to_decision = [(t - entered[e]) / 1000 for e, t in first.items()]
     return {
-        "score_to_change_s": _quantiles(to_change),
-        "change_to_decision_s": _quantiles(to_decision),
-        "week_drain_s": _quantiles(obs.drain_seconds),
+        "score_to_change_s": latency_summary(to_change),
+        "change_to_decision_s": latency_summary(to_decision),
+        "week_drain_s": latency_summary(obs.drain_seconds),
     }

@@ -9,7 +9,6 @@ from typing import Any
 import jinja2
 
 from segflow.demo.evaluate import (
-    _auc,
     _capacity,
     _latencies,
     _pairwise,
@@ -24,6 +23,7 @@ from segflow.demo.reading import (
 from segflow.receiver import Receiver, SMTPReceiver
 from segflow.sim.generator import Simulation
 from segflow.sim.truth import truth_records
+from segflow.stats import roc_auc
 
 
 def _fmt(x: float | None, pct: bool = True) -> str:
@@ -82,13 +82,12 @@ def _report(
         true_of: dict[str, str | None] = {}
         for event_id, cid in obs.event_owner.items():
             true_of.setdefault(cid, produced["truth_of"].get(event_id))
-        auc = _auc(
-            [
-                (s["churn_probability"], true_of.get(cid) in churned)
-                for cid, s in obs.scores.items()
-                if true_of.get(cid)
-            ]
-        )
+        known = [
+            (s["churn_probability"], true_of.get(cid) in churned)
+            for cid, s in obs.scores.items()
+            if true_of.get(cid)
+        ]
+        auc = roc_auc([p for p, _ in known], [y for _, y in known])
         say(
             f"scores: {len(obs.scores):,} customers scored; final churn probability vs true "
             f"churn: AUC {_fmt(auc, pct=False) if auc is None else f'{auc:.3f}'}"

@@ -64,7 +64,13 @@ def _metrics_ports(names: list[str], first: int | None, say: Any) -> dict[str, i
     return {name: free_port() for name in names}
 
 
-def run_demo(args: argparse.Namespace) -> int:
+def run_demo(
+    args: argparse.Namespace,
+    receiver: Receiver | None = None,
+    smtp: SMTPReceiver | None = None,
+) -> int:
+    """Run the demo; ``receiver`` and ``smtp`` (started, owned by the caller) stand in for the
+    CRM and email vendors when given, so a test can check what reached them itself."""
     started = time.monotonic()
     configure("demo", level="ERROR", fmt="text")
     state_dir = Path(args.state_dir)
@@ -84,8 +90,9 @@ def run_demo(args: argparse.Namespace) -> int:
         broker.start(leash=not args.keep_broker)
         settings = Settings(bootstrap_servers=broker.bootstrap, topic_prefix=prefix)
         say(f"      ready; data in {broker.data_dir}, log in {broker.log_file}")
-    receiver = Receiver().start()
-    smtp = SMTPReceiver().start()
+    own_receivers = receiver is None or smtp is None
+    if receiver is None or smtp is None:
+        receiver, smtp = Receiver().start(), SMTPReceiver().start()
     sup: Supervisor | None = None
     try:
         _drop_old_demo_topics(settings, prefix)
@@ -119,6 +126,7 @@ def run_demo(args: argparse.Namespace) -> int:
             sim, observed, produced, receiver, smtp, time.monotonic() - started
         )
         summary["api"] = wiring.demo_tour(api_url, api_token, say)
+        summary["topic_prefix"] = prefix
         out = state_dir / "demo-report.html"
         out.write_text(render_html(context, summary["api"].get("kpis", [])))
         (state_dir / "demo-summary.json").write_text(json.dumps(summary, indent=2))
@@ -127,8 +135,9 @@ def run_demo(args: argparse.Namespace) -> int:
     finally:
         if sup is not None:
             sup.stop()
-        receiver.stop()
-        smtp.stop()
+        if own_receivers:
+            receiver.stop()
+            smtp.stop()
         if broker is not None and not args.keep_broker and not was_running:
             broker.stop()
             say("local broker stopped (use --keep-broker to leave it running)")

@@ -1,42 +1,50 @@
-"""The services' internal read-only query endpoints: a tiny JSON server on ``http.server``.
+"""The services' internal read-only query endpoints: a small JSON server on aiohttp.
 
-Each service owns its state in memory; ``services/<name>/api.py`` declares a few routes over
-it and :func:`serve` answers them from a background thread of the service's own process, so
-the state has no second copy. The gateway (:mod:`segflow.api.gateway`) is the only intended
-client: these endpoints have no authentication and bind to 127.0.0.1 unless
-``SEGFLOW_INTERNAL_API_HOST`` says otherwise (containers on a private network, where the gateway
-runs in another container).
+Each service owns its state in memory; ``services/<name>/api.py`` declares a few GET routes
+over it and :func:`serve` answers them from a background thread of the service's own process
+(aiohttp's router and server on an event loop of its own), so the state has no second copy.
+The gateway (:mod:`segflow.api.gateway`) is the only intended client: these endpoints have no
+authentication and bind to 127.0.0.1 unless ``SEGFLOW_INTERNAL_API_HOST`` says otherwise
+(containers on a private network, where the gateway runs in another container).
 
-Every response is JSON; errors are ``{"error": {"code", "message"}}``. The processing loop
-mutates the tables while a request reads them: a read torn by a concurrent change (a
-``RuntimeError`` such as "dictionary changed size during iteration") is retried, then
-answered ``503 busy``. Requests are not logged (paths carry customer ids).
+Every response is JSON; errors are ``{"error": {"code", "message"}}``; a method other than GET
+gets 405 with ``Allow: GET``. The processing loop mutates the tables while a request reads
+them: a read torn by a concurrent change (a ``RuntimeError`` such as "dictionary changed size
+during iteration") is retried, then answered ``503 busy``. Requests are not logged (paths
+carry customer ids).
 
+>>> import httpx
 >>> routes = Routes("demo")
 >>> @routes.get("/things/{name}")
 ... def thing(params, query):
 ...     if params["name"] != "a":
 ...         raise NotFound("no such thing")
 ...     return {"name": "a", "limit": int_param(query, "limit", 10, 1, 100)}
->>> routes.dispatch("/things/a", {"limit": "5"})
-(200, {'name': 'a', 'limit': 5})
->>> routes.dispatch("/things/b", {})[0], routes.dispatch("/nope", {})[1]["error"]["code"]
+>>> server = serve(routes, 0)
+>>> url = f"http://127.0.0.1:{server.port}"
+>>> httpx.get(url + "/things/a?limit=5").json()
+{'name': 'a', 'limit': 5}
+>>> httpx.get(url + "/things/b").status_code, httpx.get(url + "/nope").json()["error"]["code"]
 (404, 'not_found')
->>> routes.dispatch("/things/a", {"limit": "x"})[1]["error"]["message"]
+>>> httpx.get(url + "/things/a?limit=x").json()["error"]["message"]
 'limit must be an integer between 1 and 100'
+>>> answer = httpx.post(url + "/things/a")
+>>> answer.status_code, answer.headers["Allow"]
+(405, 'GET')
+>>> server.stop()
 """
 
 from __future__ import annotations
 
+import asyncio
 import json
 import logging
 import math
-import re
 import threading
-from collections.abc import Callable, Mapping
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from collections.abc import Awaitable, Callable, Mapping
 from typing import Any
-from urllib.parse import parse_qsl, unquote, urlparse
+
+from aiohttp import web
 
 from segflow.runtime.settings import Settings
 
@@ -106,90 +114,122 @@ def clean(value: Any) -> Any:
 
 
 class Routes:
-    """GET routes of one service: ``/a/{param}/b`` patterns, one segment per parameter."""
+    """GET routes of one service: ``/a/{param}/b`` patterns (aiohttp's syntax, one path
+    segment per parameter, percent-decoded)."""
 
     def __init__(self, service: str) -> None:
         self.service = service
-        self._routes: list[tuple[str, re.Pattern[str], RouteFn]] = []
+        self._routes: list[tuple[str, RouteFn]] = []
 
     def get(self, pattern: str) -> Callable[[RouteFn], RouteFn]:
-        regex = re.compile(
-            "^" + re.sub(r"\\\{(\w+)\\\}", r"(?P<\1>[^/]+)", re.escape(pattern)) + "$"
-        )
-
         def register(fn: RouteFn) -> RouteFn:
-            self._routes.append((pattern, regex, fn))
+            self._routes.append((pattern, fn))
             return fn
 
         return register
 
     @property
     def patterns(self) -> list[str]:
-        return [p for p, _, _ in self._routes]
+        return [p for p, _ in self._routes]
 
-    def dispatch(self, path: str, query: Query) -> tuple[int, Any]:
-        """``(status, body)`` for a GET of ``path`` (already split from its query)."""
-        for pattern, regex, fn in self._routes:
-            match = regex.match(path.rstrip("/") or "/")
-            if match is None:
-                continue
-            params = {k: unquote(v) for k, v in match.groupdict().items()}
-            for attempt in range(READ_ATTEMPTS):
-                try:
-                    return 200, clean(fn(params, query))
-                except ApiError as exc:
-                    return exc.status, error_body(exc.code, exc.message)
-                except RuntimeError:  # a read torn by the loop thread's writes: try again
-                    if attempt == READ_ATTEMPTS - 1:
-                        return 503, error_body("busy", f"{self.service} is busy, retry")
-                except Exception as exc:  # a bug: answer 500, log without the path's ids
-                    log.exception(
-                        "query failed",
-                        extra={"fields": {"route": pattern, "error": type(exc).__name__}},
-                    )
-                    return 500, error_body("internal", f"{self.service} failed on {pattern}")
-        return 404, error_body(
-            "not_found", f"no route {path!r}; {self.service} serves {', '.join(self.patterns)}"
-        )
+    def answer(self, pattern: str, fn: RouteFn, params: Params, query: Query) -> tuple[int, Any]:
+        """``(status, body)`` of one call, torn reads retried, errors as JSON envelopes."""
+        for attempt in range(READ_ATTEMPTS):
+            try:
+                return 200, clean(fn(params, query))
+            except ApiError as exc:
+                return exc.status, error_body(exc.code, exc.message)
+            except RuntimeError:  # a read torn by the loop thread's writes: try again
+                if attempt == READ_ATTEMPTS - 1:
+                    break
+            except Exception as exc:  # a bug: answer 500, log without the path's ids
+                log.exception(
+                    "query failed",
+                    extra={"fields": {"route": pattern, "error": type(exc).__name__}},
+                )
+                return 500, error_body("internal", f"{self.service} failed on {pattern}")
+        return 503, error_body("busy", f"{self.service} is busy, retry")
+
+    def app(self) -> web.Application:
+        """The aiohttp application answering these routes (with and without a trailing /)."""
+
+        def handler(pattern: str, fn: RouteFn) -> Callable[[web.Request], Awaitable[web.Response]]:
+            async def handle(request: web.Request) -> web.Response:
+                query = {k: v for k, v in request.query.items()}
+                return _json(*self.answer(pattern, fn, dict(request.match_info), query))
+
+            return handle
+
+        app = web.Application(middlewares=[self._errors])
+        for pattern, fn in self._routes:
+            for path in {pattern, pattern.rstrip("/") + "/"}:
+                app.router.add_get(path, handler(pattern, fn), allow_head=False)
+        return app
+
+    @web.middleware
+    async def _errors(
+        self, request: web.Request, handler: Callable[[web.Request], Awaitable[web.StreamResponse]]
+    ) -> web.StreamResponse:
+        try:
+            return await handler(request)
+        except web.HTTPMethodNotAllowed:
+            response = _json(405, error_body("method_not_allowed", "read-only: GET only"))
+            response.headers["Allow"] = "GET"
+            return response
+        except web.HTTPNotFound:
+            return _json(
+                404,
+                error_body(
+                    "not_found",
+                    f"no route {request.path!r}; {self.service} serves {', '.join(self.patterns)}",
+                ),
+            )
+
+
+def _json(status: int, body: Any) -> web.Response:
+    return web.Response(
+        status=status,
+        body=json.dumps(body, allow_nan=False, default=str).encode(),
+        content_type="application/json",
+    )
 
 
 LOOPBACK = "127.0.0.1"
 
 
-def serve(routes: Routes, port: int, host: str = "127.0.0.1") -> ThreadingHTTPServer:
+class InternalServer:
+    """A running internal API: its ``host`` and ``port``; :meth:`stop` ends it."""
+
+    def __init__(self, routes: Routes, host: str, port: int) -> None:
+        self.host = host
+        self._loop = asyncio.new_event_loop()
+        self._runner = web.AppRunner(routes.app(), access_log=None)
+        self._thread = threading.Thread(
+            target=self._loop.run_forever, daemon=True, name=f"{routes.service}-api"
+        )
+        self._thread.start()
+        self.port = asyncio.run_coroutine_threadsafe(self._start(port), self._loop).result(10)
+
+    async def _start(self, port: int) -> int:
+        await self._runner.setup()
+        site = web.TCPSite(self._runner, self.host, port, backlog=128)
+        await site.start()
+        return int(site._server.sockets[0].getsockname()[1])  # type: ignore[union-attr]
+
+    @property
+    def server_address(self) -> tuple[str, int]:
+        return self.host, self.port
+
+    def stop(self) -> None:
+        asyncio.run_coroutine_threadsafe(self._runner.cleanup(), self._loop).result(10)
+        self._loop.call_soon_threadsafe(self._loop.stop)
+        self._thread.join(5)
+
+
+def serve(routes: Routes, port: int, host: str = LOOPBACK) -> InternalServer:
     """Answer ``routes`` on ``host:port`` from a daemon thread (port 0 picks a free one:
-    read ``server.server_port``). Stop with ``server.shutdown()``. A ``host`` left at the
-    loopback default follows ``SEGFLOW_INTERNAL_API_HOST``."""
+    read ``server.port``). A ``host`` left at the loopback default follows
+    ``SEGFLOW_INTERNAL_API_HOST``."""
     if host == LOOPBACK:
         host = Settings().internal_api_host
-
-    class Handler(BaseHTTPRequestHandler):
-        protocol_version = "HTTP/1.1"
-
-        def log_message(self, *_: Any) -> None:  # paths carry customer ids: no access log
-            return
-
-        def _send(self, status: int, body: Any) -> None:
-            data = json.dumps(body, allow_nan=False, default=str).encode()
-            self.send_response(status)
-            self.send_header("Content-Type", "application/json")
-            self.send_header("Content-Length", str(len(data)))
-            self.end_headers()
-            self.wfile.write(data)
-
-        def do_GET(self) -> None:  # noqa: N802 (http.server's naming)
-            url = urlparse(self.path)
-            query = dict(parse_qsl(url.query, keep_blank_values=True))
-            self._send(*routes.dispatch(url.path, query))
-
-        def _not_allowed(self) -> None:
-            self.close_connection = True  # the body (if any) is not read
-            self._send(405, error_body("method_not_allowed", "read-only: GET only"))
-
-        do_POST = do_PUT = do_DELETE = do_PATCH = _not_allowed  # noqa: N815
-
-    server = ThreadingHTTPServer((host, port), Handler)
-    server.daemon_threads = True
-    name = f"{routes.service}-api"
-    threading.Thread(target=server.serve_forever, daemon=True, name=name).start()
-    return server
+    return InternalServer(routes, host, port)

@@ -41,6 +41,7 @@ from segflow.errors import ConfigError, PoisonMessage
 from segflow.runtime import metrics
 from segflow.runtime.dlq import dead_letter
 from segflow.runtime.kafka import make_consumer, make_producer, produce
+from segflow.runtime.retry import kafka_retrying
 from segflow.runtime.serde import Serde, decode_key, encode_key
 from segflow.runtime.settings import Settings
 from segflow.runtime.topics import TOPICS, Topic
@@ -431,24 +432,17 @@ class ProcessingLoop:
             return
         with self._watchdog():
             if cfg.exactly_once:
-                delay = 0.05
-                while True:
-                    try:
-                        self.producer.commit_transaction(cfg.commit_timeout)
-                        break
-                    except KafkaException as exc:
-                        err: KafkaError = exc.args[0]
-                        if err.retriable() and not err.txn_requires_abort():
-                            log.warning("tick commit retry", extra={"fields": {"error": str(err)}})
-                            time.sleep(delay)
-                            delay = min(delay * 2, 2.0)
-                            continue
-                        if not err.txn_requires_abort():
-                            raise
-                        self.producer.abort_transaction(cfg.commit_timeout)
-                        for hook in self.hooks:
-                            hook.on_abort()
-                        return
+                try:
+                    for attempt in kafka_retrying("tick commit"):
+                        with attempt:
+                            self.producer.commit_transaction(cfg.commit_timeout)
+                except KafkaException as exc:
+                    if not exc.args[0].txn_requires_abort():
+                        raise
+                    self.producer.abort_transaction(cfg.commit_timeout)
+                    for hook in self.hooks:
+                        hook.on_abort()
+                    return
             else:
                 self.producer.flush(cfg.commit_timeout)
         for hook in self.hooks:
@@ -572,35 +566,34 @@ class ProcessingLoop:
             self.consumer.commit(offsets=offsets, asynchronous=False)
             return True
         offsets_sent = False
-        delay = 0.05
-        while True:
-            try:
-                # Each step is retried on its own: once the offsets are in the transaction,
-                # sending them again while a commit is in progress is itself an error
-                # ("Conflicting commit_transaction API call"), which used to spin at full CPU.
-                if not offsets_sent:
-                    self.producer.send_offsets_to_transaction(
-                        offsets, self.consumer.consumer_group_metadata(), cfg.commit_timeout
-                    )
-                    offsets_sent = True
-                self.producer.commit_transaction(cfg.commit_timeout)
-                metrics.TRANSACTIONS.labels(svc, "committed").inc()
-                return True
-            except KafkaException as exc:
-                err: KafkaError = exc.args[0]
-                if err.txn_requires_abort():
-                    log.warning("transaction aborted", extra={"fields": {"error": str(err)}})
-                    self.producer.abort_transaction(cfg.commit_timeout)
-                    metrics.TRANSACTIONS.labels(svc, "aborted").inc()
-                    self._rewind(offsets)
-                    return False
-                if err.retriable():
-                    log.warning("commit retry", extra={"fields": {"error": str(err)}})
-                    metrics.TRANSACTIONS.labels(svc, "retried").inc()
-                    time.sleep(delay)  # the watchdog ends a commit stuck for stuck_timeout
-                    delay = min(delay * 2, 2.0)
-                    continue
+
+        def count_retry(_exc: BaseException) -> None:
+            metrics.TRANSACTIONS.labels(svc, "retried").inc()
+
+        try:
+            # Each step is retried on its own: once the offsets are in the transaction, sending
+            # them again while a commit is in progress is itself an error ("Conflicting
+            # commit_transaction API call"), which used to spin at full CPU. A commit stuck
+            # for longer than stuck_timeout is ended by the watchdog, not here.
+            for attempt in kafka_retrying("commit", before_retry=count_retry):
+                with attempt:
+                    if not offsets_sent:
+                        self.producer.send_offsets_to_transaction(
+                            offsets, self.consumer.consumer_group_metadata(), cfg.commit_timeout
+                        )
+                        offsets_sent = True
+                    self.producer.commit_transaction(cfg.commit_timeout)
+        except KafkaException as exc:
+            err: KafkaError = exc.args[0]
+            if not err.txn_requires_abort():
                 raise
+            log.warning("transaction aborted", extra={"fields": {"error": str(err)}})
+            self.producer.abort_transaction(cfg.commit_timeout)
+            metrics.TRANSACTIONS.labels(svc, "aborted").inc()
+            self._rewind(offsets)
+            return False
+        metrics.TRANSACTIONS.labels(svc, "committed").inc()
+        return True
 
     def _watchdog(self) -> _Watchdog:
         return self._guard

@@ -1,7 +1,12 @@
-"""A small client for a Confluent-compatible schema registry, over httpx.
+"""Schema ids from a Confluent-compatible schema registry, through the client that ships with
+confluent-kafka (``confluent_kafka.schema_registry``).
 
-Only two calls are needed: register a schema under a subject (returns its id) and fetch a
-schema by id. Both are cached; credentials come from settings and are never logged.
+segflow needs two calls: register a schema under a subject (its id goes in front of every
+record) and fetch a writer's schema by id. The library caches both, retries transient
+failures, and speaks the registry's authentication (basic auth here; bearer/OAuth through
+``SEGFLOW_SCHEMA_REGISTRY_EXTRA``-style settings if ever needed). Credentials come from
+settings and are never logged. This module maps the library's errors onto segflow's:
+unreachable or 5xx/429 → :class:`RetryableError`, any other refusal → :class:`ConfigError`.
 """
 
 from __future__ import annotations
@@ -9,24 +14,24 @@ from __future__ import annotations
 import json
 from typing import TYPE_CHECKING, Any
 
-import httpx
+from confluent_kafka.schema_registry import Schema, SchemaRegistryClient
+from confluent_kafka.schema_registry.error import SchemaRegistryError
 
 from segflow.errors import ConfigError, RetryableError
 
 if TYPE_CHECKING:
     from segflow.runtime.settings import Settings
 
-CONTENT_TYPE = "application/vnd.schemaregistry.v1+json"
-
 
 class RegistryClient:
-    """Register and look up schemas in a Confluent-compatible registry."""
+    """Register and look up Avro schemas in a Confluent-compatible registry."""
 
-    def __init__(self, base_url: str, client: httpx.Client | None = None) -> None:
-        self.base_url = base_url.rstrip("/")
-        self.client = client or httpx.Client(timeout=10.0)
-        self._ids: dict[tuple[str, str], int] = {}
-        self._schemas: dict[int, dict[str, Any]] = {}
+    def __init__(self, base_url: str, basic_auth: tuple[str, str] | None = None) -> None:
+        conf: dict[str, Any] = {"url": base_url.rstrip("/"), "timeout": 10}
+        if basic_auth is not None:
+            conf["basic.auth.user.info"] = f"{basic_auth[0]}:{basic_auth[1]}"
+        self.base_url = conf["url"]
+        self.client = SchemaRegistryClient(conf)
 
     @classmethod
     def from_settings(cls, settings: Settings) -> RegistryClient:
@@ -36,43 +41,36 @@ class RegistryClient:
         if settings.schema_registry_user:
             password = settings.schema_registry_password
             auth = (settings.schema_registry_user, password.get_secret_value() if password else "")
-        return cls(settings.schema_registry_url, httpx.Client(timeout=10.0, auth=auth))
+        return cls(settings.schema_registry_url, auth)
 
     def register(self, subject: str, schema: dict[str, Any]) -> int:
         text = json.dumps(schema, separators=(",", ":"), sort_keys=True)
-        cached = self._ids.get((subject, text))
-        if cached is not None:
-            return cached
-        resp = self._call(
-            "POST",
-            f"/subjects/{subject}/versions",
-            json={"schema": text, "schemaType": "AVRO"},
+        return int(
+            self._call(
+                f"register under {subject}",
+                self.client.register_schema,
+                subject,
+                Schema(text, "AVRO"),
+            )
         )
-        sid = int(resp["id"])
-        self._ids[(subject, text)] = sid
-        self._schemas[sid] = schema
-        return sid
 
     def schema_by_id(self, sid: int) -> dict[str, Any]:
-        cached = self._schemas.get(sid)
-        if cached is None:
-            resp = self._call("GET", f"/schemas/ids/{sid}")
-            cached = json.loads(resp["schema"])
-            self._schemas[sid] = cached
-        return cached
+        found = self._call(f"schema {sid}", self.client.get_schema, sid)
+        parsed: dict[str, Any] = json.loads(found.schema_str)
+        return parsed
 
-    def _call(self, method: str, path: str, json: Any = None) -> dict[str, Any]:
+    def _call(self, what: str, fn: Any, *args: Any) -> Any:
         try:
-            resp = self.client.request(
-                method, self.base_url + path, json=json, headers={"Content-Type": CONTENT_TYPE}
-            )
-        except httpx.TransportError as exc:
-            raise RetryableError(f"schema registry unreachable: {exc}") from exc
-        if resp.status_code >= 500 or resp.status_code == 429:
-            raise RetryableError(f"schema registry {method} {path}: HTTP {resp.status_code}")
-        if resp.status_code >= 400:
-            raise ConfigError(
-                f"schema registry {method} {path}: HTTP {resp.status_code}: {resp.text[:200]}"
-            )
-        body: dict[str, Any] = resp.json()
-        return body
+            return fn(*args)
+        except SchemaRegistryError as exc:
+            status = exc.http_status_code
+            message = f"schema registry {self.base_url}: {what}: HTTP {status}: {exc.error_message}"
+            if status >= 500 or status == 429 or status < 0:
+                raise RetryableError(message) from exc
+            raise ConfigError(message) from exc
+        except OSError as exc:  # connection refused, DNS, TLS
+            raise RetryableError(f"schema registry {self.base_url} unreachable: {exc}") from exc
+        except Exception as exc:  # the library's HTTP client raises its own transport errors
+            if type(exc).__module__.startswith(("httpx", "httpcore")):
+                raise RetryableError(f"schema registry {self.base_url} unreachable: {exc}") from exc
+            raise

@@ -37,8 +37,10 @@ from collections.abc import Iterable, Iterator
 from typing import Any, cast
 
 from confluent_kafka import OFFSET_BEGINNING, Consumer, KafkaException, TopicPartition
+from tenacity import RetryCallState
 
 from segflow.runtime.loop import Output
+from segflow.runtime.retry import kafka_retrying
 from segflow.runtime.serde import Serde
 from segflow.runtime.settings import Settings
 from segflow.runtime.topics import Topic
@@ -231,20 +233,23 @@ class ChangelogStore:
 
     def _watermarks(self, consumer: Consumer, partition: int, deadline: float) -> tuple[int, int]:
         """Low and high offsets, retried while the partition has no leader yet (new topics)."""
-        delay = 0.1
-        while True:
-            try:
+
+        def no_leader_yet(exc: BaseException) -> bool:
+            return isinstance(exc, KafkaException) and (
+                exc.args[0].retriable() or "LEADER" in str(exc)
+            )
+
+        def past_deadline(_state: RetryCallState) -> bool:
+            return time.monotonic() > deadline
+
+        for attempt in kafka_retrying(
+            "changelog watermarks", when=no_leader_yet, stop=past_deadline, first=0.1
+        ):
+            with attempt:
                 low, high = consumer.get_watermark_offsets(
                     TopicPartition(self.topic_name, partition), timeout=10
                 )
-                return int(low), int(high)
-            except KafkaException as exc:
-                if not exc.args[0].retriable() and "LEADER" not in str(exc):
-                    raise
-                if time.monotonic() > deadline:
-                    raise
-                time.sleep(delay)
-                delay = min(delay * 2, 2.0)
+        return int(low), int(high)
 
     # -- restore -------------------------------------------------------------------------
     def restore(self, timeout: float = 120.0, partitions: Iterable[int] | None = None) -> int:

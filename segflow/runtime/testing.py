@@ -10,7 +10,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, cast
 
-from confluent_kafka import OFFSET_BEGINNING, Consumer, TopicPartition
+from confluent_kafka import OFFSET_BEGINNING, Consumer, KafkaError, TopicPartition
 
 from segflow.runtime.broker import LocalBroker, free_port
 from segflow.runtime.kafka import ensure_topics, make_admin, make_producer
@@ -93,62 +93,93 @@ def produce_events(
     )
 
 
+def wait_until(
+    condition: Callable[[], Any], timeout: float, interval: float = 0.2, what: str = ""
+) -> Any:
+    """Poll ``condition`` until it returns something truthy (returned) or ``timeout`` passes
+    (AssertionError naming ``what``). Tests wait on a condition with a deadline, never on a
+    bare sleep."""
+    deadline = time.monotonic() + timeout
+    while True:
+        result = condition()
+        if result:
+            return result
+        if time.monotonic() >= deadline:
+            raise AssertionError(f"timed out after {timeout:g} s waiting for {what or condition}")
+        time.sleep(interval)
+
+
+def _record(m: Any) -> Record:
+    return Record(
+        cast(str, m.topic()),
+        cast(int, m.partition()),
+        cast(int, m.offset()),
+        m.key(),
+        m.value(),
+        cast(list[tuple[str, bytes | None]], m.headers() or []),
+    )
+
+
 def read_all(
     settings: Settings,
     topic: str,
     expected: int | None = None,
     timeout: float = 60.0,
-    idle: float = 3.0,
     isolation: str = "read_committed",
     on_idle: Callable[[], None] | None = None,
 ) -> list[Record]:
-    """Read ``topic`` from the beginning until ``expected`` records arrived (or ``idle``
-    seconds pass with nothing new after reaching the end); no consumer group involved."""
+    """Read ``topic`` from the beginning to its end; no consumer group involved.
+
+    The end is each partition's end offset (with ``read_committed``, the last stable offset:
+    what is committed now), reported by the broker as partition EOF, not a guess from idle
+    time. With ``expected``, keep reading (calling ``on_idle`` while nothing arrives) until at
+    least that many records are there, then to the end, so duplicates beyond the expected
+    count are seen too. A partition counts as read once it reached its end; records written
+    to it while others are still being read are kept, so a topic written to during the read
+    still ends. Consumer errors raise; ``timeout`` raises with what was read so far.
+    """
     consumer = Consumer(
         {
             **settings.kafka_config(),
             "group.id": f"reader-{uuid.uuid4().hex[:8]}",
             "enable.auto.commit": False,
+            "enable.partition.eof": True,
             "isolation.level": isolation,
         }
     )
     with make_admin(settings) as admin:
-        parts = admin.list_topics(topic, timeout=10).topics[topic].partitions
+        meta = admin.list_topics(topic, timeout=10).topics[topic]
+        if meta.error is not None:
+            raise AssertionError(f"cannot read {topic}: {meta.error}")
+        parts = sorted(meta.partitions)
     consumer.assign([TopicPartition(topic, p, OFFSET_BEGINNING) for p in parts])
     out: list[Record] = []
+    at_end: set[int] = set()
     deadline = time.monotonic() + timeout
-    last_new = time.monotonic()
     try:
-        while time.monotonic() < deadline:
-            if expected is not None and len(out) >= expected:
-                # keep reading briefly to catch duplicates beyond the expected count
-                if time.monotonic() - last_new > min(idle, 1.0):
-                    break
-            elif expected is None and out and time.monotonic() - last_new > idle:
-                break
+        while True:
+            done = len(at_end) == len(parts)
+            if done and (expected is None or len(out) >= expected):
+                return out
+            if time.monotonic() >= deadline:
+                raise AssertionError(
+                    f"read {len(out)} records of {topic} in {timeout:g} s"
+                    + (f", expected {expected}" if expected is not None else "")
+                    + f"; partitions at their end: {sorted(at_end)} of {parts}"
+                )
             msgs = consumer.consume(1000, 0.2)
             for m in msgs:
-                if m.error():
-                    continue
-                out.append(
-                    Record(
-                        cast(str, m.topic()),
-                        cast(int, m.partition()),
-                        cast(int, m.offset()),
-                        m.key(),
-                        m.value(),
-                        cast(list[tuple[str, bytes | None]], m.headers() or []),
-                    )
-                )
-            if msgs:
-                last_new = time.monotonic()
-            elif on_idle is not None:
+                err = m.error()
+                if err is None:
+                    out.append(_record(m))
+                elif err.code() == KafkaError._PARTITION_EOF:
+                    at_end.add(cast(int, m.partition()))
+                else:
+                    raise AssertionError(f"reading {topic}: {err}")
+            if not msgs and done and on_idle is not None:
                 on_idle()
-            elif expected is None and not out and time.monotonic() - last_new > idle * 3:
-                break
     finally:
         consumer.close()
-    return out
 
 
 def private_broker(bootstrap: str | None) -> tuple[str, LocalBroker | None]:

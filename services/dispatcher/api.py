@@ -11,41 +11,18 @@ Served by :func:`segflow.runtime.internal_api.serve` on ``SEGFLOW_DISPATCHER_API
 
 from __future__ import annotations
 
-from http.server import ThreadingHTTPServer
 from typing import Any
 
-from segflow.runtime.internal_api import NotFound, Params, Query, Routes, serve
-from services.dispatcher import core
+from segflow.runtime.internal_api import InternalServer, NotFound, Params, Query, Routes, serve
+from services.dispatcher import core, experiments
 from services.dispatcher.app import Dispatcher
-from services.dispatcher.experiments import summarise
 
 PENDING = frozenset({"scheduled", "in_flight"})
 
 
 def kpi_rows(dispatcher: Dispatcher) -> list[dict[str, Any]]:
     """One row per segment × playbook × variant (the ``GET /kpis`` body)."""
-    rows = [(s, p, v, c) for (s, p, v), c in dispatcher.kpis().items()]
-    out = []
-    for k in summarise(rows):
-        rates = {
-            "open": k.open_rate,
-            "click": k.click_rate,
-            "conversion": k.conversion_rate,
-            "unsubscribe": k.unsubscribe_rate,
-            "churn": k.churn_rate,
-        }
-        out.append(
-            {
-                "segment": k.segment,
-                "playbook": k.playbook,
-                "variant": k.variant,
-                **k.counts,
-                **{f"{n}_rate": r for n, r in rates.items()},
-                "uplift": k.uplift,
-                "uplift_ci": [k.uplift_low, k.uplift_high] if k.uplift is not None else None,
-            }
-        )
-    return out
+    return experiments.kpi_rows([(s, p, v, c) for (s, p, v), c in dispatcher.kpis().items()])
 
 
 def _action(a: core.Action) -> dict[str, Any]:
@@ -111,6 +88,6 @@ def routes(dispatcher: Dispatcher) -> Routes:
     return r
 
 
-def start(dispatcher: Dispatcher, port: int, host: str = "127.0.0.1") -> ThreadingHTTPServer:
+def start(dispatcher: Dispatcher, port: int, host: str = "127.0.0.1") -> InternalServer:
     """Serve the routes from a background thread (port 0: a free port)."""
     return serve(routes(dispatcher), port, host)

@@ -38,16 +38,18 @@ from confluent_kafka import KafkaException
 from prometheus_client import Counter, Gauge, Histogram
 from pydantic import SecretStr
 from pydantic_settings import SettingsConfigDict
+from tenacity import stop_after_attempt
 
 from segflow.errors import ConfigError, PoisonMessage
 from segflow.runtime.dlq import dead_letter
 from segflow.runtime.loop import Incoming, LoopConfig, Output, ProcessingLoop
 from segflow.runtime.projection import _varint
+from segflow.runtime.retry import kafka_retrying
 from segflow.runtime.serde import Serde
 from segflow.runtime.settings import Settings
 from segflow.runtime.state import ChangelogStore
 from segflow.runtime.topics import TOPICS
-from services.dispatcher import core
+from services.dispatcher import core, delivery
 from services.dispatcher.adapters import (
     AiohttpClient,
     CallFailed,
@@ -59,7 +61,7 @@ from services.dispatcher.adapters import (
     SignedWebhook,
     SMTPEmail,
 )
-from services.dispatcher.backoff import Breaker, next_delay
+from services.dispatcher.backoff import Breaker
 from services.dispatcher.experiments import summarise
 from services.dispatcher.playbooks import DEFAULT_DIR, Book, PlaybookError, load_book
 from services.dispatcher.vendors import (
@@ -276,17 +278,22 @@ class Dispatcher:
     # -- lifecycle -----------------------------------------------------------------------
     def restore(self, attempts: int = 20) -> int:
         """Load the ledger from the changelog and rebuild the timer indexes."""
-        for attempt in range(attempts):
-            try:
+
+        def start_over(_exc: BaseException) -> None:
+            self.store.table.clear()
+
+        # e.g. NOT_LEADER right after topic creation
+        for attempt in kafka_retrying(
+            "restore",
+            when=lambda exc: isinstance(exc, KafkaException),
+            stop=stop_after_attempt(attempts),
+            first=0.5,
+            longest=0.5,
+            before_retry=start_over,
+        ):
+            with attempt:
                 n = self.store.restore()
                 self._cache.clear()
-                break
-            except KafkaException as exc:  # e.g. NOT_LEADER right after topic creation
-                if attempt == attempts - 1:
-                    raise
-                log.warning("restore retry", extra={"fields": {"error": str(exc)}})
-                self.store.table.clear()
-                time.sleep(0.5)
         self._load_clocks(set(range(self.store.partitions)))
         self._rebuild()
         return n
@@ -694,17 +701,15 @@ class Dispatcher:
             keys.add(key)
             adapter = self.router.for_channel(action.channel)
             endpoint = adapter.endpoint if adapter is not None else action.channel
-            paused = self._paused.get(endpoint, 0.0)
             breaker = self._breakers.get(endpoint, Breaker())
-            if paused > wall:
-                later.append((int(paused * 1000), cid, key))
+            hold = delivery.hold_until(
+                breaker, self._paused.get(endpoint, 0.0), wall, endpoint in probes
+            )
+            if hold is not None:
+                later.append((int(hold * 1000), cid, key))
                 continue
             if breaker.state == "open":
-                if not breaker.allows(wall) or endpoint in probes:
-                    resume = wall + max(breaker.reopen_in(wall), 0.05)
-                    later.append((int(resume * 1000), cid, key))
-                    continue
-                probes.add(endpoint)  # half-open: one probe per tick
+                probes.add(endpoint)  # half-open: this tick's one probe
             picked.append((cust, action))  # type: ignore[arg-type]
         for at, cid, key in later:
             # Held back in memory only (the durable retry_at is unchanged and earlier).
@@ -765,31 +770,15 @@ class Dispatcher:
             concurrent.futures.wait([f for _, f in self._calls], timeout=timeout)
 
     def _finish(self, action: core.Action, outcome: core.Outcome) -> core.Outcome:
-        """Turn a raw retry into a scheduled retry time, or a failure once attempts run out."""
-        if outcome.kind != "retry":
-            return outcome
-        attempt = action.attempt + 1
-        if attempt >= self.cfg.max_attempts:
-            return core.Outcome(
-                "failed",
-                outcome.http_status,
-                outcome.endpoint,
-                f"retries_exhausted: {outcome.detail}",
-                dispatched_at=outcome.dispatched_at,
-            )
-        delay = next_delay(
+        """A raw retry becomes a scheduled retry time, or a failure once attempts run out."""
+        return delivery.after_attempt(
             action.attempt,
-            self._rng.random(),
-            self.cfg.backoff_base,
-            self.cfg.backoff_cap,
-            outcome.retry_at / 1000 if outcome.retry_at else None,
-        )
-        return core.Outcome(
-            "retry",
-            outcome.http_status,
-            outcome.endpoint,
-            outcome.detail,
-            retry_at=int(self.clock() * 1000 + delay * 1000),
+            outcome,
+            now_ms=int(self.clock() * 1000),
+            max_attempts=self.cfg.max_attempts,
+            backoff_base=self.cfg.backoff_base,
+            backoff_cap=self.cfg.backoff_cap,
+            jitter=self._rng.random(),
         )
 
     async def _call_all(self, requests: list[core.Request | None]) -> list[core.Outcome]:
@@ -858,12 +847,7 @@ class Dispatcher:
         now = self.clock()
         breaker = self._breakers.get(endpoint, self._new_breaker())
         was_open = breaker.state == "open"
-        breaker = (
-            breaker.failure(now)
-            if not was_open
-            else Breaker(breaker.threshold, breaker.cooldown, breaker.failures + 1, now)
-        )
-        self._breakers[endpoint] = breaker
+        breaker = self._breakers[endpoint] = breaker.failure(now)  # a failed probe re-opens it
         if breaker.state == "open" and not was_open:
             log.warning("circuit opened", extra={"fields": {"endpoint": endpoint}})
         if pause:

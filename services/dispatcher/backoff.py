@@ -146,6 +146,13 @@ class Breaker:
         return replace(self, failures=0, opened_at=None)
 
     def failure(self, now: float) -> Breaker:
+        """One more failure: opens at ``threshold``; a failed half-open probe re-opens it
+        (a fresh cooldown from ``now``).
+
+        >>> b = Breaker(threshold=1, cooldown=10.0).failure(0.0).failure(12.0)
+        >>> b.state, b.allows(15.0), b.allows(22.0)
+        ('open', False, True)
+        """
         failures = self.failures + 1
         if failures >= self.threshold:
             return replace(self, failures=failures, opened_at=now)

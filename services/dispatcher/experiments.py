@@ -14,6 +14,7 @@ import hashlib
 import math
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
+from typing import Any
 
 from services.dispatcher.playbooks import HOLDOUT, Experiment
 
@@ -92,6 +93,34 @@ class KpiSummary:
     uplift: float | None = None  # conversion_rate − holdout conversion rate
     uplift_low: float | None = None
     uplift_high: float | None = None
+
+
+def kpi_rows(rows: Iterable[tuple[str, str, str, Mapping[str, int]]]) -> list[dict[str, Any]]:
+    """The KPI rows the API serves (counts, rates, uplift with its interval), from counts per
+    (segment, playbook, variant): what the dispatcher answers, and what the gateway computes
+    again from the counts summed over several dispatcher instances.
+
+    >>> kpi_rows([("S", "P", "A", {"assigned": 10, "sent": 10, "opened": 5})])[0]["open_rate"]
+    0.5
+    """
+    out = []
+    for k in summarise(rows):
+        out.append(
+            {
+                "segment": k.segment,
+                "playbook": k.playbook,
+                "variant": k.variant,
+                **k.counts,
+                "open_rate": k.open_rate,
+                "click_rate": k.click_rate,
+                "conversion_rate": k.conversion_rate,
+                "unsubscribe_rate": k.unsubscribe_rate,
+                "churn_rate": k.churn_rate,
+                "uplift": k.uplift,
+                "uplift_ci": [k.uplift_low, k.uplift_high] if k.uplift is not None else None,
+            }
+        )
+    return out
 
 
 def _rate(x: int, n: int) -> float | None:

@@ -11,10 +11,17 @@ Served by :func:`segflow.runtime.internal_api.serve` on ``SEGFLOW_IDENTITY_HTTP_
 
 from __future__ import annotations
 
-from http.server import ThreadingHTTPServer
 from typing import Any
 
-from segflow.runtime.internal_api import BadRequest, NotFound, Params, Query, Routes, serve
+from segflow.runtime.internal_api import (
+    BadRequest,
+    InternalServer,
+    NotFound,
+    Params,
+    Query,
+    Routes,
+    serve,
+)
 from services.identity import core
 from services.identity.app import IdentityService, node_hasher
 
@@ -65,6 +72,6 @@ def routes(service: IdentityService) -> Routes:
     return r
 
 
-def start(service: IdentityService, port: int, host: str = "127.0.0.1") -> ThreadingHTTPServer:
+def start(service: IdentityService, port: int, host: str = "127.0.0.1") -> InternalServer:
     """Serve the routes from a background thread (port 0: a free port)."""
     return serve(routes(service), port, host)

@@ -12,10 +12,9 @@ Served by :func:`segflow.runtime.internal_api.serve` on ``SEGFLOW_SCORER_HTTP_PO
 from __future__ import annotations
 
 import time
-from http.server import ThreadingHTTPServer
 from typing import Any
 
-from segflow.runtime.internal_api import NotFound, Params, Query, Routes, serve
+from segflow.runtime.internal_api import InternalServer, NotFound, Params, Query, Routes, serve
 from services.scorer.app import RETIRED_KEY, ScorerService
 from services.scorer.features import Buckets
 
@@ -63,6 +62,6 @@ def routes(service: ScorerService) -> Routes:
     return r
 
 
-def start(service: ScorerService, port: int, host: str = "127.0.0.1") -> ThreadingHTTPServer:
+def start(service: ScorerService, port: int, host: str = "127.0.0.1") -> InternalServer:
     """Serve the routes from a background thread (port 0: a free port)."""
     return serve(routes(service), port, host)

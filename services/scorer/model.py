@@ -35,6 +35,8 @@ from river import optim as _optim
 from river import preprocessing as _preprocessing
 from river import utils as _utils
 
+from segflow.stats import calibration_error, roc_auc
+
 # River's modules are untyped: use them as Any so strict type checking stays quiet and honest.
 cluster: Any = _cluster
 compose: Any = _compose
@@ -611,45 +613,3 @@ class ChurnModel:
             }
         )
         return out
-
-
-def roc_auc(scores: npt.NDArray[np.float64], labels: npt.NDArray[np.bool_]) -> float | None:
-    """Rank-based ROC AUC, ties counting half; None when only one class is present.
-
-    >>> roc_auc(np.array([0.1, 0.4, 0.4, 0.9]), np.array([False, False, True, True]))
-    0.875
-    >>> roc_auc(np.array([0.1, 0.2]), np.array([True, True])) is None
-    True
-    """
-    y = np.asarray(labels, dtype=bool)
-    n_pos = int(y.sum())
-    n_neg = len(y) - n_pos
-    if n_pos == 0 or n_neg == 0:
-        return None
-    s = np.asarray(scores, dtype=np.float64)
-    order = np.argsort(s, kind="mergesort")
-    sorted_s = s[order]
-    ranks = np.empty(len(s))
-    edges = np.flatnonzero(np.diff(sorted_s)) + 1
-    starts = np.concatenate([[0], edges])
-    ends = np.concatenate([edges, [len(s)]])
-    avg = (starts + ends - 1) / 2.0 + 1.0
-    ranks[order] = np.repeat(avg, ends - starts)
-    return float((ranks[y].sum() - n_pos * (n_pos + 1) / 2) / (n_pos * n_neg))
-
-
-def calibration_error(
-    p: npt.NDArray[np.float64], y: npt.NDArray[np.bool_], bins: int = 10
-) -> float:
-    """Expected calibration error over equal-width probability bins.
-
-    >>> calibration_error(np.array([0.9, 0.9, 0.1, 0.1]), np.array([True, True, False, False]))
-    0.1
-    """
-    idx = np.minimum((np.asarray(p) * bins).astype(int), bins - 1)
-    yf = np.asarray(y, dtype=np.float64)
-    err = 0.0
-    for b in np.unique(idx).tolist():
-        m = idx == b
-        err += m.sum() / len(p) * abs(float(np.mean(p[m])) - float(yf[m].mean()))
-    return round(float(err), 12)

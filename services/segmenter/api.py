@@ -18,10 +18,17 @@ from __future__ import annotations
 import heapq
 import threading
 import time
-from http.server import ThreadingHTTPServer
 from typing import Any, Protocol
 
-from segflow.runtime.internal_api import BadRequest, NotFound, Params, Query, Routes, int_param
+from segflow.runtime.internal_api import (
+    BadRequest,
+    InternalServer,
+    NotFound,
+    Params,
+    Query,
+    Routes,
+    int_param,
+)
 from segflow.runtime.internal_api import serve as serve_routes
 
 MAX_PAGE = 10_000
@@ -271,6 +278,6 @@ def console_routes(r: Routes, queries: Queries) -> None:
         }
 
 
-def serve(queries: Queries, port: int, host: str = "127.0.0.1") -> ThreadingHTTPServer:
-    """Start the API on ``port`` (0 picks a free one: read ``server.server_port``)."""
+def serve(queries: Queries, port: int, host: str = "127.0.0.1") -> InternalServer:
+    """Start the API on ``port`` (0 picks a free one: read ``server.port``)."""
     return serve_routes(routes(queries), port, host)

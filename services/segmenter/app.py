@@ -47,6 +47,7 @@ from segflow.runtime.state import ChangelogStore
 from segflow.runtime.topics import TOPICS, Topic
 from services.segmenter import core
 from services.segmenter.dsl import DAY, DERIVED_FEATURES, DefinitionError, Definitions, parse
+from services.segmenter.quantiles import Column
 
 log = logging.getLogger("segflow.segmenter")
 
@@ -150,7 +151,7 @@ class Segmenter:
         #: Segment statuses per partition (deprecation is decided per partition).
         self.part_statuses: dict[int, dict[str, core.SegmentStatus]] = {}
         self.thresholds: dict[tuple[str, float], float] = {}
-        self.population: dict[str, dict[str, float]] = {}
+        self.population: dict[str, Column] = {}  # values of the pNN features
         self.sizes: dict[str, int] = {}
         #: Event-time watermark per partition: the highest ``as_of`` seen on it.
         self.watermarks: dict[int, int] = {}
@@ -291,12 +292,14 @@ class Segmenter:
 
     def _index(self, st: core.CustomerState, remove: bool = False) -> None:
         for feature, _ in self.defs.percentiles:
-            column = self.population.setdefault(feature, {})
+            column = self.population.get(feature)
+            if column is None:
+                column = self.population[feature] = Column()
             value = st.values.get(feature)
             if remove or not isinstance(value, float):
-                column.pop(st.customer_id, None)
+                column.discard(st.customer_id)
             else:
-                column[st.customer_id] = value
+                column.set(st.customer_id, value)
 
     # -- handler -------------------------------------------------------------------------
     def __call__(self, record: Incoming) -> Iterator[Output]:
@@ -469,14 +472,8 @@ class Segmenter:
                 if st is None or st.next_timer != due:
                     continue  # superseded
                 budget -= 1
-                new, changes = core.advance(st, due, self.defs, self.thresholds)
-                if new == st:  # nothing changed: make sure the timer does not fire again
-                    new = core.CustomerState(**{**st.__dict__, "next_timer": None})
-                if not changes and core.only_timer_moved(st, new):
-                    # Kept in memory, not written: after a restore the stored (earlier) timer
-                    # fires again, evaluates the same stored state to the same nothing and
-                    # finds this next timer. Most recency crossings change nothing for most
-                    # customers.
+                new, changes, persist = core.fire_timer(st, due, self.defs, self.thresholds)
+                if not persist:  # only the next timer moved: kept in memory, not written
                     self.states[cid] = new
                     if new.next_timer is not None:
                         heapq.heappush(timers, (new.next_timer, cid))
@@ -550,9 +547,7 @@ class Segmenter:
         return True
 
     def _refresh_thresholds(self) -> None:
-        self.thresholds = core.percentile_thresholds(
-            self.defs, {f: self.population.get(f, {}).values() for f, _ in self.defs.percentiles}
-        )
+        self.thresholds = core.percentile_thresholds(self.defs, self.population)
 
     # -- loop hooks ----------------------------------------------------------------------
     def before_commit(self) -> Iterator[Output]:

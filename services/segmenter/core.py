@@ -63,6 +63,7 @@ from services.segmenter.dsl import (
     Values,
     first_weighted,
 )
+from services.segmenter.quantiles import Column, nearest_rank
 
 ENTERED = "entered"
 EXITED = "exited"
@@ -537,6 +538,24 @@ def only_timer_moved(old: CustomerState, new: CustomerState) -> bool:
     )
 
 
+def fire_timer(
+    st: CustomerState, due: int, defs: Definitions, thresholds: Thresholds
+) -> tuple[CustomerState, list[Change], bool]:
+    """A customer's timer firing at event time ``due``: ``(new state, changes, persist)``.
+
+    A timer that changes nothing is cleared so it does not fire again. ``persist`` is False
+    when only the next timer moved: the shell keeps the new state in memory without writing
+    it (after a restore the stored, earlier timer fires again, evaluates the same stored state
+    to the same nothing and finds this next timer; most recency crossings change nothing for
+    most customers)."""
+    new, changes = advance(st, due, defs, thresholds)
+    if new == st:
+        new = replace(st, next_timer=None)
+    if not changes and only_timer_moved(st, new):
+        return new, [], False
+    return new, changes, True
+
+
 def _with_primary(c: Change, primary: str | None) -> Change:
     return Change(
         c.customer_id,
@@ -796,9 +815,11 @@ def next_deprecation(statuses: Mapping[str, SegmentStatus], defs: Definitions) -
 
 # -- dynamic thresholds ---------------------------------------------------------------------
 def percentile_thresholds(
-    defs: Definitions, population: Mapping[str, Iterable[float]]
+    defs: Definitions, population: Mapping[str, Column | Iterable[float]]
 ) -> dict[tuple[str, float], float]:
-    """Nearest-rank percentiles of each feature used as ``pNN`` over the current population.
+    """Nearest-rank percentiles of each feature used as ``pNN`` over the current population:
+    :class:`~services.segmenter.quantiles.Column` s (the service) or plain values (replay and
+    tests), found by selection, not by sorting.
 
     >>> from services.segmenter.dsl import parse
     >>> defs = parse('version: 1\\nsegments:\\n'
@@ -808,11 +829,13 @@ def percentile_thresholds(
     """
     out: dict[tuple[str, float], float] = {}
     for feature, pct in defs.percentiles:
-        data = sorted(population.get(feature, ()))
-        if not data:
-            continue
-        rank = max(1, math.ceil(pct / 100 * len(data)))
-        out[(feature, pct)] = data[min(rank, len(data)) - 1]
+        column = population.get(feature, ())
+        if isinstance(column, Column):
+            value = column.nearest_rank(pct)
+        else:
+            value = nearest_rank((v for v in column if not math.isnan(v)), pct)
+        if value is not None:
+            out[(feature, pct)] = value
     return out
 
 

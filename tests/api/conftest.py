@@ -8,7 +8,6 @@ import os
 from collections import deque
 from collections.abc import Iterator
 from dataclasses import dataclass, field
-from http.server import ThreadingHTTPServer
 from typing import Any
 
 import httpx
@@ -17,6 +16,7 @@ import pytest
 from segflow.api.app import Background
 from segflow.api.gateway import GatewaySettings
 from segflow.runtime.broker import free_port
+from segflow.runtime.internal_api import InternalServer
 from segflow.runtime.loop import Incoming, Output
 from segflow.runtime.serde import Serde
 from segflow.runtime.settings import Settings
@@ -112,12 +112,12 @@ class MiniPipeline:
 @dataclass
 class Stack:
     pipeline: MiniPipeline
-    servers: dict[str, ThreadingHTTPServer]
+    servers: dict[str, InternalServer]
     gateway: Background
 
     @property
     def urls(self) -> dict[str, str]:
-        return {n: f"http://127.0.0.1:{s.server_port}" for n, s in self.servers.items()}
+        return {n: f"http://127.0.0.1:{s.port}" for n, s in self.servers.items()}
 
     def client(self, token: str | None = TOKEN) -> httpx.Client:
         headers = {"Authorization": f"Bearer {token}"} if token else {}
@@ -147,7 +147,7 @@ def stack() -> Iterator[Stack]:
         "segmenter": segmenter_api.serve(pipeline.segmenter, 0),
         "dispatcher": dispatcher_api.start(pipeline.dispatcher, 0),
     }
-    urls = {n: f"http://127.0.0.1:{s.server_port}" for n, s in servers.items()}
+    urls = {n: f"http://127.0.0.1:{s.port}" for n, s in servers.items()}
     # no broker here: a console what-if replay fails (502) instead of waiting two minutes
     gateway = gateway_for(urls, replay_timeout=5.0)
     try:
@@ -155,7 +155,7 @@ def stack() -> Iterator[Stack]:
     finally:
         gateway.stop()
         for server in servers.values():
-            server.shutdown()
+            server.stop()
         pipeline.dispatcher.close()
 
 

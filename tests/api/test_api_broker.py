@@ -4,6 +4,7 @@ and a real customer's profile read through it and checked against the published 
 
 from __future__ import annotations
 
+import sys
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -11,6 +12,7 @@ import httpx
 import pytest
 
 from segflow.api import wiring
+from segflow.cli import SCALABLE
 from segflow.demo import _groups, _service_env, _wait_caught_up
 from segflow.receiver import Receiver, SMTPReceiver
 from segflow.runtime.broker import free_port
@@ -37,15 +39,28 @@ def receivers() -> Iterator[tuple[Receiver, SMTPReceiver]]:
         s.stop()
 
 
+@pytest.mark.parametrize("instances", [1, 2], ids=["1-instance", "2-instances"])
 def test_a_real_customers_profile_through_the_gateway(
-    kafka_settings: Settings, tmp_path: Path, receivers: tuple[Receiver, SMTPReceiver]
+    kafka_settings: Settings,
+    tmp_path: Path,
+    receivers: tuple[Receiver, SMTPReceiver],
+    instances: int,
 ) -> None:
+    """With 2 instances of each scalable service, each owns half the partitions: the
+    gateway asks every instance and merges (a customer's record from its owner, sizes and
+    KPIs summed, member pages merged), so the answers are the same as with one."""
     settings = kafka_settings
     prefix = settings.topic_prefix
     sup = Supervisor(tmp_path / "logs", env=_service_env(settings, prefix, *receivers))
-    ports = {name: free_port() for name in SERVICES}
+    ports: dict[str, list[int]] = {}
     for name in SERVICES:
-        sup.add_service(name, env=wiring.service_env(name, ports[name]))
+        n_of = instances if name in SCALABLE else 1
+        ports[name] = [free_port() for _ in range(n_of)]
+        for n, port in enumerate(ports[name]):
+            env = {**wiring.service_env(name, port), "SEGFLOW_INSTANCE_ID": str(n)}
+            sup.add(
+                name if n == 0 else f"{name}-{n}", [sys.executable, "-m", f"services.{name}"], env
+            )
     url = wiring.add_gateway(sup, ports, free_port(), TOKEN)
     sup.start_all()
     try:
@@ -62,6 +77,13 @@ def test_a_real_customers_profile_through_the_gateway(
         assert wiring.wait_ready(url, timeout=60), (tmp_path / "logs").iterdir()
         _wait_caught_up(settings, _groups(settings, list(SERVICES)), sup, timeout=60)
 
+        # every instance holds a share of the customers (so the answers below are merged)
+        held = [
+            httpx.get(f"http://127.0.0.1:{port}/health").json()["customers"]
+            for port in ports["segmenter"]
+        ]
+        assert len(held) == instances and all(n > 0 for n in held), held
+
         api = httpx.Client(base_url=url, headers={"Authorization": f"Bearer {TOKEN}"}, timeout=10)
         health = api.get("/v1/health").json()
         assert health["status"] == "ok"
@@ -72,7 +94,7 @@ def test_a_real_customers_profile_through_the_gateway(
         # What the segmenter published: each customer's active memberships.
         serde = Serde.from_settings(settings)
         active: dict[str, set[str]] = {}
-        for rec in read_all(settings, TOPICS.segment_changes.name(settings), idle=2.0):
+        for rec in read_all(settings, TOPICS.segment_changes.name(settings)):
             c = serde.decode(TOPICS.segment_changes, rec.value)
             if c["transition"] == "entered":
                 active.setdefault(c["customer_id"], set()).add(c["segment"])

@@ -26,5 +26,4 @@ def test_bind_host(
     try:
         assert server.server_address[0] == expected
     finally:
-        server.shutdown()
-        server.server_close()
+        server.stop()

@@ -8,6 +8,7 @@ back with ``read_committed`` and compared with what the simulator writes to Kafk
 
 from __future__ import annotations
 
+import contextlib
 import gzip
 import json
 import threading
@@ -16,6 +17,7 @@ from collections import Counter, defaultdict
 from collections.abc import Iterator
 from contextlib import contextmanager
 from datetime import UTC, datetime
+from pathlib import Path
 from typing import Any
 
 import httpx
@@ -27,7 +29,7 @@ from segflow.collector.app import Background, Collector, CollectorSettings
 from segflow.runtime.broker import LocalBroker
 from segflow.runtime.serde import Serde
 from segflow.runtime.settings import Settings
-from segflow.runtime.testing import isolated_settings, read_all
+from segflow.runtime.testing import isolated_settings, read_all, wait_until
 from segflow.runtime.topics import TOPICS
 from segflow.sim.generator import SimConfig, Simulation
 from segflow.sim.identities import event_key
@@ -191,7 +193,7 @@ def test_sdk_calls_land_once_as_the_simulator_writes_them_and_identity_stitches(
     assert service.loop().run(max_records=len(events), idle_timeout=15) == len(events)
     out = read_all(s, TOPICS.identified.name(s), expected=len(events), timeout=60)
     survivor = {}
-    for r in read_all(s, TOPICS.merges.name(s), idle=1.0):
+    for r in read_all(s, TOPICS.merges.name(s)):
         m = serde.decode(TOPICS.merges, r.value)
         for absorbed in m["absorbed_ids"]:
             survivor[absorbed] = m["survivor_id"]
@@ -239,10 +241,20 @@ def test_sdk_calls_land_once_as_the_simulator_writes_them_and_identity_stitches(
         )
 
 
+def librdkafka_threads() -> int:
+    """Threads librdkafka runs for this process's clients (named rdk:...)."""
+    count = 0
+    for task in Path("/proc/self/task").iterdir():
+        with contextlib.suppress(OSError):
+            count += (task / "comm").read_text().startswith("rdk:")
+    return count
+
+
 def test_broker_killed_mid_batch_gives_errors_never_a_200_for_a_lost_event(
     own_broker: LocalBroker, capsys: pytest.CaptureFixture[str]
 ) -> None:
     s = isolated_settings(own_broker.bootstrap, "collect-kill")
+    clients_before = librdkafka_threads()
     n = 1500
     ids = [f"kill-{i}" for i in range(n)]
     errors: list[Any] = []
@@ -287,6 +299,9 @@ def test_broker_killed_mid_batch_gives_errors_never_a_200_for_a_lost_event(
         client.join()
     assert failed and set(failed) == {503}  # the client was told, and retried
     assert errors == []  # ... until everything got through
+    # every producer the collector made is closed with it, also those dropped after a
+    # failed abort (they used to live on, retrying the gone broker, for the whole session)
+    wait_until(lambda: librdkafka_threads() <= clients_before, 20, what="producers closed")
 
     serde = Serde.from_settings(s)
     records = read_all(s, TOPICS.events.name(s), expected=n, timeout=90)

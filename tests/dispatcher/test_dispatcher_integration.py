@@ -93,9 +93,7 @@ def send(s: Settings, topic: Any, records: list[dict[str, Any]]) -> None:
 
 def results(s: Settings, expected: int | None = None, timeout: float = 30) -> list[dict[str, Any]]:
     serde = Serde.from_settings(s)
-    recs = read_all(
-        s, TOPICS.dispatch_results.name(s), expected=expected, timeout=timeout, idle=1.0
-    )
+    recs = read_all(s, TOPICS.dispatch_results.name(s), expected=expected, timeout=timeout)
     return [serde.decode(TOPICS.dispatch_results, r.value) for r in recs if r.value]
 
 

@@ -17,7 +17,7 @@ import pytest
 from segflow.runtime.leash import leashed
 from segflow.runtime.serde import Serde
 from segflow.runtime.settings import Settings
-from segflow.runtime.testing import produce, read_all
+from segflow.runtime.testing import produce, read_all, wait_until
 from segflow.runtime.topics import TOPICS
 from segflow.sim.generator import SimConfig, Simulation
 from segflow.sim.noise import Delivery, Malformed, NoiseConfig
@@ -78,7 +78,7 @@ def stitching(settings: Settings, fed: Fed, expected: int) -> dict[str, Any]:
     out = read_all(settings, TOPICS.identified.name(settings), expected=expected, timeout=90)
     identified = [(r.key, serde.decode(TOPICS.identified, r.value)) for r in out]
     survivor = {}
-    for r in read_all(settings, TOPICS.merges.name(settings), idle=1.0):
+    for r in read_all(settings, TOPICS.merges.name(settings)):
         m = serde.decode(TOPICS.merges, r.value)
         assert r.key is not None and r.key.decode() in m["absorbed_ids"]
         for absorbed in m["absorbed_ids"]:
@@ -121,8 +121,7 @@ def test_simulated_customers_are_stitched_with_high_precision_and_recall(
     with_email = [v for _, v in got["identified"] if v["email_hash"]]
     assert with_email and all(len(v["email_hash"]) == 64 for v in with_email)
     state_bytes = b"".join(
-        (r.key or b"") + (r.value or b"")
-        for r in read_all(s, TOPICS.identity_state.name(s), idle=1.0)
+        (r.key or b"") + (r.value or b"") for r in read_all(s, TOPICS.identity_state.name(s))
     )
     out_bytes = b"".join(
         r.value or b"" for r in read_all(s, TOPICS.identified.name(s), expected=unique)
@@ -220,15 +219,6 @@ def service_cmd(s: Settings, *extra: str) -> list[str]:
     ]
 
 
-def wait_until(condition: Any, timeout: float, interval: float = 0.2) -> None:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if condition():
-            return
-        time.sleep(interval)
-    raise AssertionError(f"condition not met within {timeout}s")
-
-
 def test_kill_9_mid_stream_then_restart_gives_each_event_exactly_once(
     kafka_settings: Settings,
 ) -> None:
@@ -246,11 +236,11 @@ def test_kill_9_mid_stream_then_restart_gives_each_event_exactly_once(
     try:
         # Some batches committed, then a transaction open (its records visible only to
         # read_uncommitted): kill -9 now, mid-stream.
-        wait_until(lambda: len(read_all(s, sink, idle=0.3, timeout=5)) > 0, 60)
+        wait_until(lambda: len(read_all(s, sink, timeout=5)) > 0, 60)
         wait_until(
             lambda: (
-                len(read_all(s, sink, idle=0.3, timeout=5, isolation="read_uncommitted"))
-                > len(read_all(s, sink, idle=0.3, timeout=5))
+                len(read_all(s, sink, timeout=5, isolation="read_uncommitted"))
+                > len(read_all(s, sink, timeout=5))
             ),
             30,
             interval=0.05,
@@ -258,7 +248,7 @@ def test_kill_9_mid_stream_then_restart_gives_each_event_exactly_once(
     finally:
         os.kill(proc.pid, signal.SIGKILL)
         proc.wait(10)
-    before = len(read_all(s, sink, idle=0.5, timeout=5))
+    before = len(read_all(s, sink, timeout=5))
     assert 0 < before < unique
 
     restarted = subprocess.run(

@@ -5,18 +5,41 @@ from __future__ import annotations
 
 import argparse
 import json
+from collections import Counter
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
 
 from segflow.demo import run_demo
+from segflow.receiver import Receiver, SMTPReceiver
+from segflow.runtime.serde import Serde
+from segflow.runtime.settings import Settings
+from segflow.runtime.testing import read_all
+from segflow.runtime.topics import TOPICS
 
 pytestmark = pytest.mark.broker
 
 
+@pytest.fixture
+def vendors() -> Iterator[tuple[Receiver, SMTPReceiver]]:
+    """The CRM/email stand-ins, owned by the test: what reached them is checked here, not
+    through the demo's own counting."""
+    receiver, smtp = Receiver().start(), SMTPReceiver().start()
+    try:
+        yield receiver, smtp
+    finally:
+        receiver.stop()
+        smtp.stop()
+
+
 def test_pipeline_end_to_end_with_kills_sends_every_action_once(
-    kafka_bootstrap: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+    kafka_bootstrap: str,
+    tmp_path: Path,
+    monkeypatch: pytest.MonkeyPatch,
+    vendors: tuple[Receiver, SMTPReceiver],
 ) -> None:
+    receiver, smtp = vendors
     monkeypatch.setenv("KAFKA_BOOTSTRAP_SERVERS", kafka_bootstrap)
     args = argparse.Namespace(
         state_dir=str(tmp_path),
@@ -28,8 +51,27 @@ def test_pipeline_end_to_end_with_kills_sends_every_action_once(
         step_timeout=90.0,
         chaos=True,
     )
-    assert run_demo(args) == 0
+    assert run_demo(args, receiver, smtp) == 0
     summary = json.loads((tmp_path / "demo-summary.json").read_text())
+
+    # Exactly once, checked independently of the demo's report: the committed dispatch
+    # results as a read_committed consumer sees them, against what reached the vendors.
+    settings = Settings(bootstrap_servers=kafka_bootstrap, topic_prefix=summary["topic_prefix"])
+    serde = Serde.from_settings(settings)
+    results = [
+        serde.decode(TOPICS.dispatch_results, r.value)
+        for r in read_all(settings, TOPICS.dispatch_results.name(settings))
+        if r.value
+    ]
+    sent = Counter(r["idempotency_key"] for r in results if r["status"] == "sent")
+    assert sent and max(sent.values()) == 1, [k for k, n in sent.items() if n > 1][:5]
+    reached = set(receiver.effects()) | {m["key"] for m in smtp.messages}
+    assert set(sent) <= reached, sorted(set(sent) - reached)[:5]  # no "sent" without an effect
+    emails = Counter(m["key"] for m in smtp.messages)
+    assert not emails or max(emails.values()) == 1, emails.most_common(3)
+    holdout = {r["idempotency_key"] for r in results if r["status"] == "holdout"}
+    assert holdout and not holdout & set(receiver.attempts()), "a holdout customer was contacted"
+    assert receiver.rejected() == 0 and not smtp.rejected
 
     # Identity: every event stitched, at the quality the issue asks for.
     assert summary["identified"] > 0

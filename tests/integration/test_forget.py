@@ -20,7 +20,7 @@ from segflow.runtime.broker import free_port
 from segflow.runtime.kafka import make_producer
 from segflow.runtime.serde import Serde
 from segflow.runtime.settings import Settings
-from segflow.runtime.testing import read_all
+from segflow.runtime.testing import read_all, wait_until
 from segflow.runtime.topics import TOPICS
 from segflow.sim.generator import SimConfig, Simulation
 from segflow.sim.sink import KafkaSink
@@ -44,7 +44,7 @@ def decoded(settings: Settings, topic: Any) -> list[tuple[str | None, dict[str, 
     serde = Serde.from_settings(settings)
     return [
         (r.key.decode() if r.key else None, serde.decode(topic, r.value) if r.value else None)
-        for r in read_all(settings, topic.name(settings), idle=2.0)
+        for r in read_all(settings, topic.name(settings))
     ]
 
 
@@ -105,7 +105,16 @@ def test_a_forgotten_customer_leaves_every_segment_and_is_never_profiled_or_cont
             TOPICS.events.name(settings), serde.encode(TOPICS.events, again), user_of[cid].encode()
         )
         producer.flush(10)
-        time.sleep(2)
+
+        def forgotten_by_identity() -> bool:
+            return any(
+                k == cid and e["event"]["event_type"] == "customer_forgotten"
+                for k, e in decoded(settings, TOPICS.identified)
+                if e
+            )
+
+        # identity has acted on the request; then every service has read all there is
+        wait_until(forgotten_by_identity, 60, what="identity's customer_forgotten event")
         _wait_caught_up(settings, groups, sup, timeout=90)
 
         changes = [c for _, c in decoded(settings, TOPICS.segment_changes) if c]

@@ -27,6 +27,7 @@ from segflow.runtime.testing import (
     produce,
     produce_events,
     read_all,
+    wait_until,
 )
 from segflow.runtime.topics import TOPICS
 
@@ -115,7 +116,7 @@ def test_10k_events_pass_through_identical_and_in_order_per_key(kafka_settings: 
             assert {k: v for k, v in g.items() if v is not None and v != {}} == {
                 k: v for k, v in w.items() if v is not None and v != {}
             }
-    assert read_all(s, TOPICS.dlq.name(s), idle=1.0) == []
+    assert read_all(s, TOPICS.dlq.name(s)) == []
 
 
 def test_malformed_records_go_to_dlq_with_reason_and_good_events_still_arrive(
@@ -206,7 +207,7 @@ def test_broker_killed_mid_run_and_restarted_loses_nothing(own_broker: LocalBrok
     supervisor = Supervisor(cmd)
     try:
         # Wait until the loop is demonstrably mid-stream, then kill the broker under it.
-        wait_until(lambda: 0 < len(read_all(s, sink, idle=0.3, timeout=5)) < 3000, 60)
+        wait_until(lambda: 0 < len(read_all(s, sink, timeout=5)) < 3000, 60)
         own_broker.kill()
         time.sleep(2)  # the outage itself
         own_broker.start()
@@ -253,12 +254,10 @@ def test_kill_9_mid_transaction_then_restart_gives_each_input_exactly_once(
     cmd = passthrough_cmd(s, source, sink, group, "--batch-size", "500")
     proc = subprocess.Popen(leashed([*cmd, "--pre-commit-delay", "5"]), stderr=subprocess.DEVNULL)
     # Uncommitted output visible to read_uncommitted = a transaction is open: kill -9 now.
-    wait_until(
-        lambda: len(read_all(s, sink, idle=0.3, timeout=5, isolation="read_uncommitted")) > 0, 60
-    )
+    wait_until(lambda: len(read_all(s, sink, timeout=5, isolation="read_uncommitted")) > 0, 60)
     os.kill(proc.pid, signal.SIGKILL)
     proc.wait(10)
-    assert read_all(s, sink, idle=0.5, timeout=5) == [], "nothing was committed before the kill"
+    assert read_all(s, sink, timeout=5) == [], "nothing was committed before the kill"
 
     restarted = subprocess.run(
         [*cmd, "--idle-timeout", "8"], capture_output=True, text=True, timeout=180
@@ -278,15 +277,6 @@ def dlq_count(service: str, reason: str) -> float:
         "segflow_dlq_records_total", {"service": service, "reason": reason}
     )
     return value or 0.0
-
-
-def wait_until(condition: Any, timeout: float, interval: float = 0.2) -> None:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if condition():
-            return
-        time.sleep(interval)
-    raise AssertionError(f"condition not met within {timeout}s")
 
 
 def test_tick_outputs_commit_without_input(kafka_settings: Settings) -> None:
@@ -310,7 +300,7 @@ def test_tick_outputs_commit_without_input(kafka_settings: Settings) -> None:
     )
     loop = ProcessingLoop(s, config, copier(sink), tick=tick)  # type: ignore[arg-type]
     loop.run(idle_timeout=2.0)
-    out = read_all(s, sink, idle=1.0)
+    out = read_all(s, sink)
     assert len(out) >= 5  # about one per 0.2 s over ~2 s of idling, each committed
     ids = sorted((e["event_id"] for e in decoded(s, out)), key=lambda x: int(x[1:]))
     assert ids == [f"e{i}" for i in range(len(out))]  # every tick's output, once
@@ -395,4 +385,4 @@ def test_tombstones_on_a_compacted_input_are_skipped_not_dead_lettered(
     loop = ProcessingLoop(s, config, lambda r: seen.append(r.value) or [])  # type: ignore[arg-type]
     assert loop.run(max_records=2, idle_timeout=20) == 2
     assert [v["customer_id"] for v in seen] == ["c1"]
-    assert read_all(s, TOPICS.dlq.name(s), idle=1.0) == []
+    assert read_all(s, TOPICS.dlq.name(s)) == []

@@ -201,7 +201,7 @@ def by_absorbed(r: dict[str, Any]) -> str:
 def changes(s: Settings) -> list[tuple[Any, ...]]:
     serde = Serde.from_settings(s)
     out = []
-    for r in read_all(s, TOPICS.segment_changes.name(s), idle=1.0, timeout=30):
+    for r in read_all(s, TOPICS.segment_changes.name(s), timeout=30):
         c = serde.decode(TOPICS.segment_changes, r.value)
         out.append((c["customer_id"], c["segment"], c["transition"], c["occurred_at"]))
     return out
@@ -326,7 +326,7 @@ def dispatcher_env(s: Settings, receiver: Receiver, playbooks: Path) -> dict[str
 def sent_keys(s: Settings) -> list[str]:
     serde = Serde.from_settings(s)
     out = []
-    for r in read_all(s, TOPICS.dispatch_results.name(s), idle=1.0, timeout=30):
+    for r in read_all(s, TOPICS.dispatch_results.name(s), timeout=30):
         rec = serde.decode(TOPICS.dispatch_results, r.value)
         if rec["status"] == "sent":
             out.append(rec["idempotency_key"])

@@ -297,7 +297,7 @@ def test_reload_rejects_invalid_and_takes_valid_versions(seg: Segmenter, tmp_pat
 def test_http_api_shows_sizes_members_and_why(seg: Segmenter) -> None:
     list(seg(score("a", T0, days_since_open=12.0)))
     server = api.serve(seg, 0, host="127.0.0.1")
-    base = f"http://127.0.0.1:{server.server_port}"
+    base = f"http://127.0.0.1:{server.port}"
     try:
         sizes = json.loads(urlopen(f"{base}/segments").read())
         assert sizes["sizes"] == {"Quiet": 1, "Big": 0}
@@ -308,7 +308,7 @@ def test_http_api_shows_sizes_members_and_why(seg: Segmenter) -> None:
         assert quiet["conditions"][0]["observed"] == 12.0
         assert quiet["conditions"][0]["margin"] == 2.0
     finally:
-        server.shutdown()
+        server.stop()
 
 
 def test_cli_check_prints_line_and_field_and_fails(
