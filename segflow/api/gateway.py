@@ -77,6 +77,9 @@ class GatewaySettings(BaseSettings):
     playbooks: str | None = None
     console_sample_interval: float = 5.0
     replay_timeout: float = 120.0
+    # read segment.changes and identity.merges into the console's audit index (needs the
+    # broker settings, SEGFLOW_KAFKA_*, in the environment; segflow up and demo set it)
+    audit: bool = False
 
     def urls(self, service: str) -> list[str]:
         """Every instance's query endpoint (``SEGFLOW_API_<SERVICE>_URL`` may list several,

@@ -37,6 +37,7 @@ def add_gateway(
         "SEGFLOW_API_TOKEN": token,
         "SEGFLOW_API_HOST": host,
         "SEGFLOW_API_PORT": str(port),
+        "SEGFLOW_API_AUDIT": "1",  # the console's customer timeline reads the topics
         **{f"SEGFLOW_API_{n.upper()}_URL": _urls(p) for n, p in ports.items()},
         **(extra or {}),
     }

@@ -55,6 +55,8 @@ def routes(dispatcher: Dispatcher) -> Routes:
             "scheduled": len(dispatcher._due),
             "in_flight": len(dispatcher._retry),
             "open_circuits": sorted(e for e, b in breakers.items() if b.state == "open"),
+            # the running playbooks (hot-reloaded from their files) and their versions
+            "playbooks": {pb.name: str(pb.version) for pb in dispatcher.book.playbooks},
         }
 
     @r.get("/kpis")

@@ -65,7 +65,7 @@ from services.dispatcher.adapters import (
 from services.dispatcher.backoff import Breaker
 from services.dispatcher.contacts import VaultContacts
 from services.dispatcher.experiments import summarise
-from services.dispatcher.playbooks import DEFAULT_DIR, Book, load_book
+from services.dispatcher.playbooks import DEFAULT_DIR, Book, PlaybookError, load_book
 from services.dispatcher.vendors import (
     VendorSettings,
     check_routes,
@@ -148,6 +148,7 @@ class DispatcherSettings(VendorSettings):
     batch_size: int = 2000
     api_port: int | None = None
     cache_size: int = 200_000  # decoded customers kept in memory
+    playbook_reload_interval: float = 2.0  # seconds between mtime polls of the playbook files
 
 
 class AsyncRunner:
@@ -276,6 +277,10 @@ class Dispatcher:
         self._gauges_at = 0.0
         self._attempt_counters: dict[tuple[str, str], Any] = {}
         self._call_seconds: dict[str, Any] = {}
+        # hot reload of the playbook files, unless the book was handed in (tests, embedding)
+        self._playbooks_from_files = book is None
+        self._playbook_stamp = self._stamp_playbooks() if book is None else ()
+        self._playbooks_polled = time.monotonic()
 
     def _contacts(self) -> Contacts:
         """Where recipients come from: the contact vault (``SEGFLOW_VAULT_KEY``), or the
@@ -627,7 +632,57 @@ class Dispatcher:
         return Output(TOPICS.dlq, e.action.customer_id.encode(), letter)
 
     # -- tick: deliver, then promote -------------------------------------------------------
+    # -- playbook hot reload ---------------------------------------------------------------
+    def _stamp_playbooks(self) -> tuple[tuple[str, int], ...]:
+        """The playbook files (``cfg.playbooks``: files or folders) and their mtimes."""
+        stamp: list[tuple[str, int]] = []
+        for part in filter(None, self.cfg.playbooks.split(",")):
+            path = Path(part)
+            for f in sorted(path.glob("*.yaml")) if path.is_dir() else [path]:
+                try:
+                    stamp.append((str(f), f.stat().st_mtime_ns))
+                except OSError:
+                    stamp.append((str(f), -1))
+        return tuple(stamp)
+
+    def reload_playbooks(self) -> bool:
+        """Load the playbook files if one changed; keep the running book when the new one is
+        invalid or needs a route the running adapters do not have (a restart picks that up)."""
+        stamp = self._stamp_playbooks()
+        if stamp == self._playbook_stamp:
+            return False
+        self._playbook_stamp = stamp
+        try:
+            book = load_book(Path(p) for p in self.cfg.playbooks.split(",") if p)
+            check_routes(with_local_stand_ins(self.cfg, self.cfg, self.book), book)
+        except (PlaybookError, ConfigError, OSError) as exc:
+            log.error(
+                "playbooks rejected",
+                extra={
+                    "fields": {
+                        "error": str(exc),
+                        "running": {p.name: str(p.version) for p in self.book.playbooks},
+                    }
+                },
+            )
+            return False
+        if book == self.book:
+            return False
+        log.info(
+            "playbooks loaded",
+            extra={"fields": {"playbooks": {p.name: str(p.version) for p in book.playbooks}}},
+        )
+        self.book = book
+        self._dirty = True
+        return True
+
     def tick(self) -> list[Output]:
+        if (
+            self._playbooks_from_files
+            and time.monotonic() - self._playbooks_polled >= self.cfg.playbook_reload_interval
+        ):
+            self._playbooks_polled = time.monotonic()
+            self.reload_playbooks()
         if self._dirty:
             self._rebuild()
         outs: list[Output] = []

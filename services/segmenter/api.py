@@ -16,6 +16,8 @@ Errors are ``{"error": {"code", "message"}}`` (:mod:`segflow.runtime.internal_ap
 from __future__ import annotations
 
 import heapq
+import threading
+import time
 from typing import Any, Protocol
 
 from segflow.runtime.internal_api import (
@@ -114,6 +116,59 @@ def routes(queries: Queries) -> Routes:
 
 
 HOUR_MS = 3_600_000
+#: How long one pass over every customer serves the console's flow and member pages (then it is
+#: remade in the background, answering the old one meanwhile). The
+#: console refreshes every 3 s; several viewers, and the Segment page's two reads, share it.
+SNAPSHOT_TTL = 5.0
+#: A snapshot older than the TTL is still answered (while the next one is made) up to this age.
+STALE_MAX = 30.0
+#: Hours of entries and exits a snapshot counts (the flow route's ``hours`` limit).
+MAX_FLOW_HOURS = 24 * 90
+
+
+class ConsoleSnapshot:
+    """One pass over every customer for the console: per segment, its active members
+    ``(customer_id, churn, entered_at)`` and its entries and exits counted by hours before
+    the watermark."""
+
+    def __init__(self, queries: Queries) -> None:
+        self.at = time.monotonic()
+        self.version = queries.defs.version
+        self.watermark = end = int(queries.watermark or 0)
+        names = [seg.name for seg in queries.defs.segments]
+        members: dict[str, list[tuple[str, float | None, int | None]]] = {n: [] for n in names}
+        entered: dict[str, dict[int, int]] = {n: {} for n in names}
+        exited: dict[str, dict[int, int]] = {n: {} for n in names}
+        for cid, st in list(queries.states.items()):
+            churn = st.values.get("churn_probability")
+            churn = churn if isinstance(churn, float) else None
+            for name, m in list(st.memberships.items()):
+                rows = members.get(name)
+                if rows is None:
+                    continue
+                if m.active:
+                    rows.append((cid, churn, m.entered_at))
+                for at, counts in ((m.entered_at, entered), (m.exited_at, exited)):
+                    if at is not None and at <= end:
+                        k = (end - at) // HOUR_MS
+                        if k < MAX_FLOW_HOURS:
+                            c = counts[name]
+                            c[k] = c.get(k, 0) + 1
+        self.members, self.entered, self.exited = members, entered, exited
+
+    def fresh(self, queries: Queries) -> bool:
+        return time.monotonic() - self.at < SNAPSHOT_TTL and queries.defs.version == self.version
+
+    def flow(self, name: str, hours: int) -> dict[str, list[int]]:
+        """Entries and exits per hour, oldest first, the last bucket ending at the watermark."""
+        out = {}
+        for key, counts in (("entered", self.entered[name]), ("exited", self.exited[name])):
+            series = [0] * hours
+            for k, n in counts.items():
+                if k < hours:
+                    series[hours - 1 - k] += n
+            out[key] = series
+        return out
 
 
 def console_routes(r: Routes, queries: Queries) -> None:
@@ -126,27 +181,49 @@ def console_routes(r: Routes, queries: Queries) -> None:
       their churn probability and entry time, filtered by a customer-id substring, sorted;
     * ``GET /console/customers/<id>/memberships`` — every segment the customer ever entered:
       active or not, stays, last entry and exit (event time).
+
+    The first two read a :class:`ConsoleSnapshot` (one pass over every customer, reused for
+    :data:`SNAPSHOT_TTL` seconds and then remade in the background: a page sees data at most
+    a few seconds old, and never of other definitions).
     """
+    lock = threading.Lock()
+    cache: list[ConsoleSnapshot] = []
+    refreshing = threading.Event()
+
+    def refresh() -> None:
+        try:
+            snap = ConsoleSnapshot(queries)
+            with lock:
+                cache[:] = [snap]
+        finally:
+            refreshing.clear()
+
+    def snapshot() -> ConsoleSnapshot:
+        """The current snapshot. One older than the TTL (but not than STALE_MAX, and of the
+        running definitions) is answered while a new one is made in the background, so a
+        page does not wait for the pass; none, or a too old one, is made now."""
+        with lock:
+            snap = cache[0] if cache else None
+            if snap is not None and snap.version == queries.defs.version:
+                age = time.monotonic() - snap.at
+                if age < SNAPSHOT_TTL:
+                    return snap
+                if age < STALE_MAX:
+                    if not refreshing.is_set():
+                        refreshing.set()
+                        threading.Thread(target=refresh, daemon=True).start()
+                    return snap
+            cache[:] = [ConsoleSnapshot(queries)]  # concurrent readers wait and share it
+            return cache[0]
 
     @r.get("/console/flow")
     def flow(_p: Params, q: Query) -> dict[str, Any]:
-        hours = int_param(q, "hours", 24, 1, 24 * 90)
-        end = int(queries.watermark or 0)
-        start = end - hours * HOUR_MS
-        names = [seg.name for seg in queries.defs.segments]
-        entered = {n: [0] * hours for n in names}
-        exited = {n: [0] * hours for n in names}
-        for st in list(queries.states.values()):
-            for name, m in list(st.memberships.items()):
-                if name not in entered:
-                    continue
-                for at, counts in ((m.entered_at, entered), (m.exited_at, exited)):
-                    if at is not None and start < at <= end:
-                        counts[name][min(hours - 1, (at - start - 1) // HOUR_MS)] += 1
+        hours = int_param(q, "hours", 24, 1, MAX_FLOW_HOURS)
+        snap = snapshot()
         return {
-            "watermark": end or None,
+            "watermark": snap.watermark or None,
             "hours": hours,
-            "segments": {n: {"entered": entered[n], "exited": exited[n]} for n in names},
+            "segments": {n: snap.flow(n, hours) for n in snap.members},
         }
 
     @r.get("/console/segments/{name}/members")
@@ -160,13 +237,9 @@ def console_routes(r: Routes, queries: Queries) -> None:
         sort = q.get("sort", "churn")
         if sort not in ("churn", "id"):
             raise BadRequest("sort must be 'churn' or 'id'")
-        rows = []
-        for cid, st in list(queries.states.items()):
-            m = st.memberships.get(name)
-            if m is None or not m.active or (needle and needle not in cid.lower()):
-                continue
-            churn = st.values.get("churn_probability")
-            rows.append((cid, churn if isinstance(churn, float) else None, m.entered_at))
+        rows = snapshot().members.get(name, [])
+        if needle:
+            rows = [row for row in rows if needle in row[0].lower()]
         # only the first offset + limit rows are ordered (a page, not the whole segment)
         if sort == "churn":
             page = heapq.nsmallest(

@@ -78,8 +78,16 @@ def test_an_editor_publishes_valid_definitions_only(editor_gateway: tuple[str, P
         assert browser.get("/v1/console/session").json() == {
             "role": "editor",
             "can_publish": True,
+            "can_publish_playbooks": False,  # no SEGFLOW_API_PLAYBOOKS for this gateway
             "sample_interval": 5.0,
         }
+        # so publishing a playbook is off, and says why
+        off = browser.put(
+            "/v1/console/playbooks/lifecycle.yaml",
+            json={"yaml": "playbook: x\n"},
+            headers={"X-Segflow-Console": "1"},
+        )
+        assert off.status_code == 409 and "SEGFLOW_API_PLAYBOOKS" in off.json()["error"]["message"]
         # a cookie session must send the console's header (a cross-site form cannot)
         csrf = browser.put("/v1/console/definitions", json={"yaml": changed})
         assert csrf.status_code == 403 and "X-Segflow-Console" in csrf.json()["error"]["message"]

@@ -96,6 +96,7 @@ def test_the_gateway_serves_exactly_the_documented_routes() -> None:
     writes = documented - {("GET", p) for p in gets}
     assert writes == {
         ("PUT", "/v1/console/definitions"),
+        ("PUT", "/v1/console/playbooks/{file}"),
         ("POST", "/v1/console/definitions/check"),
         ("POST", "/v1/console/whatif"),
     }

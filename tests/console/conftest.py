@@ -26,6 +26,7 @@ from segflow.runtime.testing import isolated_settings
 from segflow.sim.generator import SimConfig, Simulation
 from segflow.sim.sink import KafkaSink
 from segflow.supervisor import SERVICES, Supervisor
+from services.dispatcher.playbooks import DEFAULT_DIR as PLAYBOOKS_DIR
 from services.segmenter.app import DEFAULT_DEFINITIONS
 
 VIEWER = "console-viewer-token"
@@ -36,6 +37,16 @@ CHROMIUM = shutil.which("chromium") or "/usr/bin/chromium"
 CHROMEDRIVER = shutil.which("chromedriver") or "/usr/bin/chromedriver"
 
 
+#: A segment of the stack's own (added to the default definitions): a support ticket in the
+#: last 3 days. The timeline test sends a customer a ticket, a quiet week and another ticket,
+#: which gives two stays in it (the console must show both).
+STAYS_SEGMENT_NAME = "Console Stays"
+STAYS_SEGMENT = """
+  # the console tests' segment (tests/console/conftest.py)
+  - {name: Console Stays, priority: 0, enter: {feature: tickets_3d, op: ">=", value: 1}}
+"""
+
+
 @dataclass
 class ConsoleStack:
     url: str
@@ -43,6 +54,7 @@ class ConsoleStack:
     definitions: Path
     env: dict[str, str]
     logs: Path
+    playbooks: Path
 
     def api(self, token: str = VIEWER) -> httpx.Client:
         return httpx.Client(
@@ -71,11 +83,15 @@ def console_stack(
     settings = isolated_settings(kafka_bootstrap, "console")
     prefix = settings.topic_prefix
     definitions = tmp / "segments.yaml"  # the editor publishes here; the segmenter reloads it
-    definitions.write_text(DEFAULT_DEFINITIONS.read_text())
+    definitions.write_text(DEFAULT_DEFINITIONS.read_text() + STAYS_SEGMENT)
+    playbooks = tmp / "playbooks"  # the editor publishes here; the dispatcher reloads them
+    shutil.copytree(PLAYBOOKS_DIR, playbooks, ignore=shutil.ignore_patterns("salesforce"))
     receiver, smtp = Receiver().start(), SMTPReceiver().start()
     env = _service_env(settings, prefix, receiver, smtp)
     env["SEGFLOW_SEGMENTER_DEFINITIONS"] = str(definitions)
     env["SEGFLOW_SEGMENTER_RELOAD_INTERVAL"] = "0.5"
+    env["SEGFLOW_DISPATCHER_PLAYBOOKS"] = str(playbooks)
+    env["SEGFLOW_DISPATCHER_PLAYBOOK_RELOAD_INTERVAL"] = "0.5"
     sup = Supervisor(tmp / "logs", env=env)
     ports = {name: free_port() for name in SERVICES}
     for name in SERVICES:
@@ -88,6 +104,7 @@ def console_stack(
         extra={
             "SEGFLOW_API_EDITOR_TOKEN": EDITOR,
             "SEGFLOW_API_DEFINITIONS": str(definitions),
+            "SEGFLOW_API_PLAYBOOKS": str(playbooks),
             "SEGFLOW_API_CONSOLE_SAMPLE_INTERVAL": "1",
         },
     )
@@ -106,6 +123,7 @@ def console_stack(
             definitions,
             {**env, "SEGFLOW_TOPIC_PREFIX": prefix},
             tmp / "logs",
+            playbooks,
         )
     finally:
         sup.stop()

@@ -5,11 +5,21 @@ Checked against what a user can see by other means: the gateway's JSON API (bear
 
 from __future__ import annotations
 
+import time
+from typing import Any
 from urllib.parse import quote
 
 import pytest
 
-from console.conftest import EDITOR, SHOTS, VIEWER, Browser, ConsoleStack, wait_until
+from console.conftest import (
+    EDITOR,
+    SHOTS,
+    STAYS_SEGMENT_NAME,
+    VIEWER,
+    Browser,
+    ConsoleStack,
+    wait_until,
+)
 
 pytestmark = pytest.mark.broker
 
@@ -365,4 +375,241 @@ def test_whatif_of_a_playbook_shows_the_actions_it_would_add(
     assert sum(int(r["data-new"]) for r in rows) > 0
     assert browser.driver.find_element(By.ID, "publish").get_attribute("disabled") is not None
     browser.screenshot("whatif-playbook")
+    assert browser.console_errors() == []
+
+
+def _settings(stack: ConsoleStack) -> Any:
+    from segflow.runtime.settings import Settings
+
+    return Settings(
+        bootstrap_servers=stack.env["SEGFLOW_BOOTSTRAP_SERVERS"],
+        topic_prefix=stack.env["SEGFLOW_TOPIC_PREFIX"],
+    )
+
+
+def _published(stack: ConsoleStack, topic: Any) -> list[dict[str, Any]]:
+    """Every committed record of ``topic`` as its consumer would read it (a plain consumer of
+    the test's own, not the gateway's), with its key as ``_key``."""
+    from confluent_kafka import Consumer, TopicPartition
+
+    from segflow.runtime.serde import Serde
+
+    settings = _settings(stack)
+    serde = Serde.from_settings(settings)
+    name = topic.name_with(settings.topic_prefix)
+    consumer = Consumer(
+        {
+            **settings.kafka_config(),
+            "group.id": "console-test-reader",
+            "enable.auto.commit": False,
+            "isolation.level": "read_committed",
+        }
+    )
+    try:
+        parts = consumer.list_topics(name, timeout=10).topics[name].partitions
+        ends = {
+            p: consumer.get_watermark_offsets(TopicPartition(name, p), timeout=10)[1] for p in parts
+        }
+        consumer.assign([TopicPartition(name, p, 0) for p in parts])
+        out: list[dict[str, Any]] = []
+        deadline = time.monotonic() + 60
+        while time.monotonic() < deadline:  # to the end of every partition as of the start
+            for msg in consumer.consume(500, timeout=0.5):
+                if msg.error() is None and msg.value() is not None:
+                    out.append({**serde.decode(topic, msg.value()), "_key": msg.key().decode()})
+            at = consumer.position([TopicPartition(name, p) for p in parts])
+            if all(tp.offset >= ends[tp.partition] for tp in at if ends[tp.partition] > 0):
+                break
+        else:
+            raise AssertionError(f"could not read {name} to its end in 60 s")
+        return out
+    finally:
+        consumer.close()
+
+
+def test_customer_timeline_shows_every_stay_and_merges(
+    console_stack: ConsoleStack, browser: Browser
+) -> None:
+    from segflow.runtime.topics import TOPICS
+    from segflow.sim.generator import DEFAULT_START_MS
+    from segflow.sim.noise import Delivery
+    from segflow.sim.sink import KafkaSink
+
+    seg = STAYS_SEGMENT_NAME
+    # a new customer, after the simulated weeks: a ticket (enters), 4 days later a session
+    # (no ticket in 3 days: leaves), a day later another ticket (enters again)
+    day = 86_400_000
+    t0 = DEFAULT_START_MS + 40 * day
+    events = [
+        ("support_ticket", t0),
+        ("session_start", t0 + 4 * day),
+        ("support_ticket", t0 + 5 * day),
+        ("session_start", t0 + 6 * day),
+    ]
+    sink = KafkaSink.from_settings(_settings(console_stack), create=False)
+    user = "console-stays-user"
+    cid = ""
+    with console_stack.api() as api:
+
+        def resolved() -> str | None:
+            got = api.get("/v1/identities/resolve", params={"type": "user_id", "value": user})
+            return got.json()["customer_id"] if got.status_code == 200 else None
+
+        def scored_at(at: int) -> bool:
+            got = api.get(f"/v1/customers/{quote(cid, safe='')}")
+            scores = got.json().get("scores") if got.status_code == 200 else None
+            return bool(scores and (scores.get("last_emitted") or {}).get("as_of", 0) >= at)
+
+        for i, (kind, at) in enumerate(events):  # one at a time: a score for each
+            event = {
+                "event_id": f"console-stays-{i}",
+                "event_type": kind,
+                "occurred_at": at,
+                "user_id": user,
+                **({"sentiment": 0.0, "escalated": False} if kind == "support_ticket" else {}),
+            }
+            sink.write([Delivery(at, user, event, user, None)])
+            sink.producer.flush(10)
+            cid = cid or wait_until(resolved, what="the new customer to be identified")
+            wait_until(lambda at=at: scored_at(at), what=f"a score of the {kind} at {at}")
+    sink.close()
+
+    def published() -> list[dict[str, Any]] | None:
+        """The customer's changes in the segment, once both entries are there."""
+        every = _published(console_stack, TOPICS.segment_changes)
+        mine = [
+            c
+            for c in {c["change_id"]: c for c in every}.values()
+            if c["customer_id"] == cid and c["segment"] == seg
+        ]
+        return mine if sum(c["transition"] == "entered" for c in mine) >= 2 else None
+
+    # what the segmenter published, read from the topic by a consumer of the test's own
+    changes = wait_until(published, timeout=60, what=f"two entries of the customer into {seg}")
+    entries = sorted(c["occurred_at"] for c in changes if c["transition"] == "entered")
+    exits = sorted(c["occurred_at"] for c in changes if c["transition"] != "entered")
+    assert len(entries) == 2 and len(exits) == 1, changes
+    if browser.driver.get_cookie("segflow_session") is None:
+        browser.login(VIEWER)
+    browser.go(f"/console/#/customer/{quote(cid, safe='')}")
+    browser.wait_loaded(f"#/customer/{quote(cid, safe='')}")
+
+    def shown(_d: Any) -> Any:
+        rows = browser.driver.execute_script(
+            "return [...document.querySelectorAll('#timeline li[data-segment]')]"
+            ".filter(li => li.dataset.segment === arguments[0])"
+            ".map(li => [li.dataset.kind, Number(li.dataset.at), li.dataset.stay || null,"
+            " li.dataset.active || null])",
+            seg,
+        )
+        return rows if sorted(at for k, at, _, _ in rows if k == "entered") == entries else None
+
+    # both stays the segmenter published, each entry and the exit, with stay numbers; the
+    # page polls, so it shows them once the gateway has read them
+    rows = browser.wait(shown, what=f"the timeline to show both entries into {seg}: {entries}")
+    assert sorted(at for k, at, _, _ in rows if k == "exited") == exits
+    ordered = sorted((r for r in rows if r[0] == "entered"), key=lambda r: r[1])
+    assert [int(r[2]) for r in ordered] == [1, 2], ordered
+    assert [r[3] for r in ordered] == ["false", "true"]  # the second stay is the current one
+    browser.screenshot("customer-two-stays")
+
+    merges = _published(console_stack, TOPICS.merges)
+    assert merges, "the simulation produced no merge"
+    merge = sorted(merges, key=lambda m: m["survivor_id"])[0]
+    survivor = merge["survivor_id"]
+    browser.go(f"/console/#/customer/{quote(survivor, safe='')}")
+    browser.wait_loaded(f"#/customer/{quote(survivor, safe='')}")
+    shown_merges = browser.driver.execute_script(
+        "return [...document.querySelectorAll('#timeline li[data-kind=merged]')]"
+        ".map(li => [Number(li.dataset.at), li.dataset.absorbed])"
+    )
+    expected = {
+        (m["occurred_at"], " ".join(m["absorbed_ids"]))
+        for m in merges
+        if m["survivor_id"] == survivor
+    }
+    assert set(map(tuple, shown_merges)) == expected
+    browser.screenshot("customer-merges")
+    # the absorbed profile's page says where it went
+    absorbed = merge["absorbed_ids"][0]
+    browser.go(f"/console/#/customer/{quote(absorbed, safe='')}")
+    browser.wait_loaded(f"#/customer/{quote(absorbed, safe='')}")
+    link = _read(browser, "#merged-into a", "text")
+    assert [x["text"] for x in link] == [survivor]
+    browser.screenshot("customer-merged")
+    assert browser.console_errors() == []
+
+
+def _running_playbooks(stack: ConsoleStack) -> dict[str, str]:
+    """The dispatcher's running playbooks and versions, as its health reports them."""
+    with stack.api() as api:
+        health = api.get("/v1/health").json()
+    return dict(health["services"]["dispatcher"]["details"]["playbooks"])
+
+
+def test_an_editor_publishes_a_playbook_and_the_dispatcher_runs_it(
+    console_stack: ConsoleStack, browser: Browser
+) -> None:
+    from selenium.webdriver.common.by import By
+    from selenium.webdriver.support.ui import Select
+
+    path = console_stack.playbooks / "lifecycle.yaml"
+    original = path.read_text()
+    assert _running_playbooks(console_stack)["Lifecycle prospect"] == "1"
+    browser.driver.delete_all_cookies()
+    browser.login(EDITOR)
+    browser.go("/console/#/whatif")
+    browser.wait_loaded("#/whatif")
+    Select(browser.driver.find_element(By.ID, "whatif-kind")).select_by_value("pb:lifecycle.yaml")
+    assert browser.driver.execute_script("return document.getElementById('defs').value") == original
+    assert browser.driver.find_element(By.ID, "publish").get_attribute("disabled") is None
+    set_text = "document.getElementById('defs').value = arguments[0];"
+
+    # a valid change: written, and the running dispatcher reloads it (version 2)
+    v2 = original.replace(
+        "playbook: Lifecycle prospect\n", "playbook: Lifecycle prospect\nversion: 2\n"
+    )
+    assert v2 != original
+    browser.driver.execute_script(set_text, v2)
+    browser.driver.find_element(By.ID, "publish").click()
+    browser.wait(lambda d: d.find_elements(By.ID, "published"), what="publish not confirmed")
+    assert path.read_text() == v2
+    wait_until(
+        lambda: _running_playbooks(console_stack)["Lifecycle prospect"] == "2",
+        what="the dispatcher to run the published playbook",
+    )
+
+    # an invalid one: refused with its line and field; nothing written; version 2 runs on
+    step = "  - {id: sync_stage, channel: crm_property, properties: {segflow_lifecycle: prospect}}"
+    bad = v2.replace(step, step.replace("crm_property", "fax"))
+    line = bad.splitlines().index(step.replace("crm_property", "fax")) + 1
+    browser.driver.execute_script(set_text, bad)
+    browser.driver.find_element(By.ID, "publish").click()
+    problems = browser.wait(lambda d: _read(browser, ".problems li", "text"), what="no problems")
+    assert problems[0]["text"].startswith(f"line {line}: ") and "channel" in problems[0]["text"]
+    assert path.read_text() == v2
+    browser.screenshot("whatif-playbook-rejected")
+
+    # the same file written behind the console's back: the dispatcher says so in its log and
+    # keeps running version 2
+    log = console_stack.logs / "dispatcher.log"
+    path.write_text(bad)
+    wait_until(lambda: "playbooks rejected" in log.read_text(), what="the dispatcher to reject it")
+    assert _running_playbooks(console_stack)["Lifecycle prospect"] == "2"
+
+    # a viewer cannot publish a playbook, by the API either
+    with console_stack.api(VIEWER) as api:
+        refused = api.put("/v1/console/playbooks/lifecycle.yaml", json={"yaml": original})
+    assert refused.status_code == 403
+    assert path.read_text() == bad
+
+    # back to the original, through the API with the editor token
+    with console_stack.api(EDITOR) as api:
+        assert api.put("/v1/console/playbooks/lifecycle.yaml", json={"yaml": original}).json()[
+            "published"
+        ]
+    wait_until(
+        lambda: _running_playbooks(console_stack)["Lifecycle prospect"] == "1",
+        what="the dispatcher to run the restored playbook",
+    )
     assert browser.console_errors() == []

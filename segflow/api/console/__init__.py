@@ -34,6 +34,7 @@ import sys
 import tempfile
 import time
 from collections import deque
+from functools import lru_cache
 from pathlib import Path
 from typing import Any
 from urllib.parse import quote
@@ -134,10 +135,30 @@ def definitions_path(configured: Path | None) -> Path:
     return DEFAULT_DEFINITIONS
 
 
-def playbooks_by_segment(spec: str | None) -> dict[str, list[dict[str, Any]]]:
-    from services.dispatcher.playbooks import DEFAULT_DIR, PlaybookError, load_book
+_BOOKS: dict[str, tuple[tuple[tuple[str, int], ...], dict[str, list[dict[str, Any]]]]] = {}
 
-    spec = spec or os.environ.get("SEGFLOW_DISPATCHER_PLAYBOOKS") or str(DEFAULT_DIR)
+
+def playbooks_by_segment(spec: str | None) -> dict[str, list[dict[str, Any]]]:
+    """The playbooks per segment, parsed again only when a file changed (by mtime): pages
+    ask for them on every refresh."""
+    stamp: list[tuple[str, int]] = []
+    for f in playbook_files(spec).values():
+        try:
+            stamp.append((str(f), f.stat().st_mtime_ns))
+        except OSError:
+            stamp.append((str(f), -1))
+    key = playbook_spec(spec)
+    cached = _BOOKS.get(key)
+    if cached is not None and cached[0] == tuple(stamp):
+        return cached[1]
+    found = _playbooks_by_segment(key)
+    _BOOKS[key] = (tuple(stamp), found)
+    return found
+
+
+def _playbooks_by_segment(spec: str) -> dict[str, list[dict[str, Any]]]:
+    from services.dispatcher.playbooks import PlaybookError, load_book
+
     try:
         book = load_book(Path(p) for p in spec.split(",") if p)
     except (PlaybookError, OSError):
@@ -156,6 +177,7 @@ def playbooks_by_segment(spec: str | None) -> dict[str, list[dict[str, Any]]]:
     return out
 
 
+@lru_cache(maxsize=8)
 def segment_yaml(text: str) -> dict[str, str]:
     """Each segment's own lines of a definitions file (comments above it included)."""
     try:
@@ -189,7 +211,13 @@ def segment_yaml(text: str) -> dict[str, str]:
 
 
 def check_definitions(text: str) -> dict[str, Any]:
-    """What ``segflow segments check`` says about a definitions text, as data."""
+    """What ``segflow segments check`` says about a definitions text, as data (remembered
+    for the last few texts: pages ask about the running file on every refresh)."""
+    return dict(_check_definitions(text))
+
+
+@lru_cache(maxsize=8)
+def _check_definitions(text: str) -> dict[str, Any]:
     from services.segmenter.dsl import DefinitionError, parse
 
     try:
@@ -257,6 +285,42 @@ def check_playbooks(text: str) -> dict[str, Any]:
         "segments": sorted({p.segment for p in found}),
         "problems": [],
     }
+
+
+def check_playbook_book(text: str, name: str, files: dict[str, Path]) -> dict[str, Any]:
+    """:func:`check_playbooks` of a new text for file ``name``, then the whole book as the
+    dispatcher would load it with that file replaced (playbook names unique across files)."""
+    checked = check_playbooks(text)
+    if not checked["valid"]:
+        return checked
+    from services.dispatcher.playbooks import PlaybookError, parse_documents
+
+    mine = {p.name for p in parse_documents(text, name)[0]}
+    for other, path in files.items():
+        if other == name:
+            continue
+        try:
+            theirs = {p.name for p in parse_documents(path.read_text(), other)[0]}
+        except (PlaybookError, OSError):
+            continue  # that file's own problem; the dispatcher reports it
+        for dup in sorted(mine & theirs):
+            line = next(
+                (i for i, ln in enumerate(text.splitlines(), 1) if dup in ln and "playbook" in ln),
+                1,
+            )
+            return {
+                "valid": False,
+                "version": None,
+                "segments": [],
+                "problems": [
+                    {
+                        "line": line,
+                        "field": "playbook",
+                        "message": f"duplicate playbook name {dup!r}: {other} has one",
+                    }
+                ],
+            }
+    return checked
 
 
 # -- what-if: `segflow replay` over recorded history ---------------------------------------

@@ -12,6 +12,7 @@ from typing import Any
 from aiohttp import web
 
 from segflow.api import console as c
+from segflow.api.console.audit import AuditIndex, AuditReader
 from segflow.api.gateway import (
     SETTINGS,
     GatewayError,
@@ -28,6 +29,7 @@ log = logging.getLogger("segflow.api.console")
 SESSIONS = web.AppKey("console_sessions", c.Sessions)
 HISTORY = web.AppKey("console_history", c.SizeHistory)
 REPLAYING = web.AppKey("console_replaying", asyncio.Lock)  # one what-if replay at a time
+AUDIT = web.AppKey("console_audit", AuditIndex)  # only when SEGFLOW_API_AUDIT is on
 MAX_DEFINITIONS = 512 * 1024  # bytes of YAML a check, replay or publish accepts
 
 #: Paths served without a token (the login form and the static assets: no data in them).
@@ -110,6 +112,7 @@ async def session(request: web.Request) -> web.Response:
         {
             "role": role(request),
             "can_publish": role(request) == c.EDITOR and settings.definitions is not None,
+            "can_publish_playbooks": role(request) == c.EDITOR and settings.playbooks is not None,
             "sample_interval": settings.console_sample_interval,
         }
     )
@@ -227,6 +230,104 @@ async def segment_members(request: web.Request) -> web.Response:
 
 
 # -- a customer: the audit log -----------------------------------------------------------------
+def _stay(entry_id: str) -> int | None:
+    tail = entry_id.rsplit("|", 1)[-1]
+    return int(tail) if tail.isdigit() else None
+
+
+def membership_timeline(
+    changes: list[dict[str, Any]],
+    memberships: list[dict[str, Any]],
+    explained: dict[str, dict[str, Any]],
+) -> list[dict[str, Any]]:
+    """Every membership change of a customer: the recorded changes (the audit index, oldest
+    first) with the explanation each carried, completed by the segmenter's latest entry and
+    exit per segment (so the current stay shows even before the index has read it). The
+    entry of the current stay is ``active`` and carries the explanation of now (what
+    ``segflow explain`` shows); older ones carry the one recorded when they happened."""
+    current = {m["segment"]: m for m in memberships}
+    out: list[dict[str, Any]] = []
+    seen: set[tuple[str, str, int]] = set()
+    for ch in changes:
+        seg, at, transition = ch["segment"], ch["occurred_at"], ch["transition"]
+        conditions = [
+            {
+                k: e.get(k)
+                for k in (
+                    "path",
+                    "feature",
+                    "operator",
+                    "observed",
+                    "threshold",
+                    "margin",
+                    "passed",
+                    "observed_text",
+                    "threshold_text",
+                )
+            }
+            for e in ch.get("explanation") or []
+        ]
+        if transition == "primary_changed":
+            out.append(
+                {
+                    "at": at,
+                    "kind": "primary",
+                    "segment": ch.get("primary_segment"),
+                    "previous": ch.get("previous_primary"),
+                }
+            )
+            continue
+        kind = "entered" if transition == "entered" else "exited"
+        seen.add((kind, seg, at))  # (the index keeps one record per change_id)
+        out.append(
+            {
+                "at": at,
+                "kind": kind,
+                "segment": seg,
+                "active": False,
+                "stay": _stay(ch.get("entry_id") or ""),
+                "reason": ch.get("reason") if kind == "exited" else None,
+                "definition_version": ch.get("definition_version"),
+                "rule": "enter" if kind == "entered" else f"exit ({ch.get('reason') or 'rule'})",
+                "conditions": conditions,
+                "primary": False,
+                "recorded": True,
+            }
+        )
+    for mb in memberships:  # the segmenter's latest entry and exit, if the index lacks them
+        for kind, at in (("entered", mb["entered_at"]), ("exited", mb["exited_at"])):
+            if at is None or (kind, mb["segment"], at) in seen:
+                continue
+            seen.add((kind, mb["segment"], at))
+            out.append(
+                {
+                    "at": at,
+                    "kind": kind,
+                    "segment": mb["segment"],
+                    "active": False,
+                    "stay": mb["stays"] if kind == "entered" or not mb["active"] else None,
+                    "reason": None,
+                    "definition_version": None,
+                    "rule": None,
+                    "conditions": [],
+                    "primary": False,
+                    "recorded": False,
+                }
+            )
+    for e in out:
+        m = current.get(e.get("segment") or "")
+        if m is None:
+            continue
+        e["stays"] = m["stays"]
+        why = explained.get(m["segment"])
+        if e["kind"] == "entered" and m["active"] and e["at"] == m["entered_at"]:
+            e["active"] = True  # the current stay: explained as of now
+            e["rule"] = why["rule"] if why else e["rule"]
+            e["conditions"] = why["conditions"] if why else e["conditions"]
+            e["primary"] = bool(why and why.get("primary"))
+    return out
+
+
 async def customer_audit(request: web.Request) -> web.Response:
     cid = _customer_id(request)
     up = upstream(request)
@@ -243,39 +344,16 @@ async def customer_audit(request: web.Request) -> web.Response:
         if isinstance(a, BaseException):
             raise a
     ident, scored, segs, acts, hist = (_found(*a) for a in answers)  # type: ignore[misc]
-    if ident is None and scored is None and segs is None:
+    audit = request.app.get(AUDIT)
+    known = audit is not None and audit.knows(cid)
+    if ident is None and scored is None and segs is None and not known:
         raise not_found(f"no customer {cid!r}")
-    timeline: list[dict[str, Any]] = []
     explained = {s["segment"]: s for s in (segs or {}).get("segments", [])}
-    for m in (hist or {}).get("memberships", []):
-        why = explained.get(m["segment"])
-        if m["entered_at"] is not None:
-            timeline.append(
-                {
-                    "at": m["entered_at"],
-                    "kind": "entered",
-                    "segment": m["segment"],
-                    "active": m["active"],
-                    "stays": m["stays"],
-                    # the explanation of the current stay (the rule holding it there)
-                    "rule": why["rule"] if why and m["active"] else None,
-                    "conditions": why["conditions"] if why and m["active"] else [],
-                    "primary": bool(why and why.get("primary")),
-                }
-            )
-        if m["exited_at"] is not None:
-            timeline.append(
-                {
-                    "at": m["exited_at"],
-                    "kind": "exited",
-                    "segment": m["segment"],
-                    "active": m["active"],
-                    "stays": m["stays"],
-                    "rule": why["rule"] if why and not m["active"] else None,
-                    "conditions": why["conditions"] if why and not m["active"] else [],
-                    "primary": False,
-                }
-            )
+    changes = audit.changes(cid) if audit is not None else []
+    merges = audit.merges(cid) if audit is not None else []
+    timeline = membership_timeline(changes, (hist or {}).get("memberships", []), explained)
+    for mg in merges:
+        timeline.append({"at": mg["occurred_at"], "kind": "merged", **mg})
     for a in (acts or {}).get("settled", []) + (acts or {}).get("pending", []):
         timeline.append({"at": a["decided_at"], "kind": "action", **a})
     for a in (acts or {}).get("assignments", []):
@@ -292,6 +370,9 @@ async def customer_audit(request: web.Request) -> web.Response:
             "customer_id": cid,
             "first_seen_at": ident.get("first_seen_at") if ident else None,
             "identifiers": ident.get("identifiers") if ident else [],
+            "merges": merges,
+            "merged_into": audit.merged_into(cid) if audit is not None else None,
+            "history": "complete" if audit is not None else "latest entry and exit per segment",
             "recent_events": recent_events(features),
             "scores": scores,
             "features": features,
@@ -429,10 +510,43 @@ async def publish(request: web.Request) -> web.Response:
     return web.json_response({"check": checked, "published": True})
 
 
+async def publish_playbook(request: web.Request) -> web.Response:
+    require_editor(request)
+    settings = request.app[SETTINGS]
+    if settings.playbooks is None:
+        raise ApiError(
+            409, "conflict", "publishing playbooks is off: the gateway has no SEGFLOW_API_PLAYBOOKS"
+        )
+    files = c.playbook_files(settings.playbooks)
+    name = request.match_info["file"]
+    if name not in files:
+        raise not_found(f"no playbook file {name!r} (the files are: {', '.join(files)})")
+    text = await _yaml_body(request)
+    checked = c.check_playbook_book(text, name, files)
+    if not checked["valid"]:  # nothing written; the dispatcher keeps running what it runs
+        return web.json_response({"check": checked, "published": False})
+    c.publish_definitions(files[name], text)
+    log.info("playbook published", extra={"fields": {"file": name, "version": checked["version"]}})
+    return web.json_response({"check": checked, "published": True})
+
+
 # -- the sampler and the routes ----------------------------------------------------------------
+def _warm(settings: Any) -> None:
+    """Parse the definitions and playbook files once at start (the pages reuse the result
+    until the files change), so the first page view does not pay for it."""
+    try:
+        text = c.definitions_path(settings.definitions).read_text()
+        c.check_definitions(text)
+        c.segment_yaml(text)
+        c.playbooks_by_segment(settings.playbooks)
+    except Exception:  # noqa: BLE001 (a page says what is wrong with them, later)
+        log.debug("console warm-up failed", exc_info=True)
+
+
 async def _sample(app: web.Application) -> None:
     history = app[HISTORY]
     interval = app[SETTINGS].console_sample_interval
+    await asyncio.to_thread(_warm, app[SETTINGS])
     while True:
         try:
             from segflow.api.gateway import UPSTREAM
@@ -458,6 +572,16 @@ def add_routes(app: web.Application) -> None:
             await task
 
     app.cleanup_ctx.append(sampler_ctx)
+    settings = app[SETTINGS]
+    if settings.audit:
+        app[AUDIT] = AuditIndex()
+
+        async def audit_ctx(app: web.Application) -> Any:
+            reader = AuditReader(app[AUDIT]).start()
+            yield
+            await asyncio.to_thread(reader.stop)
+
+        app.cleanup_ctx.append(audit_ctx)
     r = app.router
     r.add_get("/console", index)
     r.add_get("/console/", index)
@@ -475,3 +599,4 @@ def add_routes(app: web.Application) -> None:
     r.add_post("/v1/console/definitions/check", check)
     r.add_post("/v1/console/whatif", whatif)
     r.add_get("/v1/console/playbooks", playbooks)
+    r.add_put("/v1/console/playbooks/{file}", publish_playbook)

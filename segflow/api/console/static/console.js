@@ -217,10 +217,13 @@ pages.segment = (name) => {
   prev.addEventListener("click", () => { offset = Math.max(0, offset - limit); loadMembers(); });
   next.addEventListener("click", () => { offset += limit; loadMembers(); });
 
-  async function loadMembers() {
+  function fetchMembers() {
     const q = new URLSearchParams({ sort, offset: String(offset), limit: String(limit) });
     if (filter) q.set("q", filter);
-    const { body } = await api(`/v1/console/segments/${enc(name)}/members?${q}`);
+    return api(`/v1/console/segments/${enc(name)}/members?${q}`);
+  }
+  async function loadMembers(pending) {
+    const { body } = await (pending || fetchMembers());
     info.textContent = body.total ? `${offset + 1}–${Math.min(offset + limit, body.total)} of ${fmtInt(body.total)}` : "no members match";
     prev.disabled = offset === 0; next.disabled = offset + limit >= body.total;
     members.replaceChildren(table(["Customer", { label: "Churn probability", num: true }, "Member since"],
@@ -231,6 +234,8 @@ pages.segment = (name) => {
   return {
     title: name,
     async refresh() {
+      const page = fetchMembers();  // both reads at once: the page waits for the slower
+      page.catch(() => {});  // (a failure is reported by loadMembers below)
       const { body } = await api(`/v1/console/segments/${enc(name)}`);
       head.replaceChildren(
         h("h1", {}, body.name, " ", body.drift.flag ? h("span", { class: "badge drift" }, "DRIFT") : null),
@@ -249,7 +254,7 @@ pages.segment = (name) => {
         built = true;
         show(this, head, h("h2", {}, "Members"), h("div", { class: "controls" }, filterBox, sortBox, prev, next, info), members, kpis);
       }
-      await loadMembers();
+      await loadMembers(page);
     },
   };
 };
@@ -294,13 +299,24 @@ pages.customer = (cid) => ({
     const sc = body.scores;
     const timeline = h("ol", { class: "timeline", id: "timeline", "aria-label": "timeline, newest first" },
       body.timeline.map((e) => {
-        const li = h("li", { class: e.kind, "data-kind": e.kind, "data-segment": e.segment || null, "data-at": e.at, "data-active": e.kind === "entered" ? String(e.active) : null, tabindex: 0 },
+        const li = h("li", { class: e.kind, "data-kind": e.kind, "data-segment": e.segment || null, "data-at": e.at, "data-active": e.kind === "entered" ? String(e.active) : null, "data-stay": e.stay ?? null, tabindex: 0 },
           h("span", { class: "when" }, when(e.at)));
         if (e.kind === "entered" || e.kind === "exited") {
           add(li, h("span", { class: "badge " + e.kind }, e.kind), " ", h("a", { href: "#/segment/" + enc(e.segment) }, e.segment),
             e.kind === "entered" && e.active ? h("span", { class: "muted" }, e.primary ? " · member now (primary)" : " · member now") : null,
-            e.stays > 1 && e.kind === "entered" ? h("span", { class: "muted" }, ` · stay ${e.stays}`) : null);
-          if (e.rule) add(li, h("div", { class: "muted" }, e.rule === "exit" ? "stays a member while its exit rule does not hold:" : "why: its enter rule holds:"), conditionsTable(e.conditions));
+            e.stay ? h("span", { class: "muted" }, ` · stay ${e.stay}`) : null,
+            e.kind === "exited" && e.reason ? h("span", { class: "muted" }, ` · ${e.reason.replace(/_/g, " ")}`) : null,
+            e.definition_version ? h("span", { class: "muted" }, ` · definitions ${e.definition_version}`) : null);
+          if (e.rule && e.active) add(li, h("div", { class: "muted" }, e.rule === "exit" ? "stays a member while its exit rule does not hold:" : "why: its enter rule holds:"), conditionsTable(e.conditions));
+          else if (e.rule && e.conditions.length) add(li, h("div", { class: "muted" }, e.kind === "entered" ? "why, when it entered:" : "why, when it left:"), conditionsTable(e.conditions));
+        } else if (e.kind === "primary") {
+          add(li, h("span", { class: "badge primary" }, "primary"), " ", e.segment ? h("a", { href: "#/segment/" + enc(e.segment) }, e.segment) : "none",
+            e.previous ? h("span", { class: "muted" }, ` (was ${e.previous})`) : null);
+        } else if (e.kind === "merged") {
+          li.dataset.absorbed = e.absorbed_ids.join(" ");
+          add(li, h("span", { class: "badge merged" }, "merged"), " absorbed ",
+            ...e.absorbed_ids.flatMap((id, i) => [i ? ", " : "", h("code", {}, id)]),
+            h("span", { class: "muted" }, ` · linked by ${e.cause_identifier_type.replace(/_/g, " ")}`));
         } else if (e.kind === "action") {
           add(li, h("span", { class: "badge " + e.status }, e.status), ` ${e.playbook} · ${e.step} via ${e.channel} (variant ${e.variant}, segment ${e.segment})`,
             e.reason ? h("span", { class: "muted" }, ` — ${e.reason}`) : null,
@@ -313,12 +329,14 @@ pages.customer = (cid) => ({
       }));
     show(this, h("div", { id: "customer-page" },
       h("h1", {}, "Customer ", h("code", {}, body.customer_id)),
+      body.merged_into ? h("p", { id: "merged-into" }, "This profile was merged into ", h("a", { href: "#/customer/" + enc(body.merged_into) }, body.merged_into), ".") : null,
       h("div", { class: "grid" },
         h("div", { class: "card" }, h("h2", {}, "Identity"),
           h("dl", { class: "kv" }, h("dt", {}, "first seen"), h("dd", {}, when(body.first_seen_at)),
             h("dt", {}, "primary segment"), h("dd", {}, body.primary_segment || "–"),
             h("dt", {}, "definitions"), h("dd", {}, body.definition_version || "–")),
-          table(["Identifier", "Keyed hash"], body.identifiers.map((i) => h("tr", {}, td(i.type), td(h("code", {}, i.hash.slice(0, 24) + "…")))), { label: "identifiers (hashed)" })),
+          table(["Identifier", "Keyed hash"], body.identifiers.map((i) => h("tr", {}, td(i.type), td(h("code", {}, i.hash.slice(0, 24) + "…")))), { label: "identifiers (hashed)" }),
+          body.merges.length ? table(["Merged", "Absorbed ids", "Linked by"], body.merges.map((m) => h("tr", { "data-merge": m.merge_id }, td(when(m.occurred_at)), td(m.absorbed_ids.join(", ")), td(m.cause_identifier_type))), { label: "merges" }) : null),
         h("div", { class: "card" }, h("h2", {}, "Scores"),
           sc ? h("dl", { class: "kv" },
             h("dt", {}, "churn probability"), h("dd", { id: "churn" }, pct(sc.churn_probability)),
@@ -354,8 +372,11 @@ pages.whatif = () => {
   }
   function publishState() {
     const segs = kind() === "segments";
-    pubBtn.disabled = !(state.canPublish && segs);
-    pubBtn.title = !segs ? "playbooks are published by editing their files (what-if only here)" : state.canPublish ? "write these definitions as the new version" : (state.role === "editor" ? "the gateway has no definitions file to publish to" : "viewers cannot publish: sign in with the editor token");
+    const can = segs ? state.canPublish : state.canPublishPlaybooks;
+    pubBtn.disabled = !can;
+    pubBtn.title = can ? (segs ? "write these definitions as the new version" : "write this playbook file; the dispatcher reloads it")
+      : state.role !== "editor" ? "viewers cannot publish: sign in with the editor token"
+      : segs ? "the gateway has no definitions file to publish to" : "the gateway has no playbook files to publish to (SEGFLOW_API_PLAYBOOKS)";
   }
   what.addEventListener("change", () => { area.value = texts[what.value] || ""; out.replaceChildren(); publishState(); });
   checkBtn.addEventListener("click", async () => {
@@ -374,8 +395,11 @@ pages.whatif = () => {
   });
   pubBtn.addEventListener("click", async () => {
     try {
-      const { body } = await api("/v1/console/definitions", { method: "PUT", body: { yaml: area.value } });
-      out.replaceChildren(!body.published ? problems(body.check) : h("p", { class: "ok-text", id: "published" }, `published version ${body.check.version}; the segmenter reloads it within seconds`));
+      const segs = kind() === "segments";
+      const url = segs ? "/v1/console/definitions" : "/v1/console/playbooks/" + enc(what.value.slice(3));
+      const { body } = await api(url, { method: "PUT", body: { yaml: area.value } });
+      if (body.published) texts[what.value] = area.value;
+      out.replaceChildren(!body.published ? problems(body.check) : h("p", { class: "ok-text", id: "published" }, `published ${segs ? "version" : ""} ${body.check.version}; the ${segs ? "segmenter" : "dispatcher"} reloads it within seconds`));
     } catch (e) { out.replaceChildren(h("p", { class: "error", id: "publish-error" }, e.message)); }
   });
   return {
@@ -392,7 +416,7 @@ pages.whatif = () => {
       show(this, h("h1", {}, "What-if ", h("span", { class: "muted" }, `running definitions ${body.version}`)),
         h("p", { class: "muted" }, "Edit the segment definitions or a playbook, check them (the same loaders as segflow segments check and the dispatcher), replay the recorded history with them (segflow replay: nothing is sent) and compare with what runs."),
         h("div", { class: "controls" }, h("label", { for: "whatif-kind" }, "Edit"), what), area,
-        h("div", { class: "controls" }, checkBtn, runBtn, pubBtn, h("span", { class: "muted" }, state.canPublish ? "you are an editor" : "read only")), out);
+        h("div", { class: "controls" }, checkBtn, runBtn, pubBtn, h("span", { class: "muted" }, state.role === "editor" ? "you are an editor" : "read only")), out);
     },
   };
 };
@@ -454,7 +478,7 @@ async function tick(first) {
 
 async function start() {
   const { body } = await api("/v1/console/session");
-  state.role = body.role; state.canPublish = body.can_publish;
+  state.role = body.role; state.canPublish = body.can_publish; state.canPublishPlaybooks = body.can_publish_playbooks;
   document.getElementById("role").textContent = body.role;
   document.getElementById("find").addEventListener("submit", (ev) => {
     ev.preventDefault();
