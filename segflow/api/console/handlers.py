@@ -514,7 +514,7 @@ async def publish_playbook(request: web.Request) -> web.Response:
     require_editor(request)
     settings = request.app[SETTINGS]
     if settings.playbooks is None:
-        raise ApiError(
+        raise GatewayError(
             409, "conflict", "publishing playbooks is off: the gateway has no SEGFLOW_API_PLAYBOOKS"
         )
     files = c.playbook_files(settings.playbooks)
