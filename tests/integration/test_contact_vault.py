@@ -195,7 +195,7 @@ def raw_bytes(s: Settings) -> dict[str, bytes]:
 
 
 def vault_records(s: Settings) -> list[tuple[str, bytes | None]]:
-    recs = read_all(s, TOPICS.contact_vault.name(s), idle=1.0, timeout=15)
+    recs = read_all(s, TOPICS.contact_vault.name(s), timeout=15)
     return [((r.key or b"").decode(), r.value) for r in recs]
 
 
@@ -298,13 +298,13 @@ def test_a_raw_email_is_emailed_kept_only_encrypted_in_the_vault_and_shredded_by
             assert emails(receiver) == [ADDRESS]  # still the one email
     finally:
         for server in servers:
-            server.shutdown()
+            server.stop()
         dispatcher.close()
         receiver.stop()
 
     # 6. every topic's bytes: the address and phone only in the raw input topic (what the
     #    producer wrote) and, encrypted, in the vault; never in plain text anywhere else
-    letters = read_all(s, TOPICS.dlq.name(s), idle=0.5, timeout=10)
+    letters = read_all(s, TOPICS.dlq.name(s), timeout=10)
     assert len(letters) == 1 and letters[0].key is None  # the invalid event, redacted
     everything = raw_bytes(s)
     for topic in TOPICS:
@@ -349,7 +349,7 @@ def test_a_raw_email_is_emailed_kept_only_encrypted_in_the_vault_and_shredded_by
         return n
 
     assert opens() >= 1  # before compaction the old record is still on the broker's disk
-    part = [r.partition for r in read_all(s, topic, idle=0.5) if r.key == cid.encode()][0]
+    part = [r.partition for r in read_all(s, topic) if r.key == cid.encode()][0]
     producer = make_producer(s)
 
     def compacted() -> bool:
