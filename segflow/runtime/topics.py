@@ -78,6 +78,8 @@ class Topics:
     scorer_model: Topic
     dispatcher_state: Topic
     segmenter_state: Topic
+    attributes: Topic  # issue 19
+    lookups: Topic  # issue 19
 
     def __iter__(self):  # type: ignore[no-untyped-def]
         return iter(self._topics.values())
