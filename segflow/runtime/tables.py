@@ -49,6 +49,8 @@ class GlobalTable:
                     "group.id": f"table-{uuid.uuid4().hex[:8]}",  # never joins: assign()
                     "enable.auto.commit": False,
                     "isolation.level": "read_committed",
+                    # a change is seen within a tick, not after librdkafka's 500 ms fetch wait
+                    "fetch.wait.max.ms": 100,
                 }
             )
             md = consumer.list_topics(self.topic_name, timeout=10)
