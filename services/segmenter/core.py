@@ -76,6 +76,8 @@ PRIMARY_CHANGED = "primary_changed"
 TRANSITIONS = (ENTERED, EXITED, RE_ENGAGED, DEPRECATED, REACTIVATED, PRIMARY_CHANGED)
 
 EMPTY: Mapping[tuple[str, float], float] = {}
+#: ``as_of`` of a customer known only by its attributes (no score yet: not evaluated).
+UNSCORED = -1
 _NEW: dict[str, Membership] = {}  # not a member yet (immutable, shared)
 
 
@@ -155,8 +157,8 @@ class CustomerState:
 
     @property
     def scored(self) -> bool:
-        """Whether a score came (a customer known only by its attributes has ``as_of`` 0)."""
-        return self.as_of > 0
+        """Whether a score came (a customer known only by its attributes has ``as_of`` -1)."""
+        return self.as_of >= 0
 
     @property
     def has_attributes(self) -> bool:
@@ -317,7 +319,7 @@ def set_attributes(
 ) -> tuple[CustomerState, list[Change]]:
     """The customer's attributes changed (a CustomerAttributes record): store them as
     ``attr.<name>`` and re-evaluate at ``now`` (the partition's event time). A customer with no
-    score yet keeps them for its first score and is not evaluated before (``as_of`` 0).
+    score yet keeps them for its first score and is not evaluated before (``as_of`` -1).
 
     >>> from services.segmenter.dsl import parse
     >>> defs = parse('''version: "1"
@@ -338,7 +340,7 @@ def set_attributes(
     """
     attrs = {ATTR_PREFIX + k: str(v) for k, v in attributes.items()}
     if state is None:
-        return CustomerState(customer_id, 0, attrs), []
+        return CustomerState(customer_id, UNSCORED, attrs), []
     values: dict[str, Value] = {
         k: v for k, v in state.values.items() if not k.startswith(ATTR_PREFIX)
     }
