@@ -322,6 +322,9 @@ def build_parser() -> argparse.ArgumentParser:
     from segflow.lookups import add_parser as add_lookups_parser
 
     add_lookups_parser(sub)  # `segflow lookups load NAME FILE.csv` (issue 19)
+    from segflow.attributes import add_parser as add_attributes_parser
+
+    add_attributes_parser(sub)  # `segflow attributes load FILE.csv|jsonl` (issue 19)
     return parser
 
 
