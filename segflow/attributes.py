@@ -69,8 +69,10 @@ def to_events(
         if row is None:
             problems.append(f"line {n}: {why}")
             continue
-        col = id_column or next((c for c in ("user_id", "email") if c in row), None) or next(
-            iter(row), ""
+        col = (
+            id_column
+            or next((c for c in ("user_id", "email") if c in row), None)
+            or next(iter(row), "")
         )
         kind = id_type or (col if col in ID_TYPES else "user_id")
         if kind not in ID_TYPES:

@@ -28,6 +28,10 @@ from typing import Any
 from segflow.errors import SegflowError
 
 NAME = re.compile(r"^[A-Za-z_][A-Za-z0-9_]*$")
+#: The example table the demo loads: the five high-income zips the scorer had hard-coded.
+DEFAULT_ZIP_INCOME = (
+    Path(__file__).resolve().parents[1] / "services" / "segmenter" / "lookups" / "zip_income.csv"
+)
 #: Under the broker's default message.max.bytes (1,048,588) with room for the envelope.
 MAX_RECORD_BYTES = 1_000_000
 

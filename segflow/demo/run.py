@@ -91,6 +91,12 @@ def run_demo(args: argparse.Namespace) -> int:
         _drop_old_demo_topics(settings, prefix)
         ensure_topics(settings)
         say(f"[2/5] topics created under the prefix {prefix!r}")
+        # issue 19: ReEngageAtRisk's high-value zip is a lookup table, loaded like a user would
+        from segflow.lookups import DEFAULT_ZIP_INCOME
+        from segflow.lookups import load as load_lookup
+
+        zips = load_lookup(settings, "zip_income", DEFAULT_ZIP_INCOME)
+        say(f"      lookup zip_income v{zips['version']}: {len(zips['entries'])} zips")
         names = stack.available_services()
         sup = Supervisor(
             state_dir / "logs" / prefix.rstrip("."),

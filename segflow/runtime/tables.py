@@ -16,7 +16,7 @@ from __future__ import annotations
 import logging
 import time
 import uuid
-from typing import Any, cast
+from typing import Any
 
 from confluent_kafka import OFFSET_BEGINNING, Consumer, TopicPartition
 
@@ -61,7 +61,9 @@ class GlobalTable:
             self._consumer = consumer
         return self._consumer
 
-    def poll(self, timeout: float = 0.0, max_records: int = 1000) -> dict[str, dict[str, Any] | None]:
+    def poll(
+        self, timeout: float = 0.0, max_records: int = 1000
+    ) -> dict[str, dict[str, Any] | None]:
         """Apply what arrived since the last call; returns the changed keys' new records."""
         consumer = self._open()
         changed: dict[str, dict[str, Any] | None] = {}
@@ -76,7 +78,7 @@ class GlobalTable:
                 changed[key] = None
                 continue
             try:
-                record = self.serde.decode(self.topic, cast(bytes, value))
+                record = self.serde.decode(self.topic, value)
             except Exception as exc:  # a bad record must not stop the service
                 self.undecodable += 1
                 log.error(

@@ -62,7 +62,9 @@ class AttributesService:
         self.config = config
         self.serde = Serde.from_settings(settings)
         # not partitioned: one instance holds every customer (merges cross partitions)
-        self.store = ChangelogStore(settings, TOPICS.attributes, serde=self.serde, partitioned=False)
+        self.store = ChangelogStore(
+            settings, TOPICS.attributes, serde=self.serde, partitioned=False
+        )
         self.plain = frozenset(
             core.trait_name(t) for t in config.plain_traits.split(",") if t.strip()
         )
@@ -130,5 +132,7 @@ def build_loop(
         batch_size=config.batch_size,
         tick_interval=config.tick_interval,
     )
-    loop = ProcessingLoop(settings, loop_config, service, serde=service.serde, hooks=[service.store])
+    loop = ProcessingLoop(
+        settings, loop_config, service, serde=service.serde, hooks=[service.store]
+    )
     return service, loop

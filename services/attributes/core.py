@@ -178,9 +178,7 @@ def merge(survivor: Attributes | None, absorbed: Attributes, survivor_id: str) -
             tuple(sorted({*absorbed.sources, "merge"})),
         )
     older, newer = (
-        (absorbed, survivor)
-        if survivor.updated_at >= absorbed.updated_at
-        else (survivor, absorbed)
+        (absorbed, survivor) if survivor.updated_at >= absorbed.updated_at else (survivor, absorbed)
     )
     attrs = {**older.attributes, **newer.attributes}
     return Attributes(
@@ -195,7 +193,8 @@ def traits_of(event: Mapping[str, Any]) -> tuple[dict[str, str], str] | None:
     """The traits and their source of an IdentifiedEvent's event, or None when it has none
     (only ``identify`` events carry traits; ``properties.segflow_source`` names the source).
 
-    >>> traits_of({"event_type": "identify", "properties": {"plan": "pro", "segflow_source": "crm"}})
+    >>> props = {"plan": "pro", "segflow_source": "crm"}
+    >>> traits_of({"event_type": "identify", "properties": props})
     ({'plan': 'pro', 'segflow_source': 'crm'}, 'crm')
     >>> traits_of({"event_type": "page_view", "properties": {"plan": "pro"}}) is None
     True

@@ -405,9 +405,7 @@ class Segmenter:
         if not self.defs.lookups:
             return
         if self._lookup_reader is None:
-            self._lookup_reader = GlobalTable(
-                self.settings, TOPICS.lookups, serde=self.serde
-            )
+            self._lookup_reader = GlobalTable(self.settings, TOPICS.lookups, serde=self.serde)
             changed = self._lookup_reader.catch_up()
         else:
             changed = self._lookup_reader.poll()

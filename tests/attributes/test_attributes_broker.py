@@ -107,7 +107,7 @@ def test_identify_traits_and_a_crm_export_become_attributes_then_merge_and_forge
     after = table(s)
     live = {k: v for k, v in after.items() if v is not None}
     assert len(live) == 1
-    (survivor, rec), = live.items()
+    ((survivor, rec),) = live.items()
     assert rec["attributes"] == {"plan": "free", "product_tier": "enterprise", "zip": "94027"}
     assert "merge" in rec["sources"]
     absorbed = [k for k, v in after.items() if v is None]
