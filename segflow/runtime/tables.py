@@ -18,8 +18,9 @@ import time
 import uuid
 from typing import Any
 
-from confluent_kafka import OFFSET_BEGINNING, Consumer, TopicPartition
+from confluent_kafka import OFFSET_BEGINNING, Consumer, KafkaException, TopicPartition
 
+from segflow.errors import BrokerError
 from segflow.runtime.serde import Serde
 from segflow.runtime.settings import Settings
 from segflow.runtime.topics import Topic
@@ -53,7 +54,11 @@ class GlobalTable:
                     "fetch.wait.max.ms": 100,
                 }
             )
-            md = consumer.list_topics(self.topic_name, timeout=10)
+            try:
+                md = consumer.list_topics(self.topic_name, timeout=10)
+            except KafkaException as exc:
+                consumer.close()
+                raise BrokerError(f"cannot read {self.topic_name}: {exc}") from exc
             parts = md.topics[self.topic_name].partitions
             consumer.assign(
                 [TopicPartition(self.topic_name, p, OFFSET_BEGINNING) for p in sorted(parts)]

@@ -37,7 +37,7 @@ from typing import Any
 from prometheus_client import Counter, Gauge, Histogram
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
-from segflow.errors import InvalidRecord
+from segflow.errors import BrokerError, InvalidRecord
 from segflow.runtime.kafka import ensure_topics
 from segflow.runtime.loop import Incoming, LoopConfig, Output, ProcessingLoop
 from segflow.runtime.projection import MapProjection
@@ -186,6 +186,10 @@ class Segmenter:
         self.lookups: dict[str, dict[str, str]] = {}
         self.lookup_versions: dict[str, int] = {}
         self._lookup_reader: GlobalTable | None = None
+        #: Whether the tick follows segflow.lookups (set by build_loop; in-process pipelines
+        #: without a broker, such as replay and the benches, call ``apply_lookups`` themselves).
+        self.follow_lookups = False
+        self._lookup_retry_at = 0.0
         self.score_decoder = MapProjection(
             self.serde, TOPICS.scores, "features", self.defs.features
         )
@@ -402,13 +406,26 @@ class Segmenter:
     def _follow_lookups(self) -> None:
         """Take new lookup table versions; queue the customers whose looked-up value changed
         (an attribute whose key was added, removed or changed) for re-evaluation."""
-        if not self.defs.lookups:
+        if not self.defs.lookups or not self.follow_lookups:
             return
-        if self._lookup_reader is None:
-            self._lookup_reader = GlobalTable(self.settings, TOPICS.lookups, serde=self.serde)
-            changed = self._lookup_reader.catch_up()
-        else:
-            changed = self._lookup_reader.poll()
+        if self.clock() < self._lookup_retry_at:
+            return
+        try:
+            if self._lookup_reader is None:
+                reader = GlobalTable(self.settings, TOPICS.lookups, serde=self.serde)
+                changed = reader.catch_up()
+                self._lookup_reader = reader
+            else:
+                changed = self._lookup_reader.poll()
+        except BrokerError as exc:  # the loop keeps running; tables follow when it is back
+            self._lookup_retry_at = self.clock() + 5.0
+            log.warning("lookup tables unreadable", extra={"fields": {"error": str(exc)}})
+            return
+        self.apply_lookups(changed)
+
+    def apply_lookups(self, changed: dict[str, dict[str, Any] | None]) -> None:
+        """Take changed LookupTable records (None: removed) and queue the customers whose
+        looked-up value changed."""
         if not changed:
             return
         touched: dict[str, set[str]] = {}  # table -> keys whose value changed
@@ -727,6 +744,7 @@ class Segmenter:
 def build_loop(settings: Settings, config: SegmenterConfig) -> tuple[Segmenter, ProcessingLoop]:
     """Restore state and wire the segmenter into the shared loop."""
     segmenter = Segmenter(settings, config)
+    segmenter.follow_lookups = True
     # The changelog exists before the group assigns partitions; their state is restored then
     # (on_assign), only for the partitions this instance owns.
     name = STATE_TOPIC.name(settings)
