@@ -86,7 +86,7 @@ def test_loading_a_lookup_moves_the_customer_into_re_engage_at_risk_and_back_out
     runner.start()
     seen = Changes(s)
     try:
-        # c1 lives in a high-income zip, c2 does not; both otherwise identical.
+        # c1 lives in a high-income zip, c2 (for now) does not; both otherwise identical.
         send(s, TOPICS.attributes, [attributes("c1", T0, zip="94027", product_tier="pro")])
         send(s, TOPICS.attributes, [attributes("c2", T0, zip="10001")])
         send(s, TOPICS.scores, [at_risk_score("c1", T0), at_risk_score("c2", T0)])
@@ -113,6 +113,21 @@ def test_loading_a_lookup_moves_the_customer_into_re_engage_at_risk_and_back_out
         assert latency < 1.0, f"lookup load to entered took {latency:.2f}s (expected < 1 s)"
         assert segmenter.lookup_versions == {"zip_income": 1}
 
+        # An attribute change re-evaluates its customer too: c2 moves to a high-income zip.
+        t2 = time.monotonic()
+        send(s, TOPICS.attributes, [attributes("c2", T0, zip="94027")])
+        moved = seen.wait(
+            lambda c: (
+                c["segment"] == SEGMENT
+                and c["transition"] == "entered"
+                and c["customer_id"] == "c2"
+            )
+        )
+        attr_latency = time.monotonic() - t2
+        print(f"attribute acknowledged -> entered read: {attr_latency:.3f}s")
+        assert attr_latency < 1.0, f"attribute change to entered took {attr_latency:.2f}s"
+        assert {e["feature"]: e for e in moved["explanation"]}[LOOKUP]["observed_text"] == "high"
+
         # The entry is removed (version 2): c1 leaves once its minimum dwell (1 day, event
         # time) is over, at the next score.
         table.write_text("zip,tier\n10001,mid\n")
@@ -123,12 +138,12 @@ def test_loading_a_lookup_moves_the_customer_into_re_engage_at_risk_and_back_out
         why = {e["feature"]: e for e in exited["explanation"]}
         assert why[LOOKUP]["passed"] is False
         assert why[LOOKUP]["observed_text"] == "missing"
-        # c2 never entered: its zip is not high income in either version
-        assert [
+        # nothing else moved in or out of the segment (c2 stays until its next score)
+        assert sorted(
             (c["customer_id"], c["transition"])
             for c in seen.seen
             if c["segment"] == SEGMENT and c["transition"] != "primary_changed"
-        ] == [("c1", "entered"), ("c1", "exited")]
+        ) == [("c1", "entered"), ("c1", "exited"), ("c2", "entered")]
     finally:
         seen.close()
         loop.stop()
