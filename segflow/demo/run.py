@@ -110,8 +110,12 @@ def run_demo(args: argparse.Namespace) -> int:
             sup.add_service(name, env={**metrics_env, **port_env})
         api_token, generated = wiring.demo_token()
         api_url = wiring.add_gateway(sup, api_ports, free_port(), api_token)
+        from segflow.collector.cli import supervise as add_collector
+
+        collector_line = add_collector(sup, str(state_dir), port=free_port())  # issue 19
         sup.start_all()
         say(f"[3/5] services running: {', '.join(names)} (logs in {sup.log_dir})")
+        say(collector_line.strip() + " (the simulator writes to Kafka directly)")
         say(
             "      metrics: "
             + ", ".join(f"{n} http://127.0.0.1:{metrics_ports[n]}/metrics" for n in names)
