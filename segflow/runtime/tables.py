@@ -100,17 +100,24 @@ class GlobalTable:
         consumer = self._open()
         deadline = time.monotonic() + timeout
         changed: dict[str, dict[str, Any] | None] = {}
-        while time.monotonic() < deadline:
+        while True:
             changed.update(self.poll(0.2))
             behind = False
             for tp in consumer.assignment():
-                _low, high = consumer.get_watermark_offsets(tp, timeout=5)
+                try:
+                    _low, high = consumer.get_watermark_offsets(tp, timeout=5)
+                except KafkaException as exc:  # a new topic has no leader for a moment
+                    if time.monotonic() > deadline:
+                        raise BrokerError(f"cannot read {self.topic_name}: {exc}") from exc
+                    behind = True
+                    continue
                 pos = consumer.position([tp])[0].offset
                 if high > 0 and (pos < 0 or pos < high):
                     behind = True
             if not behind:
-                break
-        return changed
+                return changed
+            if time.monotonic() > deadline:
+                raise BrokerError(f"reading {self.topic_name} to its end took over {timeout}s")
 
     def close(self) -> None:
         if self._consumer is not None:
