@@ -150,3 +150,38 @@ def test_loading_a_lookup_moves_the_customer_into_re_engage_at_risk_and_back_out
         runner.join(30)
         if segmenter._lookup_reader is not None:
             segmenter._lookup_reader.close()
+
+
+def test_lookups_command_loads_versions_shows_and_removes(
+    kafka_settings: Settings,
+    tmp_path: Path,
+    monkeypatch: pytest.MonkeyPatch,
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    from segflow.cli import main
+
+    s = kafka_settings
+    monkeypatch.setenv("SEGFLOW_BOOTSTRAP_SERVERS", s.bootstrap_servers)
+    monkeypatch.setenv("SEGFLOW_TOPIC_PREFIX", s.topic_prefix)
+    table = tmp_path / "tiers.csv"
+    table.write_text("tier,zip\nhigh,94027\nmid,10001\n")
+    assert (
+        main(["lookups", "load", "zip_income", str(table), "--key", "zip", "--value", "tier"]) == 0
+    )
+    assert (
+        main(["lookups", "load", "zip_income", str(table), "--key", "zip", "--value", "tier"]) == 0
+    )
+    out = capsys.readouterr().out
+    assert "table zip_income version 1: 2 entries (zip -> tier)" in out
+    assert "table zip_income version 2: 2 entries (zip -> tier)" in out
+    assert main(["lookups", "show"]) == 0
+    assert (
+        "zip_income: version 2, 2 entries (zip -> tier), from tiers.csv" in capsys.readouterr().out
+    )
+    assert lookups.current(s)["zip_income"]["entries"] == {"94027": "high", "10001": "mid"}
+    bad = tmp_path / "bad.csv"
+    bad.write_text("zip,tier\n94027,high\n94027,low\n")
+    assert main(["lookups", "load", "zip_income", str(bad)]) == 2
+    assert "line 3: key '94027' given twice" in capsys.readouterr().err
+    assert main(["lookups", "remove", "zip_income"]) == 0
+    assert "zip_income" not in lookups.current(s)
