@@ -325,6 +325,12 @@ def build_parser() -> argparse.ArgumentParser:
     add_forget_parser(sub)  # `segflow forget CUSTOMER_ID` (GDPR erasure, everywhere)
     add_replay_parser(sub)  # `segflow replay --segments NEW.yaml` (what-if, sends nothing)
     add_collect_parser(sub)  # `segflow collect` (Segment tracking API -> segflow.events)
+    from segflow.lookups import add_parser as add_lookups_parser
+
+    add_lookups_parser(sub)  # `segflow lookups load NAME FILE.csv` (issue 19)
+    from segflow.attributes import add_parser as add_attributes_parser
+
+    add_attributes_parser(sub)  # `segflow attributes load FILE.csv|jsonl` (issue 19)
     return parser
 
 

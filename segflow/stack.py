@@ -34,10 +34,14 @@ class Service:
 SERVICES: tuple[Service, ...] = (
     Service("identity", (TOPICS.events,)),
     Service("scorer", (TOPICS.identified, TOPICS.merges), "SEGFLOW_SCORER_GROUP_ID"),
-    Service("segmenter", (TOPICS.scores, TOPICS.merges)),
+    Service("segmenter", (TOPICS.scores, TOPICS.merges, TOPICS.attributes)),
     Service(
-        "dispatcher", (TOPICS.segment_changes, TOPICS.identified), "SEGFLOW_DISPATCHER_GROUP_ID"
+        "dispatcher",
+        (TOPICS.segment_changes, TOPICS.identified, TOPICS.attributes),
+        "SEGFLOW_DISPATCHER_GROUP_ID",
     ),
+    # issue 19: identify traits and CRM exports -> segflow.attributes (read by the segmenter)
+    Service("attributes", (TOPICS.identified, TOPICS.merges)),
 )
 BY_NAME = {s.name: s for s in SERVICES}
 

@@ -4,6 +4,9 @@ Endpoints (``POST``, JSON, optionally ``Content-Encoding: gzip``)::
 
     /v1/identify /v1/track /v1/page /v1/screen /v1/alias /v1/group   one call
     /v1/batch  (and /v1/import)                                      {"batch": [calls]}
+    /v2/events  /v2/bulkevents   mParticle's server-to-server API: one batch, or a list
+                                 (segflow.collector.mparticle; the API key is the write key,
+                                 the secret is not checked; 202 once Kafka acknowledged)
     GET /metrics   Prometheus        GET /health   200 while Kafka takes writes
 
 Authentication is the write key, as Segment's SDKs send it: HTTP basic with the key as user
@@ -41,7 +44,7 @@ from prometheus_client import CONTENT_TYPE_LATEST, Counter, Histogram, generate_
 from pydantic import Field, SecretStr, field_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
-from segflow.collector import core
+from segflow.collector import core, mparticle
 from segflow.collector.writer import KafkaUnavailable, KafkaWriter
 from segflow.errors import ConfigError, InvalidRecord
 from segflow.events import EVENT_TYPES as _KNOWN
@@ -189,6 +192,8 @@ class Collector:
         for call in CALLS:
             app.router.add_post(f"/v1/{call}", self._handler(call))
         app.router.add_post("/v1/import", self._handler("batch"))
+        app.router.add_post("/v2/events", self._handler("mparticle"))
+        app.router.add_post("/v2/bulkevents", self._handler("mparticle_bulk"))
         app.router.add_get("/metrics", self._metrics)
         app.router.add_get("/health", self._health)
         return app
@@ -274,7 +279,11 @@ class Collector:
         return raw
 
     async def _handle(self, call: str, request: web.Request) -> tuple[web.Response, str]:
-        limit = self.config.max_body_bytes if call == "batch" else self.config.max_call_bytes
+        limit = (
+            self.config.max_body_bytes
+            if call in ("batch", "mparticle", "mparticle_bulk")
+            else self.config.max_call_bytes
+        )
         data = await self._body(request, limit)
         if isinstance(data, web.Response):
             return data, "unknown"
@@ -298,7 +307,12 @@ class Collector:
         key, source = auth
         received_at = int(time.time() * 1000)
         try:
-            events, rejected = core.map_request(body, call, received_at, self.mapping)
+            if call.startswith("mparticle"):
+                events, rejected = mparticle.map_batches(
+                    body, call == "mparticle_bulk", received_at, self.mapping
+                )
+            else:
+                events, rejected = core.map_request(body, call, received_at, self.mapping)
         except core.MessageError as exc:
             MESSAGES.labels(source, "rejected").inc()
             return _error(400, "invalid_request", str(exc)), source
@@ -355,7 +369,8 @@ class Collector:
                 accepted=len(records),
                 errors=[r.to_json() for r in rejected],
             ), source
-        return web.json_response({"success": True}), source
+        status = 202 if call.startswith("mparticle") else 200  # as each vendor answers
+        return web.json_response({"success": True}, status=status), source
 
     async def _write(self, records: list[tuple[bytes, bytes]]) -> str | None:
         """Hand the records to the writer; None once Kafka acknowledged them, else why not."""

@@ -68,8 +68,9 @@ def cmd_collect(args: argparse.Namespace) -> int:
     return run(settings_for(args.port), config)
 
 
-def supervise(sup: Any, state_dir: str) -> str:
-    """Add the collector to ``segflow up``'s supervisor; a line saying where it listens.
+def supervise(sup: Any, state_dir: str, port: int | None = None) -> str:
+    """Add the collector to ``segflow up``'s (or the demo's) supervisor; a line saying where
+    it listens. ``port``: this one instead of ``SEGFLOW_COLLECTOR_PORT`` (8088).
 
     The write key is ``SEGFLOW_COLLECTOR_WRITE_KEYS`` when set, else a local one kept in
     ``<state_dir>/collector-write-key`` (mode 0600, created on first use).
@@ -90,6 +91,8 @@ def supervise(sup: Any, state_dir: str) -> str:
                 out.write(secrets.token_urlsafe(18) + "\n")
         env["SEGFLOW_COLLECTOR_WRITE_KEYS"] = f"local={path.read_text().strip()}"
         where = str(path)
+    if port is not None:
+        env["SEGFLOW_COLLECTOR_PORT"] = str(port)
     sup.add("collector", [sys.executable, "-m", "segflow.collector"], env)
-    port = os.environ.get("SEGFLOW_COLLECTOR_PORT", "8088")
-    return f"  collector  http://127.0.0.1:{port}/v1 (Segment tracking API; write key in {where})"
+    shown = port if port is not None else os.environ.get("SEGFLOW_COLLECTOR_PORT", "8088")
+    return f"  collector  http://127.0.0.1:{shown}/v1 (Segment tracking API; write key in {where})"

@@ -99,6 +99,12 @@ def run_demo(
         _drop_old_demo_topics(settings, prefix)
         ensure_topics(settings)
         say(f"[2/5] topics created under the prefix {prefix!r}")
+        # issue 19: ReEngageAtRisk's high-value zip is a lookup table, loaded like a user would
+        from segflow.lookups import DEFAULT_ZIP_INCOME
+        from segflow.lookups import load as load_lookup
+
+        zips = load_lookup(settings, "zip_income", DEFAULT_ZIP_INCOME)
+        say(f"      lookup zip_income v{zips['version']}: {len(zips['entries'])} zips")
         names = stack.available_services()
         sup = Supervisor(
             state_dir / "logs" / prefix.rstrip("."),
@@ -112,8 +118,12 @@ def run_demo(
             sup.add_service(name, env={**metrics_env, **port_env})
         api_token, generated = wiring.demo_token()
         api_url = wiring.add_gateway(sup, api_ports, free_port(), api_token)
+        from segflow.collector.cli import supervise as add_collector
+
+        collector_line = add_collector(sup, str(state_dir), port=free_port())  # issue 19
         sup.start_all()
         say(f"[3/5] services running: {', '.join(names)} (logs in {sup.log_dir})")
+        say(collector_line.strip() + " (the simulator writes to Kafka directly)")
         say(
             "      metrics: "
             + ", ".join(f"{n} http://127.0.0.1:{metrics_ports[n]}/metrics" for n in names)

@@ -82,6 +82,8 @@ class Topics:
     dispatcher_state: Topic
     contact_vault: Topic
     segmenter_state: Topic
+    attributes: Topic  # issue 19
+    lookups: Topic  # issue 19
 
     def __iter__(self):  # type: ignore[no-untyped-def]
         return iter(self._topics.values())

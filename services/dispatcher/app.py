@@ -244,6 +244,7 @@ class Dispatcher:
         self.store = ChangelogStore(settings, TOPICS.dispatcher_state, self.serde)
         self.changes_topic = TOPICS.segment_changes.name(settings)
         self.events_topic = TOPICS.identified.name(settings)
+        self.attributes_topic = TOPICS.attributes.name(settings)
         self.results_topic = TOPICS.dispatch_results.name(settings)
         self.runner = AsyncRunner()
         self._client: HttpClient | None = None
@@ -379,6 +380,7 @@ class Dispatcher:
             sources={
                 self.changes_topic: TOPICS.segment_changes,
                 self.events_topic: TOPICS.identified,
+                self.attributes_topic: TOPICS.attributes,
             },
             transactional_id=cfg.transactional_id
             or f"{cfg.group_id}-{s.instance_id if s.instance_id is not None else 0}",
@@ -550,6 +552,15 @@ class Dispatcher:
             now = self.now_ms(part)
             old = self.customer(change.customer_id)
             new, effects = core.decide(old, change, now, self.book)
+        elif record.topic_name == self.attributes_topic:  # issue 19: attributes for templates
+            cid = str(record.value["customer_id"])
+            part = self.store.partition_of(cid)
+            old = self.customer(cid)
+            maybe_c = core.set_attributes(old, cid, record.value.get("attributes") or {}, self.book)
+            if maybe_c is None:
+                return
+            new, effects = maybe_c, []
+            now = self.now_ms(part)
         else:
             if record.value["event"] is None:  # skipped by decode_identified
                 if self.cfg.clock == "event":

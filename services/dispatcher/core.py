@@ -606,6 +606,32 @@ def record_outcome(
     return c, out
 
 
+# -- attributes (issue 19) -----------------------------------------------------------------------
+def set_attributes(
+    customer: Customer | None, customer_id: str, attributes: Mapping[str, str], book: Book
+) -> Customer | None:
+    """The customer's attributes changed (segflow.attributes): keep those the playbooks'
+    templates read, for rendering (``{{product_tier}}``); None stays None when none is read.
+
+    >>> from services.dispatcher.playbooks import Book, Playbook, Step
+    >>> book = Book((Playbook("p", "S", (Step("m", "email", subject="For {{product_tier}}"),)),))
+    >>> set_attributes(None, "c", {"product_tier": "enterprise", "zip": "1"}, book).attrs
+    (('product_tier', 'enterprise'),)
+    >>> set_attributes(None, "c", {"zip": "1"}, book) is None
+    True
+    """
+    wanted = book.template_traits
+    picked = {k: str(v) for k, v in attributes.items() if k in wanted}
+    if customer is None and not picked:
+        return None
+    c = customer or Customer(customer_id)
+    attrs = dict(c.attrs)
+    attrs.update(picked)
+    if attrs == dict(c.attrs):
+        return c
+    return replace(c, attrs=tuple(sorted(attrs.items())))
+
+
 # -- observe -----------------------------------------------------------------------------------
 _PROFILE = (("timezone", "timezone"), ("first_name", "first_name"))
 

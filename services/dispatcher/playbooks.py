@@ -237,6 +237,22 @@ class Book:
                 return p
         return None
 
+    @cached_property
+    def template_traits(self) -> frozenset[str]:
+        """Every variable the playbooks' templates read: the customer attributes
+        (segflow.attributes, issue 19) the dispatcher keeps for rendering."""
+        names: set[str] = set()
+        for pb in self.playbooks:
+            for step in pb.steps:
+                texts = [step.subject, step.body, *(v for _, v in step.properties)]
+                texts += [v for _, v in step.variables]
+                for variant in pb.experiment.variants:
+                    texts += [v for _, fields in variant.overrides for _, v in fields]
+                for text in texts:
+                    if text:
+                        names |= template_variables(text)
+        return frozenset(names)
+
 
 # -- parsing with line numbers ---------------------------------------------------------------
 class _Doc:

@@ -79,7 +79,7 @@ class ScorerSettings(BaseSettings):
     max_scores_per_tick: int = 5000
     label_seconds_per_tick: float = 1.0  # label days learned until this is spent (>= 1 day)
     batch_size: int = 2000
-    high_value_zips: str = "10007,94027,90210,02108,60611"
+    high_value_zips: str = ""  # deprecated: the zip_income lookup table (issue 19)
     reorder_records: int = 2000  # records of one partition that may arrive out of time order
     source_idle_seconds: float = 30.0  # an input partition without a lag report stops
     # holding the event-time clock back after this long without events

@@ -89,8 +89,10 @@ from services.scorer.features import (
 )
 from services.scorer.model import CLUSTER_DIMS, ChurnModel, Prior
 
-#: The zip codes the ReEngageAtRisk rule scores as high value (the seeds' "high-value zip").
-DEFAULT_HIGH_VALUE_ZIPS = frozenset({"10007", "94027", "90210", "02108", "60611"})
+#: Deprecated (issue 19): high-value zips are a lookup table now (`segflow lookups load
+#: zip_income FILE.csv`, read by the segmenter as lookup.zip_income(attr.zip)); the feature
+#: ``high_value_zip`` stays 0 unless SEGFLOW_SCORER_HIGH_VALUE_ZIPS lists zips.
+DEFAULT_HIGH_VALUE_ZIPS: frozenset[str] = frozenset()
 STAGES = ("prospect", "onboarded", "adopting", "loyal", "at_risk", "churned")
 URGENT_TYPES = frozenset({"purchase", "subscription_cancel", "email_unsubscribe"})
 

@@ -37,13 +37,14 @@ from typing import Any
 from prometheus_client import Counter, Gauge, Histogram
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
-from segflow.errors import InvalidRecord
+from segflow.errors import BrokerError, InvalidRecord
 from segflow.runtime.kafka import ensure_topics
 from segflow.runtime.loop import Incoming, LoopConfig, Output, ProcessingLoop
 from segflow.runtime.projection import MapProjection
 from segflow.runtime.serde import Serde
 from segflow.runtime.settings import Settings
 from segflow.runtime.state import ChangelogStore
+from segflow.runtime.tables import GlobalTable
 from segflow.runtime.topics import TOPICS, Topic
 from services.segmenter import core
 from services.segmenter.dsl import DAY, DERIVED_FEATURES, DefinitionError, Definitions, parse
@@ -88,6 +89,14 @@ RETIRED_SCORES = Counter(
     "segflow_segmenter_retired_scores_total",
     "Scores dropped because their customer id was merged away or forgotten",
     ["reason"],
+)
+LOOKUP_LOADS = Counter(
+    "segflow_segmenter_lookup_loads_total",
+    "Lookup table versions taken (segflow.lookups), and customers queued for re-evaluation",
+    ["table"],
+)
+ATTRIBUTE_UPDATES = Counter(
+    "segflow_segmenter_attribute_updates_total", "CustomerAttributes records applied"
 )
 MISSING_FEATURES = Counter(
     "segflow_segmenter_missing_features_total",
@@ -173,6 +182,15 @@ class Segmenter:
         self.scores_topic = TOPICS.scores.name(settings)
         self.merges_topic = TOPICS.merges.name(settings)
         self.forget_topic = TOPICS.forget.name(settings)
+        self.attributes_topic = TOPICS.attributes.name(settings)
+        #: Lookup tables (segflow.lookups), read whole by every instance: name -> key -> value.
+        self.lookups: dict[str, dict[str, str]] = {}
+        self.lookup_versions: dict[str, int] = {}
+        self._lookup_reader: GlobalTable | None = None
+        #: Whether the tick follows segflow.lookups (set by build_loop; in-process pipelines
+        #: without a broker, such as replay and the benches, call ``apply_lookups`` themselves).
+        self.follow_lookups = False
+        self._lookup_retry_at = 0.0
         self.score_decoder = MapProjection(
             self.serde, TOPICS.scores, "features", self.defs.features
         )
@@ -310,6 +328,9 @@ class Segmenter:
         if record.topic_name == self.forget_topic:
             yield from self._forget(record.value, part)
             return
+        if record.topic_name == self.attributes_topic:
+            yield from self._attributes(record.key, record.value, part)
+            return
         value = record.value
         try:
             score = core.Score.from_record(value, self.defs.features)
@@ -328,7 +349,7 @@ class Segmenter:
         if score.as_of > self.watermarks.get(part, 0):
             self.watermarks[part] = score.as_of
         old = self.states.get(score.customer_id)
-        new, changes = core.evaluate(old, score, self.defs, self.thresholds)
+        new, changes = core.evaluate(old, score, self.defs, self.thresholds, self.lookups)
         yield from self._apply(old, new, changes, part)
 
     def _check_features(self, score: core.Score) -> None:
@@ -336,7 +357,7 @@ class Segmenter:
         a condition is silently false for everyone (a misspelt or renamed feature)."""
         if self._needed_for is not self.defs:
             self._needed_for = self.defs
-            self._needed = self.defs.features - DERIVED_FEATURES - OPTIONAL_FIELDS
+            self._needed = self.defs.score_features - DERIVED_FEATURES - OPTIONAL_FIELDS
         missing = self._needed - score.values.keys()
         for feature in missing:
             MISSING_FEATURES.labels(feature).inc()
@@ -360,8 +381,93 @@ class Segmenter:
             yield from self._retire(absorbed, "merged", survivor, now, part)
         st = self.states.get(survivor)
         if st is not None and self.store.partition_of(survivor) == part:
-            new, changes = core.advance(st, now, self.defs, self.thresholds)
+            new, changes = core.advance(st, now, self.defs, self.thresholds, self.lookups)
             yield from self._apply(st, new, changes, part)
+
+    def _attributes(self, key: Any, record: dict[str, Any] | None, part: int) -> Iterator[Output]:
+        """A customer's attributes changed (segflow.attributes, co-partitioned with the
+        scores): store them and re-evaluate the customer at its partition's event time. A
+        tombstone (forget, or a merge's absorbed id) clears them."""
+        if record is None:
+            cid = key.decode() if isinstance(key, bytes) else str(key or "")
+            attrs: dict[str, str] = {}
+        else:
+            cid = str(record["customer_id"])
+            attrs = dict(record.get("attributes") or {})
+        if not cid or cid in self.retired:
+            return
+        ATTRIBUTE_UPDATES.inc()
+        old = self.states.get(cid)
+        if old is None and not attrs:
+            return
+        now = self.watermarks.get(part, 0)
+        new, changes = core.set_attributes(
+            old, cid, attrs, now, self.defs, self.thresholds, self.lookups
+        )
+        yield from self._apply(old, new, changes, part)
+
+    def _follow_lookups(self) -> None:
+        """Take new lookup table versions; queue the customers whose looked-up value changed
+        (an attribute whose key was added, removed or changed) for re-evaluation."""
+        if not self.defs.lookups or not self.follow_lookups:
+            return
+        if self.clock() < self._lookup_retry_at:
+            return
+        try:
+            if self._lookup_reader is None:
+                reader = GlobalTable(self.settings, TOPICS.lookups, serde=self.serde)
+                changed = reader.catch_up()
+                self._lookup_reader = reader
+            else:
+                changed = self._lookup_reader.poll()
+        except BrokerError as exc:  # the loop keeps running; tables follow when it is back
+            self._lookup_retry_at = self.clock() + 5.0
+            log.warning("lookup tables unreadable", extra={"fields": {"error": str(exc)}})
+            return
+        self.apply_lookups(changed)
+
+    def apply_lookups(self, changed: dict[str, dict[str, Any] | None]) -> None:
+        """Take changed LookupTable records (None: removed) and queue the customers whose
+        looked-up value changed."""
+        if not changed:
+            return
+        touched: dict[str, set[str]] = {}  # table -> keys whose value changed
+        for name, record in changed.items():
+            before = self.lookups.get(name, {})
+            after = dict(record.get("entries") or {}) if record is not None else {}
+            keys = {k for k in before.keys() | after.keys() if before.get(k) != after.get(k)}
+            if record is None:
+                self.lookups.pop(name, None)
+                self.lookup_versions.pop(name, None)
+            else:
+                self.lookups[name] = after
+                self.lookup_versions[name] = int(record.get("version") or 0)
+            touched[name] = keys
+            log.info(
+                "lookup table loaded" if record is not None else "lookup table removed",
+                extra={
+                    "fields": {
+                        "table": name,
+                        "version": self.lookup_versions.get(name),
+                        "entries": len(after),
+                        "changed_keys": len(keys),
+                    }
+                },
+            )
+        args = [(table, arg) for _, table, arg in self.defs.lookups if touched.get(table)]
+        if not args:
+            return
+        queued = 0
+        for cid, st in self.states.items():
+            for table, arg in args:
+                v = st.values.get(arg)
+                if isinstance(v, str) and v.strip() in touched[table]:
+                    self._reeval.append(cid)
+                    queued += 1
+                    break
+        for table in touched:
+            LOOKUP_LOADS.labels(table).inc()
+        log.info("lookup change re-evaluates customers", extra={"fields": {"customers": queued}})
 
     def _forget(self, request: dict[str, Any], part: int) -> Iterator[Output]:
         """A forget request: every membership exits ``forgotten``, the state is deleted and
@@ -452,6 +558,7 @@ class Segmenter:
         if self.defs.percentiles and now - self._last_refresh >= self.config.percentile_refresh:
             self._last_refresh = now
             self._refresh_thresholds()
+        self._follow_lookups()
         out: list[Output] = []
         budget = self.config.max_timers_per_tick
         part_of = self.store.partition_of
@@ -462,7 +569,7 @@ class Segmenter:
                 budget -= 1
                 part = part_of(cid)
                 now_p = max(self.watermarks.get(part, 0), st.as_of)
-                new, changes = core.advance(st, now_p, self.defs, self.thresholds)
+                new, changes = core.advance(st, now_p, self.defs, self.thresholds, self.lookups)
                 out.extend(self._apply(st, new, changes, part))
         for part, timers in self._timers.items():
             watermark = self.watermarks.get(part, 0)
@@ -472,7 +579,9 @@ class Segmenter:
                 if st is None or st.next_timer != due:
                     continue  # superseded
                 budget -= 1
-                new, changes, persist = core.fire_timer(st, due, self.defs, self.thresholds)
+                new, changes, persist = core.fire_timer(
+                    st, due, self.defs, self.thresholds, self.lookups
+                )
                 if not persist:  # only the next timer moved: kept in memory, not written
                     self.states[cid] = new
                     if new.next_timer is not None:
@@ -624,6 +733,7 @@ class Segmenter:
                 max(self.watermarks.get(self.store.partition_of(customer_id), 0), st.as_of),
                 self.defs,
                 self.thresholds,
+                self.lookups,
             ),
         }
 
@@ -631,10 +741,19 @@ class Segmenter:
 def build_loop(settings: Settings, config: SegmenterConfig) -> tuple[Segmenter, ProcessingLoop]:
     """Restore state and wire the segmenter into the shared loop."""
     segmenter = Segmenter(settings, config)
+    segmenter.follow_lookups = True
     # The changelog exists before the group assigns partitions; their state is restored then
     # (on_assign), only for the partitions this instance owns.
     name = STATE_TOPIC.name(settings)
-    ensure_topics(settings, topics=[], names={name: STATE_TOPIC})
+    ensure_topics(
+        settings,
+        topics=[],
+        names={
+            name: STATE_TOPIC,
+            segmenter.attributes_topic: TOPICS.attributes,
+            TOPICS.lookups.name(settings): TOPICS.lookups,
+        },
+    )
     instance = settings.instance_id
     loop_config = LoopConfig(
         service="segmenter",
@@ -643,6 +762,7 @@ def build_loop(settings: Settings, config: SegmenterConfig) -> tuple[Segmenter, 
             segmenter.scores_topic: TOPICS.scores,
             segmenter.merges_topic: TOPICS.merges,
             segmenter.forget_topic: TOPICS.forget,
+            segmenter.attributes_topic: TOPICS.attributes,
         },
         transactional_id=settings.topic_prefix
         + (f"{config.group_id}-{instance}" if instance is not None else config.instance),

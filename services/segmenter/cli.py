@@ -172,6 +172,10 @@ def _from_changelog(args: argparse.Namespace) -> dict[str, Any] | None:
         config = SegmenterConfig(definitions=args.definitions)
     segmenter = Segmenter(settings, config)
     segmenter.restore(create=False)
+    segmenter.follow_lookups = True  # lookup conditions explained with the loaded tables
+    segmenter._follow_lookups()
+    if segmenter._lookup_reader is not None:
+        segmenter._lookup_reader.close()
     return segmenter.explain(args.customer)
 
 

@@ -52,10 +52,13 @@ from typing import Any
 
 from services.segmenter.dsl import (
     AGING_PREFIX,
+    ATTR_PREFIX,
     DAY,
+    NO_LOOKUPS,
     Condition,
     Definitions,
     Explanation,
+    Lookups,
     Rule,
     Segment,
     Thresholds,
@@ -74,6 +77,8 @@ PRIMARY_CHANGED = "primary_changed"
 TRANSITIONS = (ENTERED, EXITED, RE_ENGAGED, DEPRECATED, REACTIVATED, PRIMARY_CHANGED)
 
 EMPTY: Mapping[tuple[str, float], float] = {}
+#: ``as_of`` of a customer known only by its attributes (no score yet: not evaluated).
+UNSCORED = -1
 _NEW: dict[str, Membership] = {}  # not a member yet (immutable, shared)
 
 
@@ -150,6 +155,19 @@ class CustomerState:
 
     def active(self) -> list[str]:
         return sorted(n for n, m in self.memberships.items() if m.active)
+
+    @property
+    def scored(self) -> bool:
+        """Whether a score came (a customer known only by its attributes has ``as_of`` -1)."""
+        return self.as_of >= 0
+
+    @property
+    def has_attributes(self) -> bool:
+        return any(k.startswith(ATTR_PREFIX) for k in self.values)
+
+    def attribute(self, name: str) -> str | None:
+        v = self.values.get(ATTR_PREFIX + name)
+        return v if isinstance(v, str) else None
 
 
 @dataclass(frozen=True)
@@ -244,16 +262,23 @@ def evaluate(
     score: Score,
     defs: Definitions,
     thresholds: Thresholds = EMPTY,
+    lookups: Lookups = NO_LOOKUPS,
 ) -> tuple[CustomerState, list[Change]]:
     """A new score for a customer: store its values and re-evaluate every segment.
 
     Out-of-order scores older than the stored one are ignored (the scores topic is a
-    per-customer "latest" stream). ``thresholds`` are the current percentile thresholds.
+    per-customer "latest" stream). ``thresholds`` are the current percentile thresholds;
+    ``lookups`` the lookup tables (name -> key -> value). The customer's attributes
+    (``attr.*``, from :func:`set_attributes`) are kept across scores.
     """
     if state is not None and score.as_of < state.as_of:
         return state, []
     used = defs.features
     values = {k: v for k, v in score.values.items() if k in used}
+    if state is not None and state.has_attributes:
+        for k, v in state.values.items():
+            if k.startswith(ATTR_PREFIX):
+                values[k] = v
     if state is None:
         state = CustomerState(score.customer_id, score.as_of, values)
     else:
@@ -267,14 +292,86 @@ def evaluate(
             state.re_engaged_at,
             state.next_timer,
         )
-    return _step(state, score.as_of, defs, thresholds)
+    return _step(state, score.as_of, defs, thresholds, lookups)
 
 
 def advance(
-    state: CustomerState, now: int, defs: Definitions, thresholds: Thresholds = EMPTY
+    state: CustomerState,
+    now: int,
+    defs: Definitions,
+    thresholds: Thresholds = EMPTY,
+    lookups: Lookups = NO_LOOKUPS,
 ) -> tuple[CustomerState, list[Change]]:
-    """Time passed with no new score (a timer fired, a merge, new definitions): re-evaluate."""
-    return _step(state, max(now, state.as_of), defs, thresholds)
+    """Time passed with no new score (a timer fired, a merge, new definitions, a lookup table
+    changed): re-evaluate."""
+    if not state.scored:
+        return state, []
+    return _step(state, max(now, state.as_of), defs, thresholds, lookups)
+
+
+def set_attributes(
+    state: CustomerState | None,
+    customer_id: str,
+    attributes: Mapping[str, str],
+    now: int,
+    defs: Definitions,
+    thresholds: Thresholds = EMPTY,
+    lookups: Lookups = NO_LOOKUPS,
+) -> tuple[CustomerState, list[Change]]:
+    """The customer's attributes changed (a CustomerAttributes record): store them as
+    ``attr.<name>`` and re-evaluate at ``now`` (the partition's event time). A customer with no
+    score yet keeps them for its first score and is not evaluated before (``as_of`` -1).
+
+    >>> from services.segmenter.dsl import parse
+    >>> defs = parse('''version: "1"
+    ... segments:
+    ...   - {name: Ent, enter: {all: [{feature: clv, op: ">", value: 1},
+    ...       {feature: attr.product_tier, op: "==", value: enterprise}]}}
+    ... ''')
+    >>> s, changes = set_attributes(None, "c1", {"product_tier": "enterprise"}, 5, defs)
+    >>> s.scored, changes
+    (False, [])
+    >>> s, changes = evaluate(s, Score("c1", 10, {"clv": 2.0}), defs)
+    >>> [(c.segment, c.transition) for c in changes][:1]
+    [('Ent', 'entered')]
+    >>> s, changes = set_attributes(s, "c1", {"product_tier": "pro"}, 20, defs)
+    >>> c = changes[0]
+    >>> c.segment, c.transition, c.explanation[1].feature, c.explanation[1].observed_text
+    ('Ent', 'exited', 'attr.product_tier', 'pro')
+    """
+    attrs = {ATTR_PREFIX + k: str(v) for k, v in attributes.items()}
+    if state is None:
+        return CustomerState(customer_id, UNSCORED, attrs), []
+    values: dict[str, Value] = {
+        k: v for k, v in state.values.items() if not k.startswith(ATTR_PREFIX)
+    }
+    values.update(attrs)
+    state = replace(state, values=values)
+    if not state.scored:
+        return state, []
+    return _step(state, max(now, state.as_of), defs, thresholds, lookups)
+
+
+def with_lookups(values: dict[str, Value], defs: Definitions, lookups: Lookups) -> None:
+    """Add the lookup features the definitions read (``lookup.<table>(attr.<name>)``) to
+    ``values``; a missing attribute, table or entry leaves the feature missing.
+
+    >>> from services.segmenter.dsl import parse
+    >>> defs = parse('version: 1\\nsegments:\\n  - {name: A, enter: '
+    ...     '{feature: "lookup.zip_income(attr.zip)", op: "==", value: high}}\\n')
+    >>> v = {"attr.zip": "94027"}
+    >>> with_lookups(v, defs, {"zip_income": {"94027": "high"}})
+    >>> v["lookup.zip_income(attr.zip)"]
+    'high'
+    """
+    for feature, table, arg in defs.lookups:
+        key = values.get(arg)
+        entries = lookups.get(table)
+        if entries is None or not isinstance(key, str):
+            continue
+        hit = entries.get(key.strip())
+        if hit is not None:
+            values[feature] = hit
 
 
 def absorb(
@@ -333,10 +430,16 @@ def absorb(
 
 
 def _step(
-    state: CustomerState, now: int, defs: Definitions, thresholds: Thresholds
+    state: CustomerState,
+    now: int,
+    defs: Definitions,
+    thresholds: Thresholds,
+    lookups: Lookups = NO_LOOKUPS,
 ) -> tuple[CustomerState, list[Change]]:
     cid = state.customer_id
     values = aged_values(state, now)
+    if defs.lookups:
+        with_lookups(values, defs, lookups)
     mems = dict(state.memberships)
     exits: list[Change] = []
     entries: list[Change] = []
@@ -539,7 +642,11 @@ def only_timer_moved(old: CustomerState, new: CustomerState) -> bool:
 
 
 def fire_timer(
-    st: CustomerState, due: int, defs: Definitions, thresholds: Thresholds
+    st: CustomerState,
+    due: int,
+    defs: Definitions,
+    thresholds: Thresholds = EMPTY,
+    lookups: Lookups = NO_LOOKUPS,
 ) -> tuple[CustomerState, list[Change], bool]:
     """A customer's timer firing at event time ``due``: ``(new state, changes, persist)``.
 
@@ -548,7 +655,7 @@ def fire_timer(
     it (after a restore the stored, earlier timer fires again, evaluates the same stored state
     to the same nothing and finds this next timer; most recency crossings change nothing for
     most customers)."""
-    new, changes = advance(st, due, defs, thresholds)
+    new, changes = advance(st, due, defs, thresholds, lookups)
     if new == st:
         new = replace(st, next_timer=None)
     if not changes and only_timer_moved(st, new):
@@ -636,7 +743,11 @@ def _crossings(
 
 
 def explain_customer(
-    state: CustomerState, now: int, defs: Definitions, thresholds: Thresholds = EMPTY
+    state: CustomerState,
+    now: int,
+    defs: Definitions,
+    thresholds: Thresholds = EMPTY,
+    lookups: Lookups = NO_LOOKUPS,
 ) -> list[dict[str, Any]]:
     """Why a customer is (or is not) in each segment right now, for ``segflow explain``.
 
@@ -660,6 +771,8 @@ def explain_customer(
     (False, 'enter, held out by the exit rule', ['x', 'stage'])
     """
     values = aged_values(state, now)
+    if defs.lookups:
+        with_lookups(values, defs, lookups)
     out: list[dict[str, Any]] = []
     for seg in defs.segments:
         m = state.memberships.get(seg.name) or Membership(seg.name)

@@ -14,6 +14,12 @@ condition or a combination:
   weights of the passing parts add up to the threshold;
 * ``{cluster: [2, 5]}`` — shorthand for ``{feature: cluster, op: in, value: [2, 5]}``.
 
+Besides the scorer's features, a condition may read a customer attribute (``attr.<name>``: an
+identify trait or a CRM column, a string; numeric operators compare it as a number) or a lookup
+table applied to an attribute (``lookup.<table>(attr.<name>)``, e.g.
+``{feature: "lookup.zip_income(attr.zip)", op: "==", value: high}``); a missing attribute, table
+or entry is a missing value.
+
 A condition on a feature the customer does not have is false (and explained as missing).
 Errors carry the line and the field:
 
@@ -66,6 +72,26 @@ Values = Mapping[str, Value]
 Thresholds = Mapping[tuple[str, float], float]
 
 _PERCENTILE = re.compile(r"^p(\d{1,2}(?:\.\d+)?|100)$")
+
+#: Customer attributes (segflow.attributes) appear in a customer's values under this prefix.
+ATTR_PREFIX = "attr."
+LOOKUP_PREFIX = "lookup."
+_NAME = r"[A-Za-z_][A-Za-z0-9_]*"
+_ATTR = re.compile(rf"^attr\.({_NAME})$")
+_LOOKUP = re.compile(rf"^lookup\.({_NAME})\((attr\.{_NAME})\)$")
+#: Lookup tables as the core reads them: table name -> key -> value.
+Lookups = Mapping[str, Mapping[str, str]]
+NO_LOOKUPS: Lookups = {}
+
+
+def lookup_call(feature: str) -> tuple[str, str] | None:
+    """``(table, attribute feature)`` of a ``lookup.<table>(attr.<name>)`` feature, else None.
+
+    >>> lookup_call("lookup.zip_income(attr.zip)"), lookup_call("attr.zip")
+    (('zip_income', 'attr.zip'), None)
+    """
+    m = _LOOKUP.match(feature)
+    return (m.group(1), m.group(2)) if m is not None else None
 
 
 # -- problems -------------------------------------------------------------------------------
@@ -293,6 +319,25 @@ class Definitions:
     aging_bounds: tuple[tuple[str, float | None, float | None], ...] = field(
         default=(), compare=False, repr=False
     )
+    #: Lookup features the rules read: (feature, table, attribute feature), e.g.
+    #: ("lookup.zip_income(attr.zip)", "zip_income", "attr.zip").
+    lookups: tuple[tuple[str, str, str], ...] = ()
+
+    @property
+    def attributes(self) -> frozenset[str]:
+        """The attribute features (``attr.*``) the rules read, directly or through a lookup."""
+        return frozenset(f for f in self.features if f.startswith(ATTR_PREFIX)) | frozenset(
+            arg for _, _, arg in self.lookups
+        )
+
+    @property
+    def score_features(self) -> frozenset[str]:
+        """The features that come from scores (not attributes, not lookups)."""
+        return frozenset(
+            f
+            for f in self.features
+            if not f.startswith(ATTR_PREFIX) and not f.startswith(LOOKUP_PREFIX)
+        )
 
 
 # -- parsing --------------------------------------------------------------------------------
@@ -397,6 +442,15 @@ class _Parser:
             | frozenset(s.sustain_since for s in ordered if s.sustain_since is not None),
             by_name={s.name: s for s in ordered},
             aging_bounds=_aging_bounds(s.aging for s in ordered),
+            lookups=tuple(
+                sorted(
+                    {
+                        (leaf.feature, *call)
+                        for leaf in leaves
+                        if (call := lookup_call(leaf.feature)) is not None
+                    }
+                )
+            ),
         )
 
     def _unknown(self, raw: dict[str, Any], path: str, allowed: set[str]) -> None:
@@ -631,6 +685,19 @@ class _Parser:
         if not isinstance(feature, str) or not feature:
             self.err(f"{path}.feature", "feature must be a non-empty name")
             return None
+        if feature.startswith(ATTR_PREFIX) and not _ATTR.match(feature):
+            self.err(
+                f"{path}.feature",
+                f"expected an attribute as attr.<name> (letters, digits, _), got {feature!r}",
+            )
+            return None
+        if feature.startswith(LOOKUP_PREFIX) and lookup_call(feature) is None:
+            self.err(
+                f"{path}.feature",
+                "expected a lookup as lookup.<table>(attr.<name>), e.g. "
+                f"lookup.zip_income(attr.zip), got {feature!r}",
+            )
+            return None
         if op not in OPERATORS:
             self.err(
                 f"{path}.op" if "op" in raw else path,
@@ -700,6 +767,8 @@ class _Parser:
             self.err(vpath, f"value must be a number, a string or a percentile (got {value!r})")
             return None
         cmp = _COMPARE[op]
+        if isinstance(target, float) and feature.startswith((ATTR_PREFIX, LOOKUP_PREFIX)):
+            return Condition(path, feature, op, target, (), None, _textual(op, feature, target))
         if isinstance(target, float):
             return Condition(path, feature, op, target, (), None, _numeric(op, feature, target))
         tstr = target
@@ -758,6 +827,27 @@ def _numeric(op: str, f: str, c: float) -> Callable[[Values, Thresholds], bool]:
         return x.__class__ is float and cmp(x, c)
 
     return other
+
+
+def _textual(op: str, f: str, c: float) -> Callable[[Values, Thresholds], bool]:
+    """``attribute op number``: attributes are strings; one that reads as a number compares.
+
+    >>> fn = _textual(">=", "attr.seats", 10.0)
+    >>> fn({"attr.seats": "12"}, {}), fn({"attr.seats": "a few"}, {}), fn({}, {})
+    (True, False, False)
+    """
+    cmp = _COMPARE[op]
+
+    def textual(v: Values, t: Thresholds) -> bool:
+        x = v.get(f)
+        if isinstance(x, str):
+            try:
+                x = float(x)
+            except ValueError:
+                return False
+        return isinstance(x, float) and math.isfinite(x) and cmp(x, c)
+
+    return textual
 
 
 def _aging_bounds(

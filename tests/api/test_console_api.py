@@ -71,7 +71,7 @@ def test_login_sets_an_httponly_strict_cookie_that_reads_but_cannot_publish(
 def test_an_editor_publishes_valid_definitions_only(editor_gateway: tuple[str, Path]) -> None:
     url, definitions = editor_gateway
     original = definitions.read_text()
-    changed = original.replace('version: "2026.11.5"', 'version: "2026.12.1"')
+    changed = original.replace('version: "2026.12.3"', 'version: "2026.12.99"')
     assert changed != original
     with httpx.Client(base_url=url) as browser:
         browser.post("/console/login", data={"token": EDITOR})
@@ -102,7 +102,7 @@ def test_an_editor_publishes_valid_definitions_only(editor_gateway: tuple[str, P
         good = browser.put(
             "/v1/console/definitions", json={"yaml": changed}, headers={"X-Segflow-Console": "1"}
         ).json()
-        assert good["published"] is True and good["check"]["version"].startswith("2026.12.1")
+        assert good["published"] is True and good["check"]["version"].startswith("2026.12.99")
         assert definitions.read_text() == changed
     # the editor token works as a bearer token too
     resp = httpx.put(

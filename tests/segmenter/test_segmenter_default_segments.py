@@ -12,7 +12,7 @@ from typing import Any
 import pytest
 
 from services.scorer.features import FEATURE_NAMES
-from services.segmenter.core import CustomerState, Score, advance, evaluate
+from services.segmenter.core import CustomerState, Score, advance, evaluate, set_attributes
 from services.segmenter.dsl import DAY, DERIVED_FEATURES, SCORE_FIELDS, parse
 
 DEFS = parse(
@@ -69,18 +69,29 @@ LEAD = {  # signed up a day ago, never bought, no feature used yet
 }
 
 
+#: The zip_income lookup table (issue 19: ReEngageAtRisk's high-value zip) and a customer
+#: whose zip attribute it marks high.
+LOOKUPS = {"zip_income": {"94027": "high", "10001": "mid"}}
+HIGH_ZIP = {"zip": "94027"}
+
+
 def history(
-    steps: list[tuple[float, dict[str, Any]]], until: float
+    steps: list[tuple[float, dict[str, Any]]],
+    until: float,
+    attrs: dict[str, str] | None = None,
 ) -> list[tuple[float, str, str]]:
     """Scores at the given days (CALM overridden), timers fired up to ``until``; returns
-    (day, segment, transition) without primary changes."""
+    (day, segment, transition) without primary changes. ``attrs``: the customer's attributes
+    (before its first score)."""
     state: CustomerState | None = None
+    if attrs:
+        state, _ = set_attributes(None, "c", attrs, 0, DEFS, THRESHOLDS, LOOKUPS)
     out: list[tuple[float, str, str]] = []
 
     def fire(upto: float) -> None:
         nonlocal state
         while state is not None and state.next_timer is not None and state.next_timer <= upto * DAY:
-            state, changes = advance(state, state.next_timer, DEFS, THRESHOLDS)
+            state, changes = advance(state, state.next_timer, DEFS, THRESHOLDS, LOOKUPS)
             out.extend(
                 (round(c.occurred_at / DAY, 2), c.segment, c.transition)
                 for c in changes
@@ -90,7 +101,7 @@ def history(
     for day, over in steps:
         fire(day)
         state, changes = evaluate(
-            state, Score("c", int(day * DAY), {**CALM, **over}), DEFS, THRESHOLDS
+            state, Score("c", int(day * DAY), {**CALM, **over}), DEFS, THRESHOLDS, LOOKUPS
         )
         out.extend(
             (round(c.occurred_at / DAY, 2), c.segment, c.transition)
@@ -331,8 +342,9 @@ def test_at_risk_entry_is_explained_with_margins() -> None:
 
 
 def test_reengage_at_risk_carries_its_weighted_score() -> None:
+    known, _ = set_attributes(None, "c", HIGH_ZIP, 0, DEFS)
     _, changes = evaluate(
-        None,
+        known,
         Score(
             "c",
             0,
@@ -341,20 +353,28 @@ def test_reengage_at_risk_carries_its_weighted_score() -> None:
                 "days_since_open": 1.0,
                 "days_since_purchase": 40.0,
                 "cart_views_14d": 5.0,
-                "high_value_zip": 1.0,
                 "lifecycle_stage": "at_risk",
             },
         ),
         DEFS,
         THRESHOLDS,
+        LOOKUPS,
     )
     entered = next(c for c in changes if c.segment == "ReEngageAtRisk")
     assert entered.score == pytest.approx(1.7)  # open 0.7 + cart 0.6 + zip 0.4
+    zip_income = next(e for e in entered.explanation if e.feature.startswith("lookup."))
+    assert (zip_income.feature, zip_income.observed_text, zip_income.passed) == (
+        "lookup.zip_income(attr.zip)",
+        "high",
+        True,
+    )
 
 
 def test_default_definitions_read_only_features_the_scorer_emits() -> None:
     known = set(FEATURE_NAMES) | set(SCORE_FIELDS) | DERIVED_FEATURES
-    assert sorted(DEFS.features - known) == []
+    assert sorted(DEFS.score_features - known) == []
+    # the rest are attributes and lookups (issue 19), not scorer features
+    assert sorted(DEFS.features - DEFS.score_features) == ["lookup.zip_income(attr.zip)"]
 
 
 def test_a_silent_customer_stays_at_risk_until_it_is_active_again() -> None:
@@ -529,9 +549,9 @@ def test_engaged_but_at_risk_waits_for_the_population_thresholds() -> None:
 def test_reengage_at_risk_needs_the_at_risk_stage() -> None:
     # SPEC's weighted rule alone holds for a happy customer (open 0.7 + purchase 0.5 + cart 0.6
     # + zip 0.4): without the at_risk stage it is not "at risk"
-    keen = {"cart_views_14d": 5.0, "high_value_zip": 1.0}
-    assert spans(history([(0, keen)], 5), "ReEngageAtRisk") == []
-    events = history([(0, keen), (2, {**keen, "lifecycle_stage": "at_risk"})], 5)
+    keen = {"cart_views_14d": 5.0}
+    assert spans(history([(0, keen)], 5, HIGH_ZIP), "ReEngageAtRisk") == []
+    events = history([(0, keen), (2, {**keen, "lifecycle_stage": "at_risk"})], 5, HIGH_ZIP)
     assert spans(events, "ReEngageAtRisk") == [(2, "entered")]
 
 
@@ -558,6 +578,8 @@ def test_a_buyer_who_never_opens_mail_can_be_reengage_at_risk() -> None:
         "lifecycle_stage": "at_risk",
         "days_since_open": 999.0,
         "cart_views_14d": 5.0,
-        "high_value_zip": 1.0,
     }
-    assert spans(history([(0, never_opens)], 3), "ReEngageAtRisk") == [(0, "entered")]
+    assert spans(history([(0, never_opens)], 3, HIGH_ZIP), "ReEngageAtRisk") == [(0, "entered")]
+    # the same customer in a zip the table does not mark high: 1.1, not entered
+    mid = spans(history([(0, never_opens)], 3, {"zip": "10001"}), "ReEngageAtRisk")
+    assert mid == []

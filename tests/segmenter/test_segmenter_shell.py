@@ -320,7 +320,7 @@ def test_cli_check_prints_line_and_field_and_fails(
     assert f"{bad}:5: segments[0].enter.value:" in capsys.readouterr().out
     good = Path(__file__).resolve().parents[2] / "services/segmenter/segments/default.yaml"
     assert cli(["segments", "check", str(good)]) == 0
-    assert "OK, version 2026.11.5+" in capsys.readouterr().out
+    assert "OK, version 2026.12.3+" in capsys.readouterr().out
 
 
 def test_state_schema_example_round_trips_through_the_serde() -> None:
