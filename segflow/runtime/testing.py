@@ -147,15 +147,17 @@ def read_all(
             "isolation.level": isolation,
         }
     )
+    deadline = time.monotonic() + timeout
     with make_admin(settings) as admin:
-        meta = admin.list_topics(topic, timeout=10).topics[topic]
-        if meta.error is not None:
-            raise AssertionError(f"cannot read {topic}: {meta.error}")
+        # a broker that is just starting can report the topic unknown for a moment
+        while (meta := admin.list_topics(topic, timeout=10).topics[topic]).error is not None:
+            if time.monotonic() >= deadline:
+                raise AssertionError(f"cannot read {topic}: {meta.error}")
+            time.sleep(0.2)
         parts = sorted(meta.partitions)
     consumer.assign([TopicPartition(topic, p, OFFSET_BEGINNING) for p in parts])
     out: list[Record] = []
     at_end: set[int] = set()
-    deadline = time.monotonic() + timeout
     try:
         while True:
             done = len(at_end) == len(parts)
