@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from services.dispatcher import core
-from services.dispatcher.core import Change
+from services.dispatcher.core import SegmentChange
 from services.dispatcher.playbooks import Book, parse_documents
 
 NOON = 1_772_452_800_000
@@ -29,7 +29,7 @@ def test_a_template_renders_an_attribute_and_keeps_only_those_templates_read() -
     assert {"first_name", "product_tier"} <= b.template_traits
     c = core.set_attributes(None, "c1", {"product_tier": "enterprise", "zip": "94027"}, b)
     assert c is not None and dict(c.attrs) == {"product_tier": "enterprise"}  # zip not kept
-    c, _ = core.decide(c, Change("c1", "S", "entered", "c1:S:1", NOON), NOON, b)
+    c, _ = core.decide(c, SegmentChange("c1", "S", "entered", "c1:S:1", NOON), NOON, b)
     req = core.request_for(c, c.actions[0], b)
     assert req is not None and req.problem is None
     assert req.subject == "Hi there, about enterprise"
@@ -43,6 +43,6 @@ def test_a_template_renders_an_attribute_and_keeps_only_those_templates_read() -
 def test_without_the_attribute_the_playbooks_default_is_rendered() -> None:
     # the loader requires a default for every variable (never a half-rendered text)
     b = book()
-    c, _ = core.decide(None, Change("c2", "S", "entered", "c2:S:1", NOON), NOON, b)
+    c, _ = core.decide(None, SegmentChange("c2", "S", "entered", "c2:S:1", NOON), NOON, b)
     req = core.request_for(c, c.actions[0], b)
     assert req is not None and req.subject == "Hi there, about your plan"
