@@ -41,8 +41,8 @@ customer-day is attributed to one reason, in this order:
 from __future__ import annotations
 
 import argparse
-import pickle
 import math
+import pickle
 import sys
 import time
 from collections import Counter, defaultdict
@@ -784,7 +784,6 @@ def compare(run: dict[str, Any], n_examples: int = 0, group_by: str = "final-id"
         raw.assign(d=raw["occurred_at"] // DAY, t=raw["occurred_at"]), n_cust, n_days, day0
     )
 
-    by_name = {s.name: s for s in segments}
     feeding = [s.name for s in segments if s.re_engaged_when is not None]
     disagree_days: dict[str, np.ndarray] = {}
     agree: dict[str, int] = {}
