@@ -723,9 +723,9 @@ def compare(run: dict[str, Any], n_examples: int = 0, group_by: str = "final-id"
     def between_thresholds(s: Segment, c: int, d: int, as_of: int) -> str | None:
         """A pNN condition whose thresholds (the oracle's and the segmenter's at the same
         instant, or the segmenter's at the customer's last score) lie on both sides of the
-        customer's value, at t_d or at an instant of the day before (hysteresis keeps what
-        the threshold decided then)."""
-        for i in range(max(0, 2 * d - 2), 2 * d + 2):
+        customer's value, at t_d or at an instant of the 14 days before (hysteresis keeps
+        what the threshold decided then: `clv >= p80` enters, only `< p70` leaves)."""
+        for i in range(max(0, 2 * d - 28), 2 * d + 2):
             for (feat, p), mine in pct_all[i].items():
                 if feat not in s.features:
                     continue
