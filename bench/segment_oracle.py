@@ -144,6 +144,7 @@ def change(daily: np.ndarray, w: int, start: bool = False) -> np.ndarray:
 def last_time(times: pd.DataFrame, n_cust: int, n_days: int, day0: int) -> np.ndarray:
     """[customer, day] -> latest time (ms) at or before the day's end, NaN when none."""
     out = np.full((n_cust, n_days), -np.inf)
+    times = times[(times["d"] >= day0) & (times["d"] < day0 + n_days)]
     if len(times):
         g = times.groupby(["c", "d"])["t"].max()
         ci = g.index.get_level_values(0).to_numpy()
