@@ -201,11 +201,20 @@ FORGET_EVENT = "customer_forgotten"
 _LOG = "log"
 _CLIP = "clip"
 _ASINH = "asinh"
+_OVERDUE = "overdue"
+_DROP = "drop"
 _LOGIT = "logit"
 #: The churn model's inputs: (feature, transform). Counts, days and money are log1p'd
-#: (never capped: a customer silent for 300 days is not one silent for 45), relative changes
-#: clipped at +3 (they are capped at +10 by the features), z-scores asinh'd, probabilities
-#: as log-odds; log ratios, rates and slopes are used as they are. A training example is the
+#: (never capped: a customer silent for 300 days is not one silent for 45), the gap z-score
+#: asinh'd where it is positive (``overdue``: a purchase sets it to <= 0, whereas its signed
+#: value can rise on a purchase that comes sooner than usual, as the mean gap shrinks),
+#: probabilities as log-odds; relative changes, log ratios and the trend only where they are
+#: negative (``drop``: how far activity fell below the customer's own baseline). A rise above
+#: the baseline is not an input: the next day a purchase can move from the current window
+#: into the baseline and lower a rise (a purchase on day 0, again on day 13: the 14-day
+#: change reads +10 that morning, +1 the day after), and a model that learned a weight for
+#: rises would then score the customer who bought again higher than the day before; other
+#: rates are used as they are. A training example is the
 #: model input as it was scored at its snapshot (:meth:`Scorer.mature`), so training and
 #: serving see the same values.
 MODEL_INPUTS: tuple[tuple[str, str], ...] = (
@@ -224,26 +233,26 @@ MODEL_INPUTS: tuple[tuple[str, str], ...] = (
     ("escalations_28d", _LOG),
     ("active_days_7d", ""),
     ("active_days_28d", ""),
-    ("activity_3d_vs_prior28_change", _CLIP),
-    ("activity_7d_vs_prior28_change", _CLIP),
-    ("activity_14d_vs_prior28_change", _CLIP),
-    ("sessions_14d_vs_prior28_change", _CLIP),
-    ("feature_use_14d_vs_prior28_change", _CLIP),
-    ("opens_14d_vs_prior28_change", _CLIP),
-    ("purchases_28d_vs_prior28_change", _CLIP),
+    ("activity_3d_vs_prior28_change", _DROP),
+    ("activity_7d_vs_prior28_change", _DROP),
+    ("activity_14d_vs_prior28_change", _DROP),
+    ("sessions_14d_vs_prior28_change", _DROP),
+    ("feature_use_14d_vs_prior28_change", _DROP),
+    ("opens_14d_vs_prior28_change", _DROP),
+    ("purchases_28d_vs_prior28_change", _DROP),
     ("days_since_active", _LOG),
     ("days_since_purchase", _LOG),
     ("days_since_feature_use", _LOG),
     ("sentiment_mean_28d", ""),
     # drop against the longer baseline, recency against the usual gap, purchase drift
-    ("activity_14d_vs_prior42_log_ratio", ""),
-    ("activity_7d_vs_peak_week_log_ratio", ""),
-    ("activity_trend_8w", ""),
+    ("activity_14d_vs_prior42_log_ratio", _DROP),
+    ("activity_7d_vs_peak_week_log_ratio", _DROP),
+    ("activity_trend_8w", _DROP),
     ("idle_vs_usual_gap_active", ""),
     ("idle_vs_usual_gap_purchase", ""),
-    ("sessions_14d_vs_prior42_log_ratio", ""),
-    ("feature_use_14d_vs_prior42_log_ratio", ""),
-    ("opens_14d_vs_prior42_log_ratio", ""),
+    ("sessions_14d_vs_prior42_log_ratio", _DROP),
+    ("feature_use_14d_vs_prior42_log_ratio", _DROP),
+    ("opens_14d_vs_prior42_log_ratio", _DROP),
     ("escalations_14d", _LOG),
     ("active_days_56d", ""),
     # the mix of behaviour (independent of how active the customer is)
@@ -258,8 +267,7 @@ MODEL_INPUTS: tuple[tuple[str, str], ...] = (
     ("days_since_qualifying", _LOG),
     ("btyd_frequency", _LOG),
     ("btyd_recency_days", _LOG),
-    ("btyd_gap_mean_days", _LOG),
-    ("btyd_gap_z", _ASINH),
+    ("btyd_gap_z", _OVERDUE),
     ("btyd_silence_x_frequency", ""),
     ("bgnbd_p_alive", _LOGIT),
     ("bgnbd_expected", _LOG),
@@ -276,8 +284,10 @@ _MI_NAMES = tuple(n for n, _ in MODEL_INPUTS)
 #: never raises it), so that, whatever it learns, a longer silence never lowers a lapsed
 #: customer's churn and buying again lowers it. Inputs that grow with time alone (tenure,
 #: the BG/NBD age T, the spread of the gaps) enter only through the BG/NBD estimates and
-#: the gap z-score, whose direction is fixed. Tickets, sentiment and the behaviour mix are
-#: free.
+#: the gap z-score, whose direction is fixed. The mean gap is not an input: a purchase moves
+#: it either way (down when it comes sooner than usual, up when later), so no sign makes
+#: buying again lower churn. Lifetime revenue only grows with a purchase: never raises
+#: churn. Tickets, sentiment and the behaviour mix are free.
 GROWS_WITH_SILENCE = frozenset(
     {
         "days_since_active",
@@ -303,7 +313,6 @@ _FREE = frozenset(
         "clicks_per_open_56d",
         "cart_views_per_session_56d",
         "avg_order_value",
-        "lifetime_revenue",
     }
 )
 CHURN_SIGNS: dict[str, int] = {
@@ -312,8 +321,10 @@ CHURN_SIGNS: dict[str, int] = {
 _CLUSTER_NAMES = tuple(n for n, _ in CLUSTER_DIMS)
 _MI_IDX = np.array([FEATURE_INDEX[n] for n, _ in MODEL_INPUTS])
 _MI_LOG = np.array([i for i, (_, k) in enumerate(MODEL_INPUTS) if k == _LOG])
-_MI_CLIP = np.array([i for i, (_, k) in enumerate(MODEL_INPUTS) if k == _CLIP])
-_MI_ASINH = np.array([i for i, (_, k) in enumerate(MODEL_INPUTS) if k == _ASINH])
+_MI_CLIP = np.array([i for i, (_, k) in enumerate(MODEL_INPUTS) if k == _CLIP], dtype=int)
+_MI_ASINH = np.array([i for i, (_, k) in enumerate(MODEL_INPUTS) if k == _ASINH], dtype=int)
+_MI_OVERDUE = np.array([i for i, (_, k) in enumerate(MODEL_INPUTS) if k == _OVERDUE])
+_MI_DROP = np.array([i for i, (_, k) in enumerate(MODEL_INPUTS) if k == _DROP])
 _MI_LOGIT = np.array([i for i, (_, k) in enumerate(MODEL_INPUTS) if k == _LOGIT])
 _BG_P_ALIVE, _BG_EXPECTED, _BG_P_NONE = (
     FEATURE_INDEX[n] for n in ("bgnbd_p_alive", "bgnbd_expected", "bgnbd_p_none")
@@ -411,7 +422,7 @@ def model_input(vec: npt.NDArray[np.float64]) -> dict[str, float]:
 
     >>> x = model_input(np.zeros(len(FEATURE_NAMES)))
     >>> len(x), x["days_since_active"]
-    (58, 0.0)
+    (57, 0.0)
     """
     return dict(zip(_MI_NAMES, model_vector(vec).tolist(), strict=True))
 
@@ -428,6 +439,8 @@ def model_matrix(rows: npt.NDArray[np.float64]) -> npt.NDArray[np.float64]:
     v[:, _MI_LOG] = np.log1p(np.maximum(v[:, _MI_LOG], 0.0))
     v[:, _MI_CLIP] = np.minimum(v[:, _MI_CLIP], 3.0)
     v[:, _MI_ASINH] = np.arcsinh(v[:, _MI_ASINH])
+    v[:, _MI_OVERDUE] = np.arcsinh(np.maximum(v[:, _MI_OVERDUE], 0.0))
+    v[:, _MI_DROP] = np.minimum(v[:, _MI_DROP], 0.0)
     p = np.clip(v[:, _MI_LOGIT], 1e-6, 1.0 - 1e-6)
     v[:, _MI_LOGIT] = np.log(p / (1.0 - p))
     return v

@@ -27,6 +27,7 @@ from __future__ import annotations
 
 import heapq
 import logging
+import math
 import time
 from collections import deque
 from collections.abc import Iterable, Iterator
@@ -656,7 +657,20 @@ class Segmenter:
         return True
 
     def _refresh_thresholds(self) -> None:
+        old = self.thresholds
         self.thresholds = core.percentile_thresholds(self.defs, self.population)
+        # A threshold that moved can cross a customer's value with no new score for it (issue
+        # #17's oracle: "clv >= p80" held on days the segmenter did not have the customer):
+        # the customers between the old and the new value are re-evaluated, in the tick's
+        # bounded chunks (all of them when there was no threshold before).
+        for (feature, pct), new in self.thresholds.items():
+            before = old.get((feature, pct))
+            if before == new:
+                continue
+            lo, hi = (-math.inf, math.inf) if before is None else sorted((before, new))
+            column = self.population.get(feature)
+            if column is not None:
+                self._reeval.extend(column.between(lo, hi))
 
     # -- loop hooks ----------------------------------------------------------------------
     def before_commit(self) -> Iterator[Output]:

@@ -57,6 +57,15 @@ class Column:
     def __len__(self) -> int:
         return len(self._by)
 
+    def between(self, low: float, high: float) -> list[str]:
+        """The customers whose value lies in ``[low, high]``.
+
+        >>> col = Column(); col.set("a", 1.0); col.set("b", 5.0)
+        >>> col.between(0.0, 2.0)
+        ['a']
+        """
+        return [cid for cid, v in self._by.items() if low <= v <= high]
+
     def nearest_rank(self, pct: float) -> float | None:
         """The ``pct``-th percentile (nearest rank); None for an empty column."""
         return nearest_rank(self._by.values(), pct, len(self._by))

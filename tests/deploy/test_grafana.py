@@ -111,3 +111,26 @@ def test_provisioning_points_at_the_dashboard_and_prometheus(dashboard: dict[str
     assert provider["type"] == "file"
     # where docker-compose.yml mounts deploy/grafana/dashboards (checked in test_compose.py)
     assert provider["options"]["path"] == "/var/lib/grafana/dashboards"
+
+
+def test_dashboard_shows_the_churn_quality_that_would_have_caught_issue_17(
+    dashboard: dict[str, Any],
+) -> None:
+    """Issue 17: the exported prequential AUC read 0.985 while the score ranked customers worse
+    than chance; the held-back AUC next to recency alone, calibration and the share of tied
+    scores are what would have shown it."""
+    queries = " ".join(e for _, e in exprs(dashboard))
+    for metric in (
+        "holdout_roc_auc",
+        "holdout_recency_roc_auc",
+        "holdout_auc_minus_recency",
+        "holdout_calibration_error",
+        "score_tie_share",
+    ):
+        assert f'segflow_scorer_model_quality{{metric="{metric}"}}' in queries, metric
+    # every metric value the dashboard asks for is one the scorer exports
+    from services.scorer.model import ChurnModel
+
+    exported = set(ChurnModel().quality())
+    asked = {m.split('"')[1] for m in queries.split("segflow_scorer_model_quality{metric=")[1:]}
+    assert asked <= exported, asked - exported

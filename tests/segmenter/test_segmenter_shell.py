@@ -280,9 +280,40 @@ def test_a_feature_the_scores_lack_is_counted_and_logged_once(
 def test_percentile_threshold_refreshes_from_the_population(seg: Segmenter) -> None:
     for i in range(10):
         list(seg(score(f"c{i}", T0, clv=float(i))))
-    seg.tick()  # recomputes p50 over the ten customers: 4.0
+    refreshed = changes(seg.tick())  # recomputes p50 over the ten customers: 4.0
     assert seg.thresholds == {("clv", 50.0): 4.0}
-    assert changes(seg(score("c9", T0 + 1, clv=9.0)))[0] == ("c9", "Big", "entered")
+    # scored before any threshold existed, c9 enters at the refresh (issue #17: it used to wait
+    # for its next score), and its next score changes nothing
+    assert ("c9", "Big", "entered") in refreshed
+    assert changes(seg(score("c9", T0 + 1, clv=9.0))) == []
+
+
+def test_a_moving_percentile_re_evaluates_the_customers_it_crosses(seg: Segmenter) -> None:
+    """Issue #17's oracle: a customer whose clv did not change but whose rank did (others
+    came, left or changed) is in or out of `clv >= p50` from the refresh on, not only at its
+    next score (which may be days away: scores are emitted only on material changes)."""
+
+    def members() -> list[str]:
+        return sorted(
+            c
+            for c, st in seg.states.items()
+            if st.memberships.get("Big", None) and st.memberships["Big"].active
+        )
+
+    for i in range(10):  # the highest clv first: no threshold exists when they are scored
+        list(seg(score(f"c{i}", T0, clv=float(9 - i))))
+    commit(seg)
+    seg.tick()  # p50 over the ten: 4.0
+    commit(seg)
+    assert seg.thresholds == {("clv", 50.0): 4.0}
+    assert members() == ["c0", "c1", "c2", "c3", "c4", "c5"]  # clv 9 ... 4
+    for i in range(10):
+        list(seg(score(f"n{i}", T0 + 1, clv=0.0)))
+    commit(seg)
+    seg.tick()  # p50 over twenty, eleven of them 0: 0.0 — c6 ... c9 (clv 3 ... 0) qualify now
+    commit(seg)
+    assert seg.thresholds == {("clv", 50.0): 0.0}
+    assert members() == sorted([f"c{i}" for i in range(10)] + [f"n{i}" for i in range(10)])
 
 
 def test_reload_rejects_invalid_and_takes_valid_versions(seg: Segmenter, tmp_path: Path) -> None:
