@@ -72,7 +72,7 @@ def terminal_results(s: Settings, keys: set[str], timeout: float) -> dict[str, d
     deadline = time.monotonic() + timeout
     done: dict[str, dict[str, Any]] = {}
     while time.monotonic() < deadline:
-        recs = read_all(s, TOPICS.dispatch_results.name(s), timeout=5)
+        recs = read_all(s, TOPICS.dispatch_results.name(s), timeout=30)
         rs = [serde.decode(TOPICS.dispatch_results, r.value) for r in recs if r.value]
         done = {r["idempotency_key"]: r for r in rs if r["status"] in ("sent", "failed")}
         if keys <= done.keys():

@@ -236,11 +236,11 @@ def test_kill_9_mid_stream_then_restart_gives_each_event_exactly_once(
     try:
         # Some batches committed, then a transaction open (its records visible only to
         # read_uncommitted): kill -9 now, mid-stream.
-        wait_until(lambda: len(read_all(s, sink, timeout=5)) > 0, 60)
+        wait_until(lambda: len(read_all(s, sink, timeout=30)) > 0, 60)
         wait_until(
             lambda: (
                 len(read_all(s, sink, timeout=5, isolation="read_uncommitted"))
-                > len(read_all(s, sink, timeout=5))
+                > len(read_all(s, sink, timeout=30))
             ),
             30,
             interval=0.05,
@@ -248,7 +248,7 @@ def test_kill_9_mid_stream_then_restart_gives_each_event_exactly_once(
     finally:
         os.kill(proc.pid, signal.SIGKILL)
         proc.wait(10)
-    before = len(read_all(s, sink, timeout=5))
+    before = len(read_all(s, sink, timeout=30))
     assert 0 < before < unique
 
     restarted = subprocess.run(

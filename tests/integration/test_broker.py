@@ -95,7 +95,7 @@ def test_sigterm_finishes_the_batch_in_hand_and_exits_cleanly(kafka_settings: Se
         text=True,
     )
     deadline = time.monotonic() + 60
-    while time.monotonic() < deadline and not read_all(s, sink, timeout=3):
+    while time.monotonic() < deadline and not read_all(s, sink, timeout=30):
         time.sleep(0.1)
     proc.send_signal(signal.SIGTERM)
     _, err = proc.communicate(timeout=30)

@@ -207,7 +207,7 @@ def test_broker_killed_mid_run_and_restarted_loses_nothing(own_broker: LocalBrok
     supervisor = Supervisor(cmd)
     try:
         # Wait until the loop is demonstrably mid-stream, then kill the broker under it.
-        wait_until(lambda: 0 < len(read_all(s, sink, timeout=5)) < 3000, 60)
+        wait_until(lambda: 0 < len(read_all(s, sink, timeout=30)) < 3000, 60)
         own_broker.kill()
         time.sleep(2)  # the outage itself
         own_broker.start()
@@ -257,7 +257,7 @@ def test_kill_9_mid_transaction_then_restart_gives_each_input_exactly_once(
     wait_until(lambda: len(read_all(s, sink, timeout=5, isolation="read_uncommitted")) > 0, 60)
     os.kill(proc.pid, signal.SIGKILL)
     proc.wait(10)
-    assert read_all(s, sink, timeout=5) == [], "nothing was committed before the kill"
+    assert read_all(s, sink, timeout=30) == [], "nothing was committed before the kill"
 
     restarted = subprocess.run(
         [*cmd, "--idle-timeout", "8"], capture_output=True, text=True, timeout=180

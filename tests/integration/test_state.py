@@ -130,7 +130,7 @@ def test_kill_9_mid_transaction_leaves_state_and_outputs_consistent(
     deadline = time.monotonic() + 60
     committed = 0
     while time.monotonic() < deadline and proc.poll() is None:
-        committed = len(read_all(s, TOPICS.scores.name(s), timeout=3))
+        committed = len(read_all(s, TOPICS.scores.name(s), timeout=30))
         if committed >= 300:
             break
         time.sleep(0.2)

@@ -188,7 +188,7 @@ def test_kill_9_and_restart_restores_state_no_entered_repeated_no_change_lost(
         deadline = time.monotonic() + 60
         seen = 0
         while time.monotonic() < deadline:  # kill once some batches are committed
-            seen = len(read_all(s, TOPICS.segment_changes.name(s), timeout=2))
+            seen = len(read_all(s, TOPICS.segment_changes.name(s), timeout=30))
             if seen >= 300:
                 break
             time.sleep(0.2)
