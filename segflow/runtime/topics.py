@@ -76,6 +76,7 @@ class Topics:
     identity_state: Topic
     scorer_state: Topic
     scorer_model: Topic
+    scorer_handoff: Topic
     dispatcher_state: Topic
     segmenter_state: Topic
 

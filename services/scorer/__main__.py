@@ -29,7 +29,7 @@ def main(argv: list[str] | None = None) -> int:
     if settings.metrics_port:
         metrics.serve(settings.metrics_port)
     service = ScorerService(settings, options)
-    service.restore()
+    service.restore(states=False)  # partitions are restored as the group assigns them
     if options.http_port is not None:  # the API gateway's query endpoint
         from services.scorer import api
 

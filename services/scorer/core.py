@@ -746,6 +746,13 @@ class Scorer:
         for source in sources:
             self._sources.setdefault(source, (-1, now_ms))
 
+    def drop_sources(self, sources: Iterable[Any]) -> None:
+        """Input partitions this instance no longer reads (another owns them): they stop
+        holding the clock back."""
+        for source in sources:
+            for table in (self._sources, self._pending, self._lag, self._recent, self._seq):
+                table.pop(source, None)
+
     def on_batch(
         self, pending: Mapping[Any, int], lag: Mapping[Any, int | None], now_ms: int
     ) -> None:
@@ -922,6 +929,14 @@ class Scorer:
             ScoreEmit(customer_id, None),
             Retire(customer_id, at),
         ]
+
+    def release(self, customer_id: str) -> None:
+        """Drop the customer's timer, cached buckets and deferred score without retiring the
+        id: its state moved to another instance (a merge hand-off, or a revoked partition)."""
+        self._urgent.pop(customer_id, None)
+        self._cache.pop(customer_id, None)
+        self._unsealed.pop(customer_id, None)
+        self._timer_at.pop(customer_id, None)  # its heap entry is skipped as superseded
 
     def settle(self, get: Callable[[str], State | None], now_ms: int) -> list[Out]:
         """Score the customers whose urgent events or merges :meth:`on_event` /
