@@ -77,6 +77,7 @@ class Topics:
     scorer_state: Topic
     scorer_model: Topic
     scorer_handoff: Topic
+    scorer_examples: Topic
     dispatcher_state: Topic
     segmenter_state: Topic
 

@@ -37,6 +37,7 @@ def main(argv: list[str] | None = None) -> int:
     loop = build_loop(settings, service)
     loop.install_signal_handlers()
     loop.run(max_records=args.max_records, idle_timeout=args.idle_timeout)
+    service.close()
     return 0
 
 

@@ -12,16 +12,26 @@ through ``scorer.handoff`` (keyed by the survivor, a third co-partitioned input)
 absorbed id's owner writes its tombstones, a ``merged:<id>`` marker and the hand-off in one
 transaction; the survivor's owner merges it, writes the state and commits the hand-off's
 offset in one transaction. Later events for the absorbed id are forwarded to the survivor.
+
+One churn model for the deployment: every instance sends what it would learn (matured
+labelled examples, cluster inputs, BG/NBD summaries: ``Scorer.sink``) to the one-partition
+``scorer.examples``; the instance that owns its partition 0 (the range assignor gives it the
+same member as partition 0 of the inputs) learns them and publishes the model, in the same
+transaction as the examples' offsets, to ``scorer.model`` under ``churn.shared``; every
+instance tails that topic and scores with the latest version (``core.adopt``).
 """
 
 from __future__ import annotations
 
+import io
 import logging
 import math
 import time
 from collections.abc import Callable, Iterable, Iterator
-from typing import Any
+from typing import Any, cast
 
+import numpy as np
+from confluent_kafka import OFFSET_BEGINNING, Consumer, TopicPartition
 from prometheus_client import Counter, Gauge
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
@@ -41,8 +51,11 @@ from services.scorer.core import (
     Scorer,
     ScorerConfig,
     StateWrite,
+    adopt,
+    learn_from,
 )
 from services.scorer.features import State, new_state, upgrade
+from services.scorer.model import ChurnModel
 
 log = logging.getLogger("segflow.scorer")
 
@@ -55,6 +68,8 @@ RETIRED_KEY = "retired:"
 #: events for the absorbed id are forwarded to the survivor, a replayed merge is a no-op.
 MERGED_KEY = "merged:"
 _MARKERS = (RETIRED_KEY, MERGED_KEY)
+#: ``scorer.model`` key of the deployment's one churn model (published by the learner).
+SHARED_MODEL = "churn.shared"
 
 MODEL_QUALITY = Gauge(
     "segflow_scorer_model_quality",
@@ -78,6 +93,12 @@ HANDOFFS = Counter(
     "segflow_scorer_handoffs_total",
     "Merge hand-offs between instances: sent/received, state/event",
     ["direction", "kind"],
+)
+LEARNER = Gauge("segflow_scorer_learner", "1 when this instance is the churn-model learner")
+MODEL_VERSIONS = Counter(
+    "segflow_scorer_model_versions_total",
+    "Shared churn-model versions published or adopted",
+    ["direction"],
 )
 FORWARDED = Counter(
     "segflow_scorer_forwarded_events_total",
@@ -111,6 +132,9 @@ class ScorerSettings(BaseSettings):
     # holding the event-time clock back after this long without events
     pre_commit_delay: float = 0.0  # fault injection for tests: widen the open-transaction window
     http_port: int | None = None  # internal query endpoint (services/scorer/api.py)
+    # True: one churn model for all instances (examples to scorer.examples, the owner of its
+    # partition 0 learns and publishes churn.shared). False: each instance learns its own.
+    shared_model: bool = True
 
     def core(self) -> ScorerConfig:
         return ScorerConfig(
@@ -149,9 +173,18 @@ class ScorerService:
         #: Merged-away ids this instance holds markers for: absorbed id -> survivor id.
         self.merged: dict[str, str] = {}
         self.forwarded = 0
+        #: The learner of the shared model (owns partition 0 of scorer.examples).
+        self.learner = False
+        self._learned_in_batch = False
+        self._examples_out: list[Output] = []
+        #: Refit day -> (partitions covered, their BG/NBD summaries): fitted once complete.
+        self._summaries: dict[int, tuple[set[int], list[Any]]] = {}
+        self._tail: Consumer | None = None
         # States are compressed once per transaction (before_commit / end of tick), not per event.
         # Urgent customers are scored once per batch, together, just before the commit.
         self.scorer = Scorer(self.options.core(), pack_states=False, defer_scores=True)
+        if self.options.shared_model:
+            self.scorer.sink = self._sink
         self._dirty: set[str] = set()
         self._identified = TOPICS.identified.name(settings)
         # SEGFLOW_INSTANCE_ID (stable per instance) names the transactional id and checkpoint
@@ -184,6 +217,7 @@ class ScorerService:
             self._checkpointed_n = int(record["n_learned"])
         else:
             self.scorer.model.created_at = self._now()
+        self._adopt_stored()
         self.scorer.retired = set(self._retired())
         self.merged = self._merged()
         upgraded = sum(upgrade(st) for _, st in self.customers())  # 120-day ring states
@@ -222,17 +256,111 @@ class ScorerService:
     # -- partitions (loop hooks, after the store's) ----------------------------------------
     def on_assign(self, partitions: set[int]) -> None:
         """The store restored ``partitions``: rebuild timers, forgotten and merged ids over
-        what this instance owns now; partitions it does not own stop holding its clock."""
+        what this instance owns now; partitions it does not own stop holding its clock.
+        Partition 0 makes it the learner: it resumes from the last published model."""
         owned = self.states.assigned
         if owned is not None:
             self.scorer.drop_sources(set(range(self.states.partitions)) - owned)
         self._reload()
+        if 0 in partitions and self.options.shared_model:
+            self.learner = True
+            self._summaries.clear()
+            self.models.restore()  # what the previous learner committed, with its offsets
+            self._adopt_stored()
+            LEARNER.set(1)
 
     def on_revoke(self, partitions: set[int]) -> None:
         """The store dropped ``partitions`` (another instance owns them now): their customers'
         timers and cached buckets go too."""
         self.scorer.drop_sources(partitions)
         self._reload()
+        if 0 in partitions:
+            self.learner = False
+            LEARNER.set(0)
+
+    # -- one model (examples out, versions in) -------------------------------------------
+    def _sink(self, kind: str, payload: dict[str, Any]) -> None:
+        """What the core would learn, as a record for the learner (yielded with the outputs
+        of the batch or tick that produced it)."""
+        buf = io.BytesIO()
+        cast(Any, np.savez)(buf, **{k: np.asarray(v) for k, v in payload.items()})
+        owned = self.states.assigned
+        parts = sorted(range(self.states.partitions) if owned is None else owned)
+        value = {
+            "kind": kind,
+            "instance": self.instance,
+            "day": int(payload.get("day", 0)),
+            "partitions": parts,
+            "payload": buf.getvalue(),
+            "sent_at": self._now(),
+        }
+        self._examples_out.append(Output(TOPICS.scorer_examples, self.instance, value))
+
+    def _examples(self) -> Iterator[Output]:
+        out, self._examples_out = self._examples_out, []
+        yield from out
+
+    def _learn(self, rec: dict[str, Any]) -> None:
+        """The learner: an examples record into the model (a refit day's BG/NBD summaries
+        once every partition's arrived)."""
+        with np.load(io.BytesIO(rec["payload"])) as npz:
+            payload: dict[str, Any] = {k: npz[k] for k in npz.files}
+        kind = rec["kind"]
+        if kind == "summary":
+            day = int(rec["day"])
+            parts, rows = self._summaries.setdefault(day, (set(), []))
+            parts.update(rec["partitions"])
+            rows.append(payload["rows"])
+            if len(parts) < self.states.partitions:
+                return
+            del self._summaries[day]
+            for old in [d for d in self._summaries if d < day]:
+                del self._summaries[old]  # a newer fit supersedes an incomplete older day
+            payload = {"day": day, "rows": np.concatenate(rows)}
+        learn_from(self.scorer.model, kind, payload, self.scorer.config)
+        self._learned_in_batch = True
+
+    def _published(self) -> Iterator[Output]:
+        """The learner's model, in the transaction of the examples it learned."""
+        if self._learned_in_batch:
+            self._learned_in_batch = False
+            self.scorer._descriptions = self.scorer.model.describe_clusters()
+            MODEL_VERSIONS.labels("published").inc()
+            yield self.models.put(SHARED_MODEL, self.scorer.checkpoint(SHARED_MODEL, self._now()))
+
+    def _adopt_stored(self) -> None:
+        record = self.models.get(SHARED_MODEL) if self.options.shared_model else None
+        if record is not None:
+            adopt(self.scorer, ChurnModel.from_bytes(record["model"]))
+
+    def _follow(self) -> None:
+        """Not the learner: score with the latest published version of the shared model."""
+        if self.learner or not self.options.shared_model:
+            return
+        if self._tail is None:
+            topic = TOPICS.scorer_model.name(self.settings)
+            self._tail = Consumer(
+                {
+                    **self.settings.kafka_config(),
+                    "group.id": f"{self.options.group_id}-{self.instance}-model",
+                    "enable.auto.commit": False,
+                    "isolation.level": "read_committed",
+                }
+            )
+            self._tail.assign([TopicPartition(topic, 0, OFFSET_BEGINNING)])
+        latest = None
+        for msg in self._tail.consume(100, 0):
+            if msg.error() is None and msg.key() == SHARED_MODEL.encode() and msg.value():
+                latest = msg.value()
+        if latest is not None:
+            record = self.serde.decode(TOPICS.scorer_model, latest)
+            adopt(self.scorer, ChurnModel.from_bytes(record["model"]))
+            MODEL_VERSIONS.labels("adopted").inc()
+
+    def close(self) -> None:
+        if self._tail is not None:
+            self._tail.close()
+            self._tail = None
 
     def _reload(self) -> None:
         self.merged = self._merged()
@@ -256,6 +384,8 @@ class ScorerService:
         changed states, compressed and written once each."""
         yield from self._outputs(self.scorer.settle(self.states.get, self._now()))
         yield from self._sealed()
+        yield from self._examples()
+        yield from self._published()
 
     def handle(self, record: Incoming) -> Iterator[Output]:
         now = self._now()
@@ -264,6 +394,8 @@ class ScorerService:
             yield from self._merge(record.value, now)
         elif kind == TOPICS.scorer_handoff.key_name:
             yield from self._handed(record.value, record.partition, now)
+        elif kind == TOPICS.scorer_examples.key_name:
+            self._learn(record.value)
         else:
             value = record.value
             cid = value["customer_id"]
@@ -384,11 +516,13 @@ class ScorerService:
         return partition_for(cid, self.states.partitions)
 
     def tick(self) -> Iterator[Output]:
+        self._follow()
         now = self._now()
         deadline = time.perf_counter() + self.options.label_seconds_per_tick
         outs = self.scorer.flush(self.states.get, self.customers, now, label_deadline=deadline)
         yield from self._outputs(outs)
         yield from self._sealed()
+        yield from self._examples()
         model = self.scorer.model
         if (
             model.n_learned != self._checkpointed_n
@@ -412,6 +546,12 @@ class ScorerService:
         self._dirty.clear()
         self.merged = self._merged()
         self.scorer.rebuild(self.customers(), self._retired())
+        self._examples_out.clear()
+        if self.learner and self._learned_in_batch:
+            # the learned examples come again: back to the version committed with the offsets
+            self._learned_in_batch = False
+            self._summaries.clear()
+            self._adopt_stored()
 
     def _sealed(self) -> Iterator[Output]:
         self.scorer.seal()
@@ -464,7 +604,12 @@ def build_loop(settings: Settings, service: ScorerService) -> ProcessingLoop:
     """The processing loop of one scorer instance (call ``service.restore()`` first)."""
     opts = service.options
     handoff = TOPICS.scorer_handoff.name(settings)
-    ensure_topics(settings, topics=[], names={handoff: TOPICS.scorer_handoff})
+    examples = TOPICS.scorer_examples.name(settings)
+    ensure_topics(
+        settings,
+        topics=[],
+        names={handoff: TOPICS.scorer_handoff, examples: TOPICS.scorer_examples},
+    )
     config = LoopConfig(
         service="scorer",
         group_id=opts.group_id,
@@ -472,7 +617,9 @@ def build_loop(settings: Settings, service: ScorerService) -> ProcessingLoop:
             TOPICS.identified.name(settings): TOPICS.identified,
             TOPICS.merges.name(settings): TOPICS.merges,
             handoff: TOPICS.scorer_handoff,
+            **({examples: TOPICS.scorer_examples} if opts.shared_model else {}),
         },
+        uncopartitioned=(examples,),
         transactional_id=f"{opts.group_id}-{service.instance}",
         batch_size=opts.batch_size,
         tick_interval=opts.tick_seconds,
