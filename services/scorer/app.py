@@ -268,6 +268,12 @@ class ScorerService:
             self.models.restore()  # what the previous learner committed, with its offsets
             self._adopt_stored()
             LEARNER.set(1)
+            log.info(
+                "churn-model learner",
+                extra={
+                    "fields": {"instance": self.instance, "labels": self.scorer.model.n_learned}
+                },
+            )
 
     def on_revoke(self, partitions: set[int]) -> None:
         """The store dropped ``partitions`` (another instance owns them now): their customers'
