@@ -482,7 +482,7 @@ def final(s: Settings, topic: Any) -> dict[str, dict[str, Any] | None]:
     serde = Serde.from_settings(s)
     out: dict[str, dict[str, Any] | None] = {}
     for r in read_all(s, topic.name(s), idle=1.0, timeout=30):
-        out[r.key.decode()] = None if r.value is None else serde.decode(topic, r.value)
+        out[(r.key or b"").decode()] = None if r.value is None else serde.decode(topic, r.value)
     return out
 
 
