@@ -176,6 +176,7 @@ class ScorerService:
         #: The learner of the shared model (owns partition 0 of scorer.examples).
         self.learner = False
         self._learned_in_batch = False
+        self._learned_uncommitted = False
         self._examples_out: list[Output] = []
         #: Refit day -> (partitions covered, their BG/NBD summaries): fitted once complete.
         self._summaries: dict[int, tuple[set[int], list[Any]]] = {}
@@ -324,7 +325,7 @@ class ScorerService:
                 del self._summaries[old]  # a newer fit supersedes an incomplete older day
             payload = {"day": day, "rows": np.concatenate(rows)}
         learn_from(self.scorer.model, kind, payload, self.scorer.config)
-        self._learned_in_batch = True
+        self._learned_in_batch = self._learned_uncommitted = True
 
     def _published(self) -> Iterator[Output]:
         """The learner's model, in the transaction of the examples it learned."""
@@ -545,7 +546,7 @@ class ScorerService:
         return self.models.put(self.model_key, self.scorer.checkpoint(self.model_key, self._now()))
 
     def on_commit(self) -> None:
-        pass
+        self._learned_uncommitted = False
 
     def on_abort(self) -> None:
         """The stores rolled back: timers and cached buckets must follow them."""
@@ -553,9 +554,9 @@ class ScorerService:
         self.merged = self._merged()
         self.scorer.rebuild(self.customers(), self._retired())
         self._examples_out.clear()
-        if self.learner and self._learned_in_batch:
+        if self._learned_uncommitted:
             # the learned examples come again: back to the version committed with the offsets
-            self._learned_in_batch = False
+            self._learned_in_batch = self._learned_uncommitted = False
             self._summaries.clear()
             self._adopt_stored()
 

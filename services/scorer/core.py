@@ -1497,7 +1497,9 @@ def learn_from(
         return 0
     if kind == "summary":
         a, day = np.asarray(payload["rows"]).reshape(-1, 3), int(payload["day"])
-        if len(a) >= btyd.MIN_FIT_CUSTOMERS:
+        last = model.bgnbd_day  # scorers that hold an older version ask more often
+        due = last is None or day - last >= config.bgnbd_refit_days
+        if due and len(a) >= btyd.MIN_FIT_CUSTOMERS:
             model.bgnbd = btyd.fit(a[:, 0], a[:, 1], a[:, 2], start=model.bgnbd)
             model.bgnbd_day = day
             model.suggested_horizon_days = Scorer(config).suggested_horizon_days(gaps=a)
