@@ -289,10 +289,13 @@ class ScorerService:
     def _sink(self, kind: str, payload: dict[str, Any]) -> None:
         """What the core would learn, as a record for the learner (yielded with the outputs
         of the batch or tick that produced it)."""
-        buf = io.BytesIO()
-        cast(Any, np.savez)(buf, **{k: np.asarray(v) for k, v in payload.items()})
         owned = self.states.assigned
         parts = sorted(range(self.states.partitions) if owned is None else owned)
+        if owned is None:  # not in a consumer group (tools, tests): the only learner there is
+            self._apply(kind, int(payload.get("day", 0)), parts, payload)
+            return
+        buf = io.BytesIO()
+        cast(Any, np.savez)(buf, **{k: np.asarray(v) for k, v in payload.items()})
         value = {
             "kind": kind,
             "instance": self.instance,
@@ -312,11 +315,12 @@ class ScorerService:
         once every partition's arrived)."""
         with np.load(io.BytesIO(rec["payload"])) as npz:
             payload: dict[str, Any] = {k: npz[k] for k in npz.files}
-        kind = rec["kind"]
+        self._apply(rec["kind"], int(rec["day"]), rec["partitions"], payload)
+
+    def _apply(self, kind: str, day: int, partitions: list[int], payload: dict[str, Any]) -> None:
         if kind == "summary":
-            day = int(rec["day"])
             parts, rows = self._summaries.setdefault(day, (set(), []))
-            parts.update(rec["partitions"])
+            parts.update(partitions)
             rows.append(payload["rows"])
             if len(parts) < self.states.partitions:
                 return
