@@ -159,11 +159,10 @@ def test_scores_state_and_dead_letters_on_a_real_broker(kafka_settings: Settings
     assert_exactly_once(kafka_settings, records)
     reasons = sorted(v["reason"] for _, v in decoded(kafka_settings, TOPICS.dlq) if v)
     assert reasons == ["future_event", "undecodable"]
-    # its own checkpoint, and the deployment's one model it learned as the only instance
-    models = dict(decoded(kafka_settings, TOPICS.scorer_model))
-    for key in ("churn.scorer-0", "churn.shared"):
-        checkpoint = models.get(key)
-        assert checkpoint is not None and checkpoint["model"], key
+    # its own checkpoint (the topic may also hold churn.shared, the deployment's one model,
+    # published when this instance, its learner, learned something)
+    checkpoint = dict(decoded(kafka_settings, TOPICS.scorer_model)).get("churn.scorer-0")
+    assert checkpoint is not None and checkpoint["model"]
 
 
 def test_kill_9_mid_stream_then_restart_counts_every_event_once(kafka_settings: Settings) -> None:
