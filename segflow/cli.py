@@ -99,8 +99,8 @@ def available_services() -> list[str]:
 
 
 #: Services whose state is partitioned (they may run as N instances of one consumer group);
-#: identity (one graph) and the scorer (merges across partitions, one model) run once.
-SCALABLE = ("segmenter", "dispatcher")
+#: identity (one graph) runs once.
+SCALABLE = ("scorer", "segmenter", "dispatcher")
 
 
 def replica_counts(names: list[str], replicas: int, per_service: list[str]) -> dict[str, int]:

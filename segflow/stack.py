@@ -33,7 +33,11 @@ class Service:
 
 SERVICES: tuple[Service, ...] = (
     Service("identity", (TOPICS.events,)),
-    Service("scorer", (TOPICS.identified, TOPICS.merges), "SEGFLOW_SCORER_GROUP_ID"),
+    Service(
+        "scorer",
+        (TOPICS.identified, TOPICS.merges, TOPICS.scorer_handoff),
+        "SEGFLOW_SCORER_GROUP_ID",
+    ),
     Service("segmenter", (TOPICS.scores, TOPICS.merges, TOPICS.attributes)),
     Service(
         "dispatcher",

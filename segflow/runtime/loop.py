@@ -145,6 +145,10 @@ class LoopConfig:
     # ``runtime.projection.MapProjection`` that reads only the map keys the service uses). It
     # raises ``DecodeError`` for undecodable bytes, as the serde does.
     decoders: dict[str, Callable[[bytes | None], dict[str, Any]]] = field(default_factory=dict)
+    # Source topic names left out of the co-partitioning check: a one-partition input read
+    # by the member that the range assignor gives partition 0 (the one that also owns
+    # partition 0 of every other input), e.g. the scorer's examples topic for its learner.
+    uncopartitioned: tuple[str, ...] = ()
 
 
 class ProcessingLoop:
@@ -615,7 +619,7 @@ class ProcessingLoop:
     def _check_copartitioned(self) -> None:
         """Every input, and every hook's changelog, must have the same partition count: an
         instance owns partition numbers, and a customer's records and state share one."""
-        names = list(self.config.sources)
+        names = [n for n in self.config.sources if n not in self.config.uncopartitioned]
         names += self._changelogs()
         md = self.consumer.list_topics(timeout=30)
         counts = {n: len(md.topics[n].partitions) for n in names if n in md.topics}

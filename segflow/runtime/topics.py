@@ -79,6 +79,8 @@ class Topics:
     identity_state: Topic
     scorer_state: Topic
     scorer_model: Topic
+    scorer_handoff: Topic
+    scorer_examples: Topic
     dispatcher_state: Topic
     contact_vault: Topic
     segmenter_state: Topic

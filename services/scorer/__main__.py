@@ -29,7 +29,7 @@ def main(argv: list[str] | None = None) -> int:
     if settings.metrics_port:
         metrics.serve(settings.metrics_port)
     service = ScorerService(settings, options)
-    service.restore()
+    service.restore(states=False)  # partitions are restored as the group assigns them
     if options.http_port is not None:  # the API gateway's query endpoint
         from services.scorer import api
 
@@ -37,6 +37,7 @@ def main(argv: list[str] | None = None) -> int:
     loop = build_loop(settings, service)
     loop.install_signal_handlers()
     loop.run(max_records=args.max_records, idle_timeout=args.idle_timeout)
+    service.close()
     return 0
 
 

@@ -4,24 +4,46 @@ Consumes identified events and identity merges, keeps per-customer state in the
 ``scorer_state`` changelog and the model in ``scorer_model``, produces ``segflow.scores``.
 Everything a handler call changes (state, scores) commits with its input offsets in one
 transaction; the tick (timers, label maturation, checkpoints) commits in its own.
+
+Runs as N instances of one consumer group: the state changelog is co-partitioned with the
+inputs, an instance restores the partitions it is assigned and drops those revoked. A merge
+whose absorbed id and survivor are owned by different instances moves the absorbed state
+through ``scorer.handoff`` (keyed by the survivor, a third co-partitioned input): the
+absorbed id's owner writes its tombstones, a ``merged:<id>`` marker and the hand-off in one
+transaction; the survivor's owner merges it, writes the state and commits the hand-off's
+offset in one transaction. Later events for the absorbed id are forwarded to the survivor.
+
+One churn model for the deployment: every instance sends what it would learn (matured
+labelled examples, cluster inputs, BG/NBD summaries: ``Scorer.sink``) to the one-partition
+``scorer.examples``; the instance that owns its partition 0 (the range assignor gives it the
+same member as partition 0 of the inputs) learns them and publishes the model, in the same
+transaction as the examples' offsets, to ``scorer.model`` under ``churn.shared``; every
+instance tails that topic and scores with the latest version (``core.adopt``).
 """
 
 from __future__ import annotations
 
+import io
 import logging
 import math
 import time
 from collections.abc import Callable, Iterable, Iterator
+from typing import Any, cast
 
+import numpy as np
+from confluent_kafka import OFFSET_BEGINNING, Consumer, TopicPartition
 from prometheus_client import Counter, Gauge
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
+from segflow.runtime.kafka import ensure_topics
 from segflow.runtime.loop import BatchInfo, Incoming, LoopConfig, Output, ProcessingLoop
+from segflow.runtime.serde import Serde
 from segflow.runtime.settings import Settings
-from segflow.runtime.state import ChangelogStore
+from segflow.runtime.state import ChangelogStore, partition_for
 from segflow.runtime.topics import TOPICS
 from services.scorer.core import (
     DAY,
+    FORGET_EVENT,
     HOUR,
     Out,
     Retire,
@@ -29,8 +51,11 @@ from services.scorer.core import (
     Scorer,
     ScorerConfig,
     StateWrite,
+    adopt,
+    learn_from,
 )
 from services.scorer.features import State, new_state, upgrade
+from services.scorer.model import ChurnModel
 
 log = logging.getLogger("segflow.scorer")
 
@@ -38,6 +63,13 @@ log = logging.getLogger("segflow.scorer")
 #: a ScorerState with nothing but the id and when it was forgotten): the id is never profiled
 #: again, even by an event or merge already in flight when the forget arrived.
 RETIRED_KEY = "retired:"
+#: State-changelog key prefix of a merged-away id's marker (``merged:<absorbed_id>``, a
+#: ScorerState whose ``customer_id`` is the survivor), in the absorbed id's partition: later
+#: events for the absorbed id are forwarded to the survivor, a replayed merge is a no-op.
+MERGED_KEY = "merged:"
+_MARKERS = (RETIRED_KEY, MERGED_KEY)
+#: ``scorer.model`` key of the deployment's one churn model (published by the learner).
+SHARED_MODEL = "churn.shared"
 
 MODEL_QUALITY = Gauge(
     "segflow_scorer_model_quality",
@@ -56,6 +88,21 @@ TIMERS = Gauge("segflow_scorer_timers", "Scheduled scoring timers (pending and r
 FORGOTTEN = Gauge("segflow_scorer_forgotten_ids", "Customer ids forgotten (retired for good)")
 RETIRED_DROPS = Counter(
     "segflow_scorer_retired_drops_total", "Events and merges dropped for a forgotten customer id"
+)
+HANDOFFS = Counter(
+    "segflow_scorer_handoffs_total",
+    "Merge hand-offs between instances: sent/received, state/event",
+    ["direction", "kind"],
+)
+LEARNER = Gauge("segflow_scorer_learner", "1 when this instance is the churn-model learner")
+MODEL_VERSIONS = Counter(
+    "segflow_scorer_model_versions_total",
+    "Shared churn-model versions published or adopted",
+    ["direction"],
+)
+FORWARDED = Counter(
+    "segflow_scorer_forwarded_events_total",
+    "Events for a merged-away id applied to its survivor (here or through a hand-off)",
 )
 
 
@@ -85,6 +132,9 @@ class ScorerSettings(BaseSettings):
     # holding the event-time clock back after this long without events
     pre_commit_delay: float = 0.0  # fault injection for tests: widen the open-transaction window
     http_port: int | None = None  # internal query endpoint (services/scorer/api.py)
+    # True: one churn model for all instances (examples to scorer.examples, the owner of its
+    # partition 0 learns and publishes churn.shared). False: each instance learns its own.
+    shared_model: bool = True
 
     def core(self) -> ScorerConfig:
         return ScorerConfig(
@@ -115,16 +165,39 @@ class ScorerService:
         self.settings = settings
         self.options = options or ScorerSettings()
         self.clock = clock
-        # Not partition-aware yet (merges move state between customers of any partition):
-        # one scorer instance restores every partition.
-        self.states = ChangelogStore(settings, TOPICS.scorer_state, partitioned=False)
+        # Partitioned like the inputs: under a consumer group an instance holds the partitions
+        # it is assigned (on_assign / on_revoke); without one (tools, tests) all of them.
+        self.states = ChangelogStore(settings, TOPICS.scorer_state)
         self.models = ChangelogStore(settings, TOPICS.scorer_model)
+        self.serde = Serde.from_settings(settings)
+        #: Merged-away ids this instance holds markers for: absorbed id -> survivor id.
+        self.merged: dict[str, str] = {}
+        self.forwarded = 0
+        #: The learner of the shared model (owns partition 0 of scorer.examples).
+        self.learner = False
+        self._learned_in_batch = False
+        self._learned_uncommitted = False
+        self._examples_out: list[Output] = []
+        #: Refit day -> (partitions covered, their BG/NBD summaries): fitted once complete.
+        self._summaries: dict[int, tuple[set[int], list[Any]]] = {}
+        self._tail: Consumer | None = None
         # States are compressed once per transaction (before_commit / end of tick), not per event.
         # Urgent customers are scored once per batch, together, just before the commit.
         self.scorer = Scorer(self.options.core(), pack_states=False, defer_scores=True)
+        if self.options.shared_model:
+            self.scorer.sink = self._sink
         self._dirty: set[str] = set()
         self._identified = TOPICS.identified.name(settings)
-        self.model_key = f"churn.{self.options.instance}"
+        # SEGFLOW_INSTANCE_ID (stable per instance) names the transactional id and checkpoint
+        iid = settings.instance_id
+        self.instance = (
+            self.options.instance
+            if iid is None
+            else iid
+            if iid.startswith("scorer")  # a StatefulSet pod name: scorer-0, scorer-1
+            else f"scorer-{iid}"
+        )
+        self.model_key = f"churn.{self.instance}"
         self._last_checkpoint = clock()
         self._checkpointed_n = -1
         self._counted = (0, 0, 0)
@@ -132,9 +205,12 @@ class ScorerService:
     def _now(self) -> int:
         return int(self.clock() * 1000)
 
-    def restore(self) -> None:
-        """Load state and the latest model checkpoint; rebuild the timers."""
-        self.states.restore()
+    def restore(self, states: bool = True) -> None:
+        """Load state and the latest model checkpoint; rebuild the timers. ``states=False``
+        (an instance of a consumer group): the customers' partitions are restored when the
+        group assigns them (:meth:`on_assign`)."""
+        if states:
+            self.states.restore()
         self.models.restore()
         record = self.models.get(self.model_key)
         if record is not None:
@@ -142,7 +218,9 @@ class ScorerService:
             self._checkpointed_n = int(record["n_learned"])
         else:
             self.scorer.model.created_at = self._now()
+        self._adopt_stored()
         self.scorer.retired = set(self._retired())
+        self.merged = self._merged()
         upgraded = sum(upgrade(st) for _, st in self.customers())  # 120-day ring states
         self.scorer.rebuild(self.customers(), self.scorer.retired)
         self.scorer.expect_sources(range(TOPICS.identified.partitions), self._now())
@@ -160,17 +238,146 @@ class ScorerService:
         )
 
     def customers(self) -> Iterator[tuple[str, State]]:
-        """The customers' states (the store without the forgotten ids' markers)."""
-        if not self.scorer.retired:
+        """The customers' states (the store without the forgotten or merged ids' markers)."""
+        if not self.scorer.retired and not self.merged:
             return self.states.items()
-        return ((k, v) for k, v in self.states.items() if not k.startswith(RETIRED_KEY))
+        return ((k, v) for k, v in self.states.items() if not k.startswith(_MARKERS))
 
     def customer_count(self) -> int:
-        return len(self.states) - len(self.scorer.retired)
+        return len(self.states) - len(self.scorer.retired) - len(self.merged)
 
     def _retired(self) -> list[str]:
         n = len(RETIRED_KEY)
         return [k[n:] for k in self.states.table if k.startswith(RETIRED_KEY)]
+
+    def _merged(self) -> dict[str, str]:
+        n, table = len(MERGED_KEY), self.states.table
+        return {k[n:]: str(v["customer_id"]) for k, v in table.items() if k.startswith(MERGED_KEY)}
+
+    # -- partitions (loop hooks, after the store's) ----------------------------------------
+    def on_assign(self, partitions: set[int]) -> None:
+        """The store restored ``partitions``: rebuild timers, forgotten and merged ids over
+        what this instance owns now; partitions it does not own stop holding its clock.
+        Partition 0 makes it the learner: it resumes from the last published model."""
+        owned = self.states.assigned
+        if owned is not None:
+            self.scorer.drop_sources(set(range(self.states.partitions)) - owned)
+        self._reload()
+        if 0 in partitions and self.options.shared_model:
+            self.learner = True
+            self._summaries.clear()
+            self.models.restore()  # what the previous learner committed, with its offsets
+            self._adopt_stored()
+            LEARNER.set(1)
+            log.info(
+                "churn-model learner",
+                extra={
+                    "fields": {"instance": self.instance, "labels": self.scorer.model.n_learned}
+                },
+            )
+
+    def on_revoke(self, partitions: set[int]) -> None:
+        """The store dropped ``partitions`` (another instance owns them now): their customers'
+        timers and cached buckets go too."""
+        self.scorer.drop_sources(partitions)
+        self._reload()
+        if 0 in partitions:
+            self.learner = False
+            LEARNER.set(0)
+
+    # -- one model (examples out, versions in) -------------------------------------------
+    def _sink(self, kind: str, payload: dict[str, Any]) -> None:
+        """What the core would learn, as a record for the learner (yielded with the outputs
+        of the batch or tick that produced it)."""
+        owned = self.states.assigned
+        parts = sorted(range(self.states.partitions) if owned is None else owned)
+        if owned is None:  # not in a consumer group (tools, tests): the only learner there is
+            self._apply(kind, int(payload.get("day", 0)), parts, payload)
+            return
+        buf = io.BytesIO()
+        cast(Any, np.savez)(buf, **{k: np.asarray(v) for k, v in payload.items()})
+        value = {
+            "kind": kind,
+            "instance": self.instance,
+            "day": int(payload.get("day", 0)),
+            "partitions": parts,
+            "payload": buf.getvalue(),
+            "sent_at": self._now(),
+        }
+        self._examples_out.append(Output(TOPICS.scorer_examples, self.instance, value))
+
+    def _examples(self) -> Iterator[Output]:
+        out, self._examples_out = self._examples_out, []
+        yield from out
+
+    def _learn(self, rec: dict[str, Any]) -> None:
+        """The learner: an examples record into the model (a refit day's BG/NBD summaries
+        once every partition's arrived)."""
+        with np.load(io.BytesIO(rec["payload"])) as npz:
+            payload: dict[str, Any] = {k: npz[k] for k in npz.files}
+        self._apply(rec["kind"], int(rec["day"]), rec["partitions"], payload)
+
+    def _apply(self, kind: str, day: int, partitions: list[int], payload: dict[str, Any]) -> None:
+        if kind == "summary":
+            parts, rows = self._summaries.setdefault(day, (set(), []))
+            parts.update(partitions)
+            rows.append(payload["rows"])
+            if len(parts) < self.states.partitions:
+                return
+            del self._summaries[day]
+            for old in [d for d in self._summaries if d < day]:
+                del self._summaries[old]  # a newer fit supersedes an incomplete older day
+            payload = {"day": day, "rows": np.concatenate(rows)}
+        learn_from(self.scorer.model, kind, payload, self.scorer.config)
+        self._learned_in_batch = self._learned_uncommitted = True
+
+    def _published(self) -> Iterator[Output]:
+        """The learner's model, in the transaction of the examples it learned."""
+        if self._learned_in_batch:
+            self._learned_in_batch = False
+            self.scorer._descriptions = self.scorer.model.describe_clusters()
+            MODEL_VERSIONS.labels("published").inc()
+            yield self.models.put(SHARED_MODEL, self.scorer.checkpoint(SHARED_MODEL, self._now()))
+
+    def _adopt_stored(self) -> None:
+        record = self.models.get(SHARED_MODEL) if self.options.shared_model else None
+        if record is not None:
+            adopt(self.scorer, ChurnModel.from_bytes(record["model"]))
+
+    def _follow(self) -> None:
+        """Not the learner: score with the latest published version of the shared model."""
+        if self.learner or not self.options.shared_model:
+            return
+        if self._tail is None:
+            topic = TOPICS.scorer_model.name(self.settings)
+            self._tail = Consumer(
+                {
+                    **self.settings.kafka_config(),
+                    "group.id": f"{self.options.group_id}-{self.instance}-model",
+                    "enable.auto.commit": False,
+                    "isolation.level": "read_committed",
+                }
+            )
+            self._tail.assign([TopicPartition(topic, 0, OFFSET_BEGINNING)])
+        latest = None
+        for msg in self._tail.consume(100, 0):
+            if msg.error() is None and msg.key() == SHARED_MODEL.encode() and msg.value():
+                latest = msg.value()
+        if latest is not None:
+            record = self.serde.decode(TOPICS.scorer_model, latest)
+            adopt(self.scorer, ChurnModel.from_bytes(record["model"]))
+            MODEL_VERSIONS.labels("adopted").inc()
+
+    def close(self) -> None:
+        if self._tail is not None:
+            self._tail.close()
+            self._tail = None
+
+    def _reload(self) -> None:
+        self.merged = self._merged()
+        for _, st in self.customers():
+            upgrade(st)  # 120-day ring states
+        self.scorer.rebuild(self.customers(), self._retired())
 
     # -- loop callbacks ------------------------------------------------------------------
     def before_batch(self, batch: BatchInfo) -> None:
@@ -188,20 +395,139 @@ class ScorerService:
         changed states, compressed and written once each."""
         yield from self._outputs(self.scorer.settle(self.states.get, self._now()))
         yield from self._sealed()
+        yield from self._examples()
+        yield from self._published()
 
     def handle(self, record: Incoming) -> Iterator[Output]:
         now = self._now()
-        if record.topic.key_name == TOPICS.merges.key_name:
-            outs = self.scorer.on_merge(self.states.get, record.value, now)
+        kind = record.topic.key_name
+        if kind == TOPICS.merges.key_name:
+            yield from self._merge(record.value, now)
+        elif kind == TOPICS.scorer_handoff.key_name:
+            yield from self._handed(record.value, record.partition, now)
+        elif kind == TOPICS.scorer_examples.key_name:
+            self._learn(record.value)
         else:
             value = record.value
             cid = value["customer_id"]
+            event = value["event"]
+            survivor = self.merged.get(cid)
+            if survivor is not None and event["event_type"] != FORGET_EVENT:
+                yield from self._forward(survivor, cid, "", record.raw, record.partition, now)
+                return
             _, outs = self.scorer.on_event(
-                self.states.get(cid), cid, value["event"], now, source=record.partition
+                self.states.get(cid), cid, event, now, source=record.partition
             )
+            yield from self._outputs(outs)
+
+    # -- merges across instances -----------------------------------------------------------
+    def _merge(self, merge: dict[str, Any], now: int) -> Iterator[Output]:
+        """An IdentityMerge, read by the owner of its partition (its absorbed id's): absorbed
+        states whose survivor this instance owns merge here, as with one instance; the others
+        go to the survivor's owner through ``scorer.handoff``. Either way the absorbed id gets
+        a ``merged:`` marker, so that its later events follow it."""
+        survivor = str(merge["survivor_id"])
+        owns = self.states.owns
+        absorbed = [
+            a
+            for a in merge["absorbed_ids"]
+            if a != survivor and a not in self.merged and a not in self.scorer.retired
+        ]
+        if survivor in self.scorer.retired or owns(survivor):
+            yield from self._outputs(self.scorer.on_merge(self.states.get, merge, now))
+        else:
+            self.scorer.seal()  # the absorbed states' buckets compressed (written at commit)
+            for a in absorbed:
+                if not owns(a):
+                    continue
+                st = self.states.get(a)
+                if st is None:
+                    continue
+                self.scorer.release(a)
+                self._dirty.discard(a)
+                yield self.states.delete(a)
+                yield Output(TOPICS.scores, a, None)
+                payload = self.serde.encode(TOPICS.scorer_state, st)
+                yield self._handoff("state", survivor, a, str(merge["merge_id"]), payload, now)
+        if survivor in self.scorer.retired:
+            return
+        for a in absorbed:
+            if owns(a):
+                marker = new_state(survivor, int(merge.get("merged_at") or 0))
+                marker["emitted_stage"] = "merged"
+                self.merged[a] = survivor
+                yield self.states.put(MERGED_KEY + a, marker, partition=self._part(a))
+
+    def _forward(
+        self, survivor: str, absorbed: str, merge_id: str, raw: bytes | None, part: int, now: int
+    ) -> Iterator[Output]:
+        """An event for a merged-away id: applied to the survivor (followed through further
+        merges), here when this instance owns it, else through a hand-off."""
+        seen = {absorbed}
+        while survivor in self.merged and survivor not in seen:  # a chain of merges
+            seen.add(survivor)
+            survivor = self.merged[survivor]
+        if survivor in self.scorer.retired:
+            self.scorer.dropped_retired += 1
+            return
+        if not self.states.owns(survivor):
+            yield self._handoff("event", survivor, absorbed, merge_id, raw or b"", now)
+            return
+        value = self.serde.decode(TOPICS.identified, raw)
+        self.forwarded += 1
+        FORWARDED.inc()
+        _, outs = self.scorer.on_event(
+            self.states.get(survivor), survivor, value["event"], now, source=part
+        )
         yield from self._outputs(outs)
 
+    def _handed(self, h: dict[str, Any], part: int, now: int) -> Iterator[Output]:
+        """A hand-off for a survivor this instance owns (its partition's)."""
+        survivor, absorbed, kind = str(h["survivor_id"]), str(h["absorbed_id"]), h["kind"]
+        HANDOFFS.labels("received", kind).inc()
+        if kind == "event":
+            yield from self._forward(survivor, absorbed, h["merge_id"], h["payload"], part, now)
+            return
+        seen = {absorbed}
+        while survivor in self.merged and survivor not in seen:  # merged away meanwhile
+            seen.add(survivor)
+            survivor = self.merged[survivor]
+        if survivor in self.scorer.retired:
+            self.scorer.dropped_retired += 1  # the same forgotten person: nothing to keep
+            return
+        if not self.states.owns(survivor):
+            yield self._handoff("state", survivor, absorbed, h["merge_id"], h["payload"], now)
+            return
+        state = self.serde.decode(TOPICS.scorer_state, h["payload"])
+        upgrade(state)
+
+        def get(cid: str) -> State | None:
+            return state if cid == absorbed else self.states.get(cid)
+
+        merge = {"survivor_id": survivor, "absorbed_ids": [absorbed]}
+        outs = self.scorer.on_merge(get, merge, now)
+        # the absorbed id's tombstones were written by its owner, with the hand-off
+        yield from self._outputs(o for o in outs if o.customer_id != absorbed)
+
+    def _handoff(
+        self, kind: str, survivor: str, absorbed: str, merge_id: str, payload: bytes, now: int
+    ) -> Output:
+        HANDOFFS.labels("sent", kind).inc()
+        value = {
+            "kind": kind,
+            "survivor_id": survivor,
+            "absorbed_id": absorbed,
+            "merge_id": merge_id,
+            "payload": payload,
+            "handed_off_at": now,
+        }
+        return Output(TOPICS.scorer_handoff, survivor, value, partition=self._part(survivor))
+
+    def _part(self, cid: str) -> int:
+        return partition_for(cid, self.states.partitions)
+
     def tick(self) -> Iterator[Output]:
+        self._follow()
         now = self._now()
         deadline = time.perf_counter() + self.options.label_seconds_per_tick
         outs = self.scorer.flush(
@@ -212,6 +538,7 @@ class ScorerService:
         )
         yield from self._outputs(outs)
         yield from self._sealed()
+        yield from self._examples()
         model = self.scorer.model
         if (
             model.n_learned != self._checkpointed_n
@@ -228,12 +555,19 @@ class ScorerService:
         return self.models.put(self.model_key, self.scorer.checkpoint(self.model_key, self._now()))
 
     def on_commit(self) -> None:
-        pass
+        self._learned_uncommitted = False
 
     def on_abort(self) -> None:
         """The stores rolled back: timers and cached buckets must follow them."""
         self._dirty.clear()
+        self.merged = self._merged()
         self.scorer.rebuild(self.customers(), self._retired())
+        self._examples_out.clear()
+        if self._learned_uncommitted:
+            # the learned examples come again: back to the version committed with the offsets
+            self._learned_in_batch = self._learned_uncommitted = False
+            self._summaries.clear()
+            self._adopt_stored()
 
     def _sealed(self) -> Iterator[Output]:
         self.scorer.seal()
@@ -259,7 +593,8 @@ class ScorerService:
             elif isinstance(out, Retire):
                 marker = new_state(out.customer_id, out.at)
                 marker["emitted_stage"] = "forgotten"
-                yield states.put(RETIRED_KEY + out.customer_id, marker)
+                key = RETIRED_KEY + out.customer_id  # in the customer's partition
+                yield states.put(key, marker, partition=self._part(out.customer_id))
                 log.info("customer forgotten", extra={"fields": {"customer_id": out.customer_id}})
 
     def _export(self) -> None:
@@ -284,14 +619,24 @@ class ScorerService:
 def build_loop(settings: Settings, service: ScorerService) -> ProcessingLoop:
     """The processing loop of one scorer instance (call ``service.restore()`` first)."""
     opts = service.options
+    handoff = TOPICS.scorer_handoff.name(settings)
+    examples = TOPICS.scorer_examples.name(settings)
+    ensure_topics(
+        settings,
+        topics=[],
+        names={handoff: TOPICS.scorer_handoff, examples: TOPICS.scorer_examples},
+    )
     config = LoopConfig(
         service="scorer",
         group_id=opts.group_id,
         sources={
             TOPICS.identified.name(settings): TOPICS.identified,
             TOPICS.merges.name(settings): TOPICS.merges,
+            handoff: TOPICS.scorer_handoff,
+            **({examples: TOPICS.scorer_examples} if opts.shared_model else {}),
         },
-        transactional_id=f"{opts.group_id}-{opts.instance}",
+        uncopartitioned=(examples,),
+        transactional_id=f"{opts.group_id}-{service.instance}",
         batch_size=opts.batch_size,
         tick_interval=opts.tick_seconds,
         pre_commit_delay=opts.pre_commit_delay,

@@ -686,6 +686,12 @@ class Scorer:
     retired: set[str] = field(default_factory=set)
     #: Events and merges dropped because their customer id was forgotten.
     dropped_retired: int = 0
+    #: None: this scorer learns its own model. Set (N instances, one model): what it would
+    #: learn goes to ``sink(kind, payload)`` instead, for the deployment's one learner
+    #: (:func:`learn_from`): ``"examples"`` (a label day's matured snapshots), ``"clusters"``
+    #: (cluster inputs of the snapshots) and ``"summary"`` (the BG/NBD summaries of a refit
+    #: day); the scorer scores with the model versions the learner publishes.
+    sink: Callable[[str, dict[str, Any]], None] | None = None
 
     # -- clock ---------------------------------------------------------------------------
     @property
@@ -759,6 +765,13 @@ class Scorer:
         idle for ``source_idle_ms``."""
         for source in sources:
             self._sources.setdefault(source, (-1, now_ms))
+
+    def drop_sources(self, sources: Iterable[Any]) -> None:
+        """Input partitions this instance no longer reads (another owns them): they stop
+        holding the clock back."""
+        for source in sources:
+            for table in (self._sources, self._pending, self._lag, self._recent, self._seq):
+                table.pop(source, None)
 
     def on_batch(
         self, pending: Mapping[Any, int], lag: Mapping[Any, int | None], now_ms: int
@@ -936,6 +949,14 @@ class Scorer:
             ScoreEmit(customer_id, None),
             Retire(customer_id, at),
         ]
+
+    def release(self, customer_id: str) -> None:
+        """Drop the customer's timer, cached buckets and deferred score without retiring the
+        id: its state moved to another instance (a merge hand-off, or a revoked partition)."""
+        self._urgent.pop(customer_id, None)
+        self._cache.pop(customer_id, None)
+        self._unsealed.pop(customer_id, None)
+        self._timer_at.pop(customer_id, None)  # its heap entry is skipped as superseded
 
     def settle(self, get: Callable[[str], State | None], now_ms: int) -> list[Out]:
         """Score the customers whose urgent events or merges :meth:`on_event` /
@@ -1252,7 +1273,9 @@ class Scorer:
         n = 0
         if due is not None:
             n = self._learn_snapshots(due, now_days, end)
-        if refit and len(summary) >= btyd.MIN_FIT_CUSTOMERS:
+        if refit and self.sink is not None:
+            self.sink("summary", {"day": day, "rows": np.array(summary).reshape(-1, 3)})
+        elif refit and len(summary) >= btyd.MIN_FIT_CUSTOMERS:
             a = np.array(summary)
             model.bgnbd = btyd.fit(a[:, 0], a[:, 1], a[:, 2], start=model.bgnbd)
             model.bgnbd_day = day
@@ -1316,7 +1339,10 @@ class Scorer:
             self.fill_bgnbd(rows)
             xm = model_matrix(rows)
             ps = model.predict_explain_matrix(_MI_NAMES, xm, 0)[0]
-            for cx in cluster_rows(rows, engagement_rows(rows)).tolist():
+            crows = cluster_rows(rows, engagement_rows(rows))
+            if self.sink is not None:
+                self.sink("clusters", {"rows": crows})
+            for cx in [] if self.sink is not None else crows.tolist():
                 model.learn_cluster(dict(zip(_CLUSTER_NAMES, cx, strict=True)))
             for k, (st, d) in enumerate(chunk):
                 cid = st["customer_id"]
@@ -1337,6 +1363,25 @@ class Scorer:
 
     def _learn_snapshots(self, due: Pending, now_days: npt.NDArray[np.int64], end: int) -> int:
         """Label matured snapshots and learn from those not held back; returns how many."""
+        if self.sink is not None:
+            keep = now_days >= 0  # not forgotten or merged away since
+            idx = np.flatnonzero(keep)
+            churned = now_days[idx] == np.asarray(due.q_days, dtype=np.int64)[idx]
+            held = np.asarray(due.holdout, dtype=bool)[idx]
+            self.sink(
+                "examples",
+                {
+                    "end": end,
+                    "x": np.array([due.x[i] for i in idx], dtype=np.float32).reshape(
+                        -1, len(_MI_NAMES)
+                    ),
+                    "y": churned,
+                    "p": np.asarray(due.p, dtype=np.float64)[idx],
+                    "holdout": held,
+                    "since": np.asarray(due.since, dtype=np.float64)[idx],
+                },
+            )
+            return int((~held).sum())
         model = self.model
         n = 0
         for i in range(len(due.ids)):
@@ -1438,6 +1483,61 @@ class Scorer:
         return len(self._timers)
 
 
+def adopt(scorer: Scorer, shared: ChurnModel) -> None:
+    """Score with ``shared`` (a model version the deployment's learner published; not shared
+    with anything else afterwards), keeping this scorer's own label bookkeeping: the snapshots
+    waiting for their labels, the days snapshotted and matured, the tie metrics."""
+    old = scorer.model
+    for name in (
+        "pending",
+        "snapshot_day",
+        "snapshot_rate",
+        "matured_through_day",
+        "tie_share",
+        "mean_score",
+    ):
+        setattr(shared, name, getattr(old, name))
+    scorer.model = shared
+    scorer._descriptions = shared.describe_clusters()
+
+
+def learn_from(
+    model: ChurnModel, kind: str, payload: Mapping[str, Any], config: ScorerConfig
+) -> int:
+    """What a :attr:`Scorer.sink` sent, learned by the deployment's one learner into
+    ``model``, exactly as a scorer without a sink learns it itself; returns the examples
+    learned. ``summary``: BG/NBD summaries of every partition for one refit day, stacked."""
+    if kind == "clusters":
+        for cx in np.asarray(payload["rows"]).tolist():
+            model.learn_cluster(dict(zip(_CLUSTER_NAMES, cx, strict=True)))
+        return 0
+    if kind == "summary":
+        a, day = np.asarray(payload["rows"]).reshape(-1, 3), int(payload["day"])
+        last = model.bgnbd_day  # scorers that hold an older version ask more often
+        due = last is None or day - last >= config.bgnbd_refit_days
+        if due and len(a) >= btyd.MIN_FIT_CUSTOMERS:
+            model.bgnbd = btyd.fit(a[:, 0], a[:, 1], a[:, 2], start=model.bgnbd)
+            model.bgnbd_day = day
+            model.suggested_horizon_days = Scorer(config).suggested_horizon_days(gaps=a)
+        return 0
+    n = 0
+    end = int(payload["end"])
+    for x, y, p, held, since in zip(
+        np.asarray(payload["x"], dtype=np.float64).tolist(),
+        np.asarray(payload["y"]).tolist(),
+        np.asarray(payload["p"]).tolist(),
+        np.asarray(payload["holdout"]).tolist(),
+        np.asarray(payload["since"]).tolist(),
+        strict=True,
+    ):
+        if held:
+            model.observe_holdout(float(p), bool(y), float(since))
+            continue
+        model.learn(dict(zip(_MI_NAMES, x, strict=True)), bool(y), at=end, p=float(p))
+        n += 1
+    return n
+
+
 __all__ = [
     "CLUSTER_DIMS",
     "DAY",
@@ -1457,6 +1557,8 @@ __all__ = [
     "clv",
     "engagement",
     "fingerprint",
+    "adopt",
+    "learn_from",
     "lifecycle",
     "model_input",
 ]

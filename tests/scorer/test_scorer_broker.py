@@ -159,8 +159,10 @@ def test_scores_state_and_dead_letters_on_a_real_broker(kafka_settings: Settings
     assert_exactly_once(kafka_settings, records)
     reasons = sorted(v["reason"] for _, v in decoded(kafka_settings, TOPICS.dlq) if v)
     assert reasons == ["future_event", "undecodable"]
-    [(key, checkpoint)] = decoded(kafka_settings, TOPICS.scorer_model)[-1:]
-    assert key == "churn.scorer-0" and checkpoint is not None and checkpoint["model"]
+    # its own checkpoint (the topic may also hold churn.shared, the deployment's one model,
+    # published when this instance, its learner, learned something)
+    checkpoint = dict(decoded(kafka_settings, TOPICS.scorer_model)).get("churn.scorer-0")
+    assert checkpoint is not None and checkpoint["model"]
 
 
 def test_kill_9_mid_stream_then_restart_counts_every_event_once(kafka_settings: Settings) -> None:
