@@ -481,7 +481,7 @@ def scorer_pairs(cids: list[str]) -> list[tuple[str, str]]:
 def final(s: Settings, topic: Any) -> dict[str, dict[str, Any] | None]:
     serde = Serde.from_settings(s)
     out: dict[str, dict[str, Any] | None] = {}
-    for r in read_all(s, topic.name(s), idle=1.0, timeout=30):
+    for r in read_all(s, topic.name(s), timeout=30):
         out[(r.key or b"").decode()] = None if r.value is None else serde.decode(topic, r.value)
     return out
 
@@ -489,7 +489,7 @@ def final(s: Settings, topic: Any) -> dict[str, dict[str, Any] | None]:
 def score_records(s: Settings) -> list[tuple[str, int, str]]:
     serde = Serde.from_settings(s)
     out = []
-    for r in read_all(s, TOPICS.scores.name(s), idle=1.0, timeout=30):
+    for r in read_all(s, TOPICS.scores.name(s), timeout=30):
         if r.value is not None:
             v = serde.decode(TOPICS.scores, r.value)
             out.append((v["customer_id"], v["as_of"], json.dumps(v["features"], sort_keys=True)))
@@ -638,7 +638,7 @@ def test_two_scorers_give_what_one_does_with_merges_handed_off_across_kill_9_and
     def counted() -> int:  # events in the committed states now (a quick, partial read)
         serde = Serde.from_settings(s)
         state: dict[bytes | None, int] = {}
-        for r in read_all(s, TOPICS.scorer_state.name(s), idle=0.3, timeout=2.0):
+        for r in read_all(s, TOPICS.scorer_state.name(s), timeout=30):
             v = None if r.value is None else serde.decode(TOPICS.scorer_state, r.value)
             state[r.key] = v["lifetime_events"] if v else 0
         return sum(state.values())
