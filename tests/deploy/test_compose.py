@@ -17,7 +17,11 @@ import pytest
 import yaml
 from pydantic_settings import BaseSettings
 
+from segflow.stack import SERVICES as STACK
 from segflow.supervisor import SERVICES
+
+#: Every service of the stack (SERVICES: those with a query endpoint behind the gateway).
+DEPLOYED = tuple(s.name for s in STACK)
 
 REPO = Path(__file__).resolve().parents[2]
 COMPOSE = REPO / "docker-compose.yml"
@@ -27,7 +31,7 @@ SETTINGS_MODULES = (
     "segflow.runtime.settings",
     "segflow.runtime.vault",  # SEGFLOW_VAULT_KEY, SEGFLOW_VAULT_PREVIOUS_KEYS
     "segflow.api.gateway",
-    *(f"services.{s}.app" for s in SERVICES),
+    *(f"services.{s}.app" for s in DEPLOYED),
 )
 
 
@@ -67,11 +71,11 @@ def bind_mounts(svc: dict[str, Any]) -> dict[str, Path]:
 
 
 def test_the_stack_has_every_part(services: dict[str, dict[str, Any]]) -> None:
-    assert {"kafka", "topics", *SERVICES, "prometheus", "grafana"} <= set(services)
+    assert {"kafka", "topics", *DEPLOYED, "prometheus", "grafana"} <= set(services)
     assert services["kafka"]["image"].startswith("apache/kafka:")
 
 
-@pytest.mark.parametrize("name", SERVICES)
+@pytest.mark.parametrize("name", DEPLOYED)
 def test_each_service_runs_its_module_with_the_metrics_port_prometheus_scrapes(
     services: dict[str, dict[str, Any]], name: str
 ) -> None:
@@ -82,7 +86,7 @@ def test_each_service_runs_its_module_with_the_metrics_port_prometheus_scrapes(
     assert find_spec(f"services.{name}.__main__") is not None
     port = int(svc["environment"]["SEGFLOW_METRICS_PORT"])
     # the port `segflow up` gives the same service, so both Prometheus configs agree
-    assert port == build_parser().parse_args(["up"]).metrics_port + SERVICES.index(name)
+    assert port == build_parser().parse_args(["up"]).metrics_port + DEPLOYED.index(name)
     assert scrape_targets()[name] == [f"{name}:{port}"]
 
 
@@ -147,9 +151,9 @@ def test_grafana_reaches_prometheus(services: dict[str, dict[str, Any]]) -> None
 def test_services_reach_the_broker(services: dict[str, dict[str, Any]]) -> None:
     advertised = services["kafka"]["environment"]["KAFKA_ADVERTISED_LISTENERS"]
     listeners = {item.split("://", 1)[1] for item in advertised.split(",")}
-    for name in ("topics", *SERVICES):
+    for name in ("topics", *DEPLOYED):
         assert services[name]["environment"]["KAFKA_BOOTSTRAP_SERVERS"] in listeners, name
-        if name in SERVICES:
+        if name in DEPLOYED:
             assert services[name]["depends_on"]["topics"] == {
                 "condition": "service_completed_successfully"
             }

@@ -17,8 +17,7 @@ import pytest
 import yaml
 
 from segflow.cli import SCALABLE
-from segflow.supervisor import SERVICES
-from tests.deploy.test_compose import settings_variables
+from tests.deploy.test_compose import DEPLOYED, settings_variables
 
 REPO = Path(__file__).resolve().parents[2]
 MANIFESTS = sorted((REPO / "deploy" / "k8s").glob("*.yaml"))
@@ -37,7 +36,7 @@ def statefulsets() -> dict[str, dict[str, Any]]:
 
 
 def test_there_are_manifests() -> None:
-    assert MANIFESTS and set(statefulsets()) == set(SERVICES)
+    assert MANIFESTS and set(statefulsets()) == set(DEPLOYED)
 
 
 @pytest.mark.parametrize("obj", objects(), ids=lambda o: f"{o['kind']}/{o['metadata']['name']}")

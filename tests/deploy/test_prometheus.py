@@ -117,7 +117,7 @@ def test_every_alert_has_severity_and_summary() -> None:
 
 def test_local_config_scrapes_the_ports_segflow_up_gives_the_services() -> None:
     from segflow.cli import build_parser
-    from segflow.supervisor import SERVICES
+    from tests.deploy.test_compose import DEPLOYED
 
     base = build_parser().parse_args(["up"]).metrics_port
     config = yaml.safe_load((PROM / "prometheus-local.yml").read_text())
@@ -125,7 +125,7 @@ def test_local_config_scrapes_the_ports_segflow_up_gives_the_services() -> None:
         job["job_name"]: [t for sc in job["static_configs"] for t in sc["targets"]]
         for job in config["scrape_configs"]
     }
-    assert targets == {name: [f"127.0.0.1:{base + i}"] for i, name in enumerate(SERVICES)}
+    assert targets == {name: [f"127.0.0.1:{base + i}"] for i, name in enumerate(DEPLOYED)}
 
 
 def test_ensure_promtool_rejects_a_promtool_that_does_not_run(tmp_path: Path) -> None:
