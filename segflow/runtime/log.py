@@ -50,6 +50,23 @@ class JsonFormatter(logging.Formatter):
         return json.dumps(out, default=str)
 
 
+class _Stderr(logging.StreamHandler):  # type: ignore[type-arg]
+    """A handler writing to whatever ``sys.stderr`` is when a record is emitted (a process that
+    replaces it, as a test run capturing output does, never leaves this writing to a closed
+    stream)."""
+
+    def __init__(self) -> None:
+        super().__init__(sys.stderr)
+
+    @property
+    def stream(self) -> Any:
+        return sys.stderr
+
+    @stream.setter
+    def stream(self, _value: Any) -> None:
+        pass
+
+
 def configure(
     service: str,
     level: str = "INFO",
@@ -58,7 +75,7 @@ def configure(
     instance: str | None = None,
 ) -> logging.Logger:
     """Set up the root logger for a process and return the service's logger."""
-    handler = logging.StreamHandler(stream or sys.stderr)
+    handler: logging.Handler = logging.StreamHandler(stream) if stream else _Stderr()
     if fmt == "json":
         handler.setFormatter(JsonFormatter(service, instance))
     else:

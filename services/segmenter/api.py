@@ -120,8 +120,11 @@ HOUR_MS = 3_600_000
 #: remade in the background, answering the old one meanwhile). The
 #: console refreshes every 3 s; several viewers, and the Segment page's two reads, share it.
 SNAPSHOT_TTL = 5.0
-#: A snapshot older than the TTL is still answered (while the next one is made) up to this age.
-STALE_MAX = 30.0
+#: A snapshot older than the TTL is still answered (while the next one is made) up to this age:
+#: the first page after a quiet hour answers at once, from the last pass, and the console's own
+#: refresh 3 s later shows the new one (a page never waits for a pass over 100,000 customers,
+#: 0.5-0.9 s, unless the definitions changed or there is no snapshot yet).
+STALE_MAX = 3600.0
 #: Hours of entries and exits a snapshot counts (the flow route's ``hours`` limit).
 MAX_FLOW_HOURS = 24 * 90
 
