@@ -374,6 +374,10 @@ def evaluate(rule: Any, v: dict[str, np.ndarray], pct: dict[tuple[str, float], n
     if "weighted" in rule:
         total = sum(item["weight"] * evaluate(item["when"], v, pct) for item in rule["weighted"])
         return total >= rule["threshold"] - 1e-9
+    if rule["feature"].startswith(("attr.", "lookup.")):
+        # customer attributes and lookup tables (issue 19): the simulated pipeline this oracle
+        # checks loads none, so such a condition is false for everyone, as a missing feature is
+        return np.zeros(len(next(iter(v.values()))), dtype=bool)
     x = v[rule["feature"]]
     op, value = rule["op"], rule["value"]
     if is_pct(value):
@@ -830,6 +834,8 @@ def compare(run: dict[str, Any], n_examples: int = 0, group_by: str = "final-id"
                     for k in sorted(s.features):
                         if k in FROM_SCORES or k == "days_since_re_engaged":
                             continue
+                        if k.startswith(("attr.", "lookup.")):
+                            continue  # not loaded in the simulated pipeline (see evaluate)
                         mine = feats[k][c, d]
                         theirs = values.get(k)
                         if theirs is None:

@@ -53,8 +53,8 @@ def start_up(tmp_path: Path) -> tuple[subprocess.Popen[bytes], str, list[int], i
         proc.kill()
         pytest.fail("segflow up did not come up:\n" + text[-2000:])
     pids = [int(line.split(" pid ")[1].split()[0]) for line in text.splitlines() if " pid " in line]
-    # identity once; scorer, segmenter and dispatcher twice (--replicas 2)
-    assert len(pids) == 7 and all(alive(p) for p in pids)
+    # identity and attributes once; scorer, segmenter and dispatcher twice (--replicas 2)
+    assert len(pids) == 8 and all(alive(p) for p in pids)
     assert any(x.strip().startswith("scorer-1 ") for x in text.splitlines()), text
     broker_pid = int((tmp_path / "broker" / "broker.pid").read_text().strip())
     assert alive(broker_pid)
