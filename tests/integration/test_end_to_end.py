@@ -45,7 +45,7 @@ def test_pipeline_end_to_end_with_kills_sends_every_action_once(
         state_dir=str(tmp_path),
         port=0,
         customers=80,
-        days=42,
+        days=35,
         seed=3,
         keep_broker=True,
         step_timeout=90.0,
@@ -108,6 +108,6 @@ def test_pipeline_end_to_end_with_kills_sends_every_action_once(
     # Stage latencies were measured (their size is the benchmark's business, not a test's).
     latency = summary["latency"]
     assert latency["score_to_change_s"]["n"] > 0 and latency["change_to_decision_s"]["n"] > 0
-    assert latency["week_drain_s"]["n"] >= 6  # 42 days = 6 simulated weeks, then the tail
+    assert latency["week_drain_s"]["n"] >= 5  # 35 days = 5 simulated weeks, then the tail
     # processing-time intervals: an effect never precedes its cause
     assert latency["change_to_decision_s"]["p50"] >= 0, latency
