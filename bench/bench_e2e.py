@@ -75,9 +75,12 @@ from segflow.supervisor import SERVICES, Supervisor  # noqa: E402
 from services.dispatcher.playbooks import DEFAULT_DIR  # noqa: E402
 
 #: Each service's consumer group (under the topic prefix) and input topics.
+#: The bench runs the four services of the event path (not the attributes service, which
+#: only folds identify traits: no bench event is one).
 INPUTS: dict[str, tuple[str, tuple[Topic, ...]]] = {
     s.name: (s.name, s.inputs)
     for s in stack.SERVICES  # group = <prefix><name>
+    if s.name in SERVICES
 }
 STATE_TOPICS = (
     TOPICS.identity_state,
