@@ -53,6 +53,26 @@ class Record:
     headers: list[tuple[str, bytes | None]]
 
 
+def segment_entered(cid: str, at: int, segment: str = "S") -> dict[str, Any]:
+    """A SegmentChange record: ``cid`` entered ``segment`` at event time ``at`` (what the
+    dispatcher acts on), for tests that feed the dispatcher without a segmenter."""
+    entry = f"{cid}:{segment}:{at}"
+    return {
+        "change_id": f"{entry}:entered",
+        "customer_id": cid,
+        "segment": segment,
+        "transition": "entered",
+        "reason": None,
+        "entry_id": entry,
+        "definition_version": "test@1",
+        "occurred_at": at,
+        "emitted_at": at,
+        "primary_segment": segment,
+        "score": None,
+        "explanation": [],
+    }
+
+
 def produce(
     settings: Settings,
     topic: str,

@@ -25,6 +25,7 @@ from segflow.receiver import Receiver
 from segflow.runtime.serde import Serde
 from segflow.runtime.settings import Settings
 from segflow.runtime.testing import produce, read_all
+from segflow.runtime.testing import segment_entered as change
 from segflow.runtime.topics import TOPICS
 from services.dispatcher.app import Dispatcher, DispatcherSettings
 from services.dispatcher.core import idempotency_key
@@ -46,24 +47,6 @@ steps:
 policy: {default_timezone: UTC}
 """
 STEPS = ("mail", "task", "case", "list", "tag")
-
-
-def change(cid: str, at: int) -> dict[str, Any]:
-    entry = f"{cid}:S:{at}"
-    return {
-        "change_id": f"{entry}:entered",
-        "customer_id": cid,
-        "segment": "S",
-        "transition": "entered",
-        "reason": None,
-        "entry_id": entry,
-        "definition_version": "test@1",
-        "occurred_at": at,
-        "emitted_at": at,
-        "primary_segment": "S",
-        "score": None,
-        "explanation": [],
-    }
 
 
 def terminal_results(s: Settings, keys: set[str], timeout: float) -> dict[str, dict[str, Any]]:

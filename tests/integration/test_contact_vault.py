@@ -32,6 +32,7 @@ from segflow.runtime.kafka import make_admin, make_producer
 from segflow.runtime.serde import Serde
 from segflow.runtime.settings import Settings
 from segflow.runtime.testing import produce, read_all
+from segflow.runtime.testing import segment_entered as change
 from segflow.runtime.topics import TOPICS
 from segflow.runtime.vault import Keyring, VaultError, generate_key
 from services.dispatcher import api as dispatcher_api
@@ -110,24 +111,6 @@ def behaviour(event_type: str, at: int, **extra: Any) -> dict[str, Any]:
         "user_id": "u-vault-1",
         "properties": {},
         **extra,
-    }
-
-
-def change(cid: str, at: int) -> dict[str, Any]:
-    entry = f"{cid}:S:{at}"
-    return {
-        "change_id": f"{entry}:entered",
-        "customer_id": cid,
-        "segment": "S",
-        "transition": "entered",
-        "reason": None,
-        "entry_id": entry,
-        "definition_version": "test@1",
-        "occurred_at": at,
-        "emitted_at": at,
-        "primary_segment": "S",
-        "score": None,
-        "explanation": [],
     }
 
 

@@ -27,6 +27,7 @@ from segflow.runtime.serde import Serde
 from segflow.runtime.settings import Settings
 from segflow.runtime.state import partition_for
 from segflow.runtime.testing import isolated_settings, produce, read_all
+from segflow.runtime.testing import segment_entered as entered
 from segflow.runtime.topics import TOPICS
 from services.dispatcher.core import idempotency_key
 
@@ -290,24 +291,6 @@ def test_two_segmenters_emit_exactly_what_one_does_also_across_kill_9_and_a_new_
 
 
 # -- dispatcher ----------------------------------------------------------------------------
-def entered(cid: str, at: int) -> dict[str, Any]:
-    entry = f"{cid}:S:{at}"
-    return {
-        "change_id": f"{entry}:entered",
-        "customer_id": cid,
-        "segment": "S",
-        "transition": "entered",
-        "reason": None,
-        "entry_id": entry,
-        "definition_version": "test@1",
-        "occurred_at": at,
-        "emitted_at": at,
-        "primary_segment": "S",
-        "score": None,
-        "explanation": [],
-    }
-
-
 def dispatcher_env(s: Settings, receiver: Receiver, playbooks: Path) -> dict[str, str]:
     return {
         "SEGFLOW_DISPATCHER_GROUP_ID": s.topic_prefix + "dispatcher",
