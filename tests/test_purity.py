@@ -27,6 +27,7 @@ PURE = (
         "segflow.durations",
         "segflow.stats",
         "segflow.replay.core",
+        "segflow.api.console.timeline",
     ]
     + [
         "services.dispatcher.playbooks",
