@@ -40,6 +40,12 @@ class Tail:
                 "isolation.level": "read_committed",
             }
         )
+        # End offsets are asked on a consumer that fetches nothing: on the reading one, the
+        # request would queue behind its long-poll fetch (fetch.wait.max.ms) on the same
+        # connection - half a second per partition per read, most of the demo's wall time.
+        self.probe = Consumer(
+            {**settings.kafka_config(), "group.id": f"demo-tail-probe-{uuid.uuid4().hex[:8]}"}
+        )
         md = self.consumer.list_topics(self.name, timeout=10)
         self.partitions = sorted(md.topics[self.name].partitions)
         self.consumer.assign(
@@ -52,7 +58,7 @@ class Tail:
         out: list[tuple[bytes | None, dict[str, Any]]] = []
         ends = {}
         for p in self.partitions:
-            high = _high(self.consumer, TopicPartition(self.name, p))
+            high = _high(self.probe, TopicPartition(self.name, p))
             ends[p] = high
         deadline = time.monotonic() + budget
         empty = 0
@@ -80,6 +86,7 @@ class Tail:
 
     def close(self) -> None:
         self.consumer.close()
+        self.probe.close()
 
 
 RECORD_TS = "_record_ts"  # added to each record the demo reads: when it was produced
