@@ -345,7 +345,9 @@ def _load(tx: _Tx, cid: str) -> _Profile:
     return _Profile(cid, entry.get("created_at") or 0, list(entry.get("identifiers") or ()), False)
 
 
-def link(state: Mapping[str, Entry], item: IdentityInput, rules: Rules) -> Linked:
+def link(
+    state: Mapping[str, Entry], item: IdentityInput, rules: Rules, dedup: bool = True
+) -> Linked:
     """Place one event in the identity graph; the state is read, never mutated.
 
     ``item.identifiers`` are node ids, strongest first (as :func:`identifiers` returns them).
@@ -356,10 +358,12 @@ def link(state: Mapping[str, Entry], item: IdentityInput, rules: Rules) -> Linke
     >>> sorted(k[:2] for k in s), s["n:a:y"]["customer_id"] == step.customer_id
     (['e:', 'n:', 'n:', 'p:'], True)
     """
-    seen_key = "e:" + item.event_id
-    if seen_key in state:
-        return Linked(None, (Duplicate(item.event_id),), ())
-    seen: Write = (seen_key, {"kind": "seen", "created_at": item.occurred_at})
+    seen: tuple[Write, ...] = ()
+    if dedup:  # False: the caller de-duplicated already (identity's front stage)
+        seen_key = "e:" + item.event_id
+        if seen_key in state:
+            return Linked(None, (Duplicate(item.event_id),), ())
+        seen = ((seen_key, {"kind": "seen", "created_at": item.occurred_at}),)
     ids = item.identifiers
     if not ids:
         raise ValueError(f"event {item.event_id} has no identifier")
@@ -377,7 +381,7 @@ def link(state: Mapping[str, Entry], item: IdentityInput, rules: Rules) -> Linke
             if node is None or node["customer_id"] != cid or (strong and not node.get("anchored")):
                 break
         else:
-            return Linked(cid, (), (seen,))
+            return Linked(cid, (), seen)
     return _link_slow(state, item, rules, seen, dict(zip(ids, nodes, strict=True)))
 
 
@@ -385,11 +389,12 @@ def _link_slow(
     state: Mapping[str, Entry],
     item: IdentityInput,
     rules: Rules,
-    seen: Write,
+    seen: tuple[Write, ...],
     nodes: dict[str, Entry | None],
 ) -> Linked:
     tx = _Tx(state)
-    tx.put(*seen)
+    for write in seen:
+        tx.put(*write)
     outcomes: list[LinkOutcome] = []
     links = rules._code_links
     ids = sorted(nodes, key=lambda i: _RANK[i[0]])
@@ -405,7 +410,7 @@ def _link_slow(
     if not usable:  # only identifiers that stopped linking: the event goes to their owner
         owner = nodes[ids[0]]
         assert owner is not None
-        return Linked(owner["customer_id"], (), (seen,))
+        return Linked(owner["customer_id"], (), seen)
 
     limits = rules._code_limits
     exclusive = rules._code_exclusive
