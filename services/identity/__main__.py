@@ -38,9 +38,10 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument(
         "--role",
         choices=("all", "front", "writer"),
-        default="all",
-        help="all: one process does everything (one instance); front: the partitioned per-event "
-        "stage (N instances); writer: the graph writer (one active, others warm standbys)",
+        default=None,
+        help="default SEGFLOW_IDENTITY_ROLE, else all. all: one process does everything (one "
+        "instance); front: the partitioned per-event stage (N instances); writer: the graph "
+        "writer (one active, others warm standbys)",
     )
     args = parser.parse_args(argv)
     faulthandler.register(signal.SIGUSR1)
@@ -56,20 +57,21 @@ def main(argv: list[str] | None = None) -> int:
     config = IdentitySettings()
     if args.batch_size:
         config = config.model_copy(update={"batch_size": args.batch_size})
-    if args.role == "front":
+    role = args.role or config.role
+    if role == "front":
         from services.identity.front import FrontService
 
         loop = FrontService(settings, config).loop(pre_commit_delay=args.pre_commit_delay)
         restored = 0  # per assigned partition, by the loop
     else:
-        if args.role == "writer":
+        if role == "writer":
             from services.identity.writer import GraphWriter
 
             service: IdentityService = GraphWriter(settings, config)
         else:
             service = IdentityService(settings, config)
         # the writer loads its state when the group makes it the active one (on_assign)
-        restored = service.restore() if args.role == "all" else 0
+        restored = service.restore() if role == "all" else 0
         if config.http_port is not None:  # the API gateway's query endpoint
             from services.identity import api
 

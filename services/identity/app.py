@@ -15,7 +15,7 @@ import logging
 import time
 from collections import OrderedDict
 from collections.abc import Callable, Iterator
-from typing import Any
+from typing import Any, Literal
 
 from prometheus_client import Counter, Gauge, Histogram
 from pydantic import Field
@@ -96,6 +96,9 @@ class IdentitySettings(BaseSettings):
     batch_size: int = 2000
     hash_cache_size: int = 500_000
     http_port: int | None = None  # internal query endpoint (services/identity/api.py)
+    #: all: one process does everything; front / writer: the split roles (issue 15), also
+    #: ``python -m services.identity --role``
+    role: Literal["all", "front", "writer"] = "all"
 
     def rules(self) -> core.Rules:
         return core.Rules(
