@@ -30,7 +30,6 @@ import signal
 import time
 from collections import Counter
 from collections.abc import Callable, Iterable, Sequence
-from dataclasses import dataclass, field
 from typing import Any, cast
 
 from confluent_kafka import OFFSET_BEGINNING, KafkaError, KafkaException, Message, TopicPartition
@@ -44,51 +43,16 @@ from segflow.runtime.records import BatchInfo as BatchInfo  # re-exported (moved
 from segflow.runtime.records import Handler as Handler
 from segflow.runtime.records import Hooks as Hooks
 from segflow.runtime.records import Incoming as Incoming
+from segflow.runtime.records import LoopConfig as LoopConfig
 from segflow.runtime.records import Output as Output
 from segflow.runtime.retry import kafka_retrying
 from segflow.runtime.serde import Serde, decode_key, encode_key
 from segflow.runtime.settings import Settings
-from segflow.runtime.topics import TOPICS, Topic
+from segflow.runtime.topics import TOPICS
 from segflow.runtime.watchdog import EXIT_STUCK as EXIT_STUCK  # re-exported (moved)
 from segflow.runtime.watchdog import Watchdog as _Watchdog
 
 log = logging.getLogger("segflow.loop")
-
-
-@dataclass
-class LoopConfig:
-    service: str
-    group_id: str
-    sources: dict[str, Topic]  # topic name → registry entry
-    exactly_once: bool = True
-    # Stable per instance across restarts: the transactional.id (fences a zombie) and the
-    # consumer's group.instance.id (static membership: a restarted instance takes its
-    # partitions back at once instead of waiting out the dead member's session).
-    transactional_id: str | None = None
-    batch_size: int = 5000
-    poll_timeout: float = 0.2
-    max_idle_commit: float = 1.0
-    commit_timeout: float = 30.0
-    pre_commit_delay: float = 0.0  # fault injection for tests: widen the open-transaction window
-    # A commit blocked longer than this exits the process (status 75) so the supervisor
-    # restarts it: librdkafka's send_offsets_to_transaction can ignore its timeout when the
-    # coordinator dies (confluentinc/librdkafka#5456, #5511). Fencing keeps this safe.
-    stuck_timeout: float = 120.0
-    # Periodic work without input (timers, time-driven refreshes): ``tick()`` is called at
-    # most every ``tick_interval`` seconds and its outputs commit in their own transaction.
-    tick_interval: float = 1.0
-    # On a clean stop, how long hooks may take to finish work under way (see ``drain``).
-    drain_timeout: float = 10.0
-    consumer_overrides: dict[str, Any] = field(default_factory=dict)
-    producer_overrides: dict[str, Any] = field(default_factory=dict)
-    # Per source topic name, a decoder to use instead of the serde's full decode (e.g. a
-    # ``runtime.projection.MapProjection`` that reads only the map keys the service uses). It
-    # raises ``DecodeError`` for undecodable bytes, as the serde does.
-    decoders: dict[str, Callable[[bytes | None], dict[str, Any]]] = field(default_factory=dict)
-    # Source topic names left out of the co-partitioning check: a one-partition input read
-    # by the member that the range assignor gives partition 0 (the one that also owns
-    # partition 0 of every other input), e.g. the scorer's examples topic for its learner.
-    uncopartitioned: tuple[str, ...] = ()
 
 
 class ProcessingLoop(PartitionCallbacks):

@@ -18,8 +18,7 @@ from segflow.runtime import metrics
 if TYPE_CHECKING:
     from confluent_kafka import Consumer
 
-    from segflow.runtime.loop import LoopConfig
-    from segflow.runtime.records import Hooks
+    from segflow.runtime.records import Hooks, LoopConfig
 
 log = logging.getLogger("segflow.loop")
 

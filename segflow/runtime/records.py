@@ -1,9 +1,11 @@
-"""The records and callbacks of the shared loop (moved out of :mod:`segflow.runtime.loop`,
-which re-exports them): what a handler receives and returns, and the hooks it may give."""
+"""The records, callbacks and configuration of the shared loop (moved out of
+:mod:`segflow.runtime.loop`, which re-exports them): what a handler receives and returns, the
+hooks it may give, and :class:`LoopConfig`."""
 
 from __future__ import annotations
 
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass, field
 from typing import Any, NamedTuple, Protocol
 
 from segflow.runtime.topics import Topic
@@ -73,3 +75,39 @@ class Hooks(Protocol):
     # partitions' state before their records arrive) and ``on_revoke(partitions: set[int])
     # -> None`` (drop their state and timers: another instance owns them now; also called
     # when they are lost).
+
+
+@dataclass
+class LoopConfig:
+    service: str
+    group_id: str
+    sources: dict[str, Topic]  # topic name → registry entry
+    exactly_once: bool = True
+    # Stable per instance across restarts: the transactional.id (fences a zombie) and the
+    # consumer's group.instance.id (static membership: a restarted instance takes its
+    # partitions back at once instead of waiting out the dead member's session).
+    transactional_id: str | None = None
+    batch_size: int = 5000
+    poll_timeout: float = 0.2
+    max_idle_commit: float = 1.0
+    commit_timeout: float = 30.0
+    pre_commit_delay: float = 0.0  # fault injection for tests: widen the open-transaction window
+    # A commit blocked longer than this exits the process (status 75) so the supervisor
+    # restarts it: librdkafka's send_offsets_to_transaction can ignore its timeout when the
+    # coordinator dies (confluentinc/librdkafka#5456, #5511). Fencing keeps this safe.
+    stuck_timeout: float = 120.0
+    # Periodic work without input (timers, time-driven refreshes): ``tick()`` is called at
+    # most every ``tick_interval`` seconds and its outputs commit in their own transaction.
+    tick_interval: float = 1.0
+    # On a clean stop, how long hooks may take to finish work under way (see ``drain``).
+    drain_timeout: float = 10.0
+    consumer_overrides: dict[str, Any] = field(default_factory=dict)
+    producer_overrides: dict[str, Any] = field(default_factory=dict)
+    # Per source topic name, a decoder to use instead of the serde's full decode (e.g. a
+    # ``runtime.projection.MapProjection`` that reads only the map keys the service uses). It
+    # raises ``DecodeError`` for undecodable bytes, as the serde does.
+    decoders: dict[str, Callable[[bytes | None], dict[str, Any]]] = field(default_factory=dict)
+    # Source topic names left out of the co-partitioning check: a one-partition input read
+    # by the member that the range assignor gives partition 0 (the one that also owns
+    # partition 0 of every other input), e.g. the scorer's examples topic for its learner.
+    uncopartitioned: tuple[str, ...] = ()
