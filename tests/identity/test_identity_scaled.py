@@ -225,6 +225,20 @@ def test_two_fronts_and_a_writer_decide_what_one_instance_decides(
         assert {**v, "identified_at": 0} == {**expected[e], "identified_at": 0}, e
     assert merges(s) == merges(ref) and merges(s)
     assert dlq_reasons(s) == dlq_reasons(ref) and dlq_reasons(s)
+    # no raw address between the stages: the link requests and the de-dup window hold
+    # hashes, and the contact points only sealed
+    emails = {
+        e.strip().lower().encode()
+        for v in by_id.values()
+        if (e := serde.decode(TOPICS.events, v).get("email")) and "@" in e
+    }
+    assert emails
+    between = [
+        (r.key or b"") + (r.value or b"")
+        for t in (TOPICS.identity_links, TOPICS.identity_dedup)
+        for r in read_all(s, t.name(s))
+    ]
+    assert between and not any(a in b.lower() for b in between for a in emails)
 
 
 def test_kill_9_of_a_front_and_of_the_active_writer_loses_and_doubles_nothing(
