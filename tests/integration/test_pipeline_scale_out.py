@@ -298,6 +298,7 @@ def run_pipeline(
                 at_kill = {
                     "identified": len(read_all(s, TOPICS.identified.name(s))),
                     "changes": len(read_all(s, TOPICS.segment_changes.name(s))),
+                    "effects": len(receiver.effects()),
                 }
             if chaos and week == ADD_AFTER_WEEK:
                 for name, n in counts.items():
@@ -474,6 +475,8 @@ def test_two_instances_of_every_service_lose_and_double_nothing_also_across_kill
     identified = len(chaos.out.identified)
     assert 0 < chaos.out.at_kill["identified"] < identified, "the kill should land mid-stream"
     assert 0 < chaos.out.at_kill["changes"] < len(chaos.out.changes), chaos.out.at_kill
+    # actions were being taken when the dispatcher was killed
+    assert 0 < chaos.out.at_kill["effects"] < len(chaos.out.effects), chaos.out.at_kill
     # the churn model works in every run (AUC within 0.01 of one instance: below)
     for label, run in runs.items():
         assert run.auc >= 0.6, f"{label}: churn AUC {run.auc:.4f}"
