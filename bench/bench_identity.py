@@ -7,28 +7,46 @@ Without --bootstrap it starts a private local broker in a temporary folder. Prin
 the pure core's events/s (hash + link, no Kafka), the service's events/s through the shared
 loop (decode, validate, link, encode outputs and state changes, one transaction per batch),
 and the identity state per customer (graph and de-duplication window, as changelog bytes).
+
+Then the same events through the scaled design (issue 15), each stage alone in this process:
+the front stage (``FrontService``: validate, hash, de-duplicate, link requests) and the graph
+writer (``GraphWriter``: link requests -> identified events, merges, state), as CPU per event
+and events per CPU-second (the writer's is the deployment's ceiling: there is one); the
+writer's pure graph step alone; and the de-duplication window's changelog bytes and memory
+per remembered event id, one-instance service (``e:<event_id>`` entries) vs front stage
+(8-byte hashes in chunks).
 """
 
 from __future__ import annotations
 
 import argparse
+import heapq
 import logging
 import os
 import resource
 import sys
 import time
+import tracemalloc
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from segflow.runtime.serde import Serde  # noqa: E402
-from segflow.runtime.testing import isolated_settings, private_broker, produce  # noqa: E402
+from segflow.runtime.testing import (  # noqa: E402
+    isolated_settings,
+    private_broker,
+    produce,
+    read_all,
+)
 from segflow.runtime.topics import TOPICS  # noqa: E402
 from segflow.sim.generator import SimConfig, Simulation  # noqa: E402
 from segflow.sim.identities import event_key  # noqa: E402
 from segflow.sim.noise import Delivery, NoiseConfig  # noqa: E402
 from services.identity import core  # noqa: E402
 from services.identity.app import IdentityService, node_hasher  # noqa: E402
+from services.identity.dedup import Window, chunk_bytes  # noqa: E402
+from services.identity.front import FrontService  # noqa: E402
+from services.identity.writer import GraphWriter  # noqa: E402
 
 
 def cpu() -> float:
@@ -116,10 +134,94 @@ def main() -> int:
             f"{seen / customers:,.0f} B ({len([k for k, _ in service.store.items()])} "
             f"entries, changelog bytes: key + Avro value)"
         )
+        old_seen = seen
+        old_ids = sum(1 for k in service.store if k.startswith("e:"))
+
+        # 2. the scaled design: front stage, then graph writer, each alone
+        s2 = isolated_settings(bootstrap, "benchsplit")
+        produce(
+            s2,
+            TOPICS.events.name(s2),
+            ((event_key(e).encode(), serde.encode(TOPICS.events, e)) for e in events),
+        )
+        front = FrontService(s2)
+        floop = front.loop(batch_size=args.batch_size)
+        c0, t0 = cpu(), time.perf_counter()
+        done = floop.run(max_records=n, idle_timeout=20)
+        elapsed, used = time.perf_counter() - t0, cpu() - c0
+        print(
+            f"front stage (1 instance, 4 partitions): {done} events in {elapsed:.2f}s, "
+            f"process CPU {used:.1f}s = {used / done * 1e6:.0f} us/event "
+            f"({done / used:,.0f} events per CPU-second)"
+        )
+        links = read_all(s2, TOPICS.identity_links.name(s2))
+        writer = GraphWriter(s2)
+        writer.restore()
+        wloop = writer.loop(batch_size=args.batch_size)
+        c0, t0 = cpu(), time.perf_counter()
+        done = wloop.run(max_records=len(links), idle_timeout=20)
+        elapsed, used = time.perf_counter() - t0, cpu() - c0
+        print(
+            f"graph writer (the one active instance): {done} link requests in {elapsed:.2f}s = "
+            f"{done / elapsed:,.0f}/s, process CPU {used:.1f}s = {used / done * 1e6:.0f} us/event "
+            f"= ceiling {done / used:,.0f} events per CPU-second"
+        )
+        requests = [serde.decode(TOPICS.identity_links, r.value) for r in links]
+        state2: dict[str, core.Entry] = {}
+        t0 = time.perf_counter()
+        for r in requests:
+            if r["forget_customer_id"] is None:
+                item = core.IdentityInput(r["event_id"], r["occurred_at"], tuple(r["identifiers"]))
+                step = core.link(state2, item, rules, dedup=False)
+                core.apply(state2, step.writes)
+        pure = time.perf_counter() - t0
+        print(
+            f"graph step alone (core.link, no Kafka): {len(requests) / pure:,.0f} events/s "
+            f"({pure / len(requests) * 1e6:.1f} us/event)"
+        )
+        table = front.dedup.store.table
+        new_seen = sum(len(k.encode()) + len(v) for k, v in table.items())
+        new_ids = len(front.dedup)
+        print(
+            f"de-duplication window, changelog bytes per customer: one-instance service "
+            f"{old_seen / customers:,.0f} B ({old_ids} ids, {old_seen / max(1, old_ids):.0f} B/id)"
+            f"; front stage {new_seen / customers:,.0f} B ({new_ids} ids in {len(table)} chunks, "
+            f"{new_seen / max(1, new_ids):.0f} B/id)"
+        )
+        print(memory_per_id(200_000))
     finally:
         if broker is not None:
             broker.stop()
     return 0
+
+
+def memory_per_id(count: int) -> str:
+    """Python heap per remembered event id: the one-instance service's ``e:`` entries (state
+    table value + heap index) vs the front's window (hash dict + chunk bytes)."""
+    ids = [f"evt-{i:012d}-{i * 7919 % 1000003:07d}" for i in range(count)]
+    base = 1_764_000_000_000
+    tracemalloc.start()
+    a = tracemalloc.take_snapshot()
+    table = {}
+    heap: list[tuple[int, str]] = []
+    for i, e in enumerate(ids):
+        at = base + i * 1000
+        table["e:" + e] = {"kind": "seen", "created_at": at}
+        heapq.heappush(heap, (at, e))
+    old = sum(x.size for x in tracemalloc.take_snapshot().compare_to(a, "filename"))
+    del table, heap
+    b = tracemalloc.take_snapshot()
+    window = Window(7 * 86_400_000)
+    for i, e in enumerate(ids):
+        window.add(i % 4, hash(e) & (2**64 - 1), base + i * 1000, i)
+    chunks = [chunk_bytes(h) for *_, h in window.pending_chunks()]
+    new = sum(x.size for x in tracemalloc.take_snapshot().compare_to(b, "filename"))
+    tracemalloc.stop()
+    del window, chunks
+    return (
+        f"memory per remembered id ({count:,} ids, tracemalloc, ids' own strings excluded): "
+        f"one-instance service {old / count:.0f} B, front stage {new / count:.0f} B"
+    )
 
 
 if __name__ == "__main__":

@@ -48,6 +48,13 @@ SERVICES: tuple[Service, ...] = (
     Service("attributes", (TOPICS.identified, TOPICS.merges)),
 )
 BY_NAME = {s.name: s for s in SERVICES}
+#: issue 15: identity as N instances runs ``python -m services.identity`` with
+#: SEGFLOW_IDENTITY_ROLE=front (N instances) and =writer (one active, others warm standbys)
+#: instead of the one-process role above: role -> (consumer group after the prefix, inputs).
+IDENTITY_ROLES: dict[str, tuple[str, tuple[Topic, ...]]] = {
+    "front": ("identity-front", (TOPICS.events, TOPICS.forget)),
+    "writer": ("identity-writer", (TOPICS.identity_links,)),
+}
 
 
 def group_env(settings: Settings) -> dict[str, str]:

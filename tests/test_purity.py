@@ -40,6 +40,7 @@ PURE = (
         "services.scorer.features",
         "services.scorer.model",
         "services.scorer.btyd",
+        "services.identity.window",
     ]
     + [
         ".".join(p.relative_to(ROOT).with_suffix("").parts)

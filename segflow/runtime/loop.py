@@ -26,132 +26,36 @@ from __future__ import annotations
 
 import contextlib
 import logging
-import os
 import signal
-import threading
 import time
 from collections import Counter
 from collections.abc import Callable, Iterable, Sequence
-from dataclasses import dataclass, field
-from typing import Any, NamedTuple, Protocol, cast
+from typing import Any, cast
 
 from confluent_kafka import OFFSET_BEGINNING, KafkaError, KafkaException, Message, TopicPartition
 
-from segflow.errors import ConfigError, PoisonMessage
+from segflow.errors import PoisonMessage
 from segflow.runtime import metrics
 from segflow.runtime.dlq import dead_letter
 from segflow.runtime.kafka import make_consumer, make_producer, produce
+from segflow.runtime.rebalance import PartitionCallbacks
+from segflow.runtime.records import BatchInfo as BatchInfo  # re-exported (moved)
+from segflow.runtime.records import Handler as Handler
+from segflow.runtime.records import Hooks as Hooks
+from segflow.runtime.records import Incoming as Incoming
+from segflow.runtime.records import LoopConfig as LoopConfig
+from segflow.runtime.records import Output as Output
 from segflow.runtime.retry import kafka_retrying
 from segflow.runtime.serde import Serde, decode_key, encode_key
 from segflow.runtime.settings import Settings
-from segflow.runtime.topics import TOPICS, Topic
+from segflow.runtime.topics import TOPICS
+from segflow.runtime.watchdog import EXIT_STUCK as EXIT_STUCK  # re-exported (moved)
+from segflow.runtime.watchdog import Watchdog as _Watchdog
 
 log = logging.getLogger("segflow.loop")
 
 
-class Incoming(NamedTuple):
-    """One decoded input record (a NamedTuple: cheap to build once per record)."""
-
-    topic: Topic
-    topic_name: str
-    partition: int
-    offset: int
-    key: str | bytes | None
-    value: dict[str, Any]
-    timestamp_ms: int | None
-    headers: list[tuple[str, bytes | None]]
-    #: The value's bytes as consumed (wire format), for handlers that pass them on.
-    raw: bytes | None = None
-
-
-class Output(NamedTuple):
-    """One record to produce: ``value`` None is a tombstone (compacted topics); ``bytes`` are
-    a value already encoded in the wire format of ``topic``'s schema (produced as they are)."""
-
-    topic: Topic
-    key: str | bytes | None
-    value: dict[str, Any] | bytes | None
-    topic_name: str | None = None  # overrides the registry name (tests, custom prefixes)
-    headers: list[tuple[str, bytes]] | None = None
-    #: An explicit partition (a changelog record goes to its state's partition); None: the
-    #: key's (librdkafka's default partitioner).
-    partition: int | None = None
-
-
-class BatchInfo(NamedTuple):
-    """A batch about to be handled, for handlers that track how far each input has been read
-    (e.g. an event-time clock that must not run ahead of a partition with unread data)."""
-
-    #: Records of each input (topic, partition) in the batch.
-    counts: dict[tuple[str, int], int]
-    #: Every assigned input partition: records after this batch that the consumer has not
-    #: read yet (cached high watermark minus position), or None while unknown.
-    lag: dict[tuple[str, int], int | None]
-
-
-class Handler(Protocol):
-    """Turns one input record into the records to produce."""
-
-    def __call__(self, record: Incoming) -> Iterable[Output]: ...
-
-
-class Hooks(Protocol):
-    """Optional callbacks for stateful handlers."""
-
-    def on_abort(self) -> None:
-        """The open transaction was aborted: drop state changed since the last commit."""
-
-    def on_commit(self) -> None:
-        """The batch's outputs and offsets were committed."""
-
-    # Optional: ``before_commit() -> Iterable[Output]``, called once per batch just before the
-    # commit; its outputs join the batch's transaction (e.g. one state record per batch
-    # instead of one per input).
-    # Optional: ``before_batch(batch: BatchInfo) -> None``, called with each batch before its
-    # records are handled.
-    # Optional: ``on_assign(partitions: set[int]) -> None`` (restore and rebuild those
-    # partitions' state before their records arrive) and ``on_revoke(partitions: set[int])
-    # -> None`` (drop their state and timers: another instance owns them now; also called
-    # when they are lost).
-
-
-@dataclass
-class LoopConfig:
-    service: str
-    group_id: str
-    sources: dict[str, Topic]  # topic name → registry entry
-    exactly_once: bool = True
-    # Stable per instance across restarts: the transactional.id (fences a zombie) and the
-    # consumer's group.instance.id (static membership: a restarted instance takes its
-    # partitions back at once instead of waiting out the dead member's session).
-    transactional_id: str | None = None
-    batch_size: int = 5000
-    poll_timeout: float = 0.2
-    max_idle_commit: float = 1.0
-    commit_timeout: float = 30.0
-    pre_commit_delay: float = 0.0  # fault injection for tests: widen the open-transaction window
-    # A commit blocked longer than this exits the process (status 75) so the supervisor
-    # restarts it: librdkafka's send_offsets_to_transaction can ignore its timeout when the
-    # coordinator dies (confluentinc/librdkafka#5456, #5511). Fencing keeps this safe.
-    stuck_timeout: float = 120.0
-    # Periodic work without input (timers, time-driven refreshes): ``tick()`` is called at
-    # most every ``tick_interval`` seconds and its outputs commit in their own transaction.
-    tick_interval: float = 1.0
-    # On a clean stop, how long hooks may take to finish work under way (see ``drain``).
-    drain_timeout: float = 10.0
-    consumer_overrides: dict[str, Any] = field(default_factory=dict)
-    producer_overrides: dict[str, Any] = field(default_factory=dict)
-    # Per source topic name, a decoder to use instead of the serde's full decode (e.g. a
-    # ``runtime.projection.MapProjection`` that reads only the map keys the service uses). It
-    # raises ``DecodeError`` for undecodable bytes, as the serde does.
-    decoders: dict[str, Callable[[bytes | None], dict[str, Any]]] = field(default_factory=dict)
-    # Source topic names left out of the co-partitioning check: a one-partition input read
-    # by the member that the range assignor gives partition 0 (the one that also owns
-    # partition 0 of every other input), e.g. the scorer's examples topic for its learner.
-    uncopartitioned: tuple[str, ...] = ()
-
-
-class ProcessingLoop:
+class ProcessingLoop(PartitionCallbacks):
     """Run ``handler`` over ``config.sources`` until stopped."""
 
     def __init__(
@@ -615,193 +519,6 @@ class ProcessingLoop:
             except KafkaException as exc:
                 log.warning("seek failed", extra={"fields": {"error": str(exc)}})
 
-    # -- partitions -------------------------------------------------------------------------
-    def _check_copartitioned(self) -> None:
-        """Every input, and every hook's changelog, must have the same partition count: an
-        instance owns partition numbers, and a customer's records and state share one."""
-        names = [n for n in self.config.sources if n not in self.config.uncopartitioned]
-        names += self._changelogs()
-        md = self.consumer.list_topics(timeout=30)
-        counts = {n: len(md.topics[n].partitions) for n in names if n in md.topics}
-        if len(set(counts.values())) > 1:
-            raise ConfigError(
-                f"{self.config.service}: inputs and state must be co-partitioned (equal "
-                f"partition counts), found {counts}"
-            )
-
-    def _on_assign(self, consumer: Any, partitions: list[TopicPartition]) -> None:
-        parts = {tp.partition for tp in partitions}
-        # A partition revoked by this rebalance and assigned back keeps its state when no one
-        # wrote its changelog meanwhile (the range assignor is eager: every rebalance revokes
-        # everything first); the others are dropped now.
-        kept = self._unchanged(self._parked & parts)
-        gone = self._parked - kept
-        self._parked, self._parked_ends = set(), {}
-        self._drop(gone)
-        new = parts - self.assigned - kept
-        self.assigned |= parts
-        svc = self.config.service
-        metrics.REBALANCES.labels(svc, self.instance, "assigned").inc()
-        self._m_assigned.set(len(self.assigned))
-        started = time.monotonic()
-        if new:
-            for hook in self.hooks:
-                on_assign = getattr(hook, "on_assign", None)
-                if on_assign is not None:
-                    on_assign(new)
-        seconds = time.monotonic() - started
-        self._last_data = self.clock()  # idle time counts from when there is work to own
-        self._assigned_once = True
-        metrics.RESTORE_SECONDS.labels(svc, self.instance).observe(seconds)
-        log.info(
-            "partitions assigned",
-            extra={
-                "fields": {
-                    "instance": self.instance,
-                    "partitions": sorted(new),
-                    "kept": sorted(kept),
-                    "owned": sorted(self.assigned),
-                    "restore_seconds": round(seconds, 3),
-                }
-            },
-        )
-
-    def _on_revoke(self, consumer: Any, partitions: list[TopicPartition]) -> None:
-        """Park the partitions: their state stays until the assignment that follows says
-        whether they come back unchanged. Nothing runs for them meanwhile (no batch, no tick)."""
-        parts = {tp.partition for tp in partitions}
-        self.assigned -= parts
-        self._fence = {k: v for k, v in self._fence.items() if k[1] not in parts}
-        if self._closing:
-            return
-        self._parked |= parts
-        self._parked_ends.update(self._changelog_ends(parts))
-        metrics.REBALANCES.labels(self.config.service, self.instance, "revoked").inc()
-        self._m_assigned.set(len(self.assigned))
-        log.info(
-            "partitions revoked",
-            extra={"fields": {"instance": self.instance, "partitions": sorted(parts)}},
-        )
-
-    def _on_lost(self, consumer: Any, partitions: list[TopicPartition]) -> None:
-        """Lost (this member was thrown out of the group): others may own them already."""
-        parts = {tp.partition for tp in partitions}
-        self.assigned -= parts
-        self._fence = {k: v for k, v in self._fence.items() if k[1] not in parts}
-        self._parked -= parts
-        metrics.REBALANCES.labels(self.config.service, self.instance, "lost").inc()
-        self._m_assigned.set(len(self.assigned))
-        self._drop(parts)
-        log.warning(
-            "partitions lost",
-            extra={"fields": {"instance": self.instance, "partitions": sorted(parts)}},
-        )
-
-    def _drop(self, parts: set[int]) -> None:
-        if not parts:
-            return
-        self._committed = {k: v for k, v in self._committed.items() if k[1] not in parts}
-        for hook in self.hooks:
-            on_revoke = getattr(hook, "on_revoke", None)
-            if on_revoke is not None:
-                on_revoke(parts)
-
-    def _changelogs(self) -> list[str]:
-        names = (getattr(h, "topic_name", None) for h in self.hooks if getattr(h, "partitioned", 0))
-        return [str(n) for n in names if n]
-
-    def _changelog_ends(self, parts: set[int]) -> dict[tuple[str, int], int]:
-        """End offsets of the partitioned stores' changelog partitions (-1: unknown)."""
-        ends: dict[tuple[str, int], int] = {}
-        for name in self._changelogs():
-            for p in parts:
-                try:
-                    _, high = self.consumer.get_watermark_offsets(
-                        TopicPartition(name, p), timeout=10
-                    )
-                    ends[(name, p)] = int(high)
-                except KafkaException:
-                    ends[(name, p)] = -1
-        return ends
-
-    def _unchanged(self, parts: set[int]) -> set[int]:
-        """Those of ``parts`` whose changelogs nobody wrote since they were parked."""
-        if not parts:
-            return set()
-        now = self._changelog_ends(parts)
-        return {
-            p
-            for p in parts
-            if all(
-                self._parked_ends.get(k, -1) == v and v >= 0 for k, v in now.items() if k[1] == p
-            )
-        }
-
-
-EXIT_STUCK = 75
-
 
 def _headers(msg: Message) -> list[tuple[str, bytes | None]]:
     return cast(list[tuple[str, bytes | None]], msg.headers() or [])
-
-
-class _Watchdog:
-    """Exit the process if a guarded block runs longer than ``timeout`` seconds.
-
-    One daemon thread per loop, started on first use and armed around each commit (a thread
-    per commit cost ~1-2 % of a service's CPU at a few commits per second)::
-
-        with watchdog:
-            commit()
-    """
-
-    def __init__(self, timeout: float, service: str) -> None:
-        self.timeout = timeout
-        self.service = service
-        self._cond = threading.Condition()
-        self._deadline: float | None = None
-        self._thread: threading.Thread | None = None
-        self._closed = False
-
-    def __enter__(self) -> _Watchdog:
-        with self._cond:
-            self._deadline = time.monotonic() + self.timeout
-            if self._thread is None:
-                self._closed = False
-                self._thread = threading.Thread(
-                    target=self._watch, daemon=True, name="commit-watchdog"
-                )
-                self._thread.start()
-            else:
-                self._cond.notify()
-        return self
-
-    def __exit__(self, *_: object) -> None:
-        with self._cond:
-            self._deadline = None
-
-    def close(self) -> None:
-        """End the thread (the loop is closed)."""
-        with self._cond:
-            self._closed = True
-            self._deadline = None
-            self._cond.notify()
-        self._thread = None
-
-    def _watch(self) -> None:
-        with self._cond:
-            while not self._closed:
-                deadline = self._deadline
-                if deadline is None:
-                    self._cond.wait()
-                    continue
-                remaining = deadline - time.monotonic()
-                if remaining > 0:
-                    self._cond.wait(remaining)
-                    continue
-                log.critical(
-                    "commit stuck; exiting so the supervisor restarts this instance",
-                    extra={"fields": {"stuck_seconds": self.timeout, "exit_status": EXIT_STUCK}},
-                )
-                logging.shutdown()
-                os._exit(EXIT_STUCK)

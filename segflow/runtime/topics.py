@@ -77,6 +77,8 @@ class Topics:
     forget: Topic
     dlq: Topic
     identity_state: Topic
+    identity_dedup: Topic  # issue 15: identity front stage
+    identity_links: Topic  # issue 15: front -> graph writer
     scorer_state: Topic
     scorer_model: Topic
     scorer_handoff: Topic

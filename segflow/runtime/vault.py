@@ -220,6 +220,37 @@ class Keyring:
         data_key = self.unwrap(record) if record is not None else None
         return self.seal(customer_id, points, now_ms, data_key)
 
+    # -- in transit (identity's front stage -> its graph writer) --------------------------------
+    def seal_transit(self, label: str, email: str | None, phone: str | None) -> bytes:
+        """A raw email / phone sealed with the master key for one message (``label``, e.g. the
+        event id, is the associated data): ``key id (16 ASCII) + nonce + ciphertext``.
+
+        >>> k = Keyring(bytes(32))
+        >>> k.open_transit("e1", k.seal_transit("e1", "a@b.io", None))
+        ('a@b.io', None)
+        """
+        plain = json.dumps([email, phone]).encode()
+        nonce = os.urandom(_NONCE)
+        aad = b"transit\x00" + label.encode()
+        sealed = self._keys[self.current_id].encrypt(nonce, plain, aad)
+        return self.current_id.encode() + nonce + sealed
+
+    def open_transit(self, label: str, blob: bytes) -> tuple[str | None, str | None]:
+        """The (email, phone) of :meth:`seal_transit` (raises :class:`VaultError`)."""
+        master = self._keys.get(blob[:16].decode("ascii", "replace"))
+        if master is None:
+            raise VaultError(
+                f"contact points sealed by a master key that is neither {KEY_SETTING} nor in "
+                f"{PREVIOUS_SETTING}"
+            )
+        body = blob[16:]
+        try:
+            plain = master.decrypt(body[:_NONCE], body[_NONCE:], b"transit\x00" + label.encode())
+        except InvalidTag:
+            raise VaultError("contact points in transit do not decrypt (tampered)") from None
+        email, phone = json.loads(plain)
+        return email, phone
+
 
 if __name__ == "__main__":  # pragma: no cover - prints a fresh master key
     print(generate_key())

@@ -35,6 +35,14 @@ def main(argv: list[str] | None = None) -> int:
         default=0.0,
         help="fault injection: seconds to wait before each commit",
     )
+    parser.add_argument(
+        "--role",
+        choices=("all", "front", "writer"),
+        default=None,
+        help="default SEGFLOW_IDENTITY_ROLE, else all. all: one process does everything (one "
+        "instance); front: the partitioned per-event stage (N instances); writer: the graph "
+        "writer (one active, others warm standbys)",
+    )
     args = parser.parse_args(argv)
     faulthandler.register(signal.SIGUSR1)
     overrides = {}
@@ -49,13 +57,26 @@ def main(argv: list[str] | None = None) -> int:
     config = IdentitySettings()
     if args.batch_size:
         config = config.model_copy(update={"batch_size": args.batch_size})
-    service = IdentityService(settings, config)
-    restored = service.restore()
-    if config.http_port is not None:  # the API gateway's query endpoint
-        from services.identity import api
+    role = args.role or config.role
+    if role == "front":
+        from services.identity.front import FrontService
 
-        api.start(service, config.http_port)
-    loop = service.loop(pre_commit_delay=args.pre_commit_delay)
+        loop = FrontService(settings, config).loop(pre_commit_delay=args.pre_commit_delay)
+        restored = 0  # per assigned partition, by the loop
+    else:
+        if role == "writer":
+            from services.identity.writer import GraphWriter
+
+            service: IdentityService = GraphWriter(settings, config)
+        else:
+            service = IdentityService(settings, config)
+        # the writer loads its state when the group makes it the active one (on_assign)
+        restored = service.restore() if role == "all" else 0
+        if config.http_port is not None:  # the API gateway's query endpoint
+            from services.identity import api
+
+            api.start(service, config.http_port)
+        loop = service.loop(pre_commit_delay=args.pre_commit_delay)
     loop.install_signal_handlers()
     n = loop.run(max_records=args.max_records, idle_timeout=args.idle_timeout)
     log.info("stopped", extra={"fields": {"processed": n, "restored": restored}})

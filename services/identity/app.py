@@ -15,7 +15,7 @@ import logging
 import time
 from collections import OrderedDict
 from collections.abc import Callable, Iterator
-from typing import Any
+from typing import Any, Literal
 
 from prometheus_client import Counter, Gauge, Histogram
 from pydantic import Field
@@ -96,6 +96,9 @@ class IdentitySettings(BaseSettings):
     batch_size: int = 2000
     hash_cache_size: int = 500_000
     http_port: int | None = None  # internal query endpoint (services/identity/api.py)
+    #: all: one process does everything; front / writer: the split roles (issue 15), also
+    #: ``python -m services.identity --role``
+    role: Literal["all", "front", "writer"] = "all"
 
     def rules(self) -> core.Rules:
         return core.Rules(
@@ -368,7 +371,9 @@ class IdentityService:
         )
         return Output(TOPICS.dlq, key, letter)
 
-    def _identified_bytes(self, customer_id: str, raw: bytes, now_ms: int) -> bytes:
+    def _identified_bytes(
+        self, customer_id: str, raw: bytes, now_ms: int, hashed_email: str | None = None
+    ) -> bytes:
         """The IdentifiedEvent of an event without email, as bytes: its fields are
         ``customer_id``, the event, ``email_hash`` and ``identified_at`` in that order, so the
         event's body is spliced in as consumed instead of decoded into a dict and encoded
@@ -379,8 +384,12 @@ class IdentityService:
                 4, "big"
             )
         cid = customer_id.encode()
+        email = b"\x00"  # union branch 0: null
+        if hashed_email is not None:
+            digest = hashed_email.encode()
+            email = b"\x02" + _long(len(digest)) + digest
         return b"".join(
-            (self._identified_header, _long(len(cid)), cid, raw[5:], b"\x00", _long(now_ms))
+            (self._identified_header, _long(len(cid)), cid, raw[5:], email, _long(now_ms))
         )
 
     # -- contact vault ---------------------------------------------------------------------
