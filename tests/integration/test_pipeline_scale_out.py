@@ -27,13 +27,14 @@ import signal
 import subprocess
 import sys
 import time
+import uuid
 from collections import Counter
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import pytest
-from confluent_kafka import KafkaException
+from confluent_kafka import Consumer, KafkaError, KafkaException, TopicPartition
 
 from segflow import stack
 from segflow.cli import SCALABLE
@@ -58,8 +59,8 @@ from segflow.stats import roc_auc
 pytestmark = pytest.mark.broker
 
 ROOT = Path(__file__).resolve().parents[2]
-#: Identity instances in the scaled runs (1 until identity runs as N: issue 15, s6-1).
-IDENTITY_INSTANCES = 1
+#: Identity front-stage instances in the scaled runs (1: the one-process role).
+IDENTITY_INSTANCES = 2
 CUSTOMERS, DAYS, SEED = 150, 28, 5
 WEEK = 7
 ONE_KEY = "pipeline-order"
@@ -67,10 +68,35 @@ KILL_AFTER_WEEK, ADD_AFTER_WEEK = 2, 3  # weeks produced before the kill, before
 
 
 def scaled_counts(n: int) -> dict[str, int]:
-    return {
-        name: (IDENTITY_INSTANCES if name == "identity" else n if name in SCALABLE else 1)
-        for name in stack.available_services()
-    }
+    """Processes per service for a run with ``n`` instances of each scalable service. Identity
+    as N instances is its split roles (services/identity/README.md): N front-stage processes
+    and the graph writer, one active and one warm standby."""
+    out: dict[str, int] = {}
+    for name in stack.available_services():
+        if name == "identity" and n > 1 and IDENTITY_INSTANCES > 1:
+            out["identity-front"] = IDENTITY_INSTANCES
+            out["identity-writer"] = 2
+        else:
+            out[name] = n if name in SCALABLE else 1
+    return out
+
+
+def module_and_role(name: str) -> tuple[str, dict[str, str]]:
+    if name.startswith("identity-"):
+        return stack.BY_NAME["identity"].module, {"SEGFLOW_IDENTITY_ROLE": name.split("-", 1)[1]}
+    return stack.BY_NAME[name].module, {}
+
+
+def lag_groups(s: Settings, names: list[str]) -> dict[str, list[str]]:
+    """Consumer group → input topics of the processes a run starts."""
+    out: dict[str, list[str]] = {}
+    for name in names:
+        if name.startswith("identity-"):
+            group, inputs = stack.IDENTITY_ROLES[name.split("-", 1)[1]]
+            out[s.topic_prefix + group] = [t.name(s) for t in inputs]
+        else:
+            out.update(stack.groups(s, [name]))
+    return out
 
 
 # -- the processes -------------------------------------------------------------------------
@@ -85,10 +111,11 @@ class Fleet:
         self.procs: dict[tuple[str, str], subprocess.Popen[bytes]] = {}
 
     def start(self, name: str, instance: str) -> None:
-        env = {**os.environ, **self.env, "SEGFLOW_INSTANCE_ID": instance}
+        module, role = module_and_role(name)
+        env = {**os.environ, **self.env, **role, "SEGFLOW_INSTANCE_ID": instance}
         with (self.logs / f"{name}-{instance}.log").open("ab") as log:
             self.procs[name, instance] = subprocess.Popen(
-                leashed([sys.executable, "-m", stack.BY_NAME[name].module]),
+                leashed([sys.executable, "-m", module]),
                 cwd=ROOT,
                 env=env,
                 stdout=log,
@@ -234,13 +261,68 @@ def population() -> Simulation:
     return Simulation(SimConfig(customers=CUSTOMERS, days=DAYS, seed=SEED, noise=noise))
 
 
-def caught_up(s: Settings, fleet: Fleet, probe: LagProbe, timeout: float = 120.0) -> None:
-    """Every group has committed everything in its inputs, twice in a row half a second
-    apart (so the outputs of the last batch upstream are read downstream too)."""
-    groups = stack.groups(s, list(scaled_counts(1)))
+def unread(s: Settings, probe: LagProbe, groups: dict[str, list[str]]) -> int:
+    """Records a read_committed reader finds after each group's committed offsets.
+
+    A transaction aborted at the end of a partition (the one a ``kill -9``ed producer had
+    open) leaves records and a marker that no consumer ever commits past until the next
+    committed record, so the lag the groups report stays above zero with nothing to read."""
+    n = 0
+    for group, topics in groups.items():
+        parts = [tp for name in topics for tp in probe.partitions(group, name)]
+        done = probe.committed(group, parts)
+        behind = []
+        for tp in parts:
+            at = max(done[tp.topic, tp.partition], 0)
+            if probe.high(group, tp) - at > 1:
+                behind.append(TopicPartition(tp.topic, tp.partition, at))
+        if not behind:
+            continue
+        reader = Consumer(
+            {
+                **s.kafka_config(),
+                "group.id": f"peek-{uuid.uuid4().hex[:8]}",
+                "enable.auto.commit": False,
+                "enable.partition.eof": True,
+                "isolation.level": "read_committed",
+            }
+        )
+        try:
+            reader.assign(behind)
+            ended: set[tuple[str, int]] = set()
+            deadline = time.monotonic() + 15
+            while len(ended) < len(behind) and time.monotonic() < deadline:
+                m = reader.poll(0.5)
+                if m is None:
+                    continue
+                err = m.error()
+                if err is not None and err.code() == KafkaError._PARTITION_EOF:
+                    ended.add((m.topic(), m.partition()))
+                elif err is not None:
+                    raise KafkaException(err)
+                else:
+                    n += 1
+                    ended.add((m.topic(), m.partition()))
+            n += len(behind) - len(ended)  # not known to be done: still pending
+        finally:
+            reader.close()
+    return n
+
+
+def caught_up(
+    s: Settings,
+    groups: dict[str, list[str]],
+    fleet: Fleet,
+    probe: LagProbe,
+    timeout: float = 120.0,
+) -> None:
+    """Every group has read everything committed in its inputs, three times in a row half a
+    second apart (so the outputs of the last batch upstream are read downstream too)."""
     deadline = time.monotonic() + timeout
     quiet = 0
     lag: dict[str, Any] = {}
+    last: dict[str, Any] = {}
+    since = time.monotonic()
     while time.monotonic() < deadline:
         fleet.check_alive()
         try:
@@ -248,7 +330,12 @@ def caught_up(s: Settings, fleet: Fleet, probe: LagProbe, timeout: float = 120.0
         except KafkaException as exc:  # e.g. the group coordinator still loading
             lag, quiet = {"(unknown)": str(exc)}, 0
         else:
-            quiet = quiet + 1 if sum(lag.values()) == 0 else 0
+            if lag != last:
+                last, since = lag, time.monotonic()
+            done = sum(lag.values()) == 0
+            if not done and time.monotonic() - since > 5:  # stuck: anything left to read?
+                done = unread(s, probe, groups) == 0
+            quiet = quiet + 1 if done else 0
             if quiet >= 3:
                 return
         time.sleep(0.5)
@@ -271,6 +358,7 @@ def run_pipeline(
     receiver, smtp = Receiver().start(), SMTPReceiver().start()
     fleet = Fleet(s, run_logs, service_env(s, receiver, smtp))
     probe = LagProbe(s)
+    groups = lag_groups(s, list(counts))
     sim = population()
     truth_of: dict[str, str] = {}
     at_kill: dict[str, int] = {}
@@ -292,7 +380,11 @@ def run_pipeline(
             if chaos and week == KILL_AFTER_WEEK:
                 time.sleep(1.0)  # into the week's first transactions
                 for name, n in counts.items():
-                    fleet.kill(name, str(n - 1))
+                    # the last instance; of the identity writer, the active one
+                    active = [i for i, p in fleet.owned(name).items() if p and n > 1]
+                    fleet.kill(
+                        name, active[0] if name == "identity-writer" and active else str(n - 1)
+                    )
                     if n == 1:  # nobody to take over: its replacement starts now
                         fleet.start(name, "2")
                 at_kill = {
@@ -304,9 +396,9 @@ def run_pipeline(
                 for name, n in counts.items():
                     if n >= 2:
                         fleet.start(name, "2")
-            caught_up(s, fleet, probe)
+            caught_up(s, groups, fleet, probe)
         sink.close()
-        caught_up(s, fleet, probe)
+        caught_up(s, groups, fleet, probe)
         deadline = time.monotonic() + 30
         while not receiver.idle() and time.monotonic() < deadline:
             time.sleep(0.1)
@@ -466,6 +558,8 @@ def test_two_instances_of_every_service_lose_and_double_nothing_also_across_kill
         check_nothing_lost(run.out, one.out, run.sim, label)
     for n, run in ((2, two), (2, chaos)):
         for name, count in scaled_counts(n).items():
+            if name not in SCALABLE and name != "identity-front":
+                continue  # one instance, or one active writer and a standby
             owned = run.fleet.owned(name)
             if count == 2 and run is two:
                 assert sorted(owned) == ["0", "1"] and all(owned.values()), (name, owned)
