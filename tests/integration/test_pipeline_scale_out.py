@@ -289,7 +289,7 @@ def unread(s: Settings, probe: LagProbe, groups: dict[str, list[str]]) -> int:
         )
         try:
             reader.assign(behind)
-            ended: set[tuple[str, int]] = set()
+            ended: set[tuple[Any, Any]] = set()
             deadline = time.monotonic() + 15
             while len(ended) < len(behind) and time.monotonic() < deadline:
                 m = reader.poll(0.5)
@@ -436,8 +436,8 @@ def check_exactly_once(out: Outputs, label: str) -> None:
     assert not twice, f"{label}: events identified twice: {twice[:5]}"
     twice = [m for m, n in Counter(m[0] for m in out.merges).items() if n > 1]
     assert not twice, f"{label}: merges written twice: {twice[:5]}"
-    twice = [c for c, n in Counter(out.changes).items() if n > 1]
-    assert not twice, f"{label}: segment changes written twice: {twice[:5]}"
+    doubled = [c for c, n in Counter(out.changes).items() if n > 1]
+    assert not doubled, f"{label}: segment changes written twice: {doubled[:5]}"
     # one stay = one entry id = one "entered" and at most one "exited" (a replayed
     # transaction that computed another event time would show here, not as an equal record)
     for transition in ("entered", "exited"):
