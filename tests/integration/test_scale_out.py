@@ -3,7 +3,8 @@
 The same input is run through 1 instance and through 2 (then through 2 with one killed with
 ``kill -9`` mid-stream and a third added): what comes out on the output topics
 (read_committed) must be the same multiset, i.e. nothing lost, nothing doubled, no timer fired
-twice or lost, whichever instance owned which partition when.
+twice or lost, whichever instance owned which partition when. (The dispatcher's 1 vs 2 vs
+kill -9 runs are in test_pipeline_scale_out.py, with every other service scaled out too.)
 """
 
 from __future__ import annotations
@@ -22,14 +23,11 @@ from typing import Any
 
 import pytest
 
-from segflow.receiver import Receiver
 from segflow.runtime.serde import Serde
 from segflow.runtime.settings import Settings
 from segflow.runtime.state import partition_for
 from segflow.runtime.testing import isolated_settings, produce, read_all
-from segflow.runtime.testing import segment_entered as entered
 from segflow.runtime.topics import TOPICS
-from services.dispatcher.core import idempotency_key
 
 pytestmark = pytest.mark.broker
 
@@ -49,16 +47,6 @@ segments:
     priority: 5
     enter: {feature: x, op: "<", value: 0.2}
     ttl: 3d
-"""
-
-PLAYBOOK = """\
-playbook: P
-segment: S
-steps:
-  - {id: mail, channel: email, template: d-1, subject: "Hi"}
-  - {id: task, channel: crm_task, subject: "Call"}
----
-policy: {default_timezone: UTC}
 """
 
 
@@ -291,88 +279,9 @@ def test_two_segmenters_emit_exactly_what_one_does_also_across_kill_9_and_a_new_
 
 
 # -- dispatcher ----------------------------------------------------------------------------
-def dispatcher_env(s: Settings, receiver: Receiver, playbooks: Path) -> dict[str, str]:
-    return {
-        "SEGFLOW_DISPATCHER_GROUP_ID": s.topic_prefix + "dispatcher",
-        "SEGFLOW_DISPATCHER_PLAYBOOKS": str(playbooks),
-        "SEGFLOW_DISPATCHER_CRM_BASE_URL": receiver.url,
-        "SEGFLOW_DISPATCHER_EMAIL_BASE_URL": receiver.url,
-        "SEGFLOW_DISPATCHER_WEBHOOK_URL": receiver.url + "/webhook",
-        "SEGFLOW_DISPATCHER_CONTACT_PATTERN": "{customer_id}@example.invalid",
-        "SEGFLOW_DISPATCHER_CONCURRENCY": "8",
-        "SEGFLOW_DISPATCHER_TICK_INTERVAL": "0.1",
-        "SEGFLOW_DISPATCHER_BACKOFF_CAP": "0.5",
-        "SEGFLOW_DISPATCHER_HTTP_TIMEOUT": "2.0",
-    }
-
-
-def sent_keys(s: Settings) -> list[str]:
-    serde = Serde.from_settings(s)
-    out = []
-    for r in read_all(s, TOPICS.dispatch_results.name(s), timeout=30):
-        rec = serde.decode(TOPICS.dispatch_results, r.value)
-        if rec["status"] == "sent":
-            out.append(rec["idempotency_key"])
-    return out
-
-
-def test_two_dispatchers_send_each_action_once_also_across_kill_9_and_a_new_instance(
-    kafka_bootstrap: str, fleet: Fleet, tmp_path: Path
-) -> None:
-    playbooks = tmp_path / "p.yaml"
-    playbooks.write_text(PLAYBOOK)
-    now = int(time.time() * 1000)
-    cids = [f"d{i:03d}" for i in range(80)]
-    want = {
-        idempotency_key(c, "P", step, f"{c}:S:{now}", now)
-        for c in cids
-        for step in ("mail", "task")
-    }
-    changes_in = [entered(c, now) for c in cids]
-
-    # Two instances against one: the same actions, each sent once.
-    receiver = Receiver(latency=0.05).start()
-    try:
-        s = isolated_settings(kafka_bootstrap, "disp-two")
-        send(s, TOPICS.segment_changes, changes_in, by_customer)
-        for inst in ("0", "1"):
-            fleet.start("services.dispatcher", s, inst, dispatcher_env(s, receiver, playbooks))
-        sent = settled(lambda: sent_keys(s), fleet)
-        fleet.stop()
-        assert Counter(sent) == Counter(want)  # one committed "sent" per action
-        assert set(receiver.effects()) == want
-        owned = fleet.owned(s)
-        assert sorted(owned) == ["0", "1"] and all(owned.values()), owned
-    finally:
-        receiver.stop()
-
-    # One of two killed with -9 while calls are under way; a third joins.
-    receiver = Receiver(latency=0.3).start()
-    try:
-        s = isolated_settings(kafka_bootstrap, "disp-kill")
-        env = dispatcher_env(s, receiver, playbooks)
-        send(s, TOPICS.segment_changes, changes_in[:40], by_customer)
-        fleet.start("services.dispatcher", s, "0", env)
-        fleet.start("services.dispatcher", s, "1", env)
-        deadline = time.monotonic() + 60
-        while not (fleet.owned(s).get("1") and len(receiver.effects()) >= 10):
-            assert time.monotonic() < deadline, "nothing dispatched within 60 s"
-            fleet.check_alive()
-            time.sleep(0.1)
-        fleet.kill("1")
-        at_kill = len(receiver.effects())
-        fleet.start("services.dispatcher", s, "2", env)
-        send(s, TOPICS.segment_changes, changes_in[40:], by_customer)
-        assert receiver.wait_for(want, timeout=120), "actions lost"
-        sent = settled(lambda: sent_keys(s), fleet, quiet=6.0)
-        fleet.stop()
-    finally:
-        receiver.stop()
-    assert 0 < at_kill < len(want), "the kill should land mid-stream"
-    assert set(receiver.effects()) == want  # the receiver took each action once
-    assert Counter(sent) == Counter(want)  # and each has exactly one committed "sent"
-    owned = fleet.owned(s)
-    assert owned.get("2") and owned["1"] & (owned["0"] | owned["2"]), owned
+# 1 vs 2 dispatchers, and kill -9 + an added instance (each action sent once, taken once at
+# the receiver, partitions moved): tests/integration/test_pipeline_scale_out.py, where every
+# service runs so.
 
 
 def test_state_partitions_are_the_ones_librdkafka_puts_the_same_keys_in(
