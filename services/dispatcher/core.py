@@ -41,7 +41,7 @@ computed by the shell.
 from __future__ import annotations
 
 import hashlib
-from collections.abc import Iterable, Mapping
+from collections.abc import Iterable, Iterator, Mapping
 from dataclasses import dataclass, field
 from typing import Any, TypeVar
 
@@ -75,7 +75,6 @@ MERGED = "merged"
 
 
 _T = TypeVar("_T")
-_RECORD = "_record"  # an Action's cached changelog record (see _action_record)
 
 
 def replace(obj: _T, /, **changes: Any) -> _T:
@@ -95,7 +94,6 @@ def replace(obj: _T, /, **changes: Any) -> _T:
     new = object.__new__(type(obj))
     state = new.__dict__  # frozen: attribute assignment raises, the instance dict does not
     state.update(obj.__dict__)
-    state.pop(_RECORD, None)  # a cached changelog record describes the old values
     state.update(changes)
     return new
 
@@ -816,23 +814,107 @@ _ACTION_FIELDS = (
     "http_status",
     "endpoint",
 )
+_KEY_PREFIX = "sf-"
+_OTHER_KEY = b"\xff"  # a key that is not "sf-" + 32 hex digits follows as UTF-8
 
 
-def _action_record(a: Action) -> dict[str, Any]:
-    """An action's changelog record, built once per (immutable) Action and kept on it: a
-    customer's whole ledger is written whenever one entry changes. Never mutated after."""
-    state = a.__dict__
-    rec: dict[str, Any] | None = state.get(_RECORD)
-    if rec is None:
-        # the instance dict holds exactly the fields (cheaper to copy than 20 getattr calls)
-        rec = dict(state)
-        rec["features"] = dict(a.features)
-        state[_RECORD] = rec
-    return rec
+def _key_bytes(key: str) -> bytes:
+    """An idempotency key as stored: the 16 bytes its hex digits spell, or 0xFF + UTF-8.
+
+    >>> _key_bytes("sf-f9a0288dfaec32b898aa9e3a69187346").hex()
+    'f9a0288dfaec32b898aa9e3a69187346'
+    >>> [_key_str(_key_bytes(k)) for k in ("odd-key", "sf-F9", "x" * 15)]
+    ['odd-key', 'sf-F9', 'xxxxxxxxxxxxxxx']
+    """
+    digits = key[3:]
+    if (
+        key.startswith(_KEY_PREFIX)
+        and len(digits) == 32
+        and digits == digits.lower()
+        and all(ch in "0123456789abcdef" for ch in digits)
+    ):
+        return bytes.fromhex(digits)
+    raw = _OTHER_KEY + key.encode()  # UTF-8 never holds 0xFF
+    return _OTHER_KEY + raw if len(raw) == 16 else raw  # 16 bytes would read as hex
+
+
+def _key_str(raw: bytes) -> str:
+    if len(raw) == 16:
+        return _KEY_PREFIX + raw.hex()
+    return raw.lstrip(_OTHER_KEY).decode()
+
+
+class _Strings:
+    """A record's string table: each text once, referred to by its index."""
+
+    __slots__ = ("index", "table")
+
+    def __init__(self) -> None:
+        self.index: dict[str, int] = {}
+        self.table: list[str] = []
+
+    def __call__(self, text: str | None) -> int:
+        if text is None:
+            return -1
+        i = self.index.get(text)
+        if i is None:
+            i = self.index[text] = len(self.table)
+            self.table.append(text)
+        return i
+
+
+    def entry(self, customer_id: str, segment: str, entry_id: str) -> int:
+        """An entry id: ``-2 - i`` when it is ``customer|segment|`` + text ``i`` (the
+        segmenter's form), else the index of the whole id."""
+        prefix = f"{customer_id}|{segment}|"
+        if entry_id.startswith(prefix):
+            return -2 - self(entry_id[len(prefix) :])
+        return self(entry_id)
+
+
+def _entry(i: int, customer_id: str, segment: str, strings: list[str]) -> str:
+    return f"{customer_id}|{segment}|{strings[-2 - i]}" if i <= -2 else strings[i]
+
+
+def _step_record(a: Action, s: _Strings, previous_decided: int) -> dict[str, Any]:
+    decided = a.decided_at
+    feats: list[int] = []
+    for name, value in a.features:
+        feats.append(s(name))
+        feats.append(s(value))
+    return {
+        "key": _key_bytes(a.key),
+        "playbook": s(a.playbook),
+        "step": s(a.step),
+        "segment": s(a.segment),
+        "entry_id": s.entry(a.customer_id, a.segment, a.entry_id),
+        "channel": s(a.channel),
+        "variant": s(a.variant),
+        "campaign_id": s(a.campaign_id),
+        "priority": a.priority,
+        "decided_after": decided - previous_decided,
+        "due_after": a.due_at - decided,
+        "status": s(a.status),
+        "reason": s(a.reason),
+        "attempt": a.attempt,
+        "retry_at": a.retry_at,
+        "settled_after": None if a.settled_at is None else a.settled_at - decided,
+        "dispatched_after": None if a.dispatched_at is None else a.dispatched_at - decided,
+        "http_status": a.http_status,
+        "endpoint": s(a.endpoint),
+        "features": feats,
+    }
 
 
 def customer_record(c: Customer) -> dict[str, Any]:
-    """``io.segflow.DispatcherStateEntry`` (kind ``customer``) for the changelog."""
+    """``io.segflow.DispatcherStateEntry`` (kind ``customer``) for the changelog, in the
+    compact form (``strings``, ``ledger``, ``sent``, ``assigned``; the schema's doc)."""
+    s = _Strings()
+    ledger = []
+    previous = 0
+    for a in c.actions:
+        ledger.append(_step_record(a, s, previous))
+        previous = a.decided_at
     return {
         "kind": "customer",
         "customer_id": c.customer_id,
@@ -840,57 +922,114 @@ def customer_record(c: Customer) -> dict[str, Any]:
         "timezone": c.timezone,
         "attrs": dict(c.attrs),
         "last_engagement_at": c.last_engagement_at,
-        "sends": [{"channel": ch, "at": at, "key": k} for ch, at, k in c.sends],
-        "actions": [_action_record(a) for a in c.actions],
-        "assignments": [
+        "ledger": ledger,
+        "sent": [{"channel": s(ch), "at": at, "key": _key_bytes(k)} for ch, at, k in c.sends],
+        "assigned": [
             {
-                "playbook": s.playbook,
-                "segment": s.segment,
-                "entry_id": s.entry_id,
-                "variant": s.variant,
-                "campaign_id": s.campaign_id,
-                "decided_at": s.decided_at,
-                "counted": sorted(s.counted),
+                "playbook": s(x.playbook),
+                "segment": s(x.segment),
+                "entry_id": s.entry(c.customer_id, x.segment, x.entry_id),
+                "variant": s(x.variant),
+                "campaign_id": s(x.campaign_id),
+                "decided_at": x.decided_at,
+                "counted": [s(k) for k in sorted(x.counted)],
             }
-            for s in c.assignments
+            for x in c.assignments
         ],
+        "strings": s.table,
     }
 
 
+def _steps(cid: str, r: Mapping[str, Any], strings: list[str]) -> Iterator[Action]:
+    def text(i: int) -> str | None:
+        return None if i < 0 else strings[i]
+
+    decided = 0
+    for e in r.get("ledger") or ():
+        decided += int(e["decided_after"])
+        settled, dispatched = e.get("settled_after"), e.get("dispatched_after")
+        feats = e.get("features") or ()
+        segment = strings[e["segment"]]
+        yield Action(
+            key=_key_str(e["key"]),
+            customer_id=cid,
+            playbook=strings[e["playbook"]],
+            step=strings[e["step"]],
+            segment=segment,
+            entry_id=_entry(e["entry_id"], cid, segment, strings),
+            channel=strings[e["channel"]],
+            variant=strings[e["variant"]],
+            priority=int(e.get("priority") or 0),
+            campaign_id=strings[e["campaign_id"]],
+            decided_at=decided,
+            due_at=decided + int(e["due_after"]),
+            status=strings[e["status"]],
+            reason=text(e.get("reason", -1)),
+            attempt=int(e.get("attempt") or 0),
+            retry_at=int(e.get("retry_at") or 0),
+            settled_at=None if settled is None else decided + int(settled),
+            dispatched_at=None if dispatched is None else decided + int(dispatched),
+            http_status=e.get("http_status"),
+            endpoint=text(e.get("endpoint", -1)),
+            features=tuple(
+                sorted((strings[feats[i]], strings[feats[i + 1]]) for i in range(0, len(feats), 2))
+            ),
+        )
+
+
 def customer_from_record(r: Mapping[str, Any]) -> Customer:
-    """Inverse of :func:`customer_record`.
+    """Inverse of :func:`customer_record`; reads the form the version before wrote
+    (``actions``, ``sends``, ``assignments`` with every text in place) too.
 
     >>> c = Customer("c1", frozenset({"bounced"}), "UTC", (("first_name", "Ada"),), 5,
     ...              (("email", 1, "k"),), (), (Assignment("P", "S", "e", "A", "P", 1),))
     >>> customer_from_record(customer_record(c)) == c
     True
     """
+    cid = r["customer_id"]
+    strings = list(r.get("strings") or ())
+    actions = tuple(_steps(cid, r, strings)) + tuple(
+        Action(
+            **{f: a.get(f) for f in _ACTION_FIELDS},
+            features=tuple(sorted((a.get("features") or {}).items())),
+        )
+        for a in r.get("actions") or ()
+    )
+    sends = tuple(
+        (strings[x["channel"]], int(x["at"]), _key_str(x["key"])) for x in r.get("sent") or ()
+    ) + tuple((x["channel"], int(x["at"]), x["key"]) for x in r.get("sends") or ())
+    assignments = tuple(
+        Assignment(
+            strings[x["playbook"]],
+            strings[x["segment"]],
+            _entry(x["entry_id"], cid, strings[x["segment"]], strings),
+            strings[x["variant"]],
+            strings[x["campaign_id"]],
+            int(x["decided_at"]),
+            frozenset(strings[k] for k in x.get("counted") or ()),
+        )
+        for x in r.get("assigned") or ()
+    ) + tuple(
+        Assignment(
+            x["playbook"],
+            x["segment"],
+            x["entry_id"],
+            x["variant"],
+            x["campaign_id"],
+            int(x["decided_at"]),
+            frozenset(x.get("counted") or ()),
+        )
+        for x in r.get("assignments") or ()
+    )
     return Customer(
-        customer_id=r["customer_id"],
+        customer_id=cid,
         suppressions=frozenset(r.get("suppressions") or ()),
         timezone=r.get("timezone"),
         attrs=tuple(sorted((r.get("attrs") or {}).items())),
         last_engagement_at=r.get("last_engagement_at"),
-        sends=tuple((s["channel"], int(s["at"]), s["key"]) for s in r.get("sends") or ()),
-        actions=tuple(
-            Action(
-                **{f: a.get(f) for f in _ACTION_FIELDS},
-                features=tuple(sorted((a.get("features") or {}).items())),
-            )
-            for a in r.get("actions") or ()
-        ),
-        assignments=tuple(
-            Assignment(
-                s["playbook"],
-                s["segment"],
-                s["entry_id"],
-                s["variant"],
-                s["campaign_id"],
-                int(s["decided_at"]),
-                frozenset(s.get("counted") or ()),
-            )
-            for s in r.get("assignments") or ()
-        ),
+        sends=sends,
+        actions=actions,
+        assignments=assignments,
     )
 
 
