@@ -248,14 +248,12 @@ def run_dispatcher(
     return customers
 
 
-def main() -> int:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--customers", type=int, default=300)
-    parser.add_argument("--days", type=int, default=60)
-    parser.add_argument("--seed", type=int, default=1)
-    args = parser.parse_args()
-
-    config = SimConfig(customers=args.customers, days=args.days, seed=args.seed, noise=DEMO_NOISE)
+def simulate(
+    customers: int, days: int, seed: int
+) -> tuple[Recording, dict[str, dcore.Customer]]:
+    """The simulated population through identity, scorer, segmenter (``Recording``, with
+    their states) and the dispatcher's core (its customers)."""
+    config = SimConfig(customers=customers, days=days, seed=seed, noise=DEMO_NOISE)
     sim = Simulation(config)
     pipe = Recording(DEFAULT_DEFINITIONS, ScorerConfig())
     next_tick = config.start_ms + HOUR
@@ -272,9 +270,17 @@ def main() -> int:
         pipe.clock_ms = max(pipe.clock_ms, next_tick)
         pipe.tick()
         next_tick += HOUR
-
     book = load_book([DEFAULT_DIR])
-    customers = run_dispatcher(pipe.obs.changes, pipe.identified, book, config.end_ms)
+    return pipe, run_dispatcher(pipe.obs.changes, pipe.identified, book, config.end_ms)
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--customers", type=int, default=300)
+    parser.add_argument("--days", type=int, default=60)
+    parser.add_argument("--seed", type=int, default=1)
+    args = parser.parse_args()
+    pipe, customers = simulate(args.customers, args.days, args.seed)
 
     serde = Serde.from_settings(Settings())
     ids = {cid for cid in pipe.obs.event_owner.values()}

@@ -1033,6 +1033,37 @@ def customer_from_record(r: Mapping[str, Any]) -> Customer:
     )
 
 
+def record_timers(r: Mapping[str, Any]) -> tuple[int | None, list[tuple[int, str]]]:
+    """:func:`next_due` and the in-flight actions' ``(retry_at, key)`` of a customer record,
+    without building the customer (what a restore's index rebuild needs).
+
+    >>> c = Customer("c1", actions=(Action("sf-1", "c1", "P", "s", "S", "e", "email", "A", 0,
+    ...     "P", 1, 50, status="in_flight", retry_at=7), Action("sf-2", "c1", "P", "t", "S", "e",
+    ...     "email", "A", 0, "P", 1, 90)))
+    >>> record_timers(customer_record(c)) == (next_due(c), [(7, "sf-1")])
+    True
+    """
+    strings = r.get("strings") or ()
+    due: int | None = None
+    flights: list[tuple[int, str]] = []
+    decided = 0
+    for e in r.get("ledger") or ():
+        decided += e["decided_after"]
+        status = strings[e["status"]]
+        if status == "scheduled":
+            at = decided + e["due_after"]
+            due = at if due is None or at < due else due
+        elif status == "in_flight":
+            flights.append((int(e.get("retry_at") or 0), _key_str(e["key"])))
+    for a in r.get("actions") or ():  # written by the version before
+        if a["status"] == "scheduled":
+            at = int(a["due_at"])
+            due = at if due is None or at < due else due
+        elif a["status"] == "in_flight":
+            flights.append((int(a.get("retry_at") or 0), a["key"]))
+    return due, flights
+
+
 def kpi_record(
     segment: str, playbook: str, variant: str, counts: Mapping[str, int]
 ) -> dict[str, Any]:
