@@ -41,6 +41,7 @@ from services.scorer.core import ScorerConfig  # noqa: E402
 from services.segmenter.app import DEFAULT_DEFINITIONS  # noqa: E402
 
 HEADER = 5  # magic byte + schema id
+MAP_ENTRY = "\x00"  # marks a per-key map entry total in a Sizes counter
 
 
 # -- Avro sizes ----------------------------------------------------------------------------------
@@ -130,6 +131,9 @@ def size(schema: Any, value: Any, path: str = "", acc: Counter[str] | None = Non
         n = (varint_len(len(items)) + 1 if items else 1) + sum(
             size("string", k) + size(schema["values"], v) for k, v in items
         )
+        if acc is not None:  # each key's entries too, listed apart (see Sizes.table)
+            for k, v in items:
+                acc[f"{MAP_ENTRY}{path}{{{k}}}"] += size("string", k) + size(schema["values"], v)
         path = f"{path}{{}}"
     else:
         raise ValueError(f"unsupported Avro type {t!r} at {path}")
@@ -165,12 +169,19 @@ class Sizes:
             f"| field | B per customer id | B per record | share |",
             "|---|---|---|---|",
         ]
+        entries = [(k[1:], n) for k, n in self.fields.items() if k.startswith(MAP_ENTRY)]
         for name, n in sorted(self.fields.items(), key=lambda kv: -kv[1]):
-            if n == 0:
+            if n == 0 or name.startswith(MAP_ENTRY):
                 continue
             lines.append(
                 f"| `{name}` | {n / max(customers, 1):,.1f} | {n / max(self.records, 1):,.1f} "
                 f"| {100 * n / max(self.total, 1):.1f} % |"
+            )
+        if entries:
+            top = sorted(entries, key=lambda kv: -kv[1])[:15]
+            lines.append(
+                "map entries, largest first (B per customer id): "
+                + ", ".join(f"`{k}` {n / max(customers, 1):,.1f}" for k, n in top)
             )
         return "\n".join(lines)
 
