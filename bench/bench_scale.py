@@ -130,9 +130,7 @@ def sim_id(i: int) -> str:
     return f"c-{i:016x}"
 
 
-def sim_templates(
-    settings: Settings, n: int, days: int
-) -> dict[str, list[tuple[str, bytes]]]:
+def sim_templates(settings: Settings, n: int, days: int) -> dict[str, list[tuple[str, bytes]]]:
     """Encoded scorer and dispatcher states of ``n`` simulated customers (state_fields.py)."""
     from bench.state_fields import simulate
     from services.dispatcher import core as dcore
@@ -287,7 +285,9 @@ def main() -> int:
                     capture_output=True, text=True, check=True, env=os.environ,
                 )  # fmt: skip
                 result = json.loads(out.stdout.strip().splitlines()[-1])
-                role = "1 instance (4 partitions)" if parts == "0,1,2,3" else "1 of 2 (2 partitions)"
+                role = (
+                    "1 instance (4 partitions)" if parts == "0,1,2,3" else "1 of 2 (2 partitions)"
+                )
                 print(f"{service} restore as {role}: {result}", flush=True)
         print(f"load average at the end: {os.getloadavg()[0]:.1f} (numbers measured under load)")
     finally:

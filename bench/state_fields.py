@@ -54,27 +54,33 @@ def varint_len(n: int) -> int:
     return size
 
 
+_PY_TYPES: dict[str, tuple[type, ...]] = {
+    "boolean": (bool,),
+    "int": (int,),
+    "long": (int,),
+    "float": (float,),
+    "double": (float,),
+    "string": (str,),
+    "enum": (str,),
+    "bytes": (bytes,),
+    "fixed": (bytes,),
+    "array": (list, tuple),
+    "record": (dict,),
+    "map": (dict,),
+}
+
+
 def _branch(union: list[Any], value: Any) -> tuple[int, Any]:
+    """The union branch fastavro writes ``value`` with (by Python type; first match)."""
     for i, t in enumerate(union):
         name = t if isinstance(t, str) else t.get("type")
-        if value is None and name == "null":
-            return i, t
         if value is None:
-            continue
-        if isinstance(value, bool):
-            if name == "boolean":
+            if name == "null":
                 return i, t
-        elif isinstance(value, int) and name in ("int", "long"):
-            return i, t
-        elif isinstance(value, float) and name in ("float", "double"):
-            return i, t
-        elif isinstance(value, str) and name in ("string", "enum"):
-            return i, t
-        elif isinstance(value, bytes) and name in ("bytes", "fixed"):
-            return i, t
-        elif isinstance(value, list | tuple) and name == "array":
-            return i, t
-        elif isinstance(value, dict) and name in ("record", "map"):
+            continue
+        if isinstance(value, bool) != (name == "boolean"):
+            continue
+        if isinstance(value, _PY_TYPES.get(name, ())):
             return i, t
     raise ValueError(f"no branch of {union} for {value!r}")
 
@@ -166,7 +172,7 @@ class Sizes:
         lines = [
             f"\n{title}: {self.records:,} records, {self.total / max(customers, 1):,.0f} B per "
             f"customer id, {self.total / max(self.records, 1):,.0f} B per record",
-            f"| field | B per customer id | B per record | share |",
+            "| field | B per customer id | B per record | share |",
             "|---|---|---|---|",
         ]
         entries = [(k[1:], n) for k, n in self.fields.items() if k.startswith(MAP_ENTRY)]
@@ -259,9 +265,7 @@ def run_dispatcher(
     return customers
 
 
-def simulate(
-    customers: int, days: int, seed: int
-) -> tuple[Recording, dict[str, dcore.Customer]]:
+def simulate(customers: int, days: int, seed: int) -> tuple[Recording, dict[str, dcore.Customer]]:
     """The simulated population through identity, scorer, segmenter (``Recording``, with
     their states) and the dispatcher's core (its customers)."""
     config = SimConfig(customers=customers, days=days, seed=seed, noise=DEMO_NOISE)
@@ -313,9 +317,11 @@ def main() -> int:
         scorer.add(cid, st)
     segmenter = Sizes(serde, TOPICS.segmenter_state)
     for key, raw in pipe.segmenter.store.table.items():
-        segmenter.add(key, serde.decode(TOPICS.segmenter_state, raw) if isinstance(raw, bytes) else raw)
+        segmenter.add(
+            key, serde.decode(TOPICS.segmenter_state, raw) if isinstance(raw, bytes) else raw
+        )
     dispatcher = Sizes(serde, TOPICS.dispatcher_state)
-    actions = Counter()
+    actions: Counter[str] = Counter()
     for cid, c in customers.items():
         dispatcher.add(cid, dcore.customer_record(c))
         actions.update(a.status for a in c.actions)

@@ -862,7 +862,6 @@ class _Strings:
             self.table.append(text)
         return i
 
-
     def entry(self, customer_id: str, segment: str, entry_id: str) -> int:
         """An entry id: ``-2 - i`` when it is ``customer|segment|`` + text ``i`` (the
         segmenter's form), else the index of the whole id."""

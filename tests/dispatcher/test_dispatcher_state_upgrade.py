@@ -64,8 +64,14 @@ def old_record(cid: str, at: int = NOON, mail_status: str = "sent") -> dict[str,
         "sends": [{"channel": "crm_task", "at": at + 400, "key": mail}],
         "actions": [
             {
-                **common, "key": mail, "step": "mail", "channel": "crm_task",
-                "due_at": at, "status": mail_status, "attempt": 1, "retry_at": 0,
+                **common,
+                "key": mail,
+                "step": "mail",
+                "channel": "crm_task",
+                "due_at": at,
+                "status": mail_status,
+                "attempt": 1,
+                "retry_at": 0,
                 "settled_at": at + 500 if sent else None,
                 "dispatched_at": at + 470 if sent else None,
                 "http_status": 202 if sent else None,
@@ -73,15 +79,31 @@ def old_record(cid: str, at: int = NOON, mail_status: str = "sent") -> dict[str,
                 "features": {"opens_drop": "-0.72"},
             },
             {
-                **common, "key": task, "step": "task", "channel": "crm_task",
-                "due_at": at + HOUR, "status": "scheduled", "attempt": 0,
-                "retry_at": 0, "settled_at": None, "dispatched_at": None,
-                "http_status": None, "endpoint": None, "features": {},
+                **common,
+                "key": task,
+                "step": "task",
+                "channel": "crm_task",
+                "due_at": at + HOUR,
+                "status": "scheduled",
+                "attempt": 0,
+                "retry_at": 0,
+                "settled_at": None,
+                "dispatched_at": None,
+                "http_status": None,
+                "endpoint": None,
+                "features": {},
             },
         ],  # fmt: skip
         "assignments": [
-            {"playbook": "P", "segment": "S", "entry_id": entry, "variant": "A",
-             "campaign_id": "camp", "decided_at": at, "counted": ["assigned", "sent"]}
+            {
+                "playbook": "P",
+                "segment": "S",
+                "entry_id": entry,
+                "variant": "A",
+                "campaign_id": "camp",
+                "decided_at": at,
+                "counted": ["assigned", "sent"],
+            }
         ],  # fmt: skip
         "segment": None,
         "playbook": None,
@@ -141,13 +163,24 @@ def test_a_record_the_version_before_wrote_decodes_into_the_same_customer() -> N
 
 @pytest.mark.parametrize(
     "key",
-    ["sf-" + "ab" * 16, "sf-" + "AB" * 16, "sf-short", "x" * 16, "x" * 15, "", "sf-" + "g" * 32, "ключ"],
+    [
+        "sf-" + "ab" * 16,
+        "sf-" + "AB" * 16,
+        "sf-short",
+        "x" * 16,
+        "x" * 15,
+        "",
+        "sf-" + "g" * 32,
+        "ключ",
+    ],
 )
 def test_any_idempotency_key_survives_the_compact_record(key: str) -> None:
     serde = Serde(SchemaStore.from_dir())
     a = Action(key, "c", "P", "step", "S", "c|S|1", "email", "A", 0, "P", NOON, NOON)
     c = Customer("c", sends=(("email", NOON, key),), actions=(a,))
-    rec = serde.decode(TOPICS.dispatcher_state, serde.encode(TOPICS.dispatcher_state, core.customer_record(c)))
+    rec = serde.decode(
+        TOPICS.dispatcher_state, serde.encode(TOPICS.dispatcher_state, core.customer_record(c))
+    )
     assert core.customer_from_record(rec) == c
 
 
