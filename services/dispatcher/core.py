@@ -40,12 +40,32 @@ computed by the shell.
 
 from __future__ import annotations
 
-import hashlib
-from collections.abc import Iterable, Iterator, Mapping
-from dataclasses import dataclass, field
-from typing import Any, TypeVar
+from collections.abc import Mapping
 
 from services.dispatcher.experiments import assign
+from services.dispatcher.model import (
+    DAY,
+    FORGET_EVENTS,
+    HOUR,
+    MERGED,
+    PROFILE_PROPERTIES,
+    TERMINAL,
+    TRUE,
+    UNKNOWN_CUSTOMER_TYPES,
+    Action,
+    Assignment,
+    Customer,
+    DeadLetterAction,
+    Effect,
+    KpiDelta,
+    Observation,
+    Outcome,
+    Request,
+    Result,
+    SegmentChange,
+    idempotency_key,
+    replace,
+)
 from services.dispatcher.playbooks import (
     CUSTOMER_FACING,
     EMAIL_CHANNELS,
@@ -58,253 +78,57 @@ from services.dispatcher.playbooks import (
     render,
 )
 from services.dispatcher.policy import blocked, quiet_until
+from services.dispatcher.records import (
+    apply_kpis,
+    customer_from_record,
+    customer_record,
+    kpi_record,
+    record_timers,
+    result_record,
+)
 
-HOUR = 3_600_000
-DAY = 24 * HOUR
-TERMINAL = frozenset({"sent", "suppressed", "failed", "holdout"})
-TRUE = frozenset({"true", "1", "yes", "y"})
-FORGET_EVENTS = frozenset({"forget", "gdpr_forget", "customer_forgotten"})
-# What an event about a customer the dispatcher does not know yet can still change (see
-# ``observe``): these event types, and these keys in its properties. Anything else about an
-# unknown customer is ignored, which lets the shell skip such events without decoding them.
-UNKNOWN_CUSTOMER_TYPES = frozenset({"email_unsubscribe", "email_bounce"}) | FORGET_EVENTS
-PROFILE_PROPERTIES = ("do_not_contact", "timezone", "first_name")
-# The customer id was absorbed by an identity merge: it is never contacted again (its
-# survivor is). Set from the segmenter's ``exited``/``merged`` change.
-MERGED = "merged"
-
-
-_T = TypeVar("_T")
-
-
-def replace(obj: _T, /, **changes: Any) -> _T:
-    """``dataclasses.replace`` for this module's frozen records, about ten times cheaper: a
-    shallow copy with the changed fields set, without re-running the generated ``__init__``
-    (these records have no ``__post_init__``; the field names are still checked).
-
-    >>> a = Assignment("P", "S", "e", "A", "P", 1)
-    >>> b = replace(a, variant="B")
-    >>> (a.variant, b.variant, b == Assignment("P", "S", "e", "B", "P", 1))
-    ('A', 'B', True)
-    """
-    fields = obj.__dataclass_fields__  # type: ignore[attr-defined]
-    for name in changes:
-        if name not in fields:
-            raise TypeError(f"{type(obj).__name__} has no field {name!r}")
-    new = object.__new__(type(obj))
-    state = new.__dict__  # frozen: attribute assignment raises, the instance dict does not
-    state.update(obj.__dict__)
-    state.update(changes)
-    return new
-
-
-# -- inputs ------------------------------------------------------------------------------------
-@dataclass(frozen=True)
-class SegmentChange:
-    """The part of a SegmentChange the dispatcher uses."""
-
-    customer_id: str
-    segment: str
-    transition: str
-    entry_id: str
-    occurred_at: int
-    reason: str | None = None
-    features: tuple[tuple[str, str], ...] = ()  # observed values from the explanation
-
-    @staticmethod
-    def from_record(r: Mapping[str, Any]) -> SegmentChange:
-        """From a decoded ``io.segflow.SegmentChange``."""
-        feats = tuple(
-            (str(e["feature"]), _fmt(e.get("observed")))
-            for e in r.get("explanation") or ()
-            if e.get("observed") is not None
-        )
-        return SegmentChange(
-            r["customer_id"],
-            r["segment"],
-            r["transition"],
-            r["entry_id"],
-            int(r["occurred_at"]),
-            r.get("reason"),
-            feats,
-        )
-
-
-@dataclass(frozen=True)
-class Observation:
-    """The part of an IdentifiedEvent the dispatcher uses (outcomes, suppression, profile)."""
-
-    customer_id: str
-    event_type: str
-    occurred_at: int
-    campaign_id: str | None = None
-    variant: str | None = None
-    product_id: str | None = None
-    properties: tuple[tuple[str, str], ...] = ()
-
-    @staticmethod
-    def from_record(r: Mapping[str, Any]) -> Observation:
-        """From a decoded ``io.segflow.IdentifiedEvent``."""
-        ev = r["event"]
-        return Observation(
-            r["customer_id"],
-            ev["event_type"],
-            int(ev["occurred_at"]),
-            ev.get("campaign_id"),
-            ev.get("variant"),
-            ev.get("product_id"),
-            tuple(sorted((ev.get("properties") or {}).items())),
-        )
-
-
-@dataclass(frozen=True)
-class Outcome:
-    """One delivery attempt's result: ``sent``, ``retry`` (at wall ms ``retry_at``), ``failed``."""
-
-    kind: str
-    http_status: int | None = None
-    endpoint: str | None = None
-    detail: str | None = None
-    retry_at: int = 0
-    dispatched_at: int | None = None
-
-
-# -- state -------------------------------------------------------------------------------------
-@dataclass(frozen=True)
-class Action:
-    """One ledger entry: a step of a playbook for one segment entry of one customer."""
-
-    key: str
-    customer_id: str
-    playbook: str
-    step: str
-    segment: str
-    entry_id: str
-    channel: str
-    variant: str
-    priority: int
-    campaign_id: str
-    decided_at: int
-    due_at: int
-    status: str = "scheduled"  # scheduled, in_flight, sent, suppressed, failed, holdout
-    reason: str | None = None
-    attempt: int = 0
-    retry_at: int = 0
-    settled_at: int | None = None
-    dispatched_at: int | None = None
-    http_status: int | None = None
-    endpoint: str | None = None
-    features: tuple[tuple[str, str], ...] = ()
-
-
-@dataclass(frozen=True)
-class Assignment:
-    """A frozen experiment assignment, and which KPIs it has already counted."""
-
-    playbook: str
-    segment: str
-    entry_id: str
-    variant: str
-    campaign_id: str
-    decided_at: int
-    counted: frozenset[str] = frozenset()
-
-
-@dataclass(frozen=True)
-class Customer:
-    customer_id: str
-    suppressions: frozenset[str] = frozenset()
-    timezone: str | None = None
-    attrs: tuple[tuple[str, str], ...] = ()
-    last_engagement_at: int | None = None
-    sends: tuple[tuple[str, int, str], ...] = ()  # (channel, at, idempotency key)
-    actions: tuple[Action, ...] = ()
-    assignments: tuple[Assignment, ...] = ()
-
-    def action(self, key: str) -> Action | None:
-        for a in self.actions:
-            if a.key == key:
-                return a
-        return None
-
-
-# -- effects -----------------------------------------------------------------------------------
-@dataclass(frozen=True)
-class Result:
-    """A decision to publish on the results topic."""
-
-    action: Action
-    status: str
-    reason: str | None
-    at: int
-
-
-@dataclass(frozen=True)
-class KpiDelta:
-    segment: str
-    playbook: str
-    variant: str
-    kpi: str
-
-
-@dataclass(frozen=True)
-class DeadLetterAction:
-    """A permanently failed action, for the DLQ."""
-
-    action: Action
-    reason: str
-
-
-Effect = Result | KpiDelta | DeadLetterAction
-
-
-@dataclass(frozen=True)
-class Request:
-    """Everything an adapter needs to perform one action (rendered, variant applied)."""
-
-    key: str
-    customer_id: str
-    channel: str
-    playbook: str
-    step: str
-    segment: str
-    variant: str
-    campaign_id: str
-    template: str | None
-    subject: str | None
-    body: str | None
-    variables: Mapping[str, str] = field(default_factory=dict)
-    list_id: str | None = None
-    properties: Mapping[str, str] = field(default_factory=dict)
-    task_priority: str = "HIGH"
-    #: Why the request could not be rendered (the action fails and nothing is sent).
-    problem: str | None = None
+__all__ = [
+    "Action",
+    "Assignment",
+    "Customer",
+    "DAY",
+    "DeadLetterAction",
+    "Effect",
+    "FORGET_EVENTS",
+    "HOUR",
+    "KpiDelta",
+    "MERGED",
+    "Observation",
+    "Outcome",
+    "PROFILE_PROPERTIES",
+    "Request",
+    "Result",
+    "SegmentChange",
+    "TERMINAL",
+    "TRUE",
+    "UNKNOWN_CUSTOMER_TYPES",
+    "apply_kpis",
+    "customer_from_record",
+    "customer_record",
+    "decide",
+    "forget",
+    "idempotency_key",
+    "in_flight",
+    "kpi_record",
+    "next_due",
+    "observe",
+    "promote",
+    "prune",
+    "record_outcome",
+    "record_timers",
+    "replace",
+    "request_for",
+    "result_record",
+    "set_attributes",
+]
 
 
 # -- helpers -----------------------------------------------------------------------------------
-def idempotency_key(
-    customer_id: str, playbook: str, step: str, entry_id: str, entered_at: int
-) -> str:
-    """The key of one action, stable across restarts and replays.
-
-    ``entered_at`` (the entry's event time) is part of the key: a redelivered change gives
-    the same key, but a stay that reuses an ``entry_id`` (the segmenter lost a customer's
-    counter, e.g. an id revived after a merge) gets new keys instead of colliding with a
-    send the API has already de-duplicated.
-
-    >>> idempotency_key("c1", "P", "mail", "c1:S:1", 1_700_000_000_000)
-    'sf-f9a0288dfaec32b898aa9e3a69187346'
-    """
-    raw = "\x1f".join((customer_id, playbook, step, entry_id, str(entered_at)))
-    return "sf-" + hashlib.sha256(raw.encode()).hexdigest()[:32]
-
-
-def _fmt(value: Any) -> str:
-    if isinstance(value, float):
-        return f"{value:.4g}"
-    return str(value)
-
-
 def _suppression(suppressions: frozenset[str], channel: str) -> str | None:
     if "forgotten" in suppressions:
         return "forgotten"
@@ -762,331 +586,3 @@ def request_for(c: Customer, a: Action, book: Book) -> Request | None:
         task_priority=step.task_priority,
         problem=problem,
     )
-
-
-# -- records (the changelog and results schemas) -----------------------------------------------
-def result_record(r: Result, decided_at: int | None = None) -> dict[str, Any]:
-    """The ``io.segflow.DispatchResult`` for one decision (deterministic ``result_id``)."""
-    a = r.action
-    suffix = f":{r.reason}:{a.due_at}" if r.status == "scheduled" else ""
-    return {
-        "result_id": f"{a.key}:{r.status}{suffix}",
-        "customer_id": a.customer_id,
-        "playbook": a.playbook,
-        "step": a.step,
-        "segment": a.segment,
-        "entry_id": a.entry_id,
-        "channel": a.channel,
-        "status": r.status,
-        "reason": r.reason,
-        "variant": a.variant,
-        "holdout": a.variant == HOLDOUT,
-        "idempotency_key": a.key,
-        "attempt": a.attempt,
-        "campaign_id": a.campaign_id,
-        "endpoint": a.endpoint,
-        "http_status": a.http_status,
-        "decided_at": r.at if decided_at is None else decided_at,
-        "dispatched_at": a.dispatched_at if r.status in ("sent", "failed") else None,
-        "due_at": a.due_at,
-    }
-
-
-_ACTION_FIELDS = (
-    "key",
-    "customer_id",
-    "playbook",
-    "step",
-    "segment",
-    "entry_id",
-    "channel",
-    "variant",
-    "priority",
-    "campaign_id",
-    "decided_at",
-    "due_at",
-    "status",
-    "reason",
-    "attempt",
-    "retry_at",
-    "settled_at",
-    "dispatched_at",
-    "http_status",
-    "endpoint",
-)
-_KEY_PREFIX = "sf-"
-_OTHER_KEY = b"\xff"  # a key that is not "sf-" + 32 hex digits follows as UTF-8
-
-
-def _key_bytes(key: str) -> bytes:
-    """An idempotency key as stored: the 16 bytes its hex digits spell, or 0xFF + UTF-8.
-
-    >>> _key_bytes("sf-f9a0288dfaec32b898aa9e3a69187346").hex()
-    'f9a0288dfaec32b898aa9e3a69187346'
-    >>> [_key_str(_key_bytes(k)) for k in ("odd-key", "sf-F9", "x" * 15)]
-    ['odd-key', 'sf-F9', 'xxxxxxxxxxxxxxx']
-    """
-    digits = key[3:]
-    if (
-        key.startswith(_KEY_PREFIX)
-        and len(digits) == 32
-        and digits == digits.lower()
-        and all(ch in "0123456789abcdef" for ch in digits)
-    ):
-        return bytes.fromhex(digits)
-    raw = _OTHER_KEY + key.encode()  # UTF-8 never holds 0xFF
-    return _OTHER_KEY + raw if len(raw) == 16 else raw  # 16 bytes would read as hex
-
-
-def _key_str(raw: bytes) -> str:
-    if len(raw) == 16:
-        return _KEY_PREFIX + raw.hex()
-    return raw.lstrip(_OTHER_KEY).decode()
-
-
-class _Strings:
-    """A record's string table: each text once, referred to by its index."""
-
-    __slots__ = ("index", "table")
-
-    def __init__(self) -> None:
-        self.index: dict[str, int] = {}
-        self.table: list[str] = []
-
-    def __call__(self, text: str | None) -> int:
-        if text is None:
-            return -1
-        i = self.index.get(text)
-        if i is None:
-            i = self.index[text] = len(self.table)
-            self.table.append(text)
-        return i
-
-    def entry(self, customer_id: str, segment: str, entry_id: str) -> int:
-        """An entry id: ``-2 - i`` when it is ``customer|segment|`` + text ``i`` (the
-        segmenter's form), else the index of the whole id."""
-        prefix = f"{customer_id}|{segment}|"
-        if entry_id.startswith(prefix):
-            return -2 - self(entry_id[len(prefix) :])
-        return self(entry_id)
-
-
-def _entry(i: int, customer_id: str, segment: str, strings: list[str]) -> str:
-    return f"{customer_id}|{segment}|{strings[-2 - i]}" if i <= -2 else strings[i]
-
-
-def _step_record(a: Action, s: _Strings, previous_decided: int) -> dict[str, Any]:
-    decided = a.decided_at
-    feats: list[int] = []
-    for name, value in a.features:
-        feats.append(s(name))
-        feats.append(s(value))
-    return {
-        "key": _key_bytes(a.key),
-        "playbook": s(a.playbook),
-        "step": s(a.step),
-        "segment": s(a.segment),
-        "entry_id": s.entry(a.customer_id, a.segment, a.entry_id),
-        "channel": s(a.channel),
-        "variant": s(a.variant),
-        "campaign_id": s(a.campaign_id),
-        "priority": a.priority,
-        "decided_after": decided - previous_decided,
-        "due_after": a.due_at - decided,
-        "status": s(a.status),
-        "reason": s(a.reason),
-        "attempt": a.attempt,
-        "retry_at": a.retry_at,
-        "settled_after": None if a.settled_at is None else a.settled_at - decided,
-        "dispatched_after": None if a.dispatched_at is None else a.dispatched_at - decided,
-        "http_status": a.http_status,
-        "endpoint": s(a.endpoint),
-        "features": feats,
-    }
-
-
-def customer_record(c: Customer) -> dict[str, Any]:
-    """``io.segflow.DispatcherStateEntry`` (kind ``customer``) for the changelog, in the
-    compact form (``strings``, ``ledger``, ``sent``, ``assigned``; the schema's doc)."""
-    s = _Strings()
-    ledger = []
-    previous = 0
-    for a in c.actions:
-        ledger.append(_step_record(a, s, previous))
-        previous = a.decided_at
-    return {
-        "kind": "customer",
-        "customer_id": c.customer_id,
-        "suppressions": sorted(c.suppressions),
-        "timezone": c.timezone,
-        "attrs": dict(c.attrs),
-        "last_engagement_at": c.last_engagement_at,
-        "ledger": ledger,
-        "sent": [{"channel": s(ch), "at": at, "key": _key_bytes(k)} for ch, at, k in c.sends],
-        "assigned": [
-            {
-                "playbook": s(x.playbook),
-                "segment": s(x.segment),
-                "entry_id": s.entry(c.customer_id, x.segment, x.entry_id),
-                "variant": s(x.variant),
-                "campaign_id": s(x.campaign_id),
-                "decided_at": x.decided_at,
-                "counted": [s(k) for k in sorted(x.counted)],
-            }
-            for x in c.assignments
-        ],
-        "strings": s.table,
-    }
-
-
-def _steps(cid: str, r: Mapping[str, Any], strings: list[str]) -> Iterator[Action]:
-    def text(i: int) -> str | None:
-        return None if i < 0 else strings[i]
-
-    decided = 0
-    for e in r.get("ledger") or ():
-        decided += int(e["decided_after"])
-        settled, dispatched = e.get("settled_after"), e.get("dispatched_after")
-        feats = e.get("features") or ()
-        segment = strings[e["segment"]]
-        yield Action(
-            key=_key_str(e["key"]),
-            customer_id=cid,
-            playbook=strings[e["playbook"]],
-            step=strings[e["step"]],
-            segment=segment,
-            entry_id=_entry(e["entry_id"], cid, segment, strings),
-            channel=strings[e["channel"]],
-            variant=strings[e["variant"]],
-            priority=int(e.get("priority") or 0),
-            campaign_id=strings[e["campaign_id"]],
-            decided_at=decided,
-            due_at=decided + int(e["due_after"]),
-            status=strings[e["status"]],
-            reason=text(e.get("reason", -1)),
-            attempt=int(e.get("attempt") or 0),
-            retry_at=int(e.get("retry_at") or 0),
-            settled_at=None if settled is None else decided + int(settled),
-            dispatched_at=None if dispatched is None else decided + int(dispatched),
-            http_status=e.get("http_status"),
-            endpoint=text(e.get("endpoint", -1)),
-            features=tuple(
-                sorted((strings[feats[i]], strings[feats[i + 1]]) for i in range(0, len(feats), 2))
-            ),
-        )
-
-
-def customer_from_record(r: Mapping[str, Any]) -> Customer:
-    """Inverse of :func:`customer_record`; reads the form the version before wrote
-    (``actions``, ``sends``, ``assignments`` with every text in place) too.
-
-    >>> c = Customer("c1", frozenset({"bounced"}), "UTC", (("first_name", "Ada"),), 5,
-    ...              (("email", 1, "k"),), (), (Assignment("P", "S", "e", "A", "P", 1),))
-    >>> customer_from_record(customer_record(c)) == c
-    True
-    """
-    cid = r["customer_id"]
-    strings = list(r.get("strings") or ())
-    actions = tuple(_steps(cid, r, strings)) + tuple(
-        Action(
-            **{f: a.get(f) for f in _ACTION_FIELDS},
-            features=tuple(sorted((a.get("features") or {}).items())),
-        )
-        for a in r.get("actions") or ()
-    )
-    sends = tuple(
-        (strings[x["channel"]], int(x["at"]), _key_str(x["key"])) for x in r.get("sent") or ()
-    ) + tuple((x["channel"], int(x["at"]), x["key"]) for x in r.get("sends") or ())
-    assignments = tuple(
-        Assignment(
-            strings[x["playbook"]],
-            strings[x["segment"]],
-            _entry(x["entry_id"], cid, strings[x["segment"]], strings),
-            strings[x["variant"]],
-            strings[x["campaign_id"]],
-            int(x["decided_at"]),
-            frozenset(strings[k] for k in x.get("counted") or ()),
-        )
-        for x in r.get("assigned") or ()
-    ) + tuple(
-        Assignment(
-            x["playbook"],
-            x["segment"],
-            x["entry_id"],
-            x["variant"],
-            x["campaign_id"],
-            int(x["decided_at"]),
-            frozenset(x.get("counted") or ()),
-        )
-        for x in r.get("assignments") or ()
-    )
-    return Customer(
-        customer_id=cid,
-        suppressions=frozenset(r.get("suppressions") or ()),
-        timezone=r.get("timezone"),
-        attrs=tuple(sorted((r.get("attrs") or {}).items())),
-        last_engagement_at=r.get("last_engagement_at"),
-        sends=sends,
-        actions=actions,
-        assignments=assignments,
-    )
-
-
-def record_timers(r: Mapping[str, Any]) -> tuple[int | None, list[tuple[int, str]]]:
-    """:func:`next_due` and the in-flight actions' ``(retry_at, key)`` of a customer record,
-    without building the customer (what a restore's index rebuild needs).
-
-    >>> c = Customer("c1", actions=(Action("sf-1", "c1", "P", "s", "S", "e", "email", "A", 0,
-    ...     "P", 1, 50, status="in_flight", retry_at=7), Action("sf-2", "c1", "P", "t", "S", "e",
-    ...     "email", "A", 0, "P", 1, 90)))
-    >>> record_timers(customer_record(c)) == (next_due(c), [(7, "sf-1")])
-    True
-    """
-    strings = r.get("strings") or ()
-    due: int | None = None
-    flights: list[tuple[int, str]] = []
-    decided = 0
-    for e in r.get("ledger") or ():
-        decided += e["decided_after"]
-        status = strings[e["status"]]
-        if status == "scheduled":
-            at = decided + e["due_after"]
-            due = at if due is None or at < due else due
-        elif status == "in_flight":
-            flights.append((int(e.get("retry_at") or 0), _key_str(e["key"])))
-    for a in r.get("actions") or ():  # written by the version before
-        if a["status"] == "scheduled":
-            at = int(a["due_at"])
-            due = at if due is None or at < due else due
-        elif a["status"] == "in_flight":
-            flights.append((int(a.get("retry_at") or 0), a["key"]))
-    return due, flights
-
-
-def kpi_record(
-    segment: str, playbook: str, variant: str, counts: Mapping[str, int]
-) -> dict[str, Any]:
-    """``io.segflow.DispatcherStateEntry`` (kind ``kpi``)."""
-    return {
-        "kind": "kpi",
-        "segment": segment,
-        "playbook": playbook,
-        "variant": variant,
-        "counts": dict(counts),
-    }
-
-
-def apply_kpis(
-    current: Mapping[tuple[str, str, str], Mapping[str, int]], deltas: Iterable[KpiDelta]
-) -> dict[tuple[str, str, str], dict[str, int]]:
-    """The KPI counters after ``deltas`` (only the rows that changed).
-
-    >>> apply_kpis({}, [KpiDelta("S", "P", "A", "sent"), KpiDelta("S", "P", "A", "sent")])
-    {('S', 'P', 'A'): {'sent': 2}}
-    """
-    changed: dict[tuple[str, str, str], dict[str, int]] = {}
-    for d in deltas:
-        row = (d.segment, d.playbook, d.variant)
-        counts = changed.setdefault(row, dict(current.get(row, {})))
-        counts[d.kpi] = counts.get(d.kpi, 0) + 1
-    return changed
