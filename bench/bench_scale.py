@@ -1,16 +1,25 @@
-"""Scale-out numbers for the segmenter's partitioned state: changelog bytes per customer, and
-the time and memory to restore 1 M customers as 1 instance (4 partitions) or as one of 2 (2
-partitions), which is what a restart or a rebalance costs.
+"""Scale-out numbers for the partitioned state of the segmenter, the scorer and the
+dispatcher: changelog bytes per customer, and the time and memory to restore 1 M customers as
+1 instance (4 partitions) or as one of 2 (2 partitions), which is what a restart or a
+rebalance costs.
 
     .venv/bin/python bench/bench_scale.py [--customers 1000000] [--bootstrap HOST:PORT]
+        [--services segmenter,scorer,dispatcher]
 
-States are real: 2,000 template customers are evaluated by the segmenter's core with the
-default definitions over 6 scores each (memberships, timers, the values the definitions read);
-the 1 M changelog records are those templates under 1 M distinct 8-character ids (the id is
-patched into the encoded bytes, so generating them costs no Avro encoding). Each restore runs
-in a fresh process: the store's restore (read_committed, Avro decode) plus the segmenter's
-rebuild (customers, timers, sizes, percentile columns), and its RSS growth (VmRSS after minus
-before). A private broker starts in a temporary folder unless --bootstrap is given.
+States are real. Segmenter: 2,000 template customers are evaluated by the segmenter's core
+with the default definitions over 6 scores each (memberships, timers, the values the
+definitions read), under 8-character ids. Scorer and dispatcher: the states their cores hold
+at the end of ``bench/state_fields.py``'s in-process run (simulated customers through
+identity, scorer, segmenter and the dispatcher's core with the default playbooks; 60 days),
+under 18-character ids like identity's. The 1 M changelog records are those templates under
+1 M distinct ids (the id is patched into the encoded bytes, so generating them costs no Avro
+encoding). Each restore runs in a fresh process: the store's restore (read_committed, Avro
+decode) plus the service's rebuild (segmenter: customers, timers, sizes, percentile columns;
+scorer: its timers, forgotten and merged ids; dispatcher: decoded customers' due and retry
+indexes), and its RSS growth (VmRSS after minus before). The machine's 1-minute load average
+is printed next to every number. A private broker starts in a temporary folder unless
+--bootstrap is given. Identity is not measured: its graph is one global table (one graph
+writer), restored whole by every instance.
 """
 
 from __future__ import annotations
@@ -22,15 +31,18 @@ import random
 import subprocess
 import sys
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from bench.bench_segmenter import _fresh  # noqa: E402
 from segflow.runtime.kafka import ensure_topics, make_producer  # noqa: E402
+from segflow.runtime.serde import Serde  # noqa: E402
 from segflow.runtime.settings import Settings  # noqa: E402
 from segflow.runtime.state import partition_for  # noqa: E402
 from segflow.runtime.testing import private_broker, unique_prefix  # noqa: E402
+from segflow.runtime.topics import TOPICS, Topic  # noqa: E402
 from services.segmenter import core  # noqa: E402
 from services.segmenter.app import (  # noqa: E402
     CUSTOMER_RECORD,
@@ -75,18 +87,26 @@ def templates(n: int, settings: Settings) -> list[bytes]:
     return out
 
 
-def fill(settings: Settings, customers: int, n_templates: int) -> tuple[float, float]:
-    """Produce the changelog; returns (bytes per customer incl. key, seconds)."""
-    name = STATE_TOPIC.name(settings)
-    ensure_topics(settings, topics=[], names={name: STATE_TOPIC})
-    temps = templates(n_templates, settings)
+def produce_changelog(
+    settings: Settings,
+    topic: Topic,
+    customers: int,
+    temps: list[tuple[str, bytes]],
+    new_id: Callable[[int], str],
+) -> tuple[float, float]:
+    """Produce ``customers`` records of ``topic``: template ``i % len(temps)`` with its id
+    (every occurrence, same length) replaced by ``new_id(i)``. Returns (bytes per customer
+    incl. key, seconds)."""
+    name = topic.name(settings)
+    ensure_topics(settings, topics=[], names={name: topic})
     producer = make_producer(settings)
     started = time.monotonic()
     total = 0
     for i in range(customers):
-        j = i % n_templates
-        key = cid(i).encode()
-        value = temps[j].replace(cid(j).encode(), key, 1)
+        old_id, template = temps[i % len(temps)]
+        key = new_id(i).encode()
+        assert len(key) == len(old_id.encode())
+        value = template.replace(old_id.encode(), key)
         total += len(key) + len(value)
         while True:
             try:
@@ -94,8 +114,40 @@ def fill(settings: Settings, customers: int, n_templates: int) -> tuple[float, f
                 break
             except BufferError:
                 producer.poll(0.05)
-    producer.flush(120)
+    producer.flush(300)
     return total / customers, time.monotonic() - started
+
+
+def fill(settings: Settings, customers: int, n_templates: int) -> tuple[float, float]:
+    """Produce the segmenter's changelog; returns (bytes per customer incl. key, seconds)."""
+    temps = templates(n_templates, settings)
+    pairs = [(cid(j), t) for j, t in enumerate(temps)]
+    return produce_changelog(settings, STATE_TOPIC, customers, pairs, cid)
+
+
+def sim_id(i: int) -> str:
+    """An id as long as identity's (``c-`` + 16 hex digits)."""
+    return f"c-{i:016x}"
+
+
+def sim_templates(settings: Settings, n: int, days: int) -> dict[str, list[tuple[str, bytes]]]:
+    """Encoded scorer and dispatcher states of ``n`` simulated customers (state_fields.py)."""
+    from bench.state_fields import simulate
+    from services.dispatcher import core as dcore
+
+    pipe, customers = simulate(n, days, seed=1)
+    serde = Serde.from_settings(settings)
+    scorer = [
+        (k, serde.encode(TOPICS.scorer_state, st))
+        for k, st in pipe.scorer_states.items()
+        if len(k) == 18
+    ]
+    dispatcher = [
+        (k, serde.encode(TOPICS.dispatcher_state, dcore.customer_record(c)))
+        for k, c in customers.items()
+        if len(k) == 18
+    ]
+    return {"scorer": scorer, "dispatcher": dispatcher}
 
 
 def rss_kb() -> int:
@@ -116,46 +168,128 @@ def restore(bootstrap: str, prefix: str, partitions: list[int]) -> dict[str, flo
     restored = time.monotonic()
     seg.on_assign(set(partitions))
     done = time.monotonic()
+    return _numbers(partitions, len(seg.states), started, restored, done, before)
+
+
+def _numbers(
+    partitions: list[int], customers: int, started: float, restored: float, done: float, rss: int
+) -> dict[str, float]:
     return {
         "partitions": len(partitions),
-        "customers": len(seg.states),
+        "customers": customers,
         "store_restore_s": round(restored - started, 1),
         "rebuild_s": round(done - restored, 1),
         "total_s": round(done - started, 1),
-        "rss_growth_mb": round((rss_kb() - before) / 1024),
+        "rss_growth_mb": round((rss_kb() - rss) / 1024),
+        "load_avg_1m": round(os.getloadavg()[0], 1),
     }
+
+
+def restore_scorer(bootstrap: str, prefix: str, partitions: list[int]) -> dict[str, float]:
+    """In this process: restore ``partitions`` as a scorer instance does on assignment."""
+    from services.scorer.app import ScorerService
+
+    settings = Settings(bootstrap_servers=bootstrap, topic_prefix=prefix)
+    svc = ScorerService(settings)
+    svc.restore(states=False)  # the model (none here) and the empty timers, as at start
+    before = rss_kb()
+    started = time.monotonic()
+    svc.states.assigned = set()
+    svc.states.on_assign(set(partitions))
+    restored = time.monotonic()
+    svc.on_assign(set(partitions))
+    done = time.monotonic()
+    return _numbers(partitions, svc.customer_count(), started, restored, done, before)
+
+
+def restore_dispatcher(bootstrap: str, prefix: str, partitions: list[int]) -> dict[str, float]:
+    """In this process: restore ``partitions`` as a dispatcher instance does on assignment
+    (the store's restore, then the due and retry indexes its next tick rebuilds)."""
+    from services.dispatcher.adapters import PatternContacts
+    from services.dispatcher.app import Dispatcher, DispatcherSettings
+
+    settings = Settings(bootstrap_servers=bootstrap, topic_prefix=prefix)
+    d = Dispatcher(
+        settings,
+        DispatcherSettings(group_id=prefix + "dispatcher"),
+        contacts=PatternContacts("{customer_id}@example.invalid"),
+    )
+    try:
+        before = rss_kb()
+        started = time.monotonic()
+        d.store.assigned = set()
+        d.store.on_assign(set(partitions))
+        restored = time.monotonic()
+        d.on_assign(set(partitions))
+        d._rebuild()
+        done = time.monotonic()
+        return _numbers(partitions, len(d.store), started, restored, done, before)
+    finally:
+        d.close()
+
+
+RESTORES: dict[str, Callable[[str, str, list[int]], dict[str, float]]] = {
+    "segmenter": restore,
+    "scorer": restore_scorer,
+    "dispatcher": restore_dispatcher,
+}
 
 
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--customers", type=int, default=1_000_000)
-    parser.add_argument("--templates", type=int, default=2000)
+    parser.add_argument("--templates", type=int, default=2000, help="segmenter templates")
+    parser.add_argument(
+        "--sim-customers", type=int, default=300, help="simulated customers (scorer, dispatcher)"
+    )
+    parser.add_argument("--sim-days", type=int, default=60)
+    parser.add_argument("--services", default="segmenter,scorer,dispatcher")
     parser.add_argument("--bootstrap", default=None)
     parser.add_argument("--restore", default=None, help=argparse.SUPPRESS)  # child mode
+    parser.add_argument("--service", default="segmenter", help=argparse.SUPPRESS)
     parser.add_argument("--prefix", default=None, help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.restore is not None:
         parts = [int(p) for p in args.restore.split(",")]
-        print(json.dumps(restore(args.bootstrap, args.prefix, parts)))
+        print(json.dumps(RESTORES[args.service](args.bootstrap, args.prefix, parts)))
         return 0
+    services = [x for x in args.services.split(",") if x]
+    unknown = set(services) - set(RESTORES)
+    if unknown:
+        parser.error(f"--services: unknown {sorted(unknown)}; expected some of {sorted(RESTORES)}")
     bootstrap, broker = private_broker(args.bootstrap)
     try:
         settings = Settings(bootstrap_servers=bootstrap, topic_prefix=unique_prefix("scale"))
-        per_customer, seconds = fill(settings, args.customers, args.templates)
-        print(
-            f"changelog: {args.customers:,} customers, {per_customer:,.0f} B per customer "
-            f"(key + Avro value; segmenter state only), produced in {seconds:.0f} s"
-        )
-        for parts in ("0,1,2,3", "0,1"):
-            out = subprocess.run(
-                [sys.executable, __file__, "--restore", parts, "--bootstrap", bootstrap,
-                 "--prefix", settings.topic_prefix],
-                capture_output=True, text=True, check=True, env=os.environ,
-            )  # fmt: skip
-            result = json.loads(out.stdout.strip().splitlines()[-1])
-            role = "1 instance (4 partitions)" if parts == "0,1,2,3" else "1 of 2 (2 partitions)"
-            print(f"restore as {role}: {result}")
-        print(f"load average: {os.getloadavg()[0]:.1f} (numbers measured under load)")
+        sims: dict[str, list[tuple[str, bytes]]] = {}
+        if {"scorer", "dispatcher"} & set(services):
+            sims = sim_templates(settings, args.sim_customers, args.sim_days)
+        for service in services:
+            if service == "segmenter":
+                per_customer, seconds = fill(settings, args.customers, args.templates)
+            else:
+                topic = TOPICS.scorer_state if service == "scorer" else TOPICS.dispatcher_state
+                per_customer, seconds = produce_changelog(
+                    settings, topic, args.customers, sims[service], sim_id
+                )
+            templates_n = args.templates if service == "segmenter" else len(sims[service])
+            print(
+                f"{service} changelog: {args.customers:,} customers from {templates_n:,} "
+                f"templates, {per_customer:,.0f} B per customer (key + Avro value), produced "
+                f"in {seconds:.0f} s (load average {os.getloadavg()[0]:.1f})",
+                flush=True,
+            )
+            for parts in ("0,1,2,3", "0,1"):
+                out = subprocess.run(
+                    [sys.executable, __file__, "--restore", parts, "--service", service,
+                     "--bootstrap", bootstrap, "--prefix", settings.topic_prefix],
+                    capture_output=True, text=True, check=True, env=os.environ,
+                )  # fmt: skip
+                result = json.loads(out.stdout.strip().splitlines()[-1])
+                role = (
+                    "1 instance (4 partitions)" if parts == "0,1,2,3" else "1 of 2 (2 partitions)"
+                )
+                print(f"{service} restore as {role}: {result}", flush=True)
+        print(f"load average at the end: {os.getloadavg()[0]:.1f} (numbers measured under load)")
     finally:
         if broker is not None:
             broker.stop()

@@ -22,22 +22,15 @@ partition (``kpi|<segment>|<playbook>|<variant>@<p>``) and summed when read; wit
 
 from __future__ import annotations
 
-import asyncio
-import concurrent.futures
 import heapq
 import logging
 import random
-import threading
 import time
-from collections.abc import Callable, Coroutine, Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from pathlib import Path
-from typing import Any, Literal, TypeVar
+from typing import Any, TypeVar
 
-import httpx
 from confluent_kafka import KafkaException
-from prometheus_client import Counter, Gauge, Histogram
-from pydantic import SecretStr
-from pydantic_settings import SettingsConfigDict
 from tenacity import stop_after_attempt
 
 from segflow.errors import ConfigError, PoisonMessage
@@ -50,181 +43,41 @@ from segflow.runtime.settings import Settings
 from segflow.runtime.state import ChangelogStore
 from segflow.runtime.topics import TOPICS
 from segflow.runtime.vault import KEY_SETTING, VaultSettings
-from services.dispatcher import core, delivery
+from services.dispatcher import core
 from services.dispatcher.adapters import (
-    AiohttpClient,
-    CallFailed,
     Contacts,
     HttpClient,
     PatternContacts,
-    Rejected,
     Router,
-    SignedWebhook,
-    SMTPEmail,
 )
 from services.dispatcher.backoff import Breaker
 from services.dispatcher.contacts import VaultContacts
-from services.dispatcher.experiments import summarise
-from services.dispatcher.playbooks import DEFAULT_DIR, Book, PlaybookError, load_book
+from services.dispatcher.delivering import Delivering
+from services.dispatcher.metrics import (
+    RESULTS,
+)
+from services.dispatcher.playbooks import Book, PlaybookError, load_book
+from services.dispatcher.settings import (
+    AsyncRunner,
+    DispatcherSettings,
+    build_router,
+)
 from services.dispatcher.vendors import (
-    VendorSettings,
     check_routes,
-    crm_adapter,
-    email_adapter,
     is_local,
     routed,
     with_local_stand_ins,
 )
+
+__all__ = ["AsyncRunner", "Dispatcher", "DispatcherSettings", "build_router"]
 
 log = logging.getLogger("segflow.dispatcher")
 T = TypeVar("T")
 CLOCK_KEY = "clock"
 KPI_PREFIX = "kpi|"
 
-RESULTS = Counter(
-    "segflow_dispatch_results_total", "Dispatch decisions", ["channel", "status", "reason"]
-)
-ATTEMPTS = Counter(
-    "segflow_dispatch_attempts_total", "API calls by endpoint and outcome", ["endpoint", "outcome"]
-)
-CALL_SECONDS = Histogram(
-    "segflow_dispatch_call_seconds",
-    "API call latency",
-    ["endpoint"],
-    buckets=(0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10),
-)
-BREAKER_OPEN = Gauge(
-    "segflow_dispatch_breaker_open", "1 while an endpoint's breaker is open", ["endpoint"]
-)
-PENDING = Gauge("segflow_dispatch_pending", "Actions waiting", ["state"])
-KPI = Gauge(
-    "segflow_dispatch_kpi", "Campaign KPI counters", ["segment", "playbook", "variant", "kpi"]
-)
-RATE = Gauge(
-    "segflow_dispatch_kpi_rate", "Campaign KPI rates", ["segment", "playbook", "variant", "rate"]
-)
-UPLIFT = Gauge(
-    "segflow_dispatch_uplift",
-    "Conversion uplift vs holdout (estimate and 95% CI)",
-    ["segment", "playbook", "variant", "bound"],
-)
 
-
-class DispatcherSettings(VendorSettings):
-    """``SEGFLOW_DISPATCHER_*`` settings; every endpoint defaults to 127.0.0.1 (vendor ids and
-    delivery policies: :class:`~services.dispatcher.vendors.VendorSettings`)."""
-
-    model_config = SettingsConfigDict(env_prefix="SEGFLOW_DISPATCHER_", extra="ignore", frozen=True)
-
-    playbooks: str = str(DEFAULT_DIR)  # files or folders, comma-separated
-    clock: Literal["wall", "event"] = "wall"
-    group_id: str = "segflow-dispatcher"
-    transactional_id: str | None = None
-    crm_kind: Literal["hubspot", "salesforce", "marketo"] = "hubspot"
-    crm_base_url: str = "http://127.0.0.1:8725"
-    crm_token: SecretStr | None = None
-    email_base_url: str = "http://127.0.0.1:8725"
-    email_api_key: SecretStr | None = None
-    email_from: str = "retention@example.invalid"
-    smtp_host: str = "127.0.0.1"
-    smtp_port: int = 8025
-    smtp_user: str | None = None
-    smtp_password: SecretStr | None = None
-    smtp_starttls: bool = False
-    webhook_url: str = "http://127.0.0.1:8725/webhook"
-    webhook_secret: SecretStr = SecretStr("segflow-local-webhook-secret")
-    contact_pattern: str | None = None  # e.g. "{customer_id}@example.invalid" (demo only)
-    http_timeout: float = 5.0
-    http_transport: Literal["aiohttp", "httpx"] = "aiohttp"  # aiohttp directly, or httpx's pool
-    concurrency: int = 256
-    max_batch: int = 2000
-    promote_batch: int = 5000
-    backoff_base: float = 0.5
-    backoff_cap: float = 300.0
-    max_attempts: int = 200
-    breaker_threshold: int = 5
-    breaker_cooldown: float = 30.0
-    tick_interval: float = 0.2
-    batch_size: int = 2000
-    api_port: int | None = None
-    cache_size: int = 200_000  # decoded customers kept in memory
-    playbook_reload_interval: float = 2.0  # seconds between mtime polls of the playbook files
-
-
-class AsyncRunner:
-    """One asyncio loop in a background thread; the synchronous loop submits batches to it."""
-
-    def __init__(self) -> None:
-        self.loop = asyncio.new_event_loop()
-        self.thread = threading.Thread(
-            target=self.loop.run_forever, daemon=True, name="dispatcher-io"
-        )
-        self.thread.start()
-
-    def run(self, coro: Coroutine[Any, Any, T]) -> T:
-        return asyncio.run_coroutine_threadsafe(coro, self.loop).result()
-
-    def submit(self, coro: Coroutine[Any, Any, T]) -> concurrent.futures.Future[T]:
-        """Start ``coro`` on the I/O loop without waiting for it."""
-        return asyncio.run_coroutine_threadsafe(coro, self.loop)
-
-    def close(self) -> None:
-        self.loop.call_soon_threadsafe(self.loop.stop)
-        self.thread.join(5)
-
-
-def build_router(
-    cfg: DispatcherSettings,
-    runner: AsyncRunner,
-    contacts: Contacts | None = None,
-    playbooks: Book | None = None,
-) -> tuple[Router, HttpClient]:
-    """Adapters for every channel on one shared connection pool (aiohttp's by default).
-
-    With ``playbooks``, refuses to start when a routed step has no vendor id or a routed real
-    endpoint no credentials (:func:`~services.dispatcher.vendors.check_routes`)."""
-    if playbooks is not None:
-        cfg = with_local_stand_ins(cfg, cfg, playbooks)  # type: ignore[assignment]
-        check_routes(cfg, playbooks)
-
-    async def make() -> HttpClient:
-        if cfg.http_transport == "aiohttp":
-            return AiohttpClient(cfg.concurrency, cfg.http_timeout)
-        limits = httpx.Limits(
-            max_connections=cfg.concurrency, max_keepalive_connections=cfg.concurrency
-        )
-        return httpx.AsyncClient(timeout=cfg.http_timeout, limits=limits)
-
-    client = runner.run(make())
-    book = contacts if contacts is not None else PatternContacts(cfg.contact_pattern)
-
-    def secret(value: SecretStr | None) -> str | None:
-        return value.get_secret_value() if value is not None else None
-
-    router = Router(
-        crm=crm_adapter(cfg, client, cfg.crm_kind, cfg.crm_base_url, secret(cfg.crm_token)),
-        email=email_adapter(
-            cfg, client, cfg.email_base_url, secret(cfg.email_api_key), cfg.email_from, book
-        ),
-        smtp=SMTPEmail(
-            cfg.smtp_host,
-            cfg.smtp_port,
-            cfg.email_from,
-            book,
-            cfg.smtp_user,
-            secret(cfg.smtp_password),
-            cfg.http_timeout,
-            cfg.smtp_starttls,
-            on_ambiguous=cfg.smtp_on_ambiguous,
-        ),
-        webhook=SignedWebhook(
-            client, cfg.webhook_url, cfg.webhook_secret.get_secret_value().encode()
-        ),
-    )
-    return router, client
-
-
-class Dispatcher:
+class Dispatcher(Delivering):
     """Handler + tick + hooks for the shared loop."""
 
     def __init__(
@@ -241,7 +94,9 @@ class Dispatcher:
         self.book = book or load_book(Path(p) for p in self.cfg.playbooks.split(",") if p)
         self.clock = clock
         self.serde = Serde.from_settings(settings)
-        self.store = ChangelogStore(settings, TOPICS.dispatcher_state, self.serde)
+        # The store keeps each record's bytes (decoded on demand; customers in use are in
+        # ``_cache``): about a tenth of the memory of decoded records per customer.
+        self.store = ChangelogStore(settings, TOPICS.dispatcher_state, self.serde, encoded=True)
         self.changes_topic = TOPICS.segment_changes.name(settings)
         self.events_topic = TOPICS.identified.name(settings)
         self.attributes_topic = TOPICS.attributes.name(settings)
@@ -487,9 +342,17 @@ class Dispatcher:
 
     def _rebuild(self) -> None:
         self._due, self._retry = [], []
-        self._kpi_keys = {k for k, r in list(self.store.items()) if r.get("kind") == "kpi"}
-        for c in self.customers():
-            self._index(c)
+        self._kpi_keys = set()
+        for key, rec in self.store.items():  # one record decoded at a time
+            kind = rec.get("kind")
+            if kind == "kpi":
+                self._kpi_keys.add(key)
+            elif kind == "customer":  # its timers, read from the record (no Customer built)
+                due, flights = core.record_timers(rec)
+                if due is not None:
+                    heapq.heappush(self._due, (due, key))
+                for retry_at, action in flights:
+                    heapq.heappush(self._retry, (retry_at, key, action))
         self._dirty = False
         self._kpi_dirty = True
 
@@ -708,242 +571,6 @@ class Dispatcher:
         outs += self._flush()
         self._refresh_gauges()
         return outs
-
-    def _promote(self) -> list[Output]:
-        horizon = self._horizon()
-        outs: list[Output] = []
-        seen: set[str] = set()
-        later: list[tuple[int, str]] = []  # due on a partition whose clock is behind
-        while self._due and self._due[0][0] <= horizon and len(seen) < self.cfg.promote_batch:
-            due, cid = heapq.heappop(self._due)
-            if cid in seen:
-                continue
-            part = self.store.partition_of(cid)
-            now = self.now_ms(part)
-            if due > now:
-                later.append((due, cid))
-                continue
-            seen.add(cid)
-            old = self.customer(cid)
-            if old is None:
-                continue
-            new, effects = core.promote(old, now, self.book)
-            if new is not old:
-                new = core.prune(new, now, self.book)
-            outs += self._emit(old, new, effects, now, part)
-        for entry in later:
-            heapq.heappush(self._due, entry)
-        return outs
-
-    def _select(self, wall_ms: int) -> list[tuple[core.Customer, core.Action]]:
-        """Committed in-flight actions whose retry time has come, endpoints permitting."""
-        picked: list[tuple[core.Customer, core.Action]] = []
-        later: list[tuple[int, str, str]] = []
-        probes: set[str] = set()
-        keys: set[str] = set()
-        cache: dict[str, core.Customer | None] = {}
-        wall = wall_ms / 1000
-        while self._retry and self._retry[0][0] <= wall_ms and len(picked) < self.cfg.max_batch:
-            entry = heapq.heappop(self._retry)
-            _, cid, key = entry
-            if cid not in cache:
-                cache[cid] = self.customer(cid)
-            cust = cache[cid]
-            action = cust.action(key) if cust is not None else None
-            if (
-                action is None
-                or action.status != "in_flight"
-                or action.retry_at > entry[0]
-                or key in keys
-                or key in self._calling
-            ):
-                continue  # stale or duplicate index entry
-            keys.add(key)
-            adapter = self.router.for_channel(action.channel)
-            endpoint = adapter.endpoint if adapter is not None else action.channel
-            breaker = self._breakers.get(endpoint, Breaker())
-            hold = delivery.hold_until(
-                breaker, self._paused.get(endpoint, 0.0), wall, endpoint in probes
-            )
-            if hold is not None:
-                later.append((int(hold * 1000), cid, key))
-                continue
-            if breaker.state == "open":
-                probes.add(endpoint)  # half-open: this tick's one probe
-            picked.append((cust, action))  # type: ignore[arg-type]
-        for at, cid, key in later:
-            # Held back in memory only (the durable retry_at is unchanged and earlier).
-            heapq.heappush(self._retry, (at, cid, key))
-        return picked
-
-    def _deliver(self) -> list[Output]:
-        """Record the outcomes of finished calls, then start calls for what is due."""
-        outs = self._harvest()
-        if self._stopping or len(self._calling) >= 4 * self.cfg.concurrency:
-            return outs  # stopping, or enough under way (the rest waits in the retry index)
-        picked = self._select(int(self.clock() * 1000))
-        if picked:
-            requests = [core.request_for(c, a, self.book) for c, a in picked]
-            self._calling.update(a.key for _, a in picked)
-            self._calls.append((picked, self.runner.submit(self._call_all(requests))))
-        return outs
-
-    def _harvest(self, wait: float = 0.0) -> list[Output]:
-        """Settle the calls that have finished (waiting up to ``wait`` seconds for them)."""
-        if wait and self._calls:
-            concurrent.futures.wait([f for _, f in self._calls], timeout=wait)
-        done = [(picked, f) for picked, f in self._calls if f.done()]
-        if not done:
-            return []
-        self._calls = [(picked, f) for picked, f in self._calls if not f.done()]
-        olds: dict[str, core.Customer] = {}
-        by_customer: dict[str, core.Customer] = {}
-        effects: dict[int, list[core.Effect]] = {}  # per partition
-        for picked, future in done:
-            outcomes = future.result()
-            for (_, action), outcome in zip(picked, outcomes, strict=True):
-                self._calling.discard(action.key)
-                cid = action.customer_id
-                current = by_customer.get(cid) or self.customer(cid)
-                if current is None:
-                    continue  # forgotten meanwhile, or its partition moved to another instance
-                olds.setdefault(cid, current)
-                part = self.store.partition_of(cid)
-                outcome = self._finish(action, outcome)
-                new, more = core.record_outcome(
-                    current, action.key, outcome, self.now_ms(part), self.book
-                )
-                by_customer[cid] = new
-                effects.setdefault(part, []).extend(more)
-        outs: list[Output] = []
-        for part, part_effects in effects.items():  # KPI rows written once per tick
-            outs += self._effects(part_effects, self.now_ms(part), part)
-        for cid, new in by_customer.items():
-            if new != olds[cid]:
-                self._put(new)
-                self._index(new)
-        return outs
-
-    def drain(self, timeout: float) -> None:
-        """Before a clean stop: wait for the calls under way so the final tick records them
-        (a call whose outcome is not committed is made again, with its key, after a restart)."""
-        self._stopping = True  # the final tick records outcomes and starts no new call
-        if self._calls:
-            concurrent.futures.wait([f for _, f in self._calls], timeout=timeout)
-
-    def _finish(self, action: core.Action, outcome: core.Outcome) -> core.Outcome:
-        """A raw retry becomes a scheduled retry time, or a failure once attempts run out."""
-        return delivery.after_attempt(
-            action.attempt,
-            outcome,
-            now_ms=int(self.clock() * 1000),
-            max_attempts=self.cfg.max_attempts,
-            backoff_base=self.cfg.backoff_base,
-            backoff_cap=self.cfg.backoff_cap,
-            jitter=self._rng.random(),
-        )
-
-    async def _call_all(self, requests: list[core.Request | None]) -> list[core.Outcome]:
-        sem = asyncio.Semaphore(self.cfg.concurrency)
-
-        async def one(req: core.Request | None) -> core.Outcome:
-            async with sem:
-                return await self._call(req)
-
-        return list(await asyncio.gather(*(one(r) for r in requests)))
-
-    async def _call(self, req: core.Request | None) -> core.Outcome:
-        """One attempt. ``Outcome.retry_at`` carries the server's Retry-After (ms) here."""
-        if req is None:
-            return core.Outcome("failed", detail="playbook_removed")
-        if req.problem is not None:  # could not be rendered: fail, never send a partial text
-            return core.Outcome("failed", detail=req.problem)
-        adapter = self.router.for_channel(req.channel)
-        if adapter is None:
-            return core.Outcome("failed", detail=f"no_adapter: {req.channel}")
-        endpoint = adapter.endpoint
-        started = time.perf_counter()
-        now = self.clock()
-        try:
-            sent = await adapter.send(req)
-        except CallFailed as exc:
-            self._attempts(endpoint, "retry").inc()
-            self._on_failure(endpoint, exc.pause)
-            return core.Outcome(
-                "retry", exc.status, endpoint, str(exc), retry_at=int((exc.retry_after or 0) * 1000)
-            )
-        except Rejected as exc:
-            self._attempts(endpoint, "failed").inc()
-            return core.Outcome(
-                "failed", exc.status, endpoint, str(exc), dispatched_at=int(now * 1000)
-            )
-        except Exception as exc:  # an adapter bug: retry later, never lose the action
-            log.exception("adapter error", extra={"fields": {"endpoint": endpoint}})
-            self._attempts(endpoint, "retry").inc()
-            self._on_failure(endpoint, None)
-            return core.Outcome("retry", None, endpoint, f"error: {type(exc).__name__}")
-        finally:
-            seconds = self._call_seconds.get(endpoint)
-            if seconds is None:
-                seconds = self._call_seconds[endpoint] = CALL_SECONDS.labels(endpoint)
-            seconds.observe(time.perf_counter() - started)
-        self._attempts(endpoint, "sent").inc()
-        breaker = self._breakers.get(endpoint)
-        if breaker is None or breaker.failures or breaker.opened_at is not None:
-            self._breakers[endpoint] = (breaker or self._new_breaker()).success()
-        if sent.pause:
-            self._paused[endpoint] = max(self._paused.get(endpoint, 0.0), now + sent.pause)
-        return core.Outcome("sent", sent.status, endpoint, dispatched_at=int(now * 1000))
-
-    def _attempts(self, endpoint: str, outcome: str) -> Any:
-        """The attempts counter's child (labels() costs a lock and a lookup per call)."""
-        child = self._attempt_counters.get((endpoint, outcome))
-        if child is None:
-            child = self._attempt_counters[(endpoint, outcome)] = ATTEMPTS.labels(endpoint, outcome)
-        return child
-
-    def _new_breaker(self) -> Breaker:
-        return Breaker(self.cfg.breaker_threshold, self.cfg.breaker_cooldown)
-
-    def _on_failure(self, endpoint: str, pause: float | None) -> None:
-        now = self.clock()
-        breaker = self._breakers.get(endpoint, self._new_breaker())
-        was_open = breaker.state == "open"
-        breaker = self._breakers[endpoint] = breaker.failure(now)  # a failed probe re-opens it
-        if breaker.state == "open" and not was_open:
-            log.warning("circuit opened", extra={"fields": {"endpoint": endpoint}})
-        if pause:
-            self._paused[endpoint] = max(self._paused.get(endpoint, 0.0), now + pause)
-
-    # -- gauges ------------------------------------------------------------------------
-    def _refresh_gauges(self) -> None:
-        for endpoint, b in self._breakers.items():
-            BREAKER_OPEN.labels(endpoint).set(1 if b.state == "open" else 0)
-        PENDING.labels("scheduled").set(len(self._due))
-        PENDING.labels("in_flight").set(len(self._retry))
-        if not self._kpi_dirty or time.monotonic() - self._gauges_at < 2.0:
-            return
-        self._kpi_dirty = False
-        self._gauges_at = time.monotonic()
-        rows = [(s, p, v, c) for (s, p, v), c in self.kpis().items()]
-        for k in summarise(rows):
-            labels = (k.segment, k.playbook, k.variant)
-            for name, value in k.counts.items():
-                KPI.labels(*labels, name).set(value)
-            rates = {
-                "open": k.open_rate,
-                "click": k.click_rate,
-                "conversion": k.conversion_rate,
-                "unsubscribe": k.unsubscribe_rate,
-                "churn": k.churn_rate,
-            }
-            for name, rate in rates.items():
-                if rate is not None:
-                    RATE.labels(*labels, name).set(rate)
-            if k.uplift is not None:
-                UPLIFT.labels(*labels, "estimate").set(k.uplift)
-                UPLIFT.labels(*labels, "low").set(k.uplift_low or 0.0)
-                UPLIFT.labels(*labels, "high").set(k.uplift_high or 0.0)
 
 
 def _kpi_partition(key: str) -> int | None:

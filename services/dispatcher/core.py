@@ -40,12 +40,32 @@ computed by the shell.
 
 from __future__ import annotations
 
-import hashlib
-from collections.abc import Iterable, Mapping
-from dataclasses import dataclass, field
-from typing import Any, TypeVar
+from collections.abc import Mapping
 
 from services.dispatcher.experiments import assign
+from services.dispatcher.model import (
+    DAY,
+    FORGET_EVENTS,
+    HOUR,
+    MERGED,
+    PROFILE_PROPERTIES,
+    TERMINAL,
+    TRUE,
+    UNKNOWN_CUSTOMER_TYPES,
+    Action,
+    Assignment,
+    Customer,
+    DeadLetterAction,
+    Effect,
+    KpiDelta,
+    Observation,
+    Outcome,
+    Request,
+    Result,
+    SegmentChange,
+    idempotency_key,
+    replace,
+)
 from services.dispatcher.playbooks import (
     CUSTOMER_FACING,
     EMAIL_CHANNELS,
@@ -58,255 +78,57 @@ from services.dispatcher.playbooks import (
     render,
 )
 from services.dispatcher.policy import blocked, quiet_until
+from services.dispatcher.records import (
+    apply_kpis,
+    customer_from_record,
+    customer_record,
+    kpi_record,
+    record_timers,
+    result_record,
+)
 
-HOUR = 3_600_000
-DAY = 24 * HOUR
-TERMINAL = frozenset({"sent", "suppressed", "failed", "holdout"})
-TRUE = frozenset({"true", "1", "yes", "y"})
-FORGET_EVENTS = frozenset({"forget", "gdpr_forget", "customer_forgotten"})
-# What an event about a customer the dispatcher does not know yet can still change (see
-# ``observe``): these event types, and these keys in its properties. Anything else about an
-# unknown customer is ignored, which lets the shell skip such events without decoding them.
-UNKNOWN_CUSTOMER_TYPES = frozenset({"email_unsubscribe", "email_bounce"}) | FORGET_EVENTS
-PROFILE_PROPERTIES = ("do_not_contact", "timezone", "first_name")
-# The customer id was absorbed by an identity merge: it is never contacted again (its
-# survivor is). Set from the segmenter's ``exited``/``merged`` change.
-MERGED = "merged"
-
-
-_T = TypeVar("_T")
-_RECORD = "_record"  # an Action's cached changelog record (see _action_record)
-
-
-def replace(obj: _T, /, **changes: Any) -> _T:
-    """``dataclasses.replace`` for this module's frozen records, about ten times cheaper: a
-    shallow copy with the changed fields set, without re-running the generated ``__init__``
-    (these records have no ``__post_init__``; the field names are still checked).
-
-    >>> a = Assignment("P", "S", "e", "A", "P", 1)
-    >>> b = replace(a, variant="B")
-    >>> (a.variant, b.variant, b == Assignment("P", "S", "e", "B", "P", 1))
-    ('A', 'B', True)
-    """
-    fields = obj.__dataclass_fields__  # type: ignore[attr-defined]
-    for name in changes:
-        if name not in fields:
-            raise TypeError(f"{type(obj).__name__} has no field {name!r}")
-    new = object.__new__(type(obj))
-    state = new.__dict__  # frozen: attribute assignment raises, the instance dict does not
-    state.update(obj.__dict__)
-    state.pop(_RECORD, None)  # a cached changelog record describes the old values
-    state.update(changes)
-    return new
-
-
-# -- inputs ------------------------------------------------------------------------------------
-@dataclass(frozen=True)
-class SegmentChange:
-    """The part of a SegmentChange the dispatcher uses."""
-
-    customer_id: str
-    segment: str
-    transition: str
-    entry_id: str
-    occurred_at: int
-    reason: str | None = None
-    features: tuple[tuple[str, str], ...] = ()  # observed values from the explanation
-
-    @staticmethod
-    def from_record(r: Mapping[str, Any]) -> SegmentChange:
-        """From a decoded ``io.segflow.SegmentChange``."""
-        feats = tuple(
-            (str(e["feature"]), _fmt(e.get("observed")))
-            for e in r.get("explanation") or ()
-            if e.get("observed") is not None
-        )
-        return SegmentChange(
-            r["customer_id"],
-            r["segment"],
-            r["transition"],
-            r["entry_id"],
-            int(r["occurred_at"]),
-            r.get("reason"),
-            feats,
-        )
-
-
-@dataclass(frozen=True)
-class Observation:
-    """The part of an IdentifiedEvent the dispatcher uses (outcomes, suppression, profile)."""
-
-    customer_id: str
-    event_type: str
-    occurred_at: int
-    campaign_id: str | None = None
-    variant: str | None = None
-    product_id: str | None = None
-    properties: tuple[tuple[str, str], ...] = ()
-
-    @staticmethod
-    def from_record(r: Mapping[str, Any]) -> Observation:
-        """From a decoded ``io.segflow.IdentifiedEvent``."""
-        ev = r["event"]
-        return Observation(
-            r["customer_id"],
-            ev["event_type"],
-            int(ev["occurred_at"]),
-            ev.get("campaign_id"),
-            ev.get("variant"),
-            ev.get("product_id"),
-            tuple(sorted((ev.get("properties") or {}).items())),
-        )
-
-
-@dataclass(frozen=True)
-class Outcome:
-    """One delivery attempt's result: ``sent``, ``retry`` (at wall ms ``retry_at``), ``failed``."""
-
-    kind: str
-    http_status: int | None = None
-    endpoint: str | None = None
-    detail: str | None = None
-    retry_at: int = 0
-    dispatched_at: int | None = None
-
-
-# -- state -------------------------------------------------------------------------------------
-@dataclass(frozen=True)
-class Action:
-    """One ledger entry: a step of a playbook for one segment entry of one customer."""
-
-    key: str
-    customer_id: str
-    playbook: str
-    step: str
-    segment: str
-    entry_id: str
-    channel: str
-    variant: str
-    priority: int
-    campaign_id: str
-    decided_at: int
-    due_at: int
-    status: str = "scheduled"  # scheduled, in_flight, sent, suppressed, failed, holdout
-    reason: str | None = None
-    attempt: int = 0
-    retry_at: int = 0
-    settled_at: int | None = None
-    dispatched_at: int | None = None
-    http_status: int | None = None
-    endpoint: str | None = None
-    features: tuple[tuple[str, str], ...] = ()
-
-
-@dataclass(frozen=True)
-class Assignment:
-    """A frozen experiment assignment, and which KPIs it has already counted."""
-
-    playbook: str
-    segment: str
-    entry_id: str
-    variant: str
-    campaign_id: str
-    decided_at: int
-    counted: frozenset[str] = frozenset()
-
-
-@dataclass(frozen=True)
-class Customer:
-    customer_id: str
-    suppressions: frozenset[str] = frozenset()
-    timezone: str | None = None
-    attrs: tuple[tuple[str, str], ...] = ()
-    last_engagement_at: int | None = None
-    sends: tuple[tuple[str, int, str], ...] = ()  # (channel, at, idempotency key)
-    actions: tuple[Action, ...] = ()
-    assignments: tuple[Assignment, ...] = ()
-
-    def action(self, key: str) -> Action | None:
-        for a in self.actions:
-            if a.key == key:
-                return a
-        return None
-
-
-# -- effects -----------------------------------------------------------------------------------
-@dataclass(frozen=True)
-class Result:
-    """A decision to publish on the results topic."""
-
-    action: Action
-    status: str
-    reason: str | None
-    at: int
-
-
-@dataclass(frozen=True)
-class KpiDelta:
-    segment: str
-    playbook: str
-    variant: str
-    kpi: str
-
-
-@dataclass(frozen=True)
-class DeadLetterAction:
-    """A permanently failed action, for the DLQ."""
-
-    action: Action
-    reason: str
-
-
-Effect = Result | KpiDelta | DeadLetterAction
-
-
-@dataclass(frozen=True)
-class Request:
-    """Everything an adapter needs to perform one action (rendered, variant applied)."""
-
-    key: str
-    customer_id: str
-    channel: str
-    playbook: str
-    step: str
-    segment: str
-    variant: str
-    campaign_id: str
-    template: str | None
-    subject: str | None
-    body: str | None
-    variables: Mapping[str, str] = field(default_factory=dict)
-    list_id: str | None = None
-    properties: Mapping[str, str] = field(default_factory=dict)
-    task_priority: str = "HIGH"
-    #: Why the request could not be rendered (the action fails and nothing is sent).
-    problem: str | None = None
+__all__ = [
+    "Action",
+    "Assignment",
+    "Customer",
+    "DAY",
+    "DeadLetterAction",
+    "Effect",
+    "FORGET_EVENTS",
+    "HOUR",
+    "KpiDelta",
+    "MERGED",
+    "Observation",
+    "Outcome",
+    "PROFILE_PROPERTIES",
+    "Request",
+    "Result",
+    "SegmentChange",
+    "TERMINAL",
+    "TRUE",
+    "UNKNOWN_CUSTOMER_TYPES",
+    "apply_kpis",
+    "customer_from_record",
+    "customer_record",
+    "decide",
+    "forget",
+    "idempotency_key",
+    "in_flight",
+    "kpi_record",
+    "next_due",
+    "observe",
+    "promote",
+    "prune",
+    "record_outcome",
+    "record_timers",
+    "replace",
+    "request_for",
+    "result_record",
+    "set_attributes",
+]
 
 
 # -- helpers -----------------------------------------------------------------------------------
-def idempotency_key(
-    customer_id: str, playbook: str, step: str, entry_id: str, entered_at: int
-) -> str:
-    """The key of one action, stable across restarts and replays.
-
-    ``entered_at`` (the entry's event time) is part of the key: a redelivered change gives
-    the same key, but a stay that reuses an ``entry_id`` (the segmenter lost a customer's
-    counter, e.g. an id revived after a merge) gets new keys instead of colliding with a
-    send the API has already de-duplicated.
-
-    >>> idempotency_key("c1", "P", "mail", "c1:S:1", 1_700_000_000_000)
-    'sf-f9a0288dfaec32b898aa9e3a69187346'
-    """
-    raw = "\x1f".join((customer_id, playbook, step, entry_id, str(entered_at)))
-    return "sf-" + hashlib.sha256(raw.encode()).hexdigest()[:32]
-
-
-def _fmt(value: Any) -> str:
-    if isinstance(value, float):
-        return f"{value:.4g}"
-    return str(value)
-
-
 def _suppression(suppressions: frozenset[str], channel: str) -> str | None:
     if "forgotten" in suppressions:
         return "forgotten"
@@ -764,160 +586,3 @@ def request_for(c: Customer, a: Action, book: Book) -> Request | None:
         task_priority=step.task_priority,
         problem=problem,
     )
-
-
-# -- records (the changelog and results schemas) -----------------------------------------------
-def result_record(r: Result, decided_at: int | None = None) -> dict[str, Any]:
-    """The ``io.segflow.DispatchResult`` for one decision (deterministic ``result_id``)."""
-    a = r.action
-    suffix = f":{r.reason}:{a.due_at}" if r.status == "scheduled" else ""
-    return {
-        "result_id": f"{a.key}:{r.status}{suffix}",
-        "customer_id": a.customer_id,
-        "playbook": a.playbook,
-        "step": a.step,
-        "segment": a.segment,
-        "entry_id": a.entry_id,
-        "channel": a.channel,
-        "status": r.status,
-        "reason": r.reason,
-        "variant": a.variant,
-        "holdout": a.variant == HOLDOUT,
-        "idempotency_key": a.key,
-        "attempt": a.attempt,
-        "campaign_id": a.campaign_id,
-        "endpoint": a.endpoint,
-        "http_status": a.http_status,
-        "decided_at": r.at if decided_at is None else decided_at,
-        "dispatched_at": a.dispatched_at if r.status in ("sent", "failed") else None,
-        "due_at": a.due_at,
-    }
-
-
-_ACTION_FIELDS = (
-    "key",
-    "customer_id",
-    "playbook",
-    "step",
-    "segment",
-    "entry_id",
-    "channel",
-    "variant",
-    "priority",
-    "campaign_id",
-    "decided_at",
-    "due_at",
-    "status",
-    "reason",
-    "attempt",
-    "retry_at",
-    "settled_at",
-    "dispatched_at",
-    "http_status",
-    "endpoint",
-)
-
-
-def _action_record(a: Action) -> dict[str, Any]:
-    """An action's changelog record, built once per (immutable) Action and kept on it: a
-    customer's whole ledger is written whenever one entry changes. Never mutated after."""
-    state = a.__dict__
-    rec: dict[str, Any] | None = state.get(_RECORD)
-    if rec is None:
-        # the instance dict holds exactly the fields (cheaper to copy than 20 getattr calls)
-        rec = dict(state)
-        rec["features"] = dict(a.features)
-        state[_RECORD] = rec
-    return rec
-
-
-def customer_record(c: Customer) -> dict[str, Any]:
-    """``io.segflow.DispatcherStateEntry`` (kind ``customer``) for the changelog."""
-    return {
-        "kind": "customer",
-        "customer_id": c.customer_id,
-        "suppressions": sorted(c.suppressions),
-        "timezone": c.timezone,
-        "attrs": dict(c.attrs),
-        "last_engagement_at": c.last_engagement_at,
-        "sends": [{"channel": ch, "at": at, "key": k} for ch, at, k in c.sends],
-        "actions": [_action_record(a) for a in c.actions],
-        "assignments": [
-            {
-                "playbook": s.playbook,
-                "segment": s.segment,
-                "entry_id": s.entry_id,
-                "variant": s.variant,
-                "campaign_id": s.campaign_id,
-                "decided_at": s.decided_at,
-                "counted": sorted(s.counted),
-            }
-            for s in c.assignments
-        ],
-    }
-
-
-def customer_from_record(r: Mapping[str, Any]) -> Customer:
-    """Inverse of :func:`customer_record`.
-
-    >>> c = Customer("c1", frozenset({"bounced"}), "UTC", (("first_name", "Ada"),), 5,
-    ...              (("email", 1, "k"),), (), (Assignment("P", "S", "e", "A", "P", 1),))
-    >>> customer_from_record(customer_record(c)) == c
-    True
-    """
-    return Customer(
-        customer_id=r["customer_id"],
-        suppressions=frozenset(r.get("suppressions") or ()),
-        timezone=r.get("timezone"),
-        attrs=tuple(sorted((r.get("attrs") or {}).items())),
-        last_engagement_at=r.get("last_engagement_at"),
-        sends=tuple((s["channel"], int(s["at"]), s["key"]) for s in r.get("sends") or ()),
-        actions=tuple(
-            Action(
-                **{f: a.get(f) for f in _ACTION_FIELDS},
-                features=tuple(sorted((a.get("features") or {}).items())),
-            )
-            for a in r.get("actions") or ()
-        ),
-        assignments=tuple(
-            Assignment(
-                s["playbook"],
-                s["segment"],
-                s["entry_id"],
-                s["variant"],
-                s["campaign_id"],
-                int(s["decided_at"]),
-                frozenset(s.get("counted") or ()),
-            )
-            for s in r.get("assignments") or ()
-        ),
-    )
-
-
-def kpi_record(
-    segment: str, playbook: str, variant: str, counts: Mapping[str, int]
-) -> dict[str, Any]:
-    """``io.segflow.DispatcherStateEntry`` (kind ``kpi``)."""
-    return {
-        "kind": "kpi",
-        "segment": segment,
-        "playbook": playbook,
-        "variant": variant,
-        "counts": dict(counts),
-    }
-
-
-def apply_kpis(
-    current: Mapping[tuple[str, str, str], Mapping[str, int]], deltas: Iterable[KpiDelta]
-) -> dict[tuple[str, str, str], dict[str, int]]:
-    """The KPI counters after ``deltas`` (only the rows that changed).
-
-    >>> apply_kpis({}, [KpiDelta("S", "P", "A", "sent"), KpiDelta("S", "P", "A", "sent")])
-    {('S', 'P', 'A'): {'sent': 2}}
-    """
-    changed: dict[tuple[str, str, str], dict[str, int]] = {}
-    for d in deltas:
-        row = (d.segment, d.playbook, d.variant)
-        counts = changed.setdefault(row, dict(current.get(row, {})))
-        counts[d.kpi] = counts.get(d.kpi, 0) + 1
-    return changed
