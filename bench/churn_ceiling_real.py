@@ -34,7 +34,6 @@ t_x / T, log frequency x log recency, recency bins (one-hot), log revenue per re
 from __future__ import annotations
 
 import argparse
-import datetime as dt
 import os
 import sys
 import time
@@ -143,6 +142,28 @@ def btyd_inputs(rows: Arr) -> Arr:
     return np.column_stack([rows[:, [f[c] for c in cols]], rows[:, f["lifetime_revenue"]]])
 
 
+def history_inputs(ids: list[str], per: dict[str, list[tuple[int, float]]], cutoff: int) -> Arr:
+    """Purchase-only inputs beyond the scorer's: the whole calibration history in nine
+    30-day bins back from ``cutoff`` (log purchase days and log revenue per bin), the first
+    purchase's amount and the days from the first to the second purchase (what any
+    purchase-only model could know; computed from the raw rows, not by the scorer)."""
+    out = np.zeros((len(ids), 20))
+    for i, c in enumerate(ids):
+        days: dict[int, float] = defaultdict(float)
+        for d, v in per[c]:
+            if d < cutoff:
+                days[d] += v
+        ds = sorted(days)
+        for d in ds:
+            k = (cutoff - d - 1) // 30
+            if k < 9:
+                out[i, k] += 1.0
+                out[i, 9 + k] += days[d]
+        out[i, 18] = days[ds[0]]
+        out[i, 19] = ds[1] - ds[0] if len(ds) > 1 else cutoff - ds[0] + 365.0
+    return np.log1p(out)
+
+
 def labels(
     ids: list[str], per: dict[str, list[tuple[int, float]]], lo: int, hi: int
 ) -> npt.NDArray[np.bool_]:
@@ -210,6 +231,7 @@ def main() -> None:
     parser.add_argument(
         "--learners", nargs="+", default=["logreg", "logreg-signed", "gbm"], help="which to fit"
     )
+    parser.add_argument("--sets", nargs="+", default=None, help="input sets (default: all)")
     parser.add_argument(
         "--gbm-past-max", type=int, default=150_000, help="past examples the GBM sees (speed)"
     )
@@ -229,12 +251,18 @@ def main() -> None:
     ya, yb = labels(ids, per, cal_end, cal_end + h), labels(ids, per, cal_end, end)
     names = list(_MI_NAMES)
     sets = {
-        "scorer": (lambda r: model_matrix(r.copy()), names),
+        "scorer": (lambda r, i, c: model_matrix(r.copy()), names),
         "scorer+extra": (
-            lambda r: np.column_stack([model_matrix(r.copy()), extra_inputs(r)]),
+            lambda r, i, c: np.column_stack([model_matrix(r.copy()), extra_inputs(r)]),
             names + [f"extra{i}" for i in range(extra_inputs(rows[:1]).shape[1])],
         ),
-        "btyd": (btyd_inputs, ["x", "tx", "T", "rec", "rev"]),
+        "btyd": (lambda r, i, c: btyd_inputs(r), ["x", "tx", "T", "rec", "rev"]),
+        "scorer+extra+history": (
+            lambda r, i, c: np.column_stack(
+                [model_matrix(r.copy()), extra_inputs(r), history_inputs(i, per, c)]
+            ),
+            names + [f"extra{i}" for i in range(15)] + [f"hist{i}" for i in range(20)],
+        ),
     }
     f = FEATURE_INDEX
     print(
@@ -251,14 +279,13 @@ def main() -> None:
         print(f"{name:52s} {roc_auc(s, ya):7.3f} {roc_auc(s, yb):7.3f}")
 
     # past snapshots (labels known before cal_end)
-    past: list[tuple[Arr, npt.NDArray[np.bool_]]] = []
+    past: list[tuple[list[str], int, Arr, npt.NDArray[np.bool_]]] = []
     t = to_day(args.train_from)
     while t + h <= cal_end:
         pids, prows = feature_rows(per, t, sc)
-        past.append((prows, labels(pids, per, t, t + h)))
+        past.append((pids, t, prows, labels(pids, per, t, t + h)))
         t += args.every_days
-    prows_all = np.vstack([p for p, _ in past])
-    py_all = np.concatenate([y for _, y in past])
+    py_all = np.concatenate([y for *_, y in past])
     print(
         f"past snapshots: {len(past)} days from {args.train_from} every {args.every_days} d, "
         f"{len(py_all):,} examples, positive rate {py_all.mean():.3f}"
@@ -266,8 +293,10 @@ def main() -> None:
     rng = np.random.default_rng(0)
     fold = rng.integers(0, 2, len(ids))
     for set_name, (build, cols) in sets.items():
-        xt = build(rows)
-        xp = build(prows_all)
+        if args.sets and set_name not in args.sets:
+            continue
+        xt = build(rows, ids, cal_end)
+        xp = np.vstack([build(r, i, c) for i, c, r, _ in past])
         for lname, make in learners(cols).items():
             if lname not in args.learners or (lname == "logreg-signed" and set_name == "btyd"):
                 continue
