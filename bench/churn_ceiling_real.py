@@ -25,7 +25,9 @@ Classifier``, and a logistic regression with the online model's sign constraints
 Input sets: ``scorer`` = the 57 model inputs as served (``core.MODEL_INPUTS``);
 ``+extra`` = those plus inputs the scorer does not give the model: log T (age), recency / T,
 t_x / T, log frequency x log recency, recency bins (one-hot), log revenue per repeat day;
-``btyd`` = only (x, t_x, T, recency, monetary) raw. Baselines: recency, BG/NBD expected
+``btyd`` = only (x, t_x, T, recency, monetary) raw; ``scorer+extra+history`` = also the
+whole calibration history in nine 30-day bins, the first order's amount and the first gap
+(:func:`history_inputs`, from the raw rows). Baselines: recency, BG/NBD expected
 (the scorer's fit), P(alive).
 
     .venv/bin/python bench/churn_ceiling_real.py --horizon-days 90
