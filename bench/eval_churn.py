@@ -173,6 +173,11 @@ def evaluate(args: argparse.Namespace, seed: int) -> dict[str, Any]:
         "inactivity_calibration_error": calibration_error(p, yq),
         "truth_calibration_error": calibration_error(p, y),
         "mean_churn_probability": float(p.mean()),
+        # issue #17: no single value (as emitted, 4 decimals) shared by more than 5 %
+        "most_common_value_share (4 decimals)": Counter(np.round(p, 4).tolist()).most_common(1)[0][
+            1
+        ]
+        / len(p),
     }
     for lo in range(args.warmup_days, args.days, 42):
         sel = (day >= lo) & (day < lo + 42)
