@@ -15,7 +15,9 @@ watermark (the highest ``as_of`` seen on its partition) belong to its partition,
 do not depend on which instance owns it or how many run. On assignment the store restores
 only the assigned partitions and their customers and timers are rebuilt; on revoke they are
 dropped. Segment statuses (deprecation) are kept per partition (``segment:<name>@<p>``);
-percentile thresholds are computed over the customers an instance owns (README.md).
+percentile thresholds are deployment-wide: at every refresh an instance publishes each owned
+partition's values of the ``pNN`` features to ``segflow.segmenter.population`` and merges the
+other partitions' latest summaries from it (:mod:`services.segmenter.population`, README.md).
 Scores are decoded with only the features the definitions read
 (:class:`~segflow.runtime.projection.MapProjection`). The definitions file is polled for
 changes; an invalid version is logged with its lines and fields and the running version stays.
@@ -35,6 +37,7 @@ from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 from prometheus_client import Counter, Gauge, Histogram
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
@@ -49,6 +52,7 @@ from segflow.runtime.tables import GlobalTable
 from segflow.runtime.topics import TOPICS, Topic
 from services.segmenter import core
 from services.segmenter.dsl import DAY, DERIVED_FEATURES, DefinitionError, Definitions, parse
+from services.segmenter.population import Summary, merged_rank, summarize
 from services.segmenter.quantiles import Column
 
 log = logging.getLogger("segflow.segmenter")
@@ -192,6 +196,18 @@ class Segmenter:
         #: without a broker, such as replay and the benches, call ``apply_lookups`` themselves).
         self.follow_lookups = False
         self._lookup_retry_at = 0.0
+        #: Whether percentile thresholds are merged over the deployment through
+        #: segflow.segmenter.population (set by build_loop; in-process pipelines hold every
+        #: customer and compute them locally).
+        self.follow_population = False
+        self._population_reader: GlobalTable | None = None
+        self._population_retry_at = 0.0
+        self._population_out: list[Output] = []
+        self.instance_name = settings.topic_prefix + (
+            f"{config.group_id}-{settings.instance_id}"
+            if settings.instance_id is not None
+            else config.instance
+        )
         self.score_decoder = MapProjection(
             self.serde, TOPICS.scores, "features", self.defs.features
         )
@@ -560,7 +576,8 @@ class Segmenter:
             self._last_refresh = now
             self._refresh_thresholds()
         self._follow_lookups()
-        out: list[Output] = []
+        out: list[Output] = self._population_out
+        self._population_out = []
         budget = self.config.max_timers_per_tick
         part_of = self.store.partition_of
         while self._reeval and budget > 0:
@@ -658,7 +675,10 @@ class Segmenter:
 
     def _refresh_thresholds(self) -> None:
         old = self.thresholds
-        self.thresholds = core.percentile_thresholds(self.defs, self.population)
+        if self.follow_population and self.defs.percentiles:
+            self.thresholds = self._deployment_thresholds()
+        else:
+            self.thresholds = core.percentile_thresholds(self.defs, self.population)
         # A threshold that moved can cross a customer's value with no new score for it (issue
         # #17's oracle: "clv >= p80" held on days the segmenter did not have the customer):
         # the customers between the old and the new value are re-evaluated, in the tick's
@@ -671,6 +691,61 @@ class Segmenter:
             column = self.population.get(feature)
             if column is not None:
                 self._reeval.extend(column.between(lo, hi))
+
+    def _deployment_thresholds(self) -> dict[tuple[str, float], float]:
+        """``pNN`` over every partition: this instance's owned partitions summarised now (and
+        queued for publication in the next tick's transaction), the others' latest summaries
+        from segflow.segmenter.population (one refresh old at most, plus the commit)."""
+        owned = self.store.assigned or set()
+        part_of = self.store.partition_of
+        features = sorted({feature for feature, _ in self.defs.percentiles})
+        now_ms = int(self.clock() * 1000)
+        own: dict[str, list[Summary]] = {}
+        for feature in features:
+            column = self.population.get(feature)
+            by_part: dict[int, list[float]] = {p: [] for p in owned}
+            for cid, value in column.items() if column is not None else ():
+                values = by_part.get(part_of(cid))
+                if values is not None:
+                    values.append(value)
+            for part, values in sorted(by_part.items()):
+                summary = summarize(np.asarray(values, dtype=np.float64))
+                own.setdefault(feature, []).append(summary)
+                record = summary.to_record(feature, part, self.instance_name, now_ms)
+                self._population_out.append(
+                    Output(TOPICS.segmenter_population, f"{feature}@{part}", record)
+                )
+        others: dict[str, list[Summary]] = {}
+        for key, record in self._read_population().items():
+            feature, _, digits = key.rpartition("@")
+            if digits.isdigit() and int(digits) not in owned and feature in features:
+                others.setdefault(feature, []).append(Summary.from_record(record))
+        thresholds: dict[tuple[str, float], float] = {}
+        for feature, pct in self.defs.percentiles:
+            value = merged_rank([*own.get(feature, []), *others.get(feature, [])], pct)
+            if value is not None:
+                thresholds[(feature, pct)] = value
+        return thresholds
+
+    def _read_population(self) -> dict[str, dict[str, Any]]:
+        """The latest SegmentPopulation record per ``<feature>@<partition>``."""
+        if self.clock() >= self._population_retry_at:
+            try:
+                if self._population_reader is None:
+                    reader = GlobalTable(self.settings, TOPICS.segmenter_population, self.serde)
+                    reader.catch_up()
+                    self._population_reader = reader
+                else:
+                    for _ in range(100):  # everything fetched so far, in bounded polls
+                        if not self._population_reader.poll(0.0):
+                            break
+            except BrokerError as exc:  # thresholds from what was read; retried in 5 s
+                self._population_retry_at = self.clock() + 5.0
+                log.warning(
+                    "population summaries unreadable", extra={"fields": {"error": str(exc)}}
+                )
+        reader = self._population_reader
+        return dict(reader.table) if reader is not None else {}
 
     # -- loop hooks ----------------------------------------------------------------------
     def before_commit(self) -> Iterator[Output]:
@@ -756,6 +831,7 @@ def build_loop(settings: Settings, config: SegmenterConfig) -> tuple[Segmenter, 
     """Restore state and wire the segmenter into the shared loop."""
     segmenter = Segmenter(settings, config)
     segmenter.follow_lookups = True
+    segmenter.follow_population = True
     # The changelog exists before the group assigns partitions; their state is restored then
     # (on_assign), only for the partitions this instance owns.
     name = STATE_TOPIC.name(settings)
@@ -766,6 +842,7 @@ def build_loop(settings: Settings, config: SegmenterConfig) -> tuple[Segmenter, 
             name: STATE_TOPIC,
             segmenter.attributes_topic: TOPICS.attributes,
             TOPICS.lookups.name(settings): TOPICS.lookups,
+            TOPICS.segmenter_population.name(settings): TOPICS.segmenter_population,
         },
     )
     instance = settings.instance_id
