@@ -722,9 +722,9 @@ class Segmenter:
                 others.setdefault(feature, []).append(Summary.from_record(record))
         thresholds: dict[tuple[str, float], float] = {}
         for feature, pct in self.defs.percentiles:
-            value = merged_rank([*own.get(feature, []), *others.get(feature, [])], pct)
-            if value is not None:
-                thresholds[(feature, pct)] = value
+            merged = merged_rank([*own.get(feature, []), *others.get(feature, [])], pct)
+            if merged is not None:
+                thresholds[(feature, pct)] = merged
         return thresholds
 
     def _read_population(self) -> dict[str, dict[str, Any]]:
@@ -732,9 +732,9 @@ class Segmenter:
         if self.clock() >= self._population_retry_at:
             try:
                 if self._population_reader is None:
-                    reader = GlobalTable(self.settings, TOPICS.segmenter_population, self.serde)
-                    reader.catch_up()
-                    self._population_reader = reader
+                    table = GlobalTable(self.settings, TOPICS.segmenter_population, self.serde)
+                    table.catch_up()
+                    self._population_reader = table
                 else:
                     for _ in range(100):  # everything fetched so far, in bounded polls
                         if not self._population_reader.poll(0.0):

@@ -29,6 +29,7 @@ from __future__ import annotations
 import math
 from collections.abc import Iterable
 from dataclasses import dataclass
+from typing import Any
 
 import numpy as np
 
@@ -48,7 +49,7 @@ class Summary:
     def customers(self) -> int:
         return int(sum(self.counts))
 
-    def to_record(self, feature: str, partition: int, instance: str, now_ms: int) -> dict:
+    def to_record(self, feature: str, partition: int, instance: str, now_ms: int) -> dict[str, Any]:
         return {
             "feature": feature,
             "partition": partition,
@@ -61,7 +62,7 @@ class Summary:
         }
 
     @classmethod
-    def from_record(cls, record: dict) -> Summary:
+    def from_record(cls, record: dict[str, Any]) -> Summary:
         return cls(
             [float(v) for v in record["values"]],
             [int(c) for c in record["counts"]],
