@@ -381,7 +381,7 @@ def evaluate(rule: Any, v: dict[str, np.ndarray], pct: dict[tuple[str, float], n
     x = v[rule["feature"]]
     op, value = rule["op"], rule["value"]
     if is_pct(value):
-        value = pct[(rule["feature"], float(value[1:]))]
+        value = pct.get((rule["feature"], float(value[1:])), math.nan)  # none yet: false
     if x.dtype == object:  # lifecycle_stage
         present = np.array([s is not None for s in x])
         if op == "==":
@@ -414,8 +414,11 @@ def evaluate(rule: Any, v: dict[str, np.ndarray], pct: dict[tuple[str, float], n
     return present & r
 
 
-def percentiles(segments: list[Segment], v: dict[str, np.ndarray], known: np.ndarray):
-    """Nearest-rank pNN of each feature used as a percentile, over the customers known."""
+def percentiles(
+    segments: list[Segment], v: dict[str, np.ndarray], known: np.ndarray, keys: bool = False
+):
+    """Nearest-rank pNN of each feature used as a percentile, over the customers known
+    (``keys``: only which (feature, pNN) the rules read, valued NaN)."""
     out: dict[tuple[str, float], float] = {}
 
     def walk(rule: Any) -> None:
@@ -423,7 +426,9 @@ def percentiles(segments: list[Segment], v: dict[str, np.ndarray], known: np.nda
             return
         if "feature" in rule:
             val = rule["value"]
-            if is_pct(val):
+            if is_pct(val) and keys:
+                out[(rule["feature"], float(val[1:]))] = math.nan
+            elif is_pct(val):
                 p = float(val[1:])
                 data = np.sort(v[rule["feature"]][known & ~np.isnan(v[rule["feature"]])])
                 if len(data):
@@ -453,6 +458,7 @@ def oracle_memberships(
     last_score_day: np.ndarray,
     pct_log: list[dict[tuple[str, float], float]] | None = None,
     re_log: list[tuple[int, float, str]] | None = None,
+    thresholds_at: Any = None,
 ) -> dict[str, np.ndarray]:
     """[customer, instant] membership of each segment, stepping the state machine through the
     instants (two a day: midnight, when the scorer refreshes every customer, and the day's
@@ -468,7 +474,7 @@ def oracle_memberships(
     for d in range(n_days):
         now = d // 2 + (d % 2) * (1.0 - 1.0 / DAY)  # days since day0
         v = {k: a[:, d] for k, a in feats.items()}
-        pct = percentiles(segments, v, known[:, d])
+        pct = percentiles(segments, v, known[:, d]) if thresholds_at is None else thresholds_at(d)
         if pct_log is not None:
             pct_log.append(pct)
         stale = now - last_score_day[:, d]
@@ -481,7 +487,7 @@ def oracle_memberships(
             enter = evaluate(s.enter, v, pct)
             leave = evaluate(s.exit, v, pct) if s.exit is not None else ~enter
             ttl_out = (stale >= s.ttl) if s.ttl is not None else np.zeros(n_cust, dtype=bool)
-            ins = inside[n]
+            ins = inside[n] & known[:, d]  # an id merged away leaves every segment (merged)
             # members: ttl, else exit after the dwell
             out_ttl = ins & ttl_out
             can_leave = ins & ~ttl_out & leave & (now - entered_at[n] >= s.min_dwell - 1e-9)
@@ -515,6 +521,158 @@ def oracle_memberships(
             inside[n] = ins
             member[n][:, d] = ins
     return member
+
+
+def live_id_memberships(
+    segments: list[Segment],
+    raw: pd.DataFrame,
+    run: dict[str, Any],
+    final_index: dict[str, int],
+    n_cust: int,
+    instants: np.ndarray,
+    refresh: bool,
+    pct_log: list[dict[tuple[str, float], float]],
+    re_log: list[tuple[int, float, str]],
+) -> dict[str, np.ndarray]:
+    """Memberships [true customer, instant] with every customer id evaluated on its own, as
+    the segmenter README documents it: before a merge the anonymous and the identified id each
+    have their features (from their own events), their scores and their segments; at the
+    merge the absorbed id leaves every segment and the survivor holds the events of both. A
+    true customer is a member when any of its live ids is. ``refresh``: ``pNN`` thresholds as
+    the service computes them — nearest rank over every live id's latest score, recomputed at
+    each percentile refresh (every 6 h in the harness) — instead of at each instant."""
+    config, pipe = run["config"], run["pipe"]
+    obs = pipe.obs
+    day0 = config.start_ms // DAY
+    n_days = len(instants) // 2
+    survivor, merge_at = obs.survivor, pipe.merge_at
+    owner = raw["event_id"].map(obs.event_owner)
+    raw = raw.assign(owner=owner)
+
+    def resolve(cid: str, t: float) -> str:
+        while cid in survivor and merge_at.get(cid, 1 << 62) <= t:
+            cid = survivor[cid]
+        return cid
+
+    ids_of: dict[int, set[str]] = defaultdict(set)
+    for cid in set(owner):
+        c = final_index[obs.final_id(cid)]
+        while True:
+            ids_of[c].add(cid)
+            if cid not in survivor:
+                break
+            cid = survivor[cid]
+    # one row per (live id, interval between two merges of its customer), holding the events
+    # of every id that resolves to it during the interval
+    rows: list[tuple[str, float, float]] = []
+    pairs: list[tuple[str, int]] = []
+    for _c, ids in sorted(ids_of.items()):
+        times = sorted({merge_at[x] for x in ids if x in merge_at})
+        bounds = [-math.inf, *times, math.inf]
+        for k in range(len(bounds) - 1):
+            groups: dict[str, list[str]] = defaultdict(list)
+            for x in sorted(ids):
+                groups[resolve(x, bounds[k])].append(x)
+            for live, members in sorted(groups.items()):
+                pairs += [(x, len(rows)) for x in members]
+                rows.append((live, bounds[k], bounds[k + 1]))
+    expanded = raw.merge(pd.DataFrame(pairs, columns=["owner", "row"]), on="owner")
+    expanded = expanded.drop(columns=["c"]).rename(columns={"row": "c"})
+    n_rows = len(rows)
+    zips = frozenset(run["zips"])
+    at_end = oracle_features(expanded, n_rows, day0, n_days, zips)
+    at_start = oracle_features(expanded, n_rows, day0, n_days, zips, start=True)
+    first_row = expanded.groupby("c")["occurred_at"].min().reindex(range(n_rows)).to_numpy()
+
+    ids = sorted({live for live, _, _ in rows})
+    id_index = {cid: i for i, cid in enumerate(ids)}
+    n_ids = len(ids)
+    row_of = np.full((n_ids, len(instants)), -1, dtype=np.int64)
+    for r, (live, lo, hi) in enumerate(rows):
+        row_of[id_index[live], (instants >= lo) & (instants < hi)] = r
+    live = row_of >= 0
+    safe = np.maximum(row_of, 0)
+    cols = np.arange(len(instants))[None, :]
+    feats: dict[str, np.ndarray] = {}
+    for k, a in at_end.items():
+        both = np.empty((n_rows, len(instants)))
+        both[:, 0::2], both[:, 1::2] = at_start[k], a
+        feats[k] = np.where(live, both[safe, cols], np.nan)
+    known = live & (first_row[safe] <= instants[None, :])
+
+    # model outputs: each id's own scores
+    last_score_day = np.full((n_ids, len(instants)), -np.inf)
+    model = {k: np.full((n_ids, len(instants)), np.nan, dtype=object) for k in FROM_SCORES}
+    pct_features = sorted({f for f, _ in percentiles(segments, {}, np.zeros(0, bool), True)})
+    assert set(pct_features) <= {"churn_probability", "clv", "engagement_score"}, pct_features
+    history: dict[str, list[tuple[int, int, float]]] = defaultdict(list)  # feature: (t, id, v)
+    for cid, lst in pipe.scores.items():
+        i = id_index.get(cid)
+        if i is None:
+            continue
+        for sc in lst:
+            as_of, values = sc["as_of"], sc["values"]
+            for f in pct_features:
+                if values.get(f) is not None:
+                    history[f].append((as_of, i, float(values[f])))
+            d = int(as_of // DAY) - day0
+            if not 0 <= d < n_days:
+                continue
+            j = 2 * d + (as_of % DAY != 0)
+            last_score_day[i, j] = max(last_score_day[i, j], (as_of - day0 * DAY) / DAY)
+            for k in FROM_SCORES:
+                if k in values:
+                    model[k][i, j] = values[k]
+    last_score_day = np.maximum.accumulate(last_score_day, axis=1)
+    for k in FROM_SCORES:
+        frame = pd.DataFrame(model[k]).ffill(axis=1).to_numpy()
+        if k == "lifecycle_stage":
+            feats[k] = np.where(pd.isna(frame) | ~live, None, frame).astype(object)
+        else:
+            feats[k] = np.where(live, pd.DataFrame(frame).astype(float).to_numpy(), np.nan)
+
+    thresholds_at = None
+    if refresh:
+        # the service's refreshes (times recorded by the harness; the schedule, not the values)
+        refresh_at = [t for t, _ in pipe.thresholds]
+        pct_keys = list(percentiles(segments, {}, np.zeros(0, bool), True))
+        until = np.array([merge_at.get(cid, 1 << 62) for cid in ids], dtype=np.float64)
+        latest = {f: np.full(n_ids, np.nan) for f in pct_features}
+        sweep = {f: sorted(history[f], key=lambda h: h[0]) for f in pct_features}
+        pos = dict.fromkeys(pct_features, 0)
+        table: list[dict[tuple[str, float], float]] = []
+        for t in refresh_at:
+            for f in pct_features:  # every id's latest score value at the refresh
+                h, k = sweep[f], pos[f]
+                while k < len(h) and h[k][0] <= t:
+                    latest[f][h[k][1]] = h[k][2]
+                    k += 1
+                pos[f] = k
+            out: dict[tuple[str, float], float] = {}
+            for f, p in pct_keys:
+                vals = latest[f][(until > t) & ~np.isnan(latest[f])]
+                if len(vals):
+                    data = np.sort(vals)
+                    rank = min(max(1, math.ceil(p / 100 * len(data))), len(data))
+                    out[(f, p)] = float(data[rank - 1])
+            table.append(out)
+
+        def thresholds_at(j: int) -> dict[tuple[str, float], float]:
+            i = int(np.searchsorted(refresh_at, instants[j], side="right")) - 1
+            return table[i] if i >= 0 else {}
+
+    re_ids: list[tuple[int, float, str]] = []
+    member_ids = oracle_memberships(
+        segments, feats, known, last_score_day, pct_log, re_ids, thresholds_at
+    )
+    final_of = np.array([final_index[obs.final_id(cid)] for cid in ids], dtype=np.int64)
+    re_log.extend((int(final_of[i]), now, seg) for i, now, seg in re_ids)
+    out_m: dict[str, np.ndarray] = {}
+    for name, m in member_ids.items():
+        agg = np.zeros((n_cust, len(instants)), dtype=bool)
+        np.logical_or.at(agg, final_of, m)
+        out_m[name] = agg
+    return out_m
 
 
 # -- the harness: the pipeline's memberships and the raw events -------------------------------
@@ -615,12 +773,18 @@ class Comparison:
     segmenter_days: dict[str, int]
 
 
-def compare(run: dict[str, Any], n_examples: int = 0, group_by: str = "final-id") -> Comparison:
+def compare(
+    run: dict[str, Any], n_examples: int = 0, group_by: str = "live-id", refresh: bool = True
+) -> Comparison:
     """Oracle vs segmenter per customer-day and segment. ``group_by``: ``final-id`` groups the
     raw events by the customer id the identity service finally gave them (after every merge:
     the segments are then judged on the customers segflow knows), ``truth`` by the simulator's
     true customer (identity stitching is judged too: a customer split over ids that are never
-    merged disagrees wherever its ids' segments differ)."""
+    merged disagrees wherever its ids' segments differ), ``live-id`` (default) as ``final-id``
+    but every customer id evaluated on its own until it is merged, as the service does
+    (:func:`live_id_memberships`). ``refresh`` (live-id only): ``pNN`` thresholds recomputed at
+    the service's percentile refreshes over every id's latest score, as documented, instead of
+    at every instant over the oracle's values."""
     config, pipe, events = run["config"], run["pipe"], run["events"]
     obs = pipe.obs
     segments = load_segments(DEFAULT_DEFINITIONS)
@@ -630,7 +794,7 @@ def compare(run: dict[str, Any], n_examples: int = 0, group_by: str = "final-id"
 
     # -- the oracle: raw events, deduplicated, by true customer ---------------------------
     raw = events.drop_duplicates("event_id").reset_index(drop=True)
-    if group_by == "final-id":
+    if group_by in ("final-id", "live-id"):
         final = {eid: obs.final_id(cid) for eid, cid in obs.event_owner.items()}
         raw["customer"] = raw["event_id"].map(final)
         raw = raw[raw["customer"].notna()].reset_index(drop=True)
@@ -707,7 +871,12 @@ def compare(run: dict[str, Any], n_examples: int = 0, group_by: str = "final-id"
 
     pct_days: list[dict[tuple[str, float], float]] = []
     re_log: list[tuple[int, float, str]] = []
-    member2 = oracle_memberships(segments, feats, known2, last_score_day, pct_days, re_log)
+    if group_by == "live-id":
+        member2 = live_id_memberships(
+            segments, raw, run, index, n_cust, instants, refresh, pct_days, re_log
+        )
+    else:
+        member2 = oracle_memberships(segments, feats, known2, last_score_day, pct_days, re_log)
     oracle_re: dict[int, set[int]] = defaultdict(set)  # days with a re_engaged exit
     for c, now, _seg in re_log:
         oracle_re[c].add(int(now - 1e-6))
@@ -877,7 +1046,12 @@ def main() -> None:
     p.add_argument("--seed", type=int, default=7)
     p.add_argument("--examples", type=int, default=0)
     p.add_argument("--cache", help="pickle of the pipeline run (reused when it exists)")
-    p.add_argument("--group-by", choices=["final-id", "truth"], default="final-id")
+    p.add_argument("--group-by", choices=["live-id", "final-id", "truth"], default="live-id")
+    p.add_argument(
+        "--instant-percentiles",
+        action="store_true",
+        help="pNN over every id at each instant (not at the service's 6-hourly refreshes)",
+    )
     args = p.parse_args()
     cache = Path(args.cache) if args.cache else None
     if cache is not None and cache.exists():
@@ -887,10 +1061,11 @@ def main() -> None:
         if cache is not None:
             cache.write_bytes(pickle.dumps(run))
     t0 = time.perf_counter()
-    cmp = compare(run, args.examples, args.group_by)
+    cmp = compare(run, args.examples, args.group_by, refresh=not args.instant_percentiles)
     print(
         f"{args.customers} customers x {args.days} days (seed {args.seed}, demo noise, "
-        f"customers by {args.group_by}): "
+        f"customers by {args.group_by}, "
+        f"{'instant' if args.instant_percentiles else 'refreshed'} percentiles): "
         f"pipeline {run['seconds']:.0f} s, oracle + comparison {time.perf_counter() - t0:.0f} s; "
         f"{cmp.customer_days:,} customer-days"
     )
