@@ -77,6 +77,9 @@ PRIMARY_CHANGED = "primary_changed"
 TRANSITIONS = (ENTERED, EXITED, RE_ENGAGED, DEPRECATED, REACTIVATED, PRIMARY_CHANGED)
 
 EMPTY: Mapping[tuple[str, float], float] = {}
+#: Timers of one customer fired before a new score that comes after them (a bound: each firing
+#: moves the next timer forward, so a handful is the most seen).
+MAX_TIMERS_BEFORE_SCORE = 64
 #: ``as_of`` of a customer known only by its attributes (no score yet: not evaluated).
 UNSCORED = -1
 _NEW: dict[str, Membership] = {}  # not a member yet (immutable, shared)
@@ -273,6 +276,17 @@ def evaluate(
     """
     if state is not None and score.as_of < state.as_of:
         return state, []
+    # A timer due before this score fires first, at its own instant with the values it was
+    # set for: when the score arrives before the tick fires it (the partition's watermark
+    # only passes the timer with this very score), a recency crossing must still enter at
+    # the crossing, not at the score (issue #17's oracle: entries late by up to a day, so
+    # dwell, cooldown and re_engaged_after were measured from the wrong instant).
+    fired: list[Change] = []
+    for _ in range(MAX_TIMERS_BEFORE_SCORE):
+        if state is None or state.next_timer is None or state.next_timer >= score.as_of:
+            break
+        state, changes, _persist = fire_timer(state, state.next_timer, defs, thresholds, lookups)
+        fired += changes
     used = defs.features
     values = {k: v for k, v in score.values.items() if k in used}
     if state is not None and state.has_attributes:
@@ -292,7 +306,8 @@ def evaluate(
             state.re_engaged_at,
             state.next_timer,
         )
-    return _step(state, score.as_of, defs, thresholds, lookups)
+    state, changes = _step(state, score.as_of, defs, thresholds, lookups)
+    return state, fired + changes if fired else changes
 
 
 def advance(
