@@ -924,12 +924,15 @@ def compare(
         elif ch["transition"] in ("exited", "re_engaged") and spans and spans[-1][1] == math.inf:
             spans[-1][1] = ch["occurred_at"]
     moves: dict[tuple[int, str], list[int]] = defaultdict(list)  # transition times
+    closed: dict[tuple[int, str], list[tuple[float, float]]] = defaultdict(list)  # stays
     for (cid, seg), spans in stays.items():
         c = id_true.get(cid)
         if c is None or seg not in seg_member:
             continue
         for b, e in spans:
             moves[(c, seg)] += [int(b)] + ([int(e)] if e != math.inf else [])
+            if e != math.inf:
+                closed[(c, seg)].append((b, e))
         for b, e in spans:
             # member at t_d when b <= t_d < e
             lo = int(np.searchsorted(ends, b, side="left"))
@@ -973,7 +976,7 @@ def compare(
         for c, d in zip(*np.nonzero(diff), strict=True):
             t = ends[d]
             n_live = sum(1 for _cid, f0, m in live_ids[c] if f0 <= t and m > t)
-            if n_live > 1:
+            if n_live > 1 and group_by != "live-id":  # live-id: the oracle models split ids
                 why = IDENTITY
             elif any(o <= t < dl for o, dl in late_rows[c]):
                 why = "late (an event by t_d delivered after it or dead-lettered)"
@@ -987,6 +990,17 @@ def compare(
                 x for x in oracle_re[c] if d - 30 <= x <= d
             } != {x for x in segm_re[c] if d - 30 <= x <= d}:
                 why = "a feeding segment's exit is re_engaged in one, plain in the other"
+                if any(  # a stay within the samples' resolution of re_engaged_after
+                    abs((e - b) / DAY - f.re_engaged_after) <= 1.0
+                    and d - 30 <= e / DAY - day0 <= d + 1
+                    for f in segments
+                    if f.re_engaged_when is not None
+                    for b, e in closed.get((c, f.name), ())
+                ):
+                    why = (
+                        "intra-day path (a feeding stay as long as re_engaged_after within the "
+                        "samples' resolution: re_engaged in one, plain in the other)"
+                    )
             elif any(
                 0 <= t - m < DAY + max(s.min_dwell, s.cooldown, 1.0) * DAY and m % DAY != 0
                 for m in moves.get((c, s.name), ())
