@@ -26,12 +26,16 @@ merged percentile's rank is then off by at most ``customers / MAX_EXACT`` of tha
 
 from __future__ import annotations
 
+import bisect
 import math
-from collections.abc import Iterable
+from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
+
+from services.segmenter.dsl import Definitions
+from services.segmenter.quantiles import Column, nearest_rank
 
 #: Distinct values one record carries exactly (~10 bytes each in Avro: ~600 KB).
 MAX_EXACT = 60_000
@@ -104,3 +108,36 @@ def merged_rank(parts: Iterable[Summary], pct: float) -> float | None:
         return None
     k = min(max(1, math.ceil(pct / 100 * n)), n)
     return float(values[order][int(np.searchsorted(cum, k, side="left"))])
+
+
+# -- dynamic thresholds ---------------------------------------------------------------------
+def percentile_thresholds(
+    defs: Definitions, population: Mapping[str, Column | Iterable[float]]
+) -> dict[tuple[str, float], float]:
+    """Nearest-rank percentiles of each feature used as ``pNN`` over the current population:
+    :class:`~services.segmenter.quantiles.Column` s (the service) or plain values (replay and
+    tests), found by selection, not by sorting.
+
+    >>> from services.segmenter.dsl import parse
+    >>> defs = parse('version: 1\\nsegments:\\n'
+    ...              '  - {name: A, enter: {feature: clv, op: ">=", value: p80}}\\n')
+    >>> percentile_thresholds(defs, {"clv": [float(i) for i in range(1, 101)]})
+    {('clv', 80.0): 80.0}
+    """
+    out: dict[tuple[str, float], float] = {}
+    for feature, pct in defs.percentiles:
+        column = population.get(feature, ())
+        if isinstance(column, Column):
+            value = column.nearest_rank(pct)
+        else:
+            value = nearest_rank((v for v in column if not math.isnan(v)), pct)
+        if value is not None:
+            out[(feature, pct)] = value
+    return out
+
+
+def rank_of(sorted_values: list[float], value: float) -> float:
+    """Percentile rank of ``value`` in ``sorted_values`` (for explanations and tests)."""
+    if not sorted_values:
+        return 0.0
+    return 100.0 * bisect.bisect_right(sorted_values, value) / len(sorted_values)
