@@ -42,6 +42,7 @@ PURE = (
         "services.segmenter.explain",
         "services.segmenter.statuses",
         "services.segmenter.records",
+        "services.segmenter.rules",
         "services.scorer.features",
         "services.scorer.model",
         "services.scorer.btyd",
