@@ -224,6 +224,10 @@ def oracle_features(
     for k, a in f.items():
         if not k.startswith("days_since_"):
             f[k] = np.round(a, 4)
+    # CustomerScore.engagement_score is published with 2 decimals (services/scorer/core.py), and
+    # the rules compare that value: near a percentile made of ties (5.07 for many customers
+    # early on) 5.0708 and 5.07 fall on different sides
+    f["engagement_score"] = np.round(f["engagement_score"], 2)
     fast, slow = before(fast, 0.0), before(slow, 0.0)
     f["purchase_interval_days"] = fast
     f["purchase_interval_baseline_days"] = slow
