@@ -101,7 +101,7 @@ IDENTITY = "identity (events on >1 live id)"
 def run_pipeline(customers: int, days: int, seed: int) -> dict[str, Any]:
     """Simulate (demo noise) and run identity → scorer → segmenter in one process, keeping the
     raw delivered events, the scores and the segment changes."""
-    from eval_segments import DEMO_NOISE, Pipeline
+    from segment_pipeline import DEMO_NOISE, Pipeline
 
     from segflow.sim.generator import HOUR, SimConfig, Simulation
     from segflow.sim.noise import Delivery
