@@ -1,9 +1,10 @@
 """An independent batch oracle for the default segments (issue #17).
 
-The simulator's events go through identity, scorer and segmenter in one process (the harness of
-``bench/eval_segments.py``: the service cores, no broker). Separately, from the *raw* delivered
-events alone (deduplicated by ``event_id``, grouped by the simulator's true customer, in
-occurred-at order), this file recomputes in pandas/numpy every feature the default rules read —
+The simulator's events go through identity, scorer and segmenter in one process (the harness in
+``bench/segment_pipeline.py``: the service cores, no broker). Separately, from the *raw*
+delivered events alone (deduplicated by ``event_id``, in occurred-at order; by default each
+customer id on its own until identity merges it, as the segmenter documents — a customer, named
+by its final id, is a member when any of its live ids is), this file recomputes in pandas/numpy every feature the default rules read —
 windowed counts and their changes, recencies, lifetime purchases, the purchase-interval EWMAs
 and drift, revenue, escalations and sentiment, cart views, the latest zip, cancellation,
 engagement — and evaluates each default segment's rule at the end of every simulated day
@@ -14,24 +15,31 @@ from ``services`` for the oracle side; only the harness that produces the member
 
 Model outputs are not recomputed: ``churn_probability``, ``clv`` and ``lifecycle_stage`` are
 taken from the latest score (the scores the scorer emitted, as the segmenter reads them) of the
-customer at or before ``t_d``; ``ttl`` ("no score for N days") also reads the score times.
-Percentiles (``pNN``) are the nearest rank over every customer known at ``t_d``.
+id at or before the instant; ``ttl`` ("no score for N days") also reads the score times.
+Percentiles (``pNN``) are the nearest rank over every live id's latest score, recomputed at
+the service's percentile refreshes (every 6 h in the harness), as documented
+(``--instant-percentiles``: at every instant; ``--group-by final-id``: one set of features per
+final id, the view before session 6). Memberships are stepped at two instants a day (midnight,
+when the scorer refreshes, and ``t_d``) and compared at ``t_d``.
 
 The segmenter's membership of a true customer at ``t_d`` is the union over its customer ids of
 the stays that the emitted ``SegmentChange`` records open and close. Every disagreeing
 customer-day is attributed to one reason, in this order:
 
-* ``identity``: the customer's events up to ``t_d`` are held by more than one live customer
-  id (not merged yet, or never: a blocked device id, an email not linked);
+* ``identity`` (``final-id`` and ``truth`` only; ``live-id`` models it): the customer's events
+  up to ``t_d`` are held by more than one live customer id (not merged yet, or never);
 * ``late``: an event of the customer that occurred by ``t_d`` was delivered after it, or was
   dead-lettered (too late for the scorer's 48 h lateness);
 * ``input <feature>``: a feature the rule reads differs between the oracle and the values the
   segmenter held at ``t_d`` (its latest score, recencies aged); ``stale score`` when that
   score was computed before the customer's latest event or before the day began (a score
   coalesced away, or a silent customer on the weekly refresh grid);
-* ``state``: same inputs, different membership: the path within a day (a stay entered and
-  left between two samples, a dwell or cooldown measured from an intra-day instant), the
-  segmenter's percentile refresh (every 6 h), or a bug.
+* Re-engaged: following a feeding segment's disagreement, or a feeding exit ``re_engaged`` in
+  one and plain in the other (intra-day when that stay lasted ``re_engaged_after`` ± 1 day);
+* ``intra-day path``: a transition of the segmenter's between two samples (a stay entered and
+  left between them, a dwell or cooldown measured from an intra-day instant);
+* ``percentile``: the oracle's and the segmenter's thresholds lie on both sides of the value;
+* ``state``: same inputs, different membership, none of the above.
 
     .venv/bin/python bench/segment_oracle.py                           # 300 x 84, seed 7
     .venv/bin/python bench/segment_oracle.py --customers 3000 --days 180
