@@ -4,7 +4,8 @@ The simulator's events go through identity, scorer and segmenter in one process 
 ``bench/segment_pipeline.py``: the service cores, no broker). Separately, from the *raw*
 delivered events alone (deduplicated by ``event_id``, in occurred-at order; by default each
 customer id on its own until identity merges it, as the segmenter documents — a customer, named
-by its final id, is a member when any of its live ids is), this file recomputes in pandas/numpy every feature the default rules read —
+by its final id, is a member when any of its live ids is), this file recomputes in
+pandas/numpy every feature the default rules read —
 windowed counts and their changes, recencies, lifetime purchases, the purchase-interval EWMAs
 and drift, revenue, escalations and sentiment, cart views, the latest zip, cancellation,
 engagement — and evaluates each default segment's rule at the end of every simulated day
