@@ -1,9 +1,11 @@
 """An independent batch oracle for the default segments (issue #17).
 
-The simulator's events go through identity, scorer and segmenter in one process (the harness of
-``bench/eval_segments.py``: the service cores, no broker). Separately, from the *raw* delivered
-events alone (deduplicated by ``event_id``, grouped by the simulator's true customer, in
-occurred-at order), this file recomputes in pandas/numpy every feature the default rules read —
+The simulator's events go through identity, scorer and segmenter in one process (the harness in
+``bench/segment_pipeline.py``: the service cores, no broker). Separately, from the *raw*
+delivered events alone (deduplicated by ``event_id``, in occurred-at order; by default each
+customer id on its own until identity merges it, as the segmenter documents — a customer, named
+by its final id, is a member when any of its live ids is), this file recomputes in
+pandas/numpy every feature the default rules read —
 windowed counts and their changes, recencies, lifetime purchases, the purchase-interval EWMAs
 and drift, revenue, escalations and sentiment, cart views, the latest zip, cancellation,
 engagement — and evaluates each default segment's rule at the end of every simulated day
@@ -14,24 +16,31 @@ from ``services`` for the oracle side; only the harness that produces the member
 
 Model outputs are not recomputed: ``churn_probability``, ``clv`` and ``lifecycle_stage`` are
 taken from the latest score (the scores the scorer emitted, as the segmenter reads them) of the
-customer at or before ``t_d``; ``ttl`` ("no score for N days") also reads the score times.
-Percentiles (``pNN``) are the nearest rank over every customer known at ``t_d``.
+id at or before the instant; ``ttl`` ("no score for N days") also reads the score times.
+Percentiles (``pNN``) are the nearest rank over every live id's latest score, recomputed at
+the service's percentile refreshes (every 6 h in the harness), as documented
+(``--instant-percentiles``: at every instant; ``--group-by final-id``: one set of features per
+final id, the view before session 6). Memberships are stepped at two instants a day (midnight,
+when the scorer refreshes, and ``t_d``) and compared at ``t_d``.
 
 The segmenter's membership of a true customer at ``t_d`` is the union over its customer ids of
 the stays that the emitted ``SegmentChange`` records open and close. Every disagreeing
 customer-day is attributed to one reason, in this order:
 
-* ``identity``: the customer's events up to ``t_d`` are held by more than one live customer
-  id (not merged yet, or never: a blocked device id, an email not linked);
+* ``identity`` (``final-id`` and ``truth`` only; ``live-id`` models it): the customer's events
+  up to ``t_d`` are held by more than one live customer id (not merged yet, or never);
 * ``late``: an event of the customer that occurred by ``t_d`` was delivered after it, or was
   dead-lettered (too late for the scorer's 48 h lateness);
 * ``input <feature>``: a feature the rule reads differs between the oracle and the values the
   segmenter held at ``t_d`` (its latest score, recencies aged); ``stale score`` when that
   score was computed before the customer's latest event or before the day began (a score
   coalesced away, or a silent customer on the weekly refresh grid);
-* ``state``: same inputs, different membership: the path within a day (a stay entered and
-  left between two samples, a dwell or cooldown measured from an intra-day instant), the
-  segmenter's percentile refresh (every 6 h), or a bug.
+* Re-engaged: following a feeding segment's disagreement, or a feeding exit ``re_engaged`` in
+  one and plain in the other (intra-day when that stay lasted ``re_engaged_after`` ± 1 day);
+* ``intra-day path``: a transition of the segmenter's between two samples (a stay entered and
+  left between them, a dwell or cooldown measured from an intra-day instant);
+* ``percentile``: the oracle's and the segmenter's thresholds lie on both sides of the value;
+* ``state``: same inputs, different membership, none of the above.
 
     .venv/bin/python bench/segment_oracle.py                           # 300 x 84, seed 7
     .venv/bin/python bench/segment_oracle.py --customers 3000 --days 180
@@ -46,482 +55,62 @@ import pickle
 import sys
 import time
 from collections import Counter, defaultdict
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from types import SimpleNamespace
 from typing import Any
 
 import numpy as np
 import pandas as pd
-import yaml
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-DAY = 86_400_000
-NEVER = 999.0
+
+from oracle_features import (  # noqa: E402
+    DAY,
+    FROM_SCORES,
+    NEVER,
+    last_time,
+    oracle_features,
+)
+from oracle_rules import (  # noqa: E402
+    Segment,
+    evaluate,
+    live_id_memberships,
+    load_segments,
+    oracle_memberships,
+    percentiles,
+)
+
+# the oracle's parts, importable from here as before the split (tests, notebooks)
+__all__ = [
+    "DAY",
+    "IDENTITY",
+    "NEVER",
+    "Comparison",
+    "Segment",
+    "compare",
+    "evaluate",
+    "load_segments",
+    "oracle_features",
+    "oracle_memberships",
+    "percentiles",
+    "run_pipeline",
+]
+
 DEFAULT_DEFINITIONS = (
     Path(__file__).resolve().parents[1] / "services" / "segmenter" / "segments" / "default.yaml"
 )
 
-# -- the feature definitions (services/scorer/README.md, "Features"), written out again ------
-#: event type -> count column; escalated tickets also count in ``escalations``.
-COUNT_OF = {
-    "session_start": "sessions",
-    "login": "logins",
-    "page_view": "page_views",
-    "feature_use": "feature_use",
-    "cart_view": "cart_views",
-    "cart_abandon": "cart_abandons",
-    "purchase": "purchases",
-    "email_sent": "emails_sent",
-    "email_open": "opens",
-    "email_click": "clicks",
-    "support_ticket": "tickets",
-}
-#: "Activity": the customer-initiated events with a count (not identify, cancel, unsubscribe,
-#: bounce, email_sent or unknown types).
-ACTIVITY_TYPES = frozenset(
-    {
-        "session_start",
-        "login",
-        "page_view",
-        "feature_use",
-        "cart_view",
-        "cart_abandon",
-        "purchase",
-        "email_open",
-        "email_click",
-        "support_ticket",
-    }
-)
-RECENCY_OF = {
-    "login": ["login"],
-    "feature_use": ["feature_use"],
-    "purchase": ["purchase"],
-    "open": ["email_open"],
-    "active": sorted(ACTIVITY_TYPES),
-}
-#: engagement = 100 (1 - exp(-w / 25)), w = weighted 14-day counts
-ENGAGEMENT_WEIGHTS = {
-    "sessions": 1.0,
-    "logins": 0.5,
-    "page_views": 0.3,
-    "feature_use": 1.5,
-    "cart_views": 0.5,
-    "purchases": 3.0,
-    "opens": 1.0,
-    "clicks": 2.0,
-}
-MAX_CHANGE = 10.0
-#: Features taken from the emitted scores (model outputs), not recomputed.
-FROM_SCORES = ("churn_probability", "clv", "lifecycle_stage")
 IDENTITY = "identity (events on >1 live id)"
-
-
-def window(a: np.ndarray, w: int) -> np.ndarray:
-    """Sum over the w days ending with each day (axis 1), zero before the start."""
-    cs = np.cumsum(a, axis=1)
-    out = cs.copy()
-    out[:, w:] -= cs[:, :-w]
-    return out
-
-
-def shifted(a: np.ndarray, k: int) -> np.ndarray:
-    out = np.zeros_like(a)
-    out[:, k:] = a[:, :-k]
-    return out
-
-
-def change(daily: np.ndarray, w: int, start: bool = False) -> np.ndarray:
-    """Daily rate of the last w days vs the 28 before them, minus 1 (0 when both are 0);
-    ``start``: at the day's first instant (the day itself still empty)."""
-    cur = (window(daily, w) - (daily if start else 0)) / w
-    base = shifted(window(daily, 28), w) / 28.0
-    return np.minimum((cur - base) / np.maximum(base, 1e-9), MAX_CHANGE)
-
-
-def last_time(times: pd.DataFrame, n_cust: int, n_days: int, day0: int) -> np.ndarray:
-    """[customer, day] -> latest time (ms) at or before the day's end, NaN when none."""
-    out = np.full((n_cust, n_days), -np.inf)
-    times = times[(times["d"] >= day0) & (times["d"] < day0 + n_days)]
-    if len(times):
-        g = times.groupby(["c", "d"])["t"].max()
-        ci = g.index.get_level_values(0).to_numpy()
-        di = g.index.get_level_values(1).to_numpy() - day0
-        out[ci, di] = g.to_numpy()
-    out = np.maximum.accumulate(out, axis=1)
-    out[np.isinf(out)] = np.nan
-    return out
-
-
-def oracle_features(
-    events: pd.DataFrame,
-    n_cust: int,
-    day0: int,
-    n_days: int,
-    zips: frozenset[str],
-    start: bool = False,
-) -> dict[str, np.ndarray]:
-    """Every feature the default rules read, [customer, day] at the day's last millisecond
-    (``start``: at its first, midnight, when the scorer's daily refresh scores), from the raw
-    events (columns c, event_type, occurred_at, amount, sentiment, escalated, zip),
-    deduplicated by the caller. Windows end with the day and include it (empty at midnight)."""
-    ev = events.assign(d=events["occurred_at"] // DAY, t=events["occurred_at"])
-    ev = ev[(ev["d"] >= day0) & (ev["d"] < day0 + n_days)]
-    ends = (np.arange(n_days) + day0 + (0 if start else 1)) * DAY - (0 if start else 1)
-    f: dict[str, np.ndarray] = {}
-    daily: dict[str, np.ndarray] = {}
-
-    def win(a: np.ndarray, w: int) -> np.ndarray:
-        return window(a, w) - (a if start else 0)
-
-    def before(a: np.ndarray, fill: float) -> np.ndarray:
-        """The value at the end of the previous day (at midnight: nothing of today yet)."""
-        if not start:
-            return a
-        out = np.full_like(a, fill)
-        out[:, 1:] = a[:, :-1]
-        return out
-
-    def count(mask: pd.Series, value: pd.Series | None = None) -> np.ndarray:
-        sub = ev[mask]
-        out = np.zeros((n_cust, n_days))
-        if len(sub):
-            vals = value[mask] if value is not None else pd.Series(1.0, index=sub.index)
-            g = vals.groupby([sub["c"], sub["d"]]).sum()
-            out[g.index.get_level_values(0), g.index.get_level_values(1) - day0] = g.to_numpy()
-        return out
-
-    for etype, col in COUNT_OF.items():
-        daily[col] = count(ev["event_type"] == etype)
-    daily["escalations"] = count((ev["event_type"] == "support_ticket") & ev["escalated"])
-    daily["activity"] = count(ev["event_type"].isin(ACTIVITY_TYPES))
-    purchase = ev["event_type"] == "purchase"
-    daily["revenue"] = count(purchase, ev["amount"].fillna(0.0).astype(float))
-    ticket = ev["event_type"] == "support_ticket"
-    daily["sentiment"] = count(ticket & ev["sentiment"].notna(), ev["sentiment"].astype(float))
-
-    f["activity_14d_vs_prior28_change"] = change(daily["activity"], 14, start)
-    f["logins_3d_vs_prior28_change"] = change(daily["logins"], 3, start)
-    f["revenue_28d_vs_prior28_change"] = change(daily["revenue"], 28, start)
-    a14 = win(daily["activity"], 14)
-    a56 = win(daily["activity"], 56)
-    f["activity_14d_vs_prior42_log_ratio"] = np.log((a14 + 1.0) / ((a56 - a14) / 3.0 + 1.0))
-    f["feature_use_28d"] = win(daily["feature_use"], 28)
-    f["cart_views_14d"] = win(daily["cart_views"], 14)
-    f["revenue_28d"] = win(daily["revenue"], 28)
-    f["escalations_7d"] = win(daily["escalations"], 7)
-    t7 = win(daily["tickets"], 7)
-    f["sentiment_mean_7d"] = np.where(t7 > 0, win(daily["sentiment"], 7) / np.maximum(t7, 1), 0.0)
-    w = sum(ENGAGEMENT_WEIGHTS[k] * win(daily[k], 14) for k in ENGAGEMENT_WEIGHTS)
-    f["engagement_score"] = 100.0 * (1.0 - np.exp(-w / 25.0))
-    f["lifetime_purchases"] = before(np.cumsum(daily["purchases"], axis=1), 0.0)
-
-    for name, types in RECENCY_OF.items():
-        last = before(last_time(ev[ev["event_type"].isin(types)], n_cust, n_days, day0), np.nan)
-        f[f"days_since_{name}"] = np.where(np.isnan(last), NEVER, (ends - last) / DAY)
-    ident = ev[ev["event_type"] == "identify"]
-    first = np.full((n_cust, n_days), np.inf)
-    if len(ident):
-        g = ident.groupby(["c", "d"])["t"].min()
-        first[g.index.get_level_values(0), g.index.get_level_values(1) - day0] = g.to_numpy()
-    first = before(np.minimum.accumulate(first, axis=1), np.inf)
-    f["days_since_signup"] = np.where(np.isinf(first), NEVER, (ends - first) / DAY)
-
-    # cancelled: the latest cancellation with no activity since (at or after it)
-    cancel = before(
-        last_time(ev[ev["event_type"] == "subscription_cancel"], n_cust, n_days, day0), np.nan
-    )
-    active = before(
-        last_time(ev[ev["event_type"].isin(ACTIVITY_TYPES)], n_cust, n_days, day0), np.nan
-    )
-    f["cancelled"] = np.where(~np.isnan(cancel) & (np.isnan(active) | (active <= cancel)), 1.0, 0.0)
-
-    # the latest known zip (by occurred_at), high value or not
-    hv = np.full((n_cust, n_days), np.nan)
-    z = ev[ev["zip"].notna()].sort_values("t")
-    if len(z):
-        g = z.groupby(["c", "d"]).tail(1)
-        hv[g["c"].to_numpy(), g["d"].to_numpy() - day0] = g["zip"].isin(zips).to_numpy()
-    hv = pd.DataFrame(hv).ffill(axis=1).fillna(0.0).to_numpy()
-    f["high_value_zip"] = before(hv, 0.0)
-
-    # purchase intervals: EWMAs of the gaps in days (alpha 0.5 current, 0.05 baseline), in
-    # occurred-at order; drift = max(current, days since the last purchase) / baseline - 1
-    fast = np.zeros((n_cust, n_days))
-    slow = np.zeros((n_cust, n_days))
-    for c, grp in ev[purchase].sort_values("t").groupby("c"):
-        times = grp["t"].to_numpy()
-        fa = sl = 0.0
-        n = 0
-        prev = None
-        for t in times:
-            if prev is not None and t > prev:
-                gap = (t - prev) / DAY
-                if n == 0:
-                    fa = sl = gap
-                else:
-                    fa += 0.5 * (gap - fa)
-                    sl += 0.05 * (gap - sl)
-                n += 1
-            prev = t if prev is None else max(prev, t)
-            d = int(t // DAY) - day0
-            fast[c, d:] = fa
-            slow[c, d:] = sl
-    # published with 4 decimals (CustomerScore.features): a drop of exactly 60 % is -0.6, not
-    # the -0.6000000000000001 of the float arithmetic, and `< -0.6` does not hold for it
-    for k, a in f.items():
-        if not k.startswith("days_since_"):
-            f[k] = np.round(a, 4)
-    fast, slow = before(fast, 0.0), before(slow, 0.0)
-    f["purchase_interval_days"] = fast
-    f["purchase_interval_baseline_days"] = slow
-    dsp = f["days_since_purchase"]
-    f["purchase_interval_drift"] = np.round(
-        np.where(
-            (slow > 0) & (dsp < NEVER),
-            np.minimum(MAX_CHANGE, np.maximum(fast, dsp) / np.where(slow > 0, slow, 1.0) - 1.0),
-            0.0,
-        ),
-        4,
-    )
-    return f
-
-
-# -- rules: the YAML read and evaluated here (not services.segmenter.dsl) ---------------------
-@dataclass
-class Segment:
-    name: str
-    priority: int
-    enter: Any
-    exit: Any = None
-    re_engaged_when: Any = None
-    re_engaged_after: float = 0.0
-    min_dwell: float = 0.0
-    cooldown: float = 0.0
-    sustain: float = 0.0
-    sustain_since: str | None = None
-    ttl: float | None = None
-    features: set[str] = field(default_factory=set)
-
-
-def _days(v: Any) -> float:
-    if v is None:
-        return 0.0
-    s = str(v)
-    unit = {"d": 1.0, "h": 1 / 24, "m": 1 / 1440, "s": 1 / 86400}[s[-1]]
-    return float(s[:-1]) * unit
-
-
-def _features_of(rule: Any, out: set[str]) -> None:
-    if rule is None:
-        return
-    if "feature" in rule:
-        out.add(rule["feature"])
-    for key in ("all", "any"):
-        for r in rule.get(key, ()):
-            _features_of(r, out)
-    if "not" in rule:
-        _features_of(rule["not"], out)
-    if "weighted" in rule:
-        for item in rule["weighted"]:
-            _features_of(item["when"], out)
-
-
-def load_segments(path: Path) -> list[Segment]:
-    doc = yaml.safe_load(path.read_text())
-    out = []
-    for s in doc["segments"]:
-        seg = Segment(
-            s["name"],
-            int(s.get("priority", 0)),
-            s["enter"],
-            s.get("exit"),
-            s.get("re_engaged_when"),
-            _days(s.get("re_engaged_after")),
-            _days(s.get("min_dwell")),
-            _days(s.get("cooldown")),
-            _days(s.get("sustain")),
-            s.get("sustain_since"),
-            _days(s["ttl"]) if s.get("ttl") else None,
-        )
-        for r in (seg.enter, seg.exit, seg.re_engaged_when):
-            _features_of(r, seg.features)
-        out.append(seg)
-    return out
-
-
-def is_pct(value: Any) -> bool:
-    return isinstance(value, str) and value[:1] == "p" and value[1:].replace(".", "").isdigit()
-
-
-def evaluate(rule: Any, v: dict[str, np.ndarray], pct: dict[tuple[str, float], np.ndarray]):
-    """A rule over arrays (one value per customer), as SPEC §3 / the segmenter README define
-    it; a missing feature (NaN / None) is false."""
-    if "all" in rule:
-        res = np.ones(len(next(iter(v.values()))), dtype=bool)
-        for r in rule["all"]:
-            res &= evaluate(r, v, pct)
-        return res
-    if "any" in rule:
-        res = np.zeros(len(next(iter(v.values()))), dtype=bool)
-        for r in rule["any"]:
-            res |= evaluate(r, v, pct)
-        return res
-    if "not" in rule:
-        return ~evaluate(rule["not"], v, pct)
-    if "weighted" in rule:
-        total = sum(item["weight"] * evaluate(item["when"], v, pct) for item in rule["weighted"])
-        return total >= rule["threshold"] - 1e-9
-    if rule["feature"].startswith(("attr.", "lookup.")):
-        # customer attributes and lookup tables (issue 19): the simulated pipeline this oracle
-        # checks loads none, so such a condition is false for everyone, as a missing feature is
-        return np.zeros(len(next(iter(v.values()))), dtype=bool)
-    x = v[rule["feature"]]
-    op, value = rule["op"], rule["value"]
-    if is_pct(value):
-        value = pct[(rule["feature"], float(value[1:]))]
-    if x.dtype == object:  # lifecycle_stage
-        present = np.array([s is not None for s in x])
-        if op == "==":
-            return present & (x == value)
-        if op == "!=":
-            return present & (x != value)
-        if op == "in":
-            return present & np.isin(x, value)
-        raise ValueError(f"operator {op} on a category")
-    present = ~np.isnan(x)
-    with np.errstate(invalid="ignore"):
-        if op == ">":
-            r = x > value
-        elif op == ">=":
-            r = x >= value
-        elif op == "<":
-            r = x < value
-        elif op == "<=":
-            r = x <= value
-        elif op == "==":
-            r = x == value
-        elif op == "!=":
-            r = x != value
-        elif op == "between":
-            r = (x >= value[0]) & (x <= value[1])
-        elif op == "in":
-            r = np.isin(x, value)
-        else:
-            raise ValueError(f"unknown operator {op}")
-    return present & r
-
-
-def percentiles(segments: list[Segment], v: dict[str, np.ndarray], known: np.ndarray):
-    """Nearest-rank pNN of each feature used as a percentile, over the customers known."""
-    out: dict[tuple[str, float], float] = {}
-
-    def walk(rule: Any) -> None:
-        if rule is None:
-            return
-        if "feature" in rule:
-            val = rule["value"]
-            if is_pct(val):
-                p = float(val[1:])
-                data = np.sort(v[rule["feature"]][known & ~np.isnan(v[rule["feature"]])])
-                if len(data):
-                    rank = max(1, math.ceil(p / 100 * len(data)))
-                    out[(rule["feature"], p)] = float(data[min(rank, len(data)) - 1])
-                else:
-                    out[(rule["feature"], p)] = math.inf
-        for key in ("all", "any"):
-            for r in rule.get(key, ()):
-                walk(r)
-        if "not" in rule:
-            walk(rule["not"])
-        if "weighted" in rule:
-            for item in rule["weighted"]:
-                walk(item["when"])
-
-    for s in segments:
-        for r in (s.enter, s.exit, s.re_engaged_when):
-            walk(r)
-    return out
-
-
-def oracle_memberships(
-    segments: list[Segment],
-    feats: dict[str, np.ndarray],
-    known: np.ndarray,
-    last_score_day: np.ndarray,
-    pct_log: list[dict[tuple[str, float], float]] | None = None,
-    re_log: list[tuple[int, float, str]] | None = None,
-) -> dict[str, np.ndarray]:
-    """[customer, instant] membership of each segment, stepping the state machine through the
-    instants (two a day: midnight, when the scorer refreshes every customer, and the day's
-    last millisecond; column 2d and 2d + 1 for day d; ``last_score_day``: time of the
-    customer's latest score, in days since the first day)."""
-    n_cust, n_days = known.shape
-    member = {s.name: np.zeros((n_cust, n_days), dtype=bool) for s in segments}
-    inside = {s.name: np.zeros(n_cust, dtype=bool) for s in segments}
-    entered_at = {s.name: np.full(n_cust, -np.inf) for s in segments}
-    exited_at = {s.name: np.full(n_cust, -np.inf) for s in segments}
-    pending = {s.name: np.full(n_cust, np.nan) for s in segments}
-    re_engaged_at = np.full(n_cust, np.nan)
-    for d in range(n_days):
-        now = d // 2 + (d % 2) * (1.0 - 1.0 / DAY)  # days since day0
-        v = {k: a[:, d] for k, a in feats.items()}
-        pct = percentiles(segments, v, known[:, d])
-        if pct_log is not None:
-            pct_log.append(pct)
-        stale = now - last_score_day[:, d]
-        for s in segments:
-            if s.name == "Re-engaged" or "days_since_re_engaged" in s.features:
-                v["days_since_re_engaged"] = np.where(
-                    np.isnan(re_engaged_at), np.nan, now - re_engaged_at
-                )
-            n = s.name
-            enter = evaluate(s.enter, v, pct)
-            leave = evaluate(s.exit, v, pct) if s.exit is not None else ~enter
-            ttl_out = (stale >= s.ttl) if s.ttl is not None else np.zeros(n_cust, dtype=bool)
-            ins = inside[n]
-            # members: ttl, else exit after the dwell
-            out_ttl = ins & ttl_out
-            can_leave = ins & ~ttl_out & leave & (now - entered_at[n] >= s.min_dwell - 1e-9)
-            if s.re_engaged_when is not None:
-                rew = evaluate(s.re_engaged_when, v, pct)
-                rex = can_leave & rew & (now - entered_at[n] >= s.re_engaged_after - 1e-9)
-                re_engaged_at[rex] = now
-                if re_log is not None:
-                    re_log.extend((int(c), now, n) for c in np.nonzero(rex)[0])
-            gone = out_ttl | can_leave
-            exited_at[n][gone] = now
-            ins = ins & ~gone
-            # non-members: qualify, sustain, cooldown
-            qual = known[:, d] & ~ins & ~ttl_out & enter & ~leave
-            pend = pending[n]
-            pend[~qual] = np.nan
-            if s.sustain:
-                start = np.isnan(pend) & qual
-                back = np.zeros(n_cust)
-                if s.sustain_since is not None:
-                    since = v[s.sustain_since]
-                    back = np.where((since > 0) & (since < NEVER), np.minimum(since, s.sustain), 0)
-                pend[start] = now - back[start]
-                ready = qual & (now - pend >= s.sustain - 1e-9)
-            else:
-                ready = qual
-            ready &= (now - exited_at[n] >= s.cooldown - 1e-9) & ~gone
-            entered_at[n][ready] = now
-            pend[ready] = np.nan
-            ins = ins | ready
-            inside[n] = ins
-            member[n][:, d] = ins
-    return member
 
 
 # -- the harness: the pipeline's memberships and the raw events -------------------------------
 def run_pipeline(customers: int, days: int, seed: int) -> dict[str, Any]:
     """Simulate (demo noise) and run identity → scorer → segmenter in one process, keeping the
     raw delivered events, the scores and the segment changes."""
-    from eval_segments import DEMO_NOISE, Pipeline
+    from segment_pipeline import DEMO_NOISE, Pipeline
 
     from segflow.sim.generator import HOUR, SimConfig, Simulation
     from segflow.sim.noise import Delivery
@@ -615,12 +204,18 @@ class Comparison:
     segmenter_days: dict[str, int]
 
 
-def compare(run: dict[str, Any], n_examples: int = 0, group_by: str = "final-id") -> Comparison:
+def compare(
+    run: dict[str, Any], n_examples: int = 0, group_by: str = "live-id", refresh: bool = True
+) -> Comparison:
     """Oracle vs segmenter per customer-day and segment. ``group_by``: ``final-id`` groups the
     raw events by the customer id the identity service finally gave them (after every merge:
     the segments are then judged on the customers segflow knows), ``truth`` by the simulator's
     true customer (identity stitching is judged too: a customer split over ids that are never
-    merged disagrees wherever its ids' segments differ)."""
+    merged disagrees wherever its ids' segments differ), ``live-id`` (default) as ``final-id``
+    but every customer id evaluated on its own until it is merged, as the service does
+    (:func:`live_id_memberships`). ``refresh`` (live-id only): ``pNN`` thresholds recomputed at
+    the service's percentile refreshes over every id's latest score, as documented, instead of
+    at every instant over the oracle's values."""
     config, pipe, events = run["config"], run["pipe"], run["events"]
     obs = pipe.obs
     segments = load_segments(DEFAULT_DEFINITIONS)
@@ -630,7 +225,7 @@ def compare(run: dict[str, Any], n_examples: int = 0, group_by: str = "final-id"
 
     # -- the oracle: raw events, deduplicated, by true customer ---------------------------
     raw = events.drop_duplicates("event_id").reset_index(drop=True)
-    if group_by == "final-id":
+    if group_by in ("final-id", "live-id"):
         final = {eid: obs.final_id(cid) for eid, cid in obs.event_owner.items()}
         raw["customer"] = raw["event_id"].map(final)
         raw = raw[raw["customer"].notna()].reset_index(drop=True)
@@ -707,7 +302,12 @@ def compare(run: dict[str, Any], n_examples: int = 0, group_by: str = "final-id"
 
     pct_days: list[dict[tuple[str, float], float]] = []
     re_log: list[tuple[int, float, str]] = []
-    member2 = oracle_memberships(segments, feats, known2, last_score_day, pct_days, re_log)
+    if group_by == "live-id":
+        member2 = live_id_memberships(
+            segments, raw, run, index, n_cust, instants, refresh, pct_days, re_log
+        )
+    else:
+        member2 = oracle_memberships(segments, feats, known2, last_score_day, pct_days, re_log)
     oracle_re: dict[int, set[int]] = defaultdict(set)  # days with a re_engaged exit
     for c, now, _seg in re_log:
         oracle_re[c].add(int(now - 1e-6))
@@ -755,12 +355,15 @@ def compare(run: dict[str, Any], n_examples: int = 0, group_by: str = "final-id"
         elif ch["transition"] in ("exited", "re_engaged") and spans and spans[-1][1] == math.inf:
             spans[-1][1] = ch["occurred_at"]
     moves: dict[tuple[int, str], list[int]] = defaultdict(list)  # transition times
+    closed: dict[tuple[int, str], list[tuple[float, float]]] = defaultdict(list)  # stays
     for (cid, seg), spans in stays.items():
         c = id_true.get(cid)
         if c is None or seg not in seg_member:
             continue
         for b, e in spans:
             moves[(c, seg)] += [int(b)] + ([int(e)] if e != math.inf else [])
+            if e != math.inf:
+                closed[(c, seg)].append((b, e))
         for b, e in spans:
             # member at t_d when b <= t_d < e
             lo = int(np.searchsorted(ends, b, side="left"))
@@ -804,7 +407,7 @@ def compare(run: dict[str, Any], n_examples: int = 0, group_by: str = "final-id"
         for c, d in zip(*np.nonzero(diff), strict=True):
             t = ends[d]
             n_live = sum(1 for _cid, f0, m in live_ids[c] if f0 <= t and m > t)
-            if n_live > 1:
+            if n_live > 1 and group_by != "live-id":  # live-id: the oracle models split ids
                 why = IDENTITY
             elif any(o <= t < dl for o, dl in late_rows[c]):
                 why = "late (an event by t_d delivered after it or dead-lettered)"
@@ -818,6 +421,17 @@ def compare(run: dict[str, Any], n_examples: int = 0, group_by: str = "final-id"
                 x for x in oracle_re[c] if d - 30 <= x <= d
             } != {x for x in segm_re[c] if d - 30 <= x <= d}:
                 why = "a feeding segment's exit is re_engaged in one, plain in the other"
+                if any(  # a stay within the samples' resolution of re_engaged_after
+                    abs((e - b) / DAY - f.re_engaged_after) <= 1.0
+                    and d - 30 <= e / DAY - day0 <= d + 1
+                    for f in segments
+                    if f.re_engaged_when is not None
+                    for b, e in closed.get((c, f.name), ())
+                ):
+                    why = (
+                        "intra-day path (a feeding stay as long as re_engaged_after within the "
+                        "samples' resolution: re_engaged in one, plain in the other)"
+                    )
             elif any(
                 0 <= t - m < DAY + max(s.min_dwell, s.cooldown, 1.0) * DAY and m % DAY != 0
                 for m in moves.get((c, s.name), ())
@@ -877,7 +491,12 @@ def main() -> None:
     p.add_argument("--seed", type=int, default=7)
     p.add_argument("--examples", type=int, default=0)
     p.add_argument("--cache", help="pickle of the pipeline run (reused when it exists)")
-    p.add_argument("--group-by", choices=["final-id", "truth"], default="final-id")
+    p.add_argument("--group-by", choices=["live-id", "final-id", "truth"], default="live-id")
+    p.add_argument(
+        "--instant-percentiles",
+        action="store_true",
+        help="pNN over every id at each instant (not at the service's 6-hourly refreshes)",
+    )
     args = p.parse_args()
     cache = Path(args.cache) if args.cache else None
     if cache is not None and cache.exists():
@@ -887,10 +506,11 @@ def main() -> None:
         if cache is not None:
             cache.write_bytes(pickle.dumps(run))
     t0 = time.perf_counter()
-    cmp = compare(run, args.examples, args.group_by)
+    cmp = compare(run, args.examples, args.group_by, refresh=not args.instant_percentiles)
     print(
         f"{args.customers} customers x {args.days} days (seed {args.seed}, demo noise, "
-        f"customers by {args.group_by}): "
+        f"customers by {args.group_by}, "
+        f"{'instant' if args.instant_percentiles else 'refreshed'} percentiles): "
         f"pipeline {run['seconds']:.0f} s, oracle + comparison {time.perf_counter() - t0:.0f} s; "
         f"{cmp.customer_days:,} customer-days"
     )

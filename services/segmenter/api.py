@@ -61,6 +61,17 @@ def routes(queries: Queries) -> Routes:
             "definition_version": queries.defs.version,
         }
 
+    @r.get("/percentiles")
+    def percentiles(_p: Params, _q: Query) -> dict[str, Any]:
+        """The pNN thresholds in use (deployment-wide under N instances: README.md)."""
+        return {
+            "definition_version": queries.defs.version,
+            "thresholds": {
+                f"{feature} p{pct:g}": value
+                for (feature, pct), value in sorted(getattr(queries, "thresholds", {}).items())
+            },
+        }
+
     @r.get("/segments")
     def segments(_p: Params, _q: Query) -> dict[str, Any]:
         sizes = queries.segment_sizes()

@@ -15,7 +15,9 @@ watermark (the highest ``as_of`` seen on its partition) belong to its partition,
 do not depend on which instance owns it or how many run. On assignment the store restores
 only the assigned partitions and their customers and timers are rebuilt; on revoke they are
 dropped. Segment statuses (deprecation) are kept per partition (``segment:<name>@<p>``);
-percentile thresholds are computed over the customers an instance owns (README.md).
+percentile thresholds are deployment-wide: at every refresh an instance publishes each owned
+partition's values of the ``pNN`` features to ``segflow.segmenter.population`` and merges the
+other partitions' latest summaries from it (:mod:`services.segmenter.population`, README.md).
 Scores are decoded with only the features the definitions read
 (:class:`~segflow.runtime.projection.MapProjection`). The definitions file is polled for
 changes; an invalid version is logged with its lines and fields and the running version stays.
@@ -27,18 +29,13 @@ from __future__ import annotations
 
 import heapq
 import logging
-import math
 import time
 from collections import deque
 from collections.abc import Iterable, Iterator
 from dataclasses import replace
-from pathlib import Path
 from typing import Any
 
-from prometheus_client import Counter, Gauge, Histogram
-from pydantic_settings import BaseSettings, SettingsConfigDict
-
-from segflow.errors import BrokerError, InvalidRecord
+from segflow.errors import InvalidRecord
 from segflow.runtime.kafka import ensure_topics
 from segflow.runtime.loop import Incoming, LoopConfig, Output, ProcessingLoop
 from segflow.runtime.projection import MapProjection
@@ -47,92 +44,37 @@ from segflow.runtime.settings import Settings
 from segflow.runtime.state import ChangelogStore
 from segflow.runtime.tables import GlobalTable
 from segflow.runtime.topics import TOPICS, Topic
-from services.segmenter import core
-from services.segmenter.dsl import DAY, DERIVED_FEATURES, DefinitionError, Definitions, parse
+from services.segmenter import core, customers, shared
+from services.segmenter.config import DEFAULT_DEFINITIONS as DEFAULT_DEFINITIONS
+from services.segmenter.config import SegmenterConfig as SegmenterConfig
+from services.segmenter.config import serde_for as serde_for
+from services.segmenter.customers import RETIRED_KEY
+from services.segmenter.dsl import DAY, DERIVED_FEATURES, Definitions
+from services.segmenter.metrics import (
+    DEFINITIONS,
+    EVAL_LAG,
+    FLAPS,
+    MISSING_FEATURES,
+    RETIRED_SCORES,
+    SEGMENT_SIZE,
+    TRANSITIONS,
+    WATERMARK,
+)
 from services.segmenter.quantiles import Column
+from services.segmenter.shared import load_definitions
 
 log = logging.getLogger("segflow.segmenter")
 
-HERE = Path(__file__).resolve().parent
-DEFAULT_DEFINITIONS = HERE / "segments" / "default.yaml"
 SEGMENT_KEY = "segment:"
-# A customer id that must never be evaluated again: absorbed by an identity merge, or
-# forgotten. A late score for it (the scorer handles merges on its own consumer) would
-# otherwise bring the id back into segments with a restarted entry counter.
-RETIRED_KEY = "retired:"
 #: The customer branch of the state record's union, named for fastavro's tuple notation.
 CUSTOMER_RECORD = "io.segflow.SegmenterCustomer"
 
 #: The changelog topic of memberships, timers and segment statuses.
 STATE_TOPIC: Topic = TOPICS.segmenter_state
 
-SEGMENT_SIZE = Gauge("segflow_segment_size", "Current members per segment", ["segment"])
-TRANSITIONS = Counter(
-    "segflow_segment_transitions_total",
-    "Membership changes by transition",
-    ["segment", "transition"],
-)
-FLAPS = Counter(
-    "segflow_segment_flaps_total",
-    "Exits within the flap window (max of min_dwell and 1 day) of the entry",
-    ["segment"],
-)
-EVAL_LAG = Histogram(
-    "segflow_segmenter_evaluation_lag_seconds",
-    "Processing time from a score being produced to its evaluation",
-    buckets=(0.01, 0.05, 0.1, 0.25, 0.5, 1, 2, 5, 10, 30, 60),
-)
-WATERMARK = Gauge("segflow_segmenter_watermark_ms", "Event-time watermark (highest as_of)")
-DEFINITIONS = Counter(
-    "segflow_segmenter_definitions_total", "Definition loads by outcome", ["outcome"]
-)
-RETIRED_SCORES = Counter(
-    "segflow_segmenter_retired_scores_total",
-    "Scores dropped because their customer id was merged away or forgotten",
-    ["reason"],
-)
-LOOKUP_LOADS = Counter(
-    "segflow_segmenter_lookup_loads_total",
-    "Lookup table versions taken (segflow.lookups), and customers queued for re-evaluation",
-    ["table"],
-)
-ATTRIBUTE_UPDATES = Counter(
-    "segflow_segmenter_attribute_updates_total", "CustomerAttributes records applied"
-)
-MISSING_FEATURES = Counter(
-    "segflow_segmenter_missing_features_total",
-    "Sampled scores (1 in 16) lacking a feature the definitions read",
-    ["feature"],
-)
+
 #: Score fields that may legitimately be absent (the cluster is nullable).
 OPTIONAL_FIELDS = frozenset({"cluster"})
-
-
-class SegmenterConfig(BaseSettings):
-    """The segmenter's own settings (``SEGFLOW_SEGMENTER_*``)."""
-
-    model_config = SettingsConfigDict(env_prefix="SEGFLOW_SEGMENTER_", extra="ignore")
-
-    definitions: Path = DEFAULT_DEFINITIONS
-    group_id: str = "segmenter"
-    instance: str = "segmenter-0"  # transactional.id and static group member id
-    reload_interval: float = 2.0  # seconds between mtime polls of the definitions file
-    percentile_refresh: float = 60.0  # seconds between recomputations of pNN thresholds
-    tick_interval: float = 0.5
-    batch_size: int = 2000
-    max_timers_per_tick: int = 20000
-    http_port: int | None = None
-    pre_commit_delay: float = 0.0  # fault injection for tests (widens the open transaction)
-
-
-def serde_for(settings: Settings) -> Serde:
-    """The shared serde."""
-    return Serde.from_settings(settings)
-
-
-def load_definitions(path: Path) -> Definitions:
-    """Parse a definitions file (raises DefinitionError with every problem)."""
-    return parse(path.read_text())
 
 
 class Segmenter:
@@ -192,6 +134,18 @@ class Segmenter:
         #: without a broker, such as replay and the benches, call ``apply_lookups`` themselves).
         self.follow_lookups = False
         self._lookup_retry_at = 0.0
+        #: Whether percentile thresholds are merged over the deployment through
+        #: segflow.segmenter.population (set by build_loop; in-process pipelines hold every
+        #: customer and compute them locally).
+        self.follow_population = False
+        self._population_reader: GlobalTable | None = None
+        self._population_retry_at = 0.0
+        self._population_out: list[Output] = []
+        self.instance_name = settings.topic_prefix + (
+            f"{config.group_id}-{settings.instance_id}"
+            if settings.instance_id is not None
+            else config.instance
+        )
         self.score_decoder = MapProjection(
             self.serde, TOPICS.scores, "features", self.defs.features
         )
@@ -370,131 +324,24 @@ class Segmenter:
                 )
 
     def _merge(self, merge: dict[str, Any], part: int) -> Iterator[Output]:
-        """A merge arrives on the absorbed id's partition (merges are keyed by it): the
-        absorbed id is retired there. The survivor is advanced to the merge's time only when
-        it lives on the same partition; elsewhere its own timers advance it (its owner does
-        not read this record), so results do not depend on which instance owns which."""
-        survivor = str(merge["survivor_id"])
-        now = max(int(merge.get("occurred_at") or 0), self.watermarks.get(part, 0))
-        for absorbed in merge.get("absorbed_ids") or []:
-            if absorbed == survivor:
-                continue
-            yield from self._retire(absorbed, "merged", survivor, now, part)
-        st = self.states.get(survivor)
-        if st is not None and self.store.partition_of(survivor) == part:
-            new, changes = core.advance(st, now, self.defs, self.thresholds, self.lookups)
-            yield from self._apply(st, new, changes, part)
+        yield from customers.merge(self, merge, part)
 
     def _attributes(self, key: Any, record: dict[str, Any] | None, part: int) -> Iterator[Output]:
-        """A customer's attributes changed (segflow.attributes, co-partitioned with the
-        scores): store them and re-evaluate the customer at its partition's event time. A
-        tombstone (forget, or a merge's absorbed id) clears them."""
-        if record is None:
-            cid = key.decode() if isinstance(key, bytes) else str(key or "")
-            attrs: dict[str, str] = {}
-        else:
-            cid = str(record["customer_id"])
-            attrs = dict(record.get("attributes") or {})
-        if not cid or cid in self.retired:
-            return
-        ATTRIBUTE_UPDATES.inc()
-        old = self.states.get(cid)
-        if old is None and not attrs:
-            return
-        now = self.watermarks.get(part, 0)
-        new, changes = core.set_attributes(
-            old, cid, attrs, now, self.defs, self.thresholds, self.lookups
-        )
-        yield from self._apply(old, new, changes, part)
+        yield from customers.attributes(self, key, record, part)
 
     def _follow_lookups(self) -> None:
-        """Take new lookup table versions; queue the customers whose looked-up value changed
-        (an attribute whose key was added, removed or changed) for re-evaluation."""
-        if not self.defs.lookups or not self.follow_lookups:
-            return
-        if self.clock() < self._lookup_retry_at:
-            return
-        try:
-            if self._lookup_reader is None:
-                reader = GlobalTable(self.settings, TOPICS.lookups, serde=self.serde)
-                changed = reader.catch_up()
-                self._lookup_reader = reader
-            else:
-                changed = self._lookup_reader.poll()
-        except BrokerError as exc:  # the loop keeps running; tables follow when it is back
-            self._lookup_retry_at = self.clock() + 5.0
-            log.warning("lookup tables unreadable", extra={"fields": {"error": str(exc)}})
-            return
-        self.apply_lookups(changed)
+        shared.follow_lookups(self)
 
     def apply_lookups(self, changed: dict[str, dict[str, Any] | None]) -> None:
-        """Take changed LookupTable records (None: removed) and queue the customers whose
-        looked-up value changed."""
-        if not changed:
-            return
-        touched: dict[str, set[str]] = {}  # table -> keys whose value changed
-        for name, record in changed.items():
-            before = self.lookups.get(name, {})
-            after = dict(record.get("entries") or {}) if record is not None else {}
-            keys = {k for k in before.keys() | after.keys() if before.get(k) != after.get(k)}
-            if record is None:
-                self.lookups.pop(name, None)
-                self.lookup_versions.pop(name, None)
-            else:
-                self.lookups[name] = after
-                self.lookup_versions[name] = int(record.get("version") or 0)
-            touched[name] = keys
-            log.info(
-                "lookup table loaded" if record is not None else "lookup table removed",
-                extra={
-                    "fields": {
-                        "table": name,
-                        "version": self.lookup_versions.get(name),
-                        "entries": len(after),
-                        "changed_keys": len(keys),
-                    }
-                },
-            )
-        args = [(table, arg) for _, table, arg in self.defs.lookups if touched.get(table)]
-        if not args:
-            return
-        queued = 0
-        for cid, st in self.states.items():
-            for table, arg in args:
-                v = st.values.get(arg)
-                if isinstance(v, str) and v.strip() in touched[table]:
-                    self._reeval.append(cid)
-                    queued += 1
-                    break
-        for table in touched:
-            LOOKUP_LOADS.labels(table).inc()
-        log.info("lookup change re-evaluates customers", extra={"fields": {"customers": queued}})
+        shared.apply_lookups(self, changed)
 
     def _forget(self, request: dict[str, Any], part: int) -> Iterator[Output]:
-        """A forget request: every membership exits ``forgotten``, the state is deleted and
-        the id is retired (later scores for it are dropped)."""
-        cid = str(request["customer_id"])
-        now = max(int(request.get("requested_at") or 0), self.watermarks.get(part, 0))
-        yield from self._retire(cid, "forgotten", None, now, part)
+        yield from customers.forget(self, request, part)
 
     def _retire(
         self, cid: str, why: str, survivor: str | None, now: int, part: int
     ) -> Iterator[Output]:
-        st = self.states.get(cid)
-        if st is not None:
-            yield from self._emit(core.absorb(st, survivor, now, self.defs, reason=why), part)
-            self._index(st, remove=True)
-            del self.states[cid]
-            self._dirty.add(cid)
-            self._unwritten[cid] = part  # a tombstone at the commit
-        if self.retired.get(cid) != why:
-            self.retired[cid] = why
-            self._dirty.add(RETIRED_KEY + cid)
-            # The reason rides in the segment-status slot of the state record (kind retired).
-            marker = {"segment": why, "first_seen": now}
-            yield self.store.put(
-                RETIRED_KEY + cid, {"kind": "retired", "customer": None, "segment": marker}, part
-            )
+        yield from customers.retire(self, cid, why, survivor, now, part)
 
     def _apply(
         self,
@@ -560,7 +407,8 @@ class Segmenter:
             self._last_refresh = now
             self._refresh_thresholds()
         self._follow_lookups()
-        out: list[Output] = []
+        out: list[Output] = self._population_out
+        self._population_out = []
         budget = self.config.max_timers_per_tick
         part_of = self.store.partition_of
         while self._reeval and budget > 0:
@@ -607,70 +455,16 @@ class Segmenter:
         return out
 
     def reload(self) -> bool:
-        """Load the definitions file if it changed; keep the running version if invalid."""
-        path = self.config.definitions
-        try:
-            mtime = path.stat().st_mtime_ns
-        except OSError as exc:
-            log.warning("definitions unreadable", extra={"fields": {"error": str(exc)}})
-            return False
-        if mtime == self._mtime:
-            return False
-        self._mtime = mtime
-        try:
-            defs = load_definitions(path)
-        except DefinitionError as exc:
-            DEFINITIONS.labels("rejected").inc()
-            for p in exc.problems:
-                log.error(
-                    "definition rejected",
-                    extra={
-                        "fields": {
-                            "file": str(path),
-                            "line": p.line,
-                            "field": p.field,
-                            "error": p.message,
-                            "running_version": self.defs.version,
-                        }
-                    },
-                )
-            return False
-        if defs.version == self.defs.version:
-            return False
-        DEFINITIONS.labels("loaded").inc()
-        log.info(
-            "definitions loaded",
-            extra={
-                "fields": {
-                    "version": defs.version,
-                    "previous": self.defs.version,
-                    "segments": len(defs.segments),
-                }
-            },
-        )
-        self.defs = defs
-        self.score_decoder.keys = defs.features
-        for st in self.states.values():
-            self._index(st)
-        self._refresh_thresholds()
-        self._reeval.extend(self.states)
-        return True
+        return shared.reload(self)
 
     def _refresh_thresholds(self) -> None:
-        old = self.thresholds
-        self.thresholds = core.percentile_thresholds(self.defs, self.population)
-        # A threshold that moved can cross a customer's value with no new score for it (issue
-        # #17's oracle: "clv >= p80" held on days the segmenter did not have the customer):
-        # the customers between the old and the new value are re-evaluated, in the tick's
-        # bounded chunks (all of them when there was no threshold before).
-        for (feature, pct), new in self.thresholds.items():
-            before = old.get((feature, pct))
-            if before == new:
-                continue
-            lo, hi = (-math.inf, math.inf) if before is None else sorted((before, new))
-            column = self.population.get(feature)
-            if column is not None:
-                self._reeval.extend(column.between(lo, hi))
+        shared.refresh_thresholds(self)
+
+    def _deployment_thresholds(self) -> dict[tuple[str, float], float]:
+        return shared.deployment_thresholds(self)
+
+    def _read_population(self) -> dict[str, dict[str, Any]]:
+        return shared.read_population(self)
 
     # -- loop hooks ----------------------------------------------------------------------
     def before_commit(self) -> Iterator[Output]:
@@ -756,6 +550,7 @@ def build_loop(settings: Settings, config: SegmenterConfig) -> tuple[Segmenter, 
     """Restore state and wire the segmenter into the shared loop."""
     segmenter = Segmenter(settings, config)
     segmenter.follow_lookups = True
+    segmenter.follow_population = True
     # The changelog exists before the group assigns partitions; their state is restored then
     # (on_assign), only for the partitions this instance owns.
     name = STATE_TOPIC.name(settings)
@@ -766,6 +561,7 @@ def build_loop(settings: Settings, config: SegmenterConfig) -> tuple[Segmenter, 
             name: STATE_TOPIC,
             segmenter.attributes_topic: TOPICS.attributes,
             TOPICS.lookups.name(settings): TOPICS.lookups,
+            TOPICS.segmenter_population.name(settings): TOPICS.segmenter_population,
         },
     )
     instance = settings.instance_id

@@ -44,14 +44,11 @@ the instant it exited, so evaluating the same input twice emits nothing new:
 
 from __future__ import annotations
 
-import bisect
 import math
-from collections.abc import Collection, Iterable, Mapping
-from dataclasses import dataclass, field, replace
-from typing import Any
+from collections.abc import Mapping
+from dataclasses import replace
 
 from services.segmenter.dsl import (
-    AGING_PREFIX,
     ATTR_PREFIX,
     DAY,
     NO_LOOKUPS,
@@ -59,204 +56,49 @@ from services.segmenter.dsl import (
     Definitions,
     Explanation,
     Lookups,
-    Rule,
     Segment,
     Thresholds,
     Value,
     Values,
     first_weighted,
 )
-from services.segmenter.quantiles import Column, nearest_rank
+from services.segmenter.explain import explain_customer  # noqa: F401  (re-exported)
+from services.segmenter.model import (  # noqa: F401  (re-exported)
+    DEPRECATED,
+    EMPTY,
+    ENTERED,
+    EXITED,
+    PRIMARY_CHANGED,
+    RE_ENGAGED,
+    REACTIVATED,
+    TRANSITIONS,
+    UNSCORED,
+    Change,
+    CustomerState,
+    Membership,
+    Score,
+    aged_values,
+    entry_id,
+    with_lookups,
+)
+from services.segmenter.population import percentile_thresholds, rank_of  # noqa: F401
+from services.segmenter.records import state_from_record, state_to_record  # noqa: F401
+from services.segmenter.statuses import (  # noqa: F401  (re-exported)
+    SegmentStatus,
+    expire,
+    next_deprecation,
+    status_from_record,
+    status_to_record,
+    track_statuses,
+)
 
-ENTERED = "entered"
-EXITED = "exited"
-RE_ENGAGED = "re_engaged"
-DEPRECATED = "deprecated"
-REACTIVATED = "reactivated"
-PRIMARY_CHANGED = "primary_changed"
-TRANSITIONS = (ENTERED, EXITED, RE_ENGAGED, DEPRECATED, REACTIVATED, PRIMARY_CHANGED)
-
-EMPTY: Mapping[tuple[str, float], float] = {}
-#: ``as_of`` of a customer known only by its attributes (no score yet: not evaluated).
-UNSCORED = -1
+#: Timers of one customer fired before a new score that comes after them (a bound: each firing
+#: moves the next timer forward, so a handful is the most seen).
+MAX_TIMERS_BEFORE_SCORE = 64
 _NEW: dict[str, Membership] = {}  # not a member yet (immutable, shared)
 
 
-# -- inputs, state, outputs ---------------------------------------------------------------
-@dataclass(frozen=True)
-class Score:
-    """A customer's features and scores at event time ``as_of`` (from ``segflow.scores``)."""
-
-    customer_id: str
-    as_of: int
-    values: Mapping[str, Value]
-
-    @classmethod
-    def from_record(cls, record: Mapping[str, Any], used: Collection[str] | None = None) -> Score:
-        """Build from a CustomerScore record: ``features`` plus the score fields.
-
-        ``used`` (the definitions' features) keeps only those: a score carries a few hundred
-        features and the definitions read a few dozen.
-
-        >>> r = {"customer_id": "c", "as_of": 5, "churn_probability": 0.5,
-        ...      "engagement_score": 10, "clv": 3.0, "cluster": 2, "lifecycle_stage": "loyal",
-        ...      "features": {"opens_7d": 1.0, "logins_7d": 2.0}}
-        >>> Score.from_record(r).values["cluster"]
-        2.0
-        >>> sorted(Score.from_record(r, used={"logins_7d", "clv"}).values)
-        ['churn_probability', 'cluster', 'clv', 'engagement_score', 'lifecycle_stage', 'logins_7d']
-        """
-        features = record.get("features") or {}
-        if used is None:
-            values: dict[str, Value] = {
-                k: float(v) for k, v in features.items() if v is not None and math.isfinite(v)
-            }
-        else:
-            values = {}
-            get = features.get
-            for k in used:
-                v = get(k)
-                if v is not None and math.isfinite(v):
-                    values[k] = float(v)
-        for key in ("churn_probability", "engagement_score", "clv", "cluster"):
-            v = record.get(key)
-            if v is not None:
-                values[key] = float(v)
-        stage = record.get("lifecycle_stage")
-        if stage:
-            values["lifecycle_stage"] = str(stage)
-        return cls(str(record["customer_id"]), int(record["as_of"]), values)
-
-
-@dataclass(frozen=True)
-class Membership:
-    """One customer's history in one segment."""
-
-    segment: str
-    active: bool = False
-    seq: int = 0  # stays so far; the current stay's entry_id ends with it
-    entered_at: int | None = None
-    exited_at: int | None = None
-    pending_since: int | None = None  # enter held since (for ``sustain``)
-
-
-@dataclass(frozen=True)
-class CustomerState:
-    """What the segmenter keeps per customer (a changelog record in the shell)."""
-
-    customer_id: str
-    as_of: int  # event time of the latest score
-    values: Mapping[str, Value]  # the latest score's values the definitions use (not aged)
-    memberships: Mapping[str, Membership] = field(default_factory=dict)
-    primary: str | None = None
-    primary_seq: int = 0
-    re_engaged_at: int | None = None
-    next_timer: int | None = None
-
-    def active(self) -> list[str]:
-        return sorted(n for n, m in self.memberships.items() if m.active)
-
-    @property
-    def scored(self) -> bool:
-        """Whether a score came (a customer known only by its attributes has ``as_of`` -1)."""
-        return self.as_of >= 0
-
-    @property
-    def has_attributes(self) -> bool:
-        return any(k.startswith(ATTR_PREFIX) for k in self.values)
-
-    def attribute(self, name: str) -> str | None:
-        v = self.values.get(ATTR_PREFIX + name)
-        return v if isinstance(v, str) else None
-
-
-@dataclass(frozen=True)
-class Change:
-    """One membership transition with its explanation (a SegmentChange record)."""
-
-    customer_id: str
-    segment: str
-    transition: str
-    entry_id: str
-    definition_version: str
-    occurred_at: int
-    primary_segment: str | None
-    reason: str | None = None
-    score: float | None = None
-    explanation: tuple[Explanation, ...] = ()
-    previous_primary: str | None = None
-    dwell_ms: int | None = None
-    seq: int = 0
-
-    @property
-    def change_id(self) -> str:
-        """Deterministic: the same transition always gets the same id."""
-        if self.transition == PRIMARY_CHANGED:
-            return f"{self.customer_id}|primary|{self.seq}"
-        return f"{self.entry_id}|{self.transition}"
-
-    def to_record(self, emitted_at: int) -> dict[str, Any]:
-        """The SegmentChange Avro record."""
-        return {
-            "change_id": self.change_id,
-            "customer_id": self.customer_id,
-            "segment": self.segment,
-            "transition": self.transition,
-            "reason": self.reason,
-            "entry_id": self.entry_id,
-            "definition_version": self.definition_version,
-            "occurred_at": self.occurred_at,
-            "emitted_at": emitted_at,
-            "primary_segment": self.primary_segment,
-            "score": self.score,
-            "previous_primary": self.previous_primary,
-            "dwell_ms": self.dwell_ms,
-            "explanation": [
-                {
-                    "path": e.path,
-                    "feature": e.feature,
-                    "operator": e.operator,
-                    "observed": _finite(e.observed),
-                    "threshold": _finite(e.threshold),
-                    "margin": _finite(e.margin),
-                    "passed": e.passed,
-                    "observed_text": e.observed_text,
-                    "threshold_text": e.threshold_text,
-                }
-                for e in self.explanation
-            ],
-        }
-
-
-def entry_id(customer_id: str, segment: str, seq: int) -> str:
-    """Identifies one stay of a customer in a segment.
-
-    >>> entry_id("c1", "AtRisk-60d", 2)
-    'c1|AtRisk-60d|2'
-    """
-    return f"{customer_id}|{segment}|{seq}"
-
-
 # -- evaluation ---------------------------------------------------------------------------
-def aged_values(state: CustomerState, now: int) -> dict[str, Value]:
-    """The stored values as of ``now``: recencies (``days_since_*``) grow with event time.
-
-    >>> s = CustomerState("c", 0, {"days_since_open": 2.0, "clv": 5.0}, re_engaged_at=DAY)
-    >>> v = aged_values(s, 3 * DAY)
-    >>> v["days_since_open"], v["clv"], v["days_since_re_engaged"]
-    (5.0, 5.0, 2.0)
-    """
-    values = dict(state.values)
-    elapsed = (now - state.as_of) / DAY
-    if elapsed > 0:
-        for key, v in state.values.items():
-            if key.startswith(AGING_PREFIX) and isinstance(v, float):
-                values[key] = v + elapsed
-    if state.re_engaged_at is not None:
-        values["days_since_re_engaged"] = (now - state.re_engaged_at) / DAY
-    return values
-
-
 def evaluate(
     state: CustomerState | None,
     score: Score,
@@ -273,6 +115,17 @@ def evaluate(
     """
     if state is not None and score.as_of < state.as_of:
         return state, []
+    # A timer due before this score fires first, at its own instant with the values it was
+    # set for: when the score arrives before the tick fires it (the partition's watermark
+    # only passes the timer with this very score), a recency crossing must still enter at
+    # the crossing, not at the score (issue #17's oracle: entries late by up to a day, so
+    # dwell, cooldown and re_engaged_after were measured from the wrong instant).
+    fired: list[Change] = []
+    for _ in range(MAX_TIMERS_BEFORE_SCORE):
+        if state is None or state.next_timer is None or state.next_timer >= score.as_of:
+            break
+        state, changes, _persist = fire_timer(state, state.next_timer, defs, thresholds, lookups)
+        fired += changes
     used = defs.features
     values = {k: v for k, v in score.values.items() if k in used}
     if state is not None and state.has_attributes:
@@ -292,7 +145,8 @@ def evaluate(
             state.re_engaged_at,
             state.next_timer,
         )
-    return _step(state, score.as_of, defs, thresholds, lookups)
+    state, changes = _step(state, score.as_of, defs, thresholds, lookups)
+    return state, fired + changes if fired else changes
 
 
 def advance(
@@ -350,28 +204,6 @@ def set_attributes(
     if not state.scored:
         return state, []
     return _step(state, max(now, state.as_of), defs, thresholds, lookups)
-
-
-def with_lookups(values: dict[str, Value], defs: Definitions, lookups: Lookups) -> None:
-    """Add the lookup features the definitions read (``lookup.<table>(attr.<name>)``) to
-    ``values``; a missing attribute, table or entry leaves the feature missing.
-
-    >>> from services.segmenter.dsl import parse
-    >>> defs = parse('version: 1\\nsegments:\\n  - {name: A, enter: '
-    ...     '{feature: "lookup.zip_income(attr.zip)", op: "==", value: high}}\\n')
-    >>> v = {"attr.zip": "94027"}
-    >>> with_lookups(v, defs, {"zip_income": {"94027": "high"}})
-    >>> v["lookup.zip_income(attr.zip)"]
-    'high'
-    """
-    for feature, table, arg in defs.lookups:
-        key = values.get(arg)
-        entries = lookups.get(table)
-        if entries is None or not isinstance(key, str):
-            continue
-        hit = entries.get(key.strip())
-        if hit is not None:
-            values[feature] = hit
 
 
 def absorb(
@@ -742,316 +574,6 @@ def _crossings(
             timers.append(at + 1)
 
 
-def explain_customer(
-    state: CustomerState,
-    now: int,
-    defs: Definitions,
-    thresholds: Thresholds = EMPTY,
-    lookups: Lookups = NO_LOOKUPS,
-) -> list[dict[str, Any]]:
-    """Why a customer is (or is not) in each segment right now, for ``segflow explain``.
-
-    >>> from services.segmenter.dsl import parse
-    >>> defs = parse('version: 1\\nsegments:\\n'
-    ...              '  - {name: A, enter: {feature: x, op: ">", value: 1}}\\n')
-    >>> s, _ = evaluate(None, Score("c", 0, {"x": 3.0}), defs)
-    >>> out = explain_customer(s, 0, defs)
-    >>> out[0]["segment"], out[0]["member"], out[0]["primary"], out[0]["conditions"][0]["margin"]
-    ('A', True, True, 2.0)
-
-    A customer who meets ``enter`` but whom the exit rule would remove is not a member; the
-    exit conditions that hold it out are listed too:
-
-    >>> defs = parse('version: 1\\nsegments:\\n'
-    ...              '  - {name: A, enter: {feature: x, op: ">", value: 1},\\n'
-    ...              '     exit: {feature: stage, op: "==", value: churned}}\\n')
-    >>> s, _ = evaluate(None, Score("c", 0, {"x": 3.0, "stage": "churned"}), defs)
-    >>> out = explain_customer(s, 0, defs)[0]
-    >>> out["member"], out["rule"], [c["feature"] for c in out["conditions"]]
-    (False, 'enter, held out by the exit rule', ['x', 'stage'])
-    """
-    values = aged_values(state, now)
-    if defs.lookups:
-        with_lookups(values, defs, lookups)
-    out: list[dict[str, Any]] = []
-    for seg in defs.segments:
-        m = state.memberships.get(seg.name) or Membership(seg.name)
-        rule: Rule = seg.enter if not m.active or seg.exit is None else seg.exit
-        kind = "exit" if m.active and seg.exit is not None else "enter"
-        conditions = [e.__dict__ for e in rule.explain(values, thresholds)]
-        if (
-            not m.active
-            and seg.exit is not None
-            and seg.enter.test(values, thresholds)
-            and seg.exit.test(values, thresholds)
-        ):  # qualifies but the exit rule would remove it: show what holds it out
-            kind = "enter, held out by the exit rule"
-            conditions += [e.__dict__ for e in seg.exit.explain(values, thresholds) if e.passed]
-        out.append(
-            {
-                "segment": seg.name,
-                "member": m.active,
-                "primary": state.primary == seg.name,
-                "entry_id": entry_id(state.customer_id, seg.name, m.seq) if m.active else None,
-                "entered_at": m.entered_at if m.active else None,
-                "rule": kind,
-                "conditions": conditions,
-            }
-        )
-    return out
-
-
-# -- segment-level lifecycle ---------------------------------------------------------------
-@dataclass(frozen=True)
-class SegmentStatus:
-    """When a segment last gained a member, and whether it is deprecated."""
-
-    segment: str
-    first_seen: int
-    last_entry_at: int | None = None
-    deprecated: bool = False
-    deprecations: int = 0
-
-
-def track_statuses(
-    statuses: Mapping[str, SegmentStatus], changes: Iterable[Change], defs: Definitions
-) -> tuple[dict[str, SegmentStatus], list[Change]]:
-    """Record entries; an entry into a deprecated segment reactivates it.
-
-    >>> from services.segmenter.dsl import parse
-    >>> defs = parse('version: 1\\nsegments:\\n'
-    ...              '  - {name: A, enter: {feature: x, op: ">", value: 1}}\\n')
-    >>> st = {"A": SegmentStatus("A", 0, 0, deprecated=True, deprecations=1)}
-    >>> _, out = track_statuses(st, [Change("c", "A", ENTERED, "c|A|1", "v", 5, "A")], defs)
-    >>> [(c.transition, c.customer_id, c.change_id) for c in out]
-    [('reactivated', 'c', 'A|deprecation|1|reactivated')]
-    """
-    new = dict(statuses)
-    out: list[Change] = []
-    for c in changes:
-        if c.transition != ENTERED:
-            continue
-        st = new.get(c.segment) or SegmentStatus(c.segment, c.occurred_at)
-        if st.deprecated:
-            idle = (c.occurred_at - (st.last_entry_at or st.first_seen)) / DAY
-            out.append(
-                Change(
-                    c.customer_id,
-                    c.segment,
-                    REACTIVATED,
-                    f"{c.segment}|deprecation|{st.deprecations}",
-                    defs.version,
-                    c.occurred_at,
-                    c.primary_segment,
-                    reason="qualified",
-                    explanation=(
-                        Explanation(
-                            "deprecation",
-                            "days_since_last_entry",
-                            ">=",
-                            idle,
-                            defs.deprecate_after_ms / DAY,
-                            None,
-                            True,
-                        ),
-                    ),
-                )
-            )
-        new[c.segment] = replace(
-            st, last_entry_at=max(c.occurred_at, st.last_entry_at or 0), deprecated=False
-        )
-    return new, out
-
-
-def expire(
-    statuses: Mapping[str, SegmentStatus], now: int, defs: Definitions
-) -> tuple[dict[str, SegmentStatus], list[Change]]:
-    """Segments with no entry for ``deprecate_after`` (event time) become ``deprecated``.
-
-    >>> from services.segmenter.dsl import parse
-    >>> defs = parse('version: 1\\nsegments:\\n'
-    ...              '  - {name: A, enter: {feature: x, op: ">", value: 1}}\\n')
-    >>> st, out = expire({}, 0, defs)           # first seen now
-    >>> expire(st, 89 * DAY, defs)[1]
-    []
-    >>> st, out = expire(st, 90 * DAY, defs)
-    >>> [(c.segment, c.transition, c.customer_id) for c in out], expire(st, 200 * DAY, defs)[1]
-    ([('A', 'deprecated', '')], [])
-    """
-    new = dict(statuses)
-    out: list[Change] = []
-    for seg in defs.segments:
-        st = new.get(seg.name)
-        if st is None:
-            new[seg.name] = SegmentStatus(seg.name, now)
-            continue
-        last = st.last_entry_at if st.last_entry_at is not None else st.first_seen
-        if not st.deprecated and now - last >= defs.deprecate_after_ms:
-            n = st.deprecations + 1
-            out.append(
-                Change(
-                    "",
-                    seg.name,
-                    DEPRECATED,
-                    f"{seg.name}|deprecation|{n}",
-                    defs.version,
-                    now,
-                    None,
-                    reason="inactive",
-                    explanation=(
-                        Explanation(
-                            "deprecation",
-                            "days_since_last_entry",
-                            ">=",
-                            (now - last) / DAY,
-                            defs.deprecate_after_ms / DAY,
-                            (now - last - defs.deprecate_after_ms) / DAY,
-                            True,
-                        ),
-                    ),
-                )
-            )
-            new[seg.name] = replace(st, deprecated=True, deprecations=n)
-    return new, out
-
-
-def next_deprecation(statuses: Mapping[str, SegmentStatus], defs: Definitions) -> int | None:
-    """The earliest event time at which :func:`expire` would deprecate a segment."""
-    due = [
-        (st.last_entry_at if st.last_entry_at is not None else st.first_seen)
-        + defs.deprecate_after_ms
-        for st in statuses.values()
-        if not st.deprecated and st.segment in defs.by_name
-    ]
-    return min(due) if due else None
-
-
-# -- dynamic thresholds ---------------------------------------------------------------------
-def percentile_thresholds(
-    defs: Definitions, population: Mapping[str, Column | Iterable[float]]
-) -> dict[tuple[str, float], float]:
-    """Nearest-rank percentiles of each feature used as ``pNN`` over the current population:
-    :class:`~services.segmenter.quantiles.Column` s (the service) or plain values (replay and
-    tests), found by selection, not by sorting.
-
-    >>> from services.segmenter.dsl import parse
-    >>> defs = parse('version: 1\\nsegments:\\n'
-    ...              '  - {name: A, enter: {feature: clv, op: ">=", value: p80}}\\n')
-    >>> percentile_thresholds(defs, {"clv": [float(i) for i in range(1, 101)]})
-    {('clv', 80.0): 80.0}
-    """
-    out: dict[tuple[str, float], float] = {}
-    for feature, pct in defs.percentiles:
-        column = population.get(feature, ())
-        if isinstance(column, Column):
-            value = column.nearest_rank(pct)
-        else:
-            value = nearest_rank((v for v in column if not math.isnan(v)), pct)
-        if value is not None:
-            out[(feature, pct)] = value
-    return out
-
-
-def rank_of(sorted_values: list[float], value: float) -> float:
-    """Percentile rank of ``value`` in ``sorted_values`` (for explanations and tests)."""
-    if not sorted_values:
-        return 0.0
-    return 100.0 * bisect.bisect_right(sorted_values, value) / len(sorted_values)
-
-
-# -- state records (the changelog's Avro shape) ---------------------------------------------
-def state_to_record(state: CustomerState) -> dict[str, Any]:
-    """CustomerState → SegmenterStateEntry record (kind ``customer``)."""
-    return {
-        "kind": "customer",
-        "customer": {
-            "customer_id": state.customer_id,
-            "as_of": state.as_of,
-            "numbers": {k: v for k, v in state.values.items() if isinstance(v, float)},
-            "texts": {k: v for k, v in state.values.items() if isinstance(v, str)},
-            "memberships": [
-                {
-                    "segment": m.segment,
-                    "active": m.active,
-                    "seq": m.seq,
-                    "entered_at": m.entered_at,
-                    "exited_at": m.exited_at,
-                    "pending_since": m.pending_since,
-                }
-                for m in state.memberships.values()
-            ],
-            "primary": state.primary,
-            "primary_seq": state.primary_seq,
-            "re_engaged_at": state.re_engaged_at,
-            "next_timer": state.next_timer,
-        },
-        "segment": None,
-    }
-
-
-def state_from_record(record: Mapping[str, Any]) -> CustomerState:
-    """SegmenterStateEntry record (kind ``customer``) → CustomerState.
-
-    >>> s = CustomerState("c", 5, {"x": 1.0, "lifecycle_stage": "loyal"},
-    ...                   {"A": Membership("A", True, 1, 5)}, "A", 1)
-    >>> state_from_record(state_to_record(s)) == s
-    True
-    """
-    c = record["customer"]
-    values: dict[str, Value] = dict(c["numbers"])
-    values.update(c["texts"])
-    return CustomerState(
-        customer_id=c["customer_id"],
-        as_of=c["as_of"],
-        values=values,
-        memberships={
-            m["segment"]: Membership(
-                m["segment"],
-                m["active"],
-                m["seq"],
-                m["entered_at"],
-                m["exited_at"],
-                m["pending_since"],
-            )
-            for m in c["memberships"]
-        },
-        primary=c["primary"],
-        primary_seq=c["primary_seq"],
-        re_engaged_at=c["re_engaged_at"],
-        next_timer=c["next_timer"],
-    )
-
-
-def status_to_record(st: SegmentStatus) -> dict[str, Any]:
-    return {
-        "kind": "segment",
-        "customer": None,
-        "segment": {
-            "segment": st.segment,
-            "first_seen": st.first_seen,
-            "last_entry_at": st.last_entry_at,
-            "deprecated": st.deprecated,
-            "deprecations": st.deprecations,
-        },
-    }
-
-
-def status_from_record(record: Mapping[str, Any]) -> SegmentStatus:
-    """SegmenterStateEntry record (kind ``segment``) → SegmentStatus.
-
-    >>> status_from_record(status_to_record(SegmentStatus("A", 1, 2, True, 1)))
-    SegmentStatus(segment='A', first_seen=1, last_entry_at=2, deprecated=True, deprecations=1)
-    """
-    s = record["segment"]
-    return SegmentStatus(
-        s["segment"], s["first_seen"], s["last_entry_at"], s["deprecated"], s["deprecations"]
-    )
-
-
-def _finite(x: float | None) -> float | None:
-    return x if x is None or math.isfinite(x) else None
-
-
 __all__ = [
     "Change",
     "Condition",
@@ -1068,4 +590,11 @@ __all__ = [
     "next_deprecation",
     "track_statuses",
     "percentile_thresholds",
+    "ENTERED",
+    "EXITED",
+    "RE_ENGAGED",
+    "state_from_record",
+    "state_to_record",
+    "status_from_record",
+    "status_to_record",
 ]

@@ -57,6 +57,10 @@ class Column:
     def __len__(self) -> int:
         return len(self._by)
 
+    def items(self) -> Iterable[tuple[str, float]]:
+        """(customer, value) pairs."""
+        return self._by.items()
+
     def between(self, low: float, high: float) -> list[str]:
         """The customers whose value lies in ``[low, high]``.
 

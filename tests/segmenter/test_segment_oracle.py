@@ -72,6 +72,9 @@ def test_oracle_features_from_hand_made_events() -> None:
     assert f["revenue_28d"][0, 27] == 45.0 and f["revenue_28d"][0, 36] == 5.0
     assert f["high_value_zip"][0, 29] == 1.0 and f["high_value_zip"][0, 30] == 0.0
     assert f["escalations_7d"][0, d] == 1
+    # engagement as CustomerScore publishes it: 2 decimals
+    assert f["engagement_score"][0, d] > 0
+    assert all(round(float(x), 2) == x for x in f["engagement_score"][0])
     assert f["sentiment_mean_7d"][0, d] == pytest.approx(-0.2)
     # a cancellation on day 40 with no activity since: cancelled from that day on
     assert f["cancelled"][0, 39] == 0.0 and f["cancelled"][0, 40] == 1.0

@@ -124,6 +124,11 @@ LIFECYCLE = {
             (10, "Stale", "exited", "ttl"),
         ],
     ),
+    "a recency crossing due before the next score enters at the crossing, not the score": (
+        # the timer at day 0.5 has not fired (no tick) when the day-2 score arrives
+        [("score", (0, {"days_since_open": 9.5})), ("score", (2, {"days_since_open": 11.5}))],
+        [(0.5, "Quiet", "entered", "condition")],
+    ),
     "recency ages with event time: enters with no new score": (
         [("score", (0, {"days_since_open": 4.0})), ("time", 10)],
         [(6, "Quiet", "entered", "condition")],
@@ -220,6 +225,10 @@ EXIT_WHILE_ENTER_HOLDS = {
             (0, "Risk", "entered", "condition"),
             (0, "Stale", "entered", "condition"),
             (2, "Risk", "exited", "condition"),
+            # Stale's ttl (no score for 7 days after day 2) is due at day 9, before the day-12
+            # score: it fires first, as it would from the tick (issue #17)
+            (9, "Stale", "exited", "ttl"),
+            (12, "Stale", "entered", "condition"),
         ],
     ),
     "never entered while the exit rule holds, entered once it stops": (
