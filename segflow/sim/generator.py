@@ -23,6 +23,38 @@ from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from typing import Any
 
+from segflow.sim.behaviour import (
+    _DOMAINS,
+    _FIRST,
+    _HOURS,
+    _LAST,
+    _PLANS,
+    _PROVIDER_TYPES,
+    _STREAM_ACTIONS,
+    _STREAM_BEHAVIOUR,
+    _STREAM_IDS,
+    _STREAM_NOISE,
+    _STREAM_PAIR,
+    _TIMEZONES,
+    _WEEKDAYS,
+    EMAIL_CHANNELS,
+    HIGH_VALUE_ZIPS,
+    MINUTE,
+    RESPONSIVE_CHANNELS,
+    SECOND,
+    Behaviour,
+    _cdf,
+    _shouted,
+)
+from segflow.sim.behaviour import (
+    DAY as DAY,
+)
+from segflow.sim.behaviour import (
+    DEFAULT_START_MS as DEFAULT_START_MS,
+)
+from segflow.sim.behaviour import (
+    HOUR as HOUR,
+)
 from segflow.sim.identities import (
     NS_ANON,
     NS_DEVICE,
@@ -36,106 +68,8 @@ from segflow.sim.identities import (
 )
 from segflow.sim.noise import Item, NoiseConfig, deliver
 from segflow.sim.personas import DEFAULT_MIX, PERSONAS, Persona, normalize_mix
-
-SECOND = 1_000
-MINUTE = 60 * SECOND
-HOUR = 60 * MINUTE
-DAY = 24 * HOUR
-
-#: 2024-01-01T00:00:00Z, the default start of the simulated span.
-DEFAULT_START_MS = 1_704_067_200_000
-
-#: Channels whose "sent" actions the customer notices; email ones also produce email events.
-EMAIL_CHANNELS = frozenset({"email", "smtp"})
-RESPONSIVE_CHANNELS = frozenset({"email", "smtp", "crm_task", "support_escalation", "webhook"})
-
-_STREAM_BEHAVIOUR = 1
-_STREAM_NOISE = 2
-_STREAM_ACTIONS = 3
-_STREAM_PAIR = 4
-_STREAM_IDS = 5
-_NEVER = 1 << 62
-#: Events the email provider or billing emits whatever the customer does.
-_PROVIDER_TYPES = frozenset({"email_sent", "email_bounce", "subscription_cancel", "identify"})
-
-_TIMEZONES = (
-    ("America/New_York", -5),
-    ("America/Chicago", -6),
-    ("America/Los_Angeles", -8),
-    ("Europe/London", 0),
-    ("Europe/Berlin", 1),
-    ("Asia/Tokyo", 9),
-    ("Australia/Sydney", 10),
-)
-_FIRST = (
-    "ana",
-    "ben",
-    "chloe",
-    "david",
-    "emma",
-    "felix",
-    "grace",
-    "hugo",
-    "iris",
-    "jonas",
-    "kim",
-    "leo",
-    "maria",
-    "noah",
-    "olga",
-    "paul",
-    "quinn",
-    "rosa",
-    "sam",
-    "tara",
-)
-_LAST = (
-    "silva",
-    "smith",
-    "mueller",
-    "tanaka",
-    "garcia",
-    "novak",
-    "kowalski",
-    "dubois",
-    "rossi",
-    "jensen",
-    "okafor",
-    "singh",
-    "cohen",
-    "larsen",
-    "moreau",
-    "ito",
-)
-_DOMAINS = ("gmail.com", "yahoo.com", "outlook.com", "proton.me", "example.org")
-#: Zip codes the ReEngageAtRisk rule scores as high value.
-HIGH_VALUE_ZIPS = ("10007", "94027", "90210", "02108", "60611")
-_FEATURES = ("reports", "dashboard", "export", "automation", "integrations", "search", "alerts")
-_PLANS = ("basic", "pro", "enterprise")
-
-
-def _cdf(weights: tuple[float, ...]) -> tuple[float, ...]:
-    total = sum(weights)
-    acc = 0.0
-    out = []
-    for w in weights:
-        acc += w / total
-        out.append(acc)
-    out[-1] = 1.0
-    return tuple(out)
-
-
-# Local hour-of-day profiles and weekday factors (Monday first, mean 1).
-_HOURS = (
-    _cdf((1, 0.5, 0.3, 0.2, 0.2, 0.5, 2, 4, 8, 10, 10, 9, 7, 9, 10, 9, 8, 6, 4, 3, 3, 2, 2, 1)),
-    _cdf((1, 0.5, 0.3, 0.2, 0.2, 0.3, 1, 2, 3, 3, 3, 4, 5, 4, 3, 3, 4, 6, 9, 11, 12, 10, 6, 3)),
-    _cdf((4, 3, 2, 1, 0.5, 0.5, 1, 2, 3, 4, 4, 5, 5, 5, 5, 5, 5, 6, 7, 8, 9, 9, 8, 6)),
-)
-_WEEKDAYS = (
-    (1.2, 1.25, 1.25, 1.2, 1.05, 0.55, 0.5),
-    (0.9, 0.9, 0.95, 1.0, 1.1, 1.15, 1.0),
-    (1.0, 1.0, 1.0, 1.0, 1.0, 1.0, 1.0),
-)
+from segflow.sim.scripts import Script as Script
+from segflow.sim.scripts import _draw_script, _to_utc
 
 
 @dataclass(frozen=True)
@@ -173,60 +107,6 @@ class SimConfig:
         return self.start_ms + self.days * DAY
 
 
-@dataclass(slots=True)
-class Script:
-    """A customer's latent script: what it truly does and when (the source of ground truth).
-
-    Times are epoch milliseconds; scripted times may fall after the simulated span.
-    ``decline_at`` is the persona's onset: decay start (gradual churner), feature stop (silent
-    decline), drop (purchase frequency drop), dormancy start (reactivated), first escalation
-    (support escalator). Actions can change ``restored_at``, ``churn_at`` and ``churn_kind``.
-    """
-
-    persona: str
-    value_tier: str
-    responsive: bool
-    signup_at: int | None = None
-    decline_at: int | None = None
-    half_life_ms: int | None = None
-    churn_at: int | None = None
-    churn_kind: str | None = None
-    dormant_end: int | None = None
-    season: tuple[int, int] | None = None
-    bursts: list[list[int]] = field(default_factory=list)
-    restored_at: int | None = None
-    rescue_drawn: bool = False
-    actions: list[dict[str, Any]] = field(default_factory=list)
-
-    def at_risk(self, t: int) -> bool:
-        """Whether the customer is in a phase a retention action can end (before restoration).
-
-        >>> Script("silent_decline", "standard", True, decline_at=10).at_risk(20)
-        True
-        >>> Script("silent_decline", "standard", True, decline_at=10, churn_at=15).at_risk(20)
-        False
-        """
-        if self.decline_at is None or t < self.decline_at:
-            return False
-        if self.restored_at is not None and t >= self.restored_at:
-            return False
-        if self.churn_at is not None and t >= self.churn_at:
-            return False
-        if (
-            self.persona == "support_escalator"
-            and self.churn_at is None
-            and self.bursts
-            and t >= self.bursts[-1][-1] + 14 * DAY
-        ):
-            return False
-        return self.persona in (
-            "gradual_churner",
-            "silent_decline",
-            "purchase_frequency_drop",
-            "support_escalator",
-        )
-
-
 @dataclass(frozen=True)
 class ActionOutcome:
     """What applying one dispatch action did to the simulated customer."""
@@ -237,7 +117,7 @@ class ActionOutcome:
     reason: str
 
 
-class Customer:
+class Customer(Behaviour):
     """One simulated customer: identifiers, latent script and generation state."""
 
     __slots__ = (
@@ -509,335 +389,6 @@ class Customer:
             return em > 0
         return sm > 0
 
-    def _specials(self, day_ms: int, end: int, out: list[dict[str, Any]]) -> None:
-        """Scripted one-off events of a day: escalated tickets, a lead's sign-up, cancellation."""
-        r = self.rng.random
-        script = self.script
-        tickets = self.tickets
-        while self.ticket_pos < len(tickets) and tickets[self.ticket_pos] < end:
-            t = tickets[self.ticket_pos]
-            self.ticket_pos += 1
-            if t >= day_ms and (script.churn_at is None or t < script.churn_at):
-                self._ticket(t, -0.45 - 0.5 * r(), True, out)
-        # a lead signs up with its email on the device it browsed from
-        signup = script.signup_at
-        if signup is not None and day_ms <= signup < end:
-            dev = self.devices[0]
-            out.append(
-                {
-                    "event_id": self._eid(),
-                    "event_type": "identify",
-                    "occurred_at": signup,
-                    "anonymous_id": dev[1],
-                    "device_id": dev[0],
-                    "email": self.email_raw[0],
-                    "properties": dict(self.props),
-                }
-            )
-        # churn by cancellation
-        churn_at = script.churn_at
-        if (
-            churn_at is not None
-            and not self.cancel_sent
-            and day_ms <= churn_at < end
-            and script.churn_kind == "cancel"
-        ):
-            self.cancel_sent = True
-            out.append(
-                {
-                    "event_id": self._eid(),
-                    "event_type": "subscription_cancel",
-                    "occurred_at": churn_at,
-                    "user_id": self.user_id,
-                    "properties": {"plan": self.props["plan"]},
-                }
-            )
-        upcoming = [t for t in (signup, churn_at) if t is not None and t >= end]
-        if self.ticket_pos < len(tickets):
-            upcoming.append(tickets[self.ticket_pos])
-        self.next_special = min(upcoming, default=_NEVER)
-
-    def _local_time(self, day_ms: int) -> int:
-        r = self.rng.random
-        return day_ms + bisect(self.hours, r()) * HOUR + int(r() * HOUR)
-
-    def _session(self, t: int, fm: float, out: list[dict[str, Any]]) -> None:
-        rng = self.rng
-        r = rng.random
-        append = out.append
-        bits = self.id_bits
-
-        def eid() -> str:
-            return f"{bits(80):020x}"
-
-        devices = self.devices
-        dev = devices[bisect(self.device_cdf, r())] if len(devices) > 1 else devices[0]
-        did, aid = dev[0], dev[1]
-        uid = self.user_id
-        logged = dev[2]
-        p = self.persona
-        if logged:
-            append(
-                {
-                    "event_id": eid(),
-                    "event_type": "session_start",
-                    "occurred_at": t,
-                    "user_id": uid,
-                    "anonymous_id": aid,
-                    "device_id": did,
-                    "session_seconds": float(int(60 + rng.expovariate(1 / 420))),
-                }
-            )
-            if r() < 0.5:
-                t += 2 * SECOND + int(r() * 8 * SECOND)
-                append(
-                    {
-                        "event_id": eid(),
-                        "event_type": "login",
-                        "occurred_at": t,
-                        "user_id": uid,
-                        "anonymous_id": aid,
-                        "device_id": did,
-                    }
-                )
-        else:
-            append(
-                {
-                    "event_id": eid(),
-                    "event_type": "session_start",
-                    "occurred_at": t,
-                    "anonymous_id": aid,
-                    "device_id": did,
-                }
-            )
-        n_pages = 1 + _poisson(r, p.pages_per_session - 1.0)
-        login_at = -1
-        if not logged and uid is not None:
-            if dev[3] > 0:
-                dev[3] -= 1
-            else:
-                login_at = int(r() * n_pages)
-        for i in range(n_pages):
-            t += 5 * SECOND + int(r() * 90 * SECOND)
-            if i == login_at:
-                append(
-                    {
-                        "event_id": eid(),
-                        "event_type": "login",
-                        "occurred_at": t,
-                        "user_id": uid,
-                        "anonymous_id": aid,
-                        "device_id": did,
-                    }
-                )
-                second = len(self.email_raw) > 1 and dev is not self.devices[0]
-                email = self.email_raw[1] if second else self.email_raw[0]
-                append(
-                    {
-                        "event_id": eid(),
-                        "event_type": "identify",
-                        "occurred_at": t + 50,
-                        "user_id": uid,
-                        "anonymous_id": aid,
-                        "device_id": did,
-                        "email": email,
-                        "properties": dict(self.props),
-                    }
-                )
-                dev[2] = logged = True
-            if logged:
-                append(
-                    {
-                        "event_id": eid(),
-                        "event_type": "page_view",
-                        "occurred_at": t,
-                        "user_id": uid,
-                        "anonymous_id": aid,
-                        "device_id": did,
-                    }
-                )
-            else:
-                append(
-                    {
-                        "event_id": eid(),
-                        "event_type": "page_view",
-                        "occurred_at": t,
-                        "anonymous_id": aid,
-                        "device_id": did,
-                    }
-                )
-        if logged:
-            lam = p.features_per_session * fm
-            if lam > 0:
-                for _ in range(_poisson(r, lam)):
-                    t += 10 * SECOND + int(r() * 120 * SECOND)
-                    append(
-                        {
-                            "event_id": eid(),
-                            "event_type": "feature_use",
-                            "occurred_at": t,
-                            "user_id": uid,
-                            "anonymous_id": aid,
-                            "device_id": did,
-                            "feature": _FEATURES[int(r() * len(_FEATURES))],
-                        }
-                    )
-            if r() < p.cart_view_prob:
-                t += 10 * SECOND + int(r() * 60 * SECOND)
-                product = f"p{int(r() * 200):03d}"
-                append(
-                    {
-                        "event_id": eid(),
-                        "event_type": "cart_view",
-                        "occurred_at": t,
-                        "user_id": uid,
-                        "anonymous_id": aid,
-                        "device_id": did,
-                        "product_id": product,
-                    }
-                )
-                if r() < 0.5:
-                    append(
-                        {
-                            "event_id": eid(),
-                            "event_type": "cart_abandon",
-                            "occurred_at": t + 5 * MINUTE + int(r() * 25 * MINUTE),
-                            "user_id": uid,
-                            "anonymous_id": aid,
-                            "device_id": did,
-                            "product_id": product,
-                        }
-                    )
-        # a cookie reset: the next sessions on this device start anonymous again
-        if uid is not None and r() < 0.02:
-            dev[1] = self._new_anon()
-            dev[2] = False
-            dev[3] = int(r() * 2)
-
-    def _purchase(self, t: int, out: list[dict[str, Any]]) -> None:
-        r = self.rng.random
-        dev = self.devices[0]
-        product = f"p{int(r() * 200):03d}"
-        amount = round(self.rng.lognormvariate(self.amount_mu, 0.25), 2)
-        out.append(
-            {
-                "event_id": self._eid(),
-                "event_type": "cart_view",
-                "occurred_at": t,
-                "user_id": self.user_id,
-                "device_id": dev[0],
-                "product_id": product,
-            }
-        )
-        out.append(
-            {
-                "event_id": self._eid(),
-                "event_type": "purchase",
-                "occurred_at": t + 30 * SECOND + int(r() * 5 * MINUTE),
-                "user_id": self.user_id,
-                "device_id": dev[0],
-                "product_id": product,
-                "amount": amount,
-                "currency": self.currency,
-            }
-        )
-
-    def _newsletter(self, t: int, campaign: str, em: float, out: list[dict[str, Any]]) -> None:
-        self._email(
-            t,
-            campaign,
-            None,
-            self.persona.open_rate * self.open_factor * em,
-            self.persona.click_rate * self.open_factor * em,
-            out,
-        )
-
-    def _email(
-        self,
-        t: int,
-        campaign: str,
-        variant: str | None,
-        p_open: float,
-        p_click: float,
-        out: list[dict[str, Any]],
-        rng: random.Random | None = None,
-    ) -> None:
-        rng = rng or self.rng
-        r = rng.random
-        email = self.email_raw[0]
-        out.append(
-            {
-                "event_id": self._eid(),
-                "event_type": "email_sent",
-                "occurred_at": t,
-                "email": email,
-                "campaign_id": campaign,
-                "variant": variant,
-            }
-        )
-        if not self.email_ok:
-            out.append(
-                {
-                    "event_id": self._eid(),
-                    "event_type": "email_bounce",
-                    "occurred_at": t + 2 * SECOND + int(r() * 60 * SECOND),
-                    "email": email,
-                    "campaign_id": campaign,
-                    "variant": variant,
-                }
-            )
-            self.subscribed = False
-            return
-        if r() < p_open:
-            t += MINUTE + int(rng.expovariate(1 / (3 * HOUR)))
-            out.append(
-                {
-                    "event_id": self._eid(),
-                    "event_type": "email_open",
-                    "occurred_at": t,
-                    "email": email,
-                    "campaign_id": campaign,
-                    "variant": variant,
-                }
-            )
-            if r() < p_click / max(p_open, 1e-9):
-                out.append(
-                    {
-                        "event_id": self._eid(),
-                        "event_type": "email_click",
-                        "occurred_at": t + 5 * SECOND + int(r() * 120 * SECOND),
-                        "email": email,
-                        "campaign_id": campaign,
-                        "variant": variant,
-                    }
-                )
-            elif r() < 0.003:
-                out.append(
-                    {
-                        "event_id": self._eid(),
-                        "event_type": "email_unsubscribe",
-                        "occurred_at": t + 30 * SECOND,
-                        "email": email,
-                        "campaign_id": campaign,
-                        "variant": variant,
-                    }
-                )
-                self.subscribed = False
-
-    def _ticket(self, t: int, sentiment: float, escalated: bool, out: list[dict[str, Any]]) -> None:
-        r = self.rng.random
-        ev: dict[str, Any] = {
-            "event_id": self._eid(),
-            "event_type": "support_ticket",
-            "occurred_at": t,
-            "email": self.email_raw[-1 if r() < 0.3 else 0],
-            "sentiment": round(sentiment, 3),
-            "escalated": escalated,
-        }
-        if self.user_id is not None and r() < 0.4:
-            ev["user_id"] = self.user_id
-        out.append(ev)
-
     # -- closed loop ----------------------------------------------------------------------------
     def act(
         self, action: Mapping[str, Any], at: int, effect: float, out: list[dict[str, Any]]
@@ -890,87 +441,6 @@ class Customer:
                 arng,
             )
         return ActionOutcome(self.key, True, rescued, "rescued" if rescued else "no effect")
-
-
-def _shouted(email: str) -> str:
-    """An email as some producers send it: capitalised local part, upper-case domain.
-
-    >>> _shouted("ana.silva1@gmail.com")
-    'Ana.silva1@GMAIL.COM'
-    """
-    local, _, domain = email.partition("@")
-    return f"{local.capitalize()}@{domain.upper()}"
-
-
-def _to_utc(cdf: tuple[float, ...], tz_h: int) -> tuple[float, ...]:
-    """A cumulative local-hour profile re-indexed by UTC hour.
-
-    >>> _to_utc(_cdf((1, 0, 0, 0) + (0,) * 20), 1)[-1], _to_utc(_cdf((1,) + (0,) * 23), 1)[22]
-    (1.0, 0.0)
-    """
-    local = [b - a for a, b in zip((0.0, *cdf[:-1]), cdf, strict=True)]
-    return _cdf(tuple(local[(h + tz_h) % 24] for h in range(24)))
-
-
-def _poisson(r: Any, lam: float) -> int:
-    """A Poisson draw for small ``lam`` (Knuth's product of uniforms)."""
-    if lam <= 0:
-        return 0
-    limit = math.exp(-lam)
-    k = 0
-    p = r()
-    while p > limit:
-        k += 1
-        p *= r()
-    return k
-
-
-def _draw_script(persona: Persona, tier: str, rng: random.Random, config: SimConfig) -> Script:
-    """Draw a customer's latent script from its persona (times relative to the span)."""
-    r = rng.random
-    start = config.start_ms
-    span = max(config.days, 1) * DAY
-    s = Script(persona.name, tier, persona.responsive)
-
-    def at(lo: float, hi: float) -> int:
-        return start + int((lo + (hi - lo) * r()) * span)
-
-    name = persona.name
-    if name == "silent_decline":
-        s.decline_at = at(0.3, 0.55)
-        if r() < persona.churn_prob:
-            s.churn_at = s.decline_at + int((30 + 30 * r()) * DAY)
-    elif name == "gradual_churner":
-        s.decline_at = at(0.15, 0.45)
-        s.half_life_ms = int((10 + 10 * r()) * DAY)
-        s.churn_at = s.decline_at + int(s.half_life_ms * math.log2(20))
-    elif name == "sudden_churner":
-        s.churn_at = at(0.3, 0.9)
-        s.decline_at = s.churn_at
-    elif name == "support_escalator":
-        n = 1 if config.days < 120 else 1 + (r() < 0.5)
-        starts = sorted(at(0.2, 0.8) for _ in range(n))
-        for b in starts:
-            if s.bursts and b < s.bursts[-1][-1] + 14 * DAY:
-                continue
-            k = 3 + int(r() * 4)
-            s.bursts.append(sorted(b + int(r() * 5 * DAY) for _ in range(k)))
-        s.decline_at = s.bursts[0][0]
-        if r() < persona.churn_prob:
-            s.churn_at = s.bursts[-1][-1] + int((7 + 23 * r()) * DAY)
-    elif name == "purchase_frequency_drop":
-        s.decline_at = at(0.25, 0.5)
-    elif name == "seasonal":
-        s.season = (300, 75) if r() < 0.6 else (152, 92)
-    elif name == "new_lead_no_content":
-        s.signup_at = at(0.05, 0.6)
-    elif name == "reactivated":
-        s.decline_at = at(0.15, 0.45)
-        s.dormant_end = s.decline_at + int((30 + 20 * r()) * DAY)
-        s.restored_at = s.dormant_end
-    if s.churn_at is not None:
-        s.churn_kind = "cancel" if r() < 0.5 else "silence"
-    return s
 
 
 class Simulation:
