@@ -40,6 +40,8 @@ PURE = (
         "services.scorer.features",
         "services.scorer.model",
         "services.scorer.btyd",
+        "services.scorer.config",
+        "services.scorer.view",
     ]
     + [
         ".".join(p.relative_to(ROOT).with_suffix("").parts)
