@@ -42,6 +42,8 @@ PURE = (
         "services.scorer.btyd",
         "services.scorer.config",
         "services.scorer.view",
+        "services.scorer.clock",
+        "services.scorer.labels",
     ]
     + [
         ".".join(p.relative_to(ROOT).with_suffix("").parts)

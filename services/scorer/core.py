@@ -55,8 +55,6 @@ Churn
 from __future__ import annotations
 
 import heapq
-import math
-import zlib
 from collections import deque
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
@@ -67,6 +65,7 @@ import numpy.typing as npt
 
 from segflow.errors import InvalidRecord
 from services.scorer import btyd
+from services.scorer.clock import EventClock as EventClock
 from services.scorer.config import DEFAULT_HIGH_VALUE_ZIPS as DEFAULT_HIGH_VALUE_ZIPS
 from services.scorer.config import FORGET_EVENT as FORGET_EVENT
 from services.scorer.config import STAGES as STAGES
@@ -78,13 +77,11 @@ from services.scorer.config import ScorerConfig as ScorerConfig
 from services.scorer.config import StateWrite as StateWrite
 from services.scorer.features import (
     DAY,
-    EVENT_SIGNAL,
     FEATURE_INDEX,
     FEATURE_NAMES,
     HOUR,
     NEVER_DAYS,
     QUALIFYING,
-    RING,
     Buckets,
     State,
     apply_event,
@@ -94,6 +91,8 @@ from services.scorer.features import (
     merge_into,
     new_state,
 )
+from services.scorer.labels import Labels as Labels
+from services.scorer.labels import Pending as Pending
 from services.scorer.model import CLUSTER_DIMS, ChurnModel
 from services.scorer.view import (
     _BG_EXPECTED,
@@ -103,7 +102,6 @@ from services.scorer.view import (
     _BT_TX,
     _BT_X,
     _CLUSTER_NAMES,
-    _SINCE_Q,
     cluster_rows,
     clv,
     engagement,
@@ -131,31 +129,6 @@ def _overlay(
     return lookup
 
 
-class Pending:
-    """One day's training snapshots waiting for their label (H days later): per snapshot the
-    customer, its qualifying days before the day, its model input and churn score as scored,
-    whether it is held back (measured, never learned) and its days since the last qualifying
-    activity (recency)."""
-
-    def __init__(self) -> None:
-        self.ids: list[str] = []
-        self.q_days: list[int] = []
-        self.x: list[npt.NDArray[np.float32]] = []
-        self.p: list[float] = []
-        self.holdout: list[bool] = []
-        self.since: list[float] = []
-
-    def add(
-        self, cid: str, q_days: int, x: npt.NDArray[np.float64], p: float, held: bool, since: float
-    ) -> None:
-        self.ids.append(cid)
-        self.q_days.append(q_days)
-        self.x.append(x.astype(np.float32))
-        self.p.append(p)
-        self.holdout.append(held)
-        self.since.append(since)
-
-
 @dataclass(frozen=True)
 class Scored:
     """One customer scored as of ``as_of``."""
@@ -172,7 +145,7 @@ class Scored:
 
 
 @dataclass
-class Scorer:
+class Scorer(Labels):
     """The scorer's process-wide state: event-time clock, model, timers (rebuildable)."""
 
     config: ScorerConfig
@@ -223,108 +196,6 @@ class Scorer:
     #: (cluster inputs of the snapshots) and ``"summary"`` (the BG/NBD summaries of a refit
     #: day); the scorer scores with the model versions the learner publishes.
     sink: Callable[[str, dict[str, Any]], None] | None = None
-
-    # -- clock ---------------------------------------------------------------------------
-    @property
-    def watermark(self) -> int | None:
-        """Event time up to which the stream is considered complete enough to act on."""
-        if self.max_event_ms is None:
-            return None
-        return self.max_event_ms - self.config.watermark_delay_ms
-
-    @property
-    def final_watermark(self) -> int | None:
-        """Event time before which no event is accepted any more."""
-        if self.max_event_ms is None:
-            return None
-        return self.max_event_ms - self.config.allowed_lateness_ms
-
-    def _observe(self, source: Any, t: int, now_ms: int) -> None:
-        """Advance the clock with an event of ``t`` from input partition ``source``: the clock
-        is the smallest latest event time of the partitions that can still deliver older
-        events (see :meth:`on_batch`), or the largest of all when none can; it never goes
-        backwards. A replay that reads one partition ahead of the others thus does not make
-        the others' events late."""
-        old = self._sources.get(source)
-        self._sources[source] = (t if old is None or t > old[0] else old[0], now_ms)
-        if source in self._lag:  # the floor only matters for reported partitions
-            recent = self._recent.get(source)
-            if recent is None:
-                recent = self._recent[source] = deque()
-            seq = self._seq[source] = self._seq.get(source, 0) + 1
-            while recent and recent[-1][1] >= t:
-                recent.pop()
-            recent.append((seq, t))
-            if recent[0][0] <= seq - self.config.reorder_records:
-                recent.popleft()
-        self._advance(now_ms)
-
-    def _holds(self, source: Any, seen: int, now_ms: int) -> bool:
-        """Whether ``source`` may still deliver events older than its latest: it has records
-        in the batch at hand or unread ones (as last reported); without a report, whether it
-        delivered within ``source_idle_ms`` of processing time."""
-        if source in self._lag:
-            lag = self._lag[source]
-            if self._pending.get(source, 0) > 0 or (lag is not None and lag > 0):
-                return True
-            if lag is not None:
-                return False
-        return now_ms - seen <= self.config.source_idle_ms
-
-    def _advance(self, now_ms: int) -> None:
-        holding = [
-            self._floor(src, t)
-            for src, (t, seen) in self._sources.items()
-            if self._holds(src, seen, now_ms)
-        ]
-        clock = min(holding) if holding else max(t for t, _ in self._sources.values())
-        if clock >= 0 and (self.max_event_ms is None or clock > self.max_event_ms):
-            self.max_event_ms = clock
-
-    def _floor(self, source: Any, latest: int) -> int:
-        """What a partition that may still deliver holds the clock at: the oldest of its last
-        ``reorder_records`` records when it is reported (its unread records may start over
-        from there), else its latest."""
-        recent = self._recent.get(source)
-        if source in self._lag and recent:
-            return min(latest, recent[0][1])
-        return latest
-
-    def expect_sources(self, sources: Iterable[Any], now_ms: int) -> None:
-        """Declare input partitions before they deliver: each holds the clock back until its
-        first event, until it is reported caught up, or (without reports) until it has been
-        idle for ``source_idle_ms``."""
-        for source in sources:
-            self._sources.setdefault(source, (-1, now_ms))
-
-    def drop_sources(self, sources: Iterable[Any]) -> None:
-        """Input partitions this instance no longer reads (another owns them): they stop
-        holding the clock back."""
-        for source in sources:
-            for table in (self._sources, self._pending, self._lag, self._recent, self._seq):
-                table.pop(source, None)
-
-    def on_batch(
-        self, pending: Mapping[Any, int], lag: Mapping[Any, int | None], now_ms: int
-    ) -> None:
-        """Report the input partitions' progress before a batch is handled: ``pending`` =
-        records of each partition in the batch, ``lag`` = records of each assigned partition
-        not read yet after the batch (None: unknown). A partition with either holds the clock
-        back, so a burst read from one partition after a pause does not carry the clock past
-        older events waiting in another; one read to its end does not hold it at all (an
-        empty or quiet partition does not stall the clock either). Partitions missing from
-        ``lag`` fall back to the processing-time rule."""
-        self._pending = dict(pending)
-        self._lag = dict(lag)
-        for source in self._lag:
-            self._sources.setdefault(source, (-1, now_ms))
-        if self._sources:
-            self._advance(now_ms)
-
-    def _handled(self, source: Any) -> None:
-        n = self._pending.get(source)
-        if n:
-            self._pending[source] = n - 1
 
     # -- events --------------------------------------------------------------------------
     def on_event(
@@ -751,228 +622,6 @@ class Scorer:
         self.snapshots(states)  # (their features do not depend on the scoring fields)
         self.mature(states, out_of_time)
         return outs
-
-    # -- labels --------------------------------------------------------------------------
-    def mature(
-        self,
-        states: Callable[[], Iterable[tuple[str, State]]],
-        out_of_time: Callable[[], bool] | None = None,
-    ) -> int:
-        """Learn from every snapshot whose horizon is now behind the final watermark, day by
-        day; with ``out_of_time`` (the shell's budget: True once it is spent) stop after the
-        first day that ends with it spent, the rest in the next calls. Returns the number of
-        examples learned."""
-        fw = self.final_watermark
-        if fw is None:
-            return 0
-        target = fw // DAY  # day boundaries up to target * DAY are final
-        model = self.model
-        if model.matured_through_day is None:
-            model.matured_through_day = target
-            return 0
-        n = 0
-        while model.matured_through_day < target:
-            model.matured_through_day += 1
-            n += self._learn_day(model.matured_through_day, states())
-            if out_of_time is not None and out_of_time():
-                break
-        if n:
-            self._descriptions = model.describe_clusters()
-        return n
-
-    def _learn_day(self, day: int, states: Iterable[tuple[str, State]]) -> int:
-        """The day boundary ``day`` is final: label the snapshots of ``day - H`` (churned:
-        no qualifying day in ``[day - H, day)``) and learn them (the held-back customers'
-        only measure the scores as served); refit the BG/NBD if it is due."""
-        cfg, model = self.config, self.model
-        h = cfg.churn_horizon_days
-        end = day * DAY
-        due = model.pending.pop(day - h, None)
-        want = {} if due is None else {cid: i for i, cid in enumerate(due.ids)}
-        now_days = np.full(len(want), -1, dtype=np.int64)
-        refit = model.bgnbd_day is None or day - model.bgnbd_day >= cfg.bgnbd_refit_days
-        summary: list[tuple[float, float, float]] = []
-        for cid, st in states:
-            i = want.get(cid)
-            if i is not None:
-                now_days[i] = self.qualifying_days_before(st, day)
-            first = st.get("q_first_ms")
-            if refit and first is not None and first < end:
-                f, last = first // DAY, int(st["q_last_ms"]) // DAY
-                tx = float(last - f)
-                summary.append((float(st["q_days"] - 1), tx, max(float(day - f), tx)))
-        n = 0
-        if due is not None:
-            n = self._learn_snapshots(due, now_days, end)
-        if refit and self.sink is not None:
-            self.sink("summary", {"day": day, "rows": np.array(summary).reshape(-1, 3)})
-        elif refit and len(summary) >= btyd.MIN_FIT_CUSTOMERS:
-            a = np.array(summary)
-            model.bgnbd = btyd.fit(a[:, 0], a[:, 1], a[:, 2], start=model.bgnbd)
-            model.bgnbd_day = day
-            model.suggested_horizon_days = self.suggested_horizon_days(states=None, gaps=a)
-        return n
-
-    def snapshots(self, states: Callable[[], Iterable[tuple[str, State]]]) -> int:
-        """Take the training snapshots of the day boundaries the watermark passed since the
-        last call: each customer on the days of its phase (one in ``snapshot_every_days``),
-        its features and score as of that midnight. Only customers with no event after the
-        boundary are taken here (their state is exactly what it was then); one whose event
-        after the boundary came first was taken by :meth:`on_event`, from its state before
-        that event. Returns the number of snapshots taken."""
-        wm = self.watermark
-        if wm is None:
-            return 0
-        hi = wm // DAY
-        model, cfg = self.model, self.config
-        lo = model.snapshot_day
-        if lo is None:
-            model.snapshot_day = hi
-            return 0
-        if hi <= lo:
-            return 0
-        every = cfg.snapshot_every_days
-        todo: list[tuple[State, int]] = []
-        n = 0
-        for cid, st in states():
-            n += 1
-            todo += [(st, d) for d in self._snapshot_days(cid, st, lo, hi)]
-        model.snapshot_day = hi
-        cap = cfg.max_pending_labels / max(cfg.churn_horizon_days, 1)
-        model.snapshot_rate = min(1.0, cap / max(1.0, n / every))
-        model.observe_scores(self._snapshot(todo))
-        self._descriptions = model.describe_clusters()
-        return len(todo)
-
-    def _snapshot_days(self, cid: str, st: State, lo: int, hi: int) -> list[int]:
-        """The snapshot days ``d`` in ``(lo, hi]`` of the customer's phase that its state
-        holds exactly (no event at or after ``d * DAY``), sampled at the snapshot rate."""
-        every = self.config.snapshot_every_days
-        phase = zlib.crc32(cid.encode()) % every
-        s0 = max(lo + 1, int(st["last_event_ms"]) // DAY + 1)
-        rate = int(self.model.snapshot_rate * 10_000)
-        out = []
-        for d in range(s0 + (phase - s0) % every, hi + 1, every):
-            if rate >= 10_000 or zlib.crc32(f"{cid}:{d}".encode()) % 10_000 < rate:
-                out.append(d)
-        return out
-
-    def _snapshot(self, todo: list[tuple[State, int]]) -> npt.NDArray[np.float64]:
-        """Record training snapshots ``(state, day)``: the model input and churn score as
-        served at the day boundary, and how many qualifying days the customer had before."""
-        model, cfg = self.model, self.config
-        scores = [np.zeros(0)]
-        for lo in range(0, len(todo), 512):
-            chunk = todo[lo : lo + 512]
-            sts = [st for st, _ in chunk]
-            bs = [self.buckets(st["customer_id"], st) for st in sts]
-            rows = compute_many(sts, [d * DAY for _, d in chunk], bs)
-            self.fill_bgnbd(rows)
-            xm = model_matrix(rows)
-            ps = model.predict_explain_matrix(_MI_NAMES, xm, 0)[0]
-            crows = cluster_rows(rows, engagement_rows(rows))
-            if self.sink is not None:
-                self.sink("clusters", {"rows": crows})
-            for cx in [] if self.sink is not None else crows.tolist():
-                model.learn_cluster(dict(zip(_CLUSTER_NAMES, cx, strict=True)))
-            for k, (st, d) in enumerate(chunk):
-                cid = st["customer_id"]
-                held = zlib.crc32(b"holdout:" + cid.encode()) % cfg.holdout_every == 0
-                day = model.pending.get(d)
-                if day is None:
-                    day = model.pending[d] = Pending()
-                day.add(
-                    cid,
-                    self.qualifying_days_before(st, d),
-                    xm[k],
-                    float(ps[k]),
-                    held,
-                    float(rows[k, _SINCE_Q]),
-                )
-            scores.append(ps)
-        return np.concatenate(scores)
-
-    def _learn_snapshots(self, due: Pending, now_days: npt.NDArray[np.int64], end: int) -> int:
-        """Label matured snapshots and learn from those not held back; returns how many."""
-        if self.sink is not None:
-            keep = now_days >= 0  # not forgotten or merged away since
-            idx = np.flatnonzero(keep)
-            churned = now_days[idx] == np.asarray(due.q_days, dtype=np.int64)[idx]
-            held = np.asarray(due.holdout, dtype=bool)[idx]
-            self.sink(
-                "examples",
-                {
-                    "end": end,
-                    "x": np.array([due.x[i] for i in idx], dtype=np.float32).reshape(
-                        -1, len(_MI_NAMES)
-                    ),
-                    "y": churned,
-                    "p": np.asarray(due.p, dtype=np.float64)[idx],
-                    "holdout": held,
-                    "since": np.asarray(due.since, dtype=np.float64)[idx],
-                },
-            )
-            return int((~held).sum())
-        model = self.model
-        n = 0
-        for i in range(len(due.ids)):
-            if now_days[i] < 0:
-                continue  # the customer was forgotten or merged away since
-            churned = bool(now_days[i] == due.q_days[i])
-            p = float(due.p[i])
-            if due.holdout[i]:
-                model.observe_holdout(p, churned, float(due.since[i]))
-                continue
-            x = dict(zip(_MI_NAMES, due.x[i].astype(np.float64).tolist(), strict=True))
-            model.learn(x, churned, at=end, p=p)
-            n += 1
-        return n
-
-    def qualifying_days_before(self, st: State, day: int) -> int:
-        """Distinct days with qualifying activity before the day boundary ``day`` (the
-        summary's count less the days from ``day`` on that the buckets hold)."""
-        total = int(st.get("q_days", 0))
-        head = int(st["head_day"])
-        if head < day or total == 0:
-            return total
-        b = self.buckets(st["customer_id"], st)
-        slots = np.arange(max(day, head - RING + 1), head + 1) % RING
-        sigs = self._qualifying_signals
-        later = int(b.counts[slots][:, sigs].any(axis=1).sum())
-        return total - later
-
-    @property
-    def _qualifying_signals(self) -> list[int]:
-        return [
-            EVENT_SIGNAL[k]
-            for k in sorted(QUALIFYING[self.config.churn_activity])
-            if k in EVENT_SIGNAL
-        ]
-
-    def suggested_horizon_days(
-        self,
-        states: Iterable[tuple[str, State]] | None = None,
-        gaps: npt.NDArray[np.float64] | None = None,
-    ) -> float:
-        """A horizon H for this population: the 80th percentile of the mean gap between
-        qualifying days of the customers with more than one (weighted by their gaps), rounded
-        up to a week; 30 when no customer has two yet. ``gaps``: summaries ``(x, t_x, T)``."""
-        if gaps is None:
-            rows = [
-                (float(st["q_days"] - 1), float(st["q_gap_sum"]), 0.0)
-                for _, st in (states or [])
-                if st.get("q_gaps")
-            ]
-            gaps = np.array(rows).reshape(-1, 3)
-        x, tx = gaps[:, 0], gaps[:, 1]
-        sel = x > 0
-        if not sel.any():
-            return 30.0
-        mean = tx[sel] / x[sel]
-        order = np.argsort(mean)
-        w = np.cumsum(x[sel][order])
-        q = float(mean[order][np.searchsorted(w, 0.8 * w[-1])])
-        return float(max(7, math.ceil(q / 7) * 7))
 
     # -- checkpoints ---------------------------------------------------------------------
     def checkpoint(self, name: str, now_ms: int) -> dict[str, Any]:
