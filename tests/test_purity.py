@@ -44,6 +44,7 @@ PURE = (
         "services.scorer.view",
         "services.scorer.clock",
         "services.scorer.labels",
+        "services.scorer.timers",
     ]
     + [
         ".".join(p.relative_to(ROOT).with_suffix("").parts)

@@ -56,7 +56,7 @@ from __future__ import annotations
 
 import heapq
 from collections import deque
-from collections.abc import Callable, Iterable, Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -93,7 +93,9 @@ from services.scorer.features import (
 )
 from services.scorer.labels import Labels as Labels
 from services.scorer.labels import Pending as Pending
+from services.scorer.labels import learn_from as learn_from
 from services.scorer.model import CLUSTER_DIMS, ChurnModel
+from services.scorer.timers import Timers as Timers
 from services.scorer.view import (
     _BG_EXPECTED,
     _BG_P_ALIVE,
@@ -101,7 +103,6 @@ from services.scorer.view import (
     _BT_T,
     _BT_TX,
     _BT_X,
-    _CLUSTER_NAMES,
     cluster_rows,
     clv,
     engagement,
@@ -115,37 +116,14 @@ from services.scorer.view import CHURN_PRIOR as CHURN_PRIOR
 from services.scorer.view import CHURN_SIGNS as CHURN_SIGNS
 from services.scorer.view import MODEL_INPUTS as MODEL_INPUTS
 from services.scorer.view import PRIOR_SHARE_FEATURE as PRIOR_SHARE_FEATURE
+from services.scorer.view import Scored as Scored
 from services.scorer.view import lifecycle as lifecycle
 from services.scorer.view import model_matrix as model_matrix
 from services.scorer.view import new_model as new_model
 
 
-def _overlay(
-    states: Mapping[str, State | None], get: Callable[[str], State | None]
-) -> Callable[[str], State | None]:
-    def lookup(cid: str) -> State | None:
-        return states[cid] if cid in states else get(cid)
-
-    return lookup
-
-
-@dataclass(frozen=True)
-class Scored:
-    """One customer scored as of ``as_of``."""
-
-    as_of: int
-    vector: npt.NDArray[np.float64]
-    churn: float
-    engagement: float
-    clv: float
-    cluster: int
-    stage: str
-    top: list[tuple[str, float]]
-    fingerprint: int
-
-
 @dataclass
-class Scorer(Labels):
+class Scorer(Timers):
     """The scorer's process-wide state: event-time clock, model, timers (rebuildable)."""
 
     config: ScorerConfig
@@ -529,100 +507,6 @@ class Scorer(Labels):
         self.emitted += 1
         return ScoreEmit(st["customer_id"], self.record(st["customer_id"], s, now_ms))
 
-    # -- timers --------------------------------------------------------------------------
-    def _due(self, st: State) -> int:
-        """When the customer should next be scored (event time)."""
-        if st["pending"]:
-            last = st["emitted_as_of"]
-            return 0 if last is None else int(last) + self.config.min_emit_interval_ms
-        every = self._every(st)
-        scored = int(st["scored_as_of"] or st["last_event_ms"])
-        return (scored // every + 1) * every
-
-    def _every(self, st: State) -> int:
-        cfg = self.config
-        quiet = int(st["scored_as_of"] or st["last_event_ms"]) - int(st["last_event_ms"])
-        if st["emitted_stage"] == "churned" or quiet >= cfg.slow_refresh_after_ms:
-            return cfg.churned_refresh_interval_ms
-        return cfg.refresh_interval_ms
-
-    def _schedule(self, customer_id: str, due: int) -> None:
-        if self._timer_at.get(customer_id) == due:
-            return
-        self._timer_at[customer_id] = due
-        heapq.heappush(self._timers, (due, customer_id))
-
-    def rebuild(
-        self, states: Iterable[tuple[str, State]], retired: Iterable[str] | None = None
-    ) -> None:
-        """Recreate the timers from the states (after a restore or an abort) and, if given, the
-        forgotten ids. The clock is not taken from the states: the newest customer may be far
-        ahead of a partition that was behind, whose events would then look late; the inputs
-        re-establish it."""
-        self._cache.clear()  # may hold changes that were rolled back
-        self._unsealed.clear()
-        self._urgent.clear()
-        if retired is not None:
-            self.retired = set(retired)
-        self._timers = [(self._due(st), cid) for cid, st in states]
-        self._timer_at = {cid: due for due, cid in self._timers}
-        heapq.heapify(self._timers)
-
-    def flush(
-        self,
-        get: Callable[[str], State | None],
-        states: Callable[[], Iterable[tuple[str, State]]],
-        now_ms: int,
-        out_of_time: Callable[[], bool] | None = None,
-    ) -> list[Out]:
-        """Time-driven work up to the watermark: score customers whose timer is due (pending
-        ones and refreshes, up to ``max_scores_per_flush``), then learn from the labels that
-        matured (see :meth:`mature` for ``out_of_time``)."""
-        outs: list[Out] = self.settle(get, now_ms)
-        if outs:  # the states just settled, before the caller has stored them
-            get = _overlay({o.customer_id: o.state for o in outs if isinstance(o, StateWrite)}, get)
-        if self._sources:
-            self._advance(now_ms)
-        wm = self.watermark
-        if wm is None:
-            return outs
-        timers = self._timers
-        budget = self.config.max_scores_per_flush
-        due: list[tuple[str, State]] = []
-        as_ofs: list[int] = []
-        seen: set[str] = set()
-        while timers and timers[0][0] <= wm and len(due) < budget:
-            at, cid = heapq.heappop(timers)
-            if cid in seen or self._timer_at.get(cid) != at:
-                continue  # superseded: the customer's live timer is elsewhere in the heap
-            del self._timer_at[cid]
-            st = get(cid)
-            if st is None:
-                continue  # deleted since
-            if self._due(st) > wm:  # its due time moved on (e.g. onto the weekly grid)
-                self._schedule(cid, self._due(st))
-                continue
-            seen.add(cid)
-            st = dict(st)
-            if cid in self._unsealed:
-                self._unsealed[cid] = st
-            if st["pending"]:
-                as_of = max(st["last_event_ms"], wm)
-            else:  # a refresh: as of the latest grid time the watermark passed
-                every = self._every(st)
-                as_of = max(st["last_event_ms"], wm // every * every)
-            due.append((cid, st))
-            as_ofs.append(as_of)
-        scored = self.score_many([(st, a) for (_, st), a in zip(due, as_ofs, strict=True)])
-        for (cid, st), s in zip(due, scored, strict=True):
-            emit = self._settle(st, s, now_ms)
-            outs.append(StateWrite(cid, st))
-            if emit is not None:
-                outs.append(emit)
-        self.snapshots(states)  # (their features do not depend on the scoring fields)
-        self.mature(states, out_of_time)
-        return outs
-
     # -- checkpoints ---------------------------------------------------------------------
     def checkpoint(self, name: str, now_ms: int) -> dict[str, Any]:
         """A ``io.segflow.ModelCheckpoint`` record of the current model."""
@@ -679,43 +563,6 @@ def adopt(scorer: Scorer, shared: ChurnModel) -> None:
         setattr(shared, name, getattr(old, name))
     scorer.model = shared
     scorer._descriptions = shared.describe_clusters()
-
-
-def learn_from(
-    model: ChurnModel, kind: str, payload: Mapping[str, Any], config: ScorerConfig
-) -> int:
-    """What a :attr:`Scorer.sink` sent, learned by the deployment's one learner into
-    ``model``, exactly as a scorer without a sink learns it itself; returns the examples
-    learned. ``summary``: BG/NBD summaries of every partition for one refit day, stacked."""
-    if kind == "clusters":
-        for cx in np.asarray(payload["rows"]).tolist():
-            model.learn_cluster(dict(zip(_CLUSTER_NAMES, cx, strict=True)))
-        return 0
-    if kind == "summary":
-        a, day = np.asarray(payload["rows"]).reshape(-1, 3), int(payload["day"])
-        last = model.bgnbd_day  # scorers that hold an older version ask more often
-        due = last is None or day - last >= config.bgnbd_refit_days
-        if due and len(a) >= btyd.MIN_FIT_CUSTOMERS:
-            model.bgnbd = btyd.fit(a[:, 0], a[:, 1], a[:, 2], start=model.bgnbd)
-            model.bgnbd_day = day
-            model.suggested_horizon_days = Scorer(config).suggested_horizon_days(gaps=a)
-        return 0
-    n = 0
-    end = int(payload["end"])
-    for x, y, p, held, since in zip(
-        np.asarray(payload["x"], dtype=np.float64).tolist(),
-        np.asarray(payload["y"]).tolist(),
-        np.asarray(payload["p"]).tolist(),
-        np.asarray(payload["holdout"]).tolist(),
-        np.asarray(payload["since"]).tolist(),
-        strict=True,
-    ):
-        if held:
-            model.observe_holdout(float(p), bool(y), float(since))
-            continue
-        model.learn(dict(zip(_MI_NAMES, x, strict=True)), bool(y), at=end, p=float(p))
-        n += 1
-    return n
 
 
 __all__ = [

@@ -6,7 +6,7 @@ from __future__ import annotations
 
 import math
 import zlib
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Mapping
 from typing import TYPE_CHECKING, Any
 
 import numpy as np
@@ -14,6 +14,7 @@ import numpy.typing as npt
 
 from services.scorer import btyd
 from services.scorer.clock import EventClock
+from services.scorer.config import ScorerConfig
 from services.scorer.features import (
     DAY,
     EVENT_SIGNAL,
@@ -288,12 +289,54 @@ class Labels(EventClock):
                 if st.get("q_gaps")
             ]
             gaps = np.array(rows).reshape(-1, 3)
-        x, tx = gaps[:, 0], gaps[:, 1]
-        sel = x > 0
-        if not sel.any():
-            return 30.0
-        mean = tx[sel] / x[sel]
-        order = np.argsort(mean)
-        w = np.cumsum(x[sel][order])
-        q = float(mean[order][np.searchsorted(w, 0.8 * w[-1])])
-        return float(max(7, math.ceil(q / 7) * 7))
+        return suggested_horizon(gaps)
+
+
+def suggested_horizon(gaps: npt.NDArray[np.float64]) -> float:
+    """:meth:`Labels.suggested_horizon_days` of summaries ``(x, t_x, T)``."""
+    x, tx = gaps[:, 0], gaps[:, 1]
+    sel = x > 0
+    if not sel.any():
+        return 30.0
+    mean = tx[sel] / x[sel]
+    order = np.argsort(mean)
+    w = np.cumsum(x[sel][order])
+    q = float(mean[order][np.searchsorted(w, 0.8 * w[-1])])
+    return float(max(7, math.ceil(q / 7) * 7))
+
+
+def learn_from(
+    model: ChurnModel, kind: str, payload: Mapping[str, Any], config: ScorerConfig
+) -> int:
+    """What a :attr:`Scorer.sink` sent, learned by the deployment's one learner into
+    ``model``, exactly as a scorer without a sink learns it itself; returns the examples
+    learned. ``summary``: BG/NBD summaries of every partition for one refit day, stacked."""
+    if kind == "clusters":
+        for cx in np.asarray(payload["rows"]).tolist():
+            model.learn_cluster(dict(zip(_CLUSTER_NAMES, cx, strict=True)))
+        return 0
+    if kind == "summary":
+        a, day = np.asarray(payload["rows"]).reshape(-1, 3), int(payload["day"])
+        last = model.bgnbd_day  # scorers that hold an older version ask more often
+        due = last is None or day - last >= config.bgnbd_refit_days
+        if due and len(a) >= btyd.MIN_FIT_CUSTOMERS:
+            model.bgnbd = btyd.fit(a[:, 0], a[:, 1], a[:, 2], start=model.bgnbd)
+            model.bgnbd_day = day
+            model.suggested_horizon_days = suggested_horizon(a)
+        return 0
+    n = 0
+    end = int(payload["end"])
+    for x, y, p, held, since in zip(
+        np.asarray(payload["x"], dtype=np.float64).tolist(),
+        np.asarray(payload["y"]).tolist(),
+        np.asarray(payload["p"]).tolist(),
+        np.asarray(payload["holdout"]).tolist(),
+        np.asarray(payload["since"]).tolist(),
+        strict=True,
+    ):
+        if held:
+            model.observe_holdout(float(p), bool(y), float(since))
+            continue
+        model.learn(dict(zip(_MI_NAMES, x, strict=True)), bool(y), at=end, p=float(p))
+        n += 1
+    return n

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import math
 import zlib
+from dataclasses import dataclass
 
 import numpy as np
 import numpy.typing as npt
@@ -411,3 +412,18 @@ def lifecycle(
     if tenure < 60 or vec[_I["active_days_28d"]] < 8:
         return "adopting"
     return "loyal"
+
+
+@dataclass(frozen=True)
+class Scored:
+    """One customer scored as of ``as_of``."""
+
+    as_of: int
+    vector: npt.NDArray[np.float64]
+    churn: float
+    engagement: float
+    clv: float
+    cluster: int
+    stage: str
+    top: list[tuple[str, float]]
+    fingerprint: int
