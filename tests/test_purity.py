@@ -45,6 +45,8 @@ PURE = (
         "services.scorer.clock",
         "services.scorer.labels",
         "services.scorer.timers",
+        "services.scorer.layout",
+        "services.scorer.merge",
     ]
     + [
         ".".join(p.relative_to(ROOT).with_suffix("").parts)

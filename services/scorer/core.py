@@ -88,12 +88,12 @@ from services.scorer.features import (
     compute,
     compute_many,
     high_value_zip,
-    merge_into,
     new_state,
 )
 from services.scorer.labels import Labels as Labels
 from services.scorer.labels import Pending as Pending
 from services.scorer.labels import learn_from as learn_from
+from services.scorer.merge import merge_into
 from services.scorer.model import CLUSTER_DIMS, ChurnModel
 from services.scorer.timers import Timers as Timers
 from services.scorer.view import (
