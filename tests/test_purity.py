@@ -47,6 +47,7 @@ PURE = (
         "services.scorer.timers",
         "services.scorer.layout",
         "services.scorer.merge",
+        "services.scorer.explain",
     ]
     + [
         ".".join(p.relative_to(ROOT).with_suffix("").parts)
