@@ -48,6 +48,14 @@ PURE = (
         "services.scorer.model",
         "services.scorer.btyd",
         "services.identity.window",
+        "services.scorer.config",
+        "services.scorer.view",
+        "services.scorer.clock",
+        "services.scorer.labels",
+        "services.scorer.timers",
+        "services.scorer.layout",
+        "services.scorer.merge",
+        "services.scorer.explain",
     ]
     + [
         ".".join(p.relative_to(ROOT).with_suffix("").parts)

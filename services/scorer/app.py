@@ -32,8 +32,6 @@ from typing import Any, cast
 
 import numpy as np
 from confluent_kafka import OFFSET_BEGINNING, Consumer, TopicPartition
-from prometheus_client import Counter, Gauge
-from pydantic_settings import BaseSettings, SettingsConfigDict
 
 from segflow.runtime.kafka import ensure_topics
 from segflow.runtime.loop import BatchInfo, Incoming, LoopConfig, Output, ProcessingLoop
@@ -42,20 +40,35 @@ from segflow.runtime.settings import Settings
 from segflow.runtime.state import ChangelogStore, partition_for
 from segflow.runtime.topics import TOPICS
 from services.scorer.core import (
-    DAY,
     FORGET_EVENT,
-    HOUR,
     Out,
     Retire,
     ScoreEmit,
     Scorer,
-    ScorerConfig,
     StateWrite,
     adopt,
     learn_from,
 )
 from services.scorer.features import State, new_state, upgrade
+from services.scorer.metrics import (
+    CHECKPOINTS,
+    CUSTOMERS,
+    DRIFTS,
+    EMITTED,
+    FORGOTTEN,
+    FORWARDED,
+    HANDOFFS,
+    LABELS,
+    LEARNER,
+    MODEL_QUALITY,
+    MODEL_VERSIONS,
+    RETIRED_DROPS,
+    SCORED,
+    TIMERS,
+    WATERMARK,
+)
 from services.scorer.model import ChurnModel
+from services.scorer.settings import ScorerSettings as ScorerSettings
 
 log = logging.getLogger("segflow.scorer")
 
@@ -70,87 +83,6 @@ MERGED_KEY = "merged:"
 _MARKERS = (RETIRED_KEY, MERGED_KEY)
 #: ``scorer.model`` key of the deployment's one churn model (published by the learner).
 SHARED_MODEL = "churn.shared"
-
-MODEL_QUALITY = Gauge(
-    "segflow_scorer_model_quality",
-    "Prequential churn-model quality on matured labels (roc_auc, log_loss, calibration_error, "
-    "positive_rate)",
-    ["metric"],
-)
-LABELS = Gauge("segflow_scorer_labels_learned", "Matured churn labels the model learned from")
-DRIFTS = Gauge("segflow_scorer_drift_detected", "ADWIN drift detections on the model's log loss")
-SCORED = Counter("segflow_scorer_scored_total", "Customers scored (events, timers, merges)")
-EMITTED = Counter("segflow_scorer_scores_emitted_total", "CustomerScore records produced")
-CHECKPOINTS = Counter("segflow_scorer_checkpoints_total", "Model checkpoints written")
-WATERMARK = Gauge("segflow_scorer_watermark_seconds", "Event-time watermark (epoch seconds)")
-CUSTOMERS = Gauge("segflow_scorer_customers", "Customers with state")
-TIMERS = Gauge("segflow_scorer_timers", "Scheduled scoring timers (pending and refreshes)")
-FORGOTTEN = Gauge("segflow_scorer_forgotten_ids", "Customer ids forgotten (retired for good)")
-RETIRED_DROPS = Counter(
-    "segflow_scorer_retired_drops_total", "Events and merges dropped for a forgotten customer id"
-)
-HANDOFFS = Counter(
-    "segflow_scorer_handoffs_total",
-    "Merge hand-offs between instances: sent/received, state/event",
-    ["direction", "kind"],
-)
-LEARNER = Gauge("segflow_scorer_learner", "1 when this instance is the churn-model learner")
-MODEL_VERSIONS = Counter(
-    "segflow_scorer_model_versions_total",
-    "Shared churn-model versions published or adopted",
-    ["direction"],
-)
-FORWARDED = Counter(
-    "segflow_scorer_forwarded_events_total",
-    "Events for a merged-away id applied to its survivor (here or through a hand-off)",
-)
-
-
-class ScorerSettings(BaseSettings):
-    """The scorer's own settings (``SEGFLOW_SCORER_*`` environment variables)."""
-
-    model_config = SettingsConfigDict(env_prefix="SEGFLOW_SCORER_", extra="ignore")
-
-    instance: str = "scorer-0"
-    group_id: str = "segflow-scorer"
-    allowed_lateness_hours: float = 48.0
-    watermark_delay_seconds: float = 300.0
-    max_future_hours: float = 24.0
-    churn_horizon_days: int = 30  # H: churn = no qualifying activity in the next H days
-    churn_activity: str = "any"  # qualifying activity: purchase, login or any
-    min_emit_interval_seconds: float = 300.0
-    refresh_hours: float = 24.0
-    checkpoint_seconds: float = 60.0
-    tick_seconds: float = 1.0
-    # bounded work per tick (input waits while it runs): the rest is done in the next ticks
-    max_scores_per_tick: int = 5000
-    label_seconds_per_tick: float = 1.0  # label days learned until this is spent (>= 1 day)
-    batch_size: int = 2000
-    high_value_zips: str = ""  # deprecated: the zip_income lookup table (issue 19)
-    reorder_records: int = 2000  # records of one partition that may arrive out of time order
-    source_idle_seconds: float = 30.0  # an input partition without a lag report stops
-    # holding the event-time clock back after this long without events
-    pre_commit_delay: float = 0.0  # fault injection for tests: widen the open-transaction window
-    http_port: int | None = None  # internal query endpoint (services/scorer/api.py)
-    # True: one churn model for all instances (examples to scorer.examples, the owner of its
-    # partition 0 learns and publishes churn.shared). False: each instance learns its own.
-    shared_model: bool = True
-
-    def core(self) -> ScorerConfig:
-        return ScorerConfig(
-            allowed_lateness_ms=int(self.allowed_lateness_hours * HOUR),
-            watermark_delay_ms=int(self.watermark_delay_seconds * 1000),
-            max_future_ms=int(self.max_future_hours * HOUR),
-            churn_horizon_days=self.churn_horizon_days,
-            churn_activity=self.churn_activity,
-            min_emit_interval_ms=int(self.min_emit_interval_seconds * 1000),
-            refresh_interval_ms=max(1, int(self.refresh_hours * HOUR)),
-            churned_refresh_interval_ms=7 * DAY,
-            source_idle_ms=int(self.source_idle_seconds * 1000),
-            reorder_records=self.reorder_records,
-            max_scores_per_flush=self.max_scores_per_tick,
-            high_value_zips=frozenset(z.strip() for z in self.high_value_zips.split(",") if z),
-        )
 
 
 class ScorerService:

@@ -31,6 +31,7 @@ SETTINGS_MODULES = (
     "segflow.runtime.settings",
     "segflow.runtime.vault",  # SEGFLOW_VAULT_KEY, SEGFLOW_VAULT_PREVIOUS_KEYS
     "segflow.api.gateway",
+    "services.scorer.settings",  # ScorerSettings (moved out of services/scorer/app.py, #14)
     *(f"services.{s}.app" for s in DEPLOYED),
 )
 

@@ -1,0 +1,342 @@
+"""Training snapshots and their labels (pure): each sampled customer-day is labelled
+exactly H days later and learned (moved out of :mod:`services.scorer.core`; see its
+module doc, *Churn*)."""
+
+from __future__ import annotations
+
+import math
+import zlib
+from collections.abc import Callable, Iterable, Mapping
+from typing import TYPE_CHECKING, Any
+
+import numpy as np
+import numpy.typing as npt
+
+from services.scorer import btyd
+from services.scorer.clock import EventClock
+from services.scorer.config import ScorerConfig
+from services.scorer.features import (
+    DAY,
+    EVENT_SIGNAL,
+    QUALIFYING,
+    RING,
+    Buckets,
+    State,
+    compute_many,
+)
+from services.scorer.model import ChurnModel
+from services.scorer.view import (
+    _CLUSTER_NAMES,
+    _MI_NAMES,
+    _SINCE_Q,
+    cluster_rows,
+    engagement_rows,
+    model_matrix,
+)
+
+
+class Pending:
+    """One day's training snapshots waiting for their label (H days later): per snapshot the
+    customer, its qualifying days before the day, its model input and churn score as scored,
+    whether it is held back (measured, never learned) and its days since the last qualifying
+    activity (recency)."""
+
+    def __init__(self) -> None:
+        self.ids: list[str] = []
+        self.q_days: list[int] = []
+        self.x: list[npt.NDArray[np.float32]] = []
+        self.p: list[float] = []
+        self.holdout: list[bool] = []
+        self.since: list[float] = []
+
+    def add(
+        self, cid: str, q_days: int, x: npt.NDArray[np.float64], p: float, held: bool, since: float
+    ) -> None:
+        self.ids.append(cid)
+        self.q_days.append(q_days)
+        self.x.append(x.astype(np.float32))
+        self.p.append(p)
+        self.holdout.append(held)
+        self.since.append(since)
+
+
+class Labels(EventClock):
+    """The labelling part of :class:`services.scorer.core.Scorer` (a mixin: the attributes
+    are the scorer's dataclass fields, the methods below the scorer's own)."""
+
+    model: ChurnModel
+    sink: Callable[[str, dict[str, Any]], None] | None
+    _descriptions: dict[int, str]
+    _timers: list[tuple[int, str]]
+
+    if TYPE_CHECKING:
+
+        def buckets(self, customer_id: str, st: State) -> Buckets:
+            raise NotImplementedError
+
+        def fill_bgnbd(self, rows: npt.NDArray[np.float64]) -> None:
+            raise NotImplementedError
+
+    # -- labels --------------------------------------------------------------------------
+    def mature(
+        self,
+        states: Callable[[], Iterable[tuple[str, State]]],
+        out_of_time: Callable[[], bool] | None = None,
+    ) -> int:
+        """Learn from every snapshot whose horizon is now behind the final watermark, day by
+        day; with ``out_of_time`` (the shell's budget: True once it is spent) stop after the
+        first day that ends with it spent, the rest in the next calls. Returns the number of
+        examples learned."""
+        fw = self.final_watermark
+        if fw is None:
+            return 0
+        target = fw // DAY  # day boundaries up to target * DAY are final
+        model = self.model
+        if model.matured_through_day is None:
+            model.matured_through_day = target
+            return 0
+        n = 0
+        while model.matured_through_day < target:
+            model.matured_through_day += 1
+            n += self._learn_day(model.matured_through_day, states())
+            if out_of_time is not None and out_of_time():
+                break
+        if n:
+            self._descriptions = model.describe_clusters()
+        return n
+
+    def _learn_day(self, day: int, states: Iterable[tuple[str, State]]) -> int:
+        """The day boundary ``day`` is final: label the snapshots of ``day - H`` (churned:
+        no qualifying day in ``[day - H, day)``) and learn them (the held-back customers'
+        only measure the scores as served); refit the BG/NBD if it is due."""
+        cfg, model = self.config, self.model
+        h = cfg.churn_horizon_days
+        end = day * DAY
+        due = model.pending.pop(day - h, None)
+        want = {} if due is None else {cid: i for i, cid in enumerate(due.ids)}
+        now_days = np.full(len(want), -1, dtype=np.int64)
+        refit = model.bgnbd_day is None or day - model.bgnbd_day >= cfg.bgnbd_refit_days
+        summary: list[tuple[float, float, float]] = []
+        for cid, st in states:
+            i = want.get(cid)
+            if i is not None:
+                now_days[i] = self.qualifying_days_before(st, day)
+            first = st.get("q_first_ms")
+            if refit and first is not None and first < end:
+                f, last = first // DAY, int(st["q_last_ms"]) // DAY
+                tx = float(last - f)
+                summary.append((float(st["q_days"] - 1), tx, max(float(day - f), tx)))
+        n = 0
+        if due is not None:
+            n = self._learn_snapshots(due, now_days, end)
+        if refit and self.sink is not None:
+            self.sink("summary", {"day": day, "rows": np.array(summary).reshape(-1, 3)})
+        elif refit and len(summary) >= btyd.MIN_FIT_CUSTOMERS:
+            a = np.array(summary)
+            model.bgnbd = btyd.fit(a[:, 0], a[:, 1], a[:, 2], start=model.bgnbd)
+            model.bgnbd_day = day
+            model.suggested_horizon_days = self.suggested_horizon_days(states=None, gaps=a)
+        return n
+
+    def snapshots(self, states: Callable[[], Iterable[tuple[str, State]]]) -> int:
+        """Take the training snapshots of the day boundaries the watermark passed since the
+        last call: each customer on the days of its phase (one in ``snapshot_every_days``),
+        its features and score as of that midnight. Only customers with no event after the
+        boundary are taken here (their state is exactly what it was then); one whose event
+        after the boundary came first was taken by :meth:`on_event`, from its state before
+        that event. Returns the number of snapshots taken."""
+        wm = self.watermark
+        if wm is None:
+            return 0
+        hi = wm // DAY
+        model, cfg = self.model, self.config
+        lo = model.snapshot_day
+        if lo is None:
+            model.snapshot_day = hi
+            return 0
+        if hi <= lo:
+            return 0
+        every = cfg.snapshot_every_days
+        todo: list[tuple[State, int]] = []
+        n = 0
+        for cid, st in states():
+            n += 1
+            todo += [(st, d) for d in self._snapshot_days(cid, st, lo, hi)]
+        model.snapshot_day = hi
+        cap = cfg.max_pending_labels / max(cfg.churn_horizon_days, 1)
+        model.snapshot_rate = min(1.0, cap / max(1.0, n / every))
+        model.observe_scores(self._snapshot(todo))
+        self._descriptions = model.describe_clusters()
+        return len(todo)
+
+    def _snapshot_days(self, cid: str, st: State, lo: int, hi: int) -> list[int]:
+        """The snapshot days ``d`` in ``(lo, hi]`` of the customer's phase that its state
+        holds exactly (no event at or after ``d * DAY``), sampled at the snapshot rate."""
+        every = self.config.snapshot_every_days
+        phase = zlib.crc32(cid.encode()) % every
+        s0 = max(lo + 1, int(st["last_event_ms"]) // DAY + 1)
+        rate = int(self.model.snapshot_rate * 10_000)
+        out = []
+        for d in range(s0 + (phase - s0) % every, hi + 1, every):
+            if rate >= 10_000 or zlib.crc32(f"{cid}:{d}".encode()) % 10_000 < rate:
+                out.append(d)
+        return out
+
+    def _snapshot(self, todo: list[tuple[State, int]]) -> npt.NDArray[np.float64]:
+        """Record training snapshots ``(state, day)``: the model input and churn score as
+        served at the day boundary, and how many qualifying days the customer had before."""
+        model, cfg = self.model, self.config
+        scores = [np.zeros(0)]
+        for lo in range(0, len(todo), 512):
+            chunk = todo[lo : lo + 512]
+            sts = [st for st, _ in chunk]
+            bs = [self.buckets(st["customer_id"], st) for st in sts]
+            rows = compute_many(sts, [d * DAY for _, d in chunk], bs)
+            self.fill_bgnbd(rows)
+            xm = model_matrix(rows)
+            ps = model.predict_explain_matrix(_MI_NAMES, xm, 0)[0]
+            crows = cluster_rows(rows, engagement_rows(rows))
+            if self.sink is not None:
+                self.sink("clusters", {"rows": crows})
+            for cx in [] if self.sink is not None else crows.tolist():
+                model.learn_cluster(dict(zip(_CLUSTER_NAMES, cx, strict=True)))
+            for k, (st, d) in enumerate(chunk):
+                cid = st["customer_id"]
+                held = zlib.crc32(b"holdout:" + cid.encode()) % cfg.holdout_every == 0
+                day = model.pending.get(d)
+                if day is None:
+                    day = model.pending[d] = Pending()
+                day.add(
+                    cid,
+                    self.qualifying_days_before(st, d),
+                    xm[k],
+                    float(ps[k]),
+                    held,
+                    float(rows[k, _SINCE_Q]),
+                )
+            scores.append(ps)
+        return np.concatenate(scores)
+
+    def _learn_snapshots(self, due: Pending, now_days: npt.NDArray[np.int64], end: int) -> int:
+        """Label matured snapshots and learn from those not held back; returns how many."""
+        if self.sink is not None:
+            keep = now_days >= 0  # not forgotten or merged away since
+            idx = np.flatnonzero(keep)
+            churned = now_days[idx] == np.asarray(due.q_days, dtype=np.int64)[idx]
+            held = np.asarray(due.holdout, dtype=bool)[idx]
+            self.sink(
+                "examples",
+                {
+                    "end": end,
+                    "x": np.array([due.x[i] for i in idx], dtype=np.float32).reshape(
+                        -1, len(_MI_NAMES)
+                    ),
+                    "y": churned,
+                    "p": np.asarray(due.p, dtype=np.float64)[idx],
+                    "holdout": held,
+                    "since": np.asarray(due.since, dtype=np.float64)[idx],
+                },
+            )
+            return int((~held).sum())
+        model = self.model
+        n = 0
+        for i in range(len(due.ids)):
+            if now_days[i] < 0:
+                continue  # the customer was forgotten or merged away since
+            churned = bool(now_days[i] == due.q_days[i])
+            p = float(due.p[i])
+            if due.holdout[i]:
+                model.observe_holdout(p, churned, float(due.since[i]))
+                continue
+            x = dict(zip(_MI_NAMES, due.x[i].astype(np.float64).tolist(), strict=True))
+            model.learn(x, churned, at=end, p=p)
+            n += 1
+        return n
+
+    def qualifying_days_before(self, st: State, day: int) -> int:
+        """Distinct days with qualifying activity before the day boundary ``day`` (the
+        summary's count less the days from ``day`` on that the buckets hold)."""
+        total = int(st.get("q_days", 0))
+        head = int(st["head_day"])
+        if head < day or total == 0:
+            return total
+        b = self.buckets(st["customer_id"], st)
+        slots = np.arange(max(day, head - RING + 1), head + 1) % RING
+        sigs = self._qualifying_signals
+        later = int(b.counts[slots][:, sigs].any(axis=1).sum())
+        return total - later
+
+    @property
+    def _qualifying_signals(self) -> list[int]:
+        return [
+            EVENT_SIGNAL[k]
+            for k in sorted(QUALIFYING[self.config.churn_activity])
+            if k in EVENT_SIGNAL
+        ]
+
+    def suggested_horizon_days(
+        self,
+        states: Iterable[tuple[str, State]] | None = None,
+        gaps: npt.NDArray[np.float64] | None = None,
+    ) -> float:
+        """A horizon H for this population: the 80th percentile of the mean gap between
+        qualifying days of the customers with more than one (weighted by their gaps), rounded
+        up to a week; 30 when no customer has two yet. ``gaps``: summaries ``(x, t_x, T)``."""
+        if gaps is None:
+            rows = [
+                (float(st["q_days"] - 1), float(st["q_gap_sum"]), 0.0)
+                for _, st in (states or [])
+                if st.get("q_gaps")
+            ]
+            gaps = np.array(rows).reshape(-1, 3)
+        return suggested_horizon(gaps)
+
+
+def suggested_horizon(gaps: npt.NDArray[np.float64]) -> float:
+    """:meth:`Labels.suggested_horizon_days` of summaries ``(x, t_x, T)``."""
+    x, tx = gaps[:, 0], gaps[:, 1]
+    sel = x > 0
+    if not sel.any():
+        return 30.0
+    mean = tx[sel] / x[sel]
+    order = np.argsort(mean)
+    w = np.cumsum(x[sel][order])
+    q = float(mean[order][np.searchsorted(w, 0.8 * w[-1])])
+    return float(max(7, math.ceil(q / 7) * 7))
+
+
+def learn_from(
+    model: ChurnModel, kind: str, payload: Mapping[str, Any], config: ScorerConfig
+) -> int:
+    """What a :attr:`Scorer.sink` sent, learned by the deployment's one learner into
+    ``model``, exactly as a scorer without a sink learns it itself; returns the examples
+    learned. ``summary``: BG/NBD summaries of every partition for one refit day, stacked."""
+    if kind == "clusters":
+        for cx in np.asarray(payload["rows"]).tolist():
+            model.learn_cluster(dict(zip(_CLUSTER_NAMES, cx, strict=True)))
+        return 0
+    if kind == "summary":
+        a, day = np.asarray(payload["rows"]).reshape(-1, 3), int(payload["day"])
+        last = model.bgnbd_day  # scorers that hold an older version ask more often
+        due = last is None or day - last >= config.bgnbd_refit_days
+        if due and len(a) >= btyd.MIN_FIT_CUSTOMERS:
+            model.bgnbd = btyd.fit(a[:, 0], a[:, 1], a[:, 2], start=model.bgnbd)
+            model.bgnbd_day = day
+            model.suggested_horizon_days = suggested_horizon(a)
+        return 0
+    n = 0
+    end = int(payload["end"])
+    for x, y, p, held, since in zip(
+        np.asarray(payload["x"], dtype=np.float64).tolist(),
+        np.asarray(payload["y"]).tolist(),
+        np.asarray(payload["p"]).tolist(),
+        np.asarray(payload["holdout"]).tolist(),
+        np.asarray(payload["since"]).tolist(),
+        strict=True,
+    ):
+        if held:
+            model.observe_holdout(float(p), bool(y), float(since))
+            continue
+        model.learn(dict(zip(_MI_NAMES, x, strict=True)), bool(y), at=end, p=float(p))
+        n += 1
+    return n

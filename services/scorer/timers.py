@@ -1,0 +1,141 @@
+"""The scorer's timers (pure): when each customer is next scored, and the flush that fires
+the due ones as the watermark passes them (moved out of :mod:`services.scorer.core`; see its
+module doc, *Emission* and *Event time*)."""
+
+from __future__ import annotations
+
+import heapq
+from collections.abc import Callable, Iterable, Mapping, Sequence
+from typing import TYPE_CHECKING
+
+from services.scorer.config import Out, ScoreEmit, StateWrite
+from services.scorer.features import Buckets, State
+from services.scorer.labels import Labels
+from services.scorer.view import Scored
+
+
+def _overlay(
+    states: Mapping[str, State | None], get: Callable[[str], State | None]
+) -> Callable[[str], State | None]:
+    def lookup(cid: str) -> State | None:
+        return states[cid] if cid in states else get(cid)
+
+    return lookup
+
+
+class Timers(Labels):
+    """The timer part of :class:`services.scorer.core.Scorer` (a mixin: the attributes are
+    the scorer's dataclass fields, the methods below the scorer's own)."""
+
+    _timer_at: dict[str, int]
+    _cache: dict[str, tuple[bytes, Buckets]]
+    _unsealed: dict[str, State]
+    _urgent: dict[str, bool]
+    retired: set[str]
+
+    if TYPE_CHECKING:
+
+        def settle(self, get: Callable[[str], State | None], now_ms: int) -> list[Out]:
+            raise NotImplementedError
+
+        def score_many(self, items: Sequence[tuple[State, int]]) -> list[Scored]:
+            raise NotImplementedError
+
+        def _settle(
+            self, st: State, s: Scored, now_ms: int, force: bool = False
+        ) -> ScoreEmit | None:
+            raise NotImplementedError
+
+    # -- timers --------------------------------------------------------------------------
+    def _due(self, st: State) -> int:
+        """When the customer should next be scored (event time)."""
+        if st["pending"]:
+            last = st["emitted_as_of"]
+            return 0 if last is None else int(last) + self.config.min_emit_interval_ms
+        every = self._every(st)
+        scored = int(st["scored_as_of"] or st["last_event_ms"])
+        return (scored // every + 1) * every
+
+    def _every(self, st: State) -> int:
+        cfg = self.config
+        quiet = int(st["scored_as_of"] or st["last_event_ms"]) - int(st["last_event_ms"])
+        if st["emitted_stage"] == "churned" or quiet >= cfg.slow_refresh_after_ms:
+            return cfg.churned_refresh_interval_ms
+        return cfg.refresh_interval_ms
+
+    def _schedule(self, customer_id: str, due: int) -> None:
+        if self._timer_at.get(customer_id) == due:
+            return
+        self._timer_at[customer_id] = due
+        heapq.heappush(self._timers, (due, customer_id))
+
+    def rebuild(
+        self, states: Iterable[tuple[str, State]], retired: Iterable[str] | None = None
+    ) -> None:
+        """Recreate the timers from the states (after a restore or an abort) and, if given, the
+        forgotten ids. The clock is not taken from the states: the newest customer may be far
+        ahead of a partition that was behind, whose events would then look late; the inputs
+        re-establish it."""
+        self._cache.clear()  # may hold changes that were rolled back
+        self._unsealed.clear()
+        self._urgent.clear()
+        if retired is not None:
+            self.retired = set(retired)
+        self._timers = [(self._due(st), cid) for cid, st in states]
+        self._timer_at = {cid: due for due, cid in self._timers}
+        heapq.heapify(self._timers)
+
+    def flush(
+        self,
+        get: Callable[[str], State | None],
+        states: Callable[[], Iterable[tuple[str, State]]],
+        now_ms: int,
+        out_of_time: Callable[[], bool] | None = None,
+    ) -> list[Out]:
+        """Time-driven work up to the watermark: score customers whose timer is due (pending
+        ones and refreshes, up to ``max_scores_per_flush``), then learn from the labels that
+        matured (see :meth:`mature` for ``out_of_time``)."""
+        outs: list[Out] = self.settle(get, now_ms)
+        if outs:  # the states just settled, before the caller has stored them
+            get = _overlay({o.customer_id: o.state for o in outs if isinstance(o, StateWrite)}, get)
+        if self._sources:
+            self._advance(now_ms)
+        wm = self.watermark
+        if wm is None:
+            return outs
+        timers = self._timers
+        budget = self.config.max_scores_per_flush
+        due: list[tuple[str, State]] = []
+        as_ofs: list[int] = []
+        seen: set[str] = set()
+        while timers and timers[0][0] <= wm and len(due) < budget:
+            at, cid = heapq.heappop(timers)
+            if cid in seen or self._timer_at.get(cid) != at:
+                continue  # superseded: the customer's live timer is elsewhere in the heap
+            del self._timer_at[cid]
+            st = get(cid)
+            if st is None:
+                continue  # deleted since
+            if self._due(st) > wm:  # its due time moved on (e.g. onto the weekly grid)
+                self._schedule(cid, self._due(st))
+                continue
+            seen.add(cid)
+            st = dict(st)
+            if cid in self._unsealed:
+                self._unsealed[cid] = st
+            if st["pending"]:
+                as_of = max(st["last_event_ms"], wm)
+            else:  # a refresh: as of the latest grid time the watermark passed
+                every = self._every(st)
+                as_of = max(st["last_event_ms"], wm // every * every)
+            due.append((cid, st))
+            as_ofs.append(as_of)
+        scored = self.score_many([(st, a) for (_, st), a in zip(due, as_ofs, strict=True)])
+        for (cid, st), s in zip(due, scored, strict=True):
+            emit = self._settle(st, s, now_ms)
+            outs.append(StateWrite(cid, st))
+            if emit is not None:
+                outs.append(emit)
+        self.snapshots(states)  # (their features do not depend on the scoring fields)
+        self.mature(states, out_of_time)
+        return outs
