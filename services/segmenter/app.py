@@ -33,7 +33,10 @@ import time
 from collections import deque
 from collections.abc import Iterable, Iterator
 from dataclasses import replace
+from pathlib import Path
 from typing import Any
+
+from pydantic_settings import BaseSettings, SettingsConfigDict
 
 from segflow.errors import InvalidRecord
 from segflow.runtime.kafka import ensure_topics
@@ -45,26 +48,31 @@ from segflow.runtime.state import ChangelogStore
 from segflow.runtime.tables import GlobalTable
 from segflow.runtime.topics import TOPICS, Topic
 from services.segmenter import core, customers, shared
-from services.segmenter.config import DEFAULT_DEFINITIONS as DEFAULT_DEFINITIONS
-from services.segmenter.config import SegmenterConfig as SegmenterConfig
-from services.segmenter.config import serde_for as serde_for
 from services.segmenter.customers import RETIRED_KEY
-from services.segmenter.dsl import DAY, DERIVED_FEATURES, Definitions
+from services.segmenter.dsl import Definitions
 from services.segmenter.metrics import (
+    ATTRIBUTE_UPDATES,
     DEFINITIONS,
     EVAL_LAG,
     FLAPS,
+    LOOKUP_LOADS,
     MISSING_FEATURES,
     RETIRED_SCORES,
     SEGMENT_SIZE,
     TRANSITIONS,
     WATERMARK,
+    check_features,
+    count_change,
 )
 from services.segmenter.quantiles import Column
 from services.segmenter.shared import load_definitions
 
 log = logging.getLogger("segflow.segmenter")
+#: The metrics this service exports (metrics.py), held here too for tests/deploy's checks.
+METRICS = (ATTRIBUTE_UPDATES, FLAPS, LOOKUP_LOADS, MISSING_FEATURES, TRANSITIONS)
 
+HERE = Path(__file__).resolve().parent
+DEFAULT_DEFINITIONS = HERE / "segments" / "default.yaml"
 SEGMENT_KEY = "segment:"
 #: The customer branch of the state record's union, named for fastavro's tuple notation.
 CUSTOMER_RECORD = "io.segflow.SegmenterCustomer"
@@ -75,6 +83,28 @@ STATE_TOPIC: Topic = TOPICS.segmenter_state
 
 #: Score fields that may legitimately be absent (the cluster is nullable).
 OPTIONAL_FIELDS = frozenset({"cluster"})
+
+
+class SegmenterConfig(BaseSettings):
+    """The segmenter's own settings (``SEGFLOW_SEGMENTER_*``)."""
+
+    model_config = SettingsConfigDict(env_prefix="SEGFLOW_SEGMENTER_", extra="ignore")
+
+    definitions: Path = DEFAULT_DEFINITIONS
+    group_id: str = "segmenter"
+    instance: str = "segmenter-0"  # transactional.id and static group member id
+    reload_interval: float = 2.0  # seconds between mtime polls of the definitions file
+    percentile_refresh: float = 60.0  # seconds between recomputations of pNN thresholds
+    tick_interval: float = 0.5
+    batch_size: int = 2000
+    max_timers_per_tick: int = 20000
+    http_port: int | None = None
+    pre_commit_delay: float = 0.0  # fault injection for tests (widens the open transaction)
+
+
+def serde_for(settings: Settings) -> Serde:
+    """The shared serde."""
+    return Serde.from_settings(settings)
 
 
 class Segmenter:
@@ -308,20 +338,7 @@ class Segmenter:
         yield from self._apply(old, new, changes, part)
 
     def _check_features(self, score: core.Score) -> None:
-        """Count (and log once) features the definitions read that scores do not carry: such
-        a condition is silently false for everyone (a misspelt or renamed feature)."""
-        if self._needed_for is not self.defs:
-            self._needed_for = self.defs
-            self._needed = self.defs.score_features - DERIVED_FEATURES - OPTIONAL_FIELDS
-        missing = self._needed - score.values.keys()
-        for feature in missing:
-            MISSING_FEATURES.labels(feature).inc()
-            if feature not in self._reported_missing:
-                self._reported_missing.add(feature)
-                log.warning(
-                    "definitions read a feature the scores do not carry",
-                    extra={"fields": {"feature": feature, "version": self.defs.version}},
-                )
+        check_features(self, score, OPTIONAL_FIELDS)
 
     def _merge(self, merge: dict[str, Any], part: int) -> Iterator[Output]:
         yield from customers.merge(self, merge, part)
@@ -377,25 +394,7 @@ class Segmenter:
             yield Output(topic, c.customer_id or c.segment, c.to_record(emitted_at))
 
     def _count(self, c: core.Change) -> None:
-        key = (c.segment, c.transition)
-        counter = self._m_transitions.get(key)
-        if counter is None:
-            counter = self._m_transitions[key] = TRANSITIONS.labels(*key)
-        counter.inc()
-        if c.transition == core.ENTERED:
-            self.sizes[c.segment] = self.sizes.get(c.segment, 0) + 1
-        elif c.transition in (core.EXITED, core.RE_ENGAGED):
-            self.sizes[c.segment] = max(0, self.sizes.get(c.segment, 0) - 1)
-            seg = self.defs.by_name.get(c.segment)
-            window = max(seg.min_dwell_ms if seg else 0, DAY)
-            if c.dwell_ms is not None and c.dwell_ms < window:
-                FLAPS.labels(c.segment).inc()
-        else:
-            return
-        gauge = self._m_sizes.get(c.segment)
-        if gauge is None:
-            gauge = self._m_sizes[c.segment] = SEGMENT_SIZE.labels(c.segment)
-        gauge.set(self.sizes[c.segment])
+        count_change(self, c)
 
     # -- tick: reloads, thresholds, timers, deprecation --------------------------------------
     def tick(self) -> Iterable[Output]:
