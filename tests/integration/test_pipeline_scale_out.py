@@ -25,9 +25,12 @@ Identity's graph decides by the order in which events of different input partiti
 (services/identity/README.md, with one process as with N), so every event is produced under
 one key: the order is the same in every run, and only one front has work.
 
-Known defects, kept visible as xfail tests: the scorer's score times depend on batching and
-on each instance's clock, so segment changes, actions and churn AUC are not identical between
-runs (not even between two 1-instance runs); a merged-away id can get a live score again.
+Known defect, kept visible as a strict xfail test: the scorer's score times depend on
+batching and on each instance's clock, so segment changes, actions and churn AUC are not
+identical between runs (not even between two 1-instance runs). Another, intermittent (about
+one run in three, with 1 or 2 instances) and so not a test here (a test that passes by luck
+proves nothing): after a chained merge (X absorbs Y, then Z absorbs X tens of ms later) the
+scorer can emit a score for X after X's tombstone (README, Scale-out).
 """
 
 from __future__ import annotations
@@ -610,16 +613,3 @@ def test_two_instances_of_every_service_make_the_same_segment_changes_and_action
         )
         assert other.sent() == one.sent(), f"{label}: actions sent differ"
         assert other.effects == one.effects and other.emails == one.emails, label
-
-
-@pytest.mark.xfail(
-    strict=False,
-    reason="known defect, seen in about one run in three (1 or 2 instances): when a merge "
-    "chains (X absorbs Y, then Z absorbs X tens of ms later) the scorer can emit a score for "
-    "X after X's tombstone, so a merged-away id is live again on segflow.scores",
-)
-def test_merged_away_ids_stay_unscored(runs: dict[str, Run]) -> None:
-    for label, run in runs.items():
-        absorbed = {a for m in run.out.merges for a in m[2]}
-        alive = sorted(absorbed & set(run.out.scores))
-        assert not alive, f"{label}: merged-away ids with a live score: {alive[:5]}"
