@@ -64,7 +64,10 @@ def cycles(graph: grimp.ImportGraph) -> list[list[str]]:
 
 
 def test_the_import_graph_has_no_cycle() -> None:
-    graph = grimp.build_graph("segflow", "services")
+    # Imports under ``if TYPE_CHECKING:`` never run: they let a module split off a class
+    # (the #14 splits: a segmenter helper module, the simulator's scripts) name that class in
+    # its annotations. Every import that executes, function-local ones included, counts.
+    graph = grimp.build_graph("segflow", "services", exclude_type_checking_imports=True)
     assert cycles(graph) == []
 
 

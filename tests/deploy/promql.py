@@ -20,6 +20,10 @@ METRIC_MODULES = (
     "services.scorer.app",
     "services.segmenter.app",
     "services.dispatcher.app",
+    # where the #14 split moved a service's metrics out of its app.py
+    "services.scorer.metrics",
+    "services.segmenter.metrics",
+    "services.dispatcher.metrics",
 )
 #: Labels Prometheus adds to every scraped series.
 TARGET_LABELS = frozenset({"job", "instance"})

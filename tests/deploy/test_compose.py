@@ -32,6 +32,7 @@ SETTINGS_MODULES = (
     "segflow.runtime.vault",  # SEGFLOW_VAULT_KEY, SEGFLOW_VAULT_PREVIOUS_KEYS
     "segflow.api.gateway",
     "services.scorer.settings",  # ScorerSettings (moved out of services/scorer/app.py, #14)
+    "services.dispatcher.settings",  # DispatcherSettings (moved out of its app.py, #14)
     *(f"services.{s}.app" for s in DEPLOYED),
 )
 
