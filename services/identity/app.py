@@ -162,7 +162,87 @@ def _long(n: int) -> bytes:
     return bytes(out)
 
 
-class IdentityService:
+class EventChecks:
+    """The per-event checks the one-process service and the front stage share: validate,
+    hash the identifiers, and dead-letter an invalid event without its contact points."""
+
+    serde: Serde
+    rules: core.Rules
+    config: IdentitySettings
+    _hasher: core.Hasher
+    _cache: dict[tuple[str, str], str]
+    _max_future_ms: int
+
+    def _identifiers(self, record: Incoming, now_ms: int) -> tuple[str, ...] | Output:
+        """The event's hashed identifiers, or the DLQ entry of an invalid event that carries
+        a contact point (raises :class:`InvalidRecord` for one that carries none: the loop
+        dead-letters its bytes as they came)."""
+        event = record.value
+        try:
+            validate_event(event, now_ms, self._max_future_ms)
+            if len(self._cache) > self.config.hash_cache_size:
+                self._cache.clear()
+            ids = core.identifiers(event, self.rules, self._hasher, self._cache)
+            if not ids:
+                raise InvalidRecord(
+                    f"event {event['event_id']} has no usable identifier (all blocked)",
+                    reason="no_identifier",
+                )
+        except InvalidRecord as exc:
+            if event.get("email") is None and PHONE_PROPERTY not in (event.get("properties") or {}):
+                raise  # nothing personal: the loop dead-letters the bytes as they came
+            return self._redacted_dead_letter(record, exc, now_ms)
+        return ids
+
+    def _redacted_dead_letter(self, record: Incoming, exc: InvalidRecord, now_ms: int) -> Output:
+        """The DLQ entry of an invalid event that carries a contact point: the event without
+        its email and phone (and without its key when that looks like an address), so the raw
+        address never reaches the DLQ topic."""
+        event = {
+            **record.value,
+            "email": None,
+            "properties": {
+                k: v
+                for k, v in (record.value.get("properties") or {}).items()
+                if k != PHONE_PROPERTY
+            },
+        }
+        try:
+            value: bytes | None = self.serde.encode(TOPICS.events, event)
+        except Exception:  # noqa: BLE001 - an event the schema refuses: keep nothing of it
+            value = None
+        key = record.key.encode() if isinstance(record.key, str) else record.key
+        if key is not None and (b"@" in key or key.strip().startswith(b"+")):
+            key = None
+        letter = dead_letter(
+            service=SERVICE,
+            error=exc,
+            topic=record.topic_name,
+            partition=record.partition,
+            offset=record.offset,
+            timestamp_ms=record.timestamp_ms,
+            key=key,
+            value=value,
+            headers=record.headers,
+            now_ms=now_ms,
+        )
+        letter["detail"] = (letter["detail"] + " (email and phone removed)")[:1000]
+        DLQ_RECORDS.labels(SERVICE, letter["reason"]).inc()
+        log.warning(
+            "record dead-lettered",
+            extra={
+                "fields": {
+                    "reason": letter["reason"],
+                    "topic": record.topic_name,
+                    "partition": record.partition,
+                    "offset": record.offset,
+                }
+            },
+        )
+        return Output(TOPICS.dlq, key, letter)
+
+
+class IdentityService(EventChecks):
     """The handler, tick and hooks of the identity loop around one :class:`ChangelogStore`."""
 
     def __init__(
@@ -259,20 +339,9 @@ class IdentityService:
         started = time.perf_counter()
         event = record.value
         now_ms = int(self.clock() * 1000)
-        try:
-            validate_event(event, now_ms, self._max_future_ms)
-            if len(self._cache) > self.config.hash_cache_size:
-                self._cache.clear()
-            ids = core.identifiers(event, self.rules, self._hasher, self._cache)
-            if not ids:
-                raise InvalidRecord(
-                    f"event {event['event_id']} has no usable identifier (all blocked)",
-                    reason="no_identifier",
-                )
-        except InvalidRecord as exc:
-            if event.get("email") is None and PHONE_PROPERTY not in (event.get("properties") or {}):
-                raise  # nothing personal: the loop dead-letters the bytes as they came
-            yield self._redacted_dead_letter(record, exc, now_ms)
+        ids = self._identifiers(record, now_ms)
+        if isinstance(ids, Output):
+            yield ids
             return
         item = core.IdentityInput(event["event_id"], event["occurred_at"], ids)
         step = core.link(self.store.table, item, self.rules)
@@ -323,53 +392,6 @@ class IdentityService:
         self._n += 1
         if not self._n & 15:  # a sample is enough for the histogram
             LATENCY.observe(time.perf_counter() - started)
-
-    def _redacted_dead_letter(self, record: Incoming, exc: InvalidRecord, now_ms: int) -> Output:
-        """The DLQ entry of an invalid event that carries a contact point: the event without
-        its email and phone (and without its key when that looks like an address), so the raw
-        address never reaches the DLQ topic."""
-        event = {
-            **record.value,
-            "email": None,
-            "properties": {
-                k: v
-                for k, v in (record.value.get("properties") or {}).items()
-                if k != PHONE_PROPERTY
-            },
-        }
-        try:
-            value: bytes | None = self.serde.encode(TOPICS.events, event)
-        except Exception:  # noqa: BLE001 - an event the schema refuses: keep nothing of it
-            value = None
-        key = record.key.encode() if isinstance(record.key, str) else record.key
-        if key is not None and (b"@" in key or key.strip().startswith(b"+")):
-            key = None
-        letter = dead_letter(
-            service=SERVICE,
-            error=exc,
-            topic=record.topic_name,
-            partition=record.partition,
-            offset=record.offset,
-            timestamp_ms=record.timestamp_ms,
-            key=key,
-            value=value,
-            headers=record.headers,
-            now_ms=now_ms,
-        )
-        letter["detail"] = (letter["detail"] + " (email and phone removed)")[:1000]
-        DLQ_RECORDS.labels(SERVICE, letter["reason"]).inc()
-        log.warning(
-            "record dead-lettered",
-            extra={
-                "fields": {
-                    "reason": letter["reason"],
-                    "topic": record.topic_name,
-                    "partition": record.partition,
-                    "offset": record.offset,
-                }
-            },
-        )
-        return Output(TOPICS.dlq, key, letter)
 
     def _identified_bytes(
         self, customer_id: str, raw: bytes, now_ms: int, hashed_email: str | None = None

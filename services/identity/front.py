@@ -22,20 +22,17 @@ import time
 from collections.abc import Callable, Iterator
 from typing import Any
 
-from segflow.errors import InvalidRecord
-from segflow.events import validate_event
 from segflow.runtime.loop import Incoming, LoopConfig, Output, ProcessingLoop
 from segflow.runtime.serde import Serde
 from segflow.runtime.settings import Settings
 from segflow.runtime.topics import TOPICS
 from segflow.runtime.vault import Keyring, VaultSettings
-from services.identity import core
 from services.identity.app import (
     _DUPLICATE,
     EXPIRED,
     PHONE_PROPERTY,
     STATE_KEYS,
-    IdentityService,
+    EventChecks,
     IdentitySettings,
     email_hash,
     node_hasher,
@@ -50,7 +47,7 @@ def instance_name(settings: Settings) -> str:
     return settings.instance_id or "0"
 
 
-class FrontService:
+class FrontService(EventChecks):
     """Handler, tick and hooks of one front instance."""
 
     def __init__(
@@ -111,20 +108,9 @@ class FrontService:
             return
         event = record.value
         now_ms = int(self.clock() * 1000)
-        try:
-            validate_event(event, now_ms, self._max_future_ms)
-            if len(self._cache) > self.config.hash_cache_size:
-                self._cache.clear()
-            ids = core.identifiers(event, self.rules, self._hasher, self._cache)
-            if not ids:
-                raise InvalidRecord(
-                    f"event {event['event_id']} has no usable identifier (all blocked)",
-                    reason="no_identifier",
-                )
-        except InvalidRecord as exc:
-            if event.get("email") is None and PHONE_PROPERTY not in (event.get("properties") or {}):
-                raise  # nothing personal: the loop dead-letters the bytes as they came
-            yield IdentityService._redacted_dead_letter(self, record, exc, now_ms)  # type: ignore[arg-type]
+        ids = self._identifiers(record, now_ms)
+        if isinstance(ids, Output):
+            yield ids
             return
         event_id, occurred_at = event["event_id"], event["occurred_at"]
         if not self.dedup.first_time(record.partition, event_id, occurred_at, record.offset):
