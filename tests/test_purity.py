@@ -40,6 +40,8 @@ PURE = (
         "services.dispatcher.records",
         "services.dispatcher.playbook_model",
         "services.segmenter.dsl",
+        "services.segmenter.definition_model",
+        "segflow.yamldoc",
         "services.segmenter.quantiles",
         "services.segmenter.population",
         "services.segmenter.model",

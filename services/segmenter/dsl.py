@@ -47,9 +47,24 @@ import hashlib
 from dataclasses import dataclass
 from typing import Any
 
+from pydantic import ValidationError
+
 from segflow import durations, yamldoc
+from segflow.yamldoc import located
+from services.segmenter.definition_model import (
+    AllRule,
+    AnyRule,
+    ClusterRule,
+    ConditionRule,
+    DefinitionsModel,
+    NotRule,
+    SegmentModel,
+    WeightedRule,
+)
+from services.segmenter.definition_model import (
+    RuleModel as RuleModel,
+)
 from services.segmenter.rules import (
-    _ATTR,
     _COMPARE,
     _PERCENTILE,
     AGING_PREFIX,
@@ -75,7 +90,6 @@ from services.segmenter.rules import (
     Values,
     Weighted,
     _aging_bounds,
-    _is_number,
     _numeric,
     _textual,
     first_weighted,
@@ -111,11 +125,10 @@ def parse(text: str) -> Definitions:
     >>> parse("version: 1\\nsegments: []\\n").version.startswith("1+")
     True
     """
-    parser = _Parser()
-    defs = parser.parse(text)
-    if parser.problems or defs is None:
-        raise DefinitionError(parser.problems or [Problem(1, "(file)", "empty definitions")])
-    return defs
+    problems, model, doc = _validate(text)
+    if problems or model is None:
+        raise DefinitionError(problems or [Problem(1, "(file)", "empty definitions")])
+    return _compile(text, model, doc)
 
 
 def check(text: str) -> list[Problem]:
@@ -124,11 +137,7 @@ def check(text: str) -> list[Problem]:
     >>> [str(p) for p in check("version: 1\\nsegments:\\n  - name: X\\n    enter: {all: 3}\\n")]
     ['line 4: segments[0].enter.all: expected a list of rules']
     """
-    try:
-        parse(text)
-    except DefinitionError as exc:
-        return exc.problems
-    return []
+    return _validate(text)[0]
 
 
 def parse_duration(text: Any) -> int | None:
@@ -144,404 +153,195 @@ def parse_duration(text: Any) -> int | None:
         return None
 
 
-class _Parser:
-    def __init__(self) -> None:
-        self.problems: list[Problem] = []
-        self.doc = yamldoc.Document()
+def _validate(text: str) -> tuple[list[Problem], DefinitionsModel | None, yamldoc.Document]:
+    """The file's problems (YAML, duplicate keys, the model's errors, duplicate segment names,
+    in the order of the file) and its model when it has none."""
+    try:
+        doc = yamldoc.load(text)
+    except yamldoc.YamlSyntaxError as exc:
+        return [Problem(exc.line, "(yaml)", exc.problem)], None, yamldoc.Document()
+    problems = [Problem(d.line, d.path, "duplicate key") for d in doc.duplicates]
+    if doc.data is None:
+        return [*problems, Problem(1, "(file)", "empty definitions")], None, doc
+    model = None
+    try:
+        model = DefinitionsModel.model_validate(doc.data)
+    except ValidationError as exc:
+        problems += [Problem(e.line, e.path or "(file)", e.message) for e in located(exc, doc)]
+    # names are compared even in segments with errors, so a later duplicate is reported now,
+    # not only once the first one's errors are fixed
+    raw = doc.data.get("segments") if isinstance(doc.data, dict) else None
+    names: set[str] = set()
+    for i, seg in enumerate(raw if isinstance(raw, list) else []):
+        name = seg.get("name") if isinstance(seg, dict) else None
+        if isinstance(name, str) and name.strip():
+            if name in names:
+                path = f"segments[{i}].name"
+                problems.append(Problem(doc.line(path), path, f"duplicate segment name {name!r}"))
+            names.add(name)
+    problems.sort(key=lambda p: p.line)
+    return problems, (None if problems else model), doc
 
-    def err(self, path: str, message: str) -> None:
-        self.problems.append(Problem(self.doc.line(path), path or "(file)", message))
 
-    def parse(self, text: str) -> Definitions | None:
-        try:
-            self.doc = yamldoc.load(text)
-        except yamldoc.YamlSyntaxError as exc:
-            self.problems.append(Problem(exc.line, "(yaml)", exc.problem))
-            return None
-        for dup in self.doc.duplicates:
-            self.problems.append(Problem(dup.line, dup.path, "duplicate key"))
-        if self.doc.data is None:
-            self.problems.append(Problem(1, "(file)", "empty definitions"))
-            return None
-        doc = self.doc.data
-        if not isinstance(doc, dict):
-            self.err("", "expected a mapping with 'version' and 'segments'")
-            return None
-        self._unknown(doc, "", {"version", "segments", "deprecate_after", "description"})
-        version = doc.get("version")
-        if version is None or isinstance(version, bool) or not str(version).strip():
-            self.err("version" if "version" in doc else "", "a non-empty 'version' is required")
-            version = ""
-        deprecate = self._duration(doc, "deprecate_after", "", 90 * DAY) or 90 * DAY
-        raw_segments = doc.get("segments")
-        if not isinstance(raw_segments, list):
-            self.err("segments" if "segments" in doc else "", "'segments' must be a list")
-            raw_segments = []
-        segments: list[Segment] = []
-        names: set[str] = set()
-        for i, raw in enumerate(raw_segments):
-            seg = self._segment(raw, f"segments[{i}]")
-            # the name is recorded even when the segment has errors, so a later duplicate of
-            # it is reported now, not only once the first one's errors are fixed
-            name = raw.get("name") if isinstance(raw, dict) else None
-            if isinstance(name, str) and name.strip():
-                if name in names:
-                    self.err(f"segments[{i}].name", f"duplicate segment name {name!r}")
-                names.add(name)
-            if seg is not None:
-                segments.append(seg)
-        if self.problems:
-            return None
-        digest = hashlib.sha256(text.encode()).hexdigest()[:8]
-        ordered = tuple(sorted(segments, key=lambda s: s.derived))  # stable: file order kept
-        leaves = [leaf for s in ordered for leaf in s.leaves()]
-        return Definitions(
-            version=f"{version}+{digest}",
-            segments=ordered,
-            deprecate_after_ms=deprecate,
-            percentiles=frozenset(
-                (leaf.feature, leaf.percentile) for leaf in leaves if leaf.percentile is not None
-            ),
-            features=frozenset(leaf.feature for leaf in leaves)
-            | frozenset(s.sustain_since for s in ordered if s.sustain_since is not None),
-            by_name={s.name: s for s in ordered},
-            aging_bounds=_aging_bounds(s.aging for s in ordered),
-            lookups=tuple(
-                sorted(
-                    {
-                        (leaf.feature, *call)
-                        for leaf in leaves
-                        if (call := lookup_call(leaf.feature)) is not None
-                    }
-                )
-            ),
-        )
+def _compile(text: str, model: DefinitionsModel, doc: yamldoc.Document) -> Definitions:
+    segments = [_segment(seg, f"segments[{i}]", doc) for i, seg in enumerate(model.segments)]
+    digest = hashlib.sha256(text.encode()).hexdigest()[:8]
+    ordered = tuple(sorted(segments, key=lambda s: s.derived))  # stable: file order kept
+    leaves = [leaf for s in ordered for leaf in s.leaves()]
+    return Definitions(
+        version=f"{model.version}+{digest}",
+        segments=ordered,
+        deprecate_after_ms=model.deprecate_after or 90 * DAY,
+        percentiles=frozenset(
+            (leaf.feature, leaf.percentile) for leaf in leaves if leaf.percentile is not None
+        ),
+        features=frozenset(leaf.feature for leaf in leaves)
+        | frozenset(s.sustain_since for s in ordered if s.sustain_since is not None),
+        by_name={s.name: s for s in ordered},
+        aging_bounds=_aging_bounds(s.aging for s in ordered),
+        lookups=tuple(
+            sorted(
+                {
+                    (leaf.feature, *call)
+                    for leaf in leaves
+                    if (call := lookup_call(leaf.feature)) is not None
+                }
+            )
+        ),
+    )
 
-    def _unknown(self, raw: dict[str, Any], path: str, allowed: set[str]) -> None:
-        for key in raw:
-            if key not in allowed:
-                sub = f"{path}.{key}" if path else key
-                self.err(sub, f"unknown field (expected one of {', '.join(sorted(allowed))})")
 
-    def _duration(
-        self, raw: dict[str, Any], key: str, path: str, default: int | None
-    ) -> int | None:
-        if key not in raw or raw[key] is None:
-            return default
-        sub = f"{path}.{key}" if path else key
-        ms = parse_duration(raw[key])
-        if ms is None:
-            self.err(sub, f"bad duration {raw[key]!r}: {durations.EXPECTED}")
-            return default
-        return ms
+def _segment(seg: SegmentModel, path: str, doc: yamldoc.Document) -> Segment:
+    enter = _rule(seg.enter, f"{path}.enter")
+    exit_ = _rule(seg.exit, f"{path}.exit") if seg.exit is not None else None
+    re_eng = (
+        _rule(seg.re_engaged_when, f"{path}.re_engaged_when")
+        if seg.re_engaged_when is not None
+        else None
+    )
+    rules = [r for r in (enter, exit_, re_eng) if r is not None]
+    leaves = [leaf for r in rules for leaf in r.leaves()]
+    return Segment(
+        name=seg.name,
+        priority=seg.priority,
+        enter=enter,
+        exit=exit_,
+        re_engaged_when=re_eng,
+        description=str(seg.description or ""),
+        line=doc.lines.get(path, 0),
+        sustain_since=seg.sustain_since,
+        derived=any(leaf.feature in DERIVED_FEATURES for leaf in leaves),
+        aging=tuple(
+            leaf
+            for leaf in leaves
+            if leaf.feature.startswith(AGING_PREFIX) and leaf.op not in ("in", "==", "!=")
+        ),
+        min_dwell_ms=seg.min_dwell or 0,
+        cooldown_ms=seg.cooldown or 0,
+        sustain_ms=seg.sustain or 0,
+        re_engaged_after_ms=seg.re_engaged_after or 0,
+        ttl_ms=seg.ttl,
+    )
 
-    def _segment(self, raw: Any, path: str) -> Segment | None:
-        if not isinstance(raw, dict):
-            self.err(path, "expected a mapping")
-            return None
-        self._unknown(
-            raw,
-            path,
-            {
-                "name",
-                "description",
-                "priority",
-                "enter",
-                "exit",
-                "re_engaged_when",
-                "min_dwell",
-                "cooldown",
-                "ttl",
-                "sustain",
-                "sustain_since",
-                "re_engaged_after",
-            },
-        )
-        name = raw.get("name")
-        if not isinstance(name, str) or not name.strip():
-            self.err(f"{path}.name" if "name" in raw else path, "a non-empty 'name' is required")
-            name = ""
-        priority = raw.get("priority", 0)
-        if isinstance(priority, bool) or not isinstance(priority, int):
-            self.err(f"{path}.priority", "priority must be an integer (higher wins)")
-            priority = 0
-        if "enter" not in raw:
-            self.err(path, "an 'enter' rule is required")
-            enter: Rule | None = None
+
+def _rule(raw: RuleModel, path: str) -> Rule:
+    """The compiled rule of a valid rule model (every check was made by the model)."""
+    if isinstance(raw, AllRule | AnyRule):
+        kind = "all" if isinstance(raw, AllRule) else "any"
+        listed = raw.all if isinstance(raw, AllRule) else raw.any
+        items = tuple(_rule(r, f"{path}.{kind}[{i}]") for i, r in enumerate(listed))
+        fns = tuple(i._fn for i in items)
+        if kind == "all":
+
+            def fn_all(v: Values, t: Thresholds, fns: Any = fns) -> bool:
+                for f in fns:  # noqa: SIM110 (a plain loop is faster on the hot path)
+                    if not f(v, t):
+                        return False
+                return True
+
+            fn = fn_all
         else:
-            enter = self._rule(raw["enter"], f"{path}.enter")
-        exit_ = self._rule(raw["exit"], f"{path}.exit") if raw.get("exit") is not None else None
-        re_eng = (
-            self._rule(raw["re_engaged_when"], f"{path}.re_engaged_when")
-            if raw.get("re_engaged_when") is not None
-            else None
-        )
-        ttl = self._duration(raw, "ttl", path, None)
-        seg_fields = dict(
-            min_dwell_ms=self._duration(raw, "min_dwell", path, 0) or 0,
-            cooldown_ms=self._duration(raw, "cooldown", path, 0) or 0,
-            sustain_ms=self._duration(raw, "sustain", path, 0) or 0,
-            re_engaged_after_ms=self._duration(raw, "re_engaged_after", path, 0) or 0,
-            ttl_ms=ttl,
-        )
-        if seg_fields["re_engaged_after_ms"] and raw.get("re_engaged_when") is None:
-            self.err(f"{path}.re_engaged_after", "re_engaged_after needs a 're_engaged_when' rule")
-        if ttl is not None and ttl <= 0:
-            self.err(f"{path}.ttl", "ttl must be positive")
-        since = raw.get("sustain_since")
-        if since is not None:
-            if (
-                not isinstance(since, str)
-                or not since.startswith(AGING_PREFIX)
-                or since in DERIVED_FEATURES
-            ):
-                self.err(
-                    f"{path}.sustain_since",
-                    f"expected a recency feature named {AGING_PREFIX}* (got {since!r})",
-                )
-                since = None
-            elif not seg_fields["sustain_ms"]:
-                self.err(f"{path}.sustain_since", "sustain_since needs a 'sustain' duration")
-                since = None
-        if enter is None:
-            return None
-        rules = [r for r in (enter, exit_, re_eng) if r is not None]
-        leaves = [leaf for r in rules for leaf in r.leaves()]
-        return Segment(
-            name=name,
-            priority=priority,
-            enter=enter,
-            exit=exit_,
-            re_engaged_when=re_eng,
-            description=str(raw.get("description") or ""),
-            line=self.doc.lines.get(path, 0),
-            sustain_since=since,
-            derived=any(leaf.feature in DERIVED_FEATURES for leaf in leaves),
-            aging=tuple(
-                leaf
-                for leaf in leaves
-                if leaf.feature.startswith(AGING_PREFIX) and leaf.op not in ("in", "==", "!=")
-            ),
-            **seg_fields,  # type: ignore[arg-type]
-        )
 
-    def _rule(self, raw: Any, path: str) -> Rule | None:
-        if not isinstance(raw, dict):
-            self.err(
-                path,
-                "expected a rule (a mapping with feature/op/value, all, any, not, "
-                "weighted or cluster)",
-            )
-            return None
-        kinds = [k for k in ("all", "any", "not", "weighted", "cluster", "feature") if k in raw]
-        if len(kinds) != 1:
-            self.err(
-                path,
-                "a rule needs exactly one of: feature, all, any, not, weighted, "
-                f"cluster (got {', '.join(sorted(raw)) or 'nothing'})",
-            )
-            return None
-        kind = kinds[0]
-        if kind in ("all", "any"):
-            self._unknown(raw, path, {kind})
-            items_raw = raw[kind]
-            if not isinstance(items_raw, list) or not items_raw:
-                self.err(f"{path}.{kind}", "expected a list of rules")
-                return None
-            items = [self._rule(r, f"{path}.{kind}[{i}]") for i, r in enumerate(items_raw)]
-            if any(i is None for i in items):
-                return None
-            fns = tuple(i._fn for i in items if i is not None)
-            if kind == "all":
+            def fn_any(v: Values, t: Thresholds, fns: Any = fns) -> bool:
+                for f in fns:  # noqa: SIM110 (a plain loop is faster on the hot path)
+                    if f(v, t):
+                        return True
+                return False
 
-                def fn_all(v: Values, t: Thresholds, fns: Any = fns) -> bool:
-                    for f in fns:  # noqa: SIM110 (a plain loop is faster on the hot path)
-                        if not f(v, t):
-                            return False
-                    return True
+            fn = fn_any
+        return Combination(path, kind, items, fn)
+    if isinstance(raw, NotRule):
+        inner = _rule(raw.not_, f"{path}.not")
+        inner_fn = inner._fn
+        return Combination(path, "not", (inner,), lambda v, t: not inner_fn(v, t))
+    if isinstance(raw, WeightedRule):
+        return _weighted(raw, path)
+    if isinstance(raw, ClusterRule):
+        return _condition(path, "cluster", "in", raw.cluster)
+    assert isinstance(raw, ConditionRule)
+    return _condition(path, raw.feature, raw.op, raw.value)
 
-                fn = fn_all
-            else:
 
-                def fn_any(v: Values, t: Thresholds, fns: Any = fns) -> bool:
-                    for f in fns:  # noqa: SIM110 (a plain loop is faster on the hot path)
-                        if f(v, t):
-                            return True
-                    return False
+def _weighted(raw: WeightedRule, path: str) -> Rule:
+    parts = tuple(
+        (_rule(part.when, f"{path}.weighted[{i}].when"), part.weight)
+        for i, part in enumerate(raw.weighted)
+    )
+    thr = raw.threshold
+    fns = tuple((r._fn, w) for r, w in parts)
 
-                fn = fn_any
-            return Combination(path, kind, tuple(i for i in items if i is not None), fn)
-        if kind == "not":
-            self._unknown(raw, path, {"not"})
-            inner = self._rule(raw["not"], f"{path}.not")
-            if inner is None:
-                return None
-            inner_fn = inner._fn
-            return Combination(path, "not", (inner,), lambda v, t: not inner_fn(v, t))
-        if kind == "weighted":
-            return self._weighted(raw, path)
-        if kind == "cluster":
-            self._unknown(raw, path, {"cluster"})
-            clusters = raw["cluster"]
-            if not isinstance(clusters, list):
-                clusters = [clusters]
-            return self._condition(
-                {"feature": "cluster", "op": "in", "value": clusters},
-                path,
-                value_path=f"{path}.cluster",
-            )
-        return self._condition(raw, path)
+    def fn(v: Values, t: Thresholds) -> bool:
+        return round(sum(w for f, w in fns if f(v, t)), 9) >= thr
 
-    def _weighted(self, raw: dict[str, Any], path: str) -> Rule | None:
-        self._unknown(raw, path, {"weighted", "threshold"})
-        parts_raw = raw["weighted"]
-        if not isinstance(parts_raw, list) or not parts_raw:
-            self.err(f"{path}.weighted", "expected a list of {when: rule, weight: number}")
-            return None
-        threshold = raw.get("threshold")
-        if not _is_number(threshold):
-            self.err(
-                f"{path}.threshold" if "threshold" in raw else path,
-                "weighted scoring needs a numeric 'threshold'",
-            )
-            return None
-        parts: list[tuple[Rule, float]] = []
-        ok = True
-        for i, part in enumerate(parts_raw):
-            sub = f"{path}.weighted[{i}]"
-            if not isinstance(part, dict):
-                self.err(sub, "expected {when: rule, weight: number}")
-                ok = False
-                continue
-            self._unknown(part, sub, {"when", "weight"})
-            weight = part.get("weight")
-            if not _is_number(weight):
-                self.err(
-                    f"{sub}.weight" if "weight" in part else sub, "a numeric 'weight' is required"
-                )
-                ok = False
-            if "when" not in part:
-                self.err(sub, "a 'when' rule is required")
-                ok = False
-                continue
-            rule = self._rule(part["when"], f"{sub}.when")
-            if rule is None or not _is_number(weight):
-                ok = False
-                continue
-            parts.append((rule, float(weight)))  # type: ignore[arg-type]
-        if not ok:
-            return None
-        thr = float(threshold)  # type: ignore[arg-type]
-        fns = tuple((r._fn, w) for r, w in parts)
+    return Weighted(path, parts, thr, fn)
 
-        def fn(v: Values, t: Thresholds) -> bool:
-            return round(sum(w for f, w in fns if f(v, t)), 9) >= thr
 
-        return Weighted(path, tuple(parts), thr, fn)
+def _condition(path: str, feature: str, op: str, value: Any) -> Rule:
+    if op == "between":
+        lo, hi = float(value[0]), float(value[1])
 
-    def _condition(
-        self, raw: dict[str, Any], path: str, value_path: str | None = None
-    ) -> Rule | None:
-        self._unknown(raw, path, {"feature", "op", "value"})
-        feature = raw.get("feature")
-        op = raw.get("op")
-        vpath = value_path or f"{path}.value"
-        if not isinstance(feature, str) or not feature:
-            self.err(f"{path}.feature", "feature must be a non-empty name")
-            return None
-        if feature.startswith(ATTR_PREFIX) and not _ATTR.match(feature):
-            self.err(
-                f"{path}.feature",
-                f"expected an attribute as attr.<name> (letters, digits, _), got {feature!r}",
-            )
-            return None
-        if feature.startswith(LOOKUP_PREFIX) and lookup_call(feature) is None:
-            self.err(
-                f"{path}.feature",
-                "expected a lookup as lookup.<table>(attr.<name>), e.g. "
-                f"lookup.zip_income(attr.zip), got {feature!r}",
-            )
-            return None
-        if op not in OPERATORS:
-            self.err(
-                f"{path}.op" if "op" in raw else path,
-                f"unknown operator {op!r} ({'one of ' + ', '.join(OPERATORS)})"
-                if "op" in raw
-                else "an 'op' is required",
-            )
-            return None
-        if "value" not in raw:
-            self.err(path, "a 'value' is required")
-            return None
-        value = raw["value"]
-        if op in ("between", "in"):
-            if not isinstance(value, list) or not value:
-                self.err(vpath, f"'{op}' needs a list of values")
-                return None
-            if op == "between":
-                if len(value) != 2 or not all(_is_number(v) for v in value):
-                    self.err(vpath, "'between' needs [low, high] numbers")
-                    return None
-                lo, hi = float(value[0]), float(value[1])
-                if lo > hi:
-                    self.err(vpath, f"'between' low {lo} is above high {hi}")
-                    return None
-
-                def fn_between(v: Values, t: Thresholds, f: str = feature) -> bool:
-                    x = v.get(f)
-                    return isinstance(x, float) and lo <= x <= hi
-
-                return Condition(path, feature, op, None, (lo, hi), None, fn_between)
-            members: list[Value] = []
-            for i, item in enumerate(value):
-                if _is_number(item):
-                    members.append(float(item))
-                elif isinstance(item, str):
-                    members.append(item)
-                else:
-                    self.err(f"{vpath}[{i}]", "'in' values must be numbers or strings")
-                    return None
-            allowed = frozenset(members)
-
-            def fn_in(v: Values, t: Thresholds, f: str = feature) -> bool:
-                x = v.get(f)
-                return x is not None and x in allowed
-
-            return Condition(path, feature, op, None, tuple(members), None, fn_in)
-        if isinstance(value, str):
-            m = _PERCENTILE.match(value.strip())
-            if m is not None and op in (">", ">=", "<", "<="):
-                pct = float(m.group(1))
-                key = (feature, pct)
-                cmp = _COMPARE[op]
-
-                def fn_pct(v: Values, t: Thresholds, f: str = feature) -> bool:
-                    x = v.get(f)
-                    thr = t.get(key)
-                    return isinstance(x, float) and thr is not None and cmp(x, thr)
-
-                return Condition(path, feature, op, None, (), pct, fn_pct)
-            if op not in ("==", "!="):
-                self.err(vpath, f"{op!r} needs a number or a percentile like p80 (got {value!r})")
-                return None
-            target: Value = value
-        elif _is_number(value):
-            target = float(value)
-        else:
-            self.err(vpath, f"value must be a number, a string or a percentile (got {value!r})")
-            return None
-        cmp = _COMPARE[op]
-        if isinstance(target, float) and feature.startswith((ATTR_PREFIX, LOOKUP_PREFIX)):
-            return Condition(path, feature, op, target, (), None, _textual(op, feature, target))
-        if isinstance(target, float):
-            return Condition(path, feature, op, target, (), None, _numeric(op, feature, target))
-        tstr = target
-
-        def fn_str(v: Values, t: Thresholds, f: str = feature) -> bool:
+        def fn_between(v: Values, t: Thresholds, f: str = feature) -> bool:
             x = v.get(f)
-            return x is not None and cmp(x, tstr)
+            return isinstance(x, float) and lo <= x <= hi
 
-        return Condition(path, feature, op, target, (), None, fn_str)
+        return Condition(path, feature, op, None, (lo, hi), None, fn_between)
+    if op == "in":
+        members: tuple[Value, ...] = tuple(value)
+        allowed = frozenset(members)
+
+        def fn_in(v: Values, t: Thresholds, f: str = feature) -> bool:
+            x = v.get(f)
+            return x is not None and x in allowed
+
+        return Condition(path, feature, op, None, members, None, fn_in)
+    if isinstance(value, str):
+        m = _PERCENTILE.match(value.strip())
+        if m is not None and op in (">", ">=", "<", "<="):
+            pct = float(m.group(1))
+            key = (feature, pct)
+            cmp = _COMPARE[op]
+
+            def fn_pct(v: Values, t: Thresholds, f: str = feature) -> bool:
+                x = v.get(f)
+                thr = t.get(key)
+                return isinstance(x, float) and thr is not None and cmp(x, thr)
+
+            return Condition(path, feature, op, None, (), pct, fn_pct)
+        target: Value = value
+    else:
+        target = float(value)
+    cmp = _COMPARE[op]
+    if isinstance(target, float) and feature.startswith((ATTR_PREFIX, LOOKUP_PREFIX)):
+        return Condition(path, feature, op, target, (), None, _textual(op, feature, target))
+    if isinstance(target, float):
+        return Condition(path, feature, op, target, (), None, _numeric(op, feature, target))
+    tstr = target
+
+    def fn_str(v: Values, t: Thresholds, f: str = feature) -> bool:
+        x = v.get(f)
+        return x is not None and cmp(x, tstr)
+
+    return Condition(path, feature, op, target, (), None, fn_str)
 
 
 __all__ = [
