@@ -145,13 +145,15 @@ def fail_all(errors: Sequence[tuple[Sequence[str | int], str, Any]]) -> Validati
 class Strict(BaseModel):
     """A mapping in a YAML file: unknown keys are errors, and the errors at this level say
     what was expected in segflow's words (``shape``: not a mapping; ``required``: a missing
-    key; ``expected``: a key's value of the wrong type)."""
+    key, reported at the mapping, or at the key when ``required_at_key``; ``expected``: a
+    key's value of the wrong type)."""
 
     model_config = ConfigDict(extra="forbid", frozen=True, arbitrary_types_allowed=True)
 
     shape: ClassVar[str] = "expected a mapping"
     required: ClassVar[dict[str, str]] = {}
     expected: ClassVar[dict[str, str]] = {}
+    required_at_key: ClassVar[bool] = False
 
     @model_validator(mode="wrap")
     @classmethod
@@ -199,7 +201,8 @@ class Strict(BaseModel):
         if kind == "extra_forbidden" and len(loc) == 1:
             return loc, f"unknown field (expected one of {', '.join(cls.keys())})"
         if kind == "missing" and len(loc) == 1:
-            return (), cls.required.get(str(key), f"{key!r} is required")
+            message = cls.required.get(str(key), f"{key!r} is required")
+            return (loc if cls.required_at_key else ()), message
         if key in cls.expected and all(isinstance(x, str) and x.startswith(TAG) for x in loc[1:]):
             return loc, cls.expected[str(key)]
         return None

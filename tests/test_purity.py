@@ -39,6 +39,7 @@ PURE = (
         "services.dispatcher.model",
         "services.dispatcher.records",
         "services.dispatcher.playbook_model",
+        "services.dispatcher.playbook_schema",
         "services.segmenter.dsl",
         "services.segmenter.definition_model",
         "segflow.yamldoc",

@@ -68,9 +68,7 @@ def test_unknown_top_level_key_and_a_segment_that_is_not_a_mapping() -> None:
         (2, "segmnts"),
         (4, "segments[0]"),
     ]
-    assert "expected one of deprecate_after, description, segments, version" in str(
-        problems[0]
-    )
+    assert "expected one of deprecate_after, description, segments, version" in str(problems[0])
     assert problems[1].message == "expected a mapping"
 
 
