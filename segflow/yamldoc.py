@@ -148,7 +148,7 @@ class Strict(BaseModel):
     key, reported at the mapping, or at the key when ``required_at_key``; ``expected``: a
     key's value of the wrong type)."""
 
-    model_config = ConfigDict(extra="forbid", frozen=True, arbitrary_types_allowed=True)
+    model_config = ConfigDict(extra="forbid", frozen=True)
 
     shape: ClassVar[str] = "expected a mapping"
     required: ClassVar[dict[str, str]] = {}
@@ -235,7 +235,23 @@ class Located:
 
 def located(exc: ValidationError, doc: Document, prefix: Sequence[str | int] = ()) -> list[Located]:
     """Every error in ``exc`` with the line of its value in ``doc`` (validated at ``prefix``),
-    in the order of the file."""
+    in the order of the file; a missing key has the line of the mapping that lacks it.
+
+    >>> class Step(Strict):
+    ...     id: str
+    ...     after: int = 0
+    >>> class Book(Strict):
+    ...     steps: list[Step]
+    >>> doc = load("steps:\\n  - id: a\\n  - after: x\\n    colour: red\\n")
+    >>> try:
+    ...     Book.model_validate(doc.data)
+    ... except ValidationError as exc:
+    ...     for e in located(exc, doc):
+    ...         print(e.line, e.path, e.message)
+    3 steps[1] 'id' is required
+    3 steps[1].after Input should be a valid integer, unable to parse string as an integer (got 'x')
+    4 steps[1].colour unknown field (expected one of after, id)
+    """
     out = []
     for e in exc.errors():
         path = path_of((*prefix, *e["loc"]))
