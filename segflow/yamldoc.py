@@ -94,7 +94,7 @@ def _build(doc: Document, node: yaml.Node, path: str) -> Any:
     if isinstance(node, yaml.MappingNode):
         out: dict[str, Any] = {}
         for key_node, value_node in node.value:
-            key = str(key_node.value)
+            key = _key(key_node)
             sub = f"{path}.{key}" if path else key
             if key in out:
                 doc.duplicates.append(Duplicate(sub, key_node.start_mark.line + 1, doc.lines[sub]))
@@ -105,6 +105,21 @@ def _build(doc: Document, node: yaml.Node, path: str) -> Any:
     if isinstance(node, yaml.SequenceNode):
         return [_build(doc, item, f"{path}[{i}]") for i, item in enumerate(node.value)]
     return yaml.SafeLoader("").construct_object(node)
+
+
+def _key(node: yaml.Node) -> str:
+    """A key as text; a mapping or a list used as a key (``{{feature: x}}``, doubled braces)
+    as written, so an error about it shows what was typed.
+
+    >>> load("enter: {{feature: x, op: a}}\\n").data
+    {'enter': {'{feature: x, op: a}': None}}
+    """
+    if isinstance(node, yaml.ScalarNode):
+        return str(node.value)
+    mark, end = node.start_mark, node.end_mark
+    if isinstance(mark.buffer, str):
+        return mark.buffer[mark.pointer : mark.pointer + end.index - mark.index]
+    return str(yaml.safe_load(yaml.serialize(node)))
 
 
 def _syntax(exc: yaml.YAMLError) -> YamlSyntaxError:

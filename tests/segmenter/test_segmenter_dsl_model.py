@@ -101,3 +101,11 @@ def test_a_valid_nested_tree_still_compiles_and_evaluates() -> None:
     assert rule.test({"clv": 200.0, "x": 2.0, "a": 1.0}, {}) is True
     assert rule.test({"clv": 200.0, "x": 0.0, "y": 1.0, "a": 1.0}, {}) is False  # not(y<3)
     assert rule.test({"clv": 200.0, "x": 2.0, "a": 0.0}, {}) is False  # weight 1.5 unmet
+
+
+def test_doubled_braces_are_reported_as_typed() -> None:
+    """``{{...}}`` (a template habit) is a mapping used as a key: the error shows the text."""
+    text = 'version: "1"\nsegments:\n  - name: S\n    enter: {{feature: x, op: ">", value: 1}}\n'
+    problems = check(text)
+    assert [(p.line, p.field) for p in problems] == [(4, "segments[0].enter")]
+    assert problems[0].message.endswith('(got {feature: x, op: ">", value: 1})')
