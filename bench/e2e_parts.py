@@ -120,14 +120,11 @@ class LagMonitor:
         with self._probe_lock:
             for service, (group, topics) in self.groups.items():
                 parts = [tp for name in topics for tp in self.probe.partitions(group, name)]
-                committed = self.probe.committed(group, parts)
-                behind = done = 0
-                for tp in parts:
-                    high = self.probe.high(group, tp)
-                    c = max(committed.get((tp.topic, tp.partition), 0), 0)
-                    gap = max(0, high - c)
-                    behind += gap if gap > 1 else 0  # a transaction marker is never consumed
-                    done += c
+                # records a read_committed reader can still read: transaction markers and
+                # aborted records (a kill -9 inside a transaction) are not lag
+                per_partition = self.probe.behind(group, parts).values()
+                behind = sum(left for left, _ in per_partition)
+                done = sum(max(c, 0) for _, c in per_partition)
                 out[service] = (behind, done)
         return out
 
