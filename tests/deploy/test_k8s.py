@@ -96,7 +96,10 @@ def test_identity_roles_get_their_secrets_and_only_the_writers_answer_queries() 
         sts = statefulsets()[name]
         [container] = sts["spec"]["template"]["spec"]["containers"]
         env = {e["name"]: e for e in container["env"]}
-        for var, key in (("SEGFLOW_HASH_SECRET", "hash-secret"), ("SEGFLOW_VAULT_KEY", "vault-key")):
+        for var, key in (
+            ("SEGFLOW_HASH_SECRET", "hash-secret"),
+            ("SEGFLOW_VAULT_KEY", "vault-key"),
+        ):
             assert env[var]["valueFrom"] == {
                 "secretKeyRef": {"name": "segflow-secrets", "key": key}
             }, f"{name}: {var} must come from the Secret"
