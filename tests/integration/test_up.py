@@ -13,6 +13,7 @@ import time
 from pathlib import Path
 from urllib.request import urlopen
 
+import httpx
 import pytest
 
 from segflow.runtime.broker import free_port
@@ -72,11 +73,12 @@ def start_up(tmp_path: Path) -> tuple[subprocess.Popen[bytes], str, list[int], i
     return proc, f"127.0.0.1:{port}", pids, broker_pid, text
 
 
-def events_flow_through_the_split_identity(tmp_path: Path, bootstrap: str) -> None:
+def events_flow_through_the_split_identity(tmp_path: Path, bootstrap: str, api: str) -> None:
     """Events sent with ``segflow produce`` come out identified: one customer id per user,
     read_committed. The broker's committed offsets show who did the work: the front-stage
     group read every event and the graph writer's group the link requests; the one-process
-    role's group read nothing."""
+    role's group read nothing. The API (asking both graph writers) resolves a user to the
+    same customer id."""
     users = [f"up-user-{n}" for n in range(8)]  # keyed by user id: spread over partitions
     now = int(time.time() * 1000)
     events = [
@@ -111,6 +113,15 @@ def events_flow_through_the_split_identity(tmp_path: Path, bootstrap: str) -> No
         assert read_by(s.topic_prefix + "identity-front", TOPICS.events) == len(events)
         assert read_by(s.topic_prefix + "identity-writer", TOPICS.identity_links) >= len(events)
         assert read_by(s.topic_prefix + "identity", TOPICS.events) == 0
+    token = (tmp_path / "api-token").read_text().strip()
+    answer = httpx.get(
+        f"{api}/identities/resolve",
+        params={"type": "user_id", "value": users[0]},
+        headers={"Authorization": f"Bearer {token}"},
+        timeout=10,
+    )
+    assert answer.status_code == 200, answer.text
+    assert {answer.json()["customer_id"]} == ids[users[0]]
 
 
 def test_up_runs_the_services_and_sigterm_stops_them_and_its_broker(tmp_path: Path) -> None:
@@ -127,7 +138,8 @@ def test_up_runs_the_services_and_sigterm_stops_them_and_its_broker(tmp_path: Pa
             with contextlib.suppress(OSError):  # not listening yet
                 body = urlopen(url, timeout=2).read().decode()
         assert want in body, body[-1500:]
-        events_flow_through_the_split_identity(tmp_path, bootstrap)
+        api = next(x for x in text.splitlines() if x.strip().startswith("api ")).split()[1]
+        events_flow_through_the_split_identity(tmp_path, bootstrap, api)
 
         proc.send_signal(signal.SIGTERM)
         assert proc.wait(90) == 0
