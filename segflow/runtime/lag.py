@@ -43,9 +43,17 @@ from confluent_kafka import Consumer, KafkaError, KafkaException, TopicPartition
 
 from segflow.runtime.settings import Settings
 
-#: Records read per partition to count lag exactly; a longer gap is estimated from offsets.
-READ_CAP = 1000
+#: Records read per partition to count lag exactly; a longer gap is estimated from offsets
+#: (a backlog that size is lag whatever the markers in it; the reader fetches little more).
+READ_CAP = 200
 Key = tuple[str, int]
+_COORDINATOR_MOVING = frozenset(
+    {
+        KafkaError.NOT_COORDINATOR,
+        KafkaError.COORDINATOR_LOAD_IN_PROGRESS,
+        KafkaError.COORDINATOR_NOT_AVAILABLE,
+    }
+)
 
 
 class LagProbe:
@@ -80,9 +88,21 @@ class LagProbe:
         return self._parts[topic]
 
     def committed(self, group: str, parts: list[TopicPartition]) -> dict[tuple[str, int], int]:
-        """The group's committed offset per partition (-1 where it has none)."""
-        got = self._consumer(group).committed(parts, timeout=self.timeout)
-        return {(tp.topic, tp.partition): tp.offset for tp in got}
+        """The group's committed offset per partition (-1 where it has none).
+
+        A broker that is loading the group's coordinator answers "not coordinator" or
+        "coordinator load in progress" for a while; asked again until the probe's timeout.
+        """
+        deadline = time.monotonic() + self.timeout
+        while True:
+            try:
+                got = self._consumer(group).committed(parts, timeout=self.timeout)
+                return {(tp.topic, tp.partition): tp.offset for tp in got}
+            except KafkaException as exc:
+                code = exc.args[0].code() if exc.args else None
+                if code not in _COORDINATOR_MOVING or time.monotonic() >= deadline:
+                    raise
+                time.sleep(0.2)
 
     def high(self, group: str, tp: TopicPartition) -> int:
         """The partition's end for a read_committed reader (its last stable offset)."""
@@ -176,6 +196,9 @@ class LagProbe:
                     "enable.partition.eof": True,
                     "isolation.level": "read_committed",
                     "fetch.wait.max.ms": 100,
+                    # it reads at most READ_CAP records of a partition: no deep prefetch
+                    "max.partition.fetch.bytes": 262144,
+                    "queued.min.messages": 1000,
                 }
             )
         return self._reader
