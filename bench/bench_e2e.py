@@ -70,7 +70,7 @@ from bench.e2e_parts import (  # noqa: E402
     state_sizes,
 )
 from segflow import stack  # noqa: E402
-from segflow.cli import SCALABLE  # noqa: E402
+from segflow.cli import replica_counts  # noqa: E402
 from segflow.demo import _high  # noqa: E402
 from segflow.runtime.broker import free_port  # noqa: E402
 from segflow.runtime.serde import Serde  # noqa: E402
@@ -246,7 +246,9 @@ def main() -> int:
         "--replicas",
         type=int,
         default=1,
-        help="instances of each scalable service (segmenter, dispatcher), one group each",
+        help="instances of each scalable service (scorer, segmenter, dispatcher), one group "
+        "each; identity as N front-stage processes plus the graph writer, active and standby "
+        "(as `segflow up --replicas N`)",
     )
     args = parser.parse_args()
 
@@ -277,22 +279,26 @@ def main() -> int:
             ],
         )
         env = service_env(settings, f"http://127.0.0.1:{port}", playbooks)
-        for name in SERVICES:
-            sup.add_service(name, env={**env, "SEGFLOW_INSTANCE_ID": "0"})
-            for n in range(1, args.replicas if name in SCALABLE else 1):
-                sup.add(
-                    f"{name}-{n}",
-                    [sys.executable, "-m", f"services.{name}"],
-                    {**env, "SEGFLOW_INSTANCE_ID": str(n)},
-                )
+        # the processes `segflow up --replicas N` runs (identity split into N fronts and
+        # the graph writer, active and standby, when N > 1)
+        procs = stack.processes(replica_counts(list(SERVICES), args.replicas, []))
+        for proc in procs:
+            sup.add(proc.name, [sys.executable, "-m", proc.module], {**env, **proc.env})
         sup.start_all()
         wait_receiver(port)
         say(
-            f"[2/6] services started: {', '.join(SERVICES)} + receiver (logs in {logs}); "
-            f"topics under {settings.topic_prefix!r}"
+            f"[2/6] services started: {', '.join(p.name for p in procs)} + receiver "
+            f"(logs in {logs}); topics under {settings.topic_prefix!r}"
         )
         feeder = Feeder(settings, args.customers, args.seed)
-        lag = LagMonitor(settings)
+        lag = LagMonitor(
+            settings,
+            groups={
+                p.name: (p.group(settings), p.input_names(settings))
+                for p in procs
+                if p.instance == 0
+            },
+        )
         tail = Tail(settings)
         feeder.run(200, 2.0)  # warm up: every service joins its group and commits once
         if not lag.wait_drained(120):
@@ -392,7 +398,11 @@ def main() -> int:
         if broker is not None:
             disk = {t.suffix: log_bytes(broker.data_dir, t.name(settings)) for t in STATE_TOPICS}
         total_state = sum(v["bytes"] for v in sizes.values())
-        graph_state = total_state - sizes.get("identity.state (dedup window)", {}).get("bytes", 0)
+        graph_state = (
+            total_state
+            - sizes.get("identity.state (dedup window)", {}).get("bytes", 0)
+            - sizes.get(TOPICS.identity_dedup.suffix, {}).get("bytes", 0)
+        )
         summary = {
             "bench": "e2e",
             "customers_simulated": args.customers,

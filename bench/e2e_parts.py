@@ -41,6 +41,7 @@ INPUTS: dict[str, tuple[str, tuple[Topic, ...]]] = {
 }
 STATE_TOPICS = (
     TOPICS.identity_state,
+    TOPICS.identity_dedup,  # the split identity's front stage (bench_e2e --replicas N > 1)
     TOPICS.scorer_state,
     TOPICS.scorer_model,
     TOPICS.segmenter_state,
@@ -98,12 +99,18 @@ class Feeder:
 class LagMonitor:
     """Samples each service's committed offsets and its input topics' ends in a thread."""
 
-    def __init__(self, settings: Settings, every: float = 2.0) -> None:
+    def __init__(
+        self,
+        settings: Settings,
+        every: float = 2.0,
+        groups: dict[str, tuple[str, list[str]]] | None = None,
+    ) -> None:
         # One probe (segflow.runtime.lag: consumers of each group, never the Admin API's
         # ListConsumerGroupOffsets, which crashes librdkafka while coordinators load), used by
         # the sampling thread and by wait_drained: one thread at a time, under a lock.
         self.probe = LagProbe(settings)
-        self.groups = {
+        # name -> (consumer group, its input topics); default: one group per service
+        self.groups = groups or {
             service: (settings.topic_prefix + group, [t.name(settings) for t in topics])
             for service, (group, topics) in INPUTS.items()
         }
@@ -120,14 +127,11 @@ class LagMonitor:
         with self._probe_lock:
             for service, (group, topics) in self.groups.items():
                 parts = [tp for name in topics for tp in self.probe.partitions(group, name)]
-                committed = self.probe.committed(group, parts)
-                behind = done = 0
-                for tp in parts:
-                    high = self.probe.high(group, tp)
-                    c = max(committed.get((tp.topic, tp.partition), 0), 0)
-                    gap = max(0, high - c)
-                    behind += gap if gap > 1 else 0  # a transaction marker is never consumed
-                    done += c
+                # records a read_committed reader can still read: transaction markers and
+                # aborted records (a kill -9 inside a transaction) are not lag
+                per_partition = self.probe.behind(group, parts).values()
+                behind = sum(left for left, _ in per_partition)
+                done = sum(max(c, 0) for _, c in per_partition)
                 out[service] = (behind, done)
         return out
 
@@ -351,24 +355,25 @@ def run_step(
     samples = lag.between(t0, t1)
     half = t0 + (t1 - t0) / 2
     end = samples[-1][1] if samples else {}
-    growth = {svc: slope([(t, s[svc][0]) for t, s in samples if t >= half]) for svc in INPUTS}
+    names = list(lag.groups)
+    growth = {svc: slope([(t, s[svc][0]) for t, s in samples if t >= half]) for svc in names}
     processed = {}
     if len(samples) >= 2:
         (ta, a), (tb, b) = samples[0], samples[-1]
-        processed = {svc: (b[svc][1] - a[svc][1]) / (tb - ta) for svc in INPUTS}
-    lag_end = {svc: end.get(svc, (0, 0))[0] for svc in INPUTS}
+        processed = {svc: (b[svc][1] - a[svc][1]) / (tb - ta) for svc in names}
+    lag_end = {svc: end.get(svc, (0, 0))[0] for svc in names}
     bound = max(1000.0, rate * max_lag_s)
     ok = (
         bool(samples)
         and n / took >= 0.9 * rate
-        and all(lag_end[svc] <= bound for svc in INPUTS)
-        and all(growth[svc] <= 0.05 * rate for svc in INPUTS)
+        and all(lag_end[svc] <= bound for svc in names)
+        and all(growth[svc] <= 0.05 * rate for svc in names)
     )
     return Step(rate, n, took, lag_end, growth, processed, ok)
 
 
 def show_step(step: Step) -> None:
-    lags = ", ".join(f"{s} {step.lag_end[s]:,} ({step.lag_growth[s]:+,.0f}/s)" for s in INPUTS)
+    lags = ", ".join(f"{s} {n:,} ({step.lag_growth[s]:+,.0f}/s)" for s, n in step.lag_end.items())
     proc = ", ".join(f"{s} {v:,.0f}/s" for s, v in step.processed.items())
     say(
         f"      {step.rate:>8,.0f}/s asked, {step.achieved:,.0f}/s produced: "

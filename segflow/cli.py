@@ -98,25 +98,31 @@ def available_services() -> list[str]:
     return available()
 
 
-#: Services whose state is partitioned (they may run as N instances of one consumer group);
-#: identity (one graph) runs once.
+#: Services whose state is partitioned (they may run as N instances of one consumer group).
 SCALABLE = ("scorer", "segmenter", "dispatcher")
+#: Services that run as N instances by splitting into roles (segflow.stack.processes):
+#: identity as N front-stage processes plus the graph writer, active and warm standby.
+SPLIT = ("identity",)
 
 
 def replica_counts(names: list[str], replicas: int, per_service: list[str]) -> dict[str, int]:
-    """Instances per service from ``--replicas N`` and ``--replicas-of name=N``.
+    """Instances per service from ``--replicas N`` and ``--replicas-of name=N`` (for
+    identity, N front-stage processes; see segflow.stack.processes).
 
-    >>> replica_counts(["identity", "segmenter"], 2, ["segmenter=3"])
-    {'identity': 1, 'segmenter': 3}
+    >>> replica_counts(["identity", "segmenter", "attributes"], 2, ["segmenter=3"])
+    {'identity': 2, 'segmenter': 3, 'attributes': 1}
     """
-    counts = {name: replicas if name in SCALABLE else 1 for name in names}
+    if replicas < 1:
+        raise SystemExit(f"--replicas: expected N >= 1, got {replicas}")
+    many = (*SPLIT, *SCALABLE)
+    counts = {name: replicas if name in many else 1 for name in names}
     for item in per_service:
         name, sep, n = item.partition("=")
         if not sep or not n.isdigit() or int(n) < 1:
             raise SystemExit(f"--replicas-of: expected service=N (N >= 1), got {item!r}")
-        if name not in SCALABLE and int(n) != 1:
+        if name not in many and int(n) != 1:
             raise SystemExit(
-                f"--replicas-of: {name} runs as one instance (scalable: {', '.join(SCALABLE)})"
+                f"--replicas-of: {name} runs as one instance (scalable: {', '.join(many)})"
             )
         if name in counts:
             counts[name] = int(n)
@@ -155,21 +161,27 @@ def cmd_up(args: argparse.Namespace) -> int:
             "SEGFLOW_VAULT_KEY": vault_key,
         },
     )
+    from segflow.stack import processes
+
     ports = {name: args.metrics_port + 10 + i for i, name in enumerate(names)}  # for the API
     counts = replica_counts(names, args.replicas, args.replicas_of or [])
     metrics_ports: dict[str, int] = {}
     query_ports: dict[str, list[int]] = {name: [] for name in names}
-    for i, name in enumerate(names):
-        for n in range(counts[name]):
-            # Instance 0 keeps the service's usual name and ports; the others get metrics
-            # ports from 9430 up and query ports from 9460 up (the API asks every instance).
-            child = name if n == 0 else f"{name}-{n}"
-            k = len(metrics_ports)
-            metrics_ports[child] = args.metrics_port + (i if n == 0 else 30 + k)
-            query_ports[name].append(ports[name] if n == 0 else args.metrics_port + 60 + k)
-            env = {"SEGFLOW_METRICS_PORT": str(metrics_ports[child]), "SEGFLOW_INSTANCE_ID": str(n)}
-            env.update(wiring.service_env(name, query_ports[name][-1]))
-            sup.add(child, [sys.executable, "-m", f"services.{name}"], env)
+    started: set[str] = set()
+    for k, proc in enumerate(processes(counts)):
+        # A service's first process keeps its usual ports; the others get metrics ports from
+        # 9430 up and query ports from 9460 up (the API asks every instance). Identity's
+        # front-stage processes have no query endpoint (the graph writers have).
+        i = names.index(proc.service)
+        first = proc.service not in started
+        started.add(proc.service)
+        metrics_ports[proc.name] = args.metrics_port + (i if first else 30 + k)
+        env = {"SEGFLOW_METRICS_PORT": str(metrics_ports[proc.name]), **proc.env}
+        if proc.serves_queries:
+            query = args.metrics_port + 60 + k if query_ports[proc.service] else ports[proc.service]
+            query_ports[proc.service].append(query)
+            env.update(wiring.service_env(proc.service, query))
+        sup.add(proc.name, [sys.executable, "-m", proc.module], env)
     token, token_source = wiring.local_token(Path(args.state_dir))
     api_url = wiring.add_gateway(sup, query_ports, args.api_port, token)
     from segflow.collector.cli import supervise as add_collector
@@ -178,7 +190,7 @@ def cmd_up(args: argparse.Namespace) -> int:
     sup.start_all()
     for child, mport in metrics_ports.items():
         print(
-            f"  {child:12} pid {sup.pids()[child]}  metrics http://127.0.0.1:"
+            f"  {child:17} pid {sup.pids()[child]}  metrics http://127.0.0.1:"
             f"{mport}/metrics  log {sup.children[child].log_path}"
         )
     print(f"  api        {api_url}/v1 (bearer token in {token_source}; spec /v1/openapi.yaml)")
@@ -267,7 +279,8 @@ def build_parser() -> argparse.ArgumentParser:
         type=int,
         default=1,
         help=f"instances of each scalable service ({', '.join(SCALABLE)}), one consumer group "
-        "each, partitions and state shared out between them (default 1)",
+        "each, partitions and state shared out between them; identity runs as N front-stage "
+        "processes plus its graph writer, active and warm standby (default 1: one process each)",
     )
     p.add_argument(
         "--replicas-of",

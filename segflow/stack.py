@@ -57,6 +57,83 @@ IDENTITY_ROLES: dict[str, tuple[str, tuple[Topic, ...]]] = {
 }
 
 
+#: Graph-writer processes when identity runs split: one active, one warm standby.
+IDENTITY_WRITERS = 2
+
+
+@dataclass(frozen=True)
+class Process:
+    """One process of a running stack: a service, or one role of it, and its instance.
+
+    ``name`` is what a supervisor calls it: the service or role name for instance 0,
+    ``<name>-<instance>`` for the others (``segmenter-1``, ``identity-front-1``).
+    """
+
+    name: str
+    service: str
+    instance: int
+    role: str | None = None  # identity's split roles: "front" or "writer"
+
+    @property
+    def module(self) -> str:
+        return BY_NAME[self.service].module
+
+    @property
+    def env(self) -> dict[str, str]:
+        """``SEGFLOW_INSTANCE_ID`` (names its transactional.id and static group.instance.id)
+        and, for a role of identity, ``SEGFLOW_IDENTITY_ROLE``."""
+        env = {"SEGFLOW_INSTANCE_ID": str(self.instance)}
+        if self.role is not None:
+            env["SEGFLOW_IDENTITY_ROLE"] = self.role
+        return env
+
+    @property
+    def serves_queries(self) -> bool:
+        """Whether it has a query endpoint for the API (identity's fronts hold no graph)."""
+        return self.role != "front"
+
+    def group(self, settings: Settings) -> str:
+        if self.role is not None:
+            return settings.topic_prefix + IDENTITY_ROLES[self.role][0]
+        return BY_NAME[self.service].group(settings)
+
+    def input_names(self, settings: Settings) -> list[str]:
+        topics = IDENTITY_ROLES[self.role][1] if self.role else BY_NAME[self.service].inputs
+        return [t.name(settings) for t in topics]
+
+
+def processes(counts: dict[str, int]) -> list[Process]:
+    """The processes that run ``counts[name]`` instances of each named service, in order.
+
+    Identity with more than one instance runs its split roles: N front-stage processes and
+    the graph writer, one active and ``IDENTITY_WRITERS - 1`` warm standbys; with one, the
+    one-process role.
+
+    >>> [p.name for p in processes({"identity": 2})]
+    ['identity-front', 'identity-front-1', 'identity-writer', 'identity-writer-1']
+    >>> [p.name for p in processes({"segmenter": 2})]
+    ['segmenter', 'segmenter-1']
+    >>> [p.name for p in processes({"identity": 1, "scorer": 1})]
+    ['identity', 'scorer']
+    """
+    out: list[Process] = []
+    for name, n in counts.items():
+        if n < 1:
+            raise ValueError(f"{name}: expected at least 1 instance, got {n}")
+        parts: list[tuple[str | None, int]] = [(None, n)]
+        if name == "identity" and n > 1:
+            parts = [("front", n), ("writer", IDENTITY_WRITERS)]
+        for role, k in parts:
+            base = f"{name}-{role}" if role else name
+            out += [Process(base if i == 0 else f"{base}-{i}", name, i, role) for i in range(k)]
+    return out
+
+
+def process_groups(settings: Settings, procs: list[Process]) -> dict[str, list[str]]:
+    """Consumer group → its input topic names, for the groups of these processes."""
+    return {p.group(settings): p.input_names(settings) for p in procs}
+
+
 def group_env(settings: Settings) -> dict[str, str]:
     """Environment that gives every service the group ``<prefix><name>`` (identity and the
     segmenter derive it from the prefix themselves; the others read a variable)."""

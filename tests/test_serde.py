@@ -13,7 +13,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from fastavro import schemaless_writer
+from fastavro import schemaless_reader, schemaless_writer
 
 from segflow.errors import ConfigError, DecodeError, InvalidRecord, RetryableError
 from segflow.runtime.broker import free_port
@@ -82,7 +82,11 @@ def test_encoding_a_record_missing_a_required_field_names_the_field() -> None:
         serde.encode(TOPICS.events, {"event_id": "e1", "occurred_at": 1, "user_id": "u"})
 
 
-def test_old_writer_schema_in_archive_is_resolved_to_the_current_reader(tmp_path: Path) -> None:
+def test_every_archived_writer_schema_is_resolved_to_the_current_reader(tmp_path: Path) -> None:
+    """Every version under ``schemas/archive/`` (the repository's own, plus an old
+    BehaviorEvent without ``variant`` added here): a producer still on it writes its example
+    record under its id, and a consumer on the current schema reads every field it wrote and
+    the fields added since at their defaults."""
     schemas = tmp_path / "schemas"
     shutil.copytree(SCHEMAS_DIR, schemas)
     current = json.loads((schemas / "io.segflow.BehaviorEvent.avsc").read_text())
@@ -91,12 +95,28 @@ def test_old_writer_schema_in_archive_is_resolved_to_the_current_reader(tmp_path
     (schemas / "archive" / "v0" / "io.segflow.BehaviorEvent.avsc").write_text(json.dumps(old))
     store = SchemaStore.from_dir(schemas)
     serde = Serde(store)
-    old_version = next(v for v in store.by_local_id.values() if v.path and "archive" in str(v.path))
-    # A producer still on the old schema writes under the old schema's id...
+    archived = [v for v in store.by_local_id.values() if v.path and "archive" in v.path.parts]
+    assert sorted(str(v.path) for v in archived) == sorted(
+        str(path) for path in (schemas / "archive").glob("*/*.avsc")
+    )
+    assert len(archived) >= 2  # the one added here and the repository's
+    topic_of = {t.value: t for t in TOPICS}
+    for version in archived:
+        example = json.loads((schemas / "examples" / f"{version.full_name}.json").read_text())
+        names = {f["name"] for f in version.schema["fields"]}
+        buf = io.BytesIO()
+        buf.write(struct.pack(">bI", 0, version.local_id))
+        schemaless_writer(buf, version.parsed, {k: v for k, v in example.items() if k in names})
+        written = schemaless_reader(io.BytesIO(buf.getvalue()[5:]), version.parsed)
+        out = serde.decode(topic_of[version.full_name], buf.getvalue())
+        for field in store.current[version.full_name].schema["fields"]:
+            name = field["name"]
+            want = written[name] if name in names else field["default"]
+            assert out[name] == want, f"{version.path}: {name}"
+    v0 = next(v for v in archived if v.path is not None and v.path.parent.name == "v0")
     buf = io.BytesIO()
-    buf.write(struct.pack(">bI", 0, old_version.local_id))
-    schemaless_writer(buf, old_version.parsed, EVENT)
-    # ...and a consumer on the current schema reads it, the new field at its default.
+    buf.write(struct.pack(">bI", 0, v0.local_id))
+    schemaless_writer(buf, v0.parsed, EVENT)
     out = serde.decode(TOPICS.events, buf.getvalue())
     assert out["variant"] is None and out["user_id"] == "u1"
 

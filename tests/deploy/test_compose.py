@@ -22,6 +22,15 @@ from segflow.supervisor import SERVICES
 
 #: Every service of the stack (SERVICES: those with a query endpoint behind the gateway).
 DEPLOYED = tuple(s.name for s in STACK)
+#: The compose services that run each: itself, or identity as its split roles (role given).
+COMPOSED: dict[str, dict[str, str | None]] = {
+    **{name: {name: None} for name in DEPLOYED},
+    "identity": {
+        "identity-front": "front",
+        "identity-writer": "writer",
+        "identity-writer-standby": "writer",
+    },
+}
 
 REPO = Path(__file__).resolve().parents[2]
 COMPOSE = REPO / "docker-compose.yml"
@@ -73,7 +82,9 @@ def bind_mounts(svc: dict[str, Any]) -> dict[str, Path]:
 
 
 def test_the_stack_has_every_part(services: dict[str, dict[str, Any]]) -> None:
-    assert {"kafka", "topics", *DEPLOYED, "prometheus", "grafana"} <= set(services)
+    composed = [c for roles in COMPOSED.values() for c in roles]
+    assert {"kafka", "topics", *composed, "prometheus", "grafana"} <= set(services)
+    assert "identity" not in services  # the one-process role would identify every event twice
     assert services["kafka"]["image"].startswith("apache/kafka:")
 
 
@@ -83,13 +94,15 @@ def test_each_service_runs_its_module_with_the_metrics_port_prometheus_scrapes(
 ) -> None:
     from segflow.cli import build_parser
 
-    svc = services[name]
-    assert command(svc) == ["python", "-m", f"services.{name}"]
-    assert find_spec(f"services.{name}.__main__") is not None
-    port = int(svc["environment"]["SEGFLOW_METRICS_PORT"])
-    # the port `segflow up` gives the same service, so both Prometheus configs agree
-    assert port == build_parser().parse_args(["up"]).metrics_port + DEPLOYED.index(name)
-    assert scrape_targets()[name] == [f"{name}:{port}"]
+    for host, role in COMPOSED[name].items():
+        svc = services[host]
+        assert command(svc) == ["python", "-m", f"services.{name}"]
+        assert find_spec(f"services.{name}.__main__") is not None
+        assert svc["environment"].get("SEGFLOW_IDENTITY_ROLE") == role, host
+        port = int(svc["environment"]["SEGFLOW_METRICS_PORT"])
+        # the port `segflow up` gives the same service, so both Prometheus configs agree
+        assert port == build_parser().parse_args(["up"]).metrics_port + DEPLOYED.index(name)
+    assert scrape_targets()[name] == [f"{host}:{port}" for host in COMPOSED[name]]
 
 
 def test_every_scrape_target_is_a_compose_service(services: dict[str, dict[str, Any]]) -> None:
@@ -153,9 +166,10 @@ def test_grafana_reaches_prometheus(services: dict[str, dict[str, Any]]) -> None
 def test_services_reach_the_broker(services: dict[str, dict[str, Any]]) -> None:
     advertised = services["kafka"]["environment"]["KAFKA_ADVERTISED_LISTENERS"]
     listeners = {item.split("://", 1)[1] for item in advertised.split(",")}
-    for name in ("topics", *DEPLOYED):
+    composed = [c for roles in COMPOSED.values() for c in roles]
+    for name in ("topics", *composed):
         assert services[name]["environment"]["KAFKA_BOOTSTRAP_SERVERS"] in listeners, name
-        if name in DEPLOYED:
+        if name in composed:
             assert services[name]["depends_on"]["topics"] == {
                 "condition": "service_completed_successfully"
             }
@@ -213,9 +227,28 @@ def test_the_api_gateway_reaches_every_service_query_endpoint(
     assert env["SEGFLOW_API_TOKEN"] == "${SEGFLOW_API_TOKEN:-}"  # from the environment only
     assert api["ports"] == [f"127.0.0.1:{env['SEGFLOW_API_PORT']}:{env['SEGFLOW_API_PORT']}"]
     for name in SERVICES:
-        svc_env = {**services[name]["environment"]}
-        port = svc_env[SERVICE_PORT_ENV[name]]
-        assert env[f"SEGFLOW_API_{name.upper()}_URL"] == f"http://{name}:{port}"
-        # bound beyond loopback so another container reaches it, but never published
-        assert svc_env["SEGFLOW_INTERNAL_API_HOST"] == "0.0.0.0"
-        assert not any(str(p).endswith(f":{port}") for p in services[name].get("ports", []))
+        urls = []
+        for host, role in COMPOSED[name].items():
+            svc_env = {**services[host]["environment"]}
+            if role == "front":  # holds no graph: no query endpoint
+                assert SERVICE_PORT_ENV[name] not in svc_env, host
+                continue
+            port = svc_env[SERVICE_PORT_ENV[name]]
+            urls.append(f"http://{host}:{port}")
+            # bound beyond loopback so another container reaches it, but never published
+            assert svc_env["SEGFLOW_INTERNAL_API_HOST"] == "0.0.0.0"
+            assert not any(str(p).endswith(f":{port}") for p in services[host].get("ports", []))
+        assert env[f"SEGFLOW_API_{name.upper()}_URL"] == ",".join(urls)
+
+
+def test_identity_runs_scalable_fronts_and_a_writer_with_a_standby(
+    services: dict[str, dict[str, Any]],
+) -> None:
+    front = services["identity-front"]
+    assert front["deploy"]["replicas"] >= 1  # `--scale identity-front=N` or deploy.replicas
+    assert front["environment"]["SEGFLOW_INSTANCE_ID"] == "hostname"  # one per replica
+    writers = [services[h] for h, role in COMPOSED["identity"].items() if role == "writer"]
+    ids = [w["environment"]["SEGFLOW_INSTANCE_ID"] for w in writers]
+    # one active and one warm standby, each with its own static instance id (fencing)
+    assert len(writers) == 2 and len(set(ids)) == 2 and "hostname" not in ids
+    assert all(w.get("deploy", {}).get("replicas", 1) == 1 for w in writers)
