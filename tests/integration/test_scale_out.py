@@ -22,6 +22,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+from confluent_kafka import Consumer, TopicPartition
 
 from segflow.runtime.serde import Serde
 from segflow.runtime.settings import Settings
@@ -132,6 +133,53 @@ def settled(
     raise AssertionError(f"output still changing after {timeout}s ({len(last)} records)")
 
 
+def caught_up(
+    s: Settings, group: str, topics: list[Any], fleet: Fleet, timeout: float = 120.0
+) -> None:
+    """Wait until ``group`` committed every record of ``topics`` (written here without
+    transactions, so a partition's end offset is its record count) and no transaction is open
+    on the service's outputs (read_committed end == end: a ``kill -9``ed instance's open
+    transaction hides everything written after it from read_committed readers until the
+    broker aborts it, up to the transaction timeout plus the broker's 10 s check interval).
+
+    Output that stops changing is not enough after a kill: while that transaction is open,
+    the output looks settled and the next input (merges) would be sent before the new owner
+    of the killed instance's partitions had even started on the scores."""
+    names = [t.name(s) for t in topics]
+    outputs = [TOPICS.segment_changes.name(s), TOPICS.segmenter_state.name(s)]
+    base = {**s.kafka_config(), "enable.auto.commit": False}
+    committed_view = Consumer({**base, "group.id": group})
+    committed_reader = Consumer({**base, "group.id": group, "isolation.level": "read_committed"})
+    raw_reader = Consumer({**base, "group.id": group, "isolation.level": "read_uncommitted"})
+    deadline = time.monotonic() + timeout
+    try:
+        while True:
+            fleet.check_alive()
+            behind: list[str] = []
+            for name in names:
+                parts = sorted(committed_view.list_topics(name, timeout=10).topics[name].partitions)
+                tps = [TopicPartition(name, p) for p in parts]
+                for tp in committed_view.committed(tps, timeout=10):
+                    low, end = committed_view.get_watermark_offsets(tp, timeout=10)
+                    if max(tp.offset, low) < end:
+                        behind.append(f"{name}[{tp.partition}] at {tp.offset} of {end}")
+            for name in outputs:
+                parts = sorted(raw_reader.list_topics(name, timeout=10).topics[name].partitions)
+                for p in parts:
+                    tp = TopicPartition(name, p)
+                    stable = committed_reader.get_watermark_offsets(tp, timeout=10)[1]
+                    end = raw_reader.get_watermark_offsets(tp, timeout=10)[1]
+                    if stable < end:
+                        behind.append(f"{name}[{p}] open transaction at {stable} of {end}")
+            if not behind:
+                return
+            assert time.monotonic() < deadline, f"not caught up after {timeout:g} s: {behind}"
+            time.sleep(0.5)
+    finally:
+        for c in (committed_view, committed_reader, raw_reader):
+            c.close()
+
+
 # -- segmenter -----------------------------------------------------------------------------
 def scores(customers: int, days: int, seed: int = 7) -> list[dict[str, Any]]:
     """Daily scores of every customer, in event-time order (interleaved customers)."""
@@ -221,10 +269,12 @@ def run_segmenters(
     send(s, TOPICS.scores, data, by_customer)
     for inst in instances:
         fleet.start("services.segmenter", s, inst, segmenter_env(defs))
-    settled(lambda: changes(s), fleet)
+    group = s.topic_prefix + "segmenter"
+    caught_up(s, group, [TOPICS.scores], fleet)
     last_day = max(r["as_of"] for r in data)
     send(s, TOPICS.merges, merges(merge_pairs(120), last_day), by_absorbed)
-    out = settled(lambda: changes(s), fleet)
+    caught_up(s, group, [TOPICS.scores, TOPICS.merges], fleet)
+    out = settled(lambda: changes(s), fleet, quiet=3.0)
     fleet.stop()
     owned = fleet.owned(s)
     assert sorted(owned) == sorted(instances) and all(owned.values()), owned
@@ -265,9 +315,11 @@ def test_two_segmenters_emit_exactly_what_one_does_also_across_kill_9_and_a_new_
     at_kill = len(changes(s))
     fleet.start("services.segmenter", s, "2", segmenter_env(defs))
     send(s, TOPICS.scores, data[half:], by_customer)
-    settled(lambda: changes(s), fleet, quiet=6.0)
+    group = s.topic_prefix + "segmenter"
+    caught_up(s, group, [TOPICS.scores], fleet)
     send(s, TOPICS.merges, merges(merge_pairs(120), data[-1]["as_of"]), by_absorbed)
-    three = settled(lambda: changes(s), fleet, quiet=6.0)
+    caught_up(s, group, [TOPICS.scores, TOPICS.merges], fleet)
+    three = settled(lambda: changes(s), fleet, quiet=3.0)
     fleet.stop()
     owned = fleet.owned(s)
     assert owned.get("2"), f"the added instance never owned a partition: {owned}"
