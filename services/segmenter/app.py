@@ -33,10 +33,7 @@ import time
 from collections import deque
 from collections.abc import Iterable, Iterator
 from dataclasses import replace
-from pathlib import Path
 from typing import Any
-
-from pydantic_settings import BaseSettings, SettingsConfigDict
 
 from segflow.errors import InvalidRecord
 from segflow.runtime.kafka import ensure_topics
@@ -65,14 +62,14 @@ from services.segmenter.metrics import (
     count_change,
 )
 from services.segmenter.quantiles import Column
+from services.segmenter.settings import DEFAULT_DEFINITIONS as DEFAULT_DEFINITIONS
+from services.segmenter.settings import SegmenterConfig as SegmenterConfig
 from services.segmenter.shared import load_definitions
 
 log = logging.getLogger("segflow.segmenter")
 #: The metrics this service exports (metrics.py), held here too for tests/deploy's checks.
 METRICS = (ATTRIBUTE_UPDATES, FLAPS, LOOKUP_LOADS, MISSING_FEATURES, TRANSITIONS)
 
-HERE = Path(__file__).resolve().parent
-DEFAULT_DEFINITIONS = HERE / "segments" / "default.yaml"
 SEGMENT_KEY = "segment:"
 #: The customer branch of the state record's union, named for fastavro's tuple notation.
 CUSTOMER_RECORD = "io.segflow.SegmenterCustomer"
@@ -83,23 +80,6 @@ STATE_TOPIC: Topic = TOPICS.segmenter_state
 
 #: Score fields that may legitimately be absent (the cluster is nullable).
 OPTIONAL_FIELDS = frozenset({"cluster"})
-
-
-class SegmenterConfig(BaseSettings):
-    """The segmenter's own settings (``SEGFLOW_SEGMENTER_*``)."""
-
-    model_config = SettingsConfigDict(env_prefix="SEGFLOW_SEGMENTER_", extra="ignore")
-
-    definitions: Path = DEFAULT_DEFINITIONS
-    group_id: str = "segmenter"
-    instance: str = "segmenter-0"  # transactional.id and static group member id
-    reload_interval: float = 2.0  # seconds between mtime polls of the definitions file
-    percentile_refresh: float = 60.0  # seconds between recomputations of pNN thresholds
-    tick_interval: float = 0.5
-    batch_size: int = 2000
-    max_timers_per_tick: int = 20000
-    http_port: int | None = None
-    pre_commit_delay: float = 0.0  # fault injection for tests (widens the open transaction)
 
 
 def serde_for(settings: Settings) -> Serde:
