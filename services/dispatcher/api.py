@@ -44,7 +44,7 @@ def _action(a: core.Action) -> dict[str, Any]:
 
 def routes(dispatcher: Dispatcher) -> Routes:
     """The routes over one running dispatcher's ledger."""
-    r = Routes("dispatcher")
+    r = Routes("dispatcher", live=True)  # the ledger is read live (not yet published)
 
     @r.get("/health")
     def health(_p: Params, _q: Query) -> dict[str, Any]:

@@ -7,10 +7,14 @@
   identifier (hashed on arrival with the service's secret, never stored or logged).
 
 Served by :func:`segflow.runtime.internal_api.serve` on ``SEGFLOW_IDENTITY_HTTP_PORT`` (127.0.0.1).
+The routes read a :class:`GraphView` published after each commit of the service's store
+(:mod:`segflow.runtime.snapshot`): one committed graph, never the batch being written.
 """
 
 from __future__ import annotations
 
+from collections.abc import Iterable
+from dataclasses import dataclass
 from typing import Any
 
 from segflow.runtime.internal_api import (
@@ -22,24 +26,60 @@ from segflow.runtime.internal_api import (
     Routes,
     serve,
 )
+from segflow.runtime.snapshot import Snapshot
+from segflow.runtime.state import ChangelogStore
 from services.identity import core
 from services.identity.app import IdentityService, node_hasher
 
+#: The state entries the routes read: profiles and identifier nodes (not the ``e:`` window).
+GRAPH_PREFIXES = ("p:", "n:")
+
+
+@dataclass(frozen=True)
+class GraphView:
+    """The committed graph as of one commit: profile and node entries, and the state's size."""
+
+    entries: Snapshot[dict[str, Any]]
+    state_entries: int
+
+
+class GraphPublisher:
+    """Publishes a :class:`GraphView` each time the store commits (the loop thread runs it; a
+    request reads :attr:`view`, one reference, whole)."""
+
+    def __init__(self, store: ChangelogStore) -> None:
+        self.store = store
+        self.view = self._full()
+        store.on_committed = self.committed
+
+    def _full(self) -> GraphView:
+        graph = ((k, v) for k, v in self.store.table.items() if k[:2] in GRAPH_PREFIXES)
+        return GraphView(Snapshot.build(graph), len(self.store.table))
+
+    def committed(self, keys: Iterable[str] | None) -> None:
+        if keys is None:  # restored or dropped: anything may have changed
+            self.view = self._full()
+            return
+        table = self.store.table
+        changes = {k: table.get(k) for k in keys if k[:2] in GRAPH_PREFIXES}
+        self.view = GraphView(self.view.entries.evolve(changes), len(table))
+
 
 def routes(service: IdentityService) -> Routes:
-    """The routes over one running service's state."""
+    """The routes over the graph the service last committed."""
     r = Routes("identity")
-    store = service.store
+    published = GraphPublisher(service.store)
     hasher = node_hasher(service.settings.hash_secret.get_secret_value())
 
     @r.get("/health")
     def health(_p: Params, _q: Query) -> dict[str, Any]:
-        return {"service": "identity", "status": "ok", "state_entries": len(store)}
+        entries = published.view.state_entries
+        return {"service": "identity", "status": "ok", "state_entries": entries}
 
     @r.get("/customers/{customer_id}")
     def customer(p: Params, _q: Query) -> dict[str, Any]:
         cid = p["customer_id"]
-        profile = store.get("p:" + cid)
+        profile = published.view.entries.get("p:" + cid)
         if profile is None:
             raise NotFound(f"identity has no profile {cid!r}")
         ids = [
@@ -64,7 +104,7 @@ def routes(service: IdentityService) -> Routes:
         if not value.strip():
             raise BadRequest("value is required")
         nodes = core.identifiers({id_type: value}, service.rules, hasher)
-        node = store.get("n:" + nodes[0]) if nodes else None
+        node = published.view.entries.get("n:" + nodes[0]) if nodes else None
         if node is None or not node.get("customer_id"):
             raise NotFound(f"no customer holds that {id_type}")
         return {"customer_id": node["customer_id"], "type": id_type}

@@ -1,4 +1,4 @@
-"""The segmenter's read-only HTTP API (stdlib server in a background thread).
+"""The segmenter's read-only HTTP API (aiohttp in a background thread).
 
 * ``GET /health`` — the service answers; customers, watermark, definition version;
 * ``GET /segments`` — size of every segment and the definition version; ``segments`` lists
@@ -11,6 +11,10 @@
 
 Errors are ``{"error": {"code", "message"}}`` (:mod:`segflow.runtime.internal_api`). Served on
 ``SEGFLOW_SEGMENTER_HTTP_PORT``; the API gateway (:mod:`segflow.api.gateway`) aggregates it.
+
+The routes read a :class:`SegmenterView` the segmenter publishes after each commit (customers
+as a :class:`~segflow.runtime.snapshot.Snapshot`, with the definitions, thresholds, sizes and
+watermarks of that commit): a request sees one committed state, never a batch half applied.
 """
 
 from __future__ import annotations
@@ -18,6 +22,8 @@ from __future__ import annotations
 import heapq
 import threading
 import time
+from collections.abc import Callable, Iterable, Iterator, Mapping
+from dataclasses import dataclass
 from typing import Any, Protocol
 
 from segflow.runtime.internal_api import (
@@ -30,13 +36,18 @@ from segflow.runtime.internal_api import (
     int_param,
 )
 from segflow.runtime.internal_api import serve as serve_routes
+from segflow.runtime.snapshot import Snapshot
+from services.segmenter import core
+from services.segmenter.app import Segmenter
 
 MAX_PAGE = 10_000
 
 
 class Queries(Protocol):
-    defs: Any
-    states: dict[str, Any]
+    @property
+    def defs(self) -> Any: ...
+    @property
+    def states(self) -> Mapping[str, Any]: ...
 
     @property
     def statuses(self) -> dict[str, Any]: ...
@@ -47,12 +58,95 @@ class Queries(Protocol):
     def explain(self, customer_id: str) -> dict[str, Any] | None: ...
 
 
-def routes(queries: Queries) -> Routes:
-    """The routes over a running segmenter's state."""
+@dataclass(frozen=True)
+class SegmenterView:
+    """What the segmenter had committed at one commit: customers and everything a query reads
+    beside them (the running definitions, thresholds, lookups, sizes, statuses, watermarks)."""
+
+    defs: Any
+    states: Snapshot[core.CustomerState]
+    sizes: dict[str, int]
+    statuses: dict[str, Any]
+    watermarks: dict[int, int]
+    thresholds: dict[tuple[str, float], float]
+    lookups: dict[str, dict[str, str]]
+    partition_of: Callable[[str], int]
+
+    @property
+    def watermark(self) -> int:
+        return min(self.watermarks.values(), default=0)
+
+    def segment_sizes(self) -> dict[str, int]:
+        return {name: self.sizes.get(name, 0) for name in self.defs.by_name}
+
+    def explain(self, customer_id: str) -> dict[str, Any] | None:
+        st = self.states.get(customer_id)
+        if st is None:
+            return None
+        now = max(self.watermarks.get(self.partition_of(customer_id), 0), st.as_of)
+        return {
+            "customer_id": customer_id,
+            "definition_version": self.defs.version,
+            "as_of": st.as_of,
+            "primary_segment": st.primary,
+            "segments": core.explain_customer(st, now, self.defs, self.thresholds, self.lookups),
+        }
+
+
+class ViewPublisher:
+    """Publishes a :class:`SegmenterView` at each of the segmenter's commits (on the loop
+    thread, through ``Segmenter.on_committed``); a request reads :attr:`view`, one reference."""
+
+    def __init__(self, segmenter: Segmenter) -> None:
+        self.segmenter = segmenter
+        self.view = self._make(Snapshot.build(segmenter.states))
+        segmenter.on_committed = self.committed
+
+    def _make(self, states: Snapshot[core.CustomerState]) -> SegmenterView:
+        seg = self.segmenter
+        return SegmenterView(
+            defs=seg.defs,
+            states=states,
+            sizes=dict(seg.sizes),
+            statuses=seg.statuses,  # a new dict each time
+            watermarks=dict(seg.watermarks),
+            thresholds=seg.thresholds,  # replaced, never mutated, by a refresh
+            lookups=dict(seg.lookups),  # tables are replaced whole
+            partition_of=seg.store.partition_of,
+        )
+
+    def committed(self, keys: Iterable[str] | None) -> None:
+        """``keys``: the customers changed by the committed transaction; None: any may have
+        (a restore, an assignment or a revocation)."""
+        states = self.segmenter.states
+        if keys is None:
+            self.view = self._make(Snapshot.build(states))
+        else:
+            self.view = self._make(self.view.states.evolve({k: states.get(k) for k in keys}))
+
+
+def _pairs(states: Mapping[str, Any]) -> Iterator[tuple[str, Any]]:
+    """Every (customer, state) of a snapshot, or of a plain dict (a copy of its items)."""
+    return states.pairs() if isinstance(states, Snapshot) else iter(list(states.items()))
+
+
+def current(queries: Queries | Segmenter) -> Callable[[], Queries]:
+    """What each request reads: the view a running segmenter published last (a publisher is
+    attached here), or ``queries`` itself when it is a fixed view (tests, benches)."""
+    if isinstance(queries, Segmenter):
+        publisher = ViewPublisher(queries)
+        return lambda: publisher.view
+    return lambda: queries
+
+
+def routes(source: Queries | Segmenter) -> Routes:
+    """The routes over a running segmenter's published state (or over a fixed view)."""
     r = Routes("segmenter")
+    view = current(source)
 
     @r.get("/health")
     def health(_p: Params, _q: Query) -> dict[str, Any]:
+        queries = view()
         return {
             "service": "segmenter",
             "status": "ok",
@@ -64,6 +158,7 @@ def routes(queries: Queries) -> Routes:
     @r.get("/percentiles")
     def percentiles(_p: Params, _q: Query) -> dict[str, Any]:
         """The pNN thresholds in use (deployment-wide under N instances: README.md)."""
+        queries = view()
         return {
             "definition_version": queries.defs.version,
             "thresholds": {
@@ -74,6 +169,7 @@ def routes(queries: Queries) -> Routes:
 
     @r.get("/segments")
     def segments(_p: Params, _q: Query) -> dict[str, Any]:
+        queries = view()
         sizes = queries.segment_sizes()
         statuses = dict(queries.statuses)
         return {
@@ -93,6 +189,7 @@ def routes(queries: Queries) -> Routes:
 
     @r.get("/segments/{name}")
     def members(p: Params, q: Query) -> dict[str, Any]:
+        queries = view()
         name = p["name"]
         if name not in queries.defs.by_name:
             raise NotFound(f"no segment {name!r}")
@@ -103,7 +200,7 @@ def routes(queries: Queries) -> Routes:
             limit + 1,
             (
                 cid
-                for cid, st in list(queries.states.items())
+                for cid, st in _pairs(queries.states)
                 if cid > after and (m := st.memberships.get(name)) is not None and m.active
             ),
         )
@@ -117,12 +214,12 @@ def routes(queries: Queries) -> Routes:
 
     @r.get("/customers/{customer_id}")
     def customer(p: Params, _q: Query) -> dict[str, Any]:
-        found = queries.explain(p["customer_id"])
+        found = view().explain(p["customer_id"])
         if found is None:
             raise NotFound("segmenter has no state for that customer")
         return found
 
-    console_routes(r, queries)
+    console_routes(r, view)
     return r
 
 
@@ -153,7 +250,7 @@ class ConsoleSnapshot:
         members: dict[str, list[tuple[str, float | None, int | None]]] = {n: [] for n in names}
         entered: dict[str, dict[int, int]] = {n: {} for n in names}
         exited: dict[str, dict[int, int]] = {n: {} for n in names}
-        for cid, st in list(queries.states.items()):
+        for cid, st in _pairs(queries.states):
             churn = st.values.get("churn_probability")
             churn = churn if isinstance(churn, float) else None
             for name, m in list(st.memberships.items()):
@@ -185,7 +282,7 @@ class ConsoleSnapshot:
         return out
 
 
-def console_routes(r: Routes, queries: Queries) -> None:
+def console_routes(r: Routes, view: Callable[[], Queries]) -> None:
     """Reads for the browser console (segflow.api.console), over the same state.
 
     * ``GET /console/flow?hours=N`` — per segment, entries and exits per hour of event time
@@ -206,7 +303,7 @@ def console_routes(r: Routes, queries: Queries) -> None:
 
     def refresh() -> None:
         try:
-            snap = ConsoleSnapshot(queries)
+            snap = ConsoleSnapshot(view())
             with lock:
                 cache[:] = [snap]
         finally:
@@ -216,6 +313,7 @@ def console_routes(r: Routes, queries: Queries) -> None:
         """The current snapshot. One older than the TTL (but not than STALE_MAX, and of the
         running definitions) is answered while a new one is made in the background, so a
         page does not wait for the pass; none, or a too old one, is made now."""
+        queries = view()
         with lock:
             snap = cache[0] if cache else None
             if snap is not None and snap.version == queries.defs.version:
@@ -243,7 +341,7 @@ def console_routes(r: Routes, queries: Queries) -> None:
     @r.get("/console/segments/{name}/members")
     def members(p: Params, q: Query) -> dict[str, Any]:
         name = p["name"]
-        if name not in queries.defs.by_name:
+        if name not in view().defs.by_name:
             raise NotFound(f"no segment {name!r}")
         limit = int_param(q, "limit", 50, 1, 1000)
         offset = int_param(q, "offset", 0, 0, 10_000_000)
@@ -273,7 +371,7 @@ def console_routes(r: Routes, queries: Queries) -> None:
 
     @r.get("/console/customers/{customer_id}/memberships")
     def history(p: Params, _q: Query) -> dict[str, Any]:
-        st = queries.states.get(p["customer_id"])
+        st = view().states.get(p["customer_id"])
         if st is None:
             raise NotFound("segmenter has no state for that customer")
         return {
@@ -292,6 +390,6 @@ def console_routes(r: Routes, queries: Queries) -> None:
         }
 
 
-def serve(queries: Queries, port: int, host: str = "127.0.0.1") -> InternalServer:
+def serve(source: Queries | Segmenter, port: int, host: str = "127.0.0.1") -> InternalServer:
     """Start the API on ``port`` (0 picks a free one: read ``server.port``)."""
-    return serve_routes(routes(queries), port, host)
+    return serve_routes(routes(source), port, host)

@@ -31,7 +31,7 @@ import heapq
 import logging
 import time
 from collections import deque
-from collections.abc import Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from dataclasses import replace
 from typing import Any
 
@@ -159,6 +159,9 @@ class Segmenter:
         self.score_decoder = MapProjection(
             self.serde, TOPICS.scores, "features", self.defs.features
         )
+        #: Told at each commit which customers it changed (None after a restore, assignment
+        #: or revocation: any may have): how the internal API publishes its view (api.py).
+        self.on_committed: Callable[[Iterable[str] | None], None] | None = None
 
     # -- start ---------------------------------------------------------------------------
     def restore(self, create: bool = True) -> int:
@@ -193,6 +196,8 @@ class Segmenter:
         self._committed_watermarks = dict(self.watermarks)
         self._recount()
         self._refresh_thresholds()
+        if self.on_committed is not None:
+            self.on_committed(None)
 
     def _recount(self) -> None:
         self.sizes = {}
@@ -228,6 +233,8 @@ class Segmenter:
             self._committed_watermarks.pop(part, None)
             self.part_statuses.pop(part, None)
         self._recount()
+        if self.on_committed is not None:
+            self.on_committed(None)
 
     @property
     def watermark(self) -> int:
@@ -472,6 +479,8 @@ class Segmenter:
         return f"{SEGMENT_KEY}{name}@{part}"
 
     def on_commit(self) -> None:
+        if self.on_committed is not None:
+            self.on_committed(self._dirty)
         self._dirty.clear()
         self._committed_watermarks = dict(self.watermarks)
 
