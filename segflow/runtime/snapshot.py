@@ -1,117 +1,129 @@
-"""Immutable views of a service's state, published at each commit for its query threads.
+"""Views of a service's state published at each commit, for its query threads.
 
 The processing loop mutates a service's tables on its own thread; the internal API
-(:mod:`segflow.runtime.internal_api`) answers from another. Instead of reading the live
-tables (and retrying a read torn by a concurrent change), a service publishes after each
-committed transaction a :class:`Snapshot` of what its queries read, and a query reads only the
-snapshot it picked up: never a half-applied batch, never a dictionary changing under it.
+(:mod:`segflow.runtime.internal_api`) answers from another. Instead of reading the live tables
+(and retrying a read torn by a concurrent change), a service publishes after each committed
+transaction what its queries read, and a request reads only the view it acquired: one
+committed state, whole, never a batch half applied, never a dictionary changing under it.
 
-A snapshot is a persistent mapping: a tuple of small shard dicts, never mutated once
-published. :meth:`Snapshot.evolve` copies only the shards a batch touched (and the tuple of
-shard references), so publishing a batch of ``k`` changed keys over ``n`` entries costs about
-``k`` small dict copies plus ``n / SHARD_SIZE`` references, not a copy of the table
-(``bench/bench_snapshot.py`` measures it). Values are shared, not copied: they must be
-immutable, or replaced rather than mutated by the writer (the services' records are).
+:class:`Published` keeps two copies of the table's references (not of its values) and swaps
+them: the published one is never written while published; the other is brought up to date
+with the keys the last commits changed, once no request still reads it, and then published.
+A commit costs O(keys it changed), not a copy of the table (``bench/bench_snapshot.py``).
+Neither side waits: a request in flight on the previous copy only delays the swap to a later
+commit (the view then lags a commit behind). Values are shared, never copied, so they must be
+immutable or replaced rather than mutated by the writer (the services' records are).
 
->>> a = Snapshot.build({"x": 1, "y": 2})
->>> b = a.evolve({"x": 10, "z": 3, "y": None})
->>> dict(sorted(a.items())), dict(sorted(b.items()))
-({'x': 1, 'y': 2}, {'x': 10, 'z': 3})
->>> len(b), b.get("y"), "z" in b
-(2, None, True)
+>>> table = Published({"x": 1, "y": 2}, extra="v1")
+>>> with table.read() as view:
+...     table.publish({"x": 10, "z": 3, "y": None}, extra="v2")  # the loop commits meanwhile
+...     sorted(view.items()), view.extra
+([('x', 1), ('y', 2)], 'v1')
+>>> table.publish({}, extra="v3")  # the next commit: the reader is gone, the swap happens
+>>> with table.read() as view:
+...     sorted(view.items()), view.extra
+([('x', 10), ('z', 3)], 'v3')
 """
 
 from __future__ import annotations
 
+import threading
 from collections.abc import Iterable, Iterator, Mapping
-from typing import Generic, TypeVar
+from contextlib import contextmanager
+from typing import Any, Generic, TypeVar
 
 V = TypeVar("V")
-
-#: Entries per shard aimed at: a touched shard is copied whole at publication.
-SHARD_SIZE = 16
-#: Fewest shards (a power of two).
-MIN_SHARDS = 64
+E = TypeVar("E")
 
 
-def _shards_for(n: int) -> int:
-    count = MIN_SHARDS
-    while count * SHARD_SIZE < n:
-        count *= 2
-    return count
+class _Buffer(Generic[V]):
+    __slots__ = ("table", "readers")
+
+    def __init__(self, table: dict[str, V]) -> None:
+        self.table = table
+        self.readers = 0
 
 
-class Snapshot(Mapping[str, V], Generic[V]):
-    """An immutable string-keyed mapping that is cheap to derive with a few keys changed."""
+class View(Mapping[str, V], Generic[V, E]):
+    """A read-only mapping over one published copy, with what was published beside it
+    (``extra``). Valid inside its :meth:`Published.read` block only."""
 
-    __slots__ = ("_shards", "_mask", "_len")
+    __slots__ = ("_table", "extra")
 
-    def __init__(self, shards: tuple[dict[str, V], ...], length: int) -> None:
-        self._shards = shards
-        self._mask = len(shards) - 1
-        self._len = length
-
-    @classmethod
-    def build(cls, items: Mapping[str, V] | Iterable[tuple[str, V]]) -> Snapshot[V]:
-        """A snapshot of ``items`` (a full pass: at start, or after a restore)."""
-        pairs = list(items.items() if isinstance(items, Mapping) else items)
-        count = _shards_for(len(pairs))
-        mask = count - 1
-        shards: list[dict[str, V]] = [{} for _ in range(count)]
-        for key, value in pairs:
-            shards[hash(key) & mask][key] = value
-        return cls(tuple(shards), sum(len(s) for s in shards))
-
-    @classmethod
-    def empty(cls) -> Snapshot[V]:
-        return cls.build(())
-
-    def evolve(self, changes: Mapping[str, V | None]) -> Snapshot[V]:
-        """A new snapshot with ``changes`` applied (``None`` removes the key); this one is
-        unchanged. Only the shards holding a changed key are copied."""
-        if not changes:
-            return self
-        mask = self._mask
-        shards = list(self._shards)
-        copied: set[int] = set()
-        length = self._len
-        for key, value in changes.items():
-            i = hash(key) & mask
-            shard = shards[i]
-            if i not in copied:
-                shard = shards[i] = dict(shard)
-                copied.add(i)
-            if value is None:
-                if shard.pop(key, _ABSENT) is not _ABSENT:
-                    length -= 1
-            else:
-                if key not in shard:
-                    length += 1
-                shard[key] = value
-        if length > len(shards) * SHARD_SIZE * 4:  # grown well past its shards: reshard
-            return Snapshot.build((k, v) for s in shards for k, v in s.items())
-        return Snapshot(tuple(shards), length)
+    def __init__(self, table: dict[str, V], extra: E) -> None:
+        self._table = table
+        self.extra = extra
 
     def __getitem__(self, key: str) -> V:
-        return self._shards[hash(key) & self._mask][key]
+        return self._table[key]
 
-    def get(self, key: str, default: V | None = None) -> V | None:  # type: ignore[override]
-        return self._shards[hash(key) & self._mask].get(key, default)
+    def get(self, key: str, default: Any = None) -> Any:
+        return self._table.get(key, default)
 
     def __contains__(self, key: object) -> bool:
-        return isinstance(key, str) and key in self._shards[hash(key) & self._mask]
+        return key in self._table
 
     def __iter__(self) -> Iterator[str]:
-        for shard in self._shards:
-            yield from shard
-
-    def pairs(self) -> Iterator[tuple[str, V]]:
-        """``(key, value)`` of every entry (faster than ``items()``: no second lookup)."""
-        for shard in self._shards:
-            yield from shard.items()
+        return iter(self._table)
 
     def __len__(self) -> int:
-        return self._len
+        return len(self._table)
+
+    def pairs(self) -> Iterator[tuple[str, V]]:
+        """``(key, value)`` of every entry (no second lookup per key, unlike ``items()``)."""
+        return iter(self._table.items())
 
 
-_ABSENT = object()
+class Published(Generic[V, E]):
+    """A table published at each commit by one writer thread, read by any number of others."""
+
+    def __init__(self, items: Mapping[str, V] | Iterable[tuple[str, V]], extra: E) -> None:
+        self._lock = threading.Lock()
+        self.rebuild(items, extra)
+
+    def rebuild(self, items: Mapping[str, V] | Iterable[tuple[str, V]], extra: E) -> None:
+        """Publish a whole new table (at start, after a restore or a revocation): O(size)."""
+        table = dict(items)
+        current, spare = _Buffer(table), _Buffer(dict(table))
+        with self._lock:
+            self._current, self._spare = current, spare
+            self._extra = extra
+        #: Changes the spare copy has not had yet (it was published before them), and the
+        #: changes since the last swap (which the published copy will lack once retired).
+        self._behind: dict[str, V | None] = {}
+        self._since_swap: dict[str, V | None] = {}
+
+    def publish(self, changes: Mapping[str, V | None], extra: E) -> None:
+        """After a commit (writer thread): the changed keys (``None``: deleted) and the new
+        ``extra``. Published at once unless a request still reads the spare copy; then with
+        a later commit's."""
+        self._behind.update(changes)
+        self._since_swap.update(changes)
+        with self._lock:
+            spare = self._spare
+            if spare.readers:  # a request started before the last swap is still on it
+                return
+        table = spare.table
+        for key, value in self._behind.items():
+            if value is None:
+                table.pop(key, None)
+            else:
+                table[key] = value
+        with self._lock:
+            self._current, self._spare = spare, self._current
+            self._extra = extra
+        # The copy just retired was published before the changes since that swap.
+        self._behind, self._since_swap = self._since_swap, {}
+
+    @contextmanager
+    def read(self) -> Iterator[View[V, E]]:
+        """The current view, not written to until the block ends (request threads)."""
+        with self._lock:
+            buffer = self._current
+            buffer.readers += 1
+            extra = self._extra
+        try:
+            yield View(buffer.table, extra)
+        finally:
+            with self._lock:
+                buffer.readers -= 1

@@ -23,6 +23,7 @@ import heapq
 import threading
 import time
 from collections.abc import Callable, Iterable, Iterator, Mapping
+from contextlib import AbstractContextManager, contextmanager, nullcontext
 from dataclasses import dataclass
 from typing import Any, Protocol
 
@@ -36,7 +37,7 @@ from segflow.runtime.internal_api import (
     int_param,
 )
 from segflow.runtime.internal_api import serve as serve_routes
-from segflow.runtime.snapshot import Snapshot
+from segflow.runtime.snapshot import Published, View
 from services.segmenter import core
 from services.segmenter.app import Segmenter
 
@@ -59,12 +60,10 @@ class Queries(Protocol):
 
 
 @dataclass(frozen=True)
-class SegmenterView:
-    """What the segmenter had committed at one commit: customers and everything a query reads
-    beside them (the running definitions, thresholds, lookups, sizes, statuses, watermarks)."""
+class Committed:
+    """What a query reads beside the customers, as of one commit."""
 
     defs: Any
-    states: Snapshot[core.CustomerState]
     sizes: dict[str, int]
     statuses: dict[str, Any]
     watermarks: dict[int, int]
@@ -72,41 +71,54 @@ class SegmenterView:
     lookups: dict[str, dict[str, str]]
     partition_of: Callable[[str], int]
 
+
+class SegmenterView:
+    """The segmenter as of one commit: its customers (a published
+    :class:`~segflow.runtime.snapshot.View`) and the :class:`Committed` values beside them."""
+
+    def __init__(self, view: View[core.CustomerState, Committed]) -> None:
+        self.states = view
+        self.committed = c = view.extra
+        self.defs, self.statuses, self.thresholds = c.defs, c.statuses, c.thresholds
+
     @property
     def watermark(self) -> int:
-        return min(self.watermarks.values(), default=0)
+        return min(self.committed.watermarks.values(), default=0)
 
     def segment_sizes(self) -> dict[str, int]:
-        return {name: self.sizes.get(name, 0) for name in self.defs.by_name}
+        sizes = self.committed.sizes
+        return {name: sizes.get(name, 0) for name in self.defs.by_name}
 
     def explain(self, customer_id: str) -> dict[str, Any] | None:
         st = self.states.get(customer_id)
         if st is None:
             return None
-        now = max(self.watermarks.get(self.partition_of(customer_id), 0), st.as_of)
+        c = self.committed
+        now = max(c.watermarks.get(c.partition_of(customer_id), 0), st.as_of)
         return {
             "customer_id": customer_id,
-            "definition_version": self.defs.version,
+            "definition_version": c.defs.version,
             "as_of": st.as_of,
             "primary_segment": st.primary,
-            "segments": core.explain_customer(st, now, self.defs, self.thresholds, self.lookups),
+            "segments": core.explain_customer(st, now, c.defs, c.thresholds, c.lookups),
         }
 
 
 class ViewPublisher:
-    """Publishes a :class:`SegmenterView` at each of the segmenter's commits (on the loop
-    thread, through ``Segmenter.on_committed``); a request reads :attr:`view`, one reference."""
+    """Publishes the segmenter's customers and :class:`Committed` values at each of its commits
+    (on the loop thread, through ``Segmenter.on_committed``)."""
 
     def __init__(self, segmenter: Segmenter) -> None:
         self.segmenter = segmenter
-        self.view = self._make(Snapshot.build(segmenter.states))
+        self.table: Published[core.CustomerState, Committed] = Published(
+            segmenter.states, self._committed()
+        )
         segmenter.on_committed = self.committed
 
-    def _make(self, states: Snapshot[core.CustomerState]) -> SegmenterView:
+    def _committed(self) -> Committed:
         seg = self.segmenter
-        return SegmenterView(
+        return Committed(
             defs=seg.defs,
-            states=states,
             sizes=dict(seg.sizes),
             statuses=seg.statuses,  # a new dict each time
             watermarks=dict(seg.watermarks),
@@ -120,23 +132,27 @@ class ViewPublisher:
         (a restore, an assignment or a revocation)."""
         states = self.segmenter.states
         if keys is None:
-            self.view = self._make(Snapshot.build(states))
+            self.table.rebuild(states, self._committed())
         else:
-            self.view = self._make(self.view.states.evolve({k: states.get(k) for k in keys}))
+            self.table.publish({k: states.get(k) for k in keys}, self._committed())
+
+    @contextmanager
+    def read(self) -> Iterator[Queries]:
+        with self.table.read() as view:
+            yield SegmenterView(view)
 
 
 def _pairs(states: Mapping[str, Any]) -> Iterator[tuple[str, Any]]:
-    """Every (customer, state) of a snapshot, or of a plain dict (a copy of its items)."""
-    return states.pairs() if isinstance(states, Snapshot) else iter(list(states.items()))
+    """Every (customer, state) of a published view, or of a plain dict (a copy of its items)."""
+    return states.pairs() if isinstance(states, View) else iter(list(states.items()))
 
 
-def current(queries: Queries | Segmenter) -> Callable[[], Queries]:
-    """What each request reads: the view a running segmenter published last (a publisher is
-    attached here), or ``queries`` itself when it is a fixed view (tests, benches)."""
-    if isinstance(queries, Segmenter):
-        publisher = ViewPublisher(queries)
-        return lambda: publisher.view
-    return lambda: queries
+def current(source: Queries | Segmenter) -> Callable[[], AbstractContextManager[Queries]]:
+    """How each request reads: the view a running segmenter published last (a publisher is
+    attached here), or ``source`` itself when it is a fixed view (tests, benches)."""
+    if isinstance(source, Segmenter):
+        return ViewPublisher(source).read
+    return lambda: nullcontext(source)
 
 
 def routes(source: Queries | Segmenter) -> Routes:
@@ -146,75 +162,76 @@ def routes(source: Queries | Segmenter) -> Routes:
 
     @r.get("/health")
     def health(_p: Params, _q: Query) -> dict[str, Any]:
-        queries = view()
-        return {
-            "service": "segmenter",
-            "status": "ok",
-            "customers": len(queries.states),
-            "watermark": queries.watermark or None,
-            "definition_version": queries.defs.version,
-        }
+        with view() as queries:
+            return {
+                "service": "segmenter",
+                "status": "ok",
+                "customers": len(queries.states),
+                "watermark": queries.watermark or None,
+                "definition_version": queries.defs.version,
+            }
 
     @r.get("/percentiles")
     def percentiles(_p: Params, _q: Query) -> dict[str, Any]:
         """The pNN thresholds in use (deployment-wide under N instances: README.md)."""
-        queries = view()
-        return {
-            "definition_version": queries.defs.version,
-            "thresholds": {
-                f"{feature} p{pct:g}": value
-                for (feature, pct), value in sorted(getattr(queries, "thresholds", {}).items())
-            },
-        }
+        with view() as queries:
+            return {
+                "definition_version": queries.defs.version,
+                "thresholds": {
+                    f"{feature} p{pct:g}": value
+                    for (feature, pct), value in sorted(getattr(queries, "thresholds", {}).items())
+                },
+            }
 
     @r.get("/segments")
     def segments(_p: Params, _q: Query) -> dict[str, Any]:
-        queries = view()
-        sizes = queries.segment_sizes()
-        statuses = dict(queries.statuses)
-        return {
-            "definition_version": queries.defs.version,
-            "sizes": sizes,
-            "segments": [
-                {
-                    "name": seg.name,
-                    "size": sizes.get(seg.name, 0),
-                    "priority": seg.priority,
-                    "description": seg.description,
-                    "deprecated": bool(getattr(statuses.get(seg.name), "deprecated", False)),
-                }
-                for seg in queries.defs.segments
-            ],
-        }
+        with view() as queries:
+            sizes = queries.segment_sizes()
+            statuses = dict(queries.statuses)
+            return {
+                "definition_version": queries.defs.version,
+                "sizes": sizes,
+                "segments": [
+                    {
+                        "name": seg.name,
+                        "size": sizes.get(seg.name, 0),
+                        "priority": seg.priority,
+                        "description": seg.description,
+                        "deprecated": bool(getattr(statuses.get(seg.name), "deprecated", False)),
+                    }
+                    for seg in queries.defs.segments
+                ],
+            }
 
     @r.get("/segments/{name}")
     def members(p: Params, q: Query) -> dict[str, Any]:
-        queries = view()
-        name = p["name"]
-        if name not in queries.defs.by_name:
-            raise NotFound(f"no segment {name!r}")
-        limit = int_param(q, "limit", 1000, 1, MAX_PAGE)
-        after = q.get("after", "")
-        # One pass over the customers, keeping the ``limit + 1`` smallest ids after ``after``.
-        found = heapq.nsmallest(
-            limit + 1,
-            (
-                cid
-                for cid, st in _pairs(queries.states)
-                if cid > after and (m := st.memberships.get(name)) is not None and m.active
-            ),
-        )
-        page = found[:limit]
-        return {
-            "segment": name,
-            "size": queries.segment_sizes().get(name, 0),
-            "members": page,
-            "next_after": page[-1] if len(found) > limit else None,
-        }
+        with view() as queries:
+            name = p["name"]
+            if name not in queries.defs.by_name:
+                raise NotFound(f"no segment {name!r}")
+            limit = int_param(q, "limit", 1000, 1, MAX_PAGE)
+            after = q.get("after", "")
+            # One pass over the customers, keeping the ``limit + 1`` smallest ids after ``after``.
+            found = heapq.nsmallest(
+                limit + 1,
+                (
+                    cid
+                    for cid, st in _pairs(queries.states)
+                    if cid > after and (m := st.memberships.get(name)) is not None and m.active
+                ),
+            )
+            page = found[:limit]
+            return {
+                "segment": name,
+                "size": queries.segment_sizes().get(name, 0),
+                "members": page,
+                "next_after": page[-1] if len(found) > limit else None,
+            }
 
     @r.get("/customers/{customer_id}")
     def customer(p: Params, _q: Query) -> dict[str, Any]:
-        found = view().explain(p["customer_id"])
+        with view() as queries:
+            found = queries.explain(p["customer_id"])
         if found is None:
             raise NotFound("segmenter has no state for that customer")
         return found
@@ -282,7 +299,7 @@ class ConsoleSnapshot:
         return out
 
 
-def console_routes(r: Routes, view: Callable[[], Queries]) -> None:
+def console_routes(r: Routes, view: Callable[[], AbstractContextManager[Queries]]) -> None:
     """Reads for the browser console (segflow.api.console), over the same state.
 
     * ``GET /console/flow?hours=N`` — per segment, entries and exits per hour of event time
@@ -303,7 +320,8 @@ def console_routes(r: Routes, view: Callable[[], Queries]) -> None:
 
     def refresh() -> None:
         try:
-            snap = ConsoleSnapshot(view())
+            with view() as queries:
+                snap = ConsoleSnapshot(queries)
             with lock:
                 cache[:] = [snap]
         finally:
@@ -313,8 +331,7 @@ def console_routes(r: Routes, view: Callable[[], Queries]) -> None:
         """The current snapshot. One older than the TTL (but not than STALE_MAX, and of the
         running definitions) is answered while a new one is made in the background, so a
         page does not wait for the pass; none, or a too old one, is made now."""
-        queries = view()
-        with lock:
+        with view() as queries, lock:
             snap = cache[0] if cache else None
             if snap is not None and snap.version == queries.defs.version:
                 age = time.monotonic() - snap.at
@@ -341,7 +358,9 @@ def console_routes(r: Routes, view: Callable[[], Queries]) -> None:
     @r.get("/console/segments/{name}/members")
     def members(p: Params, q: Query) -> dict[str, Any]:
         name = p["name"]
-        if name not in view().defs.by_name:
+        with view() as queries:
+            known = name in queries.defs.by_name
+        if not known:
             raise NotFound(f"no segment {name!r}")
         limit = int_param(q, "limit", 50, 1, 1000)
         offset = int_param(q, "offset", 0, 0, 10_000_000)
@@ -371,7 +390,8 @@ def console_routes(r: Routes, view: Callable[[], Queries]) -> None:
 
     @r.get("/console/customers/{customer_id}/memberships")
     def history(p: Params, _q: Query) -> dict[str, Any]:
-        st = view().states.get(p["customer_id"])
+        with view() as queries:
+            st = queries.states.get(p["customer_id"])
         if st is None:
             raise NotFound("segmenter has no state for that customer")
         return {

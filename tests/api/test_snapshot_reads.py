@@ -18,7 +18,7 @@ import pytest
 
 from segflow.runtime.loop import Incoming
 from segflow.runtime.settings import Settings
-from segflow.runtime.snapshot import Snapshot
+from segflow.runtime.snapshot import Published
 from segflow.runtime.topics import TOPICS
 from services.segmenter import api
 from services.segmenter.app import Segmenter, SegmenterConfig
@@ -139,11 +139,18 @@ def test_an_uncommitted_batch_is_not_served_and_an_aborted_one_never(seg: Segmen
         server.stop()
 
 
-def test_a_published_snapshot_never_changes() -> None:
-    first = Snapshot.build({f"k{i}": i for i in range(5000)})
-    later = first
-    for n in range(50):
-        later = later.evolve({f"k{i}": -i for i in range(n * 100, n * 100 + 100)} | {"new": n})
-    assert dict(first.pairs()) == {f"k{i}": i for i in range(5000)}
-    assert len(later) == 5001 and later["k4999"] == -4999 and later["new"] == 49
-    assert dict(later.evolve({"new": None}).pairs()).get("new") is None and len(later) == 5001
+def test_a_view_held_by_a_request_never_changes_and_the_next_one_has_every_commit() -> None:
+    table: Published[int, int] = Published({f"k{i}": i for i in range(5000)}, 0)
+    with table.read() as held:
+        for n in range(1, 51):  # commits while a request holds its view: none of them shows
+            table.publish({f"k{i}": -i for i in range(n * 100 - 100, n * 100)} | {"new": n}, n)
+        assert dict(held.pairs()) == {f"k{i}": i for i in range(5000)} and held.extra == 0
+    table.publish({}, 51)  # the request is gone: the next commit swaps
+    with table.read() as view:
+        assert view.extra == 51 and len(view) == 5001
+        assert view["k4999"] == -4999 and view["k0"] == 0 and view["new"] == 50
+    for n in range(52, 56):  # and the copy retired by the swap catches up with both
+        table.publish({"new": None} if n == 53 else {}, n)
+        with table.read() as view:
+            assert view.extra == n and view["k4999"] == -4999
+            assert ("new" in view) is (n < 53), n
