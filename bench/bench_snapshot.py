@@ -38,7 +38,10 @@ def load() -> str:
 
 
 def ms(samples: list[float]) -> str:
-    return f"median {statistics.median(samples) * 1000:.2f} ms, max {max(samples) * 1000:.2f} ms"
+    return (
+        f"min {min(samples) * 1000:.2f} / median {statistics.median(samples) * 1000:.2f} / "
+        f"max {max(samples) * 1000:.2f} ms"
+    )
 
 
 def raw(n: int, k: int, rounds: int = 20) -> None:

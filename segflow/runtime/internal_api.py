@@ -13,9 +13,9 @@ gets 405 with ``Allow: GET``. Requests are not logged (paths carry customer ids)
 The processing loop mutates the service's tables on its own thread. Routes read instead an
 immutable view the service publishes after each commit (:mod:`segflow.runtime.snapshot`): a
 request sees one committed state, whole, and never waits or retries. Routes declared
-``Routes(name, live=True)`` still read live state (the scorer's model and the dispatcher's
-ledger): a read torn by a concurrent change (a ``RuntimeError`` such as "dictionary changed
-size during iteration") is retried there, then answered ``503 busy``.
+``Routes(name, live=True)`` still read live state (the scorer's state and model): a read torn
+by a concurrent change (a ``RuntimeError`` such as "dictionary changed size during
+iteration") is retried there, then answered ``503 busy``.
 
 >>> import httpx
 >>> routes = Routes("demo")

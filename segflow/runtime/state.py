@@ -227,7 +227,7 @@ class ChangelogStore:
 
     # -- loop hooks ----------------------------------------------------------------------
     def on_commit(self) -> None:
-        if self.on_committed is not None and self._undo:
+        if self.on_committed is not None:
             self.on_committed(self._undo.keys())
         self._undo.clear()
 
