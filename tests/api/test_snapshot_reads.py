@@ -16,6 +16,7 @@ from pathlib import Path
 import httpx
 import pytest
 
+from segflow.runtime.internal_api import READ_ATTEMPTS, Routes
 from segflow.runtime.loop import Incoming
 from segflow.runtime.settings import Settings
 from segflow.runtime.snapshot import Published
@@ -154,3 +155,18 @@ def test_a_view_held_by_a_request_never_changes_and_the_next_one_has_every_commi
         with table.read() as view:
             assert view.extra == n and view["k4999"] == -4999
             assert ("new" in view) is (n < 53), n
+
+
+def test_only_live_routes_retry_a_torn_read() -> None:
+    calls: Counter[str] = Counter()
+
+    def torn(_p: object, _q: object) -> dict[str, int]:
+        calls["torn"] += 1
+        raise RuntimeError("dictionary changed size during iteration")
+
+    live, published = Routes("scorer", live=True), Routes("segmenter")
+    status, body = live.answer("/x", torn, {}, {})
+    assert (status, body["error"]["code"], calls["torn"]) == (503, "busy", READ_ATTEMPTS)
+    calls.clear()
+    status, body = published.answer("/x", torn, {}, {})  # reads a snapshot: a bug, not a race
+    assert (status, body["error"]["code"], calls["torn"]) == (500, "internal", 1)
