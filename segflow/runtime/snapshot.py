@@ -103,12 +103,10 @@ class Published(Generic[V, E]):
             spare = self._spare
             if spare.readers:  # a request started before the last swap is still on it
                 return
-        table = spare.table
-        for key, value in self._behind.items():
-            if value is None:
-                table.pop(key, None)
-            else:
-                table[key] = value
+        table: dict[str, Any] = spare.table
+        table.update(self._behind)  # in C; the deleted keys, set to None here, go next
+        for key in [k for k, v in self._behind.items() if v is None]:
+            del table[key]
         with self._lock:
             self._current, self._spare = spare, self._current
             self._extra = extra
