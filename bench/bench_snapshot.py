@@ -4,7 +4,9 @@
    the whole table it replaces;
 2. the segmenter: batches of scores through the real handler and ``before_commit``, then the
    commit hooks, with the API's view published at each commit (``services/segmenter/api.py``)
-   and, alternately, without: the publication's own time and the batch time either way.
+   and, alternately, without: the publication's own time and the batch time either way. The
+   publication's time includes freeing the superseded customer states its copies held last
+   (work the handler does itself without a publisher), so compare the batch times.
 
     .venv/bin/python bench/bench_snapshot.py [--customers 100000] [--batches 20]
 
