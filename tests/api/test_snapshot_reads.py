@@ -21,6 +21,8 @@ from segflow.runtime.loop import Incoming
 from segflow.runtime.settings import Settings
 from segflow.runtime.snapshot import Published
 from segflow.runtime.topics import TOPICS
+from services.identity import api as identity_api
+from services.identity.app import IdentityService, IdentitySettings
 from services.segmenter import api
 from services.segmenter.app import Segmenter, SegmenterConfig
 
@@ -170,3 +172,37 @@ def test_only_live_routes_retry_a_torn_read() -> None:
     calls.clear()
     status, body = published.answer("/x", torn, {}, {})  # reads a snapshot: a bug, not a race
     assert (status, body["error"]["code"], calls["torn"]) == (500, "internal", 1)
+
+
+def test_identity_serves_the_committed_graph_only() -> None:
+    settings = Settings(bootstrap_servers="127.0.0.1:1", hash_secret="snap-secret")
+    svc = IdentityService(settings, IdentitySettings(), clock=lambda: T0 / 1000)
+
+    def event(event_id: str, **ids: str) -> None:
+        value = {"event_id": event_id, "event_type": "login", "occurred_at": T0 - 1000, **ids}
+        list(svc.handle(Incoming(TOPICS.events, "events", 0, 0, "k", value, None, [])))
+
+    server = identity_api.start(svc, 0)
+    try:
+        with httpx.Client(base_url=f"http://127.0.0.1:{server.port}", timeout=10) as client:
+
+            def owner(**query: str) -> str | None:
+                answer = client.get("/resolve", params=query)
+                return answer.json()["customer_id"] if answer.status_code == 200 else None
+
+            event("e1", user_id="u1")
+            assert owner(type="user_id", value="u1") is None  # handled, not committed
+            svc.store.on_commit()
+            cid = owner(type="user_id", value="u1")
+            assert cid is not None and client.get(f"/customers/{cid}").status_code == 200
+            event("e2", user_id="u1", device_id="d1")
+            svc.store.on_abort()  # the transaction failed: never served
+            assert owner(type="device_id", value="d1") is None
+            event("e3", user_id="u1", device_id="d1")
+            svc.store.on_commit()
+            assert owner(type="device_id", value="d1") == cid
+            counts = client.get(f"/customers/{cid}").json()["identifier_counts"]
+            assert counts == {"user_id": 1, "device_id": 1}
+            assert client.get("/health").json()["state_entries"] == len(svc.store)
+    finally:
+        server.stop()
