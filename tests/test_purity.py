@@ -62,6 +62,13 @@ PURE = (
         "services.scorer.layout",
         "services.scorer.merge",
         "services.scorer.explain",
+        # settings modules: the environment is read by pydantic-settings when a shell or a
+        # product command builds one, never by the module's own code
+        "services.scorer.settings",
+        "services.identity.settings",
+        "services.segmenter.settings",
+        "services.attributes.settings",
+        "services.dispatcher.playbook_settings",
     ]
     + [
         ".".join(p.relative_to(ROOT).with_suffix("").parts)

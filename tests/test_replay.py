@@ -254,6 +254,33 @@ def test_replay_never_loads_an_api_client(files: dict[str, Path]) -> None:
     assert "LOADED []" in out
 
 
+def test_current_versions_come_from_the_services_settings(
+    files: dict[str, Path], capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Without --current-*, the current versions are what the segmenter and dispatcher read
+    from SEGFLOW_SEGMENTER_DEFINITIONS and SEGFLOW_DISPATCHER_PLAYBOOKS."""
+    assert main(replay_cli(files, "--segments", str(files["new"]), "--json")) == 0
+    explicit = json.loads(capsys.readouterr().out)
+    monkeypatch.setenv("SEGFLOW_SEGMENTER_DEFINITIONS", str(files["old"]))
+    monkeypatch.setenv("SEGFLOW_DISPATCHER_PLAYBOOKS", str(files["pb"]))
+    args = ["replay", "--from", str(files["history"]), "--segments", str(files["new"]), "--json"]
+    assert main(args) == 0
+    from_env = json.loads(capsys.readouterr().out)
+    assert from_env == explicit
+    assert from_env["definitions"]["old"].split("+")[0] == "1"  # not the default segments
+    assert from_env["totals"]["sent"]["old"] == 1  # the playbook in files["pb"] ran
+
+
+def test_an_invalid_service_setting_is_named(
+    files: dict[str, Path], capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setenv("SEGFLOW_SEGMENTER_BATCH_SIZE", "lots")
+    args = ["replay", "--from", str(files["history"]), "--segments", str(files["new"])]
+    assert main(args) == 1
+    err = capsys.readouterr().err
+    assert "SEGFLOW_SEGMENTER_BATCH_SIZE" in err and "nothing replayed" in err
+
+
 def test_identical_file_prints_no_difference(
     files: dict[str, Path], capsys: pytest.CaptureFixture[str]
 ) -> None:

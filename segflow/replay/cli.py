@@ -16,21 +16,23 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import sys
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
+
+from pydantic import ValidationError
 
 from segflow.errors import ConfigError
 from segflow.replay import core
 from segflow.replay.source import read_jsonl, read_topics, write_jsonl
-from services.dispatcher.playbooks import DEFAULT_DIR, Book, PlaybookError, load_book
+from services.dispatcher.playbook_settings import PlaybookSettings
+from services.dispatcher.playbooks import Book, PlaybookError, load_book
 from services.dispatcher.playbooks import parse_documents as parse_playbooks
 from services.segmenter.dsl import DefinitionError, Definitions, parse
+from services.segmenter.settings import SegmenterConfig
 
-#: The segmenter's and dispatcher's settings for their rule files. Read here rather than
-#: through the services' settings classes so that no dispatcher I/O module (httpx, adapters)
-#: is even imported by a replay.
+#: The variables behind the current versions, read through the services' own (pure) settings
+#: modules: no dispatcher I/O module (httpx, adapters) is imported by a replay.
 SEGMENTS_ENV = "SEGFLOW_SEGMENTER_DEFINITIONS"
 PLAYBOOKS_ENV = "SEGFLOW_DISPATCHER_PLAYBOOKS"
 
@@ -115,12 +117,10 @@ def cmd_replay(args: argparse.Namespace) -> int:
         return 2
     try:
         old_defs = _definitions(
-            args.current_segments or Path(os.environ.get(SEGMENTS_ENV) or _default_definitions())
+            args.current_segments or _service_setting(SegmenterConfig).definitions
         )
         new_defs = _definitions(args.segments) if args.segments is not None else old_defs
-        old_book = _book(
-            args.current_playbooks or os.environ.get(PLAYBOOKS_ENV) or str(DEFAULT_DIR)
-        )
+        old_book = _book(args.current_playbooks or _service_setting(PlaybookSettings).playbooks)
         new_book = _new_book(old_book, args.playbooks) if args.playbooks else old_book
     except _Invalid as exc:
         for line in exc.lines:
@@ -151,16 +151,29 @@ def cmd_replay(args: argparse.Namespace) -> int:
     return 0
 
 
+S = TypeVar("S", SegmenterConfig, PlaybookSettings)
+
+
 class _Invalid(Exception):
     def __init__(self, lines: list[str]) -> None:
         super().__init__("; ".join(lines))
         self.lines = lines
 
 
-def _default_definitions() -> Path:
-    from services.segmenter.app import DEFAULT_DEFINITIONS
-
-    return DEFAULT_DEFINITIONS
+def _service_setting(cls: type[S]) -> S:
+    """The service's settings from the environment, as the service itself reads them; an
+    invalid variable → which one and why."""
+    try:
+        return cls()
+    except ValidationError as exc:
+        prefix = str(cls.model_config.get("env_prefix", ""))
+        raise _Invalid(
+            [
+                f"{prefix}{'_'.join(str(p) for p in e['loc']).upper()}: {e['msg']}"
+                for e in exc.errors()
+            ]
+            + ["invalid settings; nothing replayed"]
+        ) from None
 
 
 def _definitions(path: Path) -> Definitions:

@@ -8,10 +8,14 @@ authentication and bind to 127.0.0.1 unless ``SEGFLOW_INTERNAL_API_HOST`` says o
 (containers on a private network, where the gateway runs in another container).
 
 Every response is JSON; errors are ``{"error": {"code", "message"}}``; a method other than GET
-gets 405 with ``Allow: GET``. The processing loop mutates the tables while a request reads
-them: a read torn by a concurrent change (a ``RuntimeError`` such as "dictionary changed size
-during iteration") is retried, then answered ``503 busy``. Requests are not logged (paths
-carry customer ids).
+gets 405 with ``Allow: GET``. Requests are not logged (paths carry customer ids).
+
+The processing loop mutates the service's tables on its own thread. Routes read instead an
+immutable view the service publishes after each commit (:mod:`segflow.runtime.snapshot`): a
+request sees one committed state, whole, and never waits or retries. Routes declared
+``Routes(name, live=True)`` still read live state (the scorer's state and model): a read torn
+by a concurrent change (a ``RuntimeError`` such as "dictionary changed size during
+iteration") is retried there, then answered ``503 busy``.
 
 >>> import httpx
 >>> routes = Routes("demo")
@@ -54,7 +58,7 @@ Query = Mapping[str, str]
 Params = Mapping[str, str]
 RouteFn = Callable[[Params, Query], Any]
 
-#: Attempts at a read before answering 503 (the loop thread may mutate a table mid-read).
+#: Attempts at a live read before answering 503 (the loop thread may mutate a table mid-read).
 READ_ATTEMPTS = 5
 
 
@@ -115,10 +119,13 @@ def clean(value: Any) -> Any:
 
 class Routes:
     """GET routes of one service: ``/a/{param}/b`` patterns (aiohttp's syntax, one path
-    segment per parameter, percent-decoded)."""
+    segment per parameter, percent-decoded). ``live``: the routes read state the loop thread
+    mutates (torn reads retried, then 503); otherwise they read published snapshots, and an
+    exception is a bug (500)."""
 
-    def __init__(self, service: str) -> None:
+    def __init__(self, service: str, live: bool = False) -> None:
         self.service = service
+        self.live = live
         self._routes: list[tuple[str, RouteFn]] = []
 
     def get(self, pattern: str) -> Callable[[RouteFn], RouteFn]:
@@ -133,22 +140,29 @@ class Routes:
         return [p for p, _ in self._routes]
 
     def answer(self, pattern: str, fn: RouteFn, params: Params, query: Query) -> tuple[int, Any]:
-        """``(status, body)`` of one call, torn reads retried, errors as JSON envelopes."""
-        for attempt in range(READ_ATTEMPTS):
+        """``(status, body)`` of one call, errors as JSON envelopes (torn live reads retried)."""
+        attempts = READ_ATTEMPTS if self.live else 1
+        for attempt in range(attempts):
             try:
                 return 200, clean(fn(params, query))
             except ApiError as exc:
                 return exc.status, error_body(exc.code, exc.message)
-            except RuntimeError:  # a read torn by the loop thread's writes: try again
-                if attempt == READ_ATTEMPTS - 1:
+            except RuntimeError as exc:  # live: a read torn by the loop thread's writes
+                if not self.live:
+                    return self._failed(pattern, exc)
+                if attempt == attempts - 1:
                     break
             except Exception as exc:  # a bug: answer 500, log without the path's ids
-                log.exception(
-                    "query failed",
-                    extra={"fields": {"route": pattern, "error": type(exc).__name__}},
-                )
-                return 500, error_body("internal", f"{self.service} failed on {pattern}")
+                return self._failed(pattern, exc)
         return 503, error_body("busy", f"{self.service} is busy, retry")
+
+    def _failed(self, pattern: str, exc: Exception) -> tuple[int, Any]:
+        log.error(
+            "query failed",
+            exc_info=exc,
+            extra={"fields": {"route": pattern, "error": type(exc).__name__}},
+        )
+        return 500, error_body("internal", f"{self.service} failed on {pattern}")
 
     def app(self) -> web.Application:
         """The aiohttp application answering these routes (with and without a trailing /)."""

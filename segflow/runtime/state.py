@@ -33,7 +33,7 @@ import logging
 import time
 import uuid
 import zlib
-from collections.abc import Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from typing import Any, cast
 
 from confluent_kafka import OFFSET_BEGINNING, Consumer, KafkaException, TopicPartition
@@ -94,6 +94,10 @@ class ChangelogStore:
         self.partitioned = topic.partitions > 1 if partitioned is None else partitioned
         #: Seconds the last restore took, and records it read (for metrics and benches).
         self.last_restore_seconds = 0.0
+        #: Told of every change that became committed state: at each commit the keys written
+        #: since the previous one, after a restore or a drop ``None`` (anything may have
+        #: changed). How a service publishes what its queries read (runtime/snapshot.py).
+        self.on_committed: Callable[[Iterable[str] | None], None] | None = None
 
     # -- reads ---------------------------------------------------------------------------
     def get(self, key: str) -> dict[str, Any] | None:
@@ -136,6 +140,8 @@ class ChangelogStore:
             self.table[key] = value
             if part != partition_for(key, self.partitions):
                 self._pinned[key] = part
+        if self.on_committed is not None:
+            self.on_committed(None)
 
     def owns(self, key: str) -> bool:
         """Whether this instance holds ``key``'s partition."""
@@ -215,10 +221,14 @@ class ChangelogStore:
             self._undo.pop(k, None)
         for k in [k for k, p in self._pinned.items() if p in gone]:
             del self._pinned[k]
+        if self.on_committed is not None and keys:
+            self.on_committed(None)
         return len(keys)
 
     # -- loop hooks ----------------------------------------------------------------------
     def on_commit(self) -> None:
+        if self.on_committed is not None:
+            self.on_committed(self._undo.keys())
         self._undo.clear()
 
     def on_abort(self) -> None:
@@ -311,6 +321,8 @@ class ChangelogStore:
         finally:
             consumer.close()
         self._undo.clear()
+        if self.on_committed is not None:
+            self.on_committed(None)
         self.last_restore_seconds = time.monotonic() - started
         log.info(
             "state restored",

@@ -19,7 +19,6 @@ from collections.abc import Iterator
 from typing import Any
 
 from prometheus_client import Counter
-from pydantic_settings import BaseSettings, SettingsConfigDict
 
 from segflow.runtime.kafka import ensure_topics
 from segflow.runtime.loop import Incoming, LoopConfig, Output, ProcessingLoop
@@ -28,6 +27,7 @@ from segflow.runtime.settings import Settings
 from segflow.runtime.state import ChangelogStore
 from segflow.runtime.topics import TOPICS
 from services.attributes import core
+from services.attributes.settings import AttributesConfig as AttributesConfig
 
 log = logging.getLogger("segflow.attributes")
 
@@ -39,19 +39,6 @@ DROPPED = Counter(
     "Traits kept out as PII (by trait name, never by value)",
     ["trait"],
 )
-
-
-class AttributesConfig(BaseSettings):
-    """``SEGFLOW_ATTRIBUTES_*`` settings."""
-
-    model_config = SettingsConfigDict(env_prefix="SEGFLOW_ATTRIBUTES_", extra="ignore")
-
-    group_id: str = "attributes"
-    instance: str = "attributes-0"
-    #: Comma-separated PII traits stored in clear anyway (e.g. "first_name" for templates).
-    plain_traits: str = ""
-    batch_size: int = 2000
-    tick_interval: float = 1.0
 
 
 class AttributesService:

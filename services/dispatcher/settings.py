@@ -23,7 +23,8 @@ from services.dispatcher.adapters import (
     SignedWebhook,
     SMTPEmail,
 )
-from services.dispatcher.playbooks import DEFAULT_DIR, Book
+from services.dispatcher.playbook_settings import PlaybookSettings
+from services.dispatcher.playbooks import Book
 from services.dispatcher.vendors import (
     VendorSettings,
     check_routes,
@@ -35,13 +36,13 @@ from services.dispatcher.vendors import (
 T = TypeVar("T")
 
 
-class DispatcherSettings(VendorSettings):
+class DispatcherSettings(VendorSettings, PlaybookSettings):
     """``SEGFLOW_DISPATCHER_*`` settings; every endpoint defaults to 127.0.0.1 (vendor ids and
     delivery policies: :class:`~services.dispatcher.vendors.VendorSettings`)."""
 
     model_config = SettingsConfigDict(env_prefix="SEGFLOW_DISPATCHER_", extra="ignore", frozen=True)
 
-    playbooks: str = str(DEFAULT_DIR)  # files or folders, comma-separated
+    # playbooks (files or folders, comma-separated): from PlaybookSettings
     clock: Literal["wall", "event"] = "wall"
     group_id: str = "segflow-dispatcher"
     transactional_id: str | None = None

@@ -7,10 +7,13 @@
   identifier (hashed on arrival with the service's secret, never stored or logged).
 
 Served by :func:`segflow.runtime.internal_api.serve` on ``SEGFLOW_IDENTITY_HTTP_PORT`` (127.0.0.1).
+The routes read the graph entries published after each commit of the service's store
+(:mod:`segflow.runtime.snapshot`): one committed graph, never the batch being written.
 """
 
 from __future__ import annotations
 
+from collections.abc import Iterable
 from typing import Any
 
 from segflow.runtime.internal_api import (
@@ -22,24 +25,52 @@ from segflow.runtime.internal_api import (
     Routes,
     serve,
 )
+from segflow.runtime.snapshot import Published
+from segflow.runtime.state import ChangelogStore
 from services.identity import core
 from services.identity.app import IdentityService, node_hasher
 
+#: The state entries the routes read: profiles and identifier nodes (not the ``e:`` window).
+GRAPH_PREFIXES = ("p:", "n:")
+
+
+class GraphPublisher:
+    """Publishes the profile and node entries each time the store commits (on the loop
+    thread), with the state's size as the view's ``extra``."""
+
+    def __init__(self, store: ChangelogStore) -> None:
+        self.store = store
+        self.graph: Published[dict[str, Any], int] = Published(self._entries(), len(store))
+        store.on_committed = self.committed
+
+    def _entries(self) -> list[tuple[str, dict[str, Any]]]:
+        return [(k, v) for k, v in self.store.table.items() if k[:2] in GRAPH_PREFIXES]
+
+    def committed(self, keys: Iterable[str] | None) -> None:
+        table = self.store.table
+        if keys is None:  # restored or dropped: anything may have changed
+            self.graph.rebuild(self._entries(), len(table))
+            return
+        changes = {k: table.get(k) for k in keys if k[:2] in GRAPH_PREFIXES}
+        self.graph.publish(changes, len(table))
+
 
 def routes(service: IdentityService) -> Routes:
-    """The routes over one running service's state."""
+    """The routes over the graph the service last committed."""
     r = Routes("identity")
-    store = service.store
+    graph = GraphPublisher(service.store).graph
     hasher = node_hasher(service.settings.hash_secret.get_secret_value())
 
     @r.get("/health")
     def health(_p: Params, _q: Query) -> dict[str, Any]:
-        return {"service": "identity", "status": "ok", "state_entries": len(store)}
+        with graph.read() as view:
+            return {"service": "identity", "status": "ok", "state_entries": view.extra}
 
     @r.get("/customers/{customer_id}")
     def customer(p: Params, _q: Query) -> dict[str, Any]:
         cid = p["customer_id"]
-        profile = store.get("p:" + cid)
+        with graph.read() as view:
+            profile = view.get("p:" + cid)
         if profile is None:
             raise NotFound(f"identity has no profile {cid!r}")
         ids = [
@@ -64,7 +95,8 @@ def routes(service: IdentityService) -> Routes:
         if not value.strip():
             raise BadRequest("value is required")
         nodes = core.identifiers({id_type: value}, service.rules, hasher)
-        node = store.get("n:" + nodes[0]) if nodes else None
+        with graph.read() as view:
+            node = view.get("n:" + nodes[0]) if nodes else None
         if node is None or not node.get("customer_id"):
             raise NotFound(f"no customer holds that {id_type}")
         return {"customer_id": node["customer_id"], "type": id_type}

@@ -1,9 +1,10 @@
-"""Wiring of the identity service: settings, hashing, the changelog store, the shared loop.
+"""Wiring of the identity service: hashing, the changelog store, the shared loop.
 
 The graph logic is :mod:`services.identity.core`; this module turns raw events into the core's
 inputs (validated, normalised, keyed-hashed identifiers), applies the core's state writes
 through a :class:`ChangelogStore` (same Kafka transaction as the outputs and offsets), and
-produces ``IdentifiedEvent`` and ``IdentityMerge`` records. One instance owns the whole graph:
+produces ``IdentifiedEvent`` and ``IdentityMerge`` records. Its settings are
+:mod:`services.identity.settings` (re-exported here). One instance owns the whole graph:
 run a single replica (its consumer group takes every partition of ``segflow.events``).
 """
 
@@ -15,11 +16,9 @@ import logging
 import time
 from collections import OrderedDict
 from collections.abc import Callable, Iterator
-from typing import Any, Literal
+from typing import Any
 
 from prometheus_client import Counter, Gauge, Histogram
-from pydantic import Field
-from pydantic_settings import BaseSettings, SettingsConfigDict
 
 from segflow.errors import InvalidRecord
 from segflow.events import validate_event
@@ -32,6 +31,7 @@ from segflow.runtime.state import ChangelogStore
 from segflow.runtime.topics import TOPICS
 from segflow.runtime.vault import ContactPoints, Keyring, VaultError, VaultSettings
 from services.identity import core
+from services.identity.settings import IdentitySettings as IdentitySettings
 
 SERVICE = "identity"
 log = logging.getLogger("segflow.identity")
@@ -73,50 +73,6 @@ VAULT_WRITES = Counter(
 )
 #: The property that carries a phone number: moved into the vault, removed from the event.
 PHONE_PROPERTY = "phone"
-
-
-class IdentitySettings(BaseSettings):
-    """Rules and loop settings, from ``SEGFLOW_IDENTITY_*`` (lists as JSON)."""
-
-    model_config = SettingsConfigDict(env_prefix="SEGFLOW_IDENTITY_", extra="ignore", frozen=True)
-
-    max_future_skew_s: float = 3600.0
-    dedup_window_days: float = 7.0
-    limit_user_id: int = Field(default=1, ge=1)
-    limit_email: int = Field(default=3, ge=1)
-    limit_anonymous_id: int = Field(default=100, ge=1)
-    limit_device_id: int = Field(default=20, ge=1)
-    link_limit_anonymous_id: int = Field(default=1, ge=1)
-    link_limit_device_id: int = Field(default=1, ge=1)
-    exclusive: list[str] = ["user_id"]
-    blocked_values: list[str] = sorted(core.DEFAULT_BLOCKED_VALUES)
-    blocked_patterns: list[str] = list(core.DEFAULT_BLOCKED_PATTERNS)
-    group_id: str | None = None  # default: <prefix>identity
-    transactional_id: str | None = None  # default: <prefix>identity-0
-    batch_size: int = 2000
-    hash_cache_size: int = 500_000
-    http_port: int | None = None  # internal query endpoint (services/identity/api.py)
-    #: all: one process does everything; front / writer: the split roles (issue 15), also
-    #: ``python -m services.identity --role``
-    role: Literal["all", "front", "writer"] = "all"
-
-    def rules(self) -> core.Rules:
-        return core.Rules(
-            limits={
-                "user_id": self.limit_user_id,
-                "email": self.limit_email,
-                "anonymous_id": self.limit_anonymous_id,
-                "device_id": self.limit_device_id,
-            },
-            exclusive=frozenset(self.exclusive),
-            link_limits={
-                "anonymous_id": self.link_limit_anonymous_id,
-                "device_id": self.link_limit_device_id,
-            },
-            blocked_values=frozenset(v.strip().lower() for v in self.blocked_values),
-            blocked_patterns=tuple(self.blocked_patterns),
-            dedup_window_ms=int(self.dedup_window_days * core.DAY_MS),
-        )
 
 
 def node_hasher(secret: str) -> core.Hasher:

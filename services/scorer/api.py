@@ -21,7 +21,7 @@ from services.scorer.features import Buckets
 
 def routes(service: ScorerService) -> Routes:
     """The routes over one running service's state and model."""
-    r = Routes("scorer")
+    r = Routes("scorer", live=True)  # the model and state are read live (not yet published)
 
     @r.get("/health")
     def health(_p: Params, _q: Query) -> dict[str, Any]:

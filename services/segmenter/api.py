@@ -1,4 +1,4 @@
-"""The segmenter's read-only HTTP API (stdlib server in a background thread).
+"""The segmenter's read-only HTTP API (aiohttp in a background thread).
 
 * ``GET /health`` — the service answers; customers, watermark, definition version;
 * ``GET /segments`` — size of every segment and the definition version; ``segments`` lists
@@ -11,6 +11,10 @@
 
 Errors are ``{"error": {"code", "message"}}`` (:mod:`segflow.runtime.internal_api`). Served on
 ``SEGFLOW_SEGMENTER_HTTP_PORT``; the API gateway (:mod:`segflow.api.gateway`) aggregates it.
+
+The routes read a :class:`SegmenterView` the segmenter publishes after each commit (customers
+as a :class:`~segflow.runtime.snapshot.Snapshot`, with the definitions, thresholds, sizes and
+watermarks of that commit): a request sees one committed state, never a batch half applied.
 """
 
 from __future__ import annotations
@@ -18,6 +22,9 @@ from __future__ import annotations
 import heapq
 import threading
 import time
+from collections.abc import Callable, Iterable, Iterator, Mapping
+from contextlib import AbstractContextManager, contextmanager, nullcontext
+from dataclasses import dataclass
 from typing import Any, Protocol
 
 from segflow.runtime.internal_api import (
@@ -30,13 +37,18 @@ from segflow.runtime.internal_api import (
     int_param,
 )
 from segflow.runtime.internal_api import serve as serve_routes
+from segflow.runtime.snapshot import Published, View
+from services.segmenter import core
+from services.segmenter.app import Segmenter
 
 MAX_PAGE = 10_000
 
 
 class Queries(Protocol):
-    defs: Any
-    states: dict[str, Any]
+    @property
+    def defs(self) -> Any: ...
+    @property
+    def states(self) -> Mapping[str, Any]: ...
 
     @property
     def statuses(self) -> dict[str, Any]: ...
@@ -47,82 +59,184 @@ class Queries(Protocol):
     def explain(self, customer_id: str) -> dict[str, Any] | None: ...
 
 
-def routes(queries: Queries) -> Routes:
-    """The routes over a running segmenter's state."""
+@dataclass(frozen=True)
+class Committed:
+    """What a query reads beside the customers, as of one commit."""
+
+    defs: Any
+    sizes: dict[str, int]
+    statuses: dict[str, Any]
+    watermarks: dict[int, int]
+    thresholds: dict[tuple[str, float], float]
+    lookups: dict[str, dict[str, str]]
+    partition_of: Callable[[str], int]
+
+
+class SegmenterView:
+    """The segmenter as of one commit: its customers (a published
+    :class:`~segflow.runtime.snapshot.View`) and the :class:`Committed` values beside them."""
+
+    def __init__(self, view: View[core.CustomerState, Committed]) -> None:
+        self.states = view
+        self.committed = c = view.extra
+        self.defs, self.statuses, self.thresholds = c.defs, c.statuses, c.thresholds
+
+    @property
+    def watermark(self) -> int:
+        return min(self.committed.watermarks.values(), default=0)
+
+    def segment_sizes(self) -> dict[str, int]:
+        sizes = self.committed.sizes
+        return {name: sizes.get(name, 0) for name in self.defs.by_name}
+
+    def explain(self, customer_id: str) -> dict[str, Any] | None:
+        st = self.states.get(customer_id)
+        if st is None:
+            return None
+        c = self.committed
+        now = max(c.watermarks.get(c.partition_of(customer_id), 0), st.as_of)
+        return {
+            "customer_id": customer_id,
+            "definition_version": c.defs.version,
+            "as_of": st.as_of,
+            "primary_segment": st.primary,
+            "segments": core.explain_customer(st, now, c.defs, c.thresholds, c.lookups),
+        }
+
+
+class ViewPublisher:
+    """Publishes the segmenter's customers and :class:`Committed` values at each of its commits
+    (on the loop thread, through ``Segmenter.on_committed``)."""
+
+    def __init__(self, segmenter: Segmenter) -> None:
+        self.segmenter = segmenter
+        self.table: Published[core.CustomerState, Committed] = Published(
+            segmenter.states, self._committed()
+        )
+        segmenter.on_committed = self.committed
+
+    def _committed(self) -> Committed:
+        seg = self.segmenter
+        return Committed(
+            defs=seg.defs,
+            sizes=dict(seg.sizes),
+            statuses=seg.statuses,  # a new dict each time
+            watermarks=dict(seg.watermarks),
+            thresholds=seg.thresholds,  # replaced, never mutated, by a refresh
+            lookups=dict(seg.lookups),  # tables are replaced whole
+            partition_of=seg.store.partition_of,
+        )
+
+    def committed(self, keys: Iterable[str] | None) -> None:
+        """``keys``: the customers changed by the committed transaction; None: any may have
+        (a restore, an assignment or a revocation)."""
+        states = self.segmenter.states
+        if keys is None:
+            self.table.rebuild(states, self._committed())
+        else:
+            self.table.publish({k: states.get(k) for k in keys}, self._committed())
+
+    @contextmanager
+    def read(self) -> Iterator[Queries]:
+        with self.table.read() as view:
+            yield SegmenterView(view)
+
+
+def _pairs(states: Mapping[str, Any]) -> Iterator[tuple[str, Any]]:
+    """Every (customer, state) of a published view, or of a plain dict (a copy of its items)."""
+    return states.pairs() if isinstance(states, View) else iter(list(states.items()))
+
+
+def current(source: Queries | Segmenter) -> Callable[[], AbstractContextManager[Queries]]:
+    """How each request reads: the view a running segmenter published last (a publisher is
+    attached here), or ``source`` itself when it is a fixed view (tests, benches)."""
+    if isinstance(source, Segmenter):
+        return ViewPublisher(source).read
+    return lambda: nullcontext(source)
+
+
+def routes(source: Queries | Segmenter) -> Routes:
+    """The routes over a running segmenter's published state (or over a fixed view)."""
     r = Routes("segmenter")
+    view = current(source)
 
     @r.get("/health")
     def health(_p: Params, _q: Query) -> dict[str, Any]:
-        return {
-            "service": "segmenter",
-            "status": "ok",
-            "customers": len(queries.states),
-            "watermark": queries.watermark or None,
-            "definition_version": queries.defs.version,
-        }
+        with view() as queries:
+            return {
+                "service": "segmenter",
+                "status": "ok",
+                "customers": len(queries.states),
+                "watermark": queries.watermark or None,
+                "definition_version": queries.defs.version,
+            }
 
     @r.get("/percentiles")
     def percentiles(_p: Params, _q: Query) -> dict[str, Any]:
         """The pNN thresholds in use (deployment-wide under N instances: README.md)."""
-        return {
-            "definition_version": queries.defs.version,
-            "thresholds": {
-                f"{feature} p{pct:g}": value
-                for (feature, pct), value in sorted(getattr(queries, "thresholds", {}).items())
-            },
-        }
+        with view() as queries:
+            return {
+                "definition_version": queries.defs.version,
+                "thresholds": {
+                    f"{feature} p{pct:g}": value
+                    for (feature, pct), value in sorted(getattr(queries, "thresholds", {}).items())
+                },
+            }
 
     @r.get("/segments")
     def segments(_p: Params, _q: Query) -> dict[str, Any]:
-        sizes = queries.segment_sizes()
-        statuses = dict(queries.statuses)
-        return {
-            "definition_version": queries.defs.version,
-            "sizes": sizes,
-            "segments": [
-                {
-                    "name": seg.name,
-                    "size": sizes.get(seg.name, 0),
-                    "priority": seg.priority,
-                    "description": seg.description,
-                    "deprecated": bool(getattr(statuses.get(seg.name), "deprecated", False)),
-                }
-                for seg in queries.defs.segments
-            ],
-        }
+        with view() as queries:
+            sizes = queries.segment_sizes()
+            statuses = dict(queries.statuses)
+            return {
+                "definition_version": queries.defs.version,
+                "sizes": sizes,
+                "segments": [
+                    {
+                        "name": seg.name,
+                        "size": sizes.get(seg.name, 0),
+                        "priority": seg.priority,
+                        "description": seg.description,
+                        "deprecated": bool(getattr(statuses.get(seg.name), "deprecated", False)),
+                    }
+                    for seg in queries.defs.segments
+                ],
+            }
 
     @r.get("/segments/{name}")
     def members(p: Params, q: Query) -> dict[str, Any]:
-        name = p["name"]
-        if name not in queries.defs.by_name:
-            raise NotFound(f"no segment {name!r}")
-        limit = int_param(q, "limit", 1000, 1, MAX_PAGE)
-        after = q.get("after", "")
-        # One pass over the customers, keeping the ``limit + 1`` smallest ids after ``after``.
-        found = heapq.nsmallest(
-            limit + 1,
-            (
-                cid
-                for cid, st in list(queries.states.items())
-                if cid > after and (m := st.memberships.get(name)) is not None and m.active
-            ),
-        )
-        page = found[:limit]
-        return {
-            "segment": name,
-            "size": queries.segment_sizes().get(name, 0),
-            "members": page,
-            "next_after": page[-1] if len(found) > limit else None,
-        }
+        with view() as queries:
+            name = p["name"]
+            if name not in queries.defs.by_name:
+                raise NotFound(f"no segment {name!r}")
+            limit = int_param(q, "limit", 1000, 1, MAX_PAGE)
+            after = q.get("after", "")
+            # One pass over the customers, keeping the ``limit + 1`` smallest ids after ``after``.
+            found = heapq.nsmallest(
+                limit + 1,
+                (
+                    cid
+                    for cid, st in _pairs(queries.states)
+                    if cid > after and (m := st.memberships.get(name)) is not None and m.active
+                ),
+            )
+            page = found[:limit]
+            return {
+                "segment": name,
+                "size": queries.segment_sizes().get(name, 0),
+                "members": page,
+                "next_after": page[-1] if len(found) > limit else None,
+            }
 
     @r.get("/customers/{customer_id}")
     def customer(p: Params, _q: Query) -> dict[str, Any]:
-        found = queries.explain(p["customer_id"])
+        with view() as queries:
+            found = queries.explain(p["customer_id"])
         if found is None:
             raise NotFound("segmenter has no state for that customer")
         return found
 
-    console_routes(r, queries)
+    console_routes(r, view)
     return r
 
 
@@ -153,7 +267,7 @@ class ConsoleSnapshot:
         members: dict[str, list[tuple[str, float | None, int | None]]] = {n: [] for n in names}
         entered: dict[str, dict[int, int]] = {n: {} for n in names}
         exited: dict[str, dict[int, int]] = {n: {} for n in names}
-        for cid, st in list(queries.states.items()):
+        for cid, st in _pairs(queries.states):
             churn = st.values.get("churn_probability")
             churn = churn if isinstance(churn, float) else None
             for name, m in list(st.memberships.items()):
@@ -185,7 +299,7 @@ class ConsoleSnapshot:
         return out
 
 
-def console_routes(r: Routes, queries: Queries) -> None:
+def console_routes(r: Routes, view: Callable[[], AbstractContextManager[Queries]]) -> None:
     """Reads for the browser console (segflow.api.console), over the same state.
 
     * ``GET /console/flow?hours=N`` — per segment, entries and exits per hour of event time
@@ -206,7 +320,8 @@ def console_routes(r: Routes, queries: Queries) -> None:
 
     def refresh() -> None:
         try:
-            snap = ConsoleSnapshot(queries)
+            with view() as queries:
+                snap = ConsoleSnapshot(queries)
             with lock:
                 cache[:] = [snap]
         finally:
@@ -216,7 +331,7 @@ def console_routes(r: Routes, queries: Queries) -> None:
         """The current snapshot. One older than the TTL (but not than STALE_MAX, and of the
         running definitions) is answered while a new one is made in the background, so a
         page does not wait for the pass; none, or a too old one, is made now."""
-        with lock:
+        with view() as queries, lock:
             snap = cache[0] if cache else None
             if snap is not None and snap.version == queries.defs.version:
                 age = time.monotonic() - snap.at
@@ -243,7 +358,9 @@ def console_routes(r: Routes, queries: Queries) -> None:
     @r.get("/console/segments/{name}/members")
     def members(p: Params, q: Query) -> dict[str, Any]:
         name = p["name"]
-        if name not in queries.defs.by_name:
+        with view() as queries:
+            known = name in queries.defs.by_name
+        if not known:
             raise NotFound(f"no segment {name!r}")
         limit = int_param(q, "limit", 50, 1, 1000)
         offset = int_param(q, "offset", 0, 0, 10_000_000)
@@ -273,7 +390,8 @@ def console_routes(r: Routes, queries: Queries) -> None:
 
     @r.get("/console/customers/{customer_id}/memberships")
     def history(p: Params, _q: Query) -> dict[str, Any]:
-        st = queries.states.get(p["customer_id"])
+        with view() as queries:
+            st = queries.states.get(p["customer_id"])
         if st is None:
             raise NotFound("segmenter has no state for that customer")
         return {
@@ -292,6 +410,6 @@ def console_routes(r: Routes, queries: Queries) -> None:
         }
 
 
-def serve(queries: Queries, port: int, host: str = "127.0.0.1") -> InternalServer:
+def serve(source: Queries | Segmenter, port: int, host: str = "127.0.0.1") -> InternalServer:
     """Start the API on ``port`` (0 picks a free one: read ``server.port``)."""
-    return serve_routes(routes(queries), port, host)
+    return serve_routes(routes(source), port, host)

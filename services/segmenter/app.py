@@ -31,12 +31,9 @@ import heapq
 import logging
 import time
 from collections import deque
-from collections.abc import Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from dataclasses import replace
-from pathlib import Path
 from typing import Any
-
-from pydantic_settings import BaseSettings, SettingsConfigDict
 
 from segflow.errors import InvalidRecord
 from segflow.runtime.kafka import ensure_topics
@@ -65,14 +62,14 @@ from services.segmenter.metrics import (
     count_change,
 )
 from services.segmenter.quantiles import Column
+from services.segmenter.settings import DEFAULT_DEFINITIONS as DEFAULT_DEFINITIONS
+from services.segmenter.settings import SegmenterConfig as SegmenterConfig
 from services.segmenter.shared import load_definitions
 
 log = logging.getLogger("segflow.segmenter")
 #: The metrics this service exports (metrics.py), held here too for tests/deploy's checks.
 METRICS = (ATTRIBUTE_UPDATES, FLAPS, LOOKUP_LOADS, MISSING_FEATURES, TRANSITIONS)
 
-HERE = Path(__file__).resolve().parent
-DEFAULT_DEFINITIONS = HERE / "segments" / "default.yaml"
 SEGMENT_KEY = "segment:"
 #: The customer branch of the state record's union, named for fastavro's tuple notation.
 CUSTOMER_RECORD = "io.segflow.SegmenterCustomer"
@@ -83,23 +80,6 @@ STATE_TOPIC: Topic = TOPICS.segmenter_state
 
 #: Score fields that may legitimately be absent (the cluster is nullable).
 OPTIONAL_FIELDS = frozenset({"cluster"})
-
-
-class SegmenterConfig(BaseSettings):
-    """The segmenter's own settings (``SEGFLOW_SEGMENTER_*``)."""
-
-    model_config = SettingsConfigDict(env_prefix="SEGFLOW_SEGMENTER_", extra="ignore")
-
-    definitions: Path = DEFAULT_DEFINITIONS
-    group_id: str = "segmenter"
-    instance: str = "segmenter-0"  # transactional.id and static group member id
-    reload_interval: float = 2.0  # seconds between mtime polls of the definitions file
-    percentile_refresh: float = 60.0  # seconds between recomputations of pNN thresholds
-    tick_interval: float = 0.5
-    batch_size: int = 2000
-    max_timers_per_tick: int = 20000
-    http_port: int | None = None
-    pre_commit_delay: float = 0.0  # fault injection for tests (widens the open transaction)
 
 
 def serde_for(settings: Settings) -> Serde:
@@ -179,6 +159,9 @@ class Segmenter:
         self.score_decoder = MapProjection(
             self.serde, TOPICS.scores, "features", self.defs.features
         )
+        #: Told at each commit which customers it changed (None after a restore, assignment
+        #: or revocation: any may have): how the internal API publishes its view (api.py).
+        self.on_committed: Callable[[Iterable[str] | None], None] | None = None
 
     # -- start ---------------------------------------------------------------------------
     def restore(self, create: bool = True) -> int:
@@ -213,6 +196,8 @@ class Segmenter:
         self._committed_watermarks = dict(self.watermarks)
         self._recount()
         self._refresh_thresholds()
+        if self.on_committed is not None:
+            self.on_committed(None)
 
     def _recount(self) -> None:
         self.sizes = {}
@@ -248,6 +233,8 @@ class Segmenter:
             self._committed_watermarks.pop(part, None)
             self.part_statuses.pop(part, None)
         self._recount()
+        if self.on_committed is not None:
+            self.on_committed(None)
 
     @property
     def watermark(self) -> int:
@@ -492,6 +479,8 @@ class Segmenter:
         return f"{SEGMENT_KEY}{name}@{part}"
 
     def on_commit(self) -> None:
+        if self.on_committed is not None:
+            self.on_committed(self._dirty)
         self._dirty.clear()
         self._committed_watermarks = dict(self.watermarks)
 

@@ -104,6 +104,7 @@ class MiniPipeline:
             self.scorer.states,
             self.scorer.models,
             self.segmenter.store,
+            self.segmenter,  # publishes the view its API reads
             self.dispatcher.store,
         ):
             hook.on_commit()

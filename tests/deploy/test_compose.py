@@ -8,6 +8,7 @@ CI has no Docker engine, so the stack is checked here rather than started.
 from __future__ import annotations
 
 import importlib
+import re
 import shlex
 from importlib.util import find_spec
 from pathlib import Path, PurePosixPath
@@ -36,14 +37,30 @@ REPO = Path(__file__).resolve().parents[2]
 COMPOSE = REPO / "docker-compose.yml"
 PROMETHEUS = REPO / "deploy" / "prometheus" / "prometheus.yml"
 GRAFANA_PROVISIONING = REPO / "deploy" / "grafana" / "provisioning"
+#: Where every SEGFLOW_* setting is defined: the runtime's, the gateway's, and each deployed
+#: service's own settings module (#14 moved them out of the app.py shells; the dispatcher's
+#: playbook location is a pure module of its own, which replay reads too).
 SETTINGS_MODULES = (
     "segflow.runtime.settings",
     "segflow.runtime.vault",  # SEGFLOW_VAULT_KEY, SEGFLOW_VAULT_PREVIOUS_KEYS
     "segflow.api.gateway",
-    "services.scorer.settings",  # ScorerSettings (moved out of services/scorer/app.py, #14)
-    "services.dispatcher.settings",  # DispatcherSettings (moved out of its app.py, #14)
-    *(f"services.{s}.app" for s in DEPLOYED),
+    "services.dispatcher.vendors",  # VendorSettings (DispatcherSettings inherits them)
+    "services.dispatcher.playbook_settings",  # SEGFLOW_DISPATCHER_PLAYBOOKS
+    "segflow.collector.app",  # SEGFLOW_COLLECTOR_* (a product command, not a stack service)
+    *(f"services.{s}.settings" for s in DEPLOYED),
 )
+#: Variables read straight from the environment rather than through a settings class, and
+#: the file that reads each (checked below, so the list cannot outlive the code).
+PROCESS_VARIABLES = {
+    "SEGFLOW_BROKER_PORT": "segflow/cli.py",
+    "SEGFLOW_CACHE_DIR": "segflow/runtime/broker.py",
+    "SEGFLOW_DEMO_NO_WAIT": "segflow/api/wiring.py",
+    "SEGFLOW_SKIP_BROWSER_INSTALL": "run",
+    "SEGFLOW_VENV": "run",
+}
+#: A variable named in text; a trailing ``_*``, ``_<TYPE>``, ``_{...}`` or a bare ``_`` (an
+#: ``env_prefix``) makes it a prefix.
+_VARIABLE = re.compile(r"(?<![A-Z0-9_])(SEGFLOW_[A-Z0-9_]*[A-Z0-9])(_(?:\*|<|\{|(?![A-Za-z0-9])))?")
 
 
 @pytest.fixture(scope="module")
@@ -198,6 +215,50 @@ def test_every_segflow_variable_is_a_real_setting(services: dict[str, dict[str, 
         for var in env:
             if var.startswith(("SEGFLOW_", "KAFKA_BOOTSTRAP")):
                 assert var in known, f"{name}: {var} is not a setting of any segflow process"
+
+
+def test_no_service_shell_defines_settings() -> None:
+    """Each deployed service's settings live in its pure ``settings.py`` (importable without
+    Kafka or HTTP: the purity test), not in the ``app.py`` shell beside the I/O imports."""
+    for name in DEPLOYED:
+        module_name = f"services.{name}.app"
+        module = importlib.import_module(module_name)
+        own = [
+            v.__name__
+            for v in vars(module).values()
+            if isinstance(v, type) and issubclass(v, BaseSettings) and v.__module__ == module_name
+        ]
+        assert own == [], f"{module_name} defines settings {own}: move them to its settings.py"
+        assert find_spec(f"services.{name}.settings") is not None, name
+
+
+def test_every_documented_or_used_segflow_variable_is_read() -> None:
+    """Every SEGFLOW_* variable the READMEs, the deploy files or the services' code name is a
+    setting of a settings module (or one of the few read directly, where they are read)."""
+    known = settings_variables()
+    for variable, reader in PROCESS_VARIABLES.items():
+        text = (REPO / reader).read_text()
+        assert re.search(rf"environ(\.get)?[\(\[]\s*[\"']{variable}|\${{?{variable}", text), (
+            f"{reader} no longer reads {variable}: drop it from PROCESS_VARIABLES"
+        )
+    known |= set(PROCESS_VARIABLES)
+    sources = [
+        REPO / "README.md",
+        COMPOSE,
+        *(REPO / "services").glob("*/README.md"),
+        *(REPO / "segflow").rglob("README.md"),
+        *(REPO / "deploy").rglob("*.md"),
+        *(REPO / "deploy").rglob("*.y*ml"),
+        *(REPO / "services").rglob("*.py"),
+    ]
+    unknown = []
+    for path in sources:
+        for match in _VARIABLE.finditer(path.read_text()):
+            name, prefix = match.groups()
+            ok = any(k.startswith(name + "_") for k in known) if prefix else name in known
+            if not ok:
+                unknown.append(f"{path.relative_to(REPO)}: {name}{prefix or ''}")
+    assert unknown == [], f"named but no setting reads them: {sorted(set(unknown))}"
 
 
 def test_published_ports_listen_on_localhost_only(services: dict[str, dict[str, Any]]) -> None:
