@@ -26,11 +26,9 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     faulthandler.register(signal.SIGUSR1)
     if args.check:  # no Kafka or HTTP imports needed to validate files
-        import os
+        from services.dispatcher.playbook_settings import PlaybookSettings
 
-        from services.dispatcher.playbooks import DEFAULT_DIR
-
-        paths = os.environ.get("SEGFLOW_DISPATCHER_PLAYBOOKS", str(DEFAULT_DIR))
+        paths = PlaybookSettings().playbooks  # SEGFLOW_DISPATCHER_PLAYBOOKS, or the default
         try:
             book = load_book(Path(p) for p in paths.split(",") if p)
         except ConfigError as exc:

@@ -127,12 +127,9 @@ class SizeHistory:
 def definitions_path(configured: Path | None) -> Path:
     if configured is not None:
         return configured
-    env = os.environ.get("SEGFLOW_SEGMENTER_DEFINITIONS")
-    if env:
-        return Path(env)
-    from services.segmenter.app import DEFAULT_DEFINITIONS
+    from services.segmenter.settings import SegmenterConfig
 
-    return DEFAULT_DEFINITIONS
+    return SegmenterConfig().definitions  # SEGFLOW_SEGMENTER_DEFINITIONS, or the default
 
 
 _BOOKS: dict[str, tuple[tuple[tuple[str, int], ...], dict[str, list[dict[str, Any]]]]] = {}
@@ -240,9 +237,9 @@ def _check_definitions(text: str) -> dict[str, Any]:
 
 
 def playbook_spec(configured: str | None) -> str:
-    from services.dispatcher.playbooks import DEFAULT_DIR
+    from services.dispatcher.playbook_settings import PlaybookSettings
 
-    return configured or os.environ.get("SEGFLOW_DISPATCHER_PLAYBOOKS") or str(DEFAULT_DIR)
+    return configured or PlaybookSettings().playbooks  # SEGFLOW_DISPATCHER_PLAYBOOKS or default
 
 
 def playbook_files(spec: str | None) -> dict[str, Path]:
