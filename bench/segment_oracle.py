@@ -74,6 +74,7 @@ from oracle_features import (  # noqa: E402
     last_time,
     oracle_features,
 )
+from oracle_events import event_memberships  # noqa: E402
 from oracle_rules import (  # noqa: E402
     Segment,
     evaluate,
@@ -121,6 +122,8 @@ def run_pipeline(customers: int, days: int, seed: int) -> dict[str, Any]:
             super().__init__(*a, **k)
             self.dead: set[str] = set()
             self.merge_at: dict[str, int] = {}
+            self.merge_occ: dict[str, int] = {}  # the merge's event time (the segmenter's now)
+            self.refresh_wm: list[int] = []  # the segmenter's watermark at each refresh
             # the segmenter's percentile thresholds over time (for the attribution only)
             self.thresholds: list[tuple[int, dict[tuple[str, float], float]]] = []
             refresh = self.segmenter._refresh_thresholds
@@ -128,6 +131,7 @@ def run_pipeline(customers: int, days: int, seed: int) -> dict[str, Any]:
             def recorded() -> None:
                 refresh()
                 self.thresholds.append((self.clock_ms, dict(self.segmenter.thresholds)))
+                self.refresh_wm.append(self.segmenter.watermark)
 
             self.segmenter._refresh_thresholds = recorded  # type: ignore[method-assign]
 
@@ -140,6 +144,8 @@ def run_pipeline(customers: int, days: int, seed: int) -> dict[str, Any]:
         def merge(self, merge: dict[str, Any]) -> None:
             for a in merge["absorbed_ids"]:
                 self.merge_at[a] = self.clock_ms
+                # the segmenter's instant for the merge: its time or the watermark, if later
+                self.merge_occ[a] = max(int(merge["occurred_at"]), self.segmenter.watermark)
             super().merge(merge)
 
     config = SimConfig(customers=customers, days=days, seed=seed, noise=DEMO_NOISE)
@@ -181,8 +187,10 @@ def run_pipeline(customers: int, days: int, seed: int) -> dict[str, Any]:
         obs=pipe.obs,
         scores=dict(pipe.scores),
         merge_at=pipe.merge_at,
+        merge_occ=pipe.merge_occ,
         dead=pipe.dead,
         thresholds=pipe.thresholds,
+        refresh_wm=pipe.refresh_wm,
     )
     return {
         "config": config,
@@ -205,7 +213,11 @@ class Comparison:
 
 
 def compare(
-    run: dict[str, Any], n_examples: int = 0, group_by: str = "live-id", refresh: bool = True
+    run: dict[str, Any],
+    n_examples: int = 0,
+    group_by: str = "live-id",
+    refresh: bool = True,
+    mode: str = "events",
 ) -> Comparison:
     """Oracle vs segmenter per customer-day and segment. ``group_by``: ``final-id`` groups the
     raw events by the customer id the identity service finally gave them (after every merge:
@@ -309,8 +321,27 @@ def compare(
     else:
         member2 = oracle_memberships(segments, feats, known2, last_score_day, pct_days, re_log)
     oracle_re: dict[int, set[int]] = defaultdict(set)  # days with a re_engaged exit
-    for c, now, _seg in re_log:
-        oracle_re[c].add(int(now - 1e-6))
+    eo = None
+    if mode == "events" and group_by == "live-id":
+        # the event-by-event oracle: stays at every score, timer, refresh and merge instant
+        pct_keys = list(percentiles(segments, {}, np.zeros(0, bool), True))
+        eo = event_memberships(segments, raw, run, index, pct_keys)
+        for name in list(member2):
+            m = np.zeros((n_cust, n_days), dtype=bool)
+            for (c, seg), spans in eo.stays.items():
+                if seg != name:
+                    continue
+                for b, e in spans:
+                    lo = int(np.searchsorted(ends, b, side="left"))
+                    hi = int(np.searchsorted(ends, e, side="left")) if e != math.inf else n_days
+                    m[c, lo:hi] = True
+            member2[name] = np.repeat(m, 2, axis=1)  # only the day ends (odd columns) are read
+        for c, lst in eo.re_exits.items():
+            for now_ms, _seg in lst:
+                oracle_re[c].add(int(now_ms // DAY - day0))
+    else:
+        for c, now, _seg in re_log:
+            oracle_re[c].add(int(now - 1e-6))
     segm_re: dict[int, set[int]] = defaultdict(set)
     for ch in obs.changes:
         c = id_true.get(ch.get("customer_id") or "")
@@ -393,6 +424,27 @@ def compare(
     )
 
     feeding = [s.name for s in segments if s.re_engaged_when is not None]
+
+    def decisive(c: int, seg: str, t: int) -> int | None:
+        """The latest transition at or before t that one side made and the other did not."""
+        if eo is None:
+            return None
+        mine = {x for b, e in eo.stays.get((c, seg), ()) for x in (b, e) if x != math.inf}
+        theirs = set(moves.get((c, seg), ()))
+        cands = [x for x in mine ^ theirs if x <= t]
+        return int(max(cands)) if cands else None
+
+    def input_at(c: int, tau: int) -> str | None:
+        """A score of the customer's around the decisive instant whose published features
+        differ from the oracle's (recomputed at the score's instant from the raw events)."""
+        assert eo is not None
+        hits = [m for m in eo.mismatches.get(c, ()) if tau - 2 * DAY <= m[0] <= tau]
+        if not hits:
+            return None
+        as_of, _at, feats_, late = hits[-1]
+        if late:
+            return "late (the score missed an event delivered after it)"
+        return "input at the decisive score: " + ",".join(feats_[:2])
     disagree_days: dict[str, np.ndarray] = {}
     agree: dict[str, int] = {}
     reasons: dict[str, Counter[str]] = {}
@@ -421,7 +473,7 @@ def compare(
                 x for x in oracle_re[c] if d - 30 <= x <= d
             } != {x for x in segm_re[c] if d - 30 <= x <= d}:
                 why = "a feeding segment's exit is re_engaged in one, plain in the other"
-                if any(  # a stay within the samples' resolution of re_engaged_after
+                if eo is None and any(  # a stay within the samples' resolution of re_engaged_after
                     abs((e - b) / DAY - f.re_engaged_after) <= 1.0
                     and d - 30 <= e / DAY - day0 <= d + 1
                     for f in segments
@@ -432,11 +484,15 @@ def compare(
                         "intra-day path (a feeding stay as long as re_engaged_after within the "
                         "samples' resolution: re_engaged in one, plain in the other)"
                     )
-            elif any(
+            elif eo is None and any(
                 0 <= t - m < DAY + max(s.min_dwell, s.cooldown, 1.0) * DAY and m % DAY != 0
                 for m in moves.get((c, s.name), ())
             ):
                 why = "intra-day path (a transition between two samples; dwell/cooldown from it)"
+            elif eo is not None and (tau := decisive(c, s.name, t)) is not None and (
+                inp := input_at(c, tau)
+            ):
+                why = inp
             else:
                 h = held[c][d]
                 why = "state (same inputs)"
@@ -468,9 +524,15 @@ def compare(
                             why = f"percentile ({moved}: thresholds differ / moved since)"
             ctr[why] += 1
             if len(examples[(s.name, why)]) < n_examples:
+                tau_ = decisive(c, s.name, int(t)) if eo is not None else None
                 examples[(s.name, why)].append(
                     f"{names[c]} day {d}: oracle {'in' if a[c, d] else 'out'}, "
                     f"segmenter {'in' if b[c, d] else 'out'}"
+                    + (
+                        f" (decisive instant day {(tau_ / DAY - day0):.4f})"
+                        if tau_ is not None
+                        else ""
+                    )
                 )
         reasons[s.name] = ctr
     return Comparison(
@@ -493,6 +555,13 @@ def main() -> None:
     p.add_argument("--cache", help="pickle of the pipeline run (reused when it exists)")
     p.add_argument("--group-by", choices=["live-id", "final-id", "truth"], default="live-id")
     p.add_argument(
+        "--mode",
+        choices=["events", "samples"],
+        default="events",
+        help="events: step at every score, timer, refresh and merge instant (live-id only); "
+        "samples: twice a day (sessions 5-6)",
+    )
+    p.add_argument(
         "--instant-percentiles",
         action="store_true",
         help="pNN over every id at each instant (not at the service's 6-hourly refreshes)",
@@ -506,7 +575,9 @@ def main() -> None:
         if cache is not None:
             cache.write_bytes(pickle.dumps(run))
     t0 = time.perf_counter()
-    cmp = compare(run, args.examples, args.group_by, refresh=not args.instant_percentiles)
+    cmp = compare(
+        run, args.examples, args.group_by, refresh=not args.instant_percentiles, mode=args.mode
+    )
     print(
         f"{args.customers} customers x {args.days} days (seed {args.seed}, demo noise, "
         f"customers by {args.group_by}, "

@@ -1,0 +1,686 @@
+"""The segment oracle, event by event (issue #17).
+
+The twice-a-day oracle (``oracle_rules.oracle_memberships``) cannot see a stay that begins and
+ends between two samples, nor a dwell measured from an intra-day instant. This one steps each
+customer id's state machine at every instant at which its membership can change, derived
+independently:
+
+* each score of the id (its time, ``as_of``, and its model outputs are read from the scores;
+  every other feature the rules read is recomputed *at that instant* from the raw events that
+  occurred by then — :func:`point_features`, point queries on the sorted events);
+* between scores, the documented semantics: the latest score's values with recencies
+  (``days_since_*``) aged; the oracle derives its own timers from them — the instant each
+  recency crosses a bound a rule compares it with, the end of ``min_dwell``, ``cooldown``,
+  ``sustain`` and ``ttl``;
+* each percentile refresh (the service's schedule; the thresholds are the oracle's own, over
+  every live id's latest score) for the ids whose value lies between the old and the new
+  threshold (nobody else's rule can change there);
+* a merge: the absorbed id leaves every segment at the merge's instant.
+
+It imports nothing from ``services``; the rules are read from the YAML here. Output: each
+id's stays per segment ``[(entered, exited)]`` (exited ``inf`` when open), the ``re_engaged``
+exits, and per score the features that differ from the published ones (for attribution).
+"""
+
+from __future__ import annotations
+
+import math
+from collections import defaultdict
+from dataclasses import dataclass, field
+from typing import Any, Callable
+
+import numpy as np
+import pandas as pd
+from oracle_features import (
+    ACTIVITY_TYPES,
+    COUNT_OF,
+    DAY,
+    ENGAGEMENT_WEIGHTS,
+    FROM_SCORES,
+    MAX_CHANGE,
+    NEVER,
+    RECENCY_OF,
+)
+from oracle_rules import Segment, is_pct
+
+SHIFT = 1 << 40  # key = row * SHIFT + (t - origin): per-row sorted event times in one array
+
+
+# -- features at any instant, from the raw events ---------------------------------------------
+class Stream:
+    """One kind of event (with a weight), sorted by (row, time), for point queries."""
+
+    def __init__(self, rows: np.ndarray, times: np.ndarray, weights: np.ndarray, origin: int):
+        key = rows.astype(np.int64) * SHIFT + (times.astype(np.int64) - origin)
+        order = np.argsort(key, kind="stable")
+        self.key = key[order]
+        self.times = times.astype(np.int64)[order]
+        self.rows = rows.astype(np.int64)[order]
+        self.cum = np.concatenate([[0.0], np.cumsum(weights.astype(float)[order])])
+        self.origin = origin
+
+    def _pos(self, rows: np.ndarray, times: np.ndarray) -> np.ndarray:
+        """Number of keys <= (row, time)."""
+        return np.searchsorted(self.key, rows * SHIFT + (times - self.origin), side="right")
+
+    def total(self, rows: np.ndarray, lo: np.ndarray, hi: np.ndarray) -> np.ndarray:
+        """Sum of the weights of the row's events with lo <= time <= hi."""
+        return self.cum[self._pos(rows, hi)] - self.cum[self._pos(rows, lo - 1)]
+
+    def last(self, rows: np.ndarray, t: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """(index of the row's latest event at or before t, or -1; its time or NaN)."""
+        i = self._pos(rows, t) - 1
+        ok = (i >= 0) & (self.rows[np.maximum(i, 0)] == rows)
+        idx = np.where(ok, i, -1)
+        return idx, np.where(ok, self.times[np.maximum(i, 0)].astype(float), np.nan)
+
+
+def point_features(
+    ev: pd.DataFrame, rows: np.ndarray, t: np.ndarray, zips: frozenset[str]
+) -> dict[str, np.ndarray]:
+    """Every feature the default rules read, for each query (row ``rows[i]`` at instant
+    ``t[i]``), from the events (columns c = row, event_type, occurred_at, amount, sentiment,
+    escalated, zip) that occurred at or before the instant. Windows are whole days ending with
+    the instant's day (its events up to the instant), as the scorer's README defines them."""
+    rows = rows.astype(np.int64)
+    t = t.astype(np.int64)
+    origin = int(min(ev["occurred_at"].min(), t.min())) - 400 * DAY
+    c = ev["c"].to_numpy()
+    occ = ev["occurred_at"].to_numpy().astype(np.int64)
+    etype = ev["event_type"].to_numpy()
+    ones = np.ones(len(ev))
+
+    def stream(mask: np.ndarray, w: np.ndarray | None = None) -> Stream:
+        return Stream(c[mask], occ[mask], (ones if w is None else w)[mask], origin)
+
+    day = t // DAY
+
+    def win(s: Stream, days: int, back: int = 0) -> np.ndarray:
+        """The ``days`` whole days ending ``back`` days before the instant's day."""
+        lo = (day - back - days + 1) * DAY
+        hi = np.where(back == 0, t, (day - back + 1) * DAY - 1)
+        return s.total(rows, lo, hi)
+
+    def change(s: Stream, w: int) -> np.ndarray:
+        cur = win(s, w) / w
+        base = win(s, 28, w) / 28.0
+        return np.minimum((cur - base) / np.maximum(base, 1e-9), MAX_CHANGE)
+
+    streams = {col: stream(etype == et) for et, col in COUNT_OF.items()}
+    escalated = ev["escalated"].fillna(False).astype(bool).to_numpy()
+    streams["escalations"] = stream((etype == "support_ticket") & escalated)
+    is_active = np.isin(etype, list(ACTIVITY_TYPES))
+    streams["activity"] = stream(is_active)
+    purchase = etype == "purchase"
+    streams["revenue"] = stream(purchase, ev["amount"].fillna(0.0).astype(float).to_numpy())
+    sent = ev["sentiment"].astype(float).to_numpy()
+    has_sent = (etype == "support_ticket") & ~np.isnan(sent)
+    streams["sentiment"] = stream(has_sent, np.nan_to_num(sent))
+
+    f: dict[str, np.ndarray] = {}
+    f["activity_14d_vs_prior28_change"] = change(streams["activity"], 14)
+    f["logins_3d_vs_prior28_change"] = change(streams["logins"], 3)
+    f["revenue_28d_vs_prior28_change"] = change(streams["revenue"], 28)
+    a14 = win(streams["activity"], 14)
+    a56 = win(streams["activity"], 56)
+    f["activity_14d_vs_prior42_log_ratio"] = np.log((a14 + 1.0) / ((a56 - a14) / 3.0 + 1.0))
+    f["feature_use_28d"] = win(streams["feature_use"], 28)
+    f["cart_views_14d"] = win(streams["cart_views"], 14)
+    f["revenue_28d"] = win(streams["revenue"], 28)
+    f["escalations_7d"] = win(streams["escalations"], 7)
+    t7 = win(streams["tickets"], 7)
+    s7 = win(streams["sentiment"], 7)
+    f["sentiment_mean_7d"] = np.where(t7 > 0, s7 / np.maximum(t7, 1), 0.0)
+    w = sum(wt * win(streams[k], 14) for k, wt in ENGAGEMENT_WEIGHTS.items())
+    f["engagement_score"] = 100.0 * (1.0 - np.exp(-w / 25.0))
+    far = np.full(len(t), origin + 1)
+    f["lifetime_purchases"] = streams["purchases"].total(rows, far, t)
+
+    for name, types in RECENCY_OF.items():
+        _, last = stream(np.isin(etype, types)).last(rows, t)
+        f[f"days_since_{name}"] = np.where(np.isnan(last), NEVER, (t - last) / DAY)
+    ident = stream(etype == "identify")
+    first_ident = np.full(len(t), np.nan)
+    if len(ident.key):
+        firsts = pd.Series(ident.times).groupby(ident.rows).min()
+        first_ident = pd.Series(rows).map(firsts).to_numpy(dtype=float)
+    known = ~np.isnan(first_ident) & (first_ident <= t)
+    f["days_since_signup"] = np.where(known, (t - first_ident) / DAY, NEVER)
+
+    _, cancel = stream(etype == "subscription_cancel").last(rows, t)
+    _, active = streams["activity"].last(rows, t)
+    f["cancelled"] = np.where(
+        ~np.isnan(cancel) & (np.isnan(active) | (active <= cancel)), 1.0, 0.0
+    )
+
+    zmask = ev["zip"].notna().to_numpy()
+    hv = ev["zip"].isin(zips).to_numpy().astype(float)
+    zi, _ = Stream(c[zmask], occ[zmask], hv[zmask], origin).last(rows, t)
+    zs = Stream(c[zmask], occ[zmask], hv[zmask], origin)
+    zval = np.diff(zs.cum)  # the weights in key order
+    f["high_value_zip"] = np.where(zi >= 0, zval[np.maximum(zi, 0)] if len(zval) else 0.0, 0.0)
+
+    # purchase intervals: EWMAs of the gaps in days (alpha 0.5 current, 0.05 baseline), in
+    # occurred-at order, the state after the latest purchase at or before the instant
+    ps = stream(purchase)
+    fast = np.zeros(len(ps.key))
+    slow = np.zeros(len(ps.key))
+    prev_row, prev_t, fa, sl, n = -1, 0, 0.0, 0.0, 0
+    for i, (r, tt) in enumerate(zip(ps.rows.tolist(), ps.times.tolist(), strict=True)):
+        if r != prev_row:
+            prev_row, prev_t, fa, sl, n = r, tt, 0.0, 0.0, 0
+        elif tt > prev_t:
+            gap = (tt - prev_t) / DAY
+            if n == 0:
+                fa = sl = gap
+            else:
+                fa += 0.5 * (gap - fa)
+                sl += 0.05 * (gap - sl)
+            n += 1
+            prev_t = tt
+        fast[i], slow[i] = fa, sl
+    pi, _ = ps.last(rows, t)
+    fa_t = np.where(pi >= 0, fast[np.maximum(pi, 0)] if len(fast) else 0.0, 0.0)
+    sl_t = np.where(pi >= 0, slow[np.maximum(pi, 0)] if len(slow) else 0.0, 0.0)
+    for k, a in f.items():  # published with 4 decimals (CustomerScore.features)
+        if not k.startswith("days_since_"):
+            f[k] = np.round(a, 4)
+    f["engagement_score"] = np.round(f["engagement_score"], 2)  # published with 2
+    f["purchase_interval_days"] = fa_t
+    f["purchase_interval_baseline_days"] = sl_t
+    dsp = f["days_since_purchase"]
+    f["purchase_interval_drift"] = np.round(
+        np.where(
+            (sl_t > 0) & (dsp < NEVER),
+            np.minimum(MAX_CHANGE, np.maximum(fa_t, dsp) / np.where(sl_t > 0, sl_t, 1.0) - 1.0),
+            0.0,
+        ),
+        4,
+    )
+    return f
+
+
+# -- rules as closures over one customer's values ---------------------------------------------
+Rule = Callable[[dict[str, Any], dict[tuple[str, float], float]], bool]
+
+
+def compile_rule(rule: Any) -> Rule:
+    """A rule of the YAML as a function of (values, thresholds); a missing feature or a
+    percentile with no threshold yet is false (``not`` of it true)."""
+    if "all" in rule:
+        parts = [compile_rule(r) for r in rule["all"]]
+        return lambda v, p: all(f(v, p) for f in parts)
+    if "any" in rule:
+        parts = [compile_rule(r) for r in rule["any"]]
+        return lambda v, p: any(f(v, p) for f in parts)
+    if "not" in rule:
+        inner = compile_rule(rule["not"])
+        return lambda v, p: not inner(v, p)
+    if "weighted" in rule:
+        items = [(float(i["weight"]), compile_rule(i["when"])) for i in rule["weighted"]]
+        need = float(rule["threshold"]) - 1e-9
+        return lambda v, p: sum(w for w, f in items if f(v, p)) >= need
+    feat, op, value = rule["feature"], rule["op"], rule["value"]
+    if feat.startswith(("attr.", "lookup.")):
+        return lambda v, p: False  # the simulated pipeline loads no attributes or lookups
+    key = (feat, float(value[1:])) if is_pct(value) else None
+
+    def test(v: dict[str, Any], p: dict[tuple[str, float], float]) -> bool:
+        x = v.get(feat)
+        if x is None or (isinstance(x, float) and math.isnan(x)):
+            return False
+        b = p.get(key) if key is not None else value
+        if b is None:
+            return False
+        if op == ">":
+            return x > b
+        if op == ">=":
+            return x >= b
+        if op == "<":
+            return x < b
+        if op == "<=":
+            return x <= b
+        if op == "==":
+            return x == b
+        if op == "!=":
+            return x != b
+        if op == "in":
+            return x in b
+        if op == "between":
+            return b[0] <= x <= b[1]
+        raise ValueError(f"unknown operator {op}")
+
+    return test
+
+
+def aging_bounds(rule: Any, out: set[tuple[str, float]]) -> None:
+    """(recency feature, numeric bound) pairs a rule compares: where a crossing can flip it."""
+    if rule is None:
+        return
+    if "feature" in rule:
+        if rule["feature"].startswith("days_since_") and not is_pct(rule["value"]):
+            vals = rule["value"] if isinstance(rule["value"], list) else [rule["value"]]
+            out.update((rule["feature"], float(x)) for x in vals)
+        return
+    for key in ("all", "any"):
+        for r in rule.get(key, ()):
+            aging_bounds(r, out)
+    if "not" in rule:
+        aging_bounds(rule["not"], out)
+    for item in rule.get("weighted", ()):
+        aging_bounds(item["when"], out)
+
+
+@dataclass
+class Compiled:
+    seg: Segment
+    enter: Rule
+    exit: Rule | None
+    rew: Rule | None
+    dwell: int
+    cooldown: int
+    sustain: int
+    ttl: int | None
+    after: int
+
+
+def compile_segments(segments: list[Segment]) -> tuple[list[Compiled], list[tuple[str, float]]]:
+    out = []
+    bounds: set[tuple[str, float]] = set()
+    for s in segments:
+        for r in (s.enter, s.exit, s.re_engaged_when):
+            aging_bounds(r, bounds)
+
+        def ms(days: float) -> int:
+            return int(round(days * DAY))
+
+        out.append(
+            Compiled(
+                s,
+                compile_rule(s.enter),
+                compile_rule(s.exit) if s.exit is not None else None,
+                compile_rule(s.re_engaged_when) if s.re_engaged_when is not None else None,
+                ms(s.min_dwell),
+                ms(s.cooldown),
+                ms(s.sustain),
+                ms(s.ttl) if s.ttl is not None else None,
+                ms(s.re_engaged_after),
+            )
+        )
+    return out, sorted(bounds)
+
+
+# -- one id's state machine ----------------------------------------------------------------
+@dataclass
+class Mem:
+    active: bool = False
+    entered_at: int | None = None
+    exited_at: int | None = None
+    pending: int | None = None
+
+
+@dataclass
+class IdState:
+    as_of: int | None = None
+    base: dict[str, Any] = field(default_factory=dict)
+    mems: dict[str, Mem] = field(default_factory=dict)
+    re_engaged_at: int | None = None
+    stays: dict[str, list[list[float]]] = field(default_factory=lambda: defaultdict(list))
+    re_exits: list[tuple[int, str]] = field(default_factory=list)
+
+
+def step(
+    st: IdState,
+    now: int,
+    segs: list[Compiled],
+    bounds: list[tuple[str, float]],
+    thresholds: dict[tuple[str, float], float],
+) -> int | None:
+    """Evaluate every segment at ``now`` (the README's lifecycle); returns the next instant
+    at which, with no new score, something can change (the oracle's own timer)."""
+    assert st.as_of is not None
+    values = dict(st.base)
+    elapsed = (now - st.as_of) / DAY
+    if elapsed > 0:
+        for k, x in st.base.items():
+            if k.startswith("days_since_") and isinstance(x, float):
+                values[k] = x + elapsed
+    stale = now - st.as_of
+    timers: list[int] = []
+    for cs in segs:
+        name = cs.seg.name
+        if st.re_engaged_at is not None:
+            values["days_since_re_engaged"] = (now - st.re_engaged_at) / DAY
+        m = st.mems.setdefault(name, Mem())
+        if m.active:
+            entered = m.entered_at if m.entered_at is not None else now
+            if cs.ttl is not None and stale >= cs.ttl:
+                st.stays[name][-1][1] = now
+                m.active, m.exited_at = False, now
+            else:
+                leaving = (
+                    cs.exit(values, thresholds)
+                    if cs.exit is not None
+                    else not cs.enter(values, thresholds)
+                )
+                if not leaving or now <= entered or now - entered < cs.dwell:
+                    if leaving:
+                        timers.append(max(entered + cs.dwell, entered + 1))
+                    if cs.ttl is not None:
+                        timers.append(st.as_of + cs.ttl)
+                    continue
+                st.stays[name][-1][1] = now
+                if (
+                    cs.rew is not None
+                    and now - entered >= cs.after
+                    and cs.rew(values, thresholds)
+                ):
+                    st.re_engaged_at = now
+                    st.re_exits.append((now, name))
+                m.active, m.exited_at, m.pending = False, now, None
+        # not a member
+        if cs.ttl is not None and stale >= cs.ttl:
+            m.pending = None
+            continue
+        if not cs.enter(values, thresholds) or (
+            cs.exit is not None and cs.exit(values, thresholds)
+        ):
+            m.pending = None
+            continue
+        ready = True
+        if cs.sustain:
+            if m.pending is None:
+                m.pending = now
+                if cs.seg.sustain_since is not None:
+                    since = values.get(cs.seg.sustain_since)
+                    if isinstance(since, float) and since > 0:
+                        m.pending = now - min(int(since * DAY), cs.sustain)
+            if now - m.pending < cs.sustain:
+                timers.append(m.pending + cs.sustain)
+                ready = False
+        if m.exited_at is not None:
+            open_at = max(m.exited_at + cs.cooldown, m.exited_at + 1)
+            if now < open_at:
+                timers.append(open_at)
+                ready = False
+        if not ready:
+            continue
+        m.active, m.entered_at, m.pending = True, now, None
+        st.stays[name].append([now, math.inf])
+        if cs.ttl is not None:
+            timers.append(st.as_of + cs.ttl)
+    if st.re_engaged_at is not None:
+        values["days_since_re_engaged"] = (now - st.re_engaged_at) / DAY
+    for feat, bound in bounds:
+        x = values.get(feat)
+        if isinstance(x, float) and bound >= x:
+            at = now + math.ceil((bound - x) * DAY)
+            timers += [at, at + 1]
+    future = [x for x in timers if x > now]
+    return min(future) if future else None
+
+
+def leave_all(st: IdState, now: int) -> None:
+    for name, m in st.mems.items():
+        if m.active:
+            st.stays[name][-1][1] = now
+            m.active, m.exited_at = False, now
+
+
+@dataclass
+class IdTimeline:
+    """One customer id's inputs: its scores in emission order (as_of, values), each with the
+    oracle's features at as_of; the instant it was merged away (or None)."""
+
+    scores: list[tuple[int, dict[str, Any]]]
+    merged_at: int | None
+
+
+def run_id(
+    tl: IdTimeline,
+    segs: list[Compiled],
+    bounds: list[tuple[str, float]],
+    refreshes: list[tuple[int, dict[tuple[str, float], float]]],
+    pct_keys: list[tuple[str, float]],
+    end: int,
+) -> IdState:
+    """Step one id through its scores, its own timers and the percentile refreshes, in event
+    time, up to ``end`` or its merge."""
+    st = IdState()
+    stop = tl.merged_at if tl.merged_at is not None else end
+    r_times = [t for t, _ in refreshes]
+    ri = 0
+    current: dict[tuple[str, float], float] = {}
+    timer: int | None = None
+    si = 0
+    scores = tl.scores
+    while True:
+        t_score = scores[si][0] if si < len(scores) else None
+        t_ref = r_times[ri] if ri < len(r_times) else None
+        cands = [x for x in (t_score, t_ref, timer) if x is not None and x <= stop]
+        if not cands:
+            break
+        now = min(cands)
+        if t_ref is not None and now == t_ref:  # thresholds first, then what is due with them
+            old = current
+            current = refreshes[ri][1]
+            ri += 1
+            if st.as_of is None:
+                continue
+            # only an id whose value lies between an old and a new threshold can change here
+            hit = False
+            for key in pct_keys:
+                a, b = old.get(key), current.get(key)
+                if a == b:
+                    continue
+                x = st.base.get(key[0])
+                if x is None or isinstance(x, str) or math.isnan(x):
+                    continue
+                if a is None or b is None or min(a, b) <= x <= max(a, b):
+                    hit = True
+                    break
+            if hit:
+                timer = step(st, max(now, st.as_of), segs, bounds, current)
+            continue
+        if timer is not None and now == timer and (t_score is None or timer < t_score):
+            timer = step(st, now, segs, bounds, current)
+            continue
+        # a score (a timer due at the same instant is evaluated with it)
+        as_of, values = scores[si]
+        si += 1
+        if st.as_of is not None and as_of < st.as_of:
+            continue  # older than the one held: ignored
+        st.as_of, st.base = as_of, values
+        timer = step(st, as_of, segs, bounds, current)
+    if tl.merged_at is not None:
+        leave_all(st, max(tl.merged_at, st.as_of or tl.merged_at))
+    return st
+
+
+def score_values(
+    oracle: dict[str, float], score: dict[str, Any], features: set[str]
+) -> dict[str, Any]:
+    """The values the oracle evaluates at a score: its own features, the score's model outputs."""
+    v: dict[str, Any] = {k: float(oracle[k]) for k in features if k in oracle}
+    for k in FROM_SCORES:
+        if k in score:
+            v[k] = score[k]
+    return v
+
+
+# -- the whole population ---------------------------------------------------------------------
+@dataclass
+class EventOracle:
+    """The event-by-event oracle's result, per true customer (index into the final ids)."""
+
+    stays: dict[tuple[int, str], list[tuple[float, float]]]  # (customer, segment) -> stays
+    re_exits: dict[int, list[tuple[int, str]]]  # customer -> [(instant, feeding segment)]
+    # customer -> [(as_of, emitted at, features that differ from the score's, late event?)]
+    mismatches: dict[int, list[tuple[int, int, tuple[str, ...], bool]]]
+    n_scores: int
+    n_mismatched: int
+    by_feature: dict[str, int]
+    steps_seconds: float
+    refreshes: list[tuple[int, dict[tuple[str, float], float]]]
+
+
+def event_memberships(
+    segments: list[Segment],
+    raw: pd.DataFrame,
+    run: dict[str, Any],
+    final_index: dict[str, int],
+    pct_keys: list[tuple[str, float]],
+) -> EventOracle:
+    """Every customer id stepped on its own (as the segmenter documents: before a merge the
+    anonymous and the identified id each have their events, scores and segments; at the merge
+    the absorbed id leaves every segment and the survivor holds the events of both)."""
+    import time
+
+    config, pipe = run["config"], run["pipe"]
+    obs = pipe.obs
+    survivor, merge_at = obs.survivor, pipe.merge_at
+    merge_occ = getattr(pipe, "merge_occ", merge_at)
+    raw = raw.assign(owner=raw["event_id"].map(obs.event_owner))
+
+    # rows: (live id, [lo, hi) in harness clock between two merges of its customer) holding
+    # the events of every id that resolves to it then
+    def resolve(cid: str, t: float) -> str:
+        while cid in survivor and merge_at.get(cid, 1 << 62) <= t:
+            cid = survivor[cid]
+        return cid
+
+    ids_of: dict[int, set[str]] = defaultdict(set)
+    for cid in set(raw["owner"].dropna()):
+        c = final_index[obs.final_id(cid)]
+        while True:
+            ids_of[c].add(cid)
+            if cid not in survivor:
+                break
+            cid = survivor[cid]
+    rows: list[tuple[str, float, float]] = []
+    pairs: list[tuple[str, int]] = []
+    for _c, ids in sorted(ids_of.items()):
+        times = sorted({merge_at[x] for x in ids if x in merge_at})
+        b = [-math.inf, *times, math.inf]
+        for k in range(len(b) - 1):
+            groups: dict[str, list[str]] = defaultdict(list)
+            for x in sorted(ids):
+                groups[resolve(x, b[k])].append(x)
+            for live, members in sorted(groups.items()):
+                pairs += [(x, len(rows)) for x in members]
+                rows.append((live, b[k], b[k + 1]))
+    ev = raw.merge(pd.DataFrame(pairs, columns=["owner", "row"]), on="owner")
+    ev = ev.drop(columns=["c"]).rename(columns={"row": "c"})
+    rows_of: dict[str, list[tuple[float, float, int]]] = defaultdict(list)
+    for r, (live, lo, hi) in enumerate(rows):
+        rows_of[live].append((lo, hi, r))
+
+    # every score of every id, with the row that held the id's events when it was emitted
+    q_row: list[int] = []
+    q_t: list[int] = []
+    q_ref: list[tuple[str, int]] = []
+    for cid, lst in pipe.scores.items():
+        if cid not in rows_of:
+            continue
+        for k, sc in enumerate(lst):
+            at = sc.get("at", sc["as_of"])
+            r = next((r for lo, hi, r in rows_of[cid] if lo <= at < hi), rows_of[cid][-1][2])
+            q_row.append(r)
+            q_t.append(int(sc["as_of"]))
+            q_ref.append((cid, k))
+    used = set().union(*(s.features for s in segments)) - set(FROM_SCORES)
+    used = {k for k in used if not k.startswith(("attr.", "lookup.")) and k != "days_since_re_engaged"}
+    pf = point_features(ev, np.array(q_row), np.array(q_t), frozenset(run["zips"]))
+    cols = {k: pf[k] for k in sorted(used)}
+
+    # late: an event of the row that occurred by the score but was delivered after it was
+    # emitted (or dead-lettered)
+    late_ev = ev[(ev["delivered_at"] > ev["occurred_at"]) | ev["event_id"].isin(pipe.dead)]
+    late_of: dict[int, list[tuple[int, float]]] = defaultdict(list)
+    for r, o, dl, eid in zip(
+        late_ev["c"], late_ev["occurred_at"], late_ev["delivered_at"], late_ev["event_id"],
+        strict=True,
+    ):
+        late_of[int(r)].append((int(o), math.inf if eid in pipe.dead else float(dl)))
+
+    timelines: dict[str, IdTimeline] = {}
+    mism: dict[int, list[tuple[int, int, tuple[str, ...], bool]]] = defaultdict(list)
+    by_feature: dict[str, int] = defaultdict(int)
+    n_mis = 0
+    for i, (cid, k) in enumerate(q_ref):
+        sc = pipe.scores[cid][k]
+        mine = {f: float(a[i]) for f, a in cols.items()}
+        theirs = sc["values"]
+        diffs = []
+        for f, x in mine.items():
+            y = theirs.get(f)
+            if y is not None and abs(x - float(y)) > 1e-3 * max(1.0, abs(x)):
+                diffs.append(f)
+        tl = timelines.get(cid)
+        if tl is None:
+            tl = timelines[cid] = IdTimeline([], merge_occ.get(cid))
+        tl.scores.append((int(sc["as_of"]), score_values(mine, theirs, set(mine))))
+        if diffs:
+            n_mis += 1
+            for f in diffs:
+                by_feature[f] += 1
+            at = sc.get("at", sc["as_of"])
+            late = any(
+                o <= sc["as_of"] and dl > at and sc["as_of"] - o < 60 * DAY
+                for o, dl in late_of[q_row[i]]
+            )
+            mism[final_index[obs.final_id(cid)]].append(
+                (int(sc["as_of"]), int(at), tuple(diffs), late)
+            )
+
+    # percentile thresholds at the service's refreshes (its schedule, applied at the
+    # segmenter's event-time watermark then), the values the oracle's: nearest rank over every
+    # live id's latest score emitted by the refresh
+    refresh_at = [t for t, _ in pipe.thresholds]
+    refresh_wm = getattr(pipe, "refresh_wm", refresh_at)
+    pct_feats = sorted({f for f, _ in pct_keys})
+    history = sorted(
+        (sc.get("at", sc["as_of"]), cid, f, float(sc["values"][f]))
+        for cid, lst in pipe.scores.items()
+        for sc in lst
+        for f in pct_feats
+        if sc["values"].get(f) is not None
+    )
+    latest: dict[str, dict[str, float]] = {f: {} for f in pct_feats}
+    refreshes: list[tuple[int, dict[tuple[str, float], float]]] = []
+    h = 0
+    for t, wm in zip(refresh_at, refresh_wm, strict=True):
+        while h < len(history) and history[h][0] <= t:
+            _, cid, f, x = history[h]
+            latest[f][cid] = x
+            h += 1
+        table: dict[tuple[str, float], float] = {}
+        for f, p in pct_keys:
+            vals = [x for cid, x in latest[f].items() if merge_at.get(cid, 1 << 62) > t]
+            if vals:
+                data = np.sort(vals)
+                rank = min(max(1, math.ceil(p / 100 * len(data))), len(data))
+                table[(f, p)] = float(data[rank - 1])
+        refreshes.append((int(wm), table))
+
+    segs, bounds = compile_segments(segments)
+    end = int(config.end_ms) + DAY
+    stays: dict[tuple[int, str], list[tuple[float, float]]] = defaultdict(list)
+    re_exits: dict[int, list[tuple[int, str]]] = defaultdict(list)
+    started = time.perf_counter()
+    for cid, tl in timelines.items():
+        st = run_id(tl, segs, bounds, refreshes, pct_keys, end)
+        c = final_index[obs.final_id(cid)]
+        for name, spans in st.stays.items():
+            stays[(c, name)] += [(b, e) for b, e in spans]
+        re_exits[c] += st.re_exits
+    return EventOracle(
+        dict(stays),
+        dict(re_exits),
+        dict(mism),
+        len(q_ref),
+        n_mis,
+        dict(by_feature),
+        time.perf_counter() - started,
+        refreshes,
+    )
