@@ -285,9 +285,12 @@ class Compiled:
 
 
 def compile_segments(segments: list[Segment]) -> tuple[list[Compiled], list[tuple[str, float]]]:
+    """The segments in evaluation order: those reading ``days_since_re_engaged`` (Re-engaged)
+    after the others, so a ``re_engaged`` exit counts at its own instant (not at the next)."""
     out = []
     bounds: set[tuple[str, float]] = set()
-    for s in segments:
+    order = sorted(segments, key=lambda s: "days_since_re_engaged" in s.features)
+    for s in order:
         for r in (s.enter, s.exit, s.re_engaged_when):
             aging_bounds(r, bounds)
 
@@ -432,7 +435,7 @@ class IdTimeline:
     """One customer id's inputs: its scores in emission order (as_of, values), each with the
     oracle's features at as_of; the instant it was merged away (or None)."""
 
-    scores: list[tuple[int, dict[str, Any]]]
+    scores: list[tuple[int, int, dict[str, Any]]]  # (as_of, emitted at, values)
     merged_at: int | None
 
 
@@ -440,7 +443,7 @@ def run_id(
     tl: IdTimeline,
     segs: list[Compiled],
     bounds: list[tuple[str, float]],
-    refreshes: list[tuple[int, dict[tuple[str, float], float]]],
+    refreshes: list[tuple[int, int, dict[tuple[str, float], float]]],
     pct_keys: list[tuple[str, float]],
     end: int,
 ) -> IdState:
@@ -448,7 +451,7 @@ def run_id(
     time, up to ``end`` or its merge."""
     st = IdState()
     stop = tl.merged_at if tl.merged_at is not None else end
-    r_times = [t for t, _ in refreshes]
+    r_times = [t for t, _, _ in refreshes]
     ri = 0
     current: dict[tuple[str, float], float] = {}
     timer: int | None = None
@@ -457,13 +460,23 @@ def run_id(
     while True:
         t_score = scores[si][0] if si < len(scores) else None
         t_ref = r_times[ri] if ri < len(r_times) else None
+        # a refresh is taken at its event-time instant (the segmenter's watermark then), but
+        # after any score the service processed before it (emitted by the refresh's clock: such
+        # a score was evaluated with the thresholds before the refresh)
+        if (
+            t_ref is not None
+            and t_score is not None
+            and t_score <= stop
+            and scores[si][1] <= refreshes[ri][1]
+        ):
+            t_ref = None
         cands = [x for x in (t_score, t_ref, timer) if x is not None and x <= stop]
         if not cands:
             break
         now = min(cands)
-        if t_ref is not None and now == t_ref:  # thresholds first, then what is due with them
+        if t_ref is not None and now == t_ref:
             old = current
-            current = refreshes[ri][1]
+            current = refreshes[ri][2]
             ri += 1
             if st.as_of is None:
                 continue
@@ -485,13 +498,14 @@ def run_id(
         if timer is not None and now == timer and (t_score is None or timer < t_score):
             timer = step(st, now, segs, bounds, current)
             continue
+        assert t_score is not None
         # a score (a timer due at the same instant is evaluated with it)
-        as_of, values = scores[si]
+        as_of, _at, values = scores[si]
         si += 1
         if st.as_of is not None and as_of < st.as_of:
             continue  # older than the one held: ignored
         st.as_of, st.base = as_of, values
-        timer = step(st, as_of, segs, bounds, current)
+        timer = step(st, max(as_of, now), segs, bounds, current)
     if tl.merged_at is not None:
         leave_all(st, max(tl.merged_at, st.as_of or tl.merged_at))
     return st
@@ -521,7 +535,7 @@ class EventOracle:
     n_mismatched: int
     by_feature: dict[str, int]
     steps_seconds: float
-    refreshes: list[tuple[int, dict[tuple[str, float], float]]]
+    refreshes: list[tuple[int, int, dict[tuple[str, float], float]]]  # (instant, clock, table)
 
 
 def event_memberships(
@@ -619,7 +633,9 @@ def event_memberships(
         tl = timelines.get(cid)
         if tl is None:
             tl = timelines[cid] = IdTimeline([], merge_occ.get(cid))
-        tl.scores.append((int(sc["as_of"]), score_values(mine, theirs, set(mine))))
+        tl.scores.append(
+            (int(sc["as_of"]), int(sc.get("at", sc["as_of"])), score_values(mine, theirs, set(mine)))
+        )
         if diffs:
             n_mis += 1
             for f in diffs:
@@ -647,7 +663,7 @@ def event_memberships(
         if sc["values"].get(f) is not None
     )
     latest: dict[str, dict[str, float]] = {f: {} for f in pct_feats}
-    refreshes: list[tuple[int, dict[tuple[str, float], float]]] = []
+    refreshes: list[tuple[int, int, dict[tuple[str, float], float]]] = []
     h = 0
     for t, wm in zip(refresh_at, refresh_wm, strict=True):
         while h < len(history) and history[h][0] <= t:
@@ -661,7 +677,7 @@ def event_memberships(
                 data = np.sort(vals)
                 rank = min(max(1, math.ceil(p / 100 * len(data))), len(data))
                 table[(f, p)] = float(data[rank - 1])
-        refreshes.append((int(wm), table))
+        refreshes.append((int(wm), int(t), table))
 
     segs, bounds = compile_segments(segments)
     end = int(config.end_ms) + DAY
