@@ -69,6 +69,8 @@ class Stream:
 
     def last(self, rows: np.ndarray, t: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
         """(index of the row's latest event at or before t, or -1; its time or NaN)."""
+        if not len(self.key):
+            return np.full(len(rows), -1), np.full(len(rows), np.nan)
         i = self._pos(rows, t) - 1
         ok = (i >= 0) & (self.rows[np.maximum(i, 0)] == rows)
         idx = np.where(ok, i, -1)

@@ -210,6 +210,7 @@ class Comparison:
     examples: dict[tuple[str, str], list[str]]
     oracle_days: dict[str, int]
     segmenter_days: dict[str, int]
+    events: Any = None  # the event-by-event oracle's result (mode "events")
 
 
 def compare(
@@ -543,6 +544,7 @@ def compare(
         examples,
         {s.name: int((member[s.name] & known).sum()) for s in segments},
         {s.name: int((seg_member[s.name] & known).sum()) for s in segments},
+        eo,
     )
 
 
@@ -585,6 +587,16 @@ def main() -> None:
         f"pipeline {run['seconds']:.0f} s, oracle + comparison {time.perf_counter() - t0:.0f} s; "
         f"{cmp.customer_days:,} customer-days"
     )
+    if cmp.events is not None:
+        eo = cmp.events
+        print(
+            f"event by event: {eo.n_scores:,} scores re-derived from the raw events, "
+            f"{eo.n_mismatched:,} with a feature the rules read that differs from the published "
+            f"one ({', '.join(f'{k} {n:,}' for k, n in sorted(eo.by_feature.items(), key=lambda x: -x[1]))}"
+            f"); {sum(1 for ms in eo.mismatches.values() for m in ms if not m[3]):,} of them "
+            f"with no late event to explain them; state machines stepped in "
+            f"{eo.steps_seconds:.0f} s"
+        )
     print(
         f"{'segment':28} {'agree':>8} {'1 id':>8} {'oracle d':>9} {'segm. d':>8}  "
         "disagreements by reason ('1 id': agreement when the days of customers whose events "
