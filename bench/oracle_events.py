@@ -26,8 +26,9 @@ from __future__ import annotations
 
 import math
 from collections import defaultdict
+from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Any, Callable
+from typing import Any
 
 import numpy as np
 import pandas as pd
@@ -151,9 +152,7 @@ def point_features(
 
     _, cancel = stream(etype == "subscription_cancel").last(rows, t)
     _, active = streams["activity"].last(rows, t)
-    f["cancelled"] = np.where(
-        ~np.isnan(cancel) & (np.isnan(active) | (active <= cancel)), 1.0, 0.0
-    )
+    f["cancelled"] = np.where(~np.isnan(cancel) & (np.isnan(active) | (active <= cancel)), 1.0, 0.0)
 
     zmask = ev["zip"].notna().to_numpy()
     hv = ev["zip"].isin(zips).to_numpy().astype(float)
@@ -375,11 +374,7 @@ def step(
                         timers.append(st.as_of + cs.ttl)
                     continue
                 st.stays[name][-1][1] = now
-                if (
-                    cs.rew is not None
-                    and now - entered >= cs.after
-                    and cs.rew(values, thresholds)
-                ):
+                if cs.rew is not None and now - entered >= cs.after and cs.rew(values, thresholds):
                     st.re_engaged_at = now
                     st.re_exits.append((now, name))
                 m.active, m.exited_at, m.pending = False, now, None
@@ -605,7 +600,9 @@ def event_memberships(
             q_t.append(int(sc["as_of"]))
             q_ref.append((cid, k))
     used = set().union(*(s.features for s in segments)) - set(FROM_SCORES)
-    used = {k for k in used if not k.startswith(("attr.", "lookup.")) and k != "days_since_re_engaged"}
+    used = {
+        k for k in used if not k.startswith(("attr.", "lookup.")) and k != "days_since_re_engaged"
+    }
     pf = point_features(ev, np.array(q_row), np.array(q_t), frozenset(run["zips"]))
     cols = {k: pf[k] for k in sorted(used)}
 
@@ -614,7 +611,10 @@ def event_memberships(
     late_ev = ev[(ev["delivered_at"] > ev["occurred_at"]) | ev["event_id"].isin(pipe.dead)]
     late_of: dict[int, list[tuple[int, float]]] = defaultdict(list)
     for r, o, dl, eid in zip(
-        late_ev["c"], late_ev["occurred_at"], late_ev["delivered_at"], late_ev["event_id"],
+        late_ev["c"],
+        late_ev["occurred_at"],
+        late_ev["delivered_at"],
+        late_ev["event_id"],
         strict=True,
     ):
         late_of[int(r)].append((int(o), math.inf if eid in pipe.dead else float(dl)))
@@ -636,7 +636,11 @@ def event_memberships(
         if tl is None:
             tl = timelines[cid] = IdTimeline([], merge_occ.get(cid))
         tl.scores.append(
-            (int(sc["as_of"]), int(sc.get("at", sc["as_of"])), score_values(mine, theirs, set(mine)))
+            (
+                int(sc["as_of"]),
+                int(sc.get("at", sc["as_of"])),
+                score_values(mine, theirs, set(mine)),
+            )
         )
         if diffs:
             n_mis += 1

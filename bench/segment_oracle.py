@@ -67,6 +67,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 
+from oracle_events import event_memberships  # noqa: E402
 from oracle_features import (  # noqa: E402
     DAY,
     FROM_SCORES,
@@ -74,7 +75,6 @@ from oracle_features import (  # noqa: E402
     last_time,
     oracle_features,
 )
-from oracle_events import event_memberships  # noqa: E402
 from oracle_rules import (  # noqa: E402
     Segment,
     evaluate,
@@ -446,6 +446,7 @@ def compare(
         if late:
             return "late (the score missed an event delivered after it)"
         return "input at the decisive score: " + ",".join(feats_[:2])
+
     disagree_days: dict[str, np.ndarray] = {}
     agree: dict[str, int] = {}
     reasons: dict[str, Counter[str]] = {}
@@ -490,8 +491,10 @@ def compare(
                 for m in moves.get((c, s.name), ())
             ):
                 why = "intra-day path (a transition between two samples; dwell/cooldown from it)"
-            elif eo is not None and (tau := decisive(c, s.name, t)) is not None and (
-                inp := input_at(c, tau)
+            elif (
+                eo is not None
+                and (tau := decisive(c, s.name, t)) is not None
+                and (inp := input_at(c, tau))
             ):
                 why = inp
             else:
@@ -589,10 +592,11 @@ def main() -> None:
     )
     if cmp.events is not None:
         eo = cmp.events
+        by_feature = sorted(eo.by_feature.items(), key=lambda x: -x[1])
         print(
             f"event by event: {eo.n_scores:,} scores re-derived from the raw events, "
             f"{eo.n_mismatched:,} with a feature the rules read that differs from the published "
-            f"one ({', '.join(f'{k} {n:,}' for k, n in sorted(eo.by_feature.items(), key=lambda x: -x[1]))}"
+            f"one ({', '.join(f'{k} {n:,}' for k, n in by_feature)}"
             f"); {sum(1 for ms in eo.mismatches.values() for m in ms if not m[3]):,} of them "
             f"with no late event to explain them; state machines stepped in "
             f"{eo.steps_seconds:.0f} s"

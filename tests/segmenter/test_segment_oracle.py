@@ -173,9 +173,7 @@ def test_point_features_agree_with_the_daily_features_at_day_ends_and_see_intra_
 
 def _segment(doc: str) -> list[Segment]:
     s = yaml.safe_load(doc)
-    seg = Segment(
-        s["name"], 1, s["enter"], s.get("exit"), min_dwell=float(s.get("min_dwell", 0))
-    )
+    seg = Segment(s["name"], 1, s["enter"], s.get("exit"), min_dwell=float(s.get("min_dwell", 0)))
     for r in (seg.enter, seg.exit):
         _features_of(r, seg.features)
     return [seg]
