@@ -526,8 +526,10 @@ class EventOracle:
 
     stays: dict[tuple[int, str], list[tuple[float, float]]]  # (customer, segment) -> stays
     re_exits: dict[int, list[tuple[int, str]]]  # customer -> [(instant, feeding segment)]
-    # customer -> [(as_of, emitted at, features that differ from the score's, late event?)]
-    mismatches: dict[int, list[tuple[int, int, tuple[str, ...], bool]]]
+    # customer -> [(as_of, emitted at, features that differ from the score's, why: "late" (an
+    # event by as_of delivered after the score), "same millisecond" (one delivered in the
+    # score's millisecond) or None)]
+    mismatches: dict[int, list[tuple[int, int, tuple[str, ...], str | None]]]
     n_scores: int
     n_mismatched: int
     by_feature: dict[str, int]
@@ -619,8 +621,10 @@ def event_memberships(
     ):
         late_of[int(r)].append((int(o), math.inf if eid in pipe.dead else float(dl)))
 
+    # an event delivered in the very millisecond a score was emitted may have come after it
+    same_ms = set(zip(ev["c"].astype(int), ev["delivered_at"].astype(int), strict=True))
     timelines: dict[str, IdTimeline] = {}
-    mism: dict[int, list[tuple[int, int, tuple[str, ...], bool]]] = defaultdict(list)
+    mism: dict[int, list[tuple[int, int, tuple[str, ...], str | None]]] = defaultdict(list)
     by_feature: dict[str, int] = defaultdict(int)
     n_mis = 0
     for i, (cid, k) in enumerate(q_ref):
@@ -647,10 +651,14 @@ def event_memberships(
             for f in diffs:
                 by_feature[f] += 1
             at = sc.get("at", sc["as_of"])
-            late = any(
+            late: str | None = None
+            if any(
                 o <= sc["as_of"] and dl > at and sc["as_of"] - o < 60 * DAY
                 for o, dl in late_of[q_row[i]]
-            )
+            ):
+                late = "late"
+            elif (q_row[i], int(at)) in same_ms:
+                late = "same millisecond"
             mism[final_index[obs.final_id(cid)]].append(
                 (int(sc["as_of"]), int(at), tuple(diffs), late)
             )

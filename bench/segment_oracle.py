@@ -443,8 +443,10 @@ def compare(
         if not hits:
             return None
         as_of, _at, feats_, late = hits[-1]
-        if late:
+        if late == "late":
             return "late (the score missed an event delivered after it)"
+        if late is not None:
+            return "same millisecond (an event delivered as the score was emitted, after it)"
         return "input at the decisive score: " + ",".join(feats_[:2])
 
     disagree_days: dict[str, np.ndarray] = {}
@@ -593,12 +595,14 @@ def main() -> None:
     if cmp.events is not None:
         eo = cmp.events
         by_feature = sorted(eo.by_feature.items(), key=lambda x: -x[1])
+        n_why = Counter(m[3] for ms in eo.mismatches.values() for m in ms)
         print(
             f"event by event: {eo.n_scores:,} scores re-derived from the raw events, "
             f"{eo.n_mismatched:,} with a feature the rules read that differs from the published "
             f"one ({', '.join(f'{k} {n:,}' for k, n in by_feature)}"
-            f"); {sum(1 for ms in eo.mismatches.values() for m in ms if not m[3]):,} of them "
-            f"with no late event to explain them; state machines stepped in "
+            f"); {n_why['late']:,} of them missed a late event, {n_why['same millisecond']:,} "
+            f"one delivered in their millisecond, {n_why[None]:,} unexplained; state machines "
+            "stepped in "
             f"{eo.steps_seconds:.0f} s"
         )
     print(
