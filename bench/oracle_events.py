@@ -511,8 +511,10 @@ def run_id(
 def score_values(
     oracle: dict[str, float], score: dict[str, Any], features: set[str]
 ) -> dict[str, Any]:
-    """The values the oracle evaluates at a score: its own features, the score's model outputs."""
-    v: dict[str, Any] = {k: float(oracle[k]) for k in features if k in oracle}
+    """The values the oracle evaluates at a score: its own features as a score publishes them
+    (every feature with 4 decimals, recencies too: a crossing is then timed from the rounded
+    value, within 4.3 s of the raw event's), the score's model outputs."""
+    v: dict[str, Any] = {k: round(float(oracle[k]), 4) for k in features if k in oracle}
     for k in FROM_SCORES:
         if k in score:
             v[k] = score[k]

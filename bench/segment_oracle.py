@@ -211,6 +211,28 @@ class Comparison:
     oracle_days: dict[str, int]
     segmenter_days: dict[str, int]
     events: Any = None  # the event-by-event oracle's result (mode "events")
+    # segment -> (share of member time on one side only, transitions at the same instant,
+    # transitions in all), from whole intervals (mode "events")
+    intervals: dict[str, tuple[float, int, int]] | None = None
+
+
+def _union(spans: Any, end: float) -> list[tuple[float, float]]:
+    """Stays united and clipped at ``end``."""
+    out: list[list[float]] = []
+    for b, e in sorted((b, min(e, end)) for b, e in spans if b < end):
+        if out and b <= out[-1][1]:
+            out[-1][1] = max(out[-1][1], e)
+        elif e > b:
+            out.append([b, e])
+    return [(b, e) for b, e in out]
+
+
+def _overlap_union(
+    a: list[tuple[float, float]], b: list[tuple[float, float]]
+) -> tuple[float, float]:
+    """(time in both, time in either) of two sets of disjoint intervals."""
+    inter = sum(max(0.0, min(e1, e2) - max(b1, b2)) for b1, e1 in a for b2, e2 in b)
+    return inter, sum(e - b_ for b_, e in a) + sum(e - b_ for b_, e in b) - inter
 
 
 def compare(
@@ -386,6 +408,7 @@ def compare(
             spans.append([ch["occurred_at"], math.inf])
         elif ch["transition"] in ("exited", "re_engaged") and spans and spans[-1][1] == math.inf:
             spans[-1][1] = ch["occurred_at"]
+    closed_or_open: dict[tuple[int, str], list[tuple[float, float]]] = defaultdict(list)
     moves: dict[tuple[int, str], list[int]] = defaultdict(list)  # transition times
     closed: dict[tuple[int, str], list[tuple[float, float]]] = defaultdict(list)  # stays
     for (cid, seg), spans in stays.items():
@@ -393,6 +416,7 @@ def compare(
         if c is None or seg not in seg_member:
             continue
         for b, e in spans:
+            closed_or_open[(c, seg)].append((b, e))
             moves[(c, seg)] += [int(b)] + ([int(e)] if e != math.inf else [])
             if e != math.inf:
                 closed[(c, seg)].append((b, e))
@@ -541,6 +565,28 @@ def compare(
                     )
                 )
         reasons[s.name] = ctr
+    intervals: dict[str, tuple[float, int, int]] = {}
+    if eo is not None:
+        # whole membership intervals, to the millisecond: the share of member time (either
+        # side's) that only one side has, and how many transition instants both made
+        span_end = float(ends[-1])
+        for s in segments:
+            only = both = 0.0
+            same = total_moves = 0
+            keys = {c for (c, seg) in eo.stays if seg == s.name} | {
+                c for (c, seg) in moves if seg == s.name
+            }
+            for c in keys:
+                a_ = _union(eo.stays.get((c, s.name), ()), span_end)
+                b_ = _union(closed_or_open.get((c, s.name), ()), span_end)
+                o, u = _overlap_union(a_, b_)
+                only += u - o
+                both += u
+                ta = {x for sp in a_ for x in sp if x < span_end}
+                tb = {x for sp in b_ for x in sp if x < span_end}
+                same += len(ta & tb)
+                total_moves += len(ta | tb)
+            intervals[s.name] = (only / both if both else 0.0, same, total_moves)
     return Comparison(
         n_days,
         total,
@@ -550,6 +596,7 @@ def compare(
         {s.name: int((member[s.name] & known).sum()) for s in segments},
         {s.name: int((seg_member[s.name] & known).sum()) for s in segments},
         eo,
+        intervals,
     )
 
 
@@ -622,6 +669,13 @@ def main() -> None:
             f"{100 * one / cmp.customer_days:7.3f}% {cmp.oracle_days[name]:9,} "
             f"{cmp.segmenter_days[name]:8,}  {why}"
         )
+    if cmp.intervals:
+        print(
+            "whole intervals (to the millisecond): member time on one side only / in either; "
+            "transition instants made by both / by either"
+        )
+        for name, (only, same, total) in cmp.intervals.items():
+            print(f"  {name:28} {100 * only:7.3f}%   {same:,} / {total:,}")
     print(
         f"{'all segments':28} {100 * all_agree / all_total:7.3f}% {100 * all_one / all_total:7.3f}%"
     )
