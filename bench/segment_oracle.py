@@ -459,6 +459,28 @@ def compare(
         cands = [x for x in mine ^ theirs if x <= t]
         return int(max(cands)) if cands else None
 
+    def earlier_cause(c: int, s: Segment, t: int) -> str | None:
+        """Membership carries history (dwell, cooldown, the stay a ``re_engaged`` exit needs):
+        an earlier transition of the segment made at a different instant by the two sides,
+        within that history, and what explains it."""
+        assert eo is not None
+        span = (1.0 + max(s.min_dwell, s.cooldown, s.re_engaged_after, s.sustain, 1.0)) * DAY
+        mine = {x for b, e in eo.stays.get((c, s.name), ()) for x in (b, e) if x != math.inf}
+        theirs = set(moves.get((c, s.name), ()))
+        tau = decisive(c, s.name, t)
+        if tau is None:
+            return None
+        earlier = sorted((x for x in mine ^ theirs if tau - span <= x < tau), reverse=True)
+        for x in earlier:
+            r = input_at(c, int(x))
+            if r is None and any(o <= x < dl for o, dl in late_rows[c]):
+                r = "late"
+            if r is not None:
+                return f"follows an earlier transition of this segment ({r.split(' (')[0]})"
+        if earlier:
+            return "follows an earlier transition of this segment (unexplained)"
+        return None
+
     def input_at(c: int, tau: int) -> str | None:
         """A score of the customer's around the decisive instant whose published features
         differ from the oracle's (recomputed at the score's instant from the raw events)."""
@@ -552,6 +574,10 @@ def compare(
                         moved = between_thresholds(s, c, d, as_of)
                         if moved is not None:
                             why = f"percentile ({moved}: thresholds differ / moved since)"
+                if why == "state (same inputs)" and eo is not None:
+                    carried = earlier_cause(c, s, int(t))
+                    if carried is not None:
+                        why = carried
             ctr[why] += 1
             if len(examples[(s.name, why)]) < n_examples:
                 tau_ = decisive(c, s.name, int(t)) if eo is not None else None
@@ -633,7 +659,8 @@ def main() -> None:
         run, args.examples, args.group_by, refresh=not args.instant_percentiles, mode=args.mode
     )
     print(
-        f"{args.customers} customers x {args.days} days (seed {args.seed}, demo noise, "
+        f"{run['config'].customers} customers x {run['config'].days} days (seed "
+        f"{run['config'].seed}, demo noise, "
         f"customers by {args.group_by}, "
         f"{'instant' if args.instant_percentiles else 'refreshed'} percentiles): "
         f"pipeline {run['seconds']:.0f} s, oracle + comparison {time.perf_counter() - t0:.0f} s; "
