@@ -459,6 +459,36 @@ def compare(
         cands = [x for x in mine ^ theirs if x <= t]
         return int(max(cands)) if cands else None
 
+    scores_of: dict[int, list[tuple[int, dict[str, Any]]]] = defaultdict(list)
+    for c_, _cid, as_of_, values_ in score_rows:
+        scores_of[c_].append((as_of_, values_))
+
+    def refresh_near(c: int, s: Segment, t: int) -> str | None:
+        """A percentile refresh within a day of the decisive instant moved a threshold the
+        segment reads across the customer's value: the service applies a refresh in processing
+        order (a timer due before the refresh's watermark but fired after the refresh reads
+        the new threshold), the oracle at the watermark."""
+        assert eo is not None
+        tau = decisive(c, s.name, t)
+        if tau is None:
+            return None
+        held_ = [v for a_, v in scores_of.get(c, ()) if a_ <= tau]
+        if not held_:
+            return None
+        values_ = held_[-1]
+        near = [tb for wm, _clock, tb in eo.refreshes if abs(wm - tau) <= DAY]
+        for feat, p in {k for tb in near for k in tb}:
+            x = values_.get(feat)
+            if feat not in s.features or x is None:
+                continue
+            ths = [tb[(feat, p)] for tb in near if (feat, p) in tb]
+            if ths and min(ths) <= float(x) <= max(ths):
+                return (
+                    f"percentile ({feat} p{p:g}: a refresh within a day of the decisive "
+                    "instant moved it across the value; applied in processing order)"
+                )
+        return None
+
     def earlier_cause(c: int, s: Segment, t: int) -> str | None:
         """Membership carries history (dwell, cooldown, the stay a ``re_engaged`` exit needs):
         an earlier transition of the segment made at a different instant by the two sides,
@@ -578,6 +608,8 @@ def compare(
                     carried = earlier_cause(c, s, int(t))
                     if carried is not None:
                         why = carried
+                    elif (near := refresh_near(c, s, int(t))) is not None:
+                        why = near
             ctr[why] += 1
             if len(examples[(s.name, why)]) < n_examples:
                 tau_ = decisive(c, s.name, int(t)) if eo is not None else None
