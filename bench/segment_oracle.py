@@ -1,46 +1,31 @@
 """An independent batch oracle for the default segments (issue #17).
 
-The simulator's events go through identity, scorer and segmenter in one process (the harness in
-``bench/segment_pipeline.py``: the service cores, no broker). Separately, from the *raw*
-delivered events alone (deduplicated by ``event_id``, in occurred-at order; by default each
-customer id on its own until identity merges it, as the segmenter documents — a customer, named
-by its final id, is a member when any of its live ids is), this file recomputes in
-pandas/numpy every feature the default rules read —
-windowed counts and their changes, recencies, lifetime purchases, the purchase-interval EWMAs
-and drift, revenue, escalations and sentiment, cart views, the latest zip, cancellation,
-engagement — and evaluates each default segment's rule at the end of every simulated day
-(``t_d`` = the last millisecond of day d), with its own state machine for hysteresis,
-``min_dwell``, ``cooldown``, ``sustain`` (dated back with ``sustain_since``), ``ttl`` and
-``re_engaged``. It reads the YAML itself (no ``services.segmenter.dsl``) and imports nothing
-from ``services`` for the oracle side; only the harness that produces the memberships does.
+The simulator's events go through identity, scorer and segmenter in one process (the harness,
+``oracle_harness.py``: the service cores, no broker). Separately, from the *raw* delivered
+events alone (deduplicated by ``event_id``; each customer id on its own until identity merges
+it, as the segmenter documents — a customer, named by its final id, is a member when any of its
+live ids is), the oracle recomputes every feature the default rules read (``oracle_features``:
+daily; ``oracle_point``: at any instant), reads the YAML itself and steps its own state machine
+(hysteresis, ``min_dwell``, ``cooldown``, ``sustain`` with ``sustain_since``, ``ttl``,
+``re_engaged``). Model outputs (``churn_probability``, ``clv``, ``lifecycle_stage``) and the
+score instants come from the emitted scores; percentiles are the nearest rank over every live
+id's latest score at the service's refreshes. The oracle side imports nothing from ``services``.
 
-Model outputs are not recomputed: ``churn_probability``, ``clv`` and ``lifecycle_stage`` are
-taken from the latest score (the scores the scorer emitted, as the segmenter reads them) of the
-id at or before the instant; ``ttl`` ("no score for N days") also reads the score times.
-Percentiles (``pNN``) are the nearest rank over every live id's latest score, recomputed at
-the service's percentile refreshes (every 6 h in the harness), as documented
-(``--instant-percentiles``: at every instant; ``--group-by final-id``: one set of features per
-final id, the view before session 6). Memberships are stepped at two instants a day (midnight,
-when the scorer refreshes, and ``t_d``) and compared at ``t_d``.
+``--mode events`` (default, ``oracle_events.py``): each id stepped at every score (features
+recomputed at the score's instant), at its own timers (recency crossings, dwell, cooldown,
+sustain, ttl), at percentile refreshes and at merges; compared per customer-day at the day's
+last millisecond ``t_d`` and as whole intervals. ``--mode samples`` (sessions 5–6,
+``oracle_rules.py``): stepped at midnight and ``t_d`` only.
 
-The segmenter's membership of a true customer at ``t_d`` is the union over its customer ids of
-the stays that the emitted ``SegmentChange`` records open and close. Every disagreeing
-customer-day is attributed to one reason, in this order:
-
-* ``identity`` (``final-id`` and ``truth`` only; ``live-id`` models it): the customer's events
-  up to ``t_d`` are held by more than one live customer id (not merged yet, or never);
-* ``late``: an event of the customer that occurred by ``t_d`` was delivered after it, or was
-  dead-lettered (too late for the scorer's 48 h lateness);
-* ``input <feature>``: a feature the rule reads differs between the oracle and the values the
-  segmenter held at ``t_d`` (its latest score, recencies aged); ``stale score`` when that
-  score was computed before the customer's latest event or before the day began (a score
-  coalesced away, or a silent customer on the weekly refresh grid);
-* Re-engaged: following a feeding segment's disagreement, or a feeding exit ``re_engaged`` in
-  one and plain in the other (intra-day when that stay lasted ``re_engaged_after`` ± 1 day);
-* ``intra-day path``: a transition of the segmenter's between two samples (a stay entered and
-  left between them, a dwell or cooldown measured from an intra-day instant);
-* ``percentile``: the oracle's and the segmenter's thresholds lie on both sides of the value;
-* ``state``: same inputs, different membership, none of the above.
+The segmenter's membership of a customer at ``t_d`` is the union over its ids of the stays the
+emitted ``SegmentChange`` records open and close. Each disagreeing customer-day gets one
+reason: ``late`` (an event by ``t_d`` delivered after it or dead-lettered; or, event by event,
+one the score at the decisive instant — the latest transition only one side made — had not
+received), ``input`` (a feature the rule reads differs), Re-engaged following a feeding
+segment's disagreement or exit kind, ``percentile`` (thresholds on both sides of the value, or
+a refresh near the decisive instant applied in processing order), ``follows an earlier
+transition`` (dwell/cooldown carried from an earlier difference, with its reason),
+``intra-day path`` (samples mode only), ``state`` for the rest.
 
     .venv/bin/python bench/segment_oracle.py                           # 300 x 84, seed 7
     .venv/bin/python bench/segment_oracle.py --customers 3000 --days 180
@@ -57,7 +42,6 @@ import time
 from collections import Counter, defaultdict
 from dataclasses import dataclass
 from pathlib import Path
-from types import SimpleNamespace
 from typing import Any
 
 import numpy as np
@@ -67,7 +51,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 
-from oracle_events import event_memberships  # noqa: E402
+from oracle_events import event_memberships, interval_agreement  # noqa: E402
 from oracle_features import (  # noqa: E402
     DAY,
     FROM_SCORES,
@@ -75,6 +59,7 @@ from oracle_features import (  # noqa: E402
     last_time,
     oracle_features,
 )
+from oracle_harness import DEFAULT_DEFINITIONS, run_pipeline  # noqa: E402
 from oracle_rules import (  # noqa: E402
     Segment,
     evaluate,
@@ -100,105 +85,7 @@ __all__ = [
     "run_pipeline",
 ]
 
-DEFAULT_DEFINITIONS = (
-    Path(__file__).resolve().parents[1] / "services" / "segmenter" / "segments" / "default.yaml"
-)
-
 IDENTITY = "identity (events on >1 live id)"
-
-
-# -- the harness: the pipeline's memberships and the raw events -------------------------------
-def run_pipeline(customers: int, days: int, seed: int) -> dict[str, Any]:
-    """Simulate (demo noise) and run identity → scorer → segmenter in one process, keeping the
-    raw delivered events, the scores and the segment changes."""
-    from segment_pipeline import DEMO_NOISE, Pipeline
-
-    from segflow.sim.generator import HOUR, SimConfig, Simulation
-    from segflow.sim.noise import Delivery
-    from services.scorer.core import ScorerConfig
-
-    class Recording(Pipeline):
-        def __init__(self, *a: Any, **k: Any) -> None:
-            super().__init__(*a, **k)
-            self.dead: set[str] = set()
-            self.merge_at: dict[str, int] = {}
-            self.merge_occ: dict[str, int] = {}  # the merge's event time (the segmenter's now)
-            self.refresh_wm: list[int] = []  # the segmenter's watermark at each refresh
-            # the segmenter's percentile thresholds over time (for the attribution only)
-            self.thresholds: list[tuple[int, dict[tuple[str, float], float]]] = []
-            refresh = self.segmenter._refresh_thresholds
-
-            def recorded() -> None:
-                refresh()
-                self.thresholds.append((self.clock_ms, dict(self.segmenter.thresholds)))
-                self.refresh_wm.append(self.segmenter.watermark)
-
-            self.segmenter._refresh_thresholds = recorded  # type: ignore[method-assign]
-
-        def event(self, event: dict[str, Any], delivered_at: int) -> None:
-            before = sum(self.obs.dlq.values())
-            super().event(event, delivered_at)
-            if sum(self.obs.dlq.values()) != before:
-                self.dead.add(event["event_id"])
-
-        def merge(self, merge: dict[str, Any]) -> None:
-            for a in merge["absorbed_ids"]:
-                self.merge_at[a] = self.clock_ms
-                # the segmenter's instant for the merge: its time or the watermark, if later
-                self.merge_occ[a] = max(int(merge["occurred_at"]), self.segmenter.watermark)
-            super().merge(merge)
-
-    config = SimConfig(customers=customers, days=days, seed=seed, noise=DEMO_NOISE)
-    sim = Simulation(config)
-    scorer_config = ScorerConfig()
-    pipe = Recording(DEFAULT_DEFINITIONS, scorer_config)
-    pipe.keep_scores = True
-    rows: list[dict[str, Any]] = []
-    next_tick = config.start_ms + HOUR
-    started = time.perf_counter()
-    while not (sim.finished and not sim.pending):
-        for item in sim.step(7):
-            if type(item) is not Delivery:
-                continue
-            while item.delivered_at >= next_tick:
-                pipe.clock_ms = max(pipe.clock_ms, next_tick)
-                pipe.tick()
-                next_tick += HOUR
-            e = item.event
-            rows.append(
-                {
-                    "event_id": e["event_id"],
-                    "customer": item.customer,
-                    "event_type": e["event_type"],
-                    "occurred_at": int(e["occurred_at"]),
-                    "delivered_at": int(item.delivered_at),
-                    "amount": e.get("amount"),
-                    "sentiment": e.get("sentiment"),
-                    "escalated": bool(e.get("escalated")),
-                    "zip": (e.get("properties") or {}).get("zip"),
-                }
-            )
-            pipe.event(e, item.delivered_at)
-    while next_tick <= config.end_ms + HOUR:
-        pipe.clock_ms = max(pipe.clock_ms, next_tick)
-        pipe.tick()
-        next_tick += HOUR
-    kept = SimpleNamespace(
-        obs=pipe.obs,
-        scores=dict(pipe.scores),
-        merge_at=pipe.merge_at,
-        merge_occ=pipe.merge_occ,
-        dead=pipe.dead,
-        thresholds=pipe.thresholds,
-        refresh_wm=pipe.refresh_wm,
-    )
-    return {
-        "config": config,
-        "pipe": kept,
-        "events": pd.DataFrame(rows),
-        "zips": scorer_config.high_value_zips,
-        "seconds": time.perf_counter() - started,
-    }
 
 
 @dataclass
@@ -214,25 +101,6 @@ class Comparison:
     # segment -> (share of member time on one side only, transitions at the same instant,
     # transitions in all), from whole intervals (mode "events")
     intervals: dict[str, tuple[float, int, int]] | None = None
-
-
-def _union(spans: Any, end: float) -> list[tuple[float, float]]:
-    """Stays united and clipped at ``end``."""
-    out: list[list[float]] = []
-    for b, e in sorted((b, min(e, end)) for b, e in spans if b < end):
-        if out and b <= out[-1][1]:
-            out[-1][1] = max(out[-1][1], e)
-        elif e > b:
-            out.append([b, e])
-    return [(b, e) for b, e in out]
-
-
-def _overlap_union(
-    a: list[tuple[float, float]], b: list[tuple[float, float]]
-) -> tuple[float, float]:
-    """(time in both, time in either) of two sets of disjoint intervals."""
-    inter = sum(max(0.0, min(e1, e2) - max(b1, b2)) for b1, e1 in a for b2, e2 in b)
-    return inter, sum(e - b_ for b_, e in a) + sum(e - b_ for b_, e in b) - inter
 
 
 def compare(
@@ -623,28 +491,11 @@ def compare(
                     )
                 )
         reasons[s.name] = ctr
-    intervals: dict[str, tuple[float, int, int]] = {}
-    if eo is not None:
-        # whole membership intervals, to the millisecond: the share of member time (either
-        # side's) that only one side has, and how many transition instants both made
-        span_end = float(ends[-1])
-        for s in segments:
-            only = both = 0.0
-            same = total_moves = 0
-            keys = {c for (c, seg) in eo.stays if seg == s.name} | {
-                c for (c, seg) in moves if seg == s.name
-            }
-            for c in keys:
-                a_ = _union(eo.stays.get((c, s.name), ()), span_end)
-                b_ = _union(closed_or_open.get((c, s.name), ()), span_end)
-                o, u = _overlap_union(a_, b_)
-                only += u - o
-                both += u
-                ta = {x for sp in a_ for x in sp if x < span_end}
-                tb = {x for sp in b_ for x in sp if x < span_end}
-                same += len(ta & tb)
-                total_moves += len(ta | tb)
-            intervals[s.name] = (only / both if both else 0.0, same, total_moves)
+    intervals = (
+        interval_agreement(eo, segments, closed_or_open, moves, float(ends[-1]))
+        if eo is not None
+        else {}
+    )
     return Comparison(
         n_days,
         total,
