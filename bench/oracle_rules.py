@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import math
 from collections import defaultdict
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -403,3 +404,116 @@ def live_id_memberships(
         np.logical_or.at(agg, final_of, m)
         out_m[name] = agg
     return out_m
+
+
+# -- rules as closures over one customer's values (for the event-by-event oracle) ------------
+Rule = Callable[[dict[str, Any], dict[tuple[str, float], float]], bool]
+
+
+def compile_rule(rule: Any) -> Rule:
+    """A rule of the YAML as a function of (values, thresholds); a missing feature or a
+    percentile with no threshold yet is false (``not`` of it true)."""
+    if "all" in rule:
+        parts = [compile_rule(r) for r in rule["all"]]
+        return lambda v, p: all(f(v, p) for f in parts)
+    if "any" in rule:
+        parts = [compile_rule(r) for r in rule["any"]]
+        return lambda v, p: any(f(v, p) for f in parts)
+    if "not" in rule:
+        inner = compile_rule(rule["not"])
+        return lambda v, p: not inner(v, p)
+    if "weighted" in rule:
+        items = [(float(i["weight"]), compile_rule(i["when"])) for i in rule["weighted"]]
+        need = float(rule["threshold"]) - 1e-9
+        return lambda v, p: sum(w for w, f in items if f(v, p)) >= need
+    feat, op, value = rule["feature"], rule["op"], rule["value"]
+    if feat.startswith(("attr.", "lookup.")):
+        return lambda v, p: False  # the simulated pipeline loads no attributes or lookups
+    key = (feat, float(value[1:])) if is_pct(value) else None
+
+    def test(v: dict[str, Any], p: dict[tuple[str, float], float]) -> bool:
+        x = v.get(feat)
+        if x is None or (isinstance(x, float) and math.isnan(x)):
+            return False
+        b = p.get(key) if key is not None else value
+        if b is None:
+            return False
+        if op == ">":
+            return x > b
+        if op == ">=":
+            return x >= b
+        if op == "<":
+            return x < b
+        if op == "<=":
+            return x <= b
+        if op == "==":
+            return x == b
+        if op == "!=":
+            return x != b
+        if op == "in":
+            return x in b
+        if op == "between":
+            return b[0] <= x <= b[1]
+        raise ValueError(f"unknown operator {op}")
+
+    return test
+
+
+def aging_bounds(rule: Any, out: set[tuple[str, float]]) -> None:
+    """(recency feature, numeric bound) pairs a rule compares: where a crossing can flip it."""
+    if rule is None:
+        return
+    if "feature" in rule:
+        if rule["feature"].startswith("days_since_") and not is_pct(rule["value"]):
+            vals = rule["value"] if isinstance(rule["value"], list) else [rule["value"]]
+            out.update((rule["feature"], float(x)) for x in vals)
+        return
+    for key in ("all", "any"):
+        for r in rule.get(key, ()):
+            aging_bounds(r, out)
+    if "not" in rule:
+        aging_bounds(rule["not"], out)
+    for item in rule.get("weighted", ()):
+        aging_bounds(item["when"], out)
+
+
+@dataclass
+class Compiled:
+    seg: Segment
+    enter: Rule
+    exit: Rule | None
+    rew: Rule | None
+    dwell: int
+    cooldown: int
+    sustain: int
+    ttl: int | None
+    after: int
+
+
+def compile_segments(segments: list[Segment]) -> tuple[list[Compiled], list[tuple[str, float]]]:
+    """The segments in evaluation order: those reading ``days_since_re_engaged`` (Re-engaged)
+    after the others, so a ``re_engaged`` exit counts at its own instant (not at the next)."""
+    out = []
+    bounds: set[tuple[str, float]] = set()
+    order = sorted(segments, key=lambda s: "days_since_re_engaged" in s.features)
+    for s in order:
+        for r in (s.enter, s.exit, s.re_engaged_when):
+            aging_bounds(r, bounds)
+
+        def ms(days: float) -> int:
+            return int(round(days * DAY))
+
+        out.append(
+            Compiled(
+                s,
+                compile_rule(s.enter),
+                compile_rule(s.exit) if s.exit is not None else None,
+                compile_rule(s.re_engaged_when) if s.re_engaged_when is not None else None,
+                ms(s.min_dwell),
+                ms(s.cooldown),
+                ms(s.sustain),
+                ms(s.ttl) if s.ttl is not None else None,
+                ms(s.re_engaged_after),
+            )
+        )
+    return out, sorted(bounds)

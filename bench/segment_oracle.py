@@ -1,46 +1,31 @@
 """An independent batch oracle for the default segments (issue #17).
 
-The simulator's events go through identity, scorer and segmenter in one process (the harness in
-``bench/segment_pipeline.py``: the service cores, no broker). Separately, from the *raw*
-delivered events alone (deduplicated by ``event_id``, in occurred-at order; by default each
-customer id on its own until identity merges it, as the segmenter documents — a customer, named
-by its final id, is a member when any of its live ids is), this file recomputes in
-pandas/numpy every feature the default rules read —
-windowed counts and their changes, recencies, lifetime purchases, the purchase-interval EWMAs
-and drift, revenue, escalations and sentiment, cart views, the latest zip, cancellation,
-engagement — and evaluates each default segment's rule at the end of every simulated day
-(``t_d`` = the last millisecond of day d), with its own state machine for hysteresis,
-``min_dwell``, ``cooldown``, ``sustain`` (dated back with ``sustain_since``), ``ttl`` and
-``re_engaged``. It reads the YAML itself (no ``services.segmenter.dsl``) and imports nothing
-from ``services`` for the oracle side; only the harness that produces the memberships does.
+The simulator's events go through identity, scorer and segmenter in one process (the harness,
+``oracle_harness.py``: the service cores, no broker). Separately, from the *raw* delivered
+events alone (deduplicated by ``event_id``; each customer id on its own until identity merges
+it, as the segmenter documents — a customer, named by its final id, is a member when any of its
+live ids is), the oracle recomputes every feature the default rules read (``oracle_features``:
+daily; ``oracle_point``: at any instant), reads the YAML itself and steps its own state machine
+(hysteresis, ``min_dwell``, ``cooldown``, ``sustain`` with ``sustain_since``, ``ttl``,
+``re_engaged``). Model outputs (``churn_probability``, ``clv``, ``lifecycle_stage``) and the
+score instants come from the emitted scores; percentiles are the nearest rank over every live
+id's latest score at the service's refreshes. The oracle side imports nothing from ``services``.
 
-Model outputs are not recomputed: ``churn_probability``, ``clv`` and ``lifecycle_stage`` are
-taken from the latest score (the scores the scorer emitted, as the segmenter reads them) of the
-id at or before the instant; ``ttl`` ("no score for N days") also reads the score times.
-Percentiles (``pNN``) are the nearest rank over every live id's latest score, recomputed at
-the service's percentile refreshes (every 6 h in the harness), as documented
-(``--instant-percentiles``: at every instant; ``--group-by final-id``: one set of features per
-final id, the view before session 6). Memberships are stepped at two instants a day (midnight,
-when the scorer refreshes, and ``t_d``) and compared at ``t_d``.
+``--mode events`` (default, ``oracle_events.py``): each id stepped at every score (features
+recomputed at the score's instant), at its own timers (recency crossings, dwell, cooldown,
+sustain, ttl), at percentile refreshes and at merges; compared per customer-day at the day's
+last millisecond ``t_d`` and as whole intervals. ``--mode samples`` (sessions 5–6,
+``oracle_rules.py``): stepped at midnight and ``t_d`` only.
 
-The segmenter's membership of a true customer at ``t_d`` is the union over its customer ids of
-the stays that the emitted ``SegmentChange`` records open and close. Every disagreeing
-customer-day is attributed to one reason, in this order:
-
-* ``identity`` (``final-id`` and ``truth`` only; ``live-id`` models it): the customer's events
-  up to ``t_d`` are held by more than one live customer id (not merged yet, or never);
-* ``late``: an event of the customer that occurred by ``t_d`` was delivered after it, or was
-  dead-lettered (too late for the scorer's 48 h lateness);
-* ``input <feature>``: a feature the rule reads differs between the oracle and the values the
-  segmenter held at ``t_d`` (its latest score, recencies aged); ``stale score`` when that
-  score was computed before the customer's latest event or before the day began (a score
-  coalesced away, or a silent customer on the weekly refresh grid);
-* Re-engaged: following a feeding segment's disagreement, or a feeding exit ``re_engaged`` in
-  one and plain in the other (intra-day when that stay lasted ``re_engaged_after`` ± 1 day);
-* ``intra-day path``: a transition of the segmenter's between two samples (a stay entered and
-  left between them, a dwell or cooldown measured from an intra-day instant);
-* ``percentile``: the oracle's and the segmenter's thresholds lie on both sides of the value;
-* ``state``: same inputs, different membership, none of the above.
+The segmenter's membership of a customer at ``t_d`` is the union over its ids of the stays the
+emitted ``SegmentChange`` records open and close. Each disagreeing customer-day gets one
+reason: ``late`` (an event by ``t_d`` delivered after it or dead-lettered; or, event by event,
+one the score at the decisive instant — the latest transition only one side made — had not
+received), ``input`` (a feature the rule reads differs), Re-engaged following a feeding
+segment's disagreement or exit kind, ``percentile`` (thresholds on both sides of the value, or
+a refresh near the decisive instant applied in processing order), ``follows an earlier
+transition`` (dwell/cooldown carried from an earlier difference, with its reason),
+``intra-day path`` (samples mode only), ``state`` for the rest.
 
     .venv/bin/python bench/segment_oracle.py                           # 300 x 84, seed 7
     .venv/bin/python bench/segment_oracle.py --customers 3000 --days 180
@@ -57,7 +42,6 @@ import time
 from collections import Counter, defaultdict
 from dataclasses import dataclass
 from pathlib import Path
-from types import SimpleNamespace
 from typing import Any
 
 import numpy as np
@@ -67,6 +51,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 
+from oracle_events import event_memberships, interval_agreement  # noqa: E402
 from oracle_features import (  # noqa: E402
     DAY,
     FROM_SCORES,
@@ -74,6 +59,7 @@ from oracle_features import (  # noqa: E402
     last_time,
     oracle_features,
 )
+from oracle_harness import DEFAULT_DEFINITIONS, run_pipeline  # noqa: E402
 from oracle_rules import (  # noqa: E402
     Segment,
     evaluate,
@@ -99,98 +85,7 @@ __all__ = [
     "run_pipeline",
 ]
 
-DEFAULT_DEFINITIONS = (
-    Path(__file__).resolve().parents[1] / "services" / "segmenter" / "segments" / "default.yaml"
-)
-
 IDENTITY = "identity (events on >1 live id)"
-
-
-# -- the harness: the pipeline's memberships and the raw events -------------------------------
-def run_pipeline(customers: int, days: int, seed: int) -> dict[str, Any]:
-    """Simulate (demo noise) and run identity → scorer → segmenter in one process, keeping the
-    raw delivered events, the scores and the segment changes."""
-    from segment_pipeline import DEMO_NOISE, Pipeline
-
-    from segflow.sim.generator import HOUR, SimConfig, Simulation
-    from segflow.sim.noise import Delivery
-    from services.scorer.core import ScorerConfig
-
-    class Recording(Pipeline):
-        def __init__(self, *a: Any, **k: Any) -> None:
-            super().__init__(*a, **k)
-            self.dead: set[str] = set()
-            self.merge_at: dict[str, int] = {}
-            # the segmenter's percentile thresholds over time (for the attribution only)
-            self.thresholds: list[tuple[int, dict[tuple[str, float], float]]] = []
-            refresh = self.segmenter._refresh_thresholds
-
-            def recorded() -> None:
-                refresh()
-                self.thresholds.append((self.clock_ms, dict(self.segmenter.thresholds)))
-
-            self.segmenter._refresh_thresholds = recorded  # type: ignore[method-assign]
-
-        def event(self, event: dict[str, Any], delivered_at: int) -> None:
-            before = sum(self.obs.dlq.values())
-            super().event(event, delivered_at)
-            if sum(self.obs.dlq.values()) != before:
-                self.dead.add(event["event_id"])
-
-        def merge(self, merge: dict[str, Any]) -> None:
-            for a in merge["absorbed_ids"]:
-                self.merge_at[a] = self.clock_ms
-            super().merge(merge)
-
-    config = SimConfig(customers=customers, days=days, seed=seed, noise=DEMO_NOISE)
-    sim = Simulation(config)
-    scorer_config = ScorerConfig()
-    pipe = Recording(DEFAULT_DEFINITIONS, scorer_config)
-    pipe.keep_scores = True
-    rows: list[dict[str, Any]] = []
-    next_tick = config.start_ms + HOUR
-    started = time.perf_counter()
-    while not (sim.finished and not sim.pending):
-        for item in sim.step(7):
-            if type(item) is not Delivery:
-                continue
-            while item.delivered_at >= next_tick:
-                pipe.clock_ms = max(pipe.clock_ms, next_tick)
-                pipe.tick()
-                next_tick += HOUR
-            e = item.event
-            rows.append(
-                {
-                    "event_id": e["event_id"],
-                    "customer": item.customer,
-                    "event_type": e["event_type"],
-                    "occurred_at": int(e["occurred_at"]),
-                    "delivered_at": int(item.delivered_at),
-                    "amount": e.get("amount"),
-                    "sentiment": e.get("sentiment"),
-                    "escalated": bool(e.get("escalated")),
-                    "zip": (e.get("properties") or {}).get("zip"),
-                }
-            )
-            pipe.event(e, item.delivered_at)
-    while next_tick <= config.end_ms + HOUR:
-        pipe.clock_ms = max(pipe.clock_ms, next_tick)
-        pipe.tick()
-        next_tick += HOUR
-    kept = SimpleNamespace(
-        obs=pipe.obs,
-        scores=dict(pipe.scores),
-        merge_at=pipe.merge_at,
-        dead=pipe.dead,
-        thresholds=pipe.thresholds,
-    )
-    return {
-        "config": config,
-        "pipe": kept,
-        "events": pd.DataFrame(rows),
-        "zips": scorer_config.high_value_zips,
-        "seconds": time.perf_counter() - started,
-    }
 
 
 @dataclass
@@ -202,10 +97,18 @@ class Comparison:
     examples: dict[tuple[str, str], list[str]]
     oracle_days: dict[str, int]
     segmenter_days: dict[str, int]
+    events: Any = None  # the event-by-event oracle's result (mode "events")
+    # segment -> (share of member time on one side only, transitions at the same instant,
+    # transitions in all), from whole intervals (mode "events")
+    intervals: dict[str, tuple[float, int, int]] | None = None
 
 
 def compare(
-    run: dict[str, Any], n_examples: int = 0, group_by: str = "live-id", refresh: bool = True
+    run: dict[str, Any],
+    n_examples: int = 0,
+    group_by: str = "live-id",
+    refresh: bool = True,
+    mode: str = "events",
 ) -> Comparison:
     """Oracle vs segmenter per customer-day and segment. ``group_by``: ``final-id`` groups the
     raw events by the customer id the identity service finally gave them (after every merge:
@@ -309,8 +212,27 @@ def compare(
     else:
         member2 = oracle_memberships(segments, feats, known2, last_score_day, pct_days, re_log)
     oracle_re: dict[int, set[int]] = defaultdict(set)  # days with a re_engaged exit
-    for c, now, _seg in re_log:
-        oracle_re[c].add(int(now - 1e-6))
+    eo = None
+    if mode == "events" and group_by == "live-id":
+        # the event-by-event oracle: stays at every score, timer, refresh and merge instant
+        pct_keys = list(percentiles(segments, {}, np.zeros(0, bool), True))
+        eo = event_memberships(segments, raw, run, index, pct_keys)
+        for name in list(member2):
+            m = np.zeros((n_cust, n_days), dtype=bool)
+            for (c, seg), spans in eo.stays.items():
+                if seg != name:
+                    continue
+                for b, e in spans:
+                    lo = int(np.searchsorted(ends, b, side="left"))
+                    hi = int(np.searchsorted(ends, e, side="left")) if e != math.inf else n_days
+                    m[c, lo:hi] = True
+            member2[name] = np.repeat(m, 2, axis=1)  # only the day ends (odd columns) are read
+        for c, lst in eo.re_exits.items():
+            for now_ms, _seg in lst:
+                oracle_re[c].add(int(now_ms // DAY - day0))
+    else:
+        for c, now, _seg in re_log:
+            oracle_re[c].add(int(now - 1e-6))
     segm_re: dict[int, set[int]] = defaultdict(set)
     for ch in obs.changes:
         c = id_true.get(ch.get("customer_id") or "")
@@ -354,6 +276,7 @@ def compare(
             spans.append([ch["occurred_at"], math.inf])
         elif ch["transition"] in ("exited", "re_engaged") and spans and spans[-1][1] == math.inf:
             spans[-1][1] = ch["occurred_at"]
+    closed_or_open: dict[tuple[int, str], list[tuple[float, float]]] = defaultdict(list)
     moves: dict[tuple[int, str], list[int]] = defaultdict(list)  # transition times
     closed: dict[tuple[int, str], list[tuple[float, float]]] = defaultdict(list)  # stays
     for (cid, seg), spans in stays.items():
@@ -361,6 +284,7 @@ def compare(
         if c is None or seg not in seg_member:
             continue
         for b, e in spans:
+            closed_or_open[(c, seg)].append((b, e))
             moves[(c, seg)] += [int(b)] + ([int(e)] if e != math.inf else [])
             if e != math.inf:
                 closed[(c, seg)].append((b, e))
@@ -393,6 +317,82 @@ def compare(
     )
 
     feeding = [s.name for s in segments if s.re_engaged_when is not None]
+
+    def decisive(c: int, seg: str, t: int) -> int | None:
+        """The latest transition at or before t that one side made and the other did not."""
+        if eo is None:
+            return None
+        mine = {x for b, e in eo.stays.get((c, seg), ()) for x in (b, e) if x != math.inf}
+        theirs = set(moves.get((c, seg), ()))
+        cands = [x for x in mine ^ theirs if x <= t]
+        return int(max(cands)) if cands else None
+
+    scores_of: dict[int, list[tuple[int, dict[str, Any]]]] = defaultdict(list)
+    for c_, _cid, as_of_, values_ in score_rows:
+        scores_of[c_].append((as_of_, values_))
+
+    def refresh_near(c: int, s: Segment, t: int) -> str | None:
+        """A percentile refresh within a day of the decisive instant moved a threshold the
+        segment reads across the customer's value: the service applies a refresh in processing
+        order (a timer due before the refresh's watermark but fired after the refresh reads
+        the new threshold), the oracle at the watermark."""
+        assert eo is not None
+        tau = decisive(c, s.name, t)
+        if tau is None:
+            return None
+        held_ = [v for a_, v in scores_of.get(c, ()) if a_ <= tau]
+        if not held_:
+            return None
+        values_ = held_[-1]
+        near = [tb for wm, _clock, tb in eo.refreshes if abs(wm - tau) <= DAY]
+        for feat, p in {k for tb in near for k in tb}:
+            x = values_.get(feat)
+            if feat not in s.features or x is None:
+                continue
+            ths = [tb[(feat, p)] for tb in near if (feat, p) in tb]
+            if ths and min(ths) <= float(x) <= max(ths):
+                return (
+                    f"percentile ({feat} p{p:g}: a refresh within a day of the decisive "
+                    "instant moved it across the value; applied in processing order)"
+                )
+        return None
+
+    def earlier_cause(c: int, s: Segment, t: int) -> str | None:
+        """Membership carries history (dwell, cooldown, the stay a ``re_engaged`` exit needs):
+        an earlier transition of the segment made at a different instant by the two sides,
+        within that history, and what explains it."""
+        assert eo is not None
+        span = (1.0 + max(s.min_dwell, s.cooldown, s.re_engaged_after, s.sustain, 1.0)) * DAY
+        mine = {x for b, e in eo.stays.get((c, s.name), ()) for x in (b, e) if x != math.inf}
+        theirs = set(moves.get((c, s.name), ()))
+        tau = decisive(c, s.name, t)
+        if tau is None:
+            return None
+        earlier = sorted((x for x in mine ^ theirs if tau - span <= x < tau), reverse=True)
+        for x in earlier:
+            r = input_at(c, int(x))
+            if r is None and any(o <= x < dl for o, dl in late_rows[c]):
+                r = "late"
+            if r is not None:
+                return f"follows an earlier transition of this segment ({r.split(' (')[0]})"
+        if earlier:
+            return "follows an earlier transition of this segment (unexplained)"
+        return None
+
+    def input_at(c: int, tau: int) -> str | None:
+        """A score of the customer's around the decisive instant whose published features
+        differ from the oracle's (recomputed at the score's instant from the raw events)."""
+        assert eo is not None
+        hits = [m for m in eo.mismatches.get(c, ()) if tau - 2 * DAY <= m[0] <= tau]
+        if not hits:
+            return None
+        as_of, _at, feats_, late = hits[-1]
+        if late == "late":
+            return "late (the score missed an event delivered after it)"
+        if late is not None:
+            return "same millisecond (an event delivered as the score was emitted, after it)"
+        return "input at the decisive score: " + ",".join(feats_[:2])
+
     disagree_days: dict[str, np.ndarray] = {}
     agree: dict[str, int] = {}
     reasons: dict[str, Counter[str]] = {}
@@ -421,7 +421,7 @@ def compare(
                 x for x in oracle_re[c] if d - 30 <= x <= d
             } != {x for x in segm_re[c] if d - 30 <= x <= d}:
                 why = "a feeding segment's exit is re_engaged in one, plain in the other"
-                if any(  # a stay within the samples' resolution of re_engaged_after
+                if eo is None and any(  # a stay within the samples' resolution of re_engaged_after
                     abs((e - b) / DAY - f.re_engaged_after) <= 1.0
                     and d - 30 <= e / DAY - day0 <= d + 1
                     for f in segments
@@ -432,11 +432,17 @@ def compare(
                         "intra-day path (a feeding stay as long as re_engaged_after within the "
                         "samples' resolution: re_engaged in one, plain in the other)"
                     )
-            elif any(
+            elif eo is None and any(
                 0 <= t - m < DAY + max(s.min_dwell, s.cooldown, 1.0) * DAY and m % DAY != 0
                 for m in moves.get((c, s.name), ())
             ):
                 why = "intra-day path (a transition between two samples; dwell/cooldown from it)"
+            elif (
+                eo is not None
+                and (tau := decisive(c, s.name, t)) is not None
+                and (inp := input_at(c, tau))
+            ):
+                why = inp
             else:
                 h = held[c][d]
                 why = "state (same inputs)"
@@ -466,13 +472,30 @@ def compare(
                         moved = between_thresholds(s, c, d, as_of)
                         if moved is not None:
                             why = f"percentile ({moved}: thresholds differ / moved since)"
+                if why == "state (same inputs)" and eo is not None:
+                    carried = earlier_cause(c, s, int(t))
+                    if carried is not None:
+                        why = carried
+                    elif (near := refresh_near(c, s, int(t))) is not None:
+                        why = near
             ctr[why] += 1
             if len(examples[(s.name, why)]) < n_examples:
+                tau_ = decisive(c, s.name, int(t)) if eo is not None else None
                 examples[(s.name, why)].append(
                     f"{names[c]} day {d}: oracle {'in' if a[c, d] else 'out'}, "
                     f"segmenter {'in' if b[c, d] else 'out'}"
+                    + (
+                        f" (decisive instant day {(tau_ / DAY - day0):.4f})"
+                        if tau_ is not None
+                        else ""
+                    )
                 )
         reasons[s.name] = ctr
+    intervals = (
+        interval_agreement(eo, segments, closed_or_open, moves, float(ends[-1]))
+        if eo is not None
+        else {}
+    )
     return Comparison(
         n_days,
         total,
@@ -481,6 +504,8 @@ def compare(
         examples,
         {s.name: int((member[s.name] & known).sum()) for s in segments},
         {s.name: int((seg_member[s.name] & known).sum()) for s in segments},
+        eo,
+        intervals,
     )
 
 
@@ -492,6 +517,13 @@ def main() -> None:
     p.add_argument("--examples", type=int, default=0)
     p.add_argument("--cache", help="pickle of the pipeline run (reused when it exists)")
     p.add_argument("--group-by", choices=["live-id", "final-id", "truth"], default="live-id")
+    p.add_argument(
+        "--mode",
+        choices=["events", "samples"],
+        default="events",
+        help="events: step at every score, timer, refresh and merge instant (live-id only); "
+        "samples: twice a day (sessions 5-6)",
+    )
     p.add_argument(
         "--instant-percentiles",
         action="store_true",
@@ -506,14 +538,30 @@ def main() -> None:
         if cache is not None:
             cache.write_bytes(pickle.dumps(run))
     t0 = time.perf_counter()
-    cmp = compare(run, args.examples, args.group_by, refresh=not args.instant_percentiles)
+    cmp = compare(
+        run, args.examples, args.group_by, refresh=not args.instant_percentiles, mode=args.mode
+    )
     print(
-        f"{args.customers} customers x {args.days} days (seed {args.seed}, demo noise, "
+        f"{run['config'].customers} customers x {run['config'].days} days (seed "
+        f"{run['config'].seed}, demo noise, "
         f"customers by {args.group_by}, "
         f"{'instant' if args.instant_percentiles else 'refreshed'} percentiles): "
         f"pipeline {run['seconds']:.0f} s, oracle + comparison {time.perf_counter() - t0:.0f} s; "
         f"{cmp.customer_days:,} customer-days"
     )
+    if cmp.events is not None:
+        eo = cmp.events
+        by_feature = sorted(eo.by_feature.items(), key=lambda x: -x[1])
+        n_why = Counter(m[3] for ms in eo.mismatches.values() for m in ms)
+        print(
+            f"event by event: {eo.n_scores:,} scores re-derived from the raw events, "
+            f"{eo.n_mismatched:,} with a feature the rules read that differs from the published "
+            f"one ({', '.join(f'{k} {n:,}' for k, n in by_feature)}"
+            f"); {n_why['late']:,} of them missed a late event, {n_why['same millisecond']:,} "
+            f"one delivered in their millisecond, {n_why[None]:,} unexplained; state machines "
+            "stepped in "
+            f"{eo.steps_seconds:.0f} s"
+        )
     print(
         f"{'segment':28} {'agree':>8} {'1 id':>8} {'oracle d':>9} {'segm. d':>8}  "
         "disagreements by reason ('1 id': agreement when the days of customers whose events "
@@ -531,6 +579,13 @@ def main() -> None:
             f"{100 * one / cmp.customer_days:7.3f}% {cmp.oracle_days[name]:9,} "
             f"{cmp.segmenter_days[name]:8,}  {why}"
         )
+    if cmp.intervals:
+        print(
+            "whole intervals (to the millisecond): member time on one side only / in either; "
+            "transition instants made by both / by either"
+        )
+        for name, (only, same, total) in cmp.intervals.items():
+            print(f"  {name:28} {100 * only:7.3f}%   {same:,} / {total:,}")
     print(
         f"{'all segments':28} {100 * all_agree / all_total:7.3f}% {100 * all_one / all_total:7.3f}%"
     )

@@ -120,7 +120,8 @@ class Pipeline:
                 values[k] = float(score[k])
         if score.get("lifecycle_stage"):
             values["lifecycle_stage"] = str(score["lifecycle_stage"])
-        return {"as_of": score["as_of"], "values": values}
+        # "at": the harness clock when the score was emitted (its order against merges)
+        return {"as_of": score["as_of"], "at": self.clock_ms, "values": values}
 
     def segment(self, topic_name: str, value: dict[str, Any]) -> None:
         topic = TOPICS.merges if topic_name == self.merges_topic else TOPICS.scores

@@ -44,7 +44,6 @@ the instant it exited, so evaluating the same input twice emits nothing new:
 
 from __future__ import annotations
 
-import math
 from collections.abc import Mapping
 from dataclasses import replace
 
@@ -78,8 +77,11 @@ from services.segmenter.model import (  # noqa: F401  (re-exported)
     Membership,
     Score,
     aged_values,
+    crossings,
     entry_id,
+    primary_of,
     with_lookups,
+    with_primary,
 )
 from services.segmenter.population import percentile_thresholds, rank_of  # noqa: F401
 from services.segmenter.records import state_from_record, state_to_record  # noqa: F401
@@ -115,17 +117,9 @@ def evaluate(
     """
     if state is not None and score.as_of < state.as_of:
         return state, []
-    # A timer due before this score fires first, at its own instant with the values it was
-    # set for: when the score arrives before the tick fires it (the partition's watermark
-    # only passes the timer with this very score), a recency crossing must still enter at
-    # the crossing, not at the score (issue #17's oracle: entries late by up to a day, so
-    # dwell, cooldown and re_engaged_after were measured from the wrong instant).
-    fired: list[Change] = []
-    for _ in range(MAX_TIMERS_BEFORE_SCORE):
-        if state is None or state.next_timer is None or state.next_timer >= score.as_of:
-            break
-        state, changes, _persist = fire_timer(state, state.next_timer, defs, thresholds, lookups)
-        fired += changes
+    fired: list[Change] = []  # timers due before the score fire first (see _fire_due)
+    if state is not None:
+        state, fired = _fire_due(state, score.as_of, defs, thresholds, lookups)
     used = defs.features
     values = {k: v for k, v in score.values.items() if k in used}
     if state is not None and state.has_attributes:
@@ -157,10 +151,34 @@ def advance(
     lookups: Lookups = NO_LOOKUPS,
 ) -> tuple[CustomerState, list[Change]]:
     """Time passed with no new score (a timer fired, a merge, new definitions, a lookup table
-    changed): re-evaluate."""
+    changed, a percentile refresh): re-evaluate; timers due before ``now`` fire first (a
+    refresh's re-evaluation at the watermark came before the tick fired earlier crossings)."""
     if not state.scored:
         return state, []
-    return _step(state, max(now, state.as_of), defs, thresholds, lookups)
+    state, fired = _fire_due(state, now, defs, thresholds, lookups)
+    state, changes = _step(state, max(now, state.as_of), defs, thresholds, lookups)
+    return state, fired + changes if fired else changes
+
+
+def _fire_due(
+    state: CustomerState,
+    now: int,
+    defs: Definitions,
+    thresholds: Thresholds,
+    lookups: Lookups,
+) -> tuple[CustomerState, list[Change]]:
+    """Fire the customer's timers due before ``now``, each at its own instant with the values
+    it was set for: when a score or a re-evaluation reaches the customer before the tick fired
+    them (the partition's watermark passes them with that very record), a crossing still
+    happens when due, not up to a day later (issue #17's oracle), and dwell, cooldown and
+    ``re_engaged_after`` are measured from there."""
+    fired: list[Change] = []
+    for _ in range(MAX_TIMERS_BEFORE_SCORE):
+        if state.next_timer is None or state.next_timer >= now:
+            break
+        state, changes, _persist = fire_timer(state, state.next_timer, defs, thresholds, lookups)
+        fired += changes
+    return state, fired
 
 
 def set_attributes(
@@ -401,7 +419,7 @@ def _step(
             timers.append(state.as_of + seg.ttl_ms)
     if re_engaged_at is not None and not derived_ready:
         values["days_since_re_engaged"] = (now - re_engaged_at) / DAY
-    _crossings(defs, values, now, thresholds, timers)
+    crossings(defs, values, now, thresholds, timers)
     # Segments no longer defined: their memberships end (the history stays, so entry ids
     # never repeat if the segment comes back).
     for name, m in list(mems.items()):
@@ -420,7 +438,7 @@ def _step(
                 )
             )
             mems[name] = replace(m, active=False, exited_at=now, pending_since=None)
-    primary = _primary(mems, defs)
+    primary = primary_of(mems, defs)
     primary_seq = state.primary_seq
     changes = exits + entries
     if primary != state.primary:
@@ -441,7 +459,7 @@ def _step(
             )
         )
     if changes:
-        changes = [_with_primary(c, primary) for c in changes]
+        changes = [with_primary(c, primary) for c in changes]
     future = [t for t in timers if t > now]
     new_state = CustomerState(
         state.customer_id,
@@ -495,24 +513,6 @@ def fire_timer(
     return new, changes, True
 
 
-def _with_primary(c: Change, primary: str | None) -> Change:
-    return Change(
-        c.customer_id,
-        c.segment,
-        c.transition,
-        c.entry_id,
-        c.definition_version,
-        c.occurred_at,
-        primary,
-        c.reason,
-        c.score,
-        c.explanation,
-        c.previous_primary,
-        c.dwell_ms,
-        c.seq,
-    )
-
-
 def _exit(
     cid: str,
     seg: Segment,
@@ -535,43 +535,6 @@ def _exit(
         explanation=why,
         dwell_ms=now - (m.entered_at if m.entered_at is not None else now),
     )
-
-
-def _primary(mems: Mapping[str, Membership], defs: Definitions) -> str | None:
-    """Highest priority wins; ties go to the alphabetically first name (deterministic)."""
-    best: tuple[int, str] | None = None
-    for name, m in mems.items():
-        seg = defs.by_name.get(name)
-        if m.active and seg is not None:
-            key = (-seg.priority, name)
-            if best is None or key < best:
-                best = key
-    return best[1] if best is not None else None
-
-
-def _crossings(
-    defs: Definitions,
-    values: Mapping[str, Value],
-    now: int,
-    thresholds: Thresholds,
-    timers: list[int],
-) -> None:
-    """Timers at the instants an aging feature (a recency) crosses one of the thresholds the
-    definitions compare it with (once per distinct threshold, whichever segments use it)."""
-    get = values.get
-    for feature, bound, pct in defs.aging_bounds:
-        observed = get(feature)
-        if observed.__class__ is not float:
-            continue
-        if pct is not None:
-            bound = thresholds.get((feature, pct))
-            if bound is None:
-                continue
-        if bound >= observed:  # type: ignore[operator]
-            # inclusive comparisons flip at the bound, strict ones just after it
-            at = now + math.ceil((bound - observed) * DAY)  # type: ignore[operator]
-            timers.append(at)
-            timers.append(at + 1)
 
 
 __all__ = [

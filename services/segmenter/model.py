@@ -17,6 +17,7 @@ from services.segmenter.dsl import (
     Definitions,
     Explanation,
     Lookups,
+    Thresholds,
     Value,
 )
 
@@ -230,3 +231,59 @@ def with_lookups(values: dict[str, Value], defs: Definitions, lookups: Lookups) 
 
 def _finite(x: float | None) -> float | None:
     return x if x is None or math.isfinite(x) else None
+
+
+# -- helpers of core._step (moved from core.py, issue #14's 600-line limit) ---------------
+def with_primary(c: Change, primary: str | None) -> Change:
+    return Change(
+        c.customer_id,
+        c.segment,
+        c.transition,
+        c.entry_id,
+        c.definition_version,
+        c.occurred_at,
+        primary,
+        c.reason,
+        c.score,
+        c.explanation,
+        c.previous_primary,
+        c.dwell_ms,
+        c.seq,
+    )
+
+
+def primary_of(mems: Mapping[str, Membership], defs: Definitions) -> str | None:
+    """Highest priority wins; ties go to the alphabetically first name (deterministic)."""
+    best: tuple[int, str] | None = None
+    for name, m in mems.items():
+        seg = defs.by_name.get(name)
+        if m.active and seg is not None:
+            key = (-seg.priority, name)
+            if best is None or key < best:
+                best = key
+    return best[1] if best is not None else None
+
+
+def crossings(
+    defs: Definitions,
+    values: Mapping[str, Value],
+    now: int,
+    thresholds: Thresholds,
+    timers: list[int],
+) -> None:
+    """Timers at the instants an aging feature (a recency) crosses one of the thresholds the
+    definitions compare it with (once per distinct threshold, whichever segments use it)."""
+    get = values.get
+    for feature, bound, pct in defs.aging_bounds:
+        observed = get(feature)
+        if observed.__class__ is not float:
+            continue
+        if pct is not None:
+            bound = thresholds.get((feature, pct))
+            if bound is None:
+                continue
+        if bound >= observed:  # type: ignore[operator]
+            # inclusive comparisons flip at the bound, strict ones just after it
+            at = now + math.ceil((bound - observed) * DAY)  # type: ignore[operator]
+            timers.append(at)
+            timers.append(at + 1)

@@ -60,6 +60,11 @@ def run(steps: list[tuple[str, Any]], defs: Any = RISK) -> list[tuple[int, str, 
         if kind == "score":
             day, values = arg
             state, changes = evaluate(state, Score("c", int(day * DAY), values), defs)
+        elif kind == "advance":
+            # a re-evaluation at an instant with no timer fired first (a percentile refresh's,
+            # a merge's survivor): the shell calls advance directly
+            assert state is not None
+            state, changes = advance(state, int(arg * DAY), defs)
         else:
             assert state is not None
             # fire every timer due up to the given day, like the shell does
@@ -127,6 +132,12 @@ LIFECYCLE = {
     "a recency crossing due before the next score enters at the crossing, not the score": (
         # the timer at day 0.5 has not fired (no tick) when the day-2 score arrives
         [("score", (0, {"days_since_open": 9.5})), ("score", (2, {"days_since_open": 11.5}))],
+        [(0.5, "Quiet", "entered", "condition")],
+    ),
+    "a recency crossing due before a re-evaluation (refresh, merge) enters at the crossing": (
+        # issue #17's event-by-event oracle: a percentile refresh re-evaluated the customer at
+        # the partition's watermark before the tick had fired its earlier crossing timer
+        [("score", (0, {"days_since_open": 9.5})), ("advance", 2)],
         [(0.5, "Quiet", "entered", "condition")],
     ),
     "recency ages with event time: enters with no new score": (

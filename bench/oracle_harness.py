@@ -1,0 +1,117 @@
+"""The segment oracle's harness (issue #17): the simulator's delivered events through identity,
+scorer and segmenter in one process (``segment_pipeline.py``), keeping the raw events, the
+scores (with their emission clock), the segment changes, the merges' and the percentile
+refreshes' instants. Split out of ``segment_oracle.py`` (issue #14's 600-line limit); the
+oracle side imports nothing from ``services``, only this harness does.
+"""
+
+from __future__ import annotations
+
+import sys
+import time
+from pathlib import Path
+from types import SimpleNamespace
+from typing import Any
+
+import pandas as pd
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+DEFAULT_DEFINITIONS = (
+    Path(__file__).resolve().parents[1] / "services" / "segmenter" / "segments" / "default.yaml"
+)
+
+
+# -- the harness: the pipeline's memberships and the raw events -------------------------------
+def run_pipeline(customers: int, days: int, seed: int) -> dict[str, Any]:
+    """Simulate (demo noise) and run identity → scorer → segmenter in one process, keeping the
+    raw delivered events, the scores and the segment changes."""
+    from segment_pipeline import DEMO_NOISE, Pipeline
+
+    from segflow.sim.generator import HOUR, SimConfig, Simulation
+    from segflow.sim.noise import Delivery
+    from services.scorer.core import ScorerConfig
+
+    class Recording(Pipeline):
+        def __init__(self, *a: Any, **k: Any) -> None:
+            super().__init__(*a, **k)
+            self.dead: set[str] = set()
+            self.merge_at: dict[str, int] = {}
+            self.merge_occ: dict[str, int] = {}  # the merge's event time (the segmenter's now)
+            self.refresh_wm: list[int] = []  # the segmenter's watermark at each refresh
+            # the segmenter's percentile thresholds over time (for the attribution only)
+            self.thresholds: list[tuple[int, dict[tuple[str, float], float]]] = []
+            refresh = self.segmenter._refresh_thresholds
+
+            def recorded() -> None:
+                refresh()
+                self.thresholds.append((self.clock_ms, dict(self.segmenter.thresholds)))
+                self.refresh_wm.append(self.segmenter.watermark)
+
+            self.segmenter._refresh_thresholds = recorded  # type: ignore[method-assign]
+
+        def event(self, event: dict[str, Any], delivered_at: int) -> None:
+            before = sum(self.obs.dlq.values())
+            super().event(event, delivered_at)
+            if sum(self.obs.dlq.values()) != before:
+                self.dead.add(event["event_id"])
+
+        def merge(self, merge: dict[str, Any]) -> None:
+            for a in merge["absorbed_ids"]:
+                self.merge_at[a] = self.clock_ms
+                # the segmenter's instant for the merge: its time or the watermark, if later
+                self.merge_occ[a] = max(int(merge["occurred_at"]), self.segmenter.watermark)
+            super().merge(merge)
+
+    config = SimConfig(customers=customers, days=days, seed=seed, noise=DEMO_NOISE)
+    sim = Simulation(config)
+    scorer_config = ScorerConfig()
+    pipe = Recording(DEFAULT_DEFINITIONS, scorer_config)
+    pipe.keep_scores = True
+    rows: list[dict[str, Any]] = []
+    next_tick = config.start_ms + HOUR
+    started = time.perf_counter()
+    while not (sim.finished and not sim.pending):
+        for item in sim.step(7):
+            if type(item) is not Delivery:
+                continue
+            while item.delivered_at >= next_tick:
+                pipe.clock_ms = max(pipe.clock_ms, next_tick)
+                pipe.tick()
+                next_tick += HOUR
+            e = item.event
+            rows.append(
+                {
+                    "event_id": e["event_id"],
+                    "customer": item.customer,
+                    "event_type": e["event_type"],
+                    "occurred_at": int(e["occurred_at"]),
+                    "delivered_at": int(item.delivered_at),
+                    "amount": e.get("amount"),
+                    "sentiment": e.get("sentiment"),
+                    "escalated": bool(e.get("escalated")),
+                    "zip": (e.get("properties") or {}).get("zip"),
+                }
+            )
+            pipe.event(e, item.delivered_at)
+    while next_tick <= config.end_ms + HOUR:
+        pipe.clock_ms = max(pipe.clock_ms, next_tick)
+        pipe.tick()
+        next_tick += HOUR
+    kept = SimpleNamespace(
+        obs=pipe.obs,
+        scores=dict(pipe.scores),
+        merge_at=pipe.merge_at,
+        merge_occ=pipe.merge_occ,
+        dead=pipe.dead,
+        thresholds=pipe.thresholds,
+        refresh_wm=pipe.refresh_wm,
+    )
+    return {
+        "config": config,
+        "pipe": kept,
+        "events": pd.DataFrame(rows),
+        "zips": scorer_config.high_value_zips,
+        "seconds": time.perf_counter() - started,
+    }
