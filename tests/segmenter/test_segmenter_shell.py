@@ -104,7 +104,10 @@ def test_handler_writes_state_and_changes_and_the_tick_fires_timers(seg: Segment
     commit(seg)
     ticked = list(seg.tick())
     fired = [c for c in changes(ticked) if c[1] == "Quiet"]
-    assert fired == [("a", "Quiet", "entered")]  # no new score for a: its recency aged
+    # no new score for a: its recency aged. The crossing (T0 + 5 d) comes before the tick's
+    # first percentile refresh (at the watermark, T0 + 6 d), so no `p50` existed then and
+    # Quiet was a's primary segment at that instant (Big follows at the refresh).
+    assert fired == [("a", "Quiet", "entered"), ("a", "Quiet", "primary_changed")]
     assert seg.segment_sizes()["Quiet"] == 1 and seg.members("Quiet") == ["a"]
     # the tick's own transaction carries the new state of a (the loop runs no hook for it)
     records = written(ticked)
@@ -314,6 +317,42 @@ def test_a_moving_percentile_re_evaluates_the_customers_it_crosses(seg: Segmente
     commit(seg)
     assert seg.thresholds == {("clv", 50.0): 0.0}
     assert members() == sorted([f"c{i}" for i in range(10)] + [f"n{i}" for i in range(10)])
+
+
+def test_a_timer_due_before_a_percentile_refresh_reads_the_thresholds_of_before_it(
+    tmp_path: Path,
+) -> None:
+    """Issue #17's event oracle (High-CLV Login Drop): a recency crossing due before the
+    refresh's instant is decided with the threshold then in force; the refresh moves the
+    customer afterwards, at its own instant (the watermark), as a score would have."""
+    path = tmp_path / "s.yaml"
+    path.write_text(
+        'version: "1"\nsegments:\n  - name: Both\n    enter:\n      all:\n'
+        '        - {feature: days_since_open, op: ">=", value: 10}\n'
+        '        - {feature: clv, op: ">=", value: p50}\n'
+    )
+    clock = iter(range(10**6))
+    seg = Segmenter(
+        Settings(bootstrap_servers="127.0.0.1:1", topic_prefix="shell."),
+        SegmenterConfig(definitions=path, reload_interval=0, percentile_refresh=0),
+        clock=lambda: float(next(clock)),
+    )
+    list(seg(score("a", T0, clv=5.0, days_since_open=5.0)))  # crosses 10 days at T0 + 5 d
+    list(seg(score("b", T0, clv=1.0, days_since_open=0.0)))
+    commit(seg)
+    seg.tick()
+    commit(seg)
+    assert seg.thresholds == {("clv", 50.0): 1.0}  # a's clv 5 is above it
+    for i, clv in enumerate((10.0, 20.0, 30.0)):  # richer customers, a day after the crossing
+        list(seg(score(f"r{i}", T0 + 6 * DAY, clv=clv, days_since_open=0.0)))
+    commit(seg)
+    out = [
+        (o.value["customer_id"], o.value["transition"], o.value["occurred_at"])
+        for o in seg.tick()
+        if o.topic is TOPICS.segment_changes and o.value["transition"] in ("entered", "exited")
+    ]
+    assert seg.thresholds == {("clv", 50.0): 10.0}  # a's clv is below it from now on
+    assert out == [("a", "entered", T0 + 5 * DAY), ("a", "exited", T0 + 6 * DAY)]
 
 
 def test_reload_rejects_invalid_and_takes_valid_versions(seg: Segmenter, tmp_path: Path) -> None:
