@@ -65,6 +65,10 @@ class LagProbe:
         self._groups: dict[str, Consumer] = {}
         self._parts: dict[str, list[TopicPartition]] = {}
         self._reader: Consumer | None = None
+        #: Gaps read before and found to hold no record (only markers or aborted records):
+        #: while a partition's committed offset and end stay the same, it is not read again
+        #: (a catch-up wait asks many times; after every transaction the commit marker is one).
+        self._empty: dict[Key, tuple[int, int]] = {}
 
     def _consumer(self, group: str) -> Consumer:
         if group not in self._groups:
@@ -141,8 +145,10 @@ class LagProbe:
         within the probe's timeout, the rest of the gap counts in full (an estimate that can
         only be too high, never report caught up too early).
         """
+        known = {key for key, gap in gaps.items() if self._empty.get(key) == gap}
+        gaps = {key: gap for key, gap in gaps.items() if key not in known}
         if not gaps:
-            return {}
+            return dict.fromkeys(known, 0)
         reader = self._reader_consumer()
         reader.assign([TopicPartition(t, p, start) for (t, p), (start, _) in gaps.items()])
         count = dict.fromkeys(gaps, 0)
@@ -174,7 +180,13 @@ class LagProbe:
                         raise KafkaException(err)
         finally:
             reader.unassign()
-        return {key: count[key] + max(0, gaps[key][1] - position[key]) for key in gaps}
+        left = {key: count[key] + max(0, gaps[key][1] - position[key]) for key in gaps}
+        for key, n in left.items():
+            if n == 0:
+                self._empty[key] = gaps[key]
+            else:
+                self._empty.pop(key, None)
+        return {**left, **dict.fromkeys(known, 0)}
 
     def lag(self, groups: dict[str, list[str]]) -> dict[str, int]:
         """Records each group can still read on its topics (read_committed), per group."""
