@@ -118,6 +118,7 @@ class ScorerService:
         self.scorer = Scorer(self.options.core(), pack_states=False, defer_scores=True)
         if self.options.shared_model:
             self.scorer.sink = self._sink
+        self.scorer.store = self.states.get  # timers the watermark passed fire together
         self._dirty: set[str] = set()
         self._identified = TOPICS.identified.name(settings)
         # SEGFLOW_INSTANCE_ID (stable per instance) names the transactional id and checkpoint

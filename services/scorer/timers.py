@@ -14,6 +14,10 @@ from services.scorer.labels import Labels
 from services.scorer.view import Scored
 
 
+def _written(outs: list[Out]) -> dict[str, State | None]:
+    return {o.customer_id: o.state for o in outs if isinstance(o, StateWrite)}
+
+
 def _overlay(
     states: Mapping[str, State | None], get: Callable[[str], State | None]
 ) -> Callable[[str], State | None]:
@@ -32,6 +36,10 @@ class Timers(Labels):
     _unsealed: dict[str, State]
     _urgent: dict[str, tuple[bool, int]]
     retired: set[str]
+    #: The shell's state lookup (optional): an event that finds its customer's timer already
+    #: passed by the watermark then fires every such timer at once, on stacked arrays (as a
+    #: flush would; the same scores), instead of this customer's alone, one row at a time.
+    store: Callable[[str], State | None] | None = None
 
     if TYPE_CHECKING:
 
@@ -87,6 +95,11 @@ class Timers(Labels):
             state = self._fire_one(customer_id, state, urgent[1], now_ms, urgent[0], outs)
         elif urgent is not None:
             return state, outs  # scored later, at its own instant, with this event
+        wm, due = self.watermark, self._due(state)
+        if self.store is not None and wm is not None and due < t and due <= wm:
+            outs += self.settle(self.store, now_ms)
+            self._fire_timers(_overlay(_written(outs), self.store), wm, now_ms, outs)
+            state = _written(outs).get(customer_id) or state
         for _ in range(1000):  # (a grid point a day at most: years of silence)
             due = self._due(state)
             if due >= t:
@@ -146,6 +159,16 @@ class Timers(Labels):
         wm = self.watermark
         if wm is None:
             return outs
+        self._fire_timers(get, wm, now_ms, outs)
+        self.snapshots(states)  # (their features do not depend on the scoring fields)
+        self.mature(states, out_of_time)
+        return outs
+
+    def _fire_timers(
+        self, get: Callable[[str], State | None], wm: int, now_ms: int, outs: list[Out]
+    ) -> None:
+        """Score the customers whose timers the watermark ``wm`` passed, each as of its due
+        instant (up to ``max_scores_per_flush``), into ``outs``."""
         timers = self._timers
         budget = self.config.max_scores_per_flush
         while budget > 0 and timers and timers[0][0] <= wm:
@@ -181,6 +204,3 @@ class Timers(Labels):
                 if emit is not None:
                     outs.append(emit)
             get = _overlay(settled, get)
-        self.snapshots(states)  # (their features do not depend on the scoring fields)
-        self.mature(states, out_of_time)
-        return outs

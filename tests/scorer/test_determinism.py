@@ -31,16 +31,19 @@ def run(
     settle_every: int,
     flush_every: int,
     defer: bool = True,
+    store_lookup: bool = False,
 ) -> tuple[dict[str, list[dict[str, Any]]], dict[str, Any]]:
     """Replay ``items`` into ``instances`` scorers, each owning the customers of its share of
     ``PARTS`` partitions (events in the same order per customer), settling and flushing at the
     given cadences (in events seen by that instance); returns each customer's scores and final
     state."""
     cfg = ScorerConfig(max_pending_labels=0)  # no snapshots: the model stays as it is
+    store: dict[str, Any] = {}
     scorers = [Scorer(cfg, pack_states=False, defer_scores=defer) for _ in range(instances)]
     for sc in scorers:
         sc.model.snapshot_rate = 0.0  # (it starts at 1 until the first day's snapshots)
-    store: dict[str, Any] = {}
+        if store_lookup:  # as the service: timers the watermark passed fire together
+            sc.store = store.get
     scores: dict[str, list[dict[str, Any]]] = {}
 
     def apply(outs: list[Any]) -> None:
@@ -77,9 +80,15 @@ def test_batching_ticks_and_instances_do_not_change_a_single_score() -> None:
     assert sum(len(v) for v in base_scores.values()) > 1000
     refreshes = [s for v in base_scores.values() for s in v if s["as_of"] % 86_400_000 == 0]
     assert len(refreshes) > 100  # time-driven scores, at their grid points
-    for instances, settle_every, flush_every in ((1, 50, 50), (1, 7, 997), (2, 13, 301)):
-        scores, states = run(items, instances, settle_every, flush_every)
-        label = f"{instances} instance(s), settle every {settle_every}, flush every {flush_every}"
+    for instances, settle_every, flush_every, lookup in (
+        (1, 50, 50, False),
+        (1, 7, 997, False),
+        (1, 7, 997, True),
+        (2, 13, 301, True),
+    ):
+        scores, states = run(items, instances, settle_every, flush_every, store_lookup=lookup)
+        label = f"{instances} instance(s), settle every {settle_every}, flush every "
+        label += f"{flush_every}, {'with' if lookup else 'without'} the store"
         assert set(scores) == set(base_scores), label
         for cid, mine in scores.items():
             theirs = base_scores[cid]
