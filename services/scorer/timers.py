@@ -57,13 +57,13 @@ class Timers(Labels):
     # -- timers --------------------------------------------------------------------------
     def _due(self, st: State) -> int:
         """When the customer should next be scored (event time), which is also the instant it
-        is scored as of: a pending customer at its latest event, but not before
-        ``min_emit_interval`` after its last emission nor before its last score; a refresh
-        at the next point of its grid after its last score. Neither depends on when the
-        timer fires (the watermark, batching, which instance owns the customer)."""
+        is scored as of: a pending customer ``min_emit_interval`` after its latest event (a
+        burst is scored once it pauses), but not before that long after its last emission or
+        before its last score; a refresh at the next point of its grid after its last score.
+        Neither depends on when the timer fires (watermark, batching, instance)."""
         if st["pending"]:
             last = st["emitted_as_of"]
-            due = int(st["last_event_ms"])
+            due = int(st["last_event_ms"]) + self.config.min_emit_interval_ms
             if last is not None:
                 due = max(due, int(last) + self.config.min_emit_interval_ms)
             return max(due, int(st["scored_as_of"] or 0))

@@ -81,10 +81,14 @@ def test_a_burst_of_events_is_coalesced_into_one_score() -> None:
     for i in range(1, 20):
         h.event("c1", ev("page_view", T0 + i * 5_000))
     assert len(h.of("c1")) == 1  # not urgent: pending until the watermark passes
-    h.event("other", ev("page_view", T0 + 10 * MINUTE))
+    h.event("other", ev("page_view", T0 + 11 * MINUTE))  # watermark T0 + 6 min: not yet due
+    h.flush()
+    assert len(h.of("c1")) == 1
+    h.event("other", ev("page_view", T0 + 12 * MINUTE))  # watermark T0 + 7 min
     h.flush()
     first, second = h.of("c1")
     assert second["features"]["page_views_3d"] == 20.0
+    assert second["as_of"] == T0 + 95_000 + 5 * MINUTE  # the interval after the burst's last
     h.flush()  # nothing new: nothing re-emitted
     assert len(h.of("c1")) == 2
 
@@ -100,10 +104,10 @@ def test_urgent_events_are_scored_at_once_and_the_rest_at_most_once_per_interval
     h.flush()
     assert len(h.of("c1")) == 1
     h.event("c1", ev("purchase", T0 + 9 * MINUTE, amount=5.0))  # urgent
-    # the page view's score was due at T0 + 5 min (the interval after the last emission):
-    # the later purchase fires it first, as of its own instant, without the purchase
+    # the page view's score was due at T0 + 7 min (the interval after it): the later
+    # purchase fires it first, as of its own instant, without the purchase
     pending, urgent = h.of("c1")[1:]
-    assert (pending["as_of"], urgent["as_of"]) == (T0 + 5 * MINUTE, T0 + 9 * MINUTE)
+    assert (pending["as_of"], urgent["as_of"]) == (T0 + 7 * MINUTE, T0 + 9 * MINUTE)
     assert pending["features"]["page_views_3d"] == 1.0
     assert pending["features"]["purchases_3d"] == 0.0
     assert urgent["features"]["purchases_3d"] == 1.0
