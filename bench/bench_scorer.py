@@ -63,6 +63,7 @@ def run(args: argparse.Namespace) -> dict[str, float]:
     scorer = Scorer(bounds, pack_states=False, defer_scores=not args.immediate)
     horizon = scorer.config.churn_horizon_days * DAY
     store: dict[str, dict] = {}
+    scorer.store = store.get  # as the service: timers the watermark passed fire together
     emitted = 0
     evals: list[tuple[float, bool]] = []
     next_eval = config.start_ms + args.warmup_days * DAY

@@ -118,6 +118,7 @@ class ScorerService:
         self.scorer = Scorer(self.options.core(), pack_states=False, defer_scores=True)
         if self.options.shared_model:
             self.scorer.sink = self._sink
+        self.scorer.store = self.states.get  # timers the watermark passed fire together
         self._dirty: set[str] = set()
         self._identified = TOPICS.identified.name(settings)
         # SEGFLOW_INSTANCE_ID (stable per instance) names the transactional id and checkpoint
@@ -358,7 +359,9 @@ class ScorerService:
         states whose survivor this instance owns merge here, as with one instance; the others
         go to the survivor's owner through ``scorer.handoff``. Either way the absorbed id gets
         a ``merged:`` marker, so that its later events follow it."""
-        survivor = str(merge["survivor_id"])
+        survivor = self._final(str(merge["survivor_id"]))
+        if survivor != merge["survivor_id"]:  # merged away itself, by a merge read first
+            merge = {**merge, "survivor_id": survivor}
         owns = self.states.owns
         absorbed = [
             a
@@ -389,6 +392,17 @@ class ScorerService:
                 marker["emitted_stage"] = "merged"
                 self.merged[a] = survivor
                 yield self.states.put(MERGED_KEY + a, marker, partition=self._part(a))
+
+    def _final(self, cid: str) -> str:
+        """Where ``cid``'s state went, following the merges this instance holds markers for
+        (two merges of a chain sit in different partitions of the merges topic and may be
+        read in either order: without this, X absorbing Y read after Z absorbed X started a
+        new X that got a live score after X's tombstone)."""
+        seen = {cid}
+        while cid in self.merged and self.merged[cid] not in seen:
+            cid = self.merged[cid]
+            seen.add(cid)
+        return cid
 
     def _forward(
         self, survivor: str, absorbed: str, merge_id: str, raw: bytes | None, part: int, now: int

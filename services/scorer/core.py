@@ -162,8 +162,9 @@ class Scorer(Timers):
     #: exactly-once outputs, without per-event numpy work on one-row arrays; several urgent
     #: events of one customer in a batch give one score, with all of them).
     defer_scores: bool = False
-    #: Customers to score at :meth:`settle` (True: emit even if nothing moved, after a merge).
-    _urgent: dict[str, bool] = field(default_factory=dict)
+    #: Customers to score at :meth:`settle`: (True: emit even if nothing moved, after a
+    #: merge; the instant to score as of).
+    _urgent: dict[str, tuple[bool, int]] = field(default_factory=dict)
     #: Customer ids that were forgotten (see :meth:`forget`); the shell restores them.
     retired: set[str] = field(default_factory=set)
     #: Events and merges dropped because their customer id was forgotten.
@@ -174,6 +175,10 @@ class Scorer(Timers):
     #: (cluster inputs of the snapshots) and ``"summary"`` (the BG/NBD summaries of a refit
     #: day); the scorer scores with the model versions the learner publishes.
     sink: Callable[[str, dict[str, Any]], None] | None = None
+
+    def __post_init__(self) -> None:  # the clusters' descriptions from the first score on
+        self.model.cluster_rows(np.zeros((1, len(CLUSTER_DIMS))))  # River draws centres lazily
+        self._descriptions = self._descriptions or self.model.describe_clusters()
 
     # -- events --------------------------------------------------------------------------
     def on_event(
@@ -213,6 +218,8 @@ class Scorer(Timers):
                 reason="too_late",
             )
         self._observe(source, t, now_ms)
+        # what was due before this event is scored first, as of its own instant
+        state, outs = self.fire_before(customer_id, state, t, now_ms)
         st = new_state(customer_id, t) if state is None else dict(state)
         prev_active = st["last_active_ms"]
         b = self.buckets(customer_id, st)
@@ -245,11 +252,11 @@ class Scorer(Timers):
                 )
             )
         )
-        outs: list[Out] = []
-        if urgent and self.defer_scores:
-            self._urgent.setdefault(customer_id, False)
+        if urgent and self.defer_scores:  # as of its latest event (later ones fire it first)
+            force = self._urgent.get(customer_id, (False, 0))[0]
+            self._urgent[customer_id] = (force, int(st["last_event_ms"]))
         elif urgent:
-            scored = self.score(st, max(st["last_event_ms"], self.watermark or 0), b)
+            scored = self.score(st, int(st["last_event_ms"]), b)
             emit = self._settle(st, scored, now_ms)
             outs.append(StateWrite(customer_id, st))
             if emit is not None:
@@ -279,6 +286,8 @@ class Scorer(Timers):
         for cid in (survivor_id, *merge["absorbed_ids"]):
             self._seal_one(cid)  # merge_into reads the compressed buckets
         survivor = get(survivor_id)
+        at = int(merge.get("occurred_at") or 0)  # the survivor's scores due before it first:
+        survivor, outs = self.fire_before(survivor_id, survivor, at, now_ms)
         merged = False
         for absorbed_id in merge["absorbed_ids"]:
             if absorbed_id == survivor_id:
@@ -299,11 +308,13 @@ class Scorer(Timers):
             return outs
         for absorbed_id in merge["absorbed_ids"]:
             self._urgent.pop(absorbed_id, None)
+        # the merged customer is scored as of its latest event or the merge, if later
+        as_of = max(int(survivor["last_event_ms"]), at)
         if self.defer_scores:
-            self._urgent[survivor_id] = True
+            self._urgent[survivor_id] = (True, as_of)
             outs.append(StateWrite(survivor_id, survivor))
             return outs
-        scored = self.score(survivor, max(survivor["last_event_ms"], self.watermark or 0))
+        scored = self.score(survivor, as_of)
         emit = self._settle(survivor, scored, now_ms, force=True)
         outs.append(StateWrite(survivor_id, survivor))
         if emit is not None:
@@ -339,25 +350,23 @@ class Scorer(Timers):
         self._timer_at.pop(customer_id, None)  # its heap entry is skipped as superseded
 
     def settle(self, get: Callable[[str], State | None], now_ms: int) -> list[Out]:
-        """Score the customers whose urgent events or merges :meth:`on_event` /
-        :meth:`on_merge` deferred (:attr:`defer_scores`), each once, as of its latest event
-        (or the watermark, if later), on stacked arrays; call before the batch commits."""
+        """Score the customers whose urgent events or merges were deferred (:attr:`defer_scores`),
+        each once, as of its latest event (or the merge, if later), on stacked arrays."""
         if not self._urgent:
             return []
-        wm = self.watermark or 0
-        due: list[tuple[str, State, bool]] = []
-        for cid, force in self._urgent.items():
+        due: list[tuple[str, State, bool, int]] = []
+        for cid, (force, as_of) in self._urgent.items():
             st = get(cid)
             if st is None:
                 continue
             st = dict(st)
             if cid in self._unsealed:
                 self._unsealed[cid] = st
-            due.append((cid, st, force))
+            due.append((cid, st, force, as_of))
         self._urgent.clear()
-        scored = self.score_many([(st, max(st["last_event_ms"], wm)) for _, st, _ in due])
+        scored = self.score_many([(st, as_of) for _, st, _, as_of in due])
         outs: list[Out] = []
-        for (cid, st, force), s in zip(due, scored, strict=True):
+        for (cid, st, force, _), s in zip(due, scored, strict=True):
             emit = self._settle(st, s, now_ms, force=force)
             outs.append(StateWrite(cid, st))
             if emit is not None:
@@ -534,9 +543,8 @@ class Scorer(Timers):
         }
 
     def restore(self, record: Mapping[str, Any]) -> None:
-        """Resume from a checkpoint record. A model from before issue #17 (its classifier has
-        no sign constraints) learned another label on other inputs: it is replaced by a new
-        model (the BG/NBD prior until labels mature), not resumed."""
+        """Resume from a checkpoint record. A model from before issue #17 (no sign constraints:
+        another label, other inputs) is replaced by a new one (the prior), not resumed."""
         model = ChurnModel.from_bytes(record["model"])
         if getattr(model.classifier, "signs", None) is None:
             model = new_model(created_at=int(record.get("created_at") or 0))

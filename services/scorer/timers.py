@@ -14,6 +14,10 @@ from services.scorer.labels import Labels
 from services.scorer.view import Scored
 
 
+def _written(outs: list[Out]) -> dict[str, State | None]:
+    return {o.customer_id: o.state for o in outs if isinstance(o, StateWrite)}
+
+
 def _overlay(
     states: Mapping[str, State | None], get: Callable[[str], State | None]
 ) -> Callable[[str], State | None]:
@@ -30,8 +34,12 @@ class Timers(Labels):
     _timer_at: dict[str, int]
     _cache: dict[str, tuple[bytes, Buckets]]
     _unsealed: dict[str, State]
-    _urgent: dict[str, bool]
+    _urgent: dict[str, tuple[bool, int]]
     retired: set[str]
+    #: The shell's state lookup (optional): an event that finds its customer's timer already
+    #: passed by the watermark then fires every such timer at once, on stacked arrays (as a
+    #: flush would; the same scores), instead of this customer's alone, one row at a time.
+    store: Callable[[str], State | None] | None = None
 
     if TYPE_CHECKING:
 
@@ -48,10 +56,17 @@ class Timers(Labels):
 
     # -- timers --------------------------------------------------------------------------
     def _due(self, st: State) -> int:
-        """When the customer should next be scored (event time)."""
+        """When the customer should next be scored (event time), which is also the instant it
+        is scored as of: a pending customer ``min_emit_interval`` after its latest event (a
+        burst is scored once it pauses), but not before that long after its last emission or
+        before its last score; a refresh at the next point of its grid after its last score.
+        Neither depends on when the timer fires (watermark, batching, instance)."""
         if st["pending"]:
             last = st["emitted_as_of"]
-            return 0 if last is None else int(last) + self.config.min_emit_interval_ms
+            due = int(st["last_event_ms"]) + self.config.min_emit_interval_ms
+            if last is not None:
+                due = max(due, int(last) + self.config.min_emit_interval_ms)
+            return max(due, int(st["scored_as_of"] or 0))
         every = self._every(st)
         scored = int(st["scored_as_of"] or st["last_event_ms"])
         return (scored // every + 1) * every
@@ -62,6 +77,47 @@ class Timers(Labels):
         if st["emitted_stage"] == "churned" or quiet >= cfg.slow_refresh_after_ms:
             return cfg.churned_refresh_interval_ms
         return cfg.refresh_interval_ms
+
+    def fire_before(
+        self, customer_id: str, state: State | None, t: int, now_ms: int
+    ) -> tuple[State | None, list[Out]]:
+        """Score the customer at every instant it is due before event time ``t`` (a deferred
+        urgent score, a pending score, refreshes), each as of that instant with the state it
+        had then: call before applying an event (or merge) of ``t``. The watermark may not
+        have passed them yet; they fire first all the same, so which events a score holds
+        depends on the customer's own events only, not on batching or tick timing."""
+        outs: list[Out] = []
+        if state is None:
+            return state, outs
+        urgent = self._urgent.get(customer_id)
+        if urgent is not None and urgent[1] < t:
+            del self._urgent[customer_id]
+            state = self._fire_one(customer_id, state, urgent[1], now_ms, urgent[0], outs)
+        elif urgent is not None:
+            return state, outs  # scored later, at its own instant, with this event
+        wm, due = self.watermark, self._due(state)
+        if self.store is not None and wm is not None and due < t and due <= wm:
+            outs += self.settle(self.store, now_ms)
+            self._fire_timers(_overlay(_written(outs), self.store), wm, now_ms, outs)
+            state = _written(outs).get(customer_id) or state
+        for _ in range(1000):  # (a grid point a day at most: years of silence)
+            due = self._due(state)
+            if due >= t:
+                break
+            state = self._fire_one(customer_id, state, due, now_ms, False, outs)
+        return state, outs
+
+    def _fire_one(
+        self, cid: str, state: State, as_of: int, now_ms: int, force: bool, outs: list[Out]
+    ) -> State:
+        st = dict(state)
+        if cid in self._unsealed:
+            self._unsealed[cid] = st
+        emit = self._settle(st, self.score_many([(st, as_of)])[0], now_ms, force=force)
+        outs.append(StateWrite(cid, st))
+        if emit is not None:
+            outs.append(emit)
+        return st
 
     def _schedule(self, customer_id: str, due: int) -> None:
         if self._timer_at.get(customer_id) == due:
@@ -103,39 +159,48 @@ class Timers(Labels):
         wm = self.watermark
         if wm is None:
             return outs
-        timers = self._timers
-        budget = self.config.max_scores_per_flush
-        due: list[tuple[str, State]] = []
-        as_ofs: list[int] = []
-        seen: set[str] = set()
-        while timers and timers[0][0] <= wm and len(due) < budget:
-            at, cid = heapq.heappop(timers)
-            if cid in seen or self._timer_at.get(cid) != at:
-                continue  # superseded: the customer's live timer is elsewhere in the heap
-            del self._timer_at[cid]
-            st = get(cid)
-            if st is None:
-                continue  # deleted since
-            if self._due(st) > wm:  # its due time moved on (e.g. onto the weekly grid)
-                self._schedule(cid, self._due(st))
-                continue
-            seen.add(cid)
-            st = dict(st)
-            if cid in self._unsealed:
-                self._unsealed[cid] = st
-            if st["pending"]:
-                as_of = max(st["last_event_ms"], wm)
-            else:  # a refresh: as of the latest grid time the watermark passed
-                every = self._every(st)
-                as_of = max(st["last_event_ms"], wm // every * every)
-            due.append((cid, st))
-            as_ofs.append(as_of)
-        scored = self.score_many([(st, a) for (_, st), a in zip(due, as_ofs, strict=True)])
-        for (cid, st), s in zip(due, scored, strict=True):
-            emit = self._settle(st, s, now_ms)
-            outs.append(StateWrite(cid, st))
-            if emit is not None:
-                outs.append(emit)
+        self._fire_timers(get, wm, now_ms, outs)
         self.snapshots(states)  # (their features do not depend on the scoring fields)
         self.mature(states, out_of_time)
         return outs
+
+    def _fire_timers(
+        self, get: Callable[[str], State | None], wm: int, now_ms: int, outs: list[Out]
+    ) -> None:
+        """Score the customers whose timers the watermark ``wm`` passed, each as of its due
+        instant (up to ``max_scores_per_flush``), into ``outs``."""
+        timers = self._timers
+        budget = self.config.max_scores_per_flush
+        while budget > 0 and timers and timers[0][0] <= wm:
+            # rounds: a customer scored at one grid point may be due at the next one too
+            # (the watermark jumped days): each point is scored as of itself
+            due: list[tuple[str, State]] = []
+            seen: set[str] = set()
+            while timers and timers[0][0] <= wm and len(due) < budget:
+                at, cid = heapq.heappop(timers)
+                if cid in seen or self._timer_at.get(cid) != at:
+                    continue  # superseded: the customer's live timer is elsewhere in the heap
+                del self._timer_at[cid]
+                st = get(cid)
+                if st is None:
+                    continue  # deleted since
+                if self._due(st) > wm:  # its due time moved on (e.g. onto the weekly grid)
+                    self._schedule(cid, self._due(st))
+                    continue
+                seen.add(cid)
+                st = dict(st)
+                if cid in self._unsealed:
+                    self._unsealed[cid] = st
+                due.append((cid, st))
+            if not due:
+                break
+            budget -= len(due)
+            scored = self.score_many([(st, self._due(st)) for _, st in due])
+            settled: dict[str, State | None] = {}
+            for (cid, st), s in zip(due, scored, strict=True):
+                emit = self._settle(st, s, now_ms)
+                outs.append(StateWrite(cid, st))
+                settled[cid] = st
+                if emit is not None:
+                    outs.append(emit)
+            get = _overlay(settled, get)

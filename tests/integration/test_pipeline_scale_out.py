@@ -25,12 +25,21 @@ Identity's graph decides by the order in which events of different input partiti
 (services/identity/README.md, with one process as with N), so every event is produced under
 one key: the order is the same in every run, and only one front has work.
 
-Known defect, kept visible as a strict xfail test: the scorer's score times depend on
-batching and on each instance's clock, so segment changes, actions and churn AUC are not
-identical between runs (not even between two 1-instance runs). Another, intermittent (about
-one run in three, with 1 or 2 instances) and so not a test here (a test that passes by luck
-proves nothing): after a chained merge (X absorbs Y, then Z absorbs X tens of ms later) the
-scorer can emit a score for X after X's tombstone (README, Scale-out).
+Known defect, kept visible as a strict xfail test: segment changes and actions are not yet
+identical between runs. The scorer now scores every timer as of its own instant and fires a
+customer's due timers before its next event (issue #15: 70-430 of 1,250 changes differ
+between the 1- and 2-instance runs, down from about 650), but where a merge lands among the
+survivor's and the absorbed id's events still depends on timing (merges and hand-offs are
+separate topics), as do events that arrive after the watermark passed them and the shared
+model's k-means clusters; about a third of the customers whose changes differ got identical
+scores (the segmenter's percentile thresholds, refreshed at timing-dependent moments, and a
+1 ms timer difference). See services/scorer/README.md, "Deterministic scores".
+
+Merged-away ids with a live final score: the cause seen with 1 or 2 instances (a chain of
+merges, X absorbs Y and Z absorbs X, read in reverse order: a new X was started) is fixed and
+tested in process (tests/scorer/test_merge_chain.py); with that fix 3 of 4 runs with the kill
+and the added instance had none, and one had several, cause not found yet. Not a check here
+until it is: a test that passes by luck proves nothing.
 """
 
 from __future__ import annotations
@@ -480,7 +489,7 @@ def check_exactly_once(out: Outputs, label: str) -> None:
 
 def check_nothing_lost(out: Outputs, one: Outputs, sim: Simulation, label: str) -> None:
     """Every stage's output is complete: the same identities as the 1-instance run, a final
-    score for every live customer id (absorbed ids: ``test_merged_away_ids_stay_unscored``),
+    score for every live customer id (absorbed ids: not checked here, see the module doc),
     a decision for every change a playbook triggers on, and every scheduled step that fell
     due before the end fired."""
     from services.dispatcher.playbooks import DEFAULT_DIR, load_book
@@ -591,11 +600,12 @@ def test_two_instances_of_every_service_lose_and_double_nothing_also_across_kill
 
 @pytest.mark.xfail(
     strict=True,
-    reason="the scorer scores a pending customer as of its watermark when the timer fires "
-    "(services/scorer/core.py: as_of = max(last event, watermark)), which depends on how "
-    "the input was batched and on each instance's clock: two runs with one instance each "
-    "already differ in score times, hence in segment changes and actions (and, at 150 "
-    "customers, churn AUC by up to ~0.012)",
+    reason="scores no longer depend on batching or tick timing (each as of its timer's own "
+    "instant), but a merge's position among the survivor's and absorbed id's events does "
+    "(merges and hand-offs are separate topics): the merged customers' scores, hence their "
+    "segment changes and actions, differ between runs (services/scorer/README.md, "
+    "Deterministic scores); so do late events, the shared model's k-means clusters and the "
+    "segmenter's percentile thresholds (refreshed at timing-dependent moments)",
 )
 def test_two_instances_of_every_service_make_the_same_segment_changes_and_actions_as_one(
     runs: dict[str, Run],

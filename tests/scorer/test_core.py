@@ -81,10 +81,14 @@ def test_a_burst_of_events_is_coalesced_into_one_score() -> None:
     for i in range(1, 20):
         h.event("c1", ev("page_view", T0 + i * 5_000))
     assert len(h.of("c1")) == 1  # not urgent: pending until the watermark passes
-    h.event("other", ev("page_view", T0 + 10 * MINUTE))
+    h.event("other", ev("page_view", T0 + 11 * MINUTE))  # watermark T0 + 6 min: not yet due
+    h.flush()
+    assert len(h.of("c1")) == 1
+    h.event("other", ev("page_view", T0 + 12 * MINUTE))  # watermark T0 + 7 min
     h.flush()
     first, second = h.of("c1")
     assert second["features"]["page_views_3d"] == 20.0
+    assert second["as_of"] == T0 + 95_000 + 5 * MINUTE  # the interval after the burst's last
     h.flush()  # nothing new: nothing re-emitted
     assert len(h.of("c1")) == 2
 
@@ -100,7 +104,13 @@ def test_urgent_events_are_scored_at_once_and_the_rest_at_most_once_per_interval
     h.flush()
     assert len(h.of("c1")) == 1
     h.event("c1", ev("purchase", T0 + 9 * MINUTE, amount=5.0))  # urgent
-    assert len(h.of("c1")) == 2 and h.of("c1")[-1]["features"]["purchases_3d"] == 1.0
+    # the page view's score was due at T0 + 7 min (the interval after it): the later
+    # purchase fires it first, as of its own instant, without the purchase
+    pending, urgent = h.of("c1")[1:]
+    assert (pending["as_of"], urgent["as_of"]) == (T0 + 7 * MINUTE, T0 + 9 * MINUTE)
+    assert pending["features"]["page_views_3d"] == 1.0
+    assert pending["features"]["purchases_3d"] == 0.0
+    assert urgent["features"]["purchases_3d"] == 1.0
     h.event("c1", ev("support_ticket", T0 + 10 * MINUTE, escalated=True, sentiment=-0.8))
     assert h.of("c1")[-1]["features"]["escalations_7d"] == 1.0
 
@@ -486,21 +496,25 @@ def test_sealing_once_per_batch_gives_the_same_states_and_scores() -> None:
     assert len(a) > 100
 
 
-def test_deferred_urgent_events_are_scored_once_per_batch_with_all_of_them() -> None:
+def test_deferred_urgent_events_are_scored_once_per_batch_each_as_of_its_own_instant() -> None:
     h = Harness()
     h.sc = sc = Scorer(ScorerConfig(), defer_scores=True)
     h.event("c1", ev("purchase", T0, amount=5.0))
-    h.event("c1", ev("page_view", T0 + MINUTE))
-    h.event("c1", ev("purchase", T0 + 2 * MINUTE, amount=7.0))
     h.event("c2", ev("login", T0 + 2 * MINUTE))
-    assert h.scores == []  # nothing is scored event by event
+    h.event("c1", ev("purchase", T0 + 2 * MINUTE, amount=7.0))
+    h.event("c1", ev("page_view", T0 + MINUTE))  # out of order: before the purchase
+    h.event("c1", ev("purchase", T0 + 2 * MINUTE, amount=1.0))  # at the same instant
+    # the second purchase came after the first's instant: the first is scored then, with
+    # what came before it; the rest wait for the batch's commit
+    (first,) = h.scores
+    assert first["as_of"] == T0 and first["features"]["purchases_3d"] == 1.0
     h.apply(sc.settle(h.store.get, now_ms=0))  # before the batch commits
-    (c1,) = h.of("c1")
-    assert (c1["features"]["purchases_3d"], c1["features"]["page_views_3d"]) == (2.0, 1.0)
+    c1 = h.of("c1")[-1]
+    assert (c1["features"]["purchases_3d"], c1["features"]["page_views_3d"]) == (3.0, 1.0)
     assert c1["as_of"] == T0 + 2 * MINUTE and not h.store["c1"]["pending"]
-    assert len(h.of("c2")) == 1
+    assert len(h.of("c1")) == 2 and len(h.of("c2")) == 1
     h.apply(sc.settle(h.store.get, now_ms=0))
-    assert len(h.scores) == 2  # settled once
+    assert len(h.scores) == 3  # settled once
 
 
 def test_deferred_scoring_settled_after_every_event_gives_the_same_scores() -> None:
@@ -549,15 +563,24 @@ def test_a_tick_does_bounded_work_and_the_next_ticks_finish_it() -> None:
     h.flush()
     model = h.sc.model
     start = model.matured_through_day
-    h.event("late", ev("login", T0 + 5 * DAY))  # everyone is due for a refresh, 3 label days
-    emitted = len(h.scores)
+    h.event("late", ev("login", T0 + 5 * DAY))  # everyone is due for 4 refreshes, 3 label days
+    emitted, scored = len(h.scores), h.sc.scored
     tick()  # the deadline has passed: one day of labels
     assert len(h.scores) - emitted == 7 and model.matured_through_day == start + 1
-    for _ in range(3):
+    assert h.sc.scored - scored == 7
+    for n in range(2, 13):  # 80 refreshes (20 customers, 4 day boundaries), 7 a tick
+        before = h.sc.scored
         tick()
+        assert h.sc.scored - before == min(7, 80 - 7 * (n - 1))
+        if n == 4:
+            assert model.matured_through_day == start + 4
     refreshed = {s["customer_id"] for s in h.scores[emitted:]}
-    assert refreshed == {f"c{i}" for i in range(20)}  # each once, over three ticks
-    assert len(h.scores) - emitted == 20 and model.matured_through_day == start + 4
+    assert refreshed == {f"c{i}" for i in range(20)}
+    # each customer scored once at each day boundary, as of it: 80 in all, none twice
+    assert h.sc.scored - scored == 80
+    assert {h.store[f"c{i}"]["scored_as_of"] for i in range(20)} == {T0 + 4 * DAY}
+    tick()
+    assert h.sc.scored - scored == 80  # nothing left due
 
 
 # -- refresh timers ------------------------------------------------------------------------------
