@@ -17,6 +17,7 @@ import pytest
 from segflow.runtime.leash import leashed
 from segflow.runtime.serde import Serde
 from segflow.runtime.settings import Settings
+from segflow.runtime.state import partition_for
 from segflow.runtime.testing import produce, read_all, wait_until
 from segflow.runtime.topics import TOPICS
 from segflow.sim.generator import SimConfig, Simulation
@@ -335,3 +336,64 @@ def test_restart_keeps_customer_ids_and_drops_duplicates_across_it(
         serde.decode(TOPICS.dlq, r.value) for r in read_all(s, TOPICS.dlq.name(s), expected=2)
     ]
     assert sorted(d["reason"] for d in letters) == ["future_event", "no_identifier"]
+
+
+def test_upgrade_keeps_deduplicating_remembered_ids_and_catches_duplicates_across_keys(
+    kafka_settings: Settings,
+) -> None:
+    """A restart of a deployment whose identity.state holds ``e:<event_id>`` entries (the
+    window of earlier releases): those ids stay duplicates, are moved into hashed chunks of
+    segflow.identity.dedup, and an id seen under one key is a duplicate under another key."""
+    s = kafka_settings
+    serde = Serde.from_settings(s)
+    base = int(time.time() * 1000) - 3_600_000
+    legacy = {"kind": "seen", "created_at": base}
+    produce(
+        s, TOPICS.identity_state.name(s), [(b"e:old", serde.encode(TOPICS.identity_state, legacy))]
+    )
+    keys = [b"k0", *(f"k{i}".encode() for i in range(1, 50))]
+    other = next(k for k in keys if partition_for(k, 4) != partition_for(b"k0", 4))
+
+    def event(eid: str, t: int) -> bytes:
+        return serde.encode(
+            TOPICS.events,
+            {"event_id": eid, "event_type": "login", "occurred_at": t, "user_id": "u1"},
+        )
+
+    def run_once(records: list[tuple[bytes, bytes]]) -> None:
+        produce(s, TOPICS.events.name(s), records)
+        service = IdentityService(s)
+        service.restore()
+        service.loop().run(idle_timeout=3)
+
+    run_once(
+        [
+            (b"k0", event("old", base)),
+            (b"k0", event("n1", base + 1)),
+            (other, event("n1", base + 1)),
+        ]
+    )
+    latest: dict[bytes, bytes | None] = {}
+    for r in read_all(s, TOPICS.identity_state.name(s)):
+        latest[r.key] = r.value
+    assert b"e:old" in latest and latest[b"e:old"] is None  # tombstoned: moved into a chunk
+    assert not any(k.startswith(b"e:") for k, v in latest.items() if v is not None)
+    chunks = [
+        bytes(serde.decode(TOPICS.identity_dedup, r.value)["hashes"])
+        for r in read_all(s, TOPICS.identity_dedup.name(s))
+        if r.value is not None
+    ]
+    assert sum(len(c) for c in chunks) == 16  # "old" and "n1", 8 bytes each
+
+    run_once(
+        [
+            (other, event("old", base)),
+            (b"k0", event("n1", base + 1)),
+            (other, event("n2", base + 2)),
+        ]
+    )
+    out = [
+        serde.decode(TOPICS.identified, r.value)["event"]["event_id"]
+        for r in read_all(s, TOPICS.identified.name(s), expected=2)
+    ]
+    assert sorted(out) == ["n1", "n2"]
