@@ -9,10 +9,12 @@ input partition); a deployment that moves to the split roles keeps the ids per p
 its fronts' windows, and one that moves back restores them all.
 
 Chunks are written by the loop's ``before_commit`` (the batch's transaction, with its
-outputs and offsets); expired hours are tombstoned by the tick. ``e:<event_id>`` entries in
-``segflow.identity.state`` (the window of earlier releases, 43 B per id) are read on restore
-and de-duplicate as before; the ticks move them into chunks (partition 0, key
-``0:<hour>:e<first hash>``) and tombstone them, 50,000 per tick, in one transaction.
+outputs and offsets; the open chunk of a partition and hour is written again with the
+batch's ids appended, up to 256 ids); expired hours are tombstoned by the tick.
+``e:<event_id>`` entries in ``segflow.identity.state`` (the window of earlier releases,
+43 B per id) are read on restore and de-duplicate as before; the ticks move them into
+chunks (partition 0, key ``0:<hour>:e<first hash>``) and tombstone them, 50,000 per tick, in
+one transaction.
 """
 
 from __future__ import annotations
@@ -27,7 +29,7 @@ from segflow.runtime.settings import Settings
 from segflow.runtime.state import ChangelogStore
 from segflow.runtime.topics import TOPICS
 from services.identity.dedup import chunk_bytes, chunk_hashes
-from services.identity.window import SeenWindow, chunk_key
+from services.identity.window import SeenWindow, chunk_key, key_hour
 
 LEGACY_PARTITION = 0
 MIGRATE_PER_TICK = 50_000
@@ -94,9 +96,7 @@ class SeenIds:
     # -- loop hooks ---------------------------------------------------------------------------
     def before_commit(self) -> Iterator[Output]:
         for key, p, hashes in self.window.pending_chunks():
-            yield self.store.put(
-                key, {"hour": int(key.split(":", 2)[1]), "hashes": chunk_bytes(hashes)}, p
-            )
+            yield self.store.put(key, {"hour": key_hour(key), "hashes": hashes}, p)
 
     def on_commit(self) -> None:
         self.store.on_commit()

@@ -6,7 +6,10 @@ An event id is remembered as an 8-byte keyed hash (computed by the shell) in one
 arrives on. Ids are grouped in chunks per input partition, batch and event-time hour, the
 format of the front stage's window (:mod:`services.identity.dedup`, record
 ``IdentityDedupChunk``, key ``<partition>:<hour start ms>:<first offset>``), so the two roles
-read each other's changelog.
+read each other's changelog. A batch adds its ids to the open chunk of their partition and
+hour (the record is written again under the same key; compaction keeps the latest) until it
+holds ``CHUNK_IDS`` ids, then a new chunk starts: at a low event rate a chunk per batch would
+cost its key and framing (~35 B) for a handful of ids.
 
 Expiry is by the event-time low watermark: the smallest of the per-partition watermarks (the
 latest ``occurred_at`` seen on each input partition since start). A single global maximum is
@@ -19,8 +22,12 @@ window). Nothing expires after a restore until the input partitions have shown w
 >>> w = SeenWindow(window_ms=2 * HOUR_MS)
 >>> w.add(0, 11, 5 * HOUR_MS + 10, offset=0), w.add(1, 11, 5 * HOUR_MS + 20, offset=0)
 (True, False)
->>> 11 in w, [key for key, *_ in w.pending_chunks()]
-(True, ['0:18000000:0'])
+>>> 11 in w, [(key, len(hashes)) for key, _, hashes in w.pending_chunks()]
+(True, [('0:18000000:0', 8)])
+>>> w.add(0, 12, 5 * HOUR_MS + 30, offset=1)  # a later batch: the same chunk, rewritten
+True
+>>> [(key, len(hashes)) for key, _, hashes in w.pending_chunks()]
+[('0:18000000:0', 16)]
 >>> w.advance(1, 8 * HOUR_MS); w.expired()  # low watermark 5 h (partition 0): nothing yet
 []
 >>> w.advance(0, 8 * HOUR_MS); w.expired()  # both at 8 h: the 5 h hour left the window
@@ -32,6 +39,13 @@ from __future__ import annotations
 from collections.abc import Iterable, Iterator
 
 HOUR_MS = 3_600_000
+#: Ids per chunk before a new one starts (2 KB of hashes).
+CHUNK_IDS = 256
+
+
+def pack(hashes: Iterable[int]) -> bytes:
+    """8 bytes (big-endian) per hash, as ``services.identity.dedup.chunk_bytes``."""
+    return b"".join(h.to_bytes(8, "big") for h in hashes)
 
 
 def hour_of(t: int) -> int:
@@ -65,6 +79,9 @@ class SeenWindow:
         #: input partition -> latest occurred_at seen since start
         self.marks: dict[int, int] = {}
         self._pending: dict[tuple[int, int], tuple[int, list[int]]] = {}
+        #: (partition, hour) -> (key, hashes) of the chunk new ids of that hour go to
+        self._open: dict[tuple[int, int], tuple[str, bytes]] = {}
+        self._open_undo: dict[tuple[int, int], tuple[str, bytes] | None] = {}
         self._hours: dict[int, int] = {}  # one int object per hour, shared by its entries
         # what the open transaction changed (undone by on_abort)
         self._added: list[int] = []
@@ -105,14 +122,24 @@ class SeenWindow:
             pending[1].append(h)
         return True
 
-    def pending_chunks(self) -> Iterator[tuple[str, int, list[int]]]:
-        """(key, partition, hashes) of the ids added since the last call, one chunk per input
-        partition and hour."""
+    def pending_chunks(self) -> Iterator[tuple[str, int, bytes]]:
+        """(key, partition, packed hashes) of the chunks to write for the ids added since the
+        last call: per input partition and hour, the open chunk with them appended, or a new
+        one (key: the first new id's offset) when it would exceed ``CHUNK_IDS``."""
         pending, self._pending = self._pending, {}
         for (p, hour), (offset, hashes) in pending.items():
-            key = chunk_key(p, hour, offset)
-            self.register(hour, key)
-            yield key, p, hashes
+            slot = (p, hour)
+            opened = self._open.get(slot)
+            if slot not in self._open_undo:
+                self._open_undo[slot] = opened
+            new = pack(hashes)
+            if opened is not None and len(opened[1]) + len(new) <= 8 * CHUNK_IDS:
+                key, data = opened[0], opened[1] + new
+            else:
+                key, data = chunk_key(p, hour, offset), new
+                self.register(hour, key)
+            self._open[slot] = (key, data)
+            yield key, p, data
 
     def register(self, hour: int, key: str) -> None:
         """A chunk of ``hour`` written in the open transaction (its ids are already indexed)."""
@@ -152,6 +179,12 @@ class SeenWindow:
             keys = self.chunks.pop(hour)
             self._expired.extend(keys)
             out.append((hour, keys))
+        if out:
+            gone = {hour for hour, _ in out}
+            for slot in [s for s in self._open if s[1] in gone]:
+                if slot not in self._open_undo:
+                    self._open_undo[slot] = self._open[slot]
+                del self._open[slot]
         return out
 
     def forget_ids(self, hour: int, hashes: Iterable[int]) -> int:
@@ -168,6 +201,7 @@ class SeenWindow:
         self._added.clear()
         self._written.clear()
         self._expired.clear()
+        self._open_undo.clear()
         self._marks_committed = dict(self.marks)
 
     def on_abort(self) -> list[str]:
@@ -182,6 +216,12 @@ class SeenWindow:
                 if not keys:
                     del self.chunks[hour]
         self._pending.clear()
+        for slot, opened in self._open_undo.items():
+            if opened is None:
+                self._open.pop(slot, None)
+            else:
+                self._open[slot] = opened
+        self._open_undo.clear()
         self.marks = dict(self._marks_committed)
         expired, self._expired = self._expired, []
         self._added.clear()
@@ -192,6 +232,8 @@ class SeenWindow:
         self.ids.clear()
         self.chunks.clear()
         self._pending.clear()
+        self._open.clear()
+        self._open_undo.clear()
         self.marks.clear()
         self._marks_committed.clear()
         self._added.clear()

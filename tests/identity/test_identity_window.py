@@ -3,7 +3,8 @@ event-time low watermark, undo of an aborted transaction."""
 
 from __future__ import annotations
 
-from services.identity.window import HOUR_MS, SeenWindow
+from services.identity.dedup import chunk_hashes
+from services.identity.window import CHUNK_IDS, HOUR_MS, SeenWindow
 
 DAY = 86_400_000
 
@@ -12,12 +13,12 @@ def keys(window: SeenWindow) -> list[str]:
     return [key for key, _, _ in window.pending_chunks()]
 
 
-def expire(window: SeenWindow, chunks: dict[str, list[int]]) -> list[str]:
+def expire(window: SeenWindow, chunks: dict[str, bytes]) -> list[str]:
     """What the shell does at a tick: the expired chunks' keys, their ids forgotten."""
     out = []
     for hour, ks in window.expired():
         for k in ks:
-            window.forget_ids(hour, chunks[k])
+            window.forget_ids(hour, chunk_hashes(chunks[k]))
             out.append(k)
     return out
 
@@ -32,7 +33,7 @@ def test_a_duplicate_is_caught_on_any_partition() -> None:
 
 def test_old_event_ids_expire_by_event_time_and_are_accepted_again() -> None:
     w = SeenWindow(window_ms=DAY)
-    chunks: dict[str, list[int]] = {}
+    chunks: dict[str, bytes] = {}
     for h, t in ((1, 0), (2, DAY), (3, 2 * DAY)):
         w.add(0, h, t, offset=h)
         for key, _, hashes in w.pending_chunks():
@@ -82,3 +83,34 @@ def test_an_aborted_transaction_forgets_its_ids_and_puts_back_its_expiries() -> 
     assert w.marks == {0: 3 * HOUR_MS}
     w.load("0:0:0", [1])
     assert 1 in w and w.add(0, 2, 3 * HOUR_MS, offset=4)  # re-read after the abort
+
+
+def test_later_batches_rewrite_the_open_chunk_until_it_is_full() -> None:
+    w = SeenWindow(window_ms=DAY)
+    written: dict[str, bytes] = {}
+    h = 0
+    for batch in range(3):
+        for _ in range(CHUNK_IDS // 2):
+            h += 1
+            w.add(0, h, HOUR_MS + batch, offset=h)
+        written.update((k, v) for k, _, v in w.pending_chunks())
+        w.on_commit()
+    # batches 1 and 2 fill the chunk keyed by the first offset; batch 3 starts another
+    assert {k: len(v) // 8 for k, v in written.items()} == {
+        f"0:{HOUR_MS}:1": CHUNK_IDS,
+        f"0:{HOUR_MS}:{CHUNK_IDS + 1}": CHUNK_IDS // 2,
+    }
+    assert sorted(x for v in written.values() for x in chunk_hashes(v)) == list(range(1, h + 1))
+    assert w.chunks == {HOUR_MS: list(written)}
+
+
+def test_an_aborted_rewrite_of_the_open_chunk_is_undone() -> None:
+    w = SeenWindow(window_ms=DAY)
+    w.add(0, 1, 10, offset=0)
+    [(key, _, first)] = list(w.pending_chunks())
+    w.on_commit()
+    w.add(0, 2, 10, offset=1)
+    assert [v for _, _, v in w.pending_chunks()] == [first + (2).to_bytes(8, "big")]
+    w.on_abort()
+    w.add(0, 3, 10, offset=1)  # the batch re-read differently: the chunk as committed + 3
+    assert [(k, v) for k, _, v in w.pending_chunks()] == [(key, first + (3).to_bytes(8, "big"))]
