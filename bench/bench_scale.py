@@ -325,10 +325,13 @@ def restore_identity(bootstrap: str, prefix: str, partitions: list[int]) -> dict
     started = time.monotonic()
     svc.store.restore()
     restored = time.monotonic()
+    graph_rss = rss_kb()
     svc.seen.restore(svc.store.items())
     done = time.monotonic()
     out = _numbers(partitions, sum(1 for k in svc.store if k[:2] == "p:"), started, restored,
                    done, before)  # fmt: skip
+    out["graph_rss_growth_mb"] = round((graph_rss - before) / 1024)
+    out["window_rss_growth_mb"] = round((rss_kb() - graph_rss) / 1024)
     out["graph_entries"] = len(svc.store)
     out["window_ids"] = len(svc.seen)
     return out
