@@ -1,10 +1,10 @@
 """Scale-out numbers for the partitioned state of the segmenter, the scorer and the
 dispatcher: changelog bytes per customer, and the time and memory to restore 1 M customers as
 1 instance (4 partitions) or as one of 2 (2 partitions), which is what a restart or a
-rebalance costs.
+rebalance costs; and identity's (one instance: its graph is global), see below.
 
     .venv/bin/python bench/bench_scale.py [--customers 1000000] [--bootstrap HOST:PORT]
-        [--services segmenter,scorer,dispatcher]
+        [--services segmenter,scorer,dispatcher,identity] [--window-ids 8]
 
 States are real. Segmenter: 2,000 template customers are evaluated by the segmenter's core
 with the default definitions over 6 scores each (memberships, timers, the values the

@@ -50,15 +50,18 @@ class SeenIds:
         serde: Serde | None = None,
         store: ChangelogStore | None = None,
     ) -> None:
-        # one global window: every partition restored, none dropped on a rebalance
+        # One global window: restore() reads every partition, and nothing is dropped on a
+        # rebalance (this hook has no on_assign/on_revoke, and the store is not a loop hook).
+        # partitioned=True so that a tombstone goes to the partition its chunk was written to.
         self.store = store or ChangelogStore(
-            settings, TOPICS.identity_dedup, serde, partitioned=False, encoded=True
+            settings, TOPICS.identity_dedup, serde, partitioned=True, encoded=True
         )
         self.window = SeenWindow(window_ms)
         self._key = dedup_key(settings.hash_secret.get_secret_value())
         #: ``e:`` entries of the identity state not moved into chunks yet: (key, hash, hour)
         self.legacy: list[tuple[str, int, int]] = []
         self._taken: list[tuple[str, int, int]] = []
+        self._deleted: list[str] = []  # chunk keys tombstoned in the open transaction
 
     def digest(self, event_id: str) -> int:
         return int.from_bytes(
@@ -102,6 +105,14 @@ class SeenIds:
         self.store.on_commit()
         self.window.on_commit()
         self._taken.clear()
+        # ChangelogStore.delete keeps a key's explicit partition (an abort may bring the key
+        # back); once the tombstone is committed, forget it, or every chunk ever written
+        # would stay in that map
+        pinned = self.store._pinned
+        for key in self._deleted:
+            if key not in self.store.table:
+                pinned.pop(key, None)
+        self._deleted.clear()
 
     def on_abort(self) -> None:
         self.store.on_abort()
@@ -109,6 +120,7 @@ class SeenIds:
             self._load(key)
         self.legacy[:0] = self._taken
         self._taken.clear()
+        self._deleted.clear()
 
     # -- tick ---------------------------------------------------------------------------------
     def expire(self) -> tuple[list[Output], int]:
@@ -121,6 +133,7 @@ class SeenIds:
                 if chunk is not None:
                     n += self.window.forget_ids(hour, chunk_hashes(bytes(chunk["hashes"])))
                     out.append(self.store.delete(key))
+                    self._deleted.append(key)
         return out, n
 
     def migrate(self, graph: ChangelogStore) -> list[Output]:

@@ -128,6 +128,10 @@ def test_tick_expires_event_ids_behind_the_window() -> None:
     svc.seen.on_commit()
     assert all(o.value is None for o in tombstones) and len(tombstones) == 2
     assert {o.key for o in tombstones} < {o.key for o in chunks}
+    # each tombstone goes to the partition its chunk was written to
+    assert {o.key: o.partition for o in tombstones} == {
+        o.key: o.partition for o in chunks if o.key in {t.key for t in tombstones}
+    }
     # e0 and e1 left the window: accepted again; e2 is still a duplicate
     again = handle(svc, event_id="e0", user_id="u1", occurred_at=NOW_MS - 3 * 86_400_000)
     assert by_topic(again, "identified")

@@ -23,7 +23,7 @@ from segflow.runtime.topics import TOPICS
 from segflow.sim.generator import SimConfig, Simulation
 from segflow.sim.noise import Delivery, Malformed, NoiseConfig
 from segflow.sim.truth import truth_records
-from services.identity.app import IdentityService, node_hasher
+from services.identity.app import IdentityService, IdentitySettings, node_hasher
 from services.identity.core import identifiers
 
 pytestmark = pytest.mark.broker
@@ -397,3 +397,50 @@ def test_upgrade_keeps_deduplicating_remembered_ids_and_catches_duplicates_acros
         for r in read_all(s, TOPICS.identified.name(s), expected=2)
     ]
     assert sorted(out) == ["n1", "n2"]
+
+
+def test_expired_window_hours_are_tombstoned_where_their_chunks_are(
+    kafka_settings: Settings,
+) -> None:
+    """An hour that left the window is gone from the compacted identity.dedup (its tombstone
+    in its chunk's partition): a restart accepts its event id again, a recent one not."""
+    s = kafka_settings
+    serde = Serde.from_settings(s)
+    now = int(time.time() * 1000)
+    old_at = now - 3 * 86_400_000
+    hour = old_at - old_at % 3_600_000
+
+    def misplaced(k: bytes) -> bool:
+        # the old chunk's key "<partition>:<hour>:<offset 0>" hashes to another partition
+        # than the event's, so a tombstone sent by key hash would not delete it
+        p = partition_for(k, 4)
+        return partition_for(f"{p}:{hour}:0", 4) != p
+
+    key = next(k for k in (f"k{i}".encode() for i in range(100)) if misplaced(k))
+
+    def event(eid: str, t: int) -> bytes:
+        return serde.encode(
+            TOPICS.events,
+            {"event_id": eid, "event_type": "login", "occurred_at": t, "user_id": "u1"},
+        )
+
+    def run_once(records: list[tuple[bytes, bytes]]) -> list[str]:
+        produce(s, TOPICS.events.name(s), records)
+        service = IdentityService(s, IdentitySettings(dedup_window_days=1))
+        service.restore()
+        before = len(read_all(s, TOPICS.identified.name(s)))
+        service.loop().run(idle_timeout=3)
+        out = read_all(s, TOPICS.identified.name(s))[before:]
+        return [serde.decode(TOPICS.identified, r.value)["event"]["event_id"] for r in out]
+
+    assert run_once([(key, event("old", old_at)), (key, event("new", now))]) == ["old", "new"]
+    live: dict[tuple[int, bytes], bytes | None] = {}
+    for r in read_all(s, TOPICS.identity_dedup.name(s)):
+        assert r.key is not None
+        live[(r.partition, r.key)] = r.value
+    chunks = {k: v for k, v in live.items() if v is not None}
+    # the old hour's chunk is gone; the new one is in the event's partition
+    assert list(chunks) == [
+        (partition_for(key, 4), f"{partition_for(key, 4)}:{now - now % 3_600_000}:1".encode())
+    ]
+    assert run_once([(key, event("old", old_at)), (key, event("new", now))]) == ["old"]
