@@ -1,10 +1,10 @@
 """Scale-out numbers for the partitioned state of the segmenter, the scorer and the
 dispatcher: changelog bytes per customer, and the time and memory to restore 1 M customers as
 1 instance (4 partitions) or as one of 2 (2 partitions), which is what a restart or a
-rebalance costs.
+rebalance costs; and identity's (one instance: its graph is global), see below.
 
     .venv/bin/python bench/bench_scale.py [--customers 1000000] [--bootstrap HOST:PORT]
-        [--services segmenter,scorer,dispatcher]
+        [--services segmenter,scorer,dispatcher,identity] [--window-ids 8]
 
 States are real. Segmenter: 2,000 template customers are evaluated by the segmenter's core
 with the default definitions over 6 scores each (memberships, timers, the values the
@@ -18,8 +18,17 @@ decode) plus the service's rebuild (segmenter: customers, timers, sizes, percent
 scorer: its timers, forgotten and merged ids; dispatcher: decoded customers' due and retry
 indexes), and its RSS growth (VmRSS after minus before). The machine's 1-minute load average
 is printed next to every number. A private broker starts in a temporary folder unless
---bootstrap is given. Identity is not measured: its graph is one global table (one graph
-writer), restored whole by every instance.
+--bootstrap is given.
+
+Identity (``--services identity``): its graph is one global table, restored whole by the
+one-process service (and by the split roles' graph writer, active or standby), so it is
+measured as 1 instance only. The graph is the profiles and identifier nodes of
+``bench/state_fields.py``'s simulated customers (``p:`` and ``n:`` entries) under 1 M new
+customer ids and new 24-hex-digit node hashes; the de-duplication window is
+``--window-ids`` 8-byte hashes per customer (random) in chunks of 256 per input partition and
+event-time hour over 7 days, as the one-process role writes them. The restore is the
+service's: the graph store (Avro decode of every entry), then the window (chunks read and
+every hash indexed).
 """
 
 from __future__ import annotations
@@ -228,10 +237,111 @@ def restore_dispatcher(bootstrap: str, prefix: str, partitions: list[int]) -> di
         d.close()
 
 
+def identity_templates(settings: Settings, n: int, days: int) -> list[list[tuple[str, bytes]]]:
+    """Per simulated customer: its profile and node entries, encoded (state_fields.py)."""
+    from bench.state_fields import simulate
+
+    pipe, _ = simulate(n, days, seed=1)
+    serde = Serde.from_settings(settings)
+    out = []
+    for key, value in pipe.graph.items():
+        if value is None or not key.startswith("p:") or len(key) != 20:
+            continue
+        records = [(key, serde.encode(TOPICS.identity_state, value))]
+        for node in value["identifiers"]:
+            entry = pipe.graph.get("n:" + node)
+            if entry is not None and len(node) == 26:
+                records.append(("n:" + node, serde.encode(TOPICS.identity_state, entry)))
+        out.append(records)
+    return out
+
+
+def produce_identity(
+    settings: Settings, customers: int, temps: list[list[tuple[str, bytes]]], window_ids: int
+) -> tuple[float, float, float]:
+    """Identity's graph (template customers under new ids and node hashes) and its window;
+    returns (graph B per customer, window B per customer, seconds)."""
+    graph, dedup = TOPICS.identity_state, TOPICS.identity_dedup
+    names = {t.name(settings): t for t in (graph, dedup)}
+    ensure_topics(settings, topics=[], names=names)
+    producer = make_producer(settings)
+    serde = Serde.from_settings(settings)
+
+    def send(topic: str, key: bytes, value: bytes, partition: int) -> None:
+        while True:
+            try:
+                producer.produce(topic, value, key, partition=partition)
+                return
+            except BufferError:
+                producer.poll(0.05)
+
+    started = time.monotonic()
+    graph_bytes = 0
+    gname = graph.name(settings)
+    for i in range(customers):
+        records = temps[i % len(temps)]
+        swaps = [(records[0][0][2:].encode(), sim_id(i).encode())]
+        swaps += [
+            (k[4:].encode(), f"{i:016x}{j:08x}".encode()) for j, (k, _) in enumerate(records[1:])
+        ]
+        for key, value in records:
+            k, v = key.encode(), value
+            for old, new in swaps:
+                k, v = k.replace(old, new), v.replace(old, new)
+            graph_bytes += len(k) + len(v)
+            send(gname, k, v, partition_for(k, 4))
+    rng = random.Random(7)
+    total_ids = customers * window_ids
+    slots = [(p, T0 - T0 % 3_600_000 + h * 3_600_000) for h in range(168) for p in range(4)]
+    per_slot = -(-total_ids // len(slots))
+    dedup_bytes = 0
+    dname = dedup.name(settings)
+    left = total_ids
+    for p, hour in slots:
+        offset = 0
+        todo = min(per_slot, left)
+        left -= todo
+        while todo > 0:
+            n = min(256, todo)
+            key = f"{p}:{hour}:{1_000_000 + offset}".encode()
+            value = serde.encode(dedup, {"hour": hour, "hashes": rng.randbytes(8 * n)})
+            dedup_bytes += len(key) + len(value)
+            send(dname, key, value, p)
+            offset += n
+            todo -= n
+    producer.flush(300)
+    return graph_bytes / customers, dedup_bytes / customers, time.monotonic() - started
+
+
+def restore_identity(bootstrap: str, prefix: str, partitions: list[int]) -> dict[str, float]:
+    """In this process: what the one-process identity service's restore does (the graph,
+    then the de-duplication window; no vault)."""
+    from services.identity.app import IdentityService
+
+    os.environ.pop("SEGFLOW_VAULT_KEY", None)
+    settings = Settings(bootstrap_servers=bootstrap, topic_prefix=prefix)
+    svc = IdentityService(settings)
+    before = rss_kb()
+    started = time.monotonic()
+    svc.store.restore()
+    restored = time.monotonic()
+    graph_rss = rss_kb()
+    svc.seen.restore(svc.store.items())
+    done = time.monotonic()
+    out = _numbers(partitions, sum(1 for k in svc.store if k[:2] == "p:"), started, restored,
+                   done, before)  # fmt: skip
+    out["graph_rss_growth_mb"] = round((graph_rss - before) / 1024)
+    out["window_rss_growth_mb"] = round((rss_kb() - graph_rss) / 1024)
+    out["graph_entries"] = len(svc.store)
+    out["window_ids"] = len(svc.seen)
+    return out
+
+
 RESTORES: dict[str, Callable[[str, str, list[int]], dict[str, float]]] = {
     "segmenter": restore,
     "scorer": restore_scorer,
     "dispatcher": restore_dispatcher,
+    "identity": restore_identity,
 }
 
 
@@ -244,6 +354,9 @@ def main() -> int:
     )
     parser.add_argument("--sim-days", type=int, default=60)
     parser.add_argument("--services", default="segmenter,scorer,dispatcher")
+    parser.add_argument(
+        "--window-ids", type=int, default=8, help="identity: event ids per customer in 7 days"
+    )
     parser.add_argument("--bootstrap", default=None)
     parser.add_argument("--restore", default=None, help=argparse.SUPPRESS)  # child mode
     parser.add_argument("--service", default="segmenter", help=argparse.SUPPRESS)
@@ -264,6 +377,26 @@ def main() -> int:
         if {"scorer", "dispatcher"} & set(services):
             sims = sim_templates(settings, args.sim_customers, args.sim_days)
         for service in services:
+            if service == "identity":
+                temps = identity_templates(settings, args.sim_customers, args.sim_days)
+                graph_b, window_b, seconds = produce_identity(
+                    settings, args.customers, temps, args.window_ids
+                )
+                print(
+                    f"identity changelogs: {args.customers:,} customers from {len(temps):,} "
+                    f"templates: graph {graph_b:,.0f} B per customer, window "
+                    f"{window_b:,.0f} B per customer ({args.window_ids} ids), produced in "
+                    f"{seconds:.0f} s (load average {os.getloadavg()[0]:.1f})",
+                    flush=True,
+                )
+                out = subprocess.run(
+                    [sys.executable, __file__, "--restore", "0,1,2,3", "--service", service,
+                     "--bootstrap", bootstrap, "--prefix", settings.topic_prefix],
+                    capture_output=True, text=True, check=True, env=os.environ,
+                )  # fmt: skip
+                result = json.loads(out.stdout.strip().splitlines()[-1])
+                print(f"identity restore as its 1 instance (graph, then window): {result}")
+                continue
             if service == "segmenter":
                 per_customer, seconds = fill(settings, args.customers, args.templates)
             else:

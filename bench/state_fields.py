@@ -15,13 +15,22 @@ are summed under ``name{}``; the 5-byte wire header and the key are listed apart
 Per customer means per customer id identity created (what bench_e2e.py divides by), and per
 record (only customers the service holds state for). No Kafka, no timing: the numbers do
 not depend on the machine's load.
+
+Identity's de-duplication window is what the service keeps at the end: the event ids of the
+last 7 days of event time (hours ending after the low watermark minus the window), both as
+the ``e:<event_id>`` state entries of earlier releases and as the 8-byte hash chunks the
+one-process role now writes to ``segflow.identity.dedup``: per input partition (here the
+event id's CRC-32 modulo 4) and event-time hour, chunks of up to 256 ids, as the service
+keeps them (it rewrites the open chunk with each batch's ids; key with a 6-digit offset).
 """
 
 from __future__ import annotations
 
 import argparse
+import hashlib
 import heapq
 import sys
+import zlib
 from collections import Counter
 from collections.abc import Iterable, Mapping
 from pathlib import Path
@@ -37,6 +46,9 @@ from segflow.sim.generator import HOUR, SimConfig, Simulation  # noqa: E402
 from segflow.sim.noise import Delivery  # noqa: E402
 from services.dispatcher import core as dcore  # noqa: E402
 from services.dispatcher.playbooks import DEFAULT_DIR, Book, load_book  # noqa: E402
+from services.identity.dedup import chunk_bytes  # noqa: E402
+from services.identity.seen import dedup_key  # noqa: E402
+from services.identity.window import CHUNK_IDS, HOUR_MS, chunk_key, hour_of  # noqa: E402
 from services.scorer.core import ScorerConfig  # noqa: E402
 from services.segmenter.app import DEFAULT_DEFINITIONS  # noqa: E402
 
@@ -307,11 +319,29 @@ def main() -> int:
     )
 
     identity = Sizes(serde, TOPICS.identity_state)
-    window = Sizes(serde, TOPICS.identity_state)
+    old_window = Sizes(serde, TOPICS.identity_state)  # e:<event_id> entries (earlier releases)
+    window = Sizes(serde, TOPICS.identity_dedup)  # 8-byte hashes in chunks (now)
+    seen = {k: v for k, v in pipe.graph.items() if v is not None and k.startswith("e:")}
+    horizon = max((int(v["created_at"]) for v in seen.values()), default=0) - 7 * 86_400_000
+    digest_key = dedup_key("bench")
+    chunks: dict[tuple[int, int], list[int]] = {}
     for key, value in pipe.graph.items():
         if value is None:
             continue
-        (window if key.startswith("e:") else identity).add(key, value)
+        if key not in seen:
+            identity.add(key, value)
+            continue
+        hour = hour_of(int(value["created_at"]))
+        if hour + HOUR_MS <= horizon:
+            continue  # expired by the service's window
+        old_window.add(key, value)
+        eid = key[2:].encode()
+        h = hashlib.blake2b(eid, key=digest_key, digest_size=8).digest()
+        chunks.setdefault((zlib.crc32(eid) % 4, hour), []).append(int.from_bytes(h, "big"))
+    for (part, hour), hashes in sorted(chunks.items()):
+        for i in range(0, len(hashes), CHUNK_IDS):
+            piece = chunk_bytes(hashes[i : i + CHUNK_IDS])
+            window.add(chunk_key(part, hour, 100_000 + i), {"hour": hour, "hashes": piece})
     scorer = Sizes(serde, TOPICS.scorer_state)
     for cid, st in pipe.scorer_states.items():
         scorer.add(cid, st)
@@ -329,18 +359,26 @@ def main() -> int:
     total = 0
     for title, s in (
         ("identity graph", identity),
-        ("identity de-duplication window", window),
+        ("identity de-duplication window, e:<event_id> entries (earlier releases)", old_window),
+        ("identity de-duplication window, 8-byte hash chunks (now)", window),
         ("scorer", scorer),
         ("segmenter", segmenter),
         ("dispatcher", dispatcher),
     ):
         print(s.table(title, n_ids))
-        if s is not window:
+        if s is not window and s is not old_window:
             total += s.total
     print(f"\ndispatcher ledger entries by status: {dict(actions.most_common())}")
+    per = max(n_ids, 1)
     print(
-        f"\ntotal without the de-duplication window: {total / max(n_ids, 1):,.0f} B per "
-        f"customer id; with it: {(total + window.total) / max(n_ids, 1):,.0f} B"
+        f"\nde-duplication window: {old_window.records:,} event ids in the last 7 days; "
+        f"{old_window.total / max(old_window.records, 1):,.1f} B per id as e: entries, "
+        f"{window.total / max(old_window.records, 1):,.1f} B per id as hash chunks"
+    )
+    print(
+        f"total without the de-duplication window: {total / per:,.0f} B per customer id; "
+        f"with it as e: entries (earlier releases): {(total + old_window.total) / per:,.0f} B; "
+        f"with it as hash chunks (now): {(total + window.total) / per:,.0f} B"
     )
     return 0
 

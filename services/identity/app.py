@@ -3,9 +3,11 @@
 The graph logic is :mod:`services.identity.core`; this module turns raw events into the core's
 inputs (validated, normalised, keyed-hashed identifiers), applies the core's state writes
 through a :class:`ChangelogStore` (same Kafka transaction as the outputs and offsets), and
-produces ``IdentifiedEvent`` and ``IdentityMerge`` records. Its settings are
-:mod:`services.identity.settings` (re-exported here). One instance owns the whole graph:
-run a single replica (its consumer group takes every partition of ``segflow.events``).
+produces ``IdentifiedEvent`` and ``IdentityMerge`` records. De-duplication by ``event_id``
+is :mod:`services.identity.seen` (8-byte hashes in ``segflow.identity.dedup``, global across
+input partitions). Its settings are :mod:`services.identity.settings` (re-exported here). One
+instance owns the whole graph: run a single replica (its consumer group takes every partition
+of ``segflow.events``).
 """
 
 from __future__ import annotations
@@ -31,6 +33,7 @@ from segflow.runtime.state import ChangelogStore
 from segflow.runtime.topics import TOPICS
 from segflow.runtime.vault import ContactPoints, Keyring, VaultError, VaultSettings
 from services.identity import core
+from services.identity.seen import SeenIds
 from services.identity.settings import IdentitySettings as IdentitySettings
 
 SERVICE = "identity"
@@ -241,26 +244,27 @@ class IdentityService(EventChecks):
         self._hasher = node_hasher(self._secret)
         self._cache: dict[tuple[str, str], str] = {}
         self._max_future_ms = int(self.config.max_future_skew_s * 1000)
-        self.dedup = core.DedupWindow(self.rules.dedup_window_ms)
+        #: the de-duplication window (global across input partitions) and its changelog
+        self.seen = SeenIds(settings, self.rules.dedup_window_ms, self.serde)
         self._n = 0
         self._logged_conflicts: OrderedDict[tuple[str, str | None], None] = OrderedDict()
 
     # -- lifecycle -------------------------------------------------------------------------
     def restore(self) -> int:
-        """Load the graph and the de-duplication window from the changelog (and the vault,
-        whose only writer this service is)."""
+        """Load the graph, the de-duplication window (its chunks, and the ``e:`` entries of
+        earlier releases in the graph's changelog) and the vault, whose only writer this
+        service is."""
         n = self.store.restore()
         if self.vault is not None:
             n += self.vault.restore()
-        self.dedup.rebuild(self.store.items())
+        n += self.seen.restore(self.store.items())
         self._refresh_gauges()
         return n
 
     def on_commit(self) -> None:
-        self.dedup.on_commit()
+        pass  # the window's hook (self.seen) commits itself
 
     def on_abort(self) -> None:
-        self.dedup.on_abort()
         self._primary.clear()  # the vault store rolled back
 
     def loop(self, **overrides: Any) -> ProcessingLoop:
@@ -282,7 +286,12 @@ class IdentityService(EventChecks):
             LoopConfig(**options),
             self.handle,
             serde=self.serde,
-            hooks=[self.store, *([self.vault] if self.vault is not None else []), self],
+            hooks=[
+                self.store,
+                *([self.vault] if self.vault is not None else []),
+                self.seen,
+                self,
+            ],
             clock=self.clock,
             tick=self.tick,
         )
@@ -300,13 +309,16 @@ class IdentityService(EventChecks):
             yield ids
             return
         item = core.IdentityInput(event["event_id"], event["occurred_at"], ids)
-        step = core.link(self.store.table, item, self.rules)
+        seen = self.seen.window
+        h = self.seen.digest(item.event_id)
+        if h in seen:  # whichever partition the first copy came from
+            _DUPLICATE.inc()
+            seen.advance(record.partition, item.occurred_at)
+            return
+        step = core.link(self.store.table, item, self.rules, dedup=False)
         if step.customer_id is None:
-            if step.outcomes and isinstance(step.outcomes[0], core.ForgottenHit):
-                _FORGOTTEN_HIT.inc()
-            else:
-                _DUPLICATE.inc()
-            self.dedup.advance(record.partition, item.occurred_at)
+            _FORGOTTEN_HIT.inc()
+            seen.advance(record.partition, item.occurred_at)
             return
         for outcome in step.outcomes:
             yield from self._outcome(outcome, now_ms)
@@ -343,7 +355,7 @@ class IdentityService(EventChecks):
                         yield from self._vault_merge(outcome.survivor, absorbed, now_ms)
             if email or phone:
                 yield from self._vault_seen(step.customer_id, email, phone, now_ms)
-        self.dedup.seen(item.event_id, item.occurred_at, record.partition)
+        seen.add(record.partition, h, item.occurred_at, record.offset)  # chunk: before_commit
         _IDENTIFIED.inc()
         self._n += 1
         if not self._n & 15:  # a sample is enough for the histogram
@@ -510,15 +522,17 @@ class IdentityService(EventChecks):
 
     # -- timers ----------------------------------------------------------------------------
     def tick(self) -> Iterator[Output]:
-        """Expire event ids that left the de-duplication window (event time)."""
-        keys = self.dedup.expired(self.store.table)
-        for key in keys:
-            yield self.store.delete(key)
-        if keys:
-            EXPIRED.inc(len(keys))
+        """Expire event ids that left the de-duplication window (event time), and move
+        ``e:`` entries of earlier releases into chunks."""
+        outputs, n = self.seen.expire()
+        migrated = self.seen.migrate(self.store)
+        yield from outputs
+        yield from migrated
+        if n:
+            EXPIRED.inc(n)
+        if outputs or migrated:
             self._refresh_gauges()
 
     def _refresh_gauges(self) -> None:
-        seen = len(self.dedup)
-        STATE_KEYS.labels("seen").set(seen)
-        STATE_KEYS.labels("graph").set(max(0, len(self.store) - seen))
+        STATE_KEYS.labels("seen").set(len(self.seen))
+        STATE_KEYS.labels("graph").set(max(0, len(self.store) - len(self.seen.legacy)))

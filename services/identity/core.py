@@ -10,7 +10,10 @@ rule forbids it. The state is a mapping of string keys to entries shaped like th
                               with (a weak identifier stops linking at its link limit)
     p:<customer_id>  profile  created_at = event time of its first event (age, for survivors);
                               identifiers = its node ids
-    e:<event_id>     seen     created_at = the event's occurred_at (de-duplication window)
+    e:<event_id>     seen     created_at = the event's occurred_at: ``link``'s own
+                              de-duplication (``dedup=True``; the services de-duplicate with
+                              8-byte hashes instead, services/identity/window.py, and read
+                              these entries only from changelogs of earlier releases)
 
 A node id is ``<t>:<hash>`` with ``t`` one of ``u`` (user_id), ``e`` (email), ``a``
 (anonymous_id), ``d`` (device_id), strongest first, and ``hash`` whatever the shell's keyed
@@ -62,8 +65,6 @@ from collections.abc import Callable, Iterable, Mapping, MutableMapping, Sequenc
 from dataclasses import dataclass, field
 from functools import cached_property
 from typing import Any
-
-from services.identity.window import DedupWindow as DedupWindow  # re-exported (moved)
 
 Entry = dict[str, Any]
 #: (identifier type, normalised value) -> hash; the shell's is keyed with the secret.

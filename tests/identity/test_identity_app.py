@@ -22,9 +22,9 @@ def service(**config: Any) -> IdentityService:
     return IdentityService(settings, IdentitySettings(**config), clock=lambda: NOW_MS / 1000)
 
 
-def handle(svc: IdentityService, **event: Any) -> list[Output]:
+def handle(svc: IdentityService, partition: int = 0, offset: int = 0, **event: Any) -> list[Output]:
     value = {"event_type": "login", "occurred_at": NOW_MS - 1000, **event}
-    record = Incoming(TOPICS.events, "events", 0, 0, "k", value, None, [])
+    record = Incoming(TOPICS.events, "events", partition, offset, "k", value, None, [])
     outputs = list(svc.handle(record))
     serde = Serde.from_settings(svc.settings)
     for out in outputs:  # everything the handler yields encodes with its topic's schema
@@ -103,13 +103,83 @@ def test_future_skew_is_configurable() -> None:
     )
 
 
+def commit(svc: IdentityService) -> list[Output]:
+    """What the loop does at a commit: the hooks' before_commit outputs, then on_commit."""
+    out = list(svc.seen.before_commit())
+    svc.seen.on_commit()
+    return out
+
+
+def hashes(svc: IdentityService, out: Output) -> bytes:
+    """The hashes of a chunk record as its consumers decode it."""
+    assert isinstance(out.value, bytes)
+    return bytes(Serde.from_settings(svc.settings).decode(out.topic, out.value)["hashes"])
+
+
 def test_tick_expires_event_ids_behind_the_window() -> None:
     svc = service(dedup_window_days=1)
     for i, age_days in enumerate((3, 2, 0)):
         handle(svc, event_id=f"e{i}", user_id="u1", occurred_at=NOW_MS - age_days * 86_400_000)
-    expired = [o.key for o in svc.tick()]
-    assert sorted(expired) == ["e:e0", "e:e1"]
-    assert "e:e2" in svc.store and "e:e0" not in svc.store
+    chunks = commit(svc)
+    assert {o.topic.key_name for o in chunks} == {"identity_dedup"}
+    assert sorted(len(hashes(svc, o)) for o in chunks) == [8, 8, 8]  # one hour each
+    assert not any(k.startswith("e:") for k in svc.store)  # no per-event state entries
+    tombstones = list(svc.tick())
+    svc.seen.on_commit()
+    assert all(o.value is None for o in tombstones) and len(tombstones) == 2
+    assert {o.key for o in tombstones} < {o.key for o in chunks}
+    # each tombstone goes to the partition its chunk was written to
+    assert {o.key: o.partition for o in tombstones} == {
+        o.key: o.partition for o in chunks if o.key in {t.key for t in tombstones}
+    }
+    # e0 and e1 left the window: accepted again; e2 is still a duplicate
+    again = handle(svc, event_id="e0", user_id="u1", occurred_at=NOW_MS - 3 * 86_400_000)
+    assert by_topic(again, "identified")
+    assert handle(svc, event_id="e2", user_id="u1", occurred_at=NOW_MS) == []
+
+
+def test_a_duplicate_under_another_key_on_another_partition_is_dropped() -> None:
+    svc = service()
+    assert by_topic(handle(svc, partition=0, offset=5, event_id="e1", user_id="u1"), "identified")
+    commit(svc)
+    assert handle(svc, partition=3, offset=9, event_id="e1", device_id="d7") == []
+    # ... and within one batch, before the first copy's chunk is written
+    assert by_topic(handle(svc, partition=1, offset=1, event_id="e2", user_id="u2"), "identified")
+    assert handle(svc, partition=2, offset=1, event_id="e2", user_id="u2") == []
+
+
+def test_event_ids_of_an_earlier_release_still_deduplicate_and_move_into_chunks() -> None:
+    # identity.state of an earlier release: an ``e:<event_id>`` entry per remembered event
+    svc = service()
+    first = handle(svc, event_id="e1", user_id="u1")
+    commit(svc)
+    svc.store.on_commit()
+    svc.seen.store.table.clear()  # as if the chunk had never been written ...
+    svc.store.table["e:e1"] = {"kind": "seen", "created_at": NOW_MS - 1000}  # ... but this
+    svc.seen.rebuild(svc.store.items())  # what restore() does after reading the changelogs
+    assert handle(svc, partition=2, event_id="e1", user_id="u1") == []
+    moved = list(svc.tick())
+    svc.seen.on_commit()
+    svc.store.on_commit()
+    (chunk,) = [o for o in moved if o.topic.key_name == "identity_dedup"]
+    (tomb,) = [o for o in moved if o.topic.key_name == "identity_state"]
+    assert tomb.key == "e:e1" and tomb.value is None and "e:e1" not in svc.store
+    assert hashes(svc, chunk) == svc.seen.digest("e1").to_bytes(8, "big")
+    svc.seen.rebuild(svc.store.items())  # a restart after the move
+    assert handle(svc, event_id="e1", user_id="u1") == []
+    assert by_topic(first, "identified")
+
+
+def test_an_aborted_migration_keeps_the_entries_to_move_later() -> None:
+    svc = service()
+    svc.store.table["e:old"] = {"kind": "seen", "created_at": NOW_MS - 1000}
+    svc.seen.rebuild(svc.store.items())
+    assert len(list(svc.tick())) == 2  # a chunk and a tombstone ...
+    svc.store.on_abort()  # ... in a transaction that aborted
+    svc.seen.on_abort()
+    assert "e:old" in svc.store and svc.seen.store.table == {}
+    assert handle(svc, event_id="old", user_id="u1") == []  # still de-duplicated
+    assert len(list(svc.tick())) == 2  # moved by the next tick
 
 
 def forget(svc: IdentityService, cid: str, request_id: str = "fr-1") -> list[Output]:
@@ -189,3 +259,19 @@ def test_an_event_without_email_passes_through_byte_for_byte() -> None:
         else:
             assert out.value == serde.encode(TOPICS.identified, expected)
             assert serde.decode(TOPICS.identified, out.value) == expected
+
+
+def test_the_one_process_window_hashes_event_ids_as_the_front_stage_does() -> None:
+    # same chunk format and hashes: a deployment moving between the roles keeps its window
+    from services.identity.dedup import DedupStore
+
+    svc = service()
+    front = DedupStore(svc.settings, svc.rules.dedup_window_ms)
+    assert svc.seen.store.topic is front.store.topic
+    assert [svc.seen.digest(e) for e in ("e1", "e2")] == [front.digest(e) for e in ("e1", "e2")]
+    assert svc.seen.digest("e1") != service_with_secret("other").seen.digest("e1")
+
+
+def service_with_secret(secret: str) -> IdentityService:
+    settings = Settings(bootstrap_servers="127.0.0.1:1", hash_secret=secret)
+    return IdentityService(settings, IdentitySettings(), clock=lambda: NOW_MS / 1000)

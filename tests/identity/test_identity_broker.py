@@ -17,12 +17,13 @@ import pytest
 from segflow.runtime.leash import leashed
 from segflow.runtime.serde import Serde
 from segflow.runtime.settings import Settings
+from segflow.runtime.state import partition_for
 from segflow.runtime.testing import produce, read_all, wait_until
 from segflow.runtime.topics import TOPICS
 from segflow.sim.generator import SimConfig, Simulation
 from segflow.sim.noise import Delivery, Malformed, NoiseConfig
 from segflow.sim.truth import truth_records
-from services.identity.app import IdentityService, node_hasher
+from services.identity.app import IdentityService, IdentitySettings, node_hasher
 from services.identity.core import identifiers
 
 pytestmark = pytest.mark.broker
@@ -335,3 +336,111 @@ def test_restart_keeps_customer_ids_and_drops_duplicates_across_it(
         serde.decode(TOPICS.dlq, r.value) for r in read_all(s, TOPICS.dlq.name(s), expected=2)
     ]
     assert sorted(d["reason"] for d in letters) == ["future_event", "no_identifier"]
+
+
+def test_upgrade_keeps_deduplicating_remembered_ids_and_catches_duplicates_across_keys(
+    kafka_settings: Settings,
+) -> None:
+    """A restart of a deployment whose identity.state holds ``e:<event_id>`` entries (the
+    window of earlier releases): those ids stay duplicates, are moved into hashed chunks of
+    segflow.identity.dedup, and an id seen under one key is a duplicate under another key."""
+    s = kafka_settings
+    serde = Serde.from_settings(s)
+    base = int(time.time() * 1000) - 3_600_000
+    legacy = {"kind": "seen", "created_at": base}
+    produce(
+        s, TOPICS.identity_state.name(s), [(b"e:old", serde.encode(TOPICS.identity_state, legacy))]
+    )
+    keys = [b"k0", *(f"k{i}".encode() for i in range(1, 50))]
+    other = next(k for k in keys if partition_for(k, 4) != partition_for(b"k0", 4))
+
+    def event(eid: str, t: int) -> bytes:
+        return serde.encode(
+            TOPICS.events,
+            {"event_id": eid, "event_type": "login", "occurred_at": t, "user_id": "u1"},
+        )
+
+    def run_once(records: list[tuple[bytes, bytes]]) -> None:
+        produce(s, TOPICS.events.name(s), records)
+        service = IdentityService(s)
+        service.restore()
+        service.loop().run(idle_timeout=3)
+
+    run_once(
+        [
+            (b"k0", event("old", base)),
+            (b"k0", event("n1", base + 1)),
+            (other, event("n1", base + 1)),
+        ]
+    )
+    latest: dict[bytes, bytes | None] = {}
+    for r in read_all(s, TOPICS.identity_state.name(s)):
+        latest[r.key] = r.value
+    assert b"e:old" in latest and latest[b"e:old"] is None  # tombstoned: moved into a chunk
+    assert not any(k.startswith(b"e:") for k, v in latest.items() if v is not None)
+    chunks = [
+        bytes(serde.decode(TOPICS.identity_dedup, r.value)["hashes"])
+        for r in read_all(s, TOPICS.identity_dedup.name(s))
+        if r.value is not None
+    ]
+    assert sum(len(c) for c in chunks) == 16  # "old" and "n1", 8 bytes each
+
+    run_once(
+        [
+            (other, event("old", base)),
+            (b"k0", event("n1", base + 1)),
+            (other, event("n2", base + 2)),
+        ]
+    )
+    out = [
+        serde.decode(TOPICS.identified, r.value)["event"]["event_id"]
+        for r in read_all(s, TOPICS.identified.name(s), expected=2)
+    ]
+    assert sorted(out) == ["n1", "n2"]
+
+
+def test_expired_window_hours_are_tombstoned_where_their_chunks_are(
+    kafka_settings: Settings,
+) -> None:
+    """An hour that left the window is gone from the compacted identity.dedup (its tombstone
+    in its chunk's partition): a restart accepts its event id again, a recent one not."""
+    s = kafka_settings
+    serde = Serde.from_settings(s)
+    now = int(time.time() * 1000)
+    old_at = now - 3 * 86_400_000
+    hour = old_at - old_at % 3_600_000
+
+    def misplaced(k: bytes) -> bool:
+        # the old chunk's key "<partition>:<hour>:<offset 0>" hashes to another partition
+        # than the event's, so a tombstone sent by key hash would not delete it
+        p = partition_for(k, 4)
+        return partition_for(f"{p}:{hour}:0", 4) != p
+
+    key = next(k for k in (f"k{i}".encode() for i in range(100)) if misplaced(k))
+
+    def event(eid: str, t: int) -> bytes:
+        return serde.encode(
+            TOPICS.events,
+            {"event_id": eid, "event_type": "login", "occurred_at": t, "user_id": "u1"},
+        )
+
+    def run_once(records: list[tuple[bytes, bytes]]) -> list[str]:
+        produce(s, TOPICS.events.name(s), records)
+        service = IdentityService(s, IdentitySettings(dedup_window_days=1))
+        service.restore()
+        before = len(read_all(s, TOPICS.identified.name(s)))
+        service.loop().run(idle_timeout=3)
+        out = read_all(s, TOPICS.identified.name(s))[before:]
+        return [serde.decode(TOPICS.identified, r.value)["event"]["event_id"] for r in out]
+
+    assert run_once([(key, event("old", old_at)), (key, event("new", now))]) == ["old", "new"]
+    live: dict[tuple[int, bytes], bytes | None] = {}
+    for r in read_all(s, TOPICS.identity_dedup.name(s)):
+        assert r.key is not None
+        live[(r.partition, r.key)] = r.value
+    chunks = {k: v for k, v in live.items() if v is not None}
+    # the old hour's chunk is gone; the new one is in the event's partition
+    assert list(chunks) == [
+        (partition_for(key, 4), f"{partition_for(key, 4)}:{now - now % 3_600_000}:1".encode())
+    ]
+    assert run_once([(key, event("old", old_at)), (key, event("new", now))]) == ["old"]

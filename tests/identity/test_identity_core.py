@@ -183,59 +183,6 @@ def test_a_duplicate_event_id_is_dropped_and_changes_nothing() -> None:
     assert first.customer_id is not None
 
 
-def test_dedup_window_expires_old_event_ids_by_event_time() -> None:
-    g = Graph()
-    window = core.DedupWindow(window_ms=1000)
-    for eid, t in (("old", 100), ("mid", 900), ("new", 1500)):
-        g.event(eid, t=t, user_id="u1")
-        window.seen(eid, t)
-    expired = window.expired(g.state)
-    assert expired == ["e:old"]  # 1500 - 1000 = 500: only "old" left the window
-    core.apply(g.state, [(k, None) for k in expired])
-    assert g.event("old", t=100, user_id="u1").customer_id is not None  # accepted again
-    assert g.event("mid", t=900, user_id="u1").customer_id is None  # still a duplicate
-
-
-def test_dedup_window_puts_back_expiries_of_an_aborted_transaction() -> None:
-    state = {"e:a": {"created_at": 1}}
-    window = core.DedupWindow(window_ms=10)
-    window.seen("a", 1)
-    window.seen("b", 100)
-    assert window.expired(state) == ["e:a"]
-    window.on_abort()
-    assert window.expired(state) == ["e:a"]
-    window.on_commit()
-    assert window.expired(state) == []
-
-
-def test_dedup_window_rebuilds_from_restored_state() -> None:
-    window = core.DedupWindow(window_ms=10)
-    n = window.rebuild(
-        [("e:a", {"created_at": 1}), ("n:u:x", {"customer_id": "c"}), ("e:b", {"created_at": 50})]
-    )
-    state = {"e:a": {"created_at": 1}, "e:b": {"created_at": 50}}
-    assert n == 2 and window.watermark is None
-    assert window.expired(state) == []  # where the inputs are in event time is not known yet
-    window.advance(0, 50)
-    assert window.expired(state) == ["e:a"]
-
-
-def test_dedup_window_waits_for_the_partition_that_is_behind() -> None:
-    # Partition 1 is 20 days ahead of partition 0 (a backlog): an id seen on partition 0
-    # must stay until partition 0 itself has moved past the window, because its duplicate
-    # may still be unread there.
-    day = 86_400_000
-    window = core.DedupWindow(window_ms=7 * day)
-    state = {"e:x": {"created_at": 3 * day}}
-    window.seen("x", 3 * day, partition=0)
-    window.seen("y", 23 * day, partition=1)
-    assert window.expired(state) == []
-    window.advance(0, 9 * day)
-    assert window.expired(state) == []
-    window.advance(0, 10 * day + 1)
-    assert window.expired(state) == ["e:x"]
-
-
 def test_customer_ids_are_opaque_and_identical_on_replay() -> None:
     events = [
         dict(anonymous_id="a1"),
