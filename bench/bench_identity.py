@@ -13,7 +13,7 @@ the front stage (``FrontService``: validate, hash, de-duplicate, link requests) 
 writer (``GraphWriter``: link requests -> identified events, merges, state), as CPU per event
 and events per CPU-second (the writer's is the deployment's ceiling: there is one); the
 writer's pure graph step alone; and the de-duplication window's changelog bytes and memory
-per remembered event id, one-instance service (``e:<event_id>`` entries) vs front stage
+per remembered event id, one-instance service (global window) vs front stage
 (8-byte hashes in chunks).
 """
 
@@ -27,6 +27,7 @@ import resource
 import sys
 import time
 import tracemalloc
+from collections.abc import Callable
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
@@ -46,6 +47,7 @@ from services.identity import core  # noqa: E402
 from services.identity.app import IdentityService, node_hasher  # noqa: E402
 from services.identity.dedup import Window, chunk_bytes  # noqa: E402
 from services.identity.front import FrontService  # noqa: E402
+from services.identity.window import SeenWindow
 from services.identity.writer import GraphWriter  # noqa: E402
 
 
@@ -119,23 +121,22 @@ def main() -> int:
             "includes group join and the first transaction)"
         )
 
-        graph = seen = 0
-        for key, value in service.store.items():
-            size = len(key.encode()) + len(serde.encode(TOPICS.identity_state, value))
-            if key.startswith("e:"):
-                seen += size
-            else:
-                graph += size
+        graph = sum(
+            len(key.encode()) + len(serde.encode(TOPICS.identity_state, value))
+            for key, value in service.store.items()
+        )
+        # the window: chunks of 8-byte id hashes on segflow.identity.dedup (encoded bytes)
+        seen = sum(len(k.encode()) + len(v) for k, v in service.seen.store.table.items())
         customers = args.customers
         per_day = n / customers / args.days
         print(
             f"state per customer ({customers} customers, {per_day:.1f} events/customer/day): "
             f"graph {graph / customers:,.0f} B, de-duplication window "
-            f"{seen / customers:,.0f} B ({len([k for k, _ in service.store.items()])} "
-            f"entries, changelog bytes: key + Avro value)"
+            f"{seen / customers:,.0f} B ({len(service.store)} graph entries, "
+            f"{len(service.seen)} ids; changelog bytes: key + Avro value)"
         )
         old_seen = seen
-        old_ids = sum(1 for k in service.store if k.startswith("e:"))
+        old_ids = len(service.seen)
 
         # 2. the scaled design: front stage, then graph writer, each alone
         s2 = isolated_settings(bootstrap, "benchsplit")
@@ -196,31 +197,47 @@ def main() -> int:
 
 
 def memory_per_id(count: int) -> str:
-    """Python heap per remembered event id: the one-instance service's ``e:`` entries (state
-    table value + heap index) vs the front's window (hash dict + chunk bytes)."""
+    """Python heap per remembered event id: the one-instance service's global window
+    (:class:`~services.identity.window.SeenWindow`) vs the front's per-partition window, each
+    with its chunk bytes; and the ``e:`` entries (state table value + heap index) the
+    one-instance service kept before session 7, for comparison."""
     ids = [f"evt-{i:012d}-{i * 7919 % 1000003:07d}" for i in range(count)]
     base = 1_764_000_000_000
-    tracemalloc.start()
-    a = tracemalloc.take_snapshot()
-    table = {}
-    heap: list[tuple[int, str]] = []
-    for i, e in enumerate(ids):
-        at = base + i * 1000
-        table["e:" + e] = {"kind": "seen", "created_at": at}
-        heapq.heappush(heap, (at, e))
-    old = sum(x.size for x in tracemalloc.take_snapshot().compare_to(a, "filename"))
-    del table, heap
-    b = tracemalloc.take_snapshot()
-    window = Window(7 * 86_400_000)
-    for i, e in enumerate(ids):
-        window.add(i % 4, hash(e) & (2**64 - 1), base + i * 1000, i)
-    chunks = [chunk_bytes(h) for *_, h in window.pending_chunks()]
-    new = sum(x.size for x in tracemalloc.take_snapshot().compare_to(b, "filename"))
-    tracemalloc.stop()
-    del window, chunks
+
+    def measure(fill: Callable[[], object]) -> float:
+        tracemalloc.start()
+        before = tracemalloc.take_snapshot()
+        kept = fill()
+        size = sum(x.size for x in tracemalloc.take_snapshot().compare_to(before, "filename"))
+        tracemalloc.stop()
+        del kept
+        return size / count
+
+    def legacy() -> object:
+        table, heap = {}, []
+        for i, e in enumerate(ids):
+            at = base + i * 1000
+            table["e:" + e] = {"kind": "seen", "created_at": at}
+            heapq.heappush(heap, (at, e))
+        return table, heap
+
+    def global_window() -> object:
+        window = SeenWindow(7 * 86_400_000)
+        for i, e in enumerate(ids):
+            window.add(i % 4, hash(e) & (2**64 - 1), base + i * 1000, i)
+        return window, [h for *_, h in window.pending_chunks()]
+
+    def front_window() -> object:
+        window = Window(7 * 86_400_000)
+        for i, e in enumerate(ids):
+            window.add(i % 4, hash(e) & (2**64 - 1), base + i * 1000, i)
+        return window, [chunk_bytes(h) for *_, h in window.pending_chunks()]
+
+    old, one, front = measure(legacy), measure(global_window), measure(front_window)
     return (
         f"memory per remembered id ({count:,} ids, tracemalloc, ids' own strings excluded): "
-        f"one-instance service {old / count:.0f} B, front stage {new / count:.0f} B"
+        f"one-instance service {one:.0f} B (its former e: entries {old:.0f} B), "
+        f"front stage {front:.0f} B"
     )
 
 
