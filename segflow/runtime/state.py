@@ -88,6 +88,10 @@ class ChangelogStore:
         #: Keys written to an explicit partition (not their hash's), e.g. per-partition
         #: aggregates: key -> partition.
         self._pinned: dict[str, int] = {}
+        #: Pinned keys deleted in the open transaction: their partition is forgotten at the
+        #: commit (an abort may bring the key back), or a store whose keys come and go (time
+        #: chunks) would keep one entry per key it ever wrote.
+        self._unpinned: set[str] = set()
         #: Whether the store follows the consumer group's assignment (on_assign/on_revoke);
         #: False: one global table restored in full at start (single-partition topics, and
         #: services that are not partition-aware yet).
@@ -166,6 +170,8 @@ class ChangelogStore:
         if key not in self._undo:
             self._undo[key] = self.table.get(key, _MISSING)
         self.table.pop(key, None)
+        if key in self._pinned:
+            self._unpinned.add(key)
         return Output(self.topic, key, None, partition=self._explicit(part, None))
 
     def _explicit(self, part: int, asked: int | None) -> int | None:
@@ -230,6 +236,10 @@ class ChangelogStore:
         if self.on_committed is not None:
             self.on_committed(self._undo.keys())
         self._undo.clear()
+        for key in self._unpinned:
+            if key not in self.table:
+                self._pinned.pop(key, None)
+        self._unpinned.clear()
 
     def on_abort(self) -> None:
         """Undo every change since the last commit."""
@@ -240,6 +250,7 @@ class ChangelogStore:
                 self.table[key] = old
         log.warning("state rolled back", extra={"fields": {"keys": len(self._undo)}})
         self._undo.clear()
+        self._unpinned.clear()
 
     def _watermarks(self, consumer: Consumer, partition: int, deadline: float) -> tuple[int, int]:
         """Low and high offsets, retried while the partition has no leader yet (new topics)."""

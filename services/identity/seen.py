@@ -61,7 +61,6 @@ class SeenIds:
         #: ``e:`` entries of the identity state not moved into chunks yet: (key, hash, hour)
         self.legacy: list[tuple[str, int, int]] = []
         self._taken: list[tuple[str, int, int]] = []
-        self._deleted: list[str] = []  # chunk keys tombstoned in the open transaction
 
     def digest(self, event_id: str) -> int:
         return int.from_bytes(
@@ -105,14 +104,6 @@ class SeenIds:
         self.store.on_commit()
         self.window.on_commit()
         self._taken.clear()
-        # ChangelogStore.delete keeps a key's explicit partition (an abort may bring the key
-        # back); once the tombstone is committed, forget it, or every chunk ever written
-        # would stay in that map
-        pinned = self.store._pinned
-        for key in self._deleted:
-            if key not in self.store.table:
-                pinned.pop(key, None)
-        self._deleted.clear()
 
     def on_abort(self) -> None:
         self.store.on_abort()
@@ -120,7 +111,6 @@ class SeenIds:
             self._load(key)
         self.legacy[:0] = self._taken
         self._taken.clear()
-        self._deleted.clear()
 
     # -- tick ---------------------------------------------------------------------------------
     def expire(self) -> tuple[list[Output], int]:
@@ -133,7 +123,6 @@ class SeenIds:
                 if chunk is not None:
                     n += self.window.forget_ids(hour, chunk_hashes(bytes(chunk["hashes"])))
                     out.append(self.store.delete(key))
-                    self._deleted.append(key)
         return out, n
 
     def migrate(self, graph: ChangelogStore) -> list[Output]:
