@@ -36,7 +36,13 @@ from oracle_features import (
     FROM_SCORES,
 )
 from oracle_point import point_features  # also importable from here
-from oracle_rules import Compiled, Segment, compile_rule, compile_segments  # noqa: F401
+from oracle_rules import (  # noqa: F401
+    Compiled,
+    Segment,
+    compile_rule,
+    compile_segments,
+    live_id_rows,
+)
 
 
 # -- one id's state machine ----------------------------------------------------------------
@@ -284,31 +290,8 @@ def event_memberships(
 
     # rows: (live id, [lo, hi) in harness clock between two merges of its customer) holding
     # the events of every id that resolves to it then
-    def resolve(cid: str, t: float) -> str:
-        while cid in survivor and merge_at.get(cid, 1 << 62) <= t:
-            cid = survivor[cid]
-        return cid
-
-    ids_of: dict[int, set[str]] = defaultdict(set)
-    for cid in set(raw["owner"].dropna()):
-        c = final_index[obs.final_id(cid)]
-        while True:
-            ids_of[c].add(cid)
-            if cid not in survivor:
-                break
-            cid = survivor[cid]
-    rows: list[tuple[str, float, float]] = []
-    pairs: list[tuple[str, int]] = []
-    for _c, ids in sorted(ids_of.items()):
-        times = sorted({merge_at[x] for x in ids if x in merge_at})
-        b = [-math.inf, *times, math.inf]
-        for k in range(len(b) - 1):
-            groups: dict[str, list[str]] = defaultdict(list)
-            for x in sorted(ids):
-                groups[resolve(x, b[k])].append(x)
-            for live, members in sorted(groups.items()):
-                pairs += [(x, len(rows)) for x in members]
-                rows.append((live, b[k], b[k + 1]))
+    owners = set(raw["owner"].dropna())
+    rows, pairs = live_id_rows(owners, final_index, obs.final_id, survivor, merge_at)
     ev = raw.merge(pd.DataFrame(pairs, columns=["owner", "row"]), on="owner")
     ev = ev.drop(columns=["c"]).rename(columns={"row": "c"})
     rows_of: dict[str, list[tuple[float, float, int]]] = defaultdict(list)

@@ -280,33 +280,7 @@ def live_id_memberships(
     owner = raw["event_id"].map(obs.event_owner)
     raw = raw.assign(owner=owner)
 
-    def resolve(cid: str, t: float) -> str:
-        while cid in survivor and merge_at.get(cid, 1 << 62) <= t:
-            cid = survivor[cid]
-        return cid
-
-    ids_of: dict[int, set[str]] = defaultdict(set)
-    for cid in set(owner):
-        c = final_index[obs.final_id(cid)]
-        while True:
-            ids_of[c].add(cid)
-            if cid not in survivor:
-                break
-            cid = survivor[cid]
-    # one row per (live id, interval between two merges of its customer), holding the events
-    # of every id that resolves to it during the interval
-    rows: list[tuple[str, float, float]] = []
-    pairs: list[tuple[str, int]] = []
-    for _c, ids in sorted(ids_of.items()):
-        times = sorted({merge_at[x] for x in ids if x in merge_at})
-        bounds = [-math.inf, *times, math.inf]
-        for k in range(len(bounds) - 1):
-            groups: dict[str, list[str]] = defaultdict(list)
-            for x in sorted(ids):
-                groups[resolve(x, bounds[k])].append(x)
-            for live, members in sorted(groups.items()):
-                pairs += [(x, len(rows)) for x in members]
-                rows.append((live, bounds[k], bounds[k + 1]))
+    rows, pairs = live_id_rows(set(owner), final_index, obs.final_id, survivor, merge_at)
     expanded = raw.merge(pd.DataFrame(pairs, columns=["owner", "row"]), on="owner")
     expanded = expanded.drop(columns=["c"]).rename(columns={"row": "c"})
     n_rows = len(rows)
@@ -517,3 +491,43 @@ def compile_segments(segments: list[Segment]) -> tuple[list[Compiled], list[tupl
             )
         )
     return out, sorted(bounds)
+
+
+def live_id_rows(
+    owners: set[str],
+    final_index: dict[str, int],
+    final_id: Any,
+    survivor: dict[str, str],
+    merge_at: dict[str, Any],
+) -> tuple[list[tuple[str, float, float]], list[tuple[str, int]]]:
+    """One row per (live id, interval between two merges of its customer) holding the events
+    of every id that resolves to it during the interval: ``(rows, pairs)``, rows as
+    ``(live id, lo, hi)``, pairs as ``(owner id, row)`` (every id of a customer in every row
+    it resolves to)."""
+
+    def resolve(cid: str, t: float) -> str:
+        while cid in survivor and merge_at.get(cid, 1 << 62) <= t:
+            cid = survivor[cid]
+        return cid
+
+    ids_of: dict[int, set[str]] = defaultdict(set)
+    for cid in owners:
+        c = final_index[final_id(cid)]
+        while True:
+            ids_of[c].add(cid)
+            if cid not in survivor:
+                break
+            cid = survivor[cid]
+    rows: list[tuple[str, float, float]] = []
+    pairs: list[tuple[str, int]] = []
+    for _c, ids in sorted(ids_of.items()):
+        times = sorted({merge_at[x] for x in ids if x in merge_at})
+        bounds = [-math.inf, *times, math.inf]
+        for k in range(len(bounds) - 1):
+            groups: dict[str, list[str]] = defaultdict(list)
+            for x in sorted(ids):
+                groups[resolve(x, bounds[k])].append(x)
+            for live, members in sorted(groups.items()):
+                pairs += [(x, len(rows)) for x in members]
+                rows.append((live, bounds[k], bounds[k + 1]))
+    return rows, pairs
