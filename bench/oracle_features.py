@@ -9,6 +9,8 @@ Split out of ``segment_oracle.py`` (issue #14's 600-line limit); see that file.
 
 from __future__ import annotations
 
+from typing import Any
+
 import numpy as np
 import pandas as pd
 
@@ -231,8 +233,17 @@ def oracle_features(
     fast, slow = before(fast, 0.0), before(slow, 0.0)
     f["purchase_interval_days"] = fast
     f["purchase_interval_baseline_days"] = slow
-    dsp = f["days_since_purchase"]
-    f["purchase_interval_drift"] = np.round(
+    f["purchase_interval_drift"] = interval_drift(fast, slow, f["days_since_purchase"])
+    return f
+
+
+def interval_drift(fast: Any, slow: Any, days_since_purchase: Any) -> Any:
+    """``purchase_interval_drift`` as documented: how much longer the current gap (the fast
+    interval, or the time since the last purchase if longer) is than the usual one (the slow
+    interval), capped at ``MAX_CHANGE``; 0 without a usual interval or a purchase (4 decimals,
+    as published)."""
+    dsp = days_since_purchase
+    return np.round(
         np.where(
             (slow > 0) & (dsp < NEVER),
             np.minimum(MAX_CHANGE, np.maximum(fast, dsp) / np.where(slow > 0, slow, 1.0) - 1.0),
@@ -240,4 +251,3 @@ def oracle_features(
         ),
         4,
     )
-    return f

@@ -15,6 +15,7 @@ from oracle_features import (
     MAX_CHANGE,
     NEVER,
     RECENCY_OF,
+    interval_drift,
 )
 
 SHIFT = 1 << 40  # key = row * SHIFT + (t - origin): per-row sorted event times in one array
@@ -162,13 +163,5 @@ def point_features(
     f["engagement_score"] = np.round(f["engagement_score"], 2)  # published with 2
     f["purchase_interval_days"] = fa_t
     f["purchase_interval_baseline_days"] = sl_t
-    dsp = f["days_since_purchase"]
-    f["purchase_interval_drift"] = np.round(
-        np.where(
-            (sl_t > 0) & (dsp < NEVER),
-            np.minimum(MAX_CHANGE, np.maximum(fa_t, dsp) / np.where(sl_t > 0, sl_t, 1.0) - 1.0),
-            0.0,
-        ),
-        4,
-    )
+    f["purchase_interval_drift"] = interval_drift(fa_t, sl_t, f["days_since_purchase"])
     return f
