@@ -54,6 +54,7 @@ PURE = (
         "services.scorer.model",
         "services.scorer.btyd",
         "services.identity.window",
+        "services.identity.order",
         "services.scorer.config",
         "services.scorer.view",
         "services.scorer.clock",
