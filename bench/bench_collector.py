@@ -28,6 +28,7 @@ import aiohttp
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from segflow.runtime.broker import free_port  # noqa: E402
+from segflow.runtime.leash import leashed  # noqa: E402
 from segflow.runtime.testing import isolated_settings, private_broker, read_all  # noqa: E402
 from segflow.runtime.topics import TOPICS  # noqa: E402
 
@@ -118,7 +119,7 @@ def main() -> int:
             "SEGFLOW_COLLECTOR_BURST_PER_KEY": "1000000",
         }
         proc = subprocess.Popen(
-            [sys.executable, "-m", "segflow.collector"],
+            leashed([sys.executable, "-m", "segflow.collector"]),  # dies with this bench
             env=env,
             stdout=subprocess.PIPE,
             text=True,

@@ -12,6 +12,7 @@ import httpx
 import pytest
 
 from segflow.runtime.broker import free_port
+from segflow.runtime.leash import leashed
 from segflow.runtime.serde import Serde
 from segflow.runtime.settings import Settings
 from segflow.runtime.testing import read_all
@@ -40,8 +41,8 @@ def test_collect_serves_the_tracking_api_and_stops_on_sigterm(kafka_settings: Se
         "SEGFLOW_TOPIC_PREFIX": s.topic_prefix,
     }
     proc = subprocess.Popen(
-        [sys.executable, "-m", "segflow.cli", "collect", "--collect-port", str(port),
-         "--write-key", "cli=k-123"],
+        leashed([sys.executable, "-m", "segflow.cli", "collect", "--collect-port", str(port),
+                 "--write-key", "cli=k-123"]),
         cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
     )  # fmt: skip
     try:

@@ -24,6 +24,7 @@ from typing import Any
 import pytest
 from confluent_kafka import Consumer, TopicPartition
 
+from segflow.runtime.leash import leashed
 from segflow.runtime.serde import Serde
 from segflow.runtime.settings import Settings
 from segflow.runtime.state import partition_for
@@ -73,8 +74,8 @@ class Fleet:
         }
         name = f"{module}-{s.topic_prefix}{instance}"
         log = (self.logs / f"{name}.log").open("ab")
-        self.procs[instance] = subprocess.Popen(
-            [sys.executable, "-m", module], cwd=ROOT, env=full, stderr=log, stdout=log
+        self.procs[instance] = subprocess.Popen(  # dies with this test, however it ends
+            leashed([sys.executable, "-m", module]), cwd=ROOT, env=full, stderr=log, stdout=log
         )
 
     def kill(self, instance: str) -> None:
