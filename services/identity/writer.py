@@ -43,7 +43,6 @@ from prometheus_client import Gauge
 
 from segflow.runtime import metrics
 from segflow.runtime.dlq import dead_letter
-from segflow.runtime.kafka import make_consumer
 from segflow.runtime.loop import Incoming, LoopConfig, Output, ProcessingLoop
 from segflow.runtime.topics import TOPICS
 from segflow.runtime.vault import VaultError
@@ -116,22 +115,14 @@ class GraphWriter(IdentityService):
         partitions = TOPICS.events.partitions
         checkpoint = None
         if self._loop is not None:
-            # Asked on a consumer of its own, never the loop's: this runs inside the loop
-            # consumer's assignment callback, and a nested call on that consumer clobbers
-            # confluent-kafka's per-thread call state (a later callback in the same consume()
-            # then aborts the process: "CallState_get: Assertion `cs != NULL' failed", seen
-            # when a standby took over in the pipeline scale-out test).
-            consumer = make_consumer(self.settings, self._loop.config.group_id)
-            try:
-                events = TOPICS.events.name(self.settings)
-                topic = consumer.list_topics(events, timeout=10).topics.get(events)
-                if topic is not None and topic.partitions:
-                    partitions = len(topic.partitions)
-                links = TOPICS.identity_links.name(self.settings)
-                [tp] = consumer.committed([TopicPartition(links, 0)], timeout=30)
-                checkpoint = tp.metadata if tp.offset >= 0 else None
-            finally:
-                consumer.close()
+            consumer = self._loop.consumer
+            events = TOPICS.events.name(self.settings)
+            topic = consumer.list_topics(events, timeout=10).topics.get(events)
+            if topic is not None and topic.partitions:
+                partitions = len(topic.partitions)
+            links = TOPICS.identity_links.name(self.settings)
+            [tp] = consumer.committed([TopicPartition(links, 0)], timeout=30)
+            checkpoint = tp.metadata if tp.offset >= 0 else None
         self.buffer = ReleaseBuffer(partitions)
         self.buffer.restore(checkpoint)
         self._checkpoint = checkpoint
