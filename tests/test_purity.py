@@ -54,7 +54,6 @@ PURE = (
         "services.scorer.model",
         "services.scorer.btyd",
         "services.identity.window",
-        "services.identity.order",
         "services.scorer.config",
         "services.scorer.view",
         "services.scorer.clock",

@@ -72,7 +72,7 @@ class OrderSettings(BaseSettings):
 
     model_config = SettingsConfigDict(env_prefix="SEGFLOW_IDENTITY_", extra="ignore", frozen=True)
 
-    order_grace_ms: int = Field(default=500, ge=0)
+    order_grace_ms: int = Field(default=2000, ge=0)
 
 
 def instance_name(settings: Settings) -> str:
