@@ -15,12 +15,6 @@ and events per CPU-second (the writer's is the deployment's ceiling: there is on
 writer's pure graph step alone; and the de-duplication window's changelog bytes and memory
 per remembered event id, one-instance service (global window) vs front stage
 (8-byte hashes in chunks).
-
-    .venv/bin/python bench/bench_identity.py --latency [--root TREE] [--rate 300] [--seconds 20]
-
-measures events -> identified with the split roles as processes (2 fronts, 1 writer, started
-from TREE, default this one: pass an older tree to compare): events stamped with the wall
-clock, produced at a steady rate keyed by user; latency = identified_at - occurred_at.
 """
 
 from __future__ import annotations
@@ -30,8 +24,6 @@ import heapq
 import logging
 import os
 import resource
-import signal
-import subprocess
 import sys
 import time
 import tracemalloc
@@ -40,7 +32,6 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from segflow.runtime.leash import leashed  # noqa: E402
 from segflow.runtime.serde import Serde  # noqa: E402
 from segflow.runtime.testing import (  # noqa: E402
     isolated_settings,
@@ -71,15 +62,8 @@ def main() -> int:
     parser.add_argument("--days", type=int, default=30)
     parser.add_argument("--bootstrap")
     parser.add_argument("--batch-size", type=int, default=2000)
-    parser.add_argument("--latency", action="store_true", help="only the latency run")
-    parser.add_argument("--root", type=Path, default=Path(__file__).resolve().parents[1])
-    parser.add_argument("--rate", type=int, default=300)
-    parser.add_argument("--seconds", type=float, default=20.0)
     args = parser.parse_args()
     logging.basicConfig(level=logging.ERROR)
-    print(f"load average: {os.getloadavg()}")
-    if args.latency:
-        return latency(args)
 
     sim = Simulation(
         SimConfig(
@@ -171,38 +155,19 @@ def main() -> int:
             f"process CPU {used:.1f}s = {used / done * 1e6:.0f} us/event "
             f"({done / used:,.0f} events per CPU-second)"
         )
-        # every input partition idle at the end (as a front's tick would publish): the writer
-        # releases its whole buffer
-        requests_only = len(read_all(s2, TOPICS.identity_links.name(s2)))
-        produce(
-            s2,
-            TOPICS.identity_links.name(s2),
-            [
-                (None, serde.encode(TOPICS.identity_links, idle_mark(p)))
-                for p in range(TOPICS.events.partitions)
-            ],
-        )
         links = read_all(s2, TOPICS.identity_links.name(s2))
-        marks = sum(
-            1
-            for r in links
-            if serde.decode(TOPICS.identity_links, r.value)["watermark"] is not None
-        )
-        print(f"links topic: {requests_only} records, of which {marks} watermark records")
         writer = GraphWriter(s2)
         writer.restore()
         wloop = writer.loop(batch_size=args.batch_size)
         c0, t0 = cpu(), time.perf_counter()
         done = wloop.run(max_records=len(links), idle_timeout=20)
         elapsed, used = time.perf_counter() - t0, cpu() - c0
-        applied = len(read_all(s2, TOPICS.identified.name(s2)))
         print(
             f"graph writer (the one active instance): {done} link requests in {elapsed:.2f}s = "
-            f"{done / elapsed:,.0f}/s, process CPU {used:.1f}s = {used / done * 1e6:.0f} us/record "
-            f"= ceiling {applied / used:,.0f} events per CPU-second ({applied} identified)"
+            f"{done / elapsed:,.0f}/s, process CPU {used:.1f}s = {used / done * 1e6:.0f} us/event "
+            f"= ceiling {done / used:,.0f} events per CPU-second"
         )
         requests = [serde.decode(TOPICS.identity_links, r.value) for r in links]
-        requests = [r for r in requests if r.get("watermark") is None]
         state2: dict[str, core.Entry] = {}
         t0 = time.perf_counter()
         for r in requests:
@@ -226,84 +191,6 @@ def main() -> int:
         )
         print(memory_per_id(200_000))
     finally:
-        if broker is not None:
-            broker.stop()
-    return 0
-
-
-def idle_mark(partition: int) -> dict[str, object]:
-    far = 4_000_000_000_000
-    return {
-        "event_id": "",
-        "occurred_at": far,
-        "identifiers": [],
-        "event": None,
-        "email_hash": None,
-        "contact": None,
-        "forget_customer_id": None,
-        "source_partition": partition,
-        "source_offset": -1,
-        "order_time": None,
-        "watermark": far,
-    }
-
-
-def latency(args: argparse.Namespace) -> int:
-    """events -> identified through 2 fronts and 1 writer (processes of the tree --root)."""
-    sim = Simulation(SimConfig(customers=args.customers, days=args.days, seed=7))
-    events = [item.event for item in sim.run() if isinstance(item, Delivery)]
-    bootstrap, broker = private_broker(args.bootstrap)
-    procs: list[subprocess.Popen[bytes]] = []
-    try:
-        s = isolated_settings(bootstrap, "benchlat")
-        serde = Serde.from_settings(s)
-        env = {**os.environ, "SEGFLOW_LOG_LEVEL": "ERROR", "PYTHONPATH": str(args.root)}
-        base = [sys.executable, "-m", "services.identity", "--bootstrap", bootstrap]
-        base += ["--prefix", s.topic_prefix]
-        for role, inst in (("writer", "0"), ("front", "0"), ("front", "1")):
-            procs.append(
-                subprocess.Popen(
-                    leashed([*base, "--role", role]),
-                    cwd=args.root,
-                    env={**env, "SEGFLOW_INSTANCE_ID": inst},
-                    stderr=subprocess.DEVNULL,
-                )
-            )
-        time.sleep(12)  # group joins
-        from segflow.runtime.kafka import make_producer
-
-        producer = make_producer(s)
-        topic = TOPICS.events.name(s)
-        total = int(args.rate * args.seconds)
-        t0 = time.time()
-        for i in range(total):
-            due = t0 + i / args.rate
-            if due > time.time():
-                time.sleep(due - time.time())
-            e = {**events[i % len(events)], "event_id": f"lat-{i}"}
-            e["occurred_at"] = int(time.time() * 1000)
-            producer.produce(topic, serde.encode(TOPICS.events, e), event_key(e).encode())
-            producer.poll(0)
-        producer.flush(30)
-        out = read_all(s, TOPICS.identified.name(s), expected=total, timeout=120)
-        lat = sorted(
-            v["identified_at"] - v["event"]["occurred_at"]
-            for v in (serde.decode(TOPICS.identified, r.value) for r in out)
-        )
-        q = lambda f: lat[min(len(lat) - 1, int(f * len(lat)))]  # noqa: E731
-        print(
-            f"events -> identified, 2 fronts + 1 writer ({args.root}), {args.rate} events/s for "
-            f"{args.seconds:.0f}s: {len(lat)}/{total} identified, p50 {q(0.5)} ms, "
-            f"p99 {q(0.99)} ms, max {lat[-1]} ms; load average {os.getloadavg()}"
-        )
-    finally:
-        for p in procs:
-            p.send_signal(signal.SIGTERM)
-        for p in procs:
-            try:
-                p.wait(20)
-            except subprocess.TimeoutExpired:
-                p.kill()
         if broker is not None:
             broker.stop()
     return 0

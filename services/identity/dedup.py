@@ -11,11 +11,9 @@ it; README).
 State, per input partition ``p`` (``segflow.identity.dedup``, compacted, co-partitioned with
 the events: a record of partition ``p`` lives in changelog partition ``p``): one chunk record
 per batch and event-time hour, key ``<p>:<hour start ms>:<first offset>``, value the hour and
-the concatenated 8-byte hashes (:class:`IdentityDedupChunk`); and the partition's order
-watermark, key ``<p>:w`` (``hour`` = the watermark, no hashes; :mod:`services.identity.order`).
-A chunk is written in the batch's transaction, together with the link requests and the
-offsets; an hour whose end is more than the window behind the partition's watermark is
-expired by tombstoning its chunks (so ids are
+the concatenated 8-byte hashes (:class:`IdentityDedupChunk`). A chunk is written in the batch's
+transaction, together with the link requests and the offsets; an hour whose end is more than
+the window behind the partition's watermark is expired by tombstoning its chunks (so ids are
 kept up to an hour longer than the window). In memory: one ``dict`` hash -> hour per owned
 partition, and the chunks' bytes (about 90 bytes per remembered id, against about 450 for the
 ``e:<event_id>`` entries of the one-instance service).
@@ -59,12 +57,6 @@ def chunk_bytes(hashes: Iterable[int]) -> bytes:
 def chunk_hashes(data: bytes) -> Iterator[int]:
     for i in range(0, len(data) - 7, 8):
         yield int.from_bytes(data[i : i + 8], "big")
-
-
-def watermark_key(partition: int) -> str:
-    """The changelog key of ``partition``'s event-time watermark (the front's order clock,
-    :mod:`services.identity.order`; value: ``hour`` = the watermark, no hashes)."""
-    return f"{partition}:w"
 
 
 def parse_key(key: str) -> tuple[int, int]:
@@ -261,8 +253,6 @@ class DedupStore:
         else:
             self.window.drop(partitions, marks=False)
         for key in list(self.store.table):
-            if key.endswith(":w"):
-                continue  # a watermark (FrontService.on_assign)
             p, _ = parse_key(key)
             if partitions is not None and p not in partitions:
                 continue

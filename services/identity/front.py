@@ -9,18 +9,10 @@ identifiers as keyed hashes, the event as it goes downstream (email null, phone 
 the email's hash and, with a vault, the raw email and phone sealed with the vault master key.
 Forget requests pass through as link requests (``forget_customer_id``).
 
-Each request carries its ``order_time`` and each input partition's watermark is published on
-the links topic (:mod:`services.identity.order`): with every batch that moved it, and on each
-tick for a partition with nothing unread (idle: its watermark follows the clock minus the
-grace ``SEGFLOW_IDENTITY_ORDER_GRACE_MS``), so that the writer applies requests in an order
-that does not depend on how the fronts' writes interleave. The watermarks are kept in the
-de-dup changelog (key ``<partition>:w``), so an instance that takes a partition over goes on
-from the committed one.
-
 Invalid events are dead-lettered here, as the one-instance service does (reason and source
-offset; the email and phone removed). Link requests, watermarks, de-dup chunks and offsets
-commit in one transaction per batch; the instance's ``transactional.id`` and static
-``group.instance.id`` are ``<prefix>identity-front-<SEGFLOW_INSTANCE_ID>``.
+offset; the email and phone removed). Link requests, de-dup chunks and offsets commit in one
+transaction per batch; the instance's ``transactional.id`` and static ``group.instance.id``
+are ``<prefix>identity-front-<SEGFLOW_INSTANCE_ID>``.
 """
 
 from __future__ import annotations
@@ -29,11 +21,6 @@ import logging
 import time
 from collections.abc import Callable, Iterator
 from typing import Any
-
-from confluent_kafka import TopicPartition
-from prometheus_client import Counter
-from pydantic import Field
-from pydantic_settings import BaseSettings, SettingsConfigDict
 
 from segflow.runtime.loop import Incoming, LoopConfig, Output, ProcessingLoop
 from segflow.runtime.serde import Serde
@@ -50,29 +37,10 @@ from services.identity.app import (
     email_hash,
     node_hasher,
 )
-from services.identity.dedup import DedupStore, watermark_key
-from services.identity.order import PartitionClocks
+from services.identity.dedup import DedupStore
 
 SERVICE = "identity-front"
 log = logging.getLogger("segflow.identity.front")
-
-LATE = Counter(
-    "segflow_identity_late_requests_total",
-    "Link requests applied out of event-time order: front: an event more than the grace "
-    "behind its input partition's watermark (ordered at the watermark); writer: a request "
-    "below the released watermark (applied on arrival)",
-    ["stage"],
-)
-_LATE_FRONT = LATE.labels("front")
-
-
-class OrderSettings(BaseSettings):
-    """``SEGFLOW_IDENTITY_ORDER_GRACE_MS``: how far behind its partition's latest event time an
-    event may be and still be applied in event-time order (larger: more latency)."""
-
-    model_config = SettingsConfigDict(env_prefix="SEGFLOW_IDENTITY_", extra="ignore", frozen=True)
-
-    order_grace_ms: int = Field(default=2000, ge=0)
 
 
 def instance_name(settings: Settings) -> str:
@@ -89,7 +57,6 @@ class FrontService(EventChecks):
         clock: Callable[[], float] = time.time,
         keyring: Keyring | None = None,
         dedup: DedupStore | None = None,
-        grace_ms: int | None = None,
     ) -> None:
         self.settings = settings
         self.config = config or IdentitySettings()
@@ -102,13 +69,6 @@ class FrontService(EventChecks):
         self._cache: dict[tuple[str, str], str] = {}
         self._max_future_ms = int(self.config.max_future_skew_s * 1000)
         self.dedup = dedup or DedupStore(settings, self.rules.dedup_window_ms)
-        grace = OrderSettings().order_grace_ms if grace_ms is None else grace_ms
-        self.clocks = PartitionClocks(grace)
-        self._loop: ProcessingLoop | None = None
-        self._sources: list[str] = []
-        #: records handled per input partition (idle detection)
-        self._activity: dict[int, int] = {}
-        self._last_seen: dict[int, tuple[Any, ...]] = {}
 
     def loop(self, **overrides: Any) -> ProcessingLoop:
         prefix = self.settings.topic_prefix
@@ -123,38 +83,31 @@ class FrontService(EventChecks):
             "batch_size": self.config.batch_size,
         }
         options.update(overrides)
-        self._sources = list(options["sources"])
-        self._loop = ProcessingLoop(
+        return ProcessingLoop(
             self.settings,
             LoopConfig(**options),
             self.handle,
             serde=self.serde,
-            hooks=[self.dedup, self],
+            hooks=[self.dedup],
             clock=self.clock,
             tick=self.tick,
         )
-        return self._loop
 
     def handle(self, record: Incoming) -> Iterator[Output]:
-        now_ms = int(self.clock() * 1000)
-        p = record.partition
-        self._activity[p] = self._activity.get(p, 0) + 1
         if record.topic is TOPICS.forget:
             request = record.value
-            at = int(request["requested_at"])
             yield self._request(
                 {
                     "event_id": str(request["request_id"]),
-                    "occurred_at": at,
+                    "occurred_at": int(request["requested_at"]),
                     "identifiers": [],
                     "forget_customer_id": str(request["customer_id"]),
-                    # ordered at its time, but a wall-clock time does not move the watermark
-                    "order_time": self.clocks.stamp(p, at, now_ms, advance=False),
                 },
                 record,
             )
             return
         event = record.value
+        now_ms = int(self.clock() * 1000)
         ids = self._identifiers(record, now_ms)
         if isinstance(ids, Output):
             yield ids
@@ -177,22 +130,6 @@ class FrontService(EventChecks):
             if phone is not None:
                 clean["properties"] = {k: v for k, v in props.items() if k != PHONE_PROPERTY}
             raw = self.serde.encode(TOPICS.events, clean)
-        late = self.clocks.late
-        order_time = self.clocks.stamp(p, occurred_at, now_ms)
-        if self.clocks.late != late:
-            _LATE_FRONT.inc()
-            if late < 100 or not late % 1000:  # no identifier: partition, offset, how late
-                log.info(
-                    "late event ordered at its partition's watermark",
-                    extra={
-                        "fields": {
-                            "partition": p,
-                            "offset": record.offset,
-                            "behind_ms": order_time - occurred_at,
-                            "late_total": late + 1,
-                        }
-                    },
-                )
         contact = None
         if self.keyring is not None and (email or phone):
             contact = self.keyring.seal_transit(event_id, email, phone)
@@ -204,7 +141,6 @@ class FrontService(EventChecks):
                 "event": raw,
                 "email_hash": email_hash(self._secret, email) if email else None,
                 "contact": contact,
-                "order_time": order_time,
             },
             record,
         )
@@ -215,7 +151,6 @@ class FrontService(EventChecks):
             "email_hash": None,
             "contact": None,
             "forget_customer_id": None,
-            "watermark": None,
             **fields,
             "source_partition": record.partition,
             "source_offset": record.offset,
@@ -230,89 +165,3 @@ class FrontService(EventChecks):
         if n:
             EXPIRED.inc(n)
         STATE_KEYS.labels("seen").set(len(self.dedup))
-        if self._loop is not None:
-            now_ms = int(self.clock() * 1000)
-            for p in self._idle(self._loop.assigned):
-                self.clocks.idle(p, now_ms)
-            yield from self._watermarks(self._loop.assigned)
-
-    # -- watermarks ----------------------------------------------------------------------------
-    def _watermarks(self, partitions: set[int]) -> Iterator[Output]:
-        """The watermarks that moved: on the links topic (after the requests they cover, in
-        the same transaction) and in the de-dup changelog."""
-        for p, mark in sorted(self.clocks.changed(partitions).items()):
-            yield Output(
-                TOPICS.identity_links,
-                None,
-                {
-                    "event_id": "",
-                    "occurred_at": mark,
-                    "identifiers": [],
-                    "event": None,
-                    "email_hash": None,
-                    "contact": None,
-                    "forget_customer_id": None,
-                    "source_partition": p,
-                    "source_offset": -1,
-                    "order_time": None,
-                    "watermark": mark,
-                },
-                partition=0,
-            )
-            yield self.dedup.store.put(watermark_key(p), {"hour": mark, "hashes": b""}, partition=p)
-
-    def _idle(self, partitions: set[int]) -> list[int]:
-        """Owned partitions with nothing unread and nothing handled since the last tick: every
-        input's position is its end and did not move (records returned by the consume that
-        preceded this tick, not handled yet, would have moved it)."""
-        assert self._loop is not None
-        consumer = self._loop.consumer
-        idle = []
-        for p in partitions:
-            seen: list[Any] = [self._activity.get(p, 0)]
-            caught_up = True
-            for name in self._sources:
-                tp = TopicPartition(name, p)
-                [pos] = consumer.position([tp])
-                low, high = consumer.get_watermark_offsets(tp, cached=True)
-                if high < 0:
-                    caught_up = False
-                    break
-                offset: int | None = pos.offset
-                if pos.offset < 0:  # nothing returned since assignment: the committed offset
-                    offset = self._loop._committed_offset((name, p), low, high)
-                if offset is None or offset < high:
-                    caught_up = False
-                    break
-                seen.append(pos.offset)
-            key = tuple(seen)
-            if caught_up and self._last_seen.get(p) == key:
-                idle.append(p)
-            self._last_seen[p] = key if caught_up else ()
-        return idle
-
-    # -- hooks -----------------------------------------------------------------------------------
-    def before_commit(self) -> Iterator[Output]:
-        if self._loop is not None:
-            yield from self._watermarks(self._loop.assigned)
-
-    def on_commit(self) -> None:
-        self.clocks.on_commit()
-
-    def on_abort(self) -> None:
-        self.clocks.on_abort()
-        self._last_seen.clear()
-
-    def on_assign(self, partitions: set[int]) -> None:
-        """Go on from the watermarks committed for the assigned partitions (restored with the
-        de-dup changelog by the hook before this one)."""
-        for p in partitions:
-            value = self.dedup.store.get(watermark_key(p))
-            if value is not None:
-                self.clocks.load(p, int(value["hour"]))
-            self._last_seen.pop(p, None)
-
-    def on_revoke(self, partitions: set[int]) -> None:
-        self.clocks.drop(partitions)
-        for p in partitions:
-            self._last_seen.pop(p, None)

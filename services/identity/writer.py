@@ -10,26 +10,10 @@ predecessor at once, and a standby that took over commits with the group's new g
 so the dead writer's open transaction can never commit (KIP-447) and is aborted by the
 broker at its transaction timeout.
 
-Requests are not applied in the order they are read (the interleaving of the fronts' writes,
-which depends on timing) but in the order of ``(order_time, event_id, source_partition,
-source_offset)``: each is buffered until every input partition's watermark, published by the
-fronts on the same topic, has passed its ``order_time`` (:class:`~services.identity.order.
-ReleaseBuffer`), so the same input gives the same customer ids and merges whatever the timing.
-A request below the released watermark (a front of an earlier release) is applied on arrival
-and counted (``segflow_identity_late_requests_total{stage="writer"}``).
-
-The buffer is not written anywhere: the writer commits the links offset of its oldest buffered
-request (not its read position), with the offset commit's metadata holding the released
-watermark, the partitions' watermarks and the read position, in the batch's transaction. A
-writer that takes over (or rewinds after an aborted transaction) reads again from that offset:
-a request read again with ``order_time`` below the committed released watermark and an offset
-below the committed read position was applied by that transaction and is skipped; the others
-are buffered again.
-
-Per applied request it does what the one-instance service does after de-duplication: places
-the event in the graph (:func:`services.identity.core.link`), emits the IdentifiedEvent (the
-front's event bytes spliced in), merges, the contact vault writes and the state changes, and
-handles forget requests, all in one transaction per batch with the consumed offsets.
+Per request it does what the one-instance service does after de-duplication: places the
+event in the graph (:func:`services.identity.core.link`), emits the IdentifiedEvent (the
+front's event bytes spliced in), merges, the contact vault writes and the state changes,
+and handles forget requests, all in one transaction per batch with the consumed offsets.
 """
 
 from __future__ import annotations
@@ -38,11 +22,6 @@ import logging
 from collections.abc import Iterator
 from typing import Any
 
-from confluent_kafka import TopicPartition
-from prometheus_client import Gauge
-
-from segflow.runtime import metrics
-from segflow.runtime.dlq import dead_letter
 from segflow.runtime.loop import Incoming, LoopConfig, Output, ProcessingLoop
 from segflow.runtime.topics import TOPICS
 from segflow.runtime.vault import VaultError
@@ -52,38 +31,15 @@ from services.identity.app import (
     _IDENTIFIED,
     IdentityService,
 )
-from services.identity.front import LATE
-from services.identity.order import NONE, Key, ReleaseBuffer
 
 SERVICE = "identity-writer"
 log = logging.getLogger("segflow.identity.writer")
-
-BUFFERED = Gauge(
-    "segflow_identity_order_buffered", "Link requests waiting for the input partitions' watermarks"
-)
-RELEASED = Gauge(
-    "segflow_identity_order_released_ms",
-    "Released watermark (epoch ms): every link request with an earlier order time is applied",
-)
-_LATE_WRITER = LATE.labels("writer")
-
-
-class _WriterLoop(ProcessingLoop):
-    """The shared loop, committing the writer's oldest buffered offset with its checkpoint."""
-
-    writer: GraphWriter
-
-    def _commit(self, offsets: list[TopicPartition]) -> bool:
-        return super()._commit([self.writer.commit_point(tp) for tp in offsets])
 
 
 class GraphWriter(IdentityService):
     """The identity service's graph half: link requests in, identified events out."""
 
     _legacy: list[str]
-    _loop: ProcessingLoop | None = None
-    buffer: ReleaseBuffer | None = None
-    _checkpoint: str | None = None  # the metadata of the last committed offset
 
     def restore(self) -> int:
         """Load the graph (and the vault). ``e:`` entries of the one-instance service's
@@ -103,31 +59,10 @@ class GraphWriter(IdentityService):
             self.vault.table.clear()
         self._primary.clear()
         restored = self.restore()
-        self._restore_buffer()
         log.info(
             "active graph writer",
             extra={"fields": {"restored": restored, "entries": len(self.store)}},
         )
-
-    def _restore_buffer(self) -> None:
-        """The committed checkpoint (read again from the committed offset) and the number of
-        input partitions whose watermarks release requests."""
-        partitions = TOPICS.events.partitions
-        checkpoint = None
-        if self._loop is not None:
-            consumer = self._loop.consumer
-            events = TOPICS.events.name(self.settings)
-            topic = consumer.list_topics(events, timeout=10).topics.get(events)
-            if topic is not None and topic.partitions:
-                partitions = len(topic.partitions)
-            links = TOPICS.identity_links.name(self.settings)
-            [tp] = consumer.committed([TopicPartition(links, 0)], timeout=30)
-            checkpoint = tp.metadata if tp.offset >= 0 else None
-        self.buffer = ReleaseBuffer(partitions)
-        self.buffer.restore(checkpoint)
-        self._checkpoint = checkpoint
-        RELEASED.set(max(0, self.buffer.released))
-        BUFFERED.set(0)
 
     def loop(self, **overrides: Any) -> ProcessingLoop:
         prefix = self.settings.topic_prefix
@@ -140,100 +75,18 @@ class GraphWriter(IdentityService):
             "batch_size": self.config.batch_size,
         }
         options.update(overrides)
-        loop = _WriterLoop(
+        return ProcessingLoop(
             self.settings,
             LoopConfig(**options),
             self.handle,
             serde=self.serde,
             hooks=[self.store, *([self.vault] if self.vault is not None else []), self],
             clock=self.clock,
+            tick=self.tick,
         )
-        loop.writer = self
-        self._loop = loop
-        return loop
 
-    # -- ordering --------------------------------------------------------------------------
     def handle(self, record: Incoming) -> Iterator[Output]:
-        """Buffer a request, or release the buffered ones a watermark lets through."""
-        if self.buffer is None:  # outside a consumer group (tools, benchmarks)
-            self._restore_buffer()
-        buf = self.buffer
-        assert buf is not None
         request = record.value
-        mark = request.get("watermark")
-        if mark is not None:
-            if buf.advance(int(request["source_partition"]), int(mark)):
-                RELEASED.set(max(0, buf.released))
-                for _key, (item, raw, offset) in buf.release():
-                    yield from self._apply_safely(item, raw, offset)
-                BUFFERED.set(len(buf))
-            return
-        order = request.get("order_time")
-        key: Key = (
-            NONE if order is None else int(order),
-            str(request["event_id"]),
-            int(request["source_partition"]),
-            int(request["source_offset"]),
-        )
-        if record.offset < buf.replay_until and (order is None or key[0] < buf.released):
-            return  # read again after a restore: the committed transaction applied it
-        if order is None or buf.is_late(key[0]):
-            _LATE_WRITER.inc()
-            log.info(
-                "link request below the released watermark, applied on arrival",
-                extra={
-                    "fields": {
-                        "source_partition": key[2],
-                        "source_offset": key[3],
-                        "order_time": order,
-                        "released": buf.released,
-                    }
-                },
-            )
-            yield from self._apply(request)
-            return
-        buf.push(key, (request, record.raw, record.offset), record.offset)
-        BUFFERED.set(len(buf))
-
-    def commit_point(self, tp: TopicPartition) -> TopicPartition:
-        """The offset to commit for the links partition: the oldest buffered request's (the
-        buffer is rebuilt from there), with the checkpoint as the commit's metadata."""
-        if self.buffer is None or tp.topic != TOPICS.identity_links.name(self.settings):
-            return tp
-        oldest = self.buffer.oldest_offset()
-        checkpoint = self.buffer.checkpoint(tp.offset)
-        self._pending_checkpoint = checkpoint
-        offset = tp.offset if oldest is None else oldest
-        return TopicPartition(tp.topic, tp.partition, offset, checkpoint)
-
-    def _apply_safely(
-        self, request: dict[str, Any], raw: bytes | None, offset: int
-    ) -> Iterator[Output]:
-        """A released request's outputs; one that fails is dead-lettered (as the loop does for
-        the record in hand), not the watermark that released it."""
-        try:
-            outputs = list(self._apply(request))
-        except Exception as exc:  # noqa: BLE001 - a handler bug must not stop the writer
-            log.exception("link request failed", extra={"fields": {"offset": offset}})
-            letter = dead_letter(
-                service=SERVICE,
-                error=exc,
-                topic=TOPICS.identity_links.name(self.settings),
-                partition=0,
-                offset=offset,
-                timestamp_ms=None,
-                key=None,
-                value=raw,
-                headers=[],
-                now_ms=int(self.clock() * 1000),
-            )
-            metrics.DLQ_RECORDS.labels(SERVICE, letter["reason"]).inc()
-            yield Output(TOPICS.dlq, None, letter)
-            return
-        yield from outputs
-
-    # -- one request -----------------------------------------------------------------------
-    def _apply(self, request: dict[str, Any]) -> Iterator[Output]:
         now_ms = int(self.clock() * 1000)
         forget = request.get("forget_customer_id")
         if forget is not None:
@@ -288,10 +141,8 @@ class GraphWriter(IdentityService):
                     yield from self._vault_seen(step.customer_id, email, phone, now_ms)
         _IDENTIFIED.inc()
 
-    def before_commit(self) -> Iterator[Output]:
-        """Delete the one-instance service's ``e:`` entries (50,000 per batch; in the batch's
-        transaction: the writer has no tick, whose transaction would commit its read position
-        instead of its oldest buffered offset)."""
+    def tick(self) -> Iterator[Output]:
+        """Delete the one-instance service's ``e:`` entries (50,000 per tick)."""
         legacy = getattr(self, "_legacy", [])
         chunk, self._legacy = legacy[:50_000], legacy[50_000:]
         for key in chunk:
@@ -300,9 +151,6 @@ class GraphWriter(IdentityService):
 
     def on_abort(self) -> None:
         self._primary.clear()  # the vault store rolled back
-        if self.buffer is not None:  # the loop reads again from the committed offset
-            self.buffer.restore(self._checkpoint)
-            BUFFERED.set(0)
 
     def on_commit(self) -> None:
-        self._checkpoint = getattr(self, "_pending_checkpoint", self._checkpoint)
+        pass
