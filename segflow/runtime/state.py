@@ -272,6 +272,54 @@ class ChangelogStore:
                 )
         return int(low), int(high)
 
+    def _stable_ends(self, consumer: Consumer, parts: list[int], deadline: float) -> dict[int, int]:
+        """Each partition's end to restore to (only non-empty ones): its last stable offset,
+        once no transaction is open on it any more (read_committed end == end).
+
+        A transaction left open by an instance killed with ``kill -9`` pins the last stable
+        offset until the broker aborts it (the transaction timeout, plus the broker's check
+        interval). Restoring up to the pinned offset would miss what another instance commits
+        after it meanwhile (e.g. a tick's timers fired by an owner in between), and the new
+        owner would fire them again; so the restore waits for the abort, as Kafka Streams'
+        tasks wait on the pending offsets (KIP-447). Only the owner writes a changelog
+        partition, so on assignment an open transaction there is a dead owner's (this
+        instance's own earlier incarnation was aborted by ``init_transactions``)."""
+        wait_until = time.monotonic() + self.settings.transaction_timeout_ms / 1000 + 15.0
+        raw = Consumer(
+            {
+                **self.settings.kafka_config(),
+                "group.id": f"restore-{uuid.uuid4().hex[:8]}",
+                "enable.auto.commit": False,
+                "isolation.level": "read_uncommitted",
+            }
+        )
+        try:
+            pending = set(parts)
+            ends: dict[int, int] = {}
+            while True:
+                for p in sorted(pending):
+                    low, stable = self._watermarks(consumer, p, deadline)
+                    _, end = self._watermarks(raw, p, deadline)
+                    if stable >= end:
+                        pending.discard(p)
+                        if stable > low:
+                            ends[p] = stable
+                if not pending:
+                    return ends
+                if time.monotonic() > wait_until:
+                    log.warning(
+                        "restoring past a transaction still open",
+                        extra={"fields": {"topic": self.topic_name, "partitions": sorted(pending)}},
+                    )
+                    for p in pending:
+                        low, stable = self._watermarks(consumer, p, deadline)
+                        if stable > low:
+                            ends[p] = stable
+                    return ends
+                time.sleep(0.2)
+        finally:
+            raw.close()
+
     # -- restore -------------------------------------------------------------------------
     def restore(self, timeout: float = 120.0, partitions: Iterable[int] | None = None) -> int:
         """Load the table from the changelog (read_committed, to its end); returns records read.
@@ -292,11 +340,14 @@ class ChangelogStore:
             if everything:
                 self.partitions = len(everything)
             parts = everything if partitions is None else sorted(set(partitions))
-            ends: dict[int, int] = {}
-            for p in parts:
-                low, high = self._watermarks(consumer, p, started + timeout)
-                if high > low:
-                    ends[p] = high
+            if partitions is None:  # at start: the one writer is this process (restarted)
+                ends = {}
+                for p in parts:
+                    low, high = self._watermarks(consumer, p, started + timeout)
+                    if high > low:
+                        ends[p] = high
+            else:  # taken over in a rebalance: a dead owner's transaction may still be open
+                ends = self._stable_ends(consumer, parts, started + timeout)
             consumer.assign([TopicPartition(self.topic_name, p, OFFSET_BEGINNING) for p in ends])
             n = 0
             deadline = time.monotonic() + timeout
