@@ -460,7 +460,11 @@ def test_customer_timeline_shows_every_stay_and_merges(
             scores = got.json().get("scores") if got.status_code == 200 else None
             return bool(scores and (scores.get("last_emitted") or {}).get("as_of", 0) >= at)
 
-        for i, (kind, at) in enumerate(events):  # one at a time: a score for each
+        # One at a time: a score for each. The scorer scores a customer once its burst has
+        # paused (5 min of event time after its latest event), when the next event moves its
+        # clock on: event i's score is awaited after event i + 1 is written (the last one,
+        # a session, needs none).
+        for i, (kind, at) in enumerate(events):
             event = {
                 "event_id": f"console-stays-{i}",
                 "event_type": kind,
@@ -471,7 +475,12 @@ def test_customer_timeline_shows_every_stay_and_merges(
             sink.write([Delivery(at, user, event, user, None)])
             sink.producer.flush(10)
             cid = cid or wait_until(resolved, what="the new customer to be identified")
-            wait_until(lambda at=at: scored_at(at), what=f"a score of the {kind} at {at}")
+            if i:
+                before_kind, before_at = events[i - 1]
+                wait_until(
+                    lambda at=before_at: scored_at(at),
+                    what=f"a score of the {before_kind} at {before_at}",
+                )
     sink.close()
 
     def published() -> list[dict[str, Any]] | None:
