@@ -9,6 +9,7 @@ Split out of ``segment_oracle.py`` (issue #14's 600-line limit); see that file.
 
 from __future__ import annotations
 
+from collections.abc import Callable, Mapping
 from typing import Any
 
 import numpy as np
@@ -107,6 +108,35 @@ def last_time(times: pd.DataFrame, n_cust: int, n_days: int, day0: int) -> np.nd
     return out
 
 
+def window_features(
+    series: Mapping[str, Any],
+    win: Callable[[Any, int], np.ndarray],
+    change: Callable[[Any, int], np.ndarray],
+) -> dict[str, np.ndarray]:
+    """The windowed features, from ``series`` (counts per column: ``COUNT_OF``'s columns,
+    ``escalations``, ``activity``, ``revenue``, ``sentiment``) and how to read them: ``win``
+    sums a series over a window of whole days, ``change`` compares a window with the 28 days
+    before it. The daily-sample oracle passes day columns, the point-in-time one event
+    streams; the formulas are one."""
+    f: dict[str, np.ndarray] = {}
+    f["activity_14d_vs_prior28_change"] = change(series["activity"], 14)
+    f["logins_3d_vs_prior28_change"] = change(series["logins"], 3)
+    f["revenue_28d_vs_prior28_change"] = change(series["revenue"], 28)
+    a14 = win(series["activity"], 14)
+    a56 = win(series["activity"], 56)
+    f["activity_14d_vs_prior42_log_ratio"] = np.log((a14 + 1.0) / ((a56 - a14) / 3.0 + 1.0))
+    f["feature_use_28d"] = win(series["feature_use"], 28)
+    f["cart_views_14d"] = win(series["cart_views"], 14)
+    f["revenue_28d"] = win(series["revenue"], 28)
+    f["escalations_7d"] = win(series["escalations"], 7)
+    t7 = win(series["tickets"], 7)
+    s7 = win(series["sentiment"], 7)
+    f["sentiment_mean_7d"] = np.where(t7 > 0, s7 / np.maximum(t7, 1), 0.0)
+    w = sum(wt * win(series[k], 14) for k, wt in ENGAGEMENT_WEIGHTS.items())
+    f["engagement_score"] = 100.0 * (1.0 - np.exp(-w / 25.0))
+    return f
+
+
 def oracle_features(
     events: pd.DataFrame,
     n_cust: int,
@@ -154,20 +184,7 @@ def oracle_features(
     ticket = ev["event_type"] == "support_ticket"
     daily["sentiment"] = count(ticket & ev["sentiment"].notna(), ev["sentiment"].astype(float))
 
-    f["activity_14d_vs_prior28_change"] = change(daily["activity"], 14, start)
-    f["logins_3d_vs_prior28_change"] = change(daily["logins"], 3, start)
-    f["revenue_28d_vs_prior28_change"] = change(daily["revenue"], 28, start)
-    a14 = win(daily["activity"], 14)
-    a56 = win(daily["activity"], 56)
-    f["activity_14d_vs_prior42_log_ratio"] = np.log((a14 + 1.0) / ((a56 - a14) / 3.0 + 1.0))
-    f["feature_use_28d"] = win(daily["feature_use"], 28)
-    f["cart_views_14d"] = win(daily["cart_views"], 14)
-    f["revenue_28d"] = win(daily["revenue"], 28)
-    f["escalations_7d"] = win(daily["escalations"], 7)
-    t7 = win(daily["tickets"], 7)
-    f["sentiment_mean_7d"] = np.where(t7 > 0, win(daily["sentiment"], 7) / np.maximum(t7, 1), 0.0)
-    w = sum(ENGAGEMENT_WEIGHTS[k] * win(daily[k], 14) for k in ENGAGEMENT_WEIGHTS)
-    f["engagement_score"] = 100.0 * (1.0 - np.exp(-w / 25.0))
+    f.update(window_features(daily, win, lambda a, w: change(a, w, start)))
     f["lifetime_purchases"] = before(np.cumsum(daily["purchases"], axis=1), 0.0)
 
     for name, types in RECENCY_OF.items():

@@ -11,11 +11,11 @@ from oracle_features import (
     ACTIVITY_TYPES,
     COUNT_OF,
     DAY,
-    ENGAGEMENT_WEIGHTS,
     MAX_CHANGE,
     NEVER,
     RECENCY_OF,
     interval_drift,
+    window_features,
 )
 
 SHIFT = 1 << 40  # key = row * SHIFT + (t - origin): per-row sorted event times in one array
@@ -95,21 +95,7 @@ def point_features(
     streams["sentiment"] = stream(has_sent, np.nan_to_num(sent))
 
     f: dict[str, np.ndarray] = {}
-    f["activity_14d_vs_prior28_change"] = change(streams["activity"], 14)
-    f["logins_3d_vs_prior28_change"] = change(streams["logins"], 3)
-    f["revenue_28d_vs_prior28_change"] = change(streams["revenue"], 28)
-    a14 = win(streams["activity"], 14)
-    a56 = win(streams["activity"], 56)
-    f["activity_14d_vs_prior42_log_ratio"] = np.log((a14 + 1.0) / ((a56 - a14) / 3.0 + 1.0))
-    f["feature_use_28d"] = win(streams["feature_use"], 28)
-    f["cart_views_14d"] = win(streams["cart_views"], 14)
-    f["revenue_28d"] = win(streams["revenue"], 28)
-    f["escalations_7d"] = win(streams["escalations"], 7)
-    t7 = win(streams["tickets"], 7)
-    s7 = win(streams["sentiment"], 7)
-    f["sentiment_mean_7d"] = np.where(t7 > 0, s7 / np.maximum(t7, 1), 0.0)
-    w = sum(wt * win(streams[k], 14) for k, wt in ENGAGEMENT_WEIGHTS.items())
-    f["engagement_score"] = 100.0 * (1.0 - np.exp(-w / 25.0))
+    f.update(window_features(streams, win, change))
     far = np.full(len(t), origin + 1)
     f["lifetime_purchases"] = streams["purchases"].total(rows, far, t)
 
