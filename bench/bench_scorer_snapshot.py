@@ -63,9 +63,11 @@ class Timed:
     def __init__(self, publisher: api.ScorerPublisher) -> None:
         self.publisher = publisher
         self.samples: list[float] = []
+        self.keys = 0
 
     def __call__(self, keys: Iterable[str] | None) -> None:
         t = time.perf_counter()
+        self.keys += len(list(keys or ()))  # timers firing may change more than k states
         self.publisher.committed(keys)
         self.samples.append(time.perf_counter() - t)
 
@@ -105,7 +107,7 @@ def main() -> None:
     t = T0 + DAY
     for k in (10, 100, 1000, 5000):
         for learn in (False, True):
-            handle, pub = [], []
+            handle, pub, changed = [], [], []
             for _ in range(args.batches):
                 chosen = rnd.sample(ids, k)
                 b0 = time.perf_counter()
@@ -118,15 +120,18 @@ def main() -> None:
                 list(svc.before_commit())
                 handle.append(time.perf_counter() - b0)
                 timed.samples.clear()
+                timed.keys = 0
                 svc.states.on_commit()
                 pub.append(sum(timed.samples))
+                changed.append(timed.keys)
                 with reader():
                     pass
             what = "model learned (frozen again)" if learn else "model unchanged"
+            per = statistics.median(p / max(1, n) for p, n in zip(pub, changed, strict=True))
             print(
-                f"k={k:5d} changed, {what}: publication {ms(pub)} "
-                f"({statistics.median(pub) / k * 1e6:.1f} us per changed customer); "
-                f"batch handler + before_commit {ms(handle)} ({load()})"
+                f"k={k:5d} customers with an event, {statistics.median(changed):.0f} states "
+                f"changed (median), {what}: publication {ms(pub)} ({per * 1e6:.1f} us per "
+                f"changed state); batch handler + before_commit {ms(handle)} ({load()})"
             )
     t0 = time.perf_counter()
     frozen = api.FrozenModel.of(model, svc.scorer._descriptions)
