@@ -216,6 +216,7 @@ def test_the_published_state_is_a_copy_the_loop_never_writes(svc: ScorerService)
     with publisher.table.read() as view:
         held = view["c007"]
         assert held is not svc.states.get("c007") and held == svc.states.get("c007")
+        assert isinstance(held["buckets"], bytes)  # immutable; each request decompresses its own
         frozen = dict(held)
         batch(svc, 1, commits)  # the loop writes the customer's state meanwhile
         batch(svc, 2, commits)
