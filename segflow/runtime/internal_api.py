@@ -12,10 +12,8 @@ gets 405 with ``Allow: GET``. Requests are not logged (paths carry customer ids)
 
 The processing loop mutates the service's tables on its own thread. Routes read instead an
 immutable view the service publishes after each commit (:mod:`segflow.runtime.snapshot`): a
-request sees one committed state, whole, and never waits or retries. Routes declared
-``Routes(name, live=True)`` still read live state (the scorer's state and model): a read torn
-by a concurrent change (a ``RuntimeError`` such as "dictionary changed size during
-iteration") is retried there, then answered ``503 busy``.
+request sees one committed state, whole, and never waits or retries; an exception in a route
+is a bug, answered 500 (and logged without the path's ids).
 
 >>> import httpx
 >>> routes = Routes("demo")
@@ -57,9 +55,6 @@ log = logging.getLogger("segflow.runtime.internal_api")
 Query = Mapping[str, str]
 Params = Mapping[str, str]
 RouteFn = Callable[[Params, Query], Any]
-
-#: Attempts at a live read before answering 503 (the loop thread may mutate a table mid-read).
-READ_ATTEMPTS = 5
 
 
 class ApiError(Exception):
@@ -119,13 +114,10 @@ def clean(value: Any) -> Any:
 
 class Routes:
     """GET routes of one service: ``/a/{param}/b`` patterns (aiohttp's syntax, one path
-    segment per parameter, percent-decoded). ``live``: the routes read state the loop thread
-    mutates (torn reads retried, then 503); otherwise they read published snapshots, and an
-    exception is a bug (500)."""
+    segment per parameter, percent-decoded), over views the service published."""
 
-    def __init__(self, service: str, live: bool = False) -> None:
+    def __init__(self, service: str) -> None:
         self.service = service
-        self.live = live
         self._routes: list[tuple[str, RouteFn]] = []
 
     def get(self, pattern: str) -> Callable[[RouteFn], RouteFn]:
@@ -140,21 +132,13 @@ class Routes:
         return [p for p, _ in self._routes]
 
     def answer(self, pattern: str, fn: RouteFn, params: Params, query: Query) -> tuple[int, Any]:
-        """``(status, body)`` of one call, errors as JSON envelopes (torn live reads retried)."""
-        attempts = READ_ATTEMPTS if self.live else 1
-        for attempt in range(attempts):
-            try:
-                return 200, clean(fn(params, query))
-            except ApiError as exc:
-                return exc.status, error_body(exc.code, exc.message)
-            except RuntimeError as exc:  # live: a read torn by the loop thread's writes
-                if not self.live:
-                    return self._failed(pattern, exc)
-                if attempt == attempts - 1:
-                    break
-            except Exception as exc:  # a bug: answer 500, log without the path's ids
-                return self._failed(pattern, exc)
-        return 503, error_body("busy", f"{self.service} is busy, retry")
+        """``(status, body)`` of one call, errors as JSON envelopes."""
+        try:
+            return 200, clean(fn(params, query))
+        except ApiError as exc:
+            return exc.status, error_body(exc.code, exc.message)
+        except Exception as exc:  # a bug: answer 500, log without the path's ids
+            return self._failed(pattern, exc)
 
     def _failed(self, pattern: str, exc: Exception) -> tuple[int, Any]:
         log.error(

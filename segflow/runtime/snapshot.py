@@ -12,7 +12,8 @@ with the keys the last commits changed, once no request still reads it, and then
 A commit costs O(keys it changed), not a copy of the table (``bench/bench_snapshot.py``).
 Neither side waits: a request in flight on the previous copy only delays the swap to a later
 commit (the view then lags a commit behind). Values are shared, never copied, so they must be
-immutable or replaced rather than mutated by the writer (the services' records are).
+immutable or replaced rather than mutated by the writer (the services' records are; the
+scorer, whose states are dicts it changes in place, publishes copies of the changed ones).
 
 >>> table = Published({"x": 1, "y": 2}, extra="v1")
 >>> with table.read() as view:

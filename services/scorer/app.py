@@ -208,6 +208,8 @@ class ScorerService:
                     "fields": {"instance": self.instance, "labels": self.scorer.model.n_learned}
                 },
             )
+            if self.states.on_committed is not None:  # the API's view (api.py): this model
+                self.states.on_committed(())
 
     def on_revoke(self, partitions: set[int]) -> None:
         """The store dropped ``partitions`` (another instance owns them now): their customers'
