@@ -26,11 +26,6 @@ from services.dispatcher.app import KPI_PREFIX, Dispatcher
 PENDING = frozenset({"scheduled", "in_flight"})
 
 
-def kpi_rows(dispatcher: Dispatcher) -> list[dict[str, Any]]:
-    """One row per segment × playbook × variant (the ``GET /kpis`` body), from live state."""
-    return experiments.kpi_rows([(s, p, v, c) for (s, p, v), c in dispatcher.kpis().items()])
-
-
 @dataclass(frozen=True)
 class Figures:
     """The health figures as of one commit."""
