@@ -219,12 +219,21 @@ class Outputs:
     emails: Counter[str]  # SMTP messages per idempotency key
     rejected: int
     at_kill: dict[str, int] = field(default_factory=dict)
+    #: Every score record per customer id, in its partition's order, without the fields
+    #: listed in UNSTABLE (tombstones as None).
+    history: dict[str, list[Any]] = field(default_factory=dict)
 
     def sent(self) -> Counter[str]:
         return Counter(r["idempotency_key"] for r in self.results if r["status"] == "sent")
 
     def owner(self) -> dict[str, str]:
         return dict(self.identified)
+
+
+#: Score fields left out of the comparison of score records: the processing time, and the
+#: shared model's k-means cluster, its description and version (learned in the order the
+#: instances' rows reach the learner: services/scorer/README.md, Deterministic scores).
+UNSTABLE = ("scored_at", "cluster", "cluster_description", "model_version")
 
 
 def decoded(s: Settings, topic: Any) -> list[tuple[bytes | None, dict[str, Any] | None]]:
@@ -258,12 +267,16 @@ def read_outputs(s: Settings, receiver: Receiver, smtp: SMTPReceiver) -> Outputs
     ]
     results = [v for _, v in decoded(s, TOPICS.dispatch_results) if v]
     scores: dict[str, dict[str, Any]] = {}
+    history: dict[str, list[Any]] = {}
     for key, v in decoded(s, TOPICS.scores):
         cid = (key or b"").decode()
         if v is None:
             scores.pop(cid, None)
         else:
             scores[cid] = v
+        history.setdefault(cid, []).append(
+            None if v is None else {k: x for k, x in v.items() if k not in UNSTABLE}
+        )
     return Outputs(
         identified,
         merges,
@@ -274,6 +287,7 @@ def read_outputs(s: Settings, receiver: Receiver, smtp: SMTPReceiver) -> Outputs
         receiver.attempts(),
         Counter(m["key"] for m in smtp.messages),
         receiver.rejected() + len(smtp.rejected),
+        history=history,
     )
 
 
@@ -543,6 +557,36 @@ def check_interesting(out: Outputs) -> None:
     assert len(scheduled & set(out.sent())) >= 5, "fewer than 5 scheduled steps fired"
 
 
+def merged_ids(out: Outputs) -> set[str]:
+    """Every customer id that took part in a merge (survivor or absorbed)."""
+    return {cid for m in out.merges for cid in (m[1], *m[2])}
+
+
+def differing_scores(one: Outputs, other: Outputs) -> tuple[set[str], set[str]]:
+    """Customer ids whose score records (all of them, in order, bar ``scored_at``) differ
+    between two runs: (those that took part in a merge, the others)."""
+    merged = merged_ids(one)
+    ids = set(one.history) | set(other.history)
+    differ = {c for c in ids if one.history.get(c) != other.history.get(c)}
+    return differ & merged, differ - merged
+
+
+def diagnose(one: Outputs, other: Outputs, label: str) -> str:
+    """Per-cause counts of what differs from the 1-instance run (printed with ``-s``)."""
+    merged = merged_ids(one)
+    a, b = Counter(one.changes), Counter(other.changes)
+    changed = {c[0] for c in (a - b) + (b - a)}
+    d_merged, d_other = differing_scores(one, other)
+    return (
+        f"{label}: {len(changed)} customers' segment changes differ "
+        f"(of them {len(changed & d_merged)} merged with different scores, "
+        f"{len(changed & d_other)} unmerged with different scores, "
+        f"{len(changed - d_merged - d_other)} with identical scores); "
+        f"scores differ for {len(d_merged)} of {len(merged)} merged ids and "
+        f"{len(d_other)} of {len(set(one.history) - merged)} others"
+    )
+
+
 @dataclass
 class Run:
     out: Outputs
@@ -567,6 +611,11 @@ def runs(kafka_bootstrap: str, tmp_path_factory: pytest.TempPathFactory) -> dict
             kafka_bootstrap, f"pipe-{label}", logs, scaled_counts(n), chaos
         )
         out[label] = Run(o, sim, truth_of, fleet, time.monotonic() - t0)
+    dump = os.environ.get("SEGFLOW_PIPELINE_DUMP")
+    if dump:  # the runs' outputs, for a look at what differs (see ``diagnose``)
+        import pickle
+
+        Path(dump).write_bytes(pickle.dumps({k: r.out for k, r in out.items()}))
     return out
 
 
@@ -611,6 +660,8 @@ def test_two_instances_of_every_service_make_the_same_segment_changes_and_action
     runs: dict[str, Run],
 ) -> None:
     one = runs["one"].out
+    for label in ("two", "chaos"):
+        print(diagnose(one, runs[label].out, label))
     for label in ("two", "chaos"):
         other = runs[label].out
         auc, auc_one = runs[label].auc, runs["one"].auc
