@@ -269,19 +269,28 @@ class Merges:
         yield self.states.delete(WAIT_KEY + survivor)
         part = self._part(survivor)
         parked = list(wait["parked"])
-        first = self.serde.decode(TOPICS.identified, parked.pop(0))
-        yield from self._at_merge(survivor, list(wait["awaiting"]), first, part, now, admitted=True)
-        for i, raw in enumerate(parked):
-            if survivor in self.waiting:  # parked again, at a later merge: the rest after it
-                again = self.states.get(WAIT_KEY + survivor)
-                assert again is not None
-                rest = [*again["parked"], *parked[i:]]
-                yield self.states.put(
-                    WAIT_KEY + survivor, {**again, "parked": rest}, partition=part
-                )
-                return
-            value = self.serde.decode(TOPICS.identified, raw)
-            yield from self._route(value, raw, part, now, admitted=True)
+        # Replayed, the parked records fire only the survivor's timers due before each of
+        # them (as when they were read), not every timer the watermark passed meanwhile:
+        # those fire at the next tick, after the last of them.
+        store, self.scorer.store = self.scorer.store, None
+        try:
+            first = self.serde.decode(TOPICS.identified, parked.pop(0))
+            yield from self._at_merge(
+                survivor, list(wait["awaiting"]), first, part, now, admitted=True
+            )
+            for i, raw in enumerate(parked):
+                if survivor in self.waiting:  # parked again, at a later merge: the rest after it
+                    again = self.states.get(WAIT_KEY + survivor)
+                    assert again is not None
+                    rest = [*again["parked"], *parked[i:]]
+                    yield self.states.put(
+                        WAIT_KEY + survivor, {**again, "parked": rest}, partition=part
+                    )
+                    return
+                value = self.serde.decode(TOPICS.identified, raw)
+                yield from self._route(value, raw, part, now, admitted=True)
+        finally:
+            self.scorer.store = store
 
     # -- merges from segflow.identity.merges (without marks) -----------------------------------
     def _merge(self, merge: dict[str, Any], now: int) -> Iterator[Output]:
