@@ -176,3 +176,25 @@ def test_the_merge_lands_at_its_marks_whatever_order_the_partitions_are_read_in(
 def test_an_abort_while_the_survivor_is_parked_loses_and_doubles_nothing() -> None:
     order = SURVIVOR[:3] + ABSORBED + SURVIVOR[3:] + OTHER
     assert run(order, batch=100, abort_after=2) == run(order, batch=100)
+
+
+def test_an_invalid_merge_causing_event_is_dropped_but_its_merge_is_applied() -> None:
+    future = T0 + 30 * DAY  # the service's clock is at T0 + 20 days: 10 days ahead
+    mark = {"survivor_id": "s", "absorbed_ids": ["b"]}
+    for parked_first in (False, True):
+        svc = service()
+        records = [
+            identified("s", "purchase", T0, "s1"),
+            identified("b", "purchase", T0 + HOUR, "b1"),
+            identified("b", "customer_merged", future, "m-b", mark),
+            identified("s", "login", future, "s2", mark),
+        ]
+        if parked_first:  # the survivor reaches the merge before the hand-off is there
+            records = [records[0], records[3], records[1], records[2]]
+        for r in records:
+            list(svc.handle(r))  # raises nothing: the merge is not dead-lettered with it
+        list(svc.before_commit())
+        st = svc.states.get("s")
+        assert st is not None and st["lifetime_purchases"] == 2, parked_first
+        assert st["lifetime_logins"] == 0 and st["last_event_ms"] < future, parked_first
+        assert svc.states.get("b") is None and not svc.waiting and not svc.held
