@@ -29,10 +29,10 @@ Known defect, kept visible as a strict xfail test: segment changes and actions a
 identical between runs. The scorer scores every timer as of its own instant, fires a
 customer's due timers before its next event, and merges where identity's merge marks place
 the merge in the identified partitions (issue #15; checked: the survivor's score as of each
-merge is the same in all three runs). Before the marks 684-973 of ~1,250 changes differed in
-one measurement; with them 42 (2 instances, all from customers with identical scores: the
-segmenter's percentile thresholds) and 434 (with the kill: events late for the instance
-that took a partition over). What still differs: events that arrive after an instance's
+merge is the same in all three runs). Before the marks 533-973 (2 instances) and 632-684
+(with the kill) of ~1,250 changes differed (2 runs); with them 4-42 (all from customers with
+identical scores: the segmenter's percentile thresholds) and 388-434 (events late for the
+instance that took a partition over; 3 runs). What still differs: events that arrive after an instance's
 watermark passed them, the shared model's k-means clusters, the segmenter's thresholds. See
 services/scorer/README.md, "Deterministic scores"; run with ``-s`` for per-cause counts
 (``diagnose``), with ``SEGFLOW_PIPELINE_DUMP=FILE`` to keep the runs' outputs.
