@@ -32,8 +32,9 @@ the merge in the identified partitions (issue #15; checked: the survivor's score
 merge is the same in all three runs). Before the marks 533-973 (2 instances) and 632-684
 (with the kill) of ~1,250 changes differed (2 runs); with them 4-42 (all from customers with
 identical scores: the segmenter's percentile thresholds) and 388-434 (events late for the
-instance that took a partition over; 3 runs). What still differs: events that arrive after an instance's
-watermark passed them, the shared model's k-means clusters, the segmenter's thresholds. See
+instance that took a partition over; 3 runs). What still differs: events that arrive after
+an instance's watermark passed them, the shared model's k-means clusters, the segmenter's
+thresholds. See
 services/scorer/README.md, "Deterministic scores"; run with ``-s`` for per-cause counts
 (``diagnose``), with ``SEGFLOW_PIPELINE_DUMP=FILE`` to keep the runs' outputs.
 
