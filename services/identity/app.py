@@ -76,6 +76,18 @@ VAULT_WRITES = Counter(
 )
 #: The property that carries a phone number: moved into the vault, removed from the event.
 PHONE_PROPERTY = "phone"
+#: ``event_type`` of the record identity writes keyed by an absorbed id when it merges it
+#: (after every event of that id): the IdentifiedEvent's ``merge`` names the survivor.
+MERGED_EVENT = "customer_merged"
+
+
+def merge_mark(outcomes: tuple[core.LinkOutcome, ...]) -> dict[str, Any] | None:
+    """The ``merge`` field of a merge-causing event's IdentifiedEvent (None: no merge): the
+    survivor (the event's customer id) and every id it absorbed with this event."""
+    for outcome in outcomes:
+        if isinstance(outcome, core.Merged):
+            return {"survivor_id": outcome.survivor, "absorbed_ids": list(outcome.absorbed)}
+    return None
 
 
 def node_hasher(secret: str) -> core.Hasher:
@@ -328,8 +340,10 @@ class IdentityService(EventChecks):
         identified: dict[str, Any] | bytes
         if phone is not None:  # a contact point: the vault keeps it, the event does not
             event = {**event, "properties": {k: v for k, v in props.items() if k != PHONE_PROPERTY}}
+        mark = merge_mark(step.outcomes)
         if (
-            email is None
+            mark is None
+            and email is None
             and phone is None
             and record.raw is not None
             and self.serde.written_with_current(TOPICS.events, record.raw)
@@ -341,6 +355,7 @@ class IdentityService(EventChecks):
                 "event": {**event, "email": None},
                 "email_hash": email_hash(self._secret, email) if email else None,
                 "identified_at": now_ms,
+                "merge": mark,
             }
         yield Output(TOPICS.identified, step.customer_id, identified)
         # State last: if an output above failed to encode, the record is dead-lettered and
@@ -379,8 +394,8 @@ class IdentityService(EventChecks):
             digest = hashed_email.encode()
             email = b"\x02" + _long(len(digest)) + digest
         return b"".join(
-            (self._identified_header, _long(len(cid)), cid, raw[5:], email, _long(now_ms))
-        )
+            (self._identified_header, _long(len(cid)), cid, raw[5:], email, _long(now_ms), b"\x00")
+        )  # the last byte: ``merge`` null (union branch 0)
 
     # -- contact vault ---------------------------------------------------------------------
     def _vault_points(self, cid: str) -> tuple[dict[str, Any] | None, ContactPoints]:
@@ -481,6 +496,24 @@ class IdentityService(EventChecks):
                     "m-"
                     + hashlib.sha256(f"{outcome.event_id}\x00{absorbed}".encode()).hexdigest()[:16]
                 )
+                # the absorbed id's last record in its identified partition, after all its
+                # events and before the causing event (which may share the partition)
+                yield Output(
+                    TOPICS.identified,
+                    absorbed,
+                    {
+                        "customer_id": absorbed,
+                        "event": {
+                            "event_id": merge_id,
+                            "event_type": MERGED_EVENT,
+                            "occurred_at": outcome.occurred_at,
+                            "properties": {},
+                        },
+                        "email_hash": None,
+                        "identified_at": now_ms,
+                        "merge": {"survivor_id": outcome.survivor, "absorbed_ids": [absorbed]},
+                    },
+                )
                 yield Output(
                     TOPICS.merges,
                     absorbed,
@@ -493,6 +526,7 @@ class IdentityService(EventChecks):
                         "event_id": outcome.event_id,
                         "occurred_at": outcome.occurred_at,
                         "merged_at": now_ms,
+                        "in_identified": True,
                     },
                 )
         elif isinstance(outcome, core.Conflict):

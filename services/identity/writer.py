@@ -30,6 +30,7 @@ from services.identity.app import (
     _FORGOTTEN_HIT,
     _IDENTIFIED,
     IdentityService,
+    merge_mark,
 )
 
 SERVICE = "identity-writer"
@@ -110,14 +111,16 @@ class GraphWriter(IdentityService):
         raw = bytes(request["event"])
         hashed = request.get("email_hash")
         identified: dict[str, Any] | bytes
-        if self.serde.written_with_current(TOPICS.events, raw):
+        mark = merge_mark(step.outcomes)
+        if mark is None and self.serde.written_with_current(TOPICS.events, raw):
             identified = self._identified_bytes(step.customer_id, raw, now_ms, hashed)
-        else:  # a front of another release: decode and encode
+        else:  # a merge's mark, or a front of another release: decode and encode
             identified = {
                 "customer_id": step.customer_id,
                 "event": self.serde.decode(TOPICS.events, raw),
                 "email_hash": hashed,
                 "identified_at": now_ms,
+                "merge": mark,
             }
         yield Output(TOPICS.identified, step.customer_id, identified)
         store = self.store

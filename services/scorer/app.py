@@ -11,7 +11,9 @@ whose absorbed id and survivor are owned by different instances moves the absorb
 through ``scorer.handoff`` (keyed by the survivor, a third co-partitioned input): the
 absorbed id's owner writes its tombstones, a ``merged:<id>`` marker and the hand-off in one
 transaction; the survivor's owner merges it, writes the state and commits the hand-off's
-offset in one transaction. Later events for the absorbed id are forwarded to the survivor.
+offset in one transaction. Where the merge lands among the customers' records is fixed by
+identity's merge marks in the identified partitions (:mod:`services.scorer.handoff`). Later
+events for the absorbed id are forwarded to the survivor.
 
 One churn model for the deployment: every instance sends what it would learn (matured
 labelled examples, cluster inputs, BG/NBD summaries: ``Scorer.sink``) to the one-partition
@@ -37,10 +39,9 @@ from segflow.runtime.kafka import ensure_topics
 from segflow.runtime.loop import BatchInfo, Incoming, LoopConfig, Output, ProcessingLoop
 from segflow.runtime.serde import Serde
 from segflow.runtime.settings import Settings
-from segflow.runtime.state import ChangelogStore, partition_for
+from segflow.runtime.state import ChangelogStore
 from segflow.runtime.topics import TOPICS
 from services.scorer.core import (
-    FORGET_EVENT,
     Out,
     Retire,
     ScoreEmit,
@@ -50,14 +51,16 @@ from services.scorer.core import (
     learn_from,
 )
 from services.scorer.features import State, new_state, upgrade
+from services.scorer.handoff import HELD_KEY as HELD_KEY
+from services.scorer.handoff import MERGED_KEY as MERGED_KEY
+from services.scorer.handoff import WAIT_KEY as WAIT_KEY
+from services.scorer.handoff import Merges
 from services.scorer.metrics import (
     CHECKPOINTS,
     CUSTOMERS,
     DRIFTS,
     EMITTED,
     FORGOTTEN,
-    FORWARDED,
-    HANDOFFS,
     LABELS,
     LEARNER,
     MODEL_QUALITY,
@@ -67,6 +70,9 @@ from services.scorer.metrics import (
     TIMERS,
     WATERMARK,
 )
+from services.scorer.metrics import FORWARDED as FORWARDED
+from services.scorer.metrics import HANDOFFS as HANDOFFS
+from services.scorer.metrics import PARKED as PARKED
 from services.scorer.model import ChurnModel
 from services.scorer.settings import ScorerSettings as ScorerSettings
 
@@ -76,17 +82,14 @@ log = logging.getLogger("segflow.scorer")
 #: a ScorerState with nothing but the id and when it was forgotten): the id is never profiled
 #: again, even by an event or merge already in flight when the forget arrived.
 RETIRED_KEY = "retired:"
-#: State-changelog key prefix of a merged-away id's marker (``merged:<absorbed_id>``, a
-#: ScorerState whose ``customer_id`` is the survivor), in the absorbed id's partition: later
-#: events for the absorbed id are forwarded to the survivor, a replayed merge is a no-op.
-MERGED_KEY = "merged:"
-_MARKERS = (RETIRED_KEY, MERGED_KEY)
+_MARKERS = (RETIRED_KEY, MERGED_KEY, WAIT_KEY, HELD_KEY)
 #: ``scorer.model`` key of the deployment's one churn model (published by the learner).
 SHARED_MODEL = "churn.shared"
 
 
-class ScorerService:
-    """Handler, tick and abort hook of the scorer on the shared loop."""
+class ScorerService(Merges):
+    """Handler, tick and abort hook of the scorer on the shared loop (merges and hand-offs:
+    :class:`services.scorer.handoff.Merges`)."""
 
     def __init__(
         self,
@@ -104,6 +107,8 @@ class ScorerService:
         self.serde = Serde.from_settings(settings)
         #: Merged-away ids this instance holds markers for: absorbed id -> survivor id.
         self.merged: dict[str, str] = {}
+        self.waiting: set[str] = set()
+        self.held: set[str] = set()
         self.forwarded = 0
         #: The learner of the shared model (owns partition 0 of scorer.examples).
         self.learner = False
@@ -154,8 +159,9 @@ class ScorerService:
         self._adopt_stored()
         self.scorer.retired = set(self._retired())
         self.merged = self._merged()
+        self._marks()
         upgraded = sum(upgrade(st) for _, st in self.customers())  # 120-day ring states
-        self.scorer.rebuild(self.customers(), self.scorer.retired)
+        self.scorer.rebuild(self._timed(), self.scorer.retired)
         self.scorer.expect_sources(range(TOPICS.identified.partitions), self._now())
         log.info(
             "scorer restored",
@@ -171,13 +177,20 @@ class ScorerService:
         )
 
     def customers(self) -> Iterator[tuple[str, State]]:
-        """The customers' states (the store without the forgotten or merged ids' markers)."""
-        if not self.scorer.retired and not self.merged:
+        """The customers' states (the store without the forgotten or merged ids' markers and
+        the parked and held merges' records)."""
+        if not self.scorer.retired and not self.merged and not self.waiting and not self.held:
             return self.states.items()
         return ((k, v) for k, v in self.states.items() if not k.startswith(_MARKERS))
 
+    def _timed(self) -> Iterator[tuple[str, State]]:
+        """The customers whose timers run (not those parked at a merge)."""
+        waiting = self.waiting
+        return ((k, v) for k, v in self.customers() if k not in waiting)
+
     def customer_count(self) -> int:
-        return len(self.states) - len(self.scorer.retired) - len(self.merged)
+        n = len(self.scorer.retired) + len(self.merged) + len(self.waiting) + len(self.held)
+        return len(self.states) - n
 
     def _retired(self) -> list[str]:
         n = len(RETIRED_KEY)
@@ -310,9 +323,10 @@ class ScorerService:
 
     def _reload(self) -> None:
         self.merged = self._merged()
+        self._marks()
         for _, st in self.customers():
             upgrade(st)  # 120-day ring states
-        self.scorer.rebuild(self.customers(), self._retired())
+        self.scorer.rebuild(self._timed(), self._retired())
 
     # -- loop callbacks ------------------------------------------------------------------
     def before_batch(self, batch: BatchInfo) -> None:
@@ -343,136 +357,7 @@ class ScorerService:
         elif kind == TOPICS.scorer_examples.key_name:
             self._learn(record.value)
         else:
-            value = record.value
-            cid = value["customer_id"]
-            event = value["event"]
-            survivor = self.merged.get(cid)
-            if survivor is not None and event["event_type"] != FORGET_EVENT:
-                yield from self._forward(survivor, cid, "", record.raw, record.partition, now)
-                return
-            _, outs = self.scorer.on_event(
-                self.states.get(cid), cid, event, now, source=record.partition
-            )
-            yield from self._outputs(outs)
-
-    # -- merges across instances -----------------------------------------------------------
-    def _merge(self, merge: dict[str, Any], now: int) -> Iterator[Output]:
-        """An IdentityMerge, read by the owner of its partition (its absorbed id's): absorbed
-        states whose survivor this instance owns merge here, as with one instance; the others
-        go to the survivor's owner through ``scorer.handoff``. Either way the absorbed id gets
-        a ``merged:`` marker, so that its later events follow it."""
-        survivor = self._final(str(merge["survivor_id"]))
-        if survivor != merge["survivor_id"]:  # merged away itself, by a merge read first
-            merge = {**merge, "survivor_id": survivor}
-        owns = self.states.owns
-        absorbed = [
-            a
-            for a in merge["absorbed_ids"]
-            if a != survivor and a not in self.merged and a not in self.scorer.retired
-        ]
-        if survivor in self.scorer.retired or owns(survivor):
-            yield from self._outputs(self.scorer.on_merge(self.states.get, merge, now))
-        else:
-            self.scorer.seal()  # the absorbed states' buckets compressed (written at commit)
-            for a in absorbed:
-                if not owns(a):
-                    continue
-                st = self.states.get(a)
-                if st is None:
-                    continue
-                self.scorer.release(a)
-                self._dirty.discard(a)
-                yield self.states.delete(a)
-                yield Output(TOPICS.scores, a, None)
-                payload = self.serde.encode(TOPICS.scorer_state, st)
-                yield self._handoff("state", survivor, a, str(merge["merge_id"]), payload, now)
-        if survivor in self.scorer.retired:
-            return
-        for a in absorbed:
-            if owns(a):
-                marker = new_state(survivor, int(merge.get("merged_at") or 0))
-                marker["emitted_stage"] = "merged"
-                self.merged[a] = survivor
-                yield self.states.put(MERGED_KEY + a, marker, partition=self._part(a))
-
-    def _final(self, cid: str) -> str:
-        """Where ``cid``'s state went, following the merges this instance holds markers for
-        (two merges of a chain sit in different partitions of the merges topic and may be
-        read in either order: without this, X absorbing Y read after Z absorbed X started a
-        new X that got a live score after X's tombstone)."""
-        seen = {cid}
-        while cid in self.merged and self.merged[cid] not in seen:
-            cid = self.merged[cid]
-            seen.add(cid)
-        return cid
-
-    def _forward(
-        self, survivor: str, absorbed: str, merge_id: str, raw: bytes | None, part: int, now: int
-    ) -> Iterator[Output]:
-        """An event for a merged-away id: applied to the survivor (followed through further
-        merges), here when this instance owns it, else through a hand-off."""
-        seen = {absorbed}
-        while survivor in self.merged and survivor not in seen:  # a chain of merges
-            seen.add(survivor)
-            survivor = self.merged[survivor]
-        if survivor in self.scorer.retired:
-            self.scorer.dropped_retired += 1
-            return
-        if not self.states.owns(survivor):
-            yield self._handoff("event", survivor, absorbed, merge_id, raw or b"", now)
-            return
-        value = self.serde.decode(TOPICS.identified, raw)
-        self.forwarded += 1
-        FORWARDED.inc()
-        _, outs = self.scorer.on_event(
-            self.states.get(survivor), survivor, value["event"], now, source=part
-        )
-        yield from self._outputs(outs)
-
-    def _handed(self, h: dict[str, Any], part: int, now: int) -> Iterator[Output]:
-        """A hand-off for a survivor this instance owns (its partition's)."""
-        survivor, absorbed, kind = str(h["survivor_id"]), str(h["absorbed_id"]), h["kind"]
-        HANDOFFS.labels("received", kind).inc()
-        if kind == "event":
-            yield from self._forward(survivor, absorbed, h["merge_id"], h["payload"], part, now)
-            return
-        seen = {absorbed}
-        while survivor in self.merged and survivor not in seen:  # merged away meanwhile
-            seen.add(survivor)
-            survivor = self.merged[survivor]
-        if survivor in self.scorer.retired:
-            self.scorer.dropped_retired += 1  # the same forgotten person: nothing to keep
-            return
-        if not self.states.owns(survivor):
-            yield self._handoff("state", survivor, absorbed, h["merge_id"], h["payload"], now)
-            return
-        state = self.serde.decode(TOPICS.scorer_state, h["payload"])
-        upgrade(state)
-
-        def get(cid: str) -> State | None:
-            return state if cid == absorbed else self.states.get(cid)
-
-        merge = {"survivor_id": survivor, "absorbed_ids": [absorbed]}
-        outs = self.scorer.on_merge(get, merge, now)
-        # the absorbed id's tombstones were written by its owner, with the hand-off
-        yield from self._outputs(o for o in outs if o.customer_id != absorbed)
-
-    def _handoff(
-        self, kind: str, survivor: str, absorbed: str, merge_id: str, payload: bytes, now: int
-    ) -> Output:
-        HANDOFFS.labels("sent", kind).inc()
-        value = {
-            "kind": kind,
-            "survivor_id": survivor,
-            "absorbed_id": absorbed,
-            "merge_id": merge_id,
-            "payload": payload,
-            "handed_off_at": now,
-        }
-        return Output(TOPICS.scorer_handoff, survivor, value, partition=self._part(survivor))
-
-    def _part(self, cid: str) -> int:
-        return partition_for(cid, self.states.partitions)
+            yield from self._route(record.value, record.raw, record.partition, now, False)
 
     def tick(self) -> Iterator[Output]:
         self._follow()
@@ -509,7 +394,8 @@ class ScorerService:
         """The stores rolled back: timers and cached buckets must follow them."""
         self._dirty.clear()
         self.merged = self._merged()
-        self.scorer.rebuild(self.customers(), self._retired())
+        self._marks()
+        self.scorer.rebuild(self._timed(), self._retired())
         self._examples_out.clear()
         if self._learned_uncommitted:
             # the learned examples come again: back to the version committed with the offsets

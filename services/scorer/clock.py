@@ -7,7 +7,8 @@ from collections import deque
 from collections.abc import Iterable, Mapping
 from typing import Any
 
-from services.scorer.config import ScorerConfig
+from segflow.errors import InvalidRecord
+from services.scorer.config import FORGET_EVENT, ScorerConfig
 
 
 class EventClock:
@@ -21,6 +22,7 @@ class EventClock:
     _lag: dict[Any, int | None]
     _recent: dict[Any, deque[tuple[int, int]]]
     _seq: dict[Any, int]
+    retired: set[str]
 
     # -- clock ---------------------------------------------------------------------------
     @property
@@ -123,3 +125,30 @@ class EventClock:
         n = self._pending.get(source)
         if n:
             self._pending[source] = n - 1
+
+    def admit(self, customer_id: str, event: Mapping[str, Any], now_ms: int, source: Any) -> None:
+        """What :meth:`on_event` does with an event as it is read, before applying it: count
+        it as handled for its partition, check it (raises
+        :class:`~segflow.errors.InvalidRecord`, before anything changed) and move the clock
+        with it."""
+        self._handled(source)
+        if not customer_id:
+            raise InvalidRecord("identified event without customer_id", reason="missing_field")
+        if str(event["event_type"]) == FORGET_EVENT or customer_id in self.retired:
+            return
+        t = int(event["occurred_at"])
+        if t > now_ms + self.config.max_future_ms:
+            raise InvalidRecord(
+                f"event occurred {(t - now_ms) / 1000:.0f}s in the future", reason="future_event"
+            )
+        fw = self.final_watermark
+        if fw is not None and t < fw:
+            raise InvalidRecord(
+                f"event is {(fw - t) / 1000:.0f}s older than the allowed lateness",
+                reason="too_late",
+            )
+        self._observe(source, t, now_ms)
+
+    def handled(self, source: Any) -> None:
+        """A record of input partition ``source`` that is no event (a merge mark) was read."""
+        self._handled(source)

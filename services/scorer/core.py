@@ -63,7 +63,6 @@ from typing import Any
 import numpy as np
 import numpy.typing as npt
 
-from segflow.errors import InvalidRecord
 from services.scorer import btyd
 from services.scorer.clock import EventClock as EventClock
 from services.scorer.config import DEFAULT_HIGH_VALUE_ZIPS as DEFAULT_HIGH_VALUE_ZIPS
@@ -188,6 +187,7 @@ class Scorer(Timers):
         event: Mapping[str, Any],
         now_ms: int,
         source: Any = 0,
+        admitted: bool = False,
     ) -> tuple[State | None, list[Out]]:
         """Apply one event to the customer's state; score at once if the event is urgent.
 
@@ -195,11 +195,12 @@ class Scorer(Timers):
         forgotten id is dropped (state None, no output). Raises
         :class:`~segflow.errors.InvalidRecord` (dead-lettered by the shell) for an event from
         the future (``future_event``), older than the allowed lateness (``too_late``) or
-        without a customer id (``missing_field``).
+        without a customer id (``missing_field``). ``admitted``: :meth:`admit` already
+        checked the event and moved the clock with it when it was read (an event the shell
+        parked behind a merge and applies now).
         """
-        self._handled(source)
-        if not customer_id:
-            raise InvalidRecord("identified event without customer_id", reason="missing_field")
+        if not admitted:
+            self.admit(customer_id, event, now_ms, source)
         kind = str(event["event_type"])
         if kind == FORGET_EVENT:  # stamped in processing time: not a clock reading
             return None, self.forget(customer_id, int(event.get("occurred_at") or 0))
@@ -207,17 +208,6 @@ class Scorer(Timers):
             self.dropped_retired += 1  # never dead-lettered: it would keep the person's data
             return None, []
         t = int(event["occurred_at"])
-        if t > now_ms + self.config.max_future_ms:
-            raise InvalidRecord(
-                f"event occurred {(t - now_ms) / 1000:.0f}s in the future", reason="future_event"
-            )
-        fw = self.final_watermark
-        if fw is not None and t < fw:
-            raise InvalidRecord(
-                f"event is {(fw - t) / 1000:.0f}s older than the allowed lateness",
-                reason="too_late",
-            )
-        self._observe(source, t, now_ms)
         # what was due before this event is scored first, as of its own instant
         state, outs = self.fire_before(customer_id, state, t, now_ms)
         st = new_state(customer_id, t) if state is None else dict(state)

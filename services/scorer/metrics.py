@@ -38,3 +38,8 @@ FORWARDED = Counter(
     "segflow_scorer_forwarded_events_total",
     "Events for a merged-away id applied to its survivor (here or through a hand-off)",
 )
+PARKED = Counter(
+    "segflow_scorer_parked_records_total",
+    "Records of a survivor parked at its merge-causing event until every absorbed id's "
+    "hand-off arrived",
+)

@@ -107,6 +107,18 @@ class Timers(Labels):
             state = self._fire_one(customer_id, state, due, now_ms, False, outs)
         return state, outs
 
+    def fire_urgent(
+        self, customer_id: str, state: State | None, now_ms: int
+    ) -> tuple[State | None, list[Out]]:
+        """Score the customer's deferred urgent event now, as of its own instant (as the
+        batch's settle would): before a merge moves or extends its state, so that whether it
+        is scored with or without the merge does not depend on where a batch ended."""
+        outs: list[Out] = []
+        urgent = self._urgent.pop(customer_id, None)
+        if urgent is not None and state is not None:
+            state = self._fire_one(customer_id, state, urgent[1], now_ms, urgent[0], outs)
+        return state, outs
+
     def _fire_one(
         self, cid: str, state: State, as_of: int, now_ms: int, force: bool, outs: list[Out]
     ) -> State:

@@ -23,7 +23,7 @@ from segflow.runtime.topics import TOPICS
 from segflow.sim.generator import SimConfig, Simulation
 from segflow.sim.noise import Delivery, Malformed, NoiseConfig
 from segflow.sim.truth import truth_records
-from services.identity.app import IdentityService, IdentitySettings, node_hasher
+from services.identity.app import MERGED_EVENT, IdentityService, IdentitySettings, node_hasher
 from services.identity.core import identifiers
 
 pytestmark = pytest.mark.broker
@@ -73,17 +73,54 @@ def pairs(counts: Counter[Any]) -> int:
     return sum(n * (n - 1) // 2 for n in counts.values())
 
 
+def check_merge_marks(
+    records: list[tuple[Any, dict[str, Any]]], survivor: dict[str, str], cause: dict[str, str]
+) -> None:
+    """Every merge sits in the identified partitions' order (what the scorer's deterministic
+    merges rely on): one ``customer_merged`` record keyed by each absorbed id, naming its
+    survivor, after every other record of that id and before the merge-causing event when
+    they share a partition; the merge-causing event carries the merge (its absorbed ids)."""
+    marker = {}
+    causing: dict[str, Any] = {}
+    for r, v in records:
+        if v["event"]["event_type"] == MERGED_EVENT:
+            assert v["customer_id"] not in marker, "two customer_merged records for one id"
+            assert v["merge"] == {
+                "survivor_id": survivor[v["customer_id"]],
+                "absorbed_ids": [v["customer_id"]],
+            }
+            marker[v["customer_id"]] = (r.partition, r.offset)
+        elif v["merge"] is not None:
+            assert v["merge"]["survivor_id"] == v["customer_id"]
+            causing[v["event"]["event_id"]] = (r.partition, r.offset, v["merge"])
+    assert set(marker) == set(survivor)
+    for r, v in records:
+        at = marker.get(v["customer_id"])
+        if at is not None and v["event"]["event_type"] != MERGED_EVENT:
+            assert (r.partition, r.offset) < at, "a record of an absorbed id after its merge"
+    for absorbed, event_id in cause.items():
+        part, offset, mark = causing[event_id]
+        assert absorbed in mark["absorbed_ids"] and mark["survivor_id"] == survivor[absorbed]
+        if marker[absorbed][0] == part:
+            assert marker[absorbed][1] < offset
+
+
 def stitching(settings: Settings, fed: Fed, expected: int) -> dict[str, Any]:
     """Read the committed outputs; pairwise precision/recall of customer ids vs the truth."""
     serde = Serde.from_settings(settings)
     out = read_all(settings, TOPICS.identified.name(settings), expected=expected, timeout=90)
-    identified = [(r.key, serde.decode(TOPICS.identified, r.value)) for r in out]
+    records = [(r, serde.decode(TOPICS.identified, r.value)) for r in out]
     survivor = {}
+    cause = {}
     for r in read_all(settings, TOPICS.merges.name(settings)):
         m = serde.decode(TOPICS.merges, r.value)
         assert r.key is not None and r.key.decode() in m["absorbed_ids"]
+        assert m["in_identified"] is True
         for absorbed in m["absorbed_ids"]:
             survivor[absorbed] = m["survivor_id"]
+            cause[absorbed] = m["event_id"]
+    check_merge_marks(records, survivor, cause)
+    identified = [(r.key, v) for r, v in records if v["event"]["event_type"] != MERGED_EVENT]
 
     def resolve(cid: str) -> str:
         while cid in survivor:
