@@ -79,6 +79,7 @@ from segflow.runtime.testing import isolated_settings, private_broker  # noqa: E
 from segflow.runtime.topics import TOPICS  # noqa: E402
 from segflow.supervisor import SERVICES, Supervisor  # noqa: E402
 from services.dispatcher.playbooks import DEFAULT_DIR  # noqa: E402
+from services.identity.app import MERGED_EVENT  # noqa: E402
 
 TARGET_RATE = 10_000
 TARGET_P99_MS = 1000
@@ -198,6 +199,8 @@ def stages(settings: Settings, times: set[int], t0_ms: int, t1_ms: int) -> dict[
                     if m.error() or value is None:
                         continue
                     r = serde.decode(topic, value)
+                    if key == "identified" and r["event"]["event_type"] == MERGED_EVENT:
+                        continue  # identity's merge mark, not an event
                     at = r["event"]["occurred_at"] if key == "identified" else r["as_of"]
                     if t0_ms <= at <= t1_ms and at in times:
                         out[key].append(m.timestamp()[1] - at)

@@ -14,6 +14,7 @@ from confluent_kafka import OFFSET_BEGINNING, Consumer, KafkaException, TopicPar
 from segflow.runtime.serde import Serde
 from segflow.runtime.settings import Settings
 from segflow.runtime.topics import Topic
+from services.identity.app import MERGED_EVENT
 
 DAY_MS = 86_400_000
 
@@ -135,6 +136,8 @@ def _read(tails: dict[str, Tail], obs: Observed) -> None:
         for _key, ev in tails["identified"].poll():
             cid = ev["customer_id"]
             e = ev["event"]
+            if e["event_type"] == MERGED_EVENT:  # identity's merge mark, not an event
+                continue
             obs.event_owner[e["event_id"]] = cid
             ident = e.get("user_id") or e.get("anonymous_id") or e.get("device_id")
             if ident and (cid not in obs.handle or e.get("user_id")):

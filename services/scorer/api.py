@@ -27,14 +27,13 @@ import numpy.typing as npt
 
 from segflow.runtime.internal_api import InternalServer, NotFound, Params, Query, Routes, serve
 from segflow.runtime.snapshot import Published
-from services.scorer.app import MERGED_KEY, RETIRED_KEY, ScorerService
+from services.scorer.app import MARKERS, ScorerService
 from services.scorer.core import Scorer
 from services.scorer.explain import explain_rows
 from services.scorer.features import Buckets, State
 from services.scorer.model import CLUSTER_DIMS, ChurnModel
 from services.scorer.view import _MI_NAMES
 
-_MARKERS = (RETIRED_KEY, MERGED_KEY)
 #: The model quality ``/health`` reports.
 HEALTH_QUALITY = ("roc_auc", "log_loss", "n_learned", "drifts")
 
@@ -140,7 +139,7 @@ class ScorerPublisher:
 
     def _customers(self) -> Iterator[tuple[str, State]]:
         states = self.service.states.table  # the scorer's store holds decoded dicts
-        return ((k, dict(v)) for k, v in states.items() if not k.startswith(_MARKERS))
+        return ((k, dict(v)) for k, v in states.items() if not k.startswith(MARKERS))
 
     def _committed(self) -> Committed:
         sc = self.service.scorer
@@ -163,7 +162,7 @@ class ScorerPublisher:
         table = self.service.states.table
         changes: dict[str, State | None] = {}
         for k in keys:
-            if not k.startswith(_MARKERS):
+            if not k.startswith(MARKERS):
                 st = table.get(k)
                 changes[k] = None if st is None else dict(st)
         self.table.publish(changes, self._committed())

@@ -82,7 +82,8 @@ log = logging.getLogger("segflow.scorer")
 #: a ScorerState with nothing but the id and when it was forgotten): the id is never profiled
 #: again, even by an event or merge already in flight when the forget arrived.
 RETIRED_KEY = "retired:"
-_MARKERS = (RETIRED_KEY, MERGED_KEY, WAIT_KEY, HELD_KEY)
+#: Prefixes of the state keys that are not customers (retired, merged-away, waiting and held ids).
+MARKERS = (RETIRED_KEY, MERGED_KEY, WAIT_KEY, HELD_KEY)
 #: ``scorer.model`` key of the deployment's one churn model (published by the learner).
 SHARED_MODEL = "churn.shared"
 
@@ -181,7 +182,7 @@ class ScorerService(Merges):
         the parked and held merges' records)."""
         if not self.scorer.retired and not self.merged and not self.waiting and not self.held:
             return self.states.items()
-        return ((k, v) for k, v in self.states.items() if not k.startswith(_MARKERS))
+        return ((k, v) for k, v in self.states.items() if not k.startswith(MARKERS))
 
     def _timed(self) -> Iterator[tuple[str, State]]:
         """The customers whose timers run (not those parked at a merge)."""
