@@ -221,12 +221,15 @@ class LocalBroker:
         controller_port: int | None = None,
         version: str = KAFKA_VERSION,
         heap: str = "512m",
+        extra: dict[str, str] | None = None,
     ) -> None:
+        """``extra``: more server properties, over the defaults (e.g. for a test)."""
         self.home = home.resolve()
         self.port = port
         self.controller_port = controller_port or port + 1
         self.version = version
         self.heap = heap
+        self.extra = dict(extra or {})
         self.data_dir = self.home / "data"
         self.log_file = self.home / "broker.log"
         self.pid_file = self.home / "broker.pid"
@@ -272,6 +275,7 @@ class LocalBroker:
                 # instead of up to 10 s later. The check is a scan of this one broker's
                 # in-memory transaction states: cheap for the few producers run here.
                 "transaction.abort.timed.out.transaction.cleanup.interval.ms=1000",
+                *(f"{key}={value}" for key, value in self.extra.items()),
                 "",
             ]
         )
