@@ -633,7 +633,10 @@ def kill_scorers(
     """Two instances, one killed with -9 inside a transaction mid-stream, a third added; the
     merges are handed off between the survivors afterwards."""
     s = isolated_settings(bootstrap, "sc-kill")
-    slow = scorer_env(s, SEGFLOW_SCORER_BATCH_SIZE="30", SEGFLOW_SCORER_PRE_COMMIT_DELAY="0.4")
+    # Each batch's transaction held open 0.4 s, so that the kill lands inside one. Batches of
+    # 60 (not 30): the survivor keeps this pace after the kill, ~20 s for the rest at 30;
+    # the kill still comes at 360-480 of 3,000 events (2 instances x 60 per commit).
+    slow = scorer_env(s, SEGFLOW_SCORER_BATCH_SIZE="60", SEGFLOW_SCORER_PRE_COMMIT_DELAY="0.4")
     fleet.start("services.scorer", s, "0", slow)
     fleet.start("services.scorer", s, "1", slow)
     deadline = time.monotonic() + 60
