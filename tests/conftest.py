@@ -65,10 +65,22 @@ def kafka_settings(kafka_bootstrap: str, request: pytest.FixtureRequest) -> Sett
     return isolated_settings(kafka_bootstrap, label)
 
 
+#: A broker restarted after ``kill -9`` is ready only once its controller drops the killed
+#: incarnation's registration, when that broker session times out (Kafka's default 9 s,
+#: counted from the controller's own restart in this combined node; the new registration
+#: is refused with DuplicateBrokerRegistrationException until then). A private broker that
+#: a test kills times out sooner: 4 s, heartbeats every 0.5 s (in-process, on loopback).
+#: The shared session broker keeps the defaults: nothing kills it, and a session that short
+#: could fence it on a loaded box.
+RESTARTS_FAST = {"broker.session.timeout.ms": "4000", "broker.heartbeat.interval.ms": "500"}
+
+
 @pytest.fixture
 def own_broker(tmp_path: Path) -> Iterator[LocalBroker]:
     """A private local broker this test may kill and restart (needs Java)."""
-    broker = LocalBroker(tmp_path / "broker", port=free_port(), controller_port=free_port())
+    broker = LocalBroker(
+        tmp_path / "broker", port=free_port(), controller_port=free_port(), extra=RESTARTS_FAST
+    )
     broker.start(leash=True)
     try:
         yield broker

@@ -38,3 +38,22 @@ def test_broker_properties_keep_compaction_and_single_node_replication(tmp_path:
     assert "log.cleaner.enable=true" in props
     assert "transaction.state.log.replication.factor=1" in props
     assert "auto.create.topics.enable=false" in props
+
+
+def test_broker_aborts_timed_out_transactions_within_a_second_and_takes_extra_properties(
+    tmp_path: Path,
+) -> None:
+    import io
+    from configparser import ConfigParser
+
+    props = broker.LocalBroker(
+        tmp_path, port=19092, extra={"broker.session.timeout.ms": "4000", "num.partitions": "2"}
+    )._properties()
+    # read as the broker does (java.util.Properties: a key given twice keeps its last value)
+    parser = ConfigParser(strict=False, interpolation=None)
+    parser.optionxform = str  # type: ignore[assignment,method-assign]
+    parser.read_file(io.StringIO("[p]\n" + props))
+    got = parser["p"]
+    assert got["transaction.abort.timed.out.transaction.cleanup.interval.ms"] == "1000"
+    assert got["broker.session.timeout.ms"] == "4000"
+    assert got["num.partitions"] == "2"

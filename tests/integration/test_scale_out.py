@@ -5,6 +5,11 @@ The same input is run through 1 instance and through 2 (then through 2 with one 
 (read_committed) must be the same multiset, i.e. nothing lost, nothing doubled, no timer fired
 twice or lost, whichever instance owned which partition when. (The dispatcher's 1 vs 2 vs
 kill -9 runs are in test_pipeline_scale_out.py, with every other service scaled out too.)
+
+The three runs of a test are independent (each on its own topics, group and processes) and
+run at the same time: most of each run is waiting (for a killed member's session and open
+transaction to time out, for output to settle), so the test takes about as long as its
+longest run rather than the sum of all three.
 """
 
 from __future__ import annotations
@@ -18,11 +23,12 @@ import sys
 import time
 from collections import Counter
 from collections.abc import Callable, Iterator
+from concurrent.futures import FIRST_EXCEPTION, ThreadPoolExecutor, wait
 from pathlib import Path
 from typing import Any
 
 import pytest
-from confluent_kafka import Consumer, TopicPartition
+from confluent_kafka import Consumer, KafkaError, KafkaException, TopicPartition
 
 from segflow.runtime.leash import leashed
 from segflow.runtime.serde import Serde
@@ -57,16 +63,26 @@ class Fleet:
 
     def __init__(self, logs: Path) -> None:
         self.logs = logs
+        logs.mkdir(parents=True, exist_ok=True)
         self.procs: dict[str, subprocess.Popen[bytes]] = {}
+        self.cancelled = False
+
+    def cancel(self) -> None:
+        """Another run of the test failed: this one stops at its next check."""
+        self.cancelled = True
 
     def start(self, module: str, s: Settings, instance: str, env: dict[str, str]) -> None:
+        assert not self.cancelled, "cancelled: another run of this test failed"
         full = {
             **os.environ,
             "SEGFLOW_BOOTSTRAP_SERVERS": s.bootstrap_servers,
             "SEGFLOW_TOPIC_PREFIX": s.topic_prefix,
             "SEGFLOW_INSTANCE_ID": instance,
-            # A killed member's partitions move after 6 s; its open transaction is aborted
-            # by the broker after 10 s (the defaults, 45 s and 60 s, would only be slower).
+            # A killed member's partitions move after 6 s (the broker's minimum session);
+            # its open transaction is aborted by the broker after 10 s, within the second
+            # (the embedded broker checks every 1 s). The defaults, 45 s and 60 s, would
+            # only be slower; a shorter transaction timeout could fence a live instance
+            # whose batch is slow on a loaded box.
             "SEGFLOW_SESSION_TIMEOUT_MS": "6000",
             "SEGFLOW_TRANSACTION_TIMEOUT_MS": "10000",
             "SEGFLOW_LOG_LEVEL": "INFO",
@@ -84,6 +100,7 @@ class Fleet:
         proc.wait(10)
 
     def check_alive(self) -> None:
+        assert not self.cancelled, "cancelled: another run of this test failed"
         for instance, proc in self.procs.items():
             assert proc.poll() is None, f"instance {instance} exited with {proc.returncode}"
 
@@ -107,13 +124,49 @@ class Fleet:
         self.procs.clear()
 
 
+class Fleets:
+    """One :class:`Fleet` per run of a test (its own log folder); all killed at the end."""
+
+    def __init__(self, root: Path) -> None:
+        self.root = root
+        self.all: list[Fleet] = []
+
+    def new(self, name: str) -> Fleet:
+        fleet = Fleet(self.root / name)
+        self.all.append(fleet)
+        return fleet
+
+    def stop(self) -> None:
+        for fleet in self.all:
+            fleet.stop()
+
+
 @pytest.fixture
-def fleet(tmp_path: Path) -> Iterator[Fleet]:
-    f = Fleet(tmp_path)
+def fleets(tmp_path: Path) -> Iterator[Fleets]:
+    f = Fleets(tmp_path)
     try:
         yield f
     finally:
         f.stop()
+
+
+def concurrently(fleets: Fleets, *runs: Callable[[], Any]) -> list[Any]:
+    """Each of ``runs`` (independent: own topics, group and fleet) in a thread of its own, at
+    the same time; their results in order. The first failure cancels the others (they stop
+    at their next check) and is raised."""
+    with ThreadPoolExecutor(len(runs)) as pool:
+        futures = [pool.submit(run) for run in runs]
+        done, _ = wait(futures, return_when=FIRST_EXCEPTION)
+        if any(f.exception() is not None for f in done):
+            for fleet in fleets.all:
+                fleet.cancel()
+            wait(futures)
+            for f in futures:  # the first to fail, in order
+                if f.exception() is not None and "cancelled:" not in str(f.exception()):
+                    f.result()
+            for f in futures:
+                f.result()
+        return [f.result() for f in futures]
 
 
 def settled(
@@ -134,6 +187,17 @@ def settled(
     raise AssertionError(f"output still changing after {timeout}s ({len(last)} records)")
 
 
+#: What a group's coordinator answers for a while after a broker starts (here: the
+#: session broker, when this file's tests are the first to use it); asked again.
+COORDINATOR_MOVING = frozenset(
+    {
+        KafkaError.NOT_COORDINATOR,
+        KafkaError.COORDINATOR_LOAD_IN_PROGRESS,
+        KafkaError.COORDINATOR_NOT_AVAILABLE,
+    }
+)
+
+
 def caught_up(
     s: Settings, group: str, topics: list[Any], fleet: Fleet, timeout: float = 120.0
 ) -> None:
@@ -141,7 +205,7 @@ def caught_up(
     transactions, so a partition's end offset is its record count) and no transaction is open
     on the service's outputs (read_committed end == end: a ``kill -9``ed instance's open
     transaction hides everything written after it from read_committed readers until the
-    broker aborts it, up to the transaction timeout plus the broker's 10 s check interval).
+    broker aborts it, up to the transaction timeout plus the broker's check interval).
 
     Output that stops changing is not enough after a kill: while that transaction is open,
     the output looks settled and the next input (merges) would be sent before the new owner
@@ -160,7 +224,14 @@ def caught_up(
             for name in names:
                 parts = sorted(committed_view.list_topics(name, timeout=10).topics[name].partitions)
                 tps = [TopicPartition(name, p) for p in parts]
-                for tp in committed_view.committed(tps, timeout=10):
+                try:
+                    committed = committed_view.committed(tps, timeout=10)
+                except KafkaException as exc:  # the group's coordinator is (re)loading
+                    if exc.args[0].code() not in COORDINATOR_MOVING:
+                        raise
+                    behind.append(f"{name}: {exc.args[0].str()}")
+                    continue
+                for tp in committed:
                     low, end = committed_view.get_watermark_offsets(tp, timeout=10)
                     if max(tp.offset, low) < end:
                         behind.append(f"{name}[{tp.partition}] at {tp.offset} of {end}")
@@ -282,23 +353,12 @@ def run_segmenters(
     return out
 
 
-def test_two_segmenters_emit_exactly_what_one_does_also_across_kill_9_and_a_new_instance(
-    kafka_bootstrap: str, fleet: Fleet, tmp_path: Path
-) -> None:
-    defs = tmp_path / "segments.yaml"
-    defs.write_text(DEFS)
-    data = scores(120, 12)
-    one = run_segmenters(kafka_bootstrap, "seg-one", fleet, defs, ["0"], data)
-    two = run_segmenters(kafka_bootstrap, "seg-two", fleet, defs, ["0", "1"], data)
-    kinds = Counter(c[2] for c in one)
-    # The run exercises scores, timers (min_dwell, ttl) and merges across partitions.
-    assert kinds["entered"] > 100 and kinds["exited"] > 50, kinds
-    assert any(c[2] == "exited" for c in one if c[1] == "Low"), "no ttl timer fired"
-    assert Counter(one) == Counter(two)
-
-    # Two instances; one is killed with -9 inside a transaction, a third joins: two
-    # rebalances, and the killed instance's open transaction is aborted by the broker.
-    s = isolated_settings(kafka_bootstrap, "seg-kill")
+def kill_segmenters(
+    bootstrap: str, fleet: Fleet, defs: Path, data: list[Any]
+) -> tuple[list[tuple[Any, ...]], int, Fleet, Settings]:
+    """Two instances; one is killed with -9 inside a transaction, a third joins: two
+    rebalances, and the killed instance's open transaction is aborted by the broker."""
+    s = isolated_settings(bootstrap, "seg-kill")
     half = len(data) // 2
     send(s, TOPICS.scores, data[:half], by_customer)
     slow = segmenter_env(
@@ -322,6 +382,31 @@ def test_two_segmenters_emit_exactly_what_one_does_also_across_kill_9_and_a_new_
     caught_up(s, group, [TOPICS.scores, TOPICS.merges], fleet)
     three = settled(lambda: changes(s), fleet, quiet=3.0)
     fleet.stop()
+    return three, at_kill, fleet, s
+
+
+def test_two_segmenters_emit_exactly_what_one_does_also_across_kill_9_and_a_new_instance(
+    kafka_bootstrap: str, fleets: Fleets, tmp_path: Path
+) -> None:
+    defs = tmp_path / "segments.yaml"
+    defs.write_text(DEFS)
+    data = scores(120, 12)
+    one, two, (three, at_kill, fleet, s) = concurrently(
+        fleets,
+        lambda: run_segmenters(kafka_bootstrap, "seg-one", fleets.new("one"), defs, ["0"], data),
+        lambda: run_segmenters(
+            kafka_bootstrap, "seg-two", fleets.new("two"), defs, ["0", "1"], data
+        ),
+        lambda: kill_segmenters(kafka_bootstrap, fleets.new("kill"), defs, data),
+    )
+    kinds = Counter(c[2] for c in one)
+    # The run exercises scores, timers (min_dwell, ttl) and merges across partitions.
+    assert kinds["entered"] > 100 and kinds["exited"] > 50, kinds
+    assert any(c[2] == "exited" for c in one if c[1] == "Low"), "no ttl timer fired"
+    assert Counter(one) == Counter(two)
+
+    # Two instances, one killed with -9 inside a transaction, a third joined (two
+    # rebalances, the killed instance's open transaction aborted by the broker): the same.
     owned = fleet.owned(s)
     assert owned.get("2"), f"the added instance never owned a partition: {owned}"
     assert owned["1"] & (owned["0"] | owned["2"]), f"nobody took over from the killed: {owned}"
@@ -542,35 +627,16 @@ def comparable(states: dict[str, Any]) -> dict[str, Any]:
     }
 
 
-def test_two_scorers_give_what_one_does_with_merges_handed_off_across_kill_9_and_a_new_instance(
-    kafka_bootstrap: str, fleet: Fleet
-) -> None:
-    run = ScorerRun()
-    s1, sc1, r1 = run_scorers(kafka_bootstrap, "sc-one", fleet, run, ["0"])
-    check_scorer_run(run, s1, sc1, r1)
-    s2, sc2, r2 = run_scorers(kafka_bootstrap, "sc-two", fleet, run, ["0", "1"])
-    check_scorer_run(run, s2, sc2, r2)
-    assert comparable(s2) == comparable(s1)
-    lifetime = [f for f in json.loads(r1[0][2]) if f.startswith("lifetime_")]
-    same_time = 0
-    for cid, score in sc1.items():
-        if score is not None:
-            assert sc2[cid] is not None
-            for f in lifetime:
-                assert sc2[cid]["features"][f] == score["features"][f], (cid, f)
-            if sc2[cid]["as_of"] == score["as_of"]:
-                # scored as of the same time: the same churn, whichever instance owns it (one
-                # model; no label matures in 5 weeks with 90 days of lateness, so both are the
-                # BG/NBD prior with the same fit, and nothing here depends on version timing)
-                same_time += 1
-                for f in ("churn_probability", "engagement_score", "clv", "lifecycle_stage"):
-                    assert sc2[cid][f] == score[f], (cid, f)
-    assert same_time > len(sc1) // 2, same_time
-
-    # Two instances, one killed with -9 inside a transaction mid-stream, a third added; the
-    # merges are handed off between the survivors afterwards.
-    s = isolated_settings(kafka_bootstrap, "sc-kill")
-    slow = scorer_env(s, SEGFLOW_SCORER_BATCH_SIZE="30", SEGFLOW_SCORER_PRE_COMMIT_DELAY="0.4")
+def kill_scorers(
+    bootstrap: str, fleet: Fleet, run: ScorerRun
+) -> tuple[dict[str, Any], dict[str, Any], list[tuple[str, int, str]], int, Fleet, Settings]:
+    """Two instances, one killed with -9 inside a transaction mid-stream, a third added; the
+    merges are handed off between the survivors afterwards."""
+    s = isolated_settings(bootstrap, "sc-kill")
+    # Each batch's transaction held open 0.4 s, so that the kill lands inside one. Batches of
+    # 60 (not 30): the survivor keeps this pace after the kill, ~20 s for the rest at 30;
+    # the kill still comes at 360-480 of 3,000 events (2 instances x 60 per commit).
+    slow = scorer_env(s, SEGFLOW_SCORER_BATCH_SIZE="60", SEGFLOW_SCORER_PRE_COMMIT_DELAY="0.4")
     fleet.start("services.scorer", s, "0", slow)
     fleet.start("services.scorer", s, "1", slow)
     deadline = time.monotonic() + 60
@@ -600,10 +666,44 @@ def test_two_scorers_give_what_one_does_with_merges_handed_off_across_kill_9_and
     run.phase(s, fleet, 2)
     run.phase(s, fleet, 3)
     fleet.stop()
-    s3, sc3 = final(s, TOPICS.scorer_state), final(s, TOPICS.scores)
+    states, scores = final(s, TOPICS.scorer_state), final(s, TOPICS.scores)
+    return states, scores, score_records(s), at_kill, fleet, s
+
+
+def test_two_scorers_give_what_one_does_with_merges_handed_off_across_kill_9_and_a_new_instance(
+    kafka_bootstrap: str, fleets: Fleets
+) -> None:
+    run = ScorerRun()
+    (s1, sc1, r1), (s2, sc2, r2), (s3, sc3, r3, at_kill, fleet, s) = concurrently(
+        fleets,
+        lambda: run_scorers(kafka_bootstrap, "sc-one", fleets.new("one"), run, ["0"]),
+        lambda: run_scorers(kafka_bootstrap, "sc-two", fleets.new("two"), run, ["0", "1"]),
+        lambda: kill_scorers(kafka_bootstrap, fleets.new("kill"), run),
+    )
+    check_scorer_run(run, s1, sc1, r1)
+    check_scorer_run(run, s2, sc2, r2)
+    assert comparable(s2) == comparable(s1)
+    lifetime = [f for f in json.loads(r1[0][2]) if f.startswith("lifetime_")]
+    same_time = 0
+    for cid, score in sc1.items():
+        if score is not None:
+            assert sc2[cid] is not None
+            for f in lifetime:
+                assert sc2[cid]["features"][f] == score["features"][f], (cid, f)
+            if sc2[cid]["as_of"] == score["as_of"]:
+                # scored as of the same time: the same churn, whichever instance owns it (one
+                # model; no label matures in 5 weeks with 90 days of lateness, so both are the
+                # BG/NBD prior with the same fit, and nothing here depends on version timing)
+                same_time += 1
+                for f in ("churn_probability", "engagement_score", "clv", "lifecycle_stage"):
+                    assert sc2[cid][f] == score[f], (cid, f)
+    assert same_time > len(sc1) // 2, same_time
+
+    # Two instances, one killed with -9 inside a transaction mid-stream, a third added; the
+    # merges handed off between the survivors afterwards: the same states.
     owned = fleet.owned(s)
     assert owned.get("2"), f"the added instance never owned a partition: {owned}"
     assert owned["1"] & (owned["0"] | owned["2"]), f"nobody took over from the killed: {owned}"
     assert 0 < at_kill < len(run.events) * 0.8, "the kill should land mid-stream"
-    check_scorer_run(run, s3, sc3, score_records(s))
+    check_scorer_run(run, s3, sc3, r3)
     assert comparable(s3) == comparable(s1)
