@@ -18,7 +18,6 @@ from __future__ import annotations
 
 import argparse
 import logging
-import os
 import random
 import statistics
 import sys
@@ -28,6 +27,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+from bench.bench_snapshot import load, ms  # noqa: E402  (one way to print a timing)
 from segflow.runtime.records import Incoming  # noqa: E402
 from segflow.runtime.settings import Settings  # noqa: E402
 from segflow.runtime.topics import TOPICS  # noqa: E402
@@ -38,17 +38,6 @@ from services.scorer.features import DAY, MINUTE  # noqa: E402
 
 T0 = 1_704_067_200_000
 KINDS = ("login", "page_view", "session_start", "feature_use", "email_open")
-
-
-def load() -> str:
-    return "load average {:.2f} {:.2f} {:.2f}".format(*os.getloadavg())
-
-
-def ms(samples: list[float]) -> str:
-    return (
-        f"min {min(samples) * 1000:.2f} / median {statistics.median(samples) * 1000:.2f} / "
-        f"max {max(samples) * 1000:.2f} ms"
-    )
 
 
 def event(cid: str, kind: str, t: int, eid: str) -> Incoming:
