@@ -338,13 +338,20 @@ def assigned(fleet: Fleet, s: Settings, instances: list[str]) -> None:
 
 
 def run_dispatchers(
-    bootstrap: str, label: str, fleet: Fleet, extra: Path, instances: list[str], data: list[Any]
+    bootstrap: str,
+    label: str,
+    fleet: Fleet,
+    extra: Path,
+    instances: list[str],
+    data: list[Any],
+    **more: str,
 ) -> Run:
     s = isolated_settings(bootstrap, label)
     receiver, smtp = Receiver().start(), SMTPReceiver().start()
     try:
+        env = dispatcher_env(s, receiver, smtp, extra, **more)
         for inst in instances:
-            fleet.start("services.dispatcher", s, inst, dispatcher_env(s, receiver, smtp, extra))
+            fleet.start("services.dispatcher", s, inst, env)
         assigned(fleet, s, instances)
         send(s, TOPICS.segment_changes, data, by_customer)
         drained(s, fleet)
@@ -455,8 +462,15 @@ def test_two_dispatchers_take_exactly_the_actions_one_does_also_across_kill_9_an
     one, two, (three, fleet, s) = concurrently(
         fleets,
         lambda: run_dispatchers(kafka_bootstrap, "disp-one", fleets.new("one"), extra, ["0"], data),
+        # in batches of 50, not one of 2,000: the decisions must not depend on the batching
         lambda: run_dispatchers(
-            kafka_bootstrap, "disp-two", fleets.new("two"), extra, ["0", "1"], data
+            kafka_bootstrap,
+            "disp-two",
+            fleets.new("two"),
+            extra,
+            ["0", "1"],
+            data,
+            SEGFLOW_DISPATCHER_BATCH_SIZE="50",
         ),
         lambda: kill_dispatchers(kafka_bootstrap, fleets.new("kill"), extra, data),
     )
