@@ -209,9 +209,15 @@ class Delivering:
                 olds.setdefault(cid, current)
                 part = self.store.partition_of(cid)
                 outcome = self._finish(action, outcome)
-                new, more = core.record_outcome(
-                    current, action.key, outcome, self.now_ms(part), self.book
+                # under the event clock an outcome is settled at the action's event time (when
+                # it went out), not at the clock this harvest reads: the settled time is what
+                # "no engagement since" counts from, and it is on the result
+                at = (
+                    max(action.due_at, action.decided_at)
+                    if self.cfg.clock == "event"
+                    else self.now_ms(part)
                 )
+                new, more = core.record_outcome(current, action.key, outcome, at, self.book)
                 by_customer[cid] = new
                 effects.setdefault(part, []).extend(more)
         outs: list[Output] = []

@@ -199,3 +199,29 @@ def test_a_forget_under_the_event_clock_leaves_an_action_already_taken_to_its_ca
     assert all(a.features == () for a in kept.actions) and kept.attrs == ()
     wall, _ = core.forget(c, at + HOUR)
     assert [a.status for a in wall.actions] == ["suppressed"] * 3
+
+
+def test_an_outcome_is_settled_at_the_actions_event_time_not_at_the_clock_of_its_harvest() -> None:
+    # The call's outcome is recorded at a later tick, when the partition's clock may have
+    # moved on by any amount: "no engagement since" the step counts from its settled time.
+    x, y = same_partition(2)
+    entry = DAY0 + 10 * HOUR
+    d = make()
+    try:
+
+        def handle(value: dict[str, Any]) -> list[Output]:
+            cid = value["customer_id"]
+            incoming = Incoming(TOPICS.segment_changes, d.changes_topic, 0, 0, cid, value, None, [])
+            return [*d.handle(incoming), *d.before_commit()]
+
+        handle(change(x, "AtRisk-60d", entry))  # the email goes in flight at the entry
+        d._deliver()  # its call (no adapter here: it fails) is made on the I/O thread
+        handle(change(y, "Lifecycle: loyal", entry + 5 * HOUR))
+        outs = d._harvest(wait=10)
+        (failed,) = [o.value for o in outs if o.topic is TOPICS.dispatch_results]
+        assert (failed["status"], failed["step"]) == ("failed", "reengagement_email")
+        assert failed["decided_at"] == entry
+        customer = d.customer(x)
+        assert customer is not None and customer.actions[0].settled_at == entry
+    finally:
+        d.close()

@@ -263,20 +263,14 @@ def results(s: Settings) -> list[dict[str, Any]]:
     ]
 
 
-#: Set by the call, not by the decision: processing time (``decided_at`` of a call's outcome
-#: is the clock when it was recorded, ``dispatched_at`` the wall clock), the attempt count and
-#: the answer (a call made again after a kill gets the receiver's 200 for a known key).
+#: Set by the call, not by the decision: the wall clock (``dispatched_at``), the attempt count
+#: and the answer (a call made again after a kill gets the receiver's 200 for a known key).
 CALL_FIELDS = ("dispatched_at", "attempt", "http_status")
 
 
 def decision(r: dict[str, Any]) -> tuple[Any, ...]:
     """A result without its processing-time fields."""
-    outcome = r["status"] in ("sent", "failed")
-    return tuple(
-        (k, v)
-        for k, v in sorted(r.items())
-        if k not in CALL_FIELDS and not (outcome and k == "decided_at")
-    )
+    return tuple((k, v) for k, v in sorted(r.items()) if k not in CALL_FIELDS)
 
 
 #: Request body fields set from the wall clock when the call is made: a HubSpot task's and
