@@ -364,7 +364,8 @@ def kill_dispatchers(
     bootstrap: str, fleet: Fleet, extra: Path, data: list[Any]
 ) -> tuple[Run, Fleet, Settings]:
     """Two instances (slow: small batches, each transaction held open 0.2 s, every call
-    answered 0.2 s late), one killed with -9 while it has calls under way, a third added."""
+    answered 0.2 s late), one killed with -9 mid-stream while calls are under way (its
+    unrecorded calls are made again by the new owner: ``Run.replays``), a third added."""
     s = isolated_settings(bootstrap, "disp-kill")
     receiver, smtp = Receiver(latency=0.2).start(), SMTPReceiver().start()
     try:
@@ -382,7 +383,7 @@ def kill_dispatchers(
         deadline = time.monotonic() + 60
         half = len(data) // 2
         send(s, TOPICS.segment_changes, data[:half], by_customer)
-        # killed once its customers' actions are being taken (and calls are under way)
+        # killed once actions are being taken, while the receiver is answering calls
         while sum(1 for k in receiver.effects() if k) < 40 or receiver.idle():
             assert time.monotonic() < deadline, "nothing delivered within 60 s"
             fleet.check_alive()
