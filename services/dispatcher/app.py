@@ -241,6 +241,7 @@ class Dispatcher(Delivering):
             or f"{cfg.group_id}-{s.instance_id if s.instance_id is not None else 0}",
             batch_size=cfg.batch_size,
             tick_interval=cfg.tick_interval,
+            pre_commit_delay=cfg.pre_commit_delay,
             decoders={self.events_topic: self.decode_identified},
             **overrides,
         )
@@ -267,6 +268,10 @@ class Dispatcher(Delivering):
     def on_abort(self) -> None:
         self._stopping = False
         self._dirty = True  # the store rolled back: rebuild the timer indexes from it
+        parts = set(self._event_clocks)  # and the clocks (the records are read again)
+        self._event_clocks.clear()
+        self._saved_clocks.clear()
+        self._load_clocks(parts)
         self._cache.clear()
         self._pending.clear()
         self._kpi_pending.clear()
@@ -276,9 +281,17 @@ class Dispatcher(Delivering):
         return self._flush()
 
     def _flush(self) -> list[Output]:
+        """The pending customer records, KPI rows and event clocks, one write each: the clocks
+        commit with the offsets of the records that moved them, so the next owner of a
+        partition restores the clock those offsets imply (``kill -9`` included)."""
         outs = [
             self.store.put(cid, core.customer_record(self._cache[cid])) for cid in self._pending
         ]
+        for part, ms in self._event_clocks.items():
+            if self._saved_clocks.get(part) != ms:
+                record = {"kind": "clock", "clock_ms": ms}
+                outs.append(self.store.put(f"{CLOCK_KEY}@{part}", record, part))
+                self._saved_clocks[part] = ms
         outs += [
             self.store.put(key, rec, _kpi_partition(key)) for key, rec in self._kpi_pending.items()
         ]
@@ -410,11 +423,13 @@ class Dispatcher(Delivering):
             except (KeyError, TypeError, ValueError) as exc:
                 raise PoisonMessage(f"segment change: {exc}", reason="invalid_record") from None
             part = self.store.partition_of(change.customer_id)
+            old = self.customer(change.customer_id)
+            due, fired = self._due_first(old, part)
             if self.cfg.clock == "event":
                 self._advance(change.occurred_at, part)
             now = self.now_ms(part)
-            old = self.customer(change.customer_id)
-            new, effects = core.decide(old, change, now, self.book)
+            new, effects = core.decide(due, change, now, self.book, self._keep_in_flight)
+            effects = fired + effects
         elif record.topic_name == self.attributes_topic:  # issue 19: attributes for templates
             cid = str(record.value["customer_id"])
             part = self.store.partition_of(cid)
@@ -432,14 +447,15 @@ class Dispatcher(Delivering):
                 return
             obs = core.Observation.from_record(record.value)
             part = self.store.partition_of(obs.customer_id)
+            old = self.customer(obs.customer_id)
+            due, fired = self._due_first(old, part)
             if self.cfg.clock == "event":
                 self._advance(obs.occurred_at, part)
             now = self.now_ms(part)
-            old = self.customer(obs.customer_id)
-            maybe, effects = core.observe(old, obs, now, self.book)
+            maybe, effects = core.observe(due, obs, now, self.book, self._keep_in_flight)
             if maybe is None:
                 return
-            new = maybe
+            new, effects = maybe, fired + effects
         yield from self._emit(old, new, effects, now, part)
 
     def _emit(
@@ -562,12 +578,6 @@ class Dispatcher(Delivering):
         outs: list[Output] = []
         outs += self._deliver()
         outs += self._promote()
-        if self.cfg.clock == "event":
-            for part, ms in self._event_clocks.items():
-                if self._saved_clocks.get(part) != ms:
-                    record = {"kind": "clock", "clock_ms": ms}
-                    outs.append(self.store.put(f"{CLOCK_KEY}@{part}", record, part))
-                    self._saved_clocks[part] = ms
         outs += self._flush()
         self._refresh_gauges()
         return outs

@@ -73,9 +73,7 @@ from services.dispatcher.playbooks import (
     SYNC_CHANNELS,
     Book,
     Playbook,
-    RenderError,
     Step,
-    render,
 )
 from services.dispatcher.policy import blocked, quiet_until
 from services.dispatcher.records import (
@@ -84,6 +82,7 @@ from services.dispatcher.records import (
     customer_record,
     kpi_record,
     record_timers,
+    request_for,
     result_record,
 )
 
@@ -111,6 +110,7 @@ __all__ = [
     "customer_from_record",
     "customer_record",
     "decide",
+    "fire_due",
     "forget",
     "idempotency_key",
     "in_flight",
@@ -194,16 +194,21 @@ def prune(c: Customer, now: int, book: Book) -> Customer:
 
 # -- decide ------------------------------------------------------------------------------------
 def decide(
-    customer: Customer | None, change: SegmentChange, now: int, book: Book
+    customer: Customer | None,
+    change: SegmentChange,
+    now: int,
+    book: Book,
+    keep_in_flight: bool = False,
 ) -> tuple[Customer, list[Effect]]:
     """Apply a segment change: start, cancel or ignore (duplicate) playbooks, then promote.
 
     A holdout customer gets ledger entries with status ``holdout`` and never a call.
+    ``keep_in_flight``: see :func:`forget`.
     """
     c = customer or Customer(change.customer_id)
     out: list[Effect] = []
     if change.reason == "forgotten":
-        c, out = forget(c, now)
+        c, out = forget(c, now, keep_in_flight)
         return c, out
     if change.reason == MERGED and MERGED not in c.suppressions:
         c = replace(c, suppressions=c.suppressions | {MERGED})
@@ -303,12 +308,17 @@ def _start(
     return c
 
 
-def forget(c: Customer, now: int) -> tuple[Customer, list[Effect]]:
-    """Erase what the dispatcher holds about a customer, cancel pending steps, suppress for good."""
+def forget(c: Customer, now: int, keep_in_flight: bool = False) -> tuple[Customer, list[Effect]]:
+    """Erase what the dispatcher holds about a customer, cancel pending steps, suppress for good.
+
+    In-flight actions (decided, call not made or not recorded yet) are cancelled too, unless
+    ``keep_in_flight`` (the event clock: they were taken before the forget in event time, and
+    whether the call is still under way when the forget is read is processing timing)."""
     out: list[Effect] = []
     kept: list[Action] = []
+    pending = ("scheduled",) if keep_in_flight else ("scheduled", "in_flight")
     for a in c.actions:
-        if a.status in ("scheduled", "in_flight"):
+        if a.status in pending:
             a = replace(a, status="suppressed", reason="forgotten", settled_at=now, features=())
             out.append(Result(a, "suppressed", "forgotten", now))
         kept.append(replace(a, features=()))
@@ -359,6 +369,20 @@ def promote(c: Customer, now: int, book: Book) -> tuple[Customer, list[Effect]]:
         c = _replace_action(c, replace(a, status="in_flight", reason=None))
         c = replace(c, sends=c.sends + ((a.channel, now, a.key),))
     return c, out
+
+
+def fire_due(c: Customer, upto: int, book: Book, at_due: bool) -> tuple[Customer, list[Effect]]:
+    """Promote every step due by ``upto``: all at ``upto`` (the wall clock), or with ``at_due``
+    (the event clock) each at its own due time, in order, so that the decisions (caps, quiet
+    hours) are the same whenever the shell gets to them. Pruned at ``upto``."""
+    out: list[Effect] = []
+    new = c
+    if not at_due:
+        new, out = promote(c, upto, book)
+    while at_due and (due := next_due(new)) is not None and due <= upto:
+        new, more = promote(new, due, book)  # a step held by quiet hours is due later
+        out += more
+    return (c, out) if new is c else (prune(new, upto, book), out)
 
 
 def next_due(c: Customer) -> int | None:
@@ -459,10 +483,15 @@ _PROFILE = (("timezone", "timezone"), ("first_name", "first_name"))
 
 
 def observe(
-    customer: Customer | None, ev: Observation, now: int, book: Book
+    customer: Customer | None,
+    ev: Observation,
+    now: int,
+    book: Book,
+    keep_in_flight: bool = False,
 ) -> tuple[Customer | None, list[Effect]]:
     """Apply an outcome or profile event. Returns the same object when nothing changed (the
-    shell then writes nothing); None stays None for events that concern no known customer."""
+    shell then writes nothing); None stays None for events that concern no known customer.
+    ``keep_in_flight``: see :func:`forget`."""
     props = dict(ev.properties)
     out: list[Effect] = []
     et = ev.event_type
@@ -471,7 +500,7 @@ def observe(
         return None, []
     c = customer or Customer(ev.customer_id)
     if et in FORGET_EVENTS:
-        return forget(c, now)
+        return forget(c, now, keep_in_flight)
     if "forgotten" in c.suppressions:
         return c, []
     sup = set(c.suppressions)
@@ -539,50 +568,3 @@ def _attribute(c: Customer, ev: Observation, book: Book, out: list[Effect]) -> C
     if kpi == "clicked":  # a click implies the email was opened
         c = _flag(c, latest, "opened", out)
     return _flag(c, latest, kpi, out)
-
-
-# -- requests ----------------------------------------------------------------------------------
-def request_for(c: Customer, a: Action, book: Book) -> Request | None:
-    """The rendered request for an in-flight action (None if its playbook is gone)."""
-    pb = book.get(a.playbook)
-    if pb is None:
-        return None
-    try:
-        step = pb.step(a.step)
-    except KeyError:
-        return None
-    variant = pb.variant(a.variant)
-    if variant is not None:
-        step = variant.apply(step)
-    variables: dict[str, str] = dict(pb.defaults)
-    variables.update(a.features)
-    variables.update(c.attrs)
-    variables.update(segment=a.segment, playbook=a.playbook, variant=a.variant)
-    try:
-        variables.update({k: render(v, variables) for k, v in step.variables})
-        subject = None if step.subject is None else render(step.subject, variables)
-        body = None if step.body is None else render(step.body, variables)
-        properties = {k: render(v, variables) for k, v in step.properties}
-        problem = None
-    except RenderError as exc:  # loading rules this out; never send a half-rendered text
-        subject = body = None
-        properties = {}
-        problem = f"template: {exc}"
-    return Request(
-        key=a.key,
-        customer_id=a.customer_id,
-        channel=a.channel,
-        playbook=a.playbook,
-        step=a.step,
-        segment=a.segment,
-        variant=a.variant,
-        campaign_id=a.campaign_id,
-        template=step.template,
-        subject=subject,
-        body=body,
-        variables=variables,
-        list_id=step.list_id,
-        properties=properties,
-        task_priority=step.task_priority,
-        problem=problem,
-    )

@@ -1,7 +1,12 @@
 """The dispatcher's tick side: promote due steps, pick the in-flight actions whose calls may go
 out (vendor pauses, breakers), call the APIs concurrently on the I/O loop, record the outcomes,
 refresh the gauges. A mixin of :class:`services.dispatcher.app.Dispatcher` (the attributes and
-methods it declares for type checking are the Dispatcher's); moved out of ``app.py`` unchanged.
+methods it declares for type checking are the Dispatcher's); moved out of ``app.py``.
+
+With ``clock: event`` a due step is decided at its due time, whichever tick finds it, and a
+customer's due steps are fired before its next record is applied (``_due_first``): the
+decisions do not depend on how the input was batched or when the ticks ran, so one instance,
+two, and a new owner after ``kill -9`` decide alike (issue #15).
 """
 
 from __future__ import annotations
@@ -84,6 +89,25 @@ class Delivering:
             self, effects: Iterable[core.Effect], now: int, part: int
         ) -> Iterator[Output]: ...
 
+    @property
+    def _keep_in_flight(self) -> bool:
+        """A forget leaves in-flight actions to their calls under the event clock (they were
+        taken before it in event time; whether their call is still under way is timing)."""
+        return self.cfg.clock == "event"
+
+    def _due_first(
+        self, old: core.Customer | None, part: int
+    ) -> tuple[core.Customer | None, list[core.Effect]]:
+        """The customer, with its steps due by its partition's clock fired first (what a tick
+        would have done had it run before this record): a change or event then finds the same
+        ledger however the records were batched and ticks fell (the promotion must not depend
+        on whether a tick got to a due step before the customer's next record). The caller
+        writes the result (compared with ``old``) with the record's own changes."""
+        if old is None:
+            return None, []
+        new, fired = core.fire_due(old, self.now_ms(part), self.book, self.cfg.clock == "event")
+        return new, fired
+
     def _promote(self) -> list[Output]:
         horizon = self._horizon()
         outs: list[Output] = []
@@ -102,9 +126,9 @@ class Delivering:
             old = self.customer(cid)
             if old is None:
                 continue
-            new, effects = core.promote(old, now, self.book)
-            if new is not old:
-                new = core.prune(new, now, self.book)
+            # under the event clock each step at its due time: the same decisions whenever
+            # this tick runs (the clock it reads depends on how the records were batched)
+            new, effects = core.fire_due(old, now, self.book, self.cfg.clock == "event")
             outs += self._emit(old, new, effects, now, part)
         for entry in later:
             heapq.heappush(self._due, entry)
@@ -185,9 +209,15 @@ class Delivering:
                 olds.setdefault(cid, current)
                 part = self.store.partition_of(cid)
                 outcome = self._finish(action, outcome)
-                new, more = core.record_outcome(
-                    current, action.key, outcome, self.now_ms(part), self.book
+                # under the event clock an outcome is settled at the action's event time (when
+                # it went out), not at the clock this harvest reads: the settled time is what
+                # "no engagement since" counts from, and it is on the result
+                at = (
+                    max(action.due_at, action.decided_at)
+                    if self.cfg.clock == "event"
+                    else self.now_ms(part)
                 )
+                new, more = core.record_outcome(current, action.key, outcome, at, self.book)
                 by_customer[cid] = new
                 effects.setdefault(part, []).extend(more)
         outs: list[Output] = []

@@ -1,7 +1,8 @@
 """The dispatcher's records on Kafka, pure: the results topic's ``DispatchResult``, the
 changelog's ``DispatcherStateEntry`` (a customer in the compact form, and read back in both
-forms; KPI rows) and what a restore's timer index reads from a record. Moved out of
-``core.py`` (which re-exports every name).
+forms; KPI rows), what a restore's timer index reads from a record, and the rendered
+:class:`Request` of a ledger entry (``request_for``). Moved out of ``core.py`` (which
+re-exports every name).
 """
 
 from __future__ import annotations
@@ -14,10 +15,14 @@ from services.dispatcher.model import (
     Assignment,
     Customer,
     KpiDelta,
+    Request,
     Result,
 )
 from services.dispatcher.playbooks import (
     HOLDOUT,
+    Book,
+    RenderError,
+    render,
 )
 
 
@@ -347,3 +352,50 @@ def apply_kpis(
         counts = changed.setdefault(row, dict(current.get(row, {})))
         counts[d.kpi] = counts.get(d.kpi, 0) + 1
     return changed
+
+
+# -- requests ----------------------------------------------------------------------------------
+def request_for(c: Customer, a: Action, book: Book) -> Request | None:
+    """The rendered request for an in-flight action (None if its playbook is gone)."""
+    pb = book.get(a.playbook)
+    if pb is None:
+        return None
+    try:
+        step = pb.step(a.step)
+    except KeyError:
+        return None
+    variant = pb.variant(a.variant)
+    if variant is not None:
+        step = variant.apply(step)
+    variables: dict[str, str] = dict(pb.defaults)
+    variables.update(a.features)
+    variables.update(c.attrs)
+    variables.update(segment=a.segment, playbook=a.playbook, variant=a.variant)
+    try:
+        variables.update({k: render(v, variables) for k, v in step.variables})
+        subject = None if step.subject is None else render(step.subject, variables)
+        body = None if step.body is None else render(step.body, variables)
+        properties = {k: render(v, variables) for k, v in step.properties}
+        problem = None
+    except RenderError as exc:  # loading rules this out; never send a half-rendered text
+        subject = body = None
+        properties = {}
+        problem = f"template: {exc}"
+    return Request(
+        key=a.key,
+        customer_id=a.customer_id,
+        channel=a.channel,
+        playbook=a.playbook,
+        step=a.step,
+        segment=a.segment,
+        variant=a.variant,
+        campaign_id=a.campaign_id,
+        template=step.template,
+        subject=subject,
+        body=body,
+        variables=variables,
+        list_id=step.list_id,
+        properties=properties,
+        task_priority=step.task_priority,
+        problem=problem,
+    )

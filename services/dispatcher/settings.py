@@ -75,6 +75,7 @@ class DispatcherSettings(VendorSettings, PlaybookSettings):
     api_port: int | None = None
     cache_size: int = 200_000  # decoded customers kept in memory
     playbook_reload_interval: float = 2.0  # seconds between mtime polls of the playbook files
+    pre_commit_delay: float = 0.0  # fault injection for tests (widens the open transaction)
 
 
 class AsyncRunner:
