@@ -35,7 +35,7 @@ def merge(seg: Segmenter, merge: dict[str, Any], part: int) -> Iterator[Output]:
         yield from seg._retire(absorbed, "merged", survivor, now, part)
     st = seg.states.get(survivor)
     if st is not None and seg.store.partition_of(survivor) == part:
-        new, changes = core.advance(st, now, seg.defs, seg.thresholds, seg.lookups)
+        new, changes = core.advance(st, now, seg.defs, seg.thresholds_for(part), seg.lookups)
         yield from seg._apply(st, new, changes, part)
 
 
@@ -58,7 +58,9 @@ def attributes(
     if old is None and not attrs:
         return
     now = seg.watermarks.get(part, 0)
-    new, changes = core.set_attributes(old, cid, attrs, now, seg.defs, seg.thresholds, seg.lookups)
+    new, changes = core.set_attributes(
+        old, cid, attrs, now, seg.defs, seg.thresholds_for(part), seg.lookups
+    )
     yield from seg._apply(old, new, changes, part)
 
 
@@ -76,7 +78,7 @@ def retire(
     st = seg.states.get(cid)
     if st is not None:
         yield from seg._emit(core.absorb(st, survivor, now, seg.defs, reason=why), part)
-        seg._index(st, remove=True)
+        seg._index(st, part, remove=True)
         del seg.states[cid]
         seg._dirty.add(cid)
         seg._unwritten[cid] = part  # a tombstone at the commit
