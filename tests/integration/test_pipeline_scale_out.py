@@ -198,6 +198,7 @@ def service_env(s: Settings, receiver: Receiver, smtp: SMTPReceiver) -> dict[str
         "SEGFLOW_SCORER_TICK_SECONDS": "0.2",
         "SEGFLOW_SCORER_CHECKPOINT_SECONDS": "3600",
         "SEGFLOW_SEGMENTER_TICK_INTERVAL": "0.2",
+        # pNN tables per scores partition every hour of its event time (the default; 28 days)
         "SEGFLOW_SEGMENTER_PERCENTILE_REFRESH": "3600",
         "SEGFLOW_DISPATCHER_CLOCK": "event",
         "SEGFLOW_DISPATCHER_TICK_INTERVAL": "0.1",
