@@ -368,7 +368,7 @@ def event_memberships(
             )
 
     # each partition's pNN tables on its event-time grid (oracle_grid.py)
-    grids = grid_refreshes(pipe.scores, pipe.merge_seq, pct_keys, pipe.refresh_ms)
+    grids = grid_refreshes(pipe.scores, pipe.merge_seq, pipe.merge_time, pct_keys, pipe.refresh_ms)
     refreshes = sorted(r for refs in grids.values() for r in refs)  # for the attribution
 
     segs, bounds = compile_segments(segments)

@@ -8,8 +8,10 @@ were processed (the harness numbers them, ``seq``): its first score makes the fi
 (over whoever the partition held then: usually nobody), at the grid instant at or before the
 score; afterwards the first score whose time reaches the grid instant after the table's makes
 the next one, taken at that grid instant, over the latest score of every id the partition
-holds — before that score is taken in. A merge (on the absorbed id's partition) drops the
-absorbed id from then on, and its later scores still reach the grid but are not held.
+holds — before that score is taken in. A merge (on the absorbed id's partition): the
+absorbed id's later scores still reach the grid but are not held, and its latest value
+counts in the partition's tables up to the merge's own time (not in a table taken at a grid
+instant after it).
 """
 
 from __future__ import annotations
@@ -51,11 +53,12 @@ def _table(
 def grid_refreshes(
     scores: Mapping[str, list[dict[str, Any]]],
     merge_seq: Mapping[str, int],
+    merge_time: Mapping[str, int],
     keys: list[tuple[str, float]],
     step_ms: int,
 ) -> dict[int, list[Refresh]]:
     """Each partition's tables in order, from every id's scores (``as_of``, ``seq``,
-    ``values``) and the seq of each absorbed id's merge."""
+    ``values``) and each absorbed id's merge: its seq and its event time."""
     records: dict[int, list[tuple[int, int, str, int, dict[str, Any]]]] = defaultdict(list)
     for cid, lst in scores.items():
         for sc in lst:
@@ -67,16 +70,17 @@ def grid_refreshes(
     for part, recs in records.items():
         refs: list[Refresh] = []
         held: dict[str, tuple[int, dict[str, Any]]] = {}  # id -> (as_of, values) of its latest
-        gone: set[str] = set()
+        gone: dict[str, int] = {}  # merged-away id -> the merge's event time
         at: int | None = None
         for seq, kind, cid, as_of, sc in sorted(recs):
             if kind == 0:
-                gone.add(cid)
-                held.pop(cid, None)
+                gone[cid] = int(merge_time[cid])
                 continue
             if at is None or as_of >= at + step:
                 instant = as_of - as_of % step if at is None else at + step
                 at = as_of - as_of % step
+                for x in [x for x in held if gone.get(x, instant) < instant]:
+                    del held[x]  # merged before the grid instant
                 refs.append((instant, seq, _table(held, keys)))
             if cid in gone or (cid in held and as_of < held[cid][0]):
                 continue

@@ -43,6 +43,7 @@ def run_pipeline(customers: int, days: int, seed: int) -> dict[str, Any]:
             self.merge_at: dict[str, int] = {}
             self.merge_occ: dict[str, int] = {}  # the merge's event time (the segmenter's now)
             self.merge_seq: dict[str, int] = {}  # absorbed id -> the merge's seq
+            self.merge_time: dict[str, int] = {}  # absorbed id -> the merge's occurred_at
             # the segmenter's pNN tables over time, any partition's (for the attribution only)
             self.thresholds: list[tuple[int, dict[tuple[str, float], float]]] = []
             self._seen: dict[int, Any] = {}
@@ -69,6 +70,7 @@ def run_pipeline(customers: int, days: int, seed: int) -> dict[str, Any]:
             super().merge(merge)
             for a in merge["absorbed_ids"]:
                 self.merge_seq[a] = self.seq
+                self.merge_time[a] = int(merge["occurred_at"])
 
     config = SimConfig(customers=customers, days=days, seed=seed, noise=DEMO_NOISE)
     sim = Simulation(config)
@@ -113,6 +115,7 @@ def run_pipeline(customers: int, days: int, seed: int) -> dict[str, Any]:
         dead=pipe.dead,
         thresholds=sorted(pipe.thresholds, key=lambda t: t[0]),
         merge_seq=pipe.merge_seq,
+        merge_time=pipe.merge_time,
         refresh_ms=int(pipe.segmenter.config.percentile_refresh * 1000),
     )
     return {

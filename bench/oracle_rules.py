@@ -339,7 +339,9 @@ def live_id_memberships(
         from oracle_grid import grid_refreshes, partition_of
 
         pct_keys = list(percentiles(segments, {}, np.zeros(0, bool), True))
-        grids = grid_refreshes(pipe.scores, pipe.merge_seq, pct_keys, pipe.refresh_ms)
+        grids = grid_refreshes(
+            pipe.scores, pipe.merge_seq, pipe.merge_time, pct_keys, pipe.refresh_ms
+        )
         part_of_id = np.array([partition_of(cid) for cid in ids])
 
         def thresholds_at(j: int) -> dict[tuple[str, float], Any]:

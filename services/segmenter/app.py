@@ -117,6 +117,8 @@ class Segmenter:
         #: Per scores partition: its pNN table in force, and its customers' pNN feature values.
         self.tables: dict[int, Table] = {}
         self.population: dict[int, dict[str, Column]] = {}
+        #: Per partition, merged-away ids whose values count in tables up to the merge's time.
+        self.leaving: dict[int, dict[str, int]] = {}
         self._unwritten_tables: set[int] = set()
         self.sizes: dict[str, int] = {}
         #: Event-time watermark per partition: the highest ``as_of`` seen on it.
@@ -208,6 +210,7 @@ class Segmenter:
             self.watermarks.clear()
             self._timers.clear()
             self.population.clear()
+            self.leaving.clear()
             self.tables.clear()
         self.rebuild(partitions)
 
@@ -224,6 +227,7 @@ class Segmenter:
             self._committed_watermarks.pop(part, None)
             self.part_statuses.pop(part, None)
             self.population.pop(part, None)
+            self.leaving.pop(part, None)
             self.tables.pop(part, None)
         self._recount()
         if self.on_committed is not None:
@@ -247,11 +251,15 @@ class Segmenter:
 
     def _load(self, key: str, record: dict[str, Any] | None) -> None:
         if key.startswith(RETIRED_KEY):
-            cid = key[len(RETIRED_KEY) :]
+            cid, part = key[len(RETIRED_KEY) :], self.store.partition_of(key)
             if record is None:
                 self.retired.pop(cid, None)
+                shared.linger(self, cid, part, {}, None)
             else:
                 self.retired[cid] = (record.get("segment") or {}).get("segment") or "merged"
+                kept = record.get("customer")
+                if kept:
+                    shared.linger(self, cid, part, kept["numbers"], int(kept["as_of"]))
             return
         if key.startswith(SEGMENT_KEY):
             name, at, digits = key[len(SEGMENT_KEY) :].rpartition("@")
@@ -297,13 +305,13 @@ class Segmenter:
     def __call__(self, record: Incoming) -> Iterator[Output]:
         part = record.partition
         if record.topic_name == self.merges_topic:
-            yield from self._merge(record.value, part)
+            yield from customers.merge(self, record.value, part)
             return
         if record.topic_name == self.forget_topic:
-            yield from self._forget(record.value, part)
+            yield from customers.forget(self, record.value, part)
             return
         if record.topic_name == self.attributes_topic:
-            yield from self._attributes(record.key, record.value, part)
+            yield from customers.attributes(self, record.key, record.value, part)
             return
         value = record.value
         try:
@@ -317,7 +325,7 @@ class Segmenter:
             scored_at = value.get("scored_at")
             if scored_at:
                 EVAL_LAG.observe(max(0.0, self.clock() - scored_at / 1000))
-            self._check_features(score)
+            check_features(self, score, OPTIONAL_FIELDS)
         why = self.retired.get(score.customer_id)
         if why is not None:
             RETIRED_SCORES.labels(why).inc()
@@ -334,28 +342,11 @@ class Segmenter:
         table = self.tables.get(part)
         return table.values if table is not None else {}
 
-    def _check_features(self, score: core.Score) -> None:
-        check_features(self, score, OPTIONAL_FIELDS)
-
-    def _merge(self, merge: dict[str, Any], part: int) -> Iterator[Output]:
-        yield from customers.merge(self, merge, part)
-
-    def _attributes(self, key: Any, record: dict[str, Any] | None, part: int) -> Iterator[Output]:
-        yield from customers.attributes(self, key, record, part)
-
     def _follow_lookups(self) -> None:
         shared.follow_lookups(self)
 
     def apply_lookups(self, changed: dict[str, dict[str, Any] | None]) -> None:
         shared.apply_lookups(self, changed)
-
-    def _forget(self, request: dict[str, Any], part: int) -> Iterator[Output]:
-        yield from customers.forget(self, request, part)
-
-    def _retire(
-        self, cid: str, why: str, survivor: str | None, now: int, part: int
-    ) -> Iterator[Output]:
-        yield from customers.retire(self, cid, why, survivor, now, part)
 
     def _apply(
         self,

@@ -20,6 +20,7 @@ from services.segmenter import core
 from services.segmenter.dsl import DefinitionError, Definitions, parse
 from services.segmenter.metrics import DEFINITIONS, LOOKUP_LOADS
 from services.segmenter.population import Table, crossed, grid_floor, percentile_thresholds
+from services.segmenter.quantiles import Column
 
 if TYPE_CHECKING:
     from services.segmenter.app import Segmenter
@@ -171,6 +172,12 @@ def advance_grid(seg: Segmenter, part: int, as_of: int) -> Iterator[Output]:
         seg._fire_timers(out, 1 << 62, before=(part, instant))
         yield from out
     population = seg.population.get(part, {})
+    leaving = seg.leaving.get(part, {})
+    for cid in [c for c, until in leaving.items() if until < instant]:  # merged before it
+        del leaving[cid]
+        if cid not in seg.states:
+            for column in population.values():
+                column.discard(cid)
     new = Table(part, grid_floor(as_of, step), percentile_thresholds(seg.defs, population))
     seg.tables[part] = new
     seg._unwritten_tables.add(part)
@@ -205,3 +212,20 @@ def recompute_tables(seg: Segmenter) -> None:
         values = percentile_thresholds(seg.defs, seg.population.get(part, {}))
         seg.tables[part] = Table(part, table.at, values)
         seg._unwritten_tables.add(part)
+
+
+def linger(
+    seg: Segmenter, cid: str, part: int, values: dict[str, float], until: int | None
+) -> None:
+    """A merged-away id's values stay in ``part``'s population for the tables of grid
+    instants up to ``until`` (None: not any more, unless the id is a customer again)."""
+    leaving = seg.leaving.setdefault(part, {})
+    population = seg.population.setdefault(part, {})
+    if until is None:
+        if leaving.pop(cid, None) is not None and cid not in seg.states:
+            for column in population.values():
+                column.discard(cid)
+        return
+    leaving[cid] = until
+    for feature, value in values.items():
+        population.setdefault(feature, Column()).set(cid, float(value))

@@ -527,3 +527,27 @@ def test_explain_url_with_nothing_listening_says_so(capsys: pytest.CaptureFixtur
     assert cli(["explain", "a", "--url", url]) == 2
     err = capsys.readouterr().err
     assert f"cannot reach a segmenter at {url}" in err and "9412" in err
+
+
+def test_a_merged_away_id_counts_in_its_partitions_tables_up_to_the_merges_time(
+    tmp_path: Path,
+) -> None:
+    """Where a merge record falls among the partition's scores depends on fetch timing (it
+    comes on its own topic); its own event time decides which tables still count the
+    absorbed id — also for a new owner restoring the partition in between."""
+    seg = hourly(tmp_path)
+    for i in range(4):
+        list(seg(score(f"c{i}", T0, clv=float(i))))
+    list(seg(score("rich", T0, clv=100.0)))
+    merge = {"survivor_id": "c0", "absorbed_ids": ["rich"], "occurred_at": GRID + 30 * 60_000}
+    list(seg(Incoming(TOPICS.merges, seg.merges_topic, 0, 0, "rich", merge, None, [])))
+    commit(seg)
+    assert "rich" not in seg.states
+    owner = hourly(tmp_path)
+    owner.store.load_snapshot(seg.store.snapshot())
+    owner.rebuild()
+    for s in (seg, owner):
+        list(s(score("x", GRID + 1, clv=0.0)))  # GRID: merged after it, rich still counts
+        assert s.thresholds_for(0) == {("clv", 50.0): 2.0}  # 0, 1, 2, 3, 100
+        list(s(score("y", GRID + HOUR + 1, clv=0.0)))  # GRID + 1 h: rich has gone
+        assert s.thresholds_for(0) == {("clv", 50.0): 1.0}  # 0, 0, 1, 2, 3
