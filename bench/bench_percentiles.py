@@ -5,8 +5,9 @@ kept-sorted structure that was tried and rejected (sortedcontainers, if installe
 
 For each population size, one run, side by side:
 * refresh: seconds to compute the default segments' pNN thresholds (3 features) — the loop
-  stalls this long every ``percentile_refresh`` (60 s) — by sorting every value (before) and
-  by :meth:`Column.nearest_rank` (numpy selection, now);
+  stalls this long at each grid instant of a partition's event time (``percentile_refresh``,
+  1 h; over that partition's customers, a quarter of a deployment's) — by sorting every
+  value (before) and by :meth:`Column.nearest_rank` (numpy selection, now);
 * update: microseconds per score update to keep the population current for the 3 features:
   a dict write (before), :meth:`Column.set` (now), a SortedList remove + add (rejected).
 Prints the load average: run it alone.

@@ -323,7 +323,7 @@ def errors(
     obs = pipe.obs
     defs = pipe.segmenter.defs
     seg = defs.by_name[segment]
-    thresholds = pipe.segmenter.thresholds
+    segmenter = pipe.segmenter
     true_of = true_customer_of(obs, truth_of)
     predicted = predicted_spans(obs, true_of, config.end_ms)
     cids_of: dict[str, list[str]] = defaultdict(list)
@@ -354,6 +354,9 @@ def errors(
     for t in truth:
         actual = [[b, e if e is not None else config.end_ms] for b, e in t["segments"][segment]]
         mine = predicted.get((t["customer"], segment), [])
+        main = max(cids_of.get(t["customer"], [""]), key=lambda c: len(pipe.scores.get(c, ())))
+        # the final pNN table of the main profile's partition (thresholds are per partition)
+        thresholds = segmenter.thresholds_for(segmenter.store.partition_of(main))
         scores = None
         noon = config.start_ms + DAY // 2
         while noon < config.end_ms:

@@ -12,9 +12,9 @@ independently:
   (``days_since_*``) aged; the oracle derives its own timers from them — the instant each
   recency crosses a bound a rule compares it with, the end of ``min_dwell``, ``cooldown``,
   ``sustain`` and ``ttl``;
-* each percentile refresh (the service's schedule; the thresholds are the oracle's own, over
-  every live id's latest score) for the ids whose value lies between the old and the new
-  threshold (nobody else's rule can change there);
+* each new ``pNN`` table of the id's partition (``oracle_grid.py``: the partition's own
+  event-time grid, over its ids' latest scores) for the ids whose value lies between the old
+  and the new threshold (nobody else's rule can change there);
 * a merge: the absorbed id leaves every segment at the merge's instant.
 
 It imports nothing from ``services``; the rules are read from the YAML here. Output: each
@@ -35,6 +35,7 @@ from oracle_features import (
     DAY,
     FROM_SCORES,
 )
+from oracle_grid import grid_refreshes, partition_of
 from oracle_point import point_features  # also importable from here
 from oracle_rules import (  # noqa: F401
     Compiled,
@@ -163,7 +164,7 @@ class IdTimeline:
     """One customer id's inputs: its scores in emission order (as_of, values), each with the
     oracle's features at as_of; the instant it was merged away (or None)."""
 
-    scores: list[tuple[int, int, dict[str, Any]]]  # (as_of, emitted at, values)
+    scores: list[tuple[int, int, dict[str, Any]]]  # (as_of, seq: its place in the input, values)
     merged_at: int | None
 
 
@@ -175,8 +176,8 @@ def run_id(
     pct_keys: list[tuple[str, float]],
     end: int,
 ) -> IdState:
-    """Step one id through its scores, its own timers and the percentile refreshes, in event
-    time, up to ``end`` or its merge."""
+    """Step one id through its scores, its own timers and its partition's ``pNN`` tables
+    (``refreshes``: (instant, seq, table)), in event time, up to ``end`` or its merge."""
     st = IdState()
     stop = tl.merged_at if tl.merged_at is not None else end
     r_times = [t for t, _, _ in refreshes]
@@ -188,17 +189,16 @@ def run_id(
     while True:
         t_score = scores[si][0] if si < len(scores) else None
         t_ref = r_times[ri] if ri < len(r_times) else None
-        # a refresh is taken at its event-time instant (the segmenter's watermark then), but
-        # after any score the service processed before it (emitted by the refresh's clock: such
-        # a score was evaluated with the thresholds before the refresh)
-        if (
-            t_ref is not None
-            and t_score is not None
-            and t_score <= stop
-            and scores[si][1] <= refreshes[ri][1]
-        ):
-            t_ref = None
-        cands = [x for x in (t_score, t_ref, timer) if x is not None and x <= stop]
+        # scores and tables in the partition's order (a score before the one that reached the
+        # grid instant was taken in with the table before, one after it with the new table),
+        # each at its own instant; the id's timers due before either fire first
+        t_next = t_score
+        if t_ref is not None and t_score is not None and t_score <= stop:
+            if scores[si][1] < refreshes[ri][1]:
+                t_ref = None
+            else:
+                t_next = None
+        cands = [x for x in (t_next, t_ref, timer) if x is not None and x <= stop]
         if not cands:
             break
         now = min(cands)
@@ -223,7 +223,7 @@ def run_id(
             if hit:
                 timer = step(st, max(now, st.as_of), segs, bounds, current)
             continue
-        if timer is not None and now == timer and (t_score is None or timer < t_score):
+        if timer is not None and now == timer and (t_next is None or timer < t_next):
             timer = step(st, now, segs, bounds, current)
             continue
         assert t_score is not None
@@ -267,7 +267,7 @@ class EventOracle:
     n_mismatched: int
     by_feature: dict[str, int]
     steps_seconds: float
-    refreshes: list[tuple[int, int, dict[tuple[str, float], float]]]  # (instant, clock, table)
+    refreshes: list[tuple[int, int, dict[tuple[str, float], float]]]  # every partition's
 
 
 def event_memberships(
@@ -349,13 +349,7 @@ def event_memberships(
         tl = timelines.get(cid)
         if tl is None:
             tl = timelines[cid] = IdTimeline([], merge_occ.get(cid))
-        tl.scores.append(
-            (
-                int(sc["as_of"]),
-                int(sc.get("at", sc["as_of"])),
-                score_values(mine, theirs, set(mine)),
-            )
-        )
+        tl.scores.append((int(sc["as_of"]), int(sc["seq"]), score_values(mine, theirs, set(mine))))
         if diffs:
             n_mis += 1
             for f in diffs:
@@ -373,35 +367,9 @@ def event_memberships(
                 (int(sc["as_of"]), int(at), tuple(diffs), late)
             )
 
-    # percentile thresholds at the service's refreshes (its schedule, applied at the
-    # segmenter's event-time watermark then), the values the oracle's: nearest rank over every
-    # live id's latest score emitted by the refresh
-    refresh_at = [t for t, _ in pipe.thresholds]
-    refresh_wm = getattr(pipe, "refresh_wm", refresh_at)
-    pct_feats = sorted({f for f, _ in pct_keys})
-    history = sorted(
-        (sc.get("at", sc["as_of"]), cid, f, float(sc["values"][f]))
-        for cid, lst in pipe.scores.items()
-        for sc in lst
-        for f in pct_feats
-        if sc["values"].get(f) is not None
-    )
-    latest: dict[str, dict[str, float]] = {f: {} for f in pct_feats}
-    refreshes: list[tuple[int, int, dict[tuple[str, float], float]]] = []
-    h = 0
-    for t, wm in zip(refresh_at, refresh_wm, strict=True):
-        while h < len(history) and history[h][0] <= t:
-            _, cid, f, x = history[h]
-            latest[f][cid] = x
-            h += 1
-        table: dict[tuple[str, float], float] = {}
-        for f, p in pct_keys:
-            vals = [x for cid, x in latest[f].items() if merge_at.get(cid, 1 << 62) > t]
-            if vals:
-                data = np.sort(vals)
-                rank = min(max(1, math.ceil(p / 100 * len(data))), len(data))
-                table[(f, p)] = float(data[rank - 1])
-        refreshes.append((int(wm), int(t), table))
+    # each partition's pNN tables on its event-time grid (oracle_grid.py)
+    grids = grid_refreshes(pipe.scores, pipe.merge_seq, pipe.merge_time, pct_keys, pipe.refresh_ms)
+    refreshes = sorted(r for refs in grids.values() for r in refs)  # for the attribution
 
     segs, bounds = compile_segments(segments)
     end = int(config.end_ms) + DAY
@@ -409,7 +377,7 @@ def event_memberships(
     re_exits: dict[int, list[tuple[int, str]]] = defaultdict(list)
     started = time.perf_counter()
     for cid, tl in timelines.items():
-        st = run_id(tl, segs, bounds, refreshes, pct_keys, end)
+        st = run_id(tl, segs, bounds, grids.get(partition_of(cid), []), pct_keys, end)
         c = final_index[obs.final_id(cid)]
         for name, spans in st.stays.items():
             stays[(c, name)] += [(b, e) for b, e in spans]

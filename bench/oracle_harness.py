@@ -1,8 +1,9 @@
 """The segment oracle's harness (issue #17): the simulator's delivered events through identity,
 scorer and segmenter in one process (``segment_pipeline.py``), keeping the raw events, the
-scores (with their emission clock), the segment changes, the merges' and the percentile
-refreshes' instants. Split out of ``segment_oracle.py`` (issue #14's 600-line limit); the
-oracle side imports nothing from ``services``, only this harness does.
+scores (with their emission clock and order), the segment changes, the merges' instants and
+order, and the segmenter's percentile grid step. Split out of ``segment_oracle.py`` (issue
+#14's 600-line limit); the oracle side imports nothing from ``services``, only this harness
+does.
 """
 
 from __future__ import annotations
@@ -29,6 +30,8 @@ def run_pipeline(customers: int, days: int, seed: int) -> dict[str, Any]:
     raw delivered events, the scores and the segment changes."""
     from segment_pipeline import DEMO_NOISE, Pipeline
 
+    from segflow.runtime.state import partition_for
+    from segflow.runtime.topics import TOPICS
     from segflow.sim.generator import HOUR, SimConfig, Simulation
     from segflow.sim.noise import Delivery
     from services.scorer.core import ScorerConfig
@@ -39,17 +42,18 @@ def run_pipeline(customers: int, days: int, seed: int) -> dict[str, Any]:
             self.dead: set[str] = set()
             self.merge_at: dict[str, int] = {}
             self.merge_occ: dict[str, int] = {}  # the merge's event time (the segmenter's now)
-            self.refresh_wm: list[int] = []  # the segmenter's watermark at each refresh
-            # the segmenter's percentile thresholds over time (for the attribution only)
+            self.merge_seq: dict[str, int] = {}  # absorbed id -> the merge's seq
+            self.merge_time: dict[str, int] = {}  # absorbed id -> the merge's occurred_at
+            # the segmenter's pNN tables over time, any partition's (for the attribution only)
             self.thresholds: list[tuple[int, dict[tuple[str, float], float]]] = []
-            refresh = self.segmenter._refresh_thresholds
+            self._seen: dict[int, Any] = {}
 
-            def recorded() -> None:
-                refresh()
-                self.thresholds.append((self.clock_ms, dict(self.segmenter.thresholds)))
-                self.refresh_wm.append(self.segmenter.watermark)
-
-            self.segmenter._refresh_thresholds = recorded  # type: ignore[method-assign]
+        def collect(self, outputs: Any) -> None:
+            super().collect(outputs)
+            for part, table in self.segmenter.tables.items():
+                if self._seen.get(part) is not table:
+                    self._seen[part] = table
+                    self.thresholds.append((table.at, dict(table.values)))
 
         def event(self, event: dict[str, Any], delivered_at: int) -> None:
             before = sum(self.obs.dlq.values())
@@ -60,9 +64,13 @@ def run_pipeline(customers: int, days: int, seed: int) -> dict[str, Any]:
         def merge(self, merge: dict[str, Any]) -> None:
             for a in merge["absorbed_ids"]:
                 self.merge_at[a] = self.clock_ms
-                # the segmenter's instant for the merge: its time or the watermark, if later
-                self.merge_occ[a] = max(int(merge["occurred_at"]), self.segmenter.watermark)
+                # the segmenter's instant for the merge: its time or its partition's watermark
+                wm = self.segmenter.watermarks.get(partition_for(a, TOPICS.scores.partitions), 0)
+                self.merge_occ[a] = max(int(merge["occurred_at"]), wm)
             super().merge(merge)
+            for a in merge["absorbed_ids"]:
+                self.merge_seq[a] = self.seq
+                self.merge_time[a] = int(merge["occurred_at"])
 
     config = SimConfig(customers=customers, days=days, seed=seed, noise=DEMO_NOISE)
     sim = Simulation(config)
@@ -105,8 +113,10 @@ def run_pipeline(customers: int, days: int, seed: int) -> dict[str, Any]:
         merge_at=pipe.merge_at,
         merge_occ=pipe.merge_occ,
         dead=pipe.dead,
-        thresholds=pipe.thresholds,
-        refresh_wm=pipe.refresh_wm,
+        thresholds=sorted(pipe.thresholds, key=lambda t: t[0]),
+        merge_seq=pipe.merge_seq,
+        merge_time=pipe.merge_time,
+        refresh_ms=int(pipe.segmenter.config.percentile_refresh * 1000),
     )
     return {
         "config": config,

@@ -7,6 +7,7 @@ limit); see that file.
 
 from __future__ import annotations
 
+import bisect
 import math
 from collections import defaultdict
 from collections.abc import Callable
@@ -270,8 +271,8 @@ def live_id_memberships(
     have their features (from their own events), their scores and their segments; at the
     merge the absorbed id leaves every segment and the survivor holds the events of both. A
     true customer is a member when any of its live ids is. ``refresh``: ``pNN`` thresholds as
-    the service computes them — nearest rank over every live id's latest score, recomputed at
-    each percentile refresh (every 6 h in the harness) — instead of at each instant."""
+    the service computes them — per partition of the scores topic, on the partition's
+    event-time grid (``oracle_grid.py``) — instead of at each instant over every id."""
     config, pipe = run["config"], run["pipe"]
     obs = pipe.obs
     day0 = config.start_ms // DAY
@@ -310,16 +311,12 @@ def live_id_memberships(
     model = {k: np.full((n_ids, len(instants)), np.nan, dtype=object) for k in FROM_SCORES}
     pct_features = sorted({f for f, _ in percentiles(segments, {}, np.zeros(0, bool), True)})
     assert set(pct_features) <= {"churn_probability", "clv", "engagement_score"}, pct_features
-    history: dict[str, list[tuple[int, int, float]]] = defaultdict(list)  # feature: (t, id, v)
     for cid, lst in pipe.scores.items():
         i = id_index.get(cid)
         if i is None:
             continue
         for sc in lst:
             as_of, values = sc["as_of"], sc["values"]
-            for f in pct_features:
-                if values.get(f) is not None:
-                    history[f].append((as_of, i, float(values[f])))
             d = int(as_of // DAY) - day0
             if not 0 <= d < n_days:
                 continue
@@ -338,33 +335,22 @@ def live_id_memberships(
 
     thresholds_at = None
     if refresh:
-        # the service's refreshes (times recorded by the harness; the schedule, not the values)
-        refresh_at = [t for t, _ in pipe.thresholds]
-        pct_keys = list(percentiles(segments, {}, np.zeros(0, bool), True))
-        until = np.array([merge_at.get(cid, 1 << 62) for cid in ids], dtype=np.float64)
-        latest = {f: np.full(n_ids, np.nan) for f in pct_features}
-        sweep = {f: sorted(history[f], key=lambda h: h[0]) for f in pct_features}
-        pos = dict.fromkeys(pct_features, 0)
-        table: list[dict[tuple[str, float], float]] = []
-        for t in refresh_at:
-            for f in pct_features:  # every id's latest score value at the refresh
-                h, k = sweep[f], pos[f]
-                while k < len(h) and h[k][0] <= t:
-                    latest[f][h[k][1]] = h[k][2]
-                    k += 1
-                pos[f] = k
-            out: dict[tuple[str, float], float] = {}
-            for f, p in pct_keys:
-                vals = latest[f][(until > t) & ~np.isnan(latest[f])]
-                if len(vals):
-                    data = np.sort(vals)
-                    rank = min(max(1, math.ceil(p / 100 * len(data))), len(data))
-                    out[(f, p)] = float(data[rank - 1])
-            table.append(out)
+        # each id's partition's pNN table at the instant (oracle_grid.py; per id: an array)
+        from oracle_grid import grid_refreshes, partition_of
 
-        def thresholds_at(j: int) -> dict[tuple[str, float], float]:
-            i = int(np.searchsorted(refresh_at, instants[j], side="right")) - 1
-            return table[i] if i >= 0 else {}
+        pct_keys = list(percentiles(segments, {}, np.zeros(0, bool), True))
+        grids = grid_refreshes(
+            pipe.scores, pipe.merge_seq, pipe.merge_time, pct_keys, pipe.refresh_ms
+        )
+        part_of_id = np.array([partition_of(cid) for cid in ids])
+
+        def thresholds_at(j: int) -> dict[tuple[str, float], Any]:
+            out = {k: np.full(n_ids, np.nan) for k in pct_keys}
+            for p, refs in grids.items():
+                i = bisect.bisect_right([r[0] for r in refs], instants[j]) - 1
+                for k, v in (refs[i][2] if i >= 0 else {}).items():
+                    out[k][part_of_id == p] = v
+            return out
 
     re_ids: list[tuple[int, float, str]] = []
     member_ids = oracle_memberships(

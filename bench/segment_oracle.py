@@ -8,13 +8,13 @@ live ids is), the oracle recomputes every feature the default rules read (``orac
 daily; ``oracle_point``: at any instant), reads the YAML itself and steps its own state machine
 (hysteresis, ``min_dwell``, ``cooldown``, ``sustain`` with ``sustain_since``, ``ttl``,
 ``re_engaged``). Model outputs (``churn_probability``, ``clv``, ``lifecycle_stage``) and the
-score instants come from the emitted scores; percentiles are the nearest rank over every live
-id's latest score at the service's refreshes. The oracle side imports nothing from ``services``.
+score instants come from the emitted scores; percentiles are per scores partition, on its
+event-time grid (``oracle_grid.py``). The oracle side imports nothing from ``services``.
 
 ``--mode events`` (default, ``oracle_events.py``): each id stepped at every score (features
 recomputed at the score's instant), at its own timers (recency crossings, dwell, cooldown,
-sustain, ttl), at percentile refreshes and at merges; compared per customer-day at the day's
-last millisecond ``t_d`` and as whole intervals. ``--mode samples`` (sessions 5–6,
+sustain, ttl), at its partition's new pNN tables and at merges; compared per customer-day at
+the day's last millisecond ``t_d`` and as whole intervals. ``--mode samples`` (sessions 5–6,
 ``oracle_rules.py``): stepped at midnight and ``t_d`` only.
 
 The segmenter's membership of a customer at ``t_d`` is the union over its ids of the stays the
@@ -117,7 +117,7 @@ def compare(
     merged disagrees wherever its ids' segments differ), ``live-id`` (default) as ``final-id``
     but every customer id evaluated on its own until it is merged, as the service does
     (:func:`live_id_memberships`). ``refresh`` (live-id only): ``pNN`` thresholds recomputed at
-    the service's percentile refreshes over every id's latest score, as documented, instead of
+    each partition's event-time grid over its ids' latest scores, as documented, instead of
     at every instant over the oracle's values."""
     config, pipe, events = run["config"], run["pipe"], run["events"]
     obs = pipe.obs
@@ -243,7 +243,7 @@ def compare(
     feats = {k: a[:, 1::2] for k, a in feats.items()}
     refresh_at = [t for t, _ in pipe.thresholds]
 
-    def seg_thresholds(t: int) -> dict[tuple[str, float], float]:
+    def seg_thresholds(t: int) -> dict[tuple[str, float], float]:  # any partition's, latest
         i = int(np.searchsorted(refresh_at, t, side="right")) - 1
         return pipe.thresholds[i][1] if i >= 0 else {}
 
@@ -261,8 +261,9 @@ def compare(
                     seg_thresholds(as_of).get((feat, p)),
                     seg_thresholds(int(instants[i])).get((feat, p)),
                 ):
-                    if theirs is not None and min(mine, theirs) <= x <= max(mine, theirs):
-                        return f"{feat} p{p:g}"
+                    for m in np.atleast_1d(mine):  # per id (any partition's) in live-id mode
+                        if theirs is not None and min(m, theirs) <= x <= max(m, theirs):
+                            return f"{feat} p{p:g}"
         return None
 
     # -- the segmenter's memberships at t_d, united per true customer ---------------------
@@ -527,7 +528,7 @@ def main() -> None:
     p.add_argument(
         "--instant-percentiles",
         action="store_true",
-        help="pNN over every id at each instant (not at the service's 6-hourly refreshes)",
+        help="pNN over every id at each instant (not per partition on its hourly grid)",
     )
     args = p.parse_args()
     cache = Path(args.cache) if args.cache else None

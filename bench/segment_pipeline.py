@@ -1,7 +1,7 @@
 """The in-process pipeline of the segment benches: the simulator's delivered events through
 the identity core, the scorer core and the segmenter's shell (``Segmenter`` without Kafka),
-ticked every simulated hour (split out of ``eval_segments.py``, issue #14; used by it and by
-``segment_oracle.py``).
+each record on its key's partition, ticked every simulated hour (split out of
+``eval_segments.py``, issue #14; used by it and by ``segment_oracle.py``).
 """
 
 from __future__ import annotations
@@ -17,6 +17,7 @@ from segflow.demo import Observed  # noqa: E402
 from segflow.errors import InvalidRecord  # noqa: E402
 from segflow.runtime.loop import Incoming  # noqa: E402
 from segflow.runtime.settings import Settings  # noqa: E402
+from segflow.runtime.state import partition_for  # noqa: E402
 from segflow.runtime.topics import TOPICS  # noqa: E402
 from segflow.sim.noise import NoiseConfig  # noqa: E402
 from services.identity import core as identity  # noqa: E402
@@ -43,9 +44,8 @@ class Pipeline:
         settings = Settings(topic_prefix="eval.")
         self.segmenter = Segmenter(
             settings,
-            SegmenterConfig(
-                definitions=definitions, percentile_refresh=6 * 3600.0, reload_interval=1e12
-            ),
+            # pNN tables per partition every hour of event time (the service's default)
+            SegmenterConfig(definitions=definitions, reload_interval=1e12),
             clock=lambda: self.clock_ms / 1000,
         )
         self.scores_topic = self.segmenter.scores_topic
@@ -54,6 +54,7 @@ class Pipeline:
         self.scores: dict[str, list[dict[str, Any]]] = defaultdict(list)  # for --why
         self.keep_scores = False
         self.n_scores = 0
+        self.seq = 0  # records given to the segmenter (their order on each partition)
 
     # -- stages ---------------------------------------------------------------------------
     def event(self, event: dict[str, Any], delivered_at: int) -> None:
@@ -105,9 +106,9 @@ class Pipeline:
                     self.scorer_states[o.customer_id] = o.state
             elif isinstance(o, ScoreEmit) and o.score is not None:
                 self.n_scores += 1
+                self.segment(self.scores_topic, o.score)
                 if self.keep_scores:
                     self.scores[o.customer_id].append(self.compact(o.score))
-                self.segment(self.scores_topic, o.score)
 
     def compact(self, score: dict[str, Any]) -> dict[str, Any]:
         """A score reduced to what the definitions read (memory: ~50k scores are kept)."""
@@ -120,12 +121,18 @@ class Pipeline:
                 values[k] = float(score[k])
         if score.get("lifecycle_stage"):
             values["lifecycle_stage"] = str(score["lifecycle_stage"])
-        # "at": the harness clock when the score was emitted (its order against merges)
-        return {"as_of": score["as_of"], "at": self.clock_ms, "values": values}
+        # "at": the harness clock when the score was emitted (its order against merges);
+        # "seq": its place in the segmenter's input (its partition's order)
+        return {"as_of": score["as_of"], "at": self.clock_ms, "seq": self.seq, "values": values}
 
     def segment(self, topic_name: str, value: dict[str, Any]) -> None:
         topic = TOPICS.merges if topic_name == self.merges_topic else TOPICS.scores
-        record = Incoming(topic, topic_name, 0, 0, None, value, None, [])
+        # on the partition its key has (merges are keyed by the absorbed id): the segmenter's
+        # watermarks, timers and pNN tables are per partition
+        key = str(value["absorbed_ids"][0] if topic is TOPICS.merges else value["customer_id"])
+        part = partition_for(key, TOPICS.scores.partitions)
+        self.seq += 1
+        record = Incoming(topic, topic_name, part, 0, key, value, None, [])
         self.collect(self.segmenter(record))
 
     def tick(self) -> None:

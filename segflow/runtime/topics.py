@@ -86,7 +86,6 @@ class Topics:
     dispatcher_state: Topic
     contact_vault: Topic
     segmenter_state: Topic
-    segmenter_population: Topic  # issue 15: deployment-wide pNN thresholds
     attributes: Topic  # issue 19
     lookups: Topic  # issue 19
 

@@ -40,6 +40,7 @@ from segflow.runtime.internal_api import serve as serve_routes
 from segflow.runtime.snapshot import Published, View
 from services.segmenter import core
 from services.segmenter.app import Segmenter
+from services.segmenter.population import Table
 
 MAX_PAGE = 10_000
 
@@ -67,7 +68,7 @@ class Committed:
     sizes: dict[str, int]
     statuses: dict[str, Any]
     watermarks: dict[int, int]
-    thresholds: dict[tuple[str, float], float]
+    tables: dict[int, Table]  # per scores partition: its pNN table in force
     lookups: dict[str, dict[str, str]]
     partition_of: Callable[[str], int]
 
@@ -79,7 +80,7 @@ class SegmenterView:
     def __init__(self, view: View[core.CustomerState, Committed]) -> None:
         self.states = view
         self.committed = c = view.extra
-        self.defs, self.statuses, self.thresholds = c.defs, c.statuses, c.thresholds
+        self.defs, self.statuses, self.tables = c.defs, c.statuses, c.tables
 
     @property
     def watermark(self) -> int:
@@ -94,13 +95,16 @@ class SegmenterView:
         if st is None:
             return None
         c = self.committed
-        now = max(c.watermarks.get(c.partition_of(customer_id), 0), st.as_of)
+        part = c.partition_of(customer_id)
+        now = max(c.watermarks.get(part, 0), st.as_of)
+        table = c.tables.get(part)
+        thresholds = table.values if table is not None else {}
         return {
             "customer_id": customer_id,
             "definition_version": c.defs.version,
             "as_of": st.as_of,
             "primary_segment": st.primary,
-            "segments": core.explain_customer(st, now, c.defs, c.thresholds, c.lookups),
+            "segments": core.explain_customer(st, now, c.defs, thresholds, c.lookups),
         }
 
 
@@ -122,7 +126,7 @@ class ViewPublisher:
             sizes=dict(seg.sizes),
             statuses=seg.statuses,  # a new dict each time
             watermarks=dict(seg.watermarks),
-            thresholds=seg.thresholds,  # replaced, never mutated, by a refresh
+            tables=dict(seg.tables),  # each Table is immutable, replaced at its grid instant
             lookups=dict(seg.lookups),  # tables are replaced whole
             partition_of=seg.store.partition_of,
         )
@@ -173,13 +177,21 @@ def routes(source: Queries | Segmenter) -> Routes:
 
     @r.get("/percentiles")
     def percentiles(_p: Params, _q: Query) -> dict[str, Any]:
-        """The pNN thresholds in use (deployment-wide under N instances: README.md)."""
+        """The pNN thresholds in force on each scores partition this instance owns, with the
+        event-time grid instant each was computed at (README.md)."""
         with view() as queries:
+            tables = getattr(queries, "tables", {})
             return {
                 "definition_version": queries.defs.version,
-                "thresholds": {
-                    f"{feature} p{pct:g}": value
-                    for (feature, pct), value in sorted(getattr(queries, "thresholds", {}).items())
+                "partitions": {
+                    str(part): {
+                        "at": table.at,
+                        "thresholds": {
+                            f"{feature} p{pct:g}": value
+                            for (feature, pct), value in sorted(table.values.items())
+                        },
+                    }
+                    for part, table in sorted(tables.items())
                 },
             }
 

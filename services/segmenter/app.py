@@ -14,10 +14,11 @@ Partitioned for N instances of one consumer group: a customer's state, timers an
 watermark (the highest ``as_of`` seen on its partition) belong to its partition, so results
 do not depend on which instance owns it or how many run. On assignment the store restores
 only the assigned partitions and their customers and timers are rebuilt; on revoke they are
-dropped. Segment statuses (deprecation) are kept per partition (``segment:<name>@<p>``);
-percentile thresholds are deployment-wide: at every refresh an instance publishes each owned
-partition's values of the ``pNN`` features to ``segflow.segmenter.population`` and merges the
-other partitions' latest summaries from it (:mod:`services.segmenter.population`, README.md).
+dropped. Segment statuses (deprecation) are kept per partition (``segment:<name>@<p>``), and
+so are percentile thresholds: each partition's ``pNN`` table is recomputed from its customers
+when its records reach the next instant of an event-time grid (every ``percentile_refresh``
+seconds of event time), kept in the changelog (``thresholds@<p>``) and restored with the
+partition (:mod:`services.segmenter.population`, README.md).
 Scores are decoded with only the features the definitions read
 (:class:`~segflow.runtime.projection.MapProjection`). The definitions file is polled for
 changes; an invalid version is logged with its lines and fields and the running version stays.
@@ -61,6 +62,7 @@ from services.segmenter.metrics import (
     check_features,
     count_change,
 )
+from services.segmenter.population import TABLE_KEY, Table, Thresholds
 from services.segmenter.quantiles import Column
 from services.segmenter.settings import DEFAULT_DEFINITIONS as DEFAULT_DEFINITIONS
 from services.segmenter.settings import SegmenterConfig as SegmenterConfig
@@ -112,8 +114,12 @@ class Segmenter:
         self.retired: dict[str, str] = {}  # customer id -> "merged" or "forgotten"
         #: Segment statuses per partition (deprecation is decided per partition).
         self.part_statuses: dict[int, dict[str, core.SegmentStatus]] = {}
-        self.thresholds: dict[tuple[str, float], float] = {}
-        self.population: dict[str, Column] = {}  # values of the pNN features
+        #: Per scores partition: its pNN table in force, and its customers' pNN feature values.
+        self.tables: dict[int, Table] = {}
+        self.population: dict[int, dict[str, Column]] = {}
+        #: Per partition, merged-away ids whose values count in tables up to the merge's time.
+        self.leaving: dict[int, dict[str, int]] = {}
+        self._unwritten_tables: set[int] = set()
         self.sizes: dict[str, int] = {}
         #: Event-time watermark per partition: the highest ``as_of`` seen on it.
         self.watermarks: dict[int, int] = {}
@@ -131,7 +137,6 @@ class Segmenter:
         self._reported_missing: set[str] = set()
         self._n_scores = 0
         self._last_reload = 0.0
-        self._last_refresh = 0.0
         self.scores_topic = TOPICS.scores.name(settings)
         self.merges_topic = TOPICS.merges.name(settings)
         self.forget_topic = TOPICS.forget.name(settings)
@@ -144,18 +149,6 @@ class Segmenter:
         #: without a broker, such as replay and the benches, call ``apply_lookups`` themselves).
         self.follow_lookups = False
         self._lookup_retry_at = 0.0
-        #: Whether percentile thresholds are merged over the deployment through
-        #: segflow.segmenter.population (set by build_loop; in-process pipelines hold every
-        #: customer and compute them locally).
-        self.follow_population = False
-        self._population_reader: GlobalTable | None = None
-        self._population_retry_at = 0.0
-        self._population_out: list[Output] = []
-        self.instance_name = settings.topic_prefix + (
-            f"{config.group_id}-{settings.instance_id}"
-            if settings.instance_id is not None
-            else config.instance
-        )
         self.score_decoder = MapProjection(
             self.serde, TOPICS.scores, "features", self.defs.features
         )
@@ -178,8 +171,8 @@ class Segmenter:
         return n
 
     def rebuild(self, partitions: set[int] | None = None) -> None:
-        """Caches, timers, watermarks, sizes and percentile thresholds from the store's table
-        (of ``partitions`` only, when given: newly assigned ones)."""
+        """Caches, timers, watermarks, sizes and the committed percentile tables from the
+        store's table (of ``partitions`` only, when given: newly assigned ones)."""
         store = self.store
         for key in list(store):
             if partitions is None or store.partition_of(key) in partitions:
@@ -195,7 +188,6 @@ class Segmenter:
                 heapq.heappush(self._timers.setdefault(part, []), (st.next_timer, key))
         self._committed_watermarks = dict(self.watermarks)
         self._recount()
-        self._refresh_thresholds()
         if self.on_committed is not None:
             self.on_committed(None)
 
@@ -218,13 +210,15 @@ class Segmenter:
             self.watermarks.clear()
             self._timers.clear()
             self.population.clear()
+            self.leaving.clear()
+            self.tables.clear()
         self.rebuild(partitions)
 
     def on_revoke(self, partitions: set[int]) -> None:
         """Another instance owns ``partitions`` now: drop their customers, timers, statuses."""
         part_of = self.store.partition_of
         for cid in [c for c in self.states if part_of(c) in partitions]:
-            self._index(self.states.pop(cid), remove=True)
+            del self.states[cid]
         for cid in [c for c in self.retired if part_of(RETIRED_KEY + c) in partitions]:
             del self.retired[cid]
         for part in partitions:
@@ -232,6 +226,9 @@ class Segmenter:
             self.watermarks.pop(part, None)
             self._committed_watermarks.pop(part, None)
             self.part_statuses.pop(part, None)
+            self.population.pop(part, None)
+            self.leaving.pop(part, None)
+            self.tables.pop(part, None)
         self._recount()
         if self.on_committed is not None:
             self.on_committed(None)
@@ -254,11 +251,15 @@ class Segmenter:
 
     def _load(self, key: str, record: dict[str, Any] | None) -> None:
         if key.startswith(RETIRED_KEY):
-            cid = key[len(RETIRED_KEY) :]
+            cid, part = key[len(RETIRED_KEY) :], self.store.partition_of(key)
             if record is None:
                 self.retired.pop(cid, None)
+                shared.linger(self, cid, part, {}, None)
             else:
                 self.retired[cid] = (record.get("segment") or {}).get("segment") or "merged"
+                kept = record.get("customer")
+                if kept:
+                    shared.linger(self, cid, part, kept["numbers"], int(kept["as_of"]))
             return
         if key.startswith(SEGMENT_KEY):
             name, at, digits = key[len(SEGMENT_KEY) :].rpartition("@")
@@ -272,19 +273,28 @@ class Segmenter:
             else:
                 statuses[name] = core.status_from_record(record)
             return
+        if key.startswith(TABLE_KEY):
+            part = int(key[len(TABLE_KEY) :])
+            if record is None:
+                self.tables.pop(part, None)
+            else:
+                self.tables[part] = Table.from_record(record)
+            return
+        part = self.store.partition_of(key)
         old = self.states.pop(key, None)
         if old is not None:
-            self._index(old, remove=True)
+            self._index(old, part, remove=True)
         if record is not None:
             st = core.state_from_record(record)
             self.states[key] = st
-            self._index(st)
+            self._index(st, part)
 
-    def _index(self, st: core.CustomerState, remove: bool = False) -> None:
+    def _index(self, st: core.CustomerState, part: int, remove: bool = False) -> None:
+        population = self.population.setdefault(part, {})
         for feature, _ in self.defs.percentiles:
-            column = self.population.get(feature)
+            column = population.get(feature)
             if column is None:
-                column = self.population[feature] = Column()
+                column = population[feature] = Column()
             value = st.values.get(feature)
             if remove or not isinstance(value, float):
                 column.discard(st.customer_id)
@@ -295,13 +305,13 @@ class Segmenter:
     def __call__(self, record: Incoming) -> Iterator[Output]:
         part = record.partition
         if record.topic_name == self.merges_topic:
-            yield from self._merge(record.value, part)
+            yield from customers.merge(self, record.value, part)
             return
         if record.topic_name == self.forget_topic:
-            yield from self._forget(record.value, part)
+            yield from customers.forget(self, record.value, part)
             return
         if record.topic_name == self.attributes_topic:
-            yield from self._attributes(record.key, record.value, part)
+            yield from customers.attributes(self, record.key, record.value, part)
             return
         value = record.value
         try:
@@ -309,11 +319,13 @@ class Segmenter:
         except (KeyError, TypeError, ValueError) as exc:
             raise InvalidRecord(f"CustomerScore unusable: {exc}", reason="invalid_score") from exc
         self._n_scores += 1
+        if self.defs.percentiles:  # the partition's next pNN table, when this reaches its grid
+            yield from shared.advance_grid(self, part, score.as_of)
         if self._n_scores % 16 == 0:  # a sample is enough for a histogram and the check
             scored_at = value.get("scored_at")
             if scored_at:
                 EVAL_LAG.observe(max(0.0, self.clock() - scored_at / 1000))
-            self._check_features(score)
+            check_features(self, score, OPTIONAL_FIELDS)
         why = self.retired.get(score.customer_id)
         if why is not None:
             RETIRED_SCORES.labels(why).inc()
@@ -321,31 +333,20 @@ class Segmenter:
         if score.as_of > self.watermarks.get(part, 0):
             self.watermarks[part] = score.as_of
         old = self.states.get(score.customer_id)
-        new, changes = core.evaluate(old, score, self.defs, self.thresholds, self.lookups)
+        thresholds = self.thresholds_for(part)
+        new, changes = core.evaluate(old, score, self.defs, thresholds, self.lookups)
         yield from self._apply(old, new, changes, part)
 
-    def _check_features(self, score: core.Score) -> None:
-        check_features(self, score, OPTIONAL_FIELDS)
-
-    def _merge(self, merge: dict[str, Any], part: int) -> Iterator[Output]:
-        yield from customers.merge(self, merge, part)
-
-    def _attributes(self, key: Any, record: dict[str, Any] | None, part: int) -> Iterator[Output]:
-        yield from customers.attributes(self, key, record, part)
+    def thresholds_for(self, part: int) -> Thresholds:
+        """The ``pNN`` thresholds in force on ``part`` (none before its first table)."""
+        table = self.tables.get(part)
+        return table.values if table is not None else {}
 
     def _follow_lookups(self) -> None:
         shared.follow_lookups(self)
 
     def apply_lookups(self, changed: dict[str, dict[str, Any] | None]) -> None:
         shared.apply_lookups(self, changed)
-
-    def _forget(self, request: dict[str, Any], part: int) -> Iterator[Output]:
-        yield from customers.forget(self, request, part)
-
-    def _retire(
-        self, cid: str, why: str, survivor: str | None, now: int, part: int
-    ) -> Iterator[Output]:
-        yield from customers.retire(self, cid, why, survivor, now, part)
 
     def _apply(
         self,
@@ -360,7 +361,7 @@ class Segmenter:
         self.states[cid] = new
         self._dirty.add(cid)
         if self.defs.percentiles:
-            self._index(new)
+            self._index(new, part)
         if new.next_timer is not None and (old is None or old.next_timer != new.next_timer):
             heapq.heappush(self._timers.setdefault(part, []), (new.next_timer, cid))
         self._unwritten[cid] = part
@@ -392,19 +393,6 @@ class Segmenter:
         self._follow_lookups()
         out: list[Output] = []
         budget = self._fire_timers(out, self.config.max_timers_per_tick)
-        # A percentile refresh comes after the timers already due: a timer due before the
-        # refresh's instant (the watermark) reads the thresholds of before it, as a score of
-        # that instant did (issue #17's event oracle: High-CLV Login Drop entries at a
-        # threshold that did not exist yet). With timers still due (budget spent) it waits.
-        if (
-            self.defs.percentiles
-            and budget > 0
-            and now - self._last_refresh >= self.config.percentile_refresh
-        ):
-            self._last_refresh = now
-            self._refresh_thresholds()
-        out.extend(self._population_out)
-        self._population_out = []
         part_of = self.store.partition_of
         while self._reeval and budget > 0:
             cid = self._reeval.popleft()
@@ -413,7 +401,8 @@ class Segmenter:
                 budget -= 1
                 part = part_of(cid)
                 now_p = max(self.watermarks.get(part, 0), st.as_of)
-                new, changes = core.advance(st, now_p, self.defs, self.thresholds, self.lookups)
+                thresholds = self.thresholds_for(part)
+                new, changes = core.advance(st, now_p, self.defs, thresholds, self.lookups)
                 out.extend(self._apply(st, new, changes, part))
         for part, watermark in self.watermarks.items():
             if not watermark:
@@ -432,11 +421,16 @@ class Segmenter:
         out.extend(self.before_commit())  # the tick's transaction gets no loop hook
         return out
 
-    def _fire_timers(self, out: list[Output], budget: int) -> int:
-        """Fire the timers due by each partition's watermark, at their own instants, up to
-        ``budget`` of them; returns what is left of it."""
-        for part, timers in self._timers.items():
-            watermark = self.watermarks.get(part, 0)
+    def _fire_timers(
+        self, out: list[Output], budget: int, before: tuple[int, int] | None = None
+    ) -> int:
+        """Fire the timers due by each partition's watermark (``before=(p, t)``: partition
+        ``p``'s due before ``t``), at their own instants, up to ``budget`` of them; returns
+        what is left of it."""
+        parts = self._timers if before is None else {before[0]: self._timers.get(before[0], [])}
+        for part, timers in parts.items():
+            watermark = self.watermarks.get(part, 0) if before is None else before[1] - 1
+            thresholds = self.thresholds_for(part)
             while timers and timers[0][0] <= watermark and budget > 0:
                 due, cid = heapq.heappop(timers)
                 st = self.states.get(cid)
@@ -444,7 +438,7 @@ class Segmenter:
                     continue  # superseded
                 budget -= 1
                 new, changes, persist = core.fire_timer(
-                    st, due, self.defs, self.thresholds, self.lookups
+                    st, due, self.defs, thresholds, self.lookups
                 )
                 if not persist:  # only the next timer moved: kept in memory, not written
                     self.states[cid] = new
@@ -456,15 +450,6 @@ class Segmenter:
 
     def reload(self) -> bool:
         return shared.reload(self)
-
-    def _refresh_thresholds(self) -> None:
-        shared.refresh_thresholds(self)
-
-    def _deployment_thresholds(self) -> dict[tuple[str, float], float]:
-        return shared.deployment_thresholds(self)
-
-    def _read_population(self) -> dict[str, dict[str, Any]]:
-        return shared.read_population(self)
 
     # -- loop hooks ----------------------------------------------------------------------
     def before_commit(self) -> Iterator[Output]:
@@ -487,6 +472,11 @@ class Segmenter:
                 record = core.status_to_record(status)
                 yield store.put(self._status_key(name, part), record, part)
         self._unwritten_segments.clear()
+        for part in sorted(self._unwritten_tables):
+            table = self.tables.get(part)
+            if table is not None:
+                yield store.put(f"{TABLE_KEY}{part}", table.to_record(), part)
+        self._unwritten_tables.clear()
 
     @staticmethod
     def _status_key(name: str, part: int) -> str:
@@ -502,6 +492,7 @@ class Segmenter:
         """The store already rolled back its table: rebuild what changed from it."""
         self._unwritten.clear()
         self._unwritten_segments.clear()
+        self._unwritten_tables.clear()
         for key in self._dirty:
             self._load(key, self.store.get(key))
             st = self.states.get(key)
@@ -510,7 +501,8 @@ class Segmenter:
                 heapq.heappush(self._timers.setdefault(part, []), (st.next_timer, key))
         self._dirty.clear()
         self.part_statuses = {}
-        for k in [k for k in self.store if k.startswith(SEGMENT_KEY)]:
+        self.tables = {}
+        for k in [k for k in self.store if k.startswith((SEGMENT_KEY, TABLE_KEY))]:
             self._load(k, self.store.get(k))
         self.watermarks = dict(self._committed_watermarks)
         self._recount()
@@ -542,7 +534,7 @@ class Segmenter:
                 st,
                 max(self.watermarks.get(self.store.partition_of(customer_id), 0), st.as_of),
                 self.defs,
-                self.thresholds,
+                self.thresholds_for(self.store.partition_of(customer_id)),
                 self.lookups,
             ),
         }
@@ -552,7 +544,6 @@ def build_loop(settings: Settings, config: SegmenterConfig) -> tuple[Segmenter, 
     """Restore state and wire the segmenter into the shared loop."""
     segmenter = Segmenter(settings, config)
     segmenter.follow_lookups = True
-    segmenter.follow_population = True
     # The changelog exists before the group assigns partitions; their state is restored then
     # (on_assign), only for the partitions this instance owns.
     name = STATE_TOPIC.name(settings)
@@ -563,7 +554,6 @@ def build_loop(settings: Settings, config: SegmenterConfig) -> tuple[Segmenter, 
             name: STATE_TOPIC,
             segmenter.attributes_topic: TOPICS.attributes,
             TOPICS.lookups.name(settings): TOPICS.lookups,
-            TOPICS.segmenter_population.name(settings): TOPICS.segmenter_population,
         },
     )
     instance = settings.instance_id

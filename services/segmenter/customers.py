@@ -10,7 +10,7 @@ from collections.abc import Iterator
 from typing import TYPE_CHECKING, Any
 
 from segflow.runtime.loop import Output
-from services.segmenter import core
+from services.segmenter import core, shared
 from services.segmenter.metrics import ATTRIBUTE_UPDATES
 
 if TYPE_CHECKING:
@@ -29,13 +29,14 @@ def merge(seg: Segmenter, merge: dict[str, Any], part: int) -> Iterator[Output]:
     not read this record), so results do not depend on which instance owns which."""
     survivor = str(merge["survivor_id"])
     now = max(int(merge.get("occurred_at") or 0), seg.watermarks.get(part, 0))
+    occurred = int(merge.get("occurred_at") or 0)
     for absorbed in merge.get("absorbed_ids") or []:
         if absorbed == survivor:
             continue
-        yield from seg._retire(absorbed, "merged", survivor, now, part)
+        yield from retire(seg, absorbed, "merged", survivor, now, part, occurred)
     st = seg.states.get(survivor)
     if st is not None and seg.store.partition_of(survivor) == part:
-        new, changes = core.advance(st, now, seg.defs, seg.thresholds, seg.lookups)
+        new, changes = core.advance(st, now, seg.defs, seg.thresholds_for(part), seg.lookups)
         yield from seg._apply(st, new, changes, part)
 
 
@@ -58,7 +59,9 @@ def attributes(
     if old is None and not attrs:
         return
     now = seg.watermarks.get(part, 0)
-    new, changes = core.set_attributes(old, cid, attrs, now, seg.defs, seg.thresholds, seg.lookups)
+    new, changes = core.set_attributes(
+        old, cid, attrs, now, seg.defs, seg.thresholds_for(part), seg.lookups
+    )
     yield from seg._apply(old, new, changes, part)
 
 
@@ -67,16 +70,32 @@ def forget(seg: Segmenter, request: dict[str, Any], part: int) -> Iterator[Outpu
     the id is retired (later scores for it are dropped)."""
     cid = str(request["customer_id"])
     now = max(int(request.get("requested_at") or 0), seg.watermarks.get(part, 0))
-    yield from seg._retire(cid, "forgotten", None, now, part)
+    yield from retire(seg, cid, "forgotten", None, now, part)
 
 
 def retire(
-    seg: Segmenter, cid: str, why: str, survivor: str | None, now: int, part: int
+    seg: Segmenter,
+    cid: str,
+    why: str,
+    survivor: str | None,
+    now: int,
+    part: int,
+    leaves_at: int | None = None,
 ) -> Iterator[Output]:
+    """Retire ``cid``: its memberships exit, its state goes. ``leaves_at`` (a merge's own
+    event time): its ``pNN`` values stay in its partition's population for the tables of
+    grid instants up to then, kept in the ``retired:`` record until a new owner's restore
+    (README.md, "Percentile thresholds per partition"); a forgotten id's go at once."""
     st = seg.states.get(cid)
+    kept: dict[str, float] = {}
     if st is not None:
         yield from seg._emit(core.absorb(st, survivor, now, seg.defs, reason=why), part)
-        seg._index(st, remove=True)
+        seg._index(st, part, remove=True)
+        if leaves_at is not None:
+            kept = {
+                f: v for f, _ in seg.defs.percentiles if isinstance(v := st.values.get(f), float)
+            }
+            shared.linger(seg, cid, part, kept, leaves_at)
         del seg.states[cid]
         seg._dirty.add(cid)
         seg._unwritten[cid] = part  # a tombstone at the commit
@@ -85,6 +104,9 @@ def retire(
         seg._dirty.add(RETIRED_KEY + cid)
         # The reason rides in the segment-status slot of the state record (kind retired).
         marker = {"segment": why, "first_seen": now}
-        yield seg.store.put(
-            RETIRED_KEY + cid, {"kind": "retired", "customer": None, "segment": marker}, part
-        )
+        values = None
+        if kept and leaves_at is not None:  # the values still in the population, until when
+            values = {"customer_id": cid, "as_of": leaves_at, "numbers": kept, "texts": {}}
+            values["memberships"] = []
+        record = {"kind": "retired", "customer": values, "segment": marker}
+        yield seg.store.put(RETIRED_KEY + cid, record, part)

@@ -1,27 +1,22 @@
-"""Deployment-wide percentile thresholds: per-partition summaries and their exact merge.
+"""Percentile thresholds per scores partition, on a grid of that partition's event time.
 
-A segment condition ``value: p80`` compares a feature with its 80th percentile over *all*
-the deployment's customers (issue #15), while each segmenter instance holds only the
-customers of the partitions it owns. At every percentile refresh an instance summarises
-each owned partition's values of each ``pNN`` feature (:func:`summarize`) and publishes the
-summary on the compacted ``segflow.segmenter.population`` topic (key ``<feature>@<partition>``,
-in the tick's transaction); every instance reads that topic whole and merges its own fresh
-summaries with the other partitions' latest ones (:func:`merged_rank`).
+A segment condition ``value: p80`` compares a feature with its 80th percentile over the
+customers of the customer's own partition of ``segflow.scores`` (issue #15; README.md says why
+a partition is population enough). Each partition has one :class:`Table` in force: the
+nearest-rank ``pNN`` of its customers' latest values, computed when the partition's records
+first reach the next instant of a grid every ``percentile_refresh`` of event time. The table
+is therefore a function of the partition's records in order — the same with 1, 2 or N
+instances and across a restart — and it is kept in the partition's changelog
+(``thresholds@<partition>``), so a new owner continues with the committed table instead of
+recomputing one from restored states.
 
-The summary is every distinct value with its count, so the merge gives exactly the
-nearest-rank percentile of the union — the same number one instance holding every customer
-computes (:func:`services.segmenter.quantiles.nearest_rank`). A partition with more than
-``MAX_EXACT`` distinct values (one record stays under Kafka's default 1 MB) is summarised by
-``MAX_EXACT`` evenly spaced order statistics instead, each counting the values up to it: the
-merged percentile's rank is then off by at most ``customers / MAX_EXACT`` of that partition
-(e.g. 2 ranks at 100,000 distinct values), and the record says ``exact: false``.
-
->>> a = summarize(np.array([1.0, 2.0, 2.0]))
->>> b = summarize(np.array([3.0, 4.0]))
->>> a.values, a.counts, a.exact
-([1.0, 2.0], [1, 2], True)
->>> merged_rank([a, b], 50.0), merged_rank([a, b], 100.0), merged_rank([], 50.0)
-(2.0, 4.0, None)
+>>> t = Table(2, 7_200_000, {("clv", 80.0): 10.5})
+>>> Table.from_record(t.to_record()) == t
+True
+>>> t.due(10_799_999, 3_600_000), t.due(10_800_000, 3_600_000)
+(False, True)
+>>> grid_floor(10_799_999, 3_600_000)
+7200000
 """
 
 from __future__ import annotations
@@ -29,94 +24,86 @@ from __future__ import annotations
 import bisect
 import math
 from collections.abc import Iterable, Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
-
-import numpy as np
 
 from services.segmenter.dsl import Definitions
 from services.segmenter.quantiles import Column, nearest_rank
 
-#: Distinct values one record carries exactly (~10 bytes each in Avro: ~600 KB).
-MAX_EXACT = 60_000
+#: The changelog key of a partition's table: ``thresholds@<partition>``.
+TABLE_KEY = "thresholds@"
+
+Thresholds = dict[tuple[str, float], float]
+
+
+def grid_floor(t: int, step_ms: int) -> int:
+    """The latest grid instant at or before ``t`` (a multiple of ``step_ms`` since the epoch)."""
+    return t - t % step_ms if step_ms > 0 else t
 
 
 @dataclass(frozen=True)
-class Summary:
-    """One partition's values of one feature: ascending ``values`` with their ``counts``."""
+class Table:
+    """One partition's thresholds, in force from the grid instant after the previous table's
+    ``at`` up to the grid instant after this one's ``at`` (the latest grid instant the
+    partition's records had reached when it was computed)."""
 
-    values: list[float]
-    counts: list[int]
-    exact: bool = True
+    partition: int
+    at: int
+    values: Thresholds = field(default_factory=dict)
 
-    @property
-    def customers(self) -> int:
-        return int(sum(self.counts))
+    def due(self, as_of: int, step_ms: int) -> bool:
+        """Whether a record of instant ``as_of`` reaches the next grid instant."""
+        return as_of >= self.at + max(step_ms, 1)
 
-    def to_record(self, feature: str, partition: int, instance: str, now_ms: int) -> dict[str, Any]:
+    def to_record(self) -> dict[str, Any]:
+        """The changelog record (SegmenterStateEntry, kind ``thresholds``)."""
         return {
-            "feature": feature,
-            "partition": partition,
-            "instance": instance,
-            "computed_at": now_ms,
-            "customers": self.customers,
-            "exact": self.exact,
-            "values": self.values,
-            "counts": self.counts,
+            "kind": "thresholds",
+            "customer": None,
+            "segment": None,
+            "thresholds": {
+                "partition": self.partition,
+                "at": self.at,
+                "values": {f"{feature}@{pct:g}": v for (feature, pct), v in self.values.items()},
+            },
         }
 
     @classmethod
-    def from_record(cls, record: dict[str, Any]) -> Summary:
-        return cls(
-            [float(v) for v in record["values"]],
-            [int(c) for c in record["counts"]],
-            bool(record.get("exact", True)),
-        )
+    def from_record(cls, record: Mapping[str, Any]) -> Table:
+        body = record["thresholds"]
+        values: Thresholds = {}
+        for key, v in (body.get("values") or {}).items():
+            feature, _, pct = key.rpartition("@")
+            values[(feature, float(pct))] = float(v)
+        return cls(int(body["partition"]), int(body["at"]), values)
 
 
-def summarize(values: np.ndarray, max_points: int = MAX_EXACT) -> Summary:
-    """The summary of one partition's values (NaN-free).
+def crossed(
+    old: Mapping[tuple[str, float], float], new: Thresholds
+) -> list[tuple[str, float, float]]:
+    """Per feature whose threshold moved, the value range ``[low, high]`` in which a customer's
+    value lies between the old and the new one (everything when either is missing).
 
-    >>> s = summarize(np.arange(1.0, 11.0), max_points=5)
-    >>> s.values, s.counts, s.exact
-    ([2.0, 4.0, 6.0, 8.0, 10.0], [2, 2, 2, 2, 2], False)
+    >>> crossed({("clv", 80.0): 5.0}, {("clv", 80.0): 7.0, ("x", 50.0): 1.0})
+    [('clv', 5.0, 7.0), ('x', -inf, inf)]
     """
-    uniq, counts = np.unique(values, return_counts=True)
-    if len(uniq) <= max_points:
-        return Summary(uniq.tolist(), counts.tolist(), True)
-    ordered = np.sort(values)
-    n = len(ordered)
-    ranks = np.ceil(np.arange(1, max_points + 1) * n / max_points).astype(np.int64)  # 1-based
-    return Summary(ordered[ranks - 1].tolist(), np.diff(ranks, prepend=0).tolist(), False)
+    out = []
+    for key in sorted(old.keys() | new.keys()):
+        a, b = old.get(key), new.get(key)
+        if a == b:
+            continue
+        lo, hi = (-math.inf, math.inf) if a is None or b is None else (min(a, b), max(a, b))
+        out.append((key[0], lo, hi))
+    return out
 
 
-def merged_rank(parts: Iterable[Summary], pct: float) -> float | None:
-    """The ``pct``-th percentile (nearest rank) of the union of ``parts``; None when empty.
-
-    Nearest rank as :func:`services.segmenter.quantiles.nearest_rank`: the k-th smallest value,
-    k = ceil(pct / 100 * n) clamped to [1, n].
-    """
-    parts = [p for p in parts if p.values]
-    if not parts:
-        return None
-    values = np.concatenate([np.asarray(p.values, dtype=np.float64) for p in parts])
-    counts = np.concatenate([np.asarray(p.counts, dtype=np.int64) for p in parts])
-    order = np.argsort(values, kind="stable")
-    cum = np.cumsum(counts[order])
-    n = int(cum[-1])
-    if n <= 0:
-        return None
-    k = min(max(1, math.ceil(pct / 100 * n)), n)
-    return float(values[order][int(np.searchsorted(cum, k, side="left"))])
-
-
-# -- dynamic thresholds ---------------------------------------------------------------------
+# -- nearest-rank thresholds ----------------------------------------------------------------
 def percentile_thresholds(
     defs: Definitions, population: Mapping[str, Column | Iterable[float]]
-) -> dict[tuple[str, float], float]:
-    """Nearest-rank percentiles of each feature used as ``pNN`` over the current population:
-    :class:`~services.segmenter.quantiles.Column` s (the service) or plain values (replay and
-    tests), found by selection, not by sorting.
+) -> Thresholds:
+    """Nearest-rank percentiles of each feature used as ``pNN`` over a population:
+    :class:`~services.segmenter.quantiles.Column` s (the service: one partition's) or plain
+    values (replay and tests), found by selection, not by sorting.
 
     >>> from services.segmenter.dsl import parse
     >>> defs = parse('version: 1\\nsegments:\\n'
@@ -124,7 +111,7 @@ def percentile_thresholds(
     >>> percentile_thresholds(defs, {"clv": [float(i) for i in range(1, 101)]})
     {('clv', 80.0): 80.0}
     """
-    out: dict[tuple[str, float], float] = {}
+    out: Thresholds = {}
     for feature, pct in defs.percentiles:
         column = population.get(feature, ())
         if isinstance(column, Column):

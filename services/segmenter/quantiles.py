@@ -1,16 +1,17 @@
-"""Percentile thresholds over the population an instance owns, without sorting it.
+"""Percentile thresholds over one scores partition's customers, without sorting them.
 
 A segment condition ``value: p80`` compares a feature with its 80th percentile over the
-customers this instance owns. :class:`Column` holds one feature's current value per customer
-(a dict write per change) and answers a percentile by selection (numpy's introselect,
-O(n)) instead of a sort of the whole population (O(n log n) in Python objects), which
-stalled the loop on every refresh: 1.72 s vs 0.15 s for the default segments' three
-features at a million customers, 2.6 vs 5.1 µs per update for a dict write vs
-:meth:`Column.set` (``bench/bench_percentiles.py``, load average 7-9). A kept-sorted
-structure (``sortedcontainers.SortedList``) was measured and rejected: 32-41 µs per score
-update for the three features, more CPU per minute than the sorts it saves at 1,000
-updates/s. Sketches (t-digest, P²)
-are approximate, and thresholds must be exact so that replay and the batch oracle agree.
+customers of the customer's partition (:mod:`services.segmenter.population`).
+:class:`Column` holds one feature's current value per customer (a dict write per change)
+and answers a percentile by selection (numpy's introselect, O(n)) instead of a sort of the
+whole population (O(n log n) in Python objects), which stalled the loop at every
+recomputation: 1.72 s vs 0.15 s for the default segments' three features at a million
+customers, 2.6 vs 5.1 µs per update for a dict write vs :meth:`Column.set`
+(``bench/bench_percentiles.py``, load average 7-9). A kept-sorted structure
+(``sortedcontainers.SortedList``) was measured and rejected: 32-41 µs per score update for
+the three features, more CPU per minute than the sorts it saves at 1,000 updates/s.
+Sketches (t-digest, P²) are approximate, and thresholds must be exact so that replay and
+the batch oracle agree.
 
 Nearest-rank definition, as :func:`segflow.stats.quantile`: the smallest value with at least
 ``pct`` % of the values at or below it.

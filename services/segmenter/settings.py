@@ -22,7 +22,10 @@ class SegmenterConfig(BaseSettings):
     group_id: str = "segmenter"
     instance: str = "segmenter-0"  # transactional.id and static group member id
     reload_interval: float = 2.0  # seconds between mtime polls of the definitions file
-    percentile_refresh: float = 60.0  # seconds between recomputations of pNN thresholds
+    #: Seconds of *event time* between a scores partition's recomputations of its pNN table:
+    #: a grid since the epoch (every hour by default), reached by the partition's own scores
+    #: (README.md, "Percentile thresholds"). Until 2026-12 it was processing time (60 s).
+    percentile_refresh: float = 3600.0
     tick_interval: float = 0.5
     batch_size: int = 2000
     max_timers_per_tick: int = 20000

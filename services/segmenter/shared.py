@@ -1,18 +1,16 @@
-"""What every segmenter instance shares with the others, as functions of the running
-:class:`~services.segmenter.app.Segmenter`: definition reloads, the lookup tables (read whole
-from ``segflow.lookups``) and the deployment-wide percentile thresholds (summaries exchanged on
-``segflow.segmenter.population``). Split out of ``app.py`` (issue #14); the segmenter's
-methods of the same names call these.
+"""Definitions, lookup tables and percentile tables, as functions of the running
+:class:`~services.segmenter.app.Segmenter`: definition reloads and the lookup tables (read
+whole from ``segflow.lookups``), which every instance shares, and each partition's ``pNN``
+table on its event-time grid (:mod:`services.segmenter.population`). Split out of ``app.py``
+(issue #14); the segmenter's methods of the same names call these.
 """
 
 from __future__ import annotations
 
 import logging
-import math
+from collections.abc import Iterator
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
-
-import numpy as np
 
 from segflow.errors import BrokerError
 from segflow.runtime.loop import Output
@@ -21,7 +19,8 @@ from segflow.runtime.topics import TOPICS
 from services.segmenter import core
 from services.segmenter.dsl import DefinitionError, Definitions, parse
 from services.segmenter.metrics import DEFINITIONS, LOOKUP_LOADS
-from services.segmenter.population import Summary, merged_rank, summarize
+from services.segmenter.population import Table, crossed, grid_floor, percentile_thresholds
+from services.segmenter.quantiles import Column
 
 if TYPE_CHECKING:
     from services.segmenter.app import Segmenter
@@ -78,9 +77,10 @@ def reload(seg: Segmenter) -> bool:
     )
     seg.defs = defs
     seg.score_decoder.keys = defs.features
-    for st in seg.states.values():
-        seg._index(st)
-    seg._refresh_thresholds()
+    seg.population.clear()
+    for cid, st in seg.states.items():
+        seg._index(st, seg.store.partition_of(cid))
+    recompute_tables(seg)
     seg._reeval.extend(seg.states)
     return True
 
@@ -150,76 +150,82 @@ def apply_lookups(seg: Segmenter, changed: dict[str, dict[str, Any] | None]) -> 
     log.info("lookup change re-evaluates customers", extra={"fields": {"customers": queued}})
 
 
-def refresh_thresholds(seg: Segmenter) -> None:
-    old = seg.thresholds
-    if seg.follow_population and seg.defs.percentiles:
-        seg.thresholds = seg._deployment_thresholds()
+def advance_grid(seg: Segmenter, part: int, as_of: int) -> Iterator[Output]:
+    """Before a score of instant ``as_of`` on partition ``part``: when it reaches the grid
+    instant after the partition's table (``percentile_refresh`` seconds of event time), the
+    partition's timers due before that instant fire with the table they fall in, a new table
+    is computed from the partition's customers' latest values, and the customers between an
+    old and a new threshold are re-evaluated at the grid instant — all before the score, so
+    the result depends only on the partition's records in order (README.md). A score that
+    jumps several grid instants computes one table: nothing on the partition changed between
+    them. The partition's first table (no committed one: a new partition, or a changelog
+    written before tables existed) is computed at the first score, at its grid instant."""
+    step = int(seg.config.percentile_refresh * 1000)
+    old = seg.tables.get(part)
+    if old is not None and not old.due(as_of, step):
+        return
+    if old is None:
+        instant = grid_floor(as_of, step)
     else:
-        seg.thresholds = core.percentile_thresholds(seg.defs, seg.population)
-    # A threshold that moved can cross a customer's value with no new score for it (issue
-    # #17's oracle: "clv >= p80" held on days the segmenter did not have the customer):
-    # the customers between the old and the new value are re-evaluated, in the tick's
-    # bounded chunks (all of them when there was no threshold before).
-    for (feature, pct), new in seg.thresholds.items():
-        before = old.get((feature, pct))
-        if before == new:
-            continue
-        lo, hi = (-math.inf, math.inf) if before is None else sorted((before, new))
-        column = seg.population.get(feature)
+        instant = old.at + max(step, 1)
+        out: list[Output] = []
+        seg._fire_timers(out, 1 << 62, before=(part, instant))
+        yield from out
+    population = seg.population.get(part, {})
+    leaving = seg.leaving.get(part, {})
+    for cid in [c for c, until in leaving.items() if until < instant]:  # merged before it
+        del leaving[cid]
+        if cid not in seg.states:
+            for column in population.values():
+                column.discard(cid)
+    new = Table(part, grid_floor(as_of, step), percentile_thresholds(seg.defs, population))
+    seg.tables[part] = new
+    seg._unwritten_tables.add(part)
+    yield from _reevaluate(seg, part, old.values if old is not None else {}, new, instant)
+
+
+def _reevaluate(
+    seg: Segmenter, part: int, old: dict[tuple[str, float], float], new: Table, instant: int
+) -> Iterator[Output]:
+    """Re-evaluate at ``instant`` the partition's customers whose value lies between an old
+    and a new threshold (a moved threshold can cross a customer's value with no new score for
+    it: issue #17's oracle); nobody else's rule can change."""
+    population = seg.population.get(part, {})
+    todo: set[str] = set()
+    for feature, lo, hi in crossed(old, new.values):
+        column = population.get(feature)
         if column is not None:
-            seg._reeval.extend(column.between(lo, hi))
+            todo.update(column.between(lo, hi))
+    for cid in sorted(todo):
+        st = seg.states.get(cid)
+        if st is not None:
+            now = max(instant, st.as_of)
+            changed, changes = core.advance(st, now, seg.defs, new.values, seg.lookups)
+            yield from seg._apply(st, changed, changes, part)
 
 
-def deployment_thresholds(seg: Segmenter) -> dict[tuple[str, float], float]:
-    """``pNN`` over every partition: this instance's owned partitions summarised now (and
-    queued for publication in the next tick's transaction), the others' latest summaries
-    from segflow.segmenter.population (one refresh old at most, plus the commit)."""
-    owned = seg.store.assigned or set()
-    part_of = seg.store.partition_of
-    features = sorted({feature for feature, _ in seg.defs.percentiles})
-    now_ms = int(seg.clock() * 1000)
-    own: dict[str, list[Summary]] = {}
-    for feature in features:
-        column = seg.population.get(feature)
-        by_part: dict[int, list[float]] = {p: [] for p in owned}
-        for cid, value in column.items() if column is not None else ():
-            values = by_part.get(part_of(cid))
-            if values is not None:
-                values.append(value)
-        for part, values in sorted(by_part.items()):
-            summary = summarize(np.asarray(values, dtype=np.float64))
-            own.setdefault(feature, []).append(summary)
-            record = summary.to_record(feature, part, seg.instance_name, now_ms)
-            seg._population_out.append(
-                Output(TOPICS.segmenter_population, f"{feature}@{part}", record)
-            )
-    others: dict[str, list[Summary]] = {}
-    for key, record in seg._read_population().items():
-        feature, _, digits = key.rpartition("@")
-        if digits.isdigit() and int(digits) not in owned and feature in features:
-            others.setdefault(feature, []).append(Summary.from_record(record))
-    thresholds: dict[tuple[str, float], float] = {}
-    for feature, pct in seg.defs.percentiles:
-        merged = merged_rank([*own.get(feature, []), *others.get(feature, [])], pct)
-        if merged is not None:
-            thresholds[(feature, pct)] = merged
-    return thresholds
+def recompute_tables(seg: Segmenter) -> None:
+    """New definitions (an operator's action, at processing time): each owned partition's
+    table over its current customers for the new definitions' ``pNN``, at the same grid
+    instant (every customer is re-evaluated after a reload anyway)."""
+    for part, table in list(seg.tables.items()):
+        values = percentile_thresholds(seg.defs, seg.population.get(part, {}))
+        seg.tables[part] = Table(part, table.at, values)
+        seg._unwritten_tables.add(part)
 
 
-def read_population(seg: Segmenter) -> dict[str, dict[str, Any]]:
-    """The latest SegmentPopulation record per ``<feature>@<partition>``."""
-    if seg.clock() >= seg._population_retry_at:
-        try:
-            if seg._population_reader is None:
-                table = GlobalTable(seg.settings, TOPICS.segmenter_population, seg.serde)
-                table.catch_up()
-                seg._population_reader = table
-            else:
-                for _ in range(100):  # everything fetched so far, in bounded polls
-                    if not seg._population_reader.poll(0.0):
-                        break
-        except BrokerError as exc:  # thresholds from what was read; retried in 5 s
-            seg._population_retry_at = seg.clock() + 5.0
-            log.warning("population summaries unreadable", extra={"fields": {"error": str(exc)}})
-    reader = seg._population_reader
-    return dict(reader.table) if reader is not None else {}
+def linger(
+    seg: Segmenter, cid: str, part: int, values: dict[str, float], until: int | None
+) -> None:
+    """A merged-away id's values stay in ``part``'s population for the tables of grid
+    instants up to ``until`` (None: not any more, unless the id is a customer again)."""
+    leaving = seg.leaving.setdefault(part, {})
+    population = seg.population.setdefault(part, {})
+    if until is None:
+        if leaving.pop(cid, None) is not None and cid not in seg.states:
+            for column in population.values():
+                column.discard(cid)
+        return
+    leaving[cid] = until
+    for feature, value in values.items():
+        population.setdefault(feature, Column()).set(cid, float(value))

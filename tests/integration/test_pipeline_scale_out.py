@@ -34,7 +34,9 @@ merge is the same in all three runs). Before the marks 533-973 (2 instances) and
 identical scores: the segmenter's percentile thresholds) and 388-434 (events late for the
 instance that took a partition over; 3 runs). What still differs: events that arrive after
 an instance's watermark passed them, the shared model's k-means clusters, the segmenter's
-thresholds. See
+thresholds (per scores partition on its event-time grid: they follow the order of the
+partition's scores and where merge records fall among them; services/segmenter/README.md,
+"Running N instances"). See
 services/scorer/README.md, "Deterministic scores"; run with ``-s`` for per-cause counts
 (``diagnose``), with ``SEGFLOW_PIPELINE_DUMP=FILE`` to keep the runs' outputs.
 
@@ -199,6 +201,7 @@ def service_env(s: Settings, receiver: Receiver, smtp: SMTPReceiver) -> dict[str
         "SEGFLOW_SCORER_TICK_SECONDS": "0.2",
         "SEGFLOW_SCORER_CHECKPOINT_SECONDS": "3600",
         "SEGFLOW_SEGMENTER_TICK_INTERVAL": "0.2",
+        # pNN tables per scores partition every hour of its event time (the default; 28 days)
         "SEGFLOW_SEGMENTER_PERCENTILE_REFRESH": "3600",
         "SEGFLOW_DISPATCHER_CLOCK": "event",
         "SEGFLOW_DISPATCHER_TICK_INTERVAL": "0.1",
@@ -691,9 +694,9 @@ def test_a_merge_lands_at_the_same_point_of_the_survivors_history_in_every_run(
     "#15's merge marks), but events that arrive after an instance's watermark passed them "
     "(each instance's clock is the minimum over its own partitions; a partition taken over "
     "after the kill is behind) and the shared model's k-means clusters still make some "
-    "scores differ, and the segmenter's percentile thresholds (refreshed at "
-    "timing-dependent moments) some segment changes (services/scorer/README.md, "
-    "Deterministic scores)",
+    "scores differ, and the segmenter's per-partition percentile tables (which follow the "
+    "order of a partition's scores and where merge records fall among them) some segment "
+    "changes (services/scorer/README.md, Deterministic scores)",
 )
 def test_two_instances_of_every_service_make_the_same_segment_changes_and_actions_as_one(
     runs: dict[str, Run],

@@ -55,6 +55,10 @@ segments:
     priority: 5
     enter: {feature: x, op: "<", value: 0.2}
     ttl: 3d
+  - name: TopX
+    priority: 7
+    enter: {feature: x, op: ">=", value: p80}
+    exit: {feature: x, op: "<", value: p70}
 """
 
 
@@ -403,6 +407,8 @@ def test_two_segmenters_emit_exactly_what_one_does_also_across_kill_9_and_a_new_
     # The run exercises scores, timers (min_dwell, ttl) and merges across partitions.
     assert kinds["entered"] > 100 and kinds["exited"] > 50, kinds
     assert any(c[2] == "exited" for c in one if c[1] == "Low"), "no ttl timer fired"
+    # and each partition's pNN table (event-time grid, in its changelog across the kill)
+    assert any(c[2] == "exited" for c in one if c[1] == "TopX"), "no pNN segment left"
     assert Counter(one) == Counter(two)
 
     # Two instances, one killed with -9 inside a transaction, a third joined (two

@@ -217,3 +217,30 @@ def test_re_engaged_counts_a_feeding_exit_at_its_own_instant() -> None:
     segs, _ = oe.compile_segments(load_segments(so.DEFAULT_DEFINITIONS))
     names = [c.seg.name for c in segs]
     assert names.index("Re-engaged") > names.index("Lifecycle: churned")
+
+
+def test_the_oracles_tables_follow_each_partitions_grid_and_merge_times() -> None:
+    import oracle_grid as og
+
+    hour = 3_600_000
+    h0 = 1_000 * hour
+    ids = [f"id{i}" for i in range(40)]
+    a, b, c = [i for i in ids if og.partition_of(i) == 0][:3]
+    other = next(i for i in ids if og.partition_of(i) == 1)
+    key = ("clv", 80.0)
+
+    def sc(seq: int, as_of: int, clv: float) -> dict[str, object]:
+        return {"seq": seq, "as_of": as_of, "values": {"clv": clv}}
+
+    scores = {
+        a: [sc(1, h0 + 10 * 60_000, 1.0)],
+        b: [sc(2, h0 + 10 * 60_000, 5.0)],
+        c: [sc(5, h0 + hour + 1, 3.0)],
+        other: [sc(4, h0 + 5 * hour, 9.0)],  # another partition's grid: not partition 0's
+    }
+    for merged_at, want in ((h0 + 40 * 60_000, 1.0), (h0 + hour + 5, 5.0)):
+        grids = og.grid_refreshes(scores, {b: 3}, {b: merged_at}, [key], hour)
+        # the first score makes the first (empty) table at its grid instant; c's score reaches
+        # the next one: b (merged at seq 3) counts only if its merge's time is after it
+        assert grids[0] == [(h0, 1, {}), (h0 + hour, 5, {key: want})]
+        assert grids[1] == [(h0 + 5 * hour, 4, {})]

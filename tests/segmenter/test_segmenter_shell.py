@@ -30,22 +30,28 @@ segments:
     enter: {{feature: clv, op: ">=", value: p50}}
 """
 T0 = 1_700_000_000_000
+HOUR = 3_600_000
+YEAR_S = 365 * 86_400  # a percentile grid these tests' weeks never reach (T0 is day 331 of it)
+
+
+def make(path: Path, refresh_s: float) -> Segmenter:
+    settings = Settings(bootstrap_servers="127.0.0.1:1", topic_prefix="shell.")
+    clock = iter(range(10**6))
+    return Segmenter(
+        settings,
+        SegmenterConfig(definitions=path, reload_interval=0, percentile_refresh=refresh_s),
+        clock=lambda: float(next(clock)),
+    )
 
 
 @pytest.fixture
 def seg(tmp_path: Path) -> Segmenter:
     path = tmp_path / "s.yaml"
     path.write_text(DEFS.format(v="1"))
-    settings = Settings(bootstrap_servers="127.0.0.1:1", topic_prefix="shell.")
-    clock = iter(range(10**6))
-    return Segmenter(
-        settings,
-        SegmenterConfig(definitions=path, reload_interval=0, percentile_refresh=0),
-        clock=lambda: float(next(clock)),
-    )
+    return make(path, YEAR_S)
 
 
-def score(cid: str, at: int, **features: float) -> Incoming:
+def score(cid: str, at: int, part: int = 0, **features: float) -> Incoming:
     value = {
         "customer_id": cid,
         "as_of": at,
@@ -58,7 +64,7 @@ def score(cid: str, at: int, **features: float) -> Incoming:
         "model_version": "t",
         "scored_at": 0,
     }
-    return Incoming(TOPICS.scores, "shell.scores", 0, 0, cid, value, None, [])
+    return Incoming(TOPICS.scores, "shell.scores", part, 0, cid, value, None, [])
 
 
 def changes(outputs: Any) -> list[tuple[str, str, str]]:
@@ -97,16 +103,15 @@ def written(outputs: Any) -> dict[str, Any]:
 def test_handler_writes_state_and_changes_and_the_tick_fires_timers(seg: Segmenter) -> None:
     assert list(seg(score("a", T0, days_since_open=5.0))) == []  # no segment yet
     out = commit(seg)
-    assert [(o.topic, o.key) for o in out] == [(STATE_TOPIC, "a")]  # its state, at the commit
+    # its state, at the commit, and partition 0's first (empty: nobody before a) pNN table
+    assert [(o.topic, o.key) for o in out] == [(STATE_TOPIC, "a"), (STATE_TOPIC, "thresholds@0")]
     assert list(seg(score("a", T0, days_since_open=5.0))) == []  # same input: nothing at all
     assert commit(seg) == []
     out = list(seg(score("b", T0 + 6 * DAY, days_since_open=0.0)))  # watermark moves on
     commit(seg)
     ticked = list(seg.tick())
     fired = [c for c in changes(ticked) if c[1] == "Quiet"]
-    # no new score for a: its recency aged. The crossing (T0 + 5 d) comes before the tick's
-    # first percentile refresh (at the watermark, T0 + 6 d), so no `p50` existed then and
-    # Quiet was a's primary segment at that instant (Big follows at the refresh).
+    # no new score for a: its recency aged (no `p50` yet: the partition's grid is yearly here)
     assert fired == [("a", "Quiet", "entered"), ("a", "Quiet", "primary_changed")]
     assert seg.segment_sizes()["Quiet"] == 1 and seg.members("Quiet") == ["a"]
     # the tick's own transaction carries the new state of a (the loop runs no hook for it)
@@ -124,9 +129,7 @@ def test_state_is_written_once_per_customer_per_transaction(seg: Segmenter) -> N
     list(seg(score("b", T0, days_since_open=1.0)))
     out = commit(seg)
     records = written(out)
-    states = [
-        (k, v["customer"]["as_of"]) for k, v in records.items() if not k.startswith("segment:")
-    ]
+    states = [(k, v["customer"]["as_of"]) for k, v in records.items() if v["kind"] == "customer"]
     assert len(records) == len(out)  # one record per key
     assert states == [("a", T0 + 4 * DAY), ("b", T0)]  # the latest of each, once
     assert seg.store.get("a")["customer"]["as_of"] == T0 + 4 * DAY
@@ -280,79 +283,194 @@ def test_a_feature_the_scores_lack_is_counted_and_logged_once(
     assert len(warnings) == 1 and warnings[0].fields["feature"] == "days_since_open"
 
 
-def test_percentile_threshold_refreshes_from_the_population(seg: Segmenter) -> None:
+# -- percentile thresholds: per partition, on its event-time grid (issue #15) --------------
+GRID = T0 - T0 % HOUR + HOUR  # the first hourly grid instant after T0
+
+
+def entered(outputs: Any) -> list[tuple[str, str, int]]:
+    return [
+        (o.value["customer_id"], o.value["segment"], o.value["occurred_at"])
+        for o in outputs
+        if o.topic is TOPICS.segment_changes and o.value["transition"] == "entered"
+    ]
+
+
+def hourly(tmp_path: Path, defs: str = DEFS.format(v="1")) -> Segmenter:
+    path = tmp_path / "hourly.yaml"
+    path.write_text(defs)
+    return make(path, 3600)
+
+
+def test_a_partitions_table_is_recomputed_when_its_scores_reach_the_next_grid_instant(
+    tmp_path: Path,
+) -> None:
+    seg = hourly(tmp_path)
     for i in range(10):
         list(seg(score(f"c{i}", T0, clv=float(i))))
-    refreshed = changes(seg.tick())  # recomputes p50 over the ten customers: 4.0
-    assert seg.thresholds == {("clv", 50.0): 4.0}
-    # scored before any threshold existed, c9 enters at the refresh (issue #17: it used to wait
-    # for its next score), and its next score changes nothing
-    assert ("c9", "Big", "entered") in refreshed
-    assert changes(seg(score("c9", T0 + 1, clv=9.0))) == []
-
-
-def test_a_moving_percentile_re_evaluates_the_customers_it_crosses(seg: Segmenter) -> None:
-    """Issue #17's oracle: a customer whose clv did not change but whose rank did (others
-    came, left or changed) is in or out of `clv >= p50` from the refresh on, not only at its
-    next score (which may be days away: scores are emitted only on material changes)."""
-
-    def members() -> list[str]:
-        return sorted(
-            c
-            for c, st in seg.states.items()
-            if st.memberships.get("Big", None) and st.memberships["Big"].active
-        )
-
-    for i in range(10):  # the highest clv first: no threshold exists when they are scored
-        list(seg(score(f"c{i}", T0, clv=float(9 - i))))
     commit(seg)
-    seg.tick()  # p50 over the ten: 4.0
-    commit(seg)
-    assert seg.thresholds == {("clv", 50.0): 4.0}
-    assert members() == ["c0", "c1", "c2", "c3", "c4", "c5"]  # clv 9 ... 4
+    for _ in range(3):  # processing time recomputes nothing
+        list(seg.tick())
+    assert seg.thresholds_for(0) == {}  # nobody was on the partition at its first grid instant
+    out = list(seg(score("x", GRID + 5 * 60_000, clv=0.0)))  # the partition reaches GRID
+    # nearest-rank p50 over the ten customers held before x's score: 4.0
+    assert seg.thresholds_for(0) == {("clv", 50.0): 4.0}
+    # the customers it crosses enter at the grid instant, not at x's time nor at a tick
+    assert entered(out) == [(f"c{i}", "Big", GRID) for i in range(4, 10)]
+    table = written(commit(seg))["thresholds@0"]["thresholds"]
+    assert table == {"partition": 0, "at": GRID, "values": {"clv@50": 4.0}}
+    # the next score within the hour changes no threshold; one 3 h later computes one table
+    list(seg(score("y", GRID + HOUR - 1, clv=100.0)))
+    list(seg(score("y2", GRID + HOUR - 1, clv=100.0)))
+    assert seg.thresholds_for(0) == {("clv", 50.0): 4.0}
+    list(seg(score("z", GRID + 3 * HOUR + 1, clv=0.0)))
+    assert seg.tables[0].at == GRID + 3 * HOUR
+    assert seg.thresholds_for(0) == {("clv", 50.0): 5.0}  # 13 held: 0, 0, 1 ... 9, 100, 100
+
+
+def test_each_partition_has_its_own_table(tmp_path: Path) -> None:
+    seg = hourly(tmp_path)
     for i in range(10):
-        list(seg(score(f"n{i}", T0 + 1, clv=0.0)))
-    commit(seg)
-    seg.tick()  # p50 over twenty, eleven of them 0: 0.0 — c6 ... c9 (clv 3 ... 0) qualify now
-    commit(seg)
-    assert seg.thresholds == {("clv", 50.0): 0.0}
-    assert members() == sorted([f"c{i}" for i in range(10)] + [f"n{i}" for i in range(10)])
+        list(seg(score(f"a{i}", T0, part=0, clv=float(i))))
+        list(seg(score(f"b{i}", T0, part=1, clv=float(100 + i))))
+    list(seg(score("a-late", GRID, part=0, clv=0.0)))
+    assert seg.thresholds_for(0) == {("clv", 50.0): 4.0} and seg.thresholds_for(1) == {}
+    list(seg(score("b-late", GRID, part=1, clv=0.0)))
+    assert seg.thresholds_for(0) == {("clv", 50.0): 4.0}
+    assert seg.thresholds_for(1) == {("clv", 50.0): 104.0}
 
 
-def test_a_timer_due_before_a_percentile_refresh_reads_the_thresholds_of_before_it(
+BOTH = (
+    'version: "1"\nsegments:\n  - name: Both\n    enter:\n      all:\n'
+    '        - {feature: days_since_open, op: ">=", value: 2}\n'
+    '        - {feature: clv, op: ">=", value: p50}\n'
+    '  - name: Big\n    enter: {feature: clv, op: ">=", value: p80}\n'
+    '    exit: {feature: clv, op: "<", value: p70}\n'
+)
+
+
+def records_of(seed: int) -> list[Incoming]:
+    """Five days of scores on two partitions, in the partition's order: some customers
+    scored again with a new clv, recencies that cross 2 days between scores (timers)."""
+    import random
+
+    from segflow.runtime.state import partition_for
+
+    rng = random.Random(seed)
+    ids = [f"c{i:03d}" for i in range(60)]
+    out = []
+    t = T0
+    for _ in range(400):
+        t += rng.randrange(0, 20 * 60_000)
+        cid = rng.choice(ids)
+        part = partition_for(cid, 2)
+        clv = round(rng.lognormvariate(3, 1), 1)
+        out.append(score(cid, t, part=part, clv=clv, days_since_open=rng.choice([0.0, 0.5, 1.5])))
+    return out
+
+
+def run(seg: Segmenter, records: list[Incoming], tick_every: int) -> list[tuple[Any, ...]]:
+    out: list[Any] = []
+    for n, r in enumerate(records, 1):
+        out += list(seg(r))
+        if n % tick_every == 0:
+            out += commit(seg)
+            out += list(seg.tick())
+            out += commit(seg)
+    for _ in range(100):  # every due timer, in bounded ticks
+        out += list(seg.tick())
+        out += commit(seg)
+    return sorted(
+        (o.value["customer_id"], o.value["segment"], o.value["transition"], o.value["occurred_at"])
+        for o in out
+        if o.topic is TOPICS.segment_changes
+    )
+
+
+def test_thresholds_and_changes_do_not_depend_on_ticks_batches_or_instances(
+    tmp_path: Path,
+) -> None:
+    """The same records make the same changes whether the tick runs after every record or
+    every 150, and whether one segmenter holds both partitions or two hold one each (the
+    deployment-wide refresh of before made these differ)."""
+    records = records_of(15)
+    one = run(hourly(tmp_path, BOTH), records, tick_every=1)
+    assert len({c[1] for c in one if c[2] == "entered"}) == 2  # both pNN segments used
+    assert run(hourly(tmp_path, BOTH), records, tick_every=150) == one
+    halves = [
+        run(hourly(tmp_path, BOTH), [r for r in records if r.partition == p], tick_every=7)
+        for p in (0, 1)
+    ]
+    assert sorted(halves[0] + halves[1]) == one
+
+
+def test_a_new_owner_continues_with_the_committed_table(tmp_path: Path) -> None:
+    """Not a recomputation from the restored customers: those changed after the grid
+    instant, and another instance's table would differ from the one the partition had."""
+    seg = hourly(tmp_path)
+    for i in range(10):
+        list(seg(score(f"c{i}", T0, clv=float(i))))
+    list(seg(score("x", GRID + 1, clv=0.0)))  # table over the ten: p50 4.0
+    for i in range(10):  # ten richer customers within the same hour
+        list(seg(score(f"r{i}", GRID + 2, clv=50.0)))
+    commit(seg)
+    owner = hourly(tmp_path)
+    owner.store.load_snapshot(seg.store.snapshot())
+    owner.rebuild()
+    assert owner.thresholds_for(0) == seg.thresholds_for(0) == {("clv", 50.0): 4.0}
+    assert owner.tables[0].at == GRID
+    later = score("y", GRID + HOUR + 1, clv=0.0)  # both compute the next table alike
+    assert sorted(entered(owner(later))) == sorted(entered(seg(later)))
+    assert owner.thresholds_for(0) == seg.thresholds_for(0) == {("clv", 50.0): 9.0}
+
+
+def test_an_aborted_grid_instant_rolls_the_table_back(tmp_path: Path) -> None:
+    seg = hourly(tmp_path)
+    for i in range(10):
+        list(seg(score(f"c{i}", T0, clv=float(i))))
+    commit(seg)
+    list(seg(score("x", GRID + 1, clv=0.0)))
+    assert seg.thresholds_for(0) == {("clv", 50.0): 4.0}
+    seg.store.on_abort()
+    seg.on_abort()
+    assert seg.thresholds_for(0) == {} and seg.tables[0].at == GRID - HOUR
+    assert seg.members("Big") == []
+    list(seg(score("x", GRID + 1, clv=0.0)))  # redone after the abort: the same table
+    assert seg.thresholds_for(0) == {("clv", 50.0): 4.0}
+    assert seg.members("Big") == [f"c{i}" for i in range(4, 10)]
+
+
+def test_a_timer_due_before_the_grid_instant_reads_the_table_of_before_it(
     tmp_path: Path,
 ) -> None:
     """Issue #17's event oracle (High-CLV Login Drop): a recency crossing due before the
-    refresh's instant is decided with the threshold then in force; the refresh moves the
-    customer afterwards, at its own instant (the watermark), as a score would have."""
-    path = tmp_path / "s.yaml"
-    path.write_text(
+    grid instant is decided with the table then in force, even when the score that reaches
+    the grid instant comes before any tick; the new table moves the customer afterwards, at
+    the grid instant."""
+    seg = hourly(
+        tmp_path,
         'version: "1"\nsegments:\n  - name: Both\n    enter:\n      all:\n'
         '        - {feature: days_since_open, op: ">=", value: 10}\n'
-        '        - {feature: clv, op: ">=", value: p50}\n'
+        '        - {feature: clv, op: ">=", value: p50}\n',
     )
-    clock = iter(range(10**6))
-    seg = Segmenter(
-        Settings(bootstrap_servers="127.0.0.1:1", topic_prefix="shell."),
-        SegmenterConfig(definitions=path, reload_interval=0, percentile_refresh=0),
-        clock=lambda: float(next(clock)),
-    )
-    list(seg(score("a", T0, clv=5.0, days_since_open=5.0)))  # crosses 10 days at T0 + 5 d
+    # a's recency crosses 10 days at T0 + 86.4 min: within the hour after GRID (T0 + 46.7 min)
+    list(seg(score("a", T0, clv=5.0, days_since_open=9.94)))
     list(seg(score("b", T0, clv=1.0, days_since_open=0.0)))
-    commit(seg)
-    seg.tick()
-    commit(seg)
-    assert seg.thresholds == {("clv", 50.0): 1.0}  # a's clv 5 is above it
-    for i, clv in enumerate((10.0, 20.0, 30.0)):  # richer customers, a day after the crossing
-        list(seg(score(f"r{i}", T0 + 6 * DAY, clv=clv, days_since_open=0.0)))
-    commit(seg)
+    list(seg(score("c", GRID - 1, clv=1.0, days_since_open=0.0)))
+    assert seg.thresholds_for(0) == {}
+    list(seg(score("d", GRID + 1, clv=1.0)))  # p50 over a, b, c: 1.0 — a is above it
+    assert seg.thresholds_for(0) == {("clv", 50.0): 1.0}
+    # richer customers within that hour: the next table's p50 is 10.0, above a's clv
+    for i in range(6):
+        list(seg(score(f"r{i}", GRID + 2, clv=10.0 * (i + 1), days_since_open=0.0)))
+    crossing = seg.states["a"].next_timer
+    assert crossing is not None and GRID < crossing < GRID + HOUR
     out = [
         (o.value["customer_id"], o.value["transition"], o.value["occurred_at"])
-        for o in seg.tick()
+        for o in seg(score("e", GRID + HOUR, clv=1.0))  # no tick ran: the grid fires a's timer
         if o.topic is TOPICS.segment_changes and o.value["transition"] in ("entered", "exited")
     ]
-    assert seg.thresholds == {("clv", 50.0): 10.0}  # a's clv is below it from now on
-    assert out == [("a", "entered", T0 + 5 * DAY), ("a", "exited", T0 + 6 * DAY)]
+    assert seg.thresholds_for(0) == {("clv", 50.0): 10.0}
+    assert out == [("a", "entered", crossing), ("a", "exited", GRID + HOUR)]
 
 
 def test_reload_rejects_invalid_and_takes_valid_versions(seg: Segmenter, tmp_path: Path) -> None:
@@ -409,3 +527,27 @@ def test_explain_url_with_nothing_listening_says_so(capsys: pytest.CaptureFixtur
     assert cli(["explain", "a", "--url", url]) == 2
     err = capsys.readouterr().err
     assert f"cannot reach a segmenter at {url}" in err and "9412" in err
+
+
+def test_a_merged_away_id_counts_in_its_partitions_tables_up_to_the_merges_time(
+    tmp_path: Path,
+) -> None:
+    """Where a merge record falls among the partition's scores depends on fetch timing (it
+    comes on its own topic); its own event time decides which tables still count the
+    absorbed id — also for a new owner restoring the partition in between."""
+    seg = hourly(tmp_path)
+    for i in range(4):
+        list(seg(score(f"c{i}", T0, clv=float(i))))
+    list(seg(score("rich", T0, clv=100.0)))
+    merge = {"survivor_id": "c0", "absorbed_ids": ["rich"], "occurred_at": GRID + 30 * 60_000}
+    list(seg(Incoming(TOPICS.merges, seg.merges_topic, 0, 0, "rich", merge, None, [])))
+    commit(seg)
+    assert "rich" not in seg.states
+    owner = hourly(tmp_path)
+    owner.store.load_snapshot(seg.store.snapshot())
+    owner.rebuild()
+    for s in (seg, owner):
+        list(s(score("x", GRID + 1, clv=0.0)))  # GRID: merged after it, rich still counts
+        assert s.thresholds_for(0) == {("clv", 50.0): 2.0}  # 0, 1, 2, 3, 100
+        list(s(score("y", GRID + HOUR + 1, clv=0.0)))  # GRID + 1 h: rich has gone
+        assert s.thresholds_for(0) == {("clv", 50.0): 1.0}  # 0, 0, 1, 2, 3
