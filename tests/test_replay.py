@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import math
 import subprocess
 import sys
 from pathlib import Path
@@ -14,6 +15,7 @@ from segflow.cli import main
 from segflow.receiver import Receiver
 from segflow.replay import core
 from segflow.replay.source import read_jsonl
+from segflow.runtime.state import partition_for
 from services.dispatcher.playbooks import Book, parse_documents
 from services.segmenter.dsl import DAY, HOUR, parse
 
@@ -435,3 +437,60 @@ def test_unknown_prefix_is_a_clear_error(
     ]
     assert main(args) == 2
     assert "topic 'no-such-prefix.scores' not found" in capsys.readouterr().err
+
+
+TOP = """version: "1"
+segments:
+  - name: Top
+    enter: {feature: clv, op: ">=", value: p80}
+"""
+
+
+def nearest_rank(values: list[float], pct: float) -> float:
+    ordered = sorted(values)
+    return ordered[max(1, math.ceil(pct / 100 * len(ordered))) - 1]
+
+
+def test_percentiles_rank_a_customer_among_its_own_scores_partition_as_the_service_does() -> None:
+    """Live, a ``pNN`` table is per partition of ``segflow.scores`` (services/segmenter/
+    README.md): the replay ranks each customer among its own partition's customers too."""
+    ids = [f"c{i}" for i in range(40)]
+    by_part = {p: [c for c in ids if partition_for(c, 2) == p][:5] for p in (0, 1)}
+    value = {c: float(1 + k) for k, c in enumerate(by_part[0])}
+    value |= {c: float(100 + k) for k, c in enumerate(by_part[1])}
+    rows = [(c, T0 + i, v) for i, (c, v) in enumerate(value.items())]
+    # the same values again two hours on: each partition reaches its next grid instant
+    history = core.ordered(scores(*rows, *[(c, at + 2 * HOUR, v) for c, at, v in rows]))
+
+    def entered(partitions: int) -> set[str]:
+        run = core.run_segmenter(history, parse(TOP), partitions=partitions)
+        return {c.customer_id for c in run.changes if c.transition == "entered"}
+
+    per_partition = {
+        c
+        for cs in by_part.values()
+        for c in cs
+        if value[c] >= nearest_rank([value[x] for x in cs], 80)
+    }
+    deployment = {c for c in value if value[c] >= nearest_rank(list(value.values()), 80)}
+    assert per_partition != deployment  # (the population tells the two rules apart)
+    assert entered(2) == per_partition
+    assert entered(1) == deployment
+
+
+def test_a_moved_threshold_takes_a_customer_in_at_the_grid_instant_without_a_new_score() -> None:
+    """c1 is scored once (clv 50); the others' values fall. At the next grid instant the
+    partition's p80 drops below 50 and c1 enters then, as the live segmenter re-evaluates the
+    customers between an old and a new threshold."""
+    assert T0 % HOUR == 0
+    first = [("c1", T0, 50.0)] + [(f"c{k}", T0, 98.0 + k) for k in range(2, 6)]  # 100..103
+    fallen = [(f"c{k}", T0 + 2 * HOUR + k, float(k - 1)) for k in range(2, 6)]  # 1..4
+    history = core.ordered(scores(*first, *fallen, ("c2", T0 + 3 * HOUR, 1.0)))
+    run = core.run_segmenter(history, parse(TOP))
+    entries = [(c.customer_id, c.occurred_at) for c in run.changes if c.transition == "entered"]
+    # the table of T0 + 2 h: p80 of [50, 100, 101, 102, 103] = 102 (c4, c5 enter at T0 + 1 h);
+    # of T0 + 3 h: p80 of [50, 1, 2, 3, 4] = 4: c1 and c5 enter at T0 + 3 h
+    assert nearest_rank([50.0, 100.0, 101.0, 102.0, 103.0], 80) == 102.0
+    assert nearest_rank([50.0, 1.0, 2.0, 3.0, 4.0], 80) == 4.0
+    assert ("c1", T0 + 3 * HOUR) in entries
+    assert [e for e in entries if e[0] == "c1"] == [("c1", T0 + 3 * HOUR)]

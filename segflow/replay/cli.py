@@ -25,6 +25,7 @@ from pydantic import ValidationError
 from segflow.errors import ConfigError
 from segflow.replay import core
 from segflow.replay.source import read_jsonl, read_topics, write_jsonl
+from segflow.runtime.topics import TOPICS
 from services.dispatcher.playbook_settings import PlaybookSettings
 from services.dispatcher.playbooks import Book, PlaybookError, load_book
 from services.dispatcher.playbooks import parse_documents as parse_playbooks
@@ -93,9 +94,10 @@ def add_parser(subparsers: Any) -> argparse.ArgumentParser:
     p.add_argument(
         "--threshold-refresh",
         type=float,
-        default=1.0,
+        default=None,
         metavar="HOURS",
-        help="recompute percentile thresholds every HOURS of event time (default 1)",
+        help="the pNN tables' grid, in HOURS of each partition's event time (default: the "
+        "segmenter's SEGFLOW_SEGMENTER_PERCENTILE_REFRESH, 1 h)",
     )
     p.add_argument(
         "--show",
@@ -136,12 +138,26 @@ def cmd_replay(args: argparse.Namespace) -> int:
         with args.save.open("w", encoding="utf-8") as out:
             n = write_jsonl(core.ordered(items), out)
         print(f"history: {n:,} records written to {args.save}", file=sys.stderr)
-    refresh = int(args.threshold_refresh * core.HOUR)
+    hours = args.threshold_refresh
+    if hours is None:
+        try:
+            hours = _service_setting(SegmenterConfig).percentile_refresh / 3600
+        except _Invalid as exc:
+            for line in exc.lines:
+                print(line, file=sys.stderr)
+            return 1
+    refresh = int(hours * core.HOUR)
     history = core.ordered(items)
-    old = core.replay(history, old_defs, old_book, refresh)
+    parts = TOPICS.scores.partitions  # one percentile table per scores partition, as live
+    old = core.replay(history, old_defs, old_book, refresh, partitions=parts)
     same_defs = new_defs is old_defs
     new = core.replay(
-        history, new_defs, new_book, refresh, segmenter=old.segmenter if same_defs else None
+        history,
+        new_defs,
+        new_book,
+        refresh,
+        segmenter=old.segmenter if same_defs else None,
+        partitions=parts,
     )
     diff = core.compare(old, new, show=None if args.json else args.show)
     if args.json:

@@ -24,6 +24,7 @@ network, so caps, cooldowns and "no engagement since" rules see it as the live s
 from __future__ import annotations
 
 import heapq
+import zlib
 from collections import Counter
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field, replace
@@ -33,6 +34,7 @@ from services.dispatcher import core as dcore
 from services.dispatcher.playbooks import Book, Playbook
 from services.segmenter import core as segmenting
 from services.segmenter.dsl import Definitions
+from services.segmenter.population import crossed
 
 HOUR = 3_600_000
 SCORE = "score"
@@ -107,27 +109,52 @@ class SegmenterRun:
     end: int = 0
 
 
+def partition_of(customer_id: str, partitions: int) -> int:
+    """The scores partition of a customer id: librdkafka's default partitioner, CRC-32 of the
+    key modulo the partition count (as ``segflow.runtime.state.partition_for``)."""
+    return zlib.crc32(customer_id.encode()) % partitions if partitions > 1 else 0
+
+
 def run_segmenter(
-    items: Sequence[Item], defs: Definitions, threshold_refresh_ms: int = HOUR
+    items: Sequence[Item],
+    defs: Definitions,
+    threshold_refresh_ms: int = HOUR,
+    partitions: int = 1,
 ) -> SegmenterRun:
     """Evaluate recorded scores and merges with ``defs``, the way the segmenter service does.
 
-    Differences from the live service, all toward determinism: timers fire in event-time order
-    before the next record at or after their due time (live: on the next tick after the batch
-    that moved the watermark); percentile thresholds are recomputed every
-    ``threshold_refresh_ms`` of event time (live: every minute of processing time).
+    Percentile thresholds as live: one table per scores partition (``partitions``, the
+    scores topic's count; a customer is ranked among its partition's customers), computed when
+    a record of the partition reaches the next instant of a grid every
+    ``threshold_refresh_ms`` of the partition's event time, after its timers due before that
+    instant fired with the old table; the customers between an old and a new threshold are
+    re-evaluated at the instant (services/segmenter/README.md). Differences from the live
+    service: records are read in event-time order (live: each partition in its own record
+    order), and timers fire in event-time order before the next record at or after their due
+    time (live: on the next tick after the batch that moved the watermark).
     """
     run = SegmenterRun(defs)
     states = run.states
     statuses: dict[str, segmenting.SegmentStatus] = {}
     timers: list[tuple[int, str]] = []
-    population: dict[str, dict[str, float]] = {f: {} for f, _ in defs.percentiles}
-    thresholds: dict[tuple[str, float], float] = {}
-    next_refresh: int | None = None
+    features = [f for f, _ in defs.percentiles]
+    #: per partition: feature -> customer -> value, and the table in force (grid instant, values)
+    population: dict[int, dict[str, dict[str, float]]] = {}
+    tables: dict[int, tuple[int, dict[tuple[str, float], float]]] = {}
     watermark: int | None = None
 
+    def part(cid: str) -> int:
+        return partition_of(cid, partitions)
+
+    def thresholds_of(cid: str) -> Mapping[tuple[str, float], float]:
+        table = tables.get(part(cid))
+        return {} if table is None else table[1]
+
     def index(st: segmenting.CustomerState, remove: bool = False) -> None:
-        for feature, column in population.items():
+        if not features:
+            return
+        columns = population.setdefault(part(st.customer_id), {f: {} for f in features})
+        for feature, column in columns.items():
             value = st.values.get(feature)
             if remove or not isinstance(value, float):
                 column.pop(st.customer_id, None)
@@ -148,30 +175,55 @@ def run_segmenter(
         changes: list[segmenting.Change],
     ) -> None:
         states[new.customer_id] = new
-        if population:
-            index(new)
+        index(new)
         if new.next_timer is not None and (old is None or old.next_timer != new.next_timer):
             heapq.heappush(timers, (new.next_timer, new.customer_id))
         emit(changes)
 
-    def fire(until: int) -> None:
-        while timers and timers[0][0] <= until:
+    def fire(until: int, before: bool = False) -> None:
+        """Timers due by ``until`` (``before``: due before it), each with its partition's table."""
+        while timers and (timers[0][0] < until if before else timers[0][0] <= until):
             due, cid = heapq.heappop(timers)
             st = states.get(cid)
             if st is None or st.next_timer != due:
                 continue  # superseded
             run.timers += 1
-            new, changes, _persist = segmenting.fire_timer(st, due, defs, thresholds)
+            new, changes, _persist = segmenting.fire_timer(st, due, defs, thresholds_of(cid))
             apply(st, new, changes)  # (a replay persists nothing either way)
 
-    def clock(now: int) -> None:
-        nonlocal statuses, thresholds, next_refresh, watermark
+    def grid(p: int, now: int) -> None:
+        """Partition ``p``'s record of instant ``now`` reached its next grid instant: timers due
+        before it fire with the old table, then the new one, then the crossed customers."""
+        step = max(threshold_refresh_ms, 1)
+        old = tables.get(p)
+        if old is not None and now < old[0] + step:
+            return
+        instant = now - now % step if old is None else old[0] + step
+        if old is not None:
+            fire(instant, before=True)
+        columns = population.get(p, {})
+        values = segmenting.percentile_thresholds(
+            defs, {f: column.values() for f, column in columns.items()}
+        )
+        tables[p] = (now - now % step, values)
+        todo = {
+            cid
+            for feature, lo, hi in crossed({} if old is None else old[1], values)
+            for cid, v in columns.get(feature, {}).items()
+            if lo <= v <= hi
+        }
+        for cid in sorted(todo):
+            st = states.get(cid)
+            if st is not None:
+                new, changes = segmenting.advance(st, max(instant, st.as_of), defs, values)
+                if new != st:
+                    apply(st, new, changes)
+
+    def clock(now: int, cid: str) -> None:
+        nonlocal statuses, watermark
+        if features:
+            grid(part(cid), now)
         fire(now)
-        if population and (next_refresh is None or now >= next_refresh):
-            thresholds = segmenting.percentile_thresholds(
-                defs, {f: column.values() for f, column in population.items()}
-            )
-            next_refresh = now + threshold_refresh_ms
         if watermark is None or now > watermark:
             watermark = now
             due = segmenting.next_deprecation(statuses, defs) if statuses else now
@@ -182,17 +234,19 @@ def run_segmenter(
     for item in items:
         if item.kind == EVENT:
             continue
-        clock(item.at)
         if item.kind == SCORE:
             run.scores += 1
             s = segmenting.Score.from_record(item.record)
+            clock(item.at, s.customer_id)
             old = states.get(s.customer_id)
-            new, changes = segmenting.evaluate(old, s, defs, thresholds)
+            new, changes = segmenting.evaluate(old, s, defs, thresholds_of(s.customer_id))
             if new != old:
                 apply(old, new, changes)
         else:
             run.merges += 1
-            _merge(item, states, defs, thresholds, index, apply, emit)
+            survivor = str(item.record["survivor_id"])
+            clock(item.at, survivor)
+            _merge(item, states, defs, thresholds_of(survivor), index, apply, emit)
     if watermark is not None:
         fire(watermark)
         run.end = watermark
@@ -327,11 +381,17 @@ def replay(
     book: Book,
     threshold_refresh_ms: int = HOUR,
     segmenter: SegmenterRun | None = None,
+    partitions: int = 1,
 ) -> Replay:
     """History through the segmenter and then the dispatcher (``segmenter``: reuse a run of
-    the same definitions, when only the playbooks differ)."""
+    the same definitions, when only the playbooks differ; ``partitions``: the scores topic's,
+    one percentile table each)."""
     history = ordered(items)
-    seg = segmenter if segmenter is not None else run_segmenter(history, defs, threshold_refresh_ms)
+    seg = (
+        segmenter
+        if segmenter is not None
+        else run_segmenter(history, defs, threshold_refresh_ms, partitions)
+    )
     return Replay(seg, run_dispatcher(seg.changes, history, book, end=seg.end))
 
 
