@@ -11,9 +11,11 @@ from typing import Any
 import fastavro
 import fastavro.validation
 import numpy as np
+import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as hs
 
+from segflow.errors import InvalidRecord
 from segflow.sim.generator import SimConfig, Simulation
 from segflow.sim.noise import Delivery
 from services.scorer.core import ScoreEmit, Scorer, ScorerConfig, StateWrite, lifecycle
@@ -162,7 +164,8 @@ def test_a_forgotten_customer_is_deleted_and_never_profiled_again() -> None:
     h.event("gone", ev("customer_forgotten", T0 + 30 * DAY, properties={}))
     assert "gone" not in h.store and h.tombstones == ["gone"]
     assert h.sc.max_event_ms == clock  # the request does not move the event-time clock
-    assert all(cid != "gone" for _, cid in h.sc._timers) and "gone" not in h.sc._cache
+    timers = [cid for heap in h.sc._timers.values() for _, cid in heap]
+    assert "gone" not in timers and "gone" not in h.sc._cache
     # an event already in flight, a merge read after the forget, time passing
     h.event("gone", ev("purchase", T0 + 3 * HOUR, amount=99.0))
     merge = {"merge_id": "m1", "survivor_id": "gone", "absorbed_ids": ["alias"]}
@@ -425,18 +428,24 @@ def test_a_sparse_customer_is_churned_only_after_three_of_its_usual_gaps() -> No
 
 
 # -- the event-time clock ------------------------------------------------------------------------
-def test_a_partition_with_unread_records_holds_the_clock_back() -> None:
-    sc = Scorer(ScorerConfig())
-    sc.on_batch({0: 3}, {0: 0, 1: 5}, now_ms=0)  # partition 1 has 5 records not read yet
+def test_each_partition_has_its_own_clock() -> None:
+    sc = Scorer(ScorerConfig(), partition_of=lambda cid: int(cid[1:]) % 2)
     store: dict[str, Any] = {}
+    store["c2"], _ = sc.on_event(None, "c2", ev("login", T0 + HOUR), now_ms=T0, source=0)
     for i in range(3):  # a week of partition 0
         t = T0 + i * 3 * DAY
-        store["a"], _ = sc.on_event(store.get("a"), "a", ev("login", t), now_ms=t, source=0)
-    assert sc.max_event_ms is None  # partition 1 never delivered: nothing is known yet
-    sc.on_batch({1: 1}, {0: 0, 1: 0}, now_ms=0)
-    t = T0 + HOUR  # six days older than partition 0's newest: still accepted
-    store["b"], _ = sc.on_event(store.get("b"), "b", ev("login", t), now_ms=t, source=1)
-    assert sc.max_event_ms == T0 + 6 * DAY  # both read to their ends: the newest of all
+        store["c0"], _ = sc.on_event(store.get("c0"), "c0", ev("login", t), now_ms=t, source=0)
+    assert sc.watermark_of(0) == T0 + 6 * DAY - 5 * MINUTE and sc.watermark_of(1) is None
+    t = T0 + HOUR  # six days older than partition 0's newest: partition 1's own time
+    store["c1"], _ = sc.on_event(store.get("c1"), "c1", ev("login", t), now_ms=t, source=1)
+    assert sc.watermark_of(1) == T0 + HOUR - 5 * MINUTE
+    assert sc.max_event_ms == T0 + HOUR  # the instance's clock: the minimum over its own
+    # partition 1's customer is not scored by partition 0's time: its refresh at T0 + 1 day
+    # waits for its own partition
+    apply = [o for o in sc.flush(store.get, store.items, now_ms=T0 + 7 * DAY)]
+    store.update((o.customer_id, o.state) for o in apply if isinstance(o, StateWrite))
+    assert store["c1"]["scored_as_of"] == T0 + HOUR  # (its first event was urgent)
+    assert store["c2"]["scored_as_of"] == T0 + 5 * DAY  # refreshed by partition 0's time
 
 
 def test_runs_of_days_that_start_over_within_a_partition_are_not_late() -> None:
@@ -445,24 +454,22 @@ def test_runs_of_days_that_start_over_within_a_partition_are_not_late() -> None:
     sc = Scorer(ScorerConfig())
     days = [d for _ in range(2) for d in range(7)]
     now = T0 + 7 * DAY
-    sc.on_batch({0: len(days)}, {0: 0}, now_ms=now)
     for i, d in enumerate(days):  # day 0 after day 6 is 6 days late for a 48 h lateness
         sc.on_event(None, f"c{i}", ev("login", T0 + d * DAY), now_ms=now, source=0)
-    assert sc.max_event_ms == T0 + 6 * DAY  # read to its end: the clock catches up
+    assert sc.max_event_ms == T0 + 6 * DAY
+    assert sc.final_watermark_of(0) == T0 - 2 * DAY  # the reorder floor: the runs' oldest
 
 
-def test_a_partition_read_to_its_end_does_not_stall_the_clock() -> None:
-    sc = Scorer(ScorerConfig())
-    sc.expect_sources([0, 1], now_ms=T0)
-    sc.on_batch({0: 1}, {0: 0, 1: 0}, now_ms=T0)  # partition 1 is empty
-    sc.on_event(None, "a", ev("login", T0), now_ms=T0, source=0)
-    assert sc.max_event_ms == T0
-    unreported = Scorer(ScorerConfig())  # without reports it waits for partition 1 ...
-    unreported.expect_sources([0, 1], now_ms=T0)
-    unreported.on_event(None, "a", ev("login", T0), now_ms=T0, source=0)
-    assert unreported.max_event_ms is None
-    unreported.flush(lambda _: None, lambda: iter(()), now_ms=T0 + 31_000)
-    assert unreported.max_event_ms == T0  # ... until it has been idle for 30 s
+def test_a_partition_too_far_behind_its_own_floor_dead_letters_the_event() -> None:
+    sc = Scorer(ScorerConfig(reorder_records=4))  # the floor: the last 2 to 4 records
+    for d in range(10):
+        sc.on_event(None, f"c{d}", ev("login", T0 + d * DAY), now_ms=T0 + 10 * DAY, source=0)
+    # the oldest of the last 2 to 4 records (day 6), less 48 h
+    assert sc.final_watermark_of(0) == T0 + 4 * DAY
+    sc.on_event(None, "late", ev("login", T0 + 4 * DAY), now_ms=T0 + 10 * DAY, source=0)
+    with pytest.raises(InvalidRecord) as exc:
+        sc.on_event(None, "later", ev("login", T0 + 3 * DAY), now_ms=T0 + 10 * DAY, source=0)
+    assert exc.value.reason == "too_late"
 
 
 # -- states compressed once per batch ----------------------------------------------------------
