@@ -99,12 +99,9 @@ class Timers(Labels):
         outs: list[Out] = []
         if state is None:
             return state, outs
-        urgent = self._urgent.get(customer_id)
-        if urgent is not None and urgent[1] < t:
-            del self._urgent[customer_id]
+        urgent = self._urgent.pop(customer_id, None)
+        if urgent is not None:  # (also when this event is older: it came after that one)
             state = self._fire_one(customer_id, state, urgent[1], now_ms, urgent[0], outs)
-        elif urgent is not None:
-            return state, outs  # scored later, at its own instant, with this event
         part = self.part(customer_id)
         wm, due = self.watermark_of(part), self._due(state)
         if self.read_watermark is not None and self.read_watermark[0] == part:
