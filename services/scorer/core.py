@@ -157,8 +157,9 @@ class Scorer(Timers):
     #: False: an urgent event is scored inside :meth:`on_event`. True: it only marks the
     #: customer, and :meth:`settle` scores every marked customer once, on stacked arrays,
     #: before the batch commits (the service's mode: the same transaction, so the same
-    #: exactly-once outputs, without per-event numpy work on one-row arrays; several urgent
-    #: events of one customer in a batch give one score, with all of them).
+    #: exactly-once outputs, without per-event numpy work on one-row arrays); a later-read
+    #: event of the customer first scores it, without that event (as scoring inside
+    #: :meth:`on_event` would).
     defer_scores: bool = False
     #: Customers to score at :meth:`settle`: (True: emit even if nothing moved, after a
     #: merge; the instant to score as of).

@@ -503,7 +503,7 @@ def test_sealing_once_per_batch_gives_the_same_states_and_scores() -> None:
     assert len(a) > 100
 
 
-def test_deferred_urgent_events_are_scored_once_per_batch_each_as_of_its_own_instant() -> None:
+def test_deferred_urgent_events_are_scored_as_of_their_instants_without_later_read_ones() -> None:
     h = Harness()
     h.sc = sc = Scorer(ScorerConfig(), defer_scores=True)
     h.event("c1", ev("purchase", T0, amount=5.0))
@@ -511,17 +511,21 @@ def test_deferred_urgent_events_are_scored_once_per_batch_each_as_of_its_own_ins
     h.event("c1", ev("purchase", T0 + 2 * MINUTE, amount=7.0))
     h.event("c1", ev("page_view", T0 + MINUTE))  # out of order: before the purchase
     h.event("c1", ev("purchase", T0 + 2 * MINUTE, amount=1.0))  # at the same instant
-    # the second purchase came after the first's instant: the first is scored then, with
-    # what came before it; the rest wait for the batch's commit
-    (first,) = h.scores
+    # a customer's next event read fires its deferred score first, as of the score's own
+    # instant and with what was read before it, as settling after every event would: the
+    # first purchase at the second, the second at the page view (older, but read after it,
+    # so it is not in that score whether or not the batch ended in between)
+    first, second = h.of("c1")
     assert first["as_of"] == T0 and first["features"]["purchases_3d"] == 1.0
-    h.apply(sc.settle(h.store.get, now_ms=0))  # before the batch commits
+    assert second["as_of"] == T0 + 2 * MINUTE
+    assert (second["features"]["purchases_3d"], second["features"]["page_views_3d"]) == (2, 0)
+    h.apply(sc.settle(h.store.get, now_ms=0))  # before the batch commits: the rest
     c1 = h.of("c1")[-1]
     assert (c1["features"]["purchases_3d"], c1["features"]["page_views_3d"]) == (3.0, 1.0)
     assert c1["as_of"] == T0 + 2 * MINUTE and not h.store["c1"]["pending"]
-    assert len(h.of("c1")) == 2 and len(h.of("c2")) == 1
+    assert len(h.of("c1")) == 3 and len(h.of("c2")) == 1
     h.apply(sc.settle(h.store.get, now_ms=0))
-    assert len(h.scores) == 3  # settled once
+    assert len(h.scores) == 4  # settled once
 
 
 def test_deferred_scoring_settled_after_every_event_gives_the_same_scores() -> None:

@@ -42,6 +42,7 @@ def run(
     scorers = [Scorer(cfg, pack_states=False, defer_scores=defer) for _ in range(instances)]
     for sc in scorers:
         sc.model.snapshot_rate = 0.0  # (it starts at 1 until the first day's snapshots)
+        sc.partition_of = lambda cid: partition_for(cid, PARTS)  # a clock per partition
         if store_lookup:  # as the service: timers the watermark passed fire together
             sc.store = store.get
     scores: dict[str, list[dict[str, Any]]] = {}
