@@ -95,11 +95,11 @@ SHARED_MODEL = "churn.shared"
 
 def clock_record(part: int, c: PartitionClock) -> State:
     """Partition ``part``'s clock as a ScorerState (``last_event_ms`` = the clock,
-    ``first_seen_ms`` = the reorder floor, ``lifetime_events`` = records in the floor's
-    current block, ``q_first_ms`` / ``q_last_ms`` = the current and previous block's oldest
-    event)."""
+    ``first_seen_ms`` = the reorder floor, ``q_days`` = records in the floor's current
+    block, ``q_first_ms`` / ``q_last_ms`` = the current and previous block's oldest event;
+    ``emitted_stage`` = ``clock``)."""
     st = new_state(f"{CLOCK_KEY}{part}", c.floor)
-    st.update(last_event_ms=c.latest, lifetime_events=c.n, q_first_ms=c.cur, q_last_ms=c.prev)
+    st.update(last_event_ms=c.latest, q_days=c.n, q_first_ms=c.cur, q_last_ms=c.prev)
     st["emitted_stage"] = "clock"
     return st
 
@@ -109,7 +109,7 @@ def clock_of(st: State) -> PartitionClock:
     return PartitionClock(
         latest=int(st["last_event_ms"]),
         floor=int(st["first_seen_ms"]),
-        n=int(st["lifetime_events"]),
+        n=int(st["q_days"]),
         cur=st["q_first_ms"],
         prev=st["q_last_ms"],
     )
