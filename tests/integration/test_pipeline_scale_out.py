@@ -32,9 +32,12 @@ the merge in the identified partitions (issue #15; checked: the survivor's score
 merge is the same in all three runs). Before the marks 533-973 (2 instances) and 632-684
 (with the kill) of ~1,250 changes differed (2 runs); with them 4-42 (all from customers with
 identical scores: the segmenter's percentile thresholds) and 388-434 (events late for the
-instance that took a partition over; 3 runs). What still differs: events that arrive after
-an instance's watermark passed them, the shared model's k-means clusters, the segmenter's
-thresholds. See
+instance that took a partition over; 3 runs). With a clock per identified partition (its
+timers and lateness on its own records' time, kept in its changelog) 3-6 of 333 ids have
+any different score record with 2 instances and 2-13 with the kill (before: 12 and 106),
+all at identical features (the shared model), and no customer's segment changes differ
+because its scores do (before: 48 with the kill; 3 runs). What still differs: the shared
+model's k-means clusters, the segmenter's thresholds. See
 services/scorer/README.md, "Deterministic scores"; run with ``-s`` for per-cause counts
 (``diagnose``), with ``SEGFLOW_PIPELINE_DUMP=FILE`` to keep the runs' outputs.
 
@@ -678,10 +681,9 @@ def test_a_merge_lands_at_the_same_point_of_the_survivors_history_in_every_run(
 @pytest.mark.xfail(
     strict=True,
     reason="scores depend neither on batching or tick timing nor on where merges land (issue "
-    "#15's merge marks), but events that arrive after an instance's watermark passed them "
-    "(each instance's clock is the minimum over its own partitions; a partition taken over "
-    "after the kill is behind) and the shared model's k-means clusters still make some "
-    "scores differ, and the segmenter's percentile thresholds (refreshed at "
+    "#15's merge marks) nor on which instance reads a partition (a clock per partition, in "
+    "its changelog), but the shared model's k-means clusters still make some scores "
+    "differ, and the segmenter's percentile thresholds (refreshed at "
     "timing-dependent moments) some segment changes (services/scorer/README.md, "
     "Deterministic scores)",
 )
