@@ -11,11 +11,9 @@ from typing import Any
 import fastavro
 import fastavro.validation
 import numpy as np
-import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as hs
 
-from segflow.errors import InvalidRecord
 from segflow.sim.generator import SimConfig, Simulation
 from segflow.sim.noise import Delivery
 from services.scorer.core import ScoreEmit, Scorer, ScorerConfig, StateWrite, lifecycle
@@ -425,82 +423,6 @@ def test_a_sparse_customer_is_churned_only_after_three_of_its_usual_gaps() -> No
     _, regular = _history(range(0, 61))
     assert sc.score(regular, T0 + 95 * DAY).stage == "churned"  # 35 days for a daily one
     assert cfg.churn_horizon_days == 30
-
-
-# -- the event-time clock ------------------------------------------------------------------------
-def test_each_partition_has_its_own_clock() -> None:
-    sc = Scorer(ScorerConfig(), partition_of=lambda cid: int(cid[1:]) % 2)
-    store: dict[str, Any] = {}
-    store["c2"], _ = sc.on_event(None, "c2", ev("login", T0 + HOUR), now_ms=T0, source=0)
-    for i in range(3):  # a week of partition 0
-        t = T0 + i * 3 * DAY
-        store["c0"], _ = sc.on_event(store.get("c0"), "c0", ev("login", t), now_ms=t, source=0)
-    assert sc.watermark_of(0) == T0 + 6 * DAY - 5 * MINUTE and sc.watermark_of(1) is None
-    t = T0 + HOUR  # six days older than partition 0's newest: partition 1's own time
-    store["c1"], _ = sc.on_event(store.get("c1"), "c1", ev("login", t), now_ms=t, source=1)
-    assert sc.watermark_of(1) == T0 + HOUR - 5 * MINUTE
-    assert sc.max_event_ms == T0 + HOUR  # the instance's clock: the minimum over its own
-    # partition 1's customer is not scored by partition 0's time: its refresh at T0 + 1 day
-    # waits for its own partition
-    apply = [o for o in sc.flush(store.get, store.items, now_ms=T0 + 7 * DAY)]
-    store.update((o.customer_id, o.state) for o in apply if isinstance(o, StateWrite))
-    assert store["c1"]["scored_as_of"] == T0 + HOUR  # (its first event was urgent)
-    assert store["c2"]["scored_as_of"] == T0 + 5 * DAY  # refreshed by partition 0's time
-
-
-def test_runs_of_days_that_start_over_within_a_partition_are_not_late() -> None:
-    # what the identity service writes for a burst: one group of customers' week, then the
-    # next group's from its first day again, all on the same partition
-    sc = Scorer(ScorerConfig())
-    days = [d for _ in range(2) for d in range(7)]
-    now = T0 + 7 * DAY
-    for i, d in enumerate(days):  # day 0 after day 6 is 6 days late for a 48 h lateness
-        sc.on_event(None, f"c{i}", ev("login", T0 + d * DAY), now_ms=now, source=0)
-    assert sc.max_event_ms == T0 + 6 * DAY
-    assert sc.final_watermark_of(0) == T0 - 2 * DAY  # the reorder floor: the runs' oldest
-
-
-def test_a_partition_too_far_behind_its_own_floor_dead_letters_the_event() -> None:
-    sc = Scorer(ScorerConfig(reorder_records=4))  # the floor: the last 2 to 4 records
-    for d in range(10):
-        sc.on_event(None, f"c{d}", ev("login", T0 + d * DAY), now_ms=T0 + 10 * DAY, source=0)
-    # the oldest of the last 2 to 4 records (day 6), less 48 h
-    assert sc.final_watermark_of(0) == T0 + 4 * DAY
-    sc.on_event(None, "late", ev("login", T0 + 4 * DAY), now_ms=T0 + 10 * DAY, source=0)
-    with pytest.raises(InvalidRecord) as exc:
-        sc.on_event(None, "later", ev("login", T0 + 3 * DAY), now_ms=T0 + 10 * DAY, source=0)
-    assert exc.value.reason == "too_late"
-
-
-# -- states compressed once per batch ----------------------------------------------------------
-def test_sealing_once_per_batch_gives_the_same_states_and_scores() -> None:
-    sim = Simulation(SimConfig(customers=30, days=50, seed=3))
-    items = [(d.customer, d.event) for d in sim.run() if isinstance(d, Delivery)]
-
-    def replay(pack: bool) -> tuple[dict[str, Any], list[Any]]:
-        sc = Scorer(ScorerConfig(), pack_states=pack)
-        store: dict[str, Any] = {}
-        scores: list[Any] = []
-
-        def apply(outs: list[Any]) -> None:
-            for o in outs:
-                if isinstance(o, StateWrite) and o.state is not None:
-                    store[o.customer_id] = o.state
-                elif isinstance(o, ScoreEmit) and o.score is not None:
-                    scores.append({**o.score, "scored_at": 0})
-
-        for i, (cid, e) in enumerate(items):
-            apply(sc.on_event(store.get(cid), cid, e, now_ms=e["occurred_at"])[1])
-            if i % 300 == 299:
-                apply(sc.flush(store.get, store.items, e["occurred_at"]))
-                apply(sc.seal())
-        apply(sc.flush(store.get, store.items, items[-1][1]["occurred_at"]))
-        apply(sc.seal())
-        return store, scores
-
-    (packed, a), (sealed, b) = replay(True), replay(False)
-    assert packed == sealed and a == b
-    assert len(a) > 100
 
 
 def test_deferred_urgent_events_are_scored_as_of_their_instants_without_later_read_ones() -> None:

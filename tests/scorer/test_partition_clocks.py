@@ -15,6 +15,8 @@ from __future__ import annotations
 from collections.abc import Iterator
 from typing import Any
 
+import pytest
+
 from segflow.errors import InvalidRecord
 from segflow.runtime.loop import Output
 from segflow.runtime.records import Incoming
@@ -26,6 +28,7 @@ from segflow.sim.generator import SimConfig, Simulation
 from segflow.sim.noise import Delivery, NoiseConfig
 from services.scorer.app import CLOCK_KEY, ScorerService, clock_of, clock_record
 from services.scorer.core import ScoreEmit, Scorer, ScorerConfig, StateWrite
+from services.scorer.features import DAY, HOUR, MINUTE
 from services.scorer.settings import ScorerSettings
 
 PARTS = 4
@@ -243,3 +246,55 @@ def test_a_partition_behind_its_new_owners_other_partition_is_not_late_for_it() 
     mine = scores_of(out)
     assert set(mine) == {str(r.key) for r in ahead + late if str(r.key) in scores_of(reference)}
     assert mine == {k: v for k, v in scores_of(reference).items() if k in mine}
+
+
+# -- one partition's clock -----------------------------------------------------------------------
+T0 = 1_704_067_200_000
+
+
+def ev(kind: str, t: int) -> dict[str, Any]:
+    return {"event_type": kind, "occurred_at": t}
+
+
+def test_each_partition_has_its_own_clock() -> None:
+    sc = Scorer(ScorerConfig(), partition_of=lambda cid: int(cid[1:]) % 2)
+    store: dict[str, Any] = {}
+    store["c2"], _ = sc.on_event(None, "c2", ev("login", T0 + HOUR), now_ms=T0, source=0)
+    for i in range(3):  # a week of partition 0
+        t = T0 + i * 3 * DAY
+        store["c0"], _ = sc.on_event(store.get("c0"), "c0", ev("login", t), now_ms=t, source=0)
+    assert sc.watermark_of(0) == T0 + 6 * DAY - 5 * MINUTE and sc.watermark_of(1) is None
+    t = T0 + HOUR  # six days older than partition 0's newest: partition 1's own time
+    store["c1"], _ = sc.on_event(store.get("c1"), "c1", ev("login", t), now_ms=t, source=1)
+    assert sc.watermark_of(1) == T0 + HOUR - 5 * MINUTE
+    assert sc.max_event_ms == T0 + HOUR  # the instance's clock: the minimum over its own
+    # partition 1's customer is not scored by partition 0's time: its refresh at T0 + 1 day
+    # waits for its own partition
+    apply = [o for o in sc.flush(store.get, store.items, now_ms=T0 + 7 * DAY)]
+    store.update((o.customer_id, o.state) for o in apply if isinstance(o, StateWrite))
+    assert store["c1"]["scored_as_of"] == T0 + HOUR  # (its first event was urgent)
+    assert store["c2"]["scored_as_of"] == T0 + 5 * DAY  # refreshed by partition 0's time
+
+
+def test_runs_of_days_that_start_over_within_a_partition_are_not_late() -> None:
+    # what the identity service writes for a burst: one group of customers' week, then the
+    # next group's from its first day again, all on the same partition
+    sc = Scorer(ScorerConfig())
+    days = [d for _ in range(2) for d in range(7)]
+    now = T0 + 7 * DAY
+    for i, d in enumerate(days):  # day 0 after day 6 is 6 days late for a 48 h lateness
+        sc.on_event(None, f"c{i}", ev("login", T0 + d * DAY), now_ms=now, source=0)
+    assert sc.max_event_ms == T0 + 6 * DAY
+    assert sc.final_watermark_of(0) == T0 - 2 * DAY  # the reorder floor: the runs' oldest
+
+
+def test_a_partition_too_far_behind_its_own_floor_dead_letters_the_event() -> None:
+    sc = Scorer(ScorerConfig(reorder_records=4))  # the floor: the last 2 to 4 records
+    for d in range(10):
+        sc.on_event(None, f"c{d}", ev("login", T0 + d * DAY), now_ms=T0 + 10 * DAY, source=0)
+    # the oldest of the last 2 to 4 records (day 6), less 48 h
+    assert sc.final_watermark_of(0) == T0 + 4 * DAY
+    sc.on_event(None, "late", ev("login", T0 + 4 * DAY), now_ms=T0 + 10 * DAY, source=0)
+    with pytest.raises(InvalidRecord) as exc:
+        sc.on_event(None, "later", ev("login", T0 + 3 * DAY), now_ms=T0 + 10 * DAY, source=0)
+    assert exc.value.reason == "too_late"
