@@ -33,10 +33,10 @@ merge is the same in all three runs). Before the marks 533-973 (2 instances) and
 (with the kill) of ~1,250 changes differed (2 runs); with them 4-42 (all from customers with
 identical scores: the segmenter's percentile thresholds) and 388-434 (events late for the
 instance that took a partition over; 3 runs). With a clock per identified partition (its
-timers and lateness on its own records' time, kept in its changelog) 3-6 of 333 ids have
+timers and lateness on its own records' time, kept in its changelog) 0-6 of 333 ids have
 any different score record with 2 instances and 2-13 with the kill (before: 12 and 106),
 all at identical features (the shared model), and no customer's segment changes differ
-because its scores do (before: 48 with the kill; 3 runs). What still differs: the shared
+because its scores do (before: 48 with the kill; 4 runs). What still differs: the shared
 model's k-means clusters, the segmenter's thresholds. See
 services/scorer/README.md, "Deterministic scores"; run with ``-s`` for per-cause counts
 (``diagnose``), with ``SEGFLOW_PIPELINE_DUMP=FILE`` to keep the runs' outputs.
