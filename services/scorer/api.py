@@ -3,7 +3,7 @@
 * ``GET /health`` — the service answers; customers, event-time watermark, model quality;
 * ``GET /customers/<customer_id>`` — the customer's features, churn probability, engagement,
   CLV, cluster, lifecycle stage and the top features contributing to the churn score, computed
-  on request from its state as of the scorer's watermark with the model in use (the
+  on request from its state as of its partition's watermark with the model in use (the
   ``CustomerScore`` shape), plus what was last emitted to ``segflow.scores``.
 
 Served by :func:`segflow.runtime.internal_api.serve` on ``SEGFLOW_SCORER_HTTP_PORT`` (127.0.0.1).
@@ -11,14 +11,14 @@ Served by :func:`segflow.runtime.internal_api.serve` on ``SEGFLOW_SCORER_HTTP_PO
 The routes read what the scorer published at its last commit (:class:`ScorerPublisher`,
 :mod:`segflow.runtime.snapshot`): copies of the committed states of the customers each commit
 changed, and a :class:`FrozenModel` (the arrays scoring reads, copied from the model in use
-when its version, clusters or BG/NBD fit change), with the watermark of that commit. A request
+when its version, clusters or BG/NBD fit change), with the watermarks of that commit. A request
 scores one committed state with the model of that same commit: never a batch half applied,
 never a model the loop is learning into, and the loop never waits for it.
 """
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Iterator, Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass, field
 from typing import Any, cast
 
@@ -120,7 +120,10 @@ class Committed:
 
     model: FrozenModel
     scorer: Scorer  # scores with ``model``; used by request threads only
-    watermark: int | None
+    watermark: int | None  # the instance's (the smallest of its partitions')
+    #: Each input partition's watermark, and the partition of a customer id.
+    watermarks: dict[Any, int | None] = field(default_factory=dict)
+    part: Callable[[str], Any] = lambda _cid: 0
 
 
 class ScorerPublisher:
@@ -151,7 +154,8 @@ class ScorerPublisher:
             frozen = FrozenModel.of(model, sc._descriptions)
             self._frozen, self._key = (frozen, frozen.scorer(sc)), key
         frozen, scorer = self._frozen
-        return Committed(frozen, scorer, sc.watermark)
+        marks = {p: sc.watermark_of(p) for p in sc.clocks}
+        return Committed(frozen, scorer, sc.watermark, marks, sc.part)
 
     def committed(self, keys: Iterable[str] | None) -> None:
         """``keys``: the state keys the commit wrote (empty: only the model or the clock
@@ -197,7 +201,8 @@ def routes(service: ScorerService) -> Routes:
             st, c = view.get(cid), view.extra
         if st is None:  # never seen, merged away, or forgotten
             raise NotFound(f"scorer has no state for {cid!r}")
-        as_of = max(int(st["last_event_ms"]), int(st["scored_as_of"] or 0), c.watermark or 0)
+        wm = c.watermarks.get(c.part(cid)) or 0  # the customer's own partition's time
+        as_of = max(int(st["last_event_ms"]), int(st["scored_as_of"] or 0), wm)
         # Buckets.of: a state restored with the former 120-day ring is converted here
         scored = c.scorer.score(st, as_of, Buckets.of(st))
         record = c.scorer.record(cid, scored, 0)

@@ -36,11 +36,12 @@ import numpy as np
 from confluent_kafka import OFFSET_BEGINNING, Consumer, TopicPartition
 
 from segflow.runtime.kafka import ensure_topics
-from segflow.runtime.loop import BatchInfo, Incoming, LoopConfig, Output, ProcessingLoop
+from segflow.runtime.loop import Incoming, LoopConfig, Output, ProcessingLoop
 from segflow.runtime.serde import Serde
 from segflow.runtime.settings import Settings
-from segflow.runtime.state import ChangelogStore
+from segflow.runtime.state import ChangelogStore, partition_for
 from segflow.runtime.topics import TOPICS
+from services.scorer.clock import PartitionClock
 from services.scorer.core import (
     Out,
     Retire,
@@ -82,10 +83,36 @@ log = logging.getLogger("segflow.scorer")
 #: a ScorerState with nothing but the id and when it was forgotten): the id is never profiled
 #: again, even by an event or merge already in flight when the forget arrived.
 RETIRED_KEY = "retired:"
-#: Prefixes of the state keys that are not customers (retired, merged-away, waiting and held ids).
-MARKERS = (RETIRED_KEY, MERGED_KEY, WAIT_KEY, HELD_KEY)
+#: State-changelog key of input partition ``p``'s event-time clock (``clock:<p>``, in
+#: partition ``p``; :func:`clock_record`): a new owner of the partition continues from it.
+CLOCK_KEY = "clock:"
+#: Prefixes of the state keys that are not customers (retired, merged-away, waiting and held
+#: ids, the partitions' clocks).
+MARKERS = (RETIRED_KEY, MERGED_KEY, WAIT_KEY, HELD_KEY, CLOCK_KEY)
 #: ``scorer.model`` key of the deployment's one churn model (published by the learner).
 SHARED_MODEL = "churn.shared"
+
+
+def clock_record(part: int, c: PartitionClock) -> State:
+    """Partition ``part``'s clock as a ScorerState (``last_event_ms`` = the clock,
+    ``first_seen_ms`` = the reorder floor, ``q_days`` = records in the floor's current
+    block, ``q_first_ms`` / ``q_last_ms`` = the current and previous block's oldest event;
+    ``emitted_stage`` = ``clock``)."""
+    st = new_state(f"{CLOCK_KEY}{part}", c.floor)
+    st.update(last_event_ms=c.latest, q_days=c.n, q_first_ms=c.cur, q_last_ms=c.prev)
+    st["emitted_stage"] = "clock"
+    return st
+
+
+def clock_of(st: State) -> PartitionClock:
+    """The inverse of :func:`clock_record`."""
+    return PartitionClock(
+        latest=int(st["last_event_ms"]),
+        floor=int(st["first_seen_ms"]),
+        n=int(st["q_days"]),
+        cur=st["q_first_ms"],
+        prev=st["q_last_ms"],
+    )
 
 
 class ScorerService(Merges):
@@ -125,6 +152,8 @@ class ScorerService(Merges):
         if self.options.shared_model:
             self.scorer.sink = self._sink
         self.scorer.store = self.states.get  # timers the watermark passed fire together
+        parts = self.states.partitions  # co-partitioned with the identified topic
+        self.scorer.partition_of = lambda cid: partition_for(cid, parts)
         self._dirty: set[str] = set()
         self._identified = TOPICS.identified.name(settings)
         # SEGFLOW_INSTANCE_ID (stable per instance) names the transactional id and checkpoint
@@ -163,7 +192,7 @@ class ScorerService(Merges):
         self._marks()
         upgraded = sum(upgrade(st) for _, st in self.customers())  # 120-day ring states
         self.scorer.rebuild(self._timed(), self.scorer.retired)
-        self.scorer.expect_sources(range(TOPICS.identified.partitions), self._now())
+        self._load_clocks()
         log.info(
             "scorer restored",
             extra={
@@ -178,10 +207,8 @@ class ScorerService(Merges):
         )
 
     def customers(self) -> Iterator[tuple[str, State]]:
-        """The customers' states (the store without the forgotten or merged ids' markers and
-        the parked and held merges' records)."""
-        if not self.scorer.retired and not self.merged and not self.waiting and not self.held:
-            return self.states.items()
+        """The customers' states (the store without the forgotten or merged ids' markers,
+        the parked and held merges' records and the partitions' clocks)."""
         return ((k, v) for k, v in self.states.items() if not k.startswith(MARKERS))
 
     def _timed(self) -> Iterator[tuple[str, State]]:
@@ -191,7 +218,31 @@ class ScorerService(Merges):
 
     def customer_count(self) -> int:
         n = len(self.scorer.retired) + len(self.merged) + len(self.waiting) + len(self.held)
-        return len(self.states) - n
+        return len(self.states) - n - len(self._clock_keys())
+
+    def _clock_keys(self) -> dict[int, str]:
+        """The partitions whose clock the store holds (``clock:<p>`` keys), by partition."""
+        keys = (f"{CLOCK_KEY}{p}" for p in range(self.states.partitions))
+        return {p: k for p, k in enumerate(keys) if k in self.states}
+
+    def _load_clocks(self) -> None:
+        """Every partition this instance reads gets the clock its changelog holds (exactly
+        what the last owner committed; none: nothing read from it yet), the others none."""
+        owned = self.states.assigned
+        parts = range(self.states.partitions)
+        stored = self._clock_keys()
+        clocks: dict[Any, PartitionClock | None] = {}
+        for p in parts:
+            mine = p in stored and (owned is None or p in owned)
+            st = self.states.get(stored[p]) if mine else None
+            clocks[p] = None if st is None else clock_of(st)
+        self.scorer.restore_clocks(clocks)
+
+    def _clocks_out(self) -> Iterator[Output]:
+        """The clocks the batch moved, each into its partition's changelog (in the batch's
+        transaction)."""
+        for p, c in sorted(self.scorer.moved_clocks().items()):
+            yield self.states.put(f"{CLOCK_KEY}{p}", clock_record(p, c), partition=p)
 
     def _retired(self) -> list[str]:
         n = len(RETIRED_KEY)
@@ -204,12 +255,11 @@ class ScorerService(Merges):
     # -- partitions (loop hooks, after the store's) ----------------------------------------
     def on_assign(self, partitions: set[int]) -> None:
         """The store restored ``partitions``: rebuild timers, forgotten and merged ids over
-        what this instance owns now; partitions it does not own stop holding its clock.
-        Partition 0 makes it the learner: it resumes from the last published model."""
-        owned = self.states.assigned
-        if owned is not None:
-            self.scorer.drop_sources(set(range(self.states.partitions)) - owned)
+        what this instance owns now; each partition's clock from its changelog, as the last
+        owner committed it. Partition 0 makes it the learner: it resumes from the last
+        published model."""
         self._reload()
+        self._load_clocks()
         if 0 in partitions and self.options.shared_model:
             self.learner = True
             self._summaries.clear()
@@ -227,7 +277,7 @@ class ScorerService(Merges):
 
     def on_revoke(self, partitions: set[int]) -> None:
         """The store dropped ``partitions`` (another instance owns them now): their customers'
-        timers and cached buckets go too."""
+        timers, cached buckets and clocks go too."""
         self.scorer.drop_sources(partitions)
         self._reload()
         if 0 in partitions:
@@ -330,21 +380,12 @@ class ScorerService(Merges):
         self.scorer.rebuild(self._timed(), self._retired())
 
     # -- loop callbacks ------------------------------------------------------------------
-    def before_batch(self, batch: BatchInfo) -> None:
-        """Tell the clock which identified partitions have records in this batch or unread
-        ones, so a burst read from one of them cannot make the others' events late."""
-        name = self._identified
-        self.scorer.on_batch(
-            {p: n for (t, p), n in batch.counts.items() if t == name},
-            {p: lag for (t, p), lag in batch.lag.items() if t == name},
-            self._now(),
-        )
-
     def before_commit(self) -> Iterator[Output]:
         """The batch's urgent customers scored (once each, on stacked arrays), then its
         changed states, compressed and written once each."""
         yield from self._outputs(self.scorer.settle(self.states.get, self._now()))
         yield from self._sealed()
+        yield from self._clocks_out()
         yield from self._examples()
         yield from self._published()
 
@@ -397,6 +438,7 @@ class ScorerService(Merges):
         self.merged = self._merged()
         self._marks()
         self.scorer.rebuild(self._timed(), self._retired())
+        self._load_clocks()  # as committed: the rolled-back records come again
         self._examples_out.clear()
         if self._learned_uncommitted:
             # the learned examples come again: back to the version committed with the offsets

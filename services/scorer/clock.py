@@ -1,14 +1,53 @@
-"""The scorer's event-time clock (pure): the watermarks and how the input partitions
-move them (moved out of :mod:`services.scorer.core`; see its module doc, *Event time*)."""
+"""The scorer's event-time clocks (pure): one per input partition, a function of that
+partition's records in order, like a Kafka Streams task's stream time (moved out of
+:mod:`services.scorer.core`; see its module doc, *Event time*)."""
 
 from __future__ import annotations
 
-from collections import deque
-from collections.abc import Iterable, Mapping
+from collections.abc import Callable, Iterable, Mapping
+from dataclasses import dataclass
 from typing import Any
 
 from segflow.errors import InvalidRecord
 from services.scorer.config import FORGET_EVENT, ScorerConfig
+
+
+@dataclass
+class PartitionClock:
+    """One input partition's clock: nothing but its own records, in their order, move it.
+
+    ``latest`` (the clock) is the newest event time read from the partition; timers of its
+    customers fire when ``latest - watermark_delay`` passes them. ``floor`` is the *reorder
+    floor*, the basis of the final watermark (``floor - allowed_lateness``; older events are
+    too late): the oldest event time of the partition's last ``block`` to ``2 * block``
+    records (the current block's minimum ``cur`` and the previous full block's ``prev``;
+    ``n`` records in the current block), never backwards. The floor is there because one
+    identified partition is not in event-time order: identity re-keys a batch input
+    partition by input partition, so a burst lands as runs of days that start over.
+    """
+
+    latest: int = -1
+    floor: int = -1
+    n: int = 0
+    cur: int | None = None
+    prev: int | None = None
+
+    def observe(self, t: int, block: int) -> None:
+        """Move the clock with an event of ``t`` (a record of ``block`` per block)."""
+        if t > self.latest:
+            self.latest = t
+        self.cur = t if self.cur is None else min(self.cur, t)
+        self.n += 1
+        low = self.cur if self.prev is None else min(self.prev, self.cur)
+        if self.n >= block:
+            self.prev, self.cur, self.n = self.cur, None, 0
+        if low > self.floor:
+            self.floor = low
+
+    def advance_to(self, t: int) -> None:
+        """Move the clock to at least ``t`` (tools, tests and benches: time passes)."""
+        self.latest = max(self.latest, t)
+        self.floor = max(self.floor, t)
 
 
 class EventClock:
@@ -16,122 +55,109 @@ class EventClock:
     the scorer's dataclass fields)."""
 
     config: ScorerConfig
-    max_event_ms: int | None
-    _sources: dict[Any, tuple[int, int]]
-    _pending: dict[Any, int]
-    _lag: dict[Any, int | None]
-    _recent: dict[Any, deque[tuple[int, int]]]
-    _seq: dict[Any, int]
+    #: Per input partition this scorer reads: its clock (missing: nothing read from it yet).
+    clocks: dict[Any, PartitionClock]
+    #: Partitions whose clock moved since :meth:`moved_clocks` was last called.
+    _moved: set[Any]
+    #: The partition a customer id's records (and so its state and timers) are in; None: one
+    #: partition, ``0``, for every customer and every record (tools, tests, benches).
+    partition_of: Callable[[str], Any] | None
     retired: set[str]
 
-    # -- clock ---------------------------------------------------------------------------
+    def part(self, customer_id: str) -> Any:
+        """The input partition whose clock drives ``customer_id``'s timers."""
+        return 0 if self.partition_of is None else self.partition_of(customer_id)
+
+    def _source(self, source: Any) -> Any:
+        return 0 if self.partition_of is None else source
+
+    # -- clocks --------------------------------------------------------------------------
+    @property
+    def max_event_ms(self) -> int | None:
+        """The instance's clock: the smallest over the partitions it reads that delivered an
+        event (None: none did). Only for deployment-level work (training snapshots, label
+        maturity, the API's default instant, metrics); timers and lateness use each
+        partition's own clock."""
+        known = [c.latest for c in self.clocks.values() if c.latest >= 0]
+        return min(known) if known else None
+
+    @max_event_ms.setter
+    def max_event_ms(self, t: int | None) -> None:
+        """Time passes for every partition (tools, tests, benches): each clock moves to at
+        least ``t`` (partition 0's is created if there is none)."""
+        if t is None:
+            return
+        if not self.clocks:
+            self.clocks[0] = PartitionClock()
+        for p, c in self.clocks.items():
+            c.advance_to(t)
+            self._moved.add(p)
+
     @property
     def watermark(self) -> int | None:
-        """Event time up to which the stream is considered complete enough to act on."""
-        if self.max_event_ms is None:
-            return None
-        return self.max_event_ms - self.config.watermark_delay_ms
+        """The instance's watermark (see :attr:`max_event_ms`): deployment-level work only."""
+        t = self.max_event_ms
+        return None if t is None else t - self.config.watermark_delay_ms
 
     @property
     def final_watermark(self) -> int | None:
-        """Event time before which no event is accepted any more."""
-        if self.max_event_ms is None:
+        """The instance's clock less ``allowed_lateness``: churn labels mature behind it
+        (deployment-level work only; which events are too late is each partition's
+        :meth:`final_watermark_of`, more lenient while its recent records are out of order)."""
+        t = self.max_event_ms
+        return None if t is None else t - self.config.allowed_lateness_ms
+
+    def watermark_of(self, part: Any) -> int | None:
+        """Event time up to which partition ``part`` is considered complete enough to act on:
+        its customers' timers due by then fire."""
+        c = self.clocks.get(part)
+        if c is None or c.latest < 0:
             return None
-        return self.max_event_ms - self.config.allowed_lateness_ms
+        return c.latest - self.config.watermark_delay_ms
 
-    def _observe(self, source: Any, t: int, now_ms: int) -> None:
-        """Advance the clock with an event of ``t`` from input partition ``source``: the clock
-        is the smallest latest event time of the partitions that can still deliver older
-        events (see :meth:`on_batch`), or the largest of all when none can; it never goes
-        backwards. A replay that reads one partition ahead of the others thus does not make
-        the others' events late."""
-        old = self._sources.get(source)
-        self._sources[source] = (t if old is None or t > old[0] else old[0], now_ms)
-        if source in self._lag:  # the floor only matters for reported partitions
-            recent = self._recent.get(source)
-            if recent is None:
-                recent = self._recent[source] = deque()
-            seq = self._seq[source] = self._seq.get(source, 0) + 1
-            while recent and recent[-1][1] >= t:
-                recent.pop()
-            recent.append((seq, t))
-            if recent[0][0] <= seq - self.config.reorder_records:
-                recent.popleft()
-        self._advance(now_ms)
+    def final_watermark_of(self, part: Any) -> int | None:
+        """Event time before which partition ``part`` accepts no event any more."""
+        c = self.clocks.get(part)
+        if c is None or c.latest < 0:
+            return None
+        return c.floor - self.config.allowed_lateness_ms
 
-    def _holds(self, source: Any, seen: int, now_ms: int) -> bool:
-        """Whether ``source`` may still deliver events older than its latest: it has records
-        in the batch at hand or unread ones (as last reported); without a report, whether it
-        delivered within ``source_idle_ms`` of processing time."""
-        if source in self._lag:
-            lag = self._lag[source]
-            if self._pending.get(source, 0) > 0 or (lag is not None and lag > 0):
-                return True
-            if lag is not None:
-                return False
-        return now_ms - seen <= self.config.source_idle_ms
-
-    def _advance(self, now_ms: int) -> None:
-        holding = [
-            self._floor(src, t)
-            for src, (t, seen) in self._sources.items()
-            if self._holds(src, seen, now_ms)
-        ]
-        clock = min(holding) if holding else max(t for t, _ in self._sources.values())
-        if clock >= 0 and (self.max_event_ms is None or clock > self.max_event_ms):
-            self.max_event_ms = clock
-
-    def _floor(self, source: Any, latest: int) -> int:
-        """What a partition that may still deliver holds the clock at: the oldest of its last
-        ``reorder_records`` records when it is reported (its unread records may start over
-        from there), else its latest."""
-        recent = self._recent.get(source)
-        if source in self._lag and recent:
-            return min(latest, recent[0][1])
-        return latest
-
-    def expect_sources(self, sources: Iterable[Any], now_ms: int) -> None:
-        """Declare input partitions before they deliver: each holds the clock back until its
-        first event, until it is reported caught up, or (without reports) until it has been
-        idle for ``source_idle_ms``."""
-        for source in sources:
-            self._sources.setdefault(source, (-1, now_ms))
+    def restore_clocks(self, clocks: Mapping[Any, PartitionClock | None]) -> None:
+        """Set the clocks of partitions (a new owner's assignment, an abort): each exactly as
+        its changelog had it (None: the partition had none, nothing read from it yet)."""
+        for p, c in clocks.items():
+            if c is None:
+                self.clocks.pop(p, None)
+            else:
+                self.clocks[p] = PartitionClock(c.latest, c.floor, c.n, c.cur, c.prev)
+            self._moved.discard(p)
 
     def drop_sources(self, sources: Iterable[Any]) -> None:
-        """Input partitions this instance no longer reads (another owns them): they stop
-        holding the clock back."""
+        """Input partitions this scorer no longer reads (another owns them now)."""
         for source in sources:
-            for table in (self._sources, self._pending, self._lag, self._recent, self._seq):
-                table.pop(source, None)
+            self.clocks.pop(source, None)
+            self._moved.discard(source)
 
-    def on_batch(
-        self, pending: Mapping[Any, int], lag: Mapping[Any, int | None], now_ms: int
-    ) -> None:
-        """Report the input partitions' progress before a batch is handled: ``pending`` =
-        records of each partition in the batch, ``lag`` = records of each assigned partition
-        not read yet after the batch (None: unknown). A partition with either holds the clock
-        back, so a burst read from one partition after a pause does not carry the clock past
-        older events waiting in another; one read to its end does not hold it at all (an
-        empty or quiet partition does not stall the clock either). Partitions missing from
-        ``lag`` fall back to the processing-time rule."""
-        self._pending = dict(pending)
-        self._lag = dict(lag)
-        for source in self._lag:
-            self._sources.setdefault(source, (-1, now_ms))
-        if self._sources:
-            self._advance(now_ms)
+    def moved_clocks(self) -> dict[Any, PartitionClock]:
+        """The clocks that moved since the last call (the shell writes them to the
+        partitions' changelogs in the transaction of the records that moved them)."""
+        out = {p: self.clocks[p] for p in self._moved if p in self.clocks}
+        self._moved.clear()
+        return out
 
-    def _handled(self, source: Any) -> None:
-        n = self._pending.get(source)
-        if n:
-            self._pending[source] = n - 1
+    def _observe(self, source: Any, t: int) -> None:
+        c = self.clocks.get(source)
+        if c is None:
+            c = self.clocks[source] = PartitionClock()
+        block = max(1, self.config.reorder_records // 2)
+        c.observe(t, block)
+        self._moved.add(source)
 
     def admit(self, customer_id: str, event: Mapping[str, Any], now_ms: int, source: Any) -> None:
-        """What :meth:`on_event` does with an event as it is read, before applying it: count
-        it as handled for its partition, check it (raises
+        """What :meth:`on_event` does with an event as it is read from input partition
+        ``source``, before applying it: check it against that partition's clock (raises
         :class:`~segflow.errors.InvalidRecord`, before anything changed) and move the clock
         with it."""
-        self._handled(source)
         if not customer_id:
             raise InvalidRecord("identified event without customer_id", reason="missing_field")
         if str(event["event_type"]) == FORGET_EVENT or customer_id in self.retired:
@@ -141,14 +167,11 @@ class EventClock:
             raise InvalidRecord(
                 f"event occurred {(t - now_ms) / 1000:.0f}s in the future", reason="future_event"
             )
-        fw = self.final_watermark
+        source = self._source(source)
+        fw = self.final_watermark_of(source)
         if fw is not None and t < fw:
             raise InvalidRecord(
                 f"event is {(fw - t) / 1000:.0f}s older than the allowed lateness",
                 reason="too_late",
             )
-        self._observe(source, t, now_ms)
-
-    def handled(self, source: Any) -> None:
-        """A record of input partition ``source`` that is no event (a merge mark) was read."""
-        self._handled(source)
+        self._observe(source, t)

@@ -76,7 +76,6 @@ class ScorerConfig:
     #: partition, so one identified partition holds runs of days that start over.
     reorder_records: int = 2000
     reactivation_gap_ms: int = 3 * DAY
-    source_idle_ms: int = 30_000
     high_value_zips: frozenset[str] = DEFAULT_HIGH_VALUE_ZIPS
 
     def __post_init__(self) -> None:

@@ -7,15 +7,18 @@ Time is an argument everywhere: ``now_ms`` (processing time) only stamps ``score
 rejects events from the future; everything else runs on event time.
 
 Event time
-    ``max_event_ms`` (the clock) is the smallest latest ``occurred_at`` of the input
-    partitions that may still deliver older events: those with records in the batch at hand
-    or unread records, as the shell reports (:meth:`Scorer.on_batch`); the largest of all
-    when every partition has been read to its end. The **watermark** is
-    ``max_event_ms - watermark_delay_ms`` (the out-of-orderness we wait for): time-driven work
-    (pending scores, refreshes) happens when the watermark passes its due time. The **final
-    watermark** is ``max_event_ms - allowed_lateness_ms``: an event older than it is rejected
-    (``too_late``, dead-lettered); a later one lands in its own day bucket however late it
-    comes, and churn labels mature only when their horizon is behind the final watermark.
+    Every input partition has its own clock (:class:`services.scorer.clock.PartitionClock`),
+    a function of that partition's records in order, like a Kafka Streams task's stream
+    time: the newest ``occurred_at`` read from it. A customer's timers (pending scores,
+    refreshes) fire when its partition's **watermark**, ``clock - watermark_delay_ms`` (the
+    out-of-orderness we wait for), passes their due time, or before the customer's next
+    event or merge, whichever comes first. The partition's **final watermark** is its
+    *reorder floor* (the oldest event of its last ``reorder_records``, never backwards) minus
+    ``allowed_lateness_ms``: an older event is rejected (``too_late``, dead-lettered); a later
+    one lands in its own day bucket however late it comes. The shell keeps each partition's
+    clock in that partition's changelog, so a new owner continues where the old one
+    committed. Deployment-level work (training snapshots, label maturity) runs on the
+    instance's clock, ``max_event_ms``: the smallest over the partitions it reads.
 
 Emission (coalescing)
     An *urgent* event (purchase, cancellation, escalated ticket, unsubscribe, or the first
@@ -55,7 +58,6 @@ Churn
 from __future__ import annotations
 
 import heapq
-from collections import deque
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
@@ -65,6 +67,7 @@ import numpy.typing as npt
 
 from services.scorer import btyd
 from services.scorer.clock import EventClock as EventClock
+from services.scorer.clock import PartitionClock
 from services.scorer.config import DEFAULT_HIGH_VALUE_ZIPS as DEFAULT_HIGH_VALUE_ZIPS
 from services.scorer.config import FORGET_EVENT as FORGET_EVENT
 from services.scorer.config import STAGES as STAGES
@@ -127,18 +130,14 @@ class Scorer(Timers):
 
     config: ScorerConfig
     model: ChurnModel = field(default_factory=new_model)
-    max_event_ms: int | None = None
-    #: Per input partition: (largest occurred_at, processing time it last had an event).
-    _sources: dict[Any, tuple[int, int]] = field(default_factory=dict)
-    #: Per input partition, as last reported by :meth:`on_batch`: records of the batch at
-    #: hand not handled yet, and records not read yet after the batch (None: unknown).
-    _pending: dict[Any, int] = field(default_factory=dict)
-    _lag: dict[Any, int | None] = field(default_factory=dict)
-    #: Per input partition: (sequence number, occurred_at) of its last ``reorder_records``
-    #: records that no later record undercuts (the front is their minimum).
-    _recent: dict[Any, deque[tuple[int, int]]] = field(default_factory=dict)
-    _seq: dict[Any, int] = field(default_factory=dict)
-    _timers: list[tuple[int, str]] = field(default_factory=list)
+    #: Per input partition: its event-time clock (:class:`services.scorer.clock.PartitionClock`).
+    clocks: dict[Any, PartitionClock] = field(default_factory=dict)
+    _moved: set[Any] = field(default_factory=set)
+    #: The input partition of a customer id (the shell's ``partition_for``); None: one
+    #: partition for everything (tools, tests, benches).
+    partition_of: Callable[[str], Any] | None = None
+    #: Per input partition: a heap of (due, customer id).
+    _timers: dict[Any, list[tuple[int, str]]] = field(default_factory=dict)
     #: Each customer's live timer (the heap may also hold superseded ones, skipped when
     #: popped): one per customer, so no customer is ever left without one.
     _timer_at: dict[str, int] = field(default_factory=dict)
@@ -158,8 +157,9 @@ class Scorer(Timers):
     #: False: an urgent event is scored inside :meth:`on_event`. True: it only marks the
     #: customer, and :meth:`settle` scores every marked customer once, on stacked arrays,
     #: before the batch commits (the service's mode: the same transaction, so the same
-    #: exactly-once outputs, without per-event numpy work on one-row arrays; several urgent
-    #: events of one customer in a batch give one score, with all of them).
+    #: exactly-once outputs, without per-event numpy work on one-row arrays); a later-read
+    #: event of the customer first scores it, without that event (as scoring inside
+    #: :meth:`on_event` would).
     defer_scores: bool = False
     #: Customers to score at :meth:`settle`: (True: emit even if nothing moved, after a
     #: merge; the instant to score as of).
@@ -323,8 +323,10 @@ class Scorer(Timers):
         self._cache.pop(customer_id, None)
         self._unsealed.pop(customer_id, None)
         if self._timer_at.pop(customer_id, None) is not None:
-            self._timers = [x for x in self._timers if x[1] != customer_id]
-            heapq.heapify(self._timers)
+            part = self.part(customer_id)
+            heap = [x for x in self._timers.get(part, ()) if x[1] != customer_id]
+            heapq.heapify(heap)
+            self._timers[part] = heap
         return [
             StateWrite(customer_id, None),
             ScoreEmit(customer_id, None),
@@ -542,7 +544,7 @@ class Scorer(Timers):
         self._descriptions = self.model.describe_clusters()
 
     def pending_timers(self) -> int:
-        return len(self._timers)
+        return sum(len(heap) for heap in self._timers.values())
 
 
 def adopt(scorer: Scorer, shared: ChurnModel) -> None:

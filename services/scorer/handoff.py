@@ -25,6 +25,7 @@ among the customers' events depends on timing.
 
 from __future__ import annotations
 
+import struct
 from collections.abc import Iterable, Iterator
 from typing import TYPE_CHECKING, Any
 
@@ -49,6 +50,26 @@ WAIT_KEY = "wait:"
 #: merge the survivor's owner has not reached yet (``emitted_stage`` ABSENT: it had none).
 HELD_KEY = "held:"
 ABSENT = "absent"
+#: A parked record (``wait:`` ``parked``): a tag byte, the survivor's partition watermark when
+#: the record was read (``_NO_WM``: none) and the record's wire bytes (which start with 0).
+_PARKED = struct.Struct(">bq")
+_NO_WM = -(2**63)
+
+
+def park_entry(wm: int | None, raw: bytes) -> bytes:
+    """A parked record with the watermark it was read at."""
+    return _PARKED.pack(1, _NO_WM if wm is None else wm) + raw
+
+
+def park_split(entry: bytes) -> tuple[int | None, bytes]:
+    """(watermark when read, the record's wire bytes) of a parked record; one parked before
+    the watermark was kept (the wire bytes alone): None."""
+    if entry[:1] != b"\x01":
+        return None, entry
+    _, wm = _PARKED.unpack_from(entry)
+    return (None if wm == _NO_WM else wm), entry[_PARKED.size :]
+
+
 #: ``event_type`` of identity's record keyed by an absorbed id at its merge.
 MERGED_EVENT = "customer_merged"
 
@@ -93,8 +114,6 @@ class Merges:
             yield from self._park(cid, value, raw, part, now, admitted)
             return
         if mark is not None and event["event_type"] == MERGED_EVENT and mark["survivor_id"] != cid:
-            if not admitted:
-                self.scorer.handled(part)
             yield from self._absorb(cid, str(mark["survivor_id"]), int(event["occurred_at"]), now)
             return
         survivor = self.merged.get(cid)
@@ -125,14 +144,15 @@ class Merges:
         mark = value.get("merge")
         if not admitted:
             if mark is not None and event["event_type"] == MERGED_EVENT:
-                self.scorer.handled(part)
+                pass  # no event: it does not move the clock
             elif mark is not None:
                 raw = self._admit_marked(cid, value, part, now)
             else:
                 self.scorer.admit(cid, event, now, part)  # raises before anything changed
         wait = self.states.get(WAIT_KEY + cid)
         assert wait is not None
-        parked = [*wait["parked"], raw or self.serde.encode(TOPICS.identified, value)]
+        entry = raw or self.serde.encode(TOPICS.identified, value)
+        parked = [*wait["parked"], park_entry(self._read_watermark(cid, admitted), entry)]
         PARKED.inc()
         yield self.states.put(WAIT_KEY + cid, {**wait, "parked": parked}, partition=self._part(cid))
 
@@ -154,6 +174,14 @@ class Merges:
             value.update(event=alone)
             return self.serde.encode(TOPICS.identified, value)
         return None
+
+    def _read_watermark(self, cid: str, admitted: bool) -> int | None:
+        """The watermark of ``cid``'s partition as the record at hand was read: now, or (a
+        parked record replayed) when it was first read."""
+        sc = self.scorer
+        if admitted and sc.read_watermark is not None:
+            return sc.read_watermark[1]
+        return sc.watermark_of(sc.part(cid))
 
     def _at_merge(
         self,
@@ -189,7 +217,8 @@ class Merges:
             self.scorer.release(survivor)
             wait = new_state(survivor, at)
             wait["awaiting"] = absorbed
-            wait["parked"] = [self.serde.encode(TOPICS.identified, value)]
+            entry = self.serde.encode(TOPICS.identified, value)
+            wait["parked"] = [park_entry(self._read_watermark(survivor, admitted), entry)]
             self.waiting.add(survivor)
             PARKED.inc()
             yield self.states.put(WAIT_KEY + survivor, wait, partition=self._part(survivor))
@@ -270,15 +299,18 @@ class Merges:
         part = self._part(survivor)
         parked = list(wait["parked"])
         # Replayed, the parked records fire only the survivor's timers due before each of
-        # them (as when they were read), not every timer the watermark passed meanwhile:
-        # those fire at the next tick, after the last of them.
-        store, self.scorer.store = self.scorer.store, None
+        # them or by the watermark its partition had when it was read, not every timer the
+        # watermark passed meanwhile: those fire at the next tick, after the last of them.
+        sc = self.scorer
+        store, sc.store = sc.store, None
         try:
-            first = self.serde.decode(TOPICS.identified, parked.pop(0))
+            wm, raw = park_split(parked.pop(0))
+            sc.read_watermark = (sc.part(survivor), wm)
+            first = self.serde.decode(TOPICS.identified, raw)
             yield from self._at_merge(
                 survivor, list(wait["awaiting"]), first, part, now, admitted=True
             )
-            for i, raw in enumerate(parked):
+            for i, entry in enumerate(parked):
                 if survivor in self.waiting:  # parked again, at a later merge: the rest after it
                     again = self.states.get(WAIT_KEY + survivor)
                     assert again is not None
@@ -287,10 +319,12 @@ class Merges:
                         WAIT_KEY + survivor, {**again, "parked": rest}, partition=part
                     )
                     return
+                wm, raw = park_split(entry)
+                sc.read_watermark = (sc.part(survivor), wm)
                 value = self.serde.decode(TOPICS.identified, raw)
                 yield from self._route(value, raw, part, now, admitted=True)
         finally:
-            self.scorer.store = store
+            sc.store, sc.read_watermark = store, None
 
     # -- merges from segflow.identity.merges (without marks) -----------------------------------
     def _merge(self, merge: dict[str, Any], now: int) -> Iterator[Output]:
@@ -367,6 +401,9 @@ class Merges:
             self.scorer.dropped_retired += 1
             return
         if not self.states.owns(survivor):
+            if not admitted:  # checked and counted by the partition it was read from
+                value = self.serde.decode(TOPICS.identified, raw)
+                self.scorer.admit(survivor, value["event"], now, part)
             yield self._handoff("event", survivor, absorbed, merge_id, raw or b"", now)
             return
         value = self.serde.decode(TOPICS.identified, raw)
@@ -387,8 +424,10 @@ class Merges:
         if kind == "marked":
             yield from self._arrived(survivor, absorbed, bytes(h["payload"]), now)
             return
-        if kind == "event":
-            yield from self._forward(survivor, absorbed, h["merge_id"], h["payload"], part, now)
+        if kind == "event":  # (checked, and its clock moved, where it was read)
+            yield from self._forward(
+                survivor, absorbed, h["merge_id"], h["payload"], part, now, admitted=True
+            )
             return
         seen = {absorbed}
         while survivor in self.merged and survivor not in seen:  # merged away meanwhile

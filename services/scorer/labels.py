@@ -67,7 +67,7 @@ class Labels(EventClock):
     model: ChurnModel
     sink: Callable[[str, dict[str, Any]], None] | None
     _descriptions: dict[int, str]
-    _timers: list[tuple[int, str]]
+    _timers: dict[Any, list[tuple[int, str]]]
 
     if TYPE_CHECKING:
 

@@ -31,8 +31,6 @@ class ScorerSettings(BaseSettings):
     batch_size: int = 2000
     high_value_zips: str = ""  # deprecated: the zip_income lookup table (issue 19)
     reorder_records: int = 2000  # records of one partition that may arrive out of time order
-    source_idle_seconds: float = 30.0  # an input partition without a lag report stops
-    # holding the event-time clock back after this long without events
     pre_commit_delay: float = 0.0  # fault injection for tests: widen the open-transaction window
     http_port: int | None = None  # internal query endpoint (services/scorer/api.py)
     # True: one churn model for all instances (examples to scorer.examples, the owner of its
@@ -49,7 +47,6 @@ class ScorerSettings(BaseSettings):
             min_emit_interval_ms=int(self.min_emit_interval_seconds * 1000),
             refresh_interval_ms=max(1, int(self.refresh_hours * HOUR)),
             churned_refresh_interval_ms=7 * DAY,
-            source_idle_ms=int(self.source_idle_seconds * 1000),
             reorder_records=self.reorder_records,
             max_scores_per_flush=self.max_scores_per_tick,
             high_value_zips=frozenset(z.strip() for z in self.high_value_zips.split(",") if z),

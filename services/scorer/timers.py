@@ -6,7 +6,7 @@ from __future__ import annotations
 
 import heapq
 from collections.abc import Callable, Iterable, Mapping, Sequence
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 from services.scorer.config import Out, ScoreEmit, StateWrite
 from services.scorer.features import Buckets, State
@@ -31,6 +31,9 @@ class Timers(Labels):
     """The timer part of :class:`services.scorer.core.Scorer` (a mixin: the attributes are
     the scorer's dataclass fields, the methods below the scorer's own)."""
 
+    #: Per input partition: a heap of (due, customer id); a customer's timer is in its
+    #: partition's heap and fires when that partition's watermark passes it.
+    _timers: dict[Any, list[tuple[int, str]]]
     _timer_at: dict[str, int]
     _cache: dict[str, tuple[bytes, Buckets]]
     _unsealed: dict[str, State]
@@ -40,6 +43,10 @@ class Timers(Labels):
     #: passed by the watermark then fires every such timer at once, on stacked arrays (as a
     #: flush would; the same scores), instead of this customer's alone, one row at a time.
     store: Callable[[str], State | None] | None = None
+    #: Set by the shell while it replays a record parked behind a merge: (the customer's
+    #: partition, its watermark when the record was read). :meth:`fire_before` then fires
+    #: what that watermark had passed, not what the clock passed since (timing).
+    read_watermark: tuple[Any, int | None] | None = None
 
     if TYPE_CHECKING:
 
@@ -82,27 +89,31 @@ class Timers(Labels):
         self, customer_id: str, state: State | None, t: int, now_ms: int
     ) -> tuple[State | None, list[Out]]:
         """Score the customer at every instant it is due before event time ``t`` (a deferred
-        urgent score, a pending score, refreshes), each as of that instant with the state it
-        had then: call before applying an event (or merge) of ``t``. The watermark may not
-        have passed them yet; they fire first all the same, so which events a score holds
-        depends on the customer's own events only, not on batching or tick timing."""
+        urgent score, a pending score, refreshes) or by its partition's watermark, each as of
+        that instant with the state it had then: call before applying an event (or merge) of
+        ``t``. The watermark may not have passed the first ones yet; they fire first all the
+        same, so which events a score holds depends on the customer's own events only, not on
+        batching or tick timing. Those the watermark passed fire first even when ``t`` is
+        older (a late event): as they would have at a flush between the records, so whether
+        a flush came in between does not matter either."""
         outs: list[Out] = []
         if state is None:
             return state, outs
-        urgent = self._urgent.get(customer_id)
-        if urgent is not None and urgent[1] < t:
-            del self._urgent[customer_id]
+        urgent = self._urgent.pop(customer_id, None)
+        if urgent is not None:  # (also when this event is older: it came after that one)
             state = self._fire_one(customer_id, state, urgent[1], now_ms, urgent[0], outs)
-        elif urgent is not None:
-            return state, outs  # scored later, at its own instant, with this event
-        wm, due = self.watermark, self._due(state)
-        if self.store is not None and wm is not None and due < t and due <= wm:
+        part = self.part(customer_id)
+        wm, due = self.watermark_of(part), self._due(state)
+        if self.read_watermark is not None and self.read_watermark[0] == part:
+            wm = self.read_watermark[1]
+        limit = t if wm is None else max(t, wm + 1)
+        if self.store is not None and wm is not None and due <= wm:
             outs += self.settle(self.store, now_ms)
-            self._fire_timers(_overlay(_written(outs), self.store), wm, now_ms, outs)
+            self._fire_timers(_overlay(_written(outs), self.store), now_ms, outs, [part])
             state = _written(outs).get(customer_id) or state
         for _ in range(1000):  # (a grid point a day at most: years of silence)
             due = self._due(state)
-            if due >= t:
+            if due >= limit:
                 break
             state = self._fire_one(customer_id, state, due, now_ms, False, outs)
         return state, outs
@@ -135,23 +146,30 @@ class Timers(Labels):
         if self._timer_at.get(customer_id) == due:
             return
         self._timer_at[customer_id] = due
-        heapq.heappush(self._timers, (due, customer_id))
+        heap = self._timers.get(self.part(customer_id))
+        if heap is None:
+            heap = self._timers[self.part(customer_id)] = []
+        heapq.heappush(heap, (due, customer_id))
 
     def rebuild(
         self, states: Iterable[tuple[str, State]], retired: Iterable[str] | None = None
     ) -> None:
         """Recreate the timers from the states (after a restore or an abort) and, if given, the
-        forgotten ids. The clock is not taken from the states: the newest customer may be far
-        ahead of a partition that was behind, whose events would then look late; the inputs
-        re-establish it."""
+        forgotten ids. The partitions' clocks are not taken from the states but from their own
+        changelog records (the shell's :meth:`restore_clocks`)."""
         self._cache.clear()  # may hold changes that were rolled back
         self._unsealed.clear()
         self._urgent.clear()
         if retired is not None:
             self.retired = set(retired)
-        self._timers = [(self._due(st), cid) for cid, st in states]
-        self._timer_at = {cid: due for due, cid in self._timers}
-        heapq.heapify(self._timers)
+        self._timers = {}
+        self._timer_at = {}
+        for cid, st in states:
+            due = self._due(st)
+            self._timer_at[cid] = due
+            self._timers.setdefault(self.part(cid), []).append((due, cid))
+        for heap in self._timers.values():
+            heapq.heapify(heap)
 
     def flush(
         self,
@@ -160,59 +178,62 @@ class Timers(Labels):
         now_ms: int,
         out_of_time: Callable[[], bool] | None = None,
     ) -> list[Out]:
-        """Time-driven work up to the watermark: score customers whose timer is due (pending
-        ones and refreshes, up to ``max_scores_per_flush``), then learn from the labels that
-        matured (see :meth:`mature` for ``out_of_time``)."""
+        """Time-driven work up to the watermarks: score customers whose timer their partition's
+        watermark passed (pending ones and refreshes, up to ``max_scores_per_flush``), then
+        take the training snapshots and learn from the labels that matured, by the instance's
+        clock (see :meth:`mature` for ``out_of_time``)."""
         outs: list[Out] = self.settle(get, now_ms)
         if outs:  # the states just settled, before the caller has stored them
             get = _overlay({o.customer_id: o.state for o in outs if isinstance(o, StateWrite)}, get)
-        if self._sources:
-            self._advance(now_ms)
-        wm = self.watermark
-        if wm is None:
+        self._fire_timers(get, now_ms, outs, sorted(self._timers, key=str))
+        if self.watermark is None:
             return outs
-        self._fire_timers(get, wm, now_ms, outs)
         self.snapshots(states)  # (their features do not depend on the scoring fields)
         self.mature(states, out_of_time)
         return outs
 
     def _fire_timers(
-        self, get: Callable[[str], State | None], wm: int, now_ms: int, outs: list[Out]
+        self, get: Callable[[str], State | None], now_ms: int, outs: list[Out], parts: list[Any]
     ) -> None:
-        """Score the customers whose timers the watermark ``wm`` passed, each as of its due
-        instant (up to ``max_scores_per_flush``), into ``outs``."""
-        timers = self._timers
+        """Score the customers of partitions ``parts`` whose timers their partition's watermark
+        passed, each as of its due instant (up to ``max_scores_per_flush`` in all), into
+        ``outs``."""
         budget = self.config.max_scores_per_flush
-        while budget > 0 and timers and timers[0][0] <= wm:
-            # rounds: a customer scored at one grid point may be due at the next one too
-            # (the watermark jumped days): each point is scored as of itself
-            due: list[tuple[str, State]] = []
-            seen: set[str] = set()
-            while timers and timers[0][0] <= wm and len(due) < budget:
-                at, cid = heapq.heappop(timers)
-                if cid in seen or self._timer_at.get(cid) != at:
-                    continue  # superseded: the customer's live timer is elsewhere in the heap
-                del self._timer_at[cid]
-                st = get(cid)
-                if st is None:
-                    continue  # deleted since
-                if self._due(st) > wm:  # its due time moved on (e.g. onto the weekly grid)
-                    self._schedule(cid, self._due(st))
-                    continue
-                seen.add(cid)
-                st = dict(st)
-                if cid in self._unsealed:
-                    self._unsealed[cid] = st
-                due.append((cid, st))
-            if not due:
-                break
-            budget -= len(due)
-            scored = self.score_many([(st, self._due(st)) for _, st in due])
-            settled: dict[str, State | None] = {}
-            for (cid, st), s in zip(due, scored, strict=True):
-                emit = self._settle(st, s, now_ms)
-                outs.append(StateWrite(cid, st))
-                settled[cid] = st
-                if emit is not None:
-                    outs.append(emit)
-            get = _overlay(settled, get)
+        for part in parts:
+            wm = self.watermark_of(part)
+            timers = self._timers.get(part)
+            if wm is None or not timers:
+                continue
+            while budget > 0 and timers and timers[0][0] <= wm:
+                # rounds: a customer scored at one grid point may be due at the next one too
+                # (the watermark jumped days): each point is scored as of itself
+                due: list[tuple[str, State]] = []
+                seen: set[str] = set()
+                while timers and timers[0][0] <= wm and len(due) < budget:
+                    at, cid = heapq.heappop(timers)
+                    if cid in seen or self._timer_at.get(cid) != at:
+                        continue  # superseded: the customer's live timer is elsewhere
+                    del self._timer_at[cid]
+                    st = get(cid)
+                    if st is None:
+                        continue  # deleted since
+                    if self._due(st) > wm:  # its due time moved on (e.g. onto the weekly grid)
+                        self._schedule(cid, self._due(st))
+                        continue
+                    seen.add(cid)
+                    st = dict(st)
+                    if cid in self._unsealed:
+                        self._unsealed[cid] = st
+                    due.append((cid, st))
+                if not due:
+                    break
+                budget -= len(due)
+                scored = self.score_many([(st, self._due(st)) for _, st in due])
+                settled: dict[str, State | None] = {}
+                for (cid, st), s in zip(due, scored, strict=True):
+                    emit = self._settle(st, s, now_ms)
+                    outs.append(StateWrite(cid, st))
+                    settled[cid] = st
+                    if emit is not None:
+                        outs.append(emit)
+                get = _overlay(settled, get)

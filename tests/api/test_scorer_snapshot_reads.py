@@ -23,6 +23,7 @@ import pytest
 
 from segflow.runtime.records import Incoming
 from segflow.runtime.settings import Settings
+from segflow.runtime.state import partition_for
 from segflow.runtime.topics import TOPICS
 from services.scorer import api
 from services.scorer.app import ScorerService
@@ -38,7 +39,8 @@ WATCHED = ("c007", "c150")  # one handled before the mid-batch learning, one aft
 def login(cid: str, t: int, eid: str) -> Incoming:
     event = {"event_id": eid, "event_type": "login", "occurred_at": t}
     value = {"customer_id": cid, "event": event, "email_hash": None, "identified_at": t}
-    return Incoming(TOPICS.identified, "identified", 0, 0, cid, value, None, [])
+    part = partition_for(cid, 4)  # (identity writes it keyed by the customer id)
+    return Incoming(TOPICS.identified, "identified", part, 0, cid, value, None, [])
 
 
 def example(n: int) -> dict[str, float]:
@@ -61,6 +63,7 @@ class Commits:
         self.watermarks: dict[int, int | None] = {}
         self.models: dict[int, bytes] = {}
         self.states: dict[tuple[int, str], dict[str, Any]] = {}
+        self.own: dict[tuple[int, str], int | None] = {}  # the customer's partition's
 
     def record(self, svc: ScorerService, n: int) -> None:
         model = svc.scorer.model
@@ -68,6 +71,7 @@ class Commits:
         self.models[n] = model.to_bytes()
         for cid in WATCHED:
             self.states[(n, cid)] = dict(svc.states.get(cid) or {})
+            self.own[(n, cid)] = svc.scorer.watermark_of(partition_for(cid, 4))
 
 
 def batch(svc: ScorerService, n: int, commits: Commits, pause: bool = False) -> None:
@@ -154,7 +158,8 @@ def test_requests_during_batches_see_one_commit_state_and_model(svc: ScorerServi
         n = (body["last_event_at"] - T0) // HOUR
         st = commits.states[(n, body["customer_id"])]
         scorer = Scorer(svc.scorer.config, model=ChurnModel.from_bytes(commits.models[n]))
-        as_of = max(st["last_event_ms"], st["scored_as_of"] or 0, commits.watermarks[n] or 0)
+        wm = commits.own[(n, body["customer_id"])]
+        as_of = max(st["last_event_ms"], st["scored_as_of"] or 0, wm or 0)
         expected = scorer.record(st["customer_id"], scorer.score(st, as_of, Buckets.of(st)), 0)
         assert body["as_of"] == as_of
         assert body["churn_probability"] == expected["churn_probability"], (n, body)

@@ -32,11 +32,15 @@ the merge in the identified partitions (issue #15; checked: the survivor's score
 merge is the same in all three runs). Before the marks 533-973 (2 instances) and 632-684
 (with the kill) of ~1,250 changes differed (2 runs); with them 4-42 (all from customers with
 identical scores: the segmenter's percentile thresholds) and 388-434 (events late for the
-instance that took a partition over; 3 runs). What still differs: events that arrive after
-an instance's watermark passed them, the shared model's k-means clusters, the segmenter's
-thresholds (per scores partition on its event-time grid: they follow the order of the
-partition's scores and where merge records fall among them; services/segmenter/README.md,
-"Running N instances"). See
+instance that took a partition over; 3 runs). With a clock per identified partition (its
+timers and lateness on its own records' time, kept in its changelog) 0-6 of 333 ids have
+any different score record with 2 instances and 2-13 with the kill (before: 12 and 106),
+all at identical features (the shared model), and no customer's segment changes differ
+because its scores do (before: 48 with the kill; 4 runs). What still differs: the shared
+model's k-means clusters and versions, and the order of a scores partition's records (the
+scorer emits a batch's urgent scores at its end and timer scores from its ticks, so the
+cross-customer order depends on where batches end), which the segmenter's per-partition
+percentile tables follow (services/segmenter/README.md, "Running N instances"). See
 services/scorer/README.md, "Deterministic scores"; run with ``-s`` for per-cause counts
 (``diagnose``), with ``SEGFLOW_PIPELINE_DUMP=FILE`` to keep the runs' outputs.
 
@@ -691,12 +695,11 @@ def test_a_merge_lands_at_the_same_point_of_the_survivors_history_in_every_run(
 @pytest.mark.xfail(
     strict=True,
     reason="scores depend neither on batching or tick timing nor on where merges land (issue "
-    "#15's merge marks), but events that arrive after an instance's watermark passed them "
-    "(each instance's clock is the minimum over its own partitions; a partition taken over "
-    "after the kill is behind) and the shared model's k-means clusters still make some "
-    "scores differ, and the segmenter's per-partition percentile tables (which follow the "
-    "order of a partition's scores and where merge records fall among them) some segment "
-    "changes (services/scorer/README.md, Deterministic scores)",
+    "#15's merge marks) nor on which instance reads a partition (a clock per partition, in "
+    "its changelog), but the shared model's k-means clusters and versions still make some "
+    "scores differ, and the segmenter's per-partition percentile tables follow the order of "
+    "a scores partition's records, which depends on where the scorer's batches end, in some "
+    "segment changes (services/scorer/README.md, Deterministic scores)",
 )
 def test_two_instances_of_every_service_make_the_same_segment_changes_and_actions_as_one(
     runs: dict[str, Run],

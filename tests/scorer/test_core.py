@@ -162,7 +162,8 @@ def test_a_forgotten_customer_is_deleted_and_never_profiled_again() -> None:
     h.event("gone", ev("customer_forgotten", T0 + 30 * DAY, properties={}))
     assert "gone" not in h.store and h.tombstones == ["gone"]
     assert h.sc.max_event_ms == clock  # the request does not move the event-time clock
-    assert all(cid != "gone" for _, cid in h.sc._timers) and "gone" not in h.sc._cache
+    timers = [cid for heap in h.sc._timers.values() for _, cid in heap]
+    assert "gone" not in timers and "gone" not in h.sc._cache
     # an event already in flight, a merge read after the forget, time passing
     h.event("gone", ev("purchase", T0 + 3 * HOUR, amount=99.0))
     merge = {"merge_id": "m1", "survivor_id": "gone", "absorbed_ids": ["alias"]}
@@ -424,79 +425,7 @@ def test_a_sparse_customer_is_churned_only_after_three_of_its_usual_gaps() -> No
     assert cfg.churn_horizon_days == 30
 
 
-# -- the event-time clock ------------------------------------------------------------------------
-def test_a_partition_with_unread_records_holds_the_clock_back() -> None:
-    sc = Scorer(ScorerConfig())
-    sc.on_batch({0: 3}, {0: 0, 1: 5}, now_ms=0)  # partition 1 has 5 records not read yet
-    store: dict[str, Any] = {}
-    for i in range(3):  # a week of partition 0
-        t = T0 + i * 3 * DAY
-        store["a"], _ = sc.on_event(store.get("a"), "a", ev("login", t), now_ms=t, source=0)
-    assert sc.max_event_ms is None  # partition 1 never delivered: nothing is known yet
-    sc.on_batch({1: 1}, {0: 0, 1: 0}, now_ms=0)
-    t = T0 + HOUR  # six days older than partition 0's newest: still accepted
-    store["b"], _ = sc.on_event(store.get("b"), "b", ev("login", t), now_ms=t, source=1)
-    assert sc.max_event_ms == T0 + 6 * DAY  # both read to their ends: the newest of all
-
-
-def test_runs_of_days_that_start_over_within_a_partition_are_not_late() -> None:
-    # what the identity service writes for a burst: one group of customers' week, then the
-    # next group's from its first day again, all on the same partition
-    sc = Scorer(ScorerConfig())
-    days = [d for _ in range(2) for d in range(7)]
-    now = T0 + 7 * DAY
-    sc.on_batch({0: len(days)}, {0: 0}, now_ms=now)
-    for i, d in enumerate(days):  # day 0 after day 6 is 6 days late for a 48 h lateness
-        sc.on_event(None, f"c{i}", ev("login", T0 + d * DAY), now_ms=now, source=0)
-    assert sc.max_event_ms == T0 + 6 * DAY  # read to its end: the clock catches up
-
-
-def test_a_partition_read_to_its_end_does_not_stall_the_clock() -> None:
-    sc = Scorer(ScorerConfig())
-    sc.expect_sources([0, 1], now_ms=T0)
-    sc.on_batch({0: 1}, {0: 0, 1: 0}, now_ms=T0)  # partition 1 is empty
-    sc.on_event(None, "a", ev("login", T0), now_ms=T0, source=0)
-    assert sc.max_event_ms == T0
-    unreported = Scorer(ScorerConfig())  # without reports it waits for partition 1 ...
-    unreported.expect_sources([0, 1], now_ms=T0)
-    unreported.on_event(None, "a", ev("login", T0), now_ms=T0, source=0)
-    assert unreported.max_event_ms is None
-    unreported.flush(lambda _: None, lambda: iter(()), now_ms=T0 + 31_000)
-    assert unreported.max_event_ms == T0  # ... until it has been idle for 30 s
-
-
-# -- states compressed once per batch ----------------------------------------------------------
-def test_sealing_once_per_batch_gives_the_same_states_and_scores() -> None:
-    sim = Simulation(SimConfig(customers=30, days=50, seed=3))
-    items = [(d.customer, d.event) for d in sim.run() if isinstance(d, Delivery)]
-
-    def replay(pack: bool) -> tuple[dict[str, Any], list[Any]]:
-        sc = Scorer(ScorerConfig(), pack_states=pack)
-        store: dict[str, Any] = {}
-        scores: list[Any] = []
-
-        def apply(outs: list[Any]) -> None:
-            for o in outs:
-                if isinstance(o, StateWrite) and o.state is not None:
-                    store[o.customer_id] = o.state
-                elif isinstance(o, ScoreEmit) and o.score is not None:
-                    scores.append({**o.score, "scored_at": 0})
-
-        for i, (cid, e) in enumerate(items):
-            apply(sc.on_event(store.get(cid), cid, e, now_ms=e["occurred_at"])[1])
-            if i % 300 == 299:
-                apply(sc.flush(store.get, store.items, e["occurred_at"]))
-                apply(sc.seal())
-        apply(sc.flush(store.get, store.items, items[-1][1]["occurred_at"]))
-        apply(sc.seal())
-        return store, scores
-
-    (packed, a), (sealed, b) = replay(True), replay(False)
-    assert packed == sealed and a == b
-    assert len(a) > 100
-
-
-def test_deferred_urgent_events_are_scored_once_per_batch_each_as_of_its_own_instant() -> None:
+def test_deferred_urgent_events_are_scored_as_of_their_instants_without_later_read_ones() -> None:
     h = Harness()
     h.sc = sc = Scorer(ScorerConfig(), defer_scores=True)
     h.event("c1", ev("purchase", T0, amount=5.0))
@@ -504,17 +433,21 @@ def test_deferred_urgent_events_are_scored_once_per_batch_each_as_of_its_own_ins
     h.event("c1", ev("purchase", T0 + 2 * MINUTE, amount=7.0))
     h.event("c1", ev("page_view", T0 + MINUTE))  # out of order: before the purchase
     h.event("c1", ev("purchase", T0 + 2 * MINUTE, amount=1.0))  # at the same instant
-    # the second purchase came after the first's instant: the first is scored then, with
-    # what came before it; the rest wait for the batch's commit
-    (first,) = h.scores
+    # a customer's next event read fires its deferred score first, as of the score's own
+    # instant and with what was read before it, as settling after every event would: the
+    # first purchase at the second, the second at the page view (older, but read after it,
+    # so it is not in that score whether or not the batch ended in between)
+    first, second = h.of("c1")
     assert first["as_of"] == T0 and first["features"]["purchases_3d"] == 1.0
-    h.apply(sc.settle(h.store.get, now_ms=0))  # before the batch commits
+    assert second["as_of"] == T0 + 2 * MINUTE
+    assert (second["features"]["purchases_3d"], second["features"]["page_views_3d"]) == (2, 0)
+    h.apply(sc.settle(h.store.get, now_ms=0))  # before the batch commits: the rest
     c1 = h.of("c1")[-1]
     assert (c1["features"]["purchases_3d"], c1["features"]["page_views_3d"]) == (3.0, 1.0)
     assert c1["as_of"] == T0 + 2 * MINUTE and not h.store["c1"]["pending"]
-    assert len(h.of("c1")) == 2 and len(h.of("c2")) == 1
+    assert len(h.of("c1")) == 3 and len(h.of("c2")) == 1
     h.apply(sc.settle(h.store.get, now_ms=0))
-    assert len(h.scores) == 3  # settled once
+    assert len(h.scores) == 4  # settled once
 
 
 def test_deferred_scoring_settled_after_every_event_gives_the_same_scores() -> None:

@@ -42,6 +42,7 @@ def run(
     scorers = [Scorer(cfg, pack_states=False, defer_scores=defer) for _ in range(instances)]
     for sc in scorers:
         sc.model.snapshot_rate = 0.0  # (it starts at 1 until the first day's snapshots)
+        sc.partition_of = lambda cid: partition_for(cid, PARTS)  # a clock per partition
         if store_lookup:  # as the service: timers the watermark passed fire together
             sc.store = store.get
     scores: dict[str, list[dict[str, Any]]] = {}
@@ -98,3 +99,34 @@ def test_batching_ticks_and_instances_do_not_change_a_single_score() -> None:
         assert states.keys() == base_states.keys(), label
         for cid, st in states.items():
             assert st["emitted_as_of"] == base_states[cid]["emitted_as_of"], (label, cid)
+
+
+# -- states compressed once per batch ----------------------------------------------------------
+def test_sealing_once_per_batch_gives_the_same_states_and_scores() -> None:
+    sim = Simulation(SimConfig(customers=30, days=50, seed=3))
+    items = [(d.customer, d.event) for d in sim.run() if isinstance(d, Delivery)]
+
+    def replay(pack: bool) -> tuple[dict[str, Any], list[Any]]:
+        sc = Scorer(ScorerConfig(), pack_states=pack)
+        store: dict[str, Any] = {}
+        scores: list[Any] = []
+
+        def apply(outs: list[Any]) -> None:
+            for o in outs:
+                if isinstance(o, StateWrite) and o.state is not None:
+                    store[o.customer_id] = o.state
+                elif isinstance(o, ScoreEmit) and o.score is not None:
+                    scores.append({**o.score, "scored_at": 0})
+
+        for i, (cid, e) in enumerate(items):
+            apply(sc.on_event(store.get(cid), cid, e, now_ms=e["occurred_at"])[1])
+            if i % 300 == 299:
+                apply(sc.flush(store.get, store.items, e["occurred_at"]))
+                apply(sc.seal())
+        apply(sc.flush(store.get, store.items, items[-1][1]["occurred_at"]))
+        apply(sc.seal())
+        return store, scores
+
+    (packed, a), (sealed, b) = replay(True), replay(False)
+    assert packed == sealed and a == b
+    assert len(a) > 100

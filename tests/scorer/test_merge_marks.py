@@ -40,7 +40,8 @@ def identified(
     }
     raw = SERDE.encode(TOPICS.identified, value)
     value = SERDE.decode(TOPICS.identified, raw)
-    return Incoming(TOPICS.identified, "identified", 0, 0, cid, value, None, [], raw)
+    part = partition_for(cid, 4)  # (identity writes it keyed by the customer id)
+    return Incoming(TOPICS.identified, "identified", part, 0, cid, value, None, [], raw)
 
 
 MERGE_AT = T0 + 2 * DAY
@@ -61,8 +62,9 @@ ABSORBED = [
         "b", "customer_merged", MERGE_AT, "m-b", {"survivor_id": "s", "absorbed_ids": ["b"]}
     ),
 ]
-#: Another customer, whose events move the clock on while the survivor waits.
-OTHER = [identified("o", "page_view", T0 + d * DAY // 2, f"o{d}") for d in range(24)]
+#: Another customer of the survivor's partition, whose events move that partition's clock
+#: on while the survivor waits.
+OTHER = [identified("x", "page_view", T0 + d * DAY // 2, f"o{d}") for d in range(24)]
 
 
 def service() -> ScorerService:
@@ -119,7 +121,8 @@ def two_instances(delay: int, batch: int) -> dict[str, Any]:
     a, b = service(), service()
     a.states.assigned = {p for p in range(4) if p != partition_for("b", 4)}
     b.states.assigned = {partition_for("b", 4)}
-    assert a.states.owns("s") and a.states.owns("o") and not a.states.owns("b")
+    assert partition_for("x", 4) == partition_for("s", 4) != partition_for("b", 4)
+    assert a.states.owns("s") and a.states.owns("x") and not a.states.owns("b")
     committed: list[Output] = []
     for record in ABSORBED:
         committed += [*b.handle(record), *b.before_commit(), *b.tick()]
