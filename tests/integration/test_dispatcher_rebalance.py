@@ -16,11 +16,14 @@ from __future__ import annotations
 
 import json
 import time
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
+from typing import Any
 
 import pytest
 
 from segflow.receiver import Receiver, SMTPReceiver
+from segflow.runtime.settings import Settings
 from segflow.runtime.testing import isolated_settings
 from segflow.runtime.topics import TOPICS
 from tests.integration.test_dispatcher_scale_out import (
@@ -52,6 +55,14 @@ def calls_under_way(receiver: Receiver, fleet: Fleet, at_least: int) -> None:
         assert time.monotonic() < deadline, f"fewer than {at_least} calls within 90 s"
         fleet.check_alive()
         time.sleep(0.05)
+
+
+def paced(s: Settings, chunks: list[list[Any]]) -> None:
+    """Input as it would come in production: a few records at a time (pacing, not waiting
+    for anything)."""
+    for chunk in chunks:
+        send(s, TOPICS.segment_changes, chunk, by_customer)
+        time.sleep(0.3)
 
 
 def waited_for(fleet: Fleet, instance: str, s_prefix: str) -> list[int]:
@@ -86,13 +97,20 @@ def test_calls_under_way_when_an_instance_joins_or_stops_cleanly_are_made_once(
         assigned(fleet, s, ["0", "1"])
         send(s, TOPICS.segment_changes, data[third : 2 * third], by_customer)
         calls_under_way(receiver, fleet, len(receiver.effects()) + 20)
-        stopped = fleet.procs.pop("1")
-        try:  # stops cleanly: "1" finishes its calls, "0" is revoked and takes everything
-            stopped.terminate()
-            assert stopped.wait(60) == 0, "the stopped instance did not exit cleanly"
-        finally:
-            stopped.kill()
-        send(s, TOPICS.segment_changes, data[2 * third :], by_customer)
+        # the rest a little at a time while "1" stops: "0" keeps starting calls, and has
+        # some under way when the rebalance that follows the stop revokes it
+        rest = data[2 * third :]
+        chunks = [rest[i : i + 15] for i in range(0, len(rest), 15)]
+        with ThreadPoolExecutor(1) as pool:
+            sending = pool.submit(paced, s, chunks)
+            calls_under_way(receiver, fleet, len(receiver.effects()) + 10)
+            stopped = fleet.procs.pop("1")
+            try:  # stops cleanly: "1" finishes its calls, "0" is revoked, takes everything
+                stopped.terminate()
+                assert stopped.wait(60) == 0, "the stopped instance did not exit cleanly"
+            finally:
+                stopped.kill()
+            sending.result()
         drained(s, fleet)
         settled(lambda: results(s), fleet, quiet=3.0)
         fleet.stop()
@@ -101,19 +119,20 @@ def test_calls_under_way_when_an_instance_joins_or_stops_cleanly_are_made_once(
         fleet.stop()
         receiver.stop()
         smtp.stop()
+    under_way = waited_for(fleet, "0", s.topic_prefix)
+    twice = {k: n for k, n in run.attempts.items() if n > 1}
+    smtp_twice = {k: n for k, n in run.smtp_ids.items() if n > 1}
+    print(
+        f"sent {len(run.sent())}, HTTP attempts {sum(run.attempts.values())}, "
+        f"SMTP {sum(run.smtp_ids.values())}, calls under way at revokes of '0': {under_way}, "
+        f"made twice: HTTP {len(twice)}, SMTP {len(smtp_twice)}"
+    )
     check_run(run, "moves")
     owned = fleet.owned(s)
     assert owned.get("1"), f"the joining instance never owned a partition: {owned}"
     # both rebalances revoked "0" with calls under way (what would be made twice otherwise)
-    under_way = waited_for(fleet, "0", s.topic_prefix)
     assert len(under_way) >= 2 and all(n > 0 for n in under_way[:2]), under_way
     # every call made once: HTTP requests per idempotency key, SMTP messages per Message-ID
-    twice = {k: n for k, n in run.attempts.items() if n > 1}
     assert not twice, f"{len(twice)} HTTP calls made more than once, e.g. {list(twice)[:3]}"
-    smtp_twice = {k: n for k, n in run.smtp_ids.items() if n > 1}
     assert not smtp_twice, f"{len(smtp_twice)} SMTP messages sent more than once"
     assert run.replays == 0
-    print(
-        f"sent {len(run.sent())}, HTTP attempts {sum(run.attempts.values())}, "
-        f"SMTP {sum(run.smtp_ids.values())}, calls under way at revokes of '0': {under_way}"
-    )
