@@ -19,7 +19,9 @@ input record to the records it produces. The loop does the rest:
   ``on_assign(partitions)`` / ``on_revoke(partitions)`` hear of every change with the set of
   partition numbers (a store restores the assigned ones before their first record is
   fetched, and drops the revoked or lost ones). Callbacks run inside ``consume()``, between
-  batches, so no transaction is open when state moves.
+  batches, so no transaction is open when state moves. Before a rebalance takes partitions
+  away, hooks with ``before_revoke(partitions, timeout)`` finish the work under way and one
+  tick commits it (Kafka Streams commits a task before it is revoked).
 """
 
 from __future__ import annotations
@@ -306,8 +308,9 @@ class ProcessingLoop(PartitionCallbacks):
         self._committed[key] = (high, committed)
         return committed
 
-    def _run_tick(self) -> None:
-        """Produce the tick's outputs in a transaction of their own (no offsets)."""
+    def _run_tick(self) -> bool:
+        """Produce the tick's outputs in a transaction of their own (no offsets); False when
+        it was aborted."""
         assert self.tick is not None
         self._last_tick = self.clock()
         cfg = self.config
@@ -337,7 +340,7 @@ class ProcessingLoop(PartitionCallbacks):
                 self.producer.abort_transaction(cfg.commit_timeout)
             for hook in self.hooks:
                 hook.on_abort()
-            return
+            return False
         with self._watchdog():
             if cfg.exactly_once:
                 try:
@@ -350,11 +353,12 @@ class ProcessingLoop(PartitionCallbacks):
                     self.producer.abort_transaction(cfg.commit_timeout)
                     for hook in self.hooks:
                         hook.on_abort()
-                    return
+                    return False
             else:
                 self.producer.flush(cfg.commit_timeout)
         for hook in self.hooks:
             hook.on_commit()
+        return True
 
     def _flush_counts(self) -> None:
         """Add the batch's per-topic counts to the Prometheus counters (cheaper than per record)."""

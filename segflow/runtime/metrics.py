@@ -55,6 +55,12 @@ ASSIGNED_PARTITIONS = Gauge(
     "Input partitions an instance currently owns",
     ["service", "instance"],
 )
+REVOKE_UNFINISHED = Counter(
+    "segflow_revoke_unfinished_total",
+    "Pieces of work under way (e.g. dispatcher calls) a revoke could not wait for: their new "
+    "owner does them again",
+    ["service", "instance"],
+)
 RESTORE_SECONDS = Histogram(
     "segflow_state_restore_seconds",
     "Time to restore the state of newly assigned partitions (the instance processes nothing "

@@ -40,6 +40,10 @@ class PartitionCallbacks:
     _last_data: float
     _assigned_once: bool
     _closing: bool
+    tick: Any
+
+    def _run_tick(self) -> bool:
+        raise NotImplementedError
 
     # -- partitions -------------------------------------------------------------------------
     def _check_copartitioned(self) -> None:
@@ -93,9 +97,13 @@ class PartitionCallbacks:
         )
 
     def _on_revoke(self, consumer: Any, partitions: list[TopicPartition]) -> None:
-        """Park the partitions: their state stays until the assignment that follows says
-        whether they come back unchanged. Nothing runs for them meanwhile (no batch, no tick)."""
+        """Hooks finish and commit the work under way for the partitions (``before_revoke``),
+        then the partitions are parked: their state stays until the assignment that follows
+        says whether they come back unchanged. Nothing runs for them meanwhile (no batch, no
+        tick)."""
         parts = {tp.partition for tp in partitions}
+        if not self._closing:
+            self._finish_before_revoke(parts)
         self.assigned -= parts
         self._fence = {k: v for k, v in self._fence.items() if k[1] not in parts}
         if self._closing:
@@ -108,6 +116,37 @@ class PartitionCallbacks:
             "partitions revoked",
             extra={"fields": {"instance": self.instance, "partitions": sorted(parts)}},
         )
+
+    def _finish_before_revoke(self, parts: set[int]) -> None:
+        """Like a Kafka Streams task committed before it is revoked: the hooks with
+        ``before_revoke`` finish the work under way (bounded by ``drain_timeout``, well inside
+        the rebalance timeout) and one tick commits it while this instance still owns the
+        partitions (its transaction carries their offsets: the coordinator checks that). The
+        callback runs inside ``consume()``, between batches: no transaction is open. Work that
+        could not finish is logged and counted; the partitions' new owner does it again."""
+        hooks = [fn for fn in (getattr(h, "before_revoke", None) for h in self.hooks) if fn]
+        if not hooks or self.tick is None or not parts:
+            return
+        timeout = self.config.drain_timeout
+        started = time.monotonic()
+        unfinished = 0
+        for before_revoke in hooks:
+            left = max(0.0, timeout - (time.monotonic() - started))
+            unfinished += int(before_revoke(parts, left))
+        committed = self._run_tick()
+        if unfinished or not committed:
+            metrics.REVOKE_UNFINISHED.labels(self.config.service, self.instance).inc(unfinished)
+            log.warning(
+                "work under way not finished before revoke",
+                extra={
+                    "fields": {
+                        "instance": self.instance,
+                        "partitions": sorted(parts),
+                        "unfinished": unfinished,
+                        "committed": committed,
+                    }
+                },
+            )
 
     def _on_lost(self, consumer: Any, partitions: list[TopicPartition]) -> None:
         """Lost (this member was thrown out of the group): others may own them already."""

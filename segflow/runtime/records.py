@@ -75,6 +75,11 @@ class Hooks(Protocol):
     # partitions' state before their records arrive) and ``on_revoke(partitions: set[int])
     # -> None`` (drop their state and timers: another instance owns them now; also called
     # when they are lost).
+    # Optional: ``before_revoke(partitions: set[int], timeout: float) -> int``, called when a
+    # rebalance takes partitions away (not when they are lost, not when the loop closes):
+    # finish the work under way for them within ``timeout`` seconds, return how much could
+    # not finish; the loop then runs one tick, whose transaction commits what finished while
+    # this instance still owns the partitions (the service needs a ``tick``).
 
 
 @dataclass

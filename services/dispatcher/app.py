@@ -13,9 +13,11 @@ makes calls. The once-and-only-once protocol:
 
 Partitioned for N instances of one consumer group: a customer's ledger lives in the changelog
 partition of its id (the partition its segment changes and events arrive on); the instance that
-owns the partition restores it on assignment and drops it on revoke. Calls under way for a
-customer whose partition moved are not recorded by the old owner; the new owner finds the
-entry ``in_flight`` and retries it with the same idempotency key. KPI rows are kept per
+owns the partition restores it on assignment and drops it on revoke. Before a rebalance takes
+partitions away, ``before_revoke`` waits for the calls under way and the loop's next tick
+commits their outcomes while this instance still owns them; a call still under way after
+that (or at a ``kill -9``) is not recorded by the old owner: the new owner finds the entry
+``in_flight`` and retries it with the same idempotency key. KPI rows are kept per
 partition (``kpi|<segment>|<playbook>|<variant>@<p>``) and summed when read; with
 ``clock: event`` the pipeline clock is per partition too (``clock@<p>``).
 """
@@ -215,8 +217,9 @@ class Dispatcher(Delivering):
 
     def on_revoke(self, partitions: set[int]) -> None:
         """Another instance owns ``partitions``: forget their customers, KPI rows and clocks
-        (outcomes of calls under way for them are left to the new owner, which retries the
-        committed in_flight entries with the same idempotency keys)."""
+        (``before_revoke`` recorded the calls under way for them; those that did not finish
+        in time are left to the new owner, which retries the committed in_flight entries
+        with the same idempotency keys)."""
         self._cache.clear()
         self._pending.clear()
         self._kpi_pending.clear()

@@ -236,6 +236,25 @@ class Delivering:
         if self._calls:
             concurrent.futures.wait([f for _, f in self._calls], timeout=timeout)
 
+    def before_revoke(self, partitions: set[int], timeout: float) -> int:
+        """A rebalance takes ``partitions`` away: wait (up to ``timeout`` s) for the calls under
+        way so the tick the loop runs next records their outcomes while this instance still
+        owns them (else the new owner, finding them in_flight, makes them again: a second
+        email where the vendor does not de-duplicate). That tick starts no new call. Returns
+        the calls for ``partitions`` still under way (their new owner makes them again)."""
+        log.info(
+            "finishing calls before revoke",
+            extra={"fields": {"calls": sum(len(picked) for picked, _ in self._calls)}},
+        )
+        self.drain(timeout)
+        return sum(
+            1
+            for picked, future in self._calls
+            if not future.done()
+            for _, action in picked
+            if self.store.partition_of(action.customer_id) in partitions
+        )
+
     def _finish(self, action: core.Action, outcome: core.Outcome) -> core.Outcome:
         """A raw retry becomes a scheduled retry time, or a failure once attempts run out."""
         return delivery.after_attempt(

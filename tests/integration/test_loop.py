@@ -388,3 +388,99 @@ def test_tombstones_on_a_compacted_input_are_skipped_not_dead_lettered(
     assert loop.run(max_records=2, idle_timeout=20) == 2
     assert [v["customer_id"] for v in seen] == ["c1"]
     assert read_all(s, TOPICS.dlq.name(s)) == []
+
+
+def test_work_under_way_is_finished_and_committed_before_a_rebalance_takes_partitions_away(
+    kafka_settings: Settings,
+) -> None:
+    """A hook with ``before_revoke`` finishes its work under way when a second member joins,
+    and the tick that follows commits it while the partitions are still this member's: the
+    joiner, when its assignment arrives, already reads it (read_committed). Not on close."""
+    import threading
+
+    from confluent_kafka import Consumer
+
+    from segflow.runtime.loop import Output
+
+    s = kafka_settings
+    source = TOPICS.events.name(s)
+    sink = create_topic(s, s.topic_prefix + "finished", TOPICS.events)
+    group = s.topic_prefix + "g"
+
+    class Work:
+        """One piece of work under way per owned partition, finished only before a revoke."""
+
+        def __init__(self) -> None:
+            self.under_way: set[int] = set()
+            self.finished: list[int] = []
+            self.revokes: list[set[int]] = []
+
+        def on_assign(self, partitions: set[int]) -> None:
+            self.under_way |= partitions
+
+        def before_revoke(self, partitions: set[int], timeout: float) -> int:
+            self.revokes.append(set(partitions))
+            self.finished += sorted(self.under_way & partitions)
+            self.under_way -= partitions
+            return 0
+
+        def tick(self) -> list[Any]:
+            done, self.finished = self.finished, []
+            return [
+                Output(TOPICS.events, f"p{p}", make_events(1, start=p)[0], topic_name=sink)
+                for p in done
+            ]
+
+        def on_commit(self) -> None:
+            pass
+
+        def on_abort(self) -> None:
+            pass
+
+    work = Work()
+    config = LoopConfig(
+        service="revoker",
+        group_id=group,
+        sources={source: TOPICS.events},
+        tick_interval=3600,  # no tick but the first, the revoke's and the final one
+        transactional_id=s.topic_prefix + "tx",
+    )
+    loop = ProcessingLoop(s, config, copier(sink), hooks=[work], tick=work.tick)  # type: ignore[arg-type]
+    runner = threading.Thread(target=loop.run)
+    runner.start()
+    joiner = Consumer(
+        {
+            **s.kafka_config(),
+            "group.id": group,
+            "partition.assignment.strategy": "range",
+            "enable.auto.commit": False,
+        }
+    )
+    seen_at_assign: list[list[str]] = []
+    try:
+        deadline = time.monotonic() + 60
+        while not loop.assigned:
+            assert time.monotonic() < deadline, "the loop was never assigned partitions"
+            time.sleep(0.1)
+        owned = set(loop.assigned)
+
+        def on_assign(_c: Any, parts: list[Any]) -> None:
+            if parts:  # what the revoked member committed is readable by now
+                seen_at_assign.append([str(r.key) for r in read_all(s, sink, timeout=30)])
+
+        joiner.subscribe([source], on_assign=on_assign)
+        while not seen_at_assign:
+            assert time.monotonic() < deadline, "the joiner was never assigned partitions"
+            joiner.poll(0.2)
+        loop.stop()
+        runner.join(60)
+        assert not runner.is_alive()
+    finally:
+        loop.stop()
+        runner.join(60)
+        joiner.close()
+    assert work.revokes and work.revokes[0] == owned  # eager: everything, once, not on close
+    assert len(work.revokes) == 1, work.revokes
+    keys = sorted(r.key for r in read_all(s, sink, timeout=30))
+    assert len(keys) == len(owned) == len(set(keys))  # each finished piece committed once
+    assert len(seen_at_assign[0]) == len(owned), seen_at_assign
