@@ -33,7 +33,9 @@ def sequences(outputs: list[Output]) -> Sequence:
     out: Sequence = {}
     for o in outputs:
         if o.topic is TOPICS.scores:
-            value = None if o.value is None else {k: v for k, v in o.value.items() if k != "scored_at"}
+            value = (
+                None if o.value is None else {k: v for k, v in o.value.items() if k != "scored_at"}
+            )
             out.setdefault(partition_for(str(o.key), PARTS), []).append((str(o.key), value))
     return out
 
