@@ -71,6 +71,8 @@ class EventClock:
     #: (watermark, position of the record that moved it there), the first entry the
     #: watermark before (position -1).
     _passes: dict[Any, list[tuple[int, int]]]
+    #: The watermark moves are kept (:attr:`_passes`) only while score outputs are held.
+    defer_scores: bool
 
     def part(self, customer_id: str) -> Any:
         """The input partition whose clock drives ``customer_id``'s timers."""
@@ -161,7 +163,7 @@ class EventClock:
         old = c.latest
         c.observe(t, block)
         self._moved.add(source)
-        if c.latest > old:
+        if c.latest > old and self.defer_scores:
             delay = self.config.watermark_delay_ms
             passes = self._passes.get(source)
             if passes is None:

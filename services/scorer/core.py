@@ -141,7 +141,7 @@ class Scorer(Timers):
     #: Each customer's live timer (the heap may also hold superseded ones, skipped when
     #: popped): one per customer, so no customer is ever left without one.
     _timer_at: dict[str, int] = field(default_factory=dict)
-    _timer_from: dict[str, int] = field(default_factory=dict)
+    _timer_from: dict[str, tuple[int, int]] = field(default_factory=dict)
     _pos: int = 0
     _passes: dict[Any, list[tuple[int, int]]] = field(default_factory=dict)
     _held: list[tuple[tuple[int, int, int, str], ScoreEmit]] = field(default_factory=list)
@@ -300,7 +300,7 @@ class Scorer(Timers):
                 survivor = merge_into(survivor, absorbed)
             merged = True
             outs.append(StateWrite(absorbed_id, None))
-            outs += self._emit(ScoreEmit(absorbed_id, None), (self._pos, 2))
+            outs += self._emit(ScoreEmit(absorbed_id, None), (self._pos, 1))
         if not merged or survivor is None:
             return outs
         for absorbed_id in merge["absorbed_ids"]:
@@ -337,7 +337,7 @@ class Scorer(Timers):
             self._timers[part] = heap
         return [
             StateWrite(customer_id, None),
-            *self._emit(ScoreEmit(customer_id, None), (self._pos, 2)),
+            *self._emit(ScoreEmit(customer_id, None), (self._pos, 1)),
             Retire(customer_id, at),
         ]
 
@@ -490,7 +490,7 @@ class Scorer(Timers):
             or abs(s.engagement - st["emitted_engagement"]) >= self.config.engagement_delta
         )
         if not material:
-            self._schedule(st["customer_id"], self._due(st), at[0])
+            self._schedule(st["customer_id"], self._due(st), at)
             return None
         st["emitted_as_of"] = s.as_of
         st["emitted_fingerprint"] = s.fingerprint
@@ -499,7 +499,7 @@ class Scorer(Timers):
         st["emitted_churn"] = s.churn
         st["emitted_engagement"] = s.engagement
         # after the stage: a customer just turned churned is next due on the weekly grid
-        self._schedule(st["customer_id"], self._due(st), at[0])
+        self._schedule(st["customer_id"], self._due(st), at)
         self.emitted += 1
         emit = ScoreEmit(st["customer_id"], self.record(st["customer_id"], s, now_ms))
         held = self._emit(emit, at, s.as_of)

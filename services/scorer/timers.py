@@ -35,9 +35,10 @@ class Timers(Labels):
     #: partition's heap and fires when that partition's watermark passes it.
     _timers: dict[Any, list[tuple[int, str]]]
     _timer_at: dict[str, int]
-    #: Each customer's live timer: the position of the record it was set at (it is due from
-    #: there on, or from where the watermark passes it, whichever is later).
-    _timer_from: dict[str, int]
+    #: Each customer's live timer: where it was set, (the position of the record, the phase
+    #: of the score that set it, see :meth:`_emit`); it is due from there on, or from where
+    #: the watermark passes it, whichever is later.
+    _timer_from: dict[str, tuple[int, int]]
     _cache: dict[str, tuple[bytes, Buckets]]
     _unsealed: dict[str, State]
     #: Deferred scores: customer id -> (emit even if nothing moved; as of; position).
@@ -73,17 +74,27 @@ class Timers(Labels):
     # -- the order of the score outputs ----------------------------------------------------
     def _emit(self, out: ScoreEmit, at: tuple[int, int], as_of: int = 0) -> list[Out]:
         """``out`` as an output now, or held until :meth:`settle` (``defer_scores``) at
-        ``at``: (the position of the record that made it due, rank: 0 a timer, 1 a scored
-        event or merge, 2 a tombstone), then its instant and customer id."""
+        ``at``: (the position of the record that made it due, phase), then its instant and
+        customer id. Phases of one record: 0 the timers set before it that it passed (or
+        that its customer's own event fires first, and the grid points after those that are
+        due too), 1 its own score (an urgent event, a merge and its tombstones), 2 the timers
+        set by it or its score and already passed (a late event's next refresh)."""
         if not self.defer_scores:
             return [out]
         self._held.append(((at[0], at[1], as_of, out.customer_id), out))
         return []
 
-    def _timer_pos(self, cid: str, due: int) -> int:
-        """The position a timer of ``cid`` due at ``due`` fires at: where its partition's
-        watermark passed it, but not before the record that set it."""
-        return max(self._timer_from.get(cid, -1), self.passed_at(self.part(cid), due))
+    def _timer_order(
+        self, cid: str, due: int, since: tuple[int, int] | None = None
+    ) -> tuple[int, int]:
+        """Where a timer of ``cid`` due at ``due`` set at ``since`` (None: its live timer's)
+        fires (see :meth:`_emit`): where its partition's watermark passed it, but not before
+        the record that set it (and after that record's own score if that set it)."""
+        since = self._timer_from.get(cid, (-1, 0)) if since is None else since
+        passed = self.passed_at(self.part(cid), due)
+        if passed > since[0]:
+            return (passed, 0)
+        return (since[0], 0 if since[1] == 0 else 2)
 
     def settle(self, get: Callable[[str], State | None], now_ms: int) -> list[Out]:
         """Before the batch commits: score the customers whose urgent events or merges were
@@ -121,6 +132,7 @@ class Timers(Labels):
                 outs.append(StateWrite(cid, st))
                 if emit is not None:
                     outs.append(emit)
+        if outs:  # the states just scored (also by the caller), before they are stored
             get = _overlay(_written(outs), get)
         self._fire_timers(get, now_ms, outs, parts)
 
@@ -178,7 +190,7 @@ class Timers(Labels):
             due = self._due(state)
             if due >= limit:
                 break
-            at = (self._timer_pos(customer_id, due), 0)
+            at = self._timer_order(customer_id, due)
             state = self._fire_one(customer_id, state, due, now_ms, False, outs, at)
         return state, outs
 
@@ -214,13 +226,13 @@ class Timers(Labels):
             outs.append(emit)
         return st
 
-    def _schedule(self, customer_id: str, due: int, pos: int | None = None) -> None:
-        """Set the customer's timer to ``due``, from position ``pos`` (None: the current
-        record's) on; the same due time keeps the position it was first set at."""
+    def _schedule(self, customer_id: str, due: int, at: tuple[int, int] | None = None) -> None:
+        """Set the customer's timer to ``due``, set at ``at`` (see :attr:`_timer_from`; None:
+        by the current record); the same due time keeps where it was first set."""
         if self._timer_at.get(customer_id) == due:
             return
         self._timer_at[customer_id] = due
-        self._timer_from[customer_id] = self._pos if pos is None else pos
+        self._timer_from[customer_id] = (self._pos, 1) if at is None else at
         heap = self._timers.get(self.part(customer_id))
         if heap is None:
             heap = self._timers[self.part(customer_id)] = []
@@ -284,7 +296,7 @@ class Timers(Labels):
             while budget > 0 and timers and timers[0][0] <= wm:
                 # rounds: a customer scored at one grid point may be due at the next one too
                 # (the watermark jumped days): each point is scored as of itself
-                due: list[tuple[str, State, int]] = []
+                due: list[tuple[str, State, tuple[int, int]]] = []
                 seen: set[str] = set()
                 while timers and timers[0][0] <= wm and len(due) < budget:
                     at, cid = heapq.heappop(timers)
@@ -294,22 +306,22 @@ class Timers(Labels):
                     st = get(cid)
                     if st is None:
                         continue  # deleted since
-                    pos = self._timer_from.pop(cid, -1)
+                    since = self._timer_from.pop(cid, (-1, 0))
                     if self._due(st) > wm:  # its due time moved on (e.g. onto the weekly grid)
-                        self._schedule(cid, self._due(st), pos)
+                        self._schedule(cid, self._due(st), since)
                         continue
                     seen.add(cid)
                     st = dict(st)
                     if cid in self._unsealed:
                         self._unsealed[cid] = st
-                    due.append((cid, st, pos))
+                    due.append((cid, st, since))
                 if not due:
                     break
                 budget -= len(due)
                 scored = self.score_many([(st, self._due(st)) for _, st, _ in due])
                 settled: dict[str, State | None] = {}
-                for (cid, st, pos), s in zip(due, scored, strict=True):
-                    when = (max(pos, self.passed_at(part, s.as_of)), 0)
+                for (cid, st, since), s in zip(due, scored, strict=True):
+                    when = self._timer_order(cid, s.as_of, since)
                     emit = self._settle(st, s, now_ms, at=when)
                     outs.append(StateWrite(cid, st))
                     settled[cid] = st
