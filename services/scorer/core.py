@@ -30,6 +30,8 @@ Emission (coalescing)
     Every customer is also refreshed on the ``refresh_interval_ms`` event-time grid (weekly
     once churned or silent for four weeks), so recency grows and windows roll for silent
     customers too; a refresh is emitted only when it moved something materially.
+    With ``defer_scores`` (the service) score outputs are held until :meth:`Scorer.settle`,
+    before the commit, which releases them in the order of the records that made them due.
 
 Churn
     ``churn_probability`` is the probability of no *qualifying activity* (``churn_activity``:
