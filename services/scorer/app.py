@@ -392,6 +392,7 @@ class ScorerService(Merges):
 
     def handle(self, record: Incoming) -> Iterator[Output]:
         now = self._now()
+        self.scorer.next_record()
         kind = record.topic.key_name
         if kind == TOPICS.merges.key_name:
             yield from self._merge(record.value, now)

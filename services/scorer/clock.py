@@ -171,6 +171,12 @@ class EventClock:
                 passes = self._passes[source] = [(start, -1)]
             passes.append((c.latest - delay, self._pos))
 
+    def next_record(self) -> None:
+        """A record is read (the shell, for every record: also those that are no event, such
+        as an absorbed id's ``customer_merged``): what it makes due comes after what the
+        records before it did (:meth:`admit` and the core's ``on_merge`` count too)."""
+        self._pos += 1
+
     def passed_at(self, part: Any, due: int) -> int:
         """The position of the record that moved partition ``part``'s watermark past event
         time ``due`` (-1: before the records since the outputs were last released; not

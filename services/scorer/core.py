@@ -60,7 +60,7 @@ Churn
 from __future__ import annotations
 
 import heapq
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Collection, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -267,10 +267,15 @@ class Scorer(Timers):
         return st, outs
 
     def on_merge(
-        self, get: Callable[[str], State | None], merge: Mapping[str, Any], now_ms: int
+        self,
+        get: Callable[[str], State | None],
+        merge: Mapping[str, Any],
+        now_ms: int,
+        elsewhere: Collection[str] = (),
     ) -> list[Out]:
         """Fold the absorbed customers' states into the survivor's, delete theirs (state and
-        score tombstones) and rescore the survivor. Replaying a merge is a no-op."""
+        score tombstones; the ids ``elsewhere`` got their score tombstones from their owner)
+        and rescore the survivor. Replaying a merge is a no-op."""
         survivor_id = str(merge["survivor_id"])
         outs: list[Out] = []
         self._pos += 1
@@ -302,7 +307,8 @@ class Scorer(Timers):
                 survivor = merge_into(survivor, absorbed)
             merged = True
             outs.append(StateWrite(absorbed_id, None))
-            outs += self._emit(ScoreEmit(absorbed_id, None), (self._pos, 1))
+            if absorbed_id not in elsewhere:
+                outs += self.tombstone(absorbed_id)
         if not merged or survivor is None:
             return outs
         for absorbed_id in merge["absorbed_ids"]:
