@@ -381,7 +381,8 @@ class ScorerService(Merges):
 
     # -- loop callbacks ------------------------------------------------------------------
     def before_commit(self) -> Iterator[Output]:
-        """The batch's urgent customers scored (once each, on stacked arrays), then its
+        """The batch's urgent customers and the timers its records passed scored (on stacked
+        arrays), its score records in the order of the records that made them due, then its
         changed states, compressed and written once each."""
         yield from self._outputs(self.scorer.settle(self.states.get, self._now()))
         yield from self._sealed()
@@ -391,6 +392,7 @@ class ScorerService(Merges):
 
     def handle(self, record: Incoming) -> Iterator[Output]:
         now = self._now()
+        self.scorer.next_record()
         kind = record.topic.key_name
         if kind == TOPICS.merges.key_name:
             yield from self._merge(record.value, now)

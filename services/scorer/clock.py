@@ -4,6 +4,7 @@ partition's records in order, like a Kafka Streams task's stream time (moved out
 
 from __future__ import annotations
 
+from bisect import bisect_left
 from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass
 from typing import Any
@@ -63,6 +64,15 @@ class EventClock:
     #: partition, ``0``, for every customer and every record (tools, tests, benches).
     partition_of: Callable[[str], Any] | None
     retired: set[str]
+    #: The position of the record being handled: counts the records read (events, merges),
+    #: so it orders one partition's records (see :meth:`passed_at`).
+    _pos: int
+    #: Per partition whose watermark moved since the batch's outputs were last released:
+    #: (watermark, position of the record that moved it there), the first entry the
+    #: watermark before (position -1).
+    _passes: dict[Any, list[tuple[int, int]]]
+    #: The watermark moves are kept (:attr:`_passes`) only while score outputs are held.
+    defer_scores: bool
 
     def part(self, customer_id: str) -> Any:
         """The input partition whose clock drives ``customer_id``'s timers."""
@@ -150,14 +160,42 @@ class EventClock:
         if c is None:
             c = self.clocks[source] = PartitionClock()
         block = max(1, self.config.reorder_records // 2)
+        old = c.latest
         c.observe(t, block)
         self._moved.add(source)
+        if c.latest > old and self.defer_scores:
+            delay = self.config.watermark_delay_ms
+            passes = self._passes.get(source)
+            if passes is None:
+                start = old - delay if old >= 0 else -(2**62)
+                passes = self._passes[source] = [(start, -1)]
+            passes.append((c.latest - delay, self._pos))
+
+    def next_record(self) -> None:
+        """A record is read (the shell, for every record: also those that are no event, such
+        as an absorbed id's ``customer_merged``): what it makes due comes after what the
+        records before it did (:meth:`admit` and the core's ``on_merge`` count too)."""
+        self._pos += 1
+
+    def passed_at(self, part: Any, due: int) -> int:
+        """The position of the record that moved partition ``part``'s watermark past event
+        time ``due`` (-1: before the records since the outputs were last released; not
+        passed yet: the current record's)."""
+        wm = self.watermark_of(part)
+        if wm is None or due > wm:
+            return self._pos
+        passes = self._passes.get(part)
+        if not passes:
+            return -1
+        i = bisect_left(passes, due, key=lambda x: x[0])
+        return passes[i][1] if i < len(passes) else self._pos
 
     def admit(self, customer_id: str, event: Mapping[str, Any], now_ms: int, source: Any) -> None:
         """What :meth:`on_event` does with an event as it is read from input partition
         ``source``, before applying it: check it against that partition's clock (raises
         :class:`~segflow.errors.InvalidRecord`, before anything changed) and move the clock
         with it."""
+        self._pos += 1
         if not customer_id:
             raise InvalidRecord("identified event without customer_id", reason="missing_field")
         if str(event["event_type"]) == FORGET_EVENT or customer_id in self.retired:

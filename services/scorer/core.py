@@ -30,6 +30,8 @@ Emission (coalescing)
     Every customer is also refreshed on the ``refresh_interval_ms`` event-time grid (weekly
     once churned or silent for four weeks), so recency grows and windows roll for silent
     customers too; a refresh is emitted only when it moved something materially.
+    With ``defer_scores`` (the service) score outputs are held until :meth:`Scorer.settle`,
+    before the commit, which releases them in the order of the records that made them due.
 
 Churn
     ``churn_probability`` is the probability of no *qualifying activity* (``churn_activity``:
@@ -58,7 +60,7 @@ Churn
 from __future__ import annotations
 
 import heapq
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Collection, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -141,6 +143,10 @@ class Scorer(Timers):
     #: Each customer's live timer (the heap may also hold superseded ones, skipped when
     #: popped): one per customer, so no customer is ever left without one.
     _timer_at: dict[str, int] = field(default_factory=dict)
+    _timer_from: dict[str, tuple[int, int]] = field(default_factory=dict)
+    _pos: int = 0
+    _passes: dict[Any, list[tuple[int, int]]] = field(default_factory=dict)
+    _held: list[tuple[tuple[int, int, int, str], ScoreEmit]] = field(default_factory=list)
     _descriptions: dict[int, str] = field(default_factory=dict)
     emitted: int = 0
     scored: int = 0
@@ -159,11 +165,12 @@ class Scorer(Timers):
     #: before the batch commits (the service's mode: the same transaction, so the same
     #: exactly-once outputs, without per-event numpy work on one-row arrays); a later-read
     #: event of the customer first scores it, without that event (as scoring inside
-    #: :meth:`on_event` would).
+    #: :meth:`on_event` would). Score outputs are then held until :meth:`settle`, which
+    #: releases them in the order of the records that made them due.
     defer_scores: bool = False
     #: Customers to score at :meth:`settle`: (True: emit even if nothing moved, after a
-    #: merge; the instant to score as of).
-    _urgent: dict[str, tuple[bool, int]] = field(default_factory=dict)
+    #: merge; the instant to score as of; the position of the event or merge).
+    _urgent: dict[str, tuple[bool, int, int]] = field(default_factory=dict)
     #: Customer ids that were forgotten (see :meth:`forget`); the shell restores them.
     retired: set[str] = field(default_factory=set)
     #: Events and merges dropped because their customer id was forgotten.
@@ -201,6 +208,8 @@ class Scorer(Timers):
         """
         if not admitted:
             self.admit(customer_id, event, now_ms, source)
+        else:
+            self._pos += 1
         kind = str(event["event_type"])
         if kind == FORGET_EVENT:  # stamped in processing time: not a clock reading
             return None, self.forget(customer_id, int(event.get("occurred_at") or 0))
@@ -243,8 +252,7 @@ class Scorer(Timers):
             )
         )
         if urgent and self.defer_scores:  # as of its latest event (later ones fire it first)
-            force = self._urgent.get(customer_id, (False, 0))[0]
-            self._urgent[customer_id] = (force, int(st["last_event_ms"]))
+            self._urgent[customer_id] = (False, int(st["last_event_ms"]), self._pos)
         elif urgent:
             scored = self.score(st, int(st["last_event_ms"]), b)
             emit = self._settle(st, scored, now_ms)
@@ -259,12 +267,18 @@ class Scorer(Timers):
         return st, outs
 
     def on_merge(
-        self, get: Callable[[str], State | None], merge: Mapping[str, Any], now_ms: int
+        self,
+        get: Callable[[str], State | None],
+        merge: Mapping[str, Any],
+        now_ms: int,
+        elsewhere: Collection[str] = (),
     ) -> list[Out]:
         """Fold the absorbed customers' states into the survivor's, delete theirs (state and
-        score tombstones) and rescore the survivor. Replaying a merge is a no-op."""
+        score tombstones; the ids ``elsewhere`` got their score tombstones from their owner)
+        and rescore the survivor. Replaying a merge is a no-op."""
         survivor_id = str(merge["survivor_id"])
         outs: list[Out] = []
+        self._pos += 1
         if survivor_id in self.retired:
             # read after the survivor's forget (merges and events are separate topics): the
             # absorbed ids are the same forgotten person, so they go too
@@ -293,7 +307,8 @@ class Scorer(Timers):
                 survivor = merge_into(survivor, absorbed)
             merged = True
             outs.append(StateWrite(absorbed_id, None))
-            outs.append(ScoreEmit(absorbed_id, None))
+            if absorbed_id not in elsewhere:
+                outs += self.tombstone(absorbed_id)
         if not merged or survivor is None:
             return outs
         for absorbed_id in merge["absorbed_ids"]:
@@ -301,7 +316,7 @@ class Scorer(Timers):
         # the merged customer is scored as of its latest event or the merge, if later
         as_of = max(int(survivor["last_event_ms"]), at)
         if self.defer_scores:
-            self._urgent[survivor_id] = (True, as_of)
+            self._urgent[survivor_id] = (True, as_of, self._pos)
             outs.append(StateWrite(survivor_id, survivor))
             return outs
         scored = self.score(survivor, as_of)
@@ -322,6 +337,7 @@ class Scorer(Timers):
         self._urgent.pop(customer_id, None)
         self._cache.pop(customer_id, None)
         self._unsealed.pop(customer_id, None)
+        self._timer_from.pop(customer_id, None)
         if self._timer_at.pop(customer_id, None) is not None:
             part = self.part(customer_id)
             heap = [x for x in self._timers.get(part, ()) if x[1] != customer_id]
@@ -329,7 +345,7 @@ class Scorer(Timers):
             self._timers[part] = heap
         return [
             StateWrite(customer_id, None),
-            ScoreEmit(customer_id, None),
+            *self._emit(ScoreEmit(customer_id, None), (self._pos, 1)),
             Retire(customer_id, at),
         ]
 
@@ -340,30 +356,7 @@ class Scorer(Timers):
         self._cache.pop(customer_id, None)
         self._unsealed.pop(customer_id, None)
         self._timer_at.pop(customer_id, None)  # its heap entry is skipped as superseded
-
-    def settle(self, get: Callable[[str], State | None], now_ms: int) -> list[Out]:
-        """Score the customers whose urgent events or merges were deferred (:attr:`defer_scores`),
-        each once, as of its latest event (or the merge, if later), on stacked arrays."""
-        if not self._urgent:
-            return []
-        due: list[tuple[str, State, bool, int]] = []
-        for cid, (force, as_of) in self._urgent.items():
-            st = get(cid)
-            if st is None:
-                continue
-            st = dict(st)
-            if cid in self._unsealed:
-                self._unsealed[cid] = st
-            due.append((cid, st, force, as_of))
-        self._urgent.clear()
-        scored = self.score_many([(st, as_of) for _, st, _, as_of in due])
-        outs: list[Out] = []
-        for (cid, st, force, _), s in zip(due, scored, strict=True):
-            emit = self._settle(st, s, now_ms, force=force)
-            outs.append(StateWrite(cid, st))
-            if emit is not None:
-                outs.append(emit)
-        return outs
+        self._timer_from.pop(customer_id, None)
 
     def seal(self) -> list[StateWrite]:
         """Compress the buckets of every customer changed since the last call into its state
@@ -480,8 +473,18 @@ class Scorer(Timers):
             "cluster_description": self._descriptions.get(s.cluster, ""),
         }
 
-    def _settle(self, st: State, s: Scored, now_ms: int, force: bool = False) -> ScoreEmit | None:
-        """Record that ``st`` was scored (mutates ``st``: a fresh copy); emit if material."""
+    def _settle(
+        self,
+        st: State,
+        s: Scored,
+        now_ms: int,
+        force: bool = False,
+        at: tuple[int, int] | None = None,
+    ) -> ScoreEmit | None:
+        """Record that ``st`` was scored (mutates ``st``: a fresh copy); emit if material
+        (held until :meth:`settle` with ``defer_scores``, at ``at``: see :meth:`_emit`;
+        None: the current record's score)."""
+        at = (self._pos, 1) if at is None else at
         self.scored += 1
         st["pending"] = False
         st["scored_as_of"] = s.as_of
@@ -495,7 +498,7 @@ class Scorer(Timers):
             or abs(s.engagement - st["emitted_engagement"]) >= self.config.engagement_delta
         )
         if not material:
-            self._schedule(st["customer_id"], self._due(st))
+            self._schedule(st["customer_id"], self._due(st), at)
             return None
         st["emitted_as_of"] = s.as_of
         st["emitted_fingerprint"] = s.fingerprint
@@ -504,9 +507,11 @@ class Scorer(Timers):
         st["emitted_churn"] = s.churn
         st["emitted_engagement"] = s.engagement
         # after the stage: a customer just turned churned is next due on the weekly grid
-        self._schedule(st["customer_id"], self._due(st))
+        self._schedule(st["customer_id"], self._due(st), at)
         self.emitted += 1
-        return ScoreEmit(st["customer_id"], self.record(st["customer_id"], s, now_ms))
+        emit = ScoreEmit(st["customer_id"], self.record(st["customer_id"], s, now_ms))
+        held = self._emit(emit, at, s.as_of)
+        return emit if held else None
 
     # -- checkpoints ---------------------------------------------------------------------
     def checkpoint(self, name: str, now_ms: int) -> dict[str, Any]:

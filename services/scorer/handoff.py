@@ -242,7 +242,7 @@ class Merges:
             return self.states.get(cid)
 
         merge = {"survivor_id": survivor, "absorbed_ids": absorbed, "occurred_at": at}
-        outs = self.scorer.on_merge(get, merge, now)
+        outs = self.scorer.on_merge(get, merge, now, elsewhere=held)
         # the absorbed ids' tombstones were written by their owners, with the hand-offs
         yield from self._outputs(o for o in outs if o.customer_id not in held)
         for a in absorbed:
@@ -265,7 +265,7 @@ class Merges:
             self.scorer.release(absorbed)
             self._dirty.discard(absorbed)
             yield self.states.delete(absorbed)
-            yield Output(TOPICS.scores, absorbed, None)
+            yield from self._outputs(self.scorer.tombstone(absorbed))
         marker = new_state(survivor, at)
         marker["emitted_stage"] = "merged"
         self.merged[absorbed] = survivor
@@ -357,7 +357,7 @@ class Merges:
                 self.scorer.release(a)
                 self._dirty.discard(a)
                 yield self.states.delete(a)
-                yield Output(TOPICS.scores, a, None)
+                yield from self._outputs(self.scorer.tombstone(a))
                 payload = self.serde.encode(TOPICS.scorer_state, st)
                 yield self._handoff("state", survivor, a, str(merge["merge_id"]), payload, now)
         if survivor in self.scorer.retired:
@@ -446,7 +446,7 @@ class Merges:
             return state if cid == absorbed else self.states.get(cid)
 
         merge = {"survivor_id": survivor, "absorbed_ids": [absorbed]}
-        outs = self.scorer.on_merge(get, merge, now)
+        outs = self.scorer.on_merge(get, merge, now, elsewhere=(absorbed,))
         # the absorbed id's tombstones were written by its owner, with the hand-off
         yield from self._outputs(o for o in outs if o.customer_id != absorbed)
 

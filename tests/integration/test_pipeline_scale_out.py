@@ -37,10 +37,13 @@ timers and lateness on its own records' time, kept in its changelog) 0-6 of 333 
 any different score record with 2 instances and 2-13 with the kill (before: 12 and 106),
 all at identical features (the shared model), and no customer's segment changes differ
 because its scores do (before: 48 with the kill; 4 runs). What still differs: the shared
-model's k-means clusters and versions, and the order of a scores partition's records (the
-scorer emits a batch's urgent scores at its end and timer scores from its ticks, so the
-cross-customer order depends on where batches end), which the segmenter's per-partition
-percentile tables follow (services/segmenter/README.md, "Running N instances"). See
+model's k-means clusters and versions, and the order of a scores partition's records, which
+the segmenter's per-partition percentile tables follow (services/segmenter/README.md,
+"Running N instances"): the scorer now produces each score at the place of the record that
+made it due, whatever the batching (session 9; the customers that took no part in a merge
+get the same sequence per partition in every run, bar a record emitted in one run only),
+but a survivor's records parked behind a merge hand-off are scored when it arrives, a
+point that depends on timing. See
 services/scorer/README.md, "Deterministic scores"; run with ``-s`` for per-cause counts
 (``diagnose``), with ``SEGFLOW_PIPELINE_DUMP=FILE`` to keep the runs' outputs.
 
@@ -696,10 +699,12 @@ def test_a_merge_lands_at_the_same_point_of_the_survivors_history_in_every_run(
     strict=True,
     reason="scores depend neither on batching or tick timing nor on where merges land (issue "
     "#15's merge marks) nor on which instance reads a partition (a clock per partition, in "
-    "its changelog), but the shared model's k-means clusters and versions still make some "
-    "scores differ, and the segmenter's per-partition percentile tables follow the order of "
-    "a scores partition's records, which depends on where the scorer's batches end, in some "
-    "segment changes (services/scorer/README.md, Deterministic scores)",
+    "its changelog) nor, for the order of a scores partition's records, on where batches "
+    "end, but the shared model's k-means clusters and versions still make some scores "
+    "differ, and the segmenter's per-partition percentile tables follow the order of a "
+    "scores partition's records, in which a survivor parked behind a merge hand-off lands "
+    "where the hand-off arrives, in some segment changes (services/scorer/README.md, "
+    "Deterministic scores)",
 )
 def test_two_instances_of_every_service_make_the_same_segment_changes_and_actions_as_one(
     runs: dict[str, Run],

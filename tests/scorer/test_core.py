@@ -433,16 +433,18 @@ def test_deferred_urgent_events_are_scored_as_of_their_instants_without_later_re
     h.event("c1", ev("purchase", T0 + 2 * MINUTE, amount=7.0))
     h.event("c1", ev("page_view", T0 + MINUTE))  # out of order: before the purchase
     h.event("c1", ev("purchase", T0 + 2 * MINUTE, amount=1.0))  # at the same instant
+    assert h.scores == []  # score outputs are held until the batch's settle
+    h.apply(sc.settle(h.store.get, now_ms=0))  # before the batch commits
     # a customer's next event read fires its deferred score first, as of the score's own
     # instant and with what was read before it, as settling after every event would: the
     # first purchase at the second, the second at the page view (older, but read after it,
     # so it is not in that score whether or not the batch ended in between)
-    first, second = h.of("c1")
+    first, second, c1 = h.of("c1")
     assert first["as_of"] == T0 and first["features"]["purchases_3d"] == 1.0
     assert second["as_of"] == T0 + 2 * MINUTE
     assert (second["features"]["purchases_3d"], second["features"]["page_views_3d"]) == (2, 0)
-    h.apply(sc.settle(h.store.get, now_ms=0))  # before the batch commits: the rest
-    c1 = h.of("c1")[-1]
+    # in the order of their events: c2's first event came between c1's first two purchases
+    assert [s["customer_id"] for s in h.scores] == ["c1", "c2", "c1", "c1"]
     assert (c1["features"]["purchases_3d"], c1["features"]["page_views_3d"]) == (3.0, 1.0)
     assert c1["as_of"] == T0 + 2 * MINUTE and not h.store["c1"]["pending"]
     assert len(h.of("c1")) == 3 and len(h.of("c2")) == 1

@@ -86,6 +86,7 @@ def test_batching_ticks_and_instances_do_not_change_a_single_score() -> None:
         (1, 7, 997, False),
         (1, 7, 997, True),
         (2, 13, 301, True),
+        (2, 13, 13, True),  # (before session 9's order fix: 2 customers differed)
     ):
         scores, states = run(items, instances, settle_every, flush_every, store_lookup=lookup)
         label = f"{instances} instance(s), settle every {settle_every}, flush every "

@@ -166,6 +166,7 @@ def test_the_merge_lands_at_its_marks_whatever_order_the_partitions_are_read_in(
     assert at_merge[0]["features"]["lifetime_purchases"] == 2.0  # b1 merged there, s10 not yet
     assert scores[-1]["features"]["lifetime_purchases"] == 3.0
     assert reference["b"][-1] is None and len(reference["b"]) > 1  # scored, then a tombstone
+    assert reference["b"].count(None) == 1  # one tombstone, after all its scores
     assert run(in_time_order(), batch=1) == reference
     # the survivor's partition read to the merge-causing event before the absorbed id's
     # customer_merged record: parked, then merged at the same point
