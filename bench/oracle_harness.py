@@ -32,7 +32,7 @@ def run_pipeline(customers: int, days: int, seed: int) -> dict[str, Any]:
 
     from segflow.runtime.state import partition_for
     from segflow.runtime.topics import TOPICS
-    from segflow.sim.generator import HOUR, SimConfig, Simulation
+    from segflow.sim.generator import SimConfig, Simulation
     from segflow.sim.noise import Delivery
     from services.scorer.core import ScorerConfig
 
@@ -78,35 +78,25 @@ def run_pipeline(customers: int, days: int, seed: int) -> dict[str, Any]:
     pipe = Recording(DEFAULT_DEFINITIONS, scorer_config)
     pipe.keep_scores = True
     rows: list[dict[str, Any]] = []
-    next_tick = config.start_ms + HOUR
     started = time.perf_counter()
-    while not (sim.finished and not sim.pending):
-        for item in sim.step(7):
-            if type(item) is not Delivery:
-                continue
-            while item.delivered_at >= next_tick:
-                pipe.clock_ms = max(pipe.clock_ms, next_tick)
-                pipe.tick()
-                next_tick += HOUR
-            e = item.event
-            rows.append(
-                {
-                    "event_id": e["event_id"],
-                    "customer": item.customer,
-                    "event_type": e["event_type"],
-                    "occurred_at": int(e["occurred_at"]),
-                    "delivered_at": int(item.delivered_at),
-                    "amount": e.get("amount"),
-                    "sentiment": e.get("sentiment"),
-                    "escalated": bool(e.get("escalated")),
-                    "zip": (e.get("properties") or {}).get("zip"),
-                }
-            )
-            pipe.event(e, item.delivered_at)
-    while next_tick <= config.end_ms + HOUR:
-        pipe.clock_ms = max(pipe.clock_ms, next_tick)
-        pipe.tick()
-        next_tick += HOUR
+
+    def seen(item: Delivery) -> None:
+        e = item.event
+        rows.append(
+            {
+                "event_id": e["event_id"],
+                "customer": item.customer,
+                "event_type": e["event_type"],
+                "occurred_at": int(e["occurred_at"]),
+                "delivered_at": int(item.delivered_at),
+                "amount": e.get("amount"),
+                "sentiment": e.get("sentiment"),
+                "escalated": bool(e.get("escalated")),
+                "zip": (e.get("properties") or {}).get("zip"),
+            }
+        )
+
+    pipe.drive(sim, seen)
     kept = SimpleNamespace(
         obs=pipe.obs,
         scores=dict(pipe.scores),

@@ -44,23 +44,13 @@ def pipeline_population(customers: int, days: int, seed: int) -> tuple[list[str]
     """(customer ids, values [customer, feature], the definitions' (feature, pct) pairs)."""
     from segment_pipeline import DEMO_NOISE, Pipeline
 
-    from segflow.sim.generator import HOUR, SimConfig, Simulation
-    from segflow.sim.noise import Delivery
+    from segflow.sim.generator import SimConfig, Simulation
     from services.scorer.core import ScorerConfig
 
     config = SimConfig(customers=customers, days=days, seed=seed, noise=DEMO_NOISE)
     sim = Simulation(config)
     pipe = Pipeline(DEFAULT_DEFINITIONS, ScorerConfig())
-    next_tick = config.start_ms + HOUR
-    while not (sim.finished and not sim.pending):
-        for item in sim.step(7):
-            if type(item) is not Delivery:
-                continue
-            while item.delivered_at >= next_tick:
-                pipe.clock_ms = max(pipe.clock_ms, next_tick)
-                pipe.tick()
-                next_tick += HOUR
-            pipe.event(item.event, item.delivered_at)
+    pipe.drive(sim, to_end=False)
     keys = list(pipe.segmenter.defs.percentiles)
     features = sorted({f for f, _ in keys})
     ids, rows = [], []

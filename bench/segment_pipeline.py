@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import sys
 from collections import defaultdict
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -19,7 +20,8 @@ from segflow.runtime.loop import Incoming  # noqa: E402
 from segflow.runtime.settings import Settings  # noqa: E402
 from segflow.runtime.state import partition_for  # noqa: E402
 from segflow.runtime.topics import TOPICS  # noqa: E402
-from segflow.sim.noise import NoiseConfig  # noqa: E402
+from segflow.sim.generator import HOUR  # noqa: E402
+from segflow.sim.noise import Delivery, NoiseConfig  # noqa: E402
 from services.identity import core as identity  # noqa: E402
 from services.identity.app import node_hasher  # noqa: E402
 from services.scorer.core import ScoreEmit, Scorer, ScorerConfig, StateWrite  # noqa: E402
@@ -142,6 +144,31 @@ class Pipeline:
             )
         )
         self.collect(self.segmenter.tick())
+
+    def drive(
+        self, sim: Any, seen: Callable[[Any], None] | None = None, *, to_end: bool = True
+    ) -> None:
+        """Feed ``sim``'s delivered events a week at a time, ticking every simulated hour
+        before the events delivered after it (``seen(item)`` first, for a bench's own rows);
+        with ``to_end`` the hours up to an hour past the simulation's end are ticked too."""
+        config = sim.config
+        next_tick = config.start_ms + HOUR
+        while not (sim.finished and not sim.pending):
+            for item in sim.step(7):
+                if type(item) is not Delivery:
+                    continue
+                while item.delivered_at >= next_tick:
+                    next_tick = self._tick_at(next_tick)
+                if seen is not None:
+                    seen(item)
+                self.event(item.event, item.delivered_at)
+        while to_end and next_tick <= config.end_ms + HOUR:
+            next_tick = self._tick_at(next_tick)
+
+    def _tick_at(self, at: int) -> int:
+        self.clock_ms = max(self.clock_ms, at)
+        self.tick()
+        return at + HOUR
 
     def collect(self, outputs: Any) -> None:
         """One "transaction": the outputs, the loop's before_commit hook, the commit."""

@@ -42,8 +42,7 @@ from bench.eval_segments import DEMO_NOISE, Pipeline  # noqa: E402
 from segflow.runtime.serde import Serde  # noqa: E402
 from segflow.runtime.settings import Settings  # noqa: E402
 from segflow.runtime.topics import TOPICS, Topic  # noqa: E402
-from segflow.sim.generator import HOUR, SimConfig, Simulation  # noqa: E402
-from segflow.sim.noise import Delivery  # noqa: E402
+from segflow.sim.generator import SimConfig, Simulation  # noqa: E402
 from services.dispatcher import core as dcore  # noqa: E402
 from services.dispatcher.playbooks import DEFAULT_DIR, Book, load_book  # noqa: E402
 from services.identity.dedup import chunk_bytes  # noqa: E402
@@ -283,20 +282,7 @@ def simulate(customers: int, days: int, seed: int) -> tuple[Recording, dict[str,
     config = SimConfig(customers=customers, days=days, seed=seed, noise=DEMO_NOISE)
     sim = Simulation(config)
     pipe = Recording(DEFAULT_DEFINITIONS, ScorerConfig())
-    next_tick = config.start_ms + HOUR
-    while not (sim.finished and not sim.pending):
-        for item in sim.step(7):
-            if type(item) is not Delivery:
-                continue
-            while item.delivered_at >= next_tick:
-                pipe.clock_ms = max(pipe.clock_ms, next_tick)
-                pipe.tick()
-                next_tick += HOUR
-            pipe.event(item.event, item.delivered_at)
-    while next_tick <= config.end_ms + HOUR:
-        pipe.clock_ms = max(pipe.clock_ms, next_tick)
-        pipe.tick()
-        next_tick += HOUR
+    pipe.drive(sim)
     book = load_book([DEFAULT_DIR])
     return pipe, run_dispatcher(pipe.obs.changes, pipe.identified, book, config.end_ms)
 
