@@ -39,6 +39,7 @@ from services.dispatcher.playbooks import load_book  # noqa: E402
 PLAYBOOK = """\
 playbook: Bench
 segment: Bench
+defaults: {first_name: there}
 steps:
   - {id: mail, channel: email, template: d-bench, subject: "Hi {{first_name}}"}
 ---
