@@ -58,17 +58,16 @@ from services.dispatcher.delivering import Delivering
 from services.dispatcher.metrics import (
     RESULTS,
 )
-from services.dispatcher.playbooks import Book, PlaybookError, load_book
+from services.dispatcher.playbooks import Book, load_book
+from services.dispatcher.reloading import Reloading
 from services.dispatcher.settings import (
     AsyncRunner,
     DispatcherSettings,
     build_router,
 )
 from services.dispatcher.vendors import (
-    check_routes,
     is_local,
     routed,
-    with_local_stand_ins,
 )
 
 __all__ = ["AsyncRunner", "Dispatcher", "DispatcherSettings", "build_router"]
@@ -79,7 +78,7 @@ CLOCK_KEY = "clock"
 KPI_PREFIX = "kpi|"
 
 
-class Dispatcher(Delivering):
+class Dispatcher(Delivering, Reloading):
     """Handler + tick + hooks for the shared loop."""
 
     def __init__(
@@ -525,50 +524,6 @@ class Dispatcher(Delivering):
         return Output(TOPICS.dlq, e.action.customer_id.encode(), letter)
 
     # -- tick: deliver, then promote -------------------------------------------------------
-    # -- playbook hot reload ---------------------------------------------------------------
-    def _stamp_playbooks(self) -> tuple[tuple[str, int], ...]:
-        """The playbook files (``cfg.playbooks``: files or folders) and their mtimes."""
-        stamp: list[tuple[str, int]] = []
-        for part in filter(None, self.cfg.playbooks.split(",")):
-            path = Path(part)
-            for f in sorted(path.glob("*.yaml")) if path.is_dir() else [path]:
-                try:
-                    stamp.append((str(f), f.stat().st_mtime_ns))
-                except OSError:
-                    stamp.append((str(f), -1))
-        return tuple(stamp)
-
-    def reload_playbooks(self) -> bool:
-        """Load the playbook files if one changed; keep the running book when the new one is
-        invalid or needs a route the running adapters do not have (a restart picks that up)."""
-        stamp = self._stamp_playbooks()
-        if stamp == self._playbook_stamp:
-            return False
-        self._playbook_stamp = stamp
-        try:
-            book = load_book(Path(p) for p in self.cfg.playbooks.split(",") if p)
-            check_routes(with_local_stand_ins(self.cfg, self.cfg, self.book), book)
-        except (PlaybookError, ConfigError, OSError) as exc:
-            log.error(
-                "playbooks rejected",
-                extra={
-                    "fields": {
-                        "error": str(exc),
-                        "running": {p.name: str(p.version) for p in self.book.playbooks},
-                    }
-                },
-            )
-            return False
-        if book == self.book:
-            return False
-        log.info(
-            "playbooks loaded",
-            extra={"fields": {"playbooks": {p.name: str(p.version) for p in book.playbooks}}},
-        )
-        self.book = book
-        self._dirty = True
-        return True
-
     def tick(self) -> list[Output]:
         if (
             self._playbooks_from_files
