@@ -7,9 +7,13 @@ makes calls. The once-and-only-once protocol:
    ``in_flight`` together with the consumed offsets;
 2. a later ``tick`` calls the API for committed ``in_flight`` entries, concurrently, with
    the entry's idempotency key, and commits ``sent`` / retry time / ``failed`` plus the
-   results in its own transaction;
+   results in its own transaction. On a channel whose vendor does not de-duplicate
+   (SendGrid, SMTP, Marketo campaigns, policy ``at_most_once``) the tick first marks the
+   entry ``started`` and makes the call only once that transaction has committed
+   (``on_commit``);
 3. after a crash between 2's call and its commit, the entry is still ``in_flight``: it is
-   retried with the same key (the receiver de-duplicates), never decided again.
+   retried with the same key (the vendor applies it once), never decided again; an entry
+   marked ``started`` is not called again but failed as ``ambiguous`` (at most once).
 
 Partitioned for N instances of one consumer group: a customer's ledger lives in the changelog
 partition of its id (the partition its segment changes and events arrive on); the instance that
@@ -17,7 +21,8 @@ owns the partition restores it on assignment and drops it on revoke. Before a re
 partitions away, ``before_revoke`` waits for the calls under way and the loop's next tick
 commits their outcomes while this instance still owns them; a call still under way after
 that (or at a ``kill -9``) is not recorded by the old owner: the new owner finds the entry
-``in_flight`` and retries it with the same idempotency key. KPI rows are kept per
+``in_flight`` and retries it with the same idempotency key, or, marked ``started``, fails it
+as ``ambiguous``. KPI rows are kept per
 partition (``kpi|<segment>|<playbook>|<variant>@<p>``) and summed when read; with
 ``clock: event`` the pipeline clock is per partition too (``clock@<p>``).
 """
@@ -123,6 +128,11 @@ class Dispatcher(Delivering, Reloading):
         # records their outcomes at a later tick (the entries stay committed in_flight).
         self._calls: list[tuple[list[tuple[core.Customer, core.Action]], Any]] = []
         self._calling: set[str] = set()
+        # At-most-once calls recorded as started in the open transaction (made at its commit),
+        # outcomes recorded since the last commit (again after an abort), unknown outcomes.
+        self._starting: list[tuple[list[tuple[core.Customer, core.Action]], list[Any]]] = []
+        self._harvested: list[tuple[list[tuple[core.Customer, core.Action]], list[Any]]] = []
+        self._unknown: dict[str, int] = {}
         self._stopping = False
         self._event_clocks: dict[int, int] = {}  # per partition (clock: event)
         self._saved_clocks: dict[int, int] = {}
@@ -266,9 +276,11 @@ class Dispatcher(Delivering, Reloading):
 
     def on_commit(self) -> None:
         self._stopping = False  # the final tick is over; a later run delivers again
+        self.start_calls()  # the started records are committed: the calls may go out
 
     def on_abort(self) -> None:
         self._stopping = False
+        self.forget_uncommitted()
         self._dirty = True  # the store rolled back: rebuild the timer indexes from it
         parts = set(self._event_clocks)  # and the clocks (the records are read again)
         self._event_clocks.clear()

@@ -31,3 +31,9 @@ UPLIFT = Gauge(
     "Conversion uplift vs holdout (estimate and 95% CI)",
     ["segment", "playbook", "variant", "bound"],
 )
+UNKNOWN_OUTCOMES = Counter(
+    "segflow_dispatch_unknown_outcome_total",
+    "Calls an earlier owner recorded as started and never settled (kill -9): failed as "
+    "ambiguous, not made again",
+    ["channel"],
+)

@@ -164,6 +164,7 @@ def _step_record(a: Action, s: _Strings, previous_decided: int) -> dict[str, Any
         "http_status": a.http_status,
         "endpoint": s(a.endpoint),
         "features": feats,
+        "started": a.started,
     }
 
 
@@ -235,6 +236,7 @@ def _steps(cid: str, r: Mapping[str, Any], strings: list[str]) -> Iterator[Actio
             features=tuple(
                 sorted((strings[feats[i]], strings[feats[i + 1]]) for i in range(0, len(feats), 2))
             ),
+            started=bool(e.get("started")),
         )
 
 
