@@ -302,6 +302,7 @@ def test_kill_9_mid_sequence_and_restart_send_no_email_twice_and_lose_no_step_ne
     def settled(ks: set[str]) -> bool:
         final = {r["idempotency_key"] for r in results(s, timeout=10) if r["status"] != "scheduled"}
         return ks <= final
+
     group = s.topic_prefix + "dispatcher"
     try:
         send(s, TOPICS.segment_changes, [change(c, NOON, "AtRisk-60d") for c in cids])
