@@ -133,6 +133,7 @@ class Dispatcher(Delivering, Reloading):
         self._starting: list[tuple[list[tuple[core.Customer, core.Action]], list[Any]]] = []
         self._harvested: list[tuple[list[tuple[core.Customer, core.Action]], list[Any]]] = []
         self._unknown: dict[str, int] = {}
+        self._started_at = 0.0  # perf_counter when this tick recorded calls as started
         self._stopping = False
         self._event_clocks: dict[int, int] = {}  # per partition (clock: event)
         self._saved_clocks: dict[int, int] = {}

@@ -46,6 +46,7 @@ from services.dispatcher.metrics import (
     KPI,
     PENDING,
     RATE,
+    START_WAIT,
     UNKNOWN_OUTCOMES,
     UPLIFT,
 )
@@ -75,6 +76,7 @@ class Delivering:
         _starting: list[tuple[list[tuple[core.Customer, core.Action]], list[core.Request | None]]]
         _harvested: list[tuple[list[tuple[core.Customer, core.Action]], list[core.Outcome]]]
         _unknown: dict[str, int]
+        _started_at: float
         _stopping: bool
         _breakers: dict[str, Breaker]
         _paused: dict[str, float]
@@ -233,12 +235,18 @@ class Delivering:
             requests = [core.request_for(c, a, self.book) for c, a in started]
             self._calling.update(a.key for _, a in started)
             self._starting.append((started, requests))
+            self._started_at = time.perf_counter()
         return outs
 
     def start_calls(self) -> None:
-        """The tick's transaction committed: make the calls it recorded as started."""
-        for picked, requests in self._starting:
-            self._calls.append((picked, self.runner.submit(self._call_all(requests))))
+        """The tick's transaction committed: make the calls it recorded as started, each on
+        its own (its place under the quota frees when it ends, not when its batch does)."""
+        if self._starting:
+            wait = time.perf_counter() - self._started_at
+            for picked, requests in self._starting:
+                for one, req in zip(picked, requests, strict=True):
+                    self._calls.append(([one], self.runner.submit(self._call_all([req]))))
+                    START_WAIT.observe(wait)
         self._starting.clear()
         self._harvested.clear()
         for channel, n in self._unknown.items():
