@@ -164,7 +164,6 @@ def _step_record(a: Action, s: _Strings, previous_decided: int) -> dict[str, Any
         "http_status": a.http_status,
         "endpoint": s(a.endpoint),
         "features": feats,
-        "started": a.started,
     }
 
 
@@ -199,12 +198,15 @@ def customer_record(c: Customer) -> dict[str, Any]:
             for x in c.assignments
         ],
         "strings": s.table,
+        "started": [_key_bytes(a.key) for a in c.actions if a.started],
     }
 
 
 def _steps(cid: str, r: Mapping[str, Any], strings: list[str]) -> Iterator[Action]:
     def text(i: int) -> str | None:
         return None if i < 0 else strings[i]
+
+    started = set(r.get("started") or ())
 
     decided = 0
     for e in r.get("ledger") or ():
@@ -236,7 +238,7 @@ def _steps(cid: str, r: Mapping[str, Any], strings: list[str]) -> Iterator[Actio
             features=tuple(
                 sorted((strings[feats[i]], strings[feats[i + 1]]) for i in range(0, len(feats), 2))
             ),
-            started=bool(e.get("started")),
+            started=e["key"] in started,
         )
 
 
