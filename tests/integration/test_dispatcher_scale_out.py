@@ -13,8 +13,11 @@ Everything is checked from outside the dispatcher: the results topic (``read_com
 what real vendor stand-ins on 127.0.0.1 (``segflow.receiver``: HTTP with the vendors' contract
 checks, and SMTP) received. Runs 2 and 3 must give exactly what run 1 gives: the same actions
 at the vendors (idempotency keys, paths and bodies), the same decision for every step (the
-results without their processing-time fields). In every run: no result twice, no action
-decided twice or taken twice, every step due before the end fired, every action reported sent
+results without their processing-time fields), except in run 3 the emails the killed instance
+had recorded as started: they are failed as ``ambiguous`` and not sent again (at most once),
+and each must have a committed start record in the changelog. In every run: no result twice,
+no action decided twice or taken twice, no email at the SendGrid or SMTP stand-in twice
+(counted by raw attempts), every step due before the end fired, every action reported sent
 took effect and nothing else did.
 
 The three runs are independent (own topics, group, receivers and processes) and run at the
@@ -384,7 +387,8 @@ def kill_dispatchers(
 ) -> tuple[Run, Fleet, Settings]:
     """Two instances (slow: small batches, each transaction held open 0.2 s, every call
     answered 0.2 s late), one killed with -9 mid-stream while calls are under way (its
-    unrecorded calls are made again by the new owner: ``Run.replays``), a third added."""
+    unrecorded CRM and webhook calls are made again by the new owner: ``Run.replays``; its
+    started emails are not: ``Run.unknown``), a third added."""
     s = isolated_settings(bootstrap, "disp-kill")
     receiver, smtp = Receiver(latency=0.2).start(), SMTPReceiver().start()
     try:
