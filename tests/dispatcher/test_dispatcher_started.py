@@ -205,3 +205,19 @@ def test_the_start_mark_survives_the_compact_record_and_an_outcome_clears_it() -
     for kind in ("sent", "retry", "failed"):
         after, _ = core.record_outcome(started, a.key, core.Outcome(kind), 5, BOOK)
         assert not after.actions[0].started, kind
+
+
+def test_an_ambiguous_failure_keeps_its_place_under_the_caps_and_a_plain_one_gives_it_back() -> (
+    None
+):
+    a = core.Action("sf-" + "b" * 32, "c", "P", "s", "S", "e", "email", "A", 0, "P", 1, 2)
+    c = core.Customer(
+        "c", sends=(("email", 1, a.key),), actions=(core.replace(a, status="in_flight"),)
+    )
+    for detail, kept in (
+        ("ambiguous: timeout after sending; at-most-once, not retried", True),
+        (core.UNKNOWN_OUTCOME, True),
+        ("HTTP 400", False),
+    ):
+        after, _ = core.record_outcome(c, a.key, core.Outcome("failed", detail=detail), 5, BOOK)
+        assert (after.actions[0].status, bool(after.sends)) == ("failed", kept), detail
