@@ -28,6 +28,8 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
+from prometheus_client import REGISTRY  # noqa: E402
+
 from segflow.runtime.broker import free_port  # noqa: E402
 from segflow.runtime.leash import leashed  # noqa: E402
 from segflow.runtime.serde import Serde  # noqa: E402
@@ -39,6 +41,7 @@ from services.dispatcher.playbooks import load_book  # noqa: E402
 PLAYBOOK = """\
 playbook: Bench
 segment: Bench
+defaults: {first_name: there}
 steps:
   - {id: mail, channel: email, template: d-bench, subject: "Hi {{first_name}}"}
 ---
@@ -157,6 +160,19 @@ def main() -> int:
         cpu1 = resource.getrusage(resource.RUSAGE_SELF)
         d.close()
         st = stats(port)
+        wait = {
+            sample.name: sample.value
+            for m in REGISTRY.collect()
+            if m.name == "segflow_dispatch_start_wait_seconds"
+            for sample in m.samples
+        }
+        if wait.get("segflow_dispatch_start_wait_seconds_count"):
+            n = wait["segflow_dispatch_start_wait_seconds_count"]
+            print(
+                f"calls recorded as started before they were made: {int(n)}, waiting "
+                f"{wait['segflow_dispatch_start_wait_seconds_sum'] / n * 1000:.1f} ms on average "
+                "for the tick's commit"
+            )
         cpu = (cpu1.ru_utime - cpu0.ru_utime) + (cpu1.ru_stime - cpu0.ru_stime)
         span = (st["last"] or 0) - (st["first"] or 0)
         print(

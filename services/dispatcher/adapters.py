@@ -136,6 +136,11 @@ class SendGridEmail:
         self.asm_group_id = asm_group_id
         self.on_ambiguous = on_ambiguous
 
+    def at_most_once(self, channel: str) -> bool:
+        """Mail send has no idempotent write (SendGrid ignores ``Idempotency-Key``): under
+        ``at_most_once`` the shell records each call as started before making it."""
+        return self.on_ambiguous == "at_most_once"
+
     def body(self, req: Request, to: str) -> dict[str, Any]:
         args: dict[str, str] = {
             "idempotency_key": req.key,
@@ -219,6 +224,10 @@ class SMTPEmail:
         self.starttls = starttls
         self.domain = message_id_domain or sender.rpartition("@")[2] or "segflow.invalid"
         self.on_ambiguous = on_ambiguous
+
+    def at_most_once(self, channel: str) -> bool:
+        """A server does not de-duplicate by Message-ID: as for SendGrid."""
+        return self.on_ambiguous == "at_most_once"
 
     def message(self, req: Request, to: str) -> EmailMessage:
         msg = EmailMessage()
@@ -316,3 +325,14 @@ class Router:
         if channel in ("crm_property", "crm_task", "crm_list", "support_escalation", "crm_segment"):
             return self.crm
         return {"email": self.email, "smtp": self.smtp, "webhook": self.webhook}.get(channel)
+
+    def at_most_once(self, channel: str) -> bool:
+        """Whether a call on ``channel`` must be recorded as started before it is made: the
+        vendor does not de-duplicate it (SendGrid mail send, SMTP, Marketo campaign requests)
+        and the channel's policy is ``at_most_once``. An adapter says so with an
+        ``at_most_once(channel)`` method; without one (HubSpot and Salesforce upserts, list
+        and property writes, the signed webhook, whose receivers de-duplicate by its
+        ``idempotency_key``) a call is repeated with its key after a crash."""
+        adapter = self.for_channel(channel)
+        check = getattr(adapter, "at_most_once", None)
+        return bool(check is not None and check(channel))

@@ -7,9 +7,13 @@ makes calls. The once-and-only-once protocol:
    ``in_flight`` together with the consumed offsets;
 2. a later ``tick`` calls the API for committed ``in_flight`` entries, concurrently, with
    the entry's idempotency key, and commits ``sent`` / retry time / ``failed`` plus the
-   results in its own transaction;
+   results in its own transaction. On a channel whose vendor does not de-duplicate
+   (SendGrid, SMTP, Marketo campaigns, policy ``at_most_once``) the tick first marks the
+   entry ``started`` and makes the call only once that transaction has committed
+   (``on_commit``);
 3. after a crash between 2's call and its commit, the entry is still ``in_flight``: it is
-   retried with the same key (the receiver de-duplicates), never decided again.
+   retried with the same key (the vendor applies it once), never decided again; an entry
+   marked ``started`` is not called again but failed as ``ambiguous`` (at most once).
 
 Partitioned for N instances of one consumer group: a customer's ledger lives in the changelog
 partition of its id (the partition its segment changes and events arrive on); the instance that
@@ -17,7 +21,8 @@ owns the partition restores it on assignment and drops it on revoke. Before a re
 partitions away, ``before_revoke`` waits for the calls under way and the loop's next tick
 commits their outcomes while this instance still owns them; a call still under way after
 that (or at a ``kill -9``) is not recorded by the old owner: the new owner finds the entry
-``in_flight`` and retries it with the same idempotency key. KPI rows are kept per
+``in_flight`` and retries it with the same idempotency key, or, marked ``started``, fails it
+as ``ambiguous``. KPI rows are kept per
 partition (``kpi|<segment>|<playbook>|<variant>@<p>``) and summed when read; with
 ``clock: event`` the pipeline clock is per partition too (``clock@<p>``).
 """
@@ -58,17 +63,16 @@ from services.dispatcher.delivering import Delivering
 from services.dispatcher.metrics import (
     RESULTS,
 )
-from services.dispatcher.playbooks import Book, PlaybookError, load_book
+from services.dispatcher.playbooks import Book, load_book
+from services.dispatcher.reloading import Reloading
 from services.dispatcher.settings import (
     AsyncRunner,
     DispatcherSettings,
     build_router,
 )
 from services.dispatcher.vendors import (
-    check_routes,
     is_local,
     routed,
-    with_local_stand_ins,
 )
 
 __all__ = ["AsyncRunner", "Dispatcher", "DispatcherSettings", "build_router"]
@@ -79,7 +83,7 @@ CLOCK_KEY = "clock"
 KPI_PREFIX = "kpi|"
 
 
-class Dispatcher(Delivering):
+class Dispatcher(Delivering, Reloading):
     """Handler + tick + hooks for the shared loop."""
 
     def __init__(
@@ -124,6 +128,12 @@ class Dispatcher(Delivering):
         # records their outcomes at a later tick (the entries stay committed in_flight).
         self._calls: list[tuple[list[tuple[core.Customer, core.Action]], Any]] = []
         self._calling: set[str] = set()
+        # At-most-once calls recorded as started in the open transaction (made at its commit),
+        # outcomes recorded since the last commit (again after an abort), unknown outcomes.
+        self._starting: list[tuple[list[tuple[core.Customer, core.Action]], list[Any]]] = []
+        self._harvested: list[tuple[list[tuple[core.Customer, core.Action]], list[Any]]] = []
+        self._unknown: dict[str, int] = {}
+        self._started_at = 0.0  # perf_counter when this tick recorded calls as started
         self._stopping = False
         self._event_clocks: dict[int, int] = {}  # per partition (clock: event)
         self._saved_clocks: dict[int, int] = {}
@@ -267,9 +277,11 @@ class Dispatcher(Delivering):
 
     def on_commit(self) -> None:
         self._stopping = False  # the final tick is over; a later run delivers again
+        self.start_calls()  # the started records are committed: the calls may go out
 
     def on_abort(self) -> None:
         self._stopping = False
+        self.forget_uncommitted()
         self._dirty = True  # the store rolled back: rebuild the timer indexes from it
         parts = set(self._event_clocks)  # and the clocks (the records are read again)
         self._event_clocks.clear()
@@ -525,50 +537,6 @@ class Dispatcher(Delivering):
         return Output(TOPICS.dlq, e.action.customer_id.encode(), letter)
 
     # -- tick: deliver, then promote -------------------------------------------------------
-    # -- playbook hot reload ---------------------------------------------------------------
-    def _stamp_playbooks(self) -> tuple[tuple[str, int], ...]:
-        """The playbook files (``cfg.playbooks``: files or folders) and their mtimes."""
-        stamp: list[tuple[str, int]] = []
-        for part in filter(None, self.cfg.playbooks.split(",")):
-            path = Path(part)
-            for f in sorted(path.glob("*.yaml")) if path.is_dir() else [path]:
-                try:
-                    stamp.append((str(f), f.stat().st_mtime_ns))
-                except OSError:
-                    stamp.append((str(f), -1))
-        return tuple(stamp)
-
-    def reload_playbooks(self) -> bool:
-        """Load the playbook files if one changed; keep the running book when the new one is
-        invalid or needs a route the running adapters do not have (a restart picks that up)."""
-        stamp = self._stamp_playbooks()
-        if stamp == self._playbook_stamp:
-            return False
-        self._playbook_stamp = stamp
-        try:
-            book = load_book(Path(p) for p in self.cfg.playbooks.split(",") if p)
-            check_routes(with_local_stand_ins(self.cfg, self.cfg, self.book), book)
-        except (PlaybookError, ConfigError, OSError) as exc:
-            log.error(
-                "playbooks rejected",
-                extra={
-                    "fields": {
-                        "error": str(exc),
-                        "running": {p.name: str(p.version) for p in self.book.playbooks},
-                    }
-                },
-            )
-            return False
-        if book == self.book:
-            return False
-        log.info(
-            "playbooks loaded",
-            extra={"fields": {"playbooks": {p.name: str(p.version) for p in book.playbooks}}},
-        )
-        self.book = book
-        self._dirty = True
-        return True
-
     def tick(self) -> list[Output]:
         if (
             self._playbooks_from_files

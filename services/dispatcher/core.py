@@ -11,7 +11,9 @@ outcomes to. Four steps move it, each ``(state, input, now) -> (state, effects)`
 * :func:`promote` — due steps pass the policy (suppression, conditions, priority, caps,
   quiet hours) and become ``in_flight`` (the shell calls the API only for those);
 * :func:`record_outcome` — the API's answer: ``sent``, retry later (same idempotency key) or
-  ``failed`` (results topic and DLQ).
+  ``failed`` (results topic and DLQ); :func:`start_call` records that a call is about to go out
+  (channels whose vendor does not de-duplicate), :func:`unknown_outcome` settles a call started
+  by an earlier owner that never recorded its answer (``failed``, reason ``ambiguous: ...``).
 
 Effects are frozen dataclasses the shell turns into records. ``now`` is the pipeline clock
 in epoch ms (wall clock live, event time when replaying); retry times are wall-clock ms
@@ -125,7 +127,17 @@ __all__ = [
     "request_for",
     "result_record",
     "set_attributes",
+    "start_call",
+    "unknown_outcome",
+    "UNKNOWN_OUTCOME",
 ]
+
+#: The reason of an action whose call an earlier owner of its partition recorded as started
+#: and never settled (``kill -9`` while it was under way): it may or may not have reached the
+#: customer, and is not made again (at most once; the DLQ holds it for a review).
+UNKNOWN_OUTCOME = (
+    "ambiguous: started by an earlier owner, outcome unknown; at-most-once, not retried"
+)
 
 
 # -- helpers -----------------------------------------------------------------------------------
@@ -144,6 +156,14 @@ def _suppression(suppressions: frozenset[str], channel: str) -> str | None:
     }:
         return "do_not_contact"
     return None
+
+
+def _may_have_reached(a: Action) -> bool:
+    """Sent, or failed after the request may have taken effect (``ambiguous: ...``): such an
+    action keeps its place under the caps, and later steps count engagement from it."""
+    return a.status == "sent" or (
+        a.status == "failed" and a.reason is not None and a.reason.startswith("ambiguous")
+    )
 
 
 def _replace_action(c: Customer, new: Action) -> Customer:
@@ -346,7 +366,7 @@ def promote(c: Customer, now: int, book: Book) -> tuple[Customer, list[Effect]]:
         reason = "playbook_removed" if step is None else _suppression(c.suppressions, a.channel)
         if reason is None and step is not None and step.no_engagement_since:
             ref = _sibling(c, a, step.no_engagement_since)
-            since = ref.settled_at if ref is not None and ref.status == "sent" else a.decided_at
+            since = ref.settled_at if ref is not None and _may_have_reached(ref) else a.decided_at
             if (
                 c.last_engagement_at is not None
                 and since is not None
@@ -410,6 +430,7 @@ def record_outcome(
             a,
             status="sent",
             reason=None,
+            started=False,
             attempt=attempt,
             settled_at=now,
             dispatched_at=outcome.dispatched_at,
@@ -428,6 +449,7 @@ def record_outcome(
             replace(
                 a,
                 attempt=attempt,
+                started=False,
                 retry_at=outcome.retry_at,
                 http_status=outcome.http_status,
                 endpoint=outcome.endpoint,
@@ -440,6 +462,7 @@ def record_outcome(
         a,
         status="failed",
         reason=reason,
+        started=False,
         attempt=attempt,
         settled_at=now,
         dispatched_at=outcome.dispatched_at,
@@ -447,9 +470,46 @@ def record_outcome(
         endpoint=outcome.endpoint,
     )
     c = _replace_action(c, done)
-    c = replace(c, sends=tuple(s for s in c.sends if s[2] != key))  # nothing reached them
+    if not _may_have_reached(done):  # nothing reached them: the place under the caps goes back
+        c = replace(c, sends=tuple(s for s in c.sends if s[2] != key))
     out += [Result(done, "failed", reason, now), DeadLetterAction(done, reason)]
     return c, out
+
+
+def start_call(c: Customer, key: str) -> Customer:
+    """The in-flight action ``key``'s call is about to go out: recorded (and committed by the
+    shell) before the call, so that an owner that did not start it knows it may have taken
+    effect. Only for channels whose vendor does not de-duplicate (SendGrid, SMTP, Marketo
+    campaigns, under the ``at_most_once`` policy); cleared by :func:`record_outcome`.
+
+    >>> a = Action("k", "c", "P", "s", "S", "e", "email", "A", 0, "P", 0, 0, status="in_flight")
+    >>> start_call(Customer("c", actions=(a,)), "k").actions[0].started
+    True
+    """
+    a = c.action(key)
+    if a is None or a.status != "in_flight" or a.started:
+        return c
+    return _replace_action(c, replace(a, started=True))
+
+
+def unknown_outcome(c: Customer, key: str, now: int, book: Book) -> tuple[Customer, list[Effect]]:
+    """The in-flight action ``key`` was recorded as started by an earlier owner of its
+    partition, which never recorded the answer (it was killed while the call was under way, or
+    before it went out). Making the call again could send the customer a second email, so the
+    action fails with :data:`UNKNOWN_OUTCOME` (a DLQ entry; it keeps its place under the caps,
+    as it may have reached the customer).
+
+    >>> from services.dispatcher.playbooks import Book
+    >>> a = Action("k", "c", "P", "s", "S", "e", "email", "A", 0, "P", 0, 0, status="in_flight")
+    >>> c = start_call(Customer("c", actions=(a,), sends=(("email", 0, "k"),)), "k")
+    >>> c, effects = unknown_outcome(c, "k", 5, Book(()))
+    >>> c.actions[0].status, c.actions[0].started, c.sends, effects[0].reason[:9]
+    ('failed', False, (('email', 0, 'k'),), 'ambiguous')
+    """
+    a = c.action(key)
+    if a is None or a.status != "in_flight" or not a.started:
+        return c, []
+    return record_outcome(c, key, Outcome("failed", None, a.endpoint, UNKNOWN_OUTCOME), now, book)
 
 
 # -- attributes (issue 19) -----------------------------------------------------------------------

@@ -3,6 +3,15 @@ out (vendor pauses, breakers), call the APIs concurrently on the I/O loop, recor
 refresh the gauges. A mixin of :class:`services.dispatcher.app.Dispatcher` (the attributes and
 methods it declares for type checking are the Dispatcher's); moved out of ``app.py``.
 
+A call on a channel whose vendor does not de-duplicate (``Router.at_most_once``: SendGrid mail
+send, SMTP, Marketo campaign requests) is recorded as started first: the tick marks the entry
+``started`` and the call goes out when the tick's transaction has committed
+(:meth:`Delivering.start_calls`, from ``on_commit``). An owner that finds an entry started by
+someone else and never settled (a ``kill -9`` while it was under way) does not make it again:
+:meth:`Delivering._settle_unknown` fails it as ``ambiguous`` (``core.UNKNOWN_OUTCOME``). Calls
+on the other channels go out at once and are repeated with their key after a crash (the vendor
+applies them once).
+
 With ``clock: event`` a due step is decided at its due time, whichever tick finds it, and a
 customer's due steps are fired before its next record is applied (``_due_first``): the
 decisions do not depend on how the input was batched or when the ticks ran, so one instance,
@@ -37,6 +46,8 @@ from services.dispatcher.metrics import (
     KPI,
     PENDING,
     RATE,
+    START_WAIT,
+    UNKNOWN_OUTCOMES,
     UPLIFT,
 )
 from services.dispatcher.playbooks import Book
@@ -62,6 +73,10 @@ class Delivering:
         _retry: list[tuple[int, str, str]]
         _calls: list[tuple[list[tuple[core.Customer, core.Action]], Any]]
         _calling: set[str]
+        _starting: list[tuple[list[tuple[core.Customer, core.Action]], list[core.Request | None]]]
+        _harvested: list[tuple[list[tuple[core.Customer, core.Action]], list[core.Outcome]]]
+        _unknown: dict[str, int]
+        _started_at: float
         _stopping: bool
         _breakers: dict[str, Breaker]
         _paused: dict[str, float]
@@ -134,9 +149,16 @@ class Delivering:
             heapq.heappush(self._due, entry)
         return outs
 
-    def _select(self, wall_ms: int) -> list[tuple[core.Customer, core.Action]]:
-        """Committed in-flight actions whose retry time has come, endpoints permitting."""
+    def _select(
+        self, wall_ms: int, once_quota: int
+    ) -> tuple[list[tuple[core.Customer, core.Action]], list[tuple[core.Customer, core.Action]]]:
+        """Committed in-flight actions whose retry time has come, endpoints permitting; and
+        those an earlier owner recorded as started and never settled (not to be called again).
+        At most ``once_quota`` calls on at-most-once channels: each one recorded as started
+        goes out at once (what is started and still waiting for a connection at a crash is
+        lost), the next ones wait for a later tick."""
         picked: list[tuple[core.Customer, core.Action]] = []
+        orphans: list[tuple[core.Customer, core.Action]] = []
         later: list[tuple[int, str, str]] = []
         probes: set[str] = set()
         keys: set[str] = set()
@@ -158,6 +180,13 @@ class Delivering:
             ):
                 continue  # stale or duplicate index entry
             keys.add(key)
+            if action.started:  # started by an earlier owner (this one is not calling it)
+                orphans.append((cust, action))  # type: ignore[arg-type]
+                continue
+            once = self.router.at_most_once(action.channel)
+            if once and once_quota <= 0:
+                later.append(entry)  # the calls recorded as started go first
+                break
             adapter = self.router.for_channel(action.channel)
             endpoint = adapter.endpoint if adapter is not None else action.channel
             breaker = self._breakers.get(endpoint, Breaker())
@@ -169,22 +198,122 @@ class Delivering:
                 continue
             if breaker.state == "open":
                 probes.add(endpoint)  # half-open: this tick's one probe
+            once_quota -= once
             picked.append((cust, action))  # type: ignore[arg-type]
         for at, cid, key in later:
             # Held back in memory only (the durable retry_at is unchanged and earlier).
             heapq.heappush(self._retry, (at, cid, key))
-        return picked
+        return picked, orphans
 
     def _deliver(self) -> list[Output]:
-        """Record the outcomes of finished calls, then start calls for what is due."""
+        """Record the outcomes of finished calls, then start calls for what is due: at once,
+        or (at-most-once channels) recorded as started in this tick's transaction and made
+        when it commits (``start_calls``)."""
         outs = self._harvest()
         if self._stopping or len(self._calling) >= 4 * self.cfg.concurrency:
             return outs  # stopping, or enough under way (the rest waits in the retry index)
-        picked = self._select(int(self.clock() * 1000))
-        if picked:
-            requests = [core.request_for(c, a, self.book) for c, a in picked]
+        picked, orphans = self._select(
+            int(self.clock() * 1000), self.cfg.concurrency - len(self._calling)
+        )
+        if orphans:
+            outs += self._settle_unknown(orphans)
+        now = [(c, a) for c, a in picked if not self.router.at_most_once(a.channel)]
+        first = [(c, a) for c, a in picked if self.router.at_most_once(a.channel)]
+        if now:
+            requests = [core.request_for(c, a, self.book) for c, a in now]
+            self._calling.update(a.key for _, a in now)
+            self._calls.append((now, self.runner.submit(self._call_all(requests))))
+        if first:
+            started: list[tuple[core.Customer, core.Action]] = []
+            for _, a in first:
+                current = self.customer(a.customer_id)
+                if current is None:
+                    continue
+                current = core.start_call(current, a.key)
+                self._put(current)
+                started.append((current, a))
+            requests = [core.request_for(c, a, self.book) for c, a in started]
+            self._calling.update(a.key for _, a in started)
+            self._starting.append((started, requests))
+            self._started_at = time.perf_counter()
+        return outs
+
+    def start_calls(self) -> None:
+        """The tick's transaction committed: make the calls it recorded as started, each on
+        its own (its place under the quota frees when it ends, not when its batch does)."""
+        if self._starting:
+            wait = time.perf_counter() - self._started_at
+            for picked, requests in self._starting:
+                for one, req in zip(picked, requests, strict=True):
+                    self._calls.append(([one], self.runner.submit(self._call_all([req]))))
+                    START_WAIT.observe(wait)
+        self._starting.clear()
+        self._harvested.clear()
+        for channel, n in self._unknown.items():
+            UNKNOWN_OUTCOMES.labels(channel).inc(n)
+        self._unknown.clear()
+
+    def forget_uncommitted(self) -> None:
+        """The transaction aborted (the store rolled back): the calls it recorded as started
+        are not made (their entries are in flight, not started, and picked again); outcomes
+        it recorded are recorded again at the next tick (the calls were made)."""
+        for picked, _ in self._starting:
+            self._calling.difference_update(a.key for _, a in picked)
+        self._starting.clear()
+        for picked, outcomes in self._harvested:
+            done: concurrent.futures.Future[list[core.Outcome]] = concurrent.futures.Future()
+            done.set_result(outcomes)
             self._calling.update(a.key for _, a in picked)
-            self._calls.append((picked, self.runner.submit(self._call_all(requests))))
+            self._calls.append((picked, done))
+        self._harvested.clear()
+        self._unknown.clear()
+
+    def _settle_unknown(self, orphans: list[tuple[core.Customer, core.Action]]) -> list[Output]:
+        """Entries an earlier owner recorded as started and never settled: failed as
+        ``ambiguous`` (``core.UNKNOWN_OUTCOME``), not called again (at most once)."""
+        olds: dict[str, core.Customer] = {}
+        by_customer: dict[str, core.Customer] = {}
+        effects: dict[int, list[core.Effect]] = {}
+        for _, action in orphans:
+            cid = action.customer_id
+            current = by_customer.get(cid) or self.customer(cid)
+            if current is None:
+                continue
+            olds.setdefault(cid, current)
+            part = self.store.partition_of(cid)
+            new, more = core.unknown_outcome(
+                current, action.key, self._settled_at(action, part), self.book
+            )
+            by_customer[cid] = new
+            effects.setdefault(part, []).extend(more)
+            self._unknown[action.channel] = self._unknown.get(action.channel, 0) + 1
+        log.warning(
+            "calls started by an earlier owner, outcome unknown: not made again",
+            extra={"fields": {"actions": len(orphans)}},
+        )
+        return self._settle(olds, by_customer, effects)
+
+    def _settled_at(self, action: core.Action, part: int) -> int:
+        """Under the event clock an outcome is settled at the action's event time (when it
+        went out), not at the clock the tick reads: the settled time is what "no engagement
+        since" counts from, and it is on the result."""
+        if self.cfg.clock == "event":
+            return max(action.due_at, action.decided_at)
+        return self.now_ms(part)
+
+    def _settle(
+        self,
+        olds: dict[str, core.Customer],
+        by_customer: dict[str, core.Customer],
+        effects: dict[int, list[core.Effect]],
+    ) -> list[Output]:
+        outs: list[Output] = []
+        for part, part_effects in effects.items():  # KPI rows written once per tick
+            outs += self._effects(part_effects, self.now_ms(part), part)
+        for cid, new in by_customer.items():
+            if new != olds[cid]:
+                self._put(new)
+                self._index(new)
         return outs
 
     def _harvest(self, wait: float = 0.0) -> list[Output]:
@@ -200,6 +329,7 @@ class Delivering:
         effects: dict[int, list[core.Effect]] = {}  # per partition
         for picked, future in done:
             outcomes = future.result()
+            self._harvested.append((picked, outcomes))  # recorded again if the tick aborts
             for (_, action), outcome in zip(picked, outcomes, strict=True):
                 self._calling.discard(action.key)
                 cid = action.customer_id
@@ -209,25 +339,11 @@ class Delivering:
                 olds.setdefault(cid, current)
                 part = self.store.partition_of(cid)
                 outcome = self._finish(action, outcome)
-                # under the event clock an outcome is settled at the action's event time (when
-                # it went out), not at the clock this harvest reads: the settled time is what
-                # "no engagement since" counts from, and it is on the result
-                at = (
-                    max(action.due_at, action.decided_at)
-                    if self.cfg.clock == "event"
-                    else self.now_ms(part)
-                )
+                at = self._settled_at(action, part)
                 new, more = core.record_outcome(current, action.key, outcome, at, self.book)
                 by_customer[cid] = new
                 effects.setdefault(part, []).extend(more)
-        outs: list[Output] = []
-        for part, part_effects in effects.items():  # KPI rows written once per tick
-            outs += self._effects(part_effects, self.now_ms(part), part)
-        for cid, new in by_customer.items():
-            if new != olds[cid]:
-                self._put(new)
-                self._index(new)
-        return outs
+        return self._settle(olds, by_customer, effects)
 
     def drain(self, timeout: float) -> None:
         """Before a clean stop: wait for the calls under way so the final tick records them

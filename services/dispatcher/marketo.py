@@ -177,6 +177,12 @@ class MarketoCRM:
                 self.tokens.invalidate(token)
         raise AssertionError("unreachable")
 
+    def at_most_once(self, channel: str) -> bool:
+        """A campaign request (tasks, escalations) is not idempotent: under ``at_most_once``
+        the shell records each call as started before making it. Lead updates and list
+        additions are (``updateOnly``, already a member) and are repeated after a crash."""
+        return channel in ("crm_task", "support_escalation") and self.on_ambiguous == "at_most_once"
+
     def _answer(self, response: Any, on_ambiguous: Ambiguity) -> tuple[Sent, dict[str, Any]]:
         sent = _check(response, self.endpoint, on_ambiguous)
         answer = _json(response)

@@ -31,3 +31,15 @@ UPLIFT = Gauge(
     "Conversion uplift vs holdout (estimate and 95% CI)",
     ["segment", "playbook", "variant", "bound"],
 )
+UNKNOWN_OUTCOMES = Counter(
+    "segflow_dispatch_unknown_outcome_total",
+    "Calls an earlier owner recorded as started and never settled (kill -9): failed as "
+    "ambiguous, not made again",
+    ["channel"],
+)
+START_WAIT = Histogram(
+    "segflow_dispatch_start_wait_seconds",
+    "From recording a call as started (at-most-once channels) to making it: the rest of the "
+    "tick and its transaction's commit, the latency the start record adds",
+    buckets=(0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5),
+)

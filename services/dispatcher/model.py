@@ -147,6 +147,10 @@ class Action:
     http_status: int | None = None
     endpoint: str | None = None
     features: tuple[tuple[str, str], ...] = ()
+    #: The current attempt's call was recorded as started (committed before the call, for a
+    #: channel whose vendor does not de-duplicate); cleared by its outcome. Found set by an
+    #: owner that did not start it (``kill -9``), it means the outcome is unknown.
+    started: bool = False
 
 
 @dataclass(frozen=True)

@@ -198,12 +198,15 @@ def customer_record(c: Customer) -> dict[str, Any]:
             for x in c.assignments
         ],
         "strings": s.table,
+        "started": [_key_bytes(a.key) for a in c.actions if a.started],
     }
 
 
 def _steps(cid: str, r: Mapping[str, Any], strings: list[str]) -> Iterator[Action]:
     def text(i: int) -> str | None:
         return None if i < 0 else strings[i]
+
+    started = set(r.get("started") or ())
 
     decided = 0
     for e in r.get("ledger") or ():
@@ -235,6 +238,7 @@ def _steps(cid: str, r: Mapping[str, Any], strings: list[str]) -> Iterator[Actio
             features=tuple(
                 sorted((strings[feats[i]], strings[feats[i + 1]]) for i in range(0, len(feats), 2))
             ),
+            started=e["key"] in started,
         )
 
 

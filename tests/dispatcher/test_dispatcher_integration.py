@@ -28,6 +28,7 @@ from segflow.runtime.settings import Settings
 from segflow.runtime.state import partition_for
 from segflow.runtime.testing import produce, read_all
 from segflow.runtime.topics import TOPICS
+from services.dispatcher import core
 from services.dispatcher.app import Dispatcher, DispatcherSettings
 from services.dispatcher.core import idempotency_key
 from services.dispatcher.experiments import assign
@@ -280,7 +281,7 @@ def clock_events(at: int) -> list[dict[str, Any]]:
     return [page_view(cid, at) for cid in ids.values()]
 
 
-def test_kill_9_mid_sequence_and_restart_neither_duplicates_nor_loses_a_step(
+def test_kill_9_mid_sequence_and_restart_send_no_email_twice_and_lose_no_step_never_started(
     kafka_settings: Settings, tmp_path: Path
 ) -> None:
     s = kafka_settings
@@ -297,6 +298,11 @@ def test_kill_9_mid_sequence_and_restart_neither_duplicates_nor_loses_a_step(
 
     mail, task, case = keys("reengagement_email"), keys("owner_task"), keys("support_escalation")
     done = lambda ks: len(ks & set(receiver.effects()))  # noqa: E731
+
+    def settled(ks: set[str]) -> bool:
+        final = {r["idempotency_key"] for r in results(s, timeout=10) if r["status"] != "scheduled"}
+        return ks <= final
+
     group = s.topic_prefix + "dispatcher"
     try:
         send(s, TOPICS.segment_changes, [change(c, NOON, "AtRisk-60d") for c in cids])
@@ -309,7 +315,8 @@ def test_kill_9_mid_sequence_and_restart_neither_duplicates_nor_loses_a_step(
         assert at_first_kill < len(mail)
 
         second = _spawn(s, receiver, group)
-        _wait(lambda: done(mail) == len(mail), 60, second)
+        # every email settles: sent, or (started by the killed instance) failed as ambiguous
+        _wait(lambda: settled(mail), 60, second)
         send(s, TOPICS.identified, clock_events(NOON + 49 * HOUR))  # 48 h later
         _wait(lambda: done(task) >= 16, 60, second)
         second.kill()
@@ -327,12 +334,25 @@ def test_kill_9_mid_sequence_and_restart_neither_duplicates_nor_loses_a_step(
         third.wait(20)
     finally:
         receiver.stop()
-    assert set(receiver.effects()) == mail | task | case  # no lost step, nothing extra
     sent = sent_results(rs)  # one committed "sent" per key
-    assert set(sent) == mail | task | case
+    unknown = {
+        r["idempotency_key"]
+        for r in rs
+        if r["status"] == "failed" and r["reason"] == core.UNKNOWN_OUTCOME
+    }
+    # every step either sent, or (an email the killed instance had recorded as started) not
+    # called again: nothing lost that never started, nothing extra
+    assert set(sent) | unknown == mail | task | case and not set(sent) & unknown
+    assert unknown <= mail, "a CRM upsert (applied once by the vendor) was not repeated"
+    assert set(sent) <= set(receiver.effects()) <= mail | task | case
+    # no email reached the receiver twice (raw attempts: SendGrid would send each one)
     attempts = receiver.attempts()
+    twice = [k for k in mail if attempts.get(k, 0) > 1]
+    assert not twice, f"{len(twice)} emails sent twice"
+    # at most the calls the killed instance could have recorded as started (CONCURRENCY 8)
+    assert len(unknown) <= 8, unknown
     assert all(attempts[k] <= max(sent[k]["attempt"], 1) + 1 for k in sent)
-    # only calls made in the killed, uncommitted tick may reach the receiver again (replays)
+    # only CRM calls made in the killed, uncommitted tick may reach the receiver again
     assert receiver.replays() <= at_first_kill + at_second_kill
     holdout = [r for r in rs if r["status"] == "holdout"]
     assert {r["customer_id"] for r in holdout} == set(cids) - set(treated)

@@ -136,3 +136,4 @@ def test_calls_under_way_when_an_instance_joins_or_stops_cleanly_are_made_once(
     assert not twice, f"{len(twice)} HTTP calls made more than once, e.g. {list(twice)[:3]}"
     assert not smtp_twice, f"{len(smtp_twice)} SMTP messages sent more than once"
     assert run.replays == 0
+    assert not run.unknown, "a clean move left calls started and unsettled"

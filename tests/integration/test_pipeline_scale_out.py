@@ -47,6 +47,10 @@ point that depends on timing. See
 services/scorer/README.md, "Deterministic scores"; run with ``-s`` for per-cause counts
 (``diagnose``), with ``SEGFLOW_PIPELINE_DUMP=FILE`` to keep the runs' outputs.
 
+Emails the killed dispatcher had recorded as started are failed as ``ambiguous`` in run 3 and
+not sent again (at most once, services/dispatcher/README.md): its actions can lack those that
+had not gone out; no email reaches a stand-in twice (raw attempts).
+
 Merged-away ids with a live final score: the cause seen with 1 or 2 instances (a chain of
 merges, X absorbs Y and Z absorbs X, read in reverse order: a new X was started) is fixed and
 tested in process (tests/scorer/test_merge_chain.py); with that fix 3 of 4 runs with the kill
@@ -90,6 +94,7 @@ from segflow.sim.noise import Delivery, NoiseConfig
 from segflow.sim.sink import KafkaSink
 from segflow.sim.truth import truth_records
 from segflow.stats import roc_auc
+from services.dispatcher.core import UNKNOWN_OUTCOME
 
 pytestmark = pytest.mark.broker
 
@@ -506,11 +511,16 @@ def check_exactly_once(out: Outputs, label: str) -> None:
     assert not twice, f"{label}: actions decided twice: {twice[:5]}"
     twice = [k for k, n in out.emails.items() if n > 1]
     assert not twice, f"{label}: emails delivered twice: {twice[:5]}"
-    # every action reported sent took effect at a vendor, and nothing else did
+    mail = {r["idempotency_key"] for r in out.results if r["channel"] == "email"}
+    twice = [k for k in mail if out.attempts[k] > 1]  # raw requests: SendGrid sends each
+    assert not twice, f"{label}: emails sent twice: {twice[:5]}"
+    # every action reported sent took effect at a vendor, and nothing else did, but emails a
+    # killed dispatcher had recorded as started (failed as ambiguous, not sent again)
+    unknown = {r["idempotency_key"] for r in out.results if r["reason"] == UNKNOWN_OUTCOME}
     reached = out.effects | set(out.emails)
-    assert set(out.sent()) == reached, (
+    assert set(out.sent()) <= reached and reached - set(out.sent()) <= unknown, (
         f"{label}: sent without effect {sorted(set(out.sent()) - reached)[:5]}, "
-        f"effect without sent {sorted(reached - set(out.sent()))[:5]}"
+        f"effect without sent {sorted(reached - set(out.sent()) - unknown)[:5]}"
     )
     assert out.rejected == 0, f"{label}: requests refused by the vendor contracts"
 
