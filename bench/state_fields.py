@@ -44,6 +44,7 @@ from segflow.runtime.settings import Settings  # noqa: E402
 from segflow.runtime.topics import TOPICS, Topic  # noqa: E402
 from segflow.sim.generator import SimConfig, Simulation  # noqa: E402
 from services.dispatcher import core as dcore  # noqa: E402
+from services.dispatcher import observing as dobserving  # noqa: E402
 from services.dispatcher.playbooks import DEFAULT_DIR, Book, load_book  # noqa: E402
 from services.identity.dedup import chunk_bytes  # noqa: E402
 from services.identity.seen import dedup_key  # noqa: E402
@@ -264,7 +265,7 @@ def run_dispatcher(
         if kind == 0:
             obs = dcore.Observation.from_record(value)
             old = customers.get(obs.customer_id)
-            maybe, _ = dcore.observe(old, obs, now, book)
+            maybe, _ = dobserving.observe(old, obs, now, book)
             if maybe is not None:
                 keep(old, maybe)
         else:

@@ -37,6 +37,7 @@ PURE = (
         "services.dispatcher.delivery",
         "services.dispatcher.signing",
         "services.dispatcher.model",
+        "services.dispatcher.observing",
         "services.dispatcher.records",
         "services.dispatcher.playbook_model",
         "services.dispatcher.playbook_schema",

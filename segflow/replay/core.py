@@ -31,6 +31,7 @@ from dataclasses import dataclass, field, replace
 from typing import Any
 
 from services.dispatcher import core as dcore
+from services.dispatcher import observing as dobserving
 from services.dispatcher.playbooks import Book, Playbook
 from services.segmenter import core as segmenting
 from services.segmenter.dsl import Definitions
@@ -341,7 +342,7 @@ def run_dispatcher(
             run.events += 1
             obs = dcore.Observation.from_record(value.record)
             old = customers.get(obs.customer_id)
-            maybe, effects = dcore.observe(old, obs, now, book)
+            maybe, effects = dobserving.observe(old, obs, now, book)
             if maybe is not None:
                 keep(old, maybe, effects)
         else:

@@ -50,7 +50,7 @@ from segflow.runtime.settings import Settings
 from segflow.runtime.state import ChangelogStore
 from segflow.runtime.topics import TOPICS
 from segflow.runtime.vault import KEY_SETTING, VaultSettings
-from services.dispatcher import core
+from services.dispatcher import core, observing
 from services.dispatcher.adapters import (
     Contacts,
     HttpClient,
@@ -449,7 +449,9 @@ class Dispatcher(Delivering, Reloading):
             cid = str(record.value["customer_id"])
             part = self.store.partition_of(cid)
             old = self.customer(cid)
-            maybe_c = core.set_attributes(old, cid, record.value.get("attributes") or {}, self.book)
+            maybe_c = observing.set_attributes(
+                old, cid, record.value.get("attributes") or {}, self.book
+            )
             if maybe_c is None:
                 return
             new, effects = maybe_c, []
@@ -467,7 +469,7 @@ class Dispatcher(Delivering, Reloading):
             if self.cfg.clock == "event":
                 self._advance(obs.occurred_at, part)
             now = self.now_ms(part)
-            maybe, effects = core.observe(due, obs, now, self.book, self._keep_in_flight)
+            maybe, effects = observing.observe(due, obs, now, self.book, self._keep_in_flight)
             if maybe is None:
                 return
             new, effects = maybe, fired + effects

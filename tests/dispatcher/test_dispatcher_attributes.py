@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from services.dispatcher import core
+from services.dispatcher import core, observing
 from services.dispatcher.core import SegmentChange
 from services.dispatcher.playbooks import Book, parse_documents
 
@@ -27,14 +27,14 @@ def book() -> Book:
 def test_a_template_renders_an_attribute_and_keeps_only_those_templates_read() -> None:
     b = book()
     assert {"first_name", "product_tier"} <= b.template_traits
-    c = core.set_attributes(None, "c1", {"product_tier": "enterprise", "zip": "94027"}, b)
+    c = observing.set_attributes(None, "c1", {"product_tier": "enterprise", "zip": "94027"}, b)
     assert c is not None and dict(c.attrs) == {"product_tier": "enterprise"}  # zip not kept
     c, _ = core.decide(c, SegmentChange("c1", "S", "entered", "c1:S:1", NOON), NOON, b)
     req = core.request_for(c, c.actions[0], b)
     assert req is not None and req.problem is None
     assert req.subject == "Hi there, about enterprise"
     # an attribute change later is what the next send renders
-    c2 = core.set_attributes(c, "c1", {"product_tier": "pro"}, b)
+    c2 = observing.set_attributes(c, "c1", {"product_tier": "pro"}, b)
     assert c2 is not None
     req = core.request_for(c2, c2.actions[0], b)
     assert req is not None and req.subject == "Hi there, about pro"

@@ -9,7 +9,7 @@ from pathlib import Path
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from services.dispatcher import core
+from services.dispatcher import core, observing
 from services.dispatcher.core import HOUR, Customer, Observation, Outcome, Result, SegmentChange
 from services.dispatcher.experiments import assign, summarise
 from services.dispatcher.playbooks import (
@@ -61,7 +61,7 @@ class Sim:
         self._deliver(now)
 
     def event(self, ev: Observation, now: int) -> None:
-        c, effects = core.observe(self.c, ev, now, self.book)
+        c, effects = observing.observe(self.c, ev, now, self.book)
         self.c = c
         self._collect(effects)
 
@@ -285,16 +285,18 @@ def test_kpis_attribute_outcomes_within_the_window_and_compute_uplift() -> None:
         group = assign(cid, "P", pb.experiment)
         # treated customers open and buy more often; a late purchase is outside the window
         if group == "A" and i % 2 == 0:
-            obs, e2 = core.observe(
+            obs, e2 = observing.observe(
                 c, Observation(cid, "email_click", NOON + HOUR, "camp", "A"), NOON + HOUR, book
             )
             assert obs is not None
             c, eff = obs, eff + e2
         if i % (3 if group == "A" else 10) == 0:
-            obs, e2 = core.observe(c, Observation(cid, "purchase", NOON + DAY), NOON + DAY, book)
+            obs, e2 = observing.observe(
+                c, Observation(cid, "purchase", NOON + DAY), NOON + DAY, book
+            )
             assert obs is not None
             c, eff = obs, eff + e2
-        obs, e2 = core.observe(
+        obs, e2 = observing.observe(
             c, Observation(cid, "purchase", NOON + 9 * DAY), NOON + 9 * DAY, book
         )
         eff += e2
