@@ -46,20 +46,39 @@ class OrderedLoop(ProcessingLoop):
 
     point: CommitPoint
 
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        #: the offsets after the last record read (what the plain loop would commit)
+        self._read: dict[tuple[str, int], int] = {}
+
     def _commit(self, offsets: list[TopicPartition]) -> bool:
+        point = self.point
+        self._read.update({(t.topic, t.partition): t.offset for t in offsets})
         return super()._commit(
             [
-                TopicPartition(
-                    tp.topic, tp.partition, self.point(tp.topic, tp.partition, tp.offset)
-                )
-                for tp in offsets
+                TopicPartition(t.topic, t.partition, point(t.topic, t.partition, t.offset))
+                for t in offsets
             ]
         )
 
     def _run_tick(self) -> bool:
-        # the offsets a tick's transaction sends again: not past a buffered event either
-        self._fence = {k: self.point(k[0], k[1], o) for k, o in self._fence.items()}
-        return super()._run_tick()
+        # the offsets a tick's transaction sends again: not past an event still buffered once
+        # the tick's outputs are made (it may apply some)
+        inner = self.tick
+        assert inner is not None
+        read = self._read
+
+        def tick() -> Iterator[Output]:
+            yield from inner()
+            self._fence = {
+                k: self.point(k[0], k[1], read.get(k, o)) for k, o in self._fence.items()
+            }
+
+        self.tick = tick
+        try:
+            return super()._run_tick()
+        finally:
+            self.tick = inner
 
 
 def caught_up(loop: ProcessingLoop | None, topic: str) -> dict[int, bool]:

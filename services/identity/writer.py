@@ -48,6 +48,9 @@ from services.identity.order import Merge
 from services.identity.ordering import OrderedLoop, order_entry, order_key
 
 SERVICE = "identity-writer"
+#: the ``o:`` entry of the requests applied on arrival (forget requests): the links offset
+#: after the last one
+ARRIVED = -1
 log = logging.getLogger("segflow.identity.writer")
 
 
@@ -81,7 +84,7 @@ class GraphWriter(IdentityService):
         self._merge.expect(range(partitions))
         self._next = {}
         self._moved = set()
-        for p in range(partitions):
+        for p in [ARRIVED, *range(partitions)]:
             entry = self.store.get(order_key(p))
             if entry is not None and entry.get("offsets"):
                 self._next[p] = int(entry["offsets"][0])
@@ -144,6 +147,10 @@ class GraphWriter(IdentityService):
         if request.get("idle"):
             merge.mark_idle(p, int(order) if order is not None else -(2**62))
         elif order is None:  # a forget request, or a front of an earlier release
+            if record.offset < self._next.get(ARRIVED, -1):
+                return  # applied before this writer read it again
+            self._next[ARRIVED] = record.offset + 1
+            self._moved.add(ARRIVED)
             yield from self._apply_request(request, record.raw, record.offset)
             return
         else:
