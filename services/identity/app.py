@@ -219,7 +219,12 @@ class IdentityService(EventChecks):
         #: the de-duplication window (global across input partitions) and its changelog
         self.seen = SeenIds(settings, self.rules.dedup_window_ms, self.serde)
         #: the input order (events of several partitions applied in an order of the input)
-        self.order = InputOrder(self.store, TOPICS.events.name(settings), self.config.order_idle_ms)
+        self.order = InputOrder(
+            self.store,
+            TOPICS.events.name(settings),
+            self.config.order_idle_ms,
+            self.config.batch_size,
+        )
         self._n = 0
         self._logged_conflicts: OrderedDict[tuple[str, str | None], None] = OrderedDict()
 
@@ -559,8 +564,9 @@ class IdentityService(EventChecks):
         for due, due_ids in self.order.tick(int(self.clock() * 1000)):
             released = True
             yield from self._apply_safely(due, due_ids)
-        if released:
+        if released:  # with the window's chunks of the events it applied
             yield from self.order.checkpoints()
+            yield from self.seen.before_commit()
         outputs, n = self.seen.expire()
         migrated = self.seen.migrate(self.store)
         yield from outputs

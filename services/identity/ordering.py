@@ -14,14 +14,17 @@ read offset is not dead-lettered again.
 
 from __future__ import annotations
 
+import logging
 from collections.abc import Callable, Iterator
 from typing import Any
 
-from confluent_kafka import TopicPartition
+from confluent_kafka import KafkaException, TopicPartition
 
 from segflow.runtime.loop import Incoming, Output, ProcessingLoop
 from segflow.runtime.state import ChangelogStore
 from services.identity.order import NONE, IdleClock, Merge, OrderClock
+
+log = logging.getLogger("segflow.identity.ordering")
 
 #: (topic name, partition, offset the loop would commit) -> the offset to commit
 CommitPoint = Callable[[str, int, int], int]
@@ -94,8 +97,11 @@ class InputOrder:
     """The one-process role's buffer: events of ``topic`` applied in the input order (a loop
     hook after the graph's store, whose ``o:`` entries it writes and reads)."""
 
-    def __init__(self, store: ChangelogStore, topic: str, idle_ms: int) -> None:
+    def __init__(self, store: ChangelogStore, topic: str, idle_ms: int, pause_at: int) -> None:
         self.store = store
+        #: events waiting in one input partition at which it is not fetched any more (until
+        #: half of them were applied): a batch's worth
+        self.pause_at = max(2, pause_at)
         self.topic = topic
         self.merge = Merge()
         self.clock = OrderClock()
@@ -109,6 +115,7 @@ class InputOrder:
         self.read: dict[int, int] = {}
         self.activity: dict[int, int] = {}
         self._dirty: set[int] = set()
+        self._paused: set[int] = set()
 
     # -- per record -------------------------------------------------------------------------
     def replayed(self, record: Incoming) -> bool:
@@ -128,6 +135,8 @@ class InputOrder:
         self.read[p] = offset + 1
         self.activity[p] = self.activity.get(p, 0) + 1
         self._dirty.add(p)
+        if p not in self._paused and len(self.merge.queues[p]) >= self.pause_at:
+            self._pause(p, True)
         return self.due()
 
     def skipped(self, record: Incoming) -> None:
@@ -140,6 +149,27 @@ class InputOrder:
         for p, _offset, (_prev, record, payload) in self.merge.ready():
             self._dirty.add(p)
             yield record, payload
+        for p in [
+            p for p in self._paused if len(self.merge.queues.get(p, ())) < self.pause_at // 2
+        ]:
+            self._pause(p, False)
+
+    def _pause(self, partition: int, pause: bool) -> None:
+        """Stop (or resume) fetching a partition with many events waiting: the consumer then
+        reads the partitions they wait for (as Kafka Streams' buffered.records.per.partition);
+        what it had fetched and not returned is fetched again on resume."""
+        if self.loop is None:
+            return
+        tp = [TopicPartition(self.topic, partition)]
+        try:
+            (self.loop.consumer.pause if pause else self.loop.consumer.resume)(tp)
+        except KafkaException as exc:  # not assigned any more: nothing to pause
+            log.warning("pause failed", extra={"fields": {"error": str(exc)}})
+            return
+        if pause:
+            self._paused.add(partition)
+        else:
+            self._paused.discard(partition)
 
     def tick(self, now_ms: int) -> Iterator[tuple[Incoming, Any]]:
         """The items due once partitions idle for the idle time are not waited for."""
@@ -197,6 +227,9 @@ class InputOrder:
 
     def reload(self) -> None:
         """Start again from the ``o:`` entries of the store (restore, assignment, abort)."""
+        for p in list(self._paused):
+            self._pause(p, False)
+        self._paused.clear()
         self.merge.clear()
         self.merge.expect(self.partitions)
         self.clock = OrderClock()
