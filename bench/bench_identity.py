@@ -155,6 +155,17 @@ def main() -> int:
             f"process CPU {used:.1f}s = {used / done * 1e6:.0f} us/event "
             f"({done / used:,.0f} events per CPU-second)"
         )
+        # what the front's ticks write once its partitions are idle (the writer's input order
+        # then applies every request, services/identity/README.md, Input order)
+        idle = {"event_id": "", "occurred_at": 0, "source_offset": -1, "idle": True}
+        produce(
+            s2,
+            TOPICS.identity_links.name(s2),
+            [
+                (None, serde.encode(TOPICS.identity_links, {**idle, "source_partition": p}))
+                for p in range(TOPICS.events.partitions)
+            ],
+        )
         links = read_all(s2, TOPICS.identity_links.name(s2))
         writer = GraphWriter(s2)
         writer.restore()

@@ -46,7 +46,7 @@ from services.identity.app import (
 )
 from services.identity.dedup import DedupStore
 from services.identity.order import IdleClock, OrderClock
-from services.identity.ordering import caught_up
+from services.identity.ordering import at_end, caught_up
 
 SERVICE = "identity-front"
 log = logging.getLogger("segflow.identity.front")
@@ -191,7 +191,9 @@ class FrontService(EventChecks):
         now_ms = int(self.clock() * 1000)
         events = TOPICS.events.name(self.settings)
         for p, done in sorted(caught_up(self._loop, events).items()):
-            if self.idle.observe(p, self._activity.get(p, 0), done, now_ms):
+            if self.idle.observe(p, self._activity.get(p, 0), done, now_ms) and at_end(
+                self._loop, events, p
+            ):
                 yield Output(
                     TOPICS.identity_links,
                     None,

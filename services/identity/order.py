@@ -17,11 +17,11 @@ alone, as Kafka Streams synchronises its inputs by timestamp:
   other input partition has a buffered event after it, or its stream time (a lower bound of
   its later events' order times) is past it, or it is *idle*.
 * **idle** (:class:`IdleClock`): a partition read to its end with nothing new for
-  ``SEGFLOW_IDENTITY_ORDER_IDLE_MS`` is not waited for until its next event (Kafka Streams'
-  ``max.task.idle.ms``). This is the only input from the clock: events already on the broker
-  are applied in the same order whatever the timing; an event produced more than the idle
-  time after its partition went quiet, and older than the events then waiting, is applied
-  after them.
+  ``SEGFLOW_IDENTITY_ORDER_IDLE_MS`` is not waited for by the events read before it was found
+  idle (Kafka Streams' ``max.task.idle.ms``); it is found idle again every idle time while it
+  stays so. This is the only input from the clock: events already on the broker are applied
+  in the same order whatever the timing; an event produced more than the idle time after its
+  partition went quiet, and older than the events then waiting, is applied after them.
 
 >>> clock = OrderClock()
 >>> [clock.stamp(0, t, now_ms=1_000) for t in (100, 120, 112, 5_000)]
@@ -35,8 +35,11 @@ alone, as Kafka Streams synchronises its inputs by timestamp:
 >>> [item for _p, _o, item in m.ready()]  # "b" waits: partition 1's next event may be < 130
 ['a', 'c']
 >>> m.mark_idle(1, 120)
+>>> m.push(0, 140, 9, "d")  # read after partition 1 was found idle: waits for it again
 >>> [item for _p, _o, item in m.ready()]
 ['b']
+>>> m.mark_idle(1, 120); [item for _p, _o, item in m.ready()]
+['d']
 """
 
 from __future__ import annotations
@@ -77,13 +80,16 @@ class Merge:
     def __init__(self) -> None:
         #: the input partitions to wait for
         self.partitions: frozenset[int] = frozenset()
-        self.queues: dict[int, deque[tuple[int, int, Any]]] = {}
+        #: per partition: (order time, offset, item, arrival number)
+        self.queues: dict[int, deque[tuple[int, int, Any, int]]] = {}
         #: per partition, the order time of its last event (or idle mark) read: a lower bound
         #: of its later events' order times
         self.bound: dict[int, int] = {}
-        #: partitions not waited for until their next event
-        self.idle: set[int] = set()
+        #: idle partitions: not waited for by the events read before they were found idle
+        #: (partition -> arrival number of the first event read after that)
+        self.idle: dict[int, int] = {}
         self._size = 0
+        self._arrivals = 0
 
     def __len__(self) -> int:
         return self._size
@@ -96,23 +102,27 @@ class Merge:
         self.bound.clear()
         self.idle.clear()
         self._size = 0
+        self._arrivals = 0
 
     def push(self, partition: int, order_time: int, offset: int, item: Any) -> None:
         """An event of ``partition`` (order times never decrease along a partition)."""
         queue = self.queues.get(partition)
         if queue is None:
             queue = self.queues[partition] = deque()
-        queue.append((order_time, offset, item))
+        queue.append((order_time, offset, item, self._arrivals))
+        self._arrivals += 1
         self._size += 1
         if order_time > self.bound.get(partition, NONE):
             self.bound[partition] = order_time
-        self.idle.discard(partition)
+        self.idle.pop(partition, None)
 
     def mark_idle(self, partition: int, order_time: int) -> None:
-        """``partition`` has nothing new: do not wait for it until its next event."""
+        """``partition`` has nothing new now: the events read so far do not wait for it (the
+        ones read later do, until its next event or its next idle mark: it may have had new
+        events by then)."""
         if order_time > self.bound.get(partition, NONE):
             self.bound[partition] = order_time
-        self.idle.add(partition)
+        self.idle[partition] = self._arrivals
 
     def ready(self) -> Iterator[tuple[int, int, Any]]:
         """Release (partition, offset, item) in key order while nothing smaller can arrive."""
@@ -125,13 +135,17 @@ class Merge:
                     if best is None or key < best:
                         best = key
             assert best is not None
+            arrival = queues[best[1]][0][3]
+            idle = self.idle
             for p in self.partitions:
-                if p == best[1] or p in self.idle or queues.get(p):
+                if p == best[1] or queues.get(p):
                     continue  # a buffered head is after ``best`` (it was not the smallest)
+                if p in idle and arrival < idle[p]:
+                    continue  # idle when ``best`` had been read
                 bound = self.bound.get(p)
                 if bound is None or (bound, p) < best:
                     return  # p's next event may come before ``best``
-            _t, offset, item = queues[best[1]].popleft()
+            _t, offset, item, _a = queues[best[1]].popleft()
             self._size -= 1
             yield best[1], offset, item
 

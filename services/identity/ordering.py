@@ -93,6 +93,24 @@ def caught_up(loop: ProcessingLoop | None, topic: str) -> dict[int, bool]:
     return {p: lag == 0 for (t, p), lag in info.lag.items() if t == topic}
 
 
+def at_end(loop: ProcessingLoop | None, topic: str, partition: int) -> bool:
+    """Whether the consumer has read ``partition`` to its end as the broker says now (not
+    the cached high watermark): asked before a partition is called idle."""
+    if loop is None:
+        return False
+    tp = TopicPartition(topic, partition)
+    try:
+        low, high = loop.consumer.get_watermark_offsets(tp, timeout=5, cached=False)
+        [pos] = loop.consumer.position([tp])
+    except KafkaException as exc:
+        log.warning("high watermark unknown", extra={"fields": {"error": str(exc)}})
+        return False
+    offset: int | None = pos.offset
+    if offset is None or offset < 0:  # nothing read since assignment: the committed offset
+        offset = loop._committed_offset((topic, partition), low, high)  # noqa: SLF001
+    return offset is not None and offset >= high
+
+
 class InputOrder:
     """The one-process role's buffer: events of ``topic`` applied in the input order (a loop
     hook after the graph's store, whose ``o:`` entries it writes and reads)."""
@@ -174,7 +192,9 @@ class InputOrder:
     def tick(self, now_ms: int) -> Iterator[tuple[Incoming, Any]]:
         """The items due once partitions idle for the idle time are not waited for."""
         for p, done in caught_up(self.loop, self.topic).items():
-            if self.idle.observe(p, self.activity.get(p, 0), done, now_ms):
+            if self.idle.observe(p, self.activity.get(p, 0), done, now_ms) and at_end(
+                self.loop, self.topic, p
+            ):
                 self.merge.mark_idle(p, self.clock.get(p))
         return self.due()
 
