@@ -60,6 +60,7 @@ class GraphWriter(IdentityService):
     _legacy: list[str]
     _loop: ProcessingLoop | None = None
     _merge: Merge | None = None
+    _partitions = TOPICS.events.partitions
     #: per input partition: the next source offset to apply (requests below it are skipped)
     _next: dict[int, int]
     _moved: set[int]
@@ -74,12 +75,7 @@ class GraphWriter(IdentityService):
     def _reload_order(self) -> None:
         """An empty buffer and the committed next offsets (the loop reads again from the
         committed links offset)."""
-        partitions = TOPICS.events.partitions
-        if self._loop is not None:
-            events = TOPICS.events.name(self.settings)
-            topic = self._loop.consumer.list_topics(events, timeout=10).topics.get(events)
-            if topic is not None and topic.partitions:
-                partitions = len(topic.partitions)
+        partitions = self._partitions
         self._merge = Merge()
         self._merge.expect(range(partitions))
         self._next = {}
@@ -135,6 +131,11 @@ class GraphWriter(IdentityService):
         )
         loop.point = self.commit_point
         self._loop = loop
+        # the input partitions to wait for (asked here: not inside a rebalance callback)
+        events = TOPICS.events.name(self.settings)
+        topic = loop.consumer.list_topics(events, timeout=30).topics.get(events)
+        if topic is not None and topic.partitions:
+            self._partitions = len(topic.partitions)
         return loop
 
     # -- order ------------------------------------------------------------------------------
