@@ -138,15 +138,18 @@ class InputOrder:
     # -- per record -------------------------------------------------------------------------
     def replayed(self, record: Incoming) -> bool:
         """A record handled before the last restore (do not dead-letter it again)."""
-        return record.offset < self.replay.get(record.partition, -1)
+        p = record.partition
+        return record.offset < max(self.replay.get(p, -1), self.read.get(p, -1))
 
     def receive(
         self, record: Incoming, payload: Any, now_ms: int
     ) -> Iterator[tuple[Incoming, Any]]:
         """Buffer an event; returns the (record, payload) now due, in order."""
         p, offset = record.partition, record.offset
-        if offset < self.applied.get(p, -1):
-            return iter(())  # applied before the restore
+        if offset < self.applied.get(p, -1) or offset < self.read.get(p, -1):
+            # applied before the restore, or read again after a rebalance that kept the
+            # partition here (the consumer fetches again from the committed offset)
+            return iter(())
         prev = self.clock.get(p)
         t = self.clock.stamp(p, int(record.value["occurred_at"]), now_ms)
         self.merge.push(p, t, offset, (prev, record, payload))

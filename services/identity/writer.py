@@ -61,6 +61,7 @@ class GraphWriter(IdentityService):
     _loop: ProcessingLoop | None = None
     _merge: Merge | None = None
     _partitions = TOPICS.events.partitions
+    _links_read = -1  # the links offset after the last request read since the buffer was made
     #: per input partition: the next source offset to apply (requests below it are skipped)
     _next: dict[int, int]
     _moved: set[int]
@@ -78,6 +79,7 @@ class GraphWriter(IdentityService):
         partitions = self._partitions
         self._merge = Merge()
         self._merge.expect(range(partitions))
+        self._links_read = -1
         self._next = {}
         self._moved = set()
         for p in [ARRIVED, *range(partitions)]:
@@ -143,6 +145,9 @@ class GraphWriter(IdentityService):
         """Buffer a request, or apply it (a forget request), then the requests now due."""
         request = record.value
         merge = self.merge
+        if record.offset < self._links_read:
+            return  # read again after a rebalance that kept the partition here (buffered)
+        self._links_read = record.offset + 1
         order = request.get("order_time")
         p = int(request["source_partition"])
         if request.get("idle"):
