@@ -134,19 +134,22 @@ class InputOrder:
         self.activity: dict[int, int] = {}
         self._dirty: set[int] = set()
         self._paused: set[int] = set()
+        #: after a rebalance: records below it were read (a kept partition is read again from
+        #: the committed offset)
+        self.floor: dict[int, int] = {}
 
     # -- per record -------------------------------------------------------------------------
     def replayed(self, record: Incoming) -> bool:
         """A record handled before the last restore (do not dead-letter it again)."""
         p = record.partition
-        return record.offset < max(self.replay.get(p, -1), self.read.get(p, -1))
+        return record.offset < max(self.replay.get(p, -1), self.floor.get(p, -1))
 
     def receive(
         self, record: Incoming, payload: Any, now_ms: int
     ) -> Iterator[tuple[Incoming, Any]]:
         """Buffer an event; returns the (record, payload) now due, in order."""
         p, offset = record.partition, record.offset
-        if offset < self.applied.get(p, -1) or offset < self.read.get(p, -1):
+        if offset < self.applied.get(p, -1) or offset < self.floor.get(p, -1):
             # applied before the restore, or read again after a rebalance that kept the
             # partition here (the consumer fetches again from the committed offset)
             return iter(())
@@ -244,6 +247,14 @@ class InputOrder:
         self.partitions = set(partitions)
         self.reload()
 
+    def before_revoke(self, partitions: set[int], _timeout: float) -> int:
+        """A rebalance: if it gives a partition back unchanged, the consumer reads it again
+        from the committed offset: what was read below it is skipped then."""
+        for p in partitions:
+            if p in self.read:
+                self.floor[p] = self.read[p]
+        return 0
+
     def on_revoke(self, partitions: set[int]) -> None:
         self.partitions -= set(partitions)
         self.merge.expect(self.partitions)
@@ -260,6 +271,7 @@ class InputOrder:
         self.applied.clear()
         self.replay.clear()
         self.read.clear()
+        self.floor.clear()
         self._dirty.clear()
         for p in self.partitions or range(64):
             entry = self.store.get(order_key(p))

@@ -62,6 +62,7 @@ class GraphWriter(IdentityService):
     _merge: Merge | None = None
     _partitions = TOPICS.events.partitions
     _links_read = -1  # the links offset after the last request read since the buffer was made
+    _links_floor = -1  # after a rebalance: the requests below it were read (read again: skip)
     #: per input partition: the next source offset to apply (requests below it are skipped)
     _next: dict[int, int]
     _moved: set[int]
@@ -79,7 +80,7 @@ class GraphWriter(IdentityService):
         partitions = self._partitions
         self._merge = Merge()
         self._merge.expect(range(partitions))
-        self._links_read = -1
+        self._links_read = self._links_floor = -1
         self._next = {}
         self._moved = set()
         for p in [ARRIVED, *range(partitions)]:
@@ -145,7 +146,7 @@ class GraphWriter(IdentityService):
         """Buffer a request, or apply it (a forget request), then the requests now due."""
         request = record.value
         merge = self.merge
-        if record.offset < self._links_read:
+        if record.offset < self._links_floor:
             return  # read again after a rebalance that kept the partition here (buffered)
         self._links_read = record.offset + 1
         order = request.get("order_time")
@@ -168,6 +169,12 @@ class GraphWriter(IdentityService):
             self._next[due_p] = due_offset + 1
             self._moved.add(due_p)
             yield from self._apply_request(due, raw, links_offset)
+
+    def before_revoke(self, _partitions: set[int], _timeout: float) -> int:
+        """A rebalance: if it gives the links partition back unchanged, the consumer reads it
+        again from the committed offset: what was read is skipped then."""
+        self._links_floor = self._links_read
+        return 0
 
     def commit_point(self, topic: str, partition: int, offset: int) -> int:
         """The links offset to commit: the oldest buffered request's (read again from there)."""
