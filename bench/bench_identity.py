@@ -182,7 +182,7 @@ def main() -> int:
         state2: dict[str, core.Entry] = {}
         t0 = time.perf_counter()
         for r in requests:
-            if r["forget_customer_id"] is None:
+            if r["forget_customer_id"] is None and not r["idle"]:  # events, not marks
                 item = core.IdentityInput(r["event_id"], r["occurred_at"], tuple(r["identifiers"]))
                 step = core.link(state2, item, rules, dedup=False)
                 core.apply(state2, step.writes)
