@@ -155,6 +155,17 @@ def main() -> int:
             f"process CPU {used:.1f}s = {used / done * 1e6:.0f} us/event "
             f"({done / used:,.0f} events per CPU-second)"
         )
+        # what the front's ticks write once its partitions are idle (the writer's input order
+        # then applies every request, services/identity/README.md, Input order)
+        idle = {"event_id": "", "occurred_at": 0, "source_offset": -1, "idle": True}
+        produce(
+            s2,
+            TOPICS.identity_links.name(s2),
+            [
+                (None, serde.encode(TOPICS.identity_links, {**idle, "source_partition": p}))
+                for p in range(TOPICS.events.partitions)
+            ],
+        )
         links = read_all(s2, TOPICS.identity_links.name(s2))
         writer = GraphWriter(s2)
         writer.restore()
@@ -171,7 +182,7 @@ def main() -> int:
         state2: dict[str, core.Entry] = {}
         t0 = time.perf_counter()
         for r in requests:
-            if r["forget_customer_id"] is None:
+            if r["forget_customer_id"] is None and not r["idle"]:  # events, not marks
                 item = core.IdentityInput(r["event_id"], r["occurred_at"], tuple(r["identifiers"]))
                 step = core.link(state2, item, rules, dedup=False)
                 core.apply(state2, step.writes)

@@ -55,6 +55,8 @@ PURE = (
         "services.scorer.model",
         "services.scorer.btyd",
         "services.identity.window",
+        "services.identity.order",
+        "services.identity.hashing",
         "services.scorer.config",
         "services.scorer.view",
         "services.scorer.clock",

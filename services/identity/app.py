@@ -13,7 +13,6 @@ of ``segflow.events``).
 from __future__ import annotations
 
 import hashlib
-import hmac
 import logging
 import time
 from collections import OrderedDict
@@ -33,6 +32,10 @@ from segflow.runtime.state import ChangelogStore
 from segflow.runtime.topics import TOPICS
 from segflow.runtime.vault import ContactPoints, Keyring, VaultError, VaultSettings
 from services.identity import core
+from services.identity.hashing import _long
+from services.identity.hashing import email_hash as email_hash
+from services.identity.hashing import node_hasher as node_hasher
+from services.identity.ordering import InputOrder, OrderedLoop
 from services.identity.seen import SeenIds
 from services.identity.settings import IdentitySettings as IdentitySettings
 
@@ -90,49 +93,6 @@ def merge_mark(outcomes: tuple[core.LinkOutcome, ...]) -> dict[str, Any] | None:
     return None
 
 
-def node_hasher(secret: str) -> core.Hasher:
-    """Keyed BLAKE2b (96 bits, hex) of ``type + value``: what the state stores per identifier.
-
-    >>> h = node_hasher("s")
-    >>> h("email", "a@b.io") == h("email", "a@b.io") != node_hasher("t")("email", "a@b.io")
-    True
-    >>> len(h("user_id", "u1"))
-    24
-    """
-    key = hashlib.sha256(secret.encode()).digest()
-
-    def digest(id_type: str, value: str) -> str:
-        data = f"{id_type}\x00{value}".encode()
-        return hashlib.blake2b(data, key=key, digest_size=12).hexdigest()
-
-    return digest
-
-
-def email_hash(secret: str, email: str) -> str:
-    """HMAC-SHA256 (hex) of the trimmed, lower-cased email: ``IdentifiedEvent.email_hash``.
-
-    >>> email_hash("s", " A@B.io ") == email_hash("s", "a@b.io")
-    True
-    """
-    value = core.normalize("email", email).encode()
-    return hmac.new(secret.encode(), value, hashlib.sha256).hexdigest()
-
-
-def _long(n: int) -> bytes:
-    """Avro's zig-zag varint encoding of a long.
-
-    >>> [_long(n).hex() for n in (0, -1, 1, 64, 1_800_000_000_000)]
-    ['00', '01', '02', '8001', '80c0e285e368']
-    """
-    n = (n << 1) ^ (n >> 63)
-    out = bytearray()
-    while n > 0x7F:
-        out.append((n & 0x7F) | 0x80)
-        n >>= 7
-    out.append(n)
-    return bytes(out)
-
-
 class EventChecks:
     """The per-event checks the one-process service and the front stage share: validate,
     hash the identifiers, and dead-letter an invalid event without its contact points."""
@@ -165,7 +125,7 @@ class EventChecks:
             return self._redacted_dead_letter(record, exc, now_ms)
         return ids
 
-    def _redacted_dead_letter(self, record: Incoming, exc: InvalidRecord, now_ms: int) -> Output:
+    def _redacted_dead_letter(self, record: Incoming, exc: Exception, now_ms: int) -> Output:
         """The DLQ entry of an invalid event that carries a contact point: the event without
         its email and phone (and without its key when that looks like an address), so the raw
         address never reaches the DLQ topic."""
@@ -258,6 +218,13 @@ class IdentityService(EventChecks):
         self._max_future_ms = int(self.config.max_future_skew_s * 1000)
         #: the de-duplication window (global across input partitions) and its changelog
         self.seen = SeenIds(settings, self.rules.dedup_window_ms, self.serde)
+        #: the input order (events of several partitions applied in an order of the input)
+        self.order = InputOrder(
+            self.store,
+            TOPICS.events.name(settings),
+            self.config.order_idle_ms,
+            self.config.batch_size,
+        )
         self._n = 0
         self._logged_conflicts: OrderedDict[tuple[str, str | None], None] = OrderedDict()
 
@@ -270,6 +237,7 @@ class IdentityService(EventChecks):
         if self.vault is not None:
             n += self.vault.restore()
         n += self.seen.restore(self.store.items())
+        self.order.reload()
         self._refresh_gauges()
         return n
 
@@ -293,7 +261,7 @@ class IdentityService(EventChecks):
             "batch_size": self.config.batch_size,
         }
         options.update(overrides)
-        return ProcessingLoop(
+        loop = OrderedLoop(
             self.settings,
             LoopConfig(**options),
             self.handle,
@@ -302,24 +270,57 @@ class IdentityService(EventChecks):
                 self.store,
                 *([self.vault] if self.vault is not None else []),
                 self.seen,
+                self.order,  # after the store: reads its o: entries on abort
                 self,
             ],
             clock=self.clock,
             tick=self.tick,
         )
+        loop.point = self.order.point
+        self.order.loop = loop
+        return loop
 
     # -- per event -------------------------------------------------------------------------
     def handle(self, record: Incoming) -> Iterator[Output]:
+        """A forget request is applied on arrival; an event waits for its turn in the input
+        order (:mod:`services.identity.ordering`), and the events then due are applied."""
         if record.topic is TOPICS.forget:
             yield from self._forget(record.value)
             return
+        now_ms = int(self.clock() * 1000)
+        order = self.order
+        try:
+            ids = self._identifiers(record, now_ms)
+        except InvalidRecord:
+            if order.replayed(record):
+                return  # dead-lettered before the restore
+            order.skipped(record)
+            raise
+        if isinstance(ids, Output):
+            if not order.replayed(record):
+                order.skipped(record)
+                yield ids
+            return
+        for due, due_ids in order.receive(record, ids, now_ms):
+            yield from self._apply_safely(due, due_ids)
+
+    def _apply_safely(self, record: Incoming, ids: tuple[str, ...]) -> Iterator[Output]:
+        """A due event's outputs; one that fails is dead-lettered (as the loop does for the
+        record in hand), not the record that made it due."""
+        try:
+            outputs = list(self._apply(record, ids))
+        except Exception as exc:  # noqa: BLE001 - a bug must not stop the service
+            log.exception("event failed", extra={"fields": {"offset": record.offset}})
+            yield self._redacted_dead_letter(record, exc, int(self.clock() * 1000))
+            return
+        yield from outputs
+
+    def _apply(self, record: Incoming, ids: tuple[str, ...]) -> Iterator[Output]:
+        """Place one valid event in the graph: de-duplicate, link, identified event,
+        merges, state, vault."""
         started = time.perf_counter()
         event = record.value
         now_ms = int(self.clock() * 1000)
-        ids = self._identifiers(record, now_ms)
-        if isinstance(ids, Output):
-            yield ids
-            return
         item = core.IdentityInput(event["event_id"], event["occurred_at"], ids)
         seen = self.seen.window
         h = self.seen.digest(item.event_id)
@@ -557,7 +558,15 @@ class IdentityService(EventChecks):
     # -- timers ----------------------------------------------------------------------------
     def tick(self) -> Iterator[Output]:
         """Expire event ids that left the de-duplication window (event time), and move
-        ``e:`` entries of earlier releases into chunks."""
+        ``e:`` entries of earlier releases into chunks; apply the events due once idle
+        input partitions are not waited for."""
+        released = False
+        for due, due_ids in self.order.tick(int(self.clock() * 1000)):
+            released = True
+            yield from self._apply_safely(due, due_ids)
+        if released:  # with the window's chunks of the events it applied
+            yield from self.order.checkpoints()
+            yield from self.seen.before_commit()
         outputs, n = self.seen.expire()
         migrated = self.seen.migrate(self.store)
         yield from outputs

@@ -11,12 +11,13 @@ it; README).
 State, per input partition ``p`` (``segflow.identity.dedup``, compacted, co-partitioned with
 the events: a record of partition ``p`` lives in changelog partition ``p``): one chunk record
 per batch and event-time hour, key ``<p>:<hour start ms>:<first offset>``, value the hour and
-the concatenated 8-byte hashes (:class:`IdentityDedupChunk`). A chunk is written in the batch's
-transaction, together with the link requests and the offsets; an hour whose end is more than
-the window behind the partition's watermark is expired by tombstoning its chunks (so ids are
-kept up to an hour longer than the window). In memory: one ``dict`` hash -> hour per owned
-partition, and the chunks' bytes (about 90 bytes per remembered id, against about 450 for the
-``e:<event_id>`` entries of the one-instance service).
+the concatenated 8-byte hashes (:class:`IdentityDedupChunk`); and the partition's stream time
+(:mod:`services.identity.order`), key ``<p>:w`` (``hour`` = that time, no hashes). A chunk is
+written in the batch's transaction, together with the link requests and the offsets; an hour
+whose end is more than the window behind the partition's watermark is expired by tombstoning
+its chunks (so ids are kept up to an hour longer than the window). In memory: one ``dict`` hash
+-> hour per owned partition, and the chunks' bytes (about 90 bytes per remembered id, against
+about 450 for the ``e:<event_id>`` entries of the one-instance service).
 
 The store restores only the partitions the consumer group assigns (``on_assign``) and drops
 the revoked ones: this object is the loop hook and delegates to its
@@ -253,6 +254,8 @@ class DedupStore:
         else:
             self.window.drop(partitions, marks=False)
         for key in list(self.store.table):
+            if key.endswith(":w"):
+                continue  # a partition's order time (FrontService.on_assign)
             p, _ = parse_key(key)
             if partitions is not None and p not in partitions:
                 continue

@@ -9,6 +9,13 @@ identifiers as keyed hashes, the event as it goes downstream (email null, phone 
 the email's hash and, with a vault, the raw email and phone sealed with the vault master key.
 Forget requests pass through as link requests (``forget_customer_id``).
 
+Each request carries its ``order_time``, its input partition's stream time
+(:mod:`services.identity.order`), and a partition read to its end with nothing new for
+``SEGFLOW_IDENTITY_ORDER_IDLE_MS`` gets an idle mark on the links topic (a tick's), so that
+the writer applies requests in an order of the input, not of the fronts' timing. The stream
+times are kept in the de-dup changelog (key ``<partition>:w``): an instance that takes a
+partition over goes on from the committed one.
+
 Invalid events are dead-lettered here, as the one-instance service does (reason and source
 offset; the email and phone removed). Link requests, de-dup chunks and offsets commit in one
 transaction per batch; the instance's ``transactional.id`` and static ``group.instance.id``
@@ -38,6 +45,8 @@ from services.identity.app import (
     node_hasher,
 )
 from services.identity.dedup import DedupStore
+from services.identity.order import IdleClock, OrderClock
+from services.identity.ordering import at_end, caught_up
 
 SERVICE = "identity-front"
 log = logging.getLogger("segflow.identity.front")
@@ -69,6 +78,12 @@ class FrontService(EventChecks):
         self._cache: dict[tuple[str, str], str] = {}
         self._max_future_ms = int(self.config.max_future_skew_s * 1000)
         self.dedup = dedup or DedupStore(settings, self.rules.dedup_window_ms)
+        self.order = OrderClock()
+        self._order_committed: dict[int, int] = {}
+        self._moved: set[int] = set()
+        self.idle = IdleClock(self.config.order_idle_ms)
+        self._activity: dict[int, int] = {}
+        self._loop: ProcessingLoop | None = None
 
     def loop(self, **overrides: Any) -> ProcessingLoop:
         prefix = self.settings.topic_prefix
@@ -83,15 +98,16 @@ class FrontService(EventChecks):
             "batch_size": self.config.batch_size,
         }
         options.update(overrides)
-        return ProcessingLoop(
+        self._loop = ProcessingLoop(
             self.settings,
             LoopConfig(**options),
             self.handle,
             serde=self.serde,
-            hooks=[self.dedup],
+            hooks=[self.dedup, self],  # after the de-dup store: its <p>:w entries
             clock=self.clock,
             tick=self.tick,
         )
+        return self._loop
 
     def handle(self, record: Incoming) -> Iterator[Output]:
         if record.topic is TOPICS.forget:
@@ -108,11 +124,15 @@ class FrontService(EventChecks):
             return
         event = record.value
         now_ms = int(self.clock() * 1000)
+        p = record.partition
+        self._activity[p] = self._activity.get(p, 0) + 1
         ids = self._identifiers(record, now_ms)
         if isinstance(ids, Output):
             yield ids
             return
         event_id, occurred_at = event["event_id"], event["occurred_at"]
+        order_time = self.order.stamp(p, occurred_at, now_ms)  # a duplicate's too
+        self._moved.add(p)
         if not self.dedup.first_time(record.partition, event_id, occurred_at, record.offset):
             _DUPLICATE.inc()
             return
@@ -141,6 +161,7 @@ class FrontService(EventChecks):
                 "event": raw,
                 "email_hash": email_hash(self._secret, email) if email else None,
                 "contact": contact,
+                "order_time": order_time,
             },
             record,
         )
@@ -151,6 +172,8 @@ class FrontService(EventChecks):
             "email_hash": None,
             "contact": None,
             "forget_customer_id": None,
+            "order_time": None,
+            "idle": False,
             **fields,
             "source_partition": record.partition,
             "source_offset": record.offset,
@@ -165,3 +188,63 @@ class FrontService(EventChecks):
         if n:
             EXPIRED.inc(n)
         STATE_KEYS.labels("seen").set(len(self.dedup))
+        now_ms = int(self.clock() * 1000)
+        events = TOPICS.events.name(self.settings)
+        for p, done in sorted(caught_up(self._loop, events).items()):
+            if self.idle.observe(p, self._activity.get(p, 0), done, now_ms) and at_end(
+                self._loop, events, p
+            ):
+                yield Output(
+                    TOPICS.identity_links,
+                    None,
+                    {
+                        "event_id": "",
+                        "occurred_at": max(0, self.order.get(p)),
+                        "identifiers": [],
+                        "event": None,
+                        "email_hash": None,
+                        "contact": None,
+                        "forget_customer_id": None,
+                        "source_partition": p,
+                        "source_offset": -1,
+                        "order_time": self.order.get(p),
+                        "idle": True,
+                    },
+                    partition=0,
+                )
+
+    # -- hooks ------------------------------------------------------------------------------
+    def before_commit(self) -> Iterator[Output]:
+        """The stream times that moved, in the de-dup changelog (the batch's transaction)."""
+        for p in sorted(self._moved):
+            t = self.order.get(p)
+            if t != self._order_committed.get(p):
+                yield self.dedup.store.put(order_key(p), {"hour": t, "hashes": b""}, partition=p)
+        self._moved.clear()
+
+    def on_commit(self) -> None:
+        self._order_committed = dict(self.order.times)
+
+    def on_abort(self) -> None:
+        self.order.times = dict(self._order_committed)
+        self._moved.clear()
+        self.idle.reset()
+
+    def on_assign(self, partitions: set[int]) -> None:
+        """Go on from the stream times committed for the assigned partitions (restored with
+        the de-dup changelog by the hook before this one)."""
+        for p in partitions:
+            value = self.dedup.store.get(order_key(p))
+            if value is not None:
+                self.order.load(p, int(value["hour"]))
+                self._order_committed[p] = int(value["hour"])
+
+    def on_revoke(self, partitions: set[int]) -> None:
+        for p in partitions:
+            self.order.times.pop(p, None)
+            self._order_committed.pop(p, None)
+
+
+def order_key(partition: int) -> str:
+    """The de-dup changelog's key of ``partition``'s stream time."""
+    return f"{partition}:w"

@@ -81,7 +81,8 @@ class SeenIds:
     def rebuild(self, graph: Iterable[tuple[str, dict[str, Any]]] = ()) -> None:
         self.window.clear()
         for key in list(self.store.table):
-            self._load(key)
+            if not key.endswith(":w"):  # not a front's order time (services/identity/front.py)
+                self._load(key)
         self.legacy = []
         for key, value in graph:
             if key[:2] == "e:":

@@ -35,6 +35,9 @@ class IdentitySettings(BaseSettings):
     #: all: one process does everything; front / writer: the split roles (issue 15), also
     #: ``python -m services.identity --role``
     role: Literal["all", "front", "writer"] = "all"
+    #: an input partition read to its end with nothing new for this long is not waited for
+    #: until its next event (services/identity/order.py; Kafka Streams' max.task.idle.ms)
+    order_idle_ms: int = Field(default=2000, ge=0)
 
     def rules(self) -> core.Rules:
         return core.Rules(

@@ -10,6 +10,16 @@ predecessor at once, and a standby that took over commits with the group's new g
 so the dead writer's open transaction can never commit (KIP-447) and is aborted by the
 broker at its transaction timeout.
 
+Requests are not applied in the order they are read (the interleaving of the fronts'
+writes, which depends on timing) but in the input order of :mod:`services.identity.order`:
+``(order_time, source_partition, source_offset)``, each released once every input partition
+has a later request or an idle mark from its front. Forget requests (and requests of fronts
+of an earlier release, without ``order_time``) are applied on arrival. The buffer is not
+written anywhere: the writer commits the links offset of its oldest buffered request, and
+the graph's changelog holds, in the same transaction, the next source offset to apply per
+input partition (``o:<partition>``): a writer that takes over reads again from the committed
+offset and skips the requests below it (:mod:`services.identity.ordering`).
+
 Per request it does what the one-instance service does after de-duplication: places the
 event in the graph (:func:`services.identity.core.link`), emits the IdentifiedEvent (the
 front's event bytes spliced in), merges, the contact vault writes and the state changes,
@@ -22,6 +32,8 @@ import logging
 from collections.abc import Iterator
 from typing import Any
 
+from segflow.runtime import metrics
+from segflow.runtime.dlq import dead_letter
 from segflow.runtime.loop import Incoming, LoopConfig, Output, ProcessingLoop
 from segflow.runtime.topics import TOPICS
 from segflow.runtime.vault import VaultError
@@ -32,8 +44,13 @@ from services.identity.app import (
     IdentityService,
     merge_mark,
 )
+from services.identity.order import Merge
+from services.identity.ordering import OrderedLoop, order_entry, order_key
 
 SERVICE = "identity-writer"
+#: the ``o:`` entry of the requests applied on arrival (forget requests): the links offset
+#: after the last one
+ARRIVED = -1
 log = logging.getLogger("segflow.identity.writer")
 
 
@@ -41,6 +58,35 @@ class GraphWriter(IdentityService):
     """The identity service's graph half: link requests in, identified events out."""
 
     _legacy: list[str]
+    _loop: ProcessingLoop | None = None
+    _merge: Merge | None = None
+    _partitions = TOPICS.events.partitions
+    _links_read = -1  # the links offset after the last request read since the buffer was made
+    _links_floor = -1  # after a rebalance: the requests below it were read (read again: skip)
+    #: per input partition: the next source offset to apply (requests below it are skipped)
+    _next: dict[int, int]
+    _moved: set[int]
+
+    @property
+    def merge(self) -> Merge:
+        if self._merge is None:  # outside a consumer group (tools, benchmarks)
+            self._reload_order()
+        assert self._merge is not None
+        return self._merge
+
+    def _reload_order(self) -> None:
+        """An empty buffer and the committed next offsets (the loop reads again from the
+        committed links offset)."""
+        partitions = self._partitions
+        self._merge = Merge()
+        self._merge.expect(range(partitions))
+        self._links_read = self._links_floor = -1
+        self._next = {}
+        self._moved = set()
+        for p in [ARRIVED, *range(partitions)]:
+            entry = self.store.get(order_key(p))
+            if entry is not None and entry.get("offsets"):
+                self._next[p] = int(entry["offsets"][0])
 
     def restore(self) -> int:
         """Load the graph (and the vault). ``e:`` entries of the one-instance service's
@@ -60,6 +106,7 @@ class GraphWriter(IdentityService):
             self.vault.table.clear()
         self._primary.clear()
         restored = self.restore()
+        self._reload_order()
         log.info(
             "active graph writer",
             extra={"fields": {"restored": restored, "entries": len(self.store)}},
@@ -76,7 +123,7 @@ class GraphWriter(IdentityService):
             "batch_size": self.config.batch_size,
         }
         options.update(overrides)
-        return ProcessingLoop(
+        loop = OrderedLoop(
             self.settings,
             LoopConfig(**options),
             self.handle,
@@ -85,9 +132,91 @@ class GraphWriter(IdentityService):
             clock=self.clock,
             tick=self.tick,
         )
+        loop.point = self.commit_point
+        self._loop = loop
+        # the input partitions to wait for (asked here: not inside a rebalance callback)
+        events = TOPICS.events.name(self.settings)
+        topic = loop.consumer.list_topics(events, timeout=30).topics.get(events)
+        if topic is not None and topic.partitions:
+            self._partitions = len(topic.partitions)
+        return loop
 
+    # -- order ------------------------------------------------------------------------------
     def handle(self, record: Incoming) -> Iterator[Output]:
+        """Buffer a request, or apply it (a forget request), then the requests now due."""
         request = record.value
+        merge = self.merge
+        if record.offset < self._links_floor:
+            return  # read again after a rebalance that kept the partition here (buffered)
+        self._links_read = record.offset + 1
+        order = request.get("order_time")
+        p = int(request["source_partition"])
+        if request.get("idle"):
+            merge.mark_idle(p, int(order) if order is not None else -(2**62))
+        elif order is None:  # a forget request, or a front of an earlier release
+            if record.offset < self._next.get(ARRIVED, -1):
+                return  # applied before this writer read it again
+            self._next[ARRIVED] = record.offset + 1
+            self._moved.add(ARRIVED)
+            yield from self._apply_request(request, record.raw, record.offset)
+            return
+        else:
+            offset = int(request["source_offset"])
+            if offset < self._next.get(p, -1):
+                return  # applied before this writer read it again
+            merge.push(p, int(order), offset, (request, record.raw, record.offset))
+        for due_p, due_offset, (due, raw, links_offset) in merge.ready():
+            self._next[due_p] = due_offset + 1
+            self._moved.add(due_p)
+            yield from self._apply_request(due, raw, links_offset)
+
+    def before_revoke(self, _partitions: set[int], _timeout: float) -> int:
+        """A rebalance: if it gives the links partition back unchanged, the consumer reads it
+        again from the committed offset: what was read is skipped then."""
+        self._links_floor = self._links_read
+        return 0
+
+    def commit_point(self, topic: str, partition: int, offset: int) -> int:
+        """The links offset to commit: the oldest buffered request's (read again from there)."""
+        heads = [links_offset for _r, _raw, links_offset in self.merge.heads()]
+        return (
+            min([offset, *heads]) if topic == TOPICS.identity_links.name(self.settings) else offset
+        )
+
+    def before_commit(self) -> Iterator[Output]:
+        """The next source offsets that moved (in the batch's transaction)."""
+        for p in sorted(self._moved):
+            yield self.store.put(order_key(p), order_entry(-(2**62), self._next[p], self._next[p]))
+        self._moved.clear()
+
+    def _apply_request(
+        self, request: dict[str, Any], raw: bytes | None, links_offset: int
+    ) -> Iterator[Output]:
+        """A request's outputs; one that fails is dead-lettered (as the loop does for the
+        record in hand), not the request that released it."""
+        try:
+            outputs = list(self._apply_one(request))
+        except Exception as exc:  # noqa: BLE001 - a bug must not stop the writer
+            log.exception("link request failed", extra={"fields": {"offset": links_offset}})
+            letter = dead_letter(
+                service=SERVICE,
+                error=exc,
+                topic=TOPICS.identity_links.name(self.settings),
+                partition=0,
+                offset=links_offset,
+                timestamp_ms=None,
+                key=None,
+                value=raw,
+                headers=[],
+                now_ms=int(self.clock() * 1000),
+            )
+            metrics.DLQ_RECORDS.labels(SERVICE, letter["reason"]).inc()
+            yield Output(TOPICS.dlq, None, letter)
+            return
+        yield from outputs
+
+    # -- one request ------------------------------------------------------------------------
+    def _apply_one(self, request: dict[str, Any]) -> Iterator[Output]:
         now_ms = int(self.clock() * 1000)
         forget = request.get("forget_customer_id")
         if forget is not None:
@@ -154,6 +283,7 @@ class GraphWriter(IdentityService):
 
     def on_abort(self) -> None:
         self._primary.clear()  # the vault store rolled back
+        self._reload_order()  # the store too; the loop reads again from the committed offset
 
     def on_commit(self) -> None:
         pass

@@ -21,10 +21,6 @@ the graph writer, one active and one warm standby (the kill takes a front and th
 writer). The attributes service keeps one table and runs once (``segflow.cli.SCALABLE``); it
 is killed too and replaced at once.
 
-Identity's graph decides by the order in which events of different input partitions reach it
-(services/identity/README.md, with one process as with N), so every event is produced under
-one key: the order is the same in every run, and only one front has work.
-
 Known defect, kept visible as a strict xfail test: segment changes and actions are not yet
 identical between runs. The scorer scores every timer as of its own instant, fires a
 customer's due timers before its next event, and merges where identity's merge marks place
@@ -103,7 +99,6 @@ ROOT = Path(__file__).resolve().parents[2]
 IDENTITY_INSTANCES = 2
 CUSTOMERS, DAYS, SEED = 150, 28, 5
 WEEK = 7
-ONE_KEY = "pipeline-order"
 KILL_AFTER_WEEK, ADD_AFTER_WEEK = 2, 3  # weeks produced before the kill, before the new one
 
 
@@ -428,8 +423,7 @@ def run_pipeline(
             for item in items:
                 if type(item) is Delivery:
                     truth_of[item.event["event_id"]] = item.customer
-            # one key: the events' order at identity is the same in every run (see above)
-            sink.write([i._replace(key=ONE_KEY) if type(i) is Delivery else i for i in items])
+            sink.write(items)
             sink.producer.flush(30)
             week += 1
             if chaos and week == KILL_AFTER_WEEK:
