@@ -122,7 +122,8 @@ def test_split_roles_and_one_process_read_late_give_the_same_ids_and_merges(
     try:
         wait_until(lambda: loop.processed >= len(early), 60, what="the early partitions read")
         # nothing applied yet: every event may come after one of the partition not read yet
-        assert read_all(ref, TOPICS.identified.name(ref), timeout=2) == []
+        # (read to the end of every partition: up to 30 s on a loaded box, not a wait)
+        assert read_all(ref, TOPICS.identified.name(ref), timeout=30) == []
         produce(ref, TOPICS.events.name(ref), late)
         one = identified(ref, expected=len(valid))
     finally:
