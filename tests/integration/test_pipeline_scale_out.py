@@ -43,8 +43,9 @@ the segmenter's per-partition percentile tables follow (services/segmenter/READM
 made it due, whatever the batching (session 9; the customers that took no part in a merge
 get the same sequence per partition in every run, bar a record emitted in one run only),
 and a partition whose merge waits for a hand-off holds at the merge-causing event, all its
-customers with it (session 10: 3 / 0 customers' changes differ, 2 instances / the kill,
-one run). See
+customers with it (session 10: 3 / 0 and 2 / 1 customers' changes differ, 2 instances /
+the kill, 2 runs; the records common to two runs are in the same order in every scores
+partition, 0-2 refreshes per partition are emitted in one run only). See
 services/scorer/README.md, "Deterministic scores"; run with ``-s`` for per-cause counts
 (``diagnose``), with ``SEGFLOW_PIPELINE_DUMP=FILE`` to keep the runs' outputs.
 
