@@ -2,7 +2,8 @@
 are read in a given interleaving; a record whose handler raises ``HoldPartition`` and the
 later records of its partition wait (in order) until the service's ``releases()`` names
 the partition, asked after each commit as the loop asks after each batch
-(:mod:`segflow.runtime.holds`; the loop's own tests are in tests/integration/test_loop.py)."""
+(:mod:`segflow.runtime.holds`; the loop's own tests:
+tests/integration/test_loop_holds.py)."""
 
 from __future__ import annotations
 
