@@ -137,6 +137,7 @@ class ScorerService(Merges):
         self.merged: dict[str, str] = {}
         self.waiting: set[str] = set()
         self.held: set[str] = set()
+        self.holding: dict[int, tuple[str, list[str]]] = {}
         self.forwarded = 0
         #: The learner of the shared model (owns partition 0 of scorer.examples).
         self.learner = False
@@ -279,6 +280,7 @@ class ScorerService(Merges):
         """The store dropped ``partitions`` (another instance owns them now): their customers'
         timers, cached buckets and clocks go too."""
         self.scorer.drop_sources(partitions)
+        self.holding = {p: h for p, h in self.holding.items() if p not in partitions}
         self._reload()
         if 0 in partitions:
             self.learner = False

@@ -9,14 +9,28 @@ Merge marks (issue #15)
     The absorbed id's owner, at that record, fires the absorbed id's timers due before the
     merge, deletes its state (tombstones) and hands the state off (``marked``; empty: none).
     The survivor's owner, at the merge-causing event, merges the hand-offs of every absorbed
-    id there and then applies the event; a hand-off that is not there yet makes it park the
-    survivor: ``wait:<survivor>`` (in the survivor's partition, same transaction as the
-    offsets) records the absorbed ids and, in order, every later record of the survivor;
-    nothing is applied to it and no timer of it fires until the last hand-off arrives, then
-    the merge is applied at the same point and the parked records after it. A hand-off that
-    arrives before its merge-causing event waits as ``held:<absorbed>`` (survivor's
-    partition). So a merged customer's scores are a function of the partitions' record order,
-    with one instance as with N. Other customers are not held up.
+    id there and then applies the event. A hand-off that arrives before its merge-causing
+    event waits as ``held:<absorbed>`` (survivor's partition). A hand-off that is not there
+    yet makes the handler hold the whole identified partition at the merge-causing event
+    (:class:`~segflow.runtime.records.HoldPartition`, before anything changed): the loop
+    commits the partition's offset up to that record, pauses it there and reads on the other
+    partitions (the absorbed id's among them, and ``scorer.handoff``); once every awaited id
+    is ``held:`` (committed), :meth:`Merges.releases` resumes the partition at the
+    merge-causing event, which now merges normally. So a scores partition's record order is
+    a function of its input partitions' record order (the partition's other customers wait
+    too), with one instance as with N. No deadlock: identity writes merges in one global
+    order, each absorbed id's ``customer_merged`` before its merge-causing event, and a hold
+    waits only for such an earlier record (a partition held at a record blocks only records
+    written after it). With both ids in the same partition ``customer_merged`` comes first,
+    so the hand-off is there; a missing one there (not written by identity) would wait
+    behind its own hold: then the survivor alone is parked, as before.
+    Parked survivor (``wait:<survivor>``, in the survivor's partition, same transaction as
+    the offsets; written by earlier releases, which parked instead of holding, and by the
+    same-partition case): it records the absorbed ids and, in order, every later record of
+    the survivor; nothing is applied to it and no timer of it fires until the last hand-off
+    arrives, then the merge is applied at the same point and the parked records after it
+    (so a changelog with ``wait:`` entries drains). Its partition's other customers go on:
+    their scores' place relative to the survivor's depends on timing.
 
 Merges without marks (``IdentityMerge.in_identified`` false: written before the marks, or by
 hand) are applied when read from ``segflow.identity.merges``, as before: their position
@@ -31,12 +45,13 @@ from typing import TYPE_CHECKING, Any
 
 from segflow.errors import InvalidRecord
 from segflow.runtime.loop import Output
+from segflow.runtime.records import HoldPartition
 from segflow.runtime.serde import Serde
 from segflow.runtime.state import ChangelogStore, partition_for
 from segflow.runtime.topics import TOPICS
 from services.scorer.core import FORGET_EVENT, Out, Scorer
 from services.scorer.features import State, new_state, upgrade
-from services.scorer.metrics import FORWARDED, HANDOFFS, PARKED
+from services.scorer.metrics import FORWARDED, HANDOFFS, HOLDS, PARKED
 
 #: State-changelog key prefix of a merged-away id's marker (``merged:<absorbed_id>``, a
 #: ScorerState whose ``customer_id`` is the survivor), in the absorbed id's partition: later
@@ -86,6 +101,10 @@ class Merges:
     #: Survivors parked at a merge (``wait:`` records) and absorbed ids held (``held:``).
     waiting: set[str]
     held: set[str]
+    #: Identified partitions held at a merge-causing event: partition -> (survivor, the
+    #: absorbed ids whose hand-offs it waits for).
+    holding: dict[int, tuple[str, list[str]]]
+    _identified: str
 
     if TYPE_CHECKING:
 
@@ -100,6 +119,14 @@ class Merges:
                 self.waiting.add(k[len(WAIT_KEY) :])
             elif k.startswith(HELD_KEY):
                 self.held.add(k[len(HELD_KEY) :])
+
+    def releases(self) -> Iterator[tuple[str, int]]:
+        """Loop hook: the held identified partitions whose hand-offs are all there now (or
+        whose survivor was forgotten meanwhile)."""
+        for part, (survivor, awaiting) in list(self.holding.items()):
+            if survivor in self.scorer.retired or all(a in self.held for a in awaiting):
+                del self.holding[part]
+                yield self._identified, part
 
     # -- identified records ------------------------------------------------------------------
     def _route(
@@ -193,7 +220,14 @@ class Merges:
         admitted: bool,
     ) -> Iterator[Output]:
         """The merge-causing event of ``survivor``: merge every absorbed id's hand-off here
-        and apply the event, or park the survivor until they are all there."""
+        and apply the event, or hold its partition here until they are all there (a
+        survivor parked before, or waiting for an id of its own partition: park it)."""
+        if not admitted and survivor not in self.scorer.retired:
+            missing = [a for a in absorbed if a != survivor and a not in self.held]
+            if missing and all(self._part(a) != part for a in missing):
+                self.holding[part] = (survivor, missing)
+                HOLDS.inc()
+                raise HoldPartition(survivor)
         if not admitted:
             rewritten = self._admit_marked(survivor, value, part, now)
             if rewritten is not None:

@@ -43,3 +43,8 @@ PARKED = Counter(
     "Records of a survivor parked at its merge-causing event until every absorbed id's "
     "hand-off arrived",
 )
+HOLDS = Counter(
+    "segflow_scorer_merge_holds_total",
+    "Identified partitions held at a merge-causing event until every absorbed id's hand-off "
+    "arrived (counted each time the event is read while one is missing)",
+)

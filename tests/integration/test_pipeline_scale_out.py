@@ -38,8 +38,10 @@ the segmenter's per-partition percentile tables follow (services/segmenter/READM
 "Running N instances"): the scorer now produces each score at the place of the record that
 made it due, whatever the batching (session 9; the customers that took no part in a merge
 get the same sequence per partition in every run, bar a record emitted in one run only),
-but a survivor's records parked behind a merge hand-off are scored when it arrives, a
-point that depends on timing. See
+and a partition whose merge waits for a hand-off holds at the merge-causing event, all its
+customers with it (session 10: 3 / 0 and 2 / 1 customers' changes differ, 2 instances /
+the kill, 2 runs; the records common to two runs are in the same order in every scores
+partition, 0-2 refreshes per partition are emitted in one run only). See
 services/scorer/README.md, "Deterministic scores"; run with ``-s`` for per-cause counts
 (``diagnose``), with ``SEGFLOW_PIPELINE_DUMP=FILE`` to keep the runs' outputs.
 
@@ -706,9 +708,8 @@ def test_a_merge_lands_at_the_same_point_of_the_survivors_history_in_every_run(
     "its changelog) nor, for the order of a scores partition's records, on where batches "
     "end, but the shared model's k-means clusters and versions still make some scores "
     "differ, and the segmenter's per-partition percentile tables follow the order of a "
-    "scores partition's records, in which a survivor parked behind a merge hand-off lands "
-    "where the hand-off arrives, in some segment changes (services/scorer/README.md, "
-    "Deterministic scores)",
+    "scores partition's records (a partition now holds at a merge until its hand-offs "
+    "arrive), in some segment changes (services/scorer/README.md, Deterministic scores)",
 )
 def test_two_instances_of_every_service_make_the_same_segment_changes_and_actions_as_one(
     runs: dict[str, Run],

@@ -5,8 +5,9 @@ survivor's partition and a ``customer_merged`` record after the absorbed id's ev
 own. The scorer reads the two partitions in an order that depends on timing; whatever that
 order, and wherever batches end, the survivor's and the absorbed id's score records must be
 the same: the merge lands at the merge-causing event, with exactly the absorbed id's events
-before its ``customer_merged`` record, and a survivor parked waiting for the hand-off fires
-no timer meanwhile. An abort while parked loses nothing and applies nothing twice."""
+before its ``customer_merged`` record; the survivor's partition is held at the merge-causing
+event until the hand-off is there (``tests/scorer/holding.py`` does what the loop does), so
+no timer fires meanwhile. An abort while held loses nothing and applies nothing twice."""
 
 from __future__ import annotations
 
@@ -21,6 +22,7 @@ from segflow.runtime.topics import TOPICS
 from services.scorer.app import ScorerService
 from services.scorer.features import DAY, HOUR
 from services.scorer.settings import ScorerSettings
+from tests.scorer.holding import HeldReader
 
 T0 = 1_704_067_200_000
 SETTINGS = Settings(bootstrap_servers="127.0.0.1:1")
@@ -91,33 +93,25 @@ def per_customer(outputs: list[Output]) -> dict[str, list[Any]]:
 def run(order: list[Incoming], batch: int, abort_after: int | None = None) -> dict[str, Any]:
     """One instance reads ``order``, committing every ``batch`` records (and ticking)."""
     svc = service()
-    committed: list[Output] = []
-    pending: list[Output] = []
-    for i, record in enumerate(order):
-        pending.extend(svc.handle(record))
-        if abort_after is not None and i == abort_after:
-            # the transaction aborts: its outputs are gone, the batch comes again
-            assert "s" in svc.waiting, "the survivor should be parked here"
-            svc.states.on_abort()
-            svc.on_abort()
-            return run(order, batch)
-        if (i + 1) % batch == 0:
-            pending.extend(svc.before_commit())
-            pending.extend(svc.tick())
-            committed += pending
-            pending = []
-    pending.extend(svc.before_commit())
-    committed += pending
-    committed.extend(svc.tick())
-    assert not svc.waiting and not svc.held, "a merge still waits"
+    reader = HeldReader(svc, batch)
+    if abort_after is not None:  # (nothing committed before: everything is read again)
+        for record in order[: abort_after + 1]:
+            reader.read(record)
+        assert reader.held and svc.holding, "the survivor's partition should be held here"
+        reader.abort()  # the transaction aborts: its outputs are gone, the batch comes again
+        reader.held.clear()
+    for record in order:
+        reader.read(record)
+    committed = reader.finish()
+    assert not svc.waiting and not svc.held and not svc.holding, "a merge still waits"
     return per_customer(committed)
 
 
 def two_instances(delay: int, batch: int) -> dict[str, Any]:
     """Instance A owns the survivor's (and the other customer's) partitions, B the absorbed
     id's; each has its own clock. B reads its partition first; its hand-off reaches A only
-    after A read ``delay`` of its records (so A, whose clock its own records move on, parks
-    the survivor at the merge and its later records meanwhile)."""
+    after A read ``delay`` of its records (so A holds the survivor's partition at the merge
+    meanwhile)."""
     a, b = service(), service()
     a.states.assigned = {p for p in range(4) if p != partition_for("b", 4)}
     b.states.assigned = {partition_for("b", 4)}
@@ -129,27 +123,23 @@ def two_instances(delay: int, batch: int) -> dict[str, Any]:
     handoffs = [o for o in committed if o.topic is TOPICS.scorer_handoff]
     assert [h.value["kind"] for h in handoffs] == ["marked"]
     mine = sorted(SURVIVOR + OTHER, key=lambda r: r.value["event"]["occurred_at"])
-    pending: list[Output] = []
+    reader = HeldReader(a, batch)
 
     def hand_off() -> None:
         for h in handoffs:
             wire = SERDE.encode(TOPICS.scorer_handoff, h.value)
             value = SERDE.decode(TOPICS.scorer_handoff, wire)
-            pending.extend(
-                a.handle(Incoming(TOPICS.scorer_handoff, "handoff", 3, 0, h.key, value, None, []))
-            )
+            part = partition_for("s", 4)
+            reader.read(Incoming(TOPICS.scorer_handoff, "handoff", part, 0, h.key, value, None, []))
 
     for i, record in enumerate(mine):
         if i == delay:
             hand_off()
-        pending.extend(a.handle(record))
-        if (i + 1) % batch == 0:
-            committed += [*pending, *a.before_commit(), *a.tick()]
-            pending = []
+        reader.read(record)
     if delay >= len(mine):
         hand_off()
-    committed += [*pending, *a.before_commit(), *a.tick()]
-    assert not a.waiting and not a.held, "a merge still waits"
+    committed += reader.finish()
+    assert not a.waiting and not a.held and not a.holding, "a merge still waits"
     return per_customer(committed)
 
 
@@ -177,7 +167,7 @@ def test_the_merge_lands_at_its_marks_whatever_order_the_partitions_are_read_in(
         assert two_instances(delay, batch) == reference, (delay, batch)
 
 
-def test_an_abort_while_the_survivor_is_parked_loses_and_doubles_nothing() -> None:
+def test_an_abort_while_the_survivors_partition_is_held_loses_and_doubles_nothing() -> None:
     order = SURVIVOR[:3] + ABSORBED + SURVIVOR[3:] + OTHER
     assert run(order, batch=100, abort_after=2) == run(order, batch=100)
 
@@ -195,9 +185,11 @@ def test_an_invalid_merge_causing_event_is_dropped_but_its_merge_is_applied() ->
         ]
         if parked_first:  # the survivor reaches the merge before the hand-off is there
             records = [records[0], records[3], records[1], records[2]]
+        reader = HeldReader(svc, 1, tick=False)
         for r in records:
-            list(svc.handle(r))  # raises nothing: the merge is not dead-lettered with it
-        list(svc.before_commit())
+            reader.read(r)  # raises nothing: the merge is not dead-lettered with it
+        reader.finish()
+        assert reader.holds == parked_first
         st = svc.states.get("s")
         assert st is not None and st["lifetime_purchases"] == 2, parked_first
         assert st["lifetime_logins"] == 0 and st["last_event_ms"] < future, parked_first

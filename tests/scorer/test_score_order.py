@@ -97,3 +97,33 @@ def test_each_scores_partition_gets_the_same_sequence_whatever_the_batching() ->
             # order across the partition's customers
             assert sorted(mine[p], key=repr) == sorted(seq, key=repr), (label, p)
             assert mine[p] == seq, (label, p)
+
+
+def test_a_merge_waiting_for_its_hand_off_does_not_reorder_its_scores_partition() -> None:
+    """The survivor's partition reaches the merge-causing event before, or after, the
+    absorbed id's partition reached its ``customer_merged`` record, whatever the batches: the
+    survivor's scores partition, where another customer scores meanwhile, gets the same
+    records in the same order. Before, only the survivor was
+    parked and the other customer's scores moved ahead of the survivor's by timing."""
+    from tests.scorer import test_merge_marks as mm
+    from tests.scorer.holding import HeldReader
+
+    def by_partition(order: list[Incoming], batch: int) -> Sequence:
+        reader = HeldReader(mm.service(), batch)
+        for record in order:
+            reader.read(record)
+        return sequences(reader.finish())
+
+    assert partition_for("s", PARTS) == partition_for("x", PARTS) != partition_for("b", PARTS)
+    survivors = sorted(mm.SURVIVOR + mm.OTHER, key=lambda r: r.value["event"]["occurred_at"])
+    base = by_partition(mm.in_time_order(), 1)
+    mine = base[partition_for("s", PARTS)]
+    assert {k for k, _ in mine} == {"s", "x"} and len(mine) > 30
+    for batch in (1, 7, 500):
+        for label, order in [
+            ("in event-time order", mm.in_time_order()),
+            ("absorbed id's partition first", mm.ABSORBED + survivors),
+            ("absorbed id's partition last", survivors + mm.ABSORBED),
+            ("absorbed id's partition midway", survivors[:20] + mm.ABSORBED + survivors[20:]),
+        ]:
+            assert by_partition(order, batch) == base, (label, batch)
