@@ -15,12 +15,14 @@ offset in one transaction. Where the merge lands among the customers' records is
 identity's merge marks in the identified partitions (:mod:`services.scorer.handoff`). Later
 events for the absorbed id are forwarded to the survivor.
 
-One churn model for the deployment: every instance sends what it would learn (matured
-labelled examples, cluster inputs, BG/NBD summaries: ``Scorer.sink``) to the one-partition
-``scorer.examples``; the instance that owns its partition 0 (the range assignor gives it the
-same member as partition 0 of the inputs) learns them and publishes the model, in the same
-transaction as the examples' offsets, to ``scorer.model`` under ``churn.shared``; every
-instance tails that topic and scores with the latest version (``core.adopt``).
+One churn model for the deployment: every instance sends each identified partition's
+contribution per event-time day (cluster inputs, matured examples, BG/NBD summaries:
+``Scorer.sweep``, ``Scorer.sink``) to the one-partition ``scorer.examples``; the instance that
+owns its partition 0 (the range assignor gives it the same member as partition 0 of the
+inputs) learns a day once every partition completed it (services/scorer/shared.py) and
+publishes version ``churn.shared.<day>`` and its own state ``churn.learner`` to
+``scorer.model``, in the same transaction as the contributions' offsets; every instance tails
+that topic, keeps the recent versions and scores as of day D with version D - 1.
 """
 
 from __future__ import annotations
@@ -48,8 +50,6 @@ from services.scorer.core import (
     ScoreEmit,
     Scorer,
     StateWrite,
-    adopt,
-    learn_from,
 )
 from services.scorer.features import State, new_state, upgrade
 from services.scorer.handoff import HELD_KEY as HELD_KEY
@@ -76,6 +76,7 @@ from services.scorer.metrics import HANDOFFS as HANDOFFS
 from services.scorer.metrics import PARKED as PARKED
 from services.scorer.model import ChurnModel
 from services.scorer.settings import ScorerSettings as ScorerSettings
+from services.scorer.shared import SharedLearner
 
 log = logging.getLogger("segflow.scorer")
 
@@ -89,8 +90,11 @@ CLOCK_KEY = "clock:"
 #: Prefixes of the state keys that are not customers (retired, merged-away, waiting and held
 #: ids, the partitions' clocks).
 MARKERS = (RETIRED_KEY, MERGED_KEY, WAIT_KEY, HELD_KEY, CLOCK_KEY)
-#: ``scorer.model`` key of the deployment's one churn model (published by the learner).
+#: ``scorer.model`` key prefix of the deployment's one churn model's versions
+#: (``churn.shared.<day>``, published by the learner; services/scorer/shared.py) and key of
+#: the learner's own state (the model and the contributions not applied yet).
 SHARED_MODEL = "churn.shared"
+LEARNER_KEY = "churn.learner"
 
 
 def clock_record(part: int, c: PartitionClock) -> State:
@@ -143,16 +147,20 @@ class ScorerService(Merges):
         self._learned_in_batch = False
         self._learned_uncommitted = False
         self._examples_out: list[Output] = []
-        #: Refit day -> (partitions covered, their BG/NBD summaries): fitted once complete.
-        self._summaries: dict[int, tuple[set[int], list[Any]]] = {}
+        self._learner: SharedLearner | None = None
+        self._versions_out: list[tuple[int, bytes]] = []
         self._tail: Consumer | None = None
         # States are compressed once per transaction (before_commit / end of tick), not per event.
         # Urgent customers are scored once per batch, together, just before the commit.
         self.scorer = Scorer(self.options.core(), pack_states=False, defer_scores=True)
+        parts = self.states.partitions  # co-partitioned with the identified topic
         if self.options.shared_model:
             self.scorer.sink = self._sink
+            self.scorer.version_lag_days = self.options.shared_model_lag_days
+            self.scorer.partition_states = lambda p: (
+                (k, v) for k, v in self.customers() if partition_for(k, parts) == p
+            )
         self.scorer.store = self.states.get  # timers the watermark passed fire together
-        parts = self.states.partitions  # co-partitioned with the identified topic
         self.scorer.partition_of = lambda cid: partition_for(cid, parts)
         self._dirty: set[str] = set()
         self._identified = TOPICS.identified.name(settings)
@@ -262,9 +270,9 @@ class ScorerService(Merges):
         self._load_clocks()
         if 0 in partitions and self.options.shared_model:
             self.learner = True
-            self._summaries.clear()
             self.models.restore()  # what the previous learner committed, with its offsets
             self._adopt_stored()
+            self._load_learner()
             LEARNER.set(1)
             log.info(
                 "churn-model learner",
@@ -286,20 +294,21 @@ class ScorerService(Merges):
 
     # -- one model (examples out, versions in) -------------------------------------------
     def _sink(self, kind: str, payload: dict[str, Any]) -> None:
-        """What the core would learn, as a record for the learner (yielded with the outputs
-        of the batch or tick that produced it)."""
+        """What the core contributes to the shared model (one partition's day:
+        services/scorer/shared.py), as a record for the learner (yielded with the outputs of
+        the batch or tick that produced it)."""
         owned = self.states.assigned
-        parts = sorted(range(self.states.partitions) if owned is None else owned)
         if owned is None:  # not in a consumer group (tools, tests): the only learner there is
-            self._apply(kind, int(payload.get("day", 0)), parts, payload)
+            self._apply(payload)
             return
         buf = io.BytesIO()
-        cast(Any, np.savez)(buf, **{k: np.asarray(v) for k, v in payload.items()})
+        arrays = {k: np.asarray(v) for k, v in payload.items()}
+        cast(Any, np.savez)(buf, **arrays)
         value = {
             "kind": kind,
             "instance": self.instance,
-            "day": int(payload.get("day", 0)),
-            "partitions": parts,
+            "day": int(payload["day"]),
+            "partitions": [int(payload["partition"])],
             "payload": buf.getvalue(),
             "sent_at": self._now(),
         }
@@ -310,41 +319,65 @@ class ScorerService(Merges):
         yield from out
 
     def _learn(self, rec: dict[str, Any]) -> None:
-        """The learner: an examples record into the model (a refit day's BG/NBD summaries
-        once every partition's arrived)."""
+        """The learner: a partition's contribution (records of the kinds written before the
+        per-day contributions are skipped: their days are learned again from the sweeps)."""
+        if rec["kind"] != "day":
+            return
         with np.load(io.BytesIO(rec["payload"])) as npz:
             payload: dict[str, Any] = {k: npz[k] for k in npz.files}
-        self._apply(rec["kind"], int(rec["day"]), rec["partitions"], payload)
+        payload = {k: (v.item() if v.ndim == 0 else v) for k, v in payload.items()}
+        self._apply(payload)
 
-    def _apply(self, kind: str, day: int, partitions: list[int], payload: dict[str, Any]) -> None:
-        if kind == "summary":
-            parts, rows = self._summaries.setdefault(day, (set(), []))
-            parts.update(partitions)
-            rows.append(payload["rows"])
-            if len(parts) < self.states.partitions:
-                return
-            del self._summaries[day]
-            for old in [d for d in self._summaries if d < day]:
-                del self._summaries[old]  # a newer fit supersedes an incomplete older day
-            payload = {"day": day, "rows": np.concatenate(rows)}
-        learn_from(self.scorer.model, kind, payload, self.scorer.config)
+    def _apply(self, payload: dict[str, Any]) -> None:
+        if self._learner is None:
+            self._load_learner()
+        assert self._learner is not None
+        for day, blob in self._learner.add(payload):
+            self._versions_out.append((day, blob))
+            self.scorer.receive(day, ChurnModel.from_bytes(blob))
         self._learned_in_batch = self._learned_uncommitted = True
 
+    def _load_learner(self) -> None:
+        """The learner's state as the last learner committed it (None: a new one)."""
+        record = self.models.get(LEARNER_KEY)
+        cfg = self.scorer.config
+        self._learner = (
+            SharedLearner(self.states.partitions, cfg, self.options.shared_model_grace_days)
+            if record is None
+            else SharedLearner.from_bytes(record["model"])
+        )
+
     def _published(self) -> Iterator[Output]:
-        """The learner's model, in the transaction of the examples it learned."""
-        if self._learned_in_batch:
-            self._learned_in_batch = False
-            self.scorer._descriptions = self.scorer.model.describe_clusters()
+        """The learner's new versions and its state, in the transaction of the contributions
+        it learned; a version ``keep_versions`` days older is deleted."""
+        if not self._learned_in_batch or self._learner is None:
+            return
+        self._learned_in_batch = False
+        now = self._now()
+        keep = self.scorer.keep_versions
+        for day, blob in self._versions_out:
+            name = f"{SHARED_MODEL}.{day}"
+            rec = self.scorer.checkpoint(name, now, ChurnModel.from_bytes(blob))
             MODEL_VERSIONS.labels("published").inc()
-            yield self.models.put(SHARED_MODEL, self.scorer.checkpoint(SHARED_MODEL, self._now()))
+            yield self.models.put(name, rec)
+            if self.models.get(f"{SHARED_MODEL}.{day - keep}") is not None:
+                yield self.models.delete(f"{SHARED_MODEL}.{day - keep}")
+        self._versions_out.clear()
+        rec = self.scorer.checkpoint(LEARNER_KEY, now, self._learner.model)
+        rec["model"] = self._learner.to_bytes()
+        yield self.models.put(LEARNER_KEY, rec)
 
     def _adopt_stored(self) -> None:
-        record = self.models.get(SHARED_MODEL) if self.options.shared_model else None
-        if record is not None:
-            adopt(self.scorer, ChurnModel.from_bytes(record["model"]))
+        """The versions of the shared model the topic holds (the last ``keep_versions``)."""
+        if not self.options.shared_model:
+            return
+        prefix = f"{SHARED_MODEL}."
+        for key, record in sorted(self.models.items()):
+            if key.startswith(prefix) and key[len(prefix) :].lstrip("-").isdigit():
+                self.scorer.receive(int(key[len(prefix) :]), ChurnModel.from_bytes(record["model"]))
 
     def _follow(self) -> None:
-        """Not the learner: score with the latest published version of the shared model."""
+        """Not the learner: take the versions of the shared model the learner published."""
         if self.learner or not self.options.shared_model:
             return
         if self._tail is None:
@@ -358,14 +391,16 @@ class ScorerService(Merges):
                 }
             )
             self._tail.assign([TopicPartition(topic, 0, OFFSET_BEGINNING)])
-        latest = None
+        prefix = f"{SHARED_MODEL}.".encode()
         for msg in self._tail.consume(100, 0):
-            if msg.error() is None and msg.key() == SHARED_MODEL.encode() and msg.value():
-                latest = msg.value()
-        if latest is not None:
-            record = self.serde.decode(TOPICS.scorer_model, latest)
-            adopt(self.scorer, ChurnModel.from_bytes(record["model"]))
-            MODEL_VERSIONS.labels("adopted").inc()
+            key = msg.key() or b""
+            if msg.error() is None and key.startswith(prefix) and msg.value():
+                day = key[len(prefix) :].decode()
+                if not day.lstrip("-").isdigit():
+                    continue
+                record = self.serde.decode(TOPICS.scorer_model, msg.value())
+                self.scorer.receive(int(day), ChurnModel.from_bytes(record["model"]))
+                MODEL_VERSIONS.labels("adopted").inc()
 
     def close(self) -> None:
         if self._tail is not None:
@@ -443,10 +478,10 @@ class ScorerService(Merges):
         self._load_clocks()  # as committed: the rolled-back records come again
         self._examples_out.clear()
         if self._learned_uncommitted:
-            # the learned examples come again: back to the version committed with the offsets
+            # the contributions come again: back to the learner committed with the offsets
             self._learned_in_batch = self._learned_uncommitted = False
-            self._summaries.clear()
-            self._adopt_stored()
+            self._versions_out.clear()
+            self._load_learner()
 
     def _sealed(self) -> Iterator[Output]:
         self.scorer.seal()

@@ -338,7 +338,7 @@ class ChurnModel:
 
     def _init_labels(self) -> None:
         #: Snapshots waiting for their label, by snapshot day (services.scorer.core.Pending).
-        self.pending: dict[int, Any] = {}
+        self.pending: dict[Any, Any] = {}
         self.snapshot_day: int | None = None
         self.snapshot_rate = 1.0  # share of the customer-days snapshotted (max_pending_labels)
         #: The BG/NBD fit (services.scorer.btyd.BgNbd; None: not fitted yet) and its day.
