@@ -17,8 +17,8 @@ Event time
     ``allowed_lateness_ms``: an older event is rejected (``too_late``, dead-lettered); a later
     one lands in its own day bucket however late it comes. The shell keeps each partition's
     clock in that partition's changelog, so a new owner continues where the old one
-    committed. Deployment-level work (training snapshots, label maturity) runs on the
-    instance's clock, ``max_event_ms``: the smallest over the partitions it reads.
+    committed. Training snapshots and labels: each partition's own clock with one model for N
+    instances (:mod:`services.scorer.days`), else the instance's (``max_event_ms``).
 
 Emission (coalescing)
     An *urgent* event (purchase, cancellation, escalated ticket, unsubscribe, or the first
@@ -134,7 +134,7 @@ class Scorer(Timers, SharedDays):
 
     config: ScorerConfig
     model: ChurnModel = field(default_factory=new_model)
-    #: Per input partition: its event-time clock (:class:`services.scorer.clock.PartitionClock`).
+    #: Per input partition: its event-time clock.
     clocks: dict[Any, PartitionClock] = field(default_factory=dict)
     _moved: set[Any] = field(default_factory=set)
     #: A customer id's input partition (the shell's); None: one for all (tools, tests).
