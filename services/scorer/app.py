@@ -305,7 +305,7 @@ class ScorerService(Merges):
         arrays = {k: np.asarray(v) for k, v in payload.items()}
         cast(Any, np.savez)(buf, **arrays)
         value = {
-            "kind": kind,
+            "kind": "examples",  # (the schema's kinds: a day's contribution holds all three)
             "instance": self.instance,
             "day": int(payload["day"]),
             "partitions": [int(payload["partition"])],
@@ -319,12 +319,12 @@ class ScorerService(Merges):
         yield from out
 
     def _learn(self, rec: dict[str, Any]) -> None:
-        """The learner: a partition's contribution (records of the kinds written before the
-        per-day contributions are skipped: their days are learned again from the sweeps)."""
-        if rec["kind"] != "day":
-            return
+        """The learner: a partition's contribution (records written before the per-day
+        contributions, without ``complete``, are skipped: the sweeps send their days again)."""
         with np.load(io.BytesIO(rec["payload"])) as npz:
             payload: dict[str, Any] = {k: npz[k] for k in npz.files}
+        if "complete" not in payload:
+            return
         payload = {k: (v.item() if v.ndim == 0 else v) for k, v in payload.items()}
         self._apply(payload)
 
