@@ -165,7 +165,7 @@ class EventClock:
         c.observe(t, block)
         self._moved.add(source)
         delay = self.config.watermark_delay_ms
-        if old >= 0 and (c.latest - delay) // DAY > (old - delay) // DAY:
+        if old < 0 or (c.latest - delay) // DAY > (old - delay) // DAY:
             self._day_passed(source)
         if c.latest > old and self.defer_scores:
             delay = self.config.watermark_delay_ms
@@ -176,9 +176,9 @@ class EventClock:
             passes.append((c.latest - delay, self._pos))
 
     def _day_passed(self, source: Any) -> None:
-        """Partition ``source``'s watermark passed a day boundary (at the record that moved it,
-        before the record is applied): the labels mixin sweeps it (one model for N
-        instances)."""
+        """Partition ``source``'s first record, or its watermark passed a day boundary (at the
+        record that moved it, before the record is applied): services.scorer.days sweeps it
+        (one model for N instances)."""
 
     def next_record(self) -> None:
         """A record is read (the shell, for every record: also those that are no event, such

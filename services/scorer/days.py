@@ -13,7 +13,7 @@ import numpy as np
 from services.scorer.features import DAY, State
 from services.scorer.labels import Labels
 from services.scorer.model import CLUSTER_DIMS, ChurnModel
-from services.scorer.shared import empty_contribution, label_lag
+from services.scorer.shared import empty_contribution, label_lag, version_day
 from services.scorer.view import _CLUSTER_NAMES, _MI_NAMES, new_model
 
 
@@ -48,20 +48,28 @@ class SharedDays(Labels):
         if self.sink is not None and self.partition_states is not None:
             self.sweep(source, self.partition_states(source))
 
-    def sweep(self, part: Any, states: Iterable[tuple[str, State]]) -> int:
+    def sweep(self, part: Any, states: Iterable[tuple[str, State]], hi: int | None = None) -> int:
         """With a sink: partition ``part``'s watermark passed day boundaries since the last
         call: for each day ``D`` send its contribution (:mod:`services.scorer.shared`): the
         cluster inputs of the day's snapshots of its customers ``states`` (each as of that
         midnight; those whose event after it came first were taken by ``on_event``), the
         examples whose label matured at boundary ``D - label_lag`` and, on a refit day, the
         BG/NBD summaries. A function of the partition's records: called at the record that
-        moves the watermark (the shell's :attr:`partition_states`). Returns the snapshots."""
-        wm = self.watermark_of(part)
-        if wm is None:
+        moves the watermark (the shell's :attr:`partition_states`), or ahead of it, up to day
+        ``hi``, by :meth:`precomplete`. The partition's first record completes its day (no
+        snapshots: nothing before it). Returns the snapshots."""
+        if hi is None:
+            wm = self.watermark_of(part)
+            if wm is None:
+                return 0
+            hi = wm // DAY
+        lo = self._swept.get(part)
+        if lo is None:
+            self._swept[part] = hi
+            if self.sink is not None:
+                self.sink("day", empty_contribution(hi, int(part), True))
             return 0
-        hi, lo = wm // DAY, self._swept.get(part)
-        if lo is None or hi <= lo:
-            self._swept[part] = hi if lo is None else lo
+        if hi <= lo:
             return 0
         items = list(states)
         cfg, model = self.config, self.model
@@ -83,6 +91,49 @@ class SharedDays(Labels):
             if self.sink is not None:
                 self.sink("day", out)
         return n
+
+    def version_needed(self, part: Any, t: int) -> int | None:
+        """The shared model's version a record of event time ``t`` read from partition ``part``
+        may score with (its own instant, and the timers its watermark passes), if this scorer
+        does not have it yet (None: it has it, or there is no shared model). The shell holds
+        the partition at such a record until the version arrives (after :meth:`precomplete`)."""
+        if self.sink is None:
+            return None
+        c = self.clocks.get(part)
+        latest = t if c is None or c.latest < 0 else max(c.latest, t)
+        need = version_day(max(t, latest - self.config.watermark_delay_ms), self.version_lag_days)
+        return None if self.has_version(need) else need
+
+    def has_version(self, day: int) -> bool:
+        """Whether :meth:`model_for` gives version ``day`` (or the initial model, for a day
+        before the learner's first version)."""
+        if not self.versions:
+            return False
+        first = getattr(next(iter(self.versions.values())), "first_day", None)
+        return (first is not None and day < first) or day <= max(self.versions)
+
+    def precomplete(self, part: Any, t: int, states: Iterable[tuple[str, State]]) -> int | None:
+        """Before holding partition ``part`` at a record of event time ``t`` for the version
+        it needs: sweep what reading it would, up to that version's day (the days its
+        watermark passes, from the states before it), so that the version does not wait for
+        this partition. A day's snapshots are scored with the version of the day before:
+        returns the version day it stopped at for want of it (None: swept up to the day
+        needed); hold the partition until that one arrives. The record, once handled, sweeps
+        the rest."""
+        c = self.clocks.get(part)
+        latest = t if c is None or c.latest < 0 else max(c.latest, t)
+        wm_day = (latest - self.config.watermark_delay_ms) // DAY
+        need = version_day(max(t, latest - self.config.watermark_delay_ms), self.version_lag_days)
+        items = list(states)
+        lo = self._swept.get(part)
+        if lo is None:  # the partition's first record: completes its day, nothing to score
+            self.sweep(part, items, wm_day)
+            return None
+        for d in range(lo + 1, min(need, wm_day) + 1):
+            if not self.has_version(d - 1):
+                return d - 1
+            self.sweep(part, items, d)
+        return None
 
     def _label_day(
         self, part: Any, day: int, items: list[tuple[str, State]], out: dict[str, Any]
@@ -147,7 +198,8 @@ class SharedDays(Labels):
         if hit is not None:
             return hit
         older = [d for d in versions if d < day]
-        if not older and len(versions) < self.keep_versions:
+        first = getattr(next(iter(versions.values())), "first_day", None)
+        if first is not None and day < first:
             if self._initial is None:
                 self._initial = new_model()
                 self._initial.cluster_rows(np.zeros((1, len(CLUSTER_DIMS))))

@@ -106,8 +106,23 @@ class SharedLearner:
         #: Contributions that came for a day already applied (a partition more than
         #: ``grace_days`` behind the others): dropped, counted.
         self.dropped = 0
-        #: Days applied without every partition (the grace rule).
+        #: Days applied without every partition (the grace rule, :meth:`force`).
         self.forced = 0
+        #: Contributions for a day their partition had completed already (ignored).
+        self.repeated = 0
+
+    def force(self, day: int) -> list[tuple[int, bytes]]:
+        """Apply every day up to ``day`` without waiting for the partitions that have not
+        completed it (the shell's idle rule: the learner waited too long); their later
+        contributions for those days are dropped."""
+        for p in range(self.partitions):
+            self.done[p] = max(day, self.done.get(p, day))
+        return self._advance()
+
+    def waiting(self) -> bool:
+        """Whether contributions wait for a partition that has not completed their day."""
+        ready = self.ready_through()
+        return any(ready is None or d > ready for d in self.buffer)
 
     def add(self, contribution: Mapping[str, Any]) -> list[tuple[int, bytes]]:
         """Take one contribution; returns the days applied because of it, in order, each with
@@ -115,6 +130,9 @@ class SharedLearner:
         every partition completed it, or once some partition completed a day ``grace_days``
         later (the others are idle or stuck: their late contributions for it are dropped)."""
         day, part = int(contribution["day"]), int(contribution["partition"])
+        if day <= self.done.get(part, day - 1):  # sent again (records read again): the same
+            self.repeated += 1
+            return []
         if self.through is not None and day <= self.through:
             self.dropped += 1
             return []
@@ -139,6 +157,7 @@ class SharedLearner:
         days = sorted(d for d in self.buffer if d <= ready)
         if self.through is None and days:  # the first version: the first day with data
             start = days[0]
+            self.model.first_day = start  # (in every version: earlier days are the initial)
         elif self.through is None:
             return []
         else:
