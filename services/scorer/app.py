@@ -149,6 +149,7 @@ class ScorerService(Merges):
         self._examples_out: list[Output] = []
         self._learner: SharedLearner | None = None
         self._versions_out: list[tuple[int, bytes]] = []
+        self._idle_from: tuple[int | None, float] = (None, clock())
         self._tail: Consumer | None = None
         # States are compressed once per transaction (before_commit / end of tick), not per event.
         # Urgent customers are scored once per batch, together, just before the commit.
@@ -347,6 +348,27 @@ class ScorerService(Merges):
             else SharedLearner.from_bytes(record["model"])
         )
 
+    def _idle_rule(self) -> None:
+        """The learner waited ``shared_model_idle_seconds`` (processing time) without applying
+        a day while contributions wait for a partition that has not completed theirs (idle:
+        no record moved its watermark): apply them without it (``SharedLearner.force``)."""
+        lr = self._learner
+        if not self.learner or lr is None:
+            return
+        now = self.clock()
+        if not lr.waiting() or lr.through != self._idle_from[0]:
+            self._idle_from = (lr.through, now)
+            return
+        if now - self._idle_from[1] < self.options.shared_model_idle_seconds:
+            return
+        day = max(lr.done.values())
+        log.warning("churn-model learner: idle partitions skipped", extra={"fields": {"day": day}})
+        for d, blob in lr.force(day):
+            self._versions_out.append((d, blob))
+            self.scorer.receive(d, ChurnModel.from_bytes(blob))
+        self._learned_in_batch = self._learned_uncommitted = True
+        self._idle_from = (lr.through, now)
+
     def _published(self) -> Iterator[Output]:
         """The learner's new versions and its state, in the transaction of the contributions
         it learned; a version ``keep_versions`` days older is deleted."""
@@ -451,6 +473,8 @@ class ScorerService(Merges):
         yield from self._outputs(outs)
         yield from self._sealed()
         yield from self._examples()
+        self._idle_rule()
+        yield from self._published()
         model = self.scorer.model
         if (
             model.n_learned != self._checkpointed_n

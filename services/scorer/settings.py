@@ -38,9 +38,11 @@ class ScorerSettings(BaseSettings):
     shared_model: bool = True
     # A score as of day D uses the shared model's version of day D - lag (services/scorer/
     # shared.py); the learner applies a day once every partition completed it, or once one
-    # partition is this many days past it (an idle partition must not stop the model).
+    # partition is grace days past it, or after idle seconds without applying a day while
+    # contributions wait (an idle partition must not stop the model).
     shared_model_lag_days: int = 1
     shared_model_grace_days: int = 7
+    shared_model_idle_seconds: float = 300.0
 
     def core(self) -> ScorerConfig:
         return ScorerConfig(
