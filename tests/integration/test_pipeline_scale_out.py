@@ -36,8 +36,11 @@ instance that took a partition over; 3 runs). With a clock per identified partit
 timers and lateness on its own records' time, kept in its changelog) 0-6 of 333 ids have
 any different score record with 2 instances and 2-13 with the kill (before: 12 and 106),
 all at identical features (the shared model), and no customer's segment changes differ
-because its scores do (before: 48 with the kill; 4 runs). What still differs: the shared
-model's k-means clusters and versions, and the order of a scores partition's records, which
+because its scores do (before: 48 with the kill; 4 runs). The shared model's versions are
+pinned to event-time days (a day learned once every partition's contribution arrived, in a
+canonical order; a score as of day D uses version D - 1), but a score whose version has not
+arrived yet still uses the one before (the partition is not held yet). What still differs:
+that, and the order of a scores partition's records, which
 the segmenter's per-partition percentile tables follow (services/segmenter/README.md,
 "Running N instances"): the scorer now produces each score at the place of the record that
 made it due, whatever the batching (session 9; the customers that took no part in a merge
@@ -700,11 +703,11 @@ def test_a_merge_lands_at_the_same_point_of_the_survivors_history_in_every_run(
     reason="scores depend neither on batching or tick timing nor on where merges land (issue "
     "#15's merge marks) nor on which instance reads a partition (a clock per partition, in "
     "its changelog) nor, for the order of a scores partition's records, on where batches "
-    "end, but the shared model's k-means clusters and versions still make some scores "
-    "differ, and the segmenter's per-partition percentile tables follow the order of a "
-    "scores partition's records, in which a survivor parked behind a merge hand-off lands "
-    "where the hand-off arrives, in some segment changes (services/scorer/README.md, "
-    "Deterministic scores)",
+    "end, but a score whose shared-model version (day D - 1) has not arrived yet uses "
+    "the one before (the partition is not held), and the segmenter's per-partition "
+    "percentile tables follow the order of a scores partition's records, in which a "
+    "survivor parked behind a merge hand-off lands where the hand-off arrives, in some "
+    "segment changes (services/scorer/README.md, Deterministic scores)",
 )
 def test_two_instances_of_every_service_make_the_same_segment_changes_and_actions_as_one(
     runs: dict[str, Run],
