@@ -98,7 +98,6 @@ from services.scorer.features import (
 )
 from services.scorer.labels import Labels as Labels
 from services.scorer.labels import Pending as Pending
-from services.scorer.labels import learn_from as learn_from
 from services.scorer.merge import merge_into
 from services.scorer.model import CLUSTER_DIMS, ChurnModel
 from services.scorer.timers import Timers as Timers
@@ -595,7 +594,6 @@ __all__ = [
     "engagement",
     "fingerprint",
     "adopt",
-    "learn_from",
     "lifecycle",
     "model_input",
 ]

@@ -6,7 +6,7 @@ from __future__ import annotations
 
 import math
 import zlib
-from collections.abc import Callable, Iterable, Mapping
+from collections.abc import Callable, Iterable
 from typing import TYPE_CHECKING, Any
 
 import numpy as np
@@ -14,7 +14,6 @@ import numpy.typing as npt
 
 from services.scorer import btyd
 from services.scorer.clock import EventClock
-from services.scorer.config import ScorerConfig
 from services.scorer.features import (
     DAY,
     EVENT_SIGNAL,
@@ -148,9 +147,7 @@ class Labels(EventClock):
         n = 0
         if due is not None:
             n = self._learn_snapshots(due, now_days, end)
-        if refit and self.sink is not None:
-            self.sink("summary", {"day": day, "rows": np.array(summary).reshape(-1, 3)})
-        elif refit and len(summary) >= btyd.MIN_FIT_CUSTOMERS:
+        if refit and len(summary) >= btyd.MIN_FIT_CUSTOMERS:
             a = np.array(summary)
             model.bgnbd = btyd.fit(a[:, 0], a[:, 1], a[:, 2], start=model.bgnbd)
             model.bgnbd_day = day
@@ -260,25 +257,6 @@ class Labels(EventClock):
 
     def _learn_snapshots(self, due: Pending, now_days: npt.NDArray[np.int64], end: int) -> int:
         """Label matured snapshots and learn from those not held back; returns how many."""
-        if self.sink is not None:
-            keep = now_days >= 0  # not forgotten or merged away since
-            idx = np.flatnonzero(keep)
-            churned = now_days[idx] == np.asarray(due.q_days, dtype=np.int64)[idx]
-            held = np.asarray(due.holdout, dtype=bool)[idx]
-            self.sink(
-                "examples",
-                {
-                    "end": end,
-                    "x": np.array([due.x[i] for i in idx], dtype=np.float32).reshape(
-                        -1, len(_MI_NAMES)
-                    ),
-                    "y": churned,
-                    "p": np.asarray(due.p, dtype=np.float64)[idx],
-                    "holdout": held,
-                    "since": np.asarray(due.since, dtype=np.float64)[idx],
-                },
-            )
-            return int((~held).sum())
         model = self.model
         n = 0
         for i in range(len(due.ids)):
@@ -344,40 +322,3 @@ def suggested_horizon(gaps: npt.NDArray[np.float64]) -> float:
     w = np.cumsum(x[sel][order])
     q = float(mean[order][np.searchsorted(w, 0.8 * w[-1])])
     return float(max(7, math.ceil(q / 7) * 7))
-
-
-def learn_from(
-    model: ChurnModel, kind: str, payload: Mapping[str, Any], config: ScorerConfig
-) -> int:
-    """What a :attr:`Scorer.sink` sent, learned by the deployment's one learner into
-    ``model``, exactly as a scorer without a sink learns it itself; returns the examples
-    learned. ``summary``: BG/NBD summaries of every partition for one refit day, stacked."""
-    if kind == "clusters":
-        for cx in np.asarray(payload["rows"]).tolist():
-            model.learn_cluster(dict(zip(_CLUSTER_NAMES, cx, strict=True)))
-        return 0
-    if kind == "summary":
-        a, day = np.asarray(payload["rows"]).reshape(-1, 3), int(payload["day"])
-        last = model.bgnbd_day  # scorers that hold an older version ask more often
-        due = last is None or day - last >= config.bgnbd_refit_days
-        if due and len(a) >= btyd.MIN_FIT_CUSTOMERS:
-            model.bgnbd = btyd.fit(a[:, 0], a[:, 1], a[:, 2], start=model.bgnbd)
-            model.bgnbd_day = day
-            model.suggested_horizon_days = suggested_horizon(a)
-        return 0
-    n = 0
-    end = int(payload["end"])
-    for x, y, p, held, since in zip(
-        np.asarray(payload["x"], dtype=np.float64).tolist(),
-        np.asarray(payload["y"]).tolist(),
-        np.asarray(payload["p"]).tolist(),
-        np.asarray(payload["holdout"]).tolist(),
-        np.asarray(payload["since"]).tolist(),
-        strict=True,
-    ):
-        if held:
-            model.observe_holdout(float(p), bool(y), float(since))
-            continue
-        model.learn(dict(zip(_MI_NAMES, x, strict=True)), bool(y), at=end, p=float(p))
-        n += 1
-    return n

@@ -105,7 +105,7 @@ def test_the_versions_of_each_day_do_not_depend_on_the_order_contributions_arriv
     """The contributions one run sent, fed to new learners in other orders (each partition's
     own in its order, the partitions interleaved at random, as instances' transactions
     land on the one-partition examples topic): the same model version every day. Learned in
-    arrival order (before: ``learn_from`` on each record as it came) the clusters differ."""
+    arrival order (before session 10: each record as it came) the clusters differ."""
     cfg = ScorerConfig()
     run = Run(1, cfg)
     run.deliver = lambda: None  # type: ignore[method-assign]  # collected, learned below
