@@ -21,7 +21,13 @@ input record to the records it produces. The loop does the rest:
   fetched, and drops the revoked or lost ones). Callbacks run inside ``consume()``, between
   batches, so no transaction is open when state moves. Before a rebalance takes partitions
   away, hooks with ``before_revoke(partitions, timeout)`` finish the work under way and one
-  tick commits it (Kafka Streams commits a task before it is revoked).
+  tick commits it (Kafka Streams commits a task before it is revoked);
+* holds a partition at a record its handler cannot handle yet: the handler raises
+  :class:`~segflow.runtime.records.HoldPartition`, the batch commits the partition's offset
+  up to that record (not beyond) and leaves its later records unhandled, the loop pauses the
+  partition at the record until a hook's ``releases()`` (asked after each poll and batch) or
+  :meth:`ProcessingLoop.release` resumes it; a held partition that is revoked or lost is
+  forgotten, its next owner reads it from the held record (:mod:`segflow.runtime.holds`).
 """
 
 from __future__ import annotations
@@ -39,10 +45,12 @@ from confluent_kafka import OFFSET_BEGINNING, KafkaError, KafkaException, Messag
 from segflow.errors import PoisonMessage
 from segflow.runtime import metrics
 from segflow.runtime.dlq import dead_letter
+from segflow.runtime.holds import PartitionHolds
 from segflow.runtime.kafka import make_consumer, make_producer, produce
 from segflow.runtime.rebalance import PartitionCallbacks
 from segflow.runtime.records import BatchInfo as BatchInfo  # re-exported (moved)
 from segflow.runtime.records import Handler as Handler
+from segflow.runtime.records import HoldPartition as HoldPartition
 from segflow.runtime.records import Hooks as Hooks
 from segflow.runtime.records import Incoming as Incoming
 from segflow.runtime.records import LoopConfig as LoopConfig
@@ -57,7 +65,7 @@ from segflow.runtime.watchdog import Watchdog as _Watchdog
 log = logging.getLogger("segflow.loop")
 
 
-class ProcessingLoop(PartitionCallbacks):
+class ProcessingLoop(PartitionCallbacks, PartitionHolds):
     """Run ``handler`` over ``config.sources`` until stopped."""
 
     def __init__(
@@ -134,6 +142,7 @@ class ProcessingLoop(PartitionCallbacks):
         #: Offsets this instance committed last, per owned input partition (sent again with
         #: a tick's transaction so that the coordinator checks ownership).
         self._fence: dict[tuple[str, int], int] = {}
+        self._init_holds()
 
     # -- lifecycle -----------------------------------------------------------------------
     def stop(self, *_: Any) -> None:
@@ -178,6 +187,7 @@ class ProcessingLoop(PartitionCallbacks):
                     and self.clock() - self._last_tick >= cfg.tick_interval
                 ):
                     self._run_tick()
+                self._ask_releases()
                 if not msgs:
                     if (
                         idle_timeout is not None
@@ -190,6 +200,7 @@ class ProcessingLoop(PartitionCallbacks):
                     continue
                 self._last_data = self.clock()
                 self._process_batch(msgs)
+                self._ask_releases()
             self._final_tick()
         finally:
             metrics.UP.labels(cfg.service).set(0)
@@ -232,6 +243,7 @@ class ProcessingLoop(PartitionCallbacks):
                 before_batch(batch)
         if cfg.exactly_once:
             self.producer.begin_transaction()
+        unhandled = 0
         for msg in msgs:
             err = msg.error()
             if err is not None:
@@ -241,12 +253,20 @@ class ProcessingLoop(PartitionCallbacks):
             topic_name = cast(str, msg.topic())
             partition = cast(int, msg.partition())
             offset = cast(int, msg.offset())
-            offsets[(topic_name, partition)] = offset + 1
+            key = (topic_name, partition)
+            if self._is_held(key):  # at an earlier record: read again once released
+                unhandled += 1
+                continue
             ts_type, ts = msg.timestamp()
-            self._handle(msg, topic_name, partition, offset, ts if ts_type else None)
+            if not self._handle(msg, topic_name, partition, offset, ts if ts_type else None):
+                offsets[key] = offset  # committed up to the held record, not beyond
+                self._hold(key, offset)
+                unhandled += 1
+                continue
+            offsets[key] = offset + 1
             if ts_type:
                 timestamps.append(ts)
-        self.processed += len(msgs)
+        self.processed += len(msgs) - unhandled
         self._flush_counts()
         if not offsets:
             if cfg.exactly_once:
@@ -262,6 +282,7 @@ class ProcessingLoop(PartitionCallbacks):
         with self._watchdog():
             committed = self._commit([TopicPartition(t, p, o) for (t, p), o in offsets.items()])
         if committed:
+            self._holds_committed()
             self._fence.update(offsets)
             for hook in self.hooks:
                 hook.on_commit()
@@ -374,11 +395,12 @@ class ProcessingLoop(PartitionCallbacks):
 
     def _handle(
         self, msg: Message, topic_name: str, partition: int, offset: int, ts: int | None
-    ) -> None:
+    ) -> bool:
+        """Handle one record; False when the handler holds its partition at it."""
         source = self.config.sources[topic_name]
-        self._n_in[topic_name] += 1
         if msg.value() is None and "compact" in source.cleanup:
-            return  # a tombstone on a compacted input: the key was deleted upstream
+            self._n_in[topic_name] += 1
+            return True  # a tombstone on a compacted input: the key was deleted upstream
         decode = self.config.decoders.get(topic_name)
         try:
             if decode is None:
@@ -397,17 +419,23 @@ class ProcessingLoop(PartitionCallbacks):
                 raw=msg.value(),
             )
             outputs = [(out, self._encode(out)) for out in self.handler(record)]
+        except HoldPartition:
+            return False
         except PoisonMessage as exc:
+            self._n_in[topic_name] += 1
             self._dead_letter(msg, exc)
-            return
+            return True
         except Exception as exc:  # a handler bug must not stop the service: DLQ and log
+            self._n_in[topic_name] += 1
             log.exception(
                 "handler failed", extra={"fields": {"topic": topic_name, "offset": offset}}
             )
             self._dead_letter(msg, exc)
-            return
+            return True
+        self._n_in[topic_name] += 1
         for out, (name, key, value) in outputs:
             self._produce(name, key, value, out.headers, out.partition)
+        return True
 
     def _encode(self, out: Output) -> tuple[str, bytes | None, bytes | None]:
         name = out.topic_name or out.topic.name(self.settings)
@@ -512,6 +540,7 @@ class ProcessingLoop(PartitionCallbacks):
 
     def _rewind(self, offsets: list[TopicPartition]) -> None:
         """Seek back to the committed offsets so the aborted batch is processed again."""
+        self._holds_aborted()
         for hook in self.hooks:
             hook.on_abort()
         parts = [TopicPartition(tp.topic, tp.partition) for tp in offsets]

@@ -55,6 +55,12 @@ ASSIGNED_PARTITIONS = Gauge(
     "Input partitions an instance currently owns",
     ["service", "instance"],
 )
+HELD_PARTITIONS = Gauge(
+    "segflow_held_partitions",
+    "Input partitions an instance holds at a record its handler cannot handle yet (e.g. the "
+    "scorer waiting for a merge's hand-off)",
+    ["service", "instance"],
+)
 REVOKE_UNFINISHED = Counter(
     "segflow_revoke_unfinished_total",
     "Pieces of work under way (e.g. dispatcher calls) a revoke could not wait for: their new "

@@ -45,6 +45,10 @@ class PartitionCallbacks:
     def _run_tick(self) -> bool:
         raise NotImplementedError
 
+    if TYPE_CHECKING:
+
+        def _forget_holds(self, parts: set[int]) -> None: ...
+
     # -- partitions -------------------------------------------------------------------------
     def _check_copartitioned(self) -> None:
         """Every input, and every hook's changelog, must have the same partition count: an
@@ -102,6 +106,7 @@ class PartitionCallbacks:
         says whether they come back unchanged. Nothing runs for them meanwhile (no batch, no
         tick)."""
         parts = {tp.partition for tp in partitions}
+        self._forget_holds(parts)  # the next owner reads them from the held record
         if not self._closing:
             self._finish_before_revoke(parts)
         self.assigned -= parts
@@ -151,6 +156,7 @@ class PartitionCallbacks:
     def _on_lost(self, consumer: Any, partitions: list[TopicPartition]) -> None:
         """Lost (this member was thrown out of the group): others may own them already."""
         parts = {tp.partition for tp in partitions}
+        self._forget_holds(parts)
         self.assigned -= parts
         self._fence = {k: v for k, v in self._fence.items() if k[1] not in parts}
         self._parked -= parts

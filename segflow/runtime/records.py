@@ -11,6 +11,13 @@ from typing import Any, NamedTuple, Protocol
 from segflow.runtime.topics import Topic
 
 
+class HoldPartition(Exception):  # noqa: N818 (a signal to the loop, not an error)
+    """Raised by a handler for a record it cannot handle yet (it waits for something another
+    input brings): the loop holds the record's (topic, partition) at it, with no outputs for
+    it, and hands it to the handler again once a hook releases the partition
+    (:mod:`segflow.runtime.holds`). Raise it before changing any state."""
+
+
 class Incoming(NamedTuple):
     """One decoded input record (a NamedTuple: cheap to build once per record)."""
 
@@ -80,6 +87,9 @@ class Hooks(Protocol):
     # finish the work under way for them within ``timeout`` seconds, return how much could
     # not finish; the loop then runs one tick, whose transaction commits what finished while
     # this instance still owns the partitions (the service needs a ``tick``).
+    # Optional: ``releases() -> Iterable[tuple[str, int]]``, asked after each poll and batch
+    # while partitions are held (a handler raised ``HoldPartition``): the (topic, partition)
+    # pairs to resume at their held record.
 
 
 @dataclass

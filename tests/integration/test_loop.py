@@ -484,3 +484,233 @@ def test_work_under_way_is_finished_and_committed_before_a_rebalance_takes_parti
     keys = sorted(r.key for r in read_all(s, sink, timeout=30))
     assert len(keys) == len(owned) == len(set(keys))  # each finished piece committed once
     assert len(seen_at_assign[0]) == len(owned), seen_at_assign
+
+
+class _Aborting:
+    """The loop's producer, with the next ``armed`` transaction commits failing as
+    abortable (what a fenced or timed-out transaction gives)."""
+
+    def __init__(self, producer: Any) -> None:
+        self._producer = producer
+        self.armed = 0
+        self.aborted = 0
+
+    def commit_transaction(self, *args: Any) -> None:
+        from confluent_kafka import KafkaError, KafkaException
+
+        if self.armed:
+            self.armed -= 1
+            self.aborted += 1
+            raise KafkaException(KafkaError(KafkaError._STATE, "injected", txn_requires_abort=True))
+        self._producer.commit_transaction(*args)
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self._producer, name)
+
+
+class _Gate:
+    """A handler that copies events to ``sink`` but holds its partition at event ``at`` until
+    the gate opens (then a hook's ``releases()`` resumes it)."""
+
+    def __init__(self, sink: str, source: str, at: str, part: int) -> None:
+        self.sink, self.source, self.at, self.part = sink, source, at, part
+        self.open = False
+        self.held_at: list[int] = []  # offsets of the held record, each time it was read
+        self.handled: Counter[str] = Counter()
+        self.copy = copier(sink)
+        self.on_first_hold: Any = None
+
+    def __call__(self, record: Any) -> Any:
+        from segflow.runtime.records import HoldPartition
+
+        if record.value["event_id"] == self.at and not self.open:
+            self.held_at.append(record.offset)
+            if self.on_first_hold is not None and len(self.held_at) == 1:
+                self.on_first_hold()
+            raise HoldPartition(self.at)
+        self.handled[record.value["event_id"]] += 1
+        return self.copy(record)  # type: ignore[operator]
+
+    def releases(self) -> list[tuple[str, int]]:
+        return [(self.source, self.part)] if self.open else []
+
+    def on_commit(self) -> None:
+        pass
+
+    def on_abort(self) -> None:
+        pass
+
+
+def _group_committed(s: Settings, group: str, topic: str, part: int) -> int:
+    from confluent_kafka import Consumer, TopicPartition
+
+    c = Consumer({**s.kafka_config(), "group.id": group, "enable.auto.commit": False})
+    try:
+        [tp] = c.committed([TopicPartition(topic, part)], timeout=10)
+        return int(tp.offset)
+    finally:
+        c.close()
+
+
+def _per_key_in_order(s: Settings, records: list[Any]) -> dict[str, list[int]]:
+    seqs: dict[str, list[int]] = defaultdict(list)
+    for ev in decoded(s, records):
+        seqs[ev["user_id"]].append(int(ev["event_id"][1:]))
+    return seqs
+
+
+def test_a_held_partition_waits_at_its_record_until_released_through_aborts(
+    kafka_settings: Settings,
+) -> None:
+    """A handler holds one partition at a record (HoldPartition): the other partitions go
+    on, the held one's later records are not handled, the group's committed offset for it is
+    the held record's; an abort of the batch that holds it and of a later batch change
+    nothing of that; released, the partition resumes at the record and every event reaches
+    the sink exactly once, in order per key (read_committed)."""
+    import threading
+
+    from segflow.runtime.state import partition_for
+
+    s = kafka_settings
+    source = create_topic(s, s.topic_prefix + "held-in", TOPICS.events, partitions=4)
+    sink = create_topic(s, s.topic_prefix + "held-out", TOPICS.events, partitions=4)
+    group = s.topic_prefix + "g"
+    events = make_events(400, keys=20)
+    part = partition_for("u3", 4)
+    mine = [e for e in events if partition_for(e["user_id"], 4) == part]
+    at = mine[len(mine) // 2]["event_id"]  # mid-partition
+    after = {e["event_id"] for e in mine[len(mine) // 2 :]}
+    produce_events(s, source, events)
+
+    gate = _Gate(sink, source, at, part)
+    config = LoopConfig(
+        service="holder",
+        group_id=group,
+        sources={source: TOPICS.events},
+        batch_size=37,
+        transactional_id=s.topic_prefix + "tx",
+    )
+    loop = ProcessingLoop(s, config, gate, hooks=[gate])
+    aborting = _Aborting(loop.producer)
+    loop.producer = aborting  # type: ignore[assignment]
+
+    def arm() -> None:  # the batch that holds the partition aborts
+        aborting.armed = 1
+
+    gate.on_first_hold = arm
+    runner = threading.Thread(target=loop.run)
+    runner.start()
+    try:
+        others = {e["event_id"] for e in events} - after
+        wait_until(lambda: others <= set(gate.handled), 60, what="the other partitions")
+        wait_until(lambda: (source, part) in loop.held, 30, what="the hold")
+        assert not after & set(gate.handled)  # nothing of the held partition from the record on
+        held_offset = loop.held[(source, part)]
+        assert len(gate.held_at) >= 2 and set(gate.held_at) == {held_offset}  # read again
+        assert _group_committed(s, group, source, part) == held_offset
+        # an abort while held: the rewind does not resume the held partition
+        aborting.armed = 1
+        more = make_events(40, keys=20, start=400)
+        more = [e for e in more if partition_for(e["user_id"], 4) != part]
+        produce_events(s, source, more)
+        extra = {e["event_id"] for e in more}
+
+        def committed_ids() -> set[str]:
+            return {e["event_id"] for e in decoded(s, read_all(s, sink))}
+
+        wait_until(lambda: extra <= committed_ids(), 60, what="records after the abort")
+        assert aborting.aborted == 2
+        assert (source, part) in loop.held and not after & set(gate.handled)
+        assert _group_committed(s, group, source, part) == held_offset
+        gate.open = True
+        wait_until(lambda: after <= set(gate.handled), 60, what="the released partition")
+    finally:
+        loop.stop()
+        runner.join(60)
+    assert not runner.is_alive()
+    assert not loop.held
+    out = read_all(s, sink, expected=len(events) + len(extra))
+    ids = Counter(e["event_id"] for e in decoded(s, out))
+    assert set(ids) == {e["event_id"] for e in events} | extra
+    assert max(ids.values()) == 1  # exactly once, through both aborts
+    for seq in _per_key_in_order(s, out).values():
+        assert seq == sorted(seq)
+
+
+def test_a_held_partition_is_forgotten_at_a_rebalance_and_its_new_owner_holds_it_again(
+    kafka_settings: Settings,
+) -> None:
+    """A second member joins while a partition is held: the (eager) rebalance takes every
+    partition away; whoever owns the held one afterwards reads it from the held record,
+    holds it again, and resumes it once released; every event once, in order per key."""
+    import threading
+
+    from segflow.runtime.state import partition_for
+
+    s = kafka_settings
+    source = create_topic(s, s.topic_prefix + "held-in", TOPICS.events, partitions=4)
+    sink = create_topic(s, s.topic_prefix + "held-out", TOPICS.events, partitions=4)
+    group = s.topic_prefix + "g"
+    events = make_events(400, keys=20)
+    part = partition_for("u3", 4)
+    mine = [e for e in events if partition_for(e["user_id"], 4) == part]
+    at = mine[len(mine) // 2]["event_id"]
+    after = {e["event_id"] for e in mine[len(mine) // 2 :]}
+    produce_events(s, source, events)
+
+    gates, loops, runners = [], [], []
+
+    def start(i: int) -> None:
+        gate = _Gate(sink, source, at, part)
+        config = LoopConfig(
+            service="holder",
+            group_id=group,
+            sources={source: TOPICS.events},
+            batch_size=37,
+            transactional_id=f"{s.topic_prefix}tx{i}",
+        )
+        loop = ProcessingLoop(s, config, gate, hooks=[gate])
+        runner = threading.Thread(target=loop.run)
+        runner.start()
+        gates.append(gate)
+        loops.append(loop)
+        runners.append(runner)
+
+    def handled() -> set[str]:
+        return {k for g in gates for k in g.handled}
+
+    try:
+        start(0)
+        others = {e["event_id"] for e in events} - after
+        wait_until(lambda: others <= handled(), 60, what="the other partitions")
+        wait_until(lambda: loops[0].held, 30, what="the hold")
+        reads = len(gates[0].held_at)
+        start(1)
+        # after the rebalance the owner of the held partition holds it again
+        wait_until(lambda: loops[1].assigned, 60, what="the joiner's assignment")
+        owner = wait_until(
+            lambda: [
+                i
+                for i, lp in enumerate(loops)
+                if part in lp.assigned and lp.held and len(gates[i].held_at) > (i == 0) * reads
+            ],
+            60,
+            what="the held partition read again from the held record and held by its owner",
+        )[0]
+        assert not after & handled()
+        assert all(part not in lp.assigned for i, lp in enumerate(loops) if i != owner)
+        for g in gates:
+            g.open = True
+        wait_until(lambda: after <= handled(), 60, what="the released partition")
+    finally:
+        for lp in loops:
+            lp.stop()
+        for r in runners:
+            r.join(60)
+    assert not any(r.is_alive() for r in runners)
+    out = read_all(s, sink, expected=len(events))
+    ids = Counter(e["event_id"] for e in decoded(s, out))
+    assert set(ids) == {e["event_id"] for e in events}
+    assert max(ids.values()) == 1
+    for seq in _per_key_in_order(s, out).values():
+        assert seq == sorted(seq)

@@ -1,0 +1,122 @@
+"""Held input partitions of the shared loop (a mixin of
+:class:`~segflow.runtime.loop.ProcessingLoop`): a handler that cannot handle a record yet
+(it needs something another input brings later) raises
+:class:`~segflow.runtime.records.HoldPartition`, and its partition stops at that record until
+a hook releases it, so the partition's records are handled in their order whatever the
+timing.
+
+* In the batch: the record gets no outputs; it and the later records of its
+  (topic, partition) in the batch are left unhandled; the batch's transaction commits the
+  partition's offset up to the record (not beyond), with the other partitions' as usual.
+* After the commit: the partition is paused and the consumer seeks it back to the record
+  (both drop what librdkafka prefetched of it). An aborted batch holds nothing: the rewind
+  re-reads it and the handler decides again.
+* Release: after each poll and batch the loop asks the hooks with ``releases() ->
+  Iterable[(topic, partition)]`` (or a caller calls :meth:`release`); a held partition among
+  them resumes at the record, which is handled again. Releasing a partition that is not held
+  does nothing.
+* Rebalance: a held partition that is revoked or lost is resumed (librdkafka would keep an
+  application pause across a re-assignment) and forgotten; its next owner, this instance or
+  another, reads it from the committed offset (the held record) and the handler decides again.
+  A partition that is assigned is never held.
+
+Only partitions this mixin paused are resumed by a release: nothing else in the loop pauses
+a partition today (a restore runs inside the assignment callback, before any fetch).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+from collections.abc import Iterable
+from typing import TYPE_CHECKING
+
+from confluent_kafka import KafkaException, TopicPartition
+
+from segflow.runtime import metrics
+
+if TYPE_CHECKING:
+    from confluent_kafka import Consumer
+
+    from segflow.runtime.records import Hooks, LoopConfig
+
+log = logging.getLogger("segflow.loop")
+
+Key = tuple[str, int]
+
+
+class PartitionHolds:
+    """Mixed into :class:`~segflow.runtime.loop.ProcessingLoop`."""
+
+    config: LoopConfig
+    consumer: Consumer
+    hooks: list[Hooks]
+    instance: str
+    #: Held input partitions (paused, positioned at the held record): key -> its offset.
+    held: dict[Key, int]
+    #: Held by the batch in hand (paused once its transaction commits).
+    _holding: dict[Key, int]
+
+    def _init_holds(self) -> None:
+        self.held = {}
+        self._holding = {}
+        self._releasers = [
+            fn for fn in (getattr(h, "releases", None) for h in self.hooks) if fn is not None
+        ]
+
+    def _is_held(self, key: Key) -> bool:
+        return key in self.held or key in self._holding
+
+    def _hold(self, key: Key, offset: int) -> None:
+        """The handler held ``key`` at ``offset`` (the batch commits up to it)."""
+        self._holding[key] = offset
+
+    def _holds_committed(self) -> None:
+        """The batch committed: its holds take effect (pause, then seek back to the record)."""
+        holding, self._holding = self._holding, {}
+        for (topic, part), offset in holding.items():
+            tp = TopicPartition(topic, part, offset)
+            self.consumer.pause([TopicPartition(topic, part)])
+            try:
+                self.consumer.seek(tp)
+            except KafkaException as exc:  # not assigned any more: nothing to hold
+                log.warning("seek failed", extra={"fields": {"error": str(exc)}})
+                with contextlib.suppress(KafkaException):
+                    self.consumer.resume([TopicPartition(topic, part)])
+                continue
+            self.held[(topic, part)] = offset
+            metrics.HELD_PARTITIONS.labels(self.config.service, self.instance).set(len(self.held))
+            log.info(
+                "partition held",
+                extra={"fields": {"topic": topic, "partition": part, "offset": offset}},
+            )
+
+    def _holds_aborted(self) -> None:
+        """The batch was rolled back: what it held is read again (and decided again)."""
+        self._holding.clear()
+
+    def release(self, partitions: Iterable[Key]) -> None:
+        """Resume the held ones of ``partitions`` at their held record."""
+        for key in partitions:
+            offset = self.held.pop(key, None)
+            if offset is None:
+                continue
+            topic, part = key
+            with contextlib.suppress(KafkaException):
+                self.consumer.resume([TopicPartition(topic, part)])
+            metrics.HELD_PARTITIONS.labels(self.config.service, self.instance).set(len(self.held))
+            log.info(
+                "partition released",
+                extra={"fields": {"topic": topic, "partition": part, "offset": offset}},
+            )
+
+    def _ask_releases(self) -> None:
+        if not self.held:
+            return
+        for releases in self._releasers:
+            self.release(list(releases()))
+
+    def _forget_holds(self, parts: set[int]) -> None:
+        """Partitions revoked or lost: resumed (while still assigned) and forgotten."""
+        self._holding = {k: v for k, v in self._holding.items() if k[1] not in parts}
+        self.release([k for k in self.held if k[1] in parts])
