@@ -36,7 +36,7 @@ from typing import Any
 from confluent_kafka import Consumer
 
 from segflow.runtime.kafka import ensure_topics
-from segflow.runtime.loop import Incoming, LoopConfig, Output, ProcessingLoop
+from segflow.runtime.loop import HoldPartition, Incoming, LoopConfig, Output, ProcessingLoop
 from segflow.runtime.serde import Serde
 from segflow.runtime.settings import Settings
 from segflow.runtime.state import ChangelogStore, partition_for
@@ -144,6 +144,8 @@ class ScorerService(Merges, SharedModel):
         self._learner: SharedLearner | None = None
         self._versions_out: list[tuple[int, bytes]] = []
         self._idle_from: tuple[int | None, float] = (None, clock())
+        self._holds: dict[tuple[str, int], int] = {}
+        self._holds_new: dict[tuple[str, int], int] = {}
         self._tail: Consumer | None = None
         # States are compressed once per transaction (before_commit / end of tick), not per event.
         # Urgent customers are scored once per batch, together, just before the commit.
@@ -282,6 +284,7 @@ class ScorerService(Merges, SharedModel):
         """The store dropped ``partitions`` (another instance owns them now): their customers'
         timers, cached buckets and clocks go too."""
         self.scorer.drop_sources(partitions)
+        self._holds_revoked(partitions)
         self._reload()
         if 0 in partitions:
             self.learner = False
@@ -311,9 +314,11 @@ class ScorerService(Merges, SharedModel):
         yield from self._published()
 
     def handle(self, record: Incoming) -> Iterator[Output]:
+        kind = record.topic.key_name
+        if kind == TOPICS.identified.key_name and self._version_hold(record):
+            raise HoldPartition  # (before anything changed but the sweep it would do)
         now = self._now()
         self.scorer.next_record()
-        kind = record.topic.key_name
         if kind == TOPICS.merges.key_name:
             yield from self._merge(record.value, now)
         elif kind == TOPICS.scorer_handoff.key_name:
@@ -355,10 +360,12 @@ class ScorerService(Merges, SharedModel):
 
     def on_commit(self) -> None:
         self._learned_uncommitted = False
+        self._holds_committed(True)
 
     def on_abort(self) -> None:
         """The stores rolled back: timers and cached buckets must follow them."""
         self._dirty.clear()
+        self._holds_committed(False)
         self.merged = self._merged()
         self._marks()
         self.scorer.rebuild(self._timed(), self._retired())

@@ -43,3 +43,8 @@ PARKED = Counter(
     "Records of a survivor parked at its merge-causing event until every absorbed id's "
     "hand-off arrived",
 )
+HOLDS = Counter(
+    "segflow_scorer_version_holds_total",
+    "Identified partitions held at a record until the shared model's version it scores with "
+    "arrived",
+)

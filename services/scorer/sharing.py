@@ -14,9 +14,10 @@ from typing import TYPE_CHECKING, Any, cast
 import numpy as np
 from confluent_kafka import OFFSET_BEGINNING, Consumer, TopicPartition
 
-from segflow.runtime.loop import Output
+from segflow.runtime.loop import Incoming, Output
 from segflow.runtime.topics import TOPICS
-from services.scorer.metrics import MODEL_VERSIONS
+from services.scorer.config import FORGET_EVENT
+from services.scorer.metrics import HOLDS, MODEL_VERSIONS
 from services.scorer.model import ChurnModel
 from services.scorer.shared import SharedLearner
 
@@ -56,8 +57,55 @@ class SharedModel:
     _learned_uncommitted: bool
     _tail: Consumer | None
 
+    _holds: dict[tuple[str, int], int]
+    _holds_new: dict[tuple[str, int], int]
+
     def _now(self) -> int:
         return int(self.clock() * 1000)
+
+    # -- the hold: a record waits for the version it scores with ---------------------------
+    def _version_hold(self, record: Incoming) -> bool:
+        """Whether to hold the identified ``record``'s partition (the loop's
+        ``HoldPartition``): it may score with a version of the shared model this instance
+        does not have yet (``Scorer.version_needed``). Before holding, what reading it would
+        sweep is swept (``Scorer.precomplete``, sent with the batch), so that the version does
+        not wait for this partition; it is released when the version it waits for arrives
+        (:meth:`releases`)."""
+        sc = self.scorer
+        if sc.sink is None or sc.partition_states is None:
+            return False
+        event = record.value.get("event") or {}
+        t = event.get("occurred_at")
+        if t is None or event.get("event_type") == FORGET_EVENT:
+            return False
+        t = int(t)
+        if not record.value.get("customer_id") or t > self._now() + sc.config.max_future_ms:
+            return False  # dead-lettered when handled
+        part = record.partition
+        need = sc.version_needed(part, t)
+        if need is None:
+            return False
+        blocked = sc.precomplete(part, t, sc.partition_states(part))
+        self._holds_new[(record.topic_name, part)] = need if blocked is None else blocked
+        HOLDS.inc()
+        return True
+
+    def releases(self) -> list[tuple[str, int]]:
+        """The held partitions whose version arrived (the loop resumes them)."""
+        out = [key for key, day in self._holds.items() if self.scorer.has_version(day)]
+        for key in out:
+            del self._holds[key]
+        return out
+
+    def _holds_committed(self, committed: bool) -> None:
+        """The batch committed (its holds take effect) or aborted (it held nothing)."""
+        if committed:
+            self._holds.update(self._holds_new)
+        self._holds_new.clear()
+
+    def _holds_revoked(self, partitions: set[int]) -> None:
+        for key in [k for k in self._holds if k[1] in partitions]:
+            del self._holds[key]
 
     # -- one model (examples out, versions in) -------------------------------------------
     def _sink(self, kind: str, payload: dict[str, Any]) -> None:
