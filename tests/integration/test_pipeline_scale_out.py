@@ -33,22 +33,22 @@ merge is the same in all three runs). Before the marks 533-973 (2 instances) and
 (with the kill) of ~1,250 changes differed (2 runs); with them 4-42 (all from customers with
 identical scores: the segmenter's percentile thresholds) and 388-434 (events late for the
 instance that took a partition over; 3 runs). With a clock per identified partition (its
-timers and lateness on its own records' time, kept in its changelog) 0-6 of 333 ids have
-any different score record with 2 instances and 2-13 with the kill (before: 12 and 106),
-all at identical features (the shared model), and no customer's segment changes differ
-because its scores do (before: 48 with the kill; 4 runs). The shared model's versions are
-pinned to event-time days (a day learned once every partition's contribution arrived, in a
-canonical order; a score as of day D uses version D - 1), but a score whose version has not
-arrived yet still uses the one before (the partition is not held yet). What still differs:
-that, and the order of a scores partition's records, which
+timers and lateness on its own records' time, kept in its changelog) 0-6 of 333 ids have any
+different score record with 2 instances and 2-13 with the kill (before: 12 and 106), all at
+identical features (the shared model), and no customer's segment changes differ because its
+scores do (before: 48 with the kill; 4 runs). The shared model's versions are pinned to
+event-time days (a day learned once every partition's contribution arrived, in a canonical
+order; a score as of day D uses version D - 1, its partition held until it arrives): score
+records, compared with their cluster and model version since, differ for 0 ids in either run
+(session 10, 1 run). What still differs: the order of a scores partition's records, which
 the segmenter's per-partition percentile tables follow (services/segmenter/README.md,
 "Running N instances"): the scorer now produces each score at the place of the record that
 made it due, whatever the batching (session 9; the customers that took no part in a merge
-get the same sequence per partition in every run, bar a record emitted in one run only),
-but a survivor's records parked behind a merge hand-off are scored when it arrives, a
-point that depends on timing. See
-services/scorer/README.md, "Deterministic scores"; run with ``-s`` for per-cause counts
-(``diagnose``), with ``SEGFLOW_PIPELINE_DUMP=FILE`` to keep the runs' outputs.
+get the same sequence per partition in every run, bar a record emitted in one run only), but
+a survivor's records parked behind a merge hand-off are scored when it arrives, a point that
+depends on timing. See services/scorer/README.md, "Deterministic scores"; run with ``-s``
+for per-cause counts (``diagnose``), with ``SEGFLOW_PIPELINE_DUMP=FILE`` to keep the runs'
+outputs.
 
 Merged-away ids with a live final score: the cause seen with 1 or 2 instances (a chain of
 merges, X absorbs Y and Z absorbs X, read in reverse order: a new X was started) is fixed and
@@ -703,9 +703,8 @@ def test_a_merge_lands_at_the_same_point_of_the_survivors_history_in_every_run(
     reason="scores depend neither on batching or tick timing nor on where merges land (issue "
     "#15's merge marks) nor on which instance reads a partition (a clock per partition, in "
     "its changelog) nor, for the order of a scores partition's records, on where batches "
-    "end, but a score whose shared-model version (day D - 1) has not arrived yet uses "
-    "the one before (the partition is not held), and the segmenter's per-partition "
-    "percentile tables follow the order of a scores partition's records, in which a "
+    "end, nor on the shared model's versions (day D - 1, held for), but the segmenter's "
+    "per-partition percentile tables follow the order of a scores partition's records, in which a "
     "survivor parked behind a merge hand-off lands where the hand-off arrives, in some "
     "segment changes (services/scorer/README.md, Deterministic scores)",
 )
