@@ -40,7 +40,7 @@ scores do (before: 48 with the kill; 4 runs). The shared model's versions are pi
 event-time days (a day learned once every partition's contribution arrived, in a canonical
 order; a score as of day D uses version D - 1, its partition held until it arrives): score
 records, compared with their cluster and model version since, differ for 0 ids in either run
-(session 10, 1 run). What still differs: the order of a scores partition's records, which
+(session 10, 2 runs). What still differs: the order of a scores partition's records, which
 the segmenter's per-partition percentile tables follow (services/segmenter/README.md,
 "Running N instances"): the scorer now produces each score at the place of the record that
 made it due, whatever the batching (session 9; the customers that took no part in a merge
