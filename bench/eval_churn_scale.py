@@ -2,13 +2,13 @@
 one process, without Kafka).
 
 Each instance is a scorer core that owns the customers of its partitions (the range split of
-4 partitions, as the consumer group assigns them) and sends what it would learn to a sink
-(``Scorer.sink``: matured labelled examples, cluster inputs, BG/NBD summaries); one learner
-model learns it all (``core.learn_from``: a refit day's summaries once every instance sent
-them, stacked) and every instance scores with the learner's latest version, taken after each
-flush (``core.adopt``: the model topic, one flush late). Evaluated like bench/eval_churn.py:
-at weekly points after the warm-up, every customer not truly churned yet is scored by its
-owner and labelled by the simulator's script (churn within H days).
+4 partitions, as the consumer group assigns them) and sends each partition's contribution per
+day (``Scorer.sink``, ``Scorer.sweep``: cluster inputs, matured examples, BG/NBD summaries)
+to one learner (``shared.SharedLearner``: a day once every partition completed it, in a
+canonical order); every version goes to every instance as it is made, and a score as of day D
+uses version D - 1 (``Scorer.model_for``). Evaluated like bench/eval_churn.py: at weekly
+points after the warm-up, every customer not truly churned yet is scored by its owner and
+labelled by the simulator's script (churn within H days).
 
     .venv/bin/python bench/eval_churn_scale.py --instances 1 2 --seeds 7
 """
@@ -20,7 +20,6 @@ import os
 import pickle
 import sys
 import time
-from collections import defaultdict
 from typing import Any
 
 import numpy as np
@@ -32,15 +31,8 @@ from segflow.runtime.state import partition_for  # noqa: E402
 from segflow.sim.generator import SimConfig, Simulation  # noqa: E402
 from segflow.sim.noise import Delivery  # noqa: E402
 from segflow.sim.truth import truth_records  # noqa: E402
-from services.scorer.core import (  # noqa: E402
-    DAY,
-    Scorer,
-    ScorerConfig,
-    StateWrite,
-    adopt,
-    learn_from,
-    new_model,
-)
+from services.scorer.core import DAY, Scorer, ScorerConfig, StateWrite  # noqa: E402
+from services.scorer.shared import SharedLearner  # noqa: E402
 
 PARTITIONS = 4
 
@@ -59,15 +51,22 @@ def evaluate(args: argparse.Namespace, seed: int, instances: int) -> dict[str, A
     items = [(d.customer, d.event) for d in sim.run() if isinstance(d, Delivery)]
     truth = {r["customer"]: r for r in truth_records(sim)}
     cfg = ScorerConfig()
-    learner = new_model()
-    queue: list[tuple[int, str, dict[str, Any]]] = []
-    summaries: dict[int, dict[int, Any]] = defaultdict(dict)
+    learner = SharedLearner(PARTITIONS, cfg)
     scorers = []
+    stores: list[dict[str, dict[str, Any]]] = [{} for _ in range(instances)]
     for i in range(instances):
         sc = Scorer(cfg)
-        sc.sink = lambda kind, payload, i=i: queue.append((i, kind, payload))
+        sc.partition_of = lambda cid: partition_for(cid, PARTITIONS)
+        sc.partition_states = lambda p, i=i: [
+            (c, st) for c, st in stores[i].items() if partition_for(c, PARTITIONS) == p
+        ]
+        sc.sink = lambda kind, payload: deliver(payload)
         scorers.append(sc)
-    stores: list[dict[str, dict[str, Any]]] = [{} for _ in range(instances)]
+
+    def deliver(payload: dict[str, Any]) -> None:
+        for day, blob in learner.add(payload):  # the versions: to every instance at once
+            for sc in scorers:
+                sc.receive(day, pickle.loads(blob))  # noqa: S301 - our own model
 
     def apply(k: int, outs: list[Any]) -> None:
         for o in outs:
@@ -80,19 +79,6 @@ def evaluate(args: argparse.Namespace, seed: int, instances: int) -> dict[str, A
     def flush_all(t: int) -> None:
         for k, sc in enumerate(scorers):
             apply(k, sc.flush(stores[k].get, stores[k].items, t))
-        for k, kind, payload in queue:  # the examples topic, in arrival order
-            if kind == "summary":
-                day = summaries[int(payload["day"])]
-                day[k] = payload["rows"]
-                if len(day) == instances:  # every instance's customers: one fit
-                    rows = np.concatenate([day[j] for j in sorted(day)])
-                    learn_from(learner, kind, {"day": payload["day"], "rows": rows}, cfg)
-            else:
-                learn_from(learner, kind, payload, cfg)
-        queue.clear()
-        blob = pickle.dumps(learner)  # the published version every instance loads
-        for sc in scorers:
-            adopt(sc, pickle.loads(blob))  # noqa: S301 - our own model
 
     horizon = cfg.churn_horizon_days * DAY
     ps: list[float] = []
@@ -114,7 +100,8 @@ def evaluate(args: argparse.Namespace, seed: int, instances: int) -> dict[str, A
                         ys.append(churn_at is not None and churn_at <= next_eval + horizon)
                 next_eval += args.eval_every_days * DAY
         k = owner(cid, instances)
-        _, outs = scorers[k].on_event(stores[k].get(cid), cid, ev, t)
+        part = partition_for(cid, PARTITIONS)
+        _, outs = scorers[k].on_event(stores[k].get(cid), cid, ev, t, part)
         apply(k, outs)
         if i % args.flush_every == 0:
             flush_all(t)
@@ -125,8 +112,9 @@ def evaluate(args: argparse.Namespace, seed: int, instances: int) -> dict[str, A
         "seed": seed,
         "eval_points": len(p),
         "truth_roc_auc": roc_auc(p, y),
-        "labels_learned": learner.n_learned,
-        "bgnbd_refit_day": learner.bgnbd_day,
+        "labels_learned": learner.model.n_learned,
+        "bgnbd_refit_day": learner.model.bgnbd_day,
+        "early_scores": sum(sc.early_scores for sc in scorers),
         "customers_per_instance": " / ".join(str(len(s)) for s in stores),
         "cpu_s": round(time.process_time() - started, 1),
     }

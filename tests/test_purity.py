@@ -61,6 +61,8 @@ PURE = (
         "services.scorer.view",
         "services.scorer.clock",
         "services.scorer.labels",
+        "services.scorer.days",
+        "services.scorer.shared",
         "services.scorer.timers",
         "services.scorer.layout",
         "services.scorer.merge",

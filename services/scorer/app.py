@@ -15,28 +15,28 @@ offset in one transaction. Where the merge lands among the customers' records is
 identity's merge marks in the identified partitions (:mod:`services.scorer.handoff`). Later
 events for the absorbed id are forwarded to the survivor.
 
-One churn model for the deployment: every instance sends what it would learn (matured
-labelled examples, cluster inputs, BG/NBD summaries: ``Scorer.sink``) to the one-partition
-``scorer.examples``; the instance that owns its partition 0 (the range assignor gives it the
-same member as partition 0 of the inputs) learns them and publishes the model, in the same
-transaction as the examples' offsets, to ``scorer.model`` under ``churn.shared``; every
-instance tails that topic and scores with the latest version (``core.adopt``).
+One churn model for the deployment: every instance sends each identified partition's
+contribution per event-time day (cluster inputs, matured examples, BG/NBD summaries:
+``Scorer.sweep``, ``Scorer.sink``) to the one-partition ``scorer.examples``; the instance that
+owns its partition 0 (the range assignor gives it the same member as partition 0 of the
+inputs) learns a day once every partition completed it (services/scorer/shared.py) and
+publishes version ``churn.shared.<day>`` and its own state ``churn.learner`` to
+``scorer.model``, in the same transaction as the contributions' offsets; every instance tails
+that topic, keeps the recent versions and scores as of day D with version D - 1.
 """
 
 from __future__ import annotations
 
-import io
 import logging
 import math
 import time
 from collections.abc import Callable, Iterable, Iterator
-from typing import Any, cast
+from typing import Any
 
-import numpy as np
-from confluent_kafka import OFFSET_BEGINNING, Consumer, TopicPartition
+from confluent_kafka import Consumer
 
 from segflow.runtime.kafka import ensure_topics
-from segflow.runtime.loop import Incoming, LoopConfig, Output, ProcessingLoop
+from segflow.runtime.loop import HoldPartition, Incoming, LoopConfig, Output, ProcessingLoop
 from segflow.runtime.serde import Serde
 from segflow.runtime.settings import Settings
 from segflow.runtime.state import ChangelogStore, partition_for
@@ -48,8 +48,6 @@ from services.scorer.core import (
     ScoreEmit,
     Scorer,
     StateWrite,
-    adopt,
-    learn_from,
 )
 from services.scorer.features import State, new_state, upgrade
 from services.scorer.handoff import HELD_KEY as HELD_KEY
@@ -65,7 +63,6 @@ from services.scorer.metrics import (
     LABELS,
     LEARNER,
     MODEL_QUALITY,
-    MODEL_VERSIONS,
     RETIRED_DROPS,
     SCORED,
     TIMERS,
@@ -74,8 +71,11 @@ from services.scorer.metrics import (
 from services.scorer.metrics import FORWARDED as FORWARDED
 from services.scorer.metrics import HANDOFFS as HANDOFFS
 from services.scorer.metrics import PARKED as PARKED
-from services.scorer.model import ChurnModel
 from services.scorer.settings import ScorerSettings as ScorerSettings
+from services.scorer.shared import SharedLearner
+from services.scorer.sharing import LEARNER_KEY as LEARNER_KEY
+from services.scorer.sharing import SHARED_MODEL as SHARED_MODEL
+from services.scorer.sharing import SharedModel
 
 log = logging.getLogger("segflow.scorer")
 
@@ -89,8 +89,6 @@ CLOCK_KEY = "clock:"
 #: Prefixes of the state keys that are not customers (retired, merged-away, waiting and held
 #: ids, the partitions' clocks).
 MARKERS = (RETIRED_KEY, MERGED_KEY, WAIT_KEY, HELD_KEY, CLOCK_KEY)
-#: ``scorer.model`` key of the deployment's one churn model (published by the learner).
-SHARED_MODEL = "churn.shared"
 
 
 def clock_record(part: int, c: PartitionClock) -> State:
@@ -115,7 +113,7 @@ def clock_of(st: State) -> PartitionClock:
     )
 
 
-class ScorerService(Merges):
+class ScorerService(Merges, SharedModel):
     """Handler, tick and abort hook of the scorer on the shared loop (merges and hand-offs:
     :class:`services.scorer.handoff.Merges`)."""
 
@@ -144,16 +142,23 @@ class ScorerService(Merges):
         self._learned_in_batch = False
         self._learned_uncommitted = False
         self._examples_out: list[Output] = []
-        #: Refit day -> (partitions covered, their BG/NBD summaries): fitted once complete.
-        self._summaries: dict[int, tuple[set[int], list[Any]]] = {}
+        self._learner: SharedLearner | None = None
+        self._versions_out: list[tuple[int, bytes]] = []
+        self._idle_from: tuple[int | None, float] = (None, clock())
+        self._holds: dict[tuple[str, int], int] = {}
+        self._holds_new: dict[tuple[str, int], int] = {}
         self._tail: Consumer | None = None
         # States are compressed once per transaction (before_commit / end of tick), not per event.
         # Urgent customers are scored once per batch, together, just before the commit.
         self.scorer = Scorer(self.options.core(), pack_states=False, defer_scores=True)
+        parts = self.states.partitions  # co-partitioned with the identified topic
         if self.options.shared_model:
             self.scorer.sink = self._sink
+            self.scorer.version_lag_days = self.options.shared_model_lag_days
+            self.scorer.partition_states = lambda p: (
+                (k, v) for k, v in self.customers() if partition_for(k, parts) == p
+            )
         self.scorer.store = self.states.get  # timers the watermark passed fire together
-        parts = self.states.partitions  # co-partitioned with the identified topic
         self.scorer.partition_of = lambda cid: partition_for(cid, parts)
         self._dirty: set[str] = set()
         self._identified = TOPICS.identified.name(settings)
@@ -263,9 +268,9 @@ class ScorerService(Merges):
         self._load_clocks()
         if 0 in partitions and self.options.shared_model:
             self.learner = True
-            self._summaries.clear()
             self.models.restore()  # what the previous learner committed, with its offsets
             self._adopt_stored()
+            self._load_learner()
             LEARNER.set(1)
             log.info(
                 "churn-model learner",
@@ -281,93 +286,11 @@ class ScorerService(Merges):
         timers, cached buckets and clocks go too."""
         self.scorer.drop_sources(partitions)
         self.holding = {p: h for p, h in self.holding.items() if p not in partitions}
+        self._holds_revoked(partitions)
         self._reload()
         if 0 in partitions:
             self.learner = False
             LEARNER.set(0)
-
-    # -- one model (examples out, versions in) -------------------------------------------
-    def _sink(self, kind: str, payload: dict[str, Any]) -> None:
-        """What the core would learn, as a record for the learner (yielded with the outputs
-        of the batch or tick that produced it)."""
-        owned = self.states.assigned
-        parts = sorted(range(self.states.partitions) if owned is None else owned)
-        if owned is None:  # not in a consumer group (tools, tests): the only learner there is
-            self._apply(kind, int(payload.get("day", 0)), parts, payload)
-            return
-        buf = io.BytesIO()
-        cast(Any, np.savez)(buf, **{k: np.asarray(v) for k, v in payload.items()})
-        value = {
-            "kind": kind,
-            "instance": self.instance,
-            "day": int(payload.get("day", 0)),
-            "partitions": parts,
-            "payload": buf.getvalue(),
-            "sent_at": self._now(),
-        }
-        self._examples_out.append(Output(TOPICS.scorer_examples, self.instance, value))
-
-    def _examples(self) -> Iterator[Output]:
-        out, self._examples_out = self._examples_out, []
-        yield from out
-
-    def _learn(self, rec: dict[str, Any]) -> None:
-        """The learner: an examples record into the model (a refit day's BG/NBD summaries
-        once every partition's arrived)."""
-        with np.load(io.BytesIO(rec["payload"])) as npz:
-            payload: dict[str, Any] = {k: npz[k] for k in npz.files}
-        self._apply(rec["kind"], int(rec["day"]), rec["partitions"], payload)
-
-    def _apply(self, kind: str, day: int, partitions: list[int], payload: dict[str, Any]) -> None:
-        if kind == "summary":
-            parts, rows = self._summaries.setdefault(day, (set(), []))
-            parts.update(partitions)
-            rows.append(payload["rows"])
-            if len(parts) < self.states.partitions:
-                return
-            del self._summaries[day]
-            for old in [d for d in self._summaries if d < day]:
-                del self._summaries[old]  # a newer fit supersedes an incomplete older day
-            payload = {"day": day, "rows": np.concatenate(rows)}
-        learn_from(self.scorer.model, kind, payload, self.scorer.config)
-        self._learned_in_batch = self._learned_uncommitted = True
-
-    def _published(self) -> Iterator[Output]:
-        """The learner's model, in the transaction of the examples it learned."""
-        if self._learned_in_batch:
-            self._learned_in_batch = False
-            self.scorer._descriptions = self.scorer.model.describe_clusters()
-            MODEL_VERSIONS.labels("published").inc()
-            yield self.models.put(SHARED_MODEL, self.scorer.checkpoint(SHARED_MODEL, self._now()))
-
-    def _adopt_stored(self) -> None:
-        record = self.models.get(SHARED_MODEL) if self.options.shared_model else None
-        if record is not None:
-            adopt(self.scorer, ChurnModel.from_bytes(record["model"]))
-
-    def _follow(self) -> None:
-        """Not the learner: score with the latest published version of the shared model."""
-        if self.learner or not self.options.shared_model:
-            return
-        if self._tail is None:
-            topic = TOPICS.scorer_model.name(self.settings)
-            self._tail = Consumer(
-                {
-                    **self.settings.kafka_config(),
-                    "group.id": f"{self.options.group_id}-{self.instance}-model",
-                    "enable.auto.commit": False,
-                    "isolation.level": "read_committed",
-                }
-            )
-            self._tail.assign([TopicPartition(topic, 0, OFFSET_BEGINNING)])
-        latest = None
-        for msg in self._tail.consume(100, 0):
-            if msg.error() is None and msg.key() == SHARED_MODEL.encode() and msg.value():
-                latest = msg.value()
-        if latest is not None:
-            record = self.serde.decode(TOPICS.scorer_model, latest)
-            adopt(self.scorer, ChurnModel.from_bytes(record["model"]))
-            MODEL_VERSIONS.labels("adopted").inc()
 
     def close(self) -> None:
         if self._tail is not None:
@@ -392,10 +315,19 @@ class ScorerService(Merges):
         yield from self._examples()
         yield from self._published()
 
+    def releases(self) -> list[tuple[str, int]]:
+        """Loop hook: the held identified partitions that may go on, for either reason a
+        partition is held (a merge's hand-offs, :meth:`Merges.releases`; the shared model's
+        version, :meth:`SharedModel.releases`). One held for both is released by each in turn
+        and re-read: the record that held it holds it again while the other is missing."""
+        return [*Merges.releases(self), *SharedModel.releases(self)]
+
     def handle(self, record: Incoming) -> Iterator[Output]:
+        kind = record.topic.key_name
+        if kind == TOPICS.identified.key_name and self._version_hold(record):
+            raise HoldPartition  # (before anything changed but the sweep it would do)
         now = self._now()
         self.scorer.next_record()
-        kind = record.topic.key_name
         if kind == TOPICS.merges.key_name:
             yield from self._merge(record.value, now)
         elif kind == TOPICS.scorer_handoff.key_name:
@@ -418,6 +350,8 @@ class ScorerService(Merges):
         yield from self._outputs(outs)
         yield from self._sealed()
         yield from self._examples()
+        self._idle_rule()
+        yield from self._published()
         model = self.scorer.model
         if (
             model.n_learned != self._checkpointed_n
@@ -435,20 +369,22 @@ class ScorerService(Merges):
 
     def on_commit(self) -> None:
         self._learned_uncommitted = False
+        self._holds_committed(True)
 
     def on_abort(self) -> None:
         """The stores rolled back: timers and cached buckets must follow them."""
         self._dirty.clear()
+        self._holds_committed(False)
         self.merged = self._merged()
         self._marks()
         self.scorer.rebuild(self._timed(), self._retired())
         self._load_clocks()  # as committed: the rolled-back records come again
         self._examples_out.clear()
         if self._learned_uncommitted:
-            # the learned examples come again: back to the version committed with the offsets
+            # the contributions come again: back to the learner committed with the offsets
             self._learned_in_batch = self._learned_uncommitted = False
-            self._summaries.clear()
-            self._adopt_stored()
+            self._versions_out.clear()
+            self._load_learner()
 
     def _sealed(self) -> Iterator[Output]:
         self.scorer.seal()

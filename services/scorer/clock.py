@@ -11,6 +11,7 @@ from typing import Any
 
 from segflow.errors import InvalidRecord
 from services.scorer.config import FORGET_EVENT, ScorerConfig
+from services.scorer.features import DAY
 
 
 @dataclass
@@ -163,6 +164,9 @@ class EventClock:
         old = c.latest
         c.observe(t, block)
         self._moved.add(source)
+        delay = self.config.watermark_delay_ms
+        if old < 0 or (c.latest - delay) // DAY > (old - delay) // DAY:
+            self._day_passed(source)
         if c.latest > old and self.defer_scores:
             delay = self.config.watermark_delay_ms
             passes = self._passes.get(source)
@@ -170,6 +174,11 @@ class EventClock:
                 start = old - delay if old >= 0 else -(2**62)
                 passes = self._passes[source] = [(start, -1)]
             passes.append((c.latest - delay, self._pos))
+
+    def _day_passed(self, source: Any) -> None:
+        """Partition ``source``'s first record, or its watermark passed a day boundary (at the
+        record that moved it, before the record is applied): services.scorer.days sweeps it
+        (one model for N instances)."""
 
     def next_record(self) -> None:
         """A record is read (the shell, for every record: also those that are no event, such

@@ -17,8 +17,8 @@ Event time
     ``allowed_lateness_ms``: an older event is rejected (``too_late``, dead-lettered); a later
     one lands in its own day bucket however late it comes. The shell keeps each partition's
     clock in that partition's changelog, so a new owner continues where the old one
-    committed. Deployment-level work (training snapshots, label maturity) runs on the
-    instance's clock, ``max_event_ms``: the smallest over the partitions it reads.
+    committed. Training snapshots and labels: each partition's own clock with one model for N
+    instances (:mod:`services.scorer.days`), else the instance's (``max_event_ms``).
 
 Emission (coalescing)
     An *urgent* event (purchase, cancellation, escalated ticket, unsubscribe, or the first
@@ -60,7 +60,7 @@ Churn
 from __future__ import annotations
 
 import heapq
-from collections.abc import Callable, Collection, Mapping, Sequence
+from collections.abc import Callable, Collection, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -79,6 +79,8 @@ from services.scorer.config import Retire as Retire
 from services.scorer.config import ScoreEmit as ScoreEmit
 from services.scorer.config import ScorerConfig as ScorerConfig
 from services.scorer.config import StateWrite as StateWrite
+from services.scorer.days import SharedDays as SharedDays
+from services.scorer.days import adopt as adopt
 from services.scorer.features import (
     DAY,
     FEATURE_INDEX,
@@ -96,7 +98,6 @@ from services.scorer.features import (
 )
 from services.scorer.labels import Labels as Labels
 from services.scorer.labels import Pending as Pending
-from services.scorer.labels import learn_from as learn_from
 from services.scorer.merge import merge_into
 from services.scorer.model import CLUSTER_DIMS, ChurnModel
 from services.scorer.timers import Timers as Timers
@@ -127,21 +128,18 @@ from services.scorer.view import new_model as new_model
 
 
 @dataclass
-class Scorer(Timers):
+class Scorer(Timers, SharedDays):
     """The scorer's process-wide state: event-time clock, model, timers (rebuildable)."""
 
     config: ScorerConfig
     model: ChurnModel = field(default_factory=new_model)
-    #: Per input partition: its event-time clock (:class:`services.scorer.clock.PartitionClock`).
+    #: Per input partition: its event-time clock.
     clocks: dict[Any, PartitionClock] = field(default_factory=dict)
     _moved: set[Any] = field(default_factory=set)
-    #: The input partition of a customer id (the shell's ``partition_for``); None: one
-    #: partition for everything (tools, tests, benches).
+    #: A customer id's input partition (the shell's); None: one for all (tools, tests).
     partition_of: Callable[[str], Any] | None = None
-    #: Per input partition: a heap of (due, customer id).
     _timers: dict[Any, list[tuple[int, str]]] = field(default_factory=dict)
-    #: Each customer's live timer (the heap may also hold superseded ones, skipped when
-    #: popped): one per customer, so no customer is ever left without one.
+    #: Each customer's one live timer (the heaps may hold superseded ones, skipped).
     _timer_at: dict[str, int] = field(default_factory=dict)
     _timer_from: dict[str, tuple[int, int]] = field(default_factory=dict)
     _pos: int = 0
@@ -171,16 +169,23 @@ class Scorer(Timers):
     #: Customers to score at :meth:`settle`: (True: emit even if nothing moved, after a
     #: merge; the instant to score as of; the position of the event or merge).
     _urgent: dict[str, tuple[bool, int, int]] = field(default_factory=dict)
-    #: Customer ids that were forgotten (see :meth:`forget`); the shell restores them.
+    #: Forgotten customer ids (see :meth:`forget`); the shell restores them.
     retired: set[str] = field(default_factory=set)
     #: Events and merges dropped because their customer id was forgotten.
     dropped_retired: int = 0
-    #: None: this scorer learns its own model. Set (N instances, one model): what it would
-    #: learn goes to ``sink(kind, payload)`` instead, for the deployment's one learner
-    #: (:func:`learn_from`): ``"examples"`` (a label day's matured snapshots), ``"clusters"``
-    #: (cluster inputs of the snapshots) and ``"summary"`` (the BG/NBD summaries of a refit
-    #: day); the scorer scores with the model versions the learner publishes.
+    #: None: this scorer learns its own model. Set (N instances, one model): each partition's
+    #: contribution per day goes to ``sink("day", payload)`` (services.scorer.days) for the
+    #: one learner, and scores use the versions it publishes.
     sink: Callable[[str, dict[str, Any]], None] | None = None
+    #: With a sink: the shared model's versions received, by day (:meth:`model_for`).
+    versions: dict[int, ChurnModel] = field(default_factory=dict)
+    version_lag_days: int = 1
+    keep_versions: int = 32
+    early_scores: int = 0  # scorings before their version came (they used the newest)
+    partition_states: Callable[[Any], Iterable[tuple[str, State]]] | None = None
+    _swept: dict[Any, int] = field(default_factory=dict)  # (services.scorer.days)
+    _rate: dict[Any, float] = field(default_factory=dict)
+    _initial: ChurnModel | None = None
 
     def __post_init__(self) -> None:  # the clusters' descriptions from the first score on
         self.model.cluster_rows(np.zeros((1, len(CLUSTER_DIMS))))  # River draws centres lazily
@@ -222,13 +227,14 @@ class Scorer(Timers):
         st = new_state(customer_id, t) if state is None else dict(state)
         prev_active = st["last_active_ms"]
         b = self.buckets(customer_id, st)
-        sd = self.model.snapshot_day
+        part = self.part(customer_id) if self.sink is not None else None
+        sd = self.model.snapshot_day if part is None else self._swept.get(part)
         if state is not None and sd is not None and t // DAY > sd:
             # the first event after a snapshot day the watermark has not passed yet: snapshot
             # the state before it (exactly as of that midnight)
-            due = self._snapshot_days(customer_id, state, sd, t // DAY)
+            due = self._snapshot_days(customer_id, state, sd, t // DAY, part)
             if due:
-                self._snapshot([(state, d) for d in due])
+                self._snapshot_early(state, due, part)
         del self._cache[customer_id]  # mutated below: not valid for the old blob any more
         b = apply_event(st, event, b, QUALIFYING[self.config.churn_activity])
         if kind == "identify":
@@ -409,13 +415,26 @@ class Scorer(Timers):
     def _scored(
         self, states: Sequence[State], as_ofs: Sequence[int], rows: npt.NDArray[np.float64]
     ) -> list[Scored]:
-        model, cfg = self.model, self.config
-        self.fill_bgnbd(rows)
+        if self.sink is not None and self.versions:
+            groups: dict[int, list[int]] = {}
+            for i, as_of in enumerate(as_ofs):
+                groups.setdefault(id(self.model_for(as_of)), []).append(i)
+            if len(groups) > 1:
+                parts: dict[int, Scored] = {}
+                for idx in groups.values():
+                    sub = self._scored(
+                        [states[i] for i in idx], [as_ofs[i] for i in idx], rows[idx]
+                    )
+                    parts.update(zip(idx, sub, strict=True))
+                return [parts[i] for i in range(len(as_ofs))]
+        model, cfg = self.model_for(as_ofs[0]) if as_ofs else self.model, self.config
+        self.fill_bgnbd(rows, model)
         churn, tops = model.predict_explain_matrix(_MI_NAMES, model_matrix(rows), cfg.top_k)
         eng = engagement_rows(rows)
         clusters = model.cluster_rows(cluster_rows(rows, eng)).tolist()
         prints = fingerprints(rows)
         ready = model.n_learned >= cfg.min_learned_for_stage
+        descriptions = None if model is self.model else model.describe_clusters()
         out = []
         for i, (st, as_of) in enumerate(zip(states, as_ofs, strict=True)):
             vec = rows[i]
@@ -431,15 +450,17 @@ class Scorer(Timers):
                     stage=lifecycle(st, vec, p, ready, cfg),
                     top=tops[i],
                     fingerprint=prints[i],
+                    model=model,
+                    descriptions=descriptions,
                 )
             )
         return out
 
-    def fill_bgnbd(self, rows: npt.NDArray[np.float64]) -> None:
-        """The ``bgnbd_*`` columns of feature rows (in place), from the latest BG/NBD fit and
-        the rows' ``btyd_*`` summary (a customer without qualifying activity: as one whose
-        first qualifying day is today)."""
-        params = self.model.bgnbd or btyd.DEFAULT_PARAMS
+    def fill_bgnbd(self, rows: npt.NDArray[np.float64], model: ChurnModel | None = None) -> None:
+        """The ``bgnbd_*`` columns of feature rows (in place), from the BG/NBD fit of
+        ``model`` (None: the latest) and the rows' ``btyd_*`` summary (a customer without
+        qualifying activity: as one whose first qualifying day is today)."""
+        params = (model or self.model).bgnbd or btyd.DEFAULT_PARAMS
         h = float(self.config.churn_horizon_days)
         x, tx = rows[:, _BT_X], rows[:, _BT_TX]
         t = np.maximum(rows[:, _BT_T], tx)
@@ -454,7 +475,8 @@ class Scorer(Timers):
         features = dict(zip(FEATURE_NAMES, values, strict=True))
         # not a behavioural feature: how much of the churn score is still the prior (1 = no
         # label learned yet, 0.5 after PRIOR_STRENGTH labels), for rules that want a warm model
-        features[PRIOR_SHARE_FEATURE] = round(self.model.prior_share(), 4)
+        model = self.model if s.model is None else s.model
+        features[PRIOR_SHARE_FEATURE] = round(model.prior_share(), 4)
         return {
             "customer_id": customer_id,
             "as_of": s.as_of,
@@ -468,9 +490,9 @@ class Scorer(Timers):
                 {"name": n, "value": values[FEATURE_INDEX[n]], "contribution": round(c, 4)}
                 for n, c in s.top
             ],
-            "model_version": self.model.version,
+            "model_version": model.version,
             "scored_at": now_ms,
-            "cluster_description": self._descriptions.get(s.cluster, ""),
+            "cluster_description": (s.descriptions or self._descriptions).get(s.cluster, ""),
         }
 
     def _settle(
@@ -514,9 +536,9 @@ class Scorer(Timers):
         return emit if held else None
 
     # -- checkpoints ---------------------------------------------------------------------
-    def checkpoint(self, name: str, now_ms: int) -> dict[str, Any]:
-        """A ``io.segflow.ModelCheckpoint`` record of the current model."""
-        m = self.model
+    def checkpoint(self, name: str, now_ms: int, model: ChurnModel | None = None) -> dict[str, Any]:
+        """A ``io.segflow.ModelCheckpoint`` record of ``model`` (None: the current model)."""
+        m = self.model if model is None else model
         descriptions = m.describe_clusters()
         return {
             "model_name": name,
@@ -552,24 +574,6 @@ class Scorer(Timers):
         return sum(len(heap) for heap in self._timers.values())
 
 
-def adopt(scorer: Scorer, shared: ChurnModel) -> None:
-    """Score with ``shared`` (a model version the deployment's learner published; not shared
-    with anything else afterwards), keeping this scorer's own label bookkeeping: the snapshots
-    waiting for their labels, the days snapshotted and matured, the tie metrics."""
-    old = scorer.model
-    for name in (
-        "pending",
-        "snapshot_day",
-        "snapshot_rate",
-        "matured_through_day",
-        "tie_share",
-        "mean_score",
-    ):
-        setattr(shared, name, getattr(old, name))
-    scorer.model = shared
-    scorer._descriptions = shared.describe_clusters()
-
-
 __all__ = [
     "CLUSTER_DIMS",
     "DAY",
@@ -590,7 +594,6 @@ __all__ = [
     "engagement",
     "fingerprint",
     "adopt",
-    "learn_from",
     "lifecycle",
     "model_input",
 ]

@@ -6,7 +6,7 @@ from __future__ import annotations
 
 import math
 import zlib
-from collections.abc import Callable, Iterable, Mapping
+from collections.abc import Callable, Iterable
 from typing import TYPE_CHECKING, Any
 
 import numpy as np
@@ -14,7 +14,6 @@ import numpy.typing as npt
 
 from services.scorer import btyd
 from services.scorer.clock import EventClock
-from services.scorer.config import ScorerConfig
 from services.scorer.features import (
     DAY,
     EVENT_SIGNAL,
@@ -48,10 +47,14 @@ class Pending:
         self.p: list[float] = []
         self.holdout: list[bool] = []
         self.since: list[float] = []
+        self._seen: set[str] = set()
 
     def add(
         self, cid: str, q_days: int, x: npt.NDArray[np.float64], p: float, held: bool, since: float
     ) -> None:
+        if cid in self._seen:  # taken again (records read again after an abort)
+            return
+        self._seen.add(cid)
         self.ids.append(cid)
         self.q_days.append(q_days)
         self.x.append(x.astype(np.float32))
@@ -68,13 +71,28 @@ class Labels(EventClock):
     sink: Callable[[str, dict[str, Any]], None] | None
     _descriptions: dict[int, str]
     _timers: dict[Any, list[tuple[int, str]]]
+    #: With a sink: the customers of one input partition (the shell's), so that a partition's
+    #: training snapshots and labels are taken at the record that moves its watermark past a
+    #: day boundary (:meth:`sweep`); None: at the next :meth:`snapshots` (a flush).
+    partition_states: Callable[[Any], Iterable[tuple[str, State]]] | None
+    #: With a sink, per input partition: the last day boundary swept, and its snapshot rate.
+    _swept: dict[Any, int]
+    _rate: dict[Any, float]
 
     if TYPE_CHECKING:
 
         def buckets(self, customer_id: str, st: State) -> Buckets:
             raise NotImplementedError
 
-        def fill_bgnbd(self, rows: npt.NDArray[np.float64]) -> None:
+        def fill_bgnbd(
+            self, rows: npt.NDArray[np.float64], model: ChurnModel | None = None
+        ) -> None:
+            raise NotImplementedError
+
+        def model_for(self, as_of: int) -> ChurnModel:
+            raise NotImplementedError
+
+        def sweep(self, part: Any, states: Iterable[tuple[str, State]]) -> int:
             raise NotImplementedError
 
     # -- labels --------------------------------------------------------------------------
@@ -88,7 +106,7 @@ class Labels(EventClock):
         first day that ends with it spent, the rest in the next calls. Returns the number of
         examples learned."""
         fw = self.final_watermark
-        if fw is None:
+        if fw is None or self.sink is not None:  # with a sink: each partition's sweep()
             return 0
         target = fw // DAY  # day boundaries up to target * DAY are final
         model = self.model
@@ -129,9 +147,7 @@ class Labels(EventClock):
         n = 0
         if due is not None:
             n = self._learn_snapshots(due, now_days, end)
-        if refit and self.sink is not None:
-            self.sink("summary", {"day": day, "rows": np.array(summary).reshape(-1, 3)})
-        elif refit and len(summary) >= btyd.MIN_FIT_CUSTOMERS:
+        if refit and len(summary) >= btyd.MIN_FIT_CUSTOMERS:
             a = np.array(summary)
             model.bgnbd = btyd.fit(a[:, 0], a[:, 1], a[:, 2], start=model.bgnbd)
             model.bgnbd_day = day
@@ -148,6 +164,11 @@ class Labels(EventClock):
         wm = self.watermark
         if wm is None:
             return 0
+        if self.sink is not None:  # per partition, on its own clock
+            mine: dict[Any, list[tuple[str, State]]] = {p: [] for p in self.clocks}
+            for cid, st in states():
+                mine.setdefault(self.part(cid), []).append((cid, st))
+            return sum(self.sweep(p, mine[p]) for p in sorted(mine, key=str))
         hi = wm // DAY
         model, cfg = self.model, self.config
         lo = model.snapshot_day
@@ -165,47 +186,64 @@ class Labels(EventClock):
         model.snapshot_day = hi
         cap = cfg.max_pending_labels / max(cfg.churn_horizon_days, 1)
         model.snapshot_rate = min(1.0, cap / max(1.0, n / every))
-        model.observe_scores(self._snapshot(todo))
+        ps, _, crows = self._snapshot(todo)
+        for cx in crows.tolist():
+            model.learn_cluster(dict(zip(_CLUSTER_NAMES, cx, strict=True)))
+        model.observe_scores(ps)
         self._descriptions = model.describe_clusters()
         return len(todo)
 
-    def _snapshot_days(self, cid: str, st: State, lo: int, hi: int) -> list[int]:
+    def _snapshot_days(
+        self, cid: str, st: State, lo: int, hi: int, part: Any | None = None
+    ) -> list[int]:
         """The snapshot days ``d`` in ``(lo, hi]`` of the customer's phase that its state
-        holds exactly (no event at or after ``d * DAY``), sampled at the snapshot rate."""
+        holds exactly (no event at or after ``d * DAY``), sampled at the snapshot rate (with
+        a sink: partition ``part``'s)."""
         every = self.config.snapshot_every_days
         phase = zlib.crc32(cid.encode()) % every
         s0 = max(lo + 1, int(st["last_event_ms"]) // DAY + 1)
-        rate = int(self.model.snapshot_rate * 10_000)
+        share = self.model.snapshot_rate if part is None else self._rate.get(part, 1.0)
+        rate = int(share * 10_000)
         out = []
         for d in range(s0 + (phase - s0) % every, hi + 1, every):
             if rate >= 10_000 or zlib.crc32(f"{cid}:{d}".encode()) % 10_000 < rate:
                 out.append(d)
         return out
 
-    def _snapshot(self, todo: list[tuple[State, int]]) -> npt.NDArray[np.float64]:
+    def _snapshot(
+        self, todo: list[tuple[State, int]], part: Any | None = None
+    ) -> tuple[npt.NDArray[np.float64], list[str], npt.NDArray[np.float64]]:
         """Record training snapshots ``(state, day)``: the model input and churn score as
-        served at the day boundary, and how many qualifying days the customer had before."""
+        served at the day boundary (with a sink: by the version that day's scores use, kept
+        per ``part``), and how many qualifying days the customer had before. Returns their
+        scores, customer ids and cluster inputs."""
         model, cfg = self.model, self.config
-        scores = [np.zeros(0)]
+        scores, ids, crows_all = [np.zeros(0)], [], [np.zeros((0, len(_CLUSTER_NAMES)))]
         for lo in range(0, len(todo), 512):
             chunk = todo[lo : lo + 512]
             sts = [st for st, _ in chunk]
             bs = [self.buckets(st["customer_id"], st) for st in sts]
             rows = compute_many(sts, [d * DAY for _, d in chunk], bs)
-            self.fill_bgnbd(rows)
-            xm = model_matrix(rows)
-            ps = model.predict_explain_matrix(_MI_NAMES, xm, 0)[0]
-            crows = cluster_rows(rows, engagement_rows(rows))
-            if self.sink is not None:
-                self.sink("clusters", {"rows": crows})
-            for cx in [] if self.sink is not None else crows.tolist():
-                model.learn_cluster(dict(zip(_CLUSTER_NAMES, cx, strict=True)))
+            days = sorted({d for _, d in chunk})
+            ps = np.zeros(len(chunk))
+            xm = np.zeros((len(chunk), len(_MI_NAMES)))
+            for d in days:  # (one day but for a customer's event after several boundaries)
+                sel = np.array([dd == d for _, dd in chunk])
+                scorer_model = model if self.sink is None else self.model_for(d * DAY)
+                sub = rows[sel]
+                self.fill_bgnbd(sub, scorer_model)
+                rows[sel] = sub
+                xm[sel] = model_matrix(sub)
+                ps[sel] = scorer_model.predict_explain_matrix(_MI_NAMES, xm[sel], 0)[0]
+            crows_all.append(cluster_rows(rows, engagement_rows(rows)))
             for k, (st, d) in enumerate(chunk):
                 cid = st["customer_id"]
+                ids.append(cid)
                 held = zlib.crc32(b"holdout:" + cid.encode()) % cfg.holdout_every == 0
-                day = model.pending.get(d)
+                key: Any = d if self.sink is None else (part, d)
+                day = model.pending.get(key)
                 if day is None:
-                    day = model.pending[d] = Pending()
+                    day = model.pending[key] = Pending()
                 day.add(
                     cid,
                     self.qualifying_days_before(st, d),
@@ -215,29 +253,10 @@ class Labels(EventClock):
                     float(rows[k, _SINCE_Q]),
                 )
             scores.append(ps)
-        return np.concatenate(scores)
+        return np.concatenate(scores), ids, np.concatenate(crows_all)
 
     def _learn_snapshots(self, due: Pending, now_days: npt.NDArray[np.int64], end: int) -> int:
         """Label matured snapshots and learn from those not held back; returns how many."""
-        if self.sink is not None:
-            keep = now_days >= 0  # not forgotten or merged away since
-            idx = np.flatnonzero(keep)
-            churned = now_days[idx] == np.asarray(due.q_days, dtype=np.int64)[idx]
-            held = np.asarray(due.holdout, dtype=bool)[idx]
-            self.sink(
-                "examples",
-                {
-                    "end": end,
-                    "x": np.array([due.x[i] for i in idx], dtype=np.float32).reshape(
-                        -1, len(_MI_NAMES)
-                    ),
-                    "y": churned,
-                    "p": np.asarray(due.p, dtype=np.float64)[idx],
-                    "holdout": held,
-                    "since": np.asarray(due.since, dtype=np.float64)[idx],
-                },
-            )
-            return int((~held).sum())
         model = self.model
         n = 0
         for i in range(len(due.ids)):
@@ -303,40 +322,3 @@ def suggested_horizon(gaps: npt.NDArray[np.float64]) -> float:
     w = np.cumsum(x[sel][order])
     q = float(mean[order][np.searchsorted(w, 0.8 * w[-1])])
     return float(max(7, math.ceil(q / 7) * 7))
-
-
-def learn_from(
-    model: ChurnModel, kind: str, payload: Mapping[str, Any], config: ScorerConfig
-) -> int:
-    """What a :attr:`Scorer.sink` sent, learned by the deployment's one learner into
-    ``model``, exactly as a scorer without a sink learns it itself; returns the examples
-    learned. ``summary``: BG/NBD summaries of every partition for one refit day, stacked."""
-    if kind == "clusters":
-        for cx in np.asarray(payload["rows"]).tolist():
-            model.learn_cluster(dict(zip(_CLUSTER_NAMES, cx, strict=True)))
-        return 0
-    if kind == "summary":
-        a, day = np.asarray(payload["rows"]).reshape(-1, 3), int(payload["day"])
-        last = model.bgnbd_day  # scorers that hold an older version ask more often
-        due = last is None or day - last >= config.bgnbd_refit_days
-        if due and len(a) >= btyd.MIN_FIT_CUSTOMERS:
-            model.bgnbd = btyd.fit(a[:, 0], a[:, 1], a[:, 2], start=model.bgnbd)
-            model.bgnbd_day = day
-            model.suggested_horizon_days = suggested_horizon(a)
-        return 0
-    n = 0
-    end = int(payload["end"])
-    for x, y, p, held, since in zip(
-        np.asarray(payload["x"], dtype=np.float64).tolist(),
-        np.asarray(payload["y"]).tolist(),
-        np.asarray(payload["p"]).tolist(),
-        np.asarray(payload["holdout"]).tolist(),
-        np.asarray(payload["since"]).tolist(),
-        strict=True,
-    ):
-        if held:
-            model.observe_holdout(float(p), bool(y), float(since))
-            continue
-        model.learn(dict(zip(_MI_NAMES, x, strict=True)), bool(y), at=end, p=float(p))
-        n += 1
-    return n

@@ -48,3 +48,8 @@ HOLDS = Counter(
     "Identified partitions held at a merge-causing event until every absorbed id's hand-off "
     "arrived (counted each time the event is read while one is missing)",
 )
+VERSION_HOLDS = Counter(
+    "segflow_scorer_version_holds_total",
+    "Identified partitions held at a record until the shared model's version it scores with "
+    "arrived",
+)

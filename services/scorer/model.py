@@ -330,6 +330,8 @@ class ChurnModel:
         self.matured_through_day: int | None = None
         self.prior = prior
         self.prior_strength = prior_strength
+        #: The shared model's first version day (services.scorer.shared; None: not shared).
+        self.first_day: int | None = None
         self._centers: Any = None
         self._center_ids: list[int] = []
         self._centers_at = -1
@@ -338,7 +340,7 @@ class ChurnModel:
 
     def _init_labels(self) -> None:
         #: Snapshots waiting for their label, by snapshot day (services.scorer.core.Pending).
-        self.pending: dict[int, Any] = {}
+        self.pending: dict[Any, Any] = {}
         self.snapshot_day: int | None = None
         self.snapshot_rate = 1.0  # share of the customer-days snapshotted (max_pending_labels)
         #: The BG/NBD fit (services.scorer.btyd.BgNbd; None: not fitted yet) and its day.
@@ -359,6 +361,7 @@ class ChurnModel:
     def __setstate__(self, state: dict[str, Any]) -> None:
         state.setdefault("prior", None)  # checkpoints from before the prior
         state.setdefault("prior_strength", 1000.0)
+        state.setdefault("first_day", None)
         state.setdefault("_blend", None)
         if "pending" not in state:  # checkpoints from before the horizon labels
             self._init_labels()

@@ -36,6 +36,13 @@ class ScorerSettings(BaseSettings):
     # True: one churn model for all instances (examples to scorer.examples, the owner of its
     # partition 0 learns and publishes churn.shared). False: each instance learns its own.
     shared_model: bool = True
+    # A score as of day D uses the shared model's version of day D - lag (services/scorer/
+    # shared.py); the learner applies a day once every partition completed it, or once one
+    # partition is grace days past it, or after idle seconds without applying a day while
+    # contributions wait (an idle partition must not stop the model).
+    shared_model_lag_days: int = 1
+    shared_model_grace_days: int = 7
+    shared_model_idle_seconds: float = 300.0
 
     def core(self) -> ScorerConfig:
         return ScorerConfig(

@@ -7,6 +7,7 @@ from __future__ import annotations
 import math
 import zlib
 from dataclasses import dataclass
+from typing import Any
 
 import numpy as np
 import numpy.typing as npt
@@ -427,3 +428,7 @@ class Scored:
     stage: str
     top: list[tuple[str, float]]
     fingerprint: int
+    #: The model that scored it (the shared model's version of its day), and that model's
+    #: cluster descriptions (None: the scorer's current ones).
+    model: Any = None
+    descriptions: dict[int, str] | None = None

@@ -595,10 +595,13 @@ def run_scorers(
     fleet.stop()
     owned = fleet.owned(s)
     assert sorted(owned) == sorted(instances) and all(owned.values()), owned
-    # the learner (owner of partition 0) published the one model (from the snapshots'
-    # cluster inputs: no label matures here) that every instance scores with
-    shared = final(s, TOPICS.scorer_model).get("churn.shared")
-    assert shared is not None and shared["model"], "no shared model published"
+    # the learner (owner of partition 0) published the one model's versions, one per day
+    # every partition completed (from the snapshots' cluster inputs: no label matures here),
+    # that every instance scores with
+    models = final(s, TOPICS.scorer_model)
+    shared = [k for k, v in models.items() if k.startswith("churn.shared.") and v and v["model"]]
+    assert shared, "no shared model version published"
+    assert models.get("churn.learner"), "no learner state published"
     return final(s, TOPICS.scorer_state), final(s, TOPICS.scores), score_records(s)
 
 
