@@ -120,13 +120,15 @@ class Merges:
             elif k.startswith(HELD_KEY):
                 self.held.add(k[len(HELD_KEY) :])
 
-    def releases(self) -> Iterator[tuple[str, int]]:
+    def releases(self) -> list[tuple[str, int]]:
         """Loop hook: the held identified partitions whose hand-offs are all there now (or
         whose survivor was forgotten meanwhile)."""
+        out = []
         for part, (survivor, awaiting) in list(self.holding.items()):
             if survivor in self.scorer.retired or all(a in self.held for a in awaiting):
                 del self.holding[part]
-                yield self._identified, part
+                out.append((self._identified, part))
+        return out
 
     # -- identified records ------------------------------------------------------------------
     def _route(
