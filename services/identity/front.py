@@ -162,6 +162,7 @@ class FrontService(EventChecks):
                 "email_hash": email_hash(self._secret, email) if email else None,
                 "contact": contact,
                 "order_time": order_time,
+                "read_at": now_ms,
             },
             record,
         )
@@ -174,6 +175,7 @@ class FrontService(EventChecks):
             "forget_customer_id": None,
             "order_time": None,
             "idle": False,
+            "read_at": None,
             **fields,
             "source_partition": record.partition,
             "source_offset": record.offset,
@@ -209,6 +211,7 @@ class FrontService(EventChecks):
                         "source_offset": -1,
                         "order_time": self.order.get(p),
                         "idle": True,
+                        "read_at": now_ms,
                     },
                     partition=0,
                 )

@@ -121,7 +121,7 @@ class InputOrder:
         #: half of them were applied): a batch's worth
         self.pause_at = max(2, pause_at)
         self.topic = topic
-        self.merge = Merge()
+        self.merge = Merge(settle_ms=idle_ms)
         self.clock = OrderClock()
         self.idle = IdleClock(idle_ms)
         self.loop: ProcessingLoop | None = None
@@ -155,7 +155,7 @@ class InputOrder:
             return iter(())
         prev = self.clock.get(p)
         t = self.clock.stamp(p, int(record.value["occurred_at"]), now_ms)
-        self.merge.push(p, t, offset, (prev, record, payload))
+        self.merge.push(p, t, offset, (prev, record, payload), now_ms)
         self.read[p] = offset + 1
         self.activity[p] = self.activity.get(p, 0) + 1
         self._dirty.add(p)
@@ -201,7 +201,7 @@ class InputOrder:
             if self.idle.observe(p, self.activity.get(p, 0), done, now_ms) and at_end(
                 self.loop, self.topic, p
             ):
-                self.merge.mark_idle(p, self.clock.get(p))
+                self.merge.mark_idle(p, self.clock.get(p), now_ms)
         return self.due()
 
     # -- commits ----------------------------------------------------------------------------

@@ -78,7 +78,7 @@ class GraphWriter(IdentityService):
         """An empty buffer and the committed next offsets (the loop reads again from the
         committed links offset)."""
         partitions = self._partitions
-        self._merge = Merge()
+        self._merge = Merge(settle_ms=self.config.order_idle_ms)
         self._merge.expect(range(partitions))
         self._links_read = self._links_floor = -1
         self._next = {}
@@ -152,7 +152,9 @@ class GraphWriter(IdentityService):
         order = request.get("order_time")
         p = int(request["source_partition"])
         if request.get("idle"):
-            merge.mark_idle(p, int(order) if order is not None else -(2**62))
+            merge.mark_idle(
+                p, int(order) if order is not None else -(2**62), request.get("read_at")
+            )
         elif order is None:  # a forget request, or a front of an earlier release
             if record.offset < self._next.get(ARRIVED, -1):
                 return  # applied before this writer read it again
@@ -164,7 +166,9 @@ class GraphWriter(IdentityService):
             offset = int(request["source_offset"])
             if offset < self._next.get(p, -1):
                 return  # applied before this writer read it again
-            merge.push(p, int(order), offset, (request, record.raw, record.offset))
+            merge.push(
+                p, int(order), offset, (request, record.raw, record.offset), request.get("read_at")
+            )
         for due_p, due_offset, (due, raw, links_offset) in merge.ready():
             self._next[due_p] = due_offset + 1
             self._moved.add(due_p)

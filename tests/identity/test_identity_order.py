@@ -125,10 +125,12 @@ def test_split_roles_and_one_process_read_late_give_the_same_ids_and_merges(
         # (read to the end of every partition: up to 30 s on a loaded box, not a wait)
         assert read_all(ref, TOPICS.identified.name(ref), timeout=30) == []
         produce(ref, TOPICS.events.name(ref), late)
-        one = identified(ref, expected=len(valid))
+        wait_until(lambda: loop.processed >= len(records), 60, what="the late partition read")
     finally:
+        # a clean stop applies what still waits for the idle time (60 s here), in order
         loop.stop()
         runner.join(60)
+    one = identified(ref, expected=len(valid))
 
     # read in read order, the late partition's events would have been placed after all the
     # others: the same ids and merges say the graph applied the input order both times
