@@ -36,16 +36,17 @@ scores do (before: 48 with the kill; 4 runs). The shared model's versions are pi
 event-time days (a day learned once every partition's contribution arrived, in a canonical
 order; a score as of day D uses version D - 1, its partition held until it arrives): score
 records, compared with their cluster and model version since, differ for 0 ids in either run
-(session 10, 2 runs). What still differs: the order of a scores partition's records, which
-the segmenter's per-partition percentile tables follow (services/segmenter/README.md,
-"Running N instances"): the scorer now produces each score at the place of the record that
-made it due, whatever the batching (session 9; the customers that took no part in a merge
-get the same sequence per partition in every run, bar a record emitted in one run only),
-and a partition whose merge waits for a hand-off holds at the merge-causing event, all its
-customers with it (session 10: 3 / 0 and 2 / 1 customers' changes differ, 2 instances /
-the kill, 2 runs; the records common to two runs are in the same order in every scores
-partition, 0-2 refreshes per partition are emitted in one run only). See
-services/scorer/README.md, "Deterministic scores"; run with ``-s`` for per-cause counts
+(session 10, 2 runs). The order of a scores partition's records, which the segmenter's
+per-partition percentile tables follow (services/segmenter/README.md, "Running N
+instances"), follows its input order: the scorer produces each score at the place of the
+record that made it due, whatever the batching (session 9), and a partition whose merge
+waits for a hand-off holds at the merge-causing event, all its customers with it (session
+10). With identity's input order (events under their own keys) and both holds, 1 and 1
+customers' changes differ (2 instances / the kill; 2 runs, from 67 and 20). What still
+differs: the segmenter reads merges from ``identity.merges``, so a score of an absorbed id
+as of before its merge that it reads after the merge is dropped (one customer's Lifecycle
+entry in the 1-instance run only, and its actions). See services/scorer/README.md,
+"Deterministic scores"; run with ``-s`` for per-cause counts
 (``diagnose``), with ``SEGFLOW_PIPELINE_DUMP=FILE`` to keep the runs' outputs.
 
 Emails the killed dispatcher had recorded as started are failed as ``ambiguous`` in run 3 and
@@ -710,8 +711,9 @@ def test_a_merge_lands_at_the_same_point_of_the_survivors_history_in_every_run(
     "#15's merge marks) nor on which instance reads a partition (a clock per partition, in "
     "its changelog) nor, for the order of a scores partition's records, on where batches "
     "end, nor on the shared model's versions (day D - 1, held for), nor on when a merge's "
-    "hand-offs arrive (the partition holds at the merge), but some segment changes still "
-    "differ (services/scorer/README.md, Deterministic scores)",
+    "hand-offs arrive (the partition holds at the merge), but the segmenter reads merges "
+    "from their own topic: an absorbed id's score read after its merge is dropped, in one "
+    "run and not another (README.md, Scale-out, whole pipeline)",
 )
 def test_two_instances_of_every_service_make_the_same_segment_changes_and_actions_as_one(
     runs: dict[str, Run],
