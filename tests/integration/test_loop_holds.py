@@ -4,6 +4,7 @@ that record, through aborts and rebalances, until a hook releases it."""
 
 from __future__ import annotations
 
+import threading
 from collections import Counter, defaultdict
 from typing import Any
 
@@ -12,6 +13,7 @@ import pytest
 from segflow.runtime.loop import LoopConfig, ProcessingLoop
 from segflow.runtime.passthrough import copier
 from segflow.runtime.settings import Settings
+from segflow.runtime.state import partition_for
 from segflow.runtime.testing import create_topic, produce_events, read_all, wait_until
 from segflow.runtime.topics import TOPICS
 from tests.integration.test_loop import decoded, make_events
@@ -92,6 +94,22 @@ def _per_key_in_order(s: Settings, records: list[Any]) -> dict[str, list[int]]:
     return seqs
 
 
+def _held_setup(
+    s: Settings,
+) -> tuple[str, str, str, int, str, set[str], list[dict[str, Any]]]:
+    """Source and sink topics (4 partitions), the group, the partition held, the event it is
+    held at (mid-partition), the events from there on, and the 400 events (produced)."""
+    source = create_topic(s, s.topic_prefix + "held-in", TOPICS.events, partitions=4)
+    sink = create_topic(s, s.topic_prefix + "held-out", TOPICS.events, partitions=4)
+    events = make_events(400, keys=20)
+    part = partition_for("u3", 4)
+    mine = [e for e in events if partition_for(e["user_id"], 4) == part]
+    at = mine[len(mine) // 2]["event_id"]
+    after = {e["event_id"] for e in mine[len(mine) // 2 :]}
+    produce_events(s, source, events)
+    return source, sink, s.topic_prefix + "g", part, at, after, events
+
+
 def test_a_held_partition_waits_at_its_record_until_released_through_aborts(
     kafka_settings: Settings,
 ) -> None:
@@ -100,20 +118,8 @@ def test_a_held_partition_waits_at_its_record_until_released_through_aborts(
     the held record's; an abort of the batch that holds it and of a later batch change
     nothing of that; released, the partition resumes at the record and every event reaches
     the sink exactly once, in order per key (read_committed)."""
-    import threading
-
-    from segflow.runtime.state import partition_for
-
     s = kafka_settings
-    source = create_topic(s, s.topic_prefix + "held-in", TOPICS.events, partitions=4)
-    sink = create_topic(s, s.topic_prefix + "held-out", TOPICS.events, partitions=4)
-    group = s.topic_prefix + "g"
-    events = make_events(400, keys=20)
-    part = partition_for("u3", 4)
-    mine = [e for e in events if partition_for(e["user_id"], 4) == part]
-    at = mine[len(mine) // 2]["event_id"]  # mid-partition
-    after = {e["event_id"] for e in mine[len(mine) // 2 :]}
-    produce_events(s, source, events)
+    source, sink, group, part, at, after, events = _held_setup(s)
 
     gate = _Gate(sink, source, at, part)
     config = LoopConfig(
@@ -176,20 +182,8 @@ def test_a_held_partition_is_forgotten_at_a_rebalance_and_its_new_owner_holds_it
     """A second member joins while a partition is held: the (eager) rebalance takes every
     partition away; whoever owns the held one afterwards reads it from the held record,
     holds it again, and resumes it once released; every event once, in order per key."""
-    import threading
-
-    from segflow.runtime.state import partition_for
-
     s = kafka_settings
-    source = create_topic(s, s.topic_prefix + "held-in", TOPICS.events, partitions=4)
-    sink = create_topic(s, s.topic_prefix + "held-out", TOPICS.events, partitions=4)
-    group = s.topic_prefix + "g"
-    events = make_events(400, keys=20)
-    part = partition_for("u3", 4)
-    mine = [e for e in events if partition_for(e["user_id"], 4) == part]
-    at = mine[len(mine) // 2]["event_id"]
-    after = {e["event_id"] for e in mine[len(mine) // 2 :]}
-    produce_events(s, source, events)
+    source, sink, group, part, at, after, events = _held_setup(s)
 
     gates, loops, runners = [], [], []
 
