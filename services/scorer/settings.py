@@ -42,7 +42,7 @@ class ScorerSettings(BaseSettings):
     # contributions wait (an idle partition must not stop the model).
     shared_model_lag_days: int = 1
     shared_model_grace_days: int = 7
-    shared_model_idle_seconds: float = 300.0
+    shared_model_idle_seconds: float = 30.0
 
     def core(self) -> ScorerConfig:
         return ScorerConfig(

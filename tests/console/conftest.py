@@ -92,6 +92,9 @@ def console_stack(
     env["SEGFLOW_SEGMENTER_RELOAD_INTERVAL"] = "0.5"
     env["SEGFLOW_DISPATCHER_PLAYBOOKS"] = str(playbooks)
     env["SEGFLOW_DISPATCHER_PLAYBOOK_RELOAD_INTERVAL"] = "0.5"
+    # one customer scored after the simulated weeks, the other partitions quiet: its day's
+    # model version waits for them up to this long (services/scorer/README.md, idle partition)
+    env["SEGFLOW_SCORER_SHARED_MODEL_IDLE_SECONDS"] = "2"
     sup = Supervisor(tmp / "logs", env=env)
     ports = {name: free_port() for name in SERVICES}
     for name in SERVICES:
