@@ -29,6 +29,7 @@ from services.identity import api as identity_api
 from services.identity.app import IdentityService
 from services.scorer import api as scorer_api
 from services.scorer.app import ScorerService
+from services.scorer.settings import ScorerSettings
 from services.segmenter import api as segmenter_api
 from services.segmenter.app import Segmenter, SegmenterConfig
 
@@ -52,7 +53,9 @@ class MiniPipeline:
         s = self.settings
         self.serde = Serde.from_settings(s)
         self.identity = IdentityService(s)
-        self.scorer = ScorerService(s)
+        # its own model, learned in place: this pipeline has no learner reading the shared
+        # model's examples topic (services/scorer/README.md, One churn model)
+        self.scorer = ScorerService(s, ScorerSettings(shared_model=False))
         self.segmenter = Segmenter(s, SegmenterConfig(percentile_refresh=0.0))
         self.dispatcher = Dispatcher(s, DispatcherSettings(clock="event"))
 
