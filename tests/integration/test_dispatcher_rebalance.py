@@ -93,10 +93,14 @@ def test_calls_under_way_when_an_instance_joins_or_stops_cleanly_are_made_once(
         third = len(data) // 3
         send(s, TOPICS.segment_changes, data[:third], by_customer)
         calls_under_way(receiver, fleet, 20)
-        fleet.start("services.dispatcher", s, "1", env)  # joins: "0" gives partitions away
-        assigned(fleet, s, ["0", "1"])
-        send(s, TOPICS.segment_changes, data[third : 2 * third], by_customer)
-        calls_under_way(receiver, fleet, len(receiver.effects()) + 20)
+        # the second third a little at a time while "1" starts and joins (seconds on a loaded
+        # box): "0" keeps starting calls, and has some under way when the join revokes it
+        second = data[third : 2 * third]
+        with ThreadPoolExecutor(1) as pool:
+            sending = pool.submit(paced, s, [second[i : i + 10] for i in range(0, len(second), 10)])
+            fleet.start("services.dispatcher", s, "1", env)  # joins: "0" gives partitions away
+            assigned(fleet, s, ["0", "1"])
+            sending.result()
         # the rest a little at a time while "1" stops: "0" keeps starting calls, and has
         # some under way when the rebalance that follows the stop revokes it
         rest = data[2 * third :]
