@@ -41,8 +41,8 @@ per-partition percentile tables follow (services/segmenter/README.md, "Running N
 instances"), follows its input order: the scorer produces each score at the place of the
 record that made it due, whatever the batching (session 9), and a partition whose merge
 waits for a hand-off holds at the merge-causing event, all its customers with it (session
-10). With identity's input order (events under their own keys) and both holds, 1 and 1
-customers' changes differ (2 instances / the kill; 2 runs, from 67 and 20). What still
+10). With identity's input order (events under their own keys) and both holds, 1-3 and 1
+customers' changes differ (2 instances / the kill; 3 runs, from 67 and 20). What still
 differs: the segmenter reads merges from ``identity.merges``, so a score of an absorbed id
 as of before its merge that it reads after the merge is dropped (one customer's Lifecycle
 entry in the 1-instance run only, and its actions). See services/scorer/README.md,
