@@ -46,10 +46,11 @@ customers' changes differ (2 instances / the kill; 3 runs, from 67 and 20): the 
 read merges from ``identity.merges``, so a score of an absorbed id as of before its merge
 read after the merge was dropped. Since session 11 it retires the id at the scorer's score
 tombstone, the id's last record in its scores partition (services/segmenter/README.md,
-"Merges"): 0 and 0 customers' segment changes differ (2 runs, 2,771 changes each). What
-still differs is the dispatcher's actions on identical changes: 1 extra / 5 missing and
-2 / 3 sent actions of 996 in one run, 0 / 0 and 7 / 2 of 991 in the other (the 1-instance
-runs themselves sent 996 and 991); the results that differ were decided at a different
+"Merges"): 0 and 0 customers' segment changes differ (3 runs, 2,771 changes each). What
+still differs is the dispatcher's actions on identical changes: extra / missing sent
+actions 1 / 5 and 2 / 3 of 996, 0 / 0 and 7 / 2 of 991, 1 / 1 and 2 / 4 of 997 (2 instances
+and the kill; the 1-instance runs themselves sent 996, 991 and 997); the results that
+differ were decided at a different
 ``decided_at`` (the dispatcher's event clock), e.g. scheduled for quiet hours in one run and
 sent in another. See services/scorer/README.md, "Deterministic scores"; run with ``-s`` for
 per-cause counts (``diagnose``), with ``SEGFLOW_PIPELINE_DUMP=FILE`` to keep the runs'
