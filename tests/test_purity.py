@@ -51,6 +51,7 @@ PURE = (
         "services.segmenter.statuses",
         "services.segmenter.records",
         "services.segmenter.rules",
+        "services.segmenter.merging",
         "services.scorer.features",
         "services.scorer.model",
         "services.scorer.btyd",

@@ -5,7 +5,9 @@ input record to the records it produces. The loop does the rest:
 
 * decodes values with the topic's Avro schema; anything that does not decode, or that the
   handler rejects with :class:`~segflow.errors.PoisonMessage`, goes to the DLQ with
-  its original bytes, headers, reason and source offset, and the loop carries on;
+  its original bytes, headers, reason and source offset, and the loop carries on; a
+  compacted input's tombstones (the key deleted upstream) are dropped, except for the
+  sources the handler asked them of (``LoopConfig.tombstones``: ``value`` None, headers kept);
 * in ``exactly_once`` mode, produces a batch's outputs, its dead letters and its consumed
   offsets in one Kafka transaction (KIP-447: the consumer group's metadata travels with the
   offsets, so a restarted or fenced instance never commits twice); an aborted transaction
@@ -398,12 +400,15 @@ class ProcessingLoop(PartitionCallbacks, PartitionHolds):
     ) -> bool:
         """Handle one record; False when the handler holds its partition at it."""
         source = self.config.sources[topic_name]
-        if msg.value() is None and "compact" in source.cleanup:
+        tombstone = msg.value() is None and "compact" in source.cleanup
+        if tombstone and topic_name not in self.config.tombstones:
             self._n_in[topic_name] += 1
             return True  # a tombstone on a compacted input: the key was deleted upstream
         decode = self.config.decoders.get(topic_name)
         try:
-            if decode is None:
+            if tombstone:  # asked for (LoopConfig.tombstones): value None, headers as written
+                decoded = cast(dict[str, Any], None)
+            elif decode is None:
                 decoded = self.serde.decode(source, msg.value())
             else:
                 decoded = decode(msg.value())

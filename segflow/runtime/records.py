@@ -19,7 +19,9 @@ class HoldPartition(Exception):  # noqa: N818 (a signal to the loop, not an erro
 
 
 class Incoming(NamedTuple):
-    """One decoded input record (a NamedTuple: cheap to build once per record)."""
+    """One decoded input record (a NamedTuple: cheap to build once per record). ``value`` is
+    None only for a tombstone of a source the handler asked for (``LoopConfig.tombstones``);
+    the loop drops every other compacted input's tombstones before the handler."""
 
     topic: Topic
     topic_name: str
@@ -126,3 +128,41 @@ class LoopConfig:
     # by the member that the range assignor gives partition 0 (the one that also owns
     # partition 0 of every other input), e.g. the scorer's examples topic for its learner.
     uncopartitioned: tuple[str, ...] = ()
+    # Compacted source topic names whose tombstones the handler receives (``Incoming`` with
+    # ``value`` None, headers as produced); other compacted inputs' tombstones are dropped
+    # before the handler (the key was deleted upstream). The segmenter asks for the scores
+    # topic's: the scorer's tombstone of a merged-away id says where it went (below).
+    tombstones: tuple[str, ...] = ()
+
+
+#: Headers of a tombstone that deletes a key because it was merged into another one: the
+#: survivor's key and the merge's event time (epoch ms, decimal). The scorer writes them on
+#: an absorbed id's score tombstone, after all that id's scores in its partition; the
+#: segmenter retires the id there (services/segmenter/README.md, "Running N instances").
+MERGED_INTO = "segflow-merged-into"
+MERGED_AT = "segflow-merged-at"
+
+
+def merge_headers(survivor: str, at: int) -> list[tuple[str, bytes]]:
+    """The headers of a tombstone for a key merged into ``survivor`` at ``at``.
+
+    >>> merge_headers("c-1", 1_700_000_000_000)
+    [('segflow-merged-into', b'c-1'), ('segflow-merged-at', b'1700000000000')]
+    """
+    return [(MERGED_INTO, survivor.encode()), (MERGED_AT, str(at).encode())]
+
+
+def merged_into(headers: list[tuple[str, bytes | None]] | None) -> tuple[str, int] | None:
+    """(survivor, merge time) from a tombstone's headers; None when they do not say (a
+    forget, a writer from before the headers, or unreadable values).
+
+    >>> merged_into(merge_headers("c-1", 5))
+    ('c-1', 5)
+    >>> merged_into([("segflow-merged-into", b"c-1")]), merged_into(None)
+    (None, None)
+    """
+    found = dict(headers or [])
+    survivor, at = found.get(MERGED_INTO), found.get(MERGED_AT)
+    if not survivor or not at or not at.isdigit():
+        return None
+    return survivor.decode(), int(at)

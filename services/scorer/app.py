@@ -37,6 +37,7 @@ from confluent_kafka import Consumer
 
 from segflow.runtime.kafka import ensure_topics
 from segflow.runtime.loop import HoldPartition, Incoming, LoopConfig, Output, ProcessingLoop
+from segflow.runtime.records import merge_headers
 from segflow.runtime.serde import Serde
 from segflow.runtime.settings import Settings
 from segflow.runtime.state import ChangelogStore, partition_for
@@ -406,7 +407,10 @@ class ScorerService(Merges, SharedModel):
                     states.put(out.customer_id, out.state)
                     self._dirty.add(out.customer_id)
             elif isinstance(out, ScoreEmit):
-                yield Output(TOPICS.scores, out.customer_id, out.score)
+                # a merged-away id's tombstone says where it went (the segmenter retires it
+                # there, after all its scores: services/segmenter/README.md)
+                headers = None if out.merged is None else merge_headers(*out.merged)
+                yield Output(TOPICS.scores, out.customer_id, out.score, headers=headers)
             elif isinstance(out, Retire):
                 marker = new_state(out.customer_id, out.at)
                 marker["emitted_stage"] = "forgotten"

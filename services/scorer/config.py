@@ -98,10 +98,12 @@ class StateWrite:
 
 @dataclass(frozen=True)
 class ScoreEmit:
-    """Produce a CustomerScore (``None``: tombstone the customer's score)."""
+    """Produce a CustomerScore (``None``: tombstone the customer's score; ``merged``: the
+    tombstone of an id merged away, (survivor, merge event time), written in its headers)."""
 
     customer_id: str
     score: dict[str, Any] | None
+    merged: tuple[str, int] | None = None
 
 
 @dataclass(frozen=True)

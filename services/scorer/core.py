@@ -314,7 +314,7 @@ class Scorer(Timers, SharedDays):
             merged = True
             outs.append(StateWrite(absorbed_id, None))
             if absorbed_id not in elsewhere:
-                outs += self.tombstone(absorbed_id)
+                outs += self.tombstone(absorbed_id, (survivor_id, at))
         if not merged or survivor is None:
             return outs
         for absorbed_id in merge["absorbed_ids"]:

@@ -287,9 +287,15 @@ class Merges:
 
     def _absorb(self, absorbed: str, survivor: str, at: int, now: int) -> Iterator[Output]:
         """The absorbed id's ``customer_merged`` record, after all its events: its timers due
-        before the merge fire, its state goes (tombstones) to the survivor's owner."""
+        before the merge fire, its state goes (tombstones) to the survivor's owner. Its score
+        tombstone, after all its scores, carries the merge in its headers (the segmenter
+        retires the id there); it is written also when the id has no state (never scored),
+        so that the segmenter always has it to wait for (one record per merge)."""
         payload = b""
         st = self.states.get(absorbed)
+        fresh = absorbed not in self.merged and absorbed not in self.scorer.retired
+        if st is None and fresh:
+            yield from self._outputs(self.scorer.tombstone(absorbed, (survivor, at)))
         if st is not None and absorbed not in self.scorer.retired:
             st, outs = self.scorer.fire_urgent(absorbed, st, now)
             st, more = self.scorer.fire_before(absorbed, st, at, now)
@@ -301,7 +307,7 @@ class Merges:
             self.scorer.release(absorbed)
             self._dirty.discard(absorbed)
             yield self.states.delete(absorbed)
-            yield from self._outputs(self.scorer.tombstone(absorbed))
+            yield from self._outputs(self.scorer.tombstone(absorbed, (survivor, at)))
         marker = new_state(survivor, at)
         marker["emitted_stage"] = "merged"
         self.merged[absorbed] = survivor
@@ -393,7 +399,8 @@ class Merges:
                 self.scorer.release(a)
                 self._dirty.discard(a)
                 yield self.states.delete(a)
-                yield from self._outputs(self.scorer.tombstone(a))
+                at = int(merge.get("occurred_at") or 0)
+                yield from self._outputs(self.scorer.tombstone(a, (survivor, at)))
                 payload = self.serde.encode(TOPICS.scorer_state, st)
                 yield self._handoff("state", survivor, a, str(merge["merge_id"]), payload, now)
         if survivor in self.scorer.retired:

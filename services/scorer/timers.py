@@ -84,10 +84,11 @@ class Timers(Labels):
         self._held.append(((at[0], at[1], as_of, out.customer_id), out))
         return []
 
-    def tombstone(self, customer_id: str) -> list[Out]:
-        """A score tombstone for ``customer_id`` (merged away) at the current record's place
-        (held like the scores: after the customer's scores due before it)."""
-        return self._emit(ScoreEmit(customer_id, None), (self._pos, 1))
+    def tombstone(self, customer_id: str, merged: tuple[str, int] | None = None) -> list[Out]:
+        """A score tombstone for ``customer_id`` (merged away into ``merged`` = (survivor,
+        merge event time), which its headers carry) at the current record's place (held like
+        the scores: after the customer's scores due before it)."""
+        return self._emit(ScoreEmit(customer_id, None, merged), (self._pos, 1))
 
     def _timer_order(
         self, cid: str, due: int, since: tuple[int, int] | None = None

@@ -45,7 +45,7 @@ from segflow.runtime.settings import Settings
 from segflow.runtime.state import ChangelogStore
 from segflow.runtime.tables import GlobalTable
 from segflow.runtime.topics import TOPICS, Topic
-from services.segmenter import core, customers, shared
+from services.segmenter import core, customers, merging, shared
 from services.segmenter.customers import RETIRED_KEY
 from services.segmenter.dsl import Definitions
 from services.segmenter.metrics import (
@@ -79,7 +79,6 @@ CUSTOMER_RECORD = "io.segflow.SegmenterCustomer"
 #: The changelog topic of memberships, timers and segment statuses.
 STATE_TOPIC: Topic = TOPICS.segmenter_state
 
-
 #: Score fields that may legitimately be absent (the cluster is nullable).
 OPTIONAL_FIELDS = frozenset({"cluster"})
 
@@ -112,6 +111,8 @@ class Segmenter:
         DEFINITIONS.labels("loaded").inc()
         self.states: dict[str, core.CustomerState] = {}
         self.retired: dict[str, str] = {}  # customer id -> "merged" or "forgotten"
+        #: Per partition: absorbed id -> (survivor, merge time), waiting for its tombstone.
+        self.merging: dict[int, dict[str, tuple[str, int]]] = {}
         #: Segment statuses per partition (deprecation is decided per partition).
         self.part_statuses: dict[int, dict[str, core.SegmentStatus]] = {}
         #: Per scores partition: its pNN table in force, and its customers' pNN feature values.
@@ -206,6 +207,7 @@ class Segmenter:
             self._assigned_once = True
             self.states.clear()
             self.retired.clear()
+            self.merging.clear()
             self.part_statuses.clear()
             self.watermarks.clear()
             self._timers.clear()
@@ -223,6 +225,7 @@ class Segmenter:
             del self.retired[cid]
         for part in partitions:
             self._timers.pop(part, None)
+            self.merging.pop(part, None)
             self.watermarks.pop(part, None)
             self._committed_watermarks.pop(part, None)
             self.part_statuses.pop(part, None)
@@ -250,6 +253,9 @@ class Segmenter:
         return out
 
     def _load(self, key: str, record: dict[str, Any] | None) -> None:
+        if key.startswith(merging.MERGING_KEY):
+            merging.load(self.merging, key, self.store.partition_of(key), record)
+            return
         if key.startswith(RETIRED_KEY):
             cid, part = key[len(RETIRED_KEY) :], self.store.partition_of(key)
             if record is None:
@@ -314,11 +320,16 @@ class Segmenter:
             yield from customers.attributes(self, record.key, record.value, part)
             return
         value = record.value
+        if value is None:  # a score tombstone (asked of the loop): a merge retires the id here
+            yield from customers.tombstoned(self, record.key, record.headers, part)
+            return
         try:
             score = core.Score.from_record(value, self.defs.features)
         except (KeyError, TypeError, ValueError) as exc:
             raise InvalidRecord(f"CustomerScore unusable: {exc}", reason="invalid_score") from exc
         self._n_scores += 1
+        if self.merging.get(part):  # merges whose tombstone is overdue: the fallback
+            yield from customers.overdue(self, part, score.as_of)
         if self.defs.percentiles:  # the partition's next pNN table, when this reaches its grid
             yield from shared.advance_grid(self, part, score.as_of)
         if self._n_scores % 16 == 0:  # a sample is enough for a histogram and the check
@@ -574,6 +585,8 @@ def build_loop(settings: Settings, config: SegmenterConfig) -> tuple[Segmenter, 
         # A score carries every feature the scorer computes; only those the definitions read
         # are decoded (most of a score's decoding time otherwise).
         decoders={segmenter.scores_topic: segmenter.score_decoder},
+        # the scorer's score tombstone of a merged-away id retires it (merging.py)
+        tombstones=(segmenter.scores_topic,),
     )
     loop = ProcessingLoop(
         settings,

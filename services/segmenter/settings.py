@@ -26,6 +26,11 @@ class SegmenterConfig(BaseSettings):
     #: a grid since the epoch (every hour by default), reached by the partition's own scores
     #: (README.md, "Percentile thresholds"). Until 2026-12 it was processing time (60 s).
     percentile_refresh: float = 3600.0
+    #: Seconds of *event time*: how long past a merge's time an absorbed id waits for the
+    #: scorer's score tombstone (where it is retired) before the fallback retires it without
+    #: (``merging.py``; README.md, "Running N instances"). 7 days: far beyond how late a
+    #: merge-causing event normally is relative to its absorbed id's partition.
+    merge_wait: float = 7 * 86_400.0
     tick_interval: float = 0.5
     batch_size: int = 2000
     max_timers_per_tick: int = 20000

@@ -42,12 +42,19 @@ instances"), follows its input order: the scorer produces each score at the plac
 record that made it due, whatever the batching (session 9), and a partition whose merge
 waits for a hand-off holds at the merge-causing event, all its customers with it (session
 10). With identity's input order (events under their own keys) and both holds, 1-3 and 1
-customers' changes differ (2 instances / the kill; 3 runs, from 67 and 20). What still
-differs: the segmenter reads merges from ``identity.merges``, so a score of an absorbed id
-as of before its merge that it reads after the merge is dropped (one customer's Lifecycle
-entry in the 1-instance run only, and its actions). See services/scorer/README.md,
-"Deterministic scores"; run with ``-s`` for per-cause counts
-(``diagnose``), with ``SEGFLOW_PIPELINE_DUMP=FILE`` to keep the runs' outputs.
+customers' changes differ (2 instances / the kill; 3 runs, from 67 and 20): the segmenter
+read merges from ``identity.merges``, so a score of an absorbed id as of before its merge
+read after the merge was dropped. Since session 11 it retires the id at the scorer's score
+tombstone, the id's last record in its scores partition (services/segmenter/README.md,
+"Merges"): 0 and 0 customers' segment changes differ (3 runs, 2,771 changes each). What
+still differs is the dispatcher's actions on identical changes: extra / missing sent
+actions 1 / 5 and 2 / 3 of 996, 0 / 0 and 7 / 2 of 991, 1 / 1 and 2 / 4 of 997 (2 instances
+and the kill; the 1-instance runs themselves sent 996, 991 and 997); the results that
+differ were decided at a different
+``decided_at`` (the dispatcher's event clock), e.g. scheduled for quiet hours in one run and
+sent in another. See services/scorer/README.md, "Deterministic scores"; run with ``-s`` for
+per-cause counts (``diagnose``), with ``SEGFLOW_PIPELINE_DUMP=FILE`` to keep the runs'
+outputs.
 
 Emails the killed dispatcher had recorded as started are failed as ``ambiguous`` in run 3 and
 not sent again (at most once, services/dispatcher/README.md): its actions can lack those that
@@ -711,9 +718,10 @@ def test_a_merge_lands_at_the_same_point_of_the_survivors_history_in_every_run(
     "#15's merge marks) nor on which instance reads a partition (a clock per partition, in "
     "its changelog) nor, for the order of a scores partition's records, on where batches "
     "end, nor on the shared model's versions (day D - 1, held for), nor on when a merge's "
-    "hand-offs arrive (the partition holds at the merge), but the segmenter reads merges "
-    "from their own topic: an absorbed id's score read after its merge is dropped, in one "
-    "run and not another (README.md, Scale-out, whole pipeline)",
+    "hand-offs arrive (the partition holds at the merge), and segment changes are the same "
+    "(the segmenter retires a merged-away id at its score tombstone), but the dispatcher's "
+    "actions on the same changes differ: decided at a different event-clock time (README.md, "
+    "Scale-out, whole pipeline)",
 )
 def test_two_instances_of_every_service_make_the_same_segment_changes_and_actions_as_one(
     runs: dict[str, Run],
