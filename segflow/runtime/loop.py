@@ -51,6 +51,7 @@ from segflow.runtime.holds import PartitionHolds
 from segflow.runtime.kafka import make_consumer, make_producer, produce
 from segflow.runtime.rebalance import PartitionCallbacks
 from segflow.runtime.records import BatchInfo as BatchInfo  # re-exported (moved)
+from segflow.runtime.records import CommitPoint as CommitPoint
 from segflow.runtime.records import Handler as Handler
 from segflow.runtime.records import HoldPartition as HoldPartition
 from segflow.runtime.records import Hooks as Hooks
@@ -79,6 +80,7 @@ class ProcessingLoop(PartitionCallbacks, PartitionHolds):
         hooks: Hooks | Sequence[Hooks] | None = None,
         clock: Callable[[], float] = time.time,
         tick: Callable[[], Iterable[Output]] | None = None,
+        commit_point: CommitPoint | None = None,
     ) -> None:
         self.settings = settings
         self.config = config
@@ -88,6 +90,7 @@ class ProcessingLoop(PartitionCallbacks, PartitionHolds):
             [] if hooks is None else list(hooks) if isinstance(hooks, Sequence) else [hooks]
         )
         self.tick = tick
+        self.commit_point = commit_point
         self._before_batch = [
             fn for fn in (getattr(h, "before_batch", None) for h in self.hooks) if fn is not None
         ]
@@ -141,8 +144,9 @@ class ProcessingLoop(PartitionCallbacks, PartitionHolds):
         #: Revoked by a rebalance under way, state kept until the assignment that follows.
         self._parked: set[int] = set()
         self._parked_ends: dict[tuple[str, int], int] = {}
-        #: Offsets this instance committed last, per owned input partition (sent again with
-        #: a tick's transaction so that the coordinator checks ownership).
+        #: Offsets after the records this instance read and committed last, per owned input
+        #: partition (sent again, through ``commit_point``, with a tick's transaction so that
+        #: the coordinator checks ownership).
         self._fence: dict[tuple[str, int], int] = {}
         self._init_holds()
 
@@ -282,7 +286,7 @@ class ProcessingLoop(PartitionCallbacks, PartitionHolds):
         if cfg.pre_commit_delay:
             time.sleep(cfg.pre_commit_delay)
         with self._watchdog():
-            committed = self._commit([TopicPartition(t, p, o) for (t, p), o in offsets.items()])
+            committed = self._commit(self._points(offsets))
         if committed:
             self._holds_committed()
             self._fence.update(offsets)
@@ -310,11 +314,16 @@ class ProcessingLoop(PartitionCallbacks, PartitionHolds):
                 continue
             position: int | None = tp.offset
             if tp.offset < 0:  # nothing read since assignment: it starts at the committed offset
-                position = self._committed_offset(key, low, high)
+                position = self.committed_offset(key, low, high)
             lag[key] = None if position is None else max(0, high - position)
         return BatchInfo(dict(counts), lag)
 
-    def _committed_offset(self, key: tuple[str, int], low: int, high: int) -> int | None:
+    def lags(self) -> dict[tuple[str, int], int | None]:
+        """Per assigned input partition, the records after this instance's position at the
+        cached high watermark (None: unknown now), as ``before_batch`` hooks get them."""
+        return self._batch_info([]).lag
+
+    def committed_offset(self, key: tuple[str, int], low: int, high: int) -> int | None:
         """The group's committed offset of a partition nothing was read from yet (asked of the
         broker once per high watermark), or None when it cannot be known now."""
         if high <= low:
@@ -330,6 +339,14 @@ class ProcessingLoop(PartitionCallbacks, PartitionHolds):
         committed = tp.offset if tp.offset >= 0 else low  # none yet: auto.offset.reset earliest
         self._committed[key] = (high, committed)
         return committed
+
+    def _points(self, offsets: dict[tuple[str, int], int]) -> list[TopicPartition]:
+        """The offsets to commit for the offsets after the records read: ``commit_point``'s
+        (a service that buffers records commits the offset of its oldest buffered one)."""
+        point = self.commit_point
+        if point is None:
+            return [TopicPartition(t, p, o) for (t, p), o in offsets.items()]
+        return [TopicPartition(t, p, point(t, p, o)) for (t, p), o in offsets.items()]
 
     def _run_tick(self) -> bool:
         """Produce the tick's outputs in a transaction of their own (no offsets); False when
@@ -349,7 +366,7 @@ class ProcessingLoop(PartitionCallbacks, PartitionHolds):
                 # (unchanged): the group coordinator then rejects it if this instance no
                 # longer owns those partitions (KIP-447), so a zombie's timers never commit.
                 self.producer.send_offsets_to_transaction(
-                    [TopicPartition(t, p, o) for (t, p), o in self._fence.items()],
+                    self._points(self._fence),  # after the tick's outputs were made
                     self.consumer.consumer_group_metadata(),
                     cfg.commit_timeout,
                 )

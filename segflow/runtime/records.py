@@ -60,6 +60,12 @@ class BatchInfo(NamedTuple):
     lag: dict[tuple[str, int], int | None]
 
 
+#: (topic name, partition, offset after the last record read) -> the offset to commit
+#: (``ProcessingLoop(commit_point=...)``: a service that buffers records past a batch commits
+#: the offset of its oldest buffered one, so a new owner reads it again).
+CommitPoint = Callable[[str, int, int], int]
+
+
 class Handler(Protocol):
     """Turns one input record into the records to produce."""
 

@@ -35,7 +35,7 @@ from services.identity import core
 from services.identity.hashing import _long
 from services.identity.hashing import email_hash as email_hash
 from services.identity.hashing import node_hasher as node_hasher
-from services.identity.ordering import InputOrder, OrderedLoop
+from services.identity.ordering import InputOrder
 from services.identity.seen import SeenIds
 from services.identity.settings import IdentitySettings as IdentitySettings
 
@@ -261,7 +261,7 @@ class IdentityService(EventChecks):
             "batch_size": self.config.batch_size,
         }
         options.update(overrides)
-        loop = OrderedLoop(
+        loop = ProcessingLoop(
             self.settings,
             LoopConfig(**options),
             self.handle,
@@ -275,8 +275,8 @@ class IdentityService(EventChecks):
             ],
             clock=self.clock,
             tick=self.tick,
+            commit_point=self.order.point,
         )
-        loop.point = self.order.point
         self.order.loop = loop
         return loop
 

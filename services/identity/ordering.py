@@ -1,21 +1,21 @@
-"""Shell of identity's input order (:mod:`services.identity.order`): the loop that never
-commits an input offset past an event still waiting for its turn, and the one-process role's
-order buffer over the partitions of ``segflow.events``.
+"""Shell of identity's input order (:mod:`services.identity.order`): the one-process role's
+order buffer over the partitions of ``segflow.events``, whose :meth:`InputOrder.point` is the
+loop's ``commit_point`` (never an input offset past an event still waiting for its turn).
 
 Exactly once: the buffer is not written anywhere. The loop commits, per input partition, the
-offset of its oldest buffered event (:class:`OrderedLoop`), and the graph's changelog holds,
-in the same transaction, an ``o:<partition>`` entry per input partition (kind ``order``): the
-next offset to apply, the offset after the last record read and the partition's stream time
-before the next offset to apply. A new owner (a restart, a rewind after an aborted
-transaction) reads again from the committed offset: an event below the next offset to apply
-was applied and is skipped, the others are buffered again, and an invalid record below the
-read offset is not dead-lettered again.
+offset of its oldest buffered event, and the graph's changelog holds, in the same
+transaction, an ``o:<partition>`` entry per input partition (kind ``order``): the next offset
+to apply, the offset after the last record read and the partition's stream time before the
+next offset to apply. A new owner (a restart, a rewind after an aborted transaction) reads
+again from the committed offset: an event below the next offset to apply was applied and is
+skipped, the others are buffered again, and an invalid record below the read offset is not
+dead-lettered again.
 """
 
 from __future__ import annotations
 
 import logging
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from typing import Any
 
 from confluent_kafka import KafkaException, TopicPartition
@@ -25,9 +25,6 @@ from segflow.runtime.state import ChangelogStore
 from services.identity.order import NONE, IdleClock, Merge, OrderClock
 
 log = logging.getLogger("segflow.identity.ordering")
-
-#: (topic name, partition, offset the loop would commit) -> the offset to commit
-CommitPoint = Callable[[str, int, int], int]
 
 
 def order_key(partition: int) -> str:
@@ -43,54 +40,12 @@ def order_entry(stream: int, next_offset: int, read: int) -> dict[str, Any]:
     }
 
 
-class OrderedLoop(ProcessingLoop):
-    """The shared loop, committing for each input partition the offset ``point`` gives (the
-    oldest event still buffered), in batches and in ticks alike."""
-
-    point: CommitPoint
-
-    def __init__(self, *args: Any, **kwargs: Any) -> None:
-        super().__init__(*args, **kwargs)
-        #: the offsets after the last record read (what the plain loop would commit)
-        self._read: dict[tuple[str, int], int] = {}
-
-    def _commit(self, offsets: list[TopicPartition]) -> bool:
-        point = self.point
-        self._read.update({(t.topic, t.partition): t.offset for t in offsets})
-        return super()._commit(
-            [
-                TopicPartition(t.topic, t.partition, point(t.topic, t.partition, t.offset))
-                for t in offsets
-            ]
-        )
-
-    def _run_tick(self) -> bool:
-        # the offsets a tick's transaction sends again: not past an event still buffered once
-        # the tick's outputs are made (it may apply some)
-        inner = self.tick
-        assert inner is not None
-        read = self._read
-
-        def tick() -> Iterator[Output]:
-            yield from inner()
-            self._fence = {
-                k: self.point(k[0], k[1], read.get(k, o)) for k, o in self._fence.items()
-            }
-
-        self.tick = tick
-        try:
-            return super()._run_tick()
-        finally:
-            self.tick = inner
-
-
 def caught_up(loop: ProcessingLoop | None, topic: str) -> dict[int, bool]:
     """Per assigned partition of ``topic``: read to its end (lag 0 at the cached high
     watermark)."""
     if loop is None:
         return {}
-    info = loop._batch_info([])  # noqa: SLF001 - the loop's own lag view, as before_batch gets
-    return {p: lag == 0 for (t, p), lag in info.lag.items() if t == topic}
+    return {p: lag == 0 for (t, p), lag in loop.lags().items() if t == topic}
 
 
 def at_end(loop: ProcessingLoop | None, topic: str, partition: int) -> bool:
@@ -107,7 +62,7 @@ def at_end(loop: ProcessingLoop | None, topic: str, partition: int) -> bool:
         return False
     offset: int | None = pos.offset
     if offset is None or offset < 0:  # nothing read since assignment: the committed offset
-        offset = loop._committed_offset((topic, partition), low, high)  # noqa: SLF001
+        offset = loop.committed_offset((topic, partition), low, high)
     return offset is not None and offset >= high
 
 

@@ -45,7 +45,7 @@ from services.identity.app import (
     merge_mark,
 )
 from services.identity.order import Merge
-from services.identity.ordering import OrderedLoop, order_entry, order_key
+from services.identity.ordering import order_entry, order_key
 
 SERVICE = "identity-writer"
 #: the ``o:`` entry of the requests applied on arrival (forget requests): the links offset
@@ -123,7 +123,7 @@ class GraphWriter(IdentityService):
             "batch_size": self.config.batch_size,
         }
         options.update(overrides)
-        loop = OrderedLoop(
+        loop = ProcessingLoop(
             self.settings,
             LoopConfig(**options),
             self.handle,
@@ -131,8 +131,8 @@ class GraphWriter(IdentityService):
             hooks=[self.store, *([self.vault] if self.vault is not None else []), self],
             clock=self.clock,
             tick=self.tick,
+            commit_point=self.commit_point,
         )
-        loop.point = self.commit_point
         self._loop = loop
         # the input partitions to wait for (asked here: not inside a rebalance callback)
         events = TOPICS.events.name(self.settings)

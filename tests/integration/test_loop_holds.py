@@ -6,11 +6,12 @@ from __future__ import annotations
 
 import threading
 from collections import Counter, defaultdict
+from collections.abc import Iterator
 from typing import Any
 
 import pytest
 
-from segflow.runtime.loop import LoopConfig, ProcessingLoop
+from segflow.runtime.loop import LoopConfig, Output, ProcessingLoop
 from segflow.runtime.passthrough import copier
 from segflow.runtime.settings import Settings
 from segflow.runtime.state import partition_for
@@ -241,3 +242,60 @@ def test_a_held_partition_is_forgotten_at_a_rebalance_and_its_new_owner_holds_it
     assert max(ids.values()) == 1
     for seq in _per_key_in_order(s, out).values():
         assert seq == sorted(seq)
+
+
+def test_the_commit_point_hook_sets_the_committed_offsets_in_batches_and_ticks(
+    kafka_settings: Settings,
+) -> None:
+    """A service that buffers records past a batch (identity's input order) passes
+    ``commit_point``: the group's committed offset of each partition is what it returns for
+    the offset after the records read, in a batch's transaction and, once the input is all
+    read, in a tick's transaction (computed after the tick's outputs were made)."""
+    s = kafka_settings
+    source, sink, group, part, _at, _after, events = _held_setup(s)
+    ends = Counter(partition_for(e["user_id"], 4) for e in events)
+    cap = {part: 5}  # "the oldest record still buffered" of one partition
+    asked: list[tuple[str, int, int]] = []
+    applied = threading.Event()  # the test tells the tick to "apply" buffered records
+
+    def point(topic: str, partition: int, offset: int) -> int:
+        asked.append((topic, partition, offset))
+        return min(offset, cap.get(partition, offset))
+
+    def tick() -> Iterator[Output]:
+        if not applied.is_set() or cap[part] == 9:
+            return
+        marker = make_events(1, keys=1, start=10_000)[0]
+        yield Output(TOPICS.events, marker["user_id"], marker, topic_name=sink)
+        cap[part] = 9  # applied while making its outputs: the offsets sent after them see it
+
+    def committed() -> dict[int, int]:
+        from confluent_kafka import KafkaException
+
+        try:
+            return {p: _group_committed(s, group, source, p) for p in ends}
+        except KafkaException:  # the group's coordinator still loading: ask again
+            return {}
+
+    config = LoopConfig(
+        service="pointer",
+        group_id=group,
+        sources={source: TOPICS.events},
+        batch_size=50,
+        transactional_id=s.topic_prefix + "tx-point",
+        tick_interval=0.2,
+    )
+    loop = ProcessingLoop(s, config, copier(sink), commit_point=point, tick=tick)  # type: ignore[arg-type]
+    runner = threading.Thread(target=loop.run)
+    runner.start()
+    try:
+        batches = {p: (5 if p == part else n) for p, n in ends.items()}
+        wait_until(lambda: committed() == batches, 60, what="the batches' offsets")
+        assert (source, part, ends[part]) in asked  # asked with the offset after the last read
+        applied.set()  # no input any more: only a tick's transaction can move them now
+        wait_until(lambda: committed() == {**batches, part: 9}, 60, what="the tick's offsets")
+    finally:
+        loop.stop()
+        runner.join(60)
+    assert not runner.is_alive()
+    assert len(read_all(s, sink, expected=len(events) + 1)) == len(events) + 1
