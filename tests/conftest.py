@@ -21,6 +21,37 @@ from segflow.runtime.testing import isolated_settings
 
 KAFKA_IMAGE = "apache/kafka:4.1.1"
 
+#: The longest test files (one to three minutes each, most of it waiting on a broker), run
+#: first: ``./run test`` spreads files over two pytest-xdist workers in collection order
+#: (``--dist loadfile``), and a long file drawn last would leave one worker alone at the end.
+SLOW_FIRST = (
+    "tests/integration/test_pipeline_scale_out.py",
+    "tests/integration/test_scale_out.py",
+    "tests/integration/test_end_to_end.py",
+    "tests/scorer/test_shared_model.py",
+    "tests/scorer/test_scorer_broker.py",
+    "tests/api/test_api_broker.py",
+    "tests/integration/test_dispatcher_rebalance.py",
+    "tests/identity/test_identity_scaled.py",
+    "tests/identity/test_identity_broker.py",
+    "tests/console/test_console_browser.py",
+)
+
+
+def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
+    """The files of ``SLOW_FIRST`` first, in that order; everything else as collected."""
+    rank = {name: i for i, name in enumerate(SLOW_FIRST)}
+    root = Path(__file__).resolve().parents[1]
+
+    def key(item: pytest.Item) -> int:
+        try:
+            name = item.path.resolve().relative_to(root).as_posix()
+        except ValueError:
+            return len(rank)
+        return rank.get(name, len(rank))
+
+    items.sort(key=key)  # stable: the order within a file and among the rest is kept
+
 
 def _docker_available() -> bool:
     try:
