@@ -359,13 +359,9 @@ def test_before_commit_outputs_join_each_batch_transaction(kafka_settings: Setti
     assert sum(int(e["properties"]["batch_events"]) for e in summaries) == 1000
 
 
-def test_tombstones_on_a_compacted_input_are_skipped_not_dead_lettered(
-    kafka_settings: Settings,
-) -> None:
-    s = kafka_settings
-    scores = TOPICS.scores.name(s)
-    serde = Serde.from_settings(s)
-    example = {
+def example_score() -> dict[str, Any]:
+    """A valid CustomerScore for customer ``c1``."""
+    return {
         "customer_id": "c1",
         "as_of": 1,
         "churn_probability": 0.5,
@@ -376,6 +372,15 @@ def test_tombstones_on_a_compacted_input_are_skipped_not_dead_lettered(
         "model_version": "m",
         "scored_at": 2,
     }
+
+
+def test_tombstones_on_a_compacted_input_are_skipped_not_dead_lettered(
+    kafka_settings: Settings,
+) -> None:
+    s = kafka_settings
+    scores = TOPICS.scores.name(s)
+    serde = Serde.from_settings(s)
+    example = example_score()
     produce(s, scores, [(b"c1", serde.encode(TOPICS.scores, example)), (b"c1", None)])
     seen: list[Any] = []
     config = LoopConfig(

@@ -17,6 +17,7 @@ from segflow.runtime.serde import Serde
 from segflow.runtime.settings import Settings
 from segflow.runtime.testing import read_all
 from segflow.runtime.topics import TOPICS
+from tests.integration.test_loop import example_score
 
 pytestmark = pytest.mark.broker
 
@@ -27,17 +28,7 @@ def test_only_a_handler_that_asked_for_tombstones_gets_them_with_their_headers(
     s = kafka_settings
     scores = TOPICS.scores.name(s)
     serde = Serde.from_settings(s)
-    example = {
-        "customer_id": "c1",
-        "as_of": 1,
-        "churn_probability": 0.5,
-        "engagement_score": 50.0,
-        "clv": 10.0,
-        "lifecycle_stage": "loyal",
-        "features": {},
-        "model_version": "m",
-        "scored_at": 2,
-    }
+    example = example_score()
     producer = make_producer(s)
     errors: list[Any] = []
 

@@ -21,45 +21,45 @@ the graph writer, one active and one warm standby (the kill takes a front and th
 writer). The attributes service keeps one table and runs once (``segflow.cli.SCALABLE``); it
 is killed too and replaced at once.
 
-Segment changes are identical between runs since session 11 (a test); actions are not yet
-(a known defect, kept visible as a strict xfail test). The scorer scores every timer as of its own instant, fires a
-customer's due timers before its next event, and merges where identity's merge marks place
-the merge in the identified partitions (issue #15; checked: the survivor's score as of each
-merge is the same in all three runs). Before the marks 533-973 (2 instances) and 632-684
-(with the kill) of ~1,250 changes differed (2 runs); with them 4-42 (all from customers with
-identical scores: the segmenter's percentile thresholds) and 388-434 (events late for the
-instance that took a partition over; 3 runs). With a clock per identified partition (its
-timers and lateness on its own records' time, kept in its changelog) 0-6 of 333 ids have any
-different score record with 2 instances and 2-13 with the kill (before: 12 and 106), all at
-identical features (the shared model), and no customer's segment changes differ because its
-scores do (before: 48 with the kill; 4 runs). The shared model's versions are pinned to
-event-time days (a day learned once every partition's contribution arrived, in a canonical
-order; a score as of day D uses version D - 1, its partition held until it arrives): score
-records, compared with their cluster and model version since, differ for 0 ids in either run
-(session 10, 2 runs). The order of a scores partition's records, which the segmenter's
-per-partition percentile tables follow (services/segmenter/README.md, "Running N
-instances"), follows its input order: the scorer produces each score at the place of the
-record that made it due, whatever the batching (session 9), and a partition whose merge
-waits for a hand-off holds at the merge-causing event, all its customers with it (session
-10). With identity's input order (events under their own keys) and both holds, 1-3 and 1
-customers' changes differ (2 instances / the kill; 3 runs, from 67 and 20): the segmenter
-read merges from ``identity.merges``, so a score of an absorbed id as of before its merge
-read after the merge was dropped. Since session 11 it retires the id at the scorer's score
-tombstone, the id's last record in its scores partition (services/segmenter/README.md,
-"Merges"): 0 and 0 customers' segment changes differ (3 runs, 2,771 changes each), so that
-is a check now. What still differs is the dispatcher's actions on identical changes: extra / missing sent
-actions 1 / 5 and 2 / 3 of 996, 0 / 0 and 7 / 2 of 991, 1 / 1 and 2 / 4 of 997 (2 instances
-and the kill; the 1-instance runs themselves sent 996, 991 and 997); the results that
-differ were decided at a different
-``decided_at`` (the dispatcher's event clock), e.g. scheduled for quiet hours in one run and
-sent in another: the dispatcher reads segment changes and identified events in consumer
-order and both moved a partition's event clock (confirmed on the dumped outputs: each
-partition's changes came in the same order in every run; immediate steps were decided a
-median 117 h after their due time, a week's events being read before the changes they
-cause). Moving the clock with segment changes only (branch s11-2) gave identical actions in
-one run, but in the next a step due on a partition whose changes had stopped never fired
-(the 1-instance run's timers-lost check): not merged. The fix is merging the two inputs by
-event time up to a watermark. See services/scorer/README.md, "Deterministic scores"; run with ``-s`` for
+Segment changes are identical between runs since session 11 (a test); actions are not yet (a
+known defect, kept visible as a strict xfail test). The scorer scores every timer as of its
+own instant, fires a customer's due timers before its next event, and merges where
+identity's merge marks place the merge in the identified partitions (issue #15; checked: the
+survivor's score as of each merge is the same in all three runs). Before the marks 533-973
+(2 instances) and 632-684 (with the kill) of ~1,250 changes differed (2 runs); with them
+4-42 (all from customers with identical scores: the segmenter's percentile thresholds) and
+388-434 (events late for the instance that took a partition over; 3 runs). With a clock per
+identified partition (its timers and lateness on its own records' time, kept in its
+changelog) 0-6 of 333 ids have any different score record with 2 instances and 2-13 with the
+kill (before: 12 and 106), all at identical features (the shared model), and no customer's
+segment changes differ because its scores do (before: 48 with the kill; 4 runs). The shared
+model's versions are pinned to event-time days (a day learned once every partition's
+contribution arrived, in a canonical order; a score as of day D uses version D - 1, its
+partition held until it arrives): score records, compared with their cluster and model
+version since, differ for 0 ids in either run (session 10, 2 runs). The order of a scores
+partition's records, which the segmenter's per-partition percentile tables follow
+(services/segmenter/README.md, "Running N instances"), follows its input order: the scorer
+produces each score at the place of the record that made it due, whatever the batching
+(session 9), and a partition whose merge waits for a hand-off holds at the merge-causing
+event, all its customers with it (session 10). With identity's input order (events under
+their own keys) and both holds, 1-3 and 1 customers' changes differ (2 instances / the kill;
+3 runs, from 67 and 20): the segmenter read merges from ``identity.merges``, so a score of
+an absorbed id as of before its merge read after the merge was dropped. Since session 11 it
+retires the id at the scorer's score tombstone, the id's last record in its scores partition
+(services/segmenter/README.md, "Merges"): 0 and 0 customers' segment changes differ (3 runs,
+2,771 changes each), so that is a check now. What still differs is the dispatcher's actions
+on identical changes: extra / missing sent actions 1 / 5 and 2 / 3 of 996, 0 / 0 and 7 / 2
+of 991, 1 / 1 and 2 / 4 of 997 (2 instances and the kill; the 1-instance runs themselves
+sent 996, 991 and 997); the results that differ were decided at a different ``decided_at``
+(the dispatcher's event clock), e.g. scheduled for quiet hours in one run and sent in
+another: the dispatcher reads segment changes and identified events in consumer order and
+both moved a partition's event clock (confirmed on the dumped outputs: each partition's
+changes came in the same order in every run; immediate steps were decided a median 117 h
+after their due time, a week's events being read before the changes they cause). Moving the
+clock with segment changes only (branch s11-2) gave identical actions in one run, but in the
+next a step due on a partition whose changes had stopped never fired (the 1-instance run's
+timers-lost check): not merged. The fix is merging the two inputs by event time up to a
+watermark. See services/scorer/README.md, "Deterministic scores"; run with ``-s`` for
 per-cause counts (``diagnose``), with ``SEGFLOW_PIPELINE_DUMP=FILE`` to keep the runs'
 outputs.
 
