@@ -130,7 +130,8 @@ class Delivering:
         later: list[tuple[int, str]] = []  # due on a partition whose clock is behind
         while self._due and self._due[0][0] <= horizon and len(seen) < self.cfg.promote_batch:
             due, cid = heapq.heappop(self._due)
-            if cid in seen:
+            if cid in seen:  # pushed again by this tick (a step held by quiet hours): later
+                later.append((due, cid))
                 continue
             part = self.store.partition_of(cid)
             now = self.now_ms(part)

@@ -225,3 +225,27 @@ def test_an_outcome_is_settled_at_the_actions_event_time_not_at_the_clock_of_its
         assert customer is not None and customer.actions[0].settled_at == entry
     finally:
         d.close()
+
+
+def test_a_step_held_by_quiet_hours_fires_later_though_another_partition_is_days_ahead() -> None:
+    # x's perks email falls due at 22:00, inside quiet hours: the tick that fires it schedules
+    # it again for 08:00. Another partition's clock is days ahead, so that tick's horizon
+    # already covers 08:00 and it meets x's new entry again; x's own partition is not at 08:00
+    # yet. The entry must wait for x's partition, not be dropped (it was: the email never
+    # went, a timer lost with one instance, not with two whose horizon was shorter).
+    x, y = same_partition(2)
+    z = next(
+        c for c in (f"other-{i}" for i in range(100)) if partition_for(c, 4) != partition_for(x, 4)
+    )
+    entry = DAY0 + 22 * HOUR
+    records = [
+        change(x, "High-CLV Login Drop", entry),
+        change(z, "Lifecycle: loyal", DAY0 + 5 * 24 * HOUR),
+        change(y, "Lifecycle: loyal", entry + 24 * HOUR + HOUR // 2),
+        change(y, "Lifecycle: adopting", DAY0 + 60 * HOUR),
+    ]
+    for batches in ([records[:3], records[3:]], [[r] for r in records]):
+        results, state = run(batches)
+        assert dict(actions(state, x))["perks_email"] == "in_flight", results
+        held = [r for r in results if r[2] == "quiet_hours"]
+        assert held, "the email should have met quiet hours first"
