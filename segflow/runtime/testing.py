@@ -204,6 +204,39 @@ def read_all(
         consumer.close()
 
 
+def wait_markers(settings: Settings, topic: str, timeout: float = 30.0) -> None:
+    """Wait until no committed transaction's records are still hidden from read_committed
+    readers of ``topic``: each partition's last stable offset reached its end. A producer's
+    ``commit_transaction`` returns once the coordinator has the commit; the markers reach the
+    partitions just after, so a read_committed reader right then can find a partition's end
+    before that transaction's records (a run that stopped a moment ago)."""
+    base = {**settings.kafka_config(), "enable.auto.commit": False}
+    group = f"markers-{uuid.uuid4().hex[:8]}"
+    stable = Consumer({**base, "group.id": group, "isolation.level": "read_committed"})
+    raw = Consumer({**base, "group.id": group, "isolation.level": "read_uncommitted"})
+    deadline = time.monotonic() + timeout
+    try:
+        parts = sorted(raw.list_topics(topic, timeout=10).topics[topic].partitions)
+        while True:
+            pending = []
+            for p in parts:
+                tp = TopicPartition(topic, p)
+                lso = stable.get_watermark_offsets(tp, timeout=10, cached=False)[1]
+                end = raw.get_watermark_offsets(tp, timeout=10, cached=False)[1]
+                if lso < end:
+                    pending.append(f"{p}: {lso} of {end}")
+            if not pending:
+                return
+            if time.monotonic() >= deadline:
+                raise AssertionError(
+                    f"{topic}: a transaction still pending after {timeout:g} s: {pending}"
+                )
+            time.sleep(0.1)
+    finally:
+        stable.close()
+        raw.close()
+
+
 def private_broker(bootstrap: str | None) -> tuple[str, LocalBroker | None]:
     """``bootstrap`` if given, else a fresh local broker in a temporary folder (for benches).
 

@@ -18,7 +18,7 @@ from segflow.runtime.leash import leashed
 from segflow.runtime.serde import Serde
 from segflow.runtime.settings import Settings
 from segflow.runtime.state import partition_for
-from segflow.runtime.testing import produce, read_all, wait_until
+from segflow.runtime.testing import produce, read_all, wait_markers, wait_until
 from segflow.runtime.topics import TOPICS
 from segflow.sim.generator import SimConfig, Simulation
 from segflow.sim.noise import Delivery, Malformed, NoiseConfig
@@ -108,6 +108,9 @@ def check_merge_marks(
 def stitching(settings: Settings, fed: Fed, expected: int) -> dict[str, Any]:
     """Read the committed outputs; pairwise precision/recall of customer ids vs the truth."""
     serde = Serde.from_settings(settings)
+    # (expected counts events, not the customer_merged records beside them: without the
+    # markers of the run's last transaction the count could be reached before its events)
+    wait_markers(settings, TOPICS.identified.name(settings))
     out = read_all(settings, TOPICS.identified.name(settings), expected=expected, timeout=90)
     records = [(r, serde.decode(TOPICS.identified, r.value)) for r in out]
     survivor = {}
