@@ -21,6 +21,7 @@ from segflow.runtime.settings import Settings
 from segflow.runtime.topics import TOPICS
 from services.segmenter.app import Segmenter, SegmenterConfig
 from services.segmenter.dsl import DAY
+from tests.segmenter.test_segmenter_shell import score as shell_score
 
 DEFS = """version: "1"
 segments:
@@ -57,19 +58,8 @@ def part_of(seg: Segmenter, cid: str) -> int:
 
 
 def score(seg: Segmenter, cid: str, at: int, **features: float) -> Incoming:
-    value = {
-        "customer_id": cid,
-        "as_of": at,
-        "churn_probability": 0.1,
-        "engagement_score": 1.0,
-        "clv": 1.0,
-        "cluster": None,
-        "lifecycle_stage": "loyal",
-        "features": features,
-        "model_version": "t",
-        "scored_at": 0,
-    }
-    return Incoming(TOPICS.scores, seg.scores_topic, part_of(seg, cid), 0, cid, value, None, [])
+    record = shell_score(cid, at, part_of(seg, cid), **features)
+    return record._replace(topic_name=seg.scores_topic)
 
 
 def tombstone(seg: Segmenter, cid: str, headers: list[Any] | None = None) -> Incoming:
