@@ -210,6 +210,15 @@ class Browser:
         path.write_bytes(base64.b64decode(shot["data"]))
         return path
 
+    def sign_out(self) -> None:
+        """A fresh session: leave the console first (its page polls the API every few
+        seconds; a poll after the cookies went would log a 401 into the next test), then
+        drop the cookies and what the browser logged so far."""
+        self.driver.get("about:blank")
+        # WebDriver's delete_all_cookies only deletes the current page's; about:blank has none
+        self.driver.execute_cdp_cmd("Network.clearBrowserCookies", {})
+        self.driver.get_log("browser")
+
     def login(self, token: str) -> None:
         from selenium.webdriver.common.by import By
 

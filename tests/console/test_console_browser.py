@@ -54,7 +54,7 @@ def _member_with_history(stack: ConsoleStack) -> tuple[str, str]:
 def test_unauthenticated_browser_is_refused(console_stack: ConsoleStack, browser: Browser) -> None:
     from selenium.webdriver.common.by import By
 
-    browser.driver.delete_all_cookies()
+    browser.sign_out()
     browser.go("/console/")
     browser.wait(lambda d: d.current_url.endswith("/console/login"), what="no redirect to login")
     # the data routes refuse a browser without a session (no token, no cookie)
@@ -80,7 +80,7 @@ def test_every_page_loads_without_console_errors(
     from selenium.webdriver.common.by import By
     from selenium.webdriver.common.keys import Keys
 
-    browser.driver.delete_all_cookies()
+    browser.sign_out()
     browser.login(VIEWER)
     cookie = browser.driver.get_cookie("segflow_session")
     assert cookie and cookie["httpOnly"] and cookie["sameSite"] == "Strict"
@@ -237,7 +237,7 @@ def _lowered(text: str) -> str:
 
 
 def test_viewer_cannot_publish(console_stack: ConsoleStack, browser: Browser) -> None:
-    browser.driver.delete_all_cookies()
+    browser.sign_out()
     browser.login(VIEWER)
     before = console_stack.definitions.read_text()
     browser.go("/console/#/whatif")
@@ -265,7 +265,7 @@ def test_whatif_of_a_lowered_threshold_shows_more_entries_and_an_editor_publishe
 ) -> None:
     from selenium.webdriver.common.by import By
 
-    browser.driver.delete_all_cookies()
+    browser.sign_out()
     browser.login(EDITOR)
     browser.go("/console/#/whatif")
     browser.wait_loaded("#/whatif")
@@ -341,7 +341,7 @@ def test_whatif_of_a_playbook_shows_the_actions_it_would_add(
     from selenium.webdriver.common.by import By
     from selenium.webdriver.support.ui import Select
 
-    browser.driver.delete_all_cookies()
+    browser.sign_out()
     browser.login(VIEWER)  # a what-if changes nothing: a viewer may run one
     browser.go("/console/#/whatif")
     browser.wait_loaded("#/whatif")
@@ -565,7 +565,7 @@ def test_an_editor_publishes_a_playbook_and_the_dispatcher_runs_it(
     path = console_stack.playbooks / "lifecycle.yaml"
     original = path.read_text()
     assert _running_playbooks(console_stack)["Lifecycle prospect"] == "1"
-    browser.driver.delete_all_cookies()
+    browser.sign_out()
     browser.login(EDITOR)
     browser.go("/console/#/whatif")
     browser.wait_loaded("#/whatif")
