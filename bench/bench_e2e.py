@@ -98,12 +98,14 @@ def playbooks_without_quiet_hours() -> Path:
     return folder
 
 
-def service_env(settings: Settings, receiver_url: str, playbooks: Path) -> dict[str, str]:
+def service_env(
+    settings: Settings, receiver_url: str, playbooks: Path, log_level: str = "WARNING"
+) -> dict[str, str]:
     p = settings.topic_prefix
     return {
         "SEGFLOW_BOOTSTRAP_SERVERS": settings.bootstrap_servers,
         "SEGFLOW_TOPIC_PREFIX": p,
-        "SEGFLOW_LOG_LEVEL": "WARNING",
+        "SEGFLOW_LOG_LEVEL": log_level,
         **stack.group_env(settings),
         "SEGFLOW_DISPATCHER_PLAYBOOKS": str(playbooks),
         "SEGFLOW_DISPATCHER_CRM_BASE_URL": receiver_url,
@@ -253,6 +255,12 @@ def main() -> int:
         "each; identity as N front-stage processes plus the graph writer, active and standby "
         "(as `segflow up --replicas N`)",
     )
+    parser.add_argument(
+        "--log-level",
+        default="WARNING",
+        help="the services' SEGFLOW_LOG_LEVEL (INFO shows holds, releases, rebalances; the "
+        "logs stay in the folder step 2 names)",
+    )
     args = parser.parse_args()
 
     started = time.monotonic()
@@ -281,7 +289,7 @@ def main() -> int:
                 str(args.api_latency),
             ],
         )
-        env = service_env(settings, f"http://127.0.0.1:{port}", playbooks)
+        env = service_env(settings, f"http://127.0.0.1:{port}", playbooks, args.log_level)
         # the processes `segflow up --replicas N` runs (identity split into N fronts and
         # the graph writer, active and standby, when N > 1)
         procs = stack.processes(replica_counts(list(SERVICES), args.replicas, []))
