@@ -1,0 +1,174 @@
+"""The dispatcher's input order under ``clock: event`` (a mixin of
+:class:`services.dispatcher.app.Dispatcher`, shell): segment changes and identified events are
+applied in the merged order of :mod:`services.dispatcher.merge`, not in the order the consumer
+reads them, so one instance, two, and a new owner after ``kill -9`` decide alike (issue #15).
+
+* A change or an event read is added to its partition's :class:`~merge.PartitionMerge` and
+  what can go is applied at once (the handler) or at a tick (records that waited for the
+  other input, or for the idle rule).
+* **Idle**: a stream of a partition is idle when the consumer has read it to its end (no lag
+  at the last batch or tick) and read nothing from it for ``order_idle_ms``; the other
+  stream's records then stop waiting for it.
+* **Exactly once**: the loop's ``commit_point`` commits each input partition's offset only up
+  to its first record not applied; the merge's mark (per stream, the order time of the last
+  record applied and the offset after it; the clock) is written to the changelog with the
+  state it changed (``clock@<p>:changes``, ``clock@<p>:events``, ``...:next``). A new owner
+  (or this one after a rewind, or after a rebalance that kept the partition) reads again from
+  the committed offset and skips what was applied.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable, Iterator
+from typing import TYPE_CHECKING, Any
+
+from segflow.runtime.loop import Incoming, Output
+from segflow.runtime.records import BatchInfo
+from segflow.runtime.state import ChangelogStore
+from services.dispatcher.merge import CHANGE, EVENT, KINDS, NEVER, Kind, Mark, PartitionMerge, Wait
+from services.dispatcher.settings import DispatcherSettings
+
+CLOCK_KEY = "clock"
+#: refresh the consumer's lags for the idle rule at most this often (seconds)
+LAG_REFRESH = 0.5
+
+
+def mark_keys(part: int) -> list[tuple[str, str]]:
+    """The changelog keys of a partition's mark: (time key, next-offset key) per stream."""
+    return [(f"{CLOCK_KEY}@{part}:{k}", f"{CLOCK_KEY}@{part}:{k}.next") for k in KINDS]
+
+
+class Ordering:
+    """Merged input order of :class:`~services.dispatcher.app.Dispatcher` (clock: event)."""
+
+    if TYPE_CHECKING:  # provided by Dispatcher
+        cfg: DispatcherSettings
+        store: ChangelogStore
+        changes_topic: str
+        events_topic: str
+        clock: Callable[[], float]
+        _event_clocks: dict[int, int]
+        _merges: dict[int, PartitionMerge]
+        _saved_marks: dict[int, Mark]
+        _read_at: dict[tuple[Kind, int], float]
+        _lags: dict[tuple[str, int], int | None]
+        _lag_source: Callable[[], dict[tuple[str, int], int | None]] | None
+        _lags_at: float
+
+        def _apply(self, kind: Kind, item: Any, part: int, now: int) -> Iterator[Output]: ...
+
+    # -- reading ---------------------------------------------------------------------------
+    def _read(self, kind: Kind, record: Incoming, cid: str, at: int, item: Any) -> Iterator[Output]:
+        """Add a change or an event to its partition's merge, then apply what can go."""
+        part = self.store.partition_of(cid)
+        merge = self._merge(part)
+        if not merge.add(kind, record.offset, at, item):
+            return  # read (or applied) before: the consumer read it again
+        self._read_at[(kind, part)] = self.clock()
+        yield from self._drain(part)
+
+    def _merge(self, part: int) -> PartitionMerge:
+        merge = self._merges.get(part)
+        if merge is None:
+            merge = self._merges[part] = PartitionMerge(self._load_mark(part))
+            self._saved_marks[part] = merge.mark()
+        return merge
+
+    def _load_mark(self, part: int) -> Mark:
+        times: list[int] = []
+        nexts: list[int | None] = []
+        for time_key, next_key in mark_keys(part):
+            t, n = self.store.get(time_key), self.store.get(next_key)
+            times.append(int(t["clock_ms"]) if t and t.get("clock_ms") is not None else NEVER)
+            nexts.append(int(n["clock_ms"]) if n and n.get("clock_ms") is not None else None)
+        return Mark((times[0], times[1]), (nexts[0], nexts[1]), self._event_clocks.get(part, 0))
+
+    def _drain(self, part: int) -> Iterator[Output]:
+        """Apply the partition's records that can go, in the merged order, each at the
+        partition's clock once it is applied (its order time); then move the clock."""
+        merge = self._merges[part]
+        idle = self._idle(CHANGE, part), self._idle(EVENT, part)
+        while True:
+            try:
+                kind, entry = merge.pop(*idle)
+            except Wait:
+                break
+            self._event_clocks[part] = merge.clock
+            yield from self._apply(kind, entry.item, part, merge.clock)
+        self._event_clocks[part] = merge.advance(*idle)
+
+    def _drain_all(self) -> Iterator[Output]:
+        """At a tick: records that waited for the other input or for the idle rule."""
+        if not self._merges:
+            return
+        if self._lag_source is not None and time.monotonic() - self._lags_at >= LAG_REFRESH:
+            self._lags_at = time.monotonic()
+            self._lags = self._lag_source()
+        for part in list(self._merges):
+            yield from self._drain(part)
+
+    # -- the idle rule -----------------------------------------------------------------------
+    def _idle(self, kind: Kind, part: int) -> bool:
+        """``kind``'s stream of ``part`` was read to its end and nothing was read from it for
+        ``order_idle_ms`` (without a loop, e.g. tests: everything was read)."""
+        topic = self.changes_topic if kind == CHANGE else self.events_topic
+        lag = self._lags.get((topic, part), 0 if self._lag_source is None else None)
+        if lag != 0:
+            return False
+        read_at = self._read_at.get((kind, part))
+        return read_at is None or (self.clock() - read_at) * 1000 >= self.cfg.order_idle_ms
+
+    def before_batch(self, batch: BatchInfo) -> None:
+        """The loop's lags before each batch (records after it not read yet, per partition)."""
+        self._lags = dict(batch.lag)
+        self._lags_at = time.monotonic()
+
+    # -- transactions ------------------------------------------------------------------------
+    def commit_point(self, topic: str, partition: int, offset: int) -> int:
+        """The loop's ``commit_point``: never past a change or event not applied yet."""
+        merge = self._merges.get(partition)
+        if merge is None:
+            return offset
+        if topic == self.changes_topic:
+            return merge.commit_offset(CHANGE, offset)
+        if topic == self.events_topic:
+            return merge.commit_offset(EVENT, offset)
+        return offset
+
+    def _flush_marks(self) -> list[Output]:
+        """The marks that changed, written with the state (same transaction)."""
+        outs: list[Output] = []
+        for part, merge in self._merges.items():
+            mark, saved = merge.mark(), self._saved_marks.get(part)
+            if mark == saved:
+                continue
+            for i, (time_key, next_key) in enumerate(mark_keys(part)):
+                if saved is None or saved.times[i] != mark.times[i]:
+                    rec = {"kind": "clock", "clock_ms": mark.times[i]}
+                    outs.append(self.store.put(time_key, rec, part))
+                if mark.nexts[i] is not None and (saved is None or saved.nexts[i] != mark.nexts[i]):
+                    rec = {"kind": "clock", "clock_ms": mark.nexts[i]}
+                    outs.append(self.store.put(next_key, rec, part))
+            self._saved_marks[part] = mark
+        return outs
+
+    def _merges_committed(self) -> None:
+        for merge in self._merges.values():
+            merge.committed()
+
+    def _merges_aborted(self) -> None:
+        for part, merge in self._merges.items():
+            merge.aborted()
+            self._saved_marks[part] = merge.mark()
+
+    def _merges_dropped(self, partitions: set[int]) -> None:
+        for part in partitions:
+            self._merges.pop(part, None)
+            self._saved_marks.pop(part, None)
+            for kind in KINDS:
+                self._read_at.pop((kind, part), None)
+
+    def waiting(self) -> int:
+        """Changes and events read and not applied yet (all partitions)."""
+        return sum(m.waiting(k) for m in self._merges.values() for k in KINDS)
