@@ -70,6 +70,7 @@ class _Stream:
     next_read: int | None  # offset after the last record read (re-reads are skipped)
     applied_time: int
     applied_next: int | None
+    skip_below: int | None  # records below it were read before (a re-read may come)
     waiting: deque[Entry] = field(default_factory=deque)
     done: int = 0  # waiting[:done] applied since the last commit
 
@@ -80,7 +81,7 @@ class PartitionMerge:
     def __init__(self, mark: Mark | None = None) -> None:
         m = mark or Mark()
         self._streams = {
-            kind: _Stream(m.times[i], m.nexts[i], m.times[i], m.nexts[i])
+            kind: _Stream(m.times[i], m.nexts[i], m.times[i], m.nexts[i], m.nexts[i])
             for i, kind in enumerate(KINDS)
         }
         self.clock = m.clock
@@ -90,14 +91,20 @@ class PartitionMerge:
     def add(self, kind: Kind, offset: int, time: int, item: Any) -> bool:
         """A record read from ``kind``'s stream; False when it was read (or applied) before
         (a rewind, a rebalance that kept the partition, a new owner reading again from the
-        committed offset)."""
+        committed offset: see :meth:`rereads`)."""
         s = self._streams[kind]
-        if s.next_read is not None and offset < s.next_read:
+        if s.skip_below is not None and offset < s.skip_below:
             return False
         s.read_time = max(s.read_time, time)
         s.next_read = offset + 1
         s.waiting.append(Entry(offset, time, s.read_time, item))
         return True
+
+    def rereads(self) -> None:
+        """The consumer will read the partition again from its committed offsets (a rewind,
+        a rebalance that keeps it): the records read so far are skipped then."""
+        for s in self._streams.values():
+            s.skip_below = s.next_read
 
     def waiting(self, kind: Kind) -> int:
         """Records of ``kind`` read and not applied."""
@@ -183,6 +190,7 @@ class PartitionMerge:
             s.done = 0
             s.applied_time, s.applied_next = m.times[i], m.nexts[i]
         self.clock = m.clock
+        self.rereads()
 
 
 class Wait(Exception):  # noqa: N818 (control flow: nothing can be applied yet)

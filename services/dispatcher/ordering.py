@@ -162,6 +162,12 @@ class Ordering:
             merge.aborted()
             self._saved_marks[part] = merge.mark()
 
+    def _merges_reread(self, partitions: set[int]) -> None:
+        for part in partitions:
+            merge = self._merges.get(part)
+            if merge is not None:
+                merge.rereads()
+
     def _merges_dropped(self, partitions: set[int]) -> None:
         for part in partitions:
             self._merges.pop(part, None)
