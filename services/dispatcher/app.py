@@ -60,7 +60,7 @@ from services.dispatcher.adapters import (
 from services.dispatcher.backoff import Breaker
 from services.dispatcher.contacts import VaultContacts
 from services.dispatcher.delivering import Delivering
-from services.dispatcher.merge import CHANGE, EVENT, Kind, Mark, PartitionMerge
+from services.dispatcher.merge import CHANGE, EVENT
 from services.dispatcher.metrics import (
     RESULTS,
 )
@@ -138,13 +138,7 @@ class Dispatcher(Delivering, Reloading, Ordering):
         self._stopping = False
         self._event_clocks: dict[int, int] = {}  # per partition (clock: event)
         self._saved_clocks: dict[int, int] = {}
-        # clock: event: the two inputs' merged order per partition (ordering.py)
-        self._merges: dict[int, PartitionMerge] = {}
-        self._saved_marks: dict[int, Mark] = {}
-        self._read_at: dict[tuple[Kind, int], float] = {}
-        self._lags: dict[tuple[str, int], int | None] = {}
-        self._lag_source: Callable[[], dict[tuple[str, int], int | None]] | None = None
-        self._lags_at = 0.0
+        self._init_ordering()  # clock: event: the inputs' merged order (ordering.py)
         self._breakers: dict[str, Breaker] = {}
         self._paused: dict[str, float] = {}
         self._rng = random.Random()

@@ -24,7 +24,7 @@ from collections.abc import Callable, Iterator
 from typing import TYPE_CHECKING, Any
 
 from segflow.runtime.loop import Incoming, Output
-from segflow.runtime.records import BatchInfo
+from segflow.runtime.records import BatchInfo, HoldPartition
 from segflow.runtime.state import ChangelogStore
 from services.dispatcher.merge import CHANGE, EVENT, KINDS, NEVER, Kind, Mark, PartitionMerge, Wait
 from services.dispatcher.settings import DispatcherSettings
@@ -32,6 +32,9 @@ from services.dispatcher.settings import DispatcherSettings
 CLOCK_KEY = "clock"
 #: refresh the consumer's lags for the idle rule at most this often (seconds)
 LAG_REFRESH = 0.5
+#: records of one topic's partition waiting in memory before the loop holds the partition
+#: (resumed when half of them were applied): the identified topic is read ahead of the changes
+WAIT_LIMIT = 50_000
 
 
 def mark_keys(part: int) -> list[tuple[str, str]]:
@@ -49,20 +52,26 @@ class Ordering:
         events_topic: str
         clock: Callable[[], float]
         _event_clocks: dict[int, int]
-        _merges: dict[int, PartitionMerge]
-        _saved_marks: dict[int, Mark]
-        _read_at: dict[tuple[Kind, int], float]
-        _lags: dict[tuple[str, int], int | None]
-        _lag_source: Callable[[], dict[tuple[str, int], int | None]] | None
-        _lags_at: float
 
         def _apply(self, kind: Kind, item: Any, part: int, now: int) -> Iterator[Output]: ...
+
+    def _init_ordering(self) -> None:
+        self._merges: dict[int, PartitionMerge] = {}
+        self._saved_marks: dict[int, Mark] = {}
+        self._read_at: dict[tuple[Kind, int], float] = {}
+        self._lags: dict[tuple[str, int], int | None] = {}
+        self._lag_source: Callable[[], dict[tuple[str, int], int | None]] | None = None
+        self._lags_at = 0.0
+        self._held: set[tuple[str, int]] = set()  # input partitions held: too much waiting
 
     # -- reading ---------------------------------------------------------------------------
     def _read(self, kind: Kind, record: Incoming, cid: str, at: int, item: Any) -> Iterator[Output]:
         """Add a change or an event to its partition's merge, then apply what can go."""
         part = self.store.partition_of(cid)
         merge = self._merge(part)
+        if merge.waiting(kind) >= WAIT_LIMIT:  # read again once half of them went
+            self._held.add((record.topic_name, record.partition))
+            raise HoldPartition
         if not merge.add(kind, record.offset, at, item):
             return  # read (or applied) before: the consumer read it again
         self._read_at[(kind, part)] = self.clock()
@@ -119,6 +128,17 @@ class Ordering:
         read_at = self._read_at.get((kind, part))
         return read_at is None or (self.clock() - read_at) * 1000 >= self.cfg.order_idle_ms
 
+    def releases(self) -> list[tuple[str, int]]:
+        """Held partitions whose waiting records went down to half the limit."""
+        out = []
+        for topic, part in list(self._held):
+            kind = CHANGE if topic == self.changes_topic else EVENT
+            merge = self._merges.get(part)
+            if merge is None or merge.waiting(kind) <= WAIT_LIMIT // 2:
+                self._held.discard((topic, part))
+                out.append((topic, part))
+        return out
+
     def before_batch(self, batch: BatchInfo) -> None:
         """The loop's lags before each batch (records after it not read yet, per partition)."""
         self._lags = dict(batch.lag)
@@ -163,12 +183,14 @@ class Ordering:
             self._saved_marks[part] = merge.mark()
 
     def _merges_reread(self, partitions: set[int]) -> None:
+        self._held = {k for k in self._held if k[1] not in partitions}  # the loop forgets them
         for part in partitions:
             merge = self._merges.get(part)
             if merge is not None:
                 merge.rereads()
 
     def _merges_dropped(self, partitions: set[int]) -> None:
+        self._held = {k for k in self._held if k[1] not in partitions}
         for part in partitions:
             self._merges.pop(part, None)
             self._saved_marks.pop(part, None)

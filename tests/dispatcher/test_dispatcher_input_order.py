@@ -14,10 +14,14 @@ import itertools
 from collections.abc import Iterator
 from typing import Any
 
+import pytest
+
 from segflow.runtime.loop import Incoming, Output
+from segflow.runtime.records import HoldPartition
 from segflow.runtime.serde import Serde
 from segflow.runtime.settings import Settings
 from segflow.runtime.topics import TOPICS
+from services.dispatcher import ordering
 from services.dispatcher.adapters import Router
 from services.dispatcher.app import Dispatcher, DispatcherSettings
 from tests.dispatcher.test_dispatcher_event_clock import (
@@ -225,3 +229,39 @@ def test_an_event_read_before_the_change_that_makes_its_customer_known_still_cou
     _, state = outcomes[0]
     steps = dict(actions(state, x))
     assert steps["owner_task"] == "suppressed", steps
+
+
+def test_a_partition_with_too_many_records_waiting_is_held_until_half_of_them_went(
+    monkeypatch: Any,
+) -> None:
+    # The identified topic is read ahead of the changes; what waits is held in memory, so
+    # past a limit the loop holds the partition (HoldPartition) until half of it was applied.
+    monkeypatch.setattr(ordering, "WAIT_LIMIT", 2)
+    x, y = same_partition(2)
+    d = Dispatcher(
+        Settings(bootstrap_servers="127.0.0.1:9", topic_prefix="input-order-test."),
+        DispatcherSettings(clock="event"),
+        book=BOOK,
+        router=Router(),
+        clock=lambda: DAY0 / 1000,
+    )
+    d._dirty = False
+    part = d.store.partition_of(x)
+    more = {(d.changes_topic, part): 1, (d.events_topic, part): 1}
+    d._lag_source, d._lags = (lambda: more), dict(more)
+    try:
+
+        def read(topic: Any, name: str, offset: int, value: dict[str, Any]) -> list[Output]:
+            return list(d.handle(Incoming(topic, name, part, offset, x, value, None, [])))
+
+        for offset in range(2):
+            read(TOPICS.identified, d.events_topic, offset, event(y, "login", DAY0 + offset))
+        with pytest.raises(HoldPartition):
+            read(TOPICS.identified, d.events_topic, 2, event(y, "login", DAY0 + 2))
+        assert d.releases() == []
+        assert d.commit_point(d.events_topic, part, 2) == 0  # nothing applied yet
+        read(TOPICS.segment_changes, d.changes_topic, 0, change(x, "AtRisk-60d", DAY0 + HOUR))
+        assert d.releases() == [(d.events_topic, part)]  # both events went before the change
+        assert d.commit_point(d.events_topic, part, 2) == 2
+    finally:
+        d.close()
