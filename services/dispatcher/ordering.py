@@ -82,6 +82,8 @@ class Ordering:
         if merge is None:
             merge = self._merges[part] = PartitionMerge(self._load_mark(part))
             self._saved_marks[part] = merge.mark()
+            for kind in KINDS:  # quiet counts from when this instance took the partition
+                self._read_at[(kind, part)] = self.clock()
         return merge
 
     def _load_mark(self, part: int) -> Mark:
@@ -120,13 +122,15 @@ class Ordering:
     # -- the idle rule -----------------------------------------------------------------------
     def _idle(self, kind: Kind, part: int) -> bool:
         """``kind``'s stream of ``part`` was read to its end and nothing was read from it for
-        ``order_idle_ms`` (without a loop, e.g. tests: everything was read)."""
+        ``order_idle_ms`` since this instance took the partition (without a loop, e.g. tests:
+        everything was read, it is idle at once)."""
         topic = self.changes_topic if kind == CHANGE else self.events_topic
-        lag = self._lags.get((topic, part), 0 if self._lag_source is None else None)
-        if lag != 0:
+        if self._lag_source is None:
+            return self._lags.get((topic, part), 0) == 0
+        if self._lags.get((topic, part)) != 0:
             return False
-        read_at = self._read_at.get((kind, part))
-        return read_at is None or (self.clock() - read_at) * 1000 >= self.cfg.order_idle_ms
+        read_at = self._read_at.get((kind, part), self.clock())
+        return (self.clock() - read_at) * 1000 >= self.cfg.order_idle_ms
 
     def releases(self) -> list[tuple[str, int]]:
         """Held partitions whose waiting records went down to half the limit."""
