@@ -47,7 +47,7 @@ class DispatcherSettings(VendorSettings, PlaybookSettings):
     #: ``clock: event``: how long (ms) a partition's segment changes or identified events must
     #: have been read to their end with nothing new before the other input's records stop
     #: waiting for them (services/dispatcher/README.md, Input order).
-    order_idle_ms: int = 20000
+    order_idle_ms: int = 45000
     group_id: str = "segflow-dispatcher"
     transactional_id: str | None = None
     crm_kind: Literal["hubspot", "salesforce", "marketo"] = "hubspot"

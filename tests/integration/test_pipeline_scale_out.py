@@ -742,19 +742,47 @@ def test_two_instances_of_every_service_make_the_same_segment_changes_as_one(
         )
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="the dispatcher reads segment changes and identified events in consumer order and "
-    "both move a partition's event clock, so the same change is decided at a different time "
-    "(e.g. in quiet hours in one run, sent in another); moving the clock with segment changes "
-    "only made the actions identical in one run but left steps unfired on partitions whose "
-    "changes stop (README.md, Scale-out, whole pipeline)",
-)
+#: Result fields set by the call, not by the decision (the wall clock, attempts, the answer).
+CALL_FIELDS = ("dispatched_at", "attempt", "http_status")
+
+
+def decisions(out: Outputs, leave_out: set[str]) -> Counter[tuple[Any, ...]]:
+    """Every dispatch result without the call's fields, but those of ``leave_out`` keys."""
+    return Counter(
+        tuple(sorted((k, v) for k, v in r.items() if k not in CALL_FIELDS))
+        for r in out.results
+        if r["idempotency_key"] not in leave_out
+    )
+
+
 def test_two_instances_of_every_service_take_the_same_actions_as_one(
     runs: dict[str, Run],
 ) -> None:
+    """The same dispatch results (every field but the call's: status, reason, decision and
+    due times, variant...) and the same actions at the vendors with 2 instances of every
+    service and across the kill: the dispatcher applies each partition's segment changes and
+    identified events in a merged order of the input, not in the order it reads them
+    (services/dispatcher/README.md, Input order). One exception, counted: an email the killed
+    dispatcher had recorded as started and not settled is failed as ``ambiguous`` by its new
+    owner and not sent again (at most once): with one instance it was sent; at the stand-in it
+    may or may not have arrived. Its other results (scheduled, quiet hours) and everything it
+    changed (caps, the steps after it) must be the same."""
     one = runs["one"].out
     for label in ("two", "chaos"):
         other = runs[label].out
-        assert other.sent() == one.sent(), f"{label}: actions sent differ"
-        assert other.effects == one.effects and other.emails == one.emails, label
+        ambiguous = {r["idempotency_key"] for r in other.results if r["reason"] == UNKNOWN_OUTCOME}
+        print(f"{label}: {len(ambiguous)} ambiguous emails of the kill")
+        if label == "two":
+            assert not ambiguous, f"{label}: ambiguous outcomes without a kill: {ambiguous}"
+        assert ambiguous <= set(one.sent()), f"{label}: ambiguous, not sent with 1 instance"
+        extra = decisions(other, ambiguous) - decisions(one, ambiguous)
+        missing = decisions(one, ambiguous) - decisions(other, ambiguous)
+        assert not extra and not missing, (
+            f"{label}: dispatch results differ: {sum(extra.values())} extra "
+            f"{sorted(extra)[:1]}, {sum(missing.values())} missing {sorted(missing)[:1]}"
+        )
+        assert set(other.sent()) == set(one.sent()) - ambiguous, f"{label}: actions sent differ"
+        assert other.effects - ambiguous == one.effects - ambiguous, f"{label}: vendor effects"
+        assert +(other.emails - Counter(dict.fromkeys(ambiguous, 1))) == +(
+            one.emails - Counter(dict.fromkeys(ambiguous, 1))
+        ), f"{label}: SMTP messages differ"
