@@ -468,10 +468,11 @@ class Dispatcher(Delivering, Reloading, Ordering):
         elif event_clock:
             value = record.value
             at = int((value["event"] or value)["occurred_at"])
-            yield from self._read(EVENT, record, str(value["customer_id"]), at, value)
+            item = (value, record.raw)  # the bytes, in case it waits (written to the changelog)
+            yield from self._read(EVENT, record, str(value["customer_id"]), at, item)
         elif record.value["event"] is not None:  # else skipped by decode_identified
             part = self.store.partition_of(record.value["customer_id"])
-            yield from self._apply(EVENT, record.value, part, self.now_ms(part))
+            yield from self._apply(EVENT, (record.value, None), part, self.now_ms(part))
 
     def _apply(self, kind: str, item: Any, part: int, now: int) -> Iterator[Output]:
         """A segment change or an identified event, at ``now`` (the wall clock, or under the
@@ -484,7 +485,7 @@ class Dispatcher(Delivering, Reloading, Ordering):
             new, effects = core.decide(due, change, now, self.book, self._keep_in_flight)
             yield from self._emit(old, new, fired + effects, now, part)
             return
-        value: dict[str, Any] = item
+        value: dict[str, Any] = item[0]  # (the decoded record, its bytes)
         if value["event"] is None:  # skipped at read: decoded now if its customer is known
             cid = str(value["customer_id"])
             if value.get("raw") is None or (cid not in self._cache and cid not in self.store):

@@ -100,6 +100,20 @@ class PartitionMerge:
         s.waiting.append(Entry(offset, time, s.read_time, item))
         return True
 
+    def restore(self, kind: Kind, entries: list[Entry]) -> None:
+        """Records a previous owner read and wrote to the changelog as waiting (in their
+        order): they wait here again; the consumer reads on after them."""
+        s = self._streams[kind]
+        for e in entries:
+            s.waiting.append(e)
+            s.read_time = max(s.read_time, e.order)
+            s.next_read = s.skip_below = e.offset + 1
+
+    def pending(self, kind: Kind) -> list[Entry]:
+        """``kind``'s records read and not applied, in order."""
+        s = self._streams[kind]
+        return list(s.waiting)[s.done :]
+
     def rereads(self) -> None:
         """The consumer will read the partition again from its committed offsets (a rewind,
         a rebalance that keeps it): the records read so far are skipped then."""

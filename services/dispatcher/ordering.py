@@ -25,11 +25,24 @@ from typing import TYPE_CHECKING, Any
 
 from segflow.runtime.loop import Incoming, Output
 from segflow.runtime.records import BatchInfo, HoldPartition
+from segflow.runtime.serde import Serde
 from segflow.runtime.state import ChangelogStore
-from services.dispatcher.merge import CHANGE, EVENT, KINDS, NEVER, Kind, Mark, PartitionMerge, Wait
+from segflow.runtime.topics import TOPICS
+from services.dispatcher.merge import (
+    CHANGE,
+    EVENT,
+    KINDS,
+    NEVER,
+    Entry,
+    Kind,
+    Mark,
+    PartitionMerge,
+    Wait,
+)
 from services.dispatcher.settings import DispatcherSettings
 
 CLOCK_KEY = "clock"
+WAIT_PREFIX = "wait@"  # + "<partition>:<offset>": an identified event waiting for its turn
 #: refresh the consumer's lags for the idle rule at most this often (seconds)
 LAG_REFRESH = 0.5
 #: records of one topic's partition waiting in memory before the loop holds the partition
@@ -51,7 +64,10 @@ class Ordering:
         changes_topic: str
         events_topic: str
         clock: Callable[[], float]
+        serde: Serde
         _event_clocks: dict[int, int]
+
+        def decode_identified(self, data: bytes | None) -> dict[str, Any]: ...
 
         def _apply(self, kind: Kind, item: Any, part: int, now: int) -> Iterator[Output]: ...
 
@@ -63,6 +79,9 @@ class Ordering:
         self._lag_source: Callable[[], dict[tuple[str, int], int | None]] | None = None
         self._lags_at = 0.0
         self._held: set[tuple[str, int]] = set()  # input partitions held: too much waiting
+        # offsets of the waiting events written to the changelog, per partition (committed)
+        self._written: dict[int, set[int]] = {}
+        self._written_committed: dict[int, set[int]] = {}
 
     # -- reading ---------------------------------------------------------------------------
     def _read(self, kind: Kind, record: Incoming, cid: str, at: int, item: Any) -> Iterator[Output]:
@@ -81,6 +100,10 @@ class Ordering:
         merge = self._merges.get(part)
         if merge is None:
             merge = self._merges[part] = PartitionMerge(self._load_mark(part))
+            waiting = self._load_waiting(part)
+            merge.restore(EVENT, waiting)
+            self._written[part] = {e.offset for e in waiting}
+            self._written_committed[part] = set(self._written[part])
             self._saved_marks[part] = merge.mark()
             for kind in KINDS:  # quiet counts from when this instance took the partition
                 self._read_at[(kind, part)] = self.clock()
@@ -94,6 +117,20 @@ class Ordering:
             times.append(int(t["clock_ms"]) if t and t.get("clock_ms") is not None else NEVER)
             nexts.append(int(n["clock_ms"]) if n and n.get("clock_ms") is not None else None)
         return Mark((times[0], times[1]), (nexts[0], nexts[1]), self._event_clocks.get(part, 0))
+
+    def _load_waiting(self, part: int) -> list[Entry]:
+        """The identified events a previous owner wrote as waiting, in their order."""
+        prefix = f"{WAIT_PREFIX}{part}:"
+        out = []
+        for key in sorted(k for k in self.store if k.startswith(prefix)):
+            rec = self.store.get(key)
+            if rec is None:
+                continue
+            data = rec["started"][0]
+            item = (self.decode_identified(data), data)
+            counts = rec["counts"]
+            out.append(Entry(int(counts["offset"]), int(counts["time"]), rec["clock_ms"], item))
+        return out
 
     def _drain(self, part: int) -> Iterator[Output]:
         """Apply the partition's records that can go, in the merged order, each at the
@@ -130,7 +167,8 @@ class Ordering:
         if self._lags.get((topic, part)) != 0:
             return False
         read_at = self._read_at.get((kind, part), self.clock())
-        return (self.clock() - read_at) * 1000 >= self.cfg.order_idle_ms
+        idle_ms = self.cfg.changes_idle_ms if kind == CHANGE else self.cfg.order_idle_ms
+        return (self.clock() - read_at) * 1000 >= idle_ms
 
     def releases(self) -> list[tuple[str, int]]:
         """Held partitions whose waiting records went down to half the limit."""
@@ -156,13 +194,21 @@ class Ordering:
             return offset
         if topic == self.changes_topic:
             return merge.commit_offset(CHANGE, offset)
-        if topic == self.events_topic:
-            return merge.commit_offset(EVENT, offset)
-        return offset
+        return offset  # events waiting are written to the changelog (``_flush_marks``)
 
     def _flush_marks(self) -> list[Output]:
-        """The marks that changed, written with the state (same transaction)."""
+        """The marks that changed and the identified events waiting (new ones written, applied
+        ones deleted), written with the state (same transaction): the consumer's offsets go
+        past the events, which a new owner finds in the changelog."""
         outs: list[Output] = []
+        for part, merge in self._merges.items():
+            written = self._written.setdefault(part, set())
+            waiting = {e.offset: e for e in merge.pending(EVENT)}
+            for offset in sorted(written - waiting.keys()):
+                outs.append(self.store.delete(f"{WAIT_PREFIX}{part}:{offset:020d}"))
+            for offset in sorted(waiting.keys() - written):
+                outs.append(self._write_waiting(part, waiting[offset]))
+            self._written[part] = set(waiting)
         for part, merge in self._merges.items():
             mark, saved = merge.mark(), self._saved_marks.get(part)
             if mark == saved:
@@ -177,14 +223,28 @@ class Ordering:
             self._saved_marks[part] = mark
         return outs
 
+    def _write_waiting(self, part: int, entry: Entry) -> Output:
+        value, data = entry.item
+        data = data or value.get("raw") or self.serde.encode(TOPICS.identified, value)
+        record = {
+            "kind": "waiting",
+            "customer_id": str(value["customer_id"]),
+            "clock_ms": entry.order,
+            "counts": {"offset": entry.offset, "time": entry.time},
+            "started": [data],  # the record's Avro bytes (as read)
+        }
+        return self.store.put(f"{WAIT_PREFIX}{part}:{entry.offset:020d}", record, part)
+
     def _merges_committed(self) -> None:
-        for merge in self._merges.values():
+        for part, merge in self._merges.items():
             merge.committed()
+            self._written_committed[part] = set(self._written.get(part, ()))
 
     def _merges_aborted(self) -> None:
         for part, merge in self._merges.items():
             merge.aborted()
             self._saved_marks[part] = merge.mark()
+            self._written[part] = set(self._written_committed.get(part, ()))
 
     def _merges_reread(self, partitions: set[int]) -> None:
         self._held = {k for k in self._held if k[1] not in partitions}  # the loop forgets them
@@ -198,6 +258,8 @@ class Ordering:
         for part in partitions:
             self._merges.pop(part, None)
             self._saved_marks.pop(part, None)
+            self._written.pop(part, None)
+            self._written_committed.pop(part, None)
             for kind in KINDS:
                 self._read_at.pop((kind, part), None)
 

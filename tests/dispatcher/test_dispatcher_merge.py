@@ -145,3 +145,35 @@ def test_an_aborted_transaction_applies_its_records_again_in_the_same_order() ->
     assert m.commit_offset(EVENT, 3) == 2  # the event at 35 was not applied
     m.committed()
     assert m.commit_offset(CHANGE, 3) == 3
+
+
+def test_a_new_owner_with_the_events_that_waited_restored_goes_on_alike() -> None:
+    # The shell writes the events still waiting to the changelog and commits the identified
+    # topic's offset past them; a new owner restores them, then reads on.
+    rng = random.Random(11)
+    for _ in range(300):
+        changes, events = streams(rng)
+        want = expected(changes, events)
+        reads = interleave(rng, changes, events)
+        cut = rng.randint(0, len(reads))
+        m = PartitionMerge()
+        done: list[tuple[Kind, int]] = []
+        for kind, offset, at in reads[:cut]:
+            m.add(kind, offset, at, None)
+            done += drain(m)
+        read_events = [r for r in reads[:cut] if r[0] == EVENT]
+        resume = {
+            CHANGE: m.commit_offset(
+                CHANGE, 1 + max([-1] + [o for k, o, _ in reads[:cut] if k == CHANGE])
+            ),
+            EVENT: 1 + max([-1] + [o for _, o, _ in read_events]),
+        }
+        waiting, mark = m.pending(EVENT), m.mark()
+        new = PartitionMerge(mark)
+        new.restore(EVENT, waiting)
+        rest = [r for r in interleave(rng, changes, events) if r[1] >= resume[r[0]]]
+        for kind, offset, at in rest:
+            new.add(kind, offset, at, None)
+            done += drain(new)
+        done += drain(new, idle=True)
+        assert done == want

@@ -783,6 +783,5 @@ def test_two_instances_of_every_service_take_the_same_actions_as_one(
         )
         assert set(other.sent()) == set(one.sent()) - ambiguous, f"{label}: actions sent differ"
         assert other.effects - ambiguous == one.effects - ambiguous, f"{label}: vendor effects"
-        assert +(other.emails - Counter(dict.fromkeys(ambiguous, 1))) == +(
-            one.emails - Counter(dict.fromkeys(ambiguous, 1))
-        ), f"{label}: SMTP messages differ"
+        smtp = {k: n for k, n in other.emails.items() if k not in ambiguous}
+        assert smtp == {k: n for k, n in one.emails.items() if k not in ambiguous}, label
