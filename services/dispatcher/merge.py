@@ -24,10 +24,11 @@ a task's partitions by timestamp (KIP-353, ``max.task.idle.ms``):
   any record at ``d`` (each at its due time, ``core.fire_due``).
 
 The shell (``services.dispatcher.ordering``) keeps one :class:`PartitionMerge` per partition,
-applies what :meth:`PartitionMerge.pop` gives, commits input offsets only up to the first
-record not applied (the loop's ``commit_point``) and writes :meth:`PartitionMerge.mark` (the
-applied order times and next offsets, and the clock) with the state it changed, so a new
-owner reads the waiting records again and skips the applied ones.
+applies what :meth:`PartitionMerge.pop` gives, writes the events still waiting
+(:meth:`PartitionMerge.pending`) and :meth:`PartitionMerge.mark` (the applied order times and
+next offsets, and the clock) with the state it changed, and commits the changes' offsets only
+up to the first change not applied (:meth:`PartitionMerge.commit_offset`), so a new owner
+(:meth:`PartitionMerge.restore`) goes on in the same order and skips what was applied.
 """
 
 from __future__ import annotations

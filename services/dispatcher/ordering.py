@@ -7,14 +7,18 @@ reads them, so one instance, two, and a new owner after ``kill -9`` decide alike
   what can go is applied at once (the handler) or at a tick (records that waited for the
   other input, or for the idle rule).
 * **Idle**: a stream of a partition is idle when the consumer has read it to its end (no lag
-  at the last batch or tick) and read nothing from it for ``order_idle_ms``; the other
-  stream's records then stop waiting for it.
-* **Exactly once**: the loop's ``commit_point`` commits each input partition's offset only up
-  to its first record not applied; the merge's mark (per stream, the order time of the last
-  record applied and the offset after it; the clock) is written to the changelog with the
-  state it changed (``clock@<p>:changes``, ``clock@<p>:events``, ``...:next``). A new owner
-  (or this one after a rewind, or after a rebalance that kept the partition) reads again from
-  the committed offset and skips what was applied.
+  at the last batch or tick) and read nothing from it for ``order_idle_ms`` (the identified
+  events: changes stop waiting for them) or ``changes_idle_ms`` (the changes: events and
+  timers stop waiting for them).
+* **Exactly once**: the identified events still waiting are written to the changelog with the
+  transaction (``wait@<p>:<offset>``, kind ``waiting``, the record's bytes) and deleted by the
+  one that applies them, so the identified topic's offsets are committed as read; a change
+  that waits holds the changes partition's committed offset (the loop's ``commit_point``).
+  The merge's mark (per stream, the order time of the last record applied and the offset
+  after it; the clock) is written with the state it changed (``clock@<p>:change``, ...). A new
+  owner restores the mark and the waiting events, reads on from the committed offsets and
+  skips what was applied (also this instance after a rewind, or after a rebalance that kept
+  the partition).
 """
 
 from __future__ import annotations
