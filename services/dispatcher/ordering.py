@@ -83,6 +83,7 @@ class Ordering:
         self._lag_source: Callable[[], dict[tuple[str, int], int | None]] | None = None
         self._lags_at = 0.0
         self._held: set[tuple[str, int]] = set()  # input partitions held: too much waiting
+        self._in_batch: set[tuple[str, int]] = set()  # partitions with records in the batch
         # offsets of the waiting events written to the changelog, per partition (committed)
         self._written: dict[int, set[int]] = {}
         self._written_committed: dict[int, set[int]] = {}
@@ -109,8 +110,9 @@ class Ordering:
             self._written[part] = {e.offset for e in waiting}
             self._written_committed[part] = set(self._written[part])
             self._saved_marks[part] = merge.mark()
-            for kind in KINDS:  # quiet counts from when this instance took the partition
-                self._read_at[(kind, part)] = self.clock()
+            # changes: quiet counts from when this instance took the partition (the
+            # segmenter may be taking its own partitions over after the same kill)
+            self._read_at[(CHANGE, part)] = self.clock()
         return merge
 
     def _load_mark(self, part: int) -> Mark:
@@ -168,9 +170,11 @@ class Ordering:
         topic = self.changes_topic if kind == CHANGE else self.events_topic
         if self._lag_source is None:
             return self._lags.get((topic, part), 0) == 0
-        if self._lags.get((topic, part)) != 0:
+        if self._lags.get((topic, part)) != 0 or (topic, part) in self._in_batch:
             return False
-        read_at = self._read_at.get((kind, part), self.clock())
+        read_at = self._read_at.get((kind, part))
+        if read_at is None:  # identified events: none read since this instance took it
+            return True
         idle_ms = self.cfg.changes_idle_ms if kind == CHANGE else self.cfg.order_idle_ms
         return (self.clock() - read_at) * 1000 >= idle_ms
 
@@ -189,6 +193,7 @@ class Ordering:
         """The loop's lags before each batch (records after it not read yet, per partition)."""
         self._lags = dict(batch.lag)
         self._lags_at = time.monotonic()
+        self._in_batch = {k for k, n in batch.counts.items() if n}  # read, not yet handled
 
     # -- transactions ------------------------------------------------------------------------
     def commit_point(self, topic: str, partition: int, offset: int) -> int:
@@ -240,11 +245,13 @@ class Ordering:
         return self.store.put(f"{WAIT_PREFIX}{part}:{entry.offset:020d}", record, part)
 
     def _merges_committed(self) -> None:
+        self._in_batch = set()
         for part, merge in self._merges.items():
             merge.committed()
             self._written_committed[part] = set(self._written.get(part, ()))
 
     def _merges_aborted(self) -> None:
+        self._in_batch = set()
         for part, merge in self._merges.items():
             merge.aborted()
             self._saved_marks[part] = merge.mark()
