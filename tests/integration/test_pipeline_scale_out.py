@@ -13,7 +13,7 @@ are counted at vendor stand-ins that are real servers on 127.0.0.1 (``segflow.re
 so the checks do not rely on the services' own accounting. Runs 2 and 3 must give what run 1
 gives: the same customer id for every event and the same merges, the same segment changes
 (customer, segment, transition, reason, event time), the same actions taken at the vendors,
-churn AUC within 0.01 (the actions: strict xfail, below); and in every run nothing doubled on any
+churn AUC within 0.01; and in every run nothing doubled on any
 output, no action taken twice, no timer fired twice or lost, nothing left undecided.
 
 Identity as N instances is its split roles: ``IDENTITY_INSTANCES`` front-stage processes and
@@ -21,8 +21,8 @@ the graph writer, one active and one warm standby (the kill takes a front and th
 writer). The attributes service keeps one table and runs once (``segflow.cli.SCALABLE``); it
 is killed too and replaced at once.
 
-Segment changes are identical between runs since session 11 (a test); actions are not yet (a
-known defect, kept visible as a strict xfail test). The scorer scores every timer as of its
+Segment changes are identical between runs since session 11, the dispatcher's actions since
+session 12 (both tests). The scorer scores every timer as of its
 own instant, fires a customer's due timers before its next event, and merges where
 identity's merge marks place the merge in the identified partitions (issue #15; checked: the
 survivor's score as of each merge is the same in all three runs). Before the marks 533-973
@@ -47,19 +47,14 @@ their own keys) and both holds, 1-3 and 1 customers' changes differ (2 instances
 an absorbed id as of before its merge read after the merge was dropped. Since session 11 it
 retires the id at the scorer's score tombstone, the id's last record in its scores partition
 (services/segmenter/README.md, "Merges"): 0 and 0 customers' segment changes differ (3 runs,
-2,771 changes each), so that is a check now. What still differs is the dispatcher's actions
-on identical changes: extra / missing sent actions 1 / 5 and 2 / 3 of 996, 0 / 0 and 7 / 2
-of 991, 1 / 1 and 2 / 4 of 997 (2 instances and the kill; the 1-instance runs themselves
-sent 996, 991 and 997); the results that differ were decided at a different ``decided_at``
-(the dispatcher's event clock), e.g. scheduled for quiet hours in one run and sent in
-another: the dispatcher reads segment changes and identified events in consumer order and
-both moved a partition's event clock (confirmed on the dumped outputs: each partition's
-changes came in the same order in every run; immediate steps were decided a median 117 h
-after their due time, a week's events being read before the changes they cause). Moving the
-clock with segment changes only (branch s11-2) gave identical actions in one run, but in the
-next a step due on a partition whose changes had stopped never fired (the 1-instance run's
-timers-lost check): not merged. The fix is merging the two inputs by event time up to a
-watermark. See services/scorer/README.md, "Deterministic scores"; run with ``-s`` for
+2,771 changes each), so that is a check now. The dispatcher's actions on identical changes
+differed (extra / missing sent actions 1 / 5 and 2 / 3 of 996, 0 / 0 and 7 / 2 of 991, 1 / 1
+and 2 / 4 of 997, 2 instances and the kill, session 11): it read segment changes and identified
+events in consumer order and both moved a partition's event clock. Since session 12 it applies
+them in a merged order of the input (services/dispatcher/README.md, Input order): identical
+results and actions in all three runs (3 runs, 1,011 sent each; with the waiting events held
+in memory and wall-clock idle times of 5 to 45 s, 0 to 9 extra and 0 to 6 missing of
+989-1,023 in 4 runs). See services/scorer/README.md, "Deterministic scores"; run with ``-s`` for
 per-cause counts (``diagnose``), with ``SEGFLOW_PIPELINE_DUMP=FILE`` to keep the runs'
 outputs.
 
