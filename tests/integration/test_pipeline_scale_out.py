@@ -52,7 +52,7 @@ differed (extra / missing sent actions 1 / 5 and 2 / 3 of 996, 0 / 0 and 7 / 2 o
 and 2 / 4 of 997, 2 instances and the kill, session 11): it read segment changes and identified
 events in consumer order and both moved a partition's event clock. Since session 12 it applies
 them in a merged order of the input (services/dispatcher/README.md, Input order): identical
-results and actions in all three runs (3 runs, 1,011 sent each; with the waiting events held
+results and actions in all three runs (4 of 4 runs, 1,011 sent each; with the waiting events held
 in memory and wall-clock idle times of 5 to 45 s, 0 to 9 extra and 0 to 6 missing of
 989-1,023 in 4 runs). See services/scorer/README.md, "Deterministic scores"; run with ``-s`` for
 per-cause counts (``diagnose``), with ``SEGFLOW_PIPELINE_DUMP=FILE`` to keep the runs'
