@@ -38,6 +38,7 @@ PURE = (
         "services.dispatcher.signing",
         "services.dispatcher.model",
         "services.dispatcher.observing",
+        "services.dispatcher.merge",
         "services.dispatcher.records",
         "services.dispatcher.playbook_model",
         "services.dispatcher.playbook_schema",

@@ -60,9 +60,11 @@ from services.dispatcher.adapters import (
 from services.dispatcher.backoff import Breaker
 from services.dispatcher.contacts import VaultContacts
 from services.dispatcher.delivering import Delivering
+from services.dispatcher.merge import CHANGE, EVENT
 from services.dispatcher.metrics import (
     RESULTS,
 )
+from services.dispatcher.ordering import CLOCK_KEY, Ordering
 from services.dispatcher.playbooks import Book, load_book
 from services.dispatcher.reloading import Reloading
 from services.dispatcher.settings import (
@@ -79,11 +81,10 @@ __all__ = ["AsyncRunner", "Dispatcher", "DispatcherSettings", "build_router"]
 
 log = logging.getLogger("segflow.dispatcher")
 T = TypeVar("T")
-CLOCK_KEY = "clock"
 KPI_PREFIX = "kpi|"
 
 
-class Dispatcher(Delivering, Reloading):
+class Dispatcher(Delivering, Reloading, Ordering):
     """Handler + tick + hooks for the shared loop."""
 
     def __init__(
@@ -137,6 +138,7 @@ class Dispatcher(Delivering, Reloading):
         self._stopping = False
         self._event_clocks: dict[int, int] = {}  # per partition (clock: event)
         self._saved_clocks: dict[int, int] = {}
+        self._init_ordering()  # clock: event: the inputs' merged order (ordering.py)
         self._breakers: dict[str, Breaker] = {}
         self._paused: dict[str, float] = {}
         self._rng = random.Random()
@@ -222,6 +224,7 @@ class Dispatcher(Delivering, Reloading):
     def on_assign(self, partitions: set[int]) -> None:
         """The store restored ``partitions``: their clocks, and indexes rebuilt at the tick."""
         self._cache.clear()
+        self._merges_dropped(partitions)
         self._load_clocks(partitions)
         self._dirty = True
 
@@ -236,6 +239,7 @@ class Dispatcher(Delivering, Reloading):
         for part in partitions:
             self._event_clocks.pop(part, None)
             self._saved_clocks.pop(part, None)
+        self._merges_dropped(partitions)
         self._dirty = True
 
     def loop(self, **overrides: Any) -> ProcessingLoop:
@@ -258,7 +262,7 @@ class Dispatcher(Delivering, Reloading):
             decoders={self.events_topic: self.decode_identified},
             **overrides,
         )
-        return ProcessingLoop(
+        loop = ProcessingLoop(
             s,
             config,
             self.handle,
@@ -266,7 +270,12 @@ class Dispatcher(Delivering, Reloading):
             hooks=[self.store, self],
             tick=self.tick,
             clock=self.clock,
+            # under the event clock, input offsets never pass a record not applied yet
+            commit_point=self.commit_point if cfg.clock == "event" else None,
         )
+        if cfg.clock == "event":
+            self._lag_source = loop.lags  # the idle rule: read to the end?
+        return loop
 
     def close(self) -> None:
         if self.vault is not None:
@@ -277,6 +286,7 @@ class Dispatcher(Delivering, Reloading):
 
     def on_commit(self) -> None:
         self._stopping = False  # the final tick is over; a later run delivers again
+        self._merges_committed()
         self.start_calls()  # the started records are committed: the calls may go out
 
     def on_abort(self) -> None:
@@ -287,6 +297,7 @@ class Dispatcher(Delivering, Reloading):
         self._event_clocks.clear()
         self._saved_clocks.clear()
         self._load_clocks(parts)
+        self._merges_aborted()
         self._cache.clear()
         self._pending.clear()
         self._kpi_pending.clear()
@@ -307,6 +318,7 @@ class Dispatcher(Delivering, Reloading):
                 record = {"kind": "clock", "clock_ms": ms}
                 outs.append(self.store.put(f"{CLOCK_KEY}@{part}", record, part))
                 self._saved_clocks[part] = ms
+        outs += self._flush_marks()
         outs += [
             self.store.put(key, rec, _kpi_partition(key)) for key, rec in self._kpi_pending.items()
         ]
@@ -336,10 +348,6 @@ class Dispatcher(Delivering, Reloading):
         if self.cfg.clock == "event":
             return max(self._event_clocks.values(), default=0)
         return int(self.clock() * 1000)
-
-    def _advance(self, occurred_at: int, part: int) -> None:
-        if occurred_at > self._event_clocks.get(part, 0):
-            self._event_clocks[part] = occurred_at
 
     # -- state access ----------------------------------------------------------------------
     def customer(self, customer_id: str) -> core.Customer | None:
@@ -398,8 +406,12 @@ class Dispatcher(Delivering, Reloading):
         unless their type or a profile property says otherwise. Those are recognised from the
         leading fields and a byte search, and come back as ``{"customer_id", "occurred_at",
         "event": None}`` without the full Avro decode; everything else is decoded in full.
-        (A skipped record is not checked past its leading fields: bytes that would not decode
-        are ignored instead of dead-lettered, as nothing is derived from them.)"""
+        Under the event clock whether the customer is known is asked when the event is
+        applied (its turn in the merged order, ``ordering.py``): the bytes are kept
+        (``raw``) and decoded then if it is. (A skipped record is not checked past its
+        leading fields: bytes that would not decode are ignored instead of dead-lettered, as
+        nothing is derived from them.)"""
+        event_clock = self.cfg.clock == "event"
         if (
             data is not None
             and len(data) > 8
@@ -411,8 +423,7 @@ class Dispatcher(Delivering, Reloading):
                 cid = data[pos : pos + n].decode()
                 if (
                     n >= 0
-                    and cid not in self._cache
-                    and cid not in self.store
+                    and (event_clock or (cid not in self._cache and cid not in self.store))
                     and b"do_not_contact" not in data
                     and b"timezone" not in data
                     and b"first_name" not in data
@@ -426,25 +437,25 @@ class Dispatcher(Delivering, Reloading):
                         and end <= len(data)
                         and event_type not in core.UNKNOWN_CUSTOMER_TYPES
                     ):
-                        return {"customer_id": cid, "occurred_at": occurred_at, "event": None}
+                        lazy = {"customer_id": cid, "occurred_at": occurred_at, "event": None}
+                        return {**lazy, "raw": data} if event_clock else lazy
             except (IndexError, UnicodeDecodeError):
                 pass  # the full decode says what is wrong with it
         return self.serde.decode(TOPICS.identified, data)
 
     def handle(self, record: Incoming) -> Iterator[Output]:
+        event_clock = self.cfg.clock == "event"
         if record.topic_name == self.changes_topic:
             try:
                 change = core.SegmentChange.from_record(record.value)
             except (KeyError, TypeError, ValueError) as exc:
                 raise PoisonMessage(f"segment change: {exc}", reason="invalid_record") from None
+            if event_clock:  # in the merged order of the two inputs (ordering.py)
+                cid, at = change.customer_id, change.occurred_at
+                yield from self._read(CHANGE, record, cid, at, change)
+                return
             part = self.store.partition_of(change.customer_id)
-            old = self.customer(change.customer_id)
-            due, fired = self._due_first(old, part)
-            if self.cfg.clock == "event":
-                self._advance(change.occurred_at, part)
-            now = self.now_ms(part)
-            new, effects = core.decide(due, change, now, self.book, self._keep_in_flight)
-            effects = fired + effects
+            yield from self._apply(CHANGE, change, part, self.now_ms(part))
         elif record.topic_name == self.attributes_topic:  # issue 19: attributes for templates
             cid = str(record.value["customer_id"])
             part = self.store.partition_of(cid)
@@ -452,28 +463,40 @@ class Dispatcher(Delivering, Reloading):
             maybe_c = observing.set_attributes(
                 old, cid, record.value.get("attributes") or {}, self.book
             )
-            if maybe_c is None:
+            if maybe_c is not None:
+                yield from self._emit(old, maybe_c, [], self.now_ms(part), part)
+        elif event_clock:
+            value = record.value
+            at = int((value["event"] or value)["occurred_at"])
+            item = (value, record.raw)  # the bytes, in case it waits (written to the changelog)
+            yield from self._read(EVENT, record, str(value["customer_id"]), at, item)
+        elif record.value["event"] is not None:  # else skipped by decode_identified
+            part = self.store.partition_of(record.value["customer_id"])
+            yield from self._apply(EVENT, (record.value, None), part, self.now_ms(part))
+
+    def _apply(self, kind: str, item: Any, part: int, now: int) -> Iterator[Output]:
+        """A segment change or an identified event, at ``now`` (the wall clock, or under the
+        event clock its partition's clock at its turn), after the customer's steps due by
+        then (what a tick would have done had it run first)."""
+        if kind == CHANGE:
+            change: core.SegmentChange = item
+            old = self.customer(change.customer_id)
+            due, fired = self._due_first(old, now)
+            new, effects = core.decide(due, change, now, self.book, self._keep_in_flight)
+            yield from self._emit(old, new, fired + effects, now, part)
+            return
+        value: dict[str, Any] = item[0]  # (the decoded record, its bytes)
+        if value["event"] is None:  # skipped at read: decoded now if its customer is known
+            cid = str(value["customer_id"])
+            if value.get("raw") is None or (cid not in self._cache and cid not in self.store):
                 return
-            new, effects = maybe_c, []
-            now = self.now_ms(part)
-        else:
-            if record.value["event"] is None:  # skipped by decode_identified
-                if self.cfg.clock == "event":
-                    part = self.store.partition_of(record.value["customer_id"])
-                    self._advance(record.value["occurred_at"], part)
-                return
-            obs = core.Observation.from_record(record.value)
-            part = self.store.partition_of(obs.customer_id)
-            old = self.customer(obs.customer_id)
-            due, fired = self._due_first(old, part)
-            if self.cfg.clock == "event":
-                self._advance(obs.occurred_at, part)
-            now = self.now_ms(part)
-            maybe, effects = observing.observe(due, obs, now, self.book, self._keep_in_flight)
-            if maybe is None:
-                return
-            new, effects = maybe, fired + effects
-        yield from self._emit(old, new, effects, now, part)
+            value = self.serde.decode(TOPICS.identified, value["raw"])
+        obs = core.Observation.from_record(value)
+        old = self.customer(obs.customer_id)
+        due, fired = self._due_first(old, now)
+        maybe, effects = observing.observe(due, obs, now, self.book, self._keep_in_flight)
+        if maybe is not None:
+            yield from self._emit(old, maybe, fired + effects, now, part)
 
     def _emit(
         self,
@@ -550,6 +573,7 @@ class Dispatcher(Delivering, Reloading):
             self._rebuild()
         outs: list[Output] = []
         outs += self._deliver()
+        outs += self._drain_all()  # changes and events that waited (clock: event)
         outs += self._promote()
         outs += self._flush()
         self._refresh_gauges()

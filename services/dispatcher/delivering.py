@@ -87,6 +87,7 @@ class Delivering:
         _call_seconds: dict[str, Any]
 
         def now_ms(self, part: int | None = None) -> int: ...
+        def _merges_reread(self, partitions: set[int]) -> None: ...
         def _horizon(self) -> int: ...
         def customer(self, customer_id: str) -> core.Customer | None: ...
         def kpis(self) -> dict[tuple[str, str, str], dict[str, int]]: ...
@@ -111,17 +112,16 @@ class Delivering:
         return self.cfg.clock == "event"
 
     def _due_first(
-        self, old: core.Customer | None, part: int
+        self, old: core.Customer | None, upto: int
     ) -> tuple[core.Customer | None, list[core.Effect]]:
-        """The customer, with its steps due by its partition's clock fired first (what a tick
-        would have done had it run before this record): a change or event then finds the same
-        ledger however the records were batched and ticks fell (the promotion must not depend
-        on whether a tick got to a due step before the customer's next record). The caller
-        writes the result (compared with ``old``) with the record's own changes."""
+        """The customer, with its steps due by ``upto`` (the time its next record is applied
+        at) fired first, each at its due time under the event clock: what a tick would have
+        done had it run before this record, so a change or event finds the same ledger
+        however the records were batched and ticks fell. The caller writes the result
+        (compared with ``old``) with the record's own changes."""
         if old is None:
             return None, []
-        new, fired = core.fire_due(old, self.now_ms(part), self.book, self.cfg.clock == "event")
-        return new, fired
+        return core.fire_due(old, upto, self.book, self.cfg.clock == "event")
 
     def _promote(self) -> list[Output]:
         horizon = self._horizon()
@@ -364,6 +364,7 @@ class Delivering:
             extra={"fields": {"calls": sum(len(picked) for picked, _ in self._calls)}},
         )
         self.drain(timeout)
+        self._merges_reread(partitions)  # if kept, they are read again from the commit point
         return sum(
             1
             for picked, future in self._calls

@@ -44,6 +44,12 @@ class DispatcherSettings(VendorSettings, PlaybookSettings):
 
     # playbooks (files or folders, comma-separated): from PlaybookSettings
     clock: Literal["wall", "event"] = "wall"
+    #: ``clock: event`` (services/dispatcher/README.md, Input order): how long (ms) a
+    #: partition's identified events must have been read to their end with nothing new before
+    #: a change stops waiting for them; and its segment changes, before its waiting events
+    #: (and timers) stop waiting for them.
+    order_idle_ms: int = 45000
+    changes_idle_ms: int = 600000
     group_id: str = "segflow-dispatcher"
     transactional_id: str | None = None
     crm_kind: Literal["hubspot", "salesforce", "marketo"] = "hubspot"

@@ -17,6 +17,7 @@ from services.dispatcher import core
 from services.dispatcher.adapters import Router
 from services.dispatcher.app import Dispatcher, DispatcherSettings
 from services.dispatcher.playbooks import DEFAULT_DIR, load_book
+from tests.dispatcher.test_dispatcher_event_clock import OFFSETS
 
 NOON = 1_772_452_800_000
 
@@ -87,7 +88,8 @@ def feed(d: Dispatcher, records: list[tuple[str, dict[str, Any]]], fast: bool) -
         decoded = (
             d.decode_identified(data) if fast and kind == "event" else serde.decode(topic, data)
         )
-        outs += d.handle(Incoming(topic, name, 0, 0, value["customer_id"], decoded, None, []))
+        offset = next(OFFSETS)
+        outs += d.handle(Incoming(topic, name, 0, offset, value["customer_id"], decoded, None, []))
     outs += d.before_commit()
     return outs
 

@@ -14,7 +14,6 @@ import subprocess
 import sys
 import threading
 import time
-import uuid
 from collections import Counter
 from pathlib import Path
 from typing import Any
@@ -68,20 +67,6 @@ def change(cid: str, at: int, segment: str = "S", transition: str = "entered") -
         "primary_segment": segment,
         "score": None,
         "explanation": [],
-    }
-
-
-def page_view(cid: str, at: int) -> dict[str, Any]:
-    return {
-        "customer_id": cid,
-        "identified_at": at,
-        "email_hash": None,
-        "event": {
-            "event_id": uuid.uuid4().hex,
-            "event_type": "page_view",
-            "occurred_at": at,
-            "properties": {},
-        },
     }
 
 
@@ -271,14 +256,16 @@ def _wait(cond: Any, timeout: float, proc: subprocess.Popen[bytes] | None = None
     raise AssertionError("condition not reached in time")
 
 
-def clock_events(at: int) -> list[dict[str, Any]]:
-    """One event at ``at`` on every partition: the pipeline clock is per partition."""
+def clock_changes(at: int) -> list[dict[str, Any]]:
+    """One segment change at ``at`` on every partition, in a segment no playbook reacts to:
+    the pipeline clock is per partition, and only segment changes move it."""
+    parts = TOPICS.segment_changes.partitions
     ids: dict[int, str] = {}
     i = 0
-    while len(ids) < TOPICS.identified.partitions:
-        ids.setdefault(partition_for(f"clock{i}", TOPICS.identified.partitions), f"clock{i}")
+    while len(ids) < parts:
+        ids.setdefault(partition_for(f"clock{i}", parts), f"clock{i}")
         i += 1
-    return [page_view(cid, at) for cid in ids.values()]
+    return [change(cid, at, "Clock") for cid in ids.values()]
 
 
 def test_kill_9_mid_sequence_and_restart_send_no_email_twice_and_lose_no_step_never_started(
@@ -317,7 +304,7 @@ def test_kill_9_mid_sequence_and_restart_send_no_email_twice_and_lose_no_step_ne
         second = _spawn(s, receiver, group)
         # every email settles: sent, or (started by the killed instance) failed as ambiguous
         _wait(lambda: settled(mail), 60, second)
-        send(s, TOPICS.identified, clock_events(NOON + 49 * HOUR))  # 48 h later
+        send(s, TOPICS.segment_changes, clock_changes(NOON + 49 * HOUR))  # 48 h later
         _wait(lambda: done(task) >= 16, 60, second)
         second.kill()
         second.wait(10)
@@ -327,7 +314,7 @@ def test_kill_9_mid_sequence_and_restart_send_no_email_twice_and_lose_no_step_ne
 
         third = _spawn(s, receiver, group)
         _wait(lambda: done(task) == len(task), 60, third)
-        send(s, TOPICS.identified, clock_events(NOON + 97 * HOUR))  # 96 h later
+        send(s, TOPICS.segment_changes, clock_changes(NOON + 97 * HOUR))  # 96 h later
         _wait(lambda: done(case) == len(case), 60, third)
         rs = results(s, expected=3 * len(treated) + 3 * (len(cids) - len(treated)))
         third.terminate()

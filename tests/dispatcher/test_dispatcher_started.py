@@ -17,7 +17,7 @@ from segflow.runtime.topics import TOPICS
 from services.dispatcher import core
 from services.dispatcher.adapters import Router, Sent
 from services.dispatcher.app import Dispatcher, DispatcherSettings
-from tests.dispatcher.test_dispatcher_event_clock import BOOK, DAY0, change, same_partition
+from tests.dispatcher.test_dispatcher_event_clock import BOOK, DAY0, OFFSETS, change, same_partition
 
 
 class Counting:
@@ -63,7 +63,9 @@ def abort(d: Dispatcher) -> None:
 def enter(d: Dispatcher, cid: str, segment: str) -> list[Output]:
     """A segment change handled and its batch's writes taken, as the loop does (committed)."""
     value = change(cid, segment, DAY0 + 10 * 3_600_000)
-    incoming = Incoming(TOPICS.segment_changes, d.changes_topic, 0, 0, cid, value, None, [])
+    incoming = Incoming(
+        TOPICS.segment_changes, d.changes_topic, 0, next(OFFSETS), cid, value, None, []
+    )
     outs = [*d.handle(incoming), *d.before_commit()]
     commit(d)
     return outs
