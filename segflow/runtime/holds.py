@@ -28,10 +28,12 @@ from __future__ import annotations
 
 import contextlib
 import logging
+import time
 from collections.abc import Iterable
 from typing import TYPE_CHECKING
 
 from confluent_kafka import KafkaException, TopicPartition
+from prometheus_client import Histogram
 
 from segflow.runtime import metrics
 
@@ -43,6 +45,14 @@ if TYPE_CHECKING:
 log = logging.getLogger("segflow.loop")
 
 Key = tuple[str, int]
+
+HOLD_SECONDS = Histogram(
+    "segflow_hold_seconds",
+    "How long a held input partition waited: from the record that held it until that record "
+    "was handled (reason: what the handler waited for, HoldPartition's argument)",
+    ["service", "instance", "reason"],
+    buckets=(0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 300),
+)
 
 
 class PartitionHolds:
@@ -56,10 +66,13 @@ class PartitionHolds:
     held: dict[Key, int]
     #: Held by the batch in hand (paused once its transaction commits).
     _holding: dict[Key, int]
+    #: Held partitions' record offset, the time it first held them and why (until handled).
+    _held_since: dict[Key, tuple[int, float, str]]
 
     def _init_holds(self) -> None:
         self.held = {}
         self._holding = {}
+        self._held_since = {}
         self._releasers = [
             fn for fn in (getattr(h, "releases", None) for h in self.hooks) if fn is not None
         ]
@@ -67,9 +80,34 @@ class PartitionHolds:
     def _is_held(self, key: Key) -> bool:
         return key in self.held or key in self._holding
 
-    def _hold(self, key: Key, offset: int) -> None:
+    def _hold(self, key: Key, offset: int, reason: str = "hold") -> None:
         """The handler held ``key`` at ``offset`` (the batch commits up to it)."""
         self._holding[key] = offset
+        since = self._held_since.get(key)
+        if since is None or since[0] != offset:
+            self._held_since[key] = (offset, time.monotonic(), reason)
+
+    def _handled_held(self, key: Key, offset: int) -> None:
+        """A record was handled in a partition that held before: the hold is over when it
+        is the held record (the wait observed: ``segflow_hold_seconds``)."""
+        since = self._held_since.get(key)
+        if since is None or since[0] > offset:
+            return
+        del self._held_since[key]
+        waited = time.monotonic() - since[1]
+        HOLD_SECONDS.labels(self.config.service, self.instance, since[2]).observe(waited)
+        log.info(
+            "held record handled",
+            extra={
+                "fields": {
+                    "topic": key[0],
+                    "partition": key[1],
+                    "offset": offset,
+                    "reason": since[2],
+                    "waited_ms": round(waited * 1000),
+                }
+            },
+        )
 
     def _holds_committed(self) -> None:
         """The batch committed: its holds take effect (pause, then seek back to the record)."""
@@ -93,6 +131,9 @@ class PartitionHolds:
 
     def _holds_aborted(self) -> None:
         """The batch was rolled back: what it held is read again (and decided again)."""
+        for key in self._holding:
+            if key not in self.held:
+                self._held_since.pop(key, None)
         self._holding.clear()
 
     def release(self, partitions: Iterable[Key]) -> None:
@@ -105,9 +146,19 @@ class PartitionHolds:
             with contextlib.suppress(KafkaException):
                 self.consumer.resume([TopicPartition(topic, part)])
             metrics.HELD_PARTITIONS.labels(self.config.service, self.instance).set(len(self.held))
+            since = self._held_since.get(key)
             log.info(
                 "partition released",
-                extra={"fields": {"topic": topic, "partition": part, "offset": offset}},
+                extra={
+                    "fields": {
+                        "topic": topic,
+                        "partition": part,
+                        "offset": offset,
+                        "held_ms": None
+                        if since is None
+                        else round(1000 * (time.monotonic() - since[1])),
+                    }
+                },
             )
 
     def _ask_releases(self) -> None:
@@ -119,4 +170,5 @@ class PartitionHolds:
     def _forget_holds(self, parts: set[int]) -> None:
         """Partitions revoked or lost: resumed (while still assigned) and forgotten."""
         self._holding = {k: v for k, v in self._holding.items() if k[1] not in parts}
+        self._held_since = {k: v for k, v in self._held_since.items() if k[1] not in parts}
         self.release([k for k in self.held if k[1] in parts])

@@ -264,11 +264,14 @@ class ProcessingLoop(PartitionCallbacks, PartitionHolds):
                 unhandled += 1
                 continue
             ts_type, ts = msg.timestamp()
-            if not self._handle(msg, topic_name, partition, offset, ts if ts_type else None):
+            held = self._handle(msg, topic_name, partition, offset, ts if ts_type else None)
+            if held is not None:
                 offsets[key] = offset  # committed up to the held record, not beyond
-                self._hold(key, offset)
+                self._hold(key, offset, held)
                 unhandled += 1
                 continue
+            if self._held_since:
+                self._handled_held(key, offset)
             offsets[key] = offset + 1
             if ts_type:
                 timestamps.append(ts)
@@ -414,13 +417,14 @@ class ProcessingLoop(PartitionCallbacks, PartitionHolds):
 
     def _handle(
         self, msg: Message, topic_name: str, partition: int, offset: int, ts: int | None
-    ) -> bool:
-        """Handle one record; False when the handler holds its partition at it."""
+    ) -> str | None:
+        """Handle one record; why the handler holds its partition at it (HoldPartition's
+        argument, "hold" without one), None when it was handled."""
         source = self.config.sources[topic_name]
         tombstone = msg.value() is None and "compact" in source.cleanup
         if tombstone and topic_name not in self.config.tombstones:
             self._n_in[topic_name] += 1
-            return True  # a tombstone on a compacted input: the key was deleted upstream
+            return None  # a tombstone on a compacted input: the key was deleted upstream
         decode = self.config.decoders.get(topic_name)
         try:
             if tombstone:  # asked for (LoopConfig.tombstones): value None, headers as written
@@ -441,23 +445,23 @@ class ProcessingLoop(PartitionCallbacks, PartitionHolds):
                 raw=msg.value(),
             )
             outputs = [(out, self._encode(out)) for out in self.handler(record)]
-        except HoldPartition:
-            return False
+        except HoldPartition as hold:
+            return str(hold.args[0]) if hold.args else "hold"
         except PoisonMessage as exc:
             self._n_in[topic_name] += 1
             self._dead_letter(msg, exc)
-            return True
+            return None
         except Exception as exc:  # a handler bug must not stop the service: DLQ and log
             self._n_in[topic_name] += 1
             log.exception(
                 "handler failed", extra={"fields": {"topic": topic_name, "offset": offset}}
             )
             self._dead_letter(msg, exc)
-            return True
+            return None
         self._n_in[topic_name] += 1
         for out, (name, key, value) in outputs:
             self._produce(name, key, value, out.headers, out.partition)
-        return True
+        return None
 
     def _encode(self, out: Output) -> tuple[str, bytes | None, bytes | None]:
         name = out.topic_name or out.topic.name(self.settings)

@@ -326,7 +326,7 @@ class ScorerService(Merges, SharedModel):
     def handle(self, record: Incoming) -> Iterator[Output]:
         kind = record.topic.key_name
         if kind == TOPICS.identified.key_name and self._version_hold(record):
-            raise HoldPartition  # (before anything changed but the sweep it would do)
+            raise HoldPartition("version")  # (before anything changed but the sweep it would do)
         now = self._now()
         self.scorer.next_record()
         if kind == TOPICS.merges.key_name:

@@ -229,7 +229,7 @@ class Merges:
             if missing and all(self._part(a) != part for a in missing):
                 self.holding[part] = (survivor, missing)
                 HOLDS.inc()
-                raise HoldPartition(survivor)
+                raise HoldPartition("merge")
         if not admitted:
             rewritten = self._admit_marked(survivor, value, part, now)
             if rewritten is not None:
