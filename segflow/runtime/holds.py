@@ -20,6 +20,17 @@ timing.
   another, reads it from the committed offset (the held record) and the handler decides again.
   A partition that is assigned is never held.
 
+* Urgent records (:meth:`PartitionHolds._poll`): a batch normally fills for up to
+  ``poll_timeout`` (0.2 s) before it is handled, which a hold pays for each hop of its round
+  trip (the other side's batch that sends what it waits for, the batch that reads it, the
+  re-read of the released record: about 0.6 s). So when a hook has ``urgent(topic,
+  partition, value) -> bool`` or a partition was just released, the loop polls in slices of
+  ``SLICE_SECONDS`` and ends the batch after the slice in which an urgent record arrived (at
+  the earliest ``URGENT_MIN_SECONDS`` after the poll began, which bounds the transactions
+  per second): a record of a released partition, or one a hook calls urgent (the scorer: a
+  hand-off, a merge mark whose hand-off another instance waits for). Which records form a
+  batch depends on timing anyway; handlers must not depend on it.
+
 Only partitions this mixin paused are resumed by a release: nothing else in the loop pauses
 a partition today (a restore runs inside the assignment callback, before any fetch).
 """
@@ -30,7 +41,7 @@ import contextlib
 import logging
 import time
 from collections.abc import Iterable
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, cast
 
 from confluent_kafka import KafkaException, TopicPartition
 from prometheus_client import Histogram
@@ -38,7 +49,7 @@ from prometheus_client import Histogram
 from segflow.runtime import metrics
 
 if TYPE_CHECKING:
-    from confluent_kafka import Consumer
+    from confluent_kafka import Consumer, Message
 
     from segflow.runtime.records import Hooks, LoopConfig
 
@@ -53,6 +64,9 @@ HOLD_SECONDS = Histogram(
     ["service", "instance", "reason"],
     buckets=(0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 300),
 )
+#: Polling in slices (urgent records): one slice's wait, and the least a batch waits.
+SLICE_SECONDS = 0.01
+URGENT_MIN_SECONDS = 0.025
 
 
 class PartitionHolds:
@@ -73,9 +87,44 @@ class PartitionHolds:
         self.held = {}
         self._holding = {}
         self._held_since = {}
+        #: Released partitions whose held record was not read again yet (urgent).
+        self._released: set[Key] = set()
         self._releasers = [
             fn for fn in (getattr(h, "releases", None) for h in self.hooks) if fn is not None
         ]
+        self._urgent_hooks = [
+            fn for fn in (getattr(h, "urgent", None) for h in self.hooks) if fn is not None
+        ]
+
+    def _poll(self) -> list[Message]:
+        """The next batch: up to ``batch_size`` records within ``poll_timeout``, ended early
+        after an urgent record (module docstring)."""
+        cfg = self.config
+        consume = self.consumer.consume
+        if not self._urgent_hooks and not self._released:
+            return consume(cfg.batch_size, cfg.poll_timeout)
+        start = time.monotonic()
+        end = start + cfg.poll_timeout
+        cut = False
+        msgs: list[Message] = []
+        while True:
+            now = time.monotonic()
+            if now >= end or len(msgs) >= cfg.batch_size:
+                return msgs
+            got = consume(cfg.batch_size - len(msgs), min(SLICE_SECONDS, end - now))
+            msgs.extend(got)
+            if not cut and any(self._is_urgent(m) for m in got):
+                cut = True
+                end = max(time.monotonic(), start + URGENT_MIN_SECONDS)
+
+    def _is_urgent(self, msg: Message) -> bool:
+        if msg.error() is not None:
+            return False
+        topic, part = cast(str, msg.topic()), cast(int, msg.partition())
+        if (topic, part) in self._released:
+            return True
+        value = msg.value()
+        return any(urgent(topic, part, value) for urgent in self._urgent_hooks)
 
     def _is_held(self, key: Key) -> bool:
         return key in self.held or key in self._holding
@@ -94,6 +143,7 @@ class PartitionHolds:
         if since is None or since[0] > offset:
             return
         del self._held_since[key]
+        self._released.discard(key)
         waited = time.monotonic() - since[1]
         HOLD_SECONDS.labels(self.config.service, self.instance, since[2]).observe(waited)
         log.info(
@@ -145,6 +195,7 @@ class PartitionHolds:
             topic, part = key
             with contextlib.suppress(KafkaException):
                 self.consumer.resume([TopicPartition(topic, part)])
+            self._released.add(key)
             metrics.HELD_PARTITIONS.labels(self.config.service, self.instance).set(len(self.held))
             since = self._held_since.get(key)
             log.info(
@@ -171,4 +222,5 @@ class PartitionHolds:
         """Partitions revoked or lost: resumed (while still assigned) and forgotten."""
         self._holding = {k: v for k, v in self._holding.items() if k[1] not in parts}
         self._held_since = {k: v for k, v in self._held_since.items() if k[1] not in parts}
+        self._released = {k for k in self._released if k[1] not in parts}
         self.release([k for k in self.held if k[1] in parts])

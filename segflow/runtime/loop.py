@@ -29,7 +29,10 @@ input record to the records it produces. The loop does the rest:
   up to that record (not beyond) and leaves its later records unhandled, the loop pauses the
   partition at the record until a hook's ``releases()`` (asked after each poll and batch) or
   :meth:`ProcessingLoop.release` resumes it; a held partition that is revoked or lost is
-  forgotten, its next owner reads it from the held record (:mod:`segflow.runtime.holds`).
+  forgotten, its next owner reads it from the held record (:mod:`segflow.runtime.holds`);
+  a batch ends early, after ``URGENT_MIN_SECONDS``, once a record of a just released partition
+  or one a hook's ``urgent(topic, partition, value)`` calls urgent arrived (a hand-off another
+  instance waits for), so that a hold's round trip does not wait for full batches.
 """
 
 from __future__ import annotations
@@ -186,7 +189,7 @@ class ProcessingLoop(PartitionCallbacks, PartitionHolds):
             while not self._stop_requested:
                 if max_records is not None and self.processed >= max_records:
                     break
-                msgs = self.consumer.consume(cfg.batch_size, cfg.poll_timeout)
+                msgs = self._poll()
                 if (
                     self.tick is not None
                     and not self._parked  # mid-rebalance: parked state is not ours to act on

@@ -163,6 +163,7 @@ class ScorerService(Merges, SharedModel):
         self.scorer.partition_of = lambda cid: partition_for(cid, parts)
         self._dirty: set[str] = set()
         self._identified = TOPICS.identified.name(settings)
+        self._handoff_topic = TOPICS.scorer_handoff.name(settings)
         # SEGFLOW_INSTANCE_ID (stable per instance) names the transactional id and checkpoint
         iid = settings.instance_id
         self.instance = (

@@ -87,6 +87,7 @@ def park_split(entry: bytes) -> tuple[int | None, bytes]:
 
 #: ``event_type`` of identity's record keyed by an absorbed id at its merge.
 MERGED_EVENT = "customer_merged"
+_MERGED_BYTES = MERGED_EVENT.encode()  # (in its wire bytes: an Avro string)
 
 
 class Merges:
@@ -105,6 +106,7 @@ class Merges:
     #: absorbed ids whose hand-offs it waits for).
     holding: dict[int, tuple[str, list[str]]]
     _identified: str
+    _handoff_topic: str
 
     if TYPE_CHECKING:
 
@@ -119,6 +121,28 @@ class Merges:
                 self.waiting.add(k[len(WAIT_KEY) :])
             elif k.startswith(HELD_KEY):
                 self.held.add(k[len(HELD_KEY) :])
+
+    def urgent(self, topic: str, _partition: int, value: bytes | None) -> bool:
+        """Loop hook: whether a record read should end its batch soon (its transaction
+        commits what another partition waits for: :mod:`segflow.runtime.holds`): a hand-off
+        (a held partition of this instance may wait for it), an absorbed id's
+        ``customer_merged`` whose survivor another instance owns (it waits for the hand-off
+        this batch sends) or whose survivor's partition is held here for it."""
+        if topic == self._handoff_topic:
+            return True
+        if topic != self._identified or value is None or _MERGED_BYTES not in value:
+            return False
+        try:
+            rec = self.serde.decode(TOPICS.identified, value)
+        except Exception:  # noqa: BLE001 (dead-lettered when handled)
+            return False
+        mark = rec.get("merge")
+        if mark is None or rec["event"]["event_type"] != MERGED_EVENT:
+            return False
+        absorbed = str(rec["customer_id"])
+        return not self.states.owns(str(mark["survivor_id"])) or any(
+            absorbed in missing for _, missing in self.holding.values()
+        )
 
     def releases(self) -> list[tuple[str, int]]:
         """Loop hook: the held identified partitions whose hand-offs are all there now (or
