@@ -8,6 +8,15 @@ timing.
 * In the batch: the record gets no outputs; it and the later records of its
   (topic, partition) in the batch are left unhandled; the batch's transaction commits the
   partition's offset up to the record (not beyond), with the other partitions' as usual.
+* Released in the batch: after each record it handles while the batch holds a partition,
+  the loop asks the hooks' ``releases()``; a partition the batch held that is released then
+  (what it waited for came in the same batch: with one instance, a merge's ``customer_merged``
+  read from another partition after the merge-causing event) goes on at once with its
+  records of the batch, from the held record, in their order (the transaction then commits
+  what it waited for with what it held). Before, it was paused at the commit, released after
+  it and read again from the broker: about 0.3 s per hold, and with one scorer behind its
+  input the partitions took turns holding (measured: 3-4 of 4 held most of the time at
+  1,000 events/s offered).
 * After the commit: the partition is paused and the consumer seeks it back to the record
   (both drop what librdkafka prefetched of it). An aborted batch holds nothing: the rewind
   re-reads it and the handler decides again.
@@ -82,11 +91,14 @@ class PartitionHolds:
     _holding: dict[Key, int]
     #: Held partitions' record offset, the time it first held them and why (until handled).
     _held_since: dict[Key, tuple[int, float, str]]
+    #: The batch's records of the partitions it holds (from the held record), in order.
+    _stash: dict[Key, list[Message]]
 
     def _init_holds(self) -> None:
         self.held = {}
         self._holding = {}
         self._held_since = {}
+        self._stash = {}
         #: Released partitions whose held record was not read again yet (urgent).
         self._released: set[Key] = set()
         self._releasers = [
@@ -129,12 +141,33 @@ class PartitionHolds:
     def _is_held(self, key: Key) -> bool:
         return key in self.held or key in self._holding
 
-    def _hold(self, key: Key, offset: int, reason: str = "hold") -> None:
+    def _hold(self, key: Key, offset: int, reason: str, msg: Message) -> None:
         """The handler held ``key`` at ``offset`` (the batch commits up to it)."""
         self._holding[key] = offset
+        self._stash[key] = [msg]
         since = self._held_since.get(key)
         if since is None or since[0] != offset:
             self._held_since[key] = (offset, time.monotonic(), reason)
+
+    def _skip(self, key: Key, msg: Message) -> None:
+        """A record of a held partition, not handled (kept while the batch holds it)."""
+        stash = self._stash.get(key)
+        if stash is not None:
+            stash.append(msg)
+
+    def _release_in_batch(self) -> list[Message]:
+        """Ask the hooks (a record was handled while the batch holds partitions): the records
+        of the batch's held partitions released now, in order, to be handled next; the held
+        partitions of earlier batches they release are resumed."""
+        again: list[Message] = []
+        for releases in self._releasers:
+            for key in list(releases()):
+                if key in self._holding:
+                    del self._holding[key]
+                    again.extend(self._stash.pop(key, ()))
+                else:
+                    self.release([key])
+        return again
 
     def _handled_held(self, key: Key, offset: int) -> None:
         """A record was handled in a partition that held before: the hold is over when it
@@ -162,6 +195,7 @@ class PartitionHolds:
     def _holds_committed(self) -> None:
         """The batch committed: its holds take effect (pause, then seek back to the record)."""
         holding, self._holding = self._holding, {}
+        self._stash.clear()
         for (topic, part), offset in holding.items():
             tp = TopicPartition(topic, part, offset)
             self.consumer.pause([TopicPartition(topic, part)])
@@ -185,6 +219,7 @@ class PartitionHolds:
             if key not in self.held:
                 self._held_since.pop(key, None)
         self._holding.clear()
+        self._stash.clear()
 
     def release(self, partitions: Iterable[Key]) -> None:
         """Resume the held ones of ``partitions`` at their held record."""
@@ -221,6 +256,7 @@ class PartitionHolds:
     def _forget_holds(self, parts: set[int]) -> None:
         """Partitions revoked or lost: resumed (while still assigned) and forgotten."""
         self._holding = {k: v for k, v in self._holding.items() if k[1] not in parts}
+        self._stash = {k: v for k, v in self._stash.items() if k[1] not in parts}
         self._held_since = {k: v for k, v in self._held_since.items() if k[1] not in parts}
         self._released = {k for k in self._released if k[1] not in parts}
         self.release([k for k in self.held if k[1] in parts])

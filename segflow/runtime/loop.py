@@ -28,7 +28,8 @@ input record to the records it produces. The loop does the rest:
   :class:`~segflow.runtime.records.HoldPartition`, the batch commits the partition's offset
   up to that record (not beyond) and leaves its later records unhandled, the loop pauses the
   partition at the record until a hook's ``releases()`` (asked after each poll and batch) or
-  :meth:`ProcessingLoop.release` resumes it; a held partition that is revoked or lost is
+  :meth:`ProcessingLoop.release` resumes it (one held by the batch in hand and released by a
+  later record of it goes on in the batch); a held partition that is revoked or lost is
   forgotten, its next owner reads it from the held record (:mod:`segflow.runtime.holds`);
   a batch ends early, after ``URGENT_MIN_SECONDS``, once a record of a just released partition
   or one a hook's ``urgent(topic, partition, value)`` calls urgent arrived (a hand-off another
@@ -253,7 +254,9 @@ class ProcessingLoop(PartitionCallbacks, PartitionHolds):
         if cfg.exactly_once:
             self.producer.begin_transaction()
         unhandled = 0
-        for msg in msgs:
+        pending = msgs[::-1]  # popped from the end; a partition released in the batch goes back
+        while pending:
+            msg = pending.pop()
             err = msg.error()
             if err is not None:
                 if err.code() != KafkaError._PARTITION_EOF:
@@ -264,13 +267,14 @@ class ProcessingLoop(PartitionCallbacks, PartitionHolds):
             offset = cast(int, msg.offset())
             key = (topic_name, partition)
             if self._is_held(key):  # at an earlier record: read again once released
+                self._skip(key, msg)
                 unhandled += 1
                 continue
             ts_type, ts = msg.timestamp()
             held = self._handle(msg, topic_name, partition, offset, ts if ts_type else None)
             if held is not None:
                 offsets[key] = offset  # committed up to the held record, not beyond
-                self._hold(key, offset, held)
+                self._hold(key, offset, held, msg)
                 unhandled += 1
                 continue
             if self._held_since:
@@ -278,6 +282,10 @@ class ProcessingLoop(PartitionCallbacks, PartitionHolds):
             offsets[key] = offset + 1
             if ts_type:
                 timestamps.append(ts)
+            if self._holding:  # released by what this record brought: its records now
+                again = self._release_in_batch()
+                unhandled -= len(again)
+                pending.extend(reversed(again))
         self.processed += len(msgs) - unhandled
         self._flush_counts()
         if not offsets:
