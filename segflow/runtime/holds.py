@@ -6,39 +6,39 @@ a hook releases it, so the partition's records are handled in their order whatev
 timing.
 
 * In the batch: the record gets no outputs; it and the later records of its
-  (topic, partition) in the batch are left unhandled; the batch's transaction commits the
-  partition's offset up to the record (not beyond), with the other partitions' as usual.
-* Released in the batch: after each record it handles while the batch holds a partition,
-  the loop asks the hooks' ``releases()``; a partition the batch held that is released then
-  (what it waited for came in the same batch: with one instance, a merge's ``customer_merged``
-  read from another partition after the merge-causing event) goes on at once with its
-  records of the batch, from the held record, in their order (the transaction then commits
-  what it waited for with what it held). Before, it was paused at the commit, released after
-  it and read again from the broker: about 0.3 s per hold, and with one scorer behind its
-  input the partitions took turns holding (measured: 3-4 of 4 held most of the time at
-  1,000 events/s offered).
-* After the commit: the partition is paused and the consumer seeks it back to the record
-  (both drop what librdkafka prefetched of it). An aborted batch holds nothing: the rewind
-  re-reads it and the handler decides again.
-* Release: after each poll and batch the loop asks the hooks with ``releases() ->
-  Iterable[(topic, partition)]`` (or a caller calls :meth:`release`); a held partition among
-  them resumes at the record, which is handled again. Releasing a partition that is not held
-  does nothing.
+  (topic, partition) in the batch are left unhandled and kept in memory, in order (the
+  partition's *stash*); the batch's transaction commits the partition's offset up to the
+  record (not beyond), with the other partitions' as usual.
+* Release: after each record the loop handles while a partition is held, and after each
+  poll and batch, it asks the hooks with ``releases() -> Iterable[(topic, partition)]`` (or
+  a caller calls :meth:`release`); a held partition among them goes on with its stash, from
+  the held record, which is handled again: at once when in a batch (what it waited for came
+  in the same batch; the transaction commits both), else first in the next batch. Releasing
+  a partition that is not held does nothing.
+* After the commit: a partition still held is paused and the consumer seeks it to the
+  record after its stash (both drop what librdkafka prefetched of it); a release resumes it
+  there. An aborted batch holds nothing: the rewind re-reads it (and the records it handled
+  of a stash) and the handler decides again; a stash of an earlier batch's hold stays (its
+  partition did not move).
 * Rebalance: a held partition that is revoked or lost is resumed (librdkafka would keep an
-  application pause across a re-assignment) and forgotten; its next owner, this instance or
-  another, reads it from the committed offset (the held record) and the handler decides again.
-  A partition that is assigned is never held.
-
+  application pause across a re-assignment) and forgotten with its stash; its next owner,
+  this instance or another, reads it from the committed offset (the held record) and the
+  handler decides again. A partition that is assigned is never held.
 * Urgent records (:meth:`PartitionHolds._poll`): a batch normally fills for up to
-  ``poll_timeout`` (0.2 s) before it is handled, which a hold pays for each hop of its round
-  trip (the other side's batch that sends what it waits for, the batch that reads it, the
-  re-read of the released record: about 0.6 s). So when a hook has ``urgent(topic,
-  partition, value) -> bool`` or a partition was just released, the loop polls in slices of
-  ``SLICE_SECONDS`` and ends the batch after the slice in which an urgent record arrived (at
-  the earliest ``URGENT_MIN_SECONDS`` after the poll began, which bounds the transactions
-  per second): a record of a released partition, or one a hook calls urgent (the scorer: a
-  hand-off, a merge mark whose hand-off another instance waits for). Which records form a
-  batch depends on timing anyway; handlers must not depend on it.
+  ``poll_timeout`` (0.2 s) before it is handled, which a hold pays at each hop of its round
+  trip (the batch that sends what it waits for, the batch that reads it). So when a hook has
+  ``urgent(topic, partition, value) -> bool``, the loop polls in slices of ``SLICE_SECONDS``
+  and ends the batch after the slice in which a record the hook calls urgent arrived (the
+  scorer: a hand-off, a merge mark whose hand-off another instance or a held partition
+  waits for), at the earliest ``URGENT_MIN_SECONDS`` after the poll began (which bounds the
+  transactions per second); with a released stash waiting it does not wait at all. Which
+  records form a batch depends on timing anyway; handlers must not depend on it.
+
+Measured (session 12, ``bench/bench_e2e.py``, scorer at INFO, its "held record handled"
+lines): before the stash and the urgent records, a merge hold of 2 scorers waited p50
+~0.8 s (~0.2 s of it the re-read after the release, the poll's timeout), each partition held
+~55 % of the time; one scorer behind its input had 3-4 of its 4 partitions held most of the
+time, each waiting for a ``customer_merged`` of another partition it owns.
 
 Only partitions this mixin paused are resumed by a release: nothing else in the loop pauses
 a partition today (a restore runs inside the assignment callback, before any fetch).
@@ -85,22 +85,23 @@ class PartitionHolds:
     consumer: Consumer
     hooks: list[Hooks]
     instance: str
-    #: Held input partitions (paused, positioned at the held record): key -> its offset.
+    #: Held input partitions (paused, after their stash): key -> the held record's offset.
     held: dict[Key, int]
     #: Held by the batch in hand (paused once its transaction commits).
     _holding: dict[Key, int]
     #: Held partitions' record offset, the time it first held them and why (until handled).
     _held_since: dict[Key, tuple[int, float, str]]
-    #: The batch's records of the partitions it holds (from the held record), in order.
+    #: Each held partition's records read, from the held record on, in order.
     _stash: dict[Key, list[Message]]
+    #: Stashes released between batches: handled first in the next batch.
+    _ready: list[Message]
 
     def _init_holds(self) -> None:
         self.held = {}
         self._holding = {}
         self._held_since = {}
         self._stash = {}
-        #: Released partitions whose held record was not read again yet (urgent).
-        self._released: set[Key] = set()
+        self._ready = []
         self._releasers = [
             fn for fn in (getattr(h, "releases", None) for h in self.hooks) if fn is not None
         ]
@@ -110,10 +111,12 @@ class PartitionHolds:
 
     def _poll(self) -> list[Message]:
         """The next batch: up to ``batch_size`` records within ``poll_timeout``, ended early
-        after an urgent record (module docstring)."""
+        after an urgent record, at once with a released stash (module docstring)."""
         cfg = self.config
         consume = self.consumer.consume
-        if not self._urgent_hooks and not self._released:
+        if self._ready:
+            return consume(cfg.batch_size, 0)
+        if not self._urgent_hooks:
             return consume(cfg.batch_size, cfg.poll_timeout)
         start = time.monotonic()
         end = start + cfg.poll_timeout
@@ -132,10 +135,7 @@ class PartitionHolds:
     def _is_urgent(self, msg: Message) -> bool:
         if msg.error() is not None:
             return False
-        topic, part = cast(str, msg.topic()), cast(int, msg.partition())
-        if (topic, part) in self._released:
-            return True
-        value = msg.value()
+        topic, part, value = cast(str, msg.topic()), cast(int, msg.partition()), msg.value()
         return any(urgent(topic, part, value) for urgent in self._urgent_hooks)
 
     def _is_held(self, key: Key) -> bool:
@@ -150,23 +150,22 @@ class PartitionHolds:
             self._held_since[key] = (offset, time.monotonic(), reason)
 
     def _skip(self, key: Key, msg: Message) -> None:
-        """A record of a held partition, not handled (kept while the batch holds it)."""
-        stash = self._stash.get(key)
-        if stash is not None:
-            stash.append(msg)
+        """A record of a partition the batch holds, not handled: into its stash (one of a
+        partition held since an earlier batch, paused after its stash, cannot come)."""
+        if key in self._holding:
+            self._stash[key].append(msg)
 
     def _release_in_batch(self) -> list[Message]:
-        """Ask the hooks (a record was handled while the batch holds partitions): the records
-        of the batch's held partitions released now, in order, to be handled next; the held
-        partitions of earlier batches they release are resumed."""
-        again: list[Message] = []
+        """Ask the hooks (a record was handled while partitions are held): the stashes of
+        the held partitions released now, in order, to be handled next in the batch."""
         for releases in self._releasers:
             for key in list(releases()):
                 if key in self._holding:
                     del self._holding[key]
-                    again.extend(self._stash.pop(key, ()))
+                    self._ready.extend(self._stash.pop(key))
                 else:
                     self.release([key])
+        again, self._ready = self._ready, []
         return again
 
     def _handled_held(self, key: Key, offset: int) -> None:
@@ -176,7 +175,6 @@ class PartitionHolds:
         if since is None or since[0] > offset:
             return
         del self._held_since[key]
-        self._released.discard(key)
         waited = time.monotonic() - since[1]
         HOLD_SECONDS.labels(self.config.service, self.instance, since[2]).observe(waited)
         log.info(
@@ -193,20 +191,21 @@ class PartitionHolds:
         )
 
     def _holds_committed(self) -> None:
-        """The batch committed: its holds take effect (pause, then seek back to the record)."""
+        """The batch committed: its holds take effect (pause, then seek past the stash)."""
         holding, self._holding = self._holding, {}
-        self._stash.clear()
         for (topic, part), offset in holding.items():
-            tp = TopicPartition(topic, part, offset)
+            key = (topic, part)
+            after = cast(int, self._stash[key][-1].offset()) + 1
             self.consumer.pause([TopicPartition(topic, part)])
             try:
-                self.consumer.seek(tp)
+                self.consumer.seek(TopicPartition(topic, part, after))
             except KafkaException as exc:  # not assigned any more: nothing to hold
                 log.warning("seek failed", extra={"fields": {"error": str(exc)}})
                 with contextlib.suppress(KafkaException):
                     self.consumer.resume([TopicPartition(topic, part)])
+                del self._stash[key]
                 continue
-            self.held[(topic, part)] = offset
+            self.held[key] = offset
             metrics.HELD_PARTITIONS.labels(self.config.service, self.instance).set(len(self.held))
             log.info(
                 "partition held",
@@ -214,23 +213,26 @@ class PartitionHolds:
             )
 
     def _holds_aborted(self) -> None:
-        """The batch was rolled back: what it held is read again (and decided again)."""
+        """The batch was rolled back: what it held is read again (and decided again); so are
+        the records it handled of a released stash (the rewind seeks their partitions)."""
         for key in self._holding:
+            self._stash.pop(key, None)
             if key not in self.held:
                 self._held_since.pop(key, None)
         self._holding.clear()
-        self._stash.clear()
+        self._ready.clear()
 
     def release(self, partitions: Iterable[Key]) -> None:
-        """Resume the held ones of ``partitions`` at their held record."""
+        """Resume the held ones of ``partitions``: their stash (from the held record) is
+        handled first in the next batch (or next in the batch in hand)."""
         for key in partitions:
             offset = self.held.pop(key, None)
             if offset is None:
                 continue
             topic, part = key
+            self._ready.extend(self._stash.pop(key, ()))
             with contextlib.suppress(KafkaException):
                 self.consumer.resume([TopicPartition(topic, part)])
-            self._released.add(key)
             metrics.HELD_PARTITIONS.labels(self.config.service, self.instance).set(len(self.held))
             since = self._held_since.get(key)
             log.info(
@@ -256,7 +258,7 @@ class PartitionHolds:
     def _forget_holds(self, parts: set[int]) -> None:
         """Partitions revoked or lost: resumed (while still assigned) and forgotten."""
         self._holding = {k: v for k, v in self._holding.items() if k[1] not in parts}
-        self._stash = {k: v for k, v in self._stash.items() if k[1] not in parts}
         self._held_since = {k: v for k, v in self._held_since.items() if k[1] not in parts}
-        self._released = {k for k in self._released if k[1] not in parts}
         self.release([k for k in self.held if k[1] in parts])
+        self._stash = {k: v for k, v in self._stash.items() if k[1] not in parts}
+        self._ready = [m for m in self._ready if m.partition() not in parts]

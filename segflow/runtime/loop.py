@@ -26,14 +26,15 @@ input record to the records it produces. The loop does the rest:
   tick commits it (Kafka Streams commits a task before it is revoked);
 * holds a partition at a record its handler cannot handle yet: the handler raises
   :class:`~segflow.runtime.records.HoldPartition`, the batch commits the partition's offset
-  up to that record (not beyond) and leaves its later records unhandled, the loop pauses the
-  partition at the record until a hook's ``releases()`` (asked after each poll and batch) or
-  :meth:`ProcessingLoop.release` resumes it (one held by the batch in hand and released by a
-  later record of it goes on in the batch); a held partition that is revoked or lost is
-  forgotten, its next owner reads it from the held record (:mod:`segflow.runtime.holds`);
-  a batch ends early, after ``URGENT_MIN_SECONDS``, once a record of a just released partition
-  or one a hook's ``urgent(topic, partition, value)`` calls urgent arrived (a hand-off another
-  instance waits for), so that a hold's round trip does not wait for full batches.
+  up to that record (not beyond) and keeps it and the partition's later records of the batch
+  in memory; the loop pauses the partition until a hook's ``releases()`` (asked after each
+  record handled while a partition is held, and after each poll and batch) or
+  :meth:`ProcessingLoop.release` releases it: its kept records are handled then, from the
+  held record, in the batch in hand or first in the next one; a held partition that is
+  revoked or lost is forgotten, its next owner reads it from the held record; with a hook's
+  ``urgent(topic, partition, value)``, a batch ends early once a record it calls urgent
+  arrived (a hand-off another instance waits for), so that a hold's round trip does not wait
+  for full batches (:mod:`segflow.runtime.holds`).
 """
 
 from __future__ import annotations
@@ -198,7 +199,7 @@ class ProcessingLoop(PartitionCallbacks, PartitionHolds):
                 ):
                     self._run_tick()
                 self._ask_releases()
-                if not msgs:
+                if not msgs and not self._ready:
                     if (
                         idle_timeout is not None
                         and self.clock() - self._last_data > idle_timeout
@@ -247,18 +248,22 @@ class ProcessingLoop(PartitionCallbacks, PartitionHolds):
         started = time.perf_counter()
         offsets: dict[tuple[str, int], int] = {}
         timestamps: list[int] = []
+        if self._ready:  # released stashes first (their partitions' records, in order)
+            msgs = [*self._ready, *msgs]
+            self._ready = []
         if self._before_batch:
             batch = self._batch_info(msgs)
             for before_batch in self._before_batch:
                 before_batch(batch)
         if cfg.exactly_once:
             self.producer.begin_transaction()
-        unhandled = 0
+        done = 0  # records handled (or errors), of the batch and of stashes released in it
         pending = msgs[::-1]  # popped from the end; a partition released in the batch goes back
         while pending:
             msg = pending.pop()
             err = msg.error()
             if err is not None:
+                done += 1
                 if err.code() != KafkaError._PARTITION_EOF:
                     log.warning("consume error", extra={"fields": {"error": str(err)}})
                 continue
@@ -268,25 +273,22 @@ class ProcessingLoop(PartitionCallbacks, PartitionHolds):
             key = (topic_name, partition)
             if self._is_held(key):  # at an earlier record: read again once released
                 self._skip(key, msg)
-                unhandled += 1
                 continue
             ts_type, ts = msg.timestamp()
             held = self._handle(msg, topic_name, partition, offset, ts if ts_type else None)
             if held is not None:
                 offsets[key] = offset  # committed up to the held record, not beyond
                 self._hold(key, offset, held, msg)
-                unhandled += 1
                 continue
             if self._held_since:
                 self._handled_held(key, offset)
             offsets[key] = offset + 1
+            done += 1
             if ts_type:
                 timestamps.append(ts)
-            if self._holding:  # released by what this record brought: its records now
-                again = self._release_in_batch()
-                unhandled -= len(again)
-                pending.extend(reversed(again))
-        self.processed += len(msgs) - unhandled
+            if self._holding or self.held:  # released by what this record brought: now
+                pending.extend(reversed(self._release_in_batch()))
+        self.processed += done
         self._flush_counts()
         if not offsets:
             if cfg.exactly_once:
