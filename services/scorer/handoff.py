@@ -15,8 +15,13 @@ Merge marks (issue #15)
     (:class:`~segflow.runtime.records.HoldPartition`, before anything changed): the loop
     commits the partition's offset up to that record, pauses it there and reads on the other
     partitions (the absorbed id's among them, and ``scorer.handoff``); once every awaited id
-    is ``held:`` (committed), :meth:`Merges.releases` resumes the partition at the
-    merge-causing event, which now merges normally. So a scores partition's record order is
+    is ``held:`` (read in the batch or committed before), :meth:`Merges.releases` (asked
+    after each record while a partition is held) releases the partition and the loop handles
+    the merge-causing event (which now merges normally), then the partition's records it
+    kept; :meth:`Merges.urgent` ends a batch early at a record another partition waits
+    for (a hand-off, a ``customer_merged`` whose survivor another instance owns or whose
+    survivor's partition is held here), so that the round trip does not wait for full
+    batches. So a scores partition's record order is
     a function of its input partitions' record order (the partition's other customers wait
     too), with one instance as with N. No deadlock: identity writes merges in one global
     order, each absorbed id's ``customer_merged`` before its merge-causing event, and a hold
