@@ -26,10 +26,15 @@ input record to the records it produces. The loop does the rest:
   tick commits it (Kafka Streams commits a task before it is revoked);
 * holds a partition at a record its handler cannot handle yet: the handler raises
   :class:`~segflow.runtime.records.HoldPartition`, the batch commits the partition's offset
-  up to that record (not beyond) and leaves its later records unhandled, the loop pauses the
-  partition at the record until a hook's ``releases()`` (asked after each poll and batch) or
-  :meth:`ProcessingLoop.release` resumes it; a held partition that is revoked or lost is
-  forgotten, its next owner reads it from the held record (:mod:`segflow.runtime.holds`).
+  up to that record (not beyond) and keeps it and the partition's later records of the batch
+  in memory; the loop pauses the partition until a hook's ``releases()`` (asked after each
+  record handled while a partition is held, and after each poll and batch) or
+  :meth:`ProcessingLoop.release` releases it: its kept records are handled then, from the
+  held record, in the batch in hand or first in the next one; a held partition that is
+  revoked or lost is forgotten, its next owner reads it from the held record; with a hook's
+  ``urgent(topic, partition, value)``, a batch ends early once a record it calls urgent
+  arrived (a hand-off another instance waits for), so that a hold's round trip does not wait
+  for full batches (:mod:`segflow.runtime.holds`).
 """
 
 from __future__ import annotations
@@ -186,7 +191,7 @@ class ProcessingLoop(PartitionCallbacks, PartitionHolds):
             while not self._stop_requested:
                 if max_records is not None and self.processed >= max_records:
                     break
-                msgs = self.consumer.consume(cfg.batch_size, cfg.poll_timeout)
+                msgs = self._poll()
                 if (
                     self.tick is not None
                     and not self._parked  # mid-rebalance: parked state is not ours to act on
@@ -194,7 +199,7 @@ class ProcessingLoop(PartitionCallbacks, PartitionHolds):
                 ):
                     self._run_tick()
                 self._ask_releases()
-                if not msgs:
+                if not msgs and not self._ready:
                     if (
                         idle_timeout is not None
                         and self.clock() - self._last_data > idle_timeout
@@ -243,16 +248,22 @@ class ProcessingLoop(PartitionCallbacks, PartitionHolds):
         started = time.perf_counter()
         offsets: dict[tuple[str, int], int] = {}
         timestamps: list[int] = []
+        if self._ready:  # released stashes first (their partitions' records, in order)
+            msgs = [*self._ready, *msgs]
+            self._ready = []
         if self._before_batch:
             batch = self._batch_info(msgs)
             for before_batch in self._before_batch:
                 before_batch(batch)
         if cfg.exactly_once:
             self.producer.begin_transaction()
-        unhandled = 0
-        for msg in msgs:
+        done = 0  # records handled (or errors), of the batch and of stashes released in it
+        pending = msgs[::-1]  # popped from the end; a partition released in the batch goes back
+        while pending:
+            msg = pending.pop()
             err = msg.error()
             if err is not None:
+                done += 1
                 if err.code() != KafkaError._PARTITION_EOF:
                     log.warning("consume error", extra={"fields": {"error": str(err)}})
                 continue
@@ -261,18 +272,23 @@ class ProcessingLoop(PartitionCallbacks, PartitionHolds):
             offset = cast(int, msg.offset())
             key = (topic_name, partition)
             if self._is_held(key):  # at an earlier record: read again once released
-                unhandled += 1
+                self._skip(key, msg)
                 continue
             ts_type, ts = msg.timestamp()
-            if not self._handle(msg, topic_name, partition, offset, ts if ts_type else None):
+            held = self._handle(msg, topic_name, partition, offset, ts if ts_type else None)
+            if held is not None:
                 offsets[key] = offset  # committed up to the held record, not beyond
-                self._hold(key, offset)
-                unhandled += 1
+                self._hold(key, offset, held, msg)
                 continue
+            if self._held_since:
+                self._handled_held(key, offset)
             offsets[key] = offset + 1
+            done += 1
             if ts_type:
                 timestamps.append(ts)
-        self.processed += len(msgs) - unhandled
+            if self._holding or self.held:  # released by what this record brought: now
+                pending.extend(reversed(self._release_in_batch()))
+        self.processed += done
         self._flush_counts()
         if not offsets:
             if cfg.exactly_once:
@@ -414,13 +430,14 @@ class ProcessingLoop(PartitionCallbacks, PartitionHolds):
 
     def _handle(
         self, msg: Message, topic_name: str, partition: int, offset: int, ts: int | None
-    ) -> bool:
-        """Handle one record; False when the handler holds its partition at it."""
+    ) -> str | None:
+        """Handle one record; why the handler holds its partition at it (HoldPartition's
+        argument, "hold" without one), None when it was handled."""
         source = self.config.sources[topic_name]
         tombstone = msg.value() is None and "compact" in source.cleanup
         if tombstone and topic_name not in self.config.tombstones:
             self._n_in[topic_name] += 1
-            return True  # a tombstone on a compacted input: the key was deleted upstream
+            return None  # a tombstone on a compacted input: the key was deleted upstream
         decode = self.config.decoders.get(topic_name)
         try:
             if tombstone:  # asked for (LoopConfig.tombstones): value None, headers as written
@@ -441,23 +458,23 @@ class ProcessingLoop(PartitionCallbacks, PartitionHolds):
                 raw=msg.value(),
             )
             outputs = [(out, self._encode(out)) for out in self.handler(record)]
-        except HoldPartition:
-            return False
+        except HoldPartition as hold:
+            return str(hold.args[0]) if hold.args else "hold"
         except PoisonMessage as exc:
             self._n_in[topic_name] += 1
             self._dead_letter(msg, exc)
-            return True
+            return None
         except Exception as exc:  # a handler bug must not stop the service: DLQ and log
             self._n_in[topic_name] += 1
             log.exception(
                 "handler failed", extra={"fields": {"topic": topic_name, "offset": offset}}
             )
             self._dead_letter(msg, exc)
-            return True
+            return None
         self._n_in[topic_name] += 1
         for out, (name, key, value) in outputs:
             self._produce(name, key, value, out.headers, out.partition)
-        return True
+        return None
 
     def _encode(self, out: Output) -> tuple[str, bytes | None, bytes | None]:
         name = out.topic_name or out.topic.name(self.settings)

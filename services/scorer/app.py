@@ -163,6 +163,7 @@ class ScorerService(Merges, SharedModel):
         self.scorer.partition_of = lambda cid: partition_for(cid, parts)
         self._dirty: set[str] = set()
         self._identified = TOPICS.identified.name(settings)
+        self._handoff_topic = TOPICS.scorer_handoff.name(settings)
         # SEGFLOW_INSTANCE_ID (stable per instance) names the transactional id and checkpoint
         iid = settings.instance_id
         self.instance = (
@@ -326,7 +327,7 @@ class ScorerService(Merges, SharedModel):
     def handle(self, record: Incoming) -> Iterator[Output]:
         kind = record.topic.key_name
         if kind == TOPICS.identified.key_name and self._version_hold(record):
-            raise HoldPartition  # (before anything changed but the sweep it would do)
+            raise HoldPartition("version")  # (before anything changed but the sweep it would do)
         now = self._now()
         self.scorer.next_record()
         if kind == TOPICS.merges.key_name:

@@ -15,8 +15,13 @@ Merge marks (issue #15)
     (:class:`~segflow.runtime.records.HoldPartition`, before anything changed): the loop
     commits the partition's offset up to that record, pauses it there and reads on the other
     partitions (the absorbed id's among them, and ``scorer.handoff``); once every awaited id
-    is ``held:`` (committed), :meth:`Merges.releases` resumes the partition at the
-    merge-causing event, which now merges normally. So a scores partition's record order is
+    is ``held:`` (read in the batch or committed before), :meth:`Merges.releases` (asked
+    after each record while a partition is held) releases the partition and the loop handles
+    the merge-causing event (which now merges normally), then the partition's records it
+    kept; :meth:`Merges.urgent` ends a batch early at a record another partition waits
+    for (a hand-off, a ``customer_merged`` whose survivor another instance owns or whose
+    survivor's partition is held here), so that the round trip does not wait for full
+    batches. So a scores partition's record order is
     a function of its input partitions' record order (the partition's other customers wait
     too), with one instance as with N. No deadlock: identity writes merges in one global
     order, each absorbed id's ``customer_merged`` before its merge-causing event, and a hold
@@ -87,6 +92,7 @@ def park_split(entry: bytes) -> tuple[int | None, bytes]:
 
 #: ``event_type`` of identity's record keyed by an absorbed id at its merge.
 MERGED_EVENT = "customer_merged"
+_MERGED_BYTES = MERGED_EVENT.encode()  # (in its wire bytes: an Avro string)
 
 
 class Merges:
@@ -105,6 +111,7 @@ class Merges:
     #: absorbed ids whose hand-offs it waits for).
     holding: dict[int, tuple[str, list[str]]]
     _identified: str
+    _handoff_topic: str
 
     if TYPE_CHECKING:
 
@@ -119,6 +126,28 @@ class Merges:
                 self.waiting.add(k[len(WAIT_KEY) :])
             elif k.startswith(HELD_KEY):
                 self.held.add(k[len(HELD_KEY) :])
+
+    def urgent(self, topic: str, _partition: int, value: bytes | None) -> bool:
+        """Loop hook: whether a record read should end its batch soon (its transaction
+        commits what another partition waits for: :mod:`segflow.runtime.holds`): a hand-off
+        (a held partition of this instance may wait for it), an absorbed id's
+        ``customer_merged`` whose survivor another instance owns (it waits for the hand-off
+        this batch sends) or whose survivor's partition is held here for it."""
+        if topic == self._handoff_topic:
+            return True
+        if topic != self._identified or value is None or _MERGED_BYTES not in value:
+            return False
+        try:
+            rec = self.serde.decode(TOPICS.identified, value)
+        except Exception:  # noqa: BLE001 (dead-lettered when handled)
+            return False
+        mark = rec.get("merge")
+        if mark is None or rec["event"]["event_type"] != MERGED_EVENT:
+            return False
+        absorbed = str(rec["customer_id"])
+        return not self.states.owns(str(mark["survivor_id"])) or any(
+            absorbed in missing for _, missing in self.holding.values()
+        )
 
     def releases(self) -> list[tuple[str, int]]:
         """Loop hook: the held identified partitions whose hand-offs are all there now (or
@@ -229,7 +258,7 @@ class Merges:
             if missing and all(self._part(a) != part for a in missing):
                 self.holding[part] = (survivor, missing)
                 HOLDS.inc()
-                raise HoldPartition(survivor)
+                raise HoldPartition("merge")
         if not admitted:
             rewritten = self._admit_marked(survivor, value, part, now)
             if rewritten is not None:

@@ -244,6 +244,82 @@ def test_a_held_partition_is_forgotten_at_a_rebalance_and_its_new_owner_holds_it
         assert seq == sorted(seq)
 
 
+class _Awaiting(_Gate):
+    """A gate that opens once the event ``key`` (of another partition) was handled, and logs
+    what it handles and each commit, in order."""
+
+    def __init__(self, sink: str, source: str, at: str, part: int, key: str) -> None:
+        super().__init__(sink, source, at, part)
+        self.key = key
+        self.log: list[str] = []
+
+    def __call__(self, record: Any) -> Any:
+        out = super().__call__(record)
+        self.log.append(record.value["event_id"])
+        if record.value["event_id"] == self.key:
+            self.open = True
+        return out
+
+    def on_commit(self) -> None:
+        self.log.append("commit")
+
+    def on_abort(self) -> None:
+        self.log.append("abort")
+
+
+def test_a_partition_released_by_a_record_goes_on_in_that_batch_from_its_kept_records(
+    kafka_settings: Settings,
+) -> None:
+    """A partition held since an earlier batch, released by a record of another partition,
+    goes on in the batch of that record with the records the loop kept of it (no commit in
+    between, no wait for a fetch); when that batch aborts, the held record is read again from
+    the broker and decided again: every event once, in order per key."""
+    s = kafka_settings
+    source, sink, group, part, at, after, events = _held_setup(s)
+    other = next(p for p in range(4) if p != part)
+    gate = _Awaiting(sink, source, at, part, key="e400")
+    config = LoopConfig(
+        service="holder",
+        group_id=group,
+        sources={source: TOPICS.events},
+        batch_size=1000,
+        transactional_id=s.topic_prefix + "tx-kept",
+    )
+    loop = ProcessingLoop(s, config, gate, hooks=[gate])
+    aborting = _Aborting(loop.producer)
+    loop.producer = aborting  # type: ignore[assignment]
+    runner = threading.Thread(target=loop.run)
+    runner.start()
+    try:
+        others = {e["event_id"] for e in events} - after
+        wait_until(lambda: others <= set(gate.handled), 60, what="the other partitions")
+        wait_until(lambda: (source, part) in loop.held, 30, what="the hold")
+        assert gate.log.count("commit") >= 1 and not after & set(gate.handled)
+        # the releasing event, in another partition; the batch that reads it aborts once
+        user = next(f"k{i}" for i in range(100) if partition_for(f"k{i}", 4) == other)
+        key = {**make_events(1, keys=1, start=400)[0], "user_id": user}
+        aborting.armed = 1
+        produce_events(s, source, [key])
+        wait_until(lambda: after <= set(gate.handled), 60, what="the released partition")
+    finally:
+        loop.stop()
+        runner.join(60)
+    assert not runner.is_alive()
+    assert aborting.aborted == 1 and not loop.held
+    # the first time the key was handled (the batch that aborts), the held event came right
+    # after it, from the records kept, before any commit
+    first = gate.log.index("e400")
+    assert gate.log[first + 1] == at
+    assert "commit" not in gate.log[first : gate.log.index("abort")]
+    assert gate.held_at == [gate.held_at[0]]  # held once: read again after the abort, not held
+    out = read_all(s, sink, expected=len(events) + 1)
+    ids = Counter(e["event_id"] for e in decoded(s, out))
+    assert set(ids) == {e["event_id"] for e in events} | {"e400"}
+    assert max(ids.values()) == 1
+    for seq in _per_key_in_order(s, out).values():
+        assert seq == sorted(seq)
+
+
 def test_the_commit_point_hook_sets_the_committed_offsets_in_batches_and_ticks(
     kafka_settings: Settings,
 ) -> None:

@@ -1,8 +1,8 @@
 """The shared loop's partition holds, in process, for scorer tests without a broker: records
 are read in a given interleaving; a record whose handler raises ``HoldPartition`` and the
 later records of its partition wait (in order) until the service's ``releases()`` names
-the partition, asked after each commit as the loop asks after each batch
-(:mod:`segflow.runtime.holds`; the loop's own tests:
+the partition, asked after each record handled while a partition is held and after each
+commit, as the loop asks (:mod:`segflow.runtime.holds`; the loop's own tests:
 tests/integration/test_loop_holds.py)."""
 
 from __future__ import annotations
@@ -40,8 +40,15 @@ class HeldReader:
         self.pending += outs
         self._n += 1
         self._open = True
+        if self.held:  # what this record brought may release a partition: its records now
+            self._release()
         if self._n % self.batch == 0:
             self.commit()
+
+    def _release(self) -> None:
+        for key in list(getattr(self.svc, "releases", list)()):
+            for record in self.held.pop(key, []):
+                self.read(record)
 
     def commit(self) -> None:
         self._open = False
@@ -52,9 +59,7 @@ class HeldReader:
             store.on_commit()
         self.out += self.pending
         self.pending = []
-        for key in list(getattr(self.svc, "releases", list)()):
-            for record in self.held.pop(key, []):
-                self.read(record)
+        self._release()
 
     def abort(self) -> None:
         """The open transaction aborts: its outputs go (the caller feeds its records again)."""

@@ -194,3 +194,30 @@ def test_an_invalid_merge_causing_event_is_dropped_but_its_merge_is_applied() ->
         assert st is not None and st["lifetime_purchases"] == 2, parked_first
         assert st["lifetime_logins"] == 0 and st["last_event_ms"] < future, parked_first
         assert svc.states.get("b") is None and not svc.waiting and not svc.held
+
+
+def test_the_records_a_held_partition_waits_for_end_the_batch_early() -> None:
+    """The scorer's ``urgent()`` hook (the loop ends a batch ~25 ms after such a record
+    instead of filling it for up to 0.2 s: segflow/runtime/holds.py): the absorbed id's
+    ``customer_merged`` is urgent where another instance owns the survivor (it sends the
+    hand-off that instance waits for) or where the survivor's partition is held here for it;
+    not where this instance owns the survivor and does not wait; a hand-off always; the
+    customers' events never."""
+    mark, event = ABSORBED[-1], ABSORBED[0]
+    b = service()
+    b.states.assigned = {partition_for("b", 4)}
+    assert b.urgent(b._identified, mark.partition, mark.raw)
+    assert not b.urgent(b._identified, event.partition, event.raw)
+    one = service()
+    one.states.assigned = set(range(4))
+    assert not one.urgent(one._identified, mark.partition, mark.raw)
+    reader = HeldReader(one, 100)  # the survivor's partition read first: held at the merge
+    for record in SURVIVOR[:3]:
+        reader.read(record)
+    assert reader.holds == 1
+    assert one.urgent(one._identified, mark.partition, mark.raw)
+    assert not one.urgent(one._identified, event.partition, event.raw)
+    assert one.urgent(one._handoff_topic, partition_for("s", 4), b"")
+    reader.read(mark)  # the hand-off arrives (in process): released in the same batch
+    assert not reader.held
+    assert not one.urgent(one._identified, mark.partition, mark.raw)
