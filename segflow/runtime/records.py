@@ -95,9 +95,13 @@ class Hooks(Protocol):
     # finish the work under way for them within ``timeout`` seconds, return how much could
     # not finish; the loop then runs one tick, whose transaction commits what finished while
     # this instance still owns the partitions (the service needs a ``tick``).
-    # Optional: ``releases() -> Iterable[tuple[str, int]]``, asked after each poll and batch
-    # while partitions are held (a handler raised ``HoldPartition``): the (topic, partition)
-    # pairs to resume at their held record.
+    # Optional: ``releases() -> Iterable[tuple[str, int]]``, asked after each poll and batch,
+    # and after each record while partitions are held (a handler raised ``HoldPartition``):
+    # the (topic, partition) pairs to resume at their held record (segflow.runtime.holds).
+    # Optional: ``urgent(topic: str, partition: int, value: bytes | None) -> bool``, asked of
+    # each record read: True ends the batch being polled soon (polled in 10 ms slices, at
+    # least 25 ms), so that its transaction commits early what a held partition (here or at
+    # another instance) waits for.
 
 
 @dataclass
