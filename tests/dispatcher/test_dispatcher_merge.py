@@ -103,18 +103,27 @@ def test_the_clock_reaches_what_no_waiting_record_can_go_before() -> None:
     assert m.advance(idle_changes=True) == 70  # the changes are idle: up to the events
 
 
+def _read_up_to_a_cut(
+    rng: random.Random,
+) -> tuple[list[Record], list[Record], list[Record], int, PartitionMerge, list[tuple[Kind, int]]]:
+    """Random streams, a random interleaving of their reads and a random cut: what one owner
+    read (and applied) up to the cut before a new owner takes over."""
+    changes, events = streams(rng)
+    reads = interleave(rng, changes, events)
+    cut = rng.randint(0, len(reads))
+    m = PartitionMerge()
+    done: list[tuple[Kind, int]] = []
+    for kind, offset, at in reads[:cut]:
+        m.add(kind, offset, at, None)
+        done += drain(m)
+    return changes, events, reads, cut, m, done
+
+
 def test_a_new_owner_from_the_committed_offsets_and_the_mark_goes_on_alike() -> None:
     rng = random.Random(7)
     for _ in range(300):
-        changes, events = streams(rng)
+        changes, events, reads, cut, m, done = _read_up_to_a_cut(rng)
         want = expected(changes, events)
-        reads = interleave(rng, changes, events)
-        cut = rng.randint(0, len(reads))
-        m = PartitionMerge()
-        done: list[tuple[Kind, int]] = []
-        for kind, offset, at in reads[:cut]:
-            m.add(kind, offset, at, None)
-            done += drain(m)
         # the transaction commits: offsets up to the first record not applied, and the mark
         after = {CHANGE: 0, EVENT: 0}
         for kind, offset, _ in reads[:cut]:
@@ -152,15 +161,8 @@ def test_a_new_owner_with_the_events_that_waited_restored_goes_on_alike() -> Non
     # topic's offset past them; a new owner restores them, then reads on.
     rng = random.Random(11)
     for _ in range(300):
-        changes, events = streams(rng)
+        changes, events, reads, cut, m, done = _read_up_to_a_cut(rng)
         want = expected(changes, events)
-        reads = interleave(rng, changes, events)
-        cut = rng.randint(0, len(reads))
-        m = PartitionMerge()
-        done: list[tuple[Kind, int]] = []
-        for kind, offset, at in reads[:cut]:
-            m.add(kind, offset, at, None)
-            done += drain(m)
         read_events = [r for r in reads[:cut] if r[0] == EVENT]
         resume = {
             CHANGE: m.commit_offset(

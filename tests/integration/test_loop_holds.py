@@ -123,16 +123,7 @@ def test_a_held_partition_waits_at_its_record_until_released_through_aborts(
     source, sink, group, part, at, after, events = _held_setup(s)
 
     gate = _Gate(sink, source, at, part)
-    config = LoopConfig(
-        service="holder",
-        group_id=group,
-        sources={source: TOPICS.events},
-        batch_size=37,
-        transactional_id=s.topic_prefix + "tx",
-    )
-    loop = ProcessingLoop(s, config, gate, hooks=[gate])
-    aborting = _Aborting(loop.producer)
-    loop.producer = aborting  # type: ignore[assignment]
+    loop, aborting = _aborting_loop(s, gate, group, source, batch_size=37, tx="tx")
 
     def arm() -> None:  # the batch that holds the partition aborts
         aborting.armed = 1
@@ -244,6 +235,24 @@ def test_a_held_partition_is_forgotten_at_a_rebalance_and_its_new_owner_holds_it
         assert seq == sorted(seq)
 
 
+def _aborting_loop(
+    s: Settings, gate: _Gate, group: str, source: str, batch_size: int, tx: str
+) -> tuple[ProcessingLoop, _Aborting]:
+    """A loop reading ``source`` through ``gate``, its producer wrapped so that armed commits
+    fail as abortable."""
+    config = LoopConfig(
+        service="holder",
+        group_id=group,
+        sources={source: TOPICS.events},
+        batch_size=batch_size,
+        transactional_id=s.topic_prefix + tx,
+    )
+    loop = ProcessingLoop(s, config, gate, hooks=[gate])
+    aborting = _Aborting(loop.producer)
+    loop.producer = aborting  # type: ignore[assignment]
+    return loop, aborting
+
+
 class _Awaiting(_Gate):
     """A gate that opens once the event ``key`` (of another partition) was handled, and logs
     what it handles and each commit, in order."""
@@ -289,16 +298,7 @@ def test_a_partition_released_by_a_record_goes_on_in_that_batch_from_its_kept_re
     source, sink, group, part, at, after, events = _held_setup(s)
     other = next(p for p in range(4) if p != part)
     gate = _Awaiting(sink, source, at, part, key="e400")
-    config = LoopConfig(
-        service="holder",
-        group_id=group,
-        sources={source: TOPICS.events},
-        batch_size=1000,
-        transactional_id=s.topic_prefix + "tx-kept",
-    )
-    loop = ProcessingLoop(s, config, gate, hooks=[gate])
-    aborting = _Aborting(loop.producer)
-    loop.producer = aborting  # type: ignore[assignment]
+    loop, aborting = _aborting_loop(s, gate, group, source, batch_size=1000, tx="tx-kept")
     runner = threading.Thread(target=loop.run)
     runner.start()
     try:
